@@ -1,0 +1,37 @@
+//! The `durable-scaler` command line: one binary, one subcommand per role.
+
+use clap::{Parser, Subcommand};
+
+/// Autoscale Azure Durable Functions apps (Azure Storage backend) on Kubernetes through KEDA.
+///
+/// One binary serves every role: the admission webhook that injects the sidecar, the sidecar
+/// that reads its pod's queues, and the aggregator that KEDA asks. Every flag can also be set
+/// from the environment variable named in its help.
+#[derive(Debug, Parser)]
+#[command(name = "durable-scaler", version, about, long_about)]
+pub struct Cli {
+    /// The role to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The roles and tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read one JSON case on stdin, print what the heuristic would decide and why.
+    ///
+    /// Input: {"algorithm": "latency"|"target", "workers": N, "partitions": P,
+    /// "max_polling_interval_ms": 30000, "max_activities_per_worker": 10,
+    /// "max_orchestrations_per_worker": 5, "work_item": {"latencies_ms": [...], "length": N},
+    /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
+    /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
+    Recommend,
+}
+
+/// Parses the command line and runs the chosen role.
+pub fn run() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Recommend => crate::recommend::run(),
+    }
+}

@@ -1,0 +1,94 @@
+//! Graceful shutdown: one signal, passed down explicitly to every task that must stop.
+//!
+//! [`Shutdown`] is cheap to clone; [`Shutdown::on_signal`] trips it on SIGTERM or Ctrl-C, and
+//! tests trip it by hand with [`Shutdown::trigger`].
+
+use tokio::sync::watch;
+
+/// A shutdown signal shared by every task of one process (or one test).
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    sender: std::sync::Arc<watch::Sender<bool>>,
+    receiver: watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A signal that has not fired.
+    pub fn new() -> Self {
+        let (sender, receiver) = watch::channel(false);
+        Self { sender: std::sync::Arc::new(sender), receiver }
+    }
+
+    /// A signal that fires on SIGTERM or SIGINT (Ctrl-C).
+    pub fn on_signal() -> Self {
+        let shutdown = Self::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            let reason = wait_for_signal().await;
+            tracing::info!(signal = reason, "shutting down");
+            trigger.trigger();
+        });
+        shutdown
+    }
+
+    /// Fires the signal; every waiter wakes.
+    pub fn trigger(&self) {
+        self.sender.send_replace(true);
+    }
+
+    /// True once the signal has fired.
+    pub fn is_triggered(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
+    /// Completes when the signal fires (at once if it already has).
+    pub async fn wait(&self) {
+        let mut receiver = self.receiver.clone();
+        // An error means every sender is gone, which only happens when nothing can fire it.
+        let _ = receiver.wait_for(|fired| *fired).await;
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "Ctrl-C"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_clone_sees_the_trigger() {
+        let shutdown = Shutdown::new();
+        let waiter = shutdown.clone();
+        let task = tokio::spawn(async move { waiter.wait().await });
+        assert!(!shutdown.is_triggered());
+        shutdown.trigger();
+        task.await.unwrap();
+        assert!(shutdown.is_triggered());
+        shutdown.wait().await;
+    }
+}
