@@ -150,11 +150,11 @@ impl Azurite {
 
     /// Stops Azurite if this process started it.
     pub fn stop(&self) {
-        if let Ok(mut child) = self.child.lock() {
-            if let Some(mut c) = child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        if let Ok(mut child) = self.child.lock()
+            && let Some(mut c) = child.take()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

@@ -7,10 +7,12 @@
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`shutdown`], [`telemetry`]: process plumbing every role shares.
 
+pub mod aggregator;
 pub mod azurite;
 pub mod cli;
 pub mod heuristic;
 pub mod proto;
 pub mod recommend;
 pub mod shutdown;
+pub mod storage;
 pub mod telemetry;

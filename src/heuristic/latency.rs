@@ -173,15 +173,14 @@ impl LatencyVoter {
             let keep = hub.control.iter().any(LatencyHistory::is_idle);
             return (RemoveWorker, keep, "One or more control queues idle".into());
         }
-        if w > 1 {
-            if let Some(rng) = self.random_scale_in.as_mut() {
-                if rng.random_range(0..10) == 0
-                    && hub.control.iter().all(LatencyHistory::is_low)
-                    && wi.samples().iter().all(|&s| s < LOW_LATENCY_MS)
-                {
-                    return (RemoveWorker, true, "All queues are not busy".into());
-                }
-            }
+        // Conditions in upstream order: the random draw happens only when w > 1.
+        if w > 1
+            && let Some(rng) = self.random_scale_in.as_mut()
+            && rng.random_range(0..10) == 0
+            && hub.control.iter().all(LatencyHistory::is_low)
+            && wi.samples().iter().all(|&s| s < LOW_LATENCY_MS)
+        {
+            return (RemoveWorker, true, "All queues are not busy".into());
         }
         (None, true, "Queue latencies are healthy".into())
     }
