@@ -26,6 +26,10 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
+    /// Merge sidecar reports per task hub, probe what they miss, and serve KEDA's external
+    /// scaler API (KEDA port), the sidecars' report API (report port) and /healthz, /readyz,
+    /// /metrics (HTTP port).
+    Aggregator(crate::aggregator::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -33,5 +37,6 @@ pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
+        Command::Aggregator(args) => crate::aggregator::run(args),
     }
 }
