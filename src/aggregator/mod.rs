@@ -194,13 +194,6 @@ impl Aggregator {
                 ));
             }
         };
-        if matches!(self.auth, ReportAuth::AcceptAny) {
-            tracing::warn!(
-                "--report-auth none: every report on {} is accepted unauthenticated; anyone who can \
-                 reach that port can steer the scaling",
-                args.report_addr
-            );
-        }
         let grpc = bind(args.grpc_addr, "KEDA gRPC").await?;
         let report = bind(args.report_addr, "report gRPC").await?;
         let http = bind(args.http_addr, "HTTP").await?;
@@ -209,6 +202,12 @@ impl Aggregator {
             local(&report, args.report_addr, "report gRPC")?,
             local(&http, args.http_addr, "HTTP")?,
         );
+        if matches!(self.auth, ReportAuth::AcceptAny) {
+            tracing::warn!(
+                "--report-auth none: every report on {report_addr} is accepted unauthenticated; anyone \
+                 who can reach that port can steer the scaling"
+            );
+        }
 
         let metrics = Arc::new(metrics::Metrics::new());
         let registry = Arc::new(registry::Registry::new(metrics.clone(), args.work_grace_ms));
