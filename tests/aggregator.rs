@@ -5,7 +5,13 @@
 mod aggregator_support;
 
 use aggregator_support::*;
+use durable_scaler::aggregator::ReportAuth;
+use durable_scaler::aggregator::sources::{
+    AuthError, BoxFuture, ReportAuthenticator, ReportIdentity, ScaledObjectKey, WorkerCountSource,
+};
+use durable_scaler::heuristic::hpa::{MetricTargetType, desired_replicas};
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
+use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -286,5 +292,95 @@ async fn the_latency_algorithm_adds_a_worker_when_work_items_wait() {
         value == 2.0
     })
     .await;
+    aggregator.stop().await;
+}
+
+/// Knows one token, `token-for-app-1`, bound to pod apps/app-1: answers as the Kubernetes
+/// TokenReview authenticator does (the identity of the token's pod, or a refusal).
+struct OneTokenAuthenticator;
+
+impl ReportAuthenticator for OneTokenAuthenticator {
+    fn authenticate<'a>(
+        &'a self,
+        token: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<ReportIdentity, AuthError>> {
+        Box::pin(async move {
+            match token {
+                None => Err(AuthError::Unauthenticated("no bearer token".into())),
+                Some("token-for-app-1") => {
+                    Ok(ReportIdentity { namespace: NAMESPACE.into(), pod_name: "app-1".into() })
+                }
+                Some(_) => Err(AuthError::Unauthenticated("token not recognised".into())),
+            }
+        })
+    }
+}
+
+fn with_token(
+    report: durable_scaler::proto::report::Report,
+    token: &str,
+) -> tonic::Request<durable_scaler::proto::report::Report> {
+    let mut request = tonic::Request::new(report);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn reports_are_checked_by_the_plugged_in_authenticator() {
+    let aggregator =
+        start_with(args(), ReportAuth::Verify(Arc::new(OneTokenAuthenticator)), Arc::new(LivePods)).await;
+    let mut client = aggregator.reports.clone();
+    let status = client.submit(whole_hub_report("app-1", "AuthHub", 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client
+        .submit(with_token(whole_hub_report("app-2", "AuthHub", 1), "token-for-app-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "a token may only report for its own pod");
+    assert!(status.message().contains("app-2"), "{}", status.message());
+    client
+        .submit(with_token(whole_hub_report("app-1", "AuthHub", 1), "token-for-app-1"))
+        .await
+        .expect("accepted");
+    assert!(aggregator.is_active("AuthHub").await.unwrap());
+    let (_, metrics) = aggregator.http_get("/metrics").await;
+    for kind in ["unauthenticated", "permission_denied"] {
+        assert!(
+            metrics.contains(&format!("task_hub=\"authhub\",kind=\"{kind}\"}} 1")),
+            "{kind} in {metrics}"
+        );
+    }
+    aggregator.stop().await;
+}
+
+/// The stand-alone worker-count source, by name.
+use durable_scaler::aggregator::sources::LiveReportingPods as LivePods;
+
+/// Says every scale target runs ten replicas, as the Kubernetes source would read them.
+struct TenReplicas;
+
+impl WorkerCountSource for TenReplicas {
+    fn worker_count<'a>(&'a self, _scaled_object: &'a ScaledObjectKey) -> BoxFuture<'a, Option<u32>> {
+        Box::pin(async { Some(10) })
+    }
+}
+
+#[tokio::test]
+async fn a_plugged_in_worker_count_source_sets_the_current_count_the_metric_is_worked_out_from() {
+    let aggregator = start_with(args(), ReportAuth::AcceptAny, Arc::new(TenReplicas)).await;
+    // 25 work items want 3 workers; the HPA runs 10, so the value must take it down to 3.
+    aggregator.submit(whole_hub_report("app-1", "TenHub", 25)).await;
+    eventually("the HPA lands on 3 from 10", || async {
+        // Decided from the 1 live pod the value is 3 itself; decided from the source's 10
+        // replicas it is just above 2 (metric_value's step down), which takes the HPA to 3.
+        let value = aggregator.metric("TenHub").await.unwrap();
+        value < 3.0 && desired_replicas(10, value, 1.0, MetricTargetType::AverageValue) == 3
+    })
+    .await;
+    let (_, metrics) = aggregator.http_get("/metrics").await;
+    assert!(
+        metrics.contains("durable_scaler_aggregator_workers{namespace=\"apps\",task_hub=\"tenhub\"} 10"),
+        "{metrics}"
+    );
     aggregator.stop().await;
 }

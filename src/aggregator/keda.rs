@@ -75,7 +75,6 @@ impl KedaScaler {
         if entry.with_state(|s| s.is_observed()) {
             return Ok(entry);
         }
-        entry.probe_wake.notify_one();
         if entry.wait_observed(FIRST_PROBE_WAIT).await {
             Ok(entry)
         } else {

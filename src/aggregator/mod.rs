@@ -45,6 +45,10 @@ use crate::storage::StorageOptions;
 pub use reports::ReportAuth;
 use sources::WorkerCountSource;
 
+/// A hub no KEDA call and no report named for this long is dropped (and its probe stopped).
+/// KEDA calls every polling interval (30 s) and HPA sync (15 s), so this is many misses.
+const HUB_IDLE_EVICT_MS: i64 = 15 * 60 * 1000;
+
 /// How long a worker-count source may take before the sampling loop goes on without it.
 const WORKER_COUNT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -297,6 +301,7 @@ async fn sample_loop(
             _ = shutdown.wait() => return,
             _ = ticker.tick() => {}
         }
+        registry.evict_idle(registry::now_unix_ms(), HUB_IDLE_EVICT_MS);
         let hubs = registry.all();
         let counts = join_all(hubs.iter().map(|entry| {
             let workers = workers.clone();

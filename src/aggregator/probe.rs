@@ -57,7 +57,7 @@ impl Prober {
     async fn run(self, entry: Arc<HubEntry>) {
         // The reader is rebuilt only when the connection or partition mode changes.
         let mut reader: Option<((String, PartitionMode), TaskHubReader)> = None;
-        loop {
+        while !entry.is_evicted() {
             let (connection, mode, task_hub) = entry.with_state(|s| {
                 let settings = s.settings();
                 (settings.connection.clone(), settings.partition_mode, settings.task_hub.clone())
@@ -87,7 +87,6 @@ impl Prober {
             tokio::select! {
                 _ = self.shutdown.wait() => return,
                 _ = tokio::time::sleep(self.interval) => {}
-                _ = entry.probe_wake.notified() => {}
             }
         }
     }

@@ -3,10 +3,11 @@
 //! its activity is also published on a watch channel so StreamIsActive can follow it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use super::hub::{HubKey, HubState, ProbeReading, RecommendationChange, ValidReport};
 use super::metrics::{HubLabels, Metrics};
@@ -48,8 +49,10 @@ pub struct HubEntry {
     observed: watch::Sender<bool>,
     scaled_object: Mutex<Option<ScaledObjectKey>>,
     probe: Mutex<ProbeStatus>,
-    /// Wakes the hub's probe loop before its next interval (first KEDA call).
-    pub probe_wake: Notify,
+    /// When a KEDA call or a report last named this hub.
+    touched_ms: AtomicI64,
+    /// Dropped from the registry: its probe loop stops.
+    evicted: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,6 +62,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl HubEntry {
+    /// True once the hub was dropped for being idle; its probe loop ends.
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on the hub's state.
     pub fn with_state<R>(&self, f: impl FnOnce(&mut HubState) -> R) -> R {
         f(&mut lock(&self.state))
@@ -192,7 +200,8 @@ impl Registry {
                             observed: watch::Sender::new(false),
                             scaled_object: Mutex::new(None),
                             probe: Mutex::new(ProbeStatus::default()),
-                            probe_wake: Notify::new(),
+                            touched_ms: AtomicI64::new(now_unix_ms()),
+                            evicted: AtomicBool::new(false),
                         })
                     })
                     .clone();
@@ -204,6 +213,7 @@ impl Registry {
     }
 
     fn with_settings(&self, entry: Arc<HubEntry>, settings: Option<&HubSettings>) -> Arc<HubEntry> {
+        entry.touched_ms.store(now_unix_ms(), Ordering::Relaxed);
         if let Some(settings) = settings {
             entry.with_state(|s| {
                 if s.settings() != settings {
@@ -212,6 +222,27 @@ impl Registry {
             });
         }
         entry
+    }
+
+    /// Drops the hubs no KEDA call and no report has named for `idle_ms` (a deleted
+    /// ScaledObject, an app gone), so their probes stop costing storage transactions.
+    pub fn evict_idle(&self, now_ms: i64, idle_ms: i64) -> Vec<HubKey> {
+        let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
+        let idle: Vec<HubKey> = hubs
+            .values()
+            // An open StreamIsActive is KEDA asking all the time.
+            .filter(|e| e.activity.receiver_count() == 0)
+            .filter(|e| now_ms.saturating_sub(e.touched_ms.load(Ordering::Relaxed)) > idle_ms)
+            .map(|e| e.key.clone())
+            .collect();
+        for key in &idle {
+            if let Some(entry) = hubs.remove(key) {
+                entry.evicted.store(true, Ordering::Relaxed);
+                tracing::info!(namespace = %key.namespace, task_hub = %key.task_hub, "task hub no longer asked about: dropped");
+            }
+        }
+        self.metrics.hubs_tracked.set(hubs.len() as i64);
+        idle
     }
 
     /// Merges a report into its hub and publishes the result.
@@ -264,5 +295,31 @@ fn log_change(key: &HubKey, change: Option<RecommendationChange>) {
             reason = %c.reason,
             "recommendation changed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hubs_nobody_asks_about_are_dropped_and_their_probe_told_to_stop() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let key = HubKey::new("apps", "IdleHub");
+        let entry = registry.track(&key, "IdleHub", None);
+        let now = now_unix_ms();
+        assert!(registry.evict_idle(now, 60_000).is_empty(), "just touched");
+        assert_eq!(registry.evict_idle(now + 60_001, 60_000), vec![key.clone()]);
+        assert!(entry.is_evicted());
+        assert!(registry.get(&key).is_none());
+    }
+
+    #[test]
+    fn a_hub_with_an_open_activity_stream_is_kept() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let key = HubKey::new("apps", "PushHub");
+        let entry = registry.track(&key, "PushHub", None);
+        let _stream = entry.subscribe_activity();
+        assert!(registry.evict_idle(now_unix_ms() + 3_600_000, 60_000).is_empty());
     }
 }

@@ -94,7 +94,10 @@ pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidRe
     if !is_valid_task_hub_name(&report.task_hub) {
         return Err(Rejection::new(
             "unknown_hub_shape",
-            format!("task_hub {:?} is not a task hub name (3 to 50 letters or digits)", report.task_hub),
+            format!(
+                "task_hub {:?} is not a task hub name (3 to 50 letters or digits, starting with a letter)",
+                report.task_hub
+            ),
         ));
     }
     let p = report.partition_count;

@@ -50,9 +50,12 @@ pub struct MetadataError {
     pub got: String,
 }
 
-/// Task hub names: 3 to 50 letters or digits (durabletask-facts.md).
+/// Task hub names: 3 to 50 ASCII letters or digits, starting with a letter, as DurableTask
+/// checks them (durabletask-facts.md).
 pub fn is_valid_task_hub_name(name: &str) -> bool {
-    (3..=50).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric())
+    (3..=50).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric())
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
 }
 
 impl HubSettings {
@@ -76,7 +79,7 @@ impl HubSettings {
             other => {
                 return Err(MetadataError {
                     key: "taskHubName",
-                    expected: "a task hub name of 3 to 50 letters or digits",
+                    expected: "a task hub name of 3 to 50 letters or digits, starting with a letter",
                     got: other.unwrap_or("<missing>").to_string(),
                 });
             }
@@ -170,6 +173,7 @@ mod tests {
     fn every_bad_value_names_its_key() {
         for (key, value) in [
             ("taskHubName", "ab"),
+            ("taskHubName", "1hub"),
             ("maxActivitiesPerWorker", "0"),
             ("maxOrchestrationsPerWorker", "many"),
             ("useTablePartitionManagement", "yes"),

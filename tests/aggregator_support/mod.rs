@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use durable_scaler::aggregator::sources::LiveReportingPods;
+use durable_scaler::aggregator::sources::{LiveReportingPods, WorkerCountSource};
 use durable_scaler::aggregator::{Aggregator, AggregatorError, Args, ReportAuth, ReportAuthMode};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
@@ -57,7 +57,12 @@ pub struct TestAggregator {
 
 /// Starts an aggregator with `args` (plaintext KEDA port).
 pub async fn start(args: Args) -> TestAggregator {
-    let running = start_server(args).await.expect("aggregator starts");
+    start_with(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods)).await
+}
+
+/// Starts an aggregator with `args` and the given outside sources (plaintext KEDA port).
+pub async fn start_with(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCountSource>) -> TestAggregator {
+    let running = start_server_with(args, auth, workers).await.expect("aggregator starts");
     let keda =
         ExternalScalerClient::connect(format!("http://{}", running.1.grpc_addr)).await.expect("KEDA port");
     let reports =
@@ -77,12 +82,19 @@ pub async fn start(args: Args) -> TestAggregator {
 pub async fn start_server(
     args: Args,
 ) -> Result<(Shutdown, durable_scaler::aggregator::RunningAggregator), AggregatorError> {
+    start_server_with(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods)).await
+}
+
+/// Starts an aggregator with the given outside sources, without connecting to it.
+pub async fn start_server_with(
+    args: Args,
+    auth: ReportAuth,
+    workers: Arc<dyn WorkerCountSource>,
+) -> Result<(Shutdown, durable_scaler::aggregator::RunningAggregator), AggregatorError> {
     durable_scaler::telemetry::init();
     durable_scaler::telemetry::install_crypto_provider();
     let shutdown = Shutdown::new();
-    let running = Aggregator::new(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods))
-        .start(shutdown.clone())
-        .await?;
+    let running = Aggregator::new(args, auth, workers).start(shutdown.clone()).await?;
     Ok((shutdown, running))
 }
 
