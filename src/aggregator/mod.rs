@@ -35,7 +35,7 @@ use axum::response::IntoResponse;
 use futures::future::join_all;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use crate::proto::report::report_service_server::ReportServiceServer;
@@ -241,7 +241,7 @@ impl Aggregator {
                 )
             }
             None => {
-                let incoming = TcpListenerStream::new(grpc);
+                let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
                 tokio::spawn(
                     async move { keda_router.serve_with_incoming_shutdown(incoming, stop.wait()).await },
                 )
@@ -253,7 +253,7 @@ impl Aggregator {
         let report_task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(ReportServiceServer::new(reports))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(report), stop.wait())
+                .serve_with_incoming_shutdown(TcpIncoming::from(report).with_nodelay(Some(true)), stop.wait())
                 .await
         });
 

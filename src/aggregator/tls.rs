@@ -166,6 +166,8 @@ pub fn incoming(
                     continue;
                 }
             };
+            // Small gRPC frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
