@@ -10,6 +10,7 @@
 pub mod aggregator;
 pub mod azurite;
 pub mod cli;
+pub mod config;
 pub mod heuristic;
 pub mod proto;
 pub mod recommend;
