@@ -16,7 +16,8 @@ use durable_scaler::aggregator::sources::{
     AuthError, ReportAuthenticator, ReportIdentity, ScaledObjectKey, WorkerCountSource,
 };
 use durable_scaler::kubernetes::{
-    EventRecorder, KubeWorkerCount, RecommendationChange, TokenReviewAuthenticator, authorize,
+    EventRecorder, KubeArgs, KubeContext, KubeWorkerCount, RecommendationChange, ReportAuth,
+    TokenReviewAuthenticator, authorize, check_report_auth,
 };
 use durable_scaler::proto::report::PodRef;
 use prometheus_client::registry::Registry;
@@ -763,4 +764,92 @@ async fn rate_limits_are_per_scaled_object() {
     recorder.recommendation_changed(&key("apps", "orders"), change(1, 2));
     recorder.recommendation_changed(&key("apps", "billing"), change(1, 2));
     eventually("one Event per ScaledObject", || api.events().len() == 2).await;
+}
+
+#[tokio::test]
+async fn concurrent_askers_of_one_hub_share_one_read() {
+    let api = FakeApi::start().await;
+    api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
+    api.set_scale("/apis/apps/v1/namespaces/apps/deployments/orders-func", 3);
+    let source = KubeWorkerCount::new(api.client(), LONG);
+    let key = key("apps", "orders");
+
+    // Joined on one task: every lookup starts before the first read can finish.
+    let answers = futures::future::join_all((0..10).map(|_| source.worker_count(&key))).await;
+    assert!(answers.iter().all(|answer| *answer == Some(3)), "{answers:?}");
+    assert_eq!(api.requests().len(), 2, "one ScaledObject read and one scale read in all");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding the API server (in a child process, so the environment can differ safely)
+// ---------------------------------------------------------------------------------------------
+
+/// Set in the child process a test starts; says which scenario the child runs.
+const CHILD_ENV: &str = "DURABLE_SCALER_TEST_KUBE_CHILD";
+
+/// Runs this test binary's test `name` as a child with `envs`, without any ambient
+/// Kubernetes configuration, and returns its combined output (failing when the child fails).
+fn run_child(name: &str, envs: &[(&str, String)]) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .env("HOME", home.path())
+        .env("KUBECONFIG", home.path().join("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("RUST_LOG", "warn")
+        .env_remove("DURABLE_SCALER_LOG_FORMAT")
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "child {name} failed:\n{text}");
+    assert!(text.contains("1 passed"), "child {name} ran no test:\n{text}");
+    text
+}
+
+#[tokio::test]
+async fn without_any_kubernetes_config_there_is_no_context_and_one_warning() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let output = run_child("without_any_kubernetes_config_there_is_no_context_and_one_warning", &[]);
+        assert_eq!(output.matches("no Kubernetes configuration found").count(), 1, "{output}");
+        return;
+    }
+    durable_scaler::telemetry::init();
+    assert!(KubeContext::try_default(KubeArgs::default()).await.is_none());
+    let refusal = check_report_auth(ReportAuth::Tokenreview, false).unwrap_err();
+    assert!(refusal.to_string().contains("--report-auth none"));
+}
+
+#[tokio::test]
+async fn a_kubeconfig_is_found_and_its_client_reads_the_worker_count() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let api = FakeApi::start().await;
+        api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
+        api.set_scale("/apis/apps/v1/namespaces/apps/deployments/orders-func", 3);
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("config");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+                 clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
+                 users: [{{name: fake, user: {{token: fake-token}}}}]\n\
+                 contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: apps}}}}]\n",
+                api.addr
+            ),
+        )
+        .unwrap();
+        // The child's blocking run keeps this runtime busy; serve the fake from another thread.
+        let name = "a_kubeconfig_is_found_and_its_client_reads_the_worker_count";
+        let envs = vec![("KUBECONFIG", kubeconfig.display().to_string())];
+        let output = tokio::task::spawn_blocking(move || run_child(name, &envs)).await.unwrap();
+        assert!(!output.contains("no Kubernetes configuration found"), "{output}");
+        assert_eq!(api.requests().len(), 2);
+        return;
+    }
+    let context = KubeContext::try_default(KubeArgs::default()).await.expect("the kubeconfig is found");
+    assert_eq!(context.worker_count().worker_count(&key("apps", "orders")).await, Some(3));
 }
