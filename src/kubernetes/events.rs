@@ -13,13 +13,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, PostParams};
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::metrics::{OutcomeCounter, outcome_labels};
-use super::{SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND};
+use super::{SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND, scaled_objects};
 use crate::aggregator::sources::ScaledObjectKey;
 
 /// The controller name recorded on every Event.
@@ -202,11 +201,7 @@ impl Inner {
     /// The ScaledObject's uid, without which `kubectl describe` does not list the Event; an
     /// Event without it is still better than none.
     async fn uid(&self, key: &ScaledObjectKey) -> Option<String> {
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("keda.sh", "v1alpha1", SCALED_OBJECT_KIND),
-            "scaledobjects",
-        );
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
+        let api = scaled_objects(&self.client, &key.namespace);
         match api.get(&key.name).await {
             Ok(object) => object.metadata.uid,
             Err(error) => {
@@ -229,9 +224,8 @@ impl Inner {
         };
         if folded > 1 {
             note = format!(
-                "{note} (latest of {folded} changes within {:?}; the {} before it were not recorded)",
-                self.min_interval,
-                folded - 1
+                "{note} (latest of {folded} changes within {:?}; the earlier ones were not recorded)",
+                self.min_interval
             );
         }
         truncate(&mut note, MAX_NOTE_BYTES);

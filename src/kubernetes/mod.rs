@@ -83,6 +83,13 @@ pub enum Error {
     },
 }
 
+/// KEDA's ScaledObjects in `namespace`, read as dynamic objects (no CRD types needed).
+fn scaled_objects(client: &kube::Client, namespace: &str) -> kube::Api<kube::api::DynamicObject> {
+    let gvk = kube::core::GroupVersionKind::gvk("keda.sh", "v1alpha1", SCALED_OBJECT_KIND);
+    let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, "scaledobjects");
+    kube::Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
 impl Error {
     fn api(what: impl Into<String>, source: kube::Error) -> Self {
         Self::Api { what: what.into(), source: Box::new(source) }
@@ -121,7 +128,7 @@ pub struct KubeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub worker_count_ttl_ms: u64,
     /// The longest a checked report token is trusted without asking the API server again,
-    /// in seconds; never beyond the token's own expiry.
+    /// in seconds; never beyond the token's own expiry. 0 checks every report's token.
     #[arg(long, env = "DURABLE_SCALER_TOKEN_CACHE_MAX_AGE_S", default_value_t = 300)]
     pub token_cache_max_age_s: u64,
     /// How many checked report tokens are remembered at most.

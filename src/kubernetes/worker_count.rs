@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::metrics::{OutcomeCounter, outcome_labels};
-use super::{Error, SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND};
+use super::{Error, scaled_objects};
 use crate::aggregator::sources::{BoxFuture, ScaledObjectKey, WorkerCountSource};
 
 /// The default TTL of a ScaledObject's `scaleTargetRef`, which changes far more rarely than
@@ -172,12 +172,7 @@ impl KubeWorkerCount {
 
     async fn read_target(&self, key: &ScaledObjectKey) -> Result<ScaleTarget, Error> {
         let what = || format!("ScaledObject {}", so_name(key));
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("keda.sh", "v1alpha1", SCALED_OBJECT_KIND),
-            "scaledobjects",
-        );
-        debug_assert_eq!(resource.api_version, SCALED_OBJECT_API_VERSION);
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &key.namespace, &resource);
+        let api = scaled_objects(&self.client, &key.namespace);
         let object = api.get(&key.name).await.map_err(|source| Error::api(what(), source))?;
         scale_target(&object.data).map_err(|detail| Error::Shape { what: what(), detail: detail.to_owned() })
     }
