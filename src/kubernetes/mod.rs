@@ -122,38 +122,40 @@ pub fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<
 /// (`#[command(flatten)]`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct KubeArgs {
-    /// How long a worker count read from a scale target's `/scale` is reused, in
-    /// milliseconds (failures are remembered as long, so a broken API is asked once per TTL).
-    #[arg(long, env = "DURABLE_SCALER_WORKER_COUNT_TTL_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub worker_count_ttl_ms: u64,
-    /// The longest a checked report token is trusted without asking the API server again,
-    /// in seconds; never beyond the token's own expiry. 0 checks every report's token.
-    #[arg(long, env = "DURABLE_SCALER_TOKEN_CACHE_MAX_AGE_S", default_value_t = 300)]
-    pub token_cache_max_age_s: u64,
+    /// How long a worker count read from a scale target's `/scale` is reused (failures are
+    /// remembered as long, so a broken API is asked once per TTL).
+    #[arg(long, env = "DURABLE_SCALER_WORKER_COUNT_TTL", default_value = "5s", value_parser = positive_duration)]
+    pub worker_count_ttl: Duration,
+    /// The longest a checked report token is trusted without asking the API server again;
+    /// never beyond the token's own expiry. 0s checks every report's token.
+    #[arg(long, env = "DURABLE_SCALER_TOKEN_CACHE_MAX_AGE", default_value = "5m", value_parser = crate::config::parse_duration)]
+    pub token_cache_max_age: Duration,
     /// How many checked report tokens are remembered at most.
     #[arg(long, env = "DURABLE_SCALER_TOKEN_CACHE_SIZE", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub token_cache_size: u64,
-    /// The least time between two Events on one ScaledObject, in seconds; changes in between
-    /// are folded into the next Event (the latest wins, the others are counted in its note).
-    #[arg(long, env = "DURABLE_SCALER_EVENT_MIN_INTERVAL_S", default_value_t = 30)]
-    pub event_min_interval_s: u64,
-    /// How long one call to the Kubernetes API may take before it counts as failed, in
-    /// milliseconds.
-    #[arg(long, env = "DURABLE_SCALER_KUBE_API_TIMEOUT_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub kube_api_timeout_ms: u64,
+    /// The least time between two Events on one ScaledObject; changes in between are folded
+    /// into the next Event (the latest wins, the others are counted in its note).
+    #[arg(long, env = "DURABLE_SCALER_EVENT_MIN_INTERVAL", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub event_min_interval: Duration,
+    /// How long one call to the Kubernetes API may take before it counts as failed.
+    #[arg(long, env = "DURABLE_SCALER_KUBE_API_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub kube_api_timeout: Duration,
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text)
+        .and_then(|d| if d.is_zero() { Err(format!("`{text}` must be above zero")) } else { Ok(d) })
 }
 
 impl Default for KubeArgs {
     fn default() -> Self {
         Self {
-            worker_count_ttl_ms: 5_000,
-            token_cache_max_age_s: 300,
+            worker_count_ttl: Duration::from_secs(5),
+            token_cache_max_age: Duration::from_secs(300),
             token_cache_size: 10_000,
-            event_min_interval_s: 30,
-            kube_api_timeout_ms: 5_000,
+            event_min_interval: Duration::from_secs(30),
+            kube_api_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -188,7 +190,7 @@ impl KubeContext {
                 return None;
             }
         };
-        let timeout = Duration::from_millis(args.kube_api_timeout_ms);
+        let timeout = args.kube_api_timeout;
         config.connect_timeout = Some(timeout);
         config.read_timeout = Some(timeout);
         match kube::Client::try_from(config) {
@@ -216,13 +218,13 @@ impl KubeContext {
 
     /// The worker-count source with the configured TTL.
     pub fn worker_count(&self) -> KubeWorkerCount {
-        KubeWorkerCount::new(self.client.clone(), Duration::from_millis(self.args.worker_count_ttl_ms))
+        KubeWorkerCount::new(self.client.clone(), self.args.worker_count_ttl)
     }
 
     /// The report authenticator with the configured cache bounds.
     pub fn authenticator(&self) -> TokenReviewAuthenticator {
         TokenReviewAuthenticator::new(self.client.clone())
-            .with_cache_max_age(Duration::from_secs(self.args.token_cache_max_age_s))
+            .with_cache_max_age(self.args.token_cache_max_age)
             .with_cache_size(usize::try_from(self.args.token_cache_size).unwrap_or(usize::MAX))
     }
 
@@ -232,7 +234,7 @@ impl KubeContext {
         let instance = std::env::var("POD_NAME")
             .or_else(|_| std::env::var("HOSTNAME"))
             .unwrap_or_else(|_| "durable-scaler-aggregator".to_owned());
-        EventRecorder::new(self.client.clone(), instance, Duration::from_secs(self.args.event_min_interval_s))
+        EventRecorder::new(self.client.clone(), instance, self.args.event_min_interval)
     }
 }
 
@@ -267,10 +269,10 @@ mod tests {
         }
         let parsed = Cli::try_parse_from(["test"]).unwrap().kube;
         let default = KubeArgs::default();
-        assert_eq!(parsed.worker_count_ttl_ms, default.worker_count_ttl_ms);
-        assert_eq!(parsed.token_cache_max_age_s, default.token_cache_max_age_s);
+        assert_eq!(parsed.worker_count_ttl, default.worker_count_ttl);
+        assert_eq!(parsed.token_cache_max_age, default.token_cache_max_age);
         assert_eq!(parsed.token_cache_size, default.token_cache_size);
-        assert_eq!(parsed.event_min_interval_s, default.event_min_interval_s);
-        assert_eq!(parsed.kube_api_timeout_ms, default.kube_api_timeout_ms);
+        assert_eq!(parsed.event_min_interval, default.event_min_interval);
+        assert_eq!(parsed.kube_api_timeout, default.kube_api_timeout);
     }
 }
