@@ -4,13 +4,16 @@
 //! The three roles live in their own modules over a shared pure engine:
 //! - [`heuristic`]: scaling decisions from queue signals (pure, no I/O, no clock);
 //! - [`recommend`]: the `recommend` tool over the heuristics;
+//! - [`kubernetes`]: the aggregator's Kubernetes side (worker count, TokenReview, Events);
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`shutdown`], [`telemetry`]: process plumbing every role shares.
 
 pub mod aggregator;
 pub mod azurite;
 pub mod cli;
+pub mod config;
 pub mod heuristic;
+pub mod kubernetes;
 pub mod proto;
 pub mod recommend;
 pub mod shutdown;
