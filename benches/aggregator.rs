@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use durable_scaler::aggregator::sources::LiveReportingPods;
-use durable_scaler::aggregator::{Aggregator, Args, ReportAuth, ReportAuthMode};
+use durable_scaler::aggregator::{Aggregator, Args, ReportCheck};
+use durable_scaler::kubernetes::{KubeArgs, ReportAuth};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use durable_scaler::proto::report::report_service_client::ReportServiceClient;
@@ -129,16 +130,17 @@ async fn main() {
         grpc_addr: any,
         report_addr: any,
         http_addr: any,
-        report_auth: ReportAuthMode::None,
+        report_auth: ReportAuth::None,
         tls_cert: None,
         tls_key: None,
         client_ca: None,
-        probe_interval_ms: 2000,
-        sample_interval_ms: 2000,
-        work_grace_ms: 300_000,
+        probe_interval: Duration::from_millis(2000),
+        sample_interval: Duration::from_millis(2000),
+        work_grace: Duration::from_millis(300_000),
+        kube: KubeArgs::default(),
     };
     let shutdown = Shutdown::new();
-    let running = Aggregator::new(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods))
+    let running = Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods))
         .start(shutdown.clone())
         .await
         .expect("aggregator starts");

@@ -5,7 +5,7 @@
 mod aggregator_support;
 
 use aggregator_support::*;
-use durable_scaler::aggregator::ReportAuth;
+use durable_scaler::aggregator::ReportCheck;
 use durable_scaler::aggregator::sources::{
     AuthError, BoxFuture, ReportAuthenticator, ReportIdentity, ScaledObjectKey, WorkerCountSource,
 };
@@ -328,7 +328,7 @@ fn with_token(
 #[tokio::test]
 async fn reports_are_checked_by_the_plugged_in_authenticator() {
     let aggregator =
-        start_with(args(), ReportAuth::Verify(Arc::new(OneTokenAuthenticator)), Arc::new(LivePods)).await;
+        start_with(args(), ReportCheck::Token(Arc::new(OneTokenAuthenticator)), Arc::new(LivePods)).await;
     let mut client = aggregator.reports.clone();
     let status = client.submit(whole_hub_report("app-1", "AuthHub", 1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -367,7 +367,7 @@ impl WorkerCountSource for TenReplicas {
 
 #[tokio::test]
 async fn a_plugged_in_worker_count_source_sets_the_current_count_the_metric_is_worked_out_from() {
-    let aggregator = start_with(args(), ReportAuth::AcceptAny, Arc::new(TenReplicas)).await;
+    let aggregator = start_with(args(), ReportCheck::AcceptAny, Arc::new(TenReplicas)).await;
     // 25 work items want 3 workers; the HPA runs 10, so the value must take it down to 3.
     aggregator.submit(whole_hub_report("app-1", "TenHub", 25)).await;
     eventually("the HPA lands on 3 from 10", || async {

@@ -107,6 +107,8 @@ impl Coverage {
 /// A change of the recommendation, for the one log line it deserves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecommendationChange {
+    /// The desired worker count before, when there was a decision before.
+    pub previous: Option<u32>,
     /// The new desired worker count.
     pub desired_workers: u32,
     /// The worker count it was decided from.
@@ -366,11 +368,12 @@ impl HubState {
             }
             ScaleAlgorithm::Latency => self.voter.vote(&self.latencies, workers),
         };
-        let changed =
-            self.recommendation.as_ref().is_none_or(|r| r.desired_workers != recommendation.desired_workers);
+        let previous = self.recommendation.as_ref().map(|r| r.desired_workers);
+        let changed = previous != Some(recommendation.desired_workers);
         self.workers = workers;
         self.metric_value = metric_value(recommendation.desired_workers, workers);
         let change = changed.then(|| RecommendationChange {
+            previous,
             desired_workers: recommendation.desired_workers,
             workers,
             reason: recommendation.reason.clone(),

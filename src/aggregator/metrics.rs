@@ -87,6 +87,12 @@ impl Metrics {
         m
     }
 
+    /// The registry, for other parts (the Kubernetes sources) to register their metrics in
+    /// before the aggregator starts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Counts one event of `kind` for `key` in `family`.
     pub fn count(family: &Family<HubKindLabels, Counter>, key: &HubKey, kind: &str) {
         family

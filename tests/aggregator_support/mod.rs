@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use durable_scaler::aggregator::sources::{LiveReportingPods, WorkerCountSource};
-use durable_scaler::aggregator::{Aggregator, AggregatorError, Args, ReportAuth, ReportAuthMode};
+use durable_scaler::aggregator::{Aggregator, AggregatorError, Args, ReportCheck};
+use durable_scaler::kubernetes::{KubeArgs, ReportAuth};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use durable_scaler::proto::report::report_service_client::ReportServiceClient;
@@ -34,13 +35,14 @@ pub fn args() -> Args {
         grpc_addr: any,
         report_addr: any,
         http_addr: any,
-        report_auth: ReportAuthMode::None,
+        report_auth: ReportAuth::None,
         tls_cert: None,
         tls_key: None,
         client_ca: None,
-        probe_interval_ms: 200,
-        sample_interval_ms: 200,
-        work_grace_ms: 60_000,
+        probe_interval: Duration::from_millis(200),
+        sample_interval: Duration::from_millis(200),
+        work_grace: Duration::from_millis(60_000),
+        kube: KubeArgs::default(),
     }
 }
 
@@ -57,11 +59,15 @@ pub struct TestAggregator {
 
 /// Starts an aggregator with `args` (plaintext KEDA port).
 pub async fn start(args: Args) -> TestAggregator {
-    start_with(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods)).await
+    start_with(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)).await
 }
 
 /// Starts an aggregator with `args` and the given outside sources (plaintext KEDA port).
-pub async fn start_with(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCountSource>) -> TestAggregator {
+pub async fn start_with(
+    args: Args,
+    auth: ReportCheck,
+    workers: Arc<dyn WorkerCountSource>,
+) -> TestAggregator {
     let running = start_server_with(args, auth, workers).await.expect("aggregator starts");
     let keda =
         ExternalScalerClient::connect(format!("http://{}", running.1.grpc_addr)).await.expect("KEDA port");
@@ -82,13 +88,13 @@ pub async fn start_with(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCou
 pub async fn start_server(
     args: Args,
 ) -> Result<(Shutdown, durable_scaler::aggregator::RunningAggregator), AggregatorError> {
-    start_server_with(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods)).await
+    start_server_with(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)).await
 }
 
 /// Starts an aggregator with the given outside sources, without connecting to it.
 pub async fn start_server_with(
     args: Args,
-    auth: ReportAuth,
+    auth: ReportCheck,
     workers: Arc<dyn WorkerCountSource>,
 ) -> Result<(Shutdown, durable_scaler::aggregator::RunningAggregator), AggregatorError> {
     durable_scaler::telemetry::init();
