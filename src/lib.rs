@@ -10,9 +10,11 @@
 pub mod aggregator;
 pub mod azurite;
 pub mod cli;
+pub mod emulator;
 pub mod heuristic;
 pub mod proto;
 pub mod recommend;
 pub mod shutdown;
+pub mod sidecar;
 pub mod storage;
 pub mod telemetry;
