@@ -2,32 +2,20 @@
 //! DurableTask.AzureStorage lays them out (by the emulator module). Each test uses its own
 //! hub name.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::time::Duration;
+
+use common::{account, hub, now_ms};
 use durable_scaler::{
     azurite::Azurite,
     emulator::TaskHubEmulator,
-    storage::{PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, TaskHubReader},
+    storage::{PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHubReader},
 };
 
 const LEASE: Duration = Duration::from_secs(60);
 /// A durable timer far in the future: invisible for the whole test.
 const TIMER: Duration = Duration::from_secs(3600);
-
-fn account() -> StorageAccount {
-    durable_scaler::telemetry::install_crypto_provider();
-    StorageAccount::from_connection_string(&Azurite::shared().connection_string()).expect("Azurite's connection string")
-}
-
-/// A hub name unique to this test and this run (Azurite may outlive one run).
-fn hub(name: &str) -> TaskHub {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    TaskHub::parse(&format!("{name}{nanos}")).unwrap()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHubEmulator, TaskHubReader) {
     let account = account();
