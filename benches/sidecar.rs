@@ -18,7 +18,10 @@ use std::{
 use durable_scaler::{
     azurite::Azurite,
     emulator::TaskHubEmulator,
-    proto::report::{Report, ReportAck, report_service_server::{ReportService, ReportServiceServer}},
+    proto::report::{
+        Report, ReportAck,
+        report_service_server::{ReportService, ReportServiceServer},
+    },
     storage::{PartitionMode, QueueRef, StorageAccount, TaskHub},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,7 +48,8 @@ impl ReportService for CountingAggregator {
 async fn main() {
     durable_scaler::telemetry::install_crypto_provider();
     let azurite = Azurite::shared();
-    let account = StorageAccount::from_connection_string(&azurite.connection_string()).expect("Azurite connection string");
+    let account = StorageAccount::from_connection_string(&azurite.connection_string())
+        .expect("Azurite connection string");
     let aggregator = CountingAggregator::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let aggregator_url = format!("http://{}", listener.local_addr().unwrap());
@@ -54,7 +58,9 @@ async fn main() {
             .add_service(ReportServiceServer::new(aggregator.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    println!("sidecar benchmark: {PARTITIONS} partitions owned by one pod, interval {INTERVAL_MS} ms, {MEASURED_POLLS} measured polls");
+    println!(
+        "sidecar benchmark: {PARTITIONS} partitions owned by one pod, interval {INTERVAL_MS} ms, {MEASURED_POLLS} measured polls"
+    );
     for mode in [PartitionMode::Table, PartitionMode::Blob] {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let hub = TaskHub::parse(&format!("Bench{}{nanos}", mode.as_str())).unwrap();
@@ -72,7 +78,10 @@ async fn lay_out(account: &StorageAccount, hub: &TaskHub, mode: PartitionMode) {
     for partition in 0..PARTITIONS {
         emulator.claim(partition, POD, Duration::from_secs(60)).await.expect("claim");
         for (text, delay) in [("a", 0), ("b", 0), ("timer", 3600)] {
-            emulator.enqueue(QueueRef::Control(partition), text, Duration::from_secs(delay)).await.expect("enqueue");
+            emulator
+                .enqueue(QueueRef::Control(partition), text, Duration::from_secs(delay))
+                .await
+                .expect("enqueue");
         }
     }
     for _ in 0..10 {
@@ -177,8 +186,10 @@ async fn scrape(http: SocketAddr) -> Option<Scrape> {
 fn cpu_ms(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is parenthesised and may contain spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum()).unwrap_or(0);
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 =
+        fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     ticks * 1000 / per_second

@@ -16,6 +16,8 @@ pub struct Cli {
 }
 
 /// The roles and tools.
+// Parsed once at start: the size of a role's settings does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Read one JSON case on stdin, print what the heuristic would decide and why.

@@ -52,12 +52,16 @@ struct RecordingAggregator {
 
 #[tonic::async_trait]
 impl ReportService for RecordingAggregator {
-    async fn submit(&self, request: tonic::Request<Report>) -> Result<tonic::Response<ReportAck>, tonic::Status> {
+    async fn submit(
+        &self,
+        request: tonic::Request<Report>,
+    ) -> Result<tonic::Response<ReportAck>, tonic::Status> {
         if self.stalled.load(Ordering::SeqCst) {
             // A stuck aggregator: never answers (the sidecar's call times out).
             std::future::pending::<()>().await;
         }
-        let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let authorization =
+            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
         self.received.lock().unwrap().push(Received { report: request.into_inner(), authorization });
         Ok(tonic::Response::new(ReportAck::default()))
     }
@@ -78,7 +82,12 @@ impl RecordingAggregator {
     }
 
     /// Waits for a report received at or after index `from` that satisfies `wanted`.
-    async fn wait_for(&self, from: usize, what: &str, wanted: impl Fn(&Received) -> bool) -> (usize, Received) {
+    async fn wait_for(
+        &self,
+        from: usize,
+        what: &str,
+        wanted: impl Fn(&Received) -> bool,
+    ) -> (usize, Received) {
         let deadline = Instant::now() + DEADLINE;
         loop {
             {
@@ -99,7 +108,14 @@ impl RecordingAggregator {
     }
 }
 
-fn args(hub: &TaskHub, connection: String, aggregator: &str, pod: &str, mode: PartitionMode, token_file: PathBuf) -> Args {
+fn args(
+    hub: &TaskHub,
+    connection: String,
+    aggregator: &str,
+    pod: &str,
+    mode: PartitionMode,
+    token_file: PathBuf,
+) -> Args {
     Args {
         task_hub: Some(hub.name().to_string()),
         connection: Some(connection),
@@ -168,7 +184,8 @@ async fn the_report_names_the_owned_partitions_with_counts_visible_counts_and_ag
     emulator.enqueue(QueueRef::WorkItem, "activity", Duration::ZERO).await.unwrap();
     let enqueued_at = now_ms();
 
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
     std::fs::write(&running.token_file, "token-1\n").unwrap();
     let (_, got) = running.aggregator.wait_for(0, "with a credential", |r| r.authorization.is_some()).await;
     let report = got.report;
@@ -177,7 +194,10 @@ async fn the_report_names_the_owned_partitions_with_counts_visible_counts_and_ag
     let pod = report.pod.as_ref().unwrap();
     assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("apps", "pod-a"));
     assert_eq!(report.task_hub, hub.name());
-    assert_eq!((report.partition_count, report.partition_mode.as_str(), report.interval_ms), (4, "table", 200));
+    assert_eq!(
+        (report.partition_count, report.partition_mode.as_str(), report.interval_ms),
+        (4, "table", 200)
+    );
     assert_eq!(report.error, None);
     assert!(!report.leaving);
     assert_eq!(partitions(&report), [0, 2]);
@@ -203,7 +223,8 @@ async fn blob_mode_reports_the_partitions_whose_leased_blobs_name_the_pod() {
     emulator.claim(0, "pod-b", LEASE).await.unwrap();
     emulator.enqueue(QueueRef::Control(3), "start", Duration::ZERO).await.unwrap();
 
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Blob).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Blob).await;
     let (_, got) = running.aggregator.wait_for(0, "from blob mode", |_| true).await;
     let report = got.report;
     assert_eq!((report.partition_count, report.partition_mode.as_str()), (4, "blob"));
@@ -218,13 +239,16 @@ async fn ownership_moving_to_another_pod_shows_in_the_next_report() {
     let (hub, emulator) = laid_out("SidecarMove", PartitionMode::Table, 3).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
     emulator.claim(1, "pod-a", LEASE).await.unwrap();
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
-    let (seen, _) = running.aggregator.wait_for(0, "owning 0 and 1", |r| partitions(&r.report) == [0, 1]).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (seen, _) =
+        running.aggregator.wait_for(0, "owning 0 and 1", |r| partitions(&r.report) == [0, 1]).await;
 
     // pod-b takes partition 0 over; pod-a picks up partition 2.
     emulator.claim(0, "pod-b", LEASE).await.unwrap();
     emulator.claim(2, "pod-a", LEASE).await.unwrap();
-    let (_, got) = running.aggregator.wait_for(seen + 1, "owning 1 and 2", |r| partitions(&r.report) == [1, 2]).await;
+    let (_, got) =
+        running.aggregator.wait_for(seen + 1, "owning 1 and 2", |r| partitions(&r.report) == [1, 2]).await;
     assert_eq!(got.report.work_item, None, "the work-item queue moved with partition 0");
     running.shutdown.trigger();
 }
@@ -235,7 +259,8 @@ async fn a_pod_whose_leases_expired_owns_nothing() {
     let a_minute_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
     emulator.write_partition_row(0, Some("pod-a"), Some(a_minute_ago), false).await.unwrap();
     emulator.write_partition_row(1, Some("pod-a"), Some(a_minute_ago), false).await.unwrap();
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
     let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!((got.report.partition_count, got.report.control_queues.len()), (2, 0));
     assert_eq!((got.report.work_item, got.report.error), (None, None));
@@ -245,7 +270,8 @@ async fn a_pod_whose_leases_expired_owns_nothing() {
 #[tokio::test]
 async fn a_hub_not_provisioned_is_reported_as_such() {
     let hub = hub("SidecarMissing");
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
     let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!(error_kind(&got.report), Some(Kind::TaskHubNotProvisioned));
     assert_eq!(got.report.partition_count, 0);
@@ -325,7 +351,10 @@ async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_b
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
     emulator.enqueue(QueueRef::Control(0), "start", Duration::ZERO).await.unwrap();
     let azurite = Azurite::shared();
-    let (queue, table) = (Outage::forward_to(&azurite.queue_endpoint).await, Outage::forward_to(&azurite.table_endpoint).await);
+    let (queue, table) = (
+        Outage::forward_to(&azurite.queue_endpoint).await,
+        Outage::forward_to(&azurite.table_endpoint).await,
+    );
     let connection = format!(
         "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};QueueEndpoint={};TableEndpoint={}",
         azurite.blob_endpoint,
@@ -338,7 +367,8 @@ async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_b
 
     queue.down();
     table.down();
-    let (seen, got) = running.aggregator.wait_for(seen + 1, "with an error", |r| r.report.error.is_some()).await;
+    let (seen, got) =
+        running.aggregator.wait_for(seen + 1, "with an error", |r| r.report.error.is_some()).await;
     assert_eq!(error_kind(&got.report), Some(Kind::Unreachable), "{:?}", got.report.error);
 
     queue.up().await;
@@ -352,20 +382,29 @@ async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_b
 #[tokio::test]
 async fn the_token_file_is_read_again_for_every_report() {
     let (hub, _emulator) = laid_out("SidecarToken", PartitionMode::Table, 1).await;
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
-    let (seen, _) = running.aggregator.wait_for(0, "without a credential", |r| r.authorization.is_none()).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (seen, _) =
+        running.aggregator.wait_for(0, "without a credential", |r| r.authorization.is_none()).await;
     std::fs::write(&running.token_file, "first").unwrap();
-    let (seen, _) = running.aggregator.wait_for(seen, "with the first token", |r| r.authorization.as_deref() == Some("Bearer first")).await;
+    let (seen, _) = running
+        .aggregator
+        .wait_for(seen, "with the first token", |r| r.authorization.as_deref() == Some("Bearer first"))
+        .await;
     // Kubernetes rotates projected tokens by replacing the file.
     std::fs::write(&running.token_file, "second").unwrap();
-    running.aggregator.wait_for(seen, "with the rotated token", |r| r.authorization.as_deref() == Some("Bearer second")).await;
+    running
+        .aggregator
+        .wait_for(seen, "with the rotated token", |r| r.authorization.as_deref() == Some("Bearer second"))
+        .await;
     running.shutdown.trigger();
 }
 
 #[tokio::test]
 async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_latest_report() {
     let (hub, _emulator) = laid_out("SidecarStall", PartitionMode::Table, 1).await;
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
     running.aggregator.stalled.store(true, Ordering::SeqCst);
     let polls_before = running.metrics.polls.get();
     let deadline = Instant::now() + DEADLINE;
@@ -380,7 +419,11 @@ async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_l
     running.aggregator.stalled.store(false, Ordering::SeqCst);
     let (_, got) = running.aggregator.wait_for(received_before, "after the stall", |_| true).await;
     // Not the backlog's oldest: the latest report at the time of sending.
-    assert!(got.report.sampled_at_unix_ms >= resumed_at - 1_500, "stale report {} vs {resumed_at}", got.report.sampled_at_unix_ms);
+    assert!(
+        got.report.sampled_at_unix_ms >= resumed_at - 1_500,
+        "stale report {} vs {resumed_at}",
+        got.report.sampled_at_unix_ms
+    );
     running.shutdown.trigger();
 }
 
@@ -388,7 +431,8 @@ async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_l
 async fn shutdown_sends_a_leaving_report_and_stops() {
     let (hub, emulator) = laid_out("SidecarLeave", PartitionMode::Table, 2).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
     running.aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
     running.shutdown.trigger();
     tokio::time::timeout(DEADLINE, running.sidecar).await.expect("the sidecar stops").unwrap();
@@ -410,7 +454,8 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 #[tokio::test]
 async fn health_and_metrics_are_served_over_http() {
     let hub = hub("SidecarMetrics");
-    let running = run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
     running.aggregator.wait_for(0, "any", |_| true).await;
     let (status, body) = http_get(running.http, "/healthz").await;
     assert!(status.contains("200"), "{status}");

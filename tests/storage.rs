@@ -126,19 +126,29 @@ async fn a_hub_that_does_not_exist_is_not_provisioned() {
         assert!(matches!(err, StorageError::NotProvisioned { .. }), "{mode:?}: {err}");
         assert!(err.to_string().contains("task hub not provisioned"), "{err}");
     }
-    let reader = TaskHubReader::new(&account, hub("NeverStarted"), PartitionMode::Table, StorageOptions::default());
+    let reader =
+        TaskHubReader::new(&account, hub("NeverStarted"), PartitionMode::Table, StorageOptions::default());
     let err = reader.read_queue(QueueRef::Control(0), now_ms()).await.unwrap_err();
-    assert!(matches!(err, StorageError::NotProvisioned { ref resource } if resource.contains("-control-00")), "{err}");
+    assert!(
+        matches!(err, StorageError::NotProvisioned { ref resource } if resource.contains("-control-00")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_wrong_key_is_an_authentication_error_that_says_so() {
     let (_, _) = laid_out("WrongKey", PartitionMode::Table, 1).await;
     let azurite = Azurite::shared();
-    let wrong = azurite.connection_string().replace(durable_scaler::azurite::ACCOUNT_KEY, "d3Jvbmcga2V5IHdyb25nIGtleQ==");
+    let wrong = azurite
+        .connection_string()
+        .replace(durable_scaler::azurite::ACCOUNT_KEY, "d3Jvbmcga2V5IHdyb25nIGtleQ==");
     let account = StorageAccount::from_connection_string(&wrong).unwrap();
-    let reader = TaskHubReader::new(&account, hub("WrongKey"), PartitionMode::Table, StorageOptions::default());
-    for err in [reader.partitions(now_ms()).await.unwrap_err(), reader.read_queue(QueueRef::WorkItem, now_ms()).await.unwrap_err()] {
+    let reader =
+        TaskHubReader::new(&account, hub("WrongKey"), PartitionMode::Table, StorageOptions::default());
+    for err in [
+        reader.partitions(now_ms()).await.unwrap_err(),
+        reader.read_queue(QueueRef::WorkItem, now_ms()).await.unwrap_err(),
+    ] {
         assert!(matches!(err, StorageError::Authentication { status: 403, .. }), "{err}");
         assert!(err.to_string().contains("refused the credentials"), "{err}");
     }

@@ -14,10 +14,10 @@
 use std::time::Duration;
 
 use azure_core::http::{Method, RequestContent};
-use azure_storage_blob::models::{
-    BlobClientAcquireLeaseResultHeaders, BlobClientUploadOptions,
+use azure_storage_blob::models::{BlobClientAcquireLeaseResultHeaders, BlobClientUploadOptions};
+use azure_storage_queue::models::{
+    QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions, QueueMessage,
 };
-use azure_storage_queue::models::{QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions, QueueMessage};
 use time::OffsetDateTime;
 
 use crate::storage::{
@@ -105,7 +105,8 @@ impl TaskHubEmulator {
                 });
                 self.upload(&format!("{container}/taskhub.json"), info, None).await?;
                 for partition in 0..partitions {
-                    self.upload(&self.lease_path(partition), lease_body(partition, self.hub(), None), None).await?;
+                    self.upload(&self.lease_path(partition), lease_body(partition, self.hub(), None), None)
+                        .await?;
                 }
             }
         }
@@ -126,13 +127,17 @@ impl TaskHubEmulator {
                 let path = self.lease_path(partition);
                 let client = self.account.blob_client(&path, &self.options)?;
                 let seconds = lease.as_secs().clamp(*BLOB_LEASE_SECONDS.start(), *BLOB_LEASE_SECONDS.end());
-                let response = client.acquire_lease(seconds as i32, None).await.map_err(|e| StorageError::from_azure(&path, &e))?;
-                let lease_id = response
-                    .lease_id()
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| StorageError::Unexpected { resource: path.clone(), message: "no lease id returned".into() })?;
-                self.upload(&path, lease_body(partition, self.hub(), Some(worker)), Some(lease_id.clone())).await?;
+                let response = client
+                    .acquire_lease(seconds as i32, None)
+                    .await
+                    .map_err(|e| StorageError::from_azure(&path, &e))?;
+                let lease_id =
+                    response.lease_id().ok().flatten().ok_or_else(|| StorageError::Unexpected {
+                        resource: path.clone(),
+                        message: "no lease id returned".into(),
+                    })?;
+                self.upload(&path, lease_body(partition, self.hub(), Some(worker)), Some(lease_id.clone()))
+                    .await?;
                 Ok(Claim { partition, worker: worker.to_string(), lease_id: Some(lease_id) })
             }
         }
@@ -148,7 +153,10 @@ impl TaskHubEmulator {
             Some(lease_id) => {
                 let path = self.lease_path(claim.partition);
                 let client = self.account.blob_client(&path, &self.options)?;
-                client.renew_lease(lease_id.clone(), None).await.map_err(|e| StorageError::from_azure(&path, &e))?;
+                client
+                    .renew_lease(lease_id.clone(), None)
+                    .await
+                    .map_err(|e| StorageError::from_azure(&path, &e))?;
                 Ok(())
             }
         }
@@ -161,9 +169,13 @@ impl TaskHubEmulator {
             None => self.write_partition_row(claim.partition, None, None, false).await,
             Some(lease_id) => {
                 let path = self.lease_path(claim.partition);
-                self.upload(&path, lease_body(claim.partition, self.hub(), None), Some(lease_id.clone())).await?;
+                self.upload(&path, lease_body(claim.partition, self.hub(), None), Some(lease_id.clone()))
+                    .await?;
                 let client = self.account.blob_client(&path, &self.options)?;
-                client.release_lease(lease_id, None).await.map_err(|e| StorageError::from_azure(&path, &e))?;
+                client
+                    .release_lease(lease_id, None)
+                    .await
+                    .map_err(|e| StorageError::from_azure(&path, &e))?;
                 Ok(())
             }
         }
@@ -189,7 +201,9 @@ impl TaskHubEmulator {
             "IsDraining": draining,
         });
         if let (Some(fields), Some(expires_at)) = (row.as_object_mut(), expires_at) {
-            for (name, value) in [("OwnedSince", now.clone()), ("LastRenewal", now), ("ExpiresAt", rfc3339(expires_at))] {
+            for (name, value) in
+                [("OwnedSince", now.clone()), ("LastRenewal", now), ("ExpiresAt", rfc3339(expires_at))]
+            {
                 fields.insert(name.into(), value.into());
                 fields.insert(format!("{name}@odata.type"), "Edm.DateTime".into());
             }
@@ -200,7 +214,12 @@ impl TaskHubEmulator {
 
     /// Enqueues `text` on `queue`, invisible for `visible_after` first (a durable timer or a
     /// scheduled start when non-zero; whole seconds).
-    pub async fn enqueue(&self, queue: QueueRef, text: &str, visible_after: Duration) -> Result<(), StorageError> {
+    pub async fn enqueue(
+        &self,
+        queue: QueueRef,
+        text: &str,
+        visible_after: Duration,
+    ) -> Result<(), StorageError> {
         let name = self.hub.queue_name(queue);
         let client = self.account.queue_client(&name, &self.options)?;
         let message = QueueMessage { message_text: Some(text.to_string()) };
@@ -215,7 +234,12 @@ impl TaskHubEmulator {
 
     /// Takes up to `max` (1..=32) visible messages off `queue`, hiding them for
     /// `visibility_timeout` (whole seconds, at least 1) as a worker processing them does.
-    pub async fn dequeue(&self, queue: QueueRef, max: u32, visibility_timeout: Duration) -> Result<Vec<DequeuedMessage>, StorageError> {
+    pub async fn dequeue(
+        &self,
+        queue: QueueRef,
+        max: u32,
+        visibility_timeout: Duration,
+    ) -> Result<Vec<DequeuedMessage>, StorageError> {
         let name = self.hub.queue_name(queue);
         let client = self.account.queue_client(&name, &self.options)?;
         let options = QueueClientReceiveMessagesOptions {
@@ -278,7 +302,12 @@ impl TaskHubEmulator {
         format!("{}/{}", self.hub.lease_container(), self.hub.lease_blob(partition))
     }
 
-    async fn upload(&self, path: &str, json: serde_json::Value, lease_id: Option<String>) -> Result<(), StorageError> {
+    async fn upload(
+        &self,
+        path: &str,
+        json: serde_json::Value,
+        lease_id: Option<String>,
+    ) -> Result<(), StorageError> {
         let client = self.account.blob_client(path, &self.options)?;
         let options = BlobClientUploadOptions { lease_id, ..Default::default() };
         let content = RequestContent::from(json.to_string().into_bytes());

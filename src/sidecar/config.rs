@@ -81,15 +81,23 @@ fn error(variable: &'static str, flag: &'static str, problem: impl Into<String>)
     ConfigError { variable, flag, problem: problem.into() }
 }
 
-fn required(value: Option<String>, variable: &'static str, flag: &'static str) -> Result<String, ConfigError> {
-    value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).ok_or_else(|| error(variable, flag, "is not set"))
+fn required(
+    value: Option<String>,
+    variable: &'static str,
+    flag: &'static str,
+) -> Result<String, ConfigError> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| error(variable, flag, "is not set"))
 }
 
 impl Config {
     /// Validates `args`; the first problem found is returned.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let hub = required(args.task_hub, "DURABLE_SCALER_TASK_HUB", "task-hub")?;
-        let task_hub = TaskHub::parse(&hub).map_err(|e| error("DURABLE_SCALER_TASK_HUB", "task-hub", e.to_string()))?;
+        let task_hub =
+            TaskHub::parse(&hub).map_err(|e| error("DURABLE_SCALER_TASK_HUB", "task-hub", e.to_string()))?;
         let connection = required(args.connection, "DURABLE_SCALER_CONNECTION", "connection")?;
         let account = StorageAccount::from_connection_string(&connection)
             .map_err(|e| error("DURABLE_SCALER_CONNECTION", "connection", e.to_string()))?;
@@ -98,24 +106,37 @@ impl Config {
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
         if valid_url.is_none() {
-            return Err(error("DURABLE_SCALER_AGGREGATOR", "aggregator", format!("{aggregator:?} is not an http(s) URL like http://host:4371")));
+            return Err(error(
+                "DURABLE_SCALER_AGGREGATOR",
+                "aggregator",
+                format!("{aggregator:?} is not an http(s) URL like http://host:4371"),
+            ));
         }
         let pod_name = required(args.pod_name, "POD_NAME", "pod-name")?;
         let pod_namespace = required(args.pod_namespace, "POD_NAMESPACE", "pod-namespace")?;
-        let interval = parse_duration(&args.interval).map_err(|p| error("DURABLE_SCALER_INTERVAL", "interval", p))?;
+        let interval =
+            parse_duration(&args.interval).map_err(|p| error("DURABLE_SCALER_INTERVAL", "interval", p))?;
         if interval < Duration::from_millis(100) || interval > Duration::from_secs(600) {
             return Err(error("DURABLE_SCALER_INTERVAL", "interval", "must be between 100ms and 10m"));
         }
         let partition_mode = match args.partition_mode.trim().to_ascii_lowercase().as_str() {
             "table" => PartitionMode::Table,
             "blob" => PartitionMode::Blob,
-            other => return Err(error("DURABLE_SCALER_PARTITION_MODE", "partition-mode", format!("{other:?} is neither `table` nor `blob`"))),
+            other => {
+                return Err(error(
+                    "DURABLE_SCALER_PARTITION_MODE",
+                    "partition-mode",
+                    format!("{other:?} is neither `table` nor `blob`"),
+                ));
+            }
         };
-        let http_addr = args
-            .http_addr
-            .trim()
-            .parse()
-            .map_err(|_| error("DURABLE_SCALER_HTTP_ADDR", "http-addr", format!("{:?} is not an address like 0.0.0.0:9095", args.http_addr)))?;
+        let http_addr = args.http_addr.trim().parse().map_err(|_| {
+            error(
+                "DURABLE_SCALER_HTTP_ADDR",
+                "http-addr",
+                format!("{:?} is not an address like 0.0.0.0:9095", args.http_addr),
+            )
+        })?;
         Ok(Self {
             task_hub,
             account,
@@ -150,6 +171,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    /// Changes one setting of [`args`].
+    type Edit = fn(&mut Args);
+
     fn args() -> Args {
         Args {
             task_hub: Some("MyHub".into()),
@@ -174,7 +198,7 @@ mod tests {
 
     #[test]
     fn each_missing_setting_is_named_by_its_variable() {
-        let cases: [(fn(&mut Args), &str); 5] = [
+        let cases: [(Edit, &str); 5] = [
             (|a| a.task_hub = None, "DURABLE_SCALER_TASK_HUB"),
             (|a| a.connection = Some(" ".into()), "DURABLE_SCALER_CONNECTION"),
             (|a| a.aggregator = None, "DURABLE_SCALER_AGGREGATOR"),
@@ -192,7 +216,7 @@ mod tests {
 
     #[test]
     fn each_invalid_setting_is_named_by_its_variable() {
-        let cases: [(fn(&mut Args), &str); 7] = [
+        let cases: [(Edit, &str); 7] = [
             (|a| a.task_hub = Some("my-hub".into()), "DURABLE_SCALER_TASK_HUB"),
             (|a| a.connection = Some("AccountName=x;AccountKey=***".into()), "DURABLE_SCALER_CONNECTION"),
             (|a| a.aggregator = Some("aggregator:4371".into()), "DURABLE_SCALER_AGGREGATOR"),

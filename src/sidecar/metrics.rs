@@ -54,13 +54,38 @@ impl Metrics {
         let poll_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let owned_partitions = Gauge::default();
         registry.register("polls", "Polls of storage completed", polls.clone());
-        registry.register("storage_errors", "Storage errors met while polling, by kind", storage_errors.clone());
-        registry.register("storage_requests", "Storage HTTP calls made, retries included", storage_requests.clone());
+        registry.register(
+            "storage_errors",
+            "Storage errors met while polling, by kind",
+            storage_errors.clone(),
+        );
+        registry.register(
+            "storage_requests",
+            "Storage HTTP calls made, retries included",
+            storage_requests.clone(),
+        );
         registry.register("reports_sent", "Reports the aggregator accepted", reports_sent.clone());
-        registry.register("report_failures", "Reports that could not be delivered to the aggregator", report_failures.clone());
+        registry.register(
+            "report_failures",
+            "Reports that could not be delivered to the aggregator",
+            report_failures.clone(),
+        );
         registry.register("poll_duration_seconds", "Duration of one poll of storage", poll_duration.clone());
-        registry.register("owned_partitions", "Partitions this pod owned at the last poll", owned_partitions.clone());
-        Self { registry, polls, storage_errors, storage_requests, reports_sent, report_failures, poll_duration, owned_partitions }
+        registry.register(
+            "owned_partitions",
+            "Partitions this pod owned at the last poll",
+            owned_partitions.clone(),
+        );
+        Self {
+            registry,
+            polls,
+            storage_errors,
+            storage_requests,
+            reports_sent,
+            report_failures,
+            poll_duration,
+            owned_partitions,
+        }
     }
 
     /// Records one poll.
@@ -85,7 +110,10 @@ impl Metrics {
 
 /// `/healthz` (the process is up and serving) and `/metrics`.
 pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(serve_metrics)).with_state(metrics)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics)
 }
 
 async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

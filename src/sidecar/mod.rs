@@ -69,8 +69,9 @@ pub struct Sidecar {
 impl Sidecar {
     /// Binds the HTTP address and prepares the aggregator client (which connects lazily).
     pub async fn bind(config: Config) -> Result<Self, SidecarError> {
-        let listener =
-            tokio::net::TcpListener::bind(config.http_addr).await.map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
         let client = ReportClient::new(&config.aggregator, config.token_file.clone())?;
         Ok(Self { config, listener, client, metrics: Arc::new(Metrics::new()) })
     }
@@ -93,7 +94,8 @@ impl Sidecar {
             let shutdown = shutdown.clone();
             let app = metrics::router(metrics.clone());
             async move {
-                let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await });
+                let served =
+                    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await });
                 if let Err(e) = served.await {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
@@ -101,7 +103,13 @@ impl Sidecar {
         });
         let (latest, receiver) = watch::channel(None);
         let call_timeout = config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
-        let delivery = tokio::spawn(report::deliver_latest(client.clone(), receiver, call_timeout, metrics.clone(), shutdown.clone()));
+        let delivery = tokio::spawn(report::deliver_latest(
+            client.clone(),
+            receiver,
+            call_timeout,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
 
         let partition_count = poll_until_shutdown(&config, &metrics, &latest, &shutdown).await;
 
@@ -124,7 +132,12 @@ async fn poll_until_shutdown(
     latest: &watch::Sender<Option<proto::Report>>,
     shutdown: &Shutdown,
 ) -> u32 {
-    let reader = TaskHubReader::new(&config.account, config.task_hub.clone(), config.partition_mode, storage_options(config));
+    let reader = TaskHubReader::new(
+        &config.account,
+        config.task_hub.clone(),
+        config.partition_mode,
+        storage_options(config),
+    );
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut partition_count = 0;
@@ -142,13 +155,20 @@ async fn poll_until_shutdown(
             _ = shutdown.wait() => break,
         };
         let kinds: Vec<&'static str> = result.errors.iter().map(|e| e.kind()).collect();
-        metrics.record_poll(started.elapsed(), result.owned.len(), &kinds, reader.account().request_count() - requests_before);
+        metrics.record_poll(
+            started.elapsed(),
+            result.owned.len(),
+            &kinds,
+            reader.account().request_count() - requests_before,
+        );
         // Log a storage problem when it starts or changes, not on every poll.
         let kind = kinds.first().copied();
         if kind != last_error_kind {
             match result.errors.first() {
                 Some(e) => tracing::warn!(error = %e, "storage read failed"),
-                None => tracing::info!(owned = ?result.owned, partitions = result.partition_count, "storage reads healthy"),
+                None => {
+                    tracing::info!(owned = ?result.owned, partitions = result.partition_count, "storage reads healthy")
+                }
             }
             last_error_kind = kind;
         }
@@ -162,7 +182,10 @@ async fn poll_until_shutdown(
 
 /// Per-attempt timeouts sized to the interval: a poll must not outlast several intervals.
 fn storage_options(config: &Config) -> StorageOptions {
-    StorageOptions { attempt_timeout: config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10)), max_retries: 2 }
+    StorageOptions {
+        attempt_timeout: config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10)),
+        max_retries: 2,
+    }
 }
 
 fn base_report(config: &Config, sampled_at_unix_ms: i64) -> proto::Report {
@@ -184,7 +207,10 @@ pub fn report_of(config: &Config, result: &PollResult, sampled_at_unix_ms: i64) 
         control_queues: result
             .control_queues
             .iter()
-            .map(|(partition, signals)| proto::ControlQueueSignals { partition: *partition, signals: Some(poll::signals_to_proto(signals)) })
+            .map(|(partition, signals)| proto::ControlQueueSignals {
+                partition: *partition,
+                signals: Some(poll::signals_to_proto(signals)),
+            })
             .collect(),
         work_item: result.work_item.as_ref().map(poll::signals_to_proto),
         error: result.errors.first().map(poll::error_to_proto),

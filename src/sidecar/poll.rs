@@ -97,7 +97,8 @@ mod tests {
 
     #[test]
     fn a_pod_owns_the_partitions_that_name_it() {
-        let leases = [lease(2, Some("pod-a")), lease(0, Some("POD-A")), lease(1, Some("pod-b")), lease(3, None)];
+        let leases =
+            [lease(2, Some("pod-a")), lease(0, Some("POD-A")), lease(1, Some("pod-b")), lease(3, None)];
         assert_eq!(owned_partitions(&leases, "pod-a"), [0, 2]);
         assert!(owned_partitions(&leases, "pod-c").is_empty());
     }

@@ -48,7 +48,9 @@ impl ReportClient {
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
         if url.starts_with("https://") {
-            endpoint = endpoint.tls_config(ClientTlsConfig::new().with_enabled_roots()).map_err(|e| endpoint_error(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().with_enabled_roots())
+                .map_err(|e| endpoint_error(e.to_string()))?;
         }
         Ok(Self { client: ReportServiceClient::new(endpoint.connect_lazy()), token_file })
     }
@@ -58,7 +60,9 @@ impl ReportClient {
         let mut request = tonic::Request::new(report);
         request.set_timeout(timeout);
         if let Some(token) = read_token(&self.token_file).await {
-            let value = format!("Bearer {token}").parse().map_err(|_| ReportError::Call("the token file holds characters a header cannot carry".into()))?;
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                ReportError::Call("the token file holds characters a header cannot carry".into())
+            })?;
             request.metadata_mut().insert("authorization", value);
         }
         let mut client = self.client.clone();
@@ -124,7 +128,10 @@ pub async fn deliver_latest(
 /// `base` scaled by a factor in [0.5, 1.5), so that sidecars restarted together do not
 /// retry in step.
 fn jittered(base: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     base.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
 }
 

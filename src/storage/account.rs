@@ -97,7 +97,11 @@ impl StorageAccount {
     pub fn from_connection_string(connection: &str) -> Result<Self, StorageError> {
         let fields = parse_fields(connection)?;
         let get = |key: &str| {
-            fields.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+            fields
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.as_str())
+                .filter(|v| !v.is_empty())
         };
         let development = get("UseDevelopmentStorage");
         if let Some(value) = development {
@@ -123,14 +127,22 @@ impl StorageAccount {
         let endpoint = |key: &str, service: &str| -> Result<String, StorageError> {
             match (get(key), &name) {
                 (Some(explicit), _) => Ok(explicit.to_string()),
-                (None, Some(account)) => Ok(format!("{}://{account}.{service}.{suffix}", protocol.to_ascii_lowercase())),
+                (None, Some(account)) => {
+                    Ok(format!("{}://{account}.{service}.{suffix}", protocol.to_ascii_lowercase()))
+                }
                 (None, None) => Err(invalid(format!("neither {key} nor AccountName is given"))),
             }
         };
-        let endpoints = [endpoint("BlobEndpoint", "blob")?, endpoint("QueueEndpoint", "queue")?, endpoint("TableEndpoint", "table")?];
+        let endpoints = [
+            endpoint("BlobEndpoint", "blob")?,
+            endpoint("QueueEndpoint", "queue")?,
+            endpoint("TableEndpoint", "table")?,
+        ];
 
         let credential = match (get("AccountKey"), get("SharedAccessSignature")) {
-            (Some(_), Some(_)) => return Err(invalid("AccountKey and SharedAccessSignature are both given; keep one")),
+            (Some(_), Some(_)) => {
+                return Err(invalid("AccountKey and SharedAccessSignature are both given; keep one"));
+            }
             (Some(key), None) => {
                 if name.is_none() {
                     return Err(invalid("AccountKey needs AccountName"));
@@ -153,7 +165,11 @@ impl StorageAccount {
         Self::build(name, endpoints, credential)
     }
 
-    fn build(name: Option<String>, [blob, queue, table]: [String; 3], credential: Credential) -> Result<Self, StorageError> {
+    fn build(
+        name: Option<String>,
+        [blob, queue, table]: [String; 3],
+        credential: Credential,
+    ) -> Result<Self, StorageError> {
         let url = |key: &str, value: String| {
             let trimmed = value.trim_end_matches('/');
             Url::parse(trimmed)
@@ -171,9 +187,11 @@ impl StorageAccount {
             requests: Arc::new(AtomicU64::new(0)),
         };
         if let Credential::Token(_) = account.credential {
-            for (key, endpoint) in
-                [("BlobEndpoint", &account.blob_endpoint), ("QueueEndpoint", &account.queue_endpoint), ("TableEndpoint", &account.table_endpoint)]
-            {
+            for (key, endpoint) in [
+                ("BlobEndpoint", &account.blob_endpoint),
+                ("QueueEndpoint", &account.queue_endpoint),
+                ("TableEndpoint", &account.table_endpoint),
+            ] {
                 if endpoint.scheme() != "https" {
                     return Err(invalid(format!("{key} must use https with an Entra ID credential")));
                 }
@@ -228,26 +246,48 @@ impl StorageAccount {
     /// `endpoint/segment`, e.g. a queue's or a container's URL.
     pub(crate) fn url(&self, service: Service, path: &str) -> Result<Url, StorageError> {
         let base = self.endpoint(service).as_str().trim_end_matches('/');
-        Url::parse(&format!("{base}/{path}")).map_err(|e| StorageError::Unexpected { resource: path.into(), message: e.to_string() })
+        Url::parse(&format!("{base}/{path}"))
+            .map_err(|e| StorageError::Unexpected { resource: path.into(), message: e.to_string() })
     }
 
     /// A client of queue `name`.
-    pub(crate) fn queue_client(&self, name: &str, options: &StorageOptions) -> Result<QueueClient, StorageError> {
-        let client_options = QueueClientOptions { client_options: self.client_options(Service::Queue, options), ..Default::default() };
+    pub(crate) fn queue_client(
+        &self,
+        name: &str,
+        options: &StorageOptions,
+    ) -> Result<QueueClient, StorageError> {
+        let client_options = QueueClientOptions {
+            client_options: self.client_options(Service::Queue, options),
+            ..Default::default()
+        };
         QueueClient::new(self.url(Service::Queue, name)?, None, Some(client_options))
             .map_err(|e| StorageError::from_azure(name, &e))
     }
 
     /// A client of blob `path` (`container/name`, where the name may contain `/`).
-    pub(crate) fn blob_client(&self, path: &str, options: &StorageOptions) -> Result<BlobClient, StorageError> {
-        let client_options = BlobClientOptions { client_options: self.client_options(Service::Blob, options), ..Default::default() };
-        BlobClient::new(self.url(Service::Blob, path)?, None, Some(client_options)).map_err(|e| StorageError::from_azure(path, &e))
+    pub(crate) fn blob_client(
+        &self,
+        path: &str,
+        options: &StorageOptions,
+    ) -> Result<BlobClient, StorageError> {
+        let client_options = BlobClientOptions {
+            client_options: self.client_options(Service::Blob, options),
+            ..Default::default()
+        };
+        BlobClient::new(self.url(Service::Blob, path)?, None, Some(client_options))
+            .map_err(|e| StorageError::from_azure(path, &e))
     }
 
     /// A client of container `name`.
-    pub(crate) fn container_client(&self, name: &str, options: &StorageOptions) -> Result<BlobContainerClient, StorageError> {
-        let client_options =
-            BlobContainerClientOptions { client_options: self.client_options(Service::Blob, options), ..Default::default() };
+    pub(crate) fn container_client(
+        &self,
+        name: &str,
+        options: &StorageOptions,
+    ) -> Result<BlobContainerClient, StorageError> {
+        let client_options = BlobContainerClientOptions {
+            client_options: self.client_options(Service::Blob, options),
+            ..Default::default()
+        };
         BlobContainerClient::new(self.url(Service::Blob, name)?, None, Some(client_options))
             .map_err(|e| StorageError::from_azure(name, &e))
     }
@@ -263,13 +303,18 @@ impl StorageAccount {
         ];
         per_try.push(match &self.credential {
             Credential::SharedKey(key) => {
-                let variant = if service == Service::Table { SharedKeyService::Table } else { SharedKeyService::BlobOrQueue };
+                let variant = if service == Service::Table {
+                    SharedKeyService::Table
+                } else {
+                    SharedKeyService::BlobOrQueue
+                };
                 Arc::new(SharedKeyPolicy::new(self.name.as_deref().unwrap_or_default(), key, variant))
             }
             Credential::Sas(sas) => Arc::new(SasPolicy::new(sas)),
-            Credential::Token(credential) => {
-                Arc::new(BearerTokenAuthorizationPolicy::new(credential.clone(), vec!["https://storage.azure.com/.default"]))
-            }
+            Credential::Token(credential) => Arc::new(BearerTokenAuthorizationPolicy::new(
+                credential.clone(),
+                vec!["https://storage.azure.com/.default"],
+            )),
         });
         let retry = RetryOptions::exponential(ExponentialRetryOptions {
             initial_delay: azure_core::time::Duration::milliseconds(200),
@@ -311,11 +356,12 @@ fn decode_key(key: &str) -> Result<Vec<u8>, StorageError> {
 
 /// Workload identity when the pod has a federated token, else managed identity.
 fn entra_id_credential() -> Result<Arc<dyn TokenCredential>, StorageError> {
-    let result: azure_core::Result<Arc<dyn TokenCredential>> = if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
-        azure_identity::WorkloadIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
-    } else {
-        azure_identity::ManagedIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
-    };
+    let result: azure_core::Result<Arc<dyn TokenCredential>> =
+        if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+            azure_identity::WorkloadIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
+        } else {
+            azure_identity::ManagedIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
+        };
     result.map_err(|e| invalid(format!("no key or SAS given, and no Entra ID credential is available: {e}")))
 }
 
@@ -332,7 +378,11 @@ mod tests {
         let a = StorageAccount::from_connection_string("UseDevelopmentStorage=true").unwrap();
         assert_eq!(
             endpoints(&a),
-            ["http://127.0.0.1:10000/devstoreaccount1", "http://127.0.0.1:10001/devstoreaccount1", "http://127.0.0.1:10002/devstoreaccount1"]
+            [
+                "http://127.0.0.1:10000/devstoreaccount1",
+                "http://127.0.0.1:10001/devstoreaccount1",
+                "http://127.0.0.1:10002/devstoreaccount1"
+            ]
         );
         assert_eq!((a.name(), a.credential_kind()), (Some("devstoreaccount1"), CredentialKind::SharedKey));
     }
@@ -345,13 +395,20 @@ mod tests {
         .unwrap();
         assert_eq!(
             endpoints(&a),
-            ["https://myapp.blob.core.windows.net/", "https://myapp.queue.core.windows.net/", "https://myapp.table.core.windows.net/"]
+            [
+                "https://myapp.blob.core.windows.net/",
+                "https://myapp.queue.core.windows.net/",
+                "https://myapp.table.core.windows.net/"
+            ]
         );
     }
 
     #[test]
     fn endpoint_suffix_selects_a_sovereign_cloud() {
-        let a = StorageAccount::from_connection_string("AccountName=x;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn").unwrap();
+        let a = StorageAccount::from_connection_string(
+            "AccountName=x;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn",
+        )
+        .unwrap();
         assert_eq!(a.queue_endpoint().as_str(), "https://x.queue.core.chinacloudapi.cn/");
     }
 
@@ -361,7 +418,10 @@ mod tests {
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://h:1/devstoreaccount1/;QueueEndpoint=http://h:2/devstoreaccount1/;TableEndpoint=http://h:3/devstoreaccount1//",
         )
         .unwrap();
-        assert_eq!(endpoints(&a), ["http://h:1/devstoreaccount1", "http://h:2/devstoreaccount1", "http://h:3/devstoreaccount1"]);
+        assert_eq!(
+            endpoints(&a),
+            ["http://h:1/devstoreaccount1", "http://h:2/devstoreaccount1", "http://h:3/devstoreaccount1"]
+        );
     }
 
     #[test]
@@ -383,7 +443,9 @@ mod tests {
 
     #[test]
     fn a_bad_key_is_named_but_never_echoed() {
-        let err = StorageAccount::from_connection_string("AccountName=x;AccountKey=not*base64*secret").unwrap_err().to_string();
+        let err = StorageAccount::from_connection_string("AccountName=x;AccountKey=not*base64*secret")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("AccountKey is not valid base64"), "{err}");
         assert!(!err.contains("secret"), "{err}");
     }

@@ -17,8 +17,8 @@ mod policy;
 mod reader;
 pub(crate) mod table;
 
-pub use account::{CredentialKind, StorageAccount};
 pub(crate) use account::Service;
+pub use account::{CredentialKind, StorageAccount};
 pub use reader::TaskHubReader;
 
 /// How partition ownership is recorded (host.json `useTablePartitionManagement`).
@@ -216,11 +216,15 @@ impl StorageError {
                     401 | 403 => StorageError::Authentication { resource, status: code },
                     _ => StorageError::Unexpected {
                         resource,
-                        message: format!("HTTP {code} {}", error_code.as_deref().unwrap_or("")).trim_end().to_string(),
+                        message: format!("HTTP {code} {}", error_code.as_deref().unwrap_or(""))
+                            .trim_end()
+                            .to_string(),
                     },
                 }
             }
-            ErrorKind::Io | ErrorKind::Connection => StorageError::Unreachable { resource, message: error_chain(error) },
+            ErrorKind::Io | ErrorKind::Connection => {
+                StorageError::Unreachable { resource, message: error_chain(error) }
+            }
             ErrorKind::Credential => StorageError::Authentication { resource, status: 0 },
             _ => StorageError::Unexpected { resource, message: error_chain(error) },
         }

@@ -41,7 +41,10 @@ pub(crate) struct SharedKeyPolicy {
 impl std::fmt::Debug for SharedKeyPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("SharedKeyPolicy").field("account", &self.account).field("service", &self.service).finish()
+        f.debug_struct("SharedKeyPolicy")
+            .field("account", &self.account)
+            .field("service", &self.service)
+            .finish()
     }
 }
 
@@ -64,7 +67,9 @@ impl Policy for SharedKeyPolicy {
         request.insert_header("x-ms-date", rfc1123_now());
         let content_length = request.body().len().unwrap_or(0);
         let to_sign = match self.service {
-            SharedKeyService::BlobOrQueue => blob_queue_string_to_sign(&self.account, request, content_length),
+            SharedKeyService::BlobOrQueue => {
+                blob_queue_string_to_sign(&self.account, request, content_length)
+            }
             SharedKeyService::Table => table_string_to_sign(&self.account, request),
         };
         request.insert_header("authorization", format!("SharedKey {}:{}", self.account, self.sign(&to_sign)));
@@ -158,7 +163,8 @@ impl std::fmt::Debug for SasPolicy {
 impl SasPolicy {
     /// `sas` without a leading `?`, e.g. `sv=...&sig=...`.
     pub(crate) fn new(sas: &str) -> Self {
-        let pairs = url::form_urlencoded::parse(sas.trim_start_matches('?').as_bytes()).into_owned().collect();
+        let pairs =
+            url::form_urlencoded::parse(sas.trim_start_matches('?').as_bytes()).into_owned().collect();
         Self { pairs }
     }
 }
@@ -222,7 +228,10 @@ mod tests {
 
     #[test]
     fn blob_queue_string_signs_ms_headers_sorted_and_query_parameters_grouped() {
-        let url = Url::parse("http://127.0.0.1:10001/devstoreaccount1/hub-control-00/messages?peekonly=true&numofmessages=32").unwrap();
+        let url = Url::parse(
+            "http://127.0.0.1:10001/devstoreaccount1/hub-control-00/messages?peekonly=true&numofmessages=32",
+        )
+        .unwrap();
         let mut request = Request::new(url, Method::Get);
         request.insert_header("x-ms-version", "2026-04-06");
         request.insert_header("x-ms-date", "Sun, 29 Nov 2026 09:05:38 GMT");
@@ -238,7 +247,10 @@ mod tests {
         let url = Url::parse("https://a.table.core.windows.net/HubPartitions()?$top=5").unwrap();
         let mut request = Request::new(url, Method::Get);
         request.insert_header("x-ms-date", "Sun, 29 Nov 2026 09:05:38 GMT");
-        assert_eq!(table_string_to_sign("a", &request), "GET\n\n\nSun, 29 Nov 2026 09:05:38 GMT\n/a/HubPartitions()");
+        assert_eq!(
+            table_string_to_sign("a", &request),
+            "GET\n\n\nSun, 29 Nov 2026 09:05:38 GMT\n/a/HubPartitions()"
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use azure_storage_queue::models::{QueueClientGetPropertiesResultHeaders, QueueCl
 use futures::{StreamExt, TryStreamExt};
 
 use super::{
-    PartitionLease, PartitionMode, QueueRef, QueueSignals, StorageAccount, StorageError, StorageOptions, TaskHub,
-    table::TableService,
+    PartitionLease, PartitionMode, QueueRef, QueueSignals, StorageAccount, StorageError, StorageOptions,
+    TaskHub, table::TableService,
 };
 
 /// How many messages one peek asks for (the service's maximum).
@@ -64,9 +64,12 @@ impl TaskHubReader {
     pub async fn read_queue(&self, queue: QueueRef, now_unix_ms: i64) -> Result<QueueSignals, StorageError> {
         let name = self.hub.queue_name(queue);
         let client = self.account.queue_client(&name, &self.options)?;
-        let peek_options =
-            QueueClientPeekMessagesOptions { number_of_messages: Some(PEEK_LIMIT as i32), ..Default::default() };
-        let (metadata, peeked) = tokio::join!(client.get_properties(None), client.peek_messages(Some(peek_options)));
+        let peek_options = QueueClientPeekMessagesOptions {
+            number_of_messages: Some(PEEK_LIMIT as i32),
+            ..Default::default()
+        };
+        let (metadata, peeked) =
+            tokio::join!(client.get_properties(None), client.peek_messages(Some(peek_options)));
         let metadata = metadata.map_err(|e| StorageError::from_azure(&name, &e))?;
         let approximate_count = metadata
             .approximate_messages_count()
@@ -100,7 +103,8 @@ impl TaskHubReader {
             .iter()
             .filter_map(|row| {
                 let partition = self.hub.partition_of(row.get("RowKey")?.as_str()?)?;
-                let expires_at_unix_ms = row.get("ExpiresAt").and_then(|v| v.as_str()).and_then(parse_rfc3339_ms);
+                let expires_at_unix_ms =
+                    row.get("ExpiresAt").and_then(|v| v.as_str()).and_then(parse_rfc3339_ms);
                 let unexpired = expires_at_unix_ms.is_some_and(|t| t > now_unix_ms);
                 let owner = row
                     .get("CurrentOwner")
@@ -132,7 +136,10 @@ impl TaskHubReader {
         let info: TaskHubInfo = serde_json::from_slice(&info)
             .map_err(|e| unexpected(&info_path, format!("unreadable taskhub.json: {e}")))?;
         if !(1..=super::MAX_PARTITIONS).contains(&info.partition_count) {
-            return Err(unexpected(&info_path, format!("PartitionCount {} is outside 1..=16", info.partition_count)));
+            return Err(unexpected(
+                &info_path,
+                format!("PartitionCount {} is outside 1..=16", info.partition_count),
+            ));
         }
         let container = &container;
         futures::stream::iter(0..info.partition_count)
@@ -195,7 +202,10 @@ mod tests {
 
     #[test]
     fn lease_owner_comes_from_the_json_body() {
-        assert_eq!(lease_owner(br#"{"PartitionId":"x","Owner":"pod-a","Token":"t","Epoch":2}"#), Some("pod-a".into()));
+        assert_eq!(
+            lease_owner(br#"{"PartitionId":"x","Owner":"pod-a","Token":"t","Epoch":2}"#),
+            Some("pod-a".into())
+        );
         assert_eq!(lease_owner(br#"{"Owner":""}"#), None);
         assert_eq!(lease_owner(b"garbage"), None);
     }

@@ -57,7 +57,10 @@ impl TableService {
             request.insert_header("prefer", "return-no-content");
             request.set_body(body.to_string());
         }
-        let options = PipelineSendOptions { check_success: CheckSuccessOptions { success_codes: success }, ..Default::default() };
+        let options = PipelineSendOptions {
+            check_success: CheckSuccessOptions { success_codes: success },
+            ..Default::default()
+        };
         self.pipeline
             .send(&Context::new(), &mut request, Some(options))
             .await
@@ -66,15 +69,21 @@ impl TableService {
 
     /// Every entity of `table` (first page: up to 1000 rows, far more than a Partitions
     /// table's 16).
-    pub(crate) async fn query_all(&self, table: &str) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, StorageError> {
+    pub(crate) async fn query_all(
+        &self,
+        table: &str,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, StorageError> {
         let url = self.url(&format!("{table}()"))?;
         let response = self.send(Method::Get, url, None, &[200], table).await?;
         #[derive(serde::Deserialize)]
         struct Page {
             value: Vec<serde_json::Map<String, serde_json::Value>>,
         }
-        let page: Page = serde_json::from_slice(response.body().as_ref())
-            .map_err(|e| StorageError::Unexpected { resource: table.into(), message: format!("unreadable query result: {e}") })?;
+        let page: Page =
+            serde_json::from_slice(response.body().as_ref()).map_err(|e| StorageError::Unexpected {
+                resource: table.into(),
+                message: format!("unreadable query result: {e}"),
+            })?;
         Ok(page.value)
     }
 }

@@ -3,12 +3,16 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use durable_scaler::{azurite::Azurite, storage::{StorageAccount, TaskHub}};
+use durable_scaler::{
+    azurite::Azurite,
+    storage::{StorageAccount, TaskHub},
+};
 
 /// The shared Azurite's account (with the crypto provider installed, as every role does).
 pub fn account() -> StorageAccount {
     durable_scaler::telemetry::install_crypto_provider();
-    StorageAccount::from_connection_string(&Azurite::shared().connection_string()).expect("Azurite's connection string")
+    StorageAccount::from_connection_string(&Azurite::shared().connection_string())
+        .expect("Azurite's connection string")
 }
 
 /// A hub name unique to this test and this run (Azurite may outlive one run).
