@@ -16,10 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{account, hub, now_ms};
+use common::{hub, laid_out, now_ms};
 use durable_scaler::{
     azurite::{ACCOUNT, ACCOUNT_KEY, Azurite},
-    emulator::TaskHubEmulator,
     proto::report::{
         Report, ReportAck,
         report_error::Kind,
@@ -150,13 +149,6 @@ async fn run_sidecar(hub: &TaskHub, connection: String, pod: &str, mode: Partiti
     let shutdown = Shutdown::new();
     let task = tokio::spawn(sidecar.run(shutdown.clone()));
     Running { aggregator, sidecar: task, shutdown, http, metrics, _token_dir: token_dir, token_file }
-}
-
-async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHub, TaskHubEmulator) {
-    let hub = hub(name);
-    let emulator = TaskHubEmulator::new(&account(), hub.clone(), mode);
-    emulator.create(partitions).await.expect("create the hub");
-    (hub, emulator)
 }
 
 fn partitions(report: &Report) -> Vec<u32> {

@@ -18,11 +18,8 @@ const LEASE: Duration = Duration::from_secs(60);
 const TIMER: Duration = Duration::from_secs(3600);
 
 async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHubEmulator, TaskHubReader) {
-    let account = account();
-    let hub = hub(name);
-    let emulator = TaskHubEmulator::new(&account, hub.clone(), mode);
-    emulator.create(partitions).await.expect("create the hub");
-    (emulator, TaskHubReader::new(&account, hub, mode, StorageOptions::default()))
+    let (hub, emulator) = common::laid_out(name, mode, partitions).await;
+    (emulator, TaskHubReader::new(&account(), hub, mode, StorageOptions::default()))
 }
 
 #[tokio::test]

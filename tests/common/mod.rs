@@ -5,7 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use durable_scaler::{
     azurite::Azurite,
-    storage::{StorageAccount, TaskHub},
+    emulator::TaskHubEmulator,
+    storage::{PartitionMode, StorageAccount, TaskHub},
 };
 
 /// The shared Azurite's account (with the crypto provider installed, as every role does).
@@ -24,4 +25,13 @@ pub fn hub(name: &str) -> TaskHub {
 /// Wall-clock now, ms since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A new hub with `partitions` partitions, laid out in the shared Azurite as DurableTask
+/// does in `mode`, all unowned and empty.
+pub async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHub, TaskHubEmulator) {
+    let hub = hub(name);
+    let emulator = TaskHubEmulator::new(&account(), hub.clone(), mode);
+    emulator.create(partitions).await.expect("create the hub");
+    (hub, emulator)
 }
