@@ -497,7 +497,10 @@ async fn sigterm_makes_the_binary_send_a_leaving_report_and_exit() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
+    tokio::select! {
+        _ = aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]) => {},
+        status = child.wait() => panic!("the sidecar exited before reporting: {status:?}"),
+    }
 
     let pid = child.id().unwrap() as i32;
     // SAFETY: sending a signal to our own child process.
