@@ -176,3 +176,52 @@ async fn reads_cost_one_table_query_and_two_calls_per_queue() {
     reader.read_queue(QueueRef::Control(3), now_ms()).await.unwrap();
     assert_eq!(reader.account().request_count() - before, 3);
 }
+
+/// An account SAS (service version 2019-12-12) for Blob, Queue and Table, signed with
+/// Azurite's key, as the portal's "Shared access signature" blade makes one.
+fn account_sas() -> String {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use hmac::{Hmac, Mac};
+    let expiry = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600))
+        .format(&time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"))
+        .unwrap();
+    let (permissions, services, resource_types, version) = ("rl", "bqt", "sco", "2019-12-12");
+    let to_sign = format!(
+        "{}\n{permissions}\n{services}\n{resource_types}\n\n{expiry}\n\nhttps,http\n{version}\n",
+        durable_scaler::azurite::ACCOUNT
+    );
+    let key = STANDARD.decode(durable_scaler::azurite::ACCOUNT_KEY).unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(to_sign.as_bytes());
+    let signature = STANDARD.encode(mac.finalize().into_bytes());
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("sv", version)
+        .append_pair("ss", services)
+        .append_pair("srt", resource_types)
+        .append_pair("sp", permissions)
+        .append_pair("se", &expiry)
+        .append_pair("spr", "https,http")
+        .append_pair("sig", &signature)
+        .finish()
+}
+
+#[tokio::test]
+async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
+    let (emulator, _) = laid_out("SasReader", PartitionMode::Table, 2).await;
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+    emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
+    let azurite = Azurite::shared();
+    let cs = format!(
+        "BlobEndpoint={};QueueEndpoint={};TableEndpoint={};SharedAccessSignature={}",
+        azurite.blob_endpoint,
+        azurite.queue_endpoint,
+        azurite.table_endpoint,
+        account_sas()
+    );
+    let account = StorageAccount::from_connection_string(&cs).unwrap();
+    let reader =
+        TaskHubReader::new(&account, emulator.hub().clone(), PartitionMode::Table, StorageOptions::default());
+    let leases = reader.partitions(now_ms()).await.unwrap();
+    assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
+    assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
+}

@@ -14,7 +14,8 @@ use crate::{
 
 /// First wait after a failed report; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+// Capped well below the aggregator's three-interval staleness horizon at the default 5 s.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Why a report was not delivered.
 #[derive(Debug, thiserror::Error)]
