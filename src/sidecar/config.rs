@@ -42,6 +42,10 @@ pub struct Args {
     pub http_addr: String,
 }
 
+/// The poll intervals the sidecar accepts, from its settings or from the aggregator.
+pub const INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(600);
+
 /// The sidecar's validated settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -116,7 +120,7 @@ impl Config {
         let pod_namespace = required(args.pod_namespace, "POD_NAMESPACE", "pod-namespace")?;
         let interval =
             parse_duration(&args.interval).map_err(|p| error("DURABLE_SCALER_INTERVAL", "interval", p))?;
-        if interval < Duration::from_millis(100) || interval > Duration::from_secs(600) {
+        if !INTERVAL_RANGE.contains(&interval) {
             return Err(error("DURABLE_SCALER_INTERVAL", "interval", "must be between 100ms and 10m"));
         }
         let partition_mode = match args.partition_mode.trim().to_ascii_lowercase().as_str() {

@@ -19,7 +19,10 @@ pub mod report;
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -102,19 +105,22 @@ impl Sidecar {
             }
         });
         let (latest, receiver) = watch::channel(None);
+        let suggested_interval_ms = Arc::new(AtomicU32::new(0));
         let call_timeout = config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
         let delivery = tokio::spawn(report::deliver_latest(
             client.clone(),
             receiver,
             call_timeout,
             metrics.clone(),
+            suggested_interval_ms.clone(),
             shutdown.clone(),
         ));
 
-        let partition_count = poll_until_shutdown(&config, &metrics, &latest, &shutdown).await;
+        let partition_count =
+            poll_until_shutdown(&config, &metrics, &latest, &suggested_interval_ms, &shutdown).await;
 
         let _ = delivery.await;
-        let leaving = leaving_report(&config, partition_count, now_unix_ms());
+        let leaving = leaving_report(&config, config.interval, partition_count, now_unix_ms());
         match client.submit(leaving, LEAVING_TIMEOUT).await {
             Ok(_) => tracing::info!("sent the leaving report"),
             Err(e) => tracing::warn!(error = %e, "could not send the leaving report"),
@@ -125,11 +131,13 @@ impl Sidecar {
     }
 }
 
-/// The poll loop; returns the last partition count seen.
+/// The poll loop; returns the last partition count seen. Polls every `config.interval`, or
+/// every interval the aggregator last suggested (within [`config::INTERVAL_RANGE`]).
 async fn poll_until_shutdown(
     config: &Config,
     metrics: &Metrics,
     latest: &watch::Sender<Option<proto::Report>>,
+    suggested_interval_ms: &AtomicU32,
     shutdown: &Shutdown,
 ) -> u32 {
     let reader = TaskHubReader::new(
@@ -138,8 +146,8 @@ async fn poll_until_shutdown(
         config.partition_mode,
         storage_options(config),
     );
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interval = config.interval;
+    let mut ticker = new_ticker(interval, Duration::ZERO);
     let mut partition_count = 0;
     let mut last_error_kind: Option<&'static str> = None;
     loop {
@@ -175,9 +183,35 @@ async fn poll_until_shutdown(
         if result.partition_count > 0 {
             partition_count = result.partition_count;
         }
-        latest.send_replace(Some(report_of(config, &result, now)));
+        latest.send_replace(Some(report_of(config, interval, &result, now)));
+        let wanted = effective_interval(config.interval, suggested_interval_ms.load(Ordering::Relaxed));
+        if wanted != interval {
+            tracing::info!(
+                interval_ms = wanted.as_millis() as u64,
+                "poll interval changed by the aggregator"
+            );
+            interval = wanted;
+            ticker = new_ticker(interval, interval);
+        }
     }
     partition_count
+}
+
+/// A ticker of `period` whose first tick comes after `first`; a late tick delays the next.
+fn new_ticker(period: Duration, first: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// The aggregator's suggestion when it makes one (non-zero), kept within
+/// [`config::INTERVAL_RANGE`]; else the configured interval.
+fn effective_interval(configured: Duration, suggested_ms: u32) -> Duration {
+    if suggested_ms == 0 {
+        return configured;
+    }
+    Duration::from_millis(u64::from(suggested_ms))
+        .clamp(*config::INTERVAL_RANGE.start(), *config::INTERVAL_RANGE.end())
 }
 
 /// Per-attempt timeouts sized to the interval: a poll must not outlast several intervals.
@@ -188,20 +222,25 @@ fn storage_options(config: &Config) -> StorageOptions {
     }
 }
 
-fn base_report(config: &Config, sampled_at_unix_ms: i64) -> proto::Report {
+fn base_report(config: &Config, interval: Duration, sampled_at_unix_ms: i64) -> proto::Report {
     proto::Report {
         pod: Some(proto::PodRef { namespace: config.pod_namespace.clone(), name: config.pod_name.clone() }),
         task_hub: config.task_hub.name().to_string(),
         sampled_at_unix_ms,
-        interval_ms: u32::try_from(config.interval.as_millis()).unwrap_or(u32::MAX),
+        interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         sidecar_version: env!("CARGO_PKG_VERSION").to_string(),
         partition_mode: config.partition_mode.as_str().to_string(),
         ..Default::default()
     }
 }
 
-/// The report of one poll.
-pub fn report_of(config: &Config, result: &PollResult, sampled_at_unix_ms: i64) -> proto::Report {
+/// The report of one poll made at `interval`.
+pub fn report_of(
+    config: &Config,
+    interval: Duration,
+    result: &PollResult,
+    sampled_at_unix_ms: i64,
+) -> proto::Report {
     proto::Report {
         partition_count: result.partition_count,
         control_queues: result
@@ -214,13 +253,18 @@ pub fn report_of(config: &Config, result: &PollResult, sampled_at_unix_ms: i64) 
             .collect(),
         work_item: result.work_item.as_ref().map(poll::signals_to_proto),
         error: result.errors.first().map(poll::error_to_proto),
-        ..base_report(config, sampled_at_unix_ms)
+        ..base_report(config, interval, sampled_at_unix_ms)
     }
 }
 
 /// The last report before the pod goes: no queues, `leaving` set.
-pub fn leaving_report(config: &Config, partition_count: u32, sampled_at_unix_ms: i64) -> proto::Report {
-    proto::Report { partition_count, leaving: true, ..base_report(config, sampled_at_unix_ms) }
+pub fn leaving_report(
+    config: &Config,
+    interval: Duration,
+    partition_count: u32,
+    sampled_at_unix_ms: i64,
+) -> proto::Report {
+    proto::Report { partition_count, leaving: true, ..base_report(config, interval, sampled_at_unix_ms) }
 }
 
 fn now_unix_ms() -> i64 {
@@ -268,4 +312,18 @@ pub fn run_cli(args: Args) -> std::process::ExitCode {
         sidecar.run(shutdown).await;
         std::process::ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_aggregator_suggestion_wins_within_bounds() {
+        let configured = Duration::from_secs(5);
+        assert_eq!(effective_interval(configured, 0), configured);
+        assert_eq!(effective_interval(configured, 15_000), Duration::from_secs(15));
+        assert_eq!(effective_interval(configured, 1), Duration::from_millis(100));
+        assert_eq!(effective_interval(configured, u32::MAX), Duration::from_secs(600));
+    }
 }

@@ -1,7 +1,14 @@
 //! Delivering reports to the aggregator: only ever the latest one, over a lazily
 //! (re)connecting gRPC channel, with backoff after failures, never holding up polling.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::watch;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -90,11 +97,13 @@ async fn read_token(path: &std::path::Path) -> Option<String> {
 
 /// Delivers whatever report is latest in `latest` until `shutdown`. Reports that arrive
 /// while a call is in flight or during backoff replace each other: at most one is kept.
+/// The interval each answer suggests (0: keep the sidecar's own) goes to `suggested_interval_ms`.
 pub async fn deliver_latest(
     client: ReportClient,
     mut latest: watch::Receiver<Option<Report>>,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    suggested_interval_ms: Arc<AtomicU32>,
     shutdown: Shutdown,
 ) {
     let mut backoff = FIRST_BACKOFF;
@@ -109,7 +118,8 @@ pub async fn deliver_latest(
             _ = shutdown.wait() => return,
         };
         match outcome {
-            Ok(_) => {
+            Ok(ack) => {
+                suggested_interval_ms.store(ack.suggested_interval_ms, Ordering::Relaxed);
                 metrics.reports_sent.inc();
                 backoff = FIRST_BACKOFF;
             }

@@ -123,7 +123,8 @@ impl TaskHubReader {
     }
 
     /// Blob mode: P from `taskhub.json`, then each lease blob: the owner named in its JSON
-    /// body holds the partition while the blob is leased (`x-ms-lease-state: leased`).
+    /// body holds the partition while the blob is leased (`x-ms-lease-state: leased`, or
+    /// `breaking`: still held, but on its way out, reported as draining).
     async fn blob_partitions(&self) -> Result<Vec<PartitionLease>, StorageError> {
         let container = self.hub.lease_container();
         let info_path = format!("{container}/taskhub.json");
@@ -145,29 +146,35 @@ impl TaskHubReader {
         futures::stream::iter(0..info.partition_count)
             .map(|partition| async move {
                 let path = format!("{container}/{}", self.hub.lease_blob(partition));
-                let owner = match self.read_blob(&path).await {
-                    Ok((leased, body)) => leased.then(|| lease_owner(&body)).flatten(),
+                let (owner, draining) = match self.read_blob(&path).await {
+                    Ok((state, body)) => match state.as_str() {
+                        "leased" => (lease_owner(&body), false),
+                        "breaking" => (lease_owner(&body), true),
+                        _ => (None, false),
+                    },
                     // A lease blob not created yet is a partition nobody holds.
-                    Err(StorageError::NotProvisioned { .. }) => None,
+                    Err(StorageError::NotProvisioned { .. }) => (None, false),
                     Err(e) => return Err(e),
                 };
-                Ok(PartitionLease { partition, owner, expires_at_unix_ms: None, draining: false })
+                Ok(PartitionLease { partition, owner, expires_at_unix_ms: None, draining })
             })
             .buffered(BLOB_READ_CONCURRENCY)
             .try_collect()
             .await
     }
 
-    /// Downloads a small blob: whether it is leased now, and its content.
-    async fn read_blob(&self, path: &str) -> Result<(bool, Vec<u8>), StorageError> {
+    /// Downloads a small blob: its lease state (`x-ms-lease-state`, lowercased; empty when
+    /// absent) and its content.
+    async fn read_blob(&self, path: &str) -> Result<(String, Vec<u8>), StorageError> {
         let client = self.account.blob_client(path, &self.options)?;
         let result = client.download(None).await.map_err(|e| StorageError::from_azure(path, &e))?;
-        let leased = result
+        let state = result
             .headers
             .get_optional_str(&HeaderName::from_static("x-ms-lease-state"))
-            .is_some_and(|s| s.eq_ignore_ascii_case("leased"));
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let body = result.body.collect().await.map_err(|e| StorageError::from_azure(path, &e))?;
-        Ok((leased, body.to_vec()))
+        Ok((state, body.to_vec()))
     }
 }
 
