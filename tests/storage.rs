@@ -225,3 +225,14 @@ async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
     assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
     assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
 }
+
+#[tokio::test]
+async fn laying_a_hub_out_again_keeps_what_is_there() {
+    for mode in [PartitionMode::Table, PartitionMode::Blob] {
+        let (emulator, reader) = laid_out("LayoutTwice", mode, 2).await;
+        emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
+        emulator.create(2).await.expect("a second layout succeeds");
+        assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().approximate_count, 1);
+        assert_eq!(reader.partitions(now_ms()).await.unwrap().len(), 2);
+    }
+}

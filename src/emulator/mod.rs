@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use azure_core::http::{Method, RequestContent};
+use azure_core::http::{Method, RequestContent, StatusCode};
 use azure_storage_blob::models::{BlobClientAcquireLeaseResultHeaders, BlobClientUploadOptions};
 use azure_storage_queue::models::{
     QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions, QueueMessage,
@@ -93,8 +93,9 @@ impl TaskHubEmulator {
             PartitionMode::Blob => {
                 let container = self.hub.lease_container();
                 let client = self.account.container_client(&container, &self.options)?;
+                // 409 ContainerAlreadyExists: keep it.
                 if let Err(e) = client.create(None).await
-                    && u16::from(e.http_status().unwrap_or(azure_core::http::StatusCode::Ok)) != 409
+                    && e.http_status() != Some(StatusCode::Conflict)
                 {
                     return Err(StorageError::from_azure(&container, &e));
                 }
@@ -290,12 +291,8 @@ impl TaskHubEmulator {
         let table = self.hub.partitions_table();
         let url = self.table.url("Tables")?;
         let body = serde_json::json!({ "TableName": table });
-        match self.table.send(Method::Post, url, Some(body), &[201, 204], &table).await {
-            Ok(_) => Ok(()),
-            // 409 TableAlreadyExists: keep it.
-            Err(StorageError::Unexpected { message, .. }) if message.starts_with("HTTP 409") => Ok(()),
-            Err(e) => Err(e),
-        }
+        // 409 TableAlreadyExists: keep it.
+        self.table.send(Method::Post, url, Some(body), &[201, 204, 409], &table).await.map(drop)
     }
 
     fn lease_path(&self, partition: u32) -> String {

@@ -3,12 +3,17 @@
 //! Used by the sidecar (its own partitions) and by the aggregator's cold probe (whatever no
 //! sidecar covers). Never creates or writes a task hub's resources.
 //!
-//! - [`account`]: connection strings, endpoints, credentials, the azure_core pipelines;
-//! - [`policy`]: the Shared Key / SAS signing, per-attempt timeout and request-counting
-//!   policies the official crates lack;
-//! - [`reader`]: [`TaskHubReader`], the reads themselves (queues through `azure_storage_queue`,
-//!   lease blobs through `azure_storage_blob`, the Partitions table through the same
-//!   azure_core pipeline, since no official table crate exists).
+//! - `account`: [`StorageAccount`], connection strings, endpoints, credentials, and the
+//!   azure_core client options every call goes through;
+//! - `policy`: the Shared Key (Blob/Queue and Table variants) and SAS signing, per-attempt
+//!   timeout and request-counting pipeline policies the official crates lack;
+//! - `table`: the few Table service calls, sent through the same azure_core pipeline since no
+//!   official table crate exists;
+//! - `reader`: [`TaskHubReader`], the reads themselves (queues through `azure_storage_queue`,
+//!   lease blobs through `azure_storage_blob`, the Partitions table through `table`).
+//!
+//! The write side (creating hubs, claiming partitions, enqueueing) lives apart, in
+//! [`crate::emulator`], for tests and the demo only.
 
 use std::time::Duration;
 
@@ -19,7 +24,7 @@ pub(crate) mod table;
 
 pub(crate) use account::Service;
 pub use account::{CredentialKind, StorageAccount};
-pub use reader::TaskHubReader;
+pub use reader::{PEEK_LIMIT, TaskHubReader};
 
 /// How partition ownership is recorded (host.json `useTablePartitionManagement`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
