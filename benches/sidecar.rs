@@ -30,7 +30,7 @@ const PARTITIONS: u32 = 16;
 const POD: &str = "bench-pod";
 const INTERVAL_MS: u64 = 500;
 const WARM_UP_POLLS: u64 = 5;
-const MEASURED_POLLS: u64 = 20;
+const MEASURED_POLLS: u64 = 40;
 
 /// Accepts and counts reports: the benchmark measures the sidecar, not an aggregator.
 #[derive(Debug, Default, Clone)]
