@@ -16,6 +16,8 @@ pub struct Cli {
 }
 
 /// The roles and tools.
+// Parsed once at start: the size of a role's settings does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Read one JSON case on stdin, print what the heuristic would decide and why.
@@ -30,6 +32,9 @@ pub enum Command {
     /// scaler API (KEDA port), the sidecars' report API (report port) and /healthz, /readyz,
     /// /metrics (HTTP port).
     Aggregator(crate::aggregator::Args),
+    /// Run next to a Durable Functions app: report the queues of the partitions this pod
+    /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).
+    Sidecar(crate::sidecar::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -38,5 +43,6 @@ pub fn run() -> std::process::ExitCode {
     match cli.command {
         Command::Recommend => crate::recommend::run(),
         Command::Aggregator(args) => crate::aggregator::run(args),
+        Command::Sidecar(args) => crate::sidecar::run_cli(args),
     }
 }
