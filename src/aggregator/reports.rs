@@ -280,7 +280,7 @@ mod tests {
         r.task_hub = "my-hub".into();
         assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
-        r.control_queues.push(r.control_queues[0].clone());
+        r.control_queues.push(r.control_queues[0]);
         assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
         r.pod = None;
