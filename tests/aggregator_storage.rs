@@ -10,11 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use aggregator_support::*;
 use durable_scaler::azurite::Azurite;
 use durable_scaler::emulator::TaskHubEmulator;
-use durable_scaler::proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
+use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use durable_scaler::shutdown::Shutdown;
 use durable_scaler::sidecar::{Args as SidecarArgs, Config as SidecarConfig, Sidecar};
 use durable_scaler::storage::{PartitionMode, QueueRef, StorageAccount, TaskHub};
-use tokio_stream::StreamExt;
 
 /// A durable timer's delay: far beyond any test.
 const TIMER: Duration = Duration::from_secs(3600);
@@ -120,11 +119,6 @@ async fn scale_from_zero_through_the_cold_probe() {
     eventually("one worker wanted", || async { desired(&aggregator, &hub).await == 1.0 }).await;
     assert!(series(&aggregator, "probes_total", &hub, Some("ok")).await >= 2.0);
     aggregator.stop().await;
-}
-
-async fn next(stream: &mut tonic::Streaming<IsActiveResponse>) -> bool {
-    let message = tokio::time::timeout(DEADLINE, stream.next()).await.expect("a message in time");
-    message.expect("stream open").expect("a message").result
 }
 
 #[tokio::test]

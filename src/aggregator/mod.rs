@@ -95,6 +95,27 @@ pub struct Args {
     pub kube: KubeArgs,
 }
 
+impl Args {
+    /// The defaults of every flag, but loopback ports chosen by the OS and `--report-auth
+    /// none`: for tests, benchmarks and local runs.
+    pub fn loopback() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            grpc_addr: any,
+            report_addr: any,
+            http_addr: any,
+            report_auth: KubeReportAuth::None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            probe_interval: Duration::from_secs(2),
+            sample_interval: Duration::from_secs(2),
+            work_grace: Duration::from_secs(300),
+            kube: KubeArgs::default(),
+        }
+    }
+}
+
 /// An interval flag: a duration of at least 100 ms (less would only burn CPU and storage).
 fn interval(text: &str) -> Result<Duration, String> {
     let d = crate::config::parse_duration(text)?;
