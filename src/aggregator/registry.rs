@@ -95,9 +95,9 @@ impl HubEntry {
         !std::mem::replace(&mut lock(&self.probe).task_started, true)
     }
 
-    /// Records a failed probe's reason.
-    pub fn set_probe_error(&self, error: Option<String>) {
-        lock(&self.probe).last_error = error;
+    /// Records the latest probe's failure (`None`: it read); returns the one before.
+    pub fn set_probe_error(&self, error: Option<String>) -> Option<String> {
+        std::mem::replace(&mut lock(&self.probe).last_error, error)
     }
 
     /// Why the hub is not observed yet, for UNAVAILABLE.
@@ -254,6 +254,7 @@ impl Registry {
         for key in &idle {
             if let Some(entry) = hubs.remove(key) {
                 entry.evicted.store(true, Ordering::Relaxed);
+                self.metrics.forget(&entry.labels);
                 tracing::info!(namespace = %key.namespace, task_hub = %key.task_hub, "task hub no longer asked about: dropped");
             }
         }
@@ -330,10 +331,14 @@ mod tests {
         let key = HubKey::new("apps", "IdleHub");
         let entry = registry.track(&key, "IdleHub", None);
         let now = now_unix_ms();
+        registry.apply_probe(&entry, None, now);
+        let active_series = "durable_scaler_aggregator_active{namespace=\"apps\",task_hub=\"idlehub\"}";
+        assert!(registry.metrics.encode().contains(active_series));
         assert!(registry.evict_idle(now, 60_000).is_empty(), "just touched");
         assert_eq!(registry.evict_idle(now + 60_001, 60_000), vec![key.clone()]);
         assert!(entry.is_evicted());
         assert!(registry.get(&key).is_none());
+        assert!(!registry.metrics.encode().contains(active_series), "its gauges are gone");
     }
 
     #[test]
