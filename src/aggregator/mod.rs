@@ -10,8 +10,10 @@
 //! - [`settings`]: KEDA's trigger metadata; [`metrics`]: Prometheus; [`tls`]: KEDA-port TLS;
 //! - [`sources`]: worker counts and report authentication from outside (Kubernetes).
 //!
-//! [`Aggregator::new`] takes the two outside sources, so the Kubernetes implementations plug
-//! in without changes here; [`run`] is the `durable-scaler aggregator` command.
+//! [`Aggregator::new`] takes the two outside sources (and [`Aggregator::on_recommendation_change`]
+//! a hook for Events), so other implementations plug in without changes here; [`run`] is the
+//! `durable-scaler aggregator` command, which plugs in the Kubernetes ones when it finds a
+//! Kubernetes configuration.
 
 pub mod hub;
 pub mod keda;
@@ -52,7 +54,7 @@ use sources::WorkerCountSource;
 const HUB_IDLE_EVICT_MS: i64 = 15 * 60 * 1000;
 
 /// How long a worker-count source may take before the sampling loop goes on without it.
-const WORKER_COUNT_TIMEOUT: Duration = Duration::from_millis(500);
+const WORKER_COUNT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `durable-scaler aggregator`: merges sidecar reports, probes what they miss, serves KEDA.
 #[derive(Debug, Clone, clap::Args)]
