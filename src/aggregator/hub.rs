@@ -122,7 +122,10 @@ pub struct RecommendationChange {
 
 #[derive(Debug, Clone, Default)]
 struct PodState {
+    /// When the latest report arrived (aggregator clock: liveness survives clock skew).
     last_report_ms: i64,
+    /// When the sidecar took it (sidecar clock: orders one pod's reports).
+    last_sampled_ms: i64,
     interval_ms: u64,
     leaving: bool,
     partitions: BTreeSet<u32>,
@@ -267,11 +270,11 @@ impl HubState {
         self.latencies = TaskHubLatencies::new(partition_count as usize);
     }
 
-    /// Merges one sidecar report received at `now_ms`. Reports older than the pod's latest
-    /// are ignored (they arrived out of order).
+    /// Merges one sidecar report received at `now_ms`. A report taken before the pod's latest
+    /// (by the sidecar's own clock) arrived out of order and is ignored.
     pub fn apply_report(&mut self, report: &ValidReport, now_ms: i64) {
         if let Some(pod) = self.pods.get(&report.pod)
-            && pod.last_report_ms > now_ms
+            && pod.last_sampled_ms > report.sampled_at_unix_ms
         {
             return;
         }
@@ -279,6 +282,7 @@ impl HubState {
         let shape_known = self.partition_count == Some(report.partition_count);
         let mut pod = PodState {
             last_report_ms: now_ms,
+            last_sampled_ms: report.sampled_at_unix_ms,
             interval_ms: report.interval_ms,
             leaving: report.leaving,
             partitions: BTreeSet::new(),
@@ -675,9 +679,13 @@ mod tests {
     #[test]
     fn out_of_order_reports_are_ignored() {
         let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_report(&report("a", &[0], q(4, 4, 0), None), 2000);
-        hub.apply_report(&report("a", &[0], q(0, 0, 0), None), 1000);
-        assert!(hub.is_active(2000));
+        let taken_at = |mut r: ValidReport, at: i64| {
+            r.sampled_at_unix_ms = at;
+            r
+        };
+        hub.apply_report(&taken_at(report("a", &[0], q(4, 4, 0), None), 2000), 2100);
+        hub.apply_report(&taken_at(report("a", &[0], q(0, 0, 0), None), 1000), 2200);
+        assert!(hub.is_active(2200), "the older reading does not replace the newer");
     }
 
     /// What the HPA does with the value, by `heuristic::hpa`'s arithmetic.
