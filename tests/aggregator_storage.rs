@@ -75,11 +75,12 @@ async fn series(aggregator: &TestAggregator, name: &str, hub: &str, kind: Option
     body.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
 }
 
-/// A real sidecar for `pod` reporting `hub` to the aggregator every 300 ms.
+/// A real sidecar for `pod` reporting `hub` to the aggregator every `interval`.
 fn sidecar_args(
     aggregator: &TestAggregator,
     hub: &str,
     pod: &str,
+    interval: &str,
     token_dir: &tempfile::TempDir,
 ) -> SidecarArgs {
     SidecarArgs {
@@ -88,7 +89,7 @@ fn sidecar_args(
         aggregator: Some(format!("http://{}", aggregator.report_addr)),
         pod_name: Some(pod.to_string()),
         pod_namespace: Some(NAMESPACE.to_string()),
-        interval: "300ms".into(),
+        interval: interval.into(),
         partition_mode: "table".into(),
         token_file: token_dir.path().join("token"),
         http_addr: "127.0.0.1:0".into(),
@@ -155,7 +156,7 @@ async fn a_killed_sidecars_partitions_are_probed_within_three_intervals() {
     assert!(!is_active(&aggregator, &hub).await);
     let token_dir = tempfile::tempdir().unwrap();
     let (_sidecar_shutdown, sidecar) =
-        start_sidecar(sidecar_args(&aggregator, &hub, "pod-a", &token_dir)).await;
+        start_sidecar(sidecar_args(&aggregator, &hub, "pod-a", "300ms", &token_dir)).await;
     eventually("pod-a covers every partition", || async {
         series(&aggregator, "covered_partitions", &hub, None).await == 4.0
     })
@@ -184,7 +185,10 @@ async fn a_leaving_sidecar_hands_its_partitions_to_the_probe_at_once() {
     let aggregator = start(args()).await;
     assert!(!is_active(&aggregator, &hub).await);
     let token_dir = tempfile::tempdir().unwrap();
-    let (shutdown, sidecar) = start_sidecar(sidecar_args(&aggregator, &hub, "pod-b", &token_dir)).await;
+    // A 30 s interval: silence alone would uncover its partitions only after 90 s, far beyond
+    // the deadline, so only the leaving report can do it in time.
+    let (shutdown, sidecar) =
+        start_sidecar(sidecar_args(&aggregator, &hub, "pod-b", "30s", &token_dir)).await;
     eventually("pod-b covers every partition", || async {
         series(&aggregator, "covered_partitions", &hub, None).await == 4.0
     })
