@@ -40,6 +40,29 @@ async fn reflection_lists_the_keda_service() {
 }
 
 #[tokio::test]
+async fn reflection_v1alpha_lists_the_keda_service_for_older_grpcurl() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let aggregator = start(args()).await;
+    let mut client = ServerReflectionClient::new(channel(aggregator.grpc_addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses =
+        client.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+    let response = responses.next().await.expect("one response").unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list, got {:?}", response.message_response);
+    };
+    assert!(list.service.iter().any(|s| s.name == "externalscaler.ExternalScaler"), "{:?}", list.service);
+    aggregator.stop().await;
+}
+
+#[tokio::test]
 async fn health_says_the_keda_service_is_serving() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};

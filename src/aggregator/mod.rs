@@ -272,14 +272,25 @@ impl Aggregator {
         let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;
+        // Both reflection versions: grpcurl before 1.8.8 (and other older tools) only speak
+        // v1alpha.
+        let reflection_error = |e: tonic_reflection::server::Error| AggregatorError::Serve {
+            what: "reflection",
+            message: e.to_string(),
+        };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(|e| AggregatorError::Serve { what: "reflection", message: e.to_string() })?;
+            .map_err(reflection_error)?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(reflection_error)?;
         let keda_router = tonic::transport::Server::builder()
             .add_service(ExternalScalerServer::new(keda))
             .add_service(health_service)
-            .add_service(reflection);
+            .add_service(reflection)
+            .add_service(reflection_alpha);
         let stop = shutdown.clone();
         let keda_task: JoinHandle<Result<(), tonic::transport::Error>> = match acceptor {
             Some(acceptor) => {
