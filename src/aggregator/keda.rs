@@ -153,14 +153,20 @@ impl ExternalScaler for KedaScaler {
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsResponse>, Status> {
         let request = request.get_ref();
-        let entry = self.observed(request.scaled_object_ref.as_ref()).await?;
-        let expected = metric_name(&entry.key.task_hub);
+        let scaled_object = request
+            .scaled_object_ref
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
+        // A wrong metric name is refused before any waiting.
+        let (key, _) = Self::parse(scaled_object)?;
+        let expected = metric_name(&key.task_hub);
         if !request.metric_name.eq_ignore_ascii_case(&expected) {
             return Err(Status::invalid_argument(format!(
                 "metricName {:?} is not this trigger's metric (expected {expected})",
                 request.metric_name
             )));
         }
+        let entry = self.observed(Some(scaled_object)).await?;
         let value = entry.with_state(|s| s.metric_value());
         // The deprecated integer field is still read by KEDA when the float one is 0.
         #[allow(deprecated)]
