@@ -435,3 +435,14 @@ async fn a_recommendation_change_reaches_the_hook_with_the_scaled_object_asking(
     shutdown.trigger();
     running.wait().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_unusable_connection_is_unavailable_with_the_probe_error() {
+    let aggregator = start(args()).await;
+    let so = scaled_object("BrokenHub", &[("connection", "this is not a connection string")]);
+    let status = aggregator.keda.clone().is_active(so).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("connection"), "{}", status.message());
+    assert!(!status.message().contains("this is not a connection string"), "secrets stay out of answers");
+    aggregator.stop().await;
+}

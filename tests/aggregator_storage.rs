@@ -202,3 +202,15 @@ async fn a_leaving_sidecar_hands_its_partitions_to_the_probe_at_once() {
     );
     aggregator.stop().await;
 }
+
+#[tokio::test]
+async fn a_hub_not_provisioned_yet_is_inactive_and_wants_no_workers() {
+    // The app has never run: no queues, no partition table. Nothing can be waiting.
+    let hub =
+        format!("NeverRan{}", SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").subsec_nanos());
+    let aggregator = start(args()).await;
+    assert!(!is_active(&aggregator, &hub).await);
+    assert_eq!(desired(&aggregator, &hub).await, 0.0);
+    assert!(series(&aggregator, "probes_total", &hub, Some("not_provisioned")).await >= 1.0);
+    aggregator.stop().await;
+}
