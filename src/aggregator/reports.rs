@@ -186,11 +186,16 @@ impl Reports {
     }
 
     fn reject(&self, report: &report::Report, rejection: &Rejection) -> Status {
-        let namespace = report.pod.as_ref().map(|p| p.namespace.as_str()).unwrap_or_default();
-        // Label with what the report claims, cut short so a bad report cannot blow up the
-        // series' size.
-        let hub: String = report.task_hub.chars().take(50).collect();
-        let ns: String = namespace.chars().take(63).collect();
+        // Labelled with the hub the report claims only when its sender passed authentication
+        // and the name is a task hub name: otherwise anyone could mint new series at will.
+        let trusted = !matches!(rejection.reason, "unauthenticated" | "permission_denied")
+            && is_valid_task_hub_name(&report.task_hub);
+        let (ns, hub) = match (&report.pod, trusted) {
+            (Some(pod), true) if !pod.namespace.is_empty() && pod.namespace.len() <= 63 => {
+                (pod.namespace.clone(), report.task_hub.clone())
+            }
+            _ => (String::new(), String::new()),
+        };
         Metrics::count(&self.registry.metrics.reports_rejected, &HubKey::new(&ns, &hub), rejection.reason);
         tracing::debug!(
             namespace = ns,
