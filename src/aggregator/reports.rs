@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::proto::report::{self, report_service_server::ReportService};
 use crate::recommend::MAX_PARTITIONS;
+use crate::sidecar::config::INTERVAL_RANGE;
 use crate::storage::QueueSignals;
 
 use super::hub::{HubKey, ValidReport};
@@ -136,8 +137,13 @@ pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidRe
         control.push((cq.partition, signals(cq.signals.as_ref(), &field, now_ms)?));
     }
     let work_item = report.work_item.as_ref().map(|w| signals(Some(w), "work_item", now_ms)).transpose()?;
-    let interval_ms =
-        if report.interval_ms == 0 { DEFAULT_SIDECAR_INTERVAL_MS } else { u64::from(report.interval_ms) };
+    // Capped at the longest interval a sidecar accepts, so a report cannot claim its
+    // partitions for days.
+    let longest = u64::try_from(INTERVAL_RANGE.end().as_millis()).unwrap_or(u64::MAX);
+    let interval_ms = match report.interval_ms {
+        0 => DEFAULT_SIDECAR_INTERVAL_MS,
+        ms => u64::from(ms).min(longest),
+    };
     Ok((
         HubKey::new(&pod.namespace, &report.task_hub),
         ValidReport {
@@ -274,6 +280,15 @@ mod tests {
         let mut r = good();
         r.control_queues[0].signals.as_mut().unwrap().sampled_at_unix_ms = NOW + 60_000;
         assert_eq!(validate(&r, NOW).unwrap_err().reason, "future_timestamp");
+    }
+
+    #[test]
+    fn a_claimed_interval_is_capped_at_the_longest_a_sidecar_accepts() {
+        let mut r = good();
+        r.interval_ms = u32::MAX;
+        assert_eq!(validate(&r, NOW).unwrap().1.interval_ms, 600_000);
+        r.interval_ms = 0;
+        assert_eq!(validate(&r, NOW).unwrap().1.interval_ms, DEFAULT_SIDECAR_INTERVAL_MS);
     }
 
     #[test]
