@@ -15,50 +15,43 @@ use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
+/// The services reflection `version` (`v1` or `v1alpha`, the same messages in two generated
+/// modules) lists on `addr`, as `grpcurl list` asks.
+macro_rules! list_services {
+    ($version:ident, $addr:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+        let mut client = ServerReflectionClient::new(channel($addr).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses =
+            client.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+        let response = responses.next().await.expect("one response").unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("expected a service list, got {:?}", response.message_response);
+        };
+        list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+    }};
+}
+
 #[tokio::test]
 async fn reflection_lists_the_keda_service() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
     let aggregator = start(args()).await;
-    let mut client = ServerReflectionClient::new(channel(aggregator.grpc_addr).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses =
-        client.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-    let response = responses.next().await.expect("one response").unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("expected a service list, got {:?}", response.message_response);
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"externalscaler.ExternalScaler".to_string()), "{names:?}");
+    let names = list_services!(v1, aggregator.grpc_addr);
+    assert!(names.iter().any(|n| n == "externalscaler.ExternalScaler"), "{names:?}");
     aggregator.stop().await;
 }
 
 #[tokio::test]
 async fn reflection_v1alpha_lists_the_keda_service_for_older_grpcurl() {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-
     let aggregator = start(args()).await;
-    let mut client = ServerReflectionClient::new(channel(aggregator.grpc_addr).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses =
-        client.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-    let response = responses.next().await.expect("one response").unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("expected a service list, got {:?}", response.message_response);
-    };
-    assert!(list.service.iter().any(|s| s.name == "externalscaler.ExternalScaler"), "{:?}", list.service);
+    let names = list_services!(v1alpha, aggregator.grpc_addr);
+    assert!(names.iter().any(|n| n == "externalscaler.ExternalScaler"), "{names:?}");
     aggregator.stop().await;
 }
 
