@@ -26,6 +26,11 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
+    /// Race the scalers (ours and the peers) on simulated Durable Functions workloads.
+    ///
+    /// Every scenario against every scaler on one seeded workload: a table (or --json), and an
+    /// SVG chart per scenario. `durable-scaler simulate --help` explains every knob.
+    Simulate(crate::simulate::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -33,5 +38,6 @@ pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
+        Command::Simulate(args) => crate::simulate::run(&args),
     }
 }

@@ -4,6 +4,7 @@
 //! The three roles live in their own modules over a shared pure engine:
 //! - [`heuristic`]: scaling decisions from queue signals (pure, no I/O, no clock);
 //! - [`recommend`]: the `recommend` tool over the heuristics;
+//! - [`simulate`]: the `simulate` tool that races the scalers on simulated workloads;
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`shutdown`], [`telemetry`]: process plumbing every role shares.
 
@@ -14,5 +15,6 @@ pub mod heuristic;
 pub mod proto;
 pub mod recommend;
 pub mod shutdown;
+pub mod simulate;
 pub mod storage;
 pub mod telemetry;
