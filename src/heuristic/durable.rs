@@ -118,8 +118,17 @@ pub struct DurableSettings {
     /// they count as sleeping timers (default 10 s: two sidecar reports; orchestration
     /// episodes hold their messages for milliseconds to a few seconds).
     pub timer_settle_ms: u64,
-    /// Scale-in looks back this far and keeps the highest answer (default 30 s).
+    /// Scale-in looks back this far and keeps the highest answer (default 10 s: two sidecar
+    /// reports, so one empty sample between batches sheds nothing; the HPA's own 300 s
+    /// stabilization window does the rest, and a longer window here only adds to it).
     pub scale_in_window_ms: u64,
+    /// Count each orchestration message with work as an activity to come (default true):
+    /// an episode mostly schedules activities, and pods take a start-up delay to help, so
+    /// workers are asked for before the fan-out lands on the work-item queue.
+    pub activity_lookahead: bool,
+    /// How long a new pod takes to take work (default 20 s). No scale-up is asked for while
+    /// the work is falling fast enough to be gone sooner; 0 turns this rule off.
+    pub startup_ms: u64,
 }
 
 impl Default for DurableSettings {
@@ -128,7 +137,9 @@ impl Default for DurableSettings {
             max_activities_per_worker: 10,
             max_orchestrations_per_worker: 5,
             timer_settle_ms: 10_000,
-            scale_in_window_ms: 30_000,
+            scale_in_window_ms: 10_000,
+            activity_lookahead: true,
+            startup_ms: 20_000,
         }
     }
 }
@@ -150,12 +161,17 @@ struct Need {
     active_partitions: u64,
     timer_partitions: u64,
     orchestration_workers: u64,
+    lookahead_workers: u64,
 }
 
 impl Need {
+    fn messages(&self) -> u64 {
+        self.activity_messages + self.orchestration_messages
+    }
+
     fn workers(&self) -> u64 {
         let any = self.activity_messages + self.orchestration_messages > 0;
-        self.activity_workers.max(self.orchestration_workers).max(u64::from(any))
+        self.activity_workers.max(self.orchestration_workers).max(self.lookahead_workers).max(u64::from(any))
     }
 }
 
@@ -198,6 +214,14 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
     need.orchestration_workers = need
         .active_partitions
         .min(need.orchestration_messages.div_ceil(u64::from(settings.max_orchestrations_per_worker.max(1))));
+    if settings.activity_lookahead {
+        // Orchestration messages beyond what the partition-bound workers take in one round
+        // are a queue of episodes still to run, and each will mostly schedule activities.
+        let one_round = need.orchestration_workers * u64::from(settings.max_orchestrations_per_worker.max(1));
+        let waiting = need.orchestration_messages.saturating_sub(one_round);
+        need.lookahead_workers =
+            (need.activity_messages + waiting).div_ceil(u64::from(settings.max_activities_per_worker.max(1)));
+    }
     need
 }
 
@@ -212,6 +236,24 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
     let keep = raw > 0;
     let mut desired = raw;
     let mut damped = false;
+    let mut held = None;
+    if raw > u64::from(workers) && workers > 0 && settings.startup_ms > 0 {
+        // Scale-up only for work that outlasts a new pod's start-up: if the work is falling
+        // fast enough to be gone before a new pod could help, the current workers suffice.
+        let previous = hub.work_item.samples().rev().find(|s| s.at_ms < now_ms);
+        if let Some(previous) = previous {
+            let before = need_at(hub, settings, previous.at_ms).messages();
+            let after = now.messages();
+            let elapsed = now_ms - previous.at_ms;
+            if after < before && elapsed > 0 {
+                let eta_ms = after.saturating_mul(elapsed) / (before - after);
+                if eta_ms < settings.startup_ms {
+                    desired = u64::from(workers);
+                    held = Some(eta_ms);
+                }
+            }
+        }
+    }
     if raw < u64::from(workers) {
         // Scale-in: the highest need over the window, evaluated at each work-item sample time.
         let start = now_ms.saturating_sub(settings.scale_in_window_ms);
@@ -228,17 +270,15 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
         }
     }
     let desired = u32::try_from(desired).unwrap_or(u32::MAX);
-    // Damping holds workers (and the hub awake) for the window only.
-    let keep = keep || desired > 0;
     let reason = if !keep && now.timer_partitions > 0 {
         format!("Only sleeping timers in {} partition(s): no work", now.timer_partitions)
+    } else if !keep && desired > 0 {
+        format!("No work now; scale-in damped at {desired} for {} s", settings.scale_in_window_ms / 1000)
     } else if !keep {
         "Task hub is idle".to_string()
-    } else if raw == 0 {
-        format!("No work now; scale-in damped at {desired} for {} s", settings.scale_in_window_ms / 1000)
     } else {
         format!(
-            "{} workers: activities ceil({}/{}) = {}, orchestrations min({} partitions with work, ceil({}/{})) = {}{}{}",
+            "{} workers: activities ceil({}/{}) = {}, orchestrations min({} partitions with work, ceil({}/{})) = {}, lookahead {}{}{}{}",
             desired,
             now.activity_messages,
             settings.max_activities_per_worker.max(1),
@@ -247,12 +287,17 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
             now.orchestration_messages,
             settings.max_orchestrations_per_worker.max(1),
             now.orchestration_workers,
+            now.lookahead_workers,
             if now.timer_partitions > 0 {
                 format!(", {} partition(s) only sleeping timers", now.timer_partitions)
             } else {
                 String::new()
             },
             if damped { format!(", scale-in damped from {raw}") } else { String::new() },
+            held.map_or(String::new(), |eta| format!(
+                ", held at {workers}: the work drains in about {} s, before a new pod starts",
+                eta / 1000
+            )),
         )
     };
     Recommendation::toward(workers, desired, keep, reason)

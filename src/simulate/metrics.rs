@@ -43,7 +43,7 @@ pub struct RunResult {
     pub peak_pods: u32,
     /// Times the replica count changed.
     pub scale_changes: u32,
-    /// Wakes from zero: first visible message with no ready pod -> first ready pod.
+    /// Wakes from zero: first visible message while no pod exists -> first ready pod.
     pub wakes: u32,
     /// Mean of those waits (s); 0 when there was none.
     pub wake_mean_s: f64,
@@ -104,7 +104,8 @@ impl Recorder {
         }
         let ready = app.ready_pods(now_ms) > 0;
         match (self.wake_started, ready) {
-            (None, false) if backlog > 0 => self.wake_started = Some(now_ms),
+            // A wake starts only from zero: work visible and not a single pod, even starting.
+            (None, false) if backlog > 0 && pods == 0 => self.wake_started = Some(now_ms),
             (Some(start), true) => {
                 self.wakes.push(now_ms - start);
                 self.wake_started = None;

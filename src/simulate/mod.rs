@@ -168,8 +168,16 @@ pub struct Args {
     #[arg(long, env = "SIMULATE_TIMER_SETTLE_S", default_value_t = 10.0)]
     pub timer_settle_s: f64,
     /// Our algorithm: seconds of history scale-in keeps the peak of.
-    #[arg(long, env = "SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 30.0)]
+    #[arg(long, env = "SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
     pub scale_in_window_s: f64,
+
+    /// Our algorithm: do not count waiting orchestration messages as activities to come.
+    #[arg(long, env = "SIMULATE_NO_ACTIVITY_LOOKAHEAD")]
+    pub no_activity_lookahead: bool,
+
+    /// Our algorithm: ask for new pods even when the work will be gone before they start.
+    #[arg(long, env = "SIMULATE_NO_DRAIN_HOLD")]
+    pub no_drain_hold: bool,
 
     /// Print the results as JSON on stdout instead of the table.
     #[arg(long, env = "SIMULATE_JSON")]
@@ -281,6 +289,8 @@ impl Args {
                 max_orchestrations_per_worker: max_orchestrations,
                 timer_settle_ms: seconds(self.timer_settle_s, "--timer-settle-s", "SIMULATE_TIMER_SETTLE_S")?,
                 scale_in_window_ms: seconds(self.scale_in_window_s, "--scale-in-window-s", "SIMULATE_SCALE_IN_WINDOW_S")?,
+                activity_lookahead: !self.no_activity_lookahead,
+                startup_ms: if self.no_drain_hold { 0 } else { seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")? },
             },
             seed: self.seed,
         };
