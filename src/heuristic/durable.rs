@@ -7,17 +7,24 @@
 //! 1. **Work-item queue**: every message counts, visible or not. Durable timers live on
 //!    control queues only, so an invisible work item is an activity being run (or one whose
 //!    worker died, which will run again): `ceil(approximate / maxActivitiesPerWorker)`.
+//!    Work in progress is therefore never scaled away.
 //! 2. **Control queues**: invisible messages whose count has not moved for
 //!    [`DurableSettings::timer_settle_ms`] while nothing was visible are sleeping timers and
 //!    count for nothing. Otherwise a partition's approximate count is work. Orchestration
 //!    workers = `min(partitions with work, ceil(orchestration work / maxOrchestrationsPerWorker))`:
 //!    one partition is processed by one worker at a time, so more never helps.
-//! 3. Desired = max(activity workers, orchestration workers), at least 1 while any work exists;
-//!    `keep_workers_alive` is false only when no queue holds work (timers alone sleep).
-//! 4. **Damped scale-in**: below the current count, the answer is the highest the rules gave
-//!    over the last [`DurableSettings::scale_in_window_ms`] of samples, so a single empty
-//!    sample between batches does not shed pods that are about to be needed.
-//! 5. **HPA tolerance**: [`metric_value`] turns the desired count into the value to report
+//! 3. **Lookahead**: orchestration messages beyond what those workers take in one round are
+//!    episodes still to run, and an episode mostly schedules activities; they count as
+//!    activities to come, so pods are asked for before the fan-out lands (a pod takes its
+//!    start-up delay to help).
+//! 4. Desired = max(activity, orchestration, lookahead workers), at least 1 while any work
+//!    exists; `keep_workers_alive` is false only when no queue holds work (timers alone sleep).
+//! 5. **No late pods**: while the work is falling fast enough to be gone before a new pod
+//!    could start ([`DurableSettings::startup_ms`]), no scale-up is asked for.
+//! 6. **Damped scale-in**: below the current count, the answer is the highest the rules gave
+//!    over the last [`DurableSettings::scale_in_window_ms`], so one empty sample between
+//!    batches sheds nothing (the HPA's stabilization window then damps further).
+//! 7. **HPA tolerance**: [`metric_value`] turns the desired count into the value to report
 //!    (target 1, AverageValue) so that a needed +1 at 10 or more replicas still moves the HPA.
 
 use std::collections::VecDeque;
@@ -394,12 +401,38 @@ mod tests {
 
     #[test]
     fn orchestration_workers_are_capped_by_partitions_with_work() {
-        let hub = steady(10_000, (0, 0), &[(100, 32), (0, 0), (0, 0), (0, 0)]);
-        assert_eq!(run(&hub, 1, 10_000).desired_workers, 1);
-        let hub = steady(10_000, (0, 0), &[(100, 32), (100, 32), (0, 0), (0, 0)]);
+        let settings = DurableSettings { activity_lookahead: false, ..DurableSettings::default() };
+        let run = |hub: &HubHistory| recommend(&settings, hub, 1, 10_000).desired_workers;
+        assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (0, 0), (0, 0), (0, 0)])), 1);
+        assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (100, 32), (0, 0), (0, 0)])), 2);
+        assert_eq!(run(&steady(10_000, (0, 0), &[(2, 2), (2, 2), (3, 3), (0, 0)])), 2, "ceil(7/5) = 2 < 3 partitions");
+    }
+
+    #[test]
+    fn waiting_episodes_beyond_one_round_count_as_activities_to_come() {
+        // 400 messages on two partitions: 2 orchestration workers take 10 per round; the other
+        // 390 will mostly schedule activities: ceil(390 / 10) = 39 workers.
+        let hub = steady(10_000, (0, 0), &[(200, 32), (200, 32), (0, 0), (0, 0)]);
+        let r = run(&hub, 1, 10_000);
+        assert_eq!(r.desired_workers, 39, "{}", r.reason);
+        // A few messages per partition are one round's work: no lookahead.
+        let hub = steady(10_000, (0, 0), &[(3, 3), (3, 3), (0, 0), (0, 0)]);
         assert_eq!(run(&hub, 1, 10_000).desired_workers, 2);
-        let hub = steady(10_000, (0, 0), &[(2, 2), (2, 2), (3, 3), (0, 0)]);
-        assert_eq!(run(&hub, 1, 10_000).desired_workers, 2, "ceil(7/5) = 2 < 3 partitions");
+    }
+
+    #[test]
+    fn no_scale_up_for_work_that_drains_before_a_new_pod_starts() {
+        let settings = DurableSettings::default();
+        let mut hub = steady(5_000, (100, 32), &[]);
+        // 100 -> 60 in 5 s: the remaining 60 are gone in about 7.5 s, well before 20 s.
+        hub.record(&settings, s(10_000, 60, 32), &[s(10_000, 0, 0); P]);
+        let r = run(&hub, 2, 10_000);
+        assert_eq!(r.desired_workers, 2, "{}", r.reason);
+        assert!(r.reason.contains("held at 2"), "{}", r.reason);
+        // Falling slowly (100 -> 95): more workers are worth starting.
+        let mut hub = steady(5_000, (100, 32), &[]);
+        hub.record(&settings, s(10_000, 95, 32), &[s(10_000, 0, 0); P]);
+        assert_eq!(run(&hub, 2, 10_000).desired_workers, 10);
     }
 
     #[test]
@@ -416,6 +449,7 @@ mod tests {
         let r = run(&hub, 8, 25_000);
         assert_eq!(r.desired_workers, 8, "{}", r.reason);
         assert!(r.reason.contains("damped"), "{}", r.reason);
+        assert!(!r.keep_workers_alive, "damping holds pods, not the hub's activity");
         // Once the window has passed with nothing, the hub may sleep.
         for t in (30_000..=60_000).step_by(5_000) {
             hub.record(&settings, s(t, 0, 0), &[s(t, 0, 0); P]);

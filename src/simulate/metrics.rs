@@ -93,8 +93,9 @@ impl Recorder {
         }
     }
 
-    /// Records the app after the tick at `now_ms`.
-    pub fn record(&mut self, now_ms: u64, app: &App) {
+    /// Records the app after the tick at `now_ms`; `pods_before` is how many pods existed
+    /// before this tick's scaling decision (a wake starts only from zero pods).
+    pub fn record(&mut self, now_ms: u64, app: &App, pods_before: u32) {
         let pods = app.pods();
         let backlog = app.backlog();
         self.pod_ms += u128::from(pods) * u128::from(self.tick_ms);
@@ -105,7 +106,7 @@ impl Recorder {
         let ready = app.ready_pods(now_ms) > 0;
         match (self.wake_started, ready) {
             // A wake starts only from zero: work visible and not a single pod, even starting.
-            (None, false) if backlog > 0 && pods == 0 => self.wake_started = Some(now_ms),
+            (None, false) if backlog > 0 && pods_before == 0 => self.wake_started = Some(now_ms),
             (Some(start), true) => {
                 self.wakes.push(now_ms - start);
                 self.wake_started = None;

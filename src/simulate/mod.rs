@@ -194,7 +194,7 @@ pub struct Args {
 }
 
 /// Everything one run needs, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// The app and platform.
     pub app: AppConfig,
@@ -339,9 +339,10 @@ pub fn run_one(scenario: &Scenario, kind: ScalerKind, settings: &Settings, progr
     let mut ticks = 0u64;
     while now <= scenario.duration_ms {
         app.tick(now);
+        let pods_before = app.pods();
         let replicas = keda.tick(now, scaler.as_mut(), &app);
         app.set_replicas(replicas, now);
-        recorder.record(now, &app);
+        recorder.record(now, &app, pods_before);
         now += settings.tick_ms;
         ticks += 1;
         if ticks % report_every == 0 {
