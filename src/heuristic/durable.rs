@@ -136,6 +136,11 @@ pub struct DurableSettings {
     /// How long a new pod takes to take work (default 20 s). No scale-up is asked for while
     /// the work is falling fast enough to be gone sooner; 0 turns this rule off.
     pub startup_ms: u64,
+    /// How long one orchestration episode is assumed to take at most. With
+    /// [`Self::startup_ms`] it says how many rounds of episodes a worker runs before a new
+    /// pod could help. Default 0: count one round, which asks for pods earliest; a value such
+    /// as 1000 is cheaper when orchestrations fan out little (see docs/simulator.md).
+    pub episode_estimate_ms: u64,
 }
 
 impl Default for DurableSettings {
@@ -147,6 +152,7 @@ impl Default for DurableSettings {
             scale_in_window_ms: 10_000,
             activity_lookahead: true,
             startup_ms: 20_000,
+            episode_estimate_ms: 0,
         }
     }
 }
@@ -218,14 +224,19 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
             need.orchestration_messages += work;
         }
     }
-    need.orchestration_workers = need
-        .active_partitions
-        .min(need.orchestration_messages.div_ceil(u64::from(settings.max_orchestrations_per_worker.max(1))));
+    // A worker runs maxOrchestrations episodes at once, and as many rounds of them in a
+    // pod's start-up time as episodes fit in it: more workers only help with messages beyond
+    // that (and never beyond one per partition with work).
+    let rounds = match settings.episode_estimate_ms {
+        0 => 1,
+        episode => (settings.startup_ms / episode).max(1),
+    };
+    let per_worker = u64::from(settings.max_orchestrations_per_worker.max(1)) * rounds;
+    need.orchestration_workers = need.active_partitions.min(need.orchestration_messages.div_ceil(per_worker));
     if settings.activity_lookahead {
-        // Orchestration messages beyond what the partition-bound workers take in one round
-        // are a queue of episodes still to run, and each will mostly schedule activities.
-        let one_round = need.orchestration_workers * u64::from(settings.max_orchestrations_per_worker.max(1));
-        let waiting = need.orchestration_messages.saturating_sub(one_round);
+        // Orchestration messages beyond what those workers take in that time are episodes
+        // still to run, and each will mostly schedule activities.
+        let waiting = need.orchestration_messages.saturating_sub(need.orchestration_workers * per_worker);
         need.lookahead_workers =
             (need.activity_messages + waiting).div_ceil(u64::from(settings.max_activities_per_worker.max(1)));
     }
@@ -418,6 +429,17 @@ mod tests {
         // A few messages per partition are one round's work: no lookahead.
         let hub = steady(10_000, (0, 0), &[(3, 3), (3, 3), (0, 0), (0, 0)]);
         assert_eq!(run(&hub, 1, 10_000).desired_workers, 2);
+    }
+
+    #[test]
+    fn an_episode_estimate_lets_one_worker_take_what_it_clears_before_a_pod_starts() {
+        // 1 s episodes, 20 s start-up: one worker clears 5 x 20 = 100 messages in that time.
+        let settings = DurableSettings { episode_estimate_ms: 1_000, ..DurableSettings::default() };
+        let hub = steady(10_000, (0, 0), &[(25, 25), (25, 25), (25, 25), (25, 25)]);
+        assert_eq!(recommend(&settings, &hub, 1, 10_000).desired_workers, 1);
+        let hub = steady(10_000, (0, 0), &[(300, 32), (300, 32), (0, 0), (0, 0)]);
+        let r = recommend(&settings, &hub, 1, 10_000);
+        assert_eq!(r.desired_workers, 40, "2 partition workers, (600 - 200) / 10 to come: {}", r.reason);
     }
 
     #[test]

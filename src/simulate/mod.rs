@@ -175,6 +175,11 @@ pub struct Args {
     #[arg(long, env = "SIMULATE_NO_ACTIVITY_LOOKAHEAD")]
     pub no_activity_lookahead: bool,
 
+    /// Our algorithm: the longest an orchestration episode is assumed to take (ms); with the
+    /// start-up delay it says how many rounds of episodes a worker runs before a new pod
+    /// could help. 0 counts one round (earliest pods); 1000 is cheaper for small fan-outs.
+    #[arg(long, env = "SIMULATE_EPISODE_ESTIMATE_MS", default_value_t = 0)]
+    pub episode_estimate_ms: u64,
     /// Our algorithm: ask for new pods even when the work will be gone before they start.
     #[arg(long, env = "SIMULATE_NO_DRAIN_HOLD")]
     pub no_drain_hold: bool,
@@ -290,6 +295,7 @@ impl Args {
                 timer_settle_ms: seconds(self.timer_settle_s, "--timer-settle-s", "SIMULATE_TIMER_SETTLE_S")?,
                 scale_in_window_ms: seconds(self.scale_in_window_s, "--scale-in-window-s", "SIMULATE_SCALE_IN_WINDOW_S")?,
                 activity_lookahead: !self.no_activity_lookahead,
+                episode_estimate_ms: self.episode_estimate_ms,
                 startup_ms: if self.no_drain_hold { 0 } else { seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")? },
             },
             seed: self.seed,

@@ -14,6 +14,8 @@ const TOP: f64 = 50.0;
 const PODS_HEIGHT: f64 = 300.0;
 const GAP: f64 = 50.0;
 const BACKLOG_HEIGHT: f64 = 140.0;
+/// Dash patterns, so scalers whose lines coincide stay distinguishable.
+const DASHES: [&str; 8] = ["none", "6,3", "2,2", "9,3,2,3", "none", "4,4", "1,3", "12,4"];
 const COLOURS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 /// A "nice" tick step (1, 2 or 5 x 10^k) giving about `ticks` ticks up to `max`.
@@ -72,7 +74,8 @@ fn step_path(points: &[(u64, f64)], x: impl Fn(u64) -> f64, top: f64, height: f6
 
 /// Axis lines, horizontal grid and y labels for one panel.
 fn y_axis(svg: &mut String, top: f64, height: f64, max: f64, label: &str) {
-    let step = nice_step(max, 5.0);
+    // Pods and messages are whole numbers.
+    let step = nice_step(max, 5.0).max(1.0);
     let mut v = 0.0;
     while v <= max + 1e-9 {
         let y = top + height - v / max * height;
@@ -167,17 +170,18 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     for &i in &order {
         let r = &results[i];
         let colour = COLOURS[i % COLOURS.len()];
+        let dash = DASHES[i % DASHES.len()];
         let width = if r.scaler == "durable-scaler" { 2.6 } else { 1.5 };
         let pods = downsample(&r.series, 700, |p| f64::from(p.pods));
         let backlog = downsample(&r.series, 700, |p| p.backlog as f64);
         let _ = writeln!(
             svg,
-            r##"<path d="{}" fill="none" stroke="{colour}" stroke-width="{width}" stroke-opacity="0.9"/>"##,
+            r##"<path d="{}" fill="none" stroke="{colour}" stroke-width="{width}" stroke-dasharray="{dash}" stroke-opacity="0.9"/>"##,
             step_path(&pods, x, TOP, PODS_HEIGHT, max_pods)
         );
         let _ = writeln!(
             svg,
-            r##"<path d="{}" fill="none" stroke="{colour}" stroke-width="{:.1}" stroke-opacity="0.8"/>"##,
+            r##"<path d="{}" fill="none" stroke="{colour}" stroke-width="{:.1}" stroke-dasharray="{dash}" stroke-opacity="0.8"/>"##,
             step_path(&backlog, x, backlog_top, BACKLOG_HEIGHT, max_backlog),
             width * 0.7
         );
@@ -189,9 +193,10 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     for (i, r) in results.iter().enumerate() {
         let y = TOP + 24.0 + i as f64 * 34.0;
         let colour = COLOURS[i % COLOURS.len()];
+        let dash = DASHES[i % DASHES.len()];
         let _ = writeln!(
             svg,
-            r##"<line x1="{lx}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#555">{:.0} pod-s, p95 {:.0} s</text>"##,
+            r##"<line x1="{lx}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{colour}" stroke-width="3" stroke-dasharray="{dash}"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#555">{:.0} pod-s, p95 {:.0} s</text>"##,
             lx + 22.0,
             lx + 28.0,
             y + 4.0,
