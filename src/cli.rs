@@ -26,10 +26,7 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
-    /// Race the scalers (ours and the peers) on simulated Durable Functions workloads.
-    ///
-    /// Every scenario against every scaler on one seeded workload: a table (or --json), and an
-    /// SVG chart per scenario. `durable-scaler simulate --help` explains every knob.
+    // The subcommand's help is `simulate::Args`' own doc comment.
     Simulate(crate::simulate::Args),
 }
 
