@@ -26,8 +26,9 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
-    // The subcommand's help is `simulate::Args`' own doc comment.
-    Simulate(crate::simulate::Args),
+    // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
+    // knobs would make every other variant as large.
+    Simulate(Box<crate::simulate::Args>),
 }
 
 /// Parses the command line and runs the chosen role.

@@ -41,7 +41,8 @@ fn drive(app: &mut App, until_ms: u64, replicas: impl Fn(u64) -> u32) {
 
 #[test]
 fn messages_are_conserved_and_every_orchestration_finishes() {
-    let mut app = App::new(AppConfig::default(), workload(40, vec![fan_out(5, 2 * SECOND), fan_out(1, SECOND)]), 3);
+    let mut app =
+        App::new(AppConfig::default(), workload(40, vec![fan_out(5, 2 * SECOND), fan_out(1, SECOND)]), 3);
     drive(&mut app, 3 * MINUTE, |_| 3);
     assert_eq!(app.completions().len(), 40);
     let c = app.message_counts();
@@ -106,20 +107,32 @@ fn several_metrics_follow_the_hpa_arithmetic_of_the_highest() {
         }
     }
     let mut s = ScaleDownStabilizer::new(300_000);
-    let metrics = [Metric { value: 10.0, target: 5.0 }, Metric { value: 30.0, target: 5.0 }, Metric { value: 0.0, target: 5.0 }];
+    let metrics = [
+        Metric { value: 10.0, target: 5.0 },
+        Metric { value: 30.0, target: 5.0 },
+        Metric { value: 0.0, target: 5.0 },
+    ];
     assert_eq!(hpa_sync_metrics(4, &metrics, b, &mut s, 0), 6, "the highest proposal (30/5) wins");
 }
 
 #[test]
 fn keda_activates_at_its_poll_and_scales_to_zero_after_the_cooldown() {
-    let cfg = KedaConfig { polling_interval_ms: 30 * SECOND, cooldown_ms: 60 * SECOND, ..KedaConfig::default() };
+    let cfg =
+        KedaConfig { polling_interval_ms: 30 * SECOND, cooldown_ms: 60 * SECOND, ..KedaConfig::default() };
     let mut keda = Autoscaler::new(cfg);
     let mut app = App::new(AppConfig::default(), Workload::default(), 1);
     let mut scaler = scalers::build(ScalerKind::FunctionsTarget, &ScalerConfig::default(), 4);
     app.tick(0);
     assert_eq!(keda.tick(0, scaler.as_mut(), &app), 0, "nothing to do at zero");
     // Work appears at 1 s; KEDA sees it only at its next poll (30 s).
-    let mut app = App::new(AppConfig::default(), Workload { arrivals: vec![Arrival { at_ms: 1_000, count: 1, script: 0 }], ..workload(0, vec![fan_out(1, SECOND)]) }, 1);
+    let mut app = App::new(
+        AppConfig::default(),
+        Workload {
+            arrivals: vec![Arrival { at_ms: 1_000, count: 1, script: 0 }],
+            ..workload(0, vec![fan_out(1, SECOND)])
+        },
+        1,
+    );
     let mut keda = Autoscaler::new(cfg);
     let mut first_pod = None;
     let mut zero_again = None;
@@ -166,7 +179,9 @@ fn kedacore_maps_its_vote_to_five_pods_or_one() {
     assert_eq!(scalers::kedacore_metric(ScaleAction::RemoveWorker), Metric { value: 1.0, target: 5.0 });
     assert_eq!(scalers::kedacore_metric(ScaleAction::None), Metric { value: 0.0, target: 5.0 });
     let b = ReplicaBounds::default();
-    let hpa = |m: Metric, current| hpa::desired_replicas(current, m.value, m.target, MetricTargetType::AverageValue);
+    let hpa = |m: Metric, current| {
+        hpa::desired_replicas(current, m.value, m.target, MetricTargetType::AverageValue)
+    };
     assert_eq!(b.clamp_hpa(hpa(scalers::kedacore_metric(ScaleAction::AddWorker), 1)), 5);
     assert_eq!(b.clamp_hpa(hpa(scalers::kedacore_metric(ScaleAction::None), 5)), 1, "None means one pod");
 }
@@ -193,7 +208,11 @@ fn wsugarman_packs_partitions_into_orchestration_workers() {
 fn wsugarman_sums_activity_and_orchestration_workers() {
     let m = scalers::wsugarman_metric(25, &[1, 1, 0, 0], 10, 5);
     assert_eq!(m, Metric { value: 25.0 + 10.0, target: 10.0 });
-    assert_eq!(hpa::desired_replicas(1, m.value, m.target, MetricTargetType::AverageValue), 4, "ceil(2.5) + 1");
+    assert_eq!(
+        hpa::desired_replicas(1, m.value, m.target, MetricTargetType::AverageValue),
+        4,
+        "ceil(2.5) + 1"
+    );
     assert_eq!(scalers::wsugarman_metric(0, &[0, 0], 10, 5).value, 0.0);
 }
 
@@ -302,7 +321,16 @@ fn our_orchestration_workers_stay_within_the_partitions_with_work() {
         duration_ms: 4 * MINUTE,
         workload: workload(400, vec![Step::Timer { delay_ms: 1 }]),
     };
-    let settings = Settings { scalers: ScalerConfig { durable: durable_scaler::heuristic::durable::DurableSettings { activity_lookahead: false, ..Default::default() }, ..ScalerConfig::default() }, ..Settings::default() };
+    let settings = Settings {
+        scalers: ScalerConfig {
+            durable: durable_scaler::heuristic::durable::DurableSettings {
+                activity_lookahead: false,
+                ..Default::default()
+            },
+            ..ScalerConfig::default()
+        },
+        ..Settings::default()
+    };
     let ours = run_one(&scenario, ScalerKind::DurableScaler(Algorithm::Durable), &settings, &mut |_| {});
     assert!(ours.peak_pods <= 4, "peak {}", ours.peak_pods);
     assert_eq!(ours.completed, 400);
@@ -331,8 +359,10 @@ fn bad_settings_name_their_variable() {
 
 #[test]
 fn traces_load_from_csv_and_json() {
-    let rows = scenario::parse_csv("# a comment\nat_s,count,activities,activity_s,timer_s\n0,2,3,1.5,0\n60,1,1,1,120\n")
-        .expect("valid csv");
+    let rows = scenario::parse_csv(
+        "# a comment\nat_s,count,activities,activity_s,timer_s\n0,2,3,1.5,0\n60,1,1,1,120\n",
+    )
+    .expect("valid csv");
     let s = scenario::from_rows("t", &rows, None).expect("valid rows");
     assert_eq!(s.workload.orchestrations(), 3);
     assert_eq!(s.workload.scripts.len(), 2);
@@ -363,8 +393,9 @@ fn the_verdict_picks_the_cheapest_within_ten_percent_of_the_best_p95() {
             assert!(winner.pod_seconds <= r.pod_seconds, "{} is cheaper", r.scaler);
         }
     }
-    let table = output::table(&results, &[v.clone()]);
-    assert!(table.lines().any(|l| l.contains(&v.winner) && l.trim_end().ends_with('*') || l.trim_end().ends_with("*w")));
+    let table = output::table(&results, std::slice::from_ref(&v));
+    let marked = |l: &str| l.trim_end().ends_with('*') || l.trim_end().ends_with("*w");
+    assert!(table.lines().any(|l| l.contains(&v.winner) && marked(l)), "{table}");
     let chart = svg::chart(&s.name, &s.description, &results);
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     for r in &results {

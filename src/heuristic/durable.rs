@@ -387,7 +387,11 @@ mod tests {
         let settings = DurableSettings::default();
         let mut hub = HubHistory::new(P);
         hub.record(&settings, s(0, 0, 0), &[s(0, 0, 0); P]);
-        hub.record(&settings, s(5_000, 0, 0), &[s(5_000, 2, 0), s(5_000, 0, 0), s(5_000, 0, 0), s(5_000, 0, 0)]);
+        hub.record(
+            &settings,
+            s(5_000, 0, 0),
+            &[s(5_000, 2, 0), s(5_000, 0, 0), s(5_000, 0, 0), s(5_000, 0, 0)],
+        );
         assert!(run(&hub, 1, 5_000).keep_workers_alive, "a count that just moved is work in progress");
     }
 
@@ -395,7 +399,11 @@ mod tests {
     fn a_timer_that_fires_wakes_the_hub() {
         let settings = DurableSettings::default();
         let mut hub = steady(60_000, (0, 0), &[(5, 0)]);
-        hub.record(&settings, s(65_000, 0, 0), &[s(65_000, 5, 1), s(65_000, 0, 0), s(65_000, 0, 0), s(65_000, 0, 0)]);
+        hub.record(
+            &settings,
+            s(65_000, 0, 0),
+            &[s(65_000, 5, 1), s(65_000, 0, 0), s(65_000, 0, 0), s(65_000, 0, 0)],
+        );
         let r = run(&hub, 0, 65_000);
         assert!(r.keep_workers_alive);
         assert_eq!((r.action, r.desired_workers), (ScaleAction::AddWorker, 1));
@@ -416,7 +424,11 @@ mod tests {
         let run = |hub: &HubHistory| recommend(&settings, hub, 1, 10_000).desired_workers;
         assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (0, 0), (0, 0), (0, 0)])), 1);
         assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (100, 32), (0, 0), (0, 0)])), 2);
-        assert_eq!(run(&steady(10_000, (0, 0), &[(2, 2), (2, 2), (3, 3), (0, 0)])), 2, "ceil(7/5) = 2 < 3 partitions");
+        assert_eq!(
+            run(&steady(10_000, (0, 0), &[(2, 2), (2, 2), (3, 3), (0, 0)])),
+            2,
+            "ceil(7/5) = 2 < 3 partitions"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! owns 0 <-> 1 (activation, and scale to zero after cooldownPeriod without activity); a
 //! StreamIsActive push activates at once; the HPA syncs every 15 s while replicas > 0.
 
-use super::scalers::{Metric, Scaler};
 use super::model::App;
+use super::scalers::{Metric, Scaler};
 use crate::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
 
 /// KEDA's and the HPA's settings.
@@ -45,7 +45,8 @@ pub fn hpa_sync_metrics(
     now_ms: u64,
 ) -> u32 {
     let kind = MetricTargetType::AverageValue;
-    let Some(best) = metrics.iter().max_by_key(|m| hpa::desired_replicas(current, m.value, m.target, kind)) else {
+    let Some(best) = metrics.iter().max_by_key(|m| hpa::desired_replicas(current, m.value, m.target, kind))
+    else {
         return current;
     };
     hpa::hpa_sync(current, best.value, best.target, kind, bounds, stabilizer, now_ms)
@@ -98,13 +99,15 @@ impl Autoscaler {
             }
             let cooldown_elapsed =
                 self.last_active_ms.is_none_or(|t| now_ms.saturating_sub(t) >= self.cfg.cooldown_ms);
-            self.replicas = hpa::keda_replicas(self.replicas, active, cooldown_elapsed, self.replicas, self.cfg.bounds);
+            self.replicas =
+                hpa::keda_replicas(self.replicas, active, cooldown_elapsed, self.replicas, self.cfg.bounds);
         }
         if now_ms >= self.next_sync_ms {
             self.next_sync_ms = now_ms + self.cfg.hpa_sync_ms;
             if self.replicas > 0 {
                 let metrics = scaler.metrics(now_ms, app, self.replicas);
-                self.replicas = hpa_sync_metrics(self.replicas, &metrics, self.cfg.bounds, &mut self.stabilizer, now_ms);
+                self.replicas =
+                    hpa_sync_metrics(self.replicas, &metrics, self.cfg.bounds, &mut self.stabilizer, now_ms);
             }
         }
         if self.replicas != before {

@@ -126,9 +126,15 @@ impl Recorder {
     }
 
     /// The results at the end of a run of `duration_ms`.
-    pub fn finish(self, scenario: &str, scaler: &str, app: &App, duration_ms: u64, scale_changes: u32) -> RunResult {
-        let mut latencies: Vec<u64> =
-            app.completions().iter().map(|c| c.done_ms - c.arrived_ms).collect();
+    pub fn finish(
+        self,
+        scenario: &str,
+        scaler: &str,
+        app: &App,
+        duration_ms: u64,
+        scale_changes: u32,
+    ) -> RunResult {
+        let mut latencies: Vec<u64> = app.completions().iter().map(|c| c.done_ms - c.arrived_ms).collect();
         let completed = latencies.len() as u64;
         latencies.extend(app.unfinished_arrivals().map(|a| duration_ms.saturating_sub(a)));
         latencies.sort_unstable();

@@ -213,12 +213,17 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { app: AppConfig::default(), keda: KedaConfig::default(), scalers: ScalerConfig::default(), tick_ms: 100 }
+        Self {
+            app: AppConfig::default(),
+            keda: KedaConfig::default(),
+            scalers: ScalerConfig::default(),
+            tick_ms: 100,
+        }
     }
 }
 
 fn seconds(value: f64, flag: &'static str, env: &'static str) -> Result<u64, Error> {
-    if value.is_finite() && value >= 0.0 && value < 1e9 {
+    if (0.0..1e9).contains(&value) {
         Ok((value * 1_000.0).round() as u64)
     } else {
         Err(Error::Invalid { flag, env, reason: format!("{value} is not a number of seconds >= 0") })
@@ -226,7 +231,11 @@ fn seconds(value: f64, flag: &'static str, env: &'static str) -> Result<u64, Err
 }
 
 fn positive(value: u32, flag: &'static str, env: &'static str) -> Result<u32, Error> {
-    if value == 0 { Err(Error::Invalid { flag, env, reason: "must be at least 1".to_string() }) } else { Ok(value) }
+    if value == 0 {
+        Err(Error::Invalid { flag, env, reason: "must be at least 1".to_string() })
+    } else {
+        Ok(value)
+    }
 }
 
 impl Args {
@@ -256,7 +265,11 @@ impl Args {
         }
         let positive_s = |v: f64, flag: &'static str, env: &'static str| {
             let ms = seconds(v, flag, env)?;
-            if ms == 0 { Err(Error::Invalid { flag, env, reason: "must be above 0".to_string() }) } else { Ok(ms) }
+            if ms == 0 {
+                Err(Error::Invalid { flag, env, reason: "must be above 0".to_string() })
+            } else {
+                Ok(ms)
+            }
         };
         let max_activities = positive(self.max_activities, "--max-activities", "SIMULATE_MAX_ACTIVITIES")?;
         let max_orchestrations =
@@ -266,7 +279,11 @@ impl Args {
             startup_ms: seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")?,
             max_activities,
             max_orchestrations,
-            lease_takeover_ms: seconds(self.lease_takeover_s, "--lease-takeover-s", "SIMULATE_LEASE_TAKEOVER_S")?,
+            lease_takeover_ms: seconds(
+                self.lease_takeover_s,
+                "--lease-takeover-s",
+                "SIMULATE_LEASE_TAKEOVER_S",
+            )?,
             max_polling_interval_ms: positive_s(
                 self.max_polling_interval_s,
                 "--max-polling-interval-s",
@@ -277,7 +294,11 @@ impl Args {
             ..AppConfig::default()
         };
         let keda = KedaConfig {
-            polling_interval_ms: positive_s(self.polling_interval_s, "--polling-interval-s", "SIMULATE_POLLING_INTERVAL_S")?,
+            polling_interval_ms: positive_s(
+                self.polling_interval_s,
+                "--polling-interval-s",
+                "SIMULATE_POLLING_INTERVAL_S",
+            )?,
             cooldown_ms: seconds(self.cooldown_s, "--cooldown-s", "SIMULATE_COOLDOWN_S")?,
             bounds: ReplicaBounds { min: self.min_replicas, max: max_replicas },
             hpa_sync_ms: positive_s(self.hpa_sync_s, "--hpa-sync-s", "SIMULATE_HPA_SYNC_S")?,
@@ -287,16 +308,32 @@ impl Args {
             max_activities,
             max_orchestrations,
             queue_length: positive(self.queue_length, "--queue-length", "SIMULATE_QUEUE_LENGTH")?,
-            report_interval_ms: positive_s(self.report_interval_s, "--report-interval-s", "SIMULATE_REPORT_INTERVAL_S")?,
-            probe_interval_ms: positive_s(self.probe_interval_s, "--probe-interval-s", "SIMULATE_PROBE_INTERVAL_S")?,
+            report_interval_ms: positive_s(
+                self.report_interval_s,
+                "--report-interval-s",
+                "SIMULATE_REPORT_INTERVAL_S",
+            )?,
+            probe_interval_ms: positive_s(
+                self.probe_interval_s,
+                "--probe-interval-s",
+                "SIMULATE_PROBE_INTERVAL_S",
+            )?,
             durable: DurableSettings {
                 max_activities_per_worker: max_activities,
                 max_orchestrations_per_worker: max_orchestrations,
                 timer_settle_ms: seconds(self.timer_settle_s, "--timer-settle-s", "SIMULATE_TIMER_SETTLE_S")?,
-                scale_in_window_ms: seconds(self.scale_in_window_s, "--scale-in-window-s", "SIMULATE_SCALE_IN_WINDOW_S")?,
+                scale_in_window_ms: seconds(
+                    self.scale_in_window_s,
+                    "--scale-in-window-s",
+                    "SIMULATE_SCALE_IN_WINDOW_S",
+                )?,
                 activity_lookahead: !self.no_activity_lookahead,
                 episode_estimate_ms: self.episode_estimate_ms,
-                startup_ms: if self.no_drain_hold { 0 } else { seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")? },
+                startup_ms: if self.no_drain_hold {
+                    0
+                } else {
+                    seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")?
+                },
             },
             seed: self.seed,
         };
@@ -335,7 +372,12 @@ impl Args {
 }
 
 /// Runs one scenario against one scaler; `progress` is called with simulated ms as it goes.
-pub fn run_one(scenario: &Scenario, kind: ScalerKind, settings: &Settings, progress: &mut dyn FnMut(u64)) -> RunResult {
+pub fn run_one(
+    scenario: &Scenario,
+    kind: ScalerKind,
+    settings: &Settings,
+    progress: &mut dyn FnMut(u64),
+) -> RunResult {
     let mut app = App::new(settings.app, scenario.workload.clone(), settings.scalers.seed);
     let mut scaler = scalers::build(kind, &settings.scalers, settings.app.partitions as usize);
     let mut keda = Autoscaler::new(settings.keda);
@@ -351,7 +393,7 @@ pub fn run_one(scenario: &Scenario, kind: ScalerKind, settings: &Settings, progr
         recorder.record(now, &app, pods_before);
         now += settings.tick_ms;
         ticks += 1;
-        if ticks % report_every == 0 {
+        if ticks.is_multiple_of(report_every) {
             progress(now);
         }
     }
@@ -436,7 +478,10 @@ fn execute(args: &Args) -> Result<(), Error> {
             simulated_hours_per_second: suite.simulated_hours_per_second,
             seed: args.seed,
         };
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        );
     } else {
         print!("{}", output::table(&suite.results, &verdicts));
         if args.markdown {

@@ -416,7 +416,8 @@ impl App {
             self.work_item.in_flight -= 1;
             self.counts.deleted += 1;
             let partition = self.instances[m.instance as usize].partition;
-            let reply = Message { instance: m.instance, kind: MessageKind::ActivityDone, inserted_ms: now_ms };
+            let reply =
+                Message { instance: m.instance, kind: MessageKind::ActivityDone, inserted_ms: now_ms };
             self.enqueue(Some(partition), reply, now_ms, now_ms);
         }
         done_episodes.sort_by_key(|e| (e.done_ms, e.instance));
@@ -433,7 +434,9 @@ impl App {
         inst.busy = false;
         for m in messages {
             match m.kind {
-                MessageKind::ActivityDone => inst.pending_activities = inst.pending_activities.saturating_sub(1),
+                MessageKind::ActivityDone => {
+                    inst.pending_activities = inst.pending_activities.saturating_sub(1)
+                }
                 MessageKind::TimerFired => inst.sleeping = false,
                 MessageKind::Start | MessageKind::Activity { .. } => {}
             }
@@ -456,9 +459,16 @@ impl App {
                 Step::Activities { count, duration } => {
                     self.instances[id as usize].pending_activities = count;
                     for k in 0..count {
-                        let h = mix(self.seed ^ mix(u64::from(id) << 32 | (step_index as u64) << 20 | u64::from(k)));
+                        let h =
+                            mix(self.seed
+                                ^ mix(u64::from(id) << 32 | (step_index as u64) << 20 | u64::from(k)));
                         let kind = MessageKind::Activity { run_ms: duration.sample(h) };
-                        self.enqueue(None, Message { instance: id, kind, inserted_ms: now_ms }, now_ms, now_ms);
+                        self.enqueue(
+                            None,
+                            Message { instance: id, kind, inserted_ms: now_ms },
+                            now_ms,
+                            now_ms,
+                        );
                     }
                 }
                 Step::Timer { delay_ms } => {
@@ -600,10 +610,8 @@ impl App {
                 queue.visible.retain(|m| {
                     let take = k < scan && taken[k];
                     k += 1;
-                    if take {
-                        if let Some(e) = episodes.iter_mut().find(|e| e.instance == m.instance) {
-                            e.messages.push(*m);
-                        }
+                    if take && let Some(e) = episodes.iter_mut().find(|e| e.instance == m.instance) {
+                        e.messages.push(*m);
                     }
                     !take
                 });

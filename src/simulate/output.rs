@@ -67,7 +67,18 @@ pub fn table(results: &[RunResult], verdicts: &[Verdict]) -> String {
     let _ = writeln!(
         out,
         "{:<10} {:<22} {:>7} {:>7} {:>7} {:>7} {:>9} {:>5} {:>6} {:>11} {:>6} {:>11}  goal",
-        "scenario", "scaler", "p50 s", "p95 s", "p99 s", "drain s", "pod-s", "peak", "scales", "wake s m/max", "zero%", "done"
+        "scenario",
+        "scaler",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "drain s",
+        "pod-s",
+        "peak",
+        "scales",
+        "wake s m/max",
+        "zero%",
+        "done"
     );
     for r in results {
         let v = verdicts.iter().find(|v| v.scenario == r.scenario);
@@ -82,7 +93,8 @@ pub fn table(results: &[RunResult], verdicts: &[Verdict]) -> String {
                 mark.push('w');
             }
         }
-        let wake = if r.wakes > 0 { format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s) } else { "-".to_string() };
+        let wake =
+            if r.wakes > 0 { format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s) } else { "-".to_string() };
         let _ = writeln!(
             out,
             "{:<10} {:<22} {:>7.1} {:>7.1} {:>7.1} {:>7.0} {:>9.0} {:>5} {:>6} {:>11} {:>6.1} {:>11}  {}",
@@ -122,7 +134,8 @@ pub fn markdown(results: &[RunResult], verdicts: &[Verdict]) -> String {
                 mark.push("fastest wake");
             }
         }
-        let wake = if r.wakes > 0 { format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s) } else { "-".to_string() };
+        let wake =
+            if r.wakes > 0 { format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s) } else { "-".to_string() };
         let _ = writeln!(
             out,
             "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {:.0} % | {}/{} | {} |",

@@ -164,9 +164,10 @@ pub fn build(kind: ScalerKind, cfg: &ScalerConfig, partitions: usize) -> Box<dyn
             voter: LatencyVoter::with_random_scale_in(DEFAULT_MAX_POLLING_INTERVAL_MS, cfg.seed),
             rings: TaskHubLatencies::new(partitions),
         }),
-        ScalerKind::Wsugarman => {
-            Box::new(Wsugarman { max_activities: cfg.max_activities, max_orchestrations: cfg.max_orchestrations })
-        }
+        ScalerKind::Wsugarman => Box::new(Wsugarman {
+            max_activities: cfg.max_activities,
+            max_orchestrations: cfg.max_orchestrations,
+        }),
         ScalerKind::FunctionsTarget => Box::new(FunctionsTarget { settings: target_settings(cfg) }),
         ScalerKind::KedaAzureQueue => Box::new(KedaAzureQueue { queue_length: cfg.queue_length }),
         ScalerKind::DurableScaler(algorithm) => Box::new(DurableScaler::new(algorithm, cfg, partitions)),
@@ -174,7 +175,10 @@ pub fn build(kind: ScalerKind, cfg: &ScalerConfig, partitions: usize) -> Box<dyn
 }
 
 fn target_settings(cfg: &ScalerConfig) -> TargetSettings {
-    TargetSettings { max_activities_per_worker: cfg.max_activities, max_orchestrations_per_worker: cfg.max_orchestrations }
+    TargetSettings {
+        max_activities_per_worker: cfg.max_activities,
+        max_orchestrations_per_worker: cfg.max_orchestrations,
+    }
 }
 
 /// Upstream's queue length: the approximate count, or 0 when a peek returns nothing.
@@ -266,11 +270,17 @@ pub fn wsugarman_orchestration_workers(control_counts: &[u64], max_orchestration
 }
 
 /// wsugarman's metric: work items + orchestration workers x maxActivities, target maxActivities.
-pub fn wsugarman_metric(work_items: u64, control_counts: &[u64], max_activities: u32, max_orchestrations: u32) -> Metric {
+pub fn wsugarman_metric(
+    work_items: u64,
+    control_counts: &[u64],
+    max_activities: u32,
+    max_orchestrations: u32,
+) -> Metric {
     let active = work_items > 0 || control_counts.iter().any(|&c| c > 0);
     let value = if active {
         work_items as f64
-            + f64::from(wsugarman_orchestration_workers(control_counts, max_orchestrations)) * f64::from(max_activities)
+            + f64::from(wsugarman_orchestration_workers(control_counts, max_orchestrations))
+                * f64::from(max_activities)
     } else {
         0.0
     };

@@ -37,7 +37,13 @@ fn fan_out(count: u32, min_ms: u64, max_ms: u64) -> Step {
 
 /// Poisson arrivals of one orchestration each between `from_ms` and `to_ms` at `rate(t)` per
 /// second, by thinning against `max_rate`.
-fn poisson(rng: &mut StdRng, from_ms: u64, to_ms: u64, max_rate: f64, rate: impl Fn(u64) -> f64) -> Vec<Arrival> {
+fn poisson(
+    rng: &mut StdRng,
+    from_ms: u64,
+    to_ms: u64,
+    max_rate: f64,
+    rate: impl Fn(u64) -> f64,
+) -> Vec<Arrival> {
     let mut out = Vec::new();
     let mut t = from_ms as f64;
     if max_rate <= 0.0 {
@@ -172,7 +178,8 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
         let line = i + 1;
         let activity_ms = ms(row.activity_s, "activity_s", line)?;
         let timer_ms = ms(row.timer_s, "timer_s", line)?;
-        let mut steps = vec![Step::Activities { count: row.activities, duration: Duration::fixed(activity_ms) }];
+        let mut steps =
+            vec![Step::Activities { count: row.activities, duration: Duration::fixed(activity_ms) }];
         if timer_ms > 0 {
             steps.push(Step::Timer { delay_ms: timer_ms });
             steps.push(Step::Activities { count: 1, duration: Duration::fixed(activity_ms) });
@@ -191,7 +198,10 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
     let last = arrivals.last().map_or(0, |a| a.at_ms);
     Ok(Scenario {
         name: name.to_string(),
-        description: format!("trace: {} orchestrations", arrivals.iter().map(|a| u64::from(a.count)).sum::<u64>()),
+        description: format!(
+            "trace: {} orchestrations",
+            arrivals.iter().map(|a| u64::from(a.count)).sum::<u64>()
+        ),
         duration_ms: duration_ms.unwrap_or(last + 30 * MINUTE),
         workload: Workload { scripts, arrivals },
     })
@@ -200,7 +210,8 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
 /// Loads a trace: `.json` is an array of rows, anything else CSV with a header naming the
 /// row fields (`at_s` required; `count`, `activities`, `activity_s`, `timer_s` optional).
 pub fn load_trace(path: &Path, duration_ms: Option<u64>) -> Result<Scenario, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ReadTrace { path: path.into(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| Error::ReadTrace { path: path.into(), source })?;
     let bad = |reason: String| Error::BadTrace { path: path.into(), reason };
     let rows: Vec<TraceRow> = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
@@ -213,7 +224,8 @@ pub fn load_trace(path: &Path, duration_ms: Option<u64>) -> Result<Scenario, Err
 
 /// A small CSV reader for traces: a header line, comma-separated numbers, `#` comments.
 pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let mut lines =
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
     let Some((_, header)) = lines.next() else { return Err("empty trace".to_string()) };
     let columns: Vec<String> = header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
     let known = ["at_s", "count", "activities", "activity_s", "timer_s"];
@@ -228,10 +240,17 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
         let mut row = TraceRow { at_s: 0.0, count: 1, activities: 1, activity_s: 1.0, timer_s: 0.0 };
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if cells.len() != columns.len() {
-            return Err(format!("line {}: {} cells, the header has {}", index + 1, cells.len(), columns.len()));
+            return Err(format!(
+                "line {}: {} cells, the header has {}",
+                index + 1,
+                cells.len(),
+                columns.len()
+            ));
         }
         for (column, cell) in columns.iter().zip(cells) {
-            let number: f64 = cell.parse().map_err(|_| format!("line {}: {column} = {cell:?} is not a number", index + 1))?;
+            let number: f64 = cell
+                .parse()
+                .map_err(|_| format!("line {}: {column} = {cell:?} is not a number", index + 1))?;
             let whole = |n: f64| {
                 if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= f64::from(u32::MAX) {
                     Ok(n as u32)

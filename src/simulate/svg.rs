@@ -16,7 +16,8 @@ const GAP: f64 = 50.0;
 const BACKLOG_HEIGHT: f64 = 140.0;
 /// Dash patterns, so scalers whose lines coincide stay distinguishable.
 const DASHES: [&str; 8] = ["none", "6,3", "2,2", "9,3,2,3", "none", "4,4", "1,3", "12,4"];
-const COLOURS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const COLOURS: [&str; 8] =
+    ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 /// A "nice" tick step (1, 2 or 5 x 10^k) giving about `ticks` ticks up to `max`.
 fn nice_step(max: f64, ticks: f64) -> f64 {
@@ -46,10 +47,7 @@ fn downsample(series: &[Point], buckets: usize, value: impl Fn(&Point) -> f64) -
         return series.iter().map(|p| (p.at_ms, value(p))).collect();
     }
     let per = series.len().div_ceil(buckets);
-    series
-        .chunks(per)
-        .map(|chunk| (chunk[0].at_ms, chunk.iter().map(&value).fold(0.0, f64::max)))
-        .collect()
+    series.chunks(per).map(|chunk| (chunk[0].at_ms, chunk.iter().map(&value).fold(0.0, f64::max))).collect()
 }
 
 /// A step line through `points` in the panel whose top is `top` and height `height`.
@@ -116,7 +114,8 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     let x = |t: u64| LEFT + t as f64 / duration_ms as f64 * plot_width;
     let max_pods = results.iter().map(|r| r.peak_pods).max().unwrap_or(1).max(1) as f64;
     let max_pods = (max_pods / nice_step(max_pods, 5.0)).ceil() * nice_step(max_pods, 5.0);
-    let max_backlog = results.iter().flat_map(|r| r.series.iter().map(|p| p.backlog)).max().unwrap_or(1).max(1) as f64;
+    let max_backlog =
+        results.iter().flat_map(|r| r.series.iter().map(|p| p.backlog)).max().unwrap_or(1).max(1) as f64;
     let max_backlog = (max_backlog / nice_step(max_backlog, 3.0)).ceil() * nice_step(max_backlog, 3.0);
     let backlog_top = TOP + PODS_HEIGHT + GAP;
 
@@ -189,7 +188,11 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
 
     // Legend.
     let lx = WIDTH - RIGHT + 16.0;
-    let _ = writeln!(svg, r##"<text x="{lx}" y="{}" font-size="12" font-weight="bold">scaler: pod-s, p95</text>"##, TOP + 4.0);
+    let _ = writeln!(
+        svg,
+        r##"<text x="{lx}" y="{}" font-size="12" font-weight="bold">scaler: pod-s, p95</text>"##,
+        TOP + 4.0
+    );
     for (i, r) in results.iter().enumerate() {
         let y = TOP + 24.0 + i as f64 * 34.0;
         let colour = COLOURS[i % COLOURS.len()];
