@@ -63,10 +63,8 @@ pub struct Report<'a> {
 /// The terminal table: one row per scenario and scaler; `*` marks the goal's winner (lowest
 /// pod-seconds within 10 % of the best p95), `~` the others within 10 %, `w` the fastest wake.
 pub fn table(results: &[RunResult], verdicts: &[Verdict]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<10} {:<22} {:>7} {:>7} {:>7} {:>7} {:>9} {:>5} {:>6} {:>11} {:>6} {:>11}  goal",
+    const WIDTHS: [usize; 12] = [10, 22, 7, 7, 7, 7, 9, 5, 6, 11, 6, 11];
+    let header = [
         "scenario",
         "scaler",
         "p50 s",
@@ -78,42 +76,77 @@ pub fn table(results: &[RunResult], verdicts: &[Verdict]) -> String {
         "scales",
         "wake s m/max",
         "zero%",
-        "done"
-    );
-    for r in results {
-        let v = verdicts.iter().find(|v| v.scenario == r.scenario);
-        let mut mark = String::new();
-        if let Some(v) = v {
-            if v.winner == r.scaler {
-                mark.push('*');
-            } else if v.within_p95.contains(&r.scaler) {
-                mark.push('~');
-            }
-            if v.fastest_wake.as_deref() == Some(r.scaler.as_str()) {
-                mark.push('w');
-            }
+        "done",
+    ];
+    let line = |cells: &[String], mark: &str| {
+        let mut l = String::new();
+        for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
+            // Names left-aligned, numbers right-aligned.
+            let _ = if i < 2 { write!(l, "{cell:<width$} ") } else { write!(l, "{cell:>width$} ") };
         }
-        let wake =
-            if r.wakes > 0 { format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s) } else { "-".to_string() };
-        let _ = writeln!(
-            out,
-            "{:<10} {:<22} {:>7.1} {:>7.1} {:>7.1} {:>7.0} {:>9.0} {:>5} {:>6} {:>11} {:>6.1} {:>11}  {}",
-            r.scenario,
-            r.scaler,
-            r.latency_p50_s,
-            r.latency_p95_s,
-            r.latency_p99_s,
-            r.drain_s,
-            r.pod_seconds,
-            r.peak_pods,
-            r.scale_changes,
-            wake,
-            if r.duration_s > 0.0 { r.zero_s / r.duration_s * 100.0 } else { 0.0 },
-            format!("{}/{}", r.completed, r.orchestrations),
-            mark
+        format!("{} {mark}", l.trim_end())
+    };
+    let mut out = line(&header.map(String::from), " goal");
+    out.push('\n');
+    for r in results {
+        let standing = Standing::of(r, verdicts);
+        let mark = format!(
+            "{}{}",
+            match (standing.winner, standing.within) {
+                (true, _) => "*",
+                (false, true) => "~",
+                _ => "",
+            },
+            if standing.fastest_wake { "w" } else { "" }
         );
+        out.push_str(line(&standing.cells(r), &format!(" {mark}")).trim_end());
+        out.push('\n');
     }
     out
+}
+
+/// How one result stands in its scenario's verdict, and its derived cells.
+struct Standing {
+    winner: bool,
+    within: bool,
+    fastest_wake: bool,
+    wake: String,
+    zero_percent: f64,
+}
+
+impl Standing {
+    fn of(r: &RunResult, verdicts: &[Verdict]) -> Self {
+        let v = verdicts.iter().find(|v| v.scenario == r.scenario);
+        Self {
+            winner: v.is_some_and(|v| v.winner == r.scaler),
+            within: v.is_some_and(|v| v.within_p95.contains(&r.scaler)),
+            fastest_wake: v.is_some_and(|v| v.fastest_wake.as_deref() == Some(r.scaler.as_str())),
+            wake: if r.wakes > 0 {
+                format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s)
+            } else {
+                "-".to_string()
+            },
+            zero_percent: if r.duration_s > 0.0 { r.zero_s / r.duration_s * 100.0 } else { 0.0 },
+        }
+    }
+
+    /// The row's cells, as both tables show them.
+    fn cells(&self, r: &RunResult) -> Vec<String> {
+        vec![
+            r.scenario.clone(),
+            r.scaler.clone(),
+            format!("{:.1}", r.latency_p50_s),
+            format!("{:.1}", r.latency_p95_s),
+            format!("{:.1}", r.latency_p99_s),
+            format!("{:.0}", r.drain_s),
+            format!("{:.0}", r.pod_seconds),
+            r.peak_pods.to_string(),
+            r.scale_changes.to_string(),
+            self.wake.clone(),
+            format!("{:.0}", self.zero_percent),
+            format!("{}/{}", r.completed, r.orchestrations),
+        ]
+    }
 }
 
 /// The table as Markdown, for the README.
@@ -122,38 +155,20 @@ pub fn markdown(results: &[RunResult], verdicts: &[Verdict]) -> String {
         "| scenario | scaler | p50 s | p95 s | p99 s | drain s | pod-s | peak | scale changes | wake s mean/max | at zero | done | goal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in results {
-        let v = verdicts.iter().find(|v| v.scenario == r.scenario);
+        let standing = Standing::of(r, verdicts);
         let mut mark = Vec::new();
-        if let Some(v) = v {
-            if v.winner == r.scaler {
-                mark.push("**winner**");
-            } else if v.within_p95.contains(&r.scaler) {
-                mark.push("within 10 %");
-            }
-            if v.fastest_wake.as_deref() == Some(r.scaler.as_str()) {
-                mark.push("fastest wake");
-            }
+        if standing.winner {
+            mark.push("**winner**");
+        } else if standing.within {
+            mark.push("within 10 %");
         }
-        let wake =
-            if r.wakes > 0 { format!("{:.0}/{:.0}", r.wake_mean_s, r.wake_max_s) } else { "-".to_string() };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {:.0} % | {}/{} | {} |",
-            r.scenario,
-            r.scaler,
-            r.latency_p50_s,
-            r.latency_p95_s,
-            r.latency_p99_s,
-            r.drain_s,
-            r.pod_seconds,
-            r.peak_pods,
-            r.scale_changes,
-            wake,
-            if r.duration_s > 0.0 { r.zero_s / r.duration_s * 100.0 } else { 0.0 },
-            r.completed,
-            r.orchestrations,
-            mark.join(", ")
-        );
+        if standing.fastest_wake {
+            mark.push("fastest wake");
+        }
+        let mut cells = standing.cells(r);
+        cells[10].push_str(" %");
+        cells.push(mark.join(", "));
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
     out
 }

@@ -186,6 +186,12 @@ pub fn upstream_length(s: &QueueSample) -> u64 {
     if s.visible_count == 0 { 0 } else { s.approximate_count }
 }
 
+/// True when any queue's approximate count is above zero (sleeping timers included).
+fn any_message(app: &App, now_ms: u64) -> bool {
+    let (wi, cq) = app.observe(now_ms);
+    wi.approximate_count > 0 || cq.iter().any(|s| s.approximate_count > 0)
+}
+
 /// The archived original KEDA Durable Functions scaler.
 struct Kedacore {
     voter: LatencyVoter,
@@ -289,8 +295,7 @@ pub fn wsugarman_metric(
 
 impl Scaler for Wsugarman {
     fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
-        let (wi, cq) = app.observe(now_ms);
-        wi.approximate_count > 0 || cq.iter().any(|s| s.approximate_count > 0)
+        any_message(app, now_ms)
     }
 
     fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
@@ -330,8 +335,7 @@ struct KedaAzureQueue {
 
 impl Scaler for KedaAzureQueue {
     fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
-        let (wi, cq) = app.observe(now_ms);
-        wi.approximate_count > 0 || cq.iter().any(|s| s.approximate_count > 0)
+        any_message(app, now_ms)
     }
 
     fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
