@@ -14,7 +14,8 @@
 //!    workers = `min(partitions with work, ceil(orchestration work / maxOrchestrationsPerWorker))`:
 //!    one partition is processed by one worker at a time, so more never helps.
 //! 3. **Lookahead**: orchestration messages beyond what those workers take in one round are
-//!    episodes still to run, and an episode mostly schedules activities; they count as
+//!    episodes still to run, and an episode mostly schedules activities; those that arrived
+//!    within [`DurableSettings::lookahead_window_ms`] (not timers that fired) count as
 //!    activities to come, so pods are asked for before the fan-out lands (a pod takes its
 //!    start-up delay to help).
 //! 4. Desired = max(activity, orchestration, lookahead workers), at least 1 while any work
@@ -141,6 +142,10 @@ pub struct DurableSettings {
     /// pod could help. Default 0: count one round, which asks for pods earliest; a value such
     /// as 1000 is cheaper when orchestrations fan out little (see docs/simulator.md).
     pub episode_estimate_ms: u64,
+    /// The lookahead counts only control messages that arrived within this window (growth
+    /// of the approximate count over its lowest in the window), not timers that fired
+    /// (default 60 s; 0 counts every waiting message).
+    pub lookahead_window_ms: u64,
 }
 
 impl Default for DurableSettings {
@@ -153,6 +158,7 @@ impl Default for DurableSettings {
             activity_lookahead: true,
             startup_ms: 20_000,
             episode_estimate_ms: 0,
+            lookahead_window_ms: 60_000,
         }
     }
 }
@@ -161,7 +167,7 @@ impl DurableSettings {
     /// How much history the rules read: the scale-in window looks back at moments whose
     /// timer test itself looks back the settle time.
     pub fn horizon_ms(&self) -> u64 {
-        self.timer_settle_ms.saturating_add(self.scale_in_window_ms)
+        self.timer_settle_ms.saturating_add(self.scale_in_window_ms).max(self.lookahead_window_ms)
     }
 }
 
@@ -210,8 +216,21 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
         activity_workers: activity_messages.div_ceil(u64::from(settings.max_activities_per_worker.max(1))),
         ..Need::default()
     };
+    let mut arrived = 0u64;
     for history in &hub.control {
         let Some(sample) = newest(history) else { continue };
+        if settings.lookahead_window_ms > 0 {
+            // Messages that arrived within the window: growth over its lowest count. Timers
+            // that fire turn invisible messages visible without growing the count.
+            let since = at_ms.saturating_sub(settings.lookahead_window_ms);
+            let low = history
+                .samples()
+                .filter(|s| s.at_ms >= since && s.at_ms <= at_ms)
+                .map(|s| s.approximate_count)
+                .min()
+                .unwrap_or(sample.approximate_count);
+            arrived += sample.approximate_count.saturating_sub(low);
+        }
         let invisible = sample.approximate_count.saturating_sub(sample.visible_count);
         let work = if invisible > 0 && only_timers(history, settings, at_ms) {
             need.timer_partitions += 1;
@@ -236,7 +255,12 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
     if settings.activity_lookahead {
         // Orchestration messages beyond what those workers take in that time are episodes
         // still to run, and each will mostly schedule activities.
-        let waiting = need.orchestration_messages.saturating_sub(need.orchestration_workers * per_worker);
+        let mut waiting = need.orchestration_messages.saturating_sub(need.orchestration_workers * per_worker);
+        if settings.lookahead_window_ms > 0 {
+            // Only newly arrived messages (starts, events) are looked ahead for: fired timers
+            // resume orchestrations whose next step is unknown, and often small.
+            waiting = waiting.min(arrived);
+        }
         need.lookahead_workers =
             (need.activity_messages + waiting).div_ceil(u64::from(settings.max_activities_per_worker.max(1)));
     }
@@ -368,6 +392,23 @@ mod tests {
         hub
     }
 
+    /// Like [`steady`], but the queues were empty at 0 and the counts arrived by 5 s.
+    fn arriving(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+        let settings = DurableSettings::default();
+        let mut hub = HubHistory::new(P);
+        hub.record(&settings, s(0, 0, 0), &[s(0, 0, 0); P]);
+        let mut t = 5_000;
+        while t <= until_ms {
+            let mut cq = vec![s(t, 0, 0); P];
+            for (i, &(a, v)) in control.iter().enumerate() {
+                cq[i] = s(t, a, v);
+            }
+            hub.record(&settings, s(t, wi.0, wi.1), &cq);
+            t += 5_000;
+        }
+        hub
+    }
+
     fn run(hub: &HubHistory, workers: u32, now: u64) -> Recommendation {
         recommend(&DurableSettings::default(), hub, workers, now)
     }
@@ -435,7 +476,7 @@ mod tests {
     fn waiting_episodes_beyond_one_round_count_as_activities_to_come() {
         // 400 messages on two partitions: 2 orchestration workers take 10 per round; the other
         // 390 will mostly schedule activities: ceil(390 / 10) = 39 workers.
-        let hub = steady(10_000, (0, 0), &[(200, 32), (200, 32), (0, 0), (0, 0)]);
+        let hub = arriving(10_000, (0, 0), &[(200, 32), (200, 32), (0, 0), (0, 0)]);
         let r = run(&hub, 1, 10_000);
         assert_eq!(r.desired_workers, 39, "{}", r.reason);
         // A few messages per partition are one round's work: no lookahead.
@@ -444,12 +485,34 @@ mod tests {
     }
 
     #[test]
+    fn timers_that_fire_are_not_looked_ahead_for_but_new_arrivals_are() {
+        let settings = DurableSettings::default();
+        // 200 timers sleeping on each of two partitions for a minute, then all fire.
+        let mut hub = steady(60_000, (0, 0), &[(200, 0), (200, 0)]);
+        hub.record(
+            &settings,
+            s(65_000, 0, 0),
+            &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
+        );
+        let r = recommend(&settings, &hub, 1, 65_000);
+        assert_eq!(r.desired_workers, 2, "two partition workers, no lookahead: {}", r.reason);
+        // The same counts arriving as new messages are episodes to come: (400 - 10) / 10.
+        let mut hub = steady(60_000, (0, 0), &[]);
+        hub.record(
+            &settings,
+            s(65_000, 0, 0),
+            &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
+        );
+        assert_eq!(recommend(&settings, &hub, 1, 65_000).desired_workers, 39);
+    }
+
+    #[test]
     fn an_episode_estimate_lets_one_worker_take_what_it_clears_before_a_pod_starts() {
         // 1 s episodes, 20 s start-up: one worker clears 5 x 20 = 100 messages in that time.
         let settings = DurableSettings { episode_estimate_ms: 1_000, ..DurableSettings::default() };
         let hub = steady(10_000, (0, 0), &[(25, 25), (25, 25), (25, 25), (25, 25)]);
         assert_eq!(recommend(&settings, &hub, 1, 10_000).desired_workers, 1);
-        let hub = steady(10_000, (0, 0), &[(300, 32), (300, 32), (0, 0), (0, 0)]);
+        let hub = arriving(10_000, (0, 0), &[(300, 32), (300, 32), (0, 0), (0, 0)]);
         let r = recommend(&settings, &hub, 1, 10_000);
         assert_eq!(r.desired_workers, 40, "2 partition workers, (600 - 200) / 10 to come: {}", r.reason);
     }

@@ -180,6 +180,10 @@ pub struct Args {
     /// could help. 0 counts one round (earliest pods); 1000 is cheaper for small fan-outs.
     #[arg(long, env = "SIMULATE_EPISODE_ESTIMATE_MS", default_value_t = 0)]
     pub episode_estimate_ms: u64,
+    /// Our algorithm: the lookahead counts only control messages that arrived within this
+    /// many seconds (not timers that fired); 0 counts every waiting message.
+    #[arg(long, env = "SIMULATE_LOOKAHEAD_WINDOW_S", default_value_t = 60.0)]
+    pub lookahead_window_s: f64,
     /// Our algorithm: ask for new pods even when the work will be gone before they start.
     #[arg(long, env = "SIMULATE_NO_DRAIN_HOLD")]
     pub no_drain_hold: bool,
@@ -329,6 +333,11 @@ impl Args {
                 )?,
                 activity_lookahead: !self.no_activity_lookahead,
                 episode_estimate_ms: self.episode_estimate_ms,
+                lookahead_window_ms: seconds(
+                    self.lookahead_window_s,
+                    "--lookahead-window-s",
+                    "SIMULATE_LOOKAHEAD_WINDOW_S",
+                )?,
                 startup_ms: if self.no_drain_hold {
                     0
                 } else {
