@@ -375,38 +375,34 @@ mod tests {
         QueueSample { at_ms, approximate_count, visible_count, first_visible_age_ms }
     }
 
-    /// A hub sampled every 5 s from 0 to `until_ms` with the given per-queue counts
-    /// `(approximate, visible)` (work item first, then control queues).
-    fn steady(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+    /// A hub sampled every 5 s from `from_ms` to `until_ms` with the given per-queue counts
+    /// `(approximate, visible)` (work item first, then control queues), after `hub`'s samples.
+    fn sampled(
+        mut hub: HubHistory,
+        from_ms: u64,
+        until_ms: u64,
+        wi: (u64, u64),
+        control: &[(u64, u64)],
+    ) -> HubHistory {
         let settings = DurableSettings::default();
-        let mut hub = HubHistory::new(P);
-        let mut t = 0;
-        while t <= until_ms {
+        for t in (from_ms..=until_ms).step_by(5_000) {
             let mut cq = vec![s(t, 0, 0); P];
             for (i, &(a, v)) in control.iter().enumerate() {
                 cq[i] = s(t, a, v);
             }
             hub.record(&settings, s(t, wi.0, wi.1), &cq);
-            t += 5_000;
         }
         hub
     }
 
+    /// The counts held from 0 to `until_ms`.
+    fn steady(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+        sampled(HubHistory::new(P), 0, until_ms, wi, control)
+    }
+
     /// Like [`steady`], but the queues were empty at 0 and the counts arrived by 5 s.
     fn arriving(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
-        let settings = DurableSettings::default();
-        let mut hub = HubHistory::new(P);
-        hub.record(&settings, s(0, 0, 0), &[s(0, 0, 0); P]);
-        let mut t = 5_000;
-        while t <= until_ms {
-            let mut cq = vec![s(t, 0, 0); P];
-            for (i, &(a, v)) in control.iter().enumerate() {
-                cq[i] = s(t, a, v);
-            }
-            hub.record(&settings, s(t, wi.0, wi.1), &cq);
-            t += 5_000;
-        }
-        hub
+        sampled(steady(0, (0, 0), &[]), 5_000, until_ms, wi, control)
     }
 
     fn run(hub: &HubHistory, workers: u32, now: u64) -> Recommendation {
