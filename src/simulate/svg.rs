@@ -107,15 +107,55 @@ fn format_number(v: f64) -> String {
     }
 }
 
+/// One line pair on a chart: a run's pods above, its backlog beneath.
+#[derive(Debug, Clone, Copy)]
+pub struct Series<'a> {
+    /// Legend name.
+    pub name: &'a str,
+    /// The run's points.
+    pub points: &'a [Point],
+    /// Its length (ms): the time axis spans the longest series.
+    pub duration_ms: u64,
+    /// The legend's second line (e.g. "1234 pod-s, p95 12 s").
+    pub detail: &'a str,
+    /// Drawn last and thicker, so it stays on top.
+    pub emphasised: bool,
+}
+
 /// The chart for one scenario's results (one [`RunResult`] per scaler).
 pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
-    let duration_ms = results.iter().map(|r| (r.duration_s * 1_000.0) as u64).max().unwrap_or(1).max(1);
+    let details: Vec<String> =
+        results.iter().map(|r| format!("{:.0} pod-s, p95 {:.0} s", r.pod_seconds, r.latency_p95_s)).collect();
+    let series: Vec<Series> = results
+        .iter()
+        .zip(&details)
+        .map(|(r, detail)| Series {
+            name: &r.scaler,
+            points: &r.series,
+            duration_ms: (r.duration_s * 1_000.0) as u64,
+            detail,
+            emphasised: r.scaler == "durable-scaler",
+        })
+        .collect();
+    chart_series(
+        &format!("Scenario {title}: pods per scaler, backlog beneath"),
+        description,
+        "scaler: pod-s, p95",
+        &series,
+    )
+}
+
+/// A chart of any runs: pods over time above, backlog (visible messages) beneath, a legend
+/// headed `legend` on the right.
+pub fn chart_series(heading: &str, description: &str, legend: &str, series: &[Series]) -> String {
+    let duration_ms = series.iter().map(|r| r.duration_ms).max().unwrap_or(1).max(1);
     let plot_width = WIDTH - LEFT - RIGHT;
     let x = |t: u64| LEFT + t as f64 / duration_ms as f64 * plot_width;
-    let max_pods = results.iter().map(|r| r.peak_pods).max().unwrap_or(1).max(1) as f64;
+    let max_pods =
+        series.iter().flat_map(|r| r.points.iter().map(|p| p.pods)).max().unwrap_or(1).max(1) as f64;
     let max_pods = (max_pods / nice_step(max_pods, 5.0)).ceil() * nice_step(max_pods, 5.0);
     let max_backlog =
-        results.iter().flat_map(|r| r.series.iter().map(|p| p.backlog)).max().unwrap_or(1).max(1) as f64;
+        series.iter().flat_map(|r| r.points.iter().map(|p| p.backlog)).max().unwrap_or(1).max(1) as f64;
     let max_backlog = (max_backlog / nice_step(max_backlog, 3.0)).ceil() * nice_step(max_backlog, 3.0);
     let backlog_top = TOP + PODS_HEIGHT + GAP;
 
@@ -127,8 +167,8 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
     let _ = writeln!(
         svg,
-        r##"<text x="{LEFT}" y="22" font-size="16" font-weight="bold">Scenario {}: pods per scaler, backlog beneath</text><text x="{LEFT}" y="40" font-size="12" fill="#555">{}</text>"##,
-        escape(title),
+        r##"<text x="{LEFT}" y="22" font-size="16" font-weight="bold">{}</text><text x="{LEFT}" y="40" font-size="12" fill="#555">{}</text>"##,
+        escape(heading),
         escape(description)
     );
     y_axis(&mut svg, TOP, PODS_HEIGHT, max_pods, "pods");
@@ -164,15 +204,15 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     );
 
     // Lines, ours drawn last and thicker so it stays on top.
-    let mut order: Vec<usize> = (0..results.len()).collect();
-    order.sort_by_key(|&i| results[i].scaler.starts_with("durable-scaler"));
+    let mut order: Vec<usize> = (0..series.len()).collect();
+    order.sort_by_key(|&i| series[i].emphasised);
     for &i in &order {
-        let r = &results[i];
+        let r = &series[i];
         let colour = COLOURS[i % COLOURS.len()];
         let dash = DASHES[i % DASHES.len()];
-        let width = if r.scaler == "durable-scaler" { 2.6 } else { 1.5 };
-        let pods = downsample(&r.series, 700, |p| f64::from(p.pods));
-        let backlog = downsample(&r.series, 700, |p| p.backlog as f64);
+        let width = if r.emphasised { 2.6 } else { 1.5 };
+        let pods = downsample(r.points, 700, |p| f64::from(p.pods));
+        let backlog = downsample(r.points, 700, |p| p.backlog as f64);
         let _ = writeln!(
             svg,
             r##"<path d="{}" fill="none" stroke="{colour}" stroke-width="{width}" stroke-dasharray="{dash}" stroke-opacity="0.9"/>"##,
@@ -190,24 +230,24 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     let lx = WIDTH - RIGHT + 16.0;
     let _ = writeln!(
         svg,
-        r##"<text x="{lx}" y="{}" font-size="12" font-weight="bold">scaler: pod-s, p95</text>"##,
-        TOP + 4.0
+        r##"<text x="{lx}" y="{}" font-size="12" font-weight="bold">{}</text>"##,
+        TOP + 4.0,
+        escape(legend)
     );
-    for (i, r) in results.iter().enumerate() {
+    for (i, r) in series.iter().enumerate() {
         let y = TOP + 24.0 + i as f64 * 34.0;
         let colour = COLOURS[i % COLOURS.len()];
         let dash = DASHES[i % DASHES.len()];
         let _ = writeln!(
             svg,
-            r##"<line x1="{lx}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{colour}" stroke-width="3" stroke-dasharray="{dash}"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#555">{:.0} pod-s, p95 {:.0} s</text>"##,
+            r##"<line x1="{lx}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{colour}" stroke-width="3" stroke-dasharray="{dash}"/><text x="{:.1}" y="{:.1}" font-size="12">{}</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#555">{}</text>"##,
             lx + 22.0,
             lx + 28.0,
             y + 4.0,
-            escape(&r.scaler),
+            escape(r.name),
             lx + 28.0,
             y + 18.0,
-            r.pod_seconds,
-            r.latency_p95_s
+            escape(r.detail)
         );
     }
     svg.push_str("</svg>\n");
