@@ -35,6 +35,9 @@ pub enum Command {
     /// Run next to a Durable Functions app: report the queues of the partitions this pod
     /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).
     Sidecar(crate::sidecar::Args),
+    // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
+    // knobs would make every other variant as large.
+    Simulate(Box<crate::simulate::Args>),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -44,5 +47,6 @@ pub fn run() -> std::process::ExitCode {
         Command::Recommend => crate::recommend::run(),
         Command::Aggregator(args) => crate::aggregator::run(args),
         Command::Sidecar(args) => crate::sidecar::run_cli(args),
+        Command::Simulate(args) => crate::simulate::run(&args),
     }
 }
