@@ -26,6 +26,8 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
+    /// Serve the mutating admission webhook that injects the sidecar (HTTPS, `POST /mutate`).
+    Webhook(crate::webhook::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -33,5 +35,6 @@ pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
+        Command::Webhook(args) => crate::webhook::run(args),
     }
 }

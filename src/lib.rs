@@ -5,6 +5,7 @@
 //! - [`heuristic`]: scaling decisions from queue signals (pure, no I/O, no clock);
 //! - [`recommend`]: the `recommend` tool over the heuristics;
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
+//! - [`webhook`]: the admission webhook that injects the sidecar into opted-in pods;
 //! - [`shutdown`], [`telemetry`]: process plumbing every role shares.
 
 pub mod aggregator;
@@ -16,3 +17,4 @@ pub mod recommend;
 pub mod shutdown;
 pub mod storage;
 pub mod telemetry;
+pub mod webhook;
