@@ -124,6 +124,7 @@ pub struct Stats {
 struct AppState {
     settings: Arc<InjectionSettings>,
     stats: Arc<Stats>,
+    certs: Arc<CertStore>,
 }
 
 /// A bound, not yet serving webhook.
@@ -157,10 +158,10 @@ impl Webhook {
         };
         Ok(Self {
             listener,
-            certs,
+            certs: certs.clone(),
             tls,
             reload_interval: Duration::from_secs(args.tls_reload_seconds),
-            state: AppState { settings: Arc::new(settings), stats: Arc::default() },
+            state: AppState { settings: Arc::new(settings), stats: Arc::default(), certs: certs.clone() },
         })
     }
 
@@ -178,6 +179,11 @@ impl Webhook {
     /// The counters this webhook serves on `/metrics`.
     pub fn stats(&self) -> Arc<Stats> {
         self.state.stats.clone()
+    }
+
+    /// The certificate store (its reload counters).
+    pub fn cert_store(&self) -> Arc<CertStore> {
+        self.certs.clone()
     }
 
     /// Serves until `shutdown` fires, then lets open connections finish (bounded).
@@ -293,10 +299,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let body = format!(
         "# TYPE durable_scaler_webhook_reviews_total counter\ndurable_scaler_webhook_reviews_total {}\n\
          # TYPE durable_scaler_webhook_injections_total counter\ndurable_scaler_webhook_injections_total {}\n\
-         # TYPE durable_scaler_webhook_refused_total counter\ndurable_scaler_webhook_refused_total {}\n",
+         # TYPE durable_scaler_webhook_refused_total counter\ndurable_scaler_webhook_refused_total {}\n\
+         # TYPE durable_scaler_webhook_certificate_reloads_total counter\n\
+         durable_scaler_webhook_certificate_reloads_total {}\n\
+         # TYPE durable_scaler_webhook_certificate_reload_failures_total counter\n\
+         durable_scaler_webhook_certificate_reload_failures_total {}\n",
         stats.reviews.load(Ordering::Relaxed),
         stats.injections.load(Ordering::Relaxed),
         stats.refused.load(Ordering::Relaxed),
+        state.certs.reloads(),
+        state.certs.reload_failures(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -12,7 +12,10 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -74,6 +77,8 @@ pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
     /// The file contents the current pair was built from, to skip re-parsing unchanged files.
     loaded_from: Mutex<(Vec<u8>, Vec<u8>)>,
+    reloads: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl fmt::Debug for CertStore {
@@ -94,12 +99,34 @@ impl CertStore {
             provider,
             current: RwLock::new(Arc::new(key)),
             loaded_from: Mutex::new((cert_pem, key_pem)),
+            reloads: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }))
+    }
+
+    /// Pairs swapped in since start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Looks at changed files that were refused (unreadable, unparsable, mismatched).
+    pub fn reload_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// Re-reads the files; swaps in the new pair when they changed and are valid. Returns
     /// whether it swapped. On error the old pair stays in use.
     pub fn reload(&self) -> Result<bool, TlsError> {
+        let result = self.try_reload();
+        match result {
+            Ok(true) => self.reloads.fetch_add(1, Ordering::Relaxed),
+            Ok(false) => 0,
+            Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    fn try_reload(&self) -> Result<bool, TlsError> {
         let (cert_pem, key_pem) = read_pair(&self.cert_path, &self.key_path)?;
         let mut loaded_from = self.loaded_from.lock().unwrap_or_else(PoisonError::into_inner);
         if loaded_from.0 == cert_pem && loaded_from.1 == key_pem {
