@@ -103,3 +103,18 @@ fn help_documents_every_flag_with_its_environment_variable() {
         assert!(help.contains(env), "{env} missing from:\n{help}");
     }
 }
+
+#[test]
+fn the_manifests_set_only_environment_variables_certs_gen_reads() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/certs-gen.yaml")).unwrap();
+    let mut help = String::new();
+    for command in ["create", "patch"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_certs-gen")).args([command, "--help"]).output().unwrap();
+        help.push_str(&String::from_utf8_lossy(&output.stdout));
+    }
+    let set: Vec<&str> = manifest.lines().filter_map(|l| l.trim().strip_prefix("- name: CERTS_GEN_")).collect();
+    assert!(!set.is_empty());
+    for name in set {
+        assert!(help.contains(&format!("env: CERTS_GEN_{name}")), "certs-gen does not read CERTS_GEN_{name}");
+    }
+}
