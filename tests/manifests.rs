@@ -73,7 +73,8 @@ fn kubernetes_validate(files: &[PathBuf], version: &str) -> bool {
         .args(files)
         .output()
         .unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success() && !report.contains("ERROR"), "against Kubernetes {version}:\n{report}");
     true
 }
@@ -122,8 +123,12 @@ fn merge_deployment(base: &mut Value, patch: &Value) {
     fn merge_object(base: &mut Value, patch: &Value) {
         for (key, value) in patch.as_object().unwrap() {
             match (key.as_str(), base.get_mut(key)) {
-                ("containers" | "env" | "volumeMounts" | "volumes", Some(existing)) => merge_named(existing, value),
-                (_, Some(existing)) if existing.is_object() && value.is_object() => merge_object(existing, value),
+                ("containers" | "env" | "volumeMounts" | "volumes", Some(existing)) => {
+                    merge_named(existing, value)
+                }
+                (_, Some(existing)) if existing.is_object() && value.is_object() => {
+                    merge_object(existing, value)
+                }
                 _ => {
                     base[key] = value.clone();
                 }
@@ -146,7 +151,8 @@ fn the_tls_overlay_renders_a_valid_aggregator_with_tls_on_the_keda_port() {
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let env = |name: &str| container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
     let cert = env("DURABLE_SCALER_TLS_CERT").unwrap()["value"].as_str().unwrap().to_owned();
-    let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "keda-tls").unwrap();
+    let mount =
+        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "keda-tls").unwrap();
     assert!(cert.starts_with(mount["mountPath"].as_str().unwrap()));
     assert!(env("DURABLE_SCALER_TLS_KEY").is_some());
     let dir = tempfile::tempdir().unwrap();
@@ -169,7 +175,14 @@ fn check_scaled_object(scaled: &Value, target: &Value) {
     let (min, max) = (spec["minReplicaCount"].as_u64().unwrap(), spec["maxReplicaCount"].as_u64().unwrap());
     assert!(min <= max && max > 0);
     assert!(spec["pollingInterval"].as_u64().unwrap() > 0 && spec["cooldownPeriod"].is_u64());
-    let known = BTreeSet::from(["scaleTargetRef", "pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount", "triggers"]);
+    let known = BTreeSet::from([
+        "scaleTargetRef",
+        "pollingInterval",
+        "cooldownPeriod",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "triggers",
+    ]);
     assert!(spec.as_object().unwrap().keys().all(|k| known.contains(k.as_str())), "{spec}");
 
     let trigger = &spec["triggers"][0];
@@ -177,7 +190,8 @@ fn check_scaled_object(scaled: &Value, target: &Value) {
     let metadata = &trigger["metadata"];
     assert!(string_map(metadata), "trigger metadata values must all be strings: {metadata}");
     let aggregator = object("aggregator.yaml", "Service", "durable-scaler-aggregator");
-    let keda_port = aggregator["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "keda").unwrap();
+    let keda_port =
+        aggregator["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "keda").unwrap();
     assert_eq!(
         metadata["scalerAddress"].as_str().unwrap(),
         format!(
@@ -211,9 +225,10 @@ fn the_example_scaled_object_has_keda_shape_and_points_at_the_aggregator() {
 
 #[test]
 fn the_tls_example_renders_a_scaled_object_that_uses_its_trigger_authentication() {
-    let kustomization: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(manifests_dir().join("tls/example/kustomization.yaml")).unwrap())
-            .unwrap();
+    let kustomization: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(manifests_dir().join("tls/example/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
     let ops: Value = serde_saphyr::from_str(kustomization["patches"][0]["patch"].as_str().unwrap()).unwrap();
     let patch: json_patch::Patch = serde_json::from_value(ops).unwrap();
     let mut scaled = object("example/scaled-object.yaml", "ScaledObject", "orders-func");
@@ -221,7 +236,8 @@ fn the_tls_example_renders_a_scaled_object_that_uses_its_trigger_authentication(
     let target = object("example/function-app.yaml", "Deployment", "orders-func");
     check_scaled_object(&scaled, &target);
 
-    let auth = object("tls/example/trigger-authentication.yaml", "TriggerAuthentication", "durable-scaler-tls");
+    let auth =
+        object("tls/example/trigger-authentication.yaml", "TriggerAuthentication", "durable-scaler-tls");
     assert_eq!(auth["apiVersion"], "keda.sh/v1alpha1");
     assert_eq!(scaled["spec"]["triggers"][0]["authenticationRef"]["name"], auth["metadata"]["name"]);
     assert_eq!(auth["metadata"]["namespace"], scaled["metadata"]["namespace"]);
@@ -237,9 +253,14 @@ fn kustomizations_list_every_manifest_in_their_directory() {
     for dir in ["", "example", "tls", "tls/example"] {
         let path = manifests_dir().join(dir);
         let kustomization: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(path.join("kustomization.yaml")).unwrap()).unwrap();
-        let listed: BTreeSet<String> =
-            kustomization["resources"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
+            serde_saphyr::from_str(&std::fs::read_to_string(path.join("kustomization.yaml")).unwrap())
+                .unwrap();
+        let listed: BTreeSet<String> = kustomization["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect();
         for resource in &listed {
             assert!(path.join(resource).exists(), "{dir}/kustomization.yaml lists missing {resource}");
         }
@@ -247,7 +268,11 @@ fn kustomizations_list_every_manifest_in_their_directory() {
         for entry in std::fs::read_dir(&path).unwrap() {
             let file = entry.unwrap().path();
             let name = file.file_name().unwrap().to_str().unwrap().to_owned();
-            if file.is_file() && name.ends_with(".yaml") && name != "kustomization.yaml" && !patches.contains(&file) {
+            if file.is_file()
+                && name.ends_with(".yaml")
+                && name != "kustomization.yaml"
+                && !patches.contains(&file)
+            {
                 assert!(listed.contains(&name), "{dir}/{name} is not in its kustomization.yaml");
             }
         }
@@ -264,7 +289,9 @@ fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
 }
 
 fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
-    container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap()["value"].as_str().unwrap()
+    container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap()["value"]
+        .as_str()
+        .unwrap()
 }
 
 fn port_of(address: &str) -> u64 {
@@ -283,11 +310,16 @@ fn the_aggregator_ports_match_the_architecture_defaults() {
         .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
         .collect();
     assert_eq!(ports, [("keda".to_owned(), 4370), ("reports".to_owned(), 4371), ("http".to_owned(), 8080)]);
-    for (env, port) in [("DURABLE_SCALER_GRPC_ADDR", 4370), ("DURABLE_SCALER_REPORT_ADDR", 4371), ("DURABLE_SCALER_HTTP_ADDR", 8080)] {
+    for (env, port) in [
+        ("DURABLE_SCALER_GRPC_ADDR", 4370),
+        ("DURABLE_SCALER_REPORT_ADDR", 4371),
+        ("DURABLE_SCALER_HTTP_ADDR", 8080),
+    ] {
         assert_eq!(port_of(env_value(aggregator, env)), port, "{env}");
     }
     let service = object("aggregator.yaml", "Service", "durable-scaler-aggregator");
-    let service_ports: Vec<u64> = service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    let service_ports: Vec<u64> =
+        service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
     assert_eq!(service_ports, [4370, 4371, 8080]);
     // The report URL the webhook gives sidecars is this Service's report port.
     assert_eq!(webhook::DEFAULT_AGGREGATOR, "http://durable-scaler-aggregator.durable-scaler:4371");
@@ -316,7 +348,10 @@ fn no_rbac_rule_uses_a_wildcard_and_only_certs_gen_touches_secrets() {
         let Ok(docs) = serde_saphyr::from_multiple::<Value>(&text) else { continue };
         for doc in docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole"))) {
             for rule in doc["rules"].as_array().unwrap() {
-                let all: Vec<&Value> = ["apiGroups", "resources", "verbs"].iter().flat_map(|k| rule[*k].as_array().unwrap()).collect();
+                let all: Vec<&Value> = ["apiGroups", "resources", "verbs"]
+                    .iter()
+                    .flat_map(|k| rule[*k].as_array().unwrap())
+                    .collect();
                 assert!(!all.contains(&&json!("*")), "wildcard in {}: {rule}", file.display());
                 if rule["resources"].as_array().unwrap().contains(&json!("secrets")) {
                     assert_eq!(doc["metadata"]["name"], "durable-scaler-certs-gen", "{rule}");
@@ -343,8 +378,11 @@ fn the_webhook_deployment_uses_the_code_defaults_and_only_flags_it_knows() {
     // Every env var set is one the webhook subcommand reads.
     let cli = durable_scaler::cli::Cli::command();
     let subcommand = cli.find_subcommand("webhook").unwrap();
-    let known: BTreeSet<String> =
-        subcommand.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
+    let known: BTreeSet<String> = subcommand
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
     for env in container["env"].as_array().unwrap() {
         assert!(known.contains(env["name"].as_str().unwrap()), "webhook does not read {}", env["name"]);
     }
@@ -352,7 +390,9 @@ fn the_webhook_deployment_uses_the_code_defaults_and_only_flags_it_knows() {
     // The certificate paths lie in the Secret volume that certs-gen writes.
     let mount = &container["volumeMounts"][0];
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
-    for (env, file) in [("DURABLE_SCALER_WEBHOOK_TLS_CERT", "tls.crt"), ("DURABLE_SCALER_WEBHOOK_TLS_KEY", "tls.key")] {
+    for (env, file) in
+        [("DURABLE_SCALER_WEBHOOK_TLS_CERT", "tls.crt"), ("DURABLE_SCALER_WEBHOOK_TLS_KEY", "tls.key")]
+    {
         assert_eq!(env_value(container, env), format!("{}/{file}", mount["mountPath"].as_str().unwrap()));
     }
     let certs_gen = object("certs-gen.yaml", "Job", "durable-scaler-certs-gen");
@@ -369,7 +409,11 @@ fn the_webhook_deployment_uses_the_code_defaults_and_only_flags_it_knows() {
 
 #[test]
 fn the_mutating_webhook_configuration_routes_opted_in_pods_to_the_webhook_service() {
-    let config = object("mutating-webhook-configuration.yaml", "MutatingWebhookConfiguration", "durable-scaler-webhook");
+    let config = object(
+        "mutating-webhook-configuration.yaml",
+        "MutatingWebhookConfiguration",
+        "durable-scaler-webhook",
+    );
     let hook = &config["webhooks"][0];
     assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
     assert_eq!(hook["sideEffects"], "None");
@@ -377,7 +421,10 @@ fn the_mutating_webhook_configuration_routes_opted_in_pods_to_the_webhook_servic
     assert!((1..=30).contains(&hook["timeoutSeconds"].as_u64().unwrap()));
     assert_eq!(hook["objectSelector"]["matchLabels"], json!({inject::INJECT_LABEL: "true"}));
     let excluded = &hook["namespaceSelector"]["matchExpressions"][0];
-    assert_eq!((excluded["key"].as_str(), excluded["operator"].as_str()), (Some("kubernetes.io/metadata.name"), Some("NotIn")));
+    assert_eq!(
+        (excluded["key"].as_str(), excluded["operator"].as_str()),
+        (Some("kubernetes.io/metadata.name"), Some("NotIn"))
+    );
     assert_eq!(excluded["values"], json!(["kube-system", "kube-node-lease", "durable-scaler"]));
     assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
     assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
@@ -402,7 +449,11 @@ fn the_example_app_opts_in_with_the_fixed_label_and_annotations() {
     let template = &app["spec"]["template"];
     assert_eq!(template["metadata"]["labels"][inject::INJECT_LABEL], "true");
     let annotations = template["metadata"]["annotations"].as_object().unwrap();
-    assert!(annotations.keys().all(|k| [inject::TASK_HUB_ANNOTATION, inject::CONNECTION_ENV_ANNOTATION].contains(&k.as_str())));
+    assert!(
+        annotations
+            .keys()
+            .all(|k| [inject::TASK_HUB_ANNOTATION, inject::CONNECTION_ENV_ANNOTATION].contains(&k.as_str()))
+    );
     let connection = annotations[inject::CONNECTION_ENV_ANNOTATION].as_str().unwrap();
     assert_eq!(connection, inject::DEFAULT_CONNECTION_ENV);
     let secret = object("example/storage-secret.yaml", "Secret", "orders-storage");

@@ -66,7 +66,8 @@ impl Running {
     /// Posts one review and decodes the AdmissionReview answer.
     async fn review(&self, review: &Value) -> (StatusCode, Value) {
         let mut connection = self.connect(Http::Two).await;
-        let (status, body) = connection.post(Some("application/json"), full(review.to_string())).await.unwrap();
+        let (status, body) =
+            connection.post(Some("application/json"), full(review.to_string())).await.unwrap();
         (status, serde_json::from_slice(&body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&body))))
     }
 }
@@ -168,7 +169,10 @@ async fn plain_container_mode_appends_the_sidecar_and_sets_the_default_container
     let (_, answer) = webhook.review(&fixture()).await;
     let pod = patched(&fixture()["request"]["object"], &answer);
     let containers = pod["spec"]["containers"].as_array().unwrap();
-    assert_eq!(containers.iter().map(|c| c["name"].as_str().unwrap()).collect::<Vec<_>>(), ["functions", "durable-scaler-sidecar"]);
+    assert_eq!(
+        containers.iter().map(|c| c["name"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["functions", "durable-scaler-sidecar"]
+    );
     assert!(containers[1].get("restartPolicy").is_none());
     assert!(pod["spec"].get("initContainers").is_none());
     assert_eq!(pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"], "functions");
@@ -178,7 +182,10 @@ async fn plain_container_mode_appends_the_sidecar_and_sets_the_default_container
 async fn an_unlabelled_pod_is_admitted_untouched() {
     let webhook = Running::start(|_| {}).await;
     let mut review = fixture();
-    review["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap().remove("durable-scaler.io/inject");
+    review["request"]["object"]["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("durable-scaler.io/inject");
     let (status, answer) = webhook.review(&review).await;
     assert_eq!((status, &answer["response"]["allowed"]), (StatusCode::OK, &json!(true)));
     assert!(answer["response"].get("patch").is_none());
@@ -188,7 +195,8 @@ async fn an_unlabelled_pod_is_admitted_untouched() {
 async fn a_pod_without_the_connection_env_is_admitted_with_a_warning_that_says_why() {
     let webhook = Running::start(|_| {}).await;
     let mut review = fixture();
-    review["request"]["object"]["spec"]["containers"][0]["env"] = json!([{"name": "FUNCTIONS_WORKER_RUNTIME", "value": "node"}]);
+    review["request"]["object"]["spec"]["containers"][0]["env"] =
+        json!([{"name": "FUNCTIONS_WORKER_RUNTIME", "value": "node"}]);
     let (status, answer) = webhook.review(&review).await;
     assert_eq!((status, &answer["response"]["allowed"]), (StatusCode::OK, &json!(true)));
     assert!(answer["response"].get("patch").is_none());
@@ -326,7 +334,9 @@ async fn a_mismatched_pair_is_refused_and_the_old_certificate_kept() {
 async fn plain_http_and_garbage_on_the_port_leave_the_server_serving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let webhook = Running::start(|_| {}).await;
-    for junk in [&b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..]] {
+    for junk in
+        [&b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..]]
+    {
         let mut tcp = tokio::net::TcpStream::connect(webhook.addr).await.unwrap();
         tcp.write_all(junk).await.unwrap();
         let mut sink = Vec::new();
@@ -350,6 +360,7 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
     };
     let error = Webhook::bind(&args).await.unwrap_err().to_string();
     assert!(error.contains("--tls-cert") && error.contains("/nonexistent/tls.crt"), "{error}");
-    let error = Webhook::bind(&Args { aggregator: "agg:4371".to_owned(), ..args }).await.unwrap_err().to_string();
+    let error =
+        Webhook::bind(&Args { aggregator: "agg:4371".to_owned(), ..args }).await.unwrap_err().to_string();
     assert!(error.contains("--aggregator"), "{error}");
 }

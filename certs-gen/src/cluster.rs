@@ -135,7 +135,12 @@ pub async fn create(client: Client, spec: &SecretSpec, now: OffsetDateTime) -> R
 /// Writes the Secret's `ca.crt` into every webhook's `clientConfig.caBundle` of the
 /// MutatingWebhookConfiguration `config`. Returns how many webhooks changed (0: nothing
 /// written).
-pub async fn patch(client: Client, namespace: &str, secret_name: &str, config: &str) -> Result<usize, ClusterError> {
+pub async fn patch(
+    client: Client,
+    namespace: &str,
+    secret_name: &str,
+    config: &str,
+) -> Result<usize, ClusterError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = secrets.get(secret_name).await.map_err(|source| ClusterError::Api {
         action: format!("reading Secret {namespace}/{secret_name}"),
@@ -147,7 +152,10 @@ pub async fn patch(client: Client, namespace: &str, secret_name: &str, config: &
         .and_then(|d| d.get("ca.crt"))
         .filter(|ca| !ca.0.is_empty())
         .cloned()
-        .ok_or_else(|| ClusterError::NoCa { namespace: namespace.to_owned(), name: secret_name.to_owned() })?;
+        .ok_or_else(|| ClusterError::NoCa {
+            namespace: namespace.to_owned(),
+            name: secret_name.to_owned(),
+        })?;
 
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
     let current = configs.get(config).await.map_err(|source| ClusterError::Api {
@@ -167,8 +175,10 @@ pub async fn patch(client: Client, namespace: &str, secret_name: &str, config: &
     // A strategic merge patch: `webhooks` merges by `name`, so only the caBundle of each
     // named entry changes and nothing else in the object is touched.
     let encoded = serde_json::to_value(&ca).unwrap_or_default();
-    let webhooks: Vec<_> =
-        stale.iter().map(|name| serde_json::json!({"name": name, "clientConfig": {"caBundle": encoded}})).collect();
+    let webhooks: Vec<_> = stale
+        .iter()
+        .map(|name| serde_json::json!({"name": name, "clientConfig": {"caBundle": encoded}}))
+        .collect();
     let body = serde_json::json!({"webhooks": webhooks});
     configs.patch(config, &PatchParams::default(), &Patch::Strategic(body)).await.map_err(|source| {
         ClusterError::Api { action: format!("patching MutatingWebhookConfiguration {config}"), source }

@@ -148,13 +148,20 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
     match command {
         Command::Create(args) => {
             if args.renew_before_days >= args.validity_days {
-                return Err(Error::RenewWindow { renew: args.renew_before_days, validity: args.validity_days });
+                return Err(Error::RenewWindow {
+                    renew: args.renew_before_days,
+                    validity: args.validity_days,
+                });
             }
             let validity = DAY * u32::try_from(args.validity_days).unwrap_or(u32::MAX);
             if let Some(dir) = &args.out_dir {
                 let names = pki::dns_names(&args.service, &args.secret.namespace);
                 write_files(dir, &pki::generate(&names, now, validity)?)?;
-                return Ok(format!("wrote ca.crt, tls.crt and tls.key for {} into {}", names.join(", "), dir.display()));
+                return Ok(format!(
+                    "wrote ca.crt, tls.crt and tls.key for {} into {}",
+                    names.join(", "),
+                    dir.display()
+                ));
             }
             let spec = cluster::SecretSpec {
                 namespace: args.secret.namespace,
@@ -175,9 +182,13 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
             })
         }
         Command::Patch(args) => {
-            let changed =
-                cluster::patch(client().await?, &args.secret.namespace, &args.secret.secret, &args.webhook_config)
-                    .await?;
+            let changed = cluster::patch(
+                client().await?,
+                &args.secret.namespace,
+                &args.secret.secret,
+                &args.webhook_config,
+            )
+            .await?;
             Ok(format!("MutatingWebhookConfiguration {}: {changed} caBundle(s) updated", args.webhook_config))
         }
     }

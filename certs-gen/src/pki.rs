@@ -53,7 +53,8 @@ pub fn generate(names: &[String], now: OffsetDateTime, validity: Duration) -> Re
     ca.distinguished_name = DistinguishedName::new();
     ca.distinguished_name.push(DnType::CommonName, "durable-scaler webhook CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     ca.not_before = not_before;
     // The CA outlives the serving certificate by a day so the chain never expires first at the CA.
     ca.not_after = not_after + time::Duration::days(1);
@@ -71,7 +72,8 @@ pub fn generate(names: &[String], now: OffsetDateTime, validity: Duration) -> Re
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.not_before = not_before;
     leaf.not_after = not_after;
-    let cert = leaf.signed_by(&key, &issuer).map_err(|source| PkiError { what: "serving certificate", source })?;
+    let cert =
+        leaf.signed_by(&key, &issuer).map_err(|source| PkiError { what: "serving certificate", source })?;
     Ok(Material { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
@@ -86,8 +88,10 @@ pub fn check(material: &Material, names: &[String], at: OffsetDateTime) -> Resul
     let Some((end_entity, intermediates)) = chain.split_first() else {
         return Err("tls.crt holds no certificate".to_owned());
     };
-    let key = PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes()).map_err(|e| format!("tls.key: {e}"))?;
-    CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|e| format!("tls.key does not fit tls.crt: {e}"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes()).map_err(|e| format!("tls.key: {e}"))?;
+    CertifiedKey::from_der(chain.clone(), key, &provider)
+        .map_err(|e| format!("tls.key does not fit tls.crt: {e}"))?;
 
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(material.ca_pem.as_bytes()) {
@@ -114,7 +118,12 @@ pub fn check(material: &Material, names: &[String], at: OffsetDateTime) -> Resul
 /// The CA bundle after a renewal: the new CA, then the old bundle's first CA when the old
 /// serving certificate is still valid now (webhook pods may serve it until the kubelet
 /// refreshes their Secret volume, and the API server must still trust it meanwhile).
-pub fn rotated_bundle(new_ca_pem: &str, old: Option<&Material>, names: &[String], now: OffsetDateTime) -> String {
+pub fn rotated_bundle(
+    new_ca_pem: &str,
+    old: Option<&Material>,
+    names: &[String],
+    now: OffsetDateTime,
+) -> String {
     let previous = old.filter(|old| check(old, names, now).is_ok()).and_then(|old| first_pem(&old.ca_pem));
     match previous {
         Some(previous) if previous.trim() != new_ca_pem.trim() => format!("{new_ca_pem}{previous}"),
@@ -152,7 +161,11 @@ mod tests {
     fn material_for_another_service_is_not_valid() {
         let now = OffsetDateTime::now_utc();
         let material = generate(&dns_names("other", "durable-scaler"), now, YEAR).unwrap();
-        assert!(check(&material, &names(), now).unwrap_err().contains("durable-scaler-webhook.durable-scaler.svc"));
+        assert!(
+            check(&material, &names(), now)
+                .unwrap_err()
+                .contains("durable-scaler-webhook.durable-scaler.svc")
+        );
     }
 
     #[test]

@@ -59,7 +59,10 @@ impl Fake {
 }
 
 /// GET /api/v1/namespaces/{ns}/secrets/{name}: the Secret, or 404 NotFound.
-async fn get_secret(State(fake): State<Shared>, Path((ns, name)): Path<(String, String)>) -> (StatusCode, Json<Value>) {
+async fn get_secret(
+    State(fake): State<Shared>,
+    Path((ns, name)): Path<(String, String)>,
+) -> (StatusCode, Json<Value>) {
     let mut fake = fake.lock().unwrap();
     fake.calls.push(format!("GET secrets/{name}"));
     match fake.secrets.get(&(ns, name.clone())) {
@@ -104,7 +107,11 @@ async fn replace_secret(
         return status(StatusCode::NOT_FOUND, "NotFound", &format!("secrets \"{name}\" not found"));
     };
     if stored["metadata"]["resourceVersion"] != secret["metadata"]["resourceVersion"] {
-        return status(StatusCode::CONFLICT, "Conflict", "the object has been modified; please apply your changes to the latest version and try again");
+        return status(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "the object has been modified; please apply your changes to the latest version and try again",
+        );
     }
     secret["metadata"]["resourceVersion"] = json!(fake.next_version());
     fake.secrets.insert(key, secret.clone());
@@ -134,7 +141,9 @@ async fn patch_config(
 ) -> (StatusCode, Json<Value>) {
     let mut fake = fake.lock().unwrap();
     fake.calls.push(format!("PATCH mutatingwebhookconfigurations/{name}"));
-    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/strategic-merge-patch+json") {
+    if headers.get("content-type").and_then(|v| v.to_str().ok())
+        != Some("application/strategic-merge-patch+json")
+    {
         return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", "unsupported patch type");
     }
     let version = fake.next_version();
@@ -240,7 +249,10 @@ async fn create_makes_a_tls_secret_for_the_service_names() {
     let secret = api.stored_secret();
     assert_eq!(secret["type"], "kubernetes.io/tls");
     assert_eq!(pki::check(&material_of(&secret), &names(), now + DAY * 300), Ok(()));
-    assert_eq!(api.calls(), ["GET secrets/durable-scaler-webhook-tls", "POST secrets/durable-scaler-webhook-tls"]);
+    assert_eq!(
+        api.calls(),
+        ["GET secrets/durable-scaler-webhook-tls", "POST secrets/durable-scaler-webhook-tls"]
+    );
 }
 
 #[tokio::test]
@@ -251,7 +263,11 @@ async fn create_leaves_a_valid_secret_alone() {
     let before = api.stored_secret();
     assert_eq!(cluster::create(api.client.clone(), &spec(), now).await.unwrap(), Outcome::Unchanged);
     assert_eq!(api.stored_secret(), before);
-    assert!(!api.calls()[2..].iter().any(|c| c.starts_with("PUT") || c.starts_with("POST")), "{:?}", api.calls());
+    assert!(
+        !api.calls()[2..].iter().any(|c| c.starts_with("PUT") || c.starts_with("POST")),
+        "{:?}",
+        api.calls()
+    );
 }
 
 #[tokio::test]
@@ -264,9 +280,16 @@ async fn create_renews_near_expiry_and_keeps_trusting_the_old_ca_meanwhile() {
     assert!(matches!(outcome, Outcome::Renewed { .. }), "{outcome:?}");
     let renewed = material_of(&api.stored_secret());
     assert_eq!(pki::check(&renewed, &names(), now + DAY * 300), Ok(()));
-    assert!(renewed.ca_pem.ends_with(&old.ca_pem), "the old CA stays in the bundle while its certificate is valid");
+    assert!(
+        renewed.ca_pem.ends_with(&old.ca_pem),
+        "the old CA stays in the bundle while its certificate is valid"
+    );
     let old_served = pki::Material { ca_pem: renewed.ca_pem.clone(), ..old };
-    assert_eq!(pki::check(&old_served, &names(), now), Ok(()), "the bundle still verifies the old certificate");
+    assert_eq!(
+        pki::check(&old_served, &names(), now),
+        Ok(()),
+        "the bundle still verifies the old certificate"
+    );
 }
 
 #[tokio::test]

@@ -36,13 +36,18 @@ fn verify(written: &Written, name: &str, at: UnixTime) -> Result<(), rustls::Err
     roots.add(CertificateDer::from_pem_slice(&written.ca).unwrap()).unwrap();
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
     let cert = CertificateDer::from_pem_slice(&written.cert).unwrap();
-    verifier.verify_server_cert(&cert, &[], &ServerName::try_from(name.to_owned()).unwrap(), &[], at).map(|_| ())
+    verifier
+        .verify_server_cert(&cert, &[], &ServerName::try_from(name.to_owned()).unwrap(), &[], at)
+        .map(|_| ())
 }
 
 #[test]
 fn the_serving_certificate_chains_to_the_ca_for_both_service_names() {
     let written = create(&[]);
-    for name in ["durable-scaler-webhook.durable-scaler.svc", "durable-scaler-webhook.durable-scaler.svc.cluster.local"] {
+    for name in [
+        "durable-scaler-webhook.durable-scaler.svc",
+        "durable-scaler-webhook.durable-scaler.svc.cluster.local",
+    ] {
         assert_eq!(verify(&written, name, UnixTime::now()), Ok(()), "{name}");
     }
     assert!(verify(&written, "evil.durable-scaler.svc", UnixTime::now()).is_err());
@@ -50,10 +55,20 @@ fn the_serving_certificate_chains_to_the_ca_for_both_service_names() {
 
 #[test]
 fn names_and_validity_follow_the_flags() {
-    let written = create(&["--service", "hook", "--namespace", "apps", "--validity-days", "10", "--renew-before-days", "1"]);
+    let written = create(&[
+        "--service",
+        "hook",
+        "--namespace",
+        "apps",
+        "--validity-days",
+        "10",
+        "--renew-before-days",
+        "1",
+    ]);
     assert_eq!(verify(&written, "hook.apps.svc", UnixTime::now()), Ok(()));
     assert!(verify(&written, "durable-scaler-webhook.durable-scaler.svc", UnixTime::now()).is_err());
-    let in_eleven_days = UnixTime::since_unix_epoch(Duration::from_secs(UnixTime::now().as_secs() + 11 * 86400));
+    let in_eleven_days =
+        UnixTime::since_unix_epoch(Duration::from_secs(UnixTime::now().as_secs() + 11 * 86400));
     assert!(verify(&written, "hook.apps.svc", in_eleven_days).is_err(), "expired after --validity-days");
 }
 
@@ -99,20 +114,29 @@ fn a_renewal_window_as_long_as_the_validity_is_refused_naming_both_flags() {
 fn help_documents_every_flag_with_its_environment_variable() {
     let output = Command::new(env!("CARGO_BIN_EXE_certs-gen")).args(["create", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    for env in ["CERTS_GEN_NAMESPACE", "CERTS_GEN_SECRET", "CERTS_GEN_SERVICE", "CERTS_GEN_OUT_DIR", "CERTS_GEN_VALIDITY_DAYS"] {
+    for env in [
+        "CERTS_GEN_NAMESPACE",
+        "CERTS_GEN_SECRET",
+        "CERTS_GEN_SERVICE",
+        "CERTS_GEN_OUT_DIR",
+        "CERTS_GEN_VALIDITY_DAYS",
+    ] {
         assert!(help.contains(env), "{env} missing from:\n{help}");
     }
 }
 
 #[test]
 fn the_manifests_set_only_environment_variables_certs_gen_reads() {
-    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/certs-gen.yaml")).unwrap();
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/certs-gen.yaml")).unwrap();
     let mut help = String::new();
     for command in ["create", "patch"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_certs-gen")).args([command, "--help"]).output().unwrap();
+        let output =
+            Command::new(env!("CARGO_BIN_EXE_certs-gen")).args([command, "--help"]).output().unwrap();
         help.push_str(&String::from_utf8_lossy(&output.stdout));
     }
-    let set: Vec<&str> = manifest.lines().filter_map(|l| l.trim().strip_prefix("- name: CERTS_GEN_")).collect();
+    let set: Vec<&str> =
+        manifest.lines().filter_map(|l| l.trim().strip_prefix("- name: CERTS_GEN_")).collect();
     assert!(!set.is_empty());
     for name in set {
         assert!(help.contains(&format!("env: CERTS_GEN_{name}")), "certs-gen does not read CERTS_GEN_{name}");

@@ -112,7 +112,8 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
 
     let connection_env = annotation(CONNECTION_ENV_ANNOTATION).unwrap_or(DEFAULT_CONNECTION_ENV);
     let containers = spec.get("containers").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let Some((app, connection)) = find_app_container(containers, annotation(DEFAULT_CONTAINER_ANNOTATION), connection_env)
+    let Some((app, connection)) =
+        find_app_container(containers, annotation(DEFAULT_CONTAINER_ANNOTATION), connection_env)
     else {
         warnings.push(format!(
             "durable-scaler: no container defines the env var {connection_env:?} (named by \
@@ -190,10 +191,9 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     let list = if native { "initContainers" } else { "containers" };
     append(&mut patch, spec, "/spec", list, sidecar);
 
-    let has_token_volume = spec
-        .get("volumes")
-        .and_then(Value::as_array)
-        .is_some_and(|volumes| volumes.iter().any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME)));
+    let has_token_volume = spec.get("volumes").and_then(Value::as_array).is_some_and(|volumes| {
+        volumes.iter().any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME))
+    });
     if has_token_volume {
         warnings.push(format!(
             "durable-scaler: the pod already has a volume named {TOKEN_VOLUME}; the sidecar mounts it as it is"
@@ -334,7 +334,8 @@ fn resources<'a>(annotation: &impl Fn(&str) -> Option<&'a str>, warnings: &mut V
             },
         }
     };
-    let mut cpu = (pick(CPU_REQUEST_ANNOTATION, DEFAULT_CPU_REQUEST), pick(CPU_LIMIT_ANNOTATION, DEFAULT_CPU_LIMIT));
+    let mut cpu =
+        (pick(CPU_REQUEST_ANNOTATION, DEFAULT_CPU_REQUEST), pick(CPU_LIMIT_ANNOTATION, DEFAULT_CPU_LIMIT));
     let mut memory = (
         pick(MEMORY_REQUEST_ANNOTATION, DEFAULT_MEMORY_REQUEST),
         pick(MEMORY_LIMIT_ANNOTATION, DEFAULT_MEMORY_LIMIT),
@@ -488,7 +489,8 @@ mod tests {
 
     #[test]
     fn task_hub_setting_is_copied_with_its_value_from() {
-        let hub = json!({"name": HUB_NAME_ENV, "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "hub"}}});
+        let hub =
+            json!({"name": HUB_NAME_ENV, "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "hub"}}});
         let pod = pod(json!({}), json!([storage_env()[0], hub]));
         let out = applied(&pod, &plan(&pod, &settings()));
         assert_eq!(
@@ -501,7 +503,10 @@ mod tests {
     fn missing_task_hub_defaults_with_a_warning() {
         let pod = pod(json!({}), storage_env());
         let injection = plan(&pod, &settings());
-        assert_eq!(sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"], DEFAULT_TASK_HUB);
+        assert_eq!(
+            sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"],
+            DEFAULT_TASK_HUB
+        );
         assert!(injection.warnings.iter().any(|w| w.contains(DEFAULT_TASK_HUB)), "{:?}", injection.warnings);
     }
 
@@ -509,7 +514,10 @@ mod tests {
     fn invalid_task_hub_annotation_is_ignored_with_a_warning() {
         let pod = pod(json!({TASK_HUB_ANNOTATION: "no-dashes"}), storage_env());
         let injection = plan(&pod, &settings());
-        assert_eq!(sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"], DEFAULT_TASK_HUB);
+        assert_eq!(
+            sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"],
+            DEFAULT_TASK_HUB
+        );
         assert!(injection.warnings.iter().any(|w| w.contains("no-dashes")));
     }
 
@@ -540,7 +548,8 @@ mod tests {
     fn a_pod_with_the_sidecar_in_either_list_gets_no_patch() {
         for list in ["containers", "initContainers"] {
             let mut pod = pod(json!({}), storage_env());
-            pod["spec"][list] = json!([{"name": SIDECAR_NAME, "image": "x"}, {"name": "app", "env": storage_env()}]);
+            pod["spec"][list] =
+                json!([{"name": SIDECAR_NAME, "image": "x"}, {"name": "app", "env": storage_env()}]);
             assert_eq!(plan(&pod, &settings()), Injection::default(), "{list}");
         }
     }
@@ -553,7 +562,9 @@ mod tests {
         let position = |p: &str| paths.iter().position(|x| *x == p).unwrap();
         assert!(position("/spec/initContainers") < position("/spec/initContainers/-"));
         assert!(position("/spec/volumes") < position("/spec/volumes/-"));
-        assert!(position("/metadata/annotations") < position("/metadata/annotations/durable-scaler.io~1status"));
+        assert!(
+            position("/metadata/annotations") < position("/metadata/annotations/durable-scaler.io~1status")
+        );
         assert!(injection.patch.iter().all(|op| op["op"] == "add"));
         applied(&pod, &injection);
     }
@@ -584,7 +595,10 @@ mod tests {
 
     #[test]
     fn an_existing_default_container_annotation_is_left_alone() {
-        let pod = pod(json!({NATIVE_SIDECAR_ANNOTATION: "false", DEFAULT_CONTAINER_ANNOTATION: "other"}), storage_env());
+        let pod = pod(
+            json!({NATIVE_SIDECAR_ANNOTATION: "false", DEFAULT_CONTAINER_ANNOTATION: "other"}),
+            storage_env(),
+        );
         let out = applied(&pod, &plan(&pod, &settings()));
         assert_eq!(out["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION], "other");
     }
@@ -627,7 +641,10 @@ mod tests {
         assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "https://agg.example:4371");
         let pod = pod_with_bad_aggregator();
         let injection = plan(&pod, &settings());
-        assert_eq!(sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_AGGREGATOR")["value"], settings().aggregator);
+        assert_eq!(
+            sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_AGGREGATOR")["value"],
+            settings().aggregator
+        );
     }
 
     fn pod_with_bad_aggregator() -> Value {
@@ -653,7 +670,10 @@ mod tests {
     fn the_token_volume_is_mounted_in_the_sidecar_only() {
         let pod = pod(json!({}), storage_env());
         let out = applied(&pod, &plan(&pod, &settings()));
-        assert_eq!(out["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"], TOKEN_AUDIENCE);
+        assert_eq!(
+            out["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            TOKEN_AUDIENCE
+        );
         assert_eq!(out["spec"]["initContainers"][0]["volumeMounts"][0]["mountPath"], TOKEN_DIR);
         assert!(out["spec"]["containers"][0].get("volumeMounts").is_none());
     }

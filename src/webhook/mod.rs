@@ -29,7 +29,7 @@ use axum::{
     routing::{get, post},
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
@@ -214,7 +214,10 @@ impl Webhook {
                     Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                 };
-                let builder = auto::Builder::new(TokioExecutor::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // With a timer, HTTP/1 drops a client that sends no complete header within
+                // 30 s (hyper's default header read timeout), so idle sockets cannot pile up.
+                builder.http1().timer(TokioTimer::new());
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = connection_watcher.watch(connection.into_owned()).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -109,7 +109,9 @@ mod tests {
     }
 
     fn request(request: Value) -> Vec<u8> {
-        json!({"apiVersion": API_VERSION, "kind": "AdmissionReview", "request": request}).to_string().into_bytes()
+        json!({"apiVersion": API_VERSION, "kind": "AdmissionReview", "request": request})
+            .to_string()
+            .into_bytes()
     }
 
     fn labelled_pod() -> Value {

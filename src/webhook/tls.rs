@@ -83,7 +83,10 @@ pub struct CertStore {
 
 impl fmt::Debug for CertStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertStore").field("cert_path", &self.cert_path).field("key_path", &self.key_path).finish()
+        f.debug_struct("CertStore")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish()
     }
 }
 
@@ -150,9 +153,13 @@ impl CertStore {
             let store = self.clone();
             // File reads and PEM parsing are blocking work: keep them off the async threads.
             match tokio::task::spawn_blocking(move || store.reload()).await {
-                Ok(Ok(true)) => tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded"),
+                Ok(Ok(true)) => {
+                    tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded")
+                }
                 Ok(Ok(false)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "serving certificate not reloaded; keeping the previous one"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "serving certificate not reloaded; keeping the previous one")
+                }
                 Err(e) => tracing::warn!(error = %e, "certificate reload task failed"),
             }
         }
@@ -161,8 +168,11 @@ impl CertStore {
     /// A rustls server configuration that takes its certificate from this store: TLS 1.2 and
     /// 1.3, or 1.3 only; ALPN h2 and http/1.1 (the API server speaks HTTP/2 when offered).
     pub fn server_config(self: &Arc<Self>, tls13_only: bool) -> Result<ServerConfig, TlsError> {
-        let versions: &[&rustls::SupportedProtocolVersion] =
-            if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+            &[&rustls::version::TLS13]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(versions)
             .map_err(|source| TlsError::Rustls {
@@ -184,7 +194,8 @@ impl ResolvesServerCert for CertStore {
 }
 
 fn read_pair(cert_path: &Path, key_path: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
+    let read =
+        |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
     Ok((read(cert_path)?, read(key_path)?))
 }
 
@@ -195,9 +206,9 @@ fn certified_key(
     key_pem: &[u8],
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, TlsError> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| {
-        TlsError::Certificate { path: cert_path.to_owned(), reason: Some(e.to_string()) }
-    })?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Certificate { path: cert_path.to_owned(), reason: Some(e.to_string()) })?;
     if chain.is_empty() {
         return Err(TlsError::Certificate { path: cert_path.to_owned(), reason: None });
     }

@@ -10,8 +10,8 @@ use std::{
     sync::Arc,
 };
 
-use hyper::body::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Bytes;
 use hyper::{Request, StatusCode, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::{
@@ -40,7 +40,8 @@ impl Pki {
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let mut leaf =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         leaf.distinguished_name.push(rcgen::DnType::CommonName, format!("webhook {label}"));
         let cert = leaf.signed_by(&key, &issuer).unwrap();
         Self { ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() }
@@ -124,17 +125,20 @@ pub struct Connection {
 }
 
 /// A client configuration trusting `ca_pem`, limited to `versions`.
-pub fn client_config(ca_pem: &str, versions: &[&'static rustls::SupportedProtocolVersion], http: Http) -> ClientConfig {
+pub fn client_config(
+    ca_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    http: Http,
+) -> ClientConfig {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(versions)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     config.alpn_protocols = vec![match http {
         Http::One => b"http/1.1".to_vec(),
         Http::Two => b"h2".to_vec(),
@@ -199,7 +203,11 @@ impl Connection {
     }
 
     /// `POST /mutate` with the given content type.
-    pub async fn post(&mut self, content_type: Option<&str>, body: Body) -> Result<(StatusCode, Bytes), String> {
+    pub async fn post(
+        &mut self,
+        content_type: Option<&str>,
+        body: Body,
+    ) -> Result<(StatusCode, Bytes), String> {
         let mut request = Request::post("https://localhost/mutate");
         if let Some(ct) = content_type {
             request = request.header("content-type", ct);
