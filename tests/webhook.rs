@@ -63,6 +63,11 @@ impl Running {
         https::connect(self.addr, &self.pki.ca_pem, http).await.unwrap()
     }
 
+    /// Posts `body` on a fresh HTTP/1.1 connection.
+    async fn post(&self, content_type: Option<&str>, body: https::Body) -> (StatusCode, Bytes) {
+        self.connect(Http::One).await.post(content_type, body).await.unwrap()
+    }
+
     /// Posts one review and decodes the AdmissionReview answer.
     async fn review(&self, review: &Value) -> (StatusCode, Value) {
         let mut connection = self.connect(Http::Two).await;
@@ -221,12 +226,10 @@ async fn dry_run_gets_the_same_patch_and_counts_no_injection() {
 async fn a_body_over_one_mebibyte_is_413_whether_its_length_is_declared_or_not() {
     let webhook = Running::start(|_| {}).await;
     let big = Bytes::from(vec![b' '; 1024 * 1024 + 1]);
-    let mut connection = webhook.connect(Http::One).await;
-    let (status, _) = connection.post(Some("application/json"), full(big.clone())).await.unwrap();
+    let (status, _) = webhook.post(Some("application/json"), full(big.clone())).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     let chunks = big.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
-    let mut connection = webhook.connect(Http::One).await;
-    let (status, _) = connection.post(Some("application/json"), streamed(chunks)).await.unwrap();
+    let (status, _) = webhook.post(Some("application/json"), streamed(chunks)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
@@ -234,20 +237,17 @@ async fn a_body_over_one_mebibyte_is_413_whether_its_length_is_declared_or_not()
 async fn a_wrong_or_missing_content_type_is_415() {
     let webhook = Running::start(|_| {}).await;
     for content_type in [Some("text/plain"), Some("application/yaml"), None] {
-        let mut connection = webhook.connect(Http::One).await;
-        let (status, _) = connection.post(content_type, full(FIXTURE)).await.unwrap();
+        let (status, _) = webhook.post(content_type, full(FIXTURE)).await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type:?}");
     }
-    let mut connection = webhook.connect(Http::One).await;
-    let (status, _) = connection.post(Some("application/json; charset=utf-8"), full(FIXTURE)).await.unwrap();
+    let (status, _) = webhook.post(Some("application/json; charset=utf-8"), full(FIXTURE)).await;
     assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn an_undecodable_review_is_400_with_the_reason_and_the_uid() {
     let webhook = Running::start(|_| {}).await;
-    let mut connection = webhook.connect(Http::One).await;
-    let (status, body) = connection.post(Some("application/json"), full("{\"request\": ")).await.unwrap();
+    let (status, body) = webhook.post(Some("application/json"), full("{\"request\": ")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert!(answer["response"]["status"]["message"].as_str().unwrap().contains("not JSON"), "{answer}");

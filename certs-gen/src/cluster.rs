@@ -76,6 +76,8 @@ pub struct SecretSpec {
     pub secret: String,
     /// The webhook Service's name (the certificate's DNS names derive from it).
     pub service: String,
+    /// Further names the certificate must carry.
+    pub extra_names: Vec<String>,
     /// Validity of new material.
     pub validity: Duration,
     /// Renew when the current material would be invalid this far ahead.
@@ -85,7 +87,8 @@ pub struct SecretSpec {
 /// Makes sure the TLS Secret exists and stays good past `now + renew_before`.
 pub async fn create(client: Client, spec: &SecretSpec, now: OffsetDateTime) -> Result<Outcome, ClusterError> {
     let api: Api<Secret> = Api::namespaced(client, &spec.namespace);
-    let names = pki::dns_names(&spec.service, &spec.namespace);
+    let mut names = pki::dns_names(&spec.service, &spec.namespace);
+    names.extend(spec.extra_names.iter().cloned());
     let horizon = now + spec.renew_before;
     // A few rounds: each lost race means another pod wrote a Secret, which the next round
     // most likely finds good.

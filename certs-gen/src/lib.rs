@@ -56,6 +56,10 @@ pub struct CreateArgs {
     /// <service>.<namespace>.svc.cluster.local.
     #[arg(long, env = "CERTS_GEN_SERVICE", default_value = "durable-scaler-webhook")]
     pub service: String,
+    /// Further DNS names or IP addresses for the certificate (repeatable; comma-separated in
+    /// the env var), e.g. `localhost` for local use.
+    #[arg(long = "extra-name", env = "CERTS_GEN_EXTRA_NAMES", value_delimiter = ',')]
+    pub extra_names: Vec<String>,
     /// Write ca.crt, tls.crt and tls.key into this directory instead of a Secret (no cluster).
     #[arg(long, env = "CERTS_GEN_OUT_DIR")]
     pub out_dir: Option<PathBuf>,
@@ -155,7 +159,8 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
             }
             let validity = DAY * u32::try_from(args.validity_days).unwrap_or(u32::MAX);
             if let Some(dir) = &args.out_dir {
-                let names = pki::dns_names(&args.service, &args.secret.namespace);
+                let mut names = pki::dns_names(&args.service, &args.secret.namespace);
+                names.extend(args.extra_names.iter().cloned());
                 write_files(dir, &pki::generate(&names, now, validity)?)?;
                 return Ok(format!(
                     "wrote ca.crt, tls.crt and tls.key for {} into {}",
@@ -167,6 +172,7 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
                 namespace: args.secret.namespace,
                 secret: args.secret.secret,
                 service: args.service,
+                extra_names: args.extra_names,
                 validity,
                 renew_before: DAY * u32::try_from(args.renew_before_days).unwrap_or(u32::MAX),
             };

@@ -232,6 +232,7 @@ fn spec() -> SecretSpec {
         namespace: NS.to_owned(),
         secret: SECRET.to_owned(),
         service: SERVICE.to_owned(),
+        extra_names: Vec::new(),
         validity: DAY * 365,
         renew_before: DAY * 30,
     }
