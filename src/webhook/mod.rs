@@ -205,6 +205,11 @@ impl Webhook {
                     }
                 },
             };
+            // Answers are small single writes: without this, Nagle's algorithm holds the last
+            // segment of a handshake or response until the peer's delayed ACK (~40 ms).
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(app.clone());
             let connection_watcher = graceful.watcher();
