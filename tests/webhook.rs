@@ -27,6 +27,7 @@ struct Running {
     stats: Arc<Stats>,
     certs: Arc<CertStore>,
     shutdown: Shutdown,
+    served: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -55,8 +56,8 @@ impl Running {
         let stats = webhook.stats();
         let certs = webhook.cert_store();
         let shutdown = Shutdown::new();
-        tokio::spawn(webhook.serve(shutdown.clone()));
-        Self { addr, pki, volume, stats, certs, shutdown, _dir: dir }
+        let served = Some(tokio::spawn(webhook.serve(shutdown.clone())));
+        Self { addr, pki, volume, stats, certs, shutdown, served, _dir: dir }
     }
 
     async fn connect(&self, http: Http) -> Connection {
@@ -344,6 +345,21 @@ async fn plain_http_and_garbage_on_the_port_leave_the_server_serving() {
     }
     let (status, _) = webhook.connect(Http::One).await.get("/healthz").await.unwrap();
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_stops_accepting() {
+    let mut webhook = Running::start(|_| {}).await;
+    let mut idle = webhook.connect(Http::One).await;
+    assert_eq!(idle.get("/healthz").await.unwrap().0, StatusCode::OK);
+    webhook.shutdown.trigger();
+    let served = webhook.served.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap();
+    assert!(idle.get("/healthz").await.is_err(), "the idle keep-alive connection was closed");
+    assert!(https::connect(webhook.addr, &webhook.pki.ca_pem, Http::One).await.is_err());
 }
 
 #[tokio::test]
