@@ -38,6 +38,8 @@ pub enum Command {
     // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
     // knobs would make every other variant as large.
     Simulate(Box<crate::simulate::Args>),
+    /// Serve the mutating admission webhook that injects the sidecar (HTTPS, `POST /mutate`).
+    Webhook(crate::webhook::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -48,5 +50,6 @@ pub fn run() -> std::process::ExitCode {
         Command::Aggregator(args) => crate::aggregator::run(args),
         Command::Sidecar(args) => crate::sidecar::run_cli(args),
         Command::Simulate(args) => crate::simulate::run(&args),
+        Command::Webhook(args) => crate::webhook::run(args),
     }
 }

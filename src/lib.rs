@@ -11,6 +11,7 @@
 //! - [`kubernetes`]: the aggregator's Kubernetes side (worker count, TokenReview, Events);
 //! - [`simulate`]: the `simulate` tool that races the scalers on simulated workloads;
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
+//! - [`webhook`]: the admission webhook that injects the sidecar into opted-in pods;
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 
 pub mod aggregator;
@@ -27,3 +28,4 @@ pub mod sidecar;
 pub mod simulate;
 pub mod storage;
 pub mod telemetry;
+pub mod webhook;

@@ -1,0 +1,232 @@
+//! `certs-gen`: makes the durable-scaler webhook's CA and serving certificate and installs
+//! them, so the webhook needs no external certificate manager.
+//!
+//! - [`pki`]: generating and checking the material (rcgen, rustls' verifier);
+//! - [`cluster`]: the TLS Secret and the MutatingWebhookConfiguration's `caBundle` (kube);
+//! - [`run`]: the command line (`create`, `create --out-dir`, `patch`).
+
+pub mod cluster;
+pub mod pki;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Creates the durable-scaler webhook's CA and serving certificate and installs them.
+///
+/// `create` keeps a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) good: it does nothing
+/// while the certificate stays valid past the renewal horizon, and renews it otherwise.
+/// `patch` writes the Secret's ca.crt into every webhook's caBundle of the
+/// MutatingWebhookConfiguration. `create --out-dir DIR` writes the files locally, no cluster.
+/// Every flag can also be set from the environment variable named in its help.
+#[derive(Debug, Parser)]
+#[command(name = "certs-gen", version, about, long_about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make sure the TLS Secret exists and is valid (or write the files to --out-dir).
+    Create(CreateArgs),
+    /// Copy the Secret's ca.crt into the MutatingWebhookConfiguration's caBundle.
+    Patch(PatchArgs),
+}
+
+/// Where the Secret lives.
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// Namespace of the webhook's Service and Secret.
+    #[arg(long, env = "CERTS_GEN_NAMESPACE", default_value = "durable-scaler")]
+    pub namespace: String,
+    /// Name of the TLS Secret.
+    #[arg(long, env = "CERTS_GEN_SECRET", default_value = "durable-scaler-webhook-tls")]
+    pub secret: String,
+}
+
+/// `certs-gen create`.
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    /// Name of the webhook's Service: the certificate is for <service>.<namespace>.svc and
+    /// <service>.<namespace>.svc.cluster.local.
+    #[arg(long, env = "CERTS_GEN_SERVICE", default_value = "durable-scaler-webhook")]
+    pub service: String,
+    /// Further DNS names or IP addresses for the certificate (repeatable; comma-separated in
+    /// the env var), e.g. `localhost` for local use.
+    #[arg(long = "extra-name", env = "CERTS_GEN_EXTRA_NAMES", value_delimiter = ',')]
+    pub extra_names: Vec<String>,
+    /// Write ca.crt, tls.crt and tls.key into this directory instead of a Secret (no cluster).
+    #[arg(long, env = "CERTS_GEN_OUT_DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Validity of new certificates, in days.
+    #[arg(long, env = "CERTS_GEN_VALIDITY_DAYS", default_value_t = 365,
+          value_parser = clap::value_parser!(u64).range(2..=3650))]
+    pub validity_days: u64,
+    /// Renew when the certificate would be invalid within this many days.
+    #[arg(long, env = "CERTS_GEN_RENEW_BEFORE_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3649))]
+    pub renew_before_days: u64,
+}
+
+/// `certs-gen patch`.
+#[derive(Debug, Clone, Args)]
+pub struct PatchArgs {
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    /// Name of the MutatingWebhookConfiguration whose webhooks get the CA.
+    #[arg(long, env = "CERTS_GEN_WEBHOOK_CONFIG", default_value = "durable-scaler-webhook")]
+    pub webhook_config: String,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--renew-before-days` is not below `--validity-days`.
+    #[error(
+        "--renew-before-days (CERTS_GEN_RENEW_BEFORE_DAYS) {renew} must be below --validity-days \
+         (CERTS_GEN_VALIDITY_DAYS) {validity}, or every run would renew"
+    )]
+    RenewWindow {
+        /// Renewal window in days.
+        renew: u64,
+        /// Validity in days.
+        validity: u64,
+    },
+    /// Writing the files failed.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No Kubernetes configuration was found.
+    #[error("no Kubernetes configuration (in-cluster service account or KUBECONFIG): {0}")]
+    Config(kube::Error),
+    /// Generating material failed.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// The cluster side failed.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+}
+
+/// Writes `ca.crt`, `tls.crt` and `tls.key` (mode 0600) into `dir`, creating it.
+pub fn write_files(dir: &std::path::Path, material: &pki::Material) -> Result<(), Error> {
+    let write = |name: &str, contents: &str, private: bool| -> Result<(), Error> {
+        let path = dir.join(name);
+        let result = (|| {
+            std::fs::create_dir_all(dir)?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            if private {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            std::io::Write::write_all(&mut options.open(&path)?, contents.as_bytes())
+        })();
+        result.map_err(|source| Error::Write { path, source })
+    };
+    write("ca.crt", &material.ca_pem, false)?;
+    write("tls.crt", &material.cert_pem, false)?;
+    write("tls.key", &material.key_pem, true)
+}
+
+/// Runs one command with `client` (made on demand from the environment when `None`).
+pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<String, Error> {
+    let client = || async {
+        match client {
+            Some(c) => Ok(c),
+            None => kube::Client::try_default().await.map_err(Error::Config),
+        }
+    };
+    let now = time::OffsetDateTime::now_utc();
+    match command {
+        Command::Create(args) => {
+            if args.renew_before_days >= args.validity_days {
+                return Err(Error::RenewWindow {
+                    renew: args.renew_before_days,
+                    validity: args.validity_days,
+                });
+            }
+            let validity = DAY * u32::try_from(args.validity_days).unwrap_or(u32::MAX);
+            if let Some(dir) = &args.out_dir {
+                let mut names = pki::dns_names(&args.service, &args.secret.namespace);
+                names.extend(args.extra_names.iter().cloned());
+                write_files(dir, &pki::generate(&names, now, validity)?)?;
+                return Ok(format!(
+                    "wrote ca.crt, tls.crt and tls.key for {} into {}",
+                    names.join(", "),
+                    dir.display()
+                ));
+            }
+            let spec = cluster::SecretSpec {
+                namespace: args.secret.namespace,
+                secret: args.secret.secret,
+                service: args.service,
+                extra_names: args.extra_names,
+                validity,
+                renew_before: DAY * u32::try_from(args.renew_before_days).unwrap_or(u32::MAX),
+            };
+            let outcome = cluster::create(client().await?, &spec, now).await?;
+            Ok(match outcome {
+                cluster::Outcome::Created => format!("created Secret {}/{}", spec.namespace, spec.secret),
+                cluster::Outcome::Renewed { reason } => {
+                    format!("renewed Secret {}/{} ({reason})", spec.namespace, spec.secret)
+                }
+                cluster::Outcome::Unchanged => {
+                    format!("Secret {}/{} is valid; nothing to do", spec.namespace, spec.secret)
+                }
+            })
+        }
+        Command::Patch(args) => {
+            let changed = cluster::patch(
+                client().await?,
+                &args.secret.namespace,
+                &args.secret.secret,
+                &args.webhook_config,
+            )
+            .await?;
+            Ok(format!("MutatingWebhookConfiguration {}: {changed} caBundle(s) updated", args.webhook_config))
+        }
+    }
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // kube links rustls; install ring explicitly so no provider ambiguity can arise.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("certs-gen: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, None)) {
+        Ok(message) => {
+            tracing::info!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! What must hold for every answer of the webhook's review handler, whatever the input:
+//! shared by the cargo-fuzz target (fuzz/) and the stable random harness
+//! (tests/review_fuzz.rs). Panics on a violation, which both report as a finding.
+
+use base64::Engine;
+use durable_scaler::webhook::{
+    inject::{InjectionSettings, SIDECAR_NAME},
+    review::{self, API_VERSION},
+};
+use serde_json::Value;
+
+/// The settings every fuzz run uses.
+pub fn settings() -> InjectionSettings {
+    InjectionSettings {
+        image: "ghcr.io/durable-scaler/durable-scaler:fuzz".to_owned(),
+        aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+        native_sidecar: true,
+        version: "fuzz".to_owned(),
+    }
+}
+
+/// Reviews `data` and checks the answer; returns true when the answer carried a patch.
+pub fn check(data: &[u8], settings: &InjectionSettings) -> bool {
+    let outcome = review::review(data, settings);
+    let body = &outcome.body;
+    assert_eq!(body["apiVersion"], API_VERSION);
+    assert_eq!(body["kind"], "AdmissionReview");
+    let response = &body["response"];
+    let uid = response["uid"].as_str().expect("response.uid is always a string");
+    let input: Option<Value> = serde_json::from_slice(data).ok();
+    if let Some(sent) = input.as_ref().and_then(|v| v.pointer("/request/uid")).and_then(Value::as_str) {
+        assert_eq!(uid, sent, "the request uid is echoed");
+    }
+    match outcome.status {
+        200 => assert_eq!(response["allowed"], true),
+        400 => {
+            assert_eq!(response["allowed"], false);
+            assert!(response["status"]["message"].is_string());
+            assert!(response.get("patch").is_none());
+            return false;
+        }
+        other => panic!("unexpected status {other}"),
+    }
+    let Some(encoded) = response.get("patch") else {
+        assert!(!outcome.injected);
+        return false;
+    };
+    assert!(outcome.injected);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.as_str().expect("patch is a string"))
+        .unwrap();
+    let ops: Vec<Value> = serde_json::from_slice(&bytes).expect("patch is a JSON array");
+    assert!(ops.iter().all(|op| op["op"] == "add"), "only add operations");
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).expect("a valid RFC 6902 patch");
+
+    let mut review_in = input.expect("a patch answers only a decodable review");
+    let original = review_in["request"]["object"].clone();
+    let mut pod = original.clone();
+    json_patch::patch(&mut pod, &patch).unwrap_or_else(|e| panic!("the patch applies to the pod: {e}"));
+
+    let sidecars = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|list| pod["spec"][*list].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["name"] == SIDECAR_NAME)
+        .count();
+    assert_eq!(sidecars, 1, "exactly one sidecar after injection");
+    for list in ["containers", "initContainers", "volumes"] {
+        if let Some(before) = original["spec"][list].as_array() {
+            let after = pod["spec"][list].as_array().expect("lists stay lists");
+            assert_eq!(&after[..before.len()], &before[..], "existing {list} are untouched");
+        }
+    }
+    if let Some(before) = original["metadata"]["annotations"].as_object() {
+        let after = pod["metadata"]["annotations"].as_object().unwrap();
+        for (key, value) in before {
+            if key != "durable-scaler.io/status" && key != "kubectl.kubernetes.io/default-container" {
+                assert_eq!(after.get(key), Some(value), "annotation {key} untouched");
+            }
+        }
+    }
+
+    // Feeding the webhook its own output changes nothing.
+    review_in["request"]["object"] = pod;
+    let again = review::review(review_in.to_string().as_bytes(), settings);
+    assert_eq!(again.status, 200);
+    assert!(again.body["response"].get("patch").is_none(), "a second pass injects nothing");
+    true
+}
