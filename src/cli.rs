@@ -16,6 +16,8 @@ pub struct Cli {
 }
 
 /// The roles and tools.
+// Parsed once at start: the size of a role's settings does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Read one JSON case on stdin, print what the heuristic would decide and why.
@@ -26,6 +28,9 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
+    /// Run next to a Durable Functions app: report the queues of the partitions this pod
+    /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).
+    Sidecar(crate::sidecar::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -33,5 +38,6 @@ pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
+        Command::Sidecar(args) => crate::sidecar::run_cli(args),
     }
 }

@@ -3,16 +3,25 @@
 //!
 //! The three roles live in their own modules over a shared pure engine:
 //! - [`heuristic`]: scaling decisions from queue signals (pure, no I/O, no clock);
+//! - [`storage`]: read-only Azure Storage access to a task hub (sidecar and cold probe);
+//! - [`sidecar`]: the sidecar role, reporting its pod's partitions to the aggregator;
+//! - [`aggregator`]: the aggregator role, serving KEDA;
 //! - [`recommend`]: the `recommend` tool over the heuristics;
+//! - [`emulator`]: the Durable Task side's storage writes, for tests and the demo only;
+//! - [`kubernetes`]: the aggregator's Kubernetes side (worker count, TokenReview, Events);
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
-//! - [`shutdown`], [`telemetry`]: process plumbing every role shares.
+//! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 
 pub mod aggregator;
 pub mod azurite;
 pub mod cli;
+pub mod config;
+pub mod emulator;
 pub mod heuristic;
+pub mod kubernetes;
 pub mod proto;
 pub mod recommend;
 pub mod shutdown;
+pub mod sidecar;
 pub mod storage;
 pub mod telemetry;

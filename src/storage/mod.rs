@@ -3,11 +3,28 @@
 //! Used by the sidecar (its own partitions) and by the aggregator's cold probe (whatever no
 //! sidecar covers). Never creates or writes a task hub's resources.
 //!
-//! INTERFACE SKELETON: the public API the sidecar and aggregator are written against. The
-//! storage issue (#3) fills in the bodies; until then every read fails with
-//! [`StorageError::Unexpected`].
+//! - `account`: [`StorageAccount`], connection strings, endpoints, credentials, and the
+//!   azure_core client options every call goes through;
+//! - `policy`: the Shared Key (Blob/Queue and Table variants) and SAS signing, per-attempt
+//!   timeout and request-counting pipeline policies the official crates lack;
+//! - `table`: the few Table service calls, sent through the same azure_core pipeline since no
+//!   official table crate exists;
+//! - `reader`: [`TaskHubReader`], the reads themselves (queues through `azure_storage_queue`,
+//!   lease blobs through `azure_storage_blob`, the Partitions table through `table`).
+//!
+//! The write side (creating hubs, claiming partitions, enqueueing) lives apart, in
+//! [`crate::emulator`], for tests and the demo only.
 
 use std::time::Duration;
+
+mod account;
+mod policy;
+mod reader;
+pub(crate) mod table;
+
+pub(crate) use account::Service;
+pub use account::{CredentialKind, StorageAccount};
+pub use reader::{PEEK_LIMIT, TaskHubReader};
 
 /// How partition ownership is recorded (host.json `useTablePartitionManagement`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,72 +128,166 @@ impl Default for StorageOptions {
 }
 
 impl TaskHub {
-    /// A task hub name as configured (case preserved). Validation is issue #3's.
+    /// A task hub name as configured (case preserved), unchecked. Prefer [`TaskHub::parse`]
+    /// for names read from configuration.
     pub fn new(name: impl Into<String>) -> Self {
         Self { name: name.into() }
+    }
+
+    /// A task hub name checked as DurableTask checks it: 3 to 50 ASCII letters and digits,
+    /// starting with a letter.
+    pub fn parse(name: &str) -> Result<Self, InvalidTaskHubName> {
+        let valid = (3..=50).contains(&name.len())
+            && name.chars().all(|c| c.is_ascii_alphanumeric())
+            && name.starts_with(|c: char| c.is_ascii_alphabetic());
+        if valid { Ok(Self::new(name)) } else { Err(InvalidTaskHubName(name.to_string())) }
     }
 
     /// The name as configured.
     pub fn name(&self) -> &str {
         &self.name
     }
-}
 
-/// A storage account's endpoints and credential, parsed from a connection string.
-#[derive(Debug, Clone)]
-pub struct StorageAccount {
-    _private: (),
-}
+    /// `{hub lowercased}-control-{NN}`.
+    pub fn control_queue(&self, partition: u32) -> String {
+        format!("{}-control-{partition:02}", self.name.to_ascii_lowercase())
+    }
 
-impl StorageAccount {
-    /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`.
-    pub fn from_connection_string(_connection: &str) -> Result<Self, StorageError> {
-        Err(StorageError::Unexpected {
-            resource: "connection string".into(),
-            message: "not implemented yet".into(),
-        })
+    /// `{hub lowercased}-workitems`.
+    pub fn work_item_queue(&self) -> String {
+        format!("{}-workitems", self.name.to_ascii_lowercase())
+    }
+
+    /// The queue `queue` names.
+    pub fn queue_name(&self, queue: QueueRef) -> String {
+        match queue {
+            QueueRef::WorkItem => self.work_item_queue(),
+            QueueRef::Control(partition) => self.control_queue(partition),
+        }
+    }
+
+    /// `{hub}Partitions` (case as configured): table partition management.
+    pub fn partitions_table(&self) -> String {
+        format!("{}Partitions", self.name)
+    }
+
+    /// `{hub lowercased}-leases`: legacy blob partition management.
+    pub fn lease_container(&self) -> String {
+        format!("{}-leases", self.name.to_ascii_lowercase())
+    }
+
+    /// The lease blob of `partition` inside [`TaskHub::lease_container`].
+    pub fn lease_blob(&self, partition: u32) -> String {
+        format!("default/{}", self.control_queue(partition))
+    }
+
+    /// The partition index a control queue name ends with, if it is one of this hub's.
+    pub fn partition_of(&self, queue_name: &str) -> Option<u32> {
+        let prefix = format!("{}-control-", self.name.to_ascii_lowercase());
+        let index = queue_name.to_ascii_lowercase().strip_prefix(&prefix)?.parse().ok()?;
+        (index < MAX_PARTITIONS).then_some(index)
     }
 }
 
-/// Reads one task hub's queues and partition ownership.
-#[derive(Debug, Clone)]
-pub struct TaskHubReader {
-    hub: TaskHub,
+/// DurableTask's upper bound on the partition count.
+pub const MAX_PARTITIONS: u32 = 16;
+
+/// A task hub name DurableTask would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid task hub name {0:?}: 3 to 50 ASCII letters and digits, starting with a letter")]
+pub struct InvalidTaskHubName(pub String);
+
+impl PartitionMode {
+    /// `table` or `blob`, as the report protocol and the command line spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionMode::Table => "table",
+            PartitionMode::Blob => "blob",
+        }
+    }
 }
 
-impl TaskHubReader {
-    /// A reader for `hub` in `account`.
-    pub fn new(
-        _account: &StorageAccount,
-        hub: TaskHub,
-        _mode: PartitionMode,
-        _options: StorageOptions,
-    ) -> Self {
-        Self { hub }
+impl StorageError {
+    /// Classifies an azure_core error from reading `resource`: 404 means the hub is not
+    /// provisioned, 401/403 a refused credential, transport errors unreachable storage.
+    pub(crate) fn from_azure(resource: &str, error: &azure_core::Error) -> Self {
+        use azure_core::error::ErrorKind;
+        let resource = resource.to_string();
+        match error.kind() {
+            ErrorKind::HttpResponse { status, error_code, .. } => {
+                let code = u16::from(*status);
+                match code {
+                    404 => StorageError::NotProvisioned { resource },
+                    401 | 403 => StorageError::Authentication { resource, status: code },
+                    _ => StorageError::Unexpected {
+                        resource,
+                        message: format!("HTTP {code} {}", error_code.as_deref().unwrap_or(""))
+                            .trim_end()
+                            .to_string(),
+                    },
+                }
+            }
+            ErrorKind::Io | ErrorKind::Connection => {
+                StorageError::Unreachable { resource, message: error_chain(error) }
+            }
+            ErrorKind::Credential => StorageError::Authentication { resource, status: 0 },
+            _ => StorageError::Unexpected { resource, message: error_chain(error) },
+        }
     }
 
-    /// The hub this reader reads.
-    pub fn hub(&self) -> &TaskHub {
-        &self.hub
+    /// A short machine-readable name of the kind (metrics labels, logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StorageError::NotProvisioned { .. } => "not_provisioned",
+            StorageError::Authentication { .. } => "authentication",
+            StorageError::Unreachable { .. } => "unreachable",
+            StorageError::Unexpected { .. } => "unexpected",
+        }
+    }
+}
+
+/// The error and its sources on one line; transport errors hide the useful part in a source.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_names_follow_durable_task() {
+        let hub = TaskHub::new("MyHub");
+        assert_eq!(hub.control_queue(3), "myhub-control-03");
+        assert_eq!(hub.work_item_queue(), "myhub-workitems");
+        assert_eq!(hub.partitions_table(), "MyHubPartitions");
+        assert_eq!(hub.lease_container(), "myhub-leases");
+        assert_eq!(hub.lease_blob(15), "default/myhub-control-15");
     }
 
-    /// Every partition of the hub (P = the number returned) and who holds it at `now_unix_ms`.
-    pub async fn partitions(&self, _now_unix_ms: i64) -> Result<Vec<PartitionLease>, StorageError> {
-        Err(StorageError::Unexpected {
-            resource: self.hub.name.clone(),
-            message: "not implemented yet".into(),
-        })
+    #[test]
+    fn partition_index_is_read_back_from_a_control_queue_name() {
+        let hub = TaskHub::new("MyHub");
+        assert_eq!(hub.partition_of("myhub-control-07"), Some(7));
+        assert_eq!(hub.partition_of("otherhub-control-07"), None);
+        assert_eq!(hub.partition_of("myhub-control-99"), None);
     }
 
-    /// One queue's signals at `now_unix_ms`.
-    pub async fn read_queue(
-        &self,
-        _queue: QueueRef,
-        _now_unix_ms: i64,
-    ) -> Result<QueueSignals, StorageError> {
-        Err(StorageError::Unexpected {
-            resource: self.hub.name.clone(),
-            message: "not implemented yet".into(),
-        })
+    #[test]
+    fn task_hub_names_are_checked_like_durable_task() {
+        assert!(TaskHub::parse("MyHub1").is_ok());
+        for bad in ["ab", "my-hub", "1hub", &"a".repeat(51)] {
+            assert!(TaskHub::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,0 +1,45 @@
+//! Configuration helpers shared by every role's command line: values parsed once, at start,
+//! into typed settings, with messages that say what was expected.
+
+use std::time::Duration;
+
+/// Parses a duration as the command lines write them: `5s`, `500ms`, `2m`, `1h`, `1.5s`, or a
+/// bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration such as 30s, 2m or 500ms"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is not a duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration(" 30 "), Ok(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn bad_durations_say_what_was_expected() {
+        assert!(parse_duration("soon").unwrap_err().contains("30s, 2m or 500ms"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit `d`"));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1.2.3s").is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! The aggregator's Kubernetes side: the worker count read from a ScaledObject's scale
+//! target, the TokenReview check of the sidecars' report tokens, and Events on the
+//! ScaledObject when a hub's recommendation changes.
+//!
+//! Everything here talks to the API server through a `kube::Client` built once by
+//! [`KubeContext::try_default`]; without any Kubernetes configuration the aggregator runs
+//! without this module (worker count from the live reporting pods, `--report-auth none`).
+//!
+//! # RBAC: exactly what the aggregator's service account needs
+//!
+//! The manifests (`manifests/`) grant these rules and nothing more: nothing cluster-admin,
+//! nothing on secrets, no list or watch.
+//!
+//! | apiGroups | resources | verbs | used by |
+//! |---|---|---|---|
+//! | `keda.sh` | `scaledobjects` | `get` | [`KubeWorkerCount`] (scaleTargetRef), [`EventRecorder`] (the ScaledObject's uid) |
+//! | `apps` | `deployments/scale`, `statefulsets/scale` | `get` | [`KubeWorkerCount`] (`status.replicas`) |
+//! | `authentication.k8s.io` | `tokenreviews` | `create` | [`TokenReviewAuthenticator`] |
+//! | `events.k8s.io` | `events` | `create`, `patch` | [`EventRecorder`] (creates only; `patch` is granted for event series, which it does not use yet) |
+//!
+//! `scaledobjects`, `*/scale` and `events` are namespaced: a ClusterRole bound with a
+//! ClusterRoleBinding serves ScaledObjects in every namespace; RoleBindings per namespace
+//! restrict the aggregator to those namespaces. `tokenreviews` is cluster-scoped and needs
+//! the ClusterRole. A scale target of another kind (anything with a `/scale` subresource)
+//! works once its `<resource>/scale` `get` is added to the list.
+//!
+//! # API calls per hub
+//!
+//! - Worker count: on a cache miss one `GET` of the target's `/scale`; the ScaledObject's
+//!   `scaleTargetRef` is re-read (one more `GET`) only when its own, longer cache expires or
+//!   the `/scale` read failed. Hits and misses are cached alike for the TTL, so a hub costs at
+//!   most one `/scale` read per TTL however often it is asked, and a broken API costs at most
+//!   one attempt per TTL.
+//! - Report tokens: one TokenReview `POST` per distinct token, then none until the token
+//!   expires (or the cache's maximum age passes).
+//! - Events: at most one `GET` of the ScaledObject and one `POST` of an Event per
+//!   ScaledObject per minimum event interval.
+
+mod events;
+mod metrics;
+mod token_review;
+mod worker_count;
+
+use std::time::Duration;
+
+pub use events::{EventRecorder, RecommendationChange};
+pub use token_review::{REPORT_TOKEN_AUDIENCE, TokenReviewAuthenticator, authorize};
+pub use worker_count::KubeWorkerCount;
+
+/// The API version of KEDA's ScaledObject, read as a dynamic object (no CRD types).
+pub const SCALED_OBJECT_API_VERSION: &str = "keda.sh/v1alpha1";
+/// The kind of KEDA's ScaledObject.
+pub const SCALED_OBJECT_KIND: &str = "ScaledObject";
+
+/// What went wrong at this module's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Token-checked report authentication was asked for (or is the default) but there is no
+    /// Kubernetes configuration to check tokens with.
+    #[error(
+        "--report-auth tokenreview needs the Kubernetes API, but no Kubernetes configuration was \
+         found (no KUBECONFIG, no ~/.kube/config, not running in a pod with a service account); \
+         run inside the cluster, point KUBECONFIG at one, or pass `--report-auth none` to accept \
+         unauthenticated reports"
+    )]
+    NoConfigForTokenReview,
+    /// A call to the API server failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was being read or written, with the object's namespace and name.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// An object the API server returned lacks a field this module needs.
+    #[error("{what}: {detail}")]
+    Shape {
+        /// Which object.
+        what: String,
+        /// What is missing or wrong.
+        detail: String,
+    },
+}
+
+/// KEDA's ScaledObjects in `namespace`, read as dynamic objects (no CRD types needed).
+fn scaled_objects(client: &kube::Client, namespace: &str) -> kube::Api<kube::api::DynamicObject> {
+    let gvk = kube::core::GroupVersionKind::gvk("keda.sh", "v1alpha1", SCALED_OBJECT_KIND);
+    let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, "scaledobjects");
+    kube::Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+impl Error {
+    fn api(what: impl Into<String>, source: kube::Error) -> Self {
+        Self::Api { what: what.into(), source: Box::new(source) }
+    }
+}
+
+/// How the aggregator authenticates sidecar reports (`--report-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReportAuth {
+    /// Check each report's bearer token with the TokenReview API (audience
+    /// `durable-scaler`) and accept reports only for the pod the token names.
+    #[default]
+    Tokenreview,
+    /// Accept every report unauthenticated (for runs outside a cluster).
+    None,
+}
+
+/// The start-up rule for report authentication: token checking needs a Kubernetes
+/// configuration, so asking for it (the default) without one fails with a message that
+/// names the flag to pass instead. `kube_available` is whether [`KubeContext::try_default`]
+/// found a configuration.
+pub fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<ReportAuth, Error> {
+    match (requested, kube_available) {
+        (ReportAuth::Tokenreview, false) => Err(Error::NoConfigForTokenReview),
+        (mode, _) => Ok(mode),
+    }
+}
+
+/// Settings of the Kubernetes side, for the aggregator's command line
+/// (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeArgs {
+    /// How long a worker count read from a scale target's `/scale` is reused (failures are
+    /// remembered as long, so a broken API is asked once per TTL).
+    #[arg(long, env = "DURABLE_SCALER_WORKER_COUNT_TTL", default_value = "5s", value_parser = positive_duration)]
+    pub worker_count_ttl: Duration,
+    /// The longest a checked report token is trusted without asking the API server again;
+    /// never beyond the token's own expiry. 0s checks every report's token.
+    #[arg(long, env = "DURABLE_SCALER_TOKEN_CACHE_MAX_AGE", default_value = "5m", value_parser = crate::config::parse_duration)]
+    pub token_cache_max_age: Duration,
+    /// How many checked report tokens are remembered at most.
+    #[arg(long, env = "DURABLE_SCALER_TOKEN_CACHE_SIZE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_cache_size: u64,
+    /// The least time between two Events on one ScaledObject; changes in between are folded
+    /// into the next Event (the latest wins, the others are counted in its note).
+    #[arg(long, env = "DURABLE_SCALER_EVENT_MIN_INTERVAL", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub event_min_interval: Duration,
+    /// How long one call to the Kubernetes API may take before it counts as failed.
+    #[arg(long, env = "DURABLE_SCALER_KUBE_API_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub kube_api_timeout: Duration,
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text)
+        .and_then(|d| if d.is_zero() { Err(format!("`{text}` must be above zero")) } else { Ok(d) })
+}
+
+impl Default for KubeArgs {
+    fn default() -> Self {
+        Self {
+            worker_count_ttl: Duration::from_secs(5),
+            token_cache_max_age: Duration::from_secs(300),
+            token_cache_size: 10_000,
+            event_min_interval: Duration::from_secs(30),
+            kube_api_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection to the API server, from which the aggregator builds its Kubernetes sources.
+#[derive(Clone)]
+pub struct KubeContext {
+    client: kube::Client,
+    args: KubeArgs,
+}
+
+impl std::fmt::Debug for KubeContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeContext").field("args", &self.args).finish_non_exhaustive()
+    }
+}
+
+impl KubeContext {
+    /// Connects with the usual inference (KUBECONFIG or `~/.kube/config`, else the pod's
+    /// service account). Without any configuration it logs one warning and returns `None`,
+    /// and the aggregator falls back to the live reporting pods.
+    pub async fn try_default(args: KubeArgs) -> Option<Self> {
+        crate::telemetry::install_crypto_provider();
+        let mut config = match kube::Config::infer().await {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "no Kubernetes configuration found: worker counts come from the live reporting \
+                     pods and no Events are recorded"
+                );
+                return None;
+            }
+        };
+        let timeout = args.kube_api_timeout;
+        config.connect_timeout = Some(timeout);
+        config.read_timeout = Some(timeout);
+        match kube::Client::try_from(config) {
+            Ok(client) => Some(Self { client, args }),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "the Kubernetes configuration found cannot be used: worker counts come from \
+                     the live reporting pods and no Events are recorded"
+                );
+                None
+            }
+        }
+    }
+
+    /// A context over an existing client (tests point one at a fake API server).
+    pub fn from_client(client: kube::Client, args: KubeArgs) -> Self {
+        Self { client, args }
+    }
+
+    /// The client, for anything else the aggregator needs.
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    /// The worker-count source with the configured TTL.
+    pub fn worker_count(&self) -> KubeWorkerCount {
+        KubeWorkerCount::new(self.client.clone(), self.args.worker_count_ttl)
+    }
+
+    /// The report authenticator with the configured cache bounds.
+    pub fn authenticator(&self) -> TokenReviewAuthenticator {
+        TokenReviewAuthenticator::new(self.client.clone())
+            .with_cache_max_age(self.args.token_cache_max_age)
+            .with_cache_size(usize::try_from(self.args.token_cache_size).unwrap_or(usize::MAX))
+    }
+
+    /// The Event recorder, reporting as this pod (`POD_NAME`, else `HOSTNAME`, which
+    /// Kubernetes sets to the pod's name).
+    pub fn event_recorder(&self) -> EventRecorder {
+        let instance = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "durable-scaler-aggregator".to_owned());
+        EventRecorder::new(self.client.clone(), instance, self.args.event_min_interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenreview_without_a_kubernetes_config_fails_naming_the_flag_to_pass() {
+        let error = check_report_auth(ReportAuth::Tokenreview, false).unwrap_err();
+        assert!(error.to_string().contains("--report-auth none"), "{error}");
+    }
+
+    #[test]
+    fn tokenreview_with_a_kubernetes_config_is_kept() {
+        assert_eq!(check_report_auth(ReportAuth::Tokenreview, true).unwrap(), ReportAuth::Tokenreview);
+    }
+
+    #[test]
+    fn report_auth_none_needs_no_kubernetes_config() {
+        assert_eq!(check_report_auth(ReportAuth::None, false).unwrap(), ReportAuth::None);
+        assert_eq!(check_report_auth(ReportAuth::None, true).unwrap(), ReportAuth::None);
+    }
+
+    #[test]
+    fn kube_args_defaults_match_the_command_line_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kube: KubeArgs,
+        }
+        let parsed = Cli::try_parse_from(["test"]).unwrap().kube;
+        let default = KubeArgs::default();
+        assert_eq!(parsed.worker_count_ttl, default.worker_count_ttl);
+        assert_eq!(parsed.token_cache_max_age, default.token_cache_max_age);
+        assert_eq!(parsed.token_cache_size, default.token_cache_size);
+        assert_eq!(parsed.event_min_interval, default.event_min_interval);
+        assert_eq!(parsed.kube_api_timeout, default.kube_api_timeout);
+    }
+}

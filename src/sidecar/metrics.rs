@@ -1,0 +1,121 @@
+//! The sidecar's Prometheus metrics and its small HTTP server (`/healthz`, `/metrics`).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of the storage error counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorKindLabel {
+    /// `not_provisioned`, `authentication`, `unreachable` or `unexpected`.
+    pub kind: String,
+}
+
+/// Everything the sidecar counts.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Polls completed.
+    pub polls: Counter,
+    /// Storage errors met while polling, by kind.
+    pub storage_errors: Family<ErrorKindLabel, Counter>,
+    /// Storage HTTP calls made (retries included).
+    pub storage_requests: Counter,
+    /// Reports the aggregator accepted.
+    pub reports_sent: Counter,
+    /// Reports that could not be delivered.
+    pub report_failures: Counter,
+    /// How long one poll took.
+    pub poll_duration: Histogram,
+    /// Partitions this pod owns at the last poll.
+    pub owned_partitions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set, registered under the `durable_scaler_sidecar` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("durable_scaler_sidecar");
+        let polls = Counter::default();
+        let storage_errors = Family::<ErrorKindLabel, Counter>::default();
+        let storage_requests = Counter::default();
+        let reports_sent = Counter::default();
+        let report_failures = Counter::default();
+        let poll_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let owned_partitions = Gauge::default();
+        registry.register("polls", "Polls of storage completed", polls.clone());
+        registry.register(
+            "storage_errors",
+            "Storage errors met while polling, by kind",
+            storage_errors.clone(),
+        );
+        registry.register(
+            "storage_requests",
+            "Storage HTTP calls made, retries included",
+            storage_requests.clone(),
+        );
+        registry.register("reports_sent", "Reports the aggregator accepted", reports_sent.clone());
+        registry.register(
+            "report_failures",
+            "Reports that could not be delivered to the aggregator",
+            report_failures.clone(),
+        );
+        registry.register("poll_duration_seconds", "Duration of one poll of storage", poll_duration.clone());
+        registry.register(
+            "owned_partitions",
+            "Partitions this pod owned at the last poll",
+            owned_partitions.clone(),
+        );
+        Self {
+            registry,
+            polls,
+            storage_errors,
+            storage_requests,
+            reports_sent,
+            report_failures,
+            poll_duration,
+            owned_partitions,
+        }
+    }
+
+    /// Records one poll.
+    pub fn record_poll(&self, duration: Duration, owned: usize, error_kinds: &[&'static str], requests: u64) {
+        self.polls.inc();
+        self.poll_duration.observe(duration.as_secs_f64());
+        self.owned_partitions.set(owned as i64);
+        self.storage_requests.inc_by(requests);
+        for kind in error_kinds {
+            self.storage_errors.get_or_create(&ErrorKindLabel { kind: (*kind).to_string() }).inc();
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// `/healthz` (the process is up and serving) and `/metrics`.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics)
+}
+
+async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+}

@@ -1,0 +1,329 @@
+//! The `durable-scaler sidecar` role: runs next to a Durable Functions app in its pod, reads
+//! the control queues of the partitions this pod owns (and the work-item queue when it owns
+//! partition 0) every interval, and reports them to the aggregator.
+//!
+//! Data flow: [`poll::poll`] (storage, read-only) -> a `Report` -> a one-slot watch channel ->
+//! [`report::deliver_latest`] (gRPC). Polling never waits on the aggregator, and a slow or
+//! absent aggregator only ever costs the latest report. On shutdown a final `leaving`
+//! report tells the aggregator to probe this pod's partitions itself.
+//!
+//! - [`config`]: flags and environment, validated once;
+//! - [`poll`]: one poll and its translation into the report protocol;
+//! - [`report`]: the gRPC client and the latest-only delivery loop;
+//! - [`metrics`]: Prometheus metrics and the `/healthz` + `/metrics` server.
+
+pub mod config;
+pub mod metrics;
+pub mod poll;
+pub mod report;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+
+pub use config::{Args, Config, ConfigError};
+pub use metrics::Metrics;
+pub use poll::PollResult;
+pub use report::ReportClient;
+
+use crate::{
+    proto::report as proto,
+    shutdown::Shutdown,
+    storage::{StorageOptions, TaskHubReader},
+};
+
+/// How long the final `leaving` report may take: the whole shutdown must fit in 2 s.
+const LEAVING_TIMEOUT: Duration = Duration::from_millis(1200);
+/// How long the HTTP server may take to close its connections on shutdown.
+const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Why the sidecar could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr} (DURABLE_SCALER_HTTP_ADDR): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The aggregator URL cannot make a gRPC endpoint.
+    #[error("DURABLE_SCALER_AGGREGATOR: {0}")]
+    Aggregator(#[from] report::ReportError),
+}
+
+/// A sidecar with its HTTP port bound, ready to run.
+#[derive(Debug)]
+pub struct Sidecar {
+    config: Config,
+    listener: tokio::net::TcpListener,
+    client: ReportClient,
+    metrics: Arc<Metrics>,
+}
+
+impl Sidecar {
+    /// Binds the HTTP address and prepares the aggregator client (which connects lazily).
+    pub async fn bind(config: Config) -> Result<Self, SidecarError> {
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
+        let client = ReportClient::new(&config.aggregator, config.token_file.clone())?;
+        Ok(Self { config, listener, client, metrics: Arc::new(Metrics::new()) })
+    }
+
+    /// The address `/healthz` and `/metrics` are served on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.http_addr)
+    }
+
+    /// The sidecar's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Polls and reports every interval until `shutdown`, then sends a `leaving` report and
+    /// returns (within about 1.5 s of the signal).
+    pub async fn run(self, shutdown: Shutdown) {
+        let Self { config, listener, client, metrics } = self;
+        let http = tokio::spawn({
+            let shutdown = shutdown.clone();
+            let app = metrics::router(metrics.clone());
+            async move {
+                let served =
+                    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await });
+                if let Err(e) = served.await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }
+        });
+        let (latest, receiver) = watch::channel(None);
+        let suggested_interval_ms = Arc::new(AtomicU32::new(0));
+        let call_timeout = config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
+        let delivery = tokio::spawn(report::deliver_latest(
+            client.clone(),
+            receiver,
+            call_timeout,
+            metrics.clone(),
+            suggested_interval_ms.clone(),
+            shutdown.clone(),
+        ));
+
+        let partition_count =
+            poll_until_shutdown(&config, &metrics, &latest, &suggested_interval_ms, &shutdown).await;
+
+        let _ = delivery.await;
+        let leaving = leaving_report(&config, config.interval, partition_count, now_unix_ms());
+        match client.submit(leaving, LEAVING_TIMEOUT).await {
+            Ok(_) => tracing::info!("sent the leaving report"),
+            Err(e) => tracing::warn!(error = %e, "could not send the leaving report"),
+        }
+        if tokio::time::timeout(HTTP_CLOSE_TIMEOUT, http).await.is_err() {
+            tracing::debug!("HTTP connections still open at exit");
+        }
+    }
+}
+
+/// The poll loop; returns the last partition count seen. Polls every `config.interval`, or
+/// every interval the aggregator last suggested (within [`config::INTERVAL_RANGE`]).
+async fn poll_until_shutdown(
+    config: &Config,
+    metrics: &Metrics,
+    latest: &watch::Sender<Option<proto::Report>>,
+    suggested_interval_ms: &AtomicU32,
+    shutdown: &Shutdown,
+) -> u32 {
+    let reader = TaskHubReader::new(
+        &config.account,
+        config.task_hub.clone(),
+        config.partition_mode,
+        storage_options(config),
+    );
+    let mut interval = config.interval;
+    let mut ticker = new_ticker(interval, Duration::ZERO);
+    let mut partition_count = 0;
+    let mut last_error_kind: Option<&'static str> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {},
+            _ = shutdown.wait() => break,
+        }
+        let started = Instant::now();
+        let requests_before = reader.account().request_count();
+        let now = now_unix_ms();
+        let result = tokio::select! {
+            result = poll::poll(&reader, &config.pod_name, now) => result,
+            _ = shutdown.wait() => break,
+        };
+        let kinds: Vec<&'static str> = result.errors.iter().map(|e| e.kind()).collect();
+        metrics.record_poll(
+            started.elapsed(),
+            result.owned.len(),
+            &kinds,
+            reader.account().request_count() - requests_before,
+        );
+        // Log a storage problem when it starts or changes, not on every poll.
+        let kind = kinds.first().copied();
+        if kind != last_error_kind {
+            match result.errors.first() {
+                Some(e) => tracing::warn!(error = %e, "storage read failed"),
+                None => {
+                    tracing::info!(owned = ?result.owned, partitions = result.partition_count, "storage reads healthy")
+                }
+            }
+            last_error_kind = kind;
+        }
+        if result.partition_count > 0 {
+            partition_count = result.partition_count;
+        }
+        latest.send_replace(Some(report_of(config, interval, &result, now)));
+        let wanted = effective_interval(config.interval, suggested_interval_ms.load(Ordering::Relaxed));
+        if wanted != interval {
+            tracing::info!(
+                interval_ms = wanted.as_millis() as u64,
+                "poll interval changed by the aggregator"
+            );
+            interval = wanted;
+            ticker = new_ticker(interval, interval);
+        }
+    }
+    partition_count
+}
+
+/// A ticker of `period` whose first tick comes after `first`; a late tick delays the next.
+fn new_ticker(period: Duration, first: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// The aggregator's suggestion when it makes one (non-zero), kept within
+/// [`config::INTERVAL_RANGE`]; else the configured interval.
+fn effective_interval(configured: Duration, suggested_ms: u32) -> Duration {
+    if suggested_ms == 0 {
+        return configured;
+    }
+    Duration::from_millis(u64::from(suggested_ms))
+        .clamp(*config::INTERVAL_RANGE.start(), *config::INTERVAL_RANGE.end())
+}
+
+/// Per-attempt timeouts sized to the interval: a poll must not outlast several intervals.
+fn storage_options(config: &Config) -> StorageOptions {
+    StorageOptions {
+        attempt_timeout: config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10)),
+        max_retries: 2,
+    }
+}
+
+fn base_report(config: &Config, interval: Duration, sampled_at_unix_ms: i64) -> proto::Report {
+    proto::Report {
+        pod: Some(proto::PodRef { namespace: config.pod_namespace.clone(), name: config.pod_name.clone() }),
+        task_hub: config.task_hub.name().to_string(),
+        sampled_at_unix_ms,
+        interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        sidecar_version: env!("CARGO_PKG_VERSION").to_string(),
+        partition_mode: config.partition_mode.as_str().to_string(),
+        ..Default::default()
+    }
+}
+
+/// The report of one poll made at `interval`.
+pub fn report_of(
+    config: &Config,
+    interval: Duration,
+    result: &PollResult,
+    sampled_at_unix_ms: i64,
+) -> proto::Report {
+    proto::Report {
+        partition_count: result.partition_count,
+        control_queues: result
+            .control_queues
+            .iter()
+            .map(|(partition, signals)| proto::ControlQueueSignals {
+                partition: *partition,
+                signals: Some(poll::signals_to_proto(signals)),
+            })
+            .collect(),
+        work_item: result.work_item.as_ref().map(poll::signals_to_proto),
+        error: result.errors.first().map(poll::error_to_proto),
+        ..base_report(config, interval, sampled_at_unix_ms)
+    }
+}
+
+/// The last report before the pod goes: no queues, `leaving` set.
+pub fn leaving_report(
+    config: &Config,
+    interval: Duration,
+    partition_count: u32,
+    sampled_at_unix_ms: i64,
+) -> proto::Report {
+    proto::Report { partition_count, leaving: true, ..base_report(config, interval, sampled_at_unix_ms) }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// `durable-scaler sidecar`: validates the settings (exit status 2 naming the bad
+/// variable), then runs until SIGTERM or Ctrl-C.
+pub fn run_cli(args: Args) -> std::process::ExitCode {
+    crate::telemetry::init();
+    crate::telemetry::install_crypto_provider();
+    let config = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("durable-scaler sidecar: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // One thread: the sidecar's work is a few HTTP calls per interval, and every pod of the
+    // app carries one, so memory matters more than parallelism.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("durable-scaler sidecar: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = Shutdown::on_signal();
+        let sidecar = match Sidecar::bind(config.clone()).await {
+            Ok(sidecar) => sidecar,
+            Err(e) => {
+                eprintln!("durable-scaler sidecar: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        tracing::info!(
+            task_hub = config.task_hub.name(),
+            pod = config.pod_name,
+            mode = config.partition_mode.as_str(),
+            interval_ms = config.interval.as_millis() as u64,
+            http = %sidecar.http_addr(),
+            "sidecar started"
+        );
+        sidecar.run(shutdown).await;
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_aggregator_suggestion_wins_within_bounds() {
+        let configured = Duration::from_secs(5);
+        assert_eq!(effective_interval(configured, 0), configured);
+        assert_eq!(effective_interval(configured, 15_000), Duration::from_secs(15));
+        assert_eq!(effective_interval(configured, 1), Duration::from_millis(100));
+        assert_eq!(effective_interval(configured, u32::MAX), Duration::from_secs(600));
+    }
+}

@@ -1,0 +1,478 @@
+//! A storage account as a task hub's app sees it: endpoints and credential, parsed from the
+//! connection string in `AzureWebJobsStorage`, and the azure_core pipelines built over them.
+//!
+//! Supported forms:
+//! - `UseDevelopmentStorage=true` (Azurite on its default ports);
+//! - `DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k[;EndpointSuffix=s]`;
+//! - explicit `QueueEndpoint=`, `BlobEndpoint=`, `TableEndpoint=` (override the derived ones);
+//! - `SharedAccessSignature=sv=...&sig=...` with explicit endpoints or an `AccountName`;
+//! - `AccountName=a` alone (or with `EndpointSuffix`/explicit endpoints) and no key or SAS:
+//!   Entra ID through azure_identity, the workload identity credential when
+//!   `AZURE_FEDERATED_TOKEN_FILE` is set (AKS workload identity injects it), else the managed
+//!   identity credential. This is the shape of an identity-based `AzureWebJobsStorage`
+//!   (`AzureWebJobsStorage__accountName`) written as a connection string.
+
+use std::sync::{Arc, atomic::AtomicU64, atomic::Ordering};
+
+use azure_core::{
+    credentials::TokenCredential,
+    http::{
+        ClientOptions, ExponentialRetryOptions, HttpClient, RetryOptions, Transport, Url,
+        policies::{Policy, auth::BearerTokenAuthorizationPolicy},
+    },
+};
+use azure_storage_blob::{BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions};
+use azure_storage_queue::{QueueClient, QueueClientOptions};
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+
+use super::{
+    StorageError, StorageOptions,
+    policy::{AttemptTimeoutPolicy, CountingPolicy, SasPolicy, SharedKeyPolicy, SharedKeyService},
+};
+
+/// The Azurite account and key `UseDevelopmentStorage=true` stands for.
+const DEV_ACCOUNT: &str = crate::azurite::ACCOUNT;
+const DEV_KEY: &str = crate::azurite::ACCOUNT_KEY;
+
+/// How requests to the account are authorised.
+#[derive(Clone)]
+enum Credential {
+    SharedKey(Vec<u8>),
+    Sas(String),
+    Token(Arc<dyn TokenCredential>),
+}
+
+/// Which kind of credential a connection string carries (for logs and diagnostics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `AccountKey`: Shared Key signing.
+    SharedKey,
+    /// `SharedAccessSignature`.
+    SharedAccessSignature,
+    /// No secret in the string: Entra ID (workload or managed identity).
+    EntraId,
+}
+
+/// One Azure Storage service of the account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Service {
+    Blob,
+    Queue,
+    Table,
+}
+
+/// A storage account's endpoints and credential, parsed from a connection string. Cheap to
+/// clone: clones share one HTTP connection pool and one request counter.
+#[derive(Clone)]
+pub struct StorageAccount {
+    name: Option<String>,
+    blob_endpoint: Url,
+    queue_endpoint: Url,
+    table_endpoint: Url,
+    credential: Credential,
+    http: Arc<dyn HttpClient>,
+    requests: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for StorageAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The credential is deliberately left out.
+        f.debug_struct("StorageAccount")
+            .field("name", &self.name)
+            .field("blob_endpoint", &self.blob_endpoint.as_str())
+            .field("queue_endpoint", &self.queue_endpoint.as_str())
+            .field("table_endpoint", &self.table_endpoint.as_str())
+            .field("credential", &self.credential_kind())
+            .finish()
+    }
+}
+
+fn invalid(message: impl Into<String>) -> StorageError {
+    StorageError::Unexpected { resource: "connection string".into(), message: message.into() }
+}
+
+impl StorageAccount {
+    /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`
+    /// (forms in the module docs). Errors name the offending key, never a secret's value.
+    pub fn from_connection_string(connection: &str) -> Result<Self, StorageError> {
+        let fields = parse_fields(connection)?;
+        let get = |key: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.as_str())
+                .filter(|v| !v.is_empty())
+        };
+        let development = get("UseDevelopmentStorage");
+        if let Some(value) = development {
+            if !value.eq_ignore_ascii_case("true") {
+                return Err(invalid("UseDevelopmentStorage must be `true` when present"));
+            }
+            let proxy = get("DevelopmentStorageProxyUri").unwrap_or("http://127.0.0.1");
+            let proxy = proxy.trim_end_matches('/');
+            let endpoint = |port: u16| format!("{proxy}:{port}/{DEV_ACCOUNT}");
+            return Self::build(
+                Some(DEV_ACCOUNT.into()),
+                [endpoint(10000), endpoint(10001), endpoint(10002)],
+                Credential::SharedKey(decode_key(DEV_KEY)?),
+            );
+        }
+
+        let name = get("AccountName").map(str::to_string);
+        let protocol = get("DefaultEndpointsProtocol").unwrap_or("https");
+        if !protocol.eq_ignore_ascii_case("https") && !protocol.eq_ignore_ascii_case("http") {
+            return Err(invalid("DefaultEndpointsProtocol must be `https` or `http`"));
+        }
+        let suffix = get("EndpointSuffix").unwrap_or("core.windows.net");
+        let endpoint = |key: &str, service: &str| -> Result<String, StorageError> {
+            match (get(key), &name) {
+                (Some(explicit), _) => Ok(explicit.to_string()),
+                (None, Some(account)) => {
+                    Ok(format!("{}://{account}.{service}.{suffix}", protocol.to_ascii_lowercase()))
+                }
+                (None, None) => Err(invalid(format!("neither {key} nor AccountName is given"))),
+            }
+        };
+        let endpoints = [
+            endpoint("BlobEndpoint", "blob")?,
+            endpoint("QueueEndpoint", "queue")?,
+            endpoint("TableEndpoint", "table")?,
+        ];
+
+        let credential = match (get("AccountKey"), get("SharedAccessSignature")) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("AccountKey and SharedAccessSignature are both given; keep one"));
+            }
+            (Some(key), None) => {
+                if name.is_none() {
+                    return Err(invalid("AccountKey needs AccountName"));
+                }
+                Credential::SharedKey(decode_key(key)?)
+            }
+            (None, Some(sas)) => {
+                if !sas.contains("sig=") {
+                    return Err(invalid("SharedAccessSignature has no `sig` parameter"));
+                }
+                Credential::Sas(sas.trim_start_matches('?').to_string())
+            }
+            (None, None) => {
+                if name.is_none() {
+                    return Err(invalid("no AccountKey, SharedAccessSignature or AccountName"));
+                }
+                Credential::Token(entra_id_credential()?)
+            }
+        };
+        Self::build(name, endpoints, credential)
+    }
+
+    fn build(
+        name: Option<String>,
+        [blob, queue, table]: [String; 3],
+        credential: Credential,
+    ) -> Result<Self, StorageError> {
+        let url = |key: &str, value: String| {
+            let trimmed = value.trim_end_matches('/');
+            Url::parse(trimmed)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .ok_or_else(|| invalid(format!("{key} is not an http(s) URL")))
+        };
+        let account = Self {
+            blob_endpoint: url("BlobEndpoint", blob)?,
+            queue_endpoint: url("QueueEndpoint", queue)?,
+            table_endpoint: url("TableEndpoint", table)?,
+            name,
+            credential,
+            http: azure_core::http::new_http_client(None),
+            requests: Arc::new(AtomicU64::new(0)),
+        };
+        if let Credential::Token(_) = account.credential {
+            for (key, endpoint) in [
+                ("BlobEndpoint", &account.blob_endpoint),
+                ("QueueEndpoint", &account.queue_endpoint),
+                ("TableEndpoint", &account.table_endpoint),
+            ] {
+                if endpoint.scheme() != "https" {
+                    return Err(invalid(format!("{key} must use https with an Entra ID credential")));
+                }
+            }
+        }
+        Ok(account)
+    }
+
+    /// The account name, when the string names one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The Blob endpoint, without a trailing slash.
+    pub fn blob_endpoint(&self) -> &Url {
+        &self.blob_endpoint
+    }
+
+    /// The Queue endpoint, without a trailing slash.
+    pub fn queue_endpoint(&self) -> &Url {
+        &self.queue_endpoint
+    }
+
+    /// The Table endpoint, without a trailing slash.
+    pub fn table_endpoint(&self) -> &Url {
+        &self.table_endpoint
+    }
+
+    /// How requests are authorised.
+    pub fn credential_kind(&self) -> CredentialKind {
+        match self.credential {
+            Credential::SharedKey(_) => CredentialKind::SharedKey,
+            Credential::Sas(_) => CredentialKind::SharedAccessSignature,
+            Credential::Token(_) => CredentialKind::EntraId,
+        }
+    }
+
+    /// HTTP requests sent through this account (and its clones) so far, retries included.
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint of `service`.
+    pub(crate) fn endpoint(&self, service: Service) -> &Url {
+        match service {
+            Service::Blob => &self.blob_endpoint,
+            Service::Queue => &self.queue_endpoint,
+            Service::Table => &self.table_endpoint,
+        }
+    }
+
+    /// `endpoint/segment`, e.g. a queue's or a container's URL.
+    pub(crate) fn url(&self, service: Service, path: &str) -> Result<Url, StorageError> {
+        let base = self.endpoint(service).as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/{path}"))
+            .map_err(|e| StorageError::Unexpected { resource: path.into(), message: e.to_string() })
+    }
+
+    /// A client of queue `name`.
+    pub(crate) fn queue_client(
+        &self,
+        name: &str,
+        options: &StorageOptions,
+    ) -> Result<QueueClient, StorageError> {
+        let client_options = QueueClientOptions {
+            client_options: self.client_options(Service::Queue, options),
+            ..Default::default()
+        };
+        QueueClient::new(self.url(Service::Queue, name)?, None, Some(client_options))
+            .map_err(|e| StorageError::from_azure(name, &e))
+    }
+
+    /// A client of blob `path` (`container/name`, where the name may contain `/`).
+    pub(crate) fn blob_client(
+        &self,
+        path: &str,
+        options: &StorageOptions,
+    ) -> Result<BlobClient, StorageError> {
+        let client_options = BlobClientOptions {
+            client_options: self.client_options(Service::Blob, options),
+            ..Default::default()
+        };
+        BlobClient::new(self.url(Service::Blob, path)?, None, Some(client_options))
+            .map_err(|e| StorageError::from_azure(path, &e))
+    }
+
+    /// A client of container `name`.
+    pub(crate) fn container_client(
+        &self,
+        name: &str,
+        options: &StorageOptions,
+    ) -> Result<BlobContainerClient, StorageError> {
+        let client_options = BlobContainerClientOptions {
+            client_options: self.client_options(Service::Blob, options),
+            ..Default::default()
+        };
+        BlobContainerClient::new(self.url(Service::Blob, name)?, None, Some(client_options))
+            .map_err(|e| StorageError::from_azure(name, &e))
+    }
+
+    /// Client options for `service`: counting, per-attempt timeout and authorisation as
+    /// per-try policies, exponential retries with jitter on transient failures only (the
+    /// azure_core retry policy: 408, 429, 500, 502, 503, 504 and connection errors), and the
+    /// account's shared connection pool.
+    pub(crate) fn client_options(&self, service: Service, options: &StorageOptions) -> ClientOptions {
+        let mut per_try: Vec<Arc<dyn Policy>> = vec![
+            Arc::new(CountingPolicy { count: self.requests.clone() }),
+            Arc::new(AttemptTimeoutPolicy { timeout: options.attempt_timeout }),
+        ];
+        per_try.push(match &self.credential {
+            Credential::SharedKey(key) => {
+                let variant = if service == Service::Table {
+                    SharedKeyService::Table
+                } else {
+                    SharedKeyService::BlobOrQueue
+                };
+                Arc::new(SharedKeyPolicy::new(self.name.as_deref().unwrap_or_default(), key, variant))
+            }
+            Credential::Sas(sas) => Arc::new(SasPolicy::new(sas)),
+            Credential::Token(credential) => Arc::new(BearerTokenAuthorizationPolicy::new(
+                credential.clone(),
+                vec!["https://storage.azure.com/.default"],
+            )),
+        });
+        let retry = RetryOptions::exponential(ExponentialRetryOptions {
+            initial_delay: azure_core::time::Duration::milliseconds(200),
+            max_retries: options.max_retries,
+            max_total_elapsed: azure_core::time::Duration::seconds(30),
+            max_delay: azure_core::time::Duration::seconds(2),
+        });
+        ClientOptions {
+            per_try_policies: per_try,
+            retry,
+            transport: Some(Transport::new(self.http.clone())),
+            ..Default::default()
+        }
+    }
+}
+
+/// `key=value` pairs separated by `;`; values may contain `=` (keys, SAS).
+fn parse_fields(connection: &str) -> Result<Vec<(String, String)>, StorageError> {
+    let connection = connection.trim();
+    if connection.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    connection
+        .split(';')
+        .map(str::trim)
+        .filter(|segment| !segment.is_empty())
+        .enumerate()
+        .map(|(i, segment)| match segment.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            // Do not echo the segment: it may be a secret missing its key.
+            _ => Err(invalid(format!("segment {} is not `key=value`", i + 1))),
+        })
+        .collect()
+}
+
+fn decode_key(key: &str) -> Result<Vec<u8>, StorageError> {
+    BASE64.decode(key).map_err(|_| invalid("AccountKey is not valid base64"))
+}
+
+/// Workload identity when the pod has a federated token, else managed identity.
+fn entra_id_credential() -> Result<Arc<dyn TokenCredential>, StorageError> {
+    let result: azure_core::Result<Arc<dyn TokenCredential>> =
+        if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+            azure_identity::WorkloadIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
+        } else {
+            azure_identity::ManagedIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
+        };
+    result.map_err(|e| invalid(format!("no key or SAS given, and no Entra ID credential is available: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(a: &StorageAccount) -> [&str; 3] {
+        [a.blob_endpoint().as_str(), a.queue_endpoint().as_str(), a.table_endpoint().as_str()]
+    }
+
+    #[test]
+    fn development_storage_is_azurite_on_its_default_ports() {
+        let a = StorageAccount::from_connection_string("UseDevelopmentStorage=true").unwrap();
+        assert_eq!(
+            endpoints(&a),
+            [
+                "http://127.0.0.1:10000/devstoreaccount1",
+                "http://127.0.0.1:10001/devstoreaccount1",
+                "http://127.0.0.1:10002/devstoreaccount1"
+            ]
+        );
+        assert_eq!((a.name(), a.credential_kind()), (Some("devstoreaccount1"), CredentialKind::SharedKey));
+    }
+
+    #[test]
+    fn account_name_and_key_derive_public_cloud_endpoints() {
+        let a = StorageAccount::from_connection_string(
+            "DefaultEndpointsProtocol=https;AccountName=myapp;AccountKey=a2V5;EndpointSuffix=core.windows.net",
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(&a),
+            [
+                "https://myapp.blob.core.windows.net/",
+                "https://myapp.queue.core.windows.net/",
+                "https://myapp.table.core.windows.net/"
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoint_suffix_selects_a_sovereign_cloud() {
+        let a = StorageAccount::from_connection_string(
+            "AccountName=x;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn",
+        )
+        .unwrap();
+        assert_eq!(a.queue_endpoint().as_str(), "https://x.queue.core.chinacloudapi.cn/");
+    }
+
+    #[test]
+    fn explicit_endpoints_win_and_lose_their_trailing_slash() {
+        let a = StorageAccount::from_connection_string(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://h:1/devstoreaccount1/;QueueEndpoint=http://h:2/devstoreaccount1/;TableEndpoint=http://h:3/devstoreaccount1//",
+        )
+        .unwrap();
+        assert_eq!(
+            endpoints(&a),
+            ["http://h:1/devstoreaccount1", "http://h:2/devstoreaccount1", "http://h:3/devstoreaccount1"]
+        );
+    }
+
+    #[test]
+    fn shared_access_signature_with_explicit_endpoints_needs_no_account_name() {
+        let a = StorageAccount::from_connection_string(
+            "BlobEndpoint=https://x.blob.core.windows.net/;QueueEndpoint=https://x.queue.core.windows.net/;TableEndpoint=https://x.table.core.windows.net/;SharedAccessSignature=sv=2022-11-02&ss=bqt&sig=abc%3D",
+        )
+        .unwrap();
+        assert_eq!((a.name(), a.credential_kind()), (None, CredentialKind::SharedAccessSignature));
+        assert_eq!(a.queue_endpoint().as_str(), "https://x.queue.core.windows.net/");
+    }
+
+    #[test]
+    fn account_name_alone_means_entra_id() {
+        let a = StorageAccount::from_connection_string("AccountName=myapp").unwrap();
+        assert_eq!(a.credential_kind(), CredentialKind::EntraId);
+        assert_eq!(a.table_endpoint().as_str(), "https://myapp.table.core.windows.net/");
+    }
+
+    #[test]
+    fn a_bad_key_is_named_but_never_echoed() {
+        let err = StorageAccount::from_connection_string("AccountName=x;AccountKey=not*base64*secret")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AccountKey is not valid base64"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn malformed_strings_say_what_is_wrong() {
+        let cases = [
+            ("", "empty"),
+            ("AccountName=x;justasecretvalue", "segment 2"),
+            ("AccountKey=a2V5", "AccountName"),
+            ("AccountName=x;AccountKey=a2V5;SharedAccessSignature=sig=1", "both"),
+            ("QueueEndpoint=http://h:1/a;SharedAccessSignature=sig=1", "BlobEndpoint"),
+            ("AccountName=x;AccountKey=a2V5;QueueEndpoint=not a url", "QueueEndpoint is not an http(s) URL"),
+            ("AccountName=x;AccountKey=a2V5;DefaultEndpointsProtocol=ftp", "DefaultEndpointsProtocol"),
+            ("UseDevelopmentStorage=false", "UseDevelopmentStorage"),
+        ];
+        for (cs, expected) in cases {
+            let err = StorageAccount::from_connection_string(cs).unwrap_err().to_string();
+            assert!(err.contains(expected), "{cs:?}: {err}");
+            assert!(!err.contains("justasecretvalue"), "{err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let a = StorageAccount::from_connection_string("AccountName=x;AccountKey=c2VjcmV0a2V5").unwrap();
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("c2VjcmV0a2V5") && shown.contains("SharedKey"), "{shown}");
+    }
+}

@@ -1,0 +1,37 @@
+//! Helpers shared by the storage and sidecar integration tests.
+#![allow(dead_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use durable_scaler::{
+    azurite::Azurite,
+    emulator::TaskHubEmulator,
+    storage::{PartitionMode, StorageAccount, TaskHub},
+};
+
+/// The shared Azurite's account (with the crypto provider installed, as every role does).
+pub fn account() -> StorageAccount {
+    durable_scaler::telemetry::install_crypto_provider();
+    StorageAccount::from_connection_string(&Azurite::shared().connection_string())
+        .expect("Azurite's connection string")
+}
+
+/// A hub name unique to this test and this run (Azurite may outlive one run).
+pub fn hub(name: &str) -> TaskHub {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    TaskHub::parse(&format!("{name}{nanos}")).unwrap()
+}
+
+/// Wall-clock now, ms since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A new hub with `partitions` partitions, laid out in the shared Azurite as DurableTask
+/// does in `mode`, all unowned and empty.
+pub async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHub, TaskHubEmulator) {
+    let hub = hub(name);
+    let emulator = TaskHubEmulator::new(&account(), hub.clone(), mode);
+    emulator.create(partitions).await.expect("create the hub");
+    (hub, emulator)
+}

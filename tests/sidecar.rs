@@ -1,0 +1,531 @@
+//! The sidecar against a real Azurite and a real gRPC server over loopback.
+//!
+//! The aggregator is being built in parallel (issue #5), so the report receiver here is a
+//! test double: a real tonic `ReportService` server that records every report it receives
+//! and the `authorization` header it came with (and can stall on demand).
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{hub, laid_out, now_ms};
+use durable_scaler::{
+    azurite::{ACCOUNT, ACCOUNT_KEY, Azurite},
+    proto::report::{
+        Report, ReportAck,
+        report_error::Kind,
+        report_service_server::{ReportService, ReportServiceServer},
+    },
+    shutdown::Shutdown,
+    sidecar::{Args, Config, Sidecar},
+    storage::{PartitionMode, QueueRef, TaskHub},
+};
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
+
+const LEASE: Duration = Duration::from_secs(60);
+const TIMER: Duration = Duration::from_secs(3600);
+/// Generous: the machine running the suite is small and busy.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// One received report and the credential it carried.
+#[derive(Debug, Clone)]
+struct Received {
+    report: Report,
+    authorization: Option<String>,
+}
+
+/// The aggregator's report service, reduced to recording what it receives.
+#[derive(Debug, Clone, Default)]
+struct RecordingAggregator {
+    received: Arc<Mutex<Vec<Received>>>,
+    stalled: Arc<AtomicBool>,
+    suggested_interval_ms: Arc<AtomicU32>,
+}
+
+#[tonic::async_trait]
+impl ReportService for RecordingAggregator {
+    async fn submit(
+        &self,
+        request: tonic::Request<Report>,
+    ) -> Result<tonic::Response<ReportAck>, tonic::Status> {
+        if self.stalled.load(Ordering::SeqCst) {
+            // A stuck aggregator: never answers (the sidecar's call times out).
+            std::future::pending::<()>().await;
+        }
+        let authorization =
+            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        self.received.lock().unwrap().push(Received { report: request.into_inner(), authorization });
+        let suggested_interval_ms = self.suggested_interval_ms.load(Ordering::SeqCst);
+        Ok(tonic::Response::new(ReportAck { suggested_interval_ms }))
+    }
+}
+
+impl RecordingAggregator {
+    async fn start() -> (Self, String) {
+        let aggregator = Self::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let service = ReportServiceServer::new(aggregator.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (aggregator, url)
+    }
+
+    /// Waits for a report received at or after index `from` that satisfies `wanted`.
+    async fn wait_for(
+        &self,
+        from: usize,
+        what: &str,
+        wanted: impl Fn(&Received) -> bool,
+    ) -> (usize, Received) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            {
+                let received = self.received.lock().unwrap();
+                if let Some((i, r)) = received.iter().enumerate().skip(from).find(|(_, r)| wanted(r)) {
+                    return (i, r.clone());
+                }
+                if Instant::now() > deadline {
+                    panic!("no report {what} within {DEADLINE:?}; last: {:?}", received.last());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+fn args(
+    hub: &TaskHub,
+    connection: String,
+    aggregator: &str,
+    pod: &str,
+    mode: PartitionMode,
+    token_file: PathBuf,
+) -> Args {
+    Args {
+        task_hub: Some(hub.name().to_string()),
+        connection: Some(connection),
+        aggregator: Some(aggregator.to_string()),
+        pod_name: Some(pod.to_string()),
+        pod_namespace: Some("apps".into()),
+        interval: "200ms".into(),
+        partition_mode: mode.as_str().into(),
+        token_file,
+        http_addr: "127.0.0.1:0".into(),
+    }
+}
+
+/// A sidecar running in this process, and what it reports to.
+struct Running {
+    aggregator: RecordingAggregator,
+    sidecar: JoinHandle<()>,
+    shutdown: Shutdown,
+    http: SocketAddr,
+    metrics: Arc<durable_scaler::sidecar::Metrics>,
+    _token_dir: tempfile::TempDir,
+    token_file: PathBuf,
+}
+
+async fn run_sidecar(hub: &TaskHub, connection: String, pod: &str, mode: PartitionMode) -> Running {
+    let (aggregator, url) = RecordingAggregator::start().await;
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    let config = Config::from_args(args(hub, connection, &url, pod, mode, token_file.clone())).unwrap();
+    let sidecar = Sidecar::bind(config).await.unwrap();
+    let (http, metrics) = (sidecar.http_addr(), sidecar.metrics());
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(sidecar.run(shutdown.clone()));
+    Running { aggregator, sidecar: task, shutdown, http, metrics, _token_dir: token_dir, token_file }
+}
+
+fn partitions(report: &Report) -> Vec<u32> {
+    report.control_queues.iter().map(|c| c.partition).collect()
+}
+
+fn error_kind(report: &Report) -> Option<Kind> {
+    report.error.as_ref().map(|e| Kind::try_from(e.kind).unwrap_or(Kind::Unspecified))
+}
+
+#[tokio::test]
+async fn the_report_names_the_owned_partitions_with_counts_visible_counts_and_ages() {
+    let (hub, emulator) = laid_out("SidecarReport", PartitionMode::Table, 4).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    emulator.claim(2, "pod-a", LEASE).await.unwrap();
+    emulator.claim(1, "pod-b", LEASE).await.unwrap();
+    // Partition 0: two messages waiting and a durable timer; partition 2: only a timer;
+    // partition 1 (someone else's) has work this pod must not report.
+    let before_enqueue = now_ms();
+    emulator.enqueue(QueueRef::Control(0), "start-1", Duration::ZERO).await.unwrap();
+    emulator.enqueue(QueueRef::Control(0), "start-2", Duration::ZERO).await.unwrap();
+    emulator.enqueue(QueueRef::Control(0), "timer", TIMER).await.unwrap();
+    emulator.enqueue(QueueRef::Control(2), "timer", TIMER).await.unwrap();
+    emulator.enqueue(QueueRef::Control(1), "theirs", Duration::ZERO).await.unwrap();
+    emulator.enqueue(QueueRef::WorkItem, "activity", Duration::ZERO).await.unwrap();
+    let enqueued_at = now_ms();
+
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    std::fs::write(&running.token_file, "token-1\n").unwrap();
+    let (_, got) = running.aggregator.wait_for(0, "with a credential", |r| r.authorization.is_some()).await;
+    let report = got.report;
+
+    assert_eq!(got.authorization.as_deref(), Some("Bearer token-1"));
+    let pod = report.pod.as_ref().unwrap();
+    assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("apps", "pod-a"));
+    assert_eq!(report.task_hub, hub.name());
+    assert_eq!(
+        (report.partition_count, report.partition_mode.as_str(), report.interval_ms),
+        (4, "table", 200)
+    );
+    assert_eq!(report.error, None);
+    assert!(!report.leaving);
+    assert_eq!(partitions(&report), [0, 2]);
+    let p0 = report.control_queues[0].signals.unwrap();
+    assert_eq!((p0.approximate_count, p0.visible_count), (3, 2));
+    // The first message went in between before_enqueue and enqueued_at; Azurite keeps
+    // insertion times to the second.
+    let youngest = (report.sampled_at_unix_ms - enqueued_at - 1_000).max(0) as u64;
+    let oldest = (report.sampled_at_unix_ms - before_enqueue + 1_000) as u64;
+    assert!((youngest..=oldest).contains(&p0.first_visible_age_ms), "{p0:?} not in {youngest}..={oldest}");
+    let p2 = report.control_queues[1].signals.unwrap();
+    assert_eq!((p2.approximate_count, p2.visible_count, p2.first_visible_age_ms), (1, 0, 0));
+    let work_item = report.work_item.expect("the owner of partition 0 reports the work-item queue");
+    assert_eq!((work_item.approximate_count, work_item.visible_count), (1, 1));
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn blob_mode_reports_the_partitions_whose_leased_blobs_name_the_pod() {
+    let (hub, emulator) = laid_out("SidecarBlob", PartitionMode::Blob, 4).await;
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+    emulator.claim(3, "pod-a", LEASE).await.unwrap();
+    emulator.claim(0, "pod-b", LEASE).await.unwrap();
+    emulator.enqueue(QueueRef::Control(3), "start", Duration::ZERO).await.unwrap();
+
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Blob).await;
+    let (_, got) = running.aggregator.wait_for(0, "from blob mode", |_| true).await;
+    let report = got.report;
+    assert_eq!((report.partition_count, report.partition_mode.as_str()), (4, "blob"));
+    assert_eq!(partitions(&report), [1, 3]);
+    assert_eq!(report.control_queues[1].signals.unwrap().visible_count, 1);
+    assert_eq!(report.work_item, None, "partition 0 belongs to pod-b");
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn ownership_moving_to_another_pod_shows_in_the_next_report() {
+    let (hub, emulator) = laid_out("SidecarMove", PartitionMode::Table, 3).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (seen, _) =
+        running.aggregator.wait_for(0, "owning 0 and 1", |r| partitions(&r.report) == [0, 1]).await;
+
+    // pod-b takes partition 0 over; pod-a picks up partition 2.
+    emulator.claim(0, "pod-b", LEASE).await.unwrap();
+    emulator.claim(2, "pod-a", LEASE).await.unwrap();
+    let (_, got) =
+        running.aggregator.wait_for(seen + 1, "owning 1 and 2", |r| partitions(&r.report) == [1, 2]).await;
+    assert_eq!(got.report.work_item, None, "the work-item queue moved with partition 0");
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_pod_whose_leases_expired_owns_nothing() {
+    let (hub, emulator) = laid_out("SidecarExpired", PartitionMode::Table, 2).await;
+    let a_minute_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
+    emulator.write_partition_row(0, Some("pod-a"), Some(a_minute_ago), false).await.unwrap();
+    emulator.write_partition_row(1, Some("pod-a"), Some(a_minute_ago), false).await.unwrap();
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
+    assert_eq!((got.report.partition_count, got.report.control_queues.len()), (2, 0));
+    assert_eq!((got.report.work_item, got.report.error), (None, None));
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_hub_not_provisioned_is_reported_as_such() {
+    let hub = hub("SidecarMissing");
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
+    assert_eq!(error_kind(&got.report), Some(Kind::TaskHubNotProvisioned));
+    assert_eq!(got.report.partition_count, 0);
+    assert!(got.report.error.unwrap().message.contains("not provisioned"));
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_reported_as_an_authentication_error() {
+    let (hub, _emulator) = laid_out("SidecarWrongKey", PartitionMode::Table, 1).await;
+    let wrong = Azurite::shared().connection_string().replace(ACCOUNT_KEY, "d3Jvbmcga2V5IHdyb25nIGtleQ==");
+    let running = run_sidecar(&hub, wrong, "pod-a", PartitionMode::Table).await;
+    let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
+    assert_eq!(error_kind(&got.report), Some(Kind::Authentication));
+    let message = got.report.error.unwrap().message;
+    assert!(message.contains("refused the credentials") && message.contains("403"), "{message}");
+    assert!(!message.contains(ACCOUNT_KEY));
+    running.shutdown.trigger();
+}
+
+/// A TCP forwarder standing between the sidecar and Azurite, which the test can take down
+/// (connections refused, open ones cut) and bring back on the same port.
+struct Outage {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Outage {
+    async fn forward_to(upstream: &str) -> Self {
+        let upstream: SocketAddr = url::Url::parse(upstream).unwrap().socket_addrs(|| None).unwrap()[0];
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        Self { addr, upstream, task: Mutex::new(Some(tokio::spawn(Self::forward(listener, upstream)))) }
+    }
+
+    async fn forward(listener: TcpListener, upstream: SocketAddr) {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            connections.spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    }
+
+    fn down(&self) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    async fn up(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding {}: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot rebind {}: {e}", self.addr),
+            }
+        };
+        *self.task.lock().unwrap() = Some(tokio::spawn(Self::forward(listener, self.upstream)));
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}/{ACCOUNT}", self.addr)
+    }
+}
+
+#[tokio::test]
+async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_back() {
+    let (hub, emulator) = laid_out("SidecarOutage", PartitionMode::Table, 1).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    emulator.enqueue(QueueRef::Control(0), "start", Duration::ZERO).await.unwrap();
+    let azurite = Azurite::shared();
+    let (queue, table) = (
+        Outage::forward_to(&azurite.queue_endpoint).await,
+        Outage::forward_to(&azurite.table_endpoint).await,
+    );
+    let connection = format!(
+        "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};QueueEndpoint={};TableEndpoint={}",
+        azurite.blob_endpoint,
+        queue.endpoint(),
+        table.endpoint()
+    );
+    let running = run_sidecar(&hub, connection, "pod-a", PartitionMode::Table).await;
+    let healthy = |r: &Received| r.report.error.is_none() && partitions(&r.report) == [0];
+    let (seen, _) = running.aggregator.wait_for(0, "healthy", healthy).await;
+
+    queue.down();
+    table.down();
+    let (seen, got) =
+        running.aggregator.wait_for(seen + 1, "with an error", |r| r.report.error.is_some()).await;
+    assert_eq!(error_kind(&got.report), Some(Kind::Unreachable), "{:?}", got.report.error);
+
+    queue.up().await;
+    table.up().await;
+    let (_, got) = running.aggregator.wait_for(seen + 1, "healthy again", healthy).await;
+    assert_eq!(got.report.control_queues[0].signals.unwrap().visible_count, 1);
+    assert!(!running.sidecar.is_finished());
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn the_token_file_is_read_again_for_every_report() {
+    let (hub, _emulator) = laid_out("SidecarToken", PartitionMode::Table, 1).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (seen, _) =
+        running.aggregator.wait_for(0, "without a credential", |r| r.authorization.is_none()).await;
+    std::fs::write(&running.token_file, "first").unwrap();
+    let (seen, _) = running
+        .aggregator
+        .wait_for(seen, "with the first token", |r| r.authorization.as_deref() == Some("Bearer first"))
+        .await;
+    // Kubernetes rotates projected tokens by replacing the file.
+    std::fs::write(&running.token_file, "second").unwrap();
+    running
+        .aggregator
+        .wait_for(seen, "with the rotated token", |r| r.authorization.as_deref() == Some("Bearer second"))
+        .await;
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_latest_report() {
+    let (hub, _emulator) = laid_out("SidecarStall", PartitionMode::Table, 1).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    running.aggregator.stalled.store(true, Ordering::SeqCst);
+    let polls_before = running.metrics.polls.get();
+    let deadline = Instant::now() + DEADLINE;
+    // Fifteen polls at 200 ms: at least three seconds of reports nobody accepted.
+    while running.metrics.polls.get() < polls_before + 15 {
+        assert!(Instant::now() < deadline, "polling stopped while the aggregator was stalled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running.metrics.report_failures.get() >= 1, "the stalled calls time out and count as failures");
+    let received_before = running.aggregator.count();
+    let resumed_at = now_ms();
+    running.aggregator.stalled.store(false, Ordering::SeqCst);
+    let (_, got) = running.aggregator.wait_for(received_before, "after the stall", |_| true).await;
+    // Not the backlog's oldest: the latest report at the time of sending.
+    assert!(
+        got.report.sampled_at_unix_ms >= resumed_at - 1_500,
+        "stale report {} vs {resumed_at}",
+        got.report.sampled_at_unix_ms
+    );
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn the_sidecar_polls_at_the_interval_the_aggregator_suggests() {
+    let (hub, _emulator) = laid_out("SidecarSuggest", PartitionMode::Table, 1).await;
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    let (seen, first) = running.aggregator.wait_for(0, "any", |_| true).await;
+    assert_eq!(first.report.interval_ms, 200);
+    running.aggregator.suggested_interval_ms.store(300, Ordering::SeqCst);
+    let (seen, _) = running.aggregator.wait_for(seen + 1, "at 300 ms", |r| r.report.interval_ms == 300).await;
+    // Zero hands the choice back to the sidecar's own setting.
+    running.aggregator.suggested_interval_ms.store(0, Ordering::SeqCst);
+    running.aggregator.wait_for(seen + 1, "back at 200 ms", |r| r.report.interval_ms == 200).await;
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn shutdown_sends_a_leaving_report_and_stops() {
+    let (hub, emulator) = laid_out("SidecarLeave", PartitionMode::Table, 2).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    running.aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
+    running.shutdown.trigger();
+    tokio::time::timeout(DEADLINE, running.sidecar).await.expect("the sidecar stops").unwrap();
+    let last = running.aggregator.received.lock().unwrap().last().cloned().unwrap();
+    assert!(last.report.leaving);
+    assert_eq!((last.report.partition_count, last.report.control_queues.len()), (2, 0));
+}
+
+/// A plain HTTP/1.0 GET: status line and body.
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: sidecar\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+#[tokio::test]
+async fn health_and_metrics_are_served_over_http() {
+    let hub = hub("SidecarMetrics");
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+    running.aggregator.wait_for(0, "any", |_| true).await;
+    let (status, body) = http_get(running.http, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body.trim(), "ok");
+    let (status, metrics) = http_get(running.http, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    for name in [
+        "durable_scaler_sidecar_polls_total",
+        "durable_scaler_sidecar_storage_errors_total{kind=\"not_provisioned\"}",
+        "durable_scaler_sidecar_report_failures_total",
+        "durable_scaler_sidecar_poll_duration_seconds_count",
+        "durable_scaler_sidecar_owned_partitions 0",
+        "durable_scaler_sidecar_storage_requests_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    running.shutdown.trigger();
+}
+
+fn binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_durable-scaler"));
+    command.arg("sidecar").env_clear().env("RUST_LOG", "warn");
+    command
+}
+
+#[test]
+fn a_missing_setting_stops_the_binary_naming_the_variable() {
+    let output = binary().env("DURABLE_SCALER_TASK_HUB", "MyHub").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("DURABLE_SCALER_CONNECTION") && stderr.contains("is not set"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_makes_the_binary_send_a_leaving_report_and_exit() {
+    let (hub, emulator) = laid_out("SidecarSigterm", PartitionMode::Table, 1).await;
+    emulator.claim(0, "pod-term", LEASE).await.unwrap();
+    let (aggregator, url) = RecordingAggregator::start().await;
+    let mut child = tokio::process::Command::from(binary())
+        .env("DURABLE_SCALER_TASK_HUB", hub.name())
+        .env("DURABLE_SCALER_CONNECTION", Azurite::shared().connection_string())
+        .env("DURABLE_SCALER_AGGREGATOR", &url)
+        .env("POD_NAME", "pod-term")
+        .env("POD_NAMESPACE", "apps")
+        .env("DURABLE_SCALER_INTERVAL", "200ms")
+        .env("DURABLE_SCALER_HTTP_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::select! {
+        _ = aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]) => {},
+        status = child.wait() => panic!("the sidecar exited before reporting: {status:?}"),
+    }
+
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits").unwrap();
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    assert!(status.success(), "{status:?}");
+    let last = aggregator.received.lock().unwrap().last().cloned().unwrap();
+    assert!(last.report.leaving);
+}

@@ -1,0 +1,238 @@
+//! The storage reader against a real Azurite, on task hubs laid out the way
+//! DurableTask.AzureStorage lays them out (by the emulator module). Each test uses its own
+//! hub name.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{account, hub, now_ms};
+use durable_scaler::{
+    azurite::Azurite,
+    emulator::TaskHubEmulator,
+    storage::{PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHubReader},
+};
+
+const LEASE: Duration = Duration::from_secs(60);
+/// A durable timer far in the future: invisible for the whole test.
+const TIMER: Duration = Duration::from_secs(3600);
+
+async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHubEmulator, TaskHubReader) {
+    let (hub, emulator) = common::laid_out(name, mode, partitions).await;
+    (emulator, TaskHubReader::new(&account(), hub, mode, StorageOptions::default()))
+}
+
+#[tokio::test]
+async fn table_mode_names_each_partition_and_its_unexpired_owner() {
+    let (emulator, reader) = laid_out("TableOwners", PartitionMode::Table, 4).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    emulator.claim(2, "pod-a", LEASE).await.unwrap();
+    emulator.claim(1, "pod-b", LEASE).await.unwrap();
+
+    let leases = reader.partitions(now_ms()).await.unwrap();
+    let owners: Vec<_> = leases.iter().map(|l| (l.partition, l.owner.as_deref())).collect();
+    assert_eq!(owners, [(0, Some("pod-a")), (1, Some("pod-b")), (2, Some("pod-a")), (3, None)]);
+    let expiry = leases[0].expires_at_unix_ms.expect("ExpiresAt is read");
+    assert!(expiry > now_ms() + 30_000, "expires in about a minute: {expiry}");
+}
+
+#[tokio::test]
+async fn an_expired_table_lease_is_not_owned() {
+    let (emulator, reader) = laid_out("TableExpired", PartitionMode::Table, 2).await;
+    let an_hour_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+    emulator.write_partition_row(0, Some("pod-gone"), Some(an_hour_ago), false).await.unwrap();
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+
+    let leases = reader.partitions(now_ms()).await.unwrap();
+    assert_eq!(leases[0].owner, None);
+    assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
+    // The same lease seen from a clock past its expiry is not owned either.
+    let later = leases[1].expires_at_unix_ms.unwrap() + 1;
+    assert_eq!(reader.partitions(later).await.unwrap()[1].owner, None);
+}
+
+#[tokio::test]
+async fn a_draining_partition_is_reported_as_draining() {
+    let (emulator, reader) = laid_out("TableDraining", PartitionMode::Table, 1).await;
+    let soon = time::OffsetDateTime::now_utc() + LEASE;
+    emulator.write_partition_row(0, Some("pod-a"), Some(soon), true).await.unwrap();
+    let lease = &reader.partitions(now_ms()).await.unwrap()[0];
+    assert!(lease.draining);
+    assert_eq!(lease.owner.as_deref(), Some("pod-a"));
+}
+
+#[tokio::test]
+async fn blob_mode_owner_is_the_lease_blob_owner_while_leased() {
+    let (emulator, reader) = laid_out("BlobOwners", PartitionMode::Blob, 3).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    let released = emulator.claim(1, "pod-b", LEASE).await.unwrap();
+    emulator.release(released).await.unwrap();
+    emulator.claim(2, "pod-b", LEASE).await.unwrap();
+
+    let leases = reader.partitions(now_ms()).await.unwrap();
+    let owners: Vec<_> = leases.iter().map(|l| (l.partition, l.owner.as_deref())).collect();
+    assert_eq!(owners, [(0, Some("pod-a")), (1, None), (2, Some("pod-b"))]);
+}
+
+#[tokio::test]
+async fn a_queue_counts_timers_and_messages_in_progress_but_only_visible_ones_are_peeked() {
+    let (emulator, reader) = laid_out("QueueSignals", PartitionMode::Table, 1).await;
+    let control = QueueRef::Control(0);
+    for text in ["visible-1", "visible-2", "in-progress"] {
+        emulator.enqueue(control, text, Duration::ZERO).await.unwrap();
+    }
+    emulator.enqueue(control, "timer", TIMER).await.unwrap();
+    // A worker takes the first message and works on it (invisible for a while).
+    let taken = emulator.dequeue(control, 1, Duration::from_secs(600)).await.unwrap();
+    assert_eq!(taken.len(), 1);
+
+    let signals = reader.read_queue(control, now_ms()).await.unwrap();
+    assert_eq!(signals.approximate_count, 4);
+    assert_eq!(signals.visible_count, 2);
+
+    emulator.delete(&taken[0]).await.unwrap();
+    assert_eq!(reader.read_queue(control, now_ms()).await.unwrap().approximate_count, 3);
+}
+
+#[tokio::test]
+async fn the_age_is_that_of_the_first_visible_message_at_the_given_clock() {
+    let (emulator, reader) = laid_out("QueueAge", PartitionMode::Table, 1).await;
+    emulator.enqueue(QueueRef::WorkItem, "activity", Duration::ZERO).await.unwrap();
+    let ten_seconds_on = now_ms() + 10_000;
+    let signals = reader.read_queue(QueueRef::WorkItem, ten_seconds_on).await.unwrap();
+    // Azurite keeps insertion times to the second.
+    assert!((9_000..=13_000).contains(&signals.first_visible_age_ms), "{signals:?}");
+    assert_eq!(signals.sampled_at_unix_ms, ten_seconds_on);
+}
+
+#[tokio::test]
+async fn a_queue_holding_only_timers_has_no_visible_message_and_no_age() {
+    let (emulator, reader) = laid_out("QueueTimers", PartitionMode::Table, 1).await;
+    emulator.enqueue(QueueRef::Control(0), "timer-1", TIMER).await.unwrap();
+    emulator.enqueue(QueueRef::Control(0), "timer-2", TIMER).await.unwrap();
+    let signals = reader.read_queue(QueueRef::Control(0), now_ms()).await.unwrap();
+    assert_eq!((signals.approximate_count, signals.visible_count, signals.first_visible_age_ms), (2, 0, 0));
+}
+
+#[tokio::test]
+async fn a_hub_that_does_not_exist_is_not_provisioned() {
+    let account = account();
+    for mode in [PartitionMode::Table, PartitionMode::Blob] {
+        let reader = TaskHubReader::new(&account, hub("NeverStarted"), mode, StorageOptions::default());
+        let err = reader.partitions(now_ms()).await.unwrap_err();
+        assert!(matches!(err, StorageError::NotProvisioned { .. }), "{mode:?}: {err}");
+        assert!(err.to_string().contains("task hub not provisioned"), "{err}");
+    }
+    let reader =
+        TaskHubReader::new(&account, hub("NeverStarted"), PartitionMode::Table, StorageOptions::default());
+    let err = reader.read_queue(QueueRef::Control(0), now_ms()).await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::NotProvisioned { ref resource } if resource.contains("-control-00")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_an_authentication_error_that_says_so() {
+    let (_, _) = laid_out("WrongKey", PartitionMode::Table, 1).await;
+    let azurite = Azurite::shared();
+    let wrong = azurite
+        .connection_string()
+        .replace(durable_scaler::azurite::ACCOUNT_KEY, "d3Jvbmcga2V5IHdyb25nIGtleQ==");
+    let account = StorageAccount::from_connection_string(&wrong).unwrap();
+    let reader =
+        TaskHubReader::new(&account, hub("WrongKey"), PartitionMode::Table, StorageOptions::default());
+    for err in [
+        reader.partitions(now_ms()).await.unwrap_err(),
+        reader.read_queue(QueueRef::WorkItem, now_ms()).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, StorageError::Authentication { status: 403, .. }), "{err}");
+        assert!(err.to_string().contains("refused the credentials"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn storage_that_does_not_listen_is_unreachable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cs = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1;TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1",
+        durable_scaler::azurite::ACCOUNT_KEY
+    );
+    let account = StorageAccount::from_connection_string(&cs).unwrap();
+    let options = StorageOptions { attempt_timeout: Duration::from_secs(2), max_retries: 1 };
+    let reader = TaskHubReader::new(&account, hub("Nowhere"), PartitionMode::Table, options);
+    let err = reader.partitions(now_ms()).await.unwrap_err();
+    assert!(matches!(err, StorageError::Unreachable { .. }), "{err}");
+    // One attempt and one retry: transient failures are retried.
+    assert_eq!(account.request_count(), 2);
+}
+
+#[tokio::test]
+async fn reads_cost_one_table_query_and_two_calls_per_queue() {
+    let (_, reader) = laid_out("CallCount", PartitionMode::Table, 4).await;
+    let before = reader.account().request_count();
+    reader.partitions(now_ms()).await.unwrap();
+    assert_eq!(reader.account().request_count() - before, 1);
+    reader.read_queue(QueueRef::Control(3), now_ms()).await.unwrap();
+    assert_eq!(reader.account().request_count() - before, 3);
+}
+
+/// An account SAS (service version 2019-12-12) for Blob, Queue and Table, signed with
+/// Azurite's key, as the portal's "Shared access signature" blade makes one.
+fn account_sas() -> String {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use hmac::{Hmac, Mac};
+    let expiry = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600))
+        .format(&time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z"))
+        .unwrap();
+    let (permissions, services, resource_types, version) = ("rl", "bqt", "sco", "2019-12-12");
+    let to_sign = format!(
+        "{}\n{permissions}\n{services}\n{resource_types}\n\n{expiry}\n\nhttps,http\n{version}\n",
+        durable_scaler::azurite::ACCOUNT
+    );
+    let key = STANDARD.decode(durable_scaler::azurite::ACCOUNT_KEY).unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(to_sign.as_bytes());
+    let signature = STANDARD.encode(mac.finalize().into_bytes());
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("sv", version)
+        .append_pair("ss", services)
+        .append_pair("srt", resource_types)
+        .append_pair("sp", permissions)
+        .append_pair("se", &expiry)
+        .append_pair("spr", "https,http")
+        .append_pair("sig", &signature)
+        .finish()
+}
+
+#[tokio::test]
+async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
+    let (emulator, _) = laid_out("SasReader", PartitionMode::Table, 2).await;
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+    emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
+    let azurite = Azurite::shared();
+    let cs = format!(
+        "BlobEndpoint={};QueueEndpoint={};TableEndpoint={};SharedAccessSignature={}",
+        azurite.blob_endpoint,
+        azurite.queue_endpoint,
+        azurite.table_endpoint,
+        account_sas()
+    );
+    let account = StorageAccount::from_connection_string(&cs).unwrap();
+    let reader =
+        TaskHubReader::new(&account, emulator.hub().clone(), PartitionMode::Table, StorageOptions::default());
+    let leases = reader.partitions(now_ms()).await.unwrap();
+    assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
+    assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
+}
+
+#[tokio::test]
+async fn laying_a_hub_out_again_keeps_what_is_there() {
+    for mode in [PartitionMode::Table, PartitionMode::Blob] {
+        let (emulator, reader) = laid_out("LayoutTwice", mode, 2).await;
+        emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
+        emulator.create(2).await.expect("a second layout succeeds");
+        assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().approximate_count, 1);
+        assert_eq!(reader.partitions(now_ms()).await.unwrap().len(), 2);
+    }
+}
