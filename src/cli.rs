@@ -31,6 +31,10 @@ pub enum Command {
     /// Run next to a Durable Functions app: report the queues of the partitions this pod
     /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).
     Sidecar(crate::sidecar::Args),
+    /// Run the whole real path on this machine: Azurite, the aggregator, sidecars and worker
+    /// pods, with KEDA and the HPA played against the aggregator; scales 0 -> N -> 0 twice and
+    /// ends with a chart and a summary in --out-dir.
+    Demo(crate::demo::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -39,5 +43,6 @@ pub fn run() -> std::process::ExitCode {
     match cli.command {
         Command::Recommend => crate::recommend::run(),
         Command::Sidecar(args) => crate::sidecar::run_cli(args),
+        Command::Demo(args) => crate::demo::run_cli(args),
     }
 }

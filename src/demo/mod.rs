@@ -33,7 +33,7 @@ use worker::{OrchestrationBook, WorkerPod, WorkerSettings};
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// How long the run lasts; bursts and quiet period scale with it.
-    #[arg(long, env = "DURABLE_SCALER_DEMO_DURATION", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "DURABLE_SCALER_DEMO_DURATION", default_value = "120s", value_parser = crate::config::parse_duration)]
     pub duration: Duration,
     /// Partitions (control queues) of the demo task hub, 1..16.
     #[arg(long, env = "DURABLE_SCALER_DEMO_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -45,7 +45,7 @@ pub struct Args {
     #[arg(long, default_value_t = 6)]
     pub activities: u32,
     /// How long one activity works.
-    #[arg(long, default_value = "400ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "400ms", value_parser = crate::config::parse_duration)]
     pub activity_duration: Duration,
     /// The trigger's maxReplicaCount.
     #[arg(long, default_value_t = 6)]
@@ -61,23 +61,30 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Parses `120s`, `2m`, `400ms`, `1.5s`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a duration such as 30s, 2m or 500ms"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use ms, s, m or h)")),
+/// Runs `durable-scaler demo` from the command line: progress on stdout, logs on stderr.
+pub fn run_cli(args: Args) -> std::process::ExitCode {
+    crate::telemetry::init();
+    crate::telemetry::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("durable-scaler demo: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("`{text}` is not a duration"));
+    let json = args.json;
+    match runtime.block_on(run(args)) {
+        Ok(summary) => {
+            if json {
+                println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("durable-scaler demo: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// The demo's KEDA/HPA and pod timings, scaled down from the real defaults so the run fits in
