@@ -35,6 +35,10 @@ pub enum Command {
     /// pods, with KEDA and the HPA played against the aggregator; scales 0 -> N -> 0 twice and
     /// ends with a chart and a summary in --out-dir.
     Demo(crate::demo::Args),
+    /// Merge sidecar reports per task hub, probe what they miss, and serve KEDA's external
+    /// scaler API (KEDA port), the sidecars' report API (report port) and /healthz, /readyz,
+    /// /metrics (HTTP port).
+    Aggregator(crate::aggregator::Args),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -44,5 +48,6 @@ pub fn run() -> std::process::ExitCode {
         Command::Recommend => crate::recommend::run(),
         Command::Sidecar(args) => crate::sidecar::run_cli(args),
         Command::Demo(args) => crate::demo::run_cli(args),
+        Command::Aggregator(args) => crate::aggregator::run(args),
     }
 }

@@ -1,6 +1,403 @@
 //! The aggregator role: merges sidecar reports per task hub, probes what no live sidecar
 //! covers, applies the heuristic and serves KEDA's external scaler gRPC API.
 //!
-//! INTERFACE SKELETON (issue #4 builds the role; issue #5 the Kubernetes sources below).
+//! Data flow, one file each:
+//! - [`reports`]: the report port (sidecars) -> validated reports;
+//! - [`probe`]: the cold probe (storage, with KEDA's connection) -> probe readings;
+//! - [`hub`]: the pure merged view of one hub: coverage, activity, decision;
+//! - [`registry`]: the tracked hubs, shared by everything here;
+//! - [`keda`]: the KEDA port, answered from the registry's memory;
+//! - [`settings`]: KEDA's trigger metadata; [`metrics`]: Prometheus; [`tls`]: KEDA-port TLS;
+//! - [`sources`]: worker counts and report authentication from outside (Kubernetes).
+//!
+//! [`Aggregator::new`] takes the two outside sources, so the Kubernetes implementations plug
+//! in without changes here; [`run`] is the `durable-scaler aggregator` command.
 
+pub mod hub;
+pub mod keda;
+pub mod metrics;
+pub mod probe;
+pub mod registry;
+pub mod reports;
+pub mod settings;
 pub mod sources;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use futures::future::join_all;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::proto::externalscaler::external_scaler_server::ExternalScalerServer;
+use crate::proto::report::report_service_server::ReportServiceServer;
+use crate::shutdown::Shutdown;
+use crate::storage::StorageOptions;
+
+pub use reports::ReportAuth;
+use sources::WorkerCountSource;
+
+/// A hub no KEDA call and no report named for this long is dropped (and its probe stopped).
+/// KEDA calls every polling interval (30 s) and HPA sync (15 s), so this is many misses.
+const HUB_IDLE_EVICT_MS: i64 = 15 * 60 * 1000;
+
+/// How long a worker-count source may take before the sampling loop goes on without it.
+const WORKER_COUNT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How reports are authenticated, on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportAuthMode {
+    /// Kubernetes TokenReview of the sidecar's projected service-account token.
+    Tokenreview,
+    /// Accept every report (logs a warning at start).
+    None,
+}
+
+/// `durable-scaler aggregator`: merges sidecar reports, probes what they miss, serves KEDA.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address of the KEDA port: externalscaler.ExternalScaler, grpc.health.v1, reflection.
+    #[arg(long, env = "DURABLE_SCALER_GRPC_ADDR", default_value = "0.0.0.0:4370")]
+    pub grpc_addr: SocketAddr,
+    /// Address of the report port the sidecars send to.
+    #[arg(long, env = "DURABLE_SCALER_REPORT_ADDR", default_value = "0.0.0.0:4371")]
+    pub report_addr: SocketAddr,
+    /// Address of the HTTP port: /healthz, /readyz, /metrics.
+    #[arg(long, env = "DURABLE_SCALER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// How sidecar reports are authenticated.
+    #[arg(long, env = "DURABLE_SCALER_REPORT_AUTH", value_enum, default_value = "tokenreview")]
+    pub report_auth: ReportAuthMode,
+    /// PEM certificate chain: turns on TLS on the KEDA port (reloaded when the file changes).
+    #[arg(long, env = "DURABLE_SCALER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DURABLE_SCALER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: KEDA must present a client certificate signed by it (needs --tls-cert).
+    #[arg(long, env = "DURABLE_SCALER_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// How often the cold probe reads what no live sidecar covers, ms.
+    #[arg(long, env = "DURABLE_SCALER_PROBE_INTERVAL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub probe_interval_ms: u64,
+    /// How often the merged view becomes one latency sample per queue and a decision, ms.
+    #[arg(long, env = "DURABLE_SCALER_SAMPLE_INTERVAL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub sample_interval_ms: u64,
+    /// How long invisible messages count as work after the last sign of work (a visible
+    /// message, a moving count) in their queue, ms; after that they count as sleeping timers.
+    #[arg(long, env = "DURABLE_SCALER_WORK_GRACE_MS", default_value_t = 300_000)]
+    pub work_grace_ms: u64,
+}
+
+/// Why the aggregator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which port.
+        what: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TLS files do not load.
+    #[error("--tls-cert/--tls-key/--client-ca: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// A server failed.
+    #[error("{what} server failed: {message}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// The error.
+        message: String,
+    },
+    /// A configuration this build cannot serve.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A configured aggregator, not yet listening.
+pub struct Aggregator {
+    args: Args,
+    auth: ReportAuth,
+    workers: Arc<dyn WorkerCountSource>,
+    storage: StorageOptions,
+}
+
+/// A listening aggregator: its bound addresses and the task that serves.
+#[derive(Debug)]
+pub struct RunningAggregator {
+    /// Where the KEDA port listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the report port listens.
+    pub report_addr: SocketAddr,
+    /// Where the HTTP port listens.
+    pub http_addr: SocketAddr,
+    /// The shared state (for benchmarks and diagnostics).
+    pub registry: Arc<registry::Registry>,
+    task: JoinHandle<Result<(), AggregatorError>>,
+}
+
+impl RunningAggregator {
+    /// Waits until every server has stopped (after the shutdown signal).
+    pub async fn wait(self) -> Result<(), AggregatorError> {
+        self.task.await.map_err(|e| AggregatorError::Serve { what: "aggregator", message: e.to_string() })?
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, AggregatorError> {
+    TcpListener::bind(addr).await.map_err(|source| AggregatorError::Bind { addr, what, source })
+}
+
+fn local(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<SocketAddr, AggregatorError> {
+    listener.local_addr().map_err(|source| AggregatorError::Bind { addr, what, source })
+}
+
+impl Aggregator {
+    /// An aggregator for `args`, authenticating reports with `auth` and asking `workers` for
+    /// worker counts (`sources::LiveReportingPods` when nothing better is available).
+    pub fn new(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCountSource>) -> Self {
+        Self { args, auth, workers, storage: StorageOptions::default() }
+    }
+
+    /// Limits for the cold probe's storage calls.
+    pub fn with_storage_options(mut self, options: StorageOptions) -> Self {
+        self.storage = options;
+        self
+    }
+
+    /// Binds every port and starts serving until `shutdown` fires.
+    pub async fn start(self, shutdown: Shutdown) -> Result<RunningAggregator, AggregatorError> {
+        let args = &self.args;
+        let acceptor = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(tls::ReloadingAcceptor::new(tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.client_ca.clone(),
+            })?)),
+            (None, None) if args.client_ca.is_none() => None,
+            _ => {
+                return Err(AggregatorError::Config(
+                    "--tls-cert and --tls-key go together, and --client-ca needs them".into(),
+                ));
+            }
+        };
+        let grpc = bind(args.grpc_addr, "KEDA gRPC").await?;
+        let report = bind(args.report_addr, "report gRPC").await?;
+        let http = bind(args.http_addr, "HTTP").await?;
+        let (grpc_addr, report_addr, http_addr) = (
+            local(&grpc, args.grpc_addr, "KEDA gRPC")?,
+            local(&report, args.report_addr, "report gRPC")?,
+            local(&http, args.http_addr, "HTTP")?,
+        );
+        if matches!(self.auth, ReportAuth::AcceptAny) {
+            tracing::warn!(
+                "--report-auth none: every report on {report_addr} is accepted unauthenticated; anyone \
+                 who can reach that port can steer the scaling"
+            );
+        }
+
+        let metrics = Arc::new(metrics::Metrics::new());
+        let registry = Arc::new(registry::Registry::new(metrics.clone(), args.work_grace_ms));
+        let prober = probe::Prober::new(
+            registry.clone(),
+            Duration::from_millis(args.probe_interval_ms),
+            self.storage,
+            shutdown.clone(),
+        );
+        let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| AggregatorError::Serve { what: "reflection", message: e.to_string() })?;
+        let keda_router = tonic::transport::Server::builder()
+            .add_service(ExternalScalerServer::new(keda))
+            .add_service(health_service)
+            .add_service(reflection);
+        let stop = shutdown.clone();
+        let keda_task: JoinHandle<Result<(), tonic::transport::Error>> = match acceptor {
+            Some(acceptor) => {
+                let incoming = tls::incoming(grpc, acceptor, shutdown.clone());
+                tokio::spawn(
+                    async move { keda_router.serve_with_incoming_shutdown(incoming, stop.wait()).await },
+                )
+            }
+            None => {
+                let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+                tokio::spawn(
+                    async move { keda_router.serve_with_incoming_shutdown(incoming, stop.wait()).await },
+                )
+            }
+        };
+
+        let reports = reports::Reports::new(registry.clone(), self.auth.clone());
+        let stop = shutdown.clone();
+        let report_task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ReportServiceServer::new(reports))
+                .serve_with_incoming_shutdown(TcpIncoming::from(report).with_nodelay(Some(true)), stop.wait())
+                .await
+        });
+
+        let ready = Arc::new(AtomicBool::new(true));
+        let http_task = tokio::spawn(serve_http(http, metrics, ready.clone(), shutdown.clone()));
+        let sampling = tokio::spawn(sample_loop(
+            registry.clone(),
+            self.workers.clone(),
+            Duration::from_millis(args.sample_interval_ms),
+            shutdown.clone(),
+        ));
+        tracing::info!(%grpc_addr, %report_addr, %http_addr, tls = args.tls_cert.is_some(), "aggregator listening");
+
+        let task = tokio::spawn(async move {
+            shutdown.wait().await;
+            ready.store(false, Ordering::Relaxed);
+            let _ = sampling.await;
+            let flatten = |what: &'static str, r: Result<Result<(), String>, tokio::task::JoinError>| match r
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(message)) => Err(AggregatorError::Serve { what, message }),
+                Err(e) => Err(AggregatorError::Serve { what, message: e.to_string() }),
+            };
+            let (k, r, h) = tokio::join!(keda_task, report_task, http_task);
+            flatten("KEDA gRPC", k.map(|r| r.map_err(|e| e.to_string())))?;
+            flatten("report gRPC", r.map(|r| r.map_err(|e| e.to_string())))?;
+            flatten("HTTP", h.map(|r| r.map_err(|e| e.to_string())))
+        });
+        Ok(RunningAggregator { grpc_addr, report_addr, http_addr, registry, task })
+    }
+}
+
+/// Every interval: asks the worker-count source about every hub (concurrently, bounded by
+/// [`WORKER_COUNT_TIMEOUT`]), then samples and decides.
+async fn sample_loop(
+    registry: Arc<registry::Registry>,
+    workers: Arc<dyn WorkerCountSource>,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = ticker.tick() => {}
+        }
+        registry.evict_idle(registry::now_unix_ms(), HUB_IDLE_EVICT_MS);
+        let hubs = registry.all();
+        let counts = join_all(hubs.iter().map(|entry| {
+            let workers = workers.clone();
+            async move {
+                let scaled_object = entry.scaled_object()?;
+                tokio::time::timeout(WORKER_COUNT_TIMEOUT, workers.worker_count(&scaled_object))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        }))
+        .await;
+        let now = registry::now_unix_ms();
+        for (entry, count) in hubs.iter().zip(counts) {
+            registry.evaluate(entry, count, now);
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<metrics::Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<metrics::Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: Shutdown,
+) -> Result<(), std::io::Error> {
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(|State(s): State<HttpState>| async move {
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(|State(s): State<HttpState>| async move {
+                (
+                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    s.metrics.encode(),
+                )
+                    .into_response()
+            }),
+        )
+        .with_state(HttpState { metrics, ready });
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
+}
+
+/// `durable-scaler aggregator`: runs until SIGTERM. Exit status 2 on a configuration error.
+pub fn run(args: Args) -> std::process::ExitCode {
+    crate::telemetry::init();
+    crate::telemetry::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let auth = match args.report_auth {
+            ReportAuthMode::None => ReportAuth::AcceptAny,
+            ReportAuthMode::Tokenreview => {
+                // The Kubernetes TokenReview authenticator (issue #5) is wired in here once
+                // merged; until then this build can only run with --report-auth none.
+                tracing::error!(
+                    "DURABLE_SCALER_REPORT_AUTH / --report-auth tokenreview is not available in this build yet; \
+                     use --report-auth none"
+                );
+                return std::process::ExitCode::from(2);
+            }
+        };
+        let shutdown = Shutdown::on_signal();
+        let aggregator = Aggregator::new(args, auth, Arc::new(sources::LiveReportingPods));
+        let running = match aggregator.start(shutdown).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        match running.wait().await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}

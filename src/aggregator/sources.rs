@@ -54,3 +54,15 @@ pub trait ReportAuthenticator: Send + Sync + 'static {
         bearer_token: Option<&'a str>,
     ) -> BoxFuture<'a, Result<ReportIdentity, AuthError>>;
 }
+
+/// The stand-alone worker count: this source never knows, so the aggregator counts the pods
+/// whose sidecars report live for the hub (fresh reports, not leaving). Used until the
+/// Kubernetes source (which reads the scale target's replicas) is plugged in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LiveReportingPods;
+
+impl WorkerCountSource for LiveReportingPods {
+    fn worker_count<'a>(&'a self, _scaled_object: &'a ScaledObjectKey) -> BoxFuture<'a, Option<u32>> {
+        Box::pin(async { None })
+    }
+}

@@ -1,0 +1,694 @@
+//! One task hub's merged view and every decision the aggregator takes about it, pure: reports,
+//! probe results and the clock value come in, coverage, activity and the worker count go out.
+//! No I/O and no `Instant::now()` here, so all of it is unit-tested below.
+//!
+//! # Activity: telling sleeping timers from work in progress
+//!
+//! A queue's `approximate_count` counts invisible messages too, and an invisible message is
+//! either being processed (dequeued, hidden for the visibility timeout) or a durable timer /
+//! scheduled start (enqueued with a visibility delay). Both look the same in one sample; they
+//! differ over time. Work in progress leaves traces: the message was visible before it was
+//! dequeued, and dequeues, completions and new messages move the invisible count
+//! (`approximate_count - visible_count`). A sleeping timer leaves none: nothing is visible and
+//! the invisible count stays put, sample after sample. So a queue is **working** while its
+//! invisible count is non-zero and, within the last `work_grace` (default 5 minutes, DTFx's
+//! visibility timeout), either a message was visible in it or its invisible count changed. A
+//! hub is **active** while any queue has a visible message now or is working. A timers-only
+//! hub therefore turns inactive one grace period after its last movement, and wakes again the
+//! moment a timer comes due (its message turns visible). The price: an activity running for
+//! longer than the grace period without any other movement in its queue looks like a timer;
+//! KEDA's cooldown still applies before it scales to zero, and the message reappears (and
+//! wakes the hub) when its visibility timeout lapses. The first sample of a queue has no
+//! history, so its invisible messages count as sleeping until they move.
+//!
+//! The same classification feeds the target formula: a queue's length is its approximate
+//! count while it is working or has visible messages, else 0 (upstream's "length is 0 when
+//! the peek returns nothing", which also drops sleeping timers).
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::heuristic::hpa::TOLERANCE;
+use crate::heuristic::latency::{LatencyHistory, LatencyVoter, TaskHubLatencies};
+use crate::heuristic::{Recommendation, target};
+use crate::storage::QueueSignals;
+
+use super::settings::{HubSettings, ScaleAlgorithm};
+
+/// A partition whose sidecar has not reported for this many of its intervals is uncovered.
+pub const STALE_AFTER_INTERVALS: i64 = 3;
+
+/// Where a hub lives: KEDA's ScaledObject namespace (= the app pods' namespace) and the task
+/// hub name lowercased (queue names are lowercased, so case does not tell hubs apart).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HubKey {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Task hub name, lowercased.
+    pub task_hub: String,
+}
+
+impl HubKey {
+    /// The key of `task_hub` (any case) in `namespace`.
+    pub fn new(namespace: &str, task_hub: &str) -> Self {
+        Self { namespace: namespace.to_string(), task_hub: task_hub.to_ascii_lowercase() }
+    }
+}
+
+/// A report that passed validation (see `reports::validate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidReport {
+    /// The reporting pod's name.
+    pub pod: String,
+    /// Partition count, 0 when the sidecar could not tell.
+    pub partition_count: u32,
+    /// The control queues the pod owns, with their signals.
+    pub control: Vec<(u32, QueueSignals)>,
+    /// The work-item queue, when this pod reports it.
+    pub work_item: Option<QueueSignals>,
+    /// The sidecar's interval, ms (> 0).
+    pub interval_ms: u64,
+    /// The pod is shutting down.
+    pub leaving: bool,
+    /// When the sidecar took the report.
+    pub sampled_at_unix_ms: i64,
+}
+
+/// What one cold probe read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReading {
+    /// The partition count found in storage.
+    pub partition_count: u32,
+    /// The control queues probed.
+    pub control: Vec<(u32, QueueSignals)>,
+    /// The work-item queue, when probed.
+    pub work_item: Option<QueueSignals>,
+}
+
+/// What the probe should read next: everything no live sidecar covers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Coverage {
+    /// The partition count, when known.
+    pub partition_count: Option<u32>,
+    /// Partitions some live sidecar reports.
+    pub covered: Vec<u32>,
+    /// Partitions no live sidecar reports.
+    pub uncovered: Vec<u32>,
+    /// No live sidecar reports the work-item queue.
+    pub work_item_uncovered: bool,
+}
+
+impl Coverage {
+    /// Nothing to probe.
+    pub fn is_complete(&self) -> bool {
+        self.partition_count.is_some() && self.uncovered.is_empty() && !self.work_item_uncovered
+    }
+}
+
+/// A change of the recommendation, for the one log line it deserves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecommendationChange {
+    /// The new desired worker count.
+    pub desired_workers: u32,
+    /// The worker count it was decided from.
+    pub workers: u32,
+    /// The heuristic's reason.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PodState {
+    last_report_ms: i64,
+    interval_ms: u64,
+    leaving: bool,
+    partitions: BTreeSet<u32>,
+    work_item: bool,
+}
+
+impl PodState {
+    fn is_live(&self, now_ms: i64) -> bool {
+        !self.leaving
+            && now_ms.saturating_sub(self.last_report_ms)
+                <= STALE_AFTER_INTERVALS.saturating_mul(self.interval_ms as i64)
+    }
+}
+
+/// One queue: its latest signals and the history that tells timers from work.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueView {
+    latest: Option<QueueSignals>,
+    /// When a visible message was last seen (aggregator clock).
+    last_visible_ms: Option<i64>,
+    /// When the invisible count last changed between two observations.
+    last_moved_ms: Option<i64>,
+}
+
+impl QueueView {
+    fn observe(&mut self, signals: QueueSignals, now_ms: i64) {
+        if signals.visible_count > 0 {
+            self.last_visible_ms = Some(now_ms);
+        }
+        if let Some(previous) = self.latest
+            && invisible(&previous) != invisible(&signals)
+        {
+            self.last_moved_ms = Some(now_ms);
+        }
+        self.latest = Some(signals);
+    }
+
+    fn has_visible(&self) -> bool {
+        self.latest.is_some_and(|s| s.visible_count > 0)
+    }
+
+    fn is_working(&self, now_ms: i64, grace_ms: i64) -> bool {
+        let recent = |t: Option<i64>| t.is_some_and(|t| now_ms.saturating_sub(t) <= grace_ms);
+        self.latest.is_some_and(|s| invisible(&s) > 0)
+            && (recent(self.last_visible_ms) || recent(self.last_moved_ms))
+    }
+
+    fn is_active(&self, now_ms: i64, grace_ms: i64) -> bool {
+        self.has_visible() || self.is_working(now_ms, grace_ms)
+    }
+
+    /// The length the target formula sees (module docs).
+    fn length(&self, now_ms: i64, grace_ms: i64) -> u64 {
+        match self.latest {
+            Some(s) if self.is_active(now_ms, grace_ms) => {
+                s.approximate_count.max(u64::from(s.visible_count))
+            }
+            _ => 0,
+        }
+    }
+
+    fn latency_ms(&self) -> u64 {
+        self.latest.map_or(0, |s| s.first_visible_age_ms)
+    }
+}
+
+fn invisible(s: &QueueSignals) -> u64 {
+    s.approximate_count.saturating_sub(u64::from(s.visible_count))
+}
+
+/// The merged view of one task hub and the decisions taken on it.
+#[derive(Debug, Clone)]
+pub struct HubState {
+    settings: HubSettings,
+    grace_ms: i64,
+    partition_count: Option<u32>,
+    control: Vec<QueueView>,
+    work_item: QueueView,
+    pods: HashMap<String, PodState>,
+    latencies: TaskHubLatencies,
+    voter: LatencyVoter,
+    observed: bool,
+    recommendation: Option<Recommendation>,
+    workers: u32,
+    metric_value: f64,
+}
+
+impl HubState {
+    /// A hub nothing is known about yet. `work_grace_ms`: see the module docs.
+    pub fn new(settings: HubSettings, work_grace_ms: u64) -> Self {
+        let voter = LatencyVoter::new(settings.max_polling_interval_ms);
+        Self {
+            settings,
+            grace_ms: i64::try_from(work_grace_ms).unwrap_or(i64::MAX),
+            partition_count: None,
+            control: Vec::new(),
+            work_item: QueueView::default(),
+            pods: HashMap::new(),
+            latencies: TaskHubLatencies::new(0),
+            voter,
+            observed: false,
+            recommendation: None,
+            workers: 0,
+            metric_value: 0.0,
+        }
+    }
+
+    /// The settings from the latest KEDA call.
+    pub fn settings(&self) -> &HubSettings {
+        &self.settings
+    }
+
+    /// Takes the settings of the latest KEDA call; a new `maxPollingIntervalMs` restarts the
+    /// voter (it holds nothing else).
+    pub fn update_settings(&mut self, settings: HubSettings) {
+        if settings.max_polling_interval_ms != self.settings.max_polling_interval_ms {
+            self.voter = LatencyVoter::new(settings.max_polling_interval_ms);
+        }
+        self.settings = settings;
+    }
+
+    /// Something was read about this hub (a report or a probe, even "not provisioned").
+    pub fn is_observed(&self) -> bool {
+        self.observed
+    }
+
+    /// The partition count, when known.
+    pub fn partition_count(&self) -> Option<u32> {
+        self.partition_count
+    }
+
+    /// A new P (first seen, or the hub was recreated) drops what was known per partition.
+    fn reshape(&mut self, partition_count: u32) {
+        if partition_count == 0 || self.partition_count == Some(partition_count) {
+            return;
+        }
+        self.partition_count = Some(partition_count);
+        self.control = vec![QueueView::default(); partition_count as usize];
+        self.latencies = TaskHubLatencies::new(partition_count as usize);
+    }
+
+    /// Merges one sidecar report received at `now_ms`. Reports older than the pod's latest
+    /// are ignored (they arrived out of order).
+    pub fn apply_report(&mut self, report: &ValidReport, now_ms: i64) {
+        if let Some(pod) = self.pods.get(&report.pod)
+            && pod.last_report_ms > now_ms
+        {
+            return;
+        }
+        self.reshape(report.partition_count);
+        let shape_known = self.partition_count == Some(report.partition_count);
+        let mut pod = PodState {
+            last_report_ms: now_ms,
+            interval_ms: report.interval_ms,
+            leaving: report.leaving,
+            partitions: BTreeSet::new(),
+            work_item: false,
+        };
+        if shape_known {
+            for (partition, signals) in &report.control {
+                if let Some(view) = self.control.get_mut(*partition as usize) {
+                    view.observe(*signals, now_ms);
+                    pod.partitions.insert(*partition);
+                }
+            }
+        }
+        if let Some(signals) = report.work_item {
+            self.work_item.observe(signals, now_ms);
+            pod.work_item = true;
+        }
+        self.pods.insert(report.pod.clone(), pod);
+        self.observed = true;
+    }
+
+    /// Merges what a cold probe read at `now_ms`.
+    pub fn apply_probe(&mut self, reading: &ProbeReading, now_ms: i64) {
+        self.reshape(reading.partition_count);
+        for (partition, signals) in &reading.control {
+            if let Some(view) = self.control.get_mut(*partition as usize) {
+                view.observe(*signals, now_ms);
+            }
+        }
+        if let Some(signals) = reading.work_item {
+            self.work_item.observe(signals, now_ms);
+        }
+        self.observed = true;
+    }
+
+    /// The probe found no task hub in storage: the app never ran, so there is no work.
+    pub fn apply_not_provisioned(&mut self) {
+        self.observed = true;
+    }
+
+    /// The pods whose latest report is fresh and who are not leaving.
+    pub fn live_pods(&self, now_ms: i64) -> u32 {
+        self.pods.values().filter(|p| p.is_live(now_ms)).count() as u32
+    }
+
+    /// What live sidecars cover at `now_ms`, and what the probe must read.
+    pub fn coverage(&self, now_ms: i64) -> Coverage {
+        let live: Vec<&PodState> = self.pods.values().filter(|p| p.is_live(now_ms)).collect();
+        let Some(p) = self.partition_count else {
+            return Coverage { partition_count: None, work_item_uncovered: true, ..Coverage::default() };
+        };
+        let (covered, uncovered) = (0..p).partition(|i| live.iter().any(|pod| pod.partitions.contains(i)));
+        Coverage {
+            partition_count: Some(p),
+            covered,
+            uncovered,
+            work_item_uncovered: !live.iter().any(|pod| pod.work_item),
+        }
+    }
+
+    /// True while any queue has a visible message or is working (module docs).
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        std::iter::once(&self.work_item).chain(&self.control).any(|q| q.is_active(now_ms, self.grace_ms))
+    }
+
+    /// Forgets pods that have been silent for long; their partitions are long uncovered.
+    pub fn forget_silent_pods(&mut self, now_ms: i64, silent_for_ms: i64) {
+        self.pods.retain(|_, p| now_ms.saturating_sub(p.last_report_ms) <= silent_for_ms);
+    }
+
+    /// One sampling interval: adds one latency sample per queue to the rings and decides the
+    /// worker count from `workers` (the worker-count source's answer, else the live reporting
+    /// pods). Returns the change when the desired count differs from the last decision.
+    pub fn evaluate(&mut self, now_ms: i64, workers: Option<u32>) -> Option<RecommendationChange> {
+        if !self.observed {
+            return None;
+        }
+        let workers = workers.unwrap_or_else(|| self.live_pods(now_ms));
+        self.latencies.work_item.add(self.work_item.latency_ms());
+        for (ring, view) in self.latencies.control.iter_mut().zip(&self.control) {
+            ring.add(view.latency_ms());
+        }
+        let recommendation = match self.settings.algorithm {
+            ScaleAlgorithm::Target => {
+                let lengths: Vec<u64> =
+                    self.control.iter().map(|q| q.length(now_ms, self.grace_ms)).collect();
+                target::recommend(
+                    self.settings.target,
+                    workers,
+                    self.work_item.length(now_ms, self.grace_ms),
+                    &lengths,
+                )
+            }
+            ScaleAlgorithm::Latency => self.voter.vote(&self.latencies, workers),
+        };
+        let changed =
+            self.recommendation.as_ref().is_none_or(|r| r.desired_workers != recommendation.desired_workers);
+        self.workers = workers;
+        self.metric_value = metric_value(recommendation.desired_workers, workers);
+        let change = changed.then(|| RecommendationChange {
+            desired_workers: recommendation.desired_workers,
+            workers,
+            reason: recommendation.reason.clone(),
+        });
+        self.recommendation = Some(recommendation);
+        change
+    }
+
+    /// The latest recommendation, once one was made.
+    pub fn recommendation(&self) -> Option<&Recommendation> {
+        self.recommendation.as_ref()
+    }
+
+    /// The worker count the latest recommendation was decided from.
+    pub fn workers(&self) -> u32 {
+        self.workers
+    }
+
+    /// The value GetMetrics reports (see [`metric_value`]).
+    pub fn metric_value(&self) -> f64 {
+        self.metric_value
+    }
+
+    /// The latency rings, for inspection.
+    pub fn latencies(&self) -> &TaskHubLatencies {
+        &self.latencies
+    }
+
+    /// The latest work-item latency ring.
+    pub fn work_item_latencies(&self) -> &LatencyHistory {
+        &self.latencies.work_item
+    }
+}
+
+/// The metric value (target 1, AverageValue) that makes the HPA, running `current` replicas,
+/// land on `desired`, or as near as its tolerance allows in the right direction.
+///
+/// The HPA computes `ceil(value / 1)` but only acts when `value / current` is outside
+/// `1 ± 0.1`; a plain `desired` would swallow every +/-1 step at 10 replicas or more (and the
+/// latency vote only ever steps by one). Going up, the value is the smallest whole count whose
+/// ratio clears the tolerance; going down, a fraction just above the next lower whole count,
+/// so `ceil` still gives that count while the ratio clears the tolerance. At 0 replicas the
+/// HPA is idle (KEDA does 0 -> 1), so the value is `desired` itself.
+pub fn metric_value(desired: u32, current: u32) -> f64 {
+    const JUST_ABOVE: f64 = 0.001;
+    let c = f64::from(current);
+    if current == 0 || desired == current {
+        return f64::from(desired);
+    }
+    if desired > current {
+        let mut r = desired;
+        while f64::from(r) / c <= 1.0 + TOLERANCE {
+            r += 1;
+        }
+        f64::from(r)
+    } else {
+        let mut r = desired;
+        while r > 0 && (f64::from(r) - 1.0 + JUST_ABOVE) / c >= 1.0 - TOLERANCE {
+            r -= 1;
+        }
+        if r == 0 { 0.0 } else { f64::from(r) - 1.0 + JUST_ABOVE }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heuristic::hpa::{MetricTargetType, desired_replicas};
+    use std::collections::HashMap;
+
+    const GRACE: u64 = 60_000;
+
+    fn settings(algorithm: ScaleAlgorithm) -> HubSettings {
+        let mut s = HubSettings::from_metadata(&HashMap::from([("taskHubName".into(), "MyHub".into())]))
+            .expect("valid metadata");
+        s.algorithm = algorithm;
+        s
+    }
+
+    fn q(approximate: u64, visible: u32, age_ms: u64) -> QueueSignals {
+        QueueSignals {
+            approximate_count: approximate,
+            visible_count: visible,
+            first_visible_age_ms: age_ms,
+            sampled_at_unix_ms: 0,
+        }
+    }
+
+    fn report(
+        pod: &str,
+        partitions: &[u32],
+        signals: QueueSignals,
+        work_item: Option<QueueSignals>,
+    ) -> ValidReport {
+        ValidReport {
+            pod: pod.into(),
+            partition_count: 4,
+            control: partitions.iter().map(|p| (*p, signals)).collect(),
+            work_item,
+            interval_ms: 1000,
+            leaving: false,
+            sampled_at_unix_ms: 0,
+        }
+    }
+
+    fn probe(control: QueueSignals, work_item: QueueSignals) -> ProbeReading {
+        ProbeReading {
+            partition_count: 4,
+            control: (0..4).map(|p| (p, control)).collect(),
+            work_item: Some(work_item),
+        }
+    }
+
+    #[test]
+    fn nothing_is_decided_before_anything_was_read() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        assert!(!hub.is_observed());
+        assert_eq!(hub.evaluate(0, Some(1)), None);
+        assert_eq!(hub.coverage(0).partition_count, None);
+        assert!(hub.coverage(0).work_item_uncovered);
+    }
+
+    #[test]
+    fn a_fresh_sidecar_covers_its_partitions_and_the_rest_is_uncovered() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), 0);
+        let c = hub.coverage(1000);
+        assert_eq!((c.covered, c.uncovered, c.work_item_uncovered), (vec![0, 1], vec![2, 3], false));
+    }
+
+    #[test]
+    fn a_sidecar_silent_for_three_intervals_uncovers_its_partitions() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), 0);
+        assert!(hub.coverage(3000).is_complete());
+        let c = hub.coverage(3001);
+        assert_eq!(c.uncovered, vec![0, 1, 2, 3]);
+        assert!(c.work_item_uncovered);
+    }
+
+    #[test]
+    fn a_leaving_pod_uncovers_its_partitions_at_once() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        let mut last = report("a", &[0, 1, 2, 3], q(0, 0, 0), None);
+        last.leaving = true;
+        hub.apply_report(&last, 0);
+        assert_eq!(hub.coverage(0).uncovered, vec![0, 1, 2, 3]);
+        assert_eq!(hub.live_pods(0), 0);
+    }
+
+    #[test]
+    fn a_partition_that_moved_to_another_pod_is_covered_by_it() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), None), 0);
+        hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), 0);
+        hub.apply_report(&report("a", &[0], q(0, 0, 0), None), 500);
+        hub.apply_report(&report("b", &[1, 2, 3], q(0, 0, 0), None), 500);
+        assert_eq!(hub.coverage(600).covered, vec![0, 1, 2, 3]);
+        assert_eq!(hub.live_pods(600), 2);
+    }
+
+    #[test]
+    fn a_timers_only_hub_is_inactive() {
+        // Three sleeping timers in one control queue: never visible, count never moves.
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        for t in 0..10 {
+            let mut control = vec![q(0, 0, 0); 4];
+            control[2] = q(3, 0, 0);
+            let reading = ProbeReading {
+                partition_count: 4,
+                control: control.into_iter().enumerate().map(|(i, s)| (i as u32, s)).collect(),
+                work_item: Some(q(0, 0, 0)),
+            };
+            hub.apply_probe(&reading, t * 2000);
+            assert!(!hub.is_active(t * 2000), "timers keep nothing awake (sample {t})");
+        }
+        hub.evaluate(20_000, Some(0));
+        assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
+    }
+
+    #[test]
+    fn timers_set_by_work_sleep_once_the_grace_period_is_over() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), 0); // an orchestration message
+        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), 2000); // it ran and set a timer
+        assert!(hub.is_active(2000 + GRACE as i64));
+        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), 2000 + GRACE as i64 + 1);
+        assert!(!hub.is_active(2000 + GRACE as i64 + 1));
+    }
+
+    #[test]
+    fn a_dequeued_running_message_keeps_the_hub_active() {
+        // An activity message was seen visible, then dequeued: now invisible, being processed.
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(1, 1, 50)), 0);
+        hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), 2000);
+        assert!(hub.is_active(2000));
+        assert!(hub.is_active(30_000));
+        hub.evaluate(30_000, Some(1));
+        assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1));
+    }
+
+    #[test]
+    fn work_whose_invisible_count_moves_is_active_though_never_seen_visible() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(2, 0, 0)), 0);
+        assert!(!hub.is_active(0), "no history yet: counts as sleeping");
+        hub.apply_probe(&probe(q(0, 0, 0), q(5, 0, 0)), 2000);
+        assert!(hub.is_active(2000));
+    }
+
+    #[test]
+    fn a_visible_message_makes_the_hub_active_at_once() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), 0);
+        assert!(!hub.is_active(0));
+        hub.apply_report(&report("a", &[3], q(1, 1, 0), None), 1000);
+        assert!(hub.is_active(1000));
+    }
+
+    #[test]
+    fn the_target_formula_counts_visible_and_working_messages() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(25, 25, 100)), 0);
+        let change = hub.evaluate(0, Some(0)).expect("first decision");
+        assert_eq!(change.desired_workers, 3);
+        assert!(change.reason.starts_with("Target 3 workers"), "{}", change.reason);
+        assert_eq!(hub.evaluate(1000, Some(0)), None, "same decision, no change");
+    }
+
+    #[test]
+    fn without_a_worker_source_the_live_pods_are_the_workers() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), 0);
+        hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), 0);
+        hub.evaluate(100, None);
+        assert_eq!(hub.workers(), 2);
+    }
+
+    #[test]
+    fn the_latency_vote_runs_over_rings_filled_each_interval() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Latency), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), 0);
+        for t in 0..4 {
+            let r = hub.evaluate(t * 1000, Some(1));
+            assert_eq!(hub.recommendation().map(|r| r.reason.as_str()), Some("Not enough samples"), "{r:?}");
+        }
+        assert_eq!(hub.evaluate(4000, Some(1)).map(|c| c.desired_workers), Some(2));
+        assert_eq!(hub.work_item_latencies().samples(), [2000; 5]);
+        assert!(hub.recommendation().is_some_and(|r| r.reason.starts_with("Work-item queue latency")));
+    }
+
+    #[test]
+    fn the_latency_vote_asks_for_a_first_worker_at_zero() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Latency), GRACE);
+        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), 0);
+        assert_eq!(
+            hub.evaluate(0, Some(0)).map(|c| (c.desired_workers, c.reason)),
+            Some((1, "First worker".into()))
+        );
+    }
+
+    #[test]
+    fn a_new_partition_count_resets_the_rings() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Latency), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), 0);
+        hub.evaluate(0, Some(1));
+        assert_eq!(hub.latencies().control.len(), 4);
+        hub.apply_probe(&ProbeReading { partition_count: 8, control: vec![], work_item: None }, 1000);
+        assert_eq!(hub.latencies().control.len(), 8);
+        assert_eq!(hub.partition_count(), Some(8));
+    }
+
+    #[test]
+    fn out_of_order_reports_are_ignored() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0], q(4, 4, 0), None), 2000);
+        hub.apply_report(&report("a", &[0], q(0, 0, 0), None), 1000);
+        assert!(hub.is_active(2000));
+    }
+
+    /// What the HPA does with the value, by `heuristic::hpa`'s arithmetic.
+    fn hpa(desired: u32, current: u32) -> u32 {
+        desired_replicas(current, metric_value(desired, current), 1.0, MetricTargetType::AverageValue)
+    }
+
+    #[test]
+    fn the_metric_value_lands_the_hpa_on_the_desired_count_below_ten() {
+        for current in 1..10 {
+            for desired in 1..40 {
+                assert_eq!(hpa(desired, current), desired, "current {current} desired {desired}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_metric_value_clears_the_tolerance_at_ten_and_more() {
+        for current in 10..60 {
+            for desired in 1..120 {
+                let got = hpa(desired, current);
+                match desired.cmp(&current) {
+                    std::cmp::Ordering::Greater => {
+                        assert!(got >= desired && got > current, "{current}->{desired}: {got}")
+                    }
+                    std::cmp::Ordering::Less => {
+                        assert!(got <= desired && got < current, "{current}->{desired}: {got}")
+                    }
+                    std::cmp::Ordering::Equal => assert_eq!(got, current),
+                }
+                // Never more than the tolerance beyond what was asked.
+                assert!(f64::from(got.abs_diff(desired)) <= (f64::from(current) * TOLERANCE).ceil() + 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn at_zero_replicas_the_value_is_the_desired_count() {
+        assert_eq!(metric_value(3, 0), 3.0);
+        assert_eq!(metric_value(0, 5), 0.0);
+    }
+}

@@ -1,0 +1,155 @@
+//! The cold probe: reads from storage whatever no live sidecar covers (everything while the
+//! app runs no pods), with the connection KEDA sent in the trigger's metadata. One loop per
+//! tracked hub, at `--probe-interval-ms`; when sidecars cover the whole hub it reads nothing.
+//! The aggregator keeps no storage secrets of its own: a hub without a connection is served
+//! from sidecar reports alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use crate::shutdown::Shutdown;
+use crate::storage::{
+    PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, TaskHubReader,
+};
+
+use super::hub::ProbeReading;
+use super::metrics::Metrics;
+use super::registry::{HubEntry, Registry, now_unix_ms};
+
+/// Starts and runs the probe loops.
+#[derive(Debug, Clone)]
+pub struct Prober {
+    registry: Arc<Registry>,
+    interval: Duration,
+    options: StorageOptions,
+    shutdown: Shutdown,
+}
+
+/// What one probe round came to, as a metric label.
+fn outcome(error: &StorageError) -> &'static str {
+    match error {
+        StorageError::NotProvisioned { .. } => "not_provisioned",
+        StorageError::Authentication { .. } => "authentication",
+        StorageError::Unreachable { .. } => "unreachable",
+        StorageError::Unexpected { .. } => "error",
+    }
+}
+
+impl Prober {
+    /// Probes hubs of `registry` every `interval`.
+    pub fn new(
+        registry: Arc<Registry>,
+        interval: Duration,
+        options: StorageOptions,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self { registry, interval, options, shutdown }
+    }
+
+    /// Starts the probe loop of `entry`; it ends with the shutdown signal.
+    pub fn spawn(&self, entry: Arc<HubEntry>) {
+        let prober = self.clone();
+        tokio::spawn(async move { prober.run(entry).await });
+    }
+
+    async fn run(self, entry: Arc<HubEntry>) {
+        // The reader is rebuilt only when the connection or partition mode changes.
+        let mut reader: Option<((String, PartitionMode), TaskHubReader)> = None;
+        while !entry.is_evicted() {
+            let (connection, mode, task_hub) = entry.with_state(|s| {
+                let settings = s.settings();
+                (settings.connection.clone(), settings.partition_mode, settings.task_hub.clone())
+            });
+            if let Some(connection) = connection {
+                let wanted = (connection, mode);
+                if reader.as_ref().is_none_or(|(have, _)| *have != wanted) {
+                    reader = match StorageAccount::from_connection_string(&wanted.0) {
+                        Ok(account) => {
+                            let r = TaskHubReader::new(&account, TaskHub::new(task_hub), mode, self.options);
+                            Some((wanted, r))
+                        }
+                        Err(e) => {
+                            self.record(
+                                &entry,
+                                "bad_connection",
+                                Some(format!("the trigger's connection: {e}")),
+                            );
+                            None
+                        }
+                    };
+                }
+                if let Some((_, r)) = &reader {
+                    self.probe_once(&entry, r).await;
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.wait() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+
+    fn record(&self, entry: &HubEntry, outcome: &str, error: Option<String>) {
+        Metrics::count(&self.registry.metrics.probes, &entry.key, outcome);
+        if let Some(e) = &error {
+            tracing::warn!(namespace = %entry.key.namespace, task_hub = %entry.key.task_hub, "cold probe failed: {e}");
+        }
+        entry.set_probe_error(error);
+    }
+
+    /// One round: reads P, then every uncovered queue, concurrently.
+    async fn probe_once(&self, entry: &HubEntry, reader: &TaskHubReader) {
+        let coverage = entry.with_state(|s| s.coverage(now_unix_ms()));
+        if coverage.is_complete() {
+            return;
+        }
+        let now = now_unix_ms();
+        let partitions = match reader.partitions(now).await {
+            Ok(p) => p.len() as u32,
+            Err(StorageError::NotProvisioned { .. }) => {
+                self.record(entry, "not_provisioned", None);
+                self.registry.apply_probe(entry, None, now_unix_ms());
+                return;
+            }
+            Err(e) => return self.record(entry, outcome(&e), Some(e.to_string())),
+        };
+        // Coverage was worked out against the P known before; a new P means all of it.
+        let uncovered: Vec<u32> = if coverage.partition_count == Some(partitions) {
+            coverage.uncovered.clone()
+        } else {
+            (0..partitions).collect()
+        };
+        let work_item = coverage.work_item_uncovered || coverage.partition_count != Some(partitions);
+        let control = join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now)));
+        let (control, work) = tokio::join!(control, async {
+            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now).await) } else { None }
+        });
+        let mut reading = ProbeReading { partition_count: partitions, control: Vec::new(), work_item: None };
+        let mut failure: Option<StorageError> = None;
+        for (p, result) in uncovered.iter().zip(control) {
+            match result {
+                Ok(signals) => reading.control.push((*p, signals)),
+                Err(e) => failure = Some(e),
+            }
+        }
+        match work {
+            Some(Ok(signals)) => reading.work_item = Some(signals),
+            Some(Err(e)) => failure = Some(e),
+            None => {}
+        }
+        let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
+        match failure {
+            Some(StorageError::NotProvisioned { .. }) if nothing_read => {
+                self.record(entry, "not_provisioned", None);
+                self.registry.apply_probe(entry, None, now_unix_ms());
+                return;
+            }
+            Some(e) if nothing_read => return self.record(entry, outcome(&e), Some(e.to_string())),
+            Some(e) => self.record(entry, "partial", Some(e.to_string())),
+            None => self.record(entry, "ok", None),
+        }
+        self.registry.apply_probe(entry, Some(&reading), now_unix_ms());
+    }
+}

@@ -1,0 +1,325 @@
+//! The task hubs the aggregator tracks, shared by the KEDA service, the report service, the
+//! cold probes and the sampling loop. Each hub's [`HubState`] sits behind a short-held mutex;
+//! its activity is also published on a watch channel so StreamIsActive can follow it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use super::hub::{HubKey, HubState, ProbeReading, RecommendationChange, ValidReport};
+use super::metrics::{HubLabels, Metrics};
+use super::settings::HubSettings;
+use super::sources::ScaledObjectKey;
+
+/// Milliseconds since the Unix epoch, the aggregator's clock.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A hub's activity as StreamIsActive follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Activity {
+    /// IsActive's answer now.
+    pub active: bool,
+    /// How many inactive -> active transitions there were; a stream sends `true` whenever it
+    /// grows, so a short burst between two looks is not lost.
+    pub activations: u64,
+}
+
+/// Why the last probe of a hub did not read it, for UNAVAILABLE answers.
+#[derive(Debug, Clone, Default)]
+struct ProbeStatus {
+    task_started: bool,
+    last_error: Option<String>,
+}
+
+/// One tracked task hub.
+#[derive(Debug)]
+pub struct HubEntry {
+    /// Its key.
+    pub key: HubKey,
+    labels: HubLabels,
+    state: Mutex<HubState>,
+    activity: watch::Sender<Activity>,
+    observed: watch::Sender<bool>,
+    scaled_object: Mutex<Option<ScaledObjectKey>>,
+    probe: Mutex<ProbeStatus>,
+    /// When a KEDA call or a report last named this hub.
+    touched_ms: AtomicI64,
+    /// Dropped from the registry: its probe loop stops.
+    evicted: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a HubState half-updated in a way later
+    // readers could not use, so a poisoned lock is taken over.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl HubEntry {
+    /// True once the hub was dropped for being idle; its probe loop ends.
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the hub's state.
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut HubState) -> R) -> R {
+        f(&mut lock(&self.state))
+    }
+
+    /// Follows the hub's activity.
+    pub fn subscribe_activity(&self) -> watch::Receiver<Activity> {
+        self.activity.subscribe()
+    }
+
+    /// The ScaledObject that last asked about this hub.
+    pub fn scaled_object(&self) -> Option<ScaledObjectKey> {
+        lock(&self.scaled_object).clone()
+    }
+
+    /// Records the ScaledObject that asks about this hub.
+    pub fn set_scaled_object(&self, key: ScaledObjectKey) {
+        let mut current = lock(&self.scaled_object);
+        if current.as_ref() != Some(&key) {
+            *current = Some(key);
+        }
+    }
+
+    /// Marks the probe loop as started; false when it already was.
+    pub fn claim_probe_task(&self) -> bool {
+        !std::mem::replace(&mut lock(&self.probe).task_started, true)
+    }
+
+    /// Records a failed probe's reason.
+    pub fn set_probe_error(&self, error: Option<String>) {
+        lock(&self.probe).last_error = error;
+    }
+
+    /// Why the hub is not observed yet, for UNAVAILABLE.
+    pub fn unavailable_reason(&self) -> String {
+        let probe = lock(&self.probe).last_error.clone();
+        let connection = self.with_state(|s| s.settings().connection.is_some());
+        match (probe, connection) {
+            (Some(e), _) => {
+                format!("no signals for task hub {} yet: the cold probe failed: {e}", self.key.task_hub)
+            }
+            (None, true) => format!(
+                "no signals for task hub {} yet: the first cold probe is still running",
+                self.key.task_hub
+            ),
+            (None, false) => format!(
+                "no signals for task hub {} yet: no sidecar has reported and the trigger has no connection to probe with",
+                self.key.task_hub
+            ),
+        }
+    }
+
+    /// Waits up to `limit` for the first report or probe; true when the hub is observed.
+    pub async fn wait_observed(&self, limit: Duration) -> bool {
+        let mut rx = self.observed.subscribe();
+        matches!(tokio::time::timeout(limit, rx.wait_for(|o| *o)).await, Ok(Ok(_)))
+    }
+
+    /// Publishes activity and gauges after the state changed.
+    fn publish(&self, state: &HubState, now_ms: i64, metrics: &Metrics) {
+        let active = state.is_active(now_ms);
+        self.activity.send_if_modified(|a| {
+            if a.active == active {
+                return false;
+            }
+            a.active = active;
+            if active {
+                a.activations += 1;
+            }
+            true
+        });
+        if state.is_observed() {
+            self.observed.send_if_modified(|o| !std::mem::replace(o, true));
+        }
+        let coverage = state.coverage(now_ms);
+        metrics.active.get_or_create(&self.labels).set(i64::from(active));
+        metrics.covered_partitions.get_or_create(&self.labels).set(coverage.covered.len() as i64);
+        metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
+        metrics
+            .connection_known
+            .get_or_create(&self.labels)
+            .set(i64::from(state.settings().connection.is_some()));
+        if let Some(r) = state.recommendation() {
+            metrics.desired_workers.get_or_create(&self.labels).set(i64::from(r.desired_workers));
+            metrics.workers.get_or_create(&self.labels).set(i64::from(state.workers()));
+        }
+    }
+}
+
+/// Every tracked hub, with the settings that apply to all of them.
+#[derive(Debug)]
+pub struct Registry {
+    hubs: RwLock<HashMap<HubKey, Arc<HubEntry>>>,
+    /// The metrics every part updates.
+    pub metrics: Arc<Metrics>,
+    work_grace_ms: u64,
+}
+
+impl Registry {
+    /// An empty registry; `work_grace_ms` as in `hub`'s docs.
+    pub fn new(metrics: Arc<Metrics>, work_grace_ms: u64) -> Self {
+        Self { hubs: RwLock::new(HashMap::new()), metrics, work_grace_ms }
+    }
+
+    /// The hub, when tracked.
+    pub fn get(&self, key: &HubKey) -> Option<Arc<HubEntry>> {
+        self.hubs.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
+    /// Every tracked hub.
+    pub fn all(&self) -> Vec<Arc<HubEntry>> {
+        self.hubs.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// The hub, tracked from now on if it was not; `settings` replace the hub's when given
+    /// (KEDA calls), else a new hub gets the defaults (reports).
+    pub fn track(&self, key: &HubKey, task_hub: &str, settings: Option<&HubSettings>) -> Arc<HubEntry> {
+        let entry = match self.get(key) {
+            Some(entry) => entry,
+            None => {
+                let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
+                let entry = hubs
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        let settings = settings.cloned().unwrap_or_else(|| HubSettings::defaults(task_hub));
+                        Arc::new(HubEntry {
+                            key: key.clone(),
+                            labels: HubLabels::from(key),
+                            state: Mutex::new(HubState::new(settings, self.work_grace_ms)),
+                            activity: watch::Sender::new(Activity::default()),
+                            observed: watch::Sender::new(false),
+                            scaled_object: Mutex::new(None),
+                            probe: Mutex::new(ProbeStatus::default()),
+                            touched_ms: AtomicI64::new(now_unix_ms()),
+                            evicted: AtomicBool::new(false),
+                        })
+                    })
+                    .clone();
+                self.metrics.hubs_tracked.set(hubs.len() as i64);
+                return self.with_settings(entry, settings);
+            }
+        };
+        self.with_settings(entry, settings)
+    }
+
+    fn with_settings(&self, entry: Arc<HubEntry>, settings: Option<&HubSettings>) -> Arc<HubEntry> {
+        entry.touched_ms.store(now_unix_ms(), Ordering::Relaxed);
+        if let Some(settings) = settings {
+            entry.with_state(|s| {
+                if s.settings() != settings {
+                    s.update_settings(settings.clone());
+                }
+            });
+        }
+        entry
+    }
+
+    /// Drops the hubs no KEDA call and no report has named for `idle_ms` (a deleted
+    /// ScaledObject, an app gone), so their probes stop costing storage transactions.
+    pub fn evict_idle(&self, now_ms: i64, idle_ms: i64) -> Vec<HubKey> {
+        let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
+        let idle: Vec<HubKey> = hubs
+            .values()
+            // An open StreamIsActive is KEDA asking all the time.
+            .filter(|e| e.activity.receiver_count() == 0)
+            .filter(|e| now_ms.saturating_sub(e.touched_ms.load(Ordering::Relaxed)) > idle_ms)
+            .map(|e| e.key.clone())
+            .collect();
+        for key in &idle {
+            if let Some(entry) = hubs.remove(key) {
+                entry.evicted.store(true, Ordering::Relaxed);
+                tracing::info!(namespace = %key.namespace, task_hub = %key.task_hub, "task hub no longer asked about: dropped");
+            }
+        }
+        self.metrics.hubs_tracked.set(hubs.len() as i64);
+        idle
+    }
+
+    /// Merges a report into its hub and publishes the result.
+    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now_ms: i64) {
+        let change = entry.with_state(|s| {
+            let first = !s.is_observed();
+            s.apply_report(report, now_ms);
+            let change = if first { s.evaluate(now_ms, None) } else { None };
+            entry.publish(s, now_ms, &self.metrics);
+            change
+        });
+        self.metrics.reports_received.get_or_create(&entry.labels).inc();
+        log_change(&entry.key, change);
+    }
+
+    /// Merges a probe reading (`None`: the hub is not provisioned) and publishes the result.
+    pub fn apply_probe(&self, entry: &HubEntry, reading: Option<&ProbeReading>, now_ms: i64) {
+        let change = entry.with_state(|s| {
+            let first = !s.is_observed();
+            match reading {
+                Some(reading) => s.apply_probe(reading, now_ms),
+                None => s.apply_not_provisioned(),
+            }
+            let change = if first { s.evaluate(now_ms, None) } else { None };
+            entry.publish(s, now_ms, &self.metrics);
+            change
+        });
+        log_change(&entry.key, change);
+    }
+
+    /// One sampling interval for one hub: rings, decision, activity.
+    pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now_ms: i64) {
+        let change = entry.with_state(|s| {
+            s.forget_silent_pods(now_ms, 10 * 60 * 1000);
+            let change = s.evaluate(now_ms, workers);
+            entry.publish(s, now_ms, &self.metrics);
+            change
+        });
+        log_change(&entry.key, change);
+    }
+}
+
+fn log_change(key: &HubKey, change: Option<RecommendationChange>) {
+    if let Some(c) = change {
+        tracing::info!(
+            namespace = %key.namespace,
+            task_hub = %key.task_hub,
+            desired_workers = c.desired_workers,
+            workers = c.workers,
+            reason = %c.reason,
+            "recommendation changed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hubs_nobody_asks_about_are_dropped_and_their_probe_told_to_stop() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let key = HubKey::new("apps", "IdleHub");
+        let entry = registry.track(&key, "IdleHub", None);
+        let now = now_unix_ms();
+        assert!(registry.evict_idle(now, 60_000).is_empty(), "just touched");
+        assert_eq!(registry.evict_idle(now + 60_001, 60_000), vec![key.clone()]);
+        assert!(entry.is_evicted());
+        assert!(registry.get(&key).is_none());
+    }
+
+    #[test]
+    fn a_hub_with_an_open_activity_stream_is_kept() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let key = HubKey::new("apps", "PushHub");
+        let entry = registry.track(&key, "PushHub", None);
+        let _stream = entry.subscribe_activity();
+        assert!(registry.evict_idle(now_unix_ms() + 3_600_000, 60_000).is_empty());
+    }
+}

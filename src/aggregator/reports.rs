@@ -1,0 +1,294 @@
+//! The report port: `durablescaler.report.v1.ReportService`, where sidecars submit what they
+//! read. Each report is authenticated (unless `--report-auth none`), validated, and merged
+//! into its hub; a refused report gets a status that says why and is counted.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::proto::report::{self, report_service_server::ReportService};
+use crate::recommend::MAX_PARTITIONS;
+use crate::storage::QueueSignals;
+
+use super::hub::{HubKey, ValidReport};
+use super::metrics::Metrics;
+use super::registry::{Registry, now_unix_ms};
+use super::settings::is_valid_task_hub_name;
+use super::sources::{AuthError, ReportAuthenticator};
+
+/// How far in the future a report's timestamps may be (clock skew between nodes).
+pub const MAX_CLOCK_SKEW_MS: i64 = 5_000;
+
+/// The interval assumed when a sidecar does not say (`interval_ms` 0).
+pub const DEFAULT_SIDECAR_INTERVAL_MS: u64 = 2_000;
+
+/// How reports are authenticated.
+#[derive(Clone)]
+pub enum ReportAuth {
+    /// Accept every report (`--report-auth none`): anyone who reaches the report port can
+    /// steer the scaling. A warning is logged at start.
+    AcceptAny,
+    /// Check the bearer token and require it to name the reporting pod.
+    Verify(Arc<dyn ReportAuthenticator>),
+}
+
+impl std::fmt::Debug for ReportAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AcceptAny => "AcceptAny",
+            Self::Verify(_) => "Verify",
+        })
+    }
+}
+
+/// Why a report was refused: a metric label and a message for the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Metric label: `missing_field`, `unknown_hub_shape`, `partition_out_of_range`,
+    /// `future_timestamp`, `unauthenticated`, `permission_denied`.
+    pub reason: &'static str,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
+
+    fn status(&self) -> Status {
+        match self.reason {
+            "unauthenticated" => Status::unauthenticated(&self.message),
+            "permission_denied" => Status::permission_denied(&self.message),
+            _ => Status::invalid_argument(&self.message),
+        }
+    }
+}
+
+fn signals(
+    proto: Option<&report::QueueSignals>,
+    field: &str,
+    now_ms: i64,
+) -> Result<QueueSignals, Rejection> {
+    let s = proto.cloned().unwrap_or_default();
+    if s.sampled_at_unix_ms > now_ms + MAX_CLOCK_SKEW_MS {
+        return Err(Rejection::new(
+            "future_timestamp",
+            format!("{field}.sampled_at_unix_ms {} is in the future", s.sampled_at_unix_ms),
+        ));
+    }
+    Ok(QueueSignals {
+        approximate_count: s.approximate_count,
+        visible_count: s.visible_count,
+        first_visible_age_ms: s.first_visible_age_ms,
+        sampled_at_unix_ms: s.sampled_at_unix_ms,
+    })
+}
+
+/// Checks a report received at `now_ms`; returns its hub and the validated content.
+pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidReport), Rejection> {
+    let pod = report.pod.clone().unwrap_or_default();
+    if pod.name.is_empty() || pod.namespace.is_empty() {
+        return Err(Rejection::new("missing_field", "pod.namespace and pod.name are required".into()));
+    }
+    if !is_valid_task_hub_name(&report.task_hub) {
+        return Err(Rejection::new(
+            "unknown_hub_shape",
+            format!(
+                "task_hub {:?} is not a task hub name (3 to 50 letters or digits, starting with a letter)",
+                report.task_hub
+            ),
+        ));
+    }
+    let p = report.partition_count;
+    if p > MAX_PARTITIONS {
+        return Err(Rejection::new(
+            "unknown_hub_shape",
+            format!("partition_count {p} is outside 1..{MAX_PARTITIONS} (0 when unknown)"),
+        ));
+    }
+    if report.sampled_at_unix_ms > now_ms + MAX_CLOCK_SKEW_MS {
+        return Err(Rejection::new(
+            "future_timestamp",
+            format!(
+                "sampled_at_unix_ms {} is {} ms ahead of the aggregator's clock",
+                report.sampled_at_unix_ms,
+                report.sampled_at_unix_ms - now_ms
+            ),
+        ));
+    }
+    let mut control = Vec::with_capacity(report.control_queues.len());
+    for cq in &report.control_queues {
+        if cq.partition >= p {
+            return Err(Rejection::new(
+                "partition_out_of_range",
+                format!("control_queues partition {} is not below partition_count {p}", cq.partition),
+            ));
+        }
+        if control.iter().any(|(q, _)| *q == cq.partition) {
+            return Err(Rejection::new(
+                "unknown_hub_shape",
+                format!("control_queues lists partition {} twice", cq.partition),
+            ));
+        }
+        let field = format!("control_queues[{}].signals", cq.partition);
+        control.push((cq.partition, signals(cq.signals.as_ref(), &field, now_ms)?));
+    }
+    let work_item = report.work_item.as_ref().map(|w| signals(Some(w), "work_item", now_ms)).transpose()?;
+    let interval_ms =
+        if report.interval_ms == 0 { DEFAULT_SIDECAR_INTERVAL_MS } else { u64::from(report.interval_ms) };
+    Ok((
+        HubKey::new(&pod.namespace, &report.task_hub),
+        ValidReport {
+            pod: pod.name,
+            partition_count: p,
+            control,
+            work_item,
+            interval_ms,
+            leaving: report.leaving,
+            sampled_at_unix_ms: report.sampled_at_unix_ms,
+        },
+    ))
+}
+
+/// The report service.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    registry: Arc<Registry>,
+    auth: ReportAuth,
+}
+
+impl Reports {
+    /// Serves reports into `registry`.
+    pub fn new(registry: Arc<Registry>, auth: ReportAuth) -> Self {
+        Self { registry, auth }
+    }
+
+    async fn authenticate(&self, request: &Request<report::Report>) -> Result<(), Rejection> {
+        let ReportAuth::Verify(authenticator) = &self.auth else {
+            return Ok(());
+        };
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        let identity = authenticator.authenticate(token).await.map_err(|e| match e {
+            AuthError::Unauthenticated(m) => Rejection::new("unauthenticated", m),
+            AuthError::PermissionDenied(m) => Rejection::new("permission_denied", m),
+        })?;
+        let pod = request.get_ref().pod.clone().unwrap_or_default();
+        if identity.namespace != pod.namespace || identity.pod_name != pod.name {
+            return Err(Rejection::new(
+                "permission_denied",
+                format!(
+                    "the token belongs to pod {}/{}, the report names {}/{}",
+                    identity.namespace, identity.pod_name, pod.namespace, pod.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn reject(&self, report: &report::Report, rejection: &Rejection) -> Status {
+        let namespace = report.pod.as_ref().map(|p| p.namespace.as_str()).unwrap_or_default();
+        // Label with what the report claims, cut short so a bad report cannot blow up the
+        // series' size.
+        let hub: String = report.task_hub.chars().take(50).collect();
+        let ns: String = namespace.chars().take(63).collect();
+        Metrics::count(&self.registry.metrics.reports_rejected, &HubKey::new(&ns, &hub), rejection.reason);
+        tracing::debug!(
+            namespace = ns,
+            task_hub = hub,
+            reason = rejection.reason,
+            "report refused: {}",
+            rejection.message
+        );
+        rejection.status()
+    }
+}
+
+#[tonic::async_trait]
+impl ReportService for Reports {
+    async fn submit(&self, request: Request<report::Report>) -> Result<Response<report::ReportAck>, Status> {
+        if let Err(rejection) = self.authenticate(&request).await {
+            return Err(self.reject(request.get_ref(), &rejection));
+        }
+        let now_ms = now_unix_ms();
+        let report = request.get_ref();
+        let (key, valid) = validate(report, now_ms).map_err(|r| self.reject(report, &r))?;
+        let entry = self.registry.track(&key, &report.task_hub, None);
+        self.registry.apply_report(&entry, &valid, now_ms);
+        Ok(Response::new(report::ReportAck { suggested_interval_ms: 0 }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::report::{ControlQueueSignals, PodRef, Report};
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn good() -> Report {
+        Report {
+            pod: Some(PodRef { namespace: "apps".into(), name: "app-1".into() }),
+            task_hub: "MyHub".into(),
+            partition_count: 4,
+            control_queues: vec![ControlQueueSignals {
+                partition: 3,
+                signals: Some(report::QueueSignals {
+                    approximate_count: 2,
+                    visible_count: 1,
+                    ..Default::default()
+                }),
+            }],
+            sampled_at_unix_ms: NOW,
+            interval_ms: 1000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_well_formed_report_is_keyed_by_namespace_and_lowercased_hub() {
+        let (key, valid) = validate(&good(), NOW).unwrap();
+        assert_eq!(key, HubKey::new("apps", "myhub"));
+        assert_eq!(valid.control.len(), 1);
+        assert_eq!(valid.control[0].1.visible_count, 1);
+    }
+
+    #[test]
+    fn a_partition_index_at_or_beyond_the_count_is_refused() {
+        let mut r = good();
+        r.control_queues[0].partition = 4;
+        let e = validate(&r, NOW).unwrap_err();
+        assert_eq!(e.reason, "partition_out_of_range");
+        assert!(e.message.contains("partition 4"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_report_from_the_future_is_refused() {
+        let mut r = good();
+        r.sampled_at_unix_ms = NOW + MAX_CLOCK_SKEW_MS + 1;
+        assert_eq!(validate(&r, NOW).unwrap_err().reason, "future_timestamp");
+        let mut r = good();
+        r.control_queues[0].signals.as_mut().unwrap().sampled_at_unix_ms = NOW + 60_000;
+        assert_eq!(validate(&r, NOW).unwrap_err().reason, "future_timestamp");
+    }
+
+    #[test]
+    fn impossible_hub_shapes_are_refused() {
+        let mut r = good();
+        r.partition_count = 17;
+        assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
+        let mut r = good();
+        r.task_hub = "my-hub".into();
+        assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
+        let mut r = good();
+        r.control_queues.push(r.control_queues[0].clone());
+        assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
+        let mut r = good();
+        r.pod = None;
+        assert_eq!(validate(&r, NOW).unwrap_err().reason, "missing_field");
+    }
+}
