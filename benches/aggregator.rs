@@ -6,13 +6,12 @@
 //! callers on one HTTP/2 connection (as KEDA multiplexes), for 3 seconds per method.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use durable_scaler::aggregator::sources::LiveReportingPods;
-use durable_scaler::aggregator::{Aggregator, Args, ReportAuth, ReportAuthMode};
+use durable_scaler::aggregator::{Aggregator, Args, ReportCheck};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use durable_scaler::proto::report::report_service_client::ReportServiceClient;
@@ -124,21 +123,9 @@ async fn throughput(name: &str, channel: Channel, metrics: bool) {
 #[tokio::main]
 async fn main() {
     durable_scaler::telemetry::install_crypto_provider();
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("loopback");
-    let args = Args {
-        grpc_addr: any,
-        report_addr: any,
-        http_addr: any,
-        report_auth: ReportAuthMode::None,
-        tls_cert: None,
-        tls_key: None,
-        client_ca: None,
-        probe_interval_ms: 2000,
-        sample_interval_ms: 2000,
-        work_grace_ms: 300_000,
-    };
+    let args = Args::loopback();
     let shutdown = Shutdown::new();
-    let running = Aggregator::new(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods))
+    let running = Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods))
         .start(shutdown.clone())
         .await
         .expect("aggregator starts");

@@ -5,12 +5,12 @@
 mod aggregator_support;
 
 use aggregator_support::*;
-use durable_scaler::aggregator::ReportAuth;
+use durable_scaler::aggregator::ReportCheck;
 use durable_scaler::aggregator::sources::{
     AuthError, BoxFuture, ReportAuthenticator, ReportIdentity, ScaledObjectKey, WorkerCountSource,
 };
 use durable_scaler::heuristic::hpa::{MetricTargetType, desired_replicas};
-use durable_scaler::proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
+use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -177,12 +177,6 @@ async fn stream_is_active_sends_the_state_at_open_then_true_on_each_activation_o
     aggregator.stop().await;
 }
 
-/// The next message of an IsActive stream.
-async fn next(stream: &mut tonic::Streaming<IsActiveResponse>) -> bool {
-    let message = tokio::time::timeout(DEADLINE, stream.next()).await.expect("a message in time");
-    message.expect("the stream is open").expect("a message, not an error").result
-}
-
 #[tokio::test]
 async fn fifty_hubs_are_tracked_at_once() {
     let aggregator = start(args()).await;
@@ -328,7 +322,7 @@ fn with_token(
 #[tokio::test]
 async fn reports_are_checked_by_the_plugged_in_authenticator() {
     let aggregator =
-        start_with(args(), ReportAuth::Verify(Arc::new(OneTokenAuthenticator)), Arc::new(LivePods)).await;
+        start_with(args(), ReportCheck::Token(Arc::new(OneTokenAuthenticator)), Arc::new(LivePods)).await;
     let mut client = aggregator.reports.clone();
     let status = client.submit(whole_hub_report("app-1", "AuthHub", 1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -367,7 +361,7 @@ impl WorkerCountSource for TenReplicas {
 
 #[tokio::test]
 async fn a_plugged_in_worker_count_source_sets_the_current_count_the_metric_is_worked_out_from() {
-    let aggregator = start_with(args(), ReportAuth::AcceptAny, Arc::new(TenReplicas)).await;
+    let aggregator = start_with(args(), ReportCheck::AcceptAny, Arc::new(TenReplicas)).await;
     // 25 work items want 3 workers; the HPA runs 10, so the value must take it down to 3.
     aggregator.submit(whole_hub_report("app-1", "TenHub", 25)).await;
     eventually("the HPA lands on 3 from 10", || async {
@@ -383,4 +377,38 @@ async fn a_plugged_in_worker_count_source_sets_the_current_count_the_metric_is_w
         "{metrics}"
     );
     aggregator.stop().await;
+}
+
+#[tokio::test]
+async fn a_recommendation_change_reaches_the_hook_with_the_scaled_object_asking() {
+    use durable_scaler::aggregator::Aggregator;
+    use durable_scaler::aggregator::hub::RecommendationChange;
+    use std::sync::Mutex;
+
+    durable_scaler::telemetry::install_crypto_provider();
+    let seen: Arc<Mutex<Vec<(ScaledObjectKey, RecommendationChange)>>> = Arc::default();
+    let record = seen.clone();
+    let shutdown = durable_scaler::shutdown::Shutdown::new();
+    let running = Aggregator::new(args(), ReportCheck::AcceptAny, Arc::new(LivePods))
+        .on_recommendation_change(Arc::new(move |so, change| {
+            record.lock().unwrap().push((so.clone(), change.clone()));
+        }))
+        .start(shutdown.clone())
+        .await
+        .unwrap();
+    let mut keda = durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient::new(
+        channel(running.grpc_addr).await,
+    );
+    let mut reports = durable_scaler::proto::report::report_service_client::ReportServiceClient::new(
+        channel(running.report_addr).await,
+    );
+    keda.get_metric_spec(scaled_object("HookHub", &[])).await.unwrap();
+    reports.submit(whole_hub_report("app-1", "HookHub", 25)).await.unwrap();
+    eventually("the change reached the hook", || async { !seen.lock().unwrap().is_empty() }).await;
+    let (so, change) = seen.lock().unwrap()[0].clone();
+    assert_eq!(so, ScaledObjectKey { namespace: NAMESPACE.into(), name: "hookhub-so".into() });
+    assert_eq!((change.previous, change.desired_workers), (None, 3));
+    assert!(change.reason.starts_with("Target 3 workers"), "{}", change.reason);
+    shutdown.trigger();
+    running.wait().await.unwrap();
 }

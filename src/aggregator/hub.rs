@@ -34,6 +34,9 @@ use crate::storage::QueueSignals;
 
 use super::settings::{HubSettings, ScaleAlgorithm};
 
+/// How long the worker-count source's last answer stands in when it cannot answer.
+pub const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
+
 /// A partition whose sidecar has not reported for this many of its intervals is uncovered.
 pub const STALE_AFTER_INTERVALS: i64 = 3;
 
@@ -107,6 +110,8 @@ impl Coverage {
 /// A change of the recommendation, for the one log line it deserves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecommendationChange {
+    /// The desired worker count before, when there was a decision before.
+    pub previous: Option<u32>,
     /// The new desired worker count.
     pub desired_workers: u32,
     /// The worker count it was decided from.
@@ -203,6 +208,8 @@ pub struct HubState {
     recommendation: Option<Recommendation>,
     workers: u32,
     metric_value: f64,
+    /// The worker-count source's last answer and when it came.
+    source_workers: Option<(u32, i64)>,
 }
 
 impl HubState {
@@ -222,6 +229,7 @@ impl HubState {
             recommendation: None,
             workers: 0,
             metric_value: 0.0,
+            source_workers: None,
         }
     }
 
@@ -342,13 +350,20 @@ impl HubState {
     }
 
     /// One sampling interval: adds one latency sample per queue to the rings and decides the
-    /// worker count from `workers` (the worker-count source's answer, else the live reporting
-    /// pods). Returns the change when the desired count differs from the last decision.
+    /// worker count from `workers` (the worker-count source's answer; when it has none this
+    /// time, its answer of the last [`SOURCE_ANSWER_KEPT_MS`], so one slow API call does not
+    /// flip the count; else the live reporting pods). Returns the change when the desired
+    /// count differs from the last decision.
     pub fn evaluate(&mut self, now_ms: i64, workers: Option<u32>) -> Option<RecommendationChange> {
+        if let Some(w) = workers {
+            self.source_workers = Some((w, now_ms));
+        }
         if !self.observed {
             return None;
         }
-        let workers = workers.unwrap_or_else(|| self.live_pods(now_ms));
+        let recent =
+            self.source_workers.filter(|(_, at)| now_ms.saturating_sub(*at) <= SOURCE_ANSWER_KEPT_MS);
+        let workers = recent.map(|(w, _)| w).unwrap_or_else(|| self.live_pods(now_ms));
         self.latencies.work_item.add(self.work_item.latency_ms());
         for (ring, view) in self.latencies.control.iter_mut().zip(&self.control) {
             ring.add(view.latency_ms());
@@ -366,11 +381,12 @@ impl HubState {
             }
             ScaleAlgorithm::Latency => self.voter.vote(&self.latencies, workers),
         };
-        let changed =
-            self.recommendation.as_ref().is_none_or(|r| r.desired_workers != recommendation.desired_workers);
+        let previous = self.recommendation.as_ref().map(|r| r.desired_workers);
+        let changed = previous != Some(recommendation.desired_workers);
         self.workers = workers;
         self.metric_value = metric_value(recommendation.desired_workers, workers);
         let change = changed.then(|| RecommendationChange {
+            previous,
             desired_workers: recommendation.desired_workers,
             workers,
             reason: recommendation.reason.clone(),
@@ -608,6 +624,18 @@ mod tests {
         hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), 0);
         hub.evaluate(100, None);
         assert_eq!(hub.workers(), 2);
+    }
+
+    #[test]
+    fn a_missing_source_answer_keeps_the_last_one_for_a_minute() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), 0);
+        hub.evaluate(0, Some(7));
+        hub.evaluate(1000, None);
+        assert_eq!(hub.workers(), 7, "the source's answer stands in");
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), 61_000);
+        hub.evaluate(61_001, None);
+        assert_eq!(hub.workers(), 1, "then the live pods count");
     }
 
     #[test]

@@ -87,6 +87,27 @@ impl Metrics {
         m
     }
 
+    /// The registry, for other parts (the Kubernetes sources) to register their metrics in
+    /// before the aggregator starts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Drops a dropped hub's gauges, so /metrics does not keep reporting it. Its counters
+    /// stay (counters must not go back; they stop growing).
+    pub fn forget(&self, labels: &HubLabels) {
+        for family in [
+            &self.desired_workers,
+            &self.workers,
+            &self.active,
+            &self.covered_partitions,
+            &self.uncovered_partitions,
+            &self.connection_known,
+        ] {
+            family.remove(labels);
+        }
+    }
+
     /// Counts one event of `kind` for `key` in `family`.
     pub fn count(family: &Family<HubKindLabels, Counter>, key: &HubKey, kind: &str) {
         family

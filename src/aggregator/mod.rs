@@ -10,8 +10,10 @@
 //! - [`settings`]: KEDA's trigger metadata; [`metrics`]: Prometheus; [`tls`]: KEDA-port TLS;
 //! - [`sources`]: worker counts and report authentication from outside (Kubernetes).
 //!
-//! [`Aggregator::new`] takes the two outside sources, so the Kubernetes implementations plug
-//! in without changes here; [`run`] is the `durable-scaler aggregator` command.
+//! [`Aggregator::new`] takes the two outside sources (and [`Aggregator::on_recommendation_change`]
+//! a hook for Events), so other implementations plug in without changes here; [`run`] is the
+//! `durable-scaler aggregator` command, which plugs in the Kubernetes ones when it finds a
+//! Kubernetes configuration.
 
 pub mod hub;
 pub mod keda;
@@ -42,7 +44,9 @@ use crate::proto::report::report_service_server::ReportServiceServer;
 use crate::shutdown::Shutdown;
 use crate::storage::StorageOptions;
 
-pub use reports::ReportAuth;
+use crate::kubernetes::{KubeArgs, KubeContext, ReportAuth as KubeReportAuth};
+pub use registry::ChangeHook;
+pub use reports::ReportCheck;
 use sources::WorkerCountSource;
 
 /// A hub no KEDA call and no report named for this long is dropped (and its probe stopped).
@@ -50,16 +54,7 @@ use sources::WorkerCountSource;
 const HUB_IDLE_EVICT_MS: i64 = 15 * 60 * 1000;
 
 /// How long a worker-count source may take before the sampling loop goes on without it.
-const WORKER_COUNT_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// How reports are authenticated, on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReportAuthMode {
-    /// Kubernetes TokenReview of the sidecar's projected service-account token.
-    Tokenreview,
-    /// Accept every report (logs a warning at start).
-    None,
-}
+const WORKER_COUNT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `durable-scaler aggregator`: merges sidecar reports, probes what they miss, serves KEDA.
 #[derive(Debug, Clone, clap::Args)]
@@ -73,9 +68,11 @@ pub struct Args {
     /// Address of the HTTP port: /healthz, /readyz, /metrics.
     #[arg(long, env = "DURABLE_SCALER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
-    /// How sidecar reports are authenticated.
+    /// How sidecar reports are authenticated: `tokenreview` (Kubernetes TokenReview of the
+    /// sidecar's projected token; needs a Kubernetes configuration) or `none` (accept every
+    /// report, with a warning at start).
     #[arg(long, env = "DURABLE_SCALER_REPORT_AUTH", value_enum, default_value = "tokenreview")]
-    pub report_auth: ReportAuthMode,
+    pub report_auth: KubeReportAuth,
     /// PEM certificate chain: turns on TLS on the KEDA port (reloaded when the file changes).
     #[arg(long, env = "DURABLE_SCALER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -85,18 +82,50 @@ pub struct Args {
     /// PEM CA: KEDA must present a client certificate signed by it (needs --tls-cert).
     #[arg(long, env = "DURABLE_SCALER_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// How often the cold probe reads what no live sidecar covers, ms.
-    #[arg(long, env = "DURABLE_SCALER_PROBE_INTERVAL_MS", default_value_t = 2000,
-          value_parser = clap::value_parser!(u64).range(100..))]
-    pub probe_interval_ms: u64,
-    /// How often the merged view becomes one latency sample per queue and a decision, ms.
-    #[arg(long, env = "DURABLE_SCALER_SAMPLE_INTERVAL_MS", default_value_t = 2000,
-          value_parser = clap::value_parser!(u64).range(100..))]
-    pub sample_interval_ms: u64,
-    /// How long invisible messages count as work after the last sign of work (a visible
-    /// message, a moving count) in their queue, ms; after that they count as sleeping timers.
-    #[arg(long, env = "DURABLE_SCALER_WORK_GRACE_MS", default_value_t = 300_000)]
-    pub work_grace_ms: u64,
+    /// How often the cold probe reads what no live sidecar covers (e.g. 2s, 500ms).
+    #[arg(long, env = "DURABLE_SCALER_PROBE_INTERVAL", default_value = "2s", value_parser = interval)]
+    pub probe_interval: Duration,
+    /// How often the merged view becomes one latency sample per queue and a decision.
+    #[arg(long, env = "DURABLE_SCALER_SAMPLE_INTERVAL", default_value = "2s", value_parser = interval)]
+    pub sample_interval: Duration,
+    /// How long invisible messages count as work after the last sign of work in their queue
+    /// (a visible message, a moving count); after that they count as sleeping durable timers.
+    #[arg(long, env = "DURABLE_SCALER_WORK_GRACE", default_value = "5m", value_parser = crate::config::parse_duration)]
+    pub work_grace: Duration,
+    /// The Kubernetes side: worker counts, report tokens, Events.
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+impl Args {
+    /// The defaults of every flag, but loopback ports chosen by the OS and `--report-auth
+    /// none`: for tests, benchmarks and local runs.
+    pub fn loopback() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            grpc_addr: any,
+            report_addr: any,
+            http_addr: any,
+            report_auth: KubeReportAuth::None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            probe_interval: Duration::from_secs(2),
+            sample_interval: Duration::from_secs(2),
+            work_grace: Duration::from_secs(300),
+            kube: KubeArgs::default(),
+        }
+    }
+}
+
+/// An interval flag: a duration of at least 100 ms (less would only burn CPU and storage).
+fn interval(text: &str) -> Result<Duration, String> {
+    let d = crate::config::parse_duration(text)?;
+    if d < Duration::from_millis(100) {
+        Err(format!("`{text}` is below the minimum of 100ms"))
+    } else {
+        Ok(d)
+    }
 }
 
 /// Why the aggregator could not run.
@@ -131,9 +160,11 @@ pub enum AggregatorError {
 /// A configured aggregator, not yet listening.
 pub struct Aggregator {
     args: Args,
-    auth: ReportAuth,
+    check: ReportCheck,
     workers: Arc<dyn WorkerCountSource>,
     storage: StorageOptions,
+    metrics: metrics::Metrics,
+    on_change: Option<ChangeHook>,
 }
 
 /// A listening aggregator: its bound addresses and the task that serves.
@@ -170,10 +201,28 @@ fn local(
 }
 
 impl Aggregator {
-    /// An aggregator for `args`, authenticating reports with `auth` and asking `workers` for
+    /// An aggregator for `args`, checking reports with `check` and asking `workers` for
     /// worker counts (`sources::LiveReportingPods` when nothing better is available).
-    pub fn new(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCountSource>) -> Self {
-        Self { args, auth, workers, storage: StorageOptions::default() }
+    pub fn new(args: Args, check: ReportCheck, workers: Arc<dyn WorkerCountSource>) -> Self {
+        Self {
+            args,
+            check,
+            workers,
+            storage: StorageOptions::default(),
+            metrics: metrics::Metrics::new(),
+            on_change: None,
+        }
+    }
+
+    /// Calls `hook` whenever a hub's recommendation changes (after the log line).
+    pub fn on_recommendation_change(mut self, hook: ChangeHook) -> Self {
+        self.on_change = Some(hook);
+        self
+    }
+
+    /// The Prometheus registry `/metrics` serves, for the outside sources' own metrics.
+    pub fn metrics_registry(&mut self) -> &mut prometheus_client::registry::Registry {
+        self.metrics.registry_mut()
     }
 
     /// Limits for the cold probe's storage calls.
@@ -206,21 +255,20 @@ impl Aggregator {
             local(&report, args.report_addr, "report gRPC")?,
             local(&http, args.http_addr, "HTTP")?,
         );
-        if matches!(self.auth, ReportAuth::AcceptAny) {
+        if matches!(self.check, ReportCheck::AcceptAny) {
             tracing::warn!(
                 "--report-auth none: every report on {report_addr} is accepted unauthenticated; anyone \
                  who can reach that port can steer the scaling"
             );
         }
 
-        let metrics = Arc::new(metrics::Metrics::new());
-        let registry = Arc::new(registry::Registry::new(metrics.clone(), args.work_grace_ms));
-        let prober = probe::Prober::new(
-            registry.clone(),
-            Duration::from_millis(args.probe_interval_ms),
-            self.storage,
-            shutdown.clone(),
+        let metrics = Arc::new(self.metrics);
+        let grace_ms = u64::try_from(args.work_grace.as_millis()).unwrap_or(u64::MAX);
+        let registry = Arc::new(
+            registry::Registry::new(metrics.clone(), grace_ms).with_change_hook(self.on_change.clone()),
         );
+        let prober =
+            probe::Prober::new(registry.clone(), args.probe_interval, self.storage, shutdown.clone());
         let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;
@@ -248,7 +296,7 @@ impl Aggregator {
             }
         };
 
-        let reports = reports::Reports::new(registry.clone(), self.auth.clone());
+        let reports = reports::Reports::new(registry.clone(), self.check.clone());
         let stop = shutdown.clone();
         let report_task = tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -262,7 +310,7 @@ impl Aggregator {
         let sampling = tokio::spawn(sample_loop(
             registry.clone(),
             self.workers.clone(),
-            Duration::from_millis(args.sample_interval_ms),
+            args.sample_interval,
             shutdown.clone(),
         ));
         tracing::info!(%grpc_addr, %report_addr, %http_addr, tls = args.tls_cert.is_some(), "aggregator listening");
@@ -371,20 +419,14 @@ pub fn run(args: Args) -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
-        let auth = match args.report_auth {
-            ReportAuthMode::None => ReportAuth::AcceptAny,
-            ReportAuthMode::Tokenreview => {
-                // The Kubernetes TokenReview authenticator (issue #5) is wired in here once
-                // merged; until then this build can only run with --report-auth none.
-                tracing::error!(
-                    "DURABLE_SCALER_REPORT_AUTH / --report-auth tokenreview is not available in this build yet; \
-                     use --report-auth none"
-                );
+        let shutdown = Shutdown::on_signal();
+        let aggregator = match with_kubernetes(args).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("{e}");
                 return std::process::ExitCode::from(2);
             }
         };
-        let shutdown = Shutdown::on_signal();
-        let aggregator = Aggregator::new(args, auth, Arc::new(sources::LiveReportingPods));
         let running = match aggregator.start(shutdown).await {
             Ok(r) => r,
             Err(e) => {
@@ -400,4 +442,42 @@ pub fn run(args: Args) -> std::process::ExitCode {
             }
         }
     })
+}
+
+/// The aggregator with its Kubernetes side when a Kubernetes configuration is found: worker
+/// counts from the scale targets, TokenReview for reports (`--report-auth tokenreview`),
+/// Events on recommendation changes. Without one: the live reporting pods, and
+/// `--report-auth none` is required.
+async fn with_kubernetes(args: Args) -> Result<Aggregator, AggregatorError> {
+    let kube = KubeContext::try_default(args.kube.clone()).await;
+    let mode = crate::kubernetes::check_report_auth(args.report_auth, kube.is_some())
+        .map_err(|e| AggregatorError::Config(format!("DURABLE_SCALER_REPORT_AUTH / --report-auth: {e}")))?;
+    let Some(kube) = kube else {
+        return Ok(Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(sources::LiveReportingPods)));
+    };
+    let workers = Arc::new(kube.worker_count());
+    let events = kube.event_recorder();
+    let authenticator = (mode == KubeReportAuth::Tokenreview).then(|| Arc::new(kube.authenticator()));
+    let check = match &authenticator {
+        Some(a) => ReportCheck::Token(a.clone()),
+        None => ReportCheck::AcceptAny,
+    };
+    let mut aggregator = Aggregator::new(args, check, workers.clone());
+    let registry = aggregator.metrics_registry();
+    workers.register(registry);
+    events.register(registry);
+    if let Some(a) = &authenticator {
+        a.register(registry);
+    }
+    let hook: ChangeHook = Arc::new(move |scaled_object, change| {
+        events.recommendation_changed(
+            scaled_object,
+            crate::kubernetes::RecommendationChange {
+                previous: change.previous,
+                workers: change.desired_workers,
+                reason: change.reason.clone(),
+            },
+        );
+    });
+    Ok(aggregator.on_recommendation_change(hook))
 }

@@ -93,10 +93,17 @@ impl Prober {
 
     fn record(&self, entry: &HubEntry, outcome: &str, error: Option<String>) {
         Metrics::count(&self.registry.metrics.probes, &entry.key, outcome);
-        if let Some(e) = &error {
-            tracing::warn!(namespace = %entry.key.namespace, task_hub = %entry.key.task_hub, "cold probe failed: {e}");
+        // One line per new failure (and one when it clears), not one per interval.
+        let previous = entry.set_probe_error(error.clone());
+        match (&error, previous) {
+            (Some(e), previous) if previous.as_ref() != Some(e) => {
+                tracing::warn!(namespace = %entry.key.namespace, task_hub = %entry.key.task_hub, "cold probe failed: {e}");
+            }
+            (None, Some(_)) => {
+                tracing::info!(namespace = %entry.key.namespace, task_hub = %entry.key.task_hub, "cold probe reads again");
+            }
+            _ => {}
         }
-        entry.set_probe_error(error);
     }
 
     /// One round: reads P, then every uncovered queue, concurrently.

@@ -95,9 +95,9 @@ impl HubEntry {
         !std::mem::replace(&mut lock(&self.probe).task_started, true)
     }
 
-    /// Records a failed probe's reason.
-    pub fn set_probe_error(&self, error: Option<String>) {
-        lock(&self.probe).last_error = error;
+    /// Records the latest probe's failure (`None`: it read); returns the one before.
+    pub fn set_probe_error(&self, error: Option<String>) -> Option<String> {
+        std::mem::replace(&mut lock(&self.probe).last_error, error)
     }
 
     /// Why the hub is not observed yet, for UNAVAILABLE.
@@ -156,19 +156,35 @@ impl HubEntry {
     }
 }
 
+/// Called when a hub's recommendation changes, with the ScaledObject that asks about it
+/// (the Kubernetes side records an Event on it).
+pub type ChangeHook = Arc<dyn Fn(&ScaledObjectKey, &RecommendationChange) + Send + Sync>;
+
 /// Every tracked hub, with the settings that apply to all of them.
-#[derive(Debug)]
 pub struct Registry {
     hubs: RwLock<HashMap<HubKey, Arc<HubEntry>>>,
     /// The metrics every part updates.
     pub metrics: Arc<Metrics>,
     work_grace_ms: u64,
+    on_change: Option<ChangeHook>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("work_grace_ms", &self.work_grace_ms).finish_non_exhaustive()
+    }
 }
 
 impl Registry {
     /// An empty registry; `work_grace_ms` as in `hub`'s docs.
     pub fn new(metrics: Arc<Metrics>, work_grace_ms: u64) -> Self {
-        Self { hubs: RwLock::new(HashMap::new()), metrics, work_grace_ms }
+        Self { hubs: RwLock::new(HashMap::new()), metrics, work_grace_ms, on_change: None }
+    }
+
+    /// Calls `hook` on every recommendation change of a hub a ScaledObject asks about.
+    pub fn with_change_hook(mut self, hook: Option<ChangeHook>) -> Self {
+        self.on_change = hook;
+        self
     }
 
     /// The hub, when tracked.
@@ -238,6 +254,7 @@ impl Registry {
         for key in &idle {
             if let Some(entry) = hubs.remove(key) {
                 entry.evicted.store(true, Ordering::Relaxed);
+                self.metrics.forget(&entry.labels);
                 tracing::info!(namespace = %key.namespace, task_hub = %key.task_hub, "task hub no longer asked about: dropped");
             }
         }
@@ -255,7 +272,7 @@ impl Registry {
             change
         });
         self.metrics.reports_received.get_or_create(&entry.labels).inc();
-        log_change(&entry.key, change);
+        self.changed(entry, change);
     }
 
     /// Merges a probe reading (`None`: the hub is not provisioned) and publishes the result.
@@ -270,7 +287,7 @@ impl Registry {
             entry.publish(s, now_ms, &self.metrics);
             change
         });
-        log_change(&entry.key, change);
+        self.changed(entry, change);
     }
 
     /// One sampling interval for one hub: rings, decision, activity.
@@ -281,20 +298,26 @@ impl Registry {
             entry.publish(s, now_ms, &self.metrics);
             change
         });
-        log_change(&entry.key, change);
+        self.changed(entry, change);
     }
 }
 
-fn log_change(key: &HubKey, change: Option<RecommendationChange>) {
-    if let Some(c) = change {
+impl Registry {
+    /// One log line per change, and the hook (Kubernetes Event) when a ScaledObject asks.
+    fn changed(&self, entry: &HubEntry, change: Option<RecommendationChange>) {
+        let Some(c) = change else { return };
         tracing::info!(
-            namespace = %key.namespace,
-            task_hub = %key.task_hub,
+            namespace = %entry.key.namespace,
+            task_hub = %entry.key.task_hub,
             desired_workers = c.desired_workers,
+            previous = ?c.previous,
             workers = c.workers,
             reason = %c.reason,
             "recommendation changed"
         );
+        if let (Some(hook), Some(scaled_object)) = (&self.on_change, entry.scaled_object()) {
+            hook(&scaled_object, &c);
+        }
     }
 }
 
@@ -308,10 +331,14 @@ mod tests {
         let key = HubKey::new("apps", "IdleHub");
         let entry = registry.track(&key, "IdleHub", None);
         let now = now_unix_ms();
+        registry.apply_probe(&entry, None, now);
+        let active_series = "durable_scaler_aggregator_active{namespace=\"apps\",task_hub=\"idlehub\"}";
+        assert!(registry.metrics.encode().contains(active_series));
         assert!(registry.evict_idle(now, 60_000).is_empty(), "just touched");
         assert_eq!(registry.evict_idle(now + 60_001, 60_000), vec![key.clone()]);
         assert!(entry.is_evicted());
         assert!(registry.get(&key).is_none());
+        assert!(!registry.metrics.encode().contains(active_series), "its gauges are gone");
     }
 
     #[test]

@@ -22,21 +22,22 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 5_000;
 /// The interval assumed when a sidecar does not say (`interval_ms` 0).
 pub const DEFAULT_SIDECAR_INTERVAL_MS: u64 = 2_000;
 
-/// How reports are authenticated.
+/// How the report service checks who sent a report.
 #[derive(Clone)]
-pub enum ReportAuth {
+pub enum ReportCheck {
     /// Accept every report (`--report-auth none`): anyone who reaches the report port can
     /// steer the scaling. A warning is logged at start.
     AcceptAny,
-    /// Check the bearer token and require it to name the reporting pod.
-    Verify(Arc<dyn ReportAuthenticator>),
+    /// Check the bearer token with this authenticator (the Kubernetes TokenReview one, in
+    /// production) and require it to name the reporting pod.
+    Token(Arc<dyn ReportAuthenticator>),
 }
 
-impl std::fmt::Debug for ReportAuth {
+impl std::fmt::Debug for ReportCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::AcceptAny => "AcceptAny",
-            Self::Verify(_) => "Verify",
+            Self::Token(_) => "Token",
         })
     }
 }
@@ -155,17 +156,17 @@ pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidRe
 #[derive(Debug, Clone)]
 pub struct Reports {
     registry: Arc<Registry>,
-    auth: ReportAuth,
+    check: ReportCheck,
 }
 
 impl Reports {
     /// Serves reports into `registry`.
-    pub fn new(registry: Arc<Registry>, auth: ReportAuth) -> Self {
-        Self { registry, auth }
+    pub fn new(registry: Arc<Registry>, check: ReportCheck) -> Self {
+        Self { registry, check }
     }
 
     async fn authenticate(&self, request: &Request<report::Report>) -> Result<(), Rejection> {
-        let ReportAuth::Verify(authenticator) = &self.auth else {
+        let ReportCheck::Token(authenticator) = &self.check else {
             return Ok(());
         };
         let token = request
@@ -173,20 +174,14 @@ impl Reports {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-        let identity = authenticator.authenticate(token).await.map_err(|e| match e {
+        let rejection = |e| match e {
             AuthError::Unauthenticated(m) => Rejection::new("unauthenticated", m),
             AuthError::PermissionDenied(m) => Rejection::new("permission_denied", m),
-        })?;
+        };
+        let identity = authenticator.authenticate(token).await.map_err(rejection)?;
+        // A pod may only report for itself.
         let pod = request.get_ref().pod.clone().unwrap_or_default();
-        if identity.namespace != pod.namespace || identity.pod_name != pod.name {
-            return Err(Rejection::new(
-                "permission_denied",
-                format!(
-                    "the token belongs to pod {}/{}, the report names {}/{}",
-                    identity.namespace, identity.pod_name, pod.namespace, pod.name
-                ),
-            ));
-        }
+        crate::kubernetes::authorize(&identity, &pod).map_err(rejection)?;
         Ok(())
     }
 
@@ -285,7 +280,7 @@ mod tests {
         r.task_hub = "my-hub".into();
         assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
-        r.control_queues.push(r.control_queues[0].clone());
+        r.control_queues.push(r.control_queues[0]);
         assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
         r.pod = None;

@@ -134,8 +134,8 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let aggregator = ChildProcess::spawn("aggregator", &aggregator_args, &[], &log_path(&logs, "aggregator")?)?;
-    wait_for_port(grpc, Duration::from_secs(30)).await?;
+    let mut aggregator = ChildProcess::spawn("aggregator", &aggregator_args, &[], &log_path(&logs, "aggregator")?)?;
+    wait_for_port(grpc, &mut aggregator, &logs, Duration::from_secs(30)).await?;
     println!("aggregator up: KEDA gRPC 127.0.0.1:{grpc}, reports 127.0.0.1:{report}, http 127.0.0.1:{http}");
 
     let mut metadata = HashMap::from([
@@ -355,11 +355,14 @@ async fn observe(reader: &TaskHubReader, partitions: u32, t_s: f64, book: &Orche
     sample
 }
 
-async fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_for_port(port: u16, child: &mut ChildProcess, logs: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Ok(());
+        }
+        if !child.is_running() {
+            anyhow::bail!("the {} exited at start; see {}", child.name(), logs.join(format!("{}.log", child.name())).display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use durable_scaler::aggregator::sources::{LiveReportingPods, WorkerCountSource};
-use durable_scaler::aggregator::{Aggregator, AggregatorError, Args, ReportAuth, ReportAuthMode};
+use durable_scaler::aggregator::{Aggregator, AggregatorError, Args, ReportCheck};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
-use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+use durable_scaler::proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
 use durable_scaler::proto::report::report_service_client::ReportServiceClient;
 use durable_scaler::proto::report::{ControlQueueSignals, PodRef, QueueSignals, Report};
 use durable_scaler::shutdown::Shutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// Generous deadline for anything that polls (a loaded 2-core machine).
@@ -27,20 +28,14 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// Namespace of every test ScaledObject and pod.
 pub const NAMESPACE: &str = "apps";
 
-/// Command-line defaults for tests: loopback ports chosen by the OS, fast intervals.
+/// Command-line defaults for tests: loopback ports chosen by the OS, fast intervals, a
+/// minute of grace for invisible work.
 pub fn args() -> Args {
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("loopback address");
     Args {
-        grpc_addr: any,
-        report_addr: any,
-        http_addr: any,
-        report_auth: ReportAuthMode::None,
-        tls_cert: None,
-        tls_key: None,
-        client_ca: None,
-        probe_interval_ms: 200,
-        sample_interval_ms: 200,
-        work_grace_ms: 60_000,
+        probe_interval: Duration::from_millis(200),
+        sample_interval: Duration::from_millis(200),
+        work_grace: Duration::from_secs(60),
+        ..Args::loopback()
     }
 }
 
@@ -57,11 +52,15 @@ pub struct TestAggregator {
 
 /// Starts an aggregator with `args` (plaintext KEDA port).
 pub async fn start(args: Args) -> TestAggregator {
-    start_with(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods)).await
+    start_with(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)).await
 }
 
 /// Starts an aggregator with `args` and the given outside sources (plaintext KEDA port).
-pub async fn start_with(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCountSource>) -> TestAggregator {
+pub async fn start_with(
+    args: Args,
+    auth: ReportCheck,
+    workers: Arc<dyn WorkerCountSource>,
+) -> TestAggregator {
     let running = start_server_with(args, auth, workers).await.expect("aggregator starts");
     let keda =
         ExternalScalerClient::connect(format!("http://{}", running.1.grpc_addr)).await.expect("KEDA port");
@@ -82,13 +81,13 @@ pub async fn start_with(args: Args, auth: ReportAuth, workers: Arc<dyn WorkerCou
 pub async fn start_server(
     args: Args,
 ) -> Result<(Shutdown, durable_scaler::aggregator::RunningAggregator), AggregatorError> {
-    start_server_with(args, ReportAuth::AcceptAny, Arc::new(LiveReportingPods)).await
+    start_server_with(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)).await
 }
 
 /// Starts an aggregator with the given outside sources, without connecting to it.
 pub async fn start_server_with(
     args: Args,
-    auth: ReportAuth,
+    auth: ReportCheck,
     workers: Arc<dyn WorkerCountSource>,
 ) -> Result<(Shutdown, durable_scaler::aggregator::RunningAggregator), AggregatorError> {
     durable_scaler::telemetry::init();
@@ -222,6 +221,12 @@ where
 /// A plaintext gRPC channel to `addr`.
 pub async fn channel(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).expect("valid URI").connect().await.expect("connects")
+}
+
+/// The next message of an IsActive stream.
+pub async fn next(stream: &mut tonic::Streaming<IsActiveResponse>) -> bool {
+    let message = tokio::time::timeout(DEADLINE, stream.next()).await.expect("a message in time");
+    message.expect("the stream is open").expect("a message, not an error").result
 }
 
 /// A minimal HTTP/1.1 GET (the endpoints are plain text).
