@@ -39,6 +39,9 @@ pub enum Command {
     /// scaler API (KEDA port), the sidecars' report API (report port) and /healthz, /readyz,
     /// /metrics (HTTP port).
     Aggregator(crate::aggregator::Args),
+    // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
+    // knobs would make every other variant as large.
+    Simulate(Box<crate::simulate::Args>),
 }
 
 /// Parses the command line and runs the chosen role.
@@ -49,5 +52,6 @@ pub fn run() -> std::process::ExitCode {
         Command::Sidecar(args) => crate::sidecar::run_cli(args),
         Command::Demo(args) => crate::demo::run_cli(args),
         Command::Aggregator(args) => crate::aggregator::run(args),
+        Command::Simulate(args) => crate::simulate::run(&args),
     }
 }

@@ -9,6 +9,7 @@
 //! - [`recommend`]: the `recommend` tool over the heuristics;
 //! - [`emulator`]: the Durable Task side's storage writes, for tests and the demo only;
 //! - [`kubernetes`]: the aggregator's Kubernetes side (worker count, TokenReview, Events);
+//! - [`simulate`]: the `simulate` tool that races the scalers on simulated workloads;
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 
@@ -24,5 +25,6 @@ pub mod proto;
 pub mod recommend;
 pub mod shutdown;
 pub mod sidecar;
+pub mod simulate;
 pub mod storage;
 pub mod telemetry;

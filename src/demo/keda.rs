@@ -19,7 +19,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer},
-    proto::externalscaler::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
+    proto::externalscaler::{
+        GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
+    },
     shutdown::Shutdown,
 };
 
@@ -179,7 +181,8 @@ impl KedaPlayer {
             &mut self.stabilizer,
             now_ms,
         );
-        let replicas = hpa::keda_replicas(current, active, cooldown_elapsed, hpa_replicas, self.settings.bounds);
+        let replicas =
+            hpa::keda_replicas(current, active, cooldown_elapsed, hpa_replicas, self.settings.bounds);
         Ok(KedaPoll { active, metric, target, replicas })
     }
 }

@@ -103,8 +103,13 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     std::fs::create_dir_all(&args.out_dir)?;
     let logs = args.out_dir.join("logs");
 
-    println!("durable-scaler demo: {} s, {} partitions, bursts of {} orchestrations x {} activities",
-        args.duration.as_secs(), args.partitions, args.orchestrations, args.activities);
+    println!(
+        "durable-scaler demo: {} s, {} partitions, bursts of {} orchestrations x {} activities",
+        args.duration.as_secs(),
+        args.partitions,
+        args.orchestrations,
+        args.activities
+    );
     let azurite = match std::env::var("AZURITE_CONNECTION_STRING") {
         Ok(cs) => Azurite::from_connection_string(&cs)?,
         Err(_) => {
@@ -118,23 +123,33 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let emulator = crate::emulator::TaskHubEmulator::new(&account, hub.clone(), PartitionMode::Table);
     emulator.create(args.partitions).await?;
     let reader = TaskHubReader::new(&account, hub.clone(), PartitionMode::Table, StorageOptions::default());
-    println!("task hub {} laid out in Azurite: {} control queues, work-item queue, Partitions table", hub.name(), args.partitions);
+    println!(
+        "task hub {} laid out in Azurite: {} control queues, work-item queue, Partitions table",
+        hub.name(),
+        args.partitions
+    );
 
     let (grpc, report, http) = (free_port()?, free_port()?, free_port()?);
     let aggregator_args: Vec<String> = [
         "aggregator",
-        "--grpc-addr", &format!("127.0.0.1:{grpc}"),
-        "--report-addr", &format!("127.0.0.1:{report}"),
-        "--http-addr", &format!("127.0.0.1:{http}"),
-        "--report-auth", "none",
+        "--grpc-addr",
+        &format!("127.0.0.1:{grpc}"),
+        "--report-addr",
+        &format!("127.0.0.1:{report}"),
+        "--http-addr",
+        &format!("127.0.0.1:{http}"),
+        "--report-auth",
+        "none",
         // Invisible messages count as work for this long after their queue last moved
         // (5 minutes by default, DTFx's visibility timeout); shortened like every other timing.
-        "--work-grace", WORK_GRACE,
+        "--work-grace",
+        WORK_GRACE,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut aggregator = ChildProcess::spawn("aggregator", &aggregator_args, &[], &log_path(&logs, "aggregator")?)?;
+    let mut aggregator =
+        ChildProcess::spawn("aggregator", &aggregator_args, &[], &log_path(&logs, "aggregator")?)?;
     wait_for_port(grpc, &mut aggregator, &logs, Duration::from_secs(30)).await?;
     println!("aggregator up: KEDA gRPC 127.0.0.1:{grpc}, reports 127.0.0.1:{report}, http 127.0.0.1:{http}");
 
@@ -155,7 +170,15 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         bounds: ReplicaBounds { min: 0, max: args.max_workers },
         push: true,
     };
-    let mut keda = KedaPlayer::connect(&format!("http://127.0.0.1:{grpc}"), SCALED_OBJECT, NAMESPACE, metadata, settings, shutdown.clone()).await?;
+    let mut keda = KedaPlayer::connect(
+        &format!("http://127.0.0.1:{grpc}"),
+        SCALED_OBJECT,
+        NAMESPACE,
+        metadata,
+        settings,
+        shutdown.clone(),
+    )
+    .await?;
     println!(
         "playing KEDA (external-push, polling {}s, cooldown {}s) and the HPA against it; timings are \
          shortened from the real defaults (30s, 300s, work grace 5m -> {WORK_GRACE}) so the run fits in minutes\n",
@@ -197,8 +220,19 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let samples = outcome?;
     let summary = timeline::summarize(&samples, &bursts);
     std::fs::write(args.out_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    let description = format!(
+        "Azurite, real aggregator and sidecars; {} partitions; two bursts of {} orchestrations x {} activities, timers between",
+        args.partitions, args.orchestrations, args.activities
+    );
+    let chart = args.out_dir.join("demo.svg");
+    std::fs::write(&chart, timeline::chart(&samples, &summary, &description))?;
     println!("\n{}", summary.paragraph());
-    println!("logs of every process in {}", logs.display());
+    println!(
+        "chart: {}; summary: {}; logs of every process: {}",
+        chart.display(),
+        args.out_dir.join("summary.json").display(),
+        logs.display()
+    );
     Ok(summary)
 }
 
@@ -225,7 +259,11 @@ impl PodFleet {
             let sidecar_args: Vec<String> = ["sidecar", "--interval", SIDECAR_INTERVAL, "--http-addr"]
                 .iter()
                 .map(|s| s.to_string())
-                .chain([format!("127.0.0.1:{}", free_port()?), "--token-file".into(), "/nonexistent/token".into()])
+                .chain([
+                    format!("127.0.0.1:{}", free_port()?),
+                    "--token-file".into(),
+                    "/nonexistent/token".into(),
+                ])
                 .collect();
             let env = [
                 ("DURABLE_SCALER_TASK_HUB", self.hub.clone()),
@@ -234,7 +272,12 @@ impl PodFleet {
                 ("POD_NAME", name.clone()),
                 ("POD_NAMESPACE", NAMESPACE.to_string()),
             ];
-            let sidecar = ChildProcess::spawn(&format!("{name}-sidecar"), &sidecar_args, &env, &log_path(&self.logs, &name)?)?;
+            let sidecar = ChildProcess::spawn(
+                &format!("{name}-sidecar"),
+                &sidecar_args,
+                &env,
+                &log_path(&self.logs, &name)?,
+            )?;
             self.pods.push(WorkerPod::start(
                 name,
                 self.emulator.clone(),
@@ -284,7 +327,9 @@ async fn drive(
             for _ in 0..burst.orchestrations {
                 let message = worker::ControlMessage::Start { id: next_id, activities: args.activities };
                 let partition = (next_id % u64::from(args.partitions)) as u32;
-                emulator.enqueue(QueueRef::Control(partition), &serde_json::to_string(&message)?, Duration::ZERO).await?;
+                emulator
+                    .enqueue(QueueRef::Control(partition), &serde_json::to_string(&message)?, Duration::ZERO)
+                    .await?;
                 book.submitted();
                 next_id += 1;
             }
@@ -293,16 +338,34 @@ async fn drive(
                 // messages that must not keep the app awake.
                 for partition in 0..args.partitions {
                     let timer = worker::ControlMessage::Timer { id: u64::MAX - u64::from(partition) };
-                    emulator.enqueue(QueueRef::Control(partition), &serde_json::to_string(&timer)?, Duration::from_secs(3600)).await?;
+                    emulator
+                        .enqueue(
+                            QueueRef::Control(partition),
+                            &serde_json::to_string(&timer)?,
+                            Duration::from_secs(3600),
+                        )
+                        .await?;
                 }
             }
-            println!("[{:>4.0}s] burst {}: {} orchestrations started{}", elapsed.as_secs_f64(), next_burst + 1, burst.orchestrations,
-                if next_burst == 0 { format!(", plus {} durable timers due in an hour", args.partitions) } else { String::new() });
+            println!(
+                "[{:>4.0}s] burst {}: {} orchestrations started{}",
+                elapsed.as_secs_f64(),
+                next_burst + 1,
+                burst.orchestrations,
+                if next_burst == 0 {
+                    format!(", plus {} durable timers due in an hour", args.partitions)
+                } else {
+                    String::new()
+                }
+            );
             next_burst += 1;
         }
         if keda.take_push() && pods.pods.is_empty() {
             let replicas = keda.on_push(now_ms, 0);
-            println!("[{:>4.0}s] StreamIsActive pushed true: KEDA scales 0 -> {replicas} at once", elapsed.as_secs_f64());
+            println!(
+                "[{:>4.0}s] StreamIsActive pushed true: KEDA scales 0 -> {replicas} at once",
+                elapsed.as_secs_f64()
+            );
             pods.scale_to(replicas).await?;
         }
         if elapsed >= next_poll {
@@ -311,19 +374,36 @@ async fn drive(
                 Ok(poll) => {
                     last = (poll.active, poll.metric);
                     if poll.replicas as usize != pods.pods.len() {
-                        println!("[{:>4.0}s] KEDA/HPA: {} -> {} workers (metric {:.1}, active {})",
-                            elapsed.as_secs_f64(), pods.pods.len(), poll.replicas, poll.metric, poll.active);
+                        println!(
+                            "[{:>4.0}s] KEDA/HPA: {} -> {} workers (metric {:.1}, active {})",
+                            elapsed.as_secs_f64(),
+                            pods.pods.len(),
+                            poll.replicas,
+                            poll.metric,
+                            poll.active
+                        );
                         pods.scale_to(poll.replicas).await?;
                     }
                 }
-                Err(e) => println!("[{:>4.0}s] KEDA poll failed, keeping {} workers: {e}", elapsed.as_secs_f64(), pods.pods.len()),
+                Err(e) => println!(
+                    "[{:>4.0}s] KEDA poll failed, keeping {} workers: {e}",
+                    elapsed.as_secs_f64(),
+                    pods.pods.len()
+                ),
             }
         }
-        let sample = observe(reader, args.partitions, elapsed.as_secs_f64(), book, last, pods.pods.len() as u32).await;
+        let sample =
+            observe(reader, args.partitions, elapsed.as_secs_f64(), book, last, pods.pods.len() as u32).await;
         println!(
             "[{:>4.0}s] control {:>3} (visible {:>3})  work-items {:>4}  orchestrations running {:>3}  active {:<5}  desired {:>4.1}  workers {}",
-            sample.t_s, sample.control_messages, sample.control_visible, sample.work_items,
-            sample.orchestrations_running, sample.active, sample.desired, sample.workers
+            sample.t_s,
+            sample.control_messages,
+            sample.control_visible,
+            sample.work_items,
+            sample.orchestrations_running,
+            sample.active,
+            sample.desired,
+            sample.workers
         );
         samples.push(sample);
     }
@@ -331,7 +411,14 @@ async fn drive(
     Ok(samples)
 }
 
-async fn observe(reader: &TaskHubReader, partitions: u32, t_s: f64, book: &OrchestrationBook, last: (bool, f64), workers: u32) -> Sample {
+async fn observe(
+    reader: &TaskHubReader,
+    partitions: u32,
+    t_s: f64,
+    book: &OrchestrationBook,
+    last: (bool, f64),
+    workers: u32,
+) -> Sample {
     let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
     let mut sample = Sample {
         t_s,
@@ -355,14 +442,23 @@ async fn observe(reader: &TaskHubReader, partitions: u32, t_s: f64, book: &Orche
     sample
 }
 
-async fn wait_for_port(port: u16, child: &mut ChildProcess, logs: &std::path::Path, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_for_port(
+    port: u16,
+    child: &mut ChildProcess,
+    logs: &std::path::Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Ok(());
         }
         if !child.is_running() {
-            anyhow::bail!("the {} exited at start; see {}", child.name(), logs.join(format!("{}.log", child.name())).display());
+            anyhow::bail!(
+                "the {} exited at start; see {}",
+                child.name(),
+                logs.join(format!("{}.log", child.name())).display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -72,7 +72,10 @@ pub fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
             let drained = first_worker.and_then(|fw| {
                 window.iter().find(|s| s.t_s > fw && s.orchestrations_running == 0).map(|s| s.t_s)
             });
-            let zero = drained.and_then(|d| window.iter().find(|s| s.t_s >= d && s.workers == 0).map(|s| s.t_s));
+            // Back to zero may coincide with the next burst's first sample.
+            let zero = drained.and_then(|d| {
+                samples.iter().find(|s| s.t_s >= d && s.t_s <= until && s.workers == 0).map(|s| s.t_s)
+            });
             BurstOutcome {
                 at_s: b.at_s,
                 time_to_first_worker_s: first_worker.map(|t| t - b.at_s),
@@ -173,6 +176,13 @@ mod tests {
     }
 
     #[test]
+    fn zero_at_the_instant_of_the_next_burst_counts_for_the_earlier_one() {
+        let samples = vec![sample(0.0, 0, 0), sample(2.0, 2, 4), sample(6.0, 2, 0), sample(10.0, 0, 4)];
+        let bursts = [Burst { at_s: 1.0, orchestrations: 4 }, Burst { at_s: 10.0, orchestrations: 4 }];
+        assert_eq!(summarize(&samples, &bursts).bursts[0].back_to_zero_s, Some(9.0));
+    }
+
+    #[test]
     fn a_run_that_never_returns_to_zero_is_reported_as_such() {
         let samples = vec![sample(0.0, 0, 0), sample(5.0, 2, 3), sample(9.0, 2, 0)];
         let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 3 }]);
@@ -180,4 +190,27 @@ mod tests {
         assert_eq!(s.bursts[0].back_to_zero_s, None);
         assert!(s.paragraph().contains("back to zero after never"));
     }
+}
+
+/// The run as an SVG chart: workers over time above, the visible backlog beneath, drawn by
+/// the simulator's chart code so the demo and the simulator read alike.
+pub fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
+    use crate::simulate::{metrics::Point, svg};
+    let points: Vec<Point> = samples
+        .iter()
+        .map(|s| Point {
+            at_ms: (s.t_s * 1000.0) as u64,
+            pods: s.workers,
+            backlog: s.control_visible + s.work_items,
+        })
+        .collect();
+    let detail = format!("{:.0} worker-s, peak {}", summary.worker_seconds, summary.peak_workers);
+    let series = svg::Series {
+        name: "durable-scaler (demo)",
+        points: &points,
+        duration_ms: points.last().map_or(1, |p| p.at_ms),
+        detail: &detail,
+        emphasised: true,
+    };
+    svg::chart_series("durable-scaler demo: worker pods, backlog beneath", description, "run", &[series])
 }

@@ -273,7 +273,8 @@ impl Host {
                 if self.book.start(id, activities) {
                     let text = serde_json::to_string(&ActivityMessage { id, partition }).unwrap_or_default();
                     for _ in 0..activities {
-                        if let Err(e) = self.emulator.enqueue(QueueRef::WorkItem, &text, Duration::ZERO).await {
+                        if let Err(e) = self.emulator.enqueue(QueueRef::WorkItem, &text, Duration::ZERO).await
+                        {
                             tracing::debug!(pod = %self.name, "enqueue activity failed: {e}");
                         }
                     }
@@ -313,8 +314,10 @@ impl Host {
             running.spawn(async move {
                 tokio::time::sleep(duration).await;
                 if let Ok(activity) = serde_json::from_str::<ActivityMessage>(&message.text) {
-                    let done = serde_json::to_string(&ControlMessage::Done { id: activity.id }).unwrap_or_default();
-                    let _ = emulator.enqueue(QueueRef::Control(activity.partition), &done, Duration::ZERO).await;
+                    let done =
+                        serde_json::to_string(&ControlMessage::Done { id: activity.id }).unwrap_or_default();
+                    let _ =
+                        emulator.enqueue(QueueRef::Control(activity.partition), &done, Duration::ZERO).await;
                 }
                 let _ = emulator.delete(&message).await;
             });
@@ -331,7 +334,10 @@ mod tests {
     fn control_messages_round_trip_as_tagged_json() {
         let text = serde_json::to_string(&ControlMessage::Start { id: 7, activities: 3 }).unwrap();
         assert_eq!(text, r#"{"op":"start","id":7,"activities":3}"#);
-        assert_eq!(serde_json::from_str::<ControlMessage>(&text).unwrap(), ControlMessage::Start { id: 7, activities: 3 });
+        assert_eq!(
+            serde_json::from_str::<ControlMessage>(&text).unwrap(),
+            ControlMessage::Start { id: 7, activities: 3 }
+        );
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //!
 //! - [`latency`]: the Durable Task Framework's latency vote (`DisconnectedPerformanceMonitor`).
 //! - [`target`]: the Functions host's target-based formula (`DurableTaskTargetScaler`).
+//! - [`durable`]: the project's default (`scaleAlgorithm: durable`), designed with the simulator.
 //! - [`hpa`]: what KEDA and the Kubernetes HPA do with the number we return.
 
+pub mod durable;
 pub mod hpa;
 pub mod latency;
 pub mod target;

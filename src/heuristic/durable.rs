@@ -1,0 +1,585 @@
+//! `scaleAlgorithm: durable`, the project's default: a worker count from approximate counts,
+//! visible counts and first-message ages, that tells sleeping durable timers from running
+//! work (durabletask-facts.md, "Queue signals") and is shaped for the HPA that applies it.
+//!
+//! Rules, in order (chosen from `durable-scaler simulate` runs, docs/simulator.md):
+//!
+//! 1. **Work-item queue**: every message counts, visible or not. Durable timers live on
+//!    control queues only, so an invisible work item is an activity being run (or one whose
+//!    worker died, which will run again): `ceil(approximate / maxActivitiesPerWorker)`.
+//!    Work in progress is therefore never scaled away.
+//! 2. **Control queues**: invisible messages whose count has not moved for
+//!    [`DurableSettings::timer_settle_ms`] while nothing was visible are sleeping timers and
+//!    count for nothing. Otherwise a partition's approximate count is work. Orchestration
+//!    workers = `min(partitions with work, ceil(orchestration work / maxOrchestrationsPerWorker))`:
+//!    one partition is processed by one worker at a time, so more never helps.
+//! 3. **Lookahead**: orchestration messages beyond what those workers take in one round are
+//!    episodes still to run, and an episode mostly schedules activities; those that arrived
+//!    within [`DurableSettings::lookahead_window_ms`] (not timers that fired) count as
+//!    activities to come, so pods are asked for before the fan-out lands (a pod takes its
+//!    start-up delay to help).
+//! 4. Desired = max(activity, orchestration, lookahead workers), at least 1 while any work
+//!    exists; `keep_workers_alive` is false only when no queue holds work (timers alone sleep).
+//! 5. **No late pods**: while the work is falling fast enough to be gone before a new pod
+//!    could start ([`DurableSettings::startup_ms`]), no scale-up is asked for.
+//! 6. **Damped scale-in**: below the current count, the answer is the highest the rules gave
+//!    over the last [`DurableSettings::scale_in_window_ms`], so one empty sample between
+//!    batches sheds nothing (the HPA's stabilization window then damps further).
+//! 7. **HPA tolerance**: [`metric_value`] turns the desired count into the value to report
+//!    (target 1, AverageValue) so that a needed +1 at 10 or more replicas still moves the HPA.
+
+use std::collections::VecDeque;
+
+use super::{Recommendation, hpa};
+
+/// At most this many messages come back from one Peek, so a visible count of this size means
+/// "this many or more".
+pub const PEEK_LIMIT: u64 = 32;
+
+/// One sample of one queue, as a sidecar or the aggregator's probe takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueSample {
+    /// When the sample was taken (ms on the caller's clock).
+    pub at_ms: u64,
+    /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
+    pub approximate_count: u64,
+    /// Messages a Peek of up to [`PEEK_LIMIT`] returned (visible now).
+    pub visible_count: u64,
+    /// now - InsertedOn of the first visible message; 0 when none is visible.
+    pub first_visible_age_ms: u64,
+}
+
+/// The recent samples of one queue, oldest first, trimmed to a horizon.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueHistory {
+    samples: VecDeque<QueueSample>,
+}
+
+impl QueueHistory {
+    /// An empty history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `sample` and forgets samples older than `horizon_ms` before it (keeping at
+    /// least one older sample, so a window that starts before the horizon stays covered).
+    pub fn record(&mut self, sample: QueueSample, horizon_ms: u64) {
+        self.samples.push_back(sample);
+        let cutoff = sample.at_ms.saturating_sub(horizon_ms);
+        while self.samples.len() > 2 && self.samples.get(1).is_some_and(|s| s.at_ms <= cutoff) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The newest sample.
+    pub fn latest(&self) -> Option<&QueueSample> {
+        self.samples.back()
+    }
+
+    /// Samples, oldest first.
+    pub fn samples(&self) -> impl DoubleEndedIterator<Item = &QueueSample> {
+        self.samples.iter()
+    }
+
+    /// Samples taken at or after `since_ms`.
+    fn since(&self, since_ms: u64) -> impl Iterator<Item = &QueueSample> {
+        self.samples.iter().filter(move |s| s.at_ms >= since_ms)
+    }
+}
+
+/// The histories of one task hub's queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubHistory {
+    /// The work-item (activity) queue.
+    pub work_item: QueueHistory,
+    /// Control queue `i` of partition `i`.
+    pub control: Vec<QueueHistory>,
+}
+
+impl HubHistory {
+    /// Empty histories for `partitions` control queues.
+    pub fn new(partitions: usize) -> Self {
+        Self { work_item: QueueHistory::new(), control: vec![QueueHistory::new(); partitions] }
+    }
+
+    /// Records one sample per queue, keeping what `settings` needs.
+    pub fn record(&mut self, settings: &DurableSettings, work_item: QueueSample, control: &[QueueSample]) {
+        let horizon = settings.horizon_ms();
+        self.work_item.record(work_item, horizon);
+        if self.control.len() < control.len() {
+            self.control.resize(control.len(), QueueHistory::new());
+        }
+        for (history, sample) in self.control.iter_mut().zip(control) {
+            history.record(*sample, horizon);
+        }
+    }
+}
+
+/// The algorithm's knobs (defaults in docs/simulator.md, "Our algorithm").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableSettings {
+    /// Activities one worker runs at once (`maxActivitiesPerWorker`, default 10).
+    pub max_activities_per_worker: u32,
+    /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`, default 5).
+    pub max_orchestrations_per_worker: u32,
+    /// How long invisible control messages must sit unchanged, with nothing visible, before
+    /// they count as sleeping timers (default 10 s: two sidecar reports; orchestration
+    /// episodes hold their messages for milliseconds to a few seconds).
+    pub timer_settle_ms: u64,
+    /// Scale-in looks back this far and keeps the highest answer (default 10 s: two sidecar
+    /// reports, so one empty sample between batches sheds nothing; the HPA's own 300 s
+    /// stabilization window does the rest, and a longer window here only adds to it).
+    pub scale_in_window_ms: u64,
+    /// Count each orchestration message with work as an activity to come (default true):
+    /// an episode mostly schedules activities, and pods take a start-up delay to help, so
+    /// workers are asked for before the fan-out lands on the work-item queue.
+    pub activity_lookahead: bool,
+    /// How long a new pod takes to take work (default 20 s). No scale-up is asked for while
+    /// the work is falling fast enough to be gone sooner; 0 turns this rule off.
+    pub startup_ms: u64,
+    /// How long one orchestration episode is assumed to take at most. With
+    /// [`Self::startup_ms`] it says how many rounds of episodes a worker runs before a new
+    /// pod could help. Default 0: count one round, which asks for pods earliest; a value such
+    /// as 1000 is cheaper when orchestrations fan out little (see docs/simulator.md).
+    pub episode_estimate_ms: u64,
+    /// The lookahead counts only control messages that arrived within this window (growth
+    /// of the approximate count over its lowest in the window), not timers that fired
+    /// (default 60 s; 0 counts every waiting message).
+    pub lookahead_window_ms: u64,
+}
+
+impl Default for DurableSettings {
+    fn default() -> Self {
+        Self {
+            max_activities_per_worker: 10,
+            max_orchestrations_per_worker: 5,
+            timer_settle_ms: 10_000,
+            scale_in_window_ms: 10_000,
+            activity_lookahead: true,
+            startup_ms: 20_000,
+            episode_estimate_ms: 0,
+            lookahead_window_ms: 60_000,
+        }
+    }
+}
+
+impl DurableSettings {
+    /// How much history the rules read: the scale-in window looks back at moments whose
+    /// timer test itself looks back the settle time.
+    pub fn horizon_ms(&self) -> u64 {
+        self.timer_settle_ms.saturating_add(self.scale_in_window_ms).max(self.lookahead_window_ms)
+    }
+}
+
+/// What the rules saw at one moment, kept for the reason string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Need {
+    activity_messages: u64,
+    activity_workers: u64,
+    orchestration_messages: u64,
+    active_partitions: u64,
+    timer_partitions: u64,
+    orchestration_workers: u64,
+    lookahead_workers: u64,
+}
+
+impl Need {
+    fn messages(&self) -> u64 {
+        self.activity_messages + self.orchestration_messages
+    }
+
+    fn workers(&self) -> u64 {
+        let any = self.activity_messages + self.orchestration_messages > 0;
+        self.activity_workers.max(self.orchestration_workers).max(self.lookahead_workers).max(u64::from(any))
+    }
+}
+
+/// True when `history`'s invisible messages are sleeping timers at `now_ms`: for the whole
+/// settle window nothing was visible and the approximate count did not move, and the window
+/// is covered by samples (a sample at or before its start).
+fn only_timers(history: &QueueHistory, settings: &DurableSettings, now_ms: u64) -> bool {
+    let start = now_ms.saturating_sub(settings.timer_settle_ms);
+    let Some(latest) = history.samples().rev().find(|s| s.at_ms <= now_ms) else { return false };
+    // The newest sample at or before the window's start anchors it; without one the window
+    // is not covered and nothing can be called settled yet.
+    let Some(anchor) = history.samples().rev().find(|s| s.at_ms <= start) else { return false };
+    let settled = |s: &QueueSample| s.visible_count == 0 && s.approximate_count == latest.approximate_count;
+    settled(anchor) && history.since(start).filter(|s| s.at_ms <= now_ms).all(settled)
+}
+
+/// The need at the sample `at_ms` (the newest sample of each queue at or before it).
+fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
+    let newest = |h: &QueueHistory| h.samples().rev().find(|s| s.at_ms <= at_ms).copied();
+    let activity_messages = newest(&hub.work_item).map_or(0, |s| s.approximate_count.max(s.visible_count));
+    let mut need = Need {
+        activity_messages,
+        activity_workers: activity_messages.div_ceil(u64::from(settings.max_activities_per_worker.max(1))),
+        ..Need::default()
+    };
+    let mut arrived = 0u64;
+    for history in &hub.control {
+        let Some(sample) = newest(history) else { continue };
+        if settings.lookahead_window_ms > 0 {
+            // Messages that arrived within the window: growth over its lowest count. Timers
+            // that fire turn invisible messages visible without growing the count.
+            let since = at_ms.saturating_sub(settings.lookahead_window_ms);
+            let low = history
+                .samples()
+                .filter(|s| s.at_ms >= since && s.at_ms <= at_ms)
+                .map(|s| s.approximate_count)
+                .min()
+                .unwrap_or(sample.approximate_count);
+            arrived += sample.approximate_count.saturating_sub(low);
+        }
+        let invisible = sample.approximate_count.saturating_sub(sample.visible_count);
+        let work = if invisible > 0 && only_timers(history, settings, at_ms) {
+            need.timer_partitions += 1;
+            sample.visible_count
+        } else {
+            sample.approximate_count.max(sample.visible_count)
+        };
+        if work > 0 {
+            need.active_partitions += 1;
+            need.orchestration_messages += work;
+        }
+    }
+    // A worker runs maxOrchestrations episodes at once, and as many rounds of them in a
+    // pod's start-up time as episodes fit in it: more workers only help with messages beyond
+    // that (and never beyond one per partition with work).
+    let rounds = match settings.episode_estimate_ms {
+        0 => 1,
+        episode => (settings.startup_ms / episode).max(1),
+    };
+    let per_worker = u64::from(settings.max_orchestrations_per_worker.max(1)) * rounds;
+    need.orchestration_workers = need.active_partitions.min(need.orchestration_messages.div_ceil(per_worker));
+    if settings.activity_lookahead {
+        // Orchestration messages beyond what those workers take in that time are episodes
+        // still to run, and each will mostly schedule activities.
+        let mut waiting = need.orchestration_messages.saturating_sub(need.orchestration_workers * per_worker);
+        if settings.lookahead_window_ms > 0 {
+            // Only newly arrived messages (starts, events) are looked ahead for: fired timers
+            // resume orchestrations whose next step is unknown, and often small.
+            waiting = waiting.min(arrived);
+        }
+        need.lookahead_workers =
+            (need.activity_messages + waiting).div_ceil(u64::from(settings.max_activities_per_worker.max(1)));
+    }
+    need
+}
+
+/// The `durable` algorithm's recommendation for a hub at `workers` workers at `now_ms`.
+///
+/// `hub` holds each queue's recent samples (record them with [`HubHistory::record`]). The
+/// answer's `desired_workers` is the count the hub needs; report [`metric_value`] of it to
+/// KEDA (target 1, AverageValue) and `keep_workers_alive` as IsActive.
+pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now_ms: u64) -> Recommendation {
+    let now = need_at(hub, settings, now_ms);
+    let raw = now.workers();
+    let keep = raw > 0;
+    let mut desired = raw;
+    let mut damped = false;
+    let mut held = None;
+    if raw > u64::from(workers) && workers > 0 && settings.startup_ms > 0 {
+        // Scale-up only for work that outlasts a new pod's start-up: if the work is falling
+        // fast enough to be gone before a new pod could help, the current workers suffice.
+        let previous = hub.work_item.samples().rev().find(|s| s.at_ms < now_ms);
+        if let Some(previous) = previous {
+            let before = need_at(hub, settings, previous.at_ms).messages();
+            let after = now.messages();
+            let elapsed = now_ms - previous.at_ms;
+            if after < before && elapsed > 0 {
+                let eta_ms = after.saturating_mul(elapsed) / (before - after);
+                if eta_ms < settings.startup_ms {
+                    desired = u64::from(workers);
+                    held = Some(eta_ms);
+                }
+            }
+        }
+    }
+    if raw < u64::from(workers) {
+        // Scale-in: the highest need over the window, evaluated at each work-item sample time.
+        let start = now_ms.saturating_sub(settings.scale_in_window_ms);
+        let peak = hub
+            .work_item
+            .since(start)
+            .filter(|s| s.at_ms <= now_ms)
+            .map(|s| need_at(hub, settings, s.at_ms).workers())
+            .max()
+            .unwrap_or(0);
+        if peak > raw {
+            desired = peak.min(u64::from(workers));
+            damped = true;
+        }
+    }
+    let desired = u32::try_from(desired).unwrap_or(u32::MAX);
+    let reason = if !keep && now.timer_partitions > 0 {
+        format!("Only sleeping timers in {} partition(s): no work", now.timer_partitions)
+    } else if !keep && desired > 0 {
+        format!("No work now; scale-in damped at {desired} for {} s", settings.scale_in_window_ms / 1000)
+    } else if !keep {
+        "Task hub is idle".to_string()
+    } else {
+        format!(
+            "{} workers: activities ceil({}/{}) = {}, orchestrations min({} partitions with work, ceil({}/{})) = {}, lookahead {}{}{}{}",
+            desired,
+            now.activity_messages,
+            settings.max_activities_per_worker.max(1),
+            now.activity_workers,
+            now.active_partitions,
+            now.orchestration_messages,
+            settings.max_orchestrations_per_worker.max(1),
+            now.orchestration_workers,
+            now.lookahead_workers,
+            if now.timer_partitions > 0 {
+                format!(", {} partition(s) only sleeping timers", now.timer_partitions)
+            } else {
+                String::new()
+            },
+            if damped { format!(", scale-in damped from {raw}") } else { String::new() },
+            held.map_or(String::new(), |eta| format!(
+                ", held at {workers}: the work drains in about {} s, before a new pod starts",
+                eta / 1000
+            )),
+        )
+    };
+    Recommendation::toward(workers, desired, keep, reason)
+}
+
+/// The metric value to report for `desired` workers at `current` replicas, with a target of 1
+/// and metricType AverageValue (the HPA computes ceil(value)).
+///
+/// The HPA ignores a ratio within its tolerance (0.1) of 1, so from 10 replicas up a step of
+/// +1 (or up to +10 %) would never be taken. For such a step up this returns just over
+/// `current * 1.1`, the smallest value the HPA acts on: it overshoots the desired count by at
+/// most 10 % of `current`, which the next sync's scale-in corrects after the HPA's
+/// stabilization window. A step down within tolerance is reported as is (and so swallowed):
+/// keeping a pod too many is cheaper than draining one that holds work.
+pub fn metric_value(desired: u32, current: u32) -> f64 {
+    let wanted = f64::from(desired);
+    if current == 0 || desired <= current {
+        return wanted;
+    }
+    let least_moving = f64::from(current) * (1.0 + hpa::TOLERANCE) + 0.01;
+    wanted.max(least_moving)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heuristic::{ScaleAction, hpa::MetricTargetType};
+
+    const P: usize = 4;
+
+    fn s(at_ms: u64, approximate_count: u64, visible_count: u64) -> QueueSample {
+        let first_visible_age_ms = if visible_count > 0 { 1_000 } else { 0 };
+        QueueSample { at_ms, approximate_count, visible_count, first_visible_age_ms }
+    }
+
+    /// A hub sampled every 5 s from `from_ms` to `until_ms` with the given per-queue counts
+    /// `(approximate, visible)` (work item first, then control queues), after `hub`'s samples.
+    fn sampled(
+        mut hub: HubHistory,
+        from_ms: u64,
+        until_ms: u64,
+        wi: (u64, u64),
+        control: &[(u64, u64)],
+    ) -> HubHistory {
+        let settings = DurableSettings::default();
+        for t in (from_ms..=until_ms).step_by(5_000) {
+            let mut cq = vec![s(t, 0, 0); P];
+            for (i, &(a, v)) in control.iter().enumerate() {
+                cq[i] = s(t, a, v);
+            }
+            hub.record(&settings, s(t, wi.0, wi.1), &cq);
+        }
+        hub
+    }
+
+    /// The counts held from 0 to `until_ms`.
+    fn steady(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+        sampled(HubHistory::new(P), 0, until_ms, wi, control)
+    }
+
+    /// Like [`steady`], but the queues were empty at 0 and the counts arrived by 5 s.
+    fn arriving(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+        sampled(steady(0, (0, 0), &[]), 5_000, until_ms, wi, control)
+    }
+
+    fn run(hub: &HubHistory, workers: u32, now: u64) -> Recommendation {
+        recommend(&DurableSettings::default(), hub, workers, now)
+    }
+
+    #[test]
+    fn sleeping_timers_alone_let_the_hub_sleep() {
+        let hub = steady(60_000, (0, 0), &[(40, 0), (3, 0), (0, 0), (7, 0)]);
+        let r = run(&hub, 2, 60_000);
+        assert!(!r.keep_workers_alive, "{}", r.reason);
+        assert_eq!(r.desired_workers, 0);
+        assert!(r.reason.contains("sleeping timers"), "{}", r.reason);
+        assert!(!run(&hub, 0, 60_000).keep_workers_alive);
+    }
+
+    #[test]
+    fn new_invisible_control_messages_count_until_they_settle() {
+        let settings = DurableSettings::default();
+        let mut hub = HubHistory::new(P);
+        hub.record(&settings, s(0, 0, 0), &[s(0, 0, 0); P]);
+        hub.record(
+            &settings,
+            s(5_000, 0, 0),
+            &[s(5_000, 2, 0), s(5_000, 0, 0), s(5_000, 0, 0), s(5_000, 0, 0)],
+        );
+        assert!(run(&hub, 1, 5_000).keep_workers_alive, "a count that just moved is work in progress");
+    }
+
+    #[test]
+    fn a_timer_that_fires_wakes_the_hub() {
+        let settings = DurableSettings::default();
+        let mut hub = steady(60_000, (0, 0), &[(5, 0)]);
+        hub.record(
+            &settings,
+            s(65_000, 0, 0),
+            &[s(65_000, 5, 1), s(65_000, 0, 0), s(65_000, 0, 0), s(65_000, 0, 0)],
+        );
+        let r = run(&hub, 0, 65_000);
+        assert!(r.keep_workers_alive);
+        assert_eq!((r.action, r.desired_workers), (ScaleAction::AddWorker, 1));
+    }
+
+    #[test]
+    fn activities_in_progress_keep_their_workers() {
+        // 35 activities running, none visible, for a minute: not timers (work items have none).
+        let hub = steady(60_000, (35, 0), &[]);
+        let r = run(&hub, 4, 60_000);
+        assert!(r.keep_workers_alive);
+        assert_eq!(r.desired_workers, 4);
+    }
+
+    #[test]
+    fn orchestration_workers_are_capped_by_partitions_with_work() {
+        let settings = DurableSettings { activity_lookahead: false, ..DurableSettings::default() };
+        let run = |hub: &HubHistory| recommend(&settings, hub, 1, 10_000).desired_workers;
+        assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (0, 0), (0, 0), (0, 0)])), 1);
+        assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (100, 32), (0, 0), (0, 0)])), 2);
+        assert_eq!(
+            run(&steady(10_000, (0, 0), &[(2, 2), (2, 2), (3, 3), (0, 0)])),
+            2,
+            "ceil(7/5) = 2 < 3 partitions"
+        );
+    }
+
+    #[test]
+    fn waiting_episodes_beyond_one_round_count_as_activities_to_come() {
+        // 400 messages on two partitions: 2 orchestration workers take 10 per round; the other
+        // 390 will mostly schedule activities: ceil(390 / 10) = 39 workers.
+        let hub = arriving(10_000, (0, 0), &[(200, 32), (200, 32), (0, 0), (0, 0)]);
+        let r = run(&hub, 1, 10_000);
+        assert_eq!(r.desired_workers, 39, "{}", r.reason);
+        // A few messages per partition are one round's work: no lookahead.
+        let hub = steady(10_000, (0, 0), &[(3, 3), (3, 3), (0, 0), (0, 0)]);
+        assert_eq!(run(&hub, 1, 10_000).desired_workers, 2);
+    }
+
+    #[test]
+    fn timers_that_fire_are_not_looked_ahead_for_but_new_arrivals_are() {
+        let settings = DurableSettings::default();
+        // 200 timers sleeping on each of two partitions for a minute, then all fire.
+        let mut hub = steady(60_000, (0, 0), &[(200, 0), (200, 0)]);
+        hub.record(
+            &settings,
+            s(65_000, 0, 0),
+            &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
+        );
+        let r = recommend(&settings, &hub, 1, 65_000);
+        assert_eq!(r.desired_workers, 2, "two partition workers, no lookahead: {}", r.reason);
+        // The same counts arriving as new messages are episodes to come: (400 - 10) / 10.
+        let mut hub = steady(60_000, (0, 0), &[]);
+        hub.record(
+            &settings,
+            s(65_000, 0, 0),
+            &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
+        );
+        assert_eq!(recommend(&settings, &hub, 1, 65_000).desired_workers, 39);
+    }
+
+    #[test]
+    fn an_episode_estimate_lets_one_worker_take_what_it_clears_before_a_pod_starts() {
+        // 1 s episodes, 20 s start-up: one worker clears 5 x 20 = 100 messages in that time.
+        let settings = DurableSettings { episode_estimate_ms: 1_000, ..DurableSettings::default() };
+        let hub = steady(10_000, (0, 0), &[(25, 25), (25, 25), (25, 25), (25, 25)]);
+        assert_eq!(recommend(&settings, &hub, 1, 10_000).desired_workers, 1);
+        let hub = arriving(10_000, (0, 0), &[(300, 32), (300, 32), (0, 0), (0, 0)]);
+        let r = recommend(&settings, &hub, 1, 10_000);
+        assert_eq!(r.desired_workers, 40, "2 partition workers, (600 - 200) / 10 to come: {}", r.reason);
+    }
+
+    #[test]
+    fn no_scale_up_for_work_that_drains_before_a_new_pod_starts() {
+        let settings = DurableSettings::default();
+        let mut hub = steady(5_000, (100, 32), &[]);
+        // 100 -> 60 in 5 s: the remaining 60 are gone in about 7.5 s, well before 20 s.
+        hub.record(&settings, s(10_000, 60, 32), &[s(10_000, 0, 0); P]);
+        let r = run(&hub, 2, 10_000);
+        assert_eq!(r.desired_workers, 2, "{}", r.reason);
+        assert!(r.reason.contains("held at 2"), "{}", r.reason);
+        // Falling slowly (100 -> 95): more workers are worth starting.
+        let mut hub = steady(5_000, (100, 32), &[]);
+        hub.record(&settings, s(10_000, 95, 32), &[s(10_000, 0, 0); P]);
+        assert_eq!(run(&hub, 2, 10_000).desired_workers, 10);
+    }
+
+    #[test]
+    fn activity_backlog_divides_by_activities_per_worker() {
+        let hub = steady(10_000, (95, 32), &[]);
+        assert_eq!(run(&hub, 1, 10_000).desired_workers, 10);
+    }
+
+    #[test]
+    fn scale_in_keeps_the_window_peak() {
+        let settings = DurableSettings::default();
+        let mut hub = steady(20_000, (80, 32), &[]);
+        hub.record(&settings, s(25_000, 0, 0), &[s(25_000, 0, 0); P]);
+        let r = run(&hub, 8, 25_000);
+        assert_eq!(r.desired_workers, 8, "{}", r.reason);
+        assert!(r.reason.contains("damped"), "{}", r.reason);
+        assert!(!r.keep_workers_alive, "damping holds pods, not the hub's activity");
+        // Once the window has passed with nothing, the hub may sleep.
+        for t in (30_000..=60_000).step_by(5_000) {
+            hub.record(&settings, s(t, 0, 0), &[s(t, 0, 0); P]);
+        }
+        let r = run(&hub, 8, 60_000);
+        assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false));
+    }
+
+    #[test]
+    fn damping_never_asks_for_more_than_the_current_count() {
+        let settings = DurableSettings::default();
+        let mut hub = steady(20_000, (200, 32), &[]);
+        hub.record(&settings, s(25_000, 10, 10), &[s(25_000, 0, 0); P]);
+        assert_eq!(run(&hub, 5, 25_000).desired_workers, 5);
+    }
+
+    #[test]
+    fn metric_value_moves_the_hpa_past_its_tolerance() {
+        use hpa::desired_replicas;
+        for current in 10..60 {
+            let v = metric_value(current + 1, current);
+            let moved = desired_replicas(current, v, 1.0, MetricTargetType::AverageValue);
+            assert!(moved > current, "at {current} a +1 step must move (value {v})");
+            assert!(moved <= current + current / 10 + 2, "overshoot stays within 10 % at {current}");
+        }
+        assert_eq!(metric_value(7, 3), 7.0);
+        assert_eq!(metric_value(3, 0), 3.0);
+        assert_eq!(metric_value(9, 10), 9.0);
+    }
+
+    #[test]
+    fn history_keeps_only_its_horizon() {
+        let mut h = QueueHistory::new();
+        for t in (0..=100_000).step_by(5_000) {
+            h.record(s(t, 1, 1), 30_000);
+        }
+        let first = h.samples().next().map(|s| s.at_ms);
+        assert_eq!(first, Some(70_000), "one sample at or before the horizon is kept");
+    }
+}

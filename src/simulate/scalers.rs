@@ -1,0 +1,425 @@
+//! The scalers raced against each other, each as a user would run it today, each answering
+//! KEDA's three questions (IsActive, the metrics with their targets, and, for ours, a push
+//! of activation through StreamIsActive) from what the app's queues show.
+//!
+//! - `kedacore`: the archived original KEDA Durable Functions scaler. Every IsActive and
+//!   GetMetrics call pulses DTFx's latency vote; IsActive is always true (so never below one
+//!   pod); the metric is 25 for AddWorker, 1 for RemoveWorker, 0 otherwise, against a target
+//!   of 5 (so AddWorker means "5 pods" and anything else "1 pod").
+//! - `wsugarman`: wsugarman/durabletask-azurestorage-scaler. Approximate counts (sleeping
+//!   timers included); value = work items + packed orchestration workers x maxActivities,
+//!   target maxActivities, i.e. activity workers + orchestration workers, summed; active when
+//!   any count is non-zero.
+//! - `functions-target`: the Functions host's DurableTaskTargetScaler formula behind an
+//!   external scaler (value = target workers, target 1), with upstream's rule that a queue
+//!   whose peek returns nothing has length 0.
+//! - `keda-azure-queue`: KEDA's built-in azure-queue scaler, one trigger per queue,
+//!   queueLength 5, queueLengthStrategy `all` (approximate count), activationQueueLength 0.
+//! - `durable-scaler`: ours. Sidecars report every 5 s while pods run; at zero the aggregator
+//!   probes every 2 s and pushes activation through StreamIsActive on the inactive -> active
+//!   transition; KEDA's calls are answered from the latest recommendation.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::model::App;
+use crate::heuristic::{
+    ScaleAction,
+    durable::{self, DurableSettings, HubHistory, QueueSample},
+    latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies},
+    target::{self, TargetSettings},
+};
+
+/// One external metric as the HPA reads it (metricType AverageValue).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metric {
+    /// The value GetMetrics returned.
+    pub value: f64,
+    /// The MetricSpec's target.
+    pub target: f64,
+}
+
+/// What KEDA asks of a scaler.
+pub trait Scaler {
+    /// Called every tick; returns true to push "active" through StreamIsActive now.
+    fn tick(&mut self, _now_ms: u64, _app: &App, _replicas: u32) -> bool {
+        false
+    }
+    /// KEDA's IsActive, every polling interval.
+    fn is_active(&mut self, now_ms: u64, app: &App, replicas: u32) -> bool;
+    /// GetMetrics for every trigger, every HPA sync.
+    fn metrics(&mut self, now_ms: u64, app: &App, replicas: u32) -> Vec<Metric>;
+}
+
+/// Which algorithm our scaler runs (`scaleAlgorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// [`crate::heuristic::durable`], the default.
+    #[default]
+    Durable,
+    /// DTFx's latency vote, one step at a time.
+    Latency,
+    /// The Functions host's target formula on approximate counts.
+    Target,
+}
+
+/// A scaler by name, as `--scalers` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ScalerKind {
+    /// The archived original KEDA Durable Functions scaler.
+    Kedacore,
+    /// wsugarman/durabletask-azurestorage-scaler.
+    Wsugarman,
+    /// The Functions host's target formula behind an external scaler.
+    FunctionsTarget,
+    /// KEDA's built-in azure-queue scaler, one trigger per queue.
+    KedaAzureQueue,
+    /// Ours, with its algorithm.
+    DurableScaler(Algorithm),
+}
+
+/// Every scaler of the suite, ours last.
+pub const ALL: [ScalerKind; 5] = [
+    ScalerKind::Kedacore,
+    ScalerKind::Wsugarman,
+    ScalerKind::FunctionsTarget,
+    ScalerKind::KedaAzureQueue,
+    ScalerKind::DurableScaler(Algorithm::Durable),
+];
+
+impl fmt::Display for ScalerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Kedacore => f.write_str("kedacore"),
+            Self::Wsugarman => f.write_str("wsugarman"),
+            Self::FunctionsTarget => f.write_str("functions-target"),
+            Self::KedaAzureQueue => f.write_str("keda-azure-queue"),
+            Self::DurableScaler(Algorithm::Durable) => f.write_str("durable-scaler"),
+            Self::DurableScaler(Algorithm::Latency) => f.write_str("durable-scaler:latency"),
+            Self::DurableScaler(Algorithm::Target) => f.write_str("durable-scaler:target"),
+        }
+    }
+}
+
+impl FromStr for ScalerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "kedacore" => Self::Kedacore,
+            "wsugarman" => Self::Wsugarman,
+            "functions-target" => Self::FunctionsTarget,
+            "keda-azure-queue" => Self::KedaAzureQueue,
+            "durable-scaler" | "durable-scaler:durable" => Self::DurableScaler(Algorithm::Durable),
+            "durable-scaler:latency" => Self::DurableScaler(Algorithm::Latency),
+            "durable-scaler:target" => Self::DurableScaler(Algorithm::Target),
+            other => {
+                return Err(format!(
+                    "unknown scaler {other:?}: expected kedacore, wsugarman, functions-target, \
+                     keda-azure-queue, durable-scaler[:durable|:latency|:target]"
+                ));
+            }
+        })
+    }
+}
+
+/// The settings scalers share with the app (the trigger's metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScalerConfig {
+    /// `maxActivitiesPerWorker`.
+    pub max_activities: u32,
+    /// `maxOrchestrationsPerWorker`.
+    pub max_orchestrations: u32,
+    /// KEDA azure-queue `queueLength`.
+    pub queue_length: u32,
+    /// Our sidecars' report interval while pods run.
+    pub report_interval_ms: u64,
+    /// Our aggregator's probe interval at zero.
+    pub probe_interval_ms: u64,
+    /// Our algorithm's settings.
+    pub durable: DurableSettings,
+    /// Seed for the latency vote's random scale-in.
+    pub seed: u64,
+}
+
+impl Default for ScalerConfig {
+    fn default() -> Self {
+        Self {
+            max_activities: 10,
+            max_orchestrations: 5,
+            queue_length: 5,
+            report_interval_ms: 5_000,
+            probe_interval_ms: 2_000,
+            durable: DurableSettings::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Builds the scaler `kind`.
+pub fn build(kind: ScalerKind, cfg: &ScalerConfig, partitions: usize) -> Box<dyn Scaler> {
+    match kind {
+        ScalerKind::Kedacore => Box::new(Kedacore {
+            voter: LatencyVoter::with_random_scale_in(DEFAULT_MAX_POLLING_INTERVAL_MS, cfg.seed),
+            rings: TaskHubLatencies::new(partitions),
+        }),
+        ScalerKind::Wsugarman => Box::new(Wsugarman {
+            max_activities: cfg.max_activities,
+            max_orchestrations: cfg.max_orchestrations,
+        }),
+        ScalerKind::FunctionsTarget => Box::new(FunctionsTarget { settings: target_settings(cfg) }),
+        ScalerKind::KedaAzureQueue => Box::new(KedaAzureQueue { queue_length: cfg.queue_length }),
+        ScalerKind::DurableScaler(algorithm) => Box::new(DurableScaler::new(algorithm, cfg, partitions)),
+    }
+}
+
+fn target_settings(cfg: &ScalerConfig) -> TargetSettings {
+    TargetSettings {
+        max_activities_per_worker: cfg.max_activities,
+        max_orchestrations_per_worker: cfg.max_orchestrations,
+    }
+}
+
+/// Upstream's queue length: the approximate count, or 0 when a peek returns nothing.
+pub fn upstream_length(s: &QueueSample) -> u64 {
+    if s.visible_count == 0 { 0 } else { s.approximate_count }
+}
+
+/// True when any queue's approximate count is above zero (sleeping timers included).
+fn any_message(app: &App, now_ms: u64) -> bool {
+    let (wi, cq) = app.observe(now_ms);
+    wi.approximate_count > 0 || cq.iter().any(|s| s.approximate_count > 0)
+}
+
+/// The archived original KEDA Durable Functions scaler.
+struct Kedacore {
+    voter: LatencyVoter,
+    rings: TaskHubLatencies,
+}
+
+/// kedacore's mapping of a vote to its metric (target 5).
+pub fn kedacore_metric(action: ScaleAction) -> Metric {
+    let value = match action {
+        ScaleAction::AddWorker => 25.0,
+        ScaleAction::RemoveWorker => 1.0,
+        ScaleAction::None => 0.0,
+    };
+    Metric { value, target: 5.0 }
+}
+
+impl Kedacore {
+    /// One PulseAsync: a latency sample per queue, then the vote.
+    fn pulse(&mut self, now_ms: u64, app: &App, replicas: u32) -> ScaleAction {
+        let (wi, cq) = app.observe(now_ms);
+        self.rings.work_item.add(wi.first_visible_age_ms);
+        for (ring, s) in self.rings.control.iter_mut().zip(&cq) {
+            ring.add(s.first_visible_age_ms);
+        }
+        self.voter.vote(&self.rings, replicas).action
+    }
+}
+
+impl Scaler for Kedacore {
+    fn is_active(&mut self, now_ms: u64, app: &App, replicas: u32) -> bool {
+        self.pulse(now_ms, app, replicas);
+        true
+    }
+
+    fn metrics(&mut self, now_ms: u64, app: &App, replicas: u32) -> Vec<Metric> {
+        vec![kedacore_metric(self.pulse(now_ms, app, replicas))]
+    }
+}
+
+/// wsugarman/durabletask-azurestorage-scaler.
+struct Wsugarman {
+    max_activities: u32,
+    max_orchestrations: u32,
+}
+
+/// wsugarman's orchestration workers: repeatedly give a worker the largest set of
+/// partitions whose messages (each capped at `max_orchestrations`) fit in
+/// `max_orchestrations`, by its dynamic programme (ties exclude the partition).
+pub fn wsugarman_orchestration_workers(control_counts: &[u64], max_orchestrations: u32) -> u32 {
+    let cap = max_orchestrations.max(1) as usize;
+    let mut remaining: Vec<bool> = control_counts.iter().map(|&c| c > 0).collect();
+    let mut workers = 0;
+    while remaining.iter().any(|&r| r) {
+        // best[p][c] = partitions chosen among the first p with capacity c.
+        let n = control_counts.len();
+        let mut best: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); cap + 1]; n + 1];
+        for p in 1..=n {
+            for c in 1..=cap {
+                let exclude = best[p - 1][c].clone();
+                let items = (control_counts[p - 1] as usize).min(cap);
+                best[p][c] = if !remaining[p - 1] || items > c {
+                    exclude
+                } else {
+                    let mut include = best[p - 1][c - items].clone();
+                    include.push(p - 1);
+                    if exclude.len() >= include.len() { exclude } else { include }
+                };
+            }
+        }
+        let chosen = &best[n][cap];
+        if chosen.is_empty() {
+            // Cannot happen (every remaining partition fits alone); stop rather than spin.
+            workers += remaining.iter().filter(|&&r| r).count() as u32;
+            break;
+        }
+        for &p in chosen {
+            remaining[p] = false;
+        }
+        workers += 1;
+    }
+    workers
+}
+
+/// wsugarman's metric: work items + orchestration workers x maxActivities, target maxActivities.
+pub fn wsugarman_metric(
+    work_items: u64,
+    control_counts: &[u64],
+    max_activities: u32,
+    max_orchestrations: u32,
+) -> Metric {
+    let active = work_items > 0 || control_counts.iter().any(|&c| c > 0);
+    let value = if active {
+        work_items as f64
+            + f64::from(wsugarman_orchestration_workers(control_counts, max_orchestrations))
+                * f64::from(max_activities)
+    } else {
+        0.0
+    };
+    Metric { value, target: f64::from(max_activities.max(1)) }
+}
+
+impl Scaler for Wsugarman {
+    fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
+        any_message(app, now_ms)
+    }
+
+    fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
+        let (wi, cq) = app.observe(now_ms);
+        let counts: Vec<u64> = cq.iter().map(|s| s.approximate_count).collect();
+        vec![wsugarman_metric(wi.approximate_count, &counts, self.max_activities, self.max_orchestrations)]
+    }
+}
+
+/// The Functions host's target formula behind an external scaler.
+struct FunctionsTarget {
+    settings: TargetSettings,
+}
+
+impl FunctionsTarget {
+    fn target(&self, now_ms: u64, app: &App) -> u64 {
+        let (wi, cq) = app.observe(now_ms);
+        let lengths: Vec<u64> = cq.iter().map(upstream_length).collect();
+        target::target_workers(self.settings, upstream_length(&wi), &lengths).target
+    }
+}
+
+impl Scaler for FunctionsTarget {
+    fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
+        self.target(now_ms, app) > 0
+    }
+
+    fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
+        vec![Metric { value: self.target(now_ms, app) as f64, target: 1.0 }]
+    }
+}
+
+/// KEDA's built-in azure-queue scaler, one trigger per queue.
+struct KedaAzureQueue {
+    queue_length: u32,
+}
+
+impl Scaler for KedaAzureQueue {
+    fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
+        any_message(app, now_ms)
+    }
+
+    fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
+        let (wi, cq) = app.observe(now_ms);
+        let target = f64::from(self.queue_length.max(1));
+        std::iter::once(wi).chain(cq).map(|s| Metric { value: s.approximate_count as f64, target }).collect()
+    }
+}
+
+/// Ours: sidecar reports / aggregator probes feed the chosen algorithm; KEDA is answered from
+/// the latest recommendation.
+struct DurableScaler {
+    algorithm: Algorithm,
+    settings: DurableSettings,
+    target: TargetSettings,
+    report_interval_ms: u64,
+    probe_interval_ms: u64,
+    history: HubHistory,
+    voter: LatencyVoter,
+    rings: TaskHubLatencies,
+    next_sample_ms: u64,
+    desired: u32,
+    active: bool,
+}
+
+impl DurableScaler {
+    fn new(algorithm: Algorithm, cfg: &ScalerConfig, partitions: usize) -> Self {
+        Self {
+            algorithm,
+            settings: cfg.durable,
+            target: target_settings(cfg),
+            report_interval_ms: cfg.report_interval_ms.max(1),
+            probe_interval_ms: cfg.probe_interval_ms.max(1),
+            history: HubHistory::new(partitions),
+            // Ours runs the vote without upstream's random scale-in.
+            voter: LatencyVoter::new(DEFAULT_MAX_POLLING_INTERVAL_MS),
+            rings: TaskHubLatencies::new(partitions),
+            next_sample_ms: 0,
+            desired: 0,
+            active: false,
+        }
+    }
+}
+
+impl Scaler for DurableScaler {
+    fn tick(&mut self, now_ms: u64, app: &App, replicas: u32) -> bool {
+        if now_ms < self.next_sample_ms {
+            return false;
+        }
+        let at_zero = app.ready_pods(now_ms) == 0;
+        self.next_sample_ms = now_ms + if at_zero { self.probe_interval_ms } else { self.report_interval_ms };
+        let (wi, cq) = app.observe(now_ms);
+        let rec = match self.algorithm {
+            Algorithm::Durable => {
+                self.history.record(&self.settings, wi, &cq);
+                durable::recommend(&self.settings, &self.history, replicas, now_ms)
+            }
+            Algorithm::Latency => {
+                self.rings.work_item.add(wi.first_visible_age_ms);
+                for (ring, s) in self.rings.control.iter_mut().zip(&cq) {
+                    ring.add(s.first_visible_age_ms);
+                }
+                self.voter.vote(&self.rings, replicas)
+            }
+            Algorithm::Target => {
+                let lengths: Vec<u64> = cq.iter().map(|s| s.approximate_count).collect();
+                target::recommend(self.target, replicas, wi.approximate_count, &lengths)
+            }
+        };
+        let was_active = self.active;
+        self.active = rec.keep_workers_alive;
+        self.desired = rec.desired_workers;
+        !was_active && self.active
+    }
+
+    fn is_active(&mut self, _now_ms: u64, _app: &App, _replicas: u32) -> bool {
+        self.active
+    }
+
+    fn metrics(&mut self, _now_ms: u64, _app: &App, replicas: u32) -> Vec<Metric> {
+        let value = match self.algorithm {
+            Algorithm::Durable => durable::metric_value(self.desired, replicas),
+            Algorithm::Latency | Algorithm::Target => f64::from(self.desired),
+        };
+        vec![Metric { value, target: 1.0 }]
+    }
+}
