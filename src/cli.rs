@@ -28,13 +28,17 @@ pub enum Command {
     /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
     /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
     Recommend,
+    /// Run next to a Durable Functions app: report the queues of the partitions this pod
+    /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).
+    Sidecar(crate::sidecar::Args),
+    /// Run the whole real path on this machine: Azurite, the aggregator, sidecars and worker
+    /// pods, with KEDA and the HPA played against the aggregator; scales 0 -> N -> 0 twice and
+    /// ends with a chart and a summary in --out-dir.
+    Demo(crate::demo::Args),
     /// Merge sidecar reports per task hub, probe what they miss, and serve KEDA's external
     /// scaler API (KEDA port), the sidecars' report API (report port) and /healthz, /readyz,
     /// /metrics (HTTP port).
     Aggregator(crate::aggregator::Args),
-    /// Run next to a Durable Functions app: report the queues of the partitions this pod
-    /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).
-    Sidecar(crate::sidecar::Args),
     // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
     // knobs would make every other variant as large.
     Simulate(Box<crate::simulate::Args>),
@@ -47,8 +51,9 @@ pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
-        Command::Aggregator(args) => crate::aggregator::run(args),
         Command::Sidecar(args) => crate::sidecar::run_cli(args),
+        Command::Demo(args) => crate::demo::run_cli(args),
+        Command::Aggregator(args) => crate::aggregator::run(args),
         Command::Simulate(args) => crate::simulate::run(&args),
         Command::Webhook(args) => crate::webhook::run(args),
     }

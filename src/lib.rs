@@ -18,6 +18,7 @@ pub mod aggregator;
 pub mod azurite;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod emulator;
 pub mod heuristic;
 pub mod kubernetes;

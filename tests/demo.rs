@@ -1,0 +1,41 @@
+//! `durable-scaler demo` end to end, as the README's first command runs it (shorter): the
+//! real binary starts the aggregator and sidecars as child processes against Azurite, plays
+//! KEDA and the HPA against the aggregator's real externalscaler endpoint, and must scale
+//! 0 -> N -> 0 -> N -> 0 through them, leaving nothing running.
+
+use std::process::Command;
+
+use durable_scaler::azurite::Azurite;
+use serde_json::Value;
+
+#[test]
+fn demo_scales_from_zero_to_many_and_back_twice() {
+    let out = tempfile::tempdir().unwrap();
+    let azurite = Azurite::shared();
+    let run = Command::new(env!("CARGO_BIN_EXE_durable-scaler"))
+        .args(["demo", "--duration", "90s", "--orchestrations", "16", "--json", "--out-dir"])
+        .arg(out.path())
+        .env("AZURITE_CONNECTION_STRING", azurite.connection_string())
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON summary last");
+    let transitions: Vec<u64> =
+        summary["transitions"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(transitions.len(), 5, "0 -> N -> 0 -> N -> 0, got {transitions:?}\n{stdout}");
+    assert!(transitions[0] == 0 && transitions[2] == 0 && transitions[4] == 0, "{transitions:?}");
+    assert!(transitions[1] >= 2 && transitions[3] >= 2, "scaled out beyond one worker: {transitions:?}");
+    for burst in summary["bursts"].as_array().unwrap() {
+        assert!(burst["time_to_first_worker_s"].as_f64().is_some(), "{burst}");
+        assert!(burst["drain_time_s"].as_f64().is_some(), "{burst}");
+        assert!(burst["back_to_zero_s"].as_f64().is_some(), "{burst}");
+    }
+    assert!(stdout.contains("StreamIsActive pushed true"), "woken from zero by the push:\n{stdout}");
+
+    let chart = std::fs::read_to_string(out.path().join("demo.svg")).expect("chart written");
+    assert!(chart.starts_with("<svg") && chart.contains("durable-scaler (demo)"));
+    assert!(out.path().join("summary.json").exists());
+    assert!(out.path().join("logs/aggregator.log").exists());
+}
