@@ -21,7 +21,8 @@ fn demo_scales_from_zero_to_many_and_back_twice() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
 
-    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON summary last");
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON summary last");
     let transitions: Vec<u64> =
         summary["transitions"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(transitions.len(), 5, "0 -> N -> 0 -> N -> 0, got {transitions:?}\n{stdout}");

@@ -27,7 +27,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::heuristic::hpa::TOLERANCE;
+use crate::heuristic::durable::{self, DurableSettings, HubHistory, QueueSample};
+use crate::heuristic::hpa;
 use crate::heuristic::latency::{LatencyHistory, LatencyVoter, TaskHubLatencies};
 use crate::heuristic::{Recommendation, target};
 use crate::storage::QueueSignals;
@@ -207,6 +208,8 @@ pub struct HubState {
     pods: HashMap<String, PodState>,
     latencies: TaskHubLatencies,
     voter: LatencyVoter,
+    /// Recent samples per queue, for the durable algorithm.
+    history: HubHistory,
     observed: bool,
     recommendation: Option<Recommendation>,
     workers: u32,
@@ -228,6 +231,7 @@ impl HubState {
             pods: HashMap::new(),
             latencies: TaskHubLatencies::new(0),
             voter,
+            history: HubHistory::new(0),
             observed: false,
             recommendation: None,
             workers: 0,
@@ -268,6 +272,7 @@ impl HubState {
         self.partition_count = Some(partition_count);
         self.control = vec![QueueView::default(); partition_count as usize];
         self.latencies = TaskHubLatencies::new(partition_count as usize);
+        self.history = HubHistory::new(partition_count as usize);
     }
 
     /// Merges one sidecar report received at `now_ms`. A report taken before the pod's latest
@@ -343,9 +348,28 @@ impl HubState {
         }
     }
 
-    /// True while any queue has a visible message or is working (module docs).
+    /// True while any queue has a visible message or is working (module docs). Under the
+    /// durable algorithm "working" is its own verdict (`keep_workers_alive` of the latest
+    /// decision), which tells timers from work after seconds rather than the grace period.
     pub fn is_active(&self, now_ms: i64) -> bool {
-        std::iter::once(&self.work_item).chain(&self.control).any(|q| q.is_active(now_ms, self.grace_ms))
+        let mut queues = std::iter::once(&self.work_item).chain(&self.control);
+        match self.settings.algorithm {
+            ScaleAlgorithm::Durable => {
+                queues.any(QueueView::has_visible)
+                    || self.recommendation.as_ref().is_some_and(|r| r.keep_workers_alive)
+            }
+            _ => queues.any(|q| q.is_active(now_ms, self.grace_ms)),
+        }
+    }
+
+    /// The durable algorithm's settings for this hub's trigger.
+    fn durable_settings(&self) -> DurableSettings {
+        DurableSettings {
+            max_activities_per_worker: self.settings.target.max_activities_per_worker,
+            max_orchestrations_per_worker: self.settings.target.max_orchestrations_per_worker,
+            startup_ms: self.settings.worker_startup_ms,
+            ..DurableSettings::default()
+        }
     }
 
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
@@ -384,11 +408,29 @@ impl HubState {
                 )
             }
             ScaleAlgorithm::Latency => self.voter.vote(&self.latencies, workers),
+            ScaleAlgorithm::Durable => {
+                let settings = self.durable_settings();
+                let at_ms = u64::try_from(now_ms).unwrap_or(0);
+                let sample = |view: &QueueView| {
+                    view.latest.map_or(QueueSample { at_ms, ..QueueSample::default() }, |s| QueueSample {
+                        at_ms,
+                        approximate_count: s.approximate_count,
+                        visible_count: u64::from(s.visible_count),
+                        first_visible_age_ms: s.first_visible_age_ms,
+                    })
+                };
+                let control: Vec<QueueSample> = self.control.iter().map(sample).collect();
+                self.history.record(&settings, sample(&self.work_item), &control);
+                durable::recommend(&settings, &self.history, workers, at_ms)
+            }
         };
         let previous = self.recommendation.as_ref().map(|r| r.desired_workers);
         let changed = previous != Some(recommendation.desired_workers);
         self.workers = workers;
-        self.metric_value = metric_value(recommendation.desired_workers, workers);
+        self.metric_value = match self.settings.algorithm {
+            ScaleAlgorithm::Durable => durable::metric_value(recommendation.desired_workers, workers),
+            _ => hpa::metric_value(recommendation.desired_workers, workers),
+        };
         let change = changed.then(|| RecommendationChange {
             previous,
             desired_workers: recommendation.desired_workers,
@@ -409,7 +451,7 @@ impl HubState {
         self.workers
     }
 
-    /// The value GetMetrics reports (see [`metric_value`]).
+    /// The value GetMetrics reports (see [`hpa::metric_value`]).
     pub fn metric_value(&self) -> f64 {
         self.metric_value
     }
@@ -425,40 +467,9 @@ impl HubState {
     }
 }
 
-/// The metric value (target 1, AverageValue) that makes the HPA, running `current` replicas,
-/// land on `desired`, or as near as its tolerance allows in the right direction.
-///
-/// The HPA computes `ceil(value / 1)` but only acts when `value / current` is outside
-/// `1 ± 0.1`; a plain `desired` would swallow every +/-1 step at 10 replicas or more (and the
-/// latency vote only ever steps by one). Going up, the value is the smallest whole count whose
-/// ratio clears the tolerance; going down, a fraction just above the next lower whole count,
-/// so `ceil` still gives that count while the ratio clears the tolerance. At 0 replicas the
-/// HPA is idle (KEDA does 0 -> 1), so the value is `desired` itself.
-pub fn metric_value(desired: u32, current: u32) -> f64 {
-    const JUST_ABOVE: f64 = 0.001;
-    let c = f64::from(current);
-    if current == 0 || desired == current {
-        return f64::from(desired);
-    }
-    if desired > current {
-        let mut r = desired;
-        while f64::from(r) / c <= 1.0 + TOLERANCE {
-            r += 1;
-        }
-        f64::from(r)
-    } else {
-        let mut r = desired;
-        while r > 0 && (f64::from(r) - 1.0 + JUST_ABOVE) / c >= 1.0 - TOLERANCE {
-            r -= 1;
-        }
-        if r == 0 { 0.0 } else { f64::from(r) - 1.0 + JUST_ABOVE }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::heuristic::hpa::{MetricTargetType, desired_replicas};
     use std::collections::HashMap;
 
     const GRACE: u64 = 60_000;
@@ -688,43 +699,35 @@ mod tests {
         assert!(hub.is_active(2200), "the older reading does not replace the newer");
     }
 
-    /// What the HPA does with the value, by `heuristic::hpa`'s arithmetic.
-    fn hpa(desired: u32, current: u32) -> u32 {
-        desired_replicas(current, metric_value(desired, current), 1.0, MetricTargetType::AverageValue)
-    }
-
     #[test]
-    fn the_metric_value_lands_the_hpa_on_the_desired_count_below_ten() {
-        for current in 1..10 {
-            for desired in 1..40 {
-                assert_eq!(hpa(desired, current), desired, "current {current} desired {desired}");
-            }
+    fn under_the_durable_algorithm_timers_stop_keeping_the_hub_active_within_seconds() {
+        // Timers set by work a moment ago: the control count moved, then sits still.
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Durable), GRACE);
+        hub.apply_probe(&probe(q(2, 2, 100), q(0, 0, 0)), 0);
+        hub.evaluate(0, Some(1));
+        assert!(hub.is_active(0), "visible orchestration messages are work");
+        let mut t = 2_000;
+        while t <= 30_000 {
+            hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), t);
+            hub.evaluate(t, Some(1));
+            t += 2_000;
         }
+        assert!(!hub.is_active(30_000), "still timers sleep long before the 60 s grace");
+        assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
     }
 
     #[test]
-    fn the_metric_value_clears_the_tolerance_at_ten_and_more() {
-        for current in 10..60 {
-            for desired in 1..120 {
-                let got = hpa(desired, current);
-                match desired.cmp(&current) {
-                    std::cmp::Ordering::Greater => {
-                        assert!(got >= desired && got > current, "{current}->{desired}: {got}")
-                    }
-                    std::cmp::Ordering::Less => {
-                        assert!(got <= desired && got < current, "{current}->{desired}: {got}")
-                    }
-                    std::cmp::Ordering::Equal => assert_eq!(got, current),
-                }
-                // Never more than the tolerance beyond what was asked.
-                assert!(f64::from(got.abs_diff(desired)) <= (f64::from(current) * TOLERANCE).ceil() + 1.0);
-            }
+    fn under_the_durable_algorithm_a_long_running_activity_keeps_its_worker() {
+        let mut hub = HubState::new(settings(ScaleAlgorithm::Durable), GRACE);
+        let mut t = 0;
+        while t <= 600_000 {
+            // One activity dequeued and running for ten minutes: invisible, count unmoved.
+            hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), t);
+            hub.evaluate(t, Some(1));
+            t += 2_000;
         }
-    }
-
-    #[test]
-    fn at_zero_replicas_the_value_is_the_desired_count() {
-        assert_eq!(metric_value(3, 0), 3.0);
-        assert_eq!(metric_value(0, 5), 0.0);
+        assert!(hub.is_active(600_000), "work in progress is never scaled away");
+        assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1));
+        assert_eq!(hub.metric_value(), 1.0);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
 use crate::heuristic::target::TargetSettings;
 use crate::storage::PartitionMode;
@@ -13,8 +14,11 @@ use crate::storage::PartitionMode;
 /// Which heuristic turns a hub's signals into a worker count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScaleAlgorithm {
-    /// The Functions host's target formula (`heuristic::target`).
+    /// The project's own (`heuristic::durable`): the default, chosen on simulator evidence
+    /// (docs/simulator.md).
     #[default]
+    Durable,
+    /// The Functions host's target formula (`heuristic::target`).
     Target,
     /// The DTFx latency vote over 5-sample rings (`heuristic::latency`).
     Latency,
@@ -36,6 +40,8 @@ pub struct HubSettings {
     pub algorithm: ScaleAlgorithm,
     /// `maxPollingIntervalMs`.
     pub max_polling_interval_ms: u64,
+    /// `workerStartupMs`: how long a new worker pod takes to take work (durable algorithm).
+    pub worker_startup_ms: u64,
 }
 
 /// A metadata key with a value that cannot be used.
@@ -68,6 +74,7 @@ impl HubSettings {
             partition_mode: PartitionMode::Table,
             algorithm: ScaleAlgorithm::default(),
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
+            worker_startup_ms: DurableSettings::default().startup_ms,
         }
     }
 
@@ -120,12 +127,13 @@ impl HubSettings {
         };
         let algorithm = match get("scaleAlgorithm") {
             None => ScaleAlgorithm::default(),
+            Some(v) if v.eq_ignore_ascii_case("durable") => ScaleAlgorithm::Durable,
             Some(v) if v.eq_ignore_ascii_case("target") => ScaleAlgorithm::Target,
             Some(v) if v.eq_ignore_ascii_case("latency") => ScaleAlgorithm::Latency,
             Some(v) => {
                 return Err(MetadataError {
                     key: "scaleAlgorithm",
-                    expected: "target or latency",
+                    expected: "durable, target or latency",
                     got: v.to_string(),
                 });
             }
@@ -138,7 +146,23 @@ impl HubSettings {
                 got: v.to_string(),
             })?,
         };
-        Ok(Self { task_hub, connection, target, partition_mode, algorithm, max_polling_interval_ms })
+        let worker_startup_ms = match get("workerStartupMs") {
+            None => DurableSettings::default().startup_ms,
+            Some(v) => v.parse::<u64>().map_err(|_| MetadataError {
+                key: "workerStartupMs",
+                expected: "a whole number of milliseconds",
+                got: v.to_string(),
+            })?,
+        };
+        Ok(Self {
+            task_hub,
+            connection,
+            target,
+            partition_mode,
+            algorithm,
+            max_polling_interval_ms,
+            worker_startup_ms,
+        })
     }
 }
 
@@ -157,8 +181,9 @@ mod tests {
         assert_eq!(s.connection, None);
         assert_eq!(s.target, TargetSettings::default());
         assert_eq!(s.partition_mode, PartitionMode::Table);
-        assert_eq!(s.algorithm, ScaleAlgorithm::Target);
+        assert_eq!(s.algorithm, ScaleAlgorithm::Durable);
         assert_eq!(s.max_polling_interval_ms, 30_000);
+        assert_eq!(s.worker_startup_ms, 20_000);
     }
 
     #[test]
@@ -179,6 +204,7 @@ mod tests {
             ("useTablePartitionManagement", "yes"),
             ("scaleAlgorithm", "cpu"),
             ("maxPollingIntervalMs", "-1"),
+            ("workerStartupMs", "soon"),
         ] {
             let mut pairs = vec![("taskHubName", "MyHub")];
             pairs.retain(|(k, _)| *k != key);
@@ -199,5 +225,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((s.algorithm, s.partition_mode), (ScaleAlgorithm::Latency, PartitionMode::Blob));
+        let s = parse(&[("taskHubName", "MyHub"), ("scaleAlgorithm", "TARGET"), ("workerStartupMs", "2000")])
+            .unwrap();
+        assert_eq!((s.algorithm, s.worker_startup_ms), (ScaleAlgorithm::Target, 2000));
+        let s = parse(&[("taskHubName", "MyHub"), ("scaleAlgorithm", "Durable")]).unwrap();
+        assert_eq!(s.algorithm, ScaleAlgorithm::Durable);
     }
 }

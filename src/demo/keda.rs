@@ -100,7 +100,7 @@ impl KedaPlayer {
         shutdown: Shutdown,
     ) -> Result<Self, KedaError> {
         let channel = Endpoint::from_shared(endpoint.to_string())
-            .and_then(|e| Ok(e.connect_timeout(Duration::from_secs(5))))
+            .map(|e| e.connect_timeout(Duration::from_secs(5)))
             .map_err(|source| KedaError::Connect { endpoint: endpoint.into(), source })?
             .connect()
             .await

@@ -132,6 +132,29 @@ impl Summary {
     }
 }
 
+/// The run as an SVG chart: workers over time above, the visible backlog beneath, drawn by
+/// the simulator's chart code so the demo and the simulator read alike.
+pub fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
+    use crate::simulate::{metrics::Point, svg};
+    let points: Vec<Point> = samples
+        .iter()
+        .map(|s| Point {
+            at_ms: (s.t_s * 1000.0) as u64,
+            pods: s.workers,
+            backlog: s.control_visible + s.work_items,
+        })
+        .collect();
+    let detail = format!("{:.0} worker-s, peak {}", summary.worker_seconds, summary.peak_workers);
+    let series = svg::Series {
+        name: "durable-scaler (demo)",
+        points: &points,
+        duration_ms: points.last().map_or(1, |p| p.at_ms),
+        detail: &detail,
+        emphasised: true,
+    };
+    svg::chart_series("durable-scaler demo: worker pods, backlog beneath", description, "run", &[series])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,27 +213,4 @@ mod tests {
         assert_eq!(s.bursts[0].back_to_zero_s, None);
         assert!(s.paragraph().contains("back to zero after never"));
     }
-}
-
-/// The run as an SVG chart: workers over time above, the visible backlog beneath, drawn by
-/// the simulator's chart code so the demo and the simulator read alike.
-pub fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
-    use crate::simulate::{metrics::Point, svg};
-    let points: Vec<Point> = samples
-        .iter()
-        .map(|s| Point {
-            at_ms: (s.t_s * 1000.0) as u64,
-            pods: s.workers,
-            backlog: s.control_visible + s.work_items,
-        })
-        .collect();
-    let detail = format!("{:.0} worker-s, peak {}", summary.worker_seconds, summary.peak_workers);
-    let series = svg::Series {
-        name: "durable-scaler (demo)",
-        points: &points,
-        duration_ms: points.last().map_or(1, |p| p.at_ms),
-        detail: &detail,
-        emphasised: true,
-    };
-    svg::chart_series("durable-scaler demo: worker pods, backlog beneath", description, "run", &[series])
 }

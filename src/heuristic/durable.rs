@@ -355,12 +355,7 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
 /// stabilization window. A step down within tolerance is reported as is (and so swallowed):
 /// keeping a pod too many is cheaper than draining one that holds work.
 pub fn metric_value(desired: u32, current: u32) -> f64 {
-    let wanted = f64::from(desired);
-    if current == 0 || desired <= current {
-        return wanted;
-    }
-    let least_moving = f64::from(current) * (1.0 + hpa::TOLERANCE) + 0.01;
-    wanted.max(least_moving)
+    if desired <= current { f64::from(desired) } else { hpa::metric_value(desired, current) }
 }
 
 #[cfg(test)]

@@ -157,6 +157,36 @@ pub fn keda_replicas(
     }
 }
 
+/// The metric value (target 1, AverageValue) that makes the HPA, running `current` replicas,
+/// land on `desired`, or as near as its tolerance allows in the right direction.
+///
+/// The HPA computes `ceil(value / 1)` but only acts when `value / current` is outside
+/// `1 ± 0.1`; a plain `desired` would swallow every +/-1 step at 10 replicas or more (and the
+/// latency vote only ever steps by one). Going up, the value is the smallest whole count whose
+/// ratio clears the tolerance; going down, a fraction just above the next lower whole count,
+/// so `ceil` still gives that count while the ratio clears the tolerance. At 0 replicas the
+/// HPA is idle (KEDA does 0 -> 1), so the value is `desired` itself.
+pub fn metric_value(desired: u32, current: u32) -> f64 {
+    const JUST_ABOVE: f64 = 0.001;
+    let c = f64::from(current);
+    if current == 0 || desired == current {
+        return f64::from(desired);
+    }
+    if desired > current {
+        let mut r = desired;
+        while f64::from(r) / c <= 1.0 + TOLERANCE {
+            r += 1;
+        }
+        f64::from(r)
+    } else {
+        let mut r = desired;
+        while r > 0 && (f64::from(r) - 1.0 + JUST_ABOVE) / c >= 1.0 - TOLERANCE {
+            r -= 1;
+        }
+        if r == 0 { 0.0 } else { f64::from(r) - 1.0 + JUST_ABOVE }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +280,45 @@ mod tests {
         let floor = ReplicaBounds { min: 2, max: 10 };
         assert_eq!(keda_replicas(0, true, false, 0, floor), 2);
         assert_eq!(keda_replicas(3, false, true, 3, floor), 3);
+    }
+
+    /// What the HPA does with the value, by `heuristic::hpa`'s arithmetic.
+    fn hpa(desired: u32, current: u32) -> u32 {
+        desired_replicas(current, metric_value(desired, current), 1.0, AverageValue)
+    }
+
+    #[test]
+    fn the_metric_value_lands_the_hpa_on_the_desired_count_below_ten() {
+        for current in 1..10 {
+            for desired in 1..40 {
+                assert_eq!(hpa(desired, current), desired, "current {current} desired {desired}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_metric_value_clears_the_tolerance_at_ten_and_more() {
+        for current in 10..60 {
+            for desired in 1..120 {
+                let got = hpa(desired, current);
+                match desired.cmp(&current) {
+                    std::cmp::Ordering::Greater => {
+                        assert!(got >= desired && got > current, "{current}->{desired}: {got}")
+                    }
+                    std::cmp::Ordering::Less => {
+                        assert!(got <= desired && got < current, "{current}->{desired}: {got}")
+                    }
+                    std::cmp::Ordering::Equal => assert_eq!(got, current),
+                }
+                // Never more than the tolerance beyond what was asked.
+                assert!(f64::from(got.abs_diff(desired)) <= (f64::from(current) * TOLERANCE).ceil() + 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn at_zero_replicas_the_value_is_the_desired_count() {
+        assert_eq!(metric_value(3, 0), 3.0);
+        assert_eq!(metric_value(0, 5), 0.0);
     }
 }
