@@ -125,7 +125,9 @@ async fn scale_from_zero_through_the_cold_probe() {
 #[tokio::test]
 async fn a_timers_only_hub_is_inactive_and_a_running_message_keeps_it_active() {
     let (hub, emulator) = laid_out("Timers").await;
-    for queue in [QueueRef::Control(0), QueueRef::Control(3), QueueRef::WorkItem] {
+    // Durable timers and scheduled starts go to control queues only (DTFx retries activities
+    // through orchestration timers too), so the work-item queue never holds a delayed message.
+    for queue in [QueueRef::Control(0), QueueRef::Control(3), QueueRef::Control(3)] {
         emulator.enqueue(queue, "TimerFired", TIMER).await.unwrap();
     }
     let aggregator = start(args()).await;

@@ -10,7 +10,8 @@
 //!    Work in progress is therefore never scaled away.
 //! 2. **Control queues**: invisible messages whose count has not moved for
 //!    [`DurableSettings::timer_settle_ms`] while nothing was visible are sleeping timers and
-//!    count for nothing. Otherwise a partition's approximate count is work. Orchestration
+//!    count for nothing; with no worker running, every invisible control message is (nothing
+//!    can be processing it), so a hub of timers never wakes from zero. Otherwise a partition's approximate count is work. Orchestration
 //!    workers = `min(partitions with work, ceil(orchestration work / maxOrchestrationsPerWorker))`:
 //!    one partition is processed by one worker at a time, so more never helps.
 //! 3. **Lookahead**: orchestration messages beyond what those workers take in one round are
@@ -207,8 +208,9 @@ fn only_timers(history: &QueueHistory, settings: &DurableSettings, now_ms: u64) 
     settled(anchor) && history.since(start).filter(|s| s.at_ms <= now_ms).all(settled)
 }
 
-/// The need at the sample `at_ms` (the newest sample of each queue at or before it).
-fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
+/// The need at the sample `at_ms` (the newest sample of each queue at or before it). With
+/// `no_workers`, invisible control messages are timers at once: nothing runs to hold them.
+fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64, no_workers: bool) -> Need {
     let newest = |h: &QueueHistory| h.samples().rev().find(|s| s.at_ms <= at_ms).copied();
     let activity_messages = newest(&hub.work_item).map_or(0, |s| s.approximate_count.max(s.visible_count));
     let mut need = Need {
@@ -232,7 +234,7 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
             arrived += sample.approximate_count.saturating_sub(low);
         }
         let invisible = sample.approximate_count.saturating_sub(sample.visible_count);
-        let work = if invisible > 0 && only_timers(history, settings, at_ms) {
+        let work = if invisible > 0 && (no_workers || only_timers(history, settings, at_ms)) {
             need.timer_partitions += 1;
             sample.visible_count
         } else {
@@ -273,7 +275,7 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64) -> Need {
 /// answer's `desired_workers` is the count the hub needs; report [`metric_value`] of it to
 /// KEDA (target 1, AverageValue) and `keep_workers_alive` as IsActive.
 pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now_ms: u64) -> Recommendation {
-    let now = need_at(hub, settings, now_ms);
+    let now = need_at(hub, settings, now_ms, workers == 0);
     let raw = now.workers();
     let keep = raw > 0;
     let mut desired = raw;
@@ -284,7 +286,7 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
         // fast enough to be gone before a new pod could help, the current workers suffice.
         let previous = hub.work_item.samples().rev().find(|s| s.at_ms < now_ms);
         if let Some(previous) = previous {
-            let before = need_at(hub, settings, previous.at_ms).messages();
+            let before = need_at(hub, settings, previous.at_ms, workers == 0).messages();
             let after = now.messages();
             let elapsed = now_ms - previous.at_ms;
             if after < before && elapsed > 0 {
@@ -303,7 +305,7 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
             .work_item
             .since(start)
             .filter(|s| s.at_ms <= now_ms)
-            .map(|s| need_at(hub, settings, s.at_ms).workers())
+            .map(|s| need_at(hub, settings, s.at_ms, workers == 0).workers())
             .max()
             .unwrap_or(0);
         if peak > raw {
@@ -576,5 +578,18 @@ mod tests {
         }
         let first = h.samples().next().map(|s| s.at_ms);
         assert_eq!(first, Some(70_000), "one sample at or before the horizon is kept");
+    }
+
+    #[test]
+    fn at_zero_workers_invisible_control_messages_are_timers_from_the_first_sample() {
+        let settings = DurableSettings::default();
+        let mut hub = HubHistory::new(P);
+        let mut control = vec![s(100_000, 0, 0); P];
+        control[1] = s(100_000, 3, 0);
+        hub.record(&settings, s(100_000, 0, 0), &control);
+        let r = recommend(&settings, &hub, 0, 100_000);
+        assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false), "{}", r.reason);
+        // With a worker running the same messages may be its work until they settle.
+        assert!(recommend(&settings, &hub, 1, 100_000).keep_workers_alive);
     }
 }
