@@ -25,12 +25,15 @@ impl Shutdown {
         Self { sender: std::sync::Arc::new(sender), receiver }
     }
 
-    /// A signal that fires on SIGTERM or SIGINT (Ctrl-C).
+    /// A signal that fires on SIGTERM or SIGINT (Ctrl-C). The SIGTERM handler is installed
+    /// before this returns, so a SIGTERM that arrives at once is not lost. Call it inside the
+    /// tokio runtime.
     pub fn on_signal() -> Self {
         let shutdown = Self::new();
         let trigger = shutdown.clone();
+        let signals = Signals::install();
         tokio::spawn(async move {
-            let reason = wait_for_signal().await;
+            let reason = signals.wait().await;
             tracing::info!(signal = reason, "shutting down");
             trigger.trigger();
         });
@@ -55,25 +58,34 @@ impl Shutdown {
     }
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
-        }
-    }
+/// The process signals that stop a role.
+struct Signals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signal() -> &'static str {
-    let _ = tokio::signal::ctrl_c().await;
-    "Ctrl-C"
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self { terminate: signal(SignalKind::terminate()).ok() }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    async fn wait(self) -> &'static str {
+        #[cfg(unix)]
+        if let Some(mut terminate) = self.terminate {
+            return tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            };
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
 }
 
 #[cfg(test)]

@@ -436,3 +436,25 @@ async fn an_unusable_connection_is_unavailable_with_the_probe_error() {
     assert!(!status.message().contains("this is not a connection string"), "secrets stay out of answers");
     aggregator.stop().await;
 }
+
+#[tokio::test]
+async fn hubs_shows_each_hubs_decision_and_its_reason() {
+    let aggregator = start(args()).await;
+    aggregator.submit(whole_hub_report("app-1", "StatusHub", 25)).await;
+    eventually("a decision for StatusHub", || async {
+        aggregator.metric("StatusHub").await.is_ok_and(|v| v >= 3.0)
+    })
+    .await;
+    let (status, body) = aggregator.http_get("/hubs").await;
+    assert_eq!(status, 200);
+    let hubs: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let hub = hubs.as_array().unwrap().iter().find(|h| h["task_hub"] == "StatusHub").expect("listed");
+    assert_eq!(hub["namespace"], NAMESPACE);
+    assert_eq!(hub["algorithm"], "durable");
+    assert_eq!(hub["active"], true);
+    assert_eq!(hub["desired_workers"], 3, "25 work items at 10 per worker: {hub}");
+    assert_eq!(hub["live_pods"], 1);
+    assert_eq!(hub["covered_partitions"], serde_json::json!([0, 1, 2, 3]));
+    assert!(hub["reason"].as_str().is_some_and(|r| r.contains("25")), "{hub}");
+    aggregator.stop().await;
+}

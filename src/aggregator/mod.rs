@@ -317,7 +317,8 @@ impl Aggregator {
         });
 
         let ready = Arc::new(AtomicBool::new(true));
-        let http_task = tokio::spawn(serve_http(http, metrics, ready.clone(), shutdown.clone()));
+        let http_task =
+            tokio::spawn(serve_http(http, metrics, registry.clone(), ready.clone(), shutdown.clone()));
         let sampling = tokio::spawn(sample_loop(
             registry.clone(),
             self.workers.clone(),
@@ -383,12 +384,14 @@ async fn sample_loop(
 #[derive(Clone)]
 struct HttpState {
     metrics: Arc<metrics::Metrics>,
+    registry: Arc<registry::Registry>,
     ready: Arc<AtomicBool>,
 }
 
 async fn serve_http(
     listener: TcpListener,
     metrics: Arc<metrics::Metrics>,
+    registry: Arc<registry::Registry>,
     ready: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) -> Result<(), std::io::Error> {
@@ -414,7 +417,17 @@ async fn serve_http(
                     .into_response()
             }),
         )
-        .with_state(HttpState { metrics, ready });
+        .route(
+            "/hubs",
+            axum::routing::get(|State(s): State<HttpState>| async move {
+                let now = registry::now_unix_ms();
+                let mut hubs: Vec<registry::HubStatus> =
+                    s.registry.all().iter().map(|e| e.status(now)).collect();
+                hubs.sort_by(|a, b| (&a.namespace, &a.task_hub).cmp(&(&b.namespace, &b.task_hub)));
+                axum::Json(hubs)
+            }),
+        )
+        .with_state(HttpState { metrics, registry, ready });
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
 }
 

@@ -61,7 +61,62 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What `/hubs` shows of one tracked hub: what was decided, from what, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HubStatus {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Task hub name as configured.
+    pub task_hub: String,
+    /// The ScaledObject that asks about it, once KEDA has called.
+    pub scaled_object: Option<String>,
+    /// `scaleAlgorithm` in force.
+    pub algorithm: String,
+    /// IsActive's answer now.
+    pub active: bool,
+    /// The latest decision's worker count, once one was made.
+    pub desired_workers: Option<u32>,
+    /// The worker count that decision was taken from.
+    pub workers: u32,
+    /// What GetMetrics reports.
+    pub metric_value: f64,
+    /// The latest decision's reason.
+    pub reason: Option<String>,
+    /// Partitions live sidecars cover, and those the cold probe reads.
+    pub covered_partitions: Vec<u32>,
+    /// Partitions no live sidecar covers.
+    pub uncovered_partitions: Vec<u32>,
+    /// Sidecars reporting now.
+    pub live_pods: u32,
+    /// Why KEDA calls would be refused now, if they would.
+    pub probe_error: Option<String>,
+}
+
 impl HubEntry {
+    /// This hub's status at `now_ms`, for `/hubs`.
+    pub fn status(&self, now_ms: i64) -> HubStatus {
+        let scaled_object = self.scaled_object().map(|so| format!("{}/{}", so.namespace, so.name));
+        let probe_error = lock(&self.probe).last_error.clone();
+        self.with_state(|s| {
+            let coverage = s.coverage(now_ms);
+            HubStatus {
+                namespace: self.key.namespace.clone(),
+                task_hub: s.settings().task_hub.clone(),
+                scaled_object,
+                algorithm: format!("{:?}", s.settings().algorithm).to_lowercase(),
+                active: s.is_active(now_ms),
+                desired_workers: s.recommendation().map(|r| r.desired_workers),
+                workers: s.workers(),
+                metric_value: s.metric_value(),
+                reason: s.recommendation().map(|r| r.reason.clone()),
+                covered_partitions: coverage.covered,
+                uncovered_partitions: coverage.uncovered,
+                live_pods: s.live_pods(now_ms),
+                probe_error,
+            }
+        })
+    }
+
     /// True once the hub was dropped for being idle; its probe loop ends.
     pub fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Relaxed)

@@ -159,6 +159,8 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         // KEDA sends connectionFromEnv's value resolved from the target's env.
         ("connectionFromEnv".to_string(), connection.clone()),
         ("maxActivitiesPerWorker".to_string(), "4".to_string()),
+        // The demo's pods take work 2 s after they start (WorkerSettings::startup_delay).
+        ("workerStartupMs".to_string(), "2000".to_string()),
     ]);
     if !args.algorithm.is_empty() {
         metadata.insert("scaleAlgorithm".into(), args.algorithm.clone());
@@ -214,7 +216,13 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         Burst { at_s: (duration * 0.05).max(3.0), orchestrations: args.orchestrations },
         Burst { at_s: duration * 0.5, orchestrations: args.orchestrations },
     ];
-    let outcome = drive(&args, &shutdown, &mut keda, pods, &emulator, &reader, &book, &bursts).await;
+    let decisions = AggregatorDecisions {
+        client: reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?,
+        url: format!("http://127.0.0.1:{http}/hubs"),
+        task_hub: hub.name().to_string(),
+    };
+    let outcome =
+        drive(&args, &shutdown, &mut keda, pods, &emulator, &reader, &book, &bursts, &decisions).await;
     aggregator.terminate(Duration::from_secs(5)).await;
     drop(azurite);
     let samples = outcome?;
@@ -308,8 +316,10 @@ async fn drive(
     reader: &TaskHubReader,
     book: &OrchestrationBook,
     bursts: &[Burst],
+    decisions: &AggregatorDecisions,
 ) -> anyhow::Result<Vec<Sample>> {
     let start = Instant::now();
+    let mut last_reason = None;
     let mut samples = Vec::new();
     let mut next_burst = 0;
     let mut next_poll = Duration::ZERO;
@@ -392,6 +402,12 @@ async fn drive(
                 ),
             }
         }
+        if let Some((desired, reason)) = decisions.latest().await
+            && last_reason.as_ref() != Some(&reason)
+        {
+            println!("[{:>4.0}s] aggregator decided {desired} workers: {reason}", elapsed.as_secs_f64());
+            last_reason = Some(reason);
+        }
         let sample =
             observe(reader, args.partitions, elapsed.as_secs_f64(), book, last, pods.pods.len() as u32).await;
         println!(
@@ -409,6 +425,23 @@ async fn drive(
     }
     pods.scale_to(0).await?;
     Ok(samples)
+}
+
+/// The aggregator's latest decision for the demo hub, read from its `/hubs` endpoint.
+struct AggregatorDecisions {
+    client: reqwest::Client,
+    url: String,
+    task_hub: String,
+}
+
+impl AggregatorDecisions {
+    /// (desired workers, reason) of the latest decision, when the aggregator has made one.
+    async fn latest(&self) -> Option<(u64, String)> {
+        let body = self.client.get(&self.url).send().await.ok()?.text().await.ok()?;
+        let hubs: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+        let hub = hubs.iter().find(|h| h["task_hub"] == self.task_hub.as_str())?;
+        Some((hub["desired_workers"].as_u64()?, hub["reason"].as_str()?.to_string()))
+    }
 }
 
 async fn observe(

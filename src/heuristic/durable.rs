@@ -314,10 +314,18 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
         }
     }
     let desired = u32::try_from(desired).unwrap_or(u32::MAX);
-    let reason = if !keep && now.timer_partitions > 0 {
+    let reason = if !keep && desired > 0 {
+        format!(
+            "No work now{}; scale-in damped at {desired} for {} s",
+            if now.timer_partitions > 0 {
+                format!(" (only sleeping timers in {} partition(s))", now.timer_partitions)
+            } else {
+                String::new()
+            },
+            settings.scale_in_window_ms / 1000
+        )
+    } else if !keep && now.timer_partitions > 0 {
         format!("Only sleeping timers in {} partition(s): no work", now.timer_partitions)
-    } else if !keep && desired > 0 {
-        format!("No work now; scale-in damped at {desired} for {} s", settings.scale_in_window_ms / 1000)
     } else if !keep {
         "Task hub is idle".to_string()
     } else {
