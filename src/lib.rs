@@ -29,4 +29,5 @@ pub mod sidecar;
 pub mod simulate;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod webhook;

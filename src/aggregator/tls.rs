@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -20,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::shutdown::Shutdown;
+use crate::{shutdown::Shutdown, tls as pem, tls::PemError};
 
 /// The TLS material of the KEDA port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,22 +35,9 @@ pub struct TlsFiles {
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A file holds no usable PEM material.
-    #[error("{path}: {message}")]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
+    /// A file could not be read or holds no usable PEM material.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// rustls refused the material.
     #[error("TLS configuration: {0}")]
     Config(String),
@@ -67,33 +53,23 @@ fn stamp(files: &TlsFiles) -> Stamp {
         .collect()
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
-}
-
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: e.to_string() })?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem { path: path.to_path_buf(), message: "no CERTIFICATE block".into() });
-    }
-    Ok(certs)
+    Ok(pem::certificates(path, &pem::read(path)?)?)
 }
 
 /// Builds the server configuration from the files as they are now.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certificates(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
-        .map_err(|e| TlsError::Pem { path: files.key.clone(), message: e.to_string() })?;
+    let key = pem::private_key(&files.key, &pem::read(&files.key)?)?;
     let builder = rustls::ServerConfig::builder();
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in certificates(ca)? {
-                roots.add(cert).map_err(|e| TlsError::Pem { path: ca.clone(), message: e.to_string() })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| PemError::Certificate { path: ca.clone(), reason: Some(e.to_string()) })?;
             }
             let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
                 .build()

@@ -22,40 +22,18 @@ use std::{
 use rustls::{
     ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
 
-use crate::shutdown::Shutdown;
+use crate::{shutdown::Shutdown, tls as pem, tls::PemError};
 
 /// Why the certificate or key could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The certificate file holds no PEM certificate, or a broken one.
-    #[error("{path} holds no usable PEM certificate{}", .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
-    Certificate {
-        /// The file.
-        path: PathBuf,
-        /// The PEM parser's complaint, if any.
-        reason: Option<String>,
-    },
-    /// The key file holds no PEM private key, or a broken one.
-    #[error("{path} holds no usable PEM private key: {reason}")]
-    Key {
-        /// The file.
-        path: PathBuf,
-        /// The parser's complaint.
-        reason: String,
-    },
+    /// A file could not be read or holds no usable PEM material.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// rustls refused the pair (unsupported key type, key does not match the certificate) or
     /// the configuration.
     #[error("certificate {cert} with key {key}: {source}")]
@@ -194,9 +172,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 fn read_pair(cert_path: &Path, key_path: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let read =
-        |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
-    Ok((read(cert_path)?, read(key_path)?))
+    Ok((pem::read(cert_path)?, pem::read(key_path)?))
 }
 
 fn certified_key(
@@ -206,14 +182,8 @@ fn certified_key(
     key_pem: &[u8],
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, TlsError> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Certificate { path: cert_path.to_owned(), reason: Some(e.to_string()) })?;
-    if chain.is_empty() {
-        return Err(TlsError::Certificate { path: cert_path.to_owned(), reason: None });
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| TlsError::Key { path: key_path.to_owned(), reason: e.to_string() })?;
+    let chain = pem::certificates(cert_path, cert_pem)?;
+    let key = pem::private_key(key_path, key_pem)?;
     CertifiedKey::from_der(chain, key, provider).map_err(|source| TlsError::Rustls {
         cert: cert_path.to_owned(),
         key: key_path.to_owned(),
