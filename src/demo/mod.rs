@@ -182,10 +182,11 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     )
     .await?;
     println!(
-        "playing KEDA (external-push, polling {}s, cooldown {}s) and the HPA against it; timings are \
-         shortened from the real defaults (30s, 300s, work grace 5m -> {WORK_GRACE}) so the run fits in minutes\n",
+        "playing KEDA (external-push, polling {}s, cooldown {}s) and the HPA (scale-down stabilization {}s) \
+         against it; shortened from the real 30s, 300s and 300s so the run fits in minutes\n",
         POLLING_INTERVAL.as_secs(),
-        COOLDOWN.as_secs()
+        COOLDOWN.as_secs(),
+        STABILIZATION.as_secs()
     );
 
     let worker_settings = WorkerSettings {
