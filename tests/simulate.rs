@@ -351,9 +351,12 @@ fn defaults_of_the_command_line_are_the_documented_defaults() {
 #[test]
 fn bad_settings_name_their_variable() {
     let err = Args::parse_from(["simulate", "--partitions", "17"]).settings().expect_err("17 > 16");
-    assert!(err.to_string().contains("SIMULATE_PARTITIONS"), "{err}");
+    assert!(err.to_string().contains("DURABLE_SCALER_SIMULATE_PARTITIONS"), "{err}");
     let err = Args::parse_from(["simulate", "--scenarios", "nope"]).scenarios().expect_err("unknown");
-    assert!(err.to_string().contains("SIMULATE_SCENARIOS") && err.to_string().contains("burst"), "{err}");
+    assert!(
+        err.to_string().contains("DURABLE_SCALER_SIMULATE_SCENARIOS") && err.to_string().contains("burst"),
+        "{err}"
+    );
     assert!(Args::try_parse_from(["simulate", "--scalers", "hpa-cpu"]).is_err());
 }
 

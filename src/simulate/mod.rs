@@ -85,120 +85,120 @@ pub enum Error {
 pub struct Args {
     /// Built-in scenarios to run, comma-separated: burst, steady, diurnal, spiky, timers,
     /// trickle. Default: all of them (unless --trace is given).
-    #[arg(long, env = "SIMULATE_SCENARIOS", value_delimiter = ',')]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCENARIOS", value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// A trace of arrivals to run as a scenario: CSV with a header (at_s required; count,
     /// activities, activity_s, timer_s optional) or a JSON array of such rows (.json). Each row
     /// starts `count` orchestrations at `at_s` that fan out `activities` activities of
     /// `activity_s` seconds, then, if timer_s > 0, sleep that long and run one more.
-    #[arg(long, env = "SIMULATE_TRACE")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TRACE")]
     pub trace: Option<PathBuf>,
     /// Scalers to race, comma-separated: kedacore, wsugarman, functions-target,
     /// keda-azure-queue, durable-scaler (ours; durable-scaler:latency and
     /// durable-scaler:target run our scaler with the other algorithms). Default: the first
     /// five.
-    #[arg(long, env = "SIMULATE_SCALERS", value_delimiter = ',')]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALERS", value_delimiter = ',')]
     pub scalers: Vec<ScalerKind>,
     /// Seed for arrivals, activity durations and the latency vote's random scale-in; one seed,
     /// one result.
-    #[arg(long, env = "SIMULATE_SEED", default_value_t = 1)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SEED", default_value_t = 1)]
     pub seed: u64,
     /// Override every scenario's simulated duration (seconds).
-    #[arg(long, env = "SIMULATE_DURATION_S")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_DURATION_S")]
     pub duration_s: Option<u64>,
     /// Simulation tick (ms): smaller is finer and slower.
-    #[arg(long, env = "SIMULATE_TICK_MS", default_value_t = 100)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TICK_MS", default_value_t = 100)]
     pub tick_ms: u64,
 
     /// Partition count P (control queues), 1..16.
-    #[arg(long, env = "SIMULATE_PARTITIONS", default_value_t = 4)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_PARTITIONS", default_value_t = 4)]
     pub partitions: u32,
     /// Seconds from pod creation until it takes work (image pull, host start).
-    #[arg(long, env = "SIMULATE_STARTUP_S", default_value_t = 20.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_STARTUP_S", default_value_t = 20.0)]
     pub startup_s: f64,
     /// maxConcurrentActivityFunctions per pod, also the scalers' maxActivitiesPerWorker.
-    #[arg(long, env = "SIMULATE_MAX_ACTIVITIES", default_value_t = 10)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES", default_value_t = 10)]
     pub max_activities: u32,
     /// maxConcurrentOrchestratorFunctions per pod, also maxOrchestrationsPerWorker.
-    #[arg(long, env = "SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 5)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 5)]
     pub max_orchestrations: u32,
     /// Seconds a partition lease that changes hands is unusable.
-    #[arg(long, env = "SIMULATE_LEASE_TAKEOVER_S", default_value_t = 10.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S", default_value_t = 10.0)]
     pub lease_takeover_s: f64,
     /// DTFx maxQueuePollingInterval (seconds): the idle backoff ceiling of a worker's polls.
-    #[arg(long, env = "SIMULATE_MAX_POLLING_INTERVAL_S", default_value_t = 30.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_POLLING_INTERVAL_S", default_value_t = 30.0)]
     pub max_polling_interval_s: f64,
     /// Milliseconds one orchestration episode (replay and scheduling) takes.
-    #[arg(long, env = "SIMULATE_EPISODE_MS", default_value_t = 100)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_MS", default_value_t = 100)]
     pub episode_ms: u64,
     /// terminationGracePeriodSeconds: how long a draining pod may finish its work.
-    #[arg(long, env = "SIMULATE_GRACE_S", default_value_t = 30.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_GRACE_S", default_value_t = 30.0)]
     pub grace_s: f64,
 
     /// KEDA pollingInterval (seconds): how often IsActive is asked.
-    #[arg(long, env = "SIMULATE_POLLING_INTERVAL_S", default_value_t = 30.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_POLLING_INTERVAL_S", default_value_t = 30.0)]
     pub polling_interval_s: f64,
     /// KEDA cooldownPeriod (seconds): inactive this long before scaling to zero.
-    #[arg(long, env = "SIMULATE_COOLDOWN_S", default_value_t = 300.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_COOLDOWN_S", default_value_t = 300.0)]
     pub cooldown_s: f64,
     /// minReplicaCount.
-    #[arg(long, env = "SIMULATE_MIN_REPLICAS", default_value_t = 0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MIN_REPLICAS", default_value_t = 0)]
     pub min_replicas: u32,
     /// maxReplicaCount.
-    #[arg(long, env = "SIMULATE_MAX_REPLICAS", default_value_t = 100)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_REPLICAS", default_value_t = 100)]
     pub max_replicas: u32,
     /// HPA sync period (seconds).
-    #[arg(long, env = "SIMULATE_HPA_SYNC_S", default_value_t = 15.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_HPA_SYNC_S", default_value_t = 15.0)]
     pub hpa_sync_s: f64,
     /// HPA scale-down stabilization window (seconds).
-    #[arg(long, env = "SIMULATE_STABILIZATION_S", default_value_t = 300.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_STABILIZATION_S", default_value_t = 300.0)]
     pub stabilization_s: f64,
     /// KEDA azure-queue queueLength target (keda-azure-queue scaler).
-    #[arg(long, env = "SIMULATE_QUEUE_LENGTH", default_value_t = 5)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_QUEUE_LENGTH", default_value_t = 5)]
     pub queue_length: u32,
 
     /// Our sidecars' report interval (seconds) while pods run.
-    #[arg(long, env = "SIMULATE_REPORT_INTERVAL_S", default_value_t = 5.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_REPORT_INTERVAL_S", default_value_t = 5.0)]
     pub report_interval_s: f64,
     /// Our aggregator's probe interval (seconds) when no pod is ready.
-    #[arg(long, env = "SIMULATE_PROBE_INTERVAL_S", default_value_t = 2.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S", default_value_t = 2.0)]
     pub probe_interval_s: f64,
     /// Our algorithm: seconds invisible control messages must sit unchanged to count as
     /// sleeping timers.
-    #[arg(long, env = "SIMULATE_TIMER_SETTLE_S", default_value_t = 10.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TIMER_SETTLE_S", default_value_t = 10.0)]
     pub timer_settle_s: f64,
     /// Our algorithm: seconds of history scale-in keeps the peak of.
-    #[arg(long, env = "SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
     pub scale_in_window_s: f64,
 
     /// Our algorithm: do not count waiting orchestration messages as activities to come.
-    #[arg(long, env = "SIMULATE_NO_ACTIVITY_LOOKAHEAD")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_NO_ACTIVITY_LOOKAHEAD")]
     pub no_activity_lookahead: bool,
 
     /// Our algorithm: the longest an orchestration episode is assumed to take (ms); with the
     /// start-up delay it says how many rounds of episodes a worker runs before a new pod
     /// could help. 0 counts one round (earliest pods); 1000 is cheaper for small fan-outs.
-    #[arg(long, env = "SIMULATE_EPISODE_ESTIMATE_MS", default_value_t = 0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_ESTIMATE_MS", default_value_t = 0)]
     pub episode_estimate_ms: u64,
     /// Our algorithm: the lookahead counts only control messages that arrived within this
     /// many seconds (not timers that fired); 0 counts every waiting message.
-    #[arg(long, env = "SIMULATE_LOOKAHEAD_WINDOW_S", default_value_t = 60.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_LOOKAHEAD_WINDOW_S", default_value_t = 60.0)]
     pub lookahead_window_s: f64,
     /// Our algorithm: ask for new pods even when the work will be gone before they start.
-    #[arg(long, env = "SIMULATE_NO_DRAIN_HOLD")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_NO_DRAIN_HOLD")]
     pub no_drain_hold: bool,
 
     /// Print the results as JSON on stdout instead of the table.
-    #[arg(long, env = "SIMULATE_JSON")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_JSON")]
     pub json: bool,
     /// Also print the table as Markdown (for a README).
-    #[arg(long, env = "SIMULATE_MARKDOWN")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MARKDOWN")]
     pub markdown: bool,
     /// Directory for the SVG charts, one per scenario (created if missing).
-    #[arg(long, env = "SIMULATE_SVG_DIR", default_value = "simulate-out")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SVG_DIR", default_value = "simulate-out")]
     pub svg_dir: PathBuf,
     /// Write no charts.
-    #[arg(long, env = "SIMULATE_NO_SVG")]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_NO_SVG")]
     pub no_svg: bool,
 }
 
@@ -248,22 +248,23 @@ impl Args {
         if !(1..=16).contains(&self.partitions) {
             return Err(Error::Invalid {
                 flag: "--partitions",
-                env: "SIMULATE_PARTITIONS",
+                env: "DURABLE_SCALER_SIMULATE_PARTITIONS",
                 reason: format!("{} is outside 1..16", self.partitions),
             });
         }
         if !(10..=10_000).contains(&self.tick_ms) {
             return Err(Error::Invalid {
                 flag: "--tick-ms",
-                env: "SIMULATE_TICK_MS",
+                env: "DURABLE_SCALER_SIMULATE_TICK_MS",
                 reason: format!("{} is outside 10..10000", self.tick_ms),
             });
         }
-        let max_replicas = positive(self.max_replicas, "--max-replicas", "SIMULATE_MAX_REPLICAS")?;
+        let max_replicas =
+            positive(self.max_replicas, "--max-replicas", "DURABLE_SCALER_SIMULATE_MAX_REPLICAS")?;
         if self.min_replicas > max_replicas {
             return Err(Error::Invalid {
                 flag: "--min-replicas",
-                env: "SIMULATE_MIN_REPLICAS",
+                env: "DURABLE_SCALER_SIMULATE_MIN_REPLICAS",
                 reason: format!("{} is above --max-replicas {}", self.min_replicas, max_replicas),
             });
         }
@@ -275,73 +276,89 @@ impl Args {
                 Ok(ms)
             }
         };
-        let max_activities = positive(self.max_activities, "--max-activities", "SIMULATE_MAX_ACTIVITIES")?;
-        let max_orchestrations =
-            positive(self.max_orchestrations, "--max-orchestrations", "SIMULATE_MAX_ORCHESTRATIONS")?;
+        let max_activities =
+            positive(self.max_activities, "--max-activities", "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES")?;
+        let max_orchestrations = positive(
+            self.max_orchestrations,
+            "--max-orchestrations",
+            "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS",
+        )?;
         let app = AppConfig {
             partitions: self.partitions,
-            startup_ms: seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")?,
+            startup_ms: seconds(self.startup_s, "--startup-s", "DURABLE_SCALER_SIMULATE_STARTUP_S")?,
             max_activities,
             max_orchestrations,
             lease_takeover_ms: seconds(
                 self.lease_takeover_s,
                 "--lease-takeover-s",
-                "SIMULATE_LEASE_TAKEOVER_S",
+                "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S",
             )?,
             max_polling_interval_ms: positive_s(
                 self.max_polling_interval_s,
                 "--max-polling-interval-s",
-                "SIMULATE_MAX_POLLING_INTERVAL_S",
+                "DURABLE_SCALER_SIMULATE_MAX_POLLING_INTERVAL_S",
             )?,
             episode_ms: self.episode_ms.max(1),
-            grace_ms: seconds(self.grace_s, "--grace-s", "SIMULATE_GRACE_S")?,
+            grace_ms: seconds(self.grace_s, "--grace-s", "DURABLE_SCALER_SIMULATE_GRACE_S")?,
             ..AppConfig::default()
         };
         let keda = KedaConfig {
             polling_interval_ms: positive_s(
                 self.polling_interval_s,
                 "--polling-interval-s",
-                "SIMULATE_POLLING_INTERVAL_S",
+                "DURABLE_SCALER_SIMULATE_POLLING_INTERVAL_S",
             )?,
-            cooldown_ms: seconds(self.cooldown_s, "--cooldown-s", "SIMULATE_COOLDOWN_S")?,
+            cooldown_ms: seconds(self.cooldown_s, "--cooldown-s", "DURABLE_SCALER_SIMULATE_COOLDOWN_S")?,
             bounds: ReplicaBounds { min: self.min_replicas, max: max_replicas },
-            hpa_sync_ms: positive_s(self.hpa_sync_s, "--hpa-sync-s", "SIMULATE_HPA_SYNC_S")?,
-            stabilization_ms: seconds(self.stabilization_s, "--stabilization-s", "SIMULATE_STABILIZATION_S")?,
+            hpa_sync_ms: positive_s(self.hpa_sync_s, "--hpa-sync-s", "DURABLE_SCALER_SIMULATE_HPA_SYNC_S")?,
+            stabilization_ms: seconds(
+                self.stabilization_s,
+                "--stabilization-s",
+                "DURABLE_SCALER_SIMULATE_STABILIZATION_S",
+            )?,
         };
         let scalers = ScalerConfig {
             max_activities,
             max_orchestrations,
-            queue_length: positive(self.queue_length, "--queue-length", "SIMULATE_QUEUE_LENGTH")?,
+            queue_length: positive(
+                self.queue_length,
+                "--queue-length",
+                "DURABLE_SCALER_SIMULATE_QUEUE_LENGTH",
+            )?,
             report_interval_ms: positive_s(
                 self.report_interval_s,
                 "--report-interval-s",
-                "SIMULATE_REPORT_INTERVAL_S",
+                "DURABLE_SCALER_SIMULATE_REPORT_INTERVAL_S",
             )?,
             probe_interval_ms: positive_s(
                 self.probe_interval_s,
                 "--probe-interval-s",
-                "SIMULATE_PROBE_INTERVAL_S",
+                "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S",
             )?,
             durable: DurableSettings {
                 max_activities_per_worker: max_activities,
                 max_orchestrations_per_worker: max_orchestrations,
-                timer_settle_ms: seconds(self.timer_settle_s, "--timer-settle-s", "SIMULATE_TIMER_SETTLE_S")?,
+                timer_settle_ms: seconds(
+                    self.timer_settle_s,
+                    "--timer-settle-s",
+                    "DURABLE_SCALER_SIMULATE_TIMER_SETTLE_S",
+                )?,
                 scale_in_window_ms: seconds(
                     self.scale_in_window_s,
                     "--scale-in-window-s",
-                    "SIMULATE_SCALE_IN_WINDOW_S",
+                    "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S",
                 )?,
                 activity_lookahead: !self.no_activity_lookahead,
                 episode_estimate_ms: self.episode_estimate_ms,
                 lookahead_window_ms: seconds(
                     self.lookahead_window_s,
                     "--lookahead-window-s",
-                    "SIMULATE_LOOKAHEAD_WINDOW_S",
+                    "DURABLE_SCALER_SIMULATE_LOOKAHEAD_WINDOW_S",
                 )?,
                 startup_ms: if self.no_drain_hold {
                     0
                 } else {
-                    seconds(self.startup_s, "--startup-s", "SIMULATE_STARTUP_S")?
+                    seconds(self.startup_s, "--startup-s", "DURABLE_SCALER_SIMULATE_STARTUP_S")?
                 },
             },
             seed: self.seed,
@@ -360,7 +377,7 @@ impl Args {
         for name in &names {
             let mut s = scenario::builtin(name.trim(), self.seed).ok_or_else(|| Error::Invalid {
                 flag: "--scenarios",
-                env: "SIMULATE_SCENARIOS",
+                env: "DURABLE_SCALER_SIMULATE_SCENARIOS",
                 reason: format!("unknown scenario {name:?}; built in: {}", scenario::BUILTIN.join(", ")),
             })?;
             if let Some(d) = duration_ms {
