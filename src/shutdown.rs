@@ -50,6 +50,15 @@ impl Shutdown {
         *self.receiver.borrow()
     }
 
+    /// Waits for `ticker`'s next tick; false instead when the signal fires first. The loops
+    /// that work on an interval read `while shutdown.tick(&mut ticker).await { ... }`.
+    pub async fn tick(&self, ticker: &mut tokio::time::Interval) -> bool {
+        tokio::select! {
+            _ = self.wait() => false,
+            _ = ticker.tick() => !self.is_triggered(),
+        }
+    }
+
     /// Completes when the signal fires (at once if it already has).
     pub async fn wait(&self) {
         let mut receiver = self.receiver.clone();
@@ -102,5 +111,16 @@ mod tests {
         task.await.unwrap();
         assert!(shutdown.is_triggered());
         shutdown.wait().await;
+    }
+
+    #[tokio::test]
+    async fn tick_waits_for_the_ticker_until_the_signal_fires() {
+        let shutdown = Shutdown::new();
+        let mut ticker = tokio::time::interval(std::time::Duration::from_millis(1));
+        assert!(shutdown.tick(&mut ticker).await, "a tick while running");
+        shutdown.trigger();
+        let mut slow = tokio::time::interval(std::time::Duration::from_secs(3600));
+        slow.tick().await;
+        assert!(!shutdown.tick(&mut slow).await, "the signal ends the wait, not the hour");
     }
 }

@@ -356,11 +356,7 @@ async fn sample_loop(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => return,
-            _ = ticker.tick() => {}
-        }
+    while shutdown.tick(&mut ticker).await {
         registry.evict_idle(registry::now_unix_ms(), HUB_IDLE_EVICT_MS);
         let hubs = registry.all();
         let counts = join_all(hubs.iter().map(|entry| {

@@ -327,11 +327,7 @@ async fn drive(
     let mut next_id = 0u64;
     let mut last = (false, 0.0);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    while start.elapsed() < args.duration && !shutdown.is_triggered() {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait() => break,
-        }
+    while start.elapsed() < args.duration && shutdown.tick(&mut tick).await {
         let elapsed = start.elapsed();
         let now_ms = elapsed.as_millis() as u64;
         if let Some(burst) = bursts.get(next_burst).filter(|b| elapsed.as_secs_f64() >= b.at_s) {

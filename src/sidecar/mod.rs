@@ -150,11 +150,7 @@ async fn poll_until_shutdown(
     let mut ticker = new_ticker(interval, Duration::ZERO);
     let mut partition_count = 0;
     let mut last_error_kind: Option<&'static str> = None;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {},
-            _ = shutdown.wait() => break,
-        }
+    while shutdown.tick(&mut ticker).await {
         let started = Instant::now();
         let requests_before = reader.account().request_count();
         let now = now_unix_ms();

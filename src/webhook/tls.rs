@@ -123,11 +123,7 @@ impl CertStore {
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: Shutdown) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.wait() => return,
-                _ = ticker.tick() => {}
-            }
+        while shutdown.tick(&mut ticker).await {
             let store = self.clone();
             // File reads and PEM parsing are blocking work: keep them off the async threads.
             match tokio::task::spawn_blocking(move || store.reload()).await {
