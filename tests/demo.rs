@@ -13,7 +13,7 @@ fn demo_scales_from_zero_to_many_and_back_twice() {
     let out = tempfile::tempdir().unwrap();
     let azurite = Azurite::shared();
     let run = Command::new(env!("CARGO_BIN_EXE_durable-scaler"))
-        .args(["demo", "--duration", "90s", "--orchestrations", "16", "--json", "--out-dir"])
+        .args(["demo", "--duration", "100s", "--orchestrations", "16", "--json", "--out-dir"])
         .arg(out.path())
         .env("AZURITE_CONNECTION_STRING", azurite.connection_string())
         .output()
