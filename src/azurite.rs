@@ -197,21 +197,10 @@ fn find_binary() -> Result<PathBuf, AzuriteError> {
     })
 }
 
-/// Spawns `command` so that it dies with this process. On Linux the child asks for SIGKILL
-/// when its parent thread dies; the spawn happens on a thread that lives as long as the
-/// process, because the signal follows the spawning thread, not the process.
-#[cfg(target_os = "linux")]
+/// Spawns `command` so that it dies with this process: from a thread that lives as long as
+/// the process, because the kill-with-parent signal follows the spawning thread.
 fn spawn_tied_to_process(mut command: Command) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::shutdown::kill_child_with_parent(&mut command);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("azurite-parent".into()).spawn(move || {
         let _ = tx.send(command.spawn());
@@ -220,11 +209,6 @@ fn spawn_tied_to_process(mut command: Command) -> std::io::Result<Child> {
         }
     })?;
     rx.recv().map_err(std::io::Error::other)?
-}
-
-#[cfg(not(target_os = "linux"))]
-fn spawn_tied_to_process(mut command: Command) -> std::io::Result<Child> {
-    command.spawn()
 }
 
 #[cfg(test)]

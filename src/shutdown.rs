@@ -67,6 +67,28 @@ impl Shutdown {
     }
 }
 
+/// Asks the OS to SIGKILL the child `command` starts when the thread that spawns it ends
+/// (Linux; elsewhere nothing), so children of a test or the demo never outlive it even when
+/// it is killed. Spawn from a thread that lives as long as the parent should: the signal
+/// follows the spawning thread, not the process.
+pub fn kill_child_with_parent(command: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 /// The process signals that stop a role.
 struct Signals {
     #[cfg(unix)]

@@ -33,7 +33,8 @@ impl ChildProcess {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
-        tie_to_parent(&mut command);
+        // Spawned from a runtime worker thread, which lives as long as the demo.
+        crate::shutdown::kill_child_with_parent(command.as_std_mut());
         Ok(Self { name: name.to_string(), child: command.spawn()? })
     }
 
@@ -71,22 +72,6 @@ fn send_sigterm(pid: u32) {
 
 #[cfg(not(target_os = "linux"))]
 fn send_sigterm(_pid: u32) {}
-
-#[cfg(target_os = "linux")]
-fn tie_to_parent(command: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn tie_to_parent(_command: &mut Command) {}
 
 /// A loopback port that was free a moment ago (the OS picks it; a tiny race remains between
 /// this call and the child binding it).
