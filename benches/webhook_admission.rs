@@ -6,7 +6,7 @@
 //! `cargo bench --bench webhook_admission` (env BENCH_SECONDS per scenario, default 5).
 //! Client and server share the machine's cores, so the figures are a floor.
 
-#[path = "../tests/support/https.rs"]
+#[path = "../tests/it/https.rs"]
 mod https;
 
 use std::time::{Duration, Instant};

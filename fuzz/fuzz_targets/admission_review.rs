@@ -1,10 +1,10 @@
 //! libFuzzer target: any bytes as an AdmissionReview body, through the same review function
 //! the webhook's `POST /mutate` calls, every answer checked by the invariants shared with the
-//! stable harness (tests/review_fuzz.rs). Seed corpus: corpus/admission_review/.
+//! stable harness (tests/it/review_fuzz.rs). Seed corpus: corpus/admission_review/.
 
 #![no_main]
 
-#[path = "../../tests/support/review_invariants.rs"]
+#[path = "../../tests/it/review_invariants.rs"]
 mod review_invariants;
 
 use std::sync::LazyLock;

@@ -3,11 +3,9 @@
 //! gRPC port. Covers scale from zero through the cold probe, timers against running work, and
 //! what happens to a sidecar's partitions when it dies or leaves.
 
-mod aggregator_support;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aggregator_support::*;
+use crate::aggregator_support::*;
 use durable_scaler::azurite::Azurite;
 use durable_scaler::emulator::TaskHubEmulator;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};

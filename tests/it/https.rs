@@ -1,7 +1,7 @@
 //! Test support: throwaway PKI, a kubelet-style Secret volume, and a real HTTPS client
 //! (tokio-rustls + hyper) for the webhook's tests and benchmark.
 
-#![allow(dead_code)] // each test binary uses a different part
+#![allow(dead_code)] // the tests and the webhook benchmark each use a different part
 
 use std::{
     convert::Infallible,

@@ -4,15 +4,14 @@
 //!
 //! Deterministic by default (fixed seed, a few thousand cases, a second or two). Run it
 //! longer with `DURABLE_SCALER_FUZZ_CASES=1000000 DURABLE_SCALER_FUZZ_SEED=7 cargo test
-//! --release --test review_fuzz -- --nocapture`.
+//! --release --test it review_fuzz -- --nocapture`.
 
-#[path = "support/review_invariants.rs"]
-mod review_invariants;
+use crate::review_invariants;
 
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::{Map, Value, json};
 
-const FIXTURE: &str = include_str!("fixtures/admission/replicaset-pod-create.json");
+const FIXTURE: &str = include_str!("../fixtures/admission/replicaset-pod-create.json");
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

@@ -1,6 +1,6 @@
 //! What must hold for every answer of the webhook's review handler, whatever the input:
 //! shared by the cargo-fuzz target (fuzz/) and the stable random harness
-//! (tests/review_fuzz.rs). Panics on a violation, which both report as a finding.
+//! (tests/it/review_fuzz.rs). Panics on a violation, which both report as a finding.
 
 use base64::Engine;
 use durable_scaler::webhook::{

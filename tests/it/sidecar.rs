@@ -1,10 +1,9 @@
 //! The sidecar against a real Azurite and a real gRPC server over loopback.
 //!
-//! The aggregator is being built in parallel (issue #5), so the report receiver here is a
-//! test double: a real tonic `ReportService` server that records every report it receives
-//! and the `authorization` header it came with (and can stall on demand).
-
-mod common;
+//! The report receiver here is not the aggregator but a recording one: a real tonic
+//! `ReportService` server that keeps every report it receives and the `authorization` header
+//! it came with (and can stall on demand), so the sidecar's side of the wire is checked on
+//! its own. tests/it/aggregator_storage.rs runs real sidecars against the real aggregator.
 
 use std::{
     net::SocketAddr,
@@ -16,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{hub, laid_out, now_ms};
+use crate::common::{hub, laid_out, now_ms};
 use durable_scaler::{
     azurite::{ACCOUNT, ACCOUNT_KEY, Azurite},
     proto::report::{

@@ -2,12 +2,10 @@
 //! rcgen for each test: plaintext refused, client certificates required and checked under
 //! `--client-ca`, and certificate files reloaded when they change, without a restart.
 
-mod aggregator_support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aggregator_support::*;
+use crate::aggregator_support::*;
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};

@@ -2,9 +2,7 @@
 //! tonic clients generated from proto/externalscaler.proto and proto/report.proto, sidecar
 //! reports submitted over the report port, no storage (no connection in the metadata).
 
-mod aggregator_support;
-
-use aggregator_support::*;
+use crate::aggregator_support::*;
 use durable_scaler::aggregator::ReportCheck;
 use durable_scaler::aggregator::sources::{
     AuthError, BoxFuture, ReportAuthenticator, ReportIdentity, ScaledObjectKey, WorkerCountSource,

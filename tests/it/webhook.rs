@@ -3,8 +3,7 @@
 //! of bad input, TLS versions and key types, and the certificate reloaded from a Secret
 //! volume while connections stay open.
 
-#[path = "support/https.rs"]
-mod https;
+use crate::https;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,7 +16,7 @@ use https::{Connection, Http, Pki, SecretVolume, full, streamed};
 use hyper::{StatusCode, body::Bytes};
 use serde_json::{Value, json};
 
-const FIXTURE: &str = include_str!("fixtures/admission/replicaset-pod-create.json");
+const FIXTURE: &str = include_str!("../fixtures/admission/replicaset-pod-create.json");
 
 /// A running webhook on 127.0.0.1:0 serving `pki` from a kubelet-style Secret volume.
 struct Running {

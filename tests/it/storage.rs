@@ -2,11 +2,9 @@
 //! DurableTask.AzureStorage lays them out (by the emulator module). Each test uses its own
 //! hub name.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{account, hub, now_ms};
+use crate::common::{self, account, hub, now_ms};
 use durable_scaler::{
     azurite::Azurite,
     emulator::TaskHubEmulator,

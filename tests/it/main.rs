@@ -1,0 +1,25 @@
+//! Every integration test of the crate, in one test binary.
+//!
+//! Each file directly under tests/ would be a binary of its own that links the whole crate
+//! graph (tonic, kube, azure_core, rustls ...): thirteen of them made target/ several GB and
+//! spent most of the test build in the linker. One binary links once. Run one area with a
+//! name filter, e.g. `cargo test --test it sidecar::`.
+
+mod aggregator_support;
+mod common;
+mod https;
+mod review_invariants;
+
+mod aggregator;
+mod aggregator_cli;
+mod aggregator_storage;
+mod aggregator_tls;
+mod demo;
+mod kubernetes;
+mod manifests;
+mod recommend_cli;
+mod review_fuzz;
+mod sidecar;
+mod simulate;
+mod storage;
+mod webhook;
