@@ -791,8 +791,11 @@ const CHILD_ENV: &str = "DURABLE_SCALER_TEST_KUBE_CHILD";
 /// Kubernetes configuration, and returns its combined output (failing when the child fails).
 fn run_child(name: &str, envs: &[(&str, String)]) -> String {
     let home = tempfile::tempdir().unwrap();
+    // Test names are module paths below the crate root: `kubernetes::<name>`.
+    let module = module_path!().split_once("::").map_or("", |(_crate, module)| module);
+    let path = format!("{module}::{name}");
     let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .args(["--exact", path.as_str(), "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .env("HOME", home.path())
         .env("KUBECONFIG", home.path().join("no-such-kubeconfig"))
