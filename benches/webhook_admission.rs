@@ -96,6 +96,7 @@ async fn main() {
         tls_reload_seconds: 5,
         sidecar_image: "ghcr.io/durable-scaler/durable-scaler:bench".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+        sidecar_aggregator_ca: None,
         native_sidecar: true,
     };
     let webhook = Webhook::bind(&args).await.unwrap();

@@ -82,6 +82,12 @@ pub struct Args {
     /// PEM CA: KEDA must present a client certificate signed by it (needs --tls-cert).
     #[arg(long, env = "DURABLE_SCALER_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Serve the report port over TLS too, with --tls-cert/--tls-key (sidecars then use an
+    /// https:// URL and DURABLE_SCALER_AGGREGATOR_CA), so their bearer tokens never cross
+    /// the pod network in clear. No client certificates are asked for there: sidecars
+    /// authenticate with their token.
+    #[arg(long, env = "DURABLE_SCALER_REPORT_TLS", requires = "tls_cert")]
+    pub report_tls: bool,
     /// How often the cold probe reads what no live sidecar covers (e.g. 2s, 500ms).
     #[arg(long, env = "DURABLE_SCALER_PROBE_INTERVAL", default_value = "2s", value_parser = interval)]
     pub probe_interval: Duration,
@@ -110,6 +116,7 @@ impl Args {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            report_tls: false,
             probe_interval: Duration::from_secs(2),
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
@@ -234,16 +241,20 @@ impl Aggregator {
     /// Binds every port and starts serving until `shutdown` fires.
     pub async fn start(self, shutdown: Shutdown) -> Result<RunningAggregator, AggregatorError> {
         let args = &self.args;
-        let acceptor = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(tls::ReloadingAcceptor::new(tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: args.client_ca.clone(),
-            })?)),
-            (None, None) if args.client_ca.is_none() => None,
+        let (acceptor, report_acceptor) = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = |client_ca| tls::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca };
+                let keda = Arc::new(tls::ReloadingAcceptor::new(files(args.client_ca.clone()))?);
+                let report = match args.report_tls {
+                    true => Some(Arc::new(tls::ReloadingAcceptor::new(files(None))?)),
+                    false => None,
+                };
+                (Some(keda), report)
+            }
+            (None, None) if args.client_ca.is_none() && !args.report_tls => (None, None),
             _ => {
                 return Err(AggregatorError::Config(
-                    "--tls-cert and --tls-key go together, and --client-ca needs them".into(),
+                    "--tls-cert and --tls-key go together, and --client-ca and --report-tls need them".into(),
                 ));
             }
         };
@@ -308,13 +319,23 @@ impl Aggregator {
         };
 
         let reports = reports::Reports::new(registry.clone(), self.check.clone());
+        let report_router =
+            tonic::transport::Server::builder().add_service(ReportServiceServer::new(reports));
         let stop = shutdown.clone();
-        let report_task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(ReportServiceServer::new(reports))
-                .serve_with_incoming_shutdown(TcpIncoming::from(report).with_nodelay(Some(true)), stop.wait())
-                .await
-        });
+        let report_task: JoinHandle<Result<(), tonic::transport::Error>> = match report_acceptor {
+            Some(acceptor) => {
+                let incoming = tls::incoming(report, acceptor, shutdown.clone());
+                tokio::spawn(async move {
+                    report_router.serve_with_incoming_shutdown(incoming, stop.wait()).await
+                })
+            }
+            None => {
+                let incoming = TcpIncoming::from(report).with_nodelay(Some(true));
+                tokio::spawn(async move {
+                    report_router.serve_with_incoming_shutdown(incoming, stop.wait()).await
+                })
+            }
+        };
 
         let ready = Arc::new(AtomicBool::new(true));
         let http_task =
@@ -325,7 +346,14 @@ impl Aggregator {
             args.sample_interval,
             shutdown.clone(),
         ));
-        tracing::info!(%grpc_addr, %report_addr, %http_addr, tls = args.tls_cert.is_some(), "aggregator listening");
+        tracing::info!(
+            %grpc_addr,
+            %report_addr,
+            %http_addr,
+            tls = args.tls_cert.is_some(),
+            report_tls = args.report_tls,
+            "aggregator listening"
+        );
 
         let task = tokio::spawn(async move {
             shutdown.wait().await;

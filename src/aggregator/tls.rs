@@ -1,6 +1,7 @@
-//! TLS for the KEDA port, with certificate files reloaded when they change.
+//! TLS for the KEDA port (and the report port under `--report-tls`), with certificate files
+//! reloaded when they change.
 //!
-//! tonic's built-in TLS reads its certificate once, so the KEDA port is served over our own
+//! tonic's built-in TLS reads its certificate once, so these ports are served over our own
 //! listener instead: every accepted connection checks the files' modification times and
 //! lengths, rebuilds the rustls configuration when they changed (a rotated Secret), and keeps
 //! the previous configuration, with a warning, when the new files do not load. Handshakes run
@@ -21,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{shutdown::Shutdown, tls as pem, tls::PemError};
 
-/// The TLS material of the KEDA port.
+/// The TLS material of one port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// PEM certificate chain (`--tls-cert`).
@@ -137,7 +138,7 @@ pub fn incoming(
                 Ok(a) => a,
                 Err(e) => {
                     // Transient (for example out of file descriptors): log and keep serving.
-                    tracing::warn!("accepting a KEDA connection failed: {e}");
+                    tracing::warn!("accepting a connection failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

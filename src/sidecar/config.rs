@@ -17,9 +17,15 @@ pub struct Args {
     /// means Entra ID (workload or managed identity).
     #[arg(long, env = "DURABLE_SCALER_CONNECTION", hide_env_values = true)]
     pub connection: Option<String>,
-    /// The aggregator's report endpoint, e.g. `http://durable-scaler-aggregator:4371`.
+    /// The aggregator's report endpoint, e.g. `http://durable-scaler-aggregator:4371`, or
+    /// `https://...` when the aggregator runs with `--report-tls`.
     #[arg(long, env = "DURABLE_SCALER_AGGREGATOR")]
     pub aggregator: Option<String>,
+    /// For an `https://` aggregator: the CA certificate(s) its certificate must chain to, as
+    /// a PEM file's path or as the PEM text itself (the webhook injects it inline). The
+    /// host name of the URL must be in the certificate.
+    #[arg(long, env = "DURABLE_SCALER_AGGREGATOR_CA")]
+    pub aggregator_ca: Option<String>,
     /// This pod's name (downward API); also the DurableTask worker id that owns partitions.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -55,6 +61,8 @@ pub struct Config {
     pub account: StorageAccount,
     /// The aggregator's report endpoint URL (http or https).
     pub aggregator: String,
+    /// PEM CA certificates the aggregator's certificate must chain to (https only).
+    pub aggregator_ca: Option<Vec<u8>>,
     /// This pod's name (the worker id that owns partitions).
     pub pod_name: String,
     /// This pod's namespace.
@@ -109,13 +117,14 @@ impl Config {
         let valid_url = url::Url::parse(&aggregator)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if valid_url.is_none() {
+        let Some(url) = valid_url else {
             return Err(error(
                 "DURABLE_SCALER_AGGREGATOR",
                 "aggregator",
                 format!("{aggregator:?} is not an http(s) URL like http://host:4371"),
             ));
-        }
+        };
+        let aggregator_ca = aggregator_ca(args.aggregator_ca, url.scheme() == "https")?;
         let pod_name = required(args.pod_name, "POD_NAME", "pod-name")?;
         let pod_namespace = required(args.pod_namespace, "POD_NAMESPACE", "pod-namespace")?;
         let interval = crate::config::parse_duration(&args.interval)
@@ -145,6 +154,7 @@ impl Config {
             task_hub,
             account,
             aggregator,
+            aggregator_ca,
             pod_name,
             pod_namespace,
             interval,
@@ -152,6 +162,38 @@ impl Config {
             token_file: args.token_file,
             http_addr,
         })
+    }
+}
+
+/// The CA PEM for an https aggregator: inline PEM or a file, checked to hold certificates.
+/// An https URL needs one (there is no system trust store in the sidecar's image, and the
+/// aggregator's certificate comes from the cluster's own CA); an http URL must not have one,
+/// since it would silently go unused.
+fn aggregator_ca(value: Option<String>, https: bool) -> Result<Option<Vec<u8>>, ConfigError> {
+    const VAR: &str = "DURABLE_SCALER_AGGREGATOR_CA";
+    const FLAG: &str = "aggregator-ca";
+    let value = value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    match (value, https) {
+        (None, false) => Ok(None),
+        (None, true) => Err(error(
+            VAR,
+            FLAG,
+            "is not set, and the aggregator URL is https: give the CA that signed its certificate",
+        )),
+        (Some(_), false) => {
+            Err(error(VAR, FLAG, "is set, but the aggregator URL is http: use https:// with it, or unset it"))
+        }
+        (Some(value), true) => {
+            let (source, pem) = if value.starts_with("-----BEGIN") {
+                (PathBuf::from("the inline PEM"), value.into_bytes())
+            } else {
+                let path = PathBuf::from(value);
+                let pem = crate::tls::read(&path).map_err(|e| error(VAR, FLAG, e.to_string()))?;
+                (path, pem)
+            };
+            crate::tls::certificates(&source, &pem).map_err(|e| error(VAR, FLAG, e.to_string()))?;
+            Ok(Some(pem))
+        }
     }
 }
 
@@ -167,6 +209,7 @@ mod tests {
             task_hub: Some("MyHub".into()),
             connection: Some("UseDevelopmentStorage=true".into()),
             aggregator: Some("http://aggregator:4371".into()),
+            aggregator_ca: None,
             pod_name: Some("app-7d9f-x2".into()),
             pod_namespace: Some("apps".into()),
             interval: "5s".into(),
@@ -218,5 +261,35 @@ mod tests {
             spoil(&mut a);
             assert_eq!(Config::from_args(a).unwrap_err().variable, variable);
         }
+    }
+
+    #[test]
+    fn an_https_aggregator_takes_its_ca_inline_or_from_a_file_and_needs_one() {
+        let ca = rcgen::generate_simple_self_signed(vec!["aggregator".to_owned()]).unwrap().cert.pem();
+        let https = |ca: Option<String>| Args {
+            aggregator: Some("https://aggregator:4371".into()),
+            aggregator_ca: ca,
+            ..args()
+        };
+
+        let inline = Config::from_args(https(Some(ca.clone()))).unwrap();
+        assert_eq!(inline.aggregator_ca.as_deref(), Some(ca.trim().as_bytes()));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &ca).unwrap();
+        let from_file = Config::from_args(https(Some(file.path().display().to_string()))).unwrap();
+        assert_eq!(from_file.aggregator_ca.as_deref(), Some(ca.as_bytes()));
+
+        let problem = |a: Args| {
+            let e = Config::from_args(a).unwrap_err();
+            assert_eq!(e.variable, "DURABLE_SCALER_AGGREGATOR_CA");
+            e.problem
+        };
+        assert!(problem(https(None)).contains("aggregator URL is https"));
+        assert!(problem(https(Some("/no/such/ca.crt".into()))).starts_with("cannot read /no/such/ca.crt"));
+        assert!(
+            problem(https(Some("-----BEGIN CERTIFICATE-----\nnot base64".into()))).contains("inline PEM")
+        );
+        let http_with_ca = Args { aggregator_ca: Some(ca), ..args() };
+        assert!(problem(http_with_ca).contains("the aggregator URL is http"));
     }
 }

@@ -75,7 +75,11 @@ impl Sidecar {
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
-        let client = ReportClient::new(&config.aggregator, config.token_file.clone())?;
+        let client = ReportClient::new(
+            &config.aggregator,
+            config.aggregator_ca.as_deref(),
+            config.token_file.clone(),
+        )?;
         Ok(Self { config, listener, client, metrics: Arc::new(Metrics::new()) })
     }
 

@@ -65,6 +65,9 @@ pub struct InjectionSettings {
     pub image: String,
     /// The aggregator's report URL given to the sidecar.
     pub aggregator: String,
+    /// PEM CA for an `https://` aggregator, given to the sidecar inline as
+    /// `DURABLE_SCALER_AGGREGATOR_CA`.
+    pub aggregator_ca: Option<String>,
     /// Inject as a native sidecar (init container with `restartPolicy: Always`, Kubernetes
     /// 1.29+) unless a pod's annotation says otherwise.
     pub native_sidecar: bool,
@@ -135,6 +138,14 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         }
         None => settings.aggregator.clone(),
     };
+    let https = aggregator.starts_with("https://");
+    if https && settings.aggregator_ca.is_none() {
+        warnings.push(format!(
+            "durable-scaler: the aggregator URL {aggregator:?} is https but the webhook has no CA for it \
+             (--sidecar-aggregator-ca); sidecar not injected"
+        ));
+        return Injection { patch: Vec::new(), warnings };
+    }
     let native = match annotation(NATIVE_SIDECAR_ANNOTATION) {
         Some("true") => true,
         Some("false") => false,
@@ -183,6 +194,9 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
+    if let (true, Some(ca), Some(env)) = (https, &settings.aggregator_ca, sidecar["env"].as_array_mut()) {
+        env.push(json!({"name": "DURABLE_SCALER_AGGREGATOR_CA", "value": ca}));
+    }
     if native {
         sidecar["restartPolicy"] = json!("Always");
     }
@@ -311,7 +325,7 @@ fn valid_task_hub(name: &str) -> bool {
     (3..=50).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-fn valid_aggregator_url(url: &str) -> bool {
+pub(crate) fn valid_aggregator_url(url: &str) -> bool {
     url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
@@ -421,6 +435,7 @@ mod tests {
         InjectionSettings {
             image: "example.test/durable-scaler:1".to_owned(),
             aggregator: "http://aggregator.test:4371".to_owned(),
+            aggregator_ca: None,
             native_sidecar: true,
             version: "9.9.9".to_owned(),
         }
@@ -636,15 +651,36 @@ mod tests {
 
     #[test]
     fn aggregator_annotation_overrides_the_flag_when_it_is_a_url() {
-        let pod = pod(json!({AGGREGATOR_ANNOTATION: "https://agg.example:4371"}), storage_env());
+        let pod = pod(json!({AGGREGATOR_ANNOTATION: "http://agg.example:4371"}), storage_env());
         let out = applied(&pod, &plan(&pod, &settings()));
-        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "https://agg.example:4371");
+        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "http://agg.example:4371");
         let pod = pod_with_bad_aggregator();
         let injection = plan(&pod, &settings());
         assert_eq!(
             sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_AGGREGATOR")["value"],
             settings().aggregator
         );
+    }
+
+    #[test]
+    fn an_https_aggregator_gets_the_ca_inline_and_is_not_injected_without_one() {
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let with_ca = InjectionSettings { aggregator_ca: Some(ca.to_owned()), ..settings() };
+        let https = pod(json!({AGGREGATOR_ANNOTATION: "https://agg.example:4371"}), storage_env());
+        let out = applied(&https, &plan(&https, &with_ca));
+        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "https://agg.example:4371");
+        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR_CA")["value"], ca);
+
+        // An http aggregator gets no CA: the sidecar would refuse one it cannot use.
+        let http = pod(json!({}), storage_env());
+        let out = applied(&http, &plan(&http, &with_ca));
+        assert!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR_CA").is_null(), "{out}");
+
+        // Without a CA the sidecar could not verify the aggregator and would not start.
+        let injection = plan(&https, &settings());
+        assert!(!injection.injects());
+        let says_why = |w: &String| w.contains("is https") && w.contains("--sidecar-aggregator-ca");
+        assert!(injection.warnings.iter().any(says_why), "{:?}", injection.warnings);
     }
 
     fn pod_with_bad_aggregator() -> Value {

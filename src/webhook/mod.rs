@@ -79,6 +79,12 @@ pub struct Args {
     /// Aggregator report URL given to sidecars (annotation durable-scaler.io/aggregator overrides).
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR", default_value = DEFAULT_AGGREGATOR)]
     pub aggregator: String,
+    /// PEM CA that signed the aggregator's report-port certificate (aggregator
+    /// `--report-tls`): needed for an https aggregator URL, read at start and given to each
+    /// sidecar inline (`DURABLE_SCALER_AGGREGATOR_CA`). A new CA reaches pods created after
+    /// a restart of the webhook.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA")]
+    pub sidecar_aggregator_ca: Option<PathBuf>,
     /// Inject a native sidecar (init container with restartPolicy Always, Kubernetes 1.29+);
     /// `false` appends a plain container instead (annotation durable-scaler.io/native-sidecar
     /// overrides per pod).
@@ -107,6 +113,9 @@ pub enum Error {
     /// `--sidecar-image` is empty.
     #[error("--sidecar-image (DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE) is empty")]
     Image,
+    /// `--sidecar-aggregator-ca` is missing for an https aggregator, or unusable.
+    #[error("--sidecar-aggregator-ca (DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA): {0}")]
+    AggregatorCa(String),
 }
 
 /// Counters served on `/metrics`. Dry-run reviews count in `reviews` only.
@@ -140,9 +149,25 @@ pub struct Webhook {
 impl Webhook {
     /// Validates `args`, loads the certificate and binds the listener.
     pub async fn bind(args: &Args) -> Result<Self, Error> {
-        if !valid_url(&args.aggregator) {
+        if !inject::valid_aggregator_url(&args.aggregator) {
             return Err(Error::Aggregator(args.aggregator.clone()));
         }
+        let aggregator_ca = match &args.sidecar_aggregator_ca {
+            Some(path) => {
+                let pem = crate::tls::read(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
+                crate::tls::certificates(path, &pem).map_err(|e| Error::AggregatorCa(e.to_string()))?;
+                let text = String::from_utf8(pem)
+                    .map_err(|_| Error::AggregatorCa(format!("{} is not PEM text", path.display())))?;
+                Some(text.trim().to_owned())
+            }
+            None if args.aggregator.starts_with("https://") => {
+                return Err(Error::AggregatorCa(format!(
+                    "not set, and --aggregator {:?} is https: sidecars need the CA of its certificate",
+                    args.aggregator
+                )));
+            }
+            None => None,
+        };
         if args.sidecar_image.trim().is_empty() {
             return Err(Error::Image);
         }
@@ -153,6 +178,7 @@ impl Webhook {
         let settings = InjectionSettings {
             image: args.sidecar_image.clone(),
             aggregator: args.aggregator.clone(),
+            aggregator_ca,
             native_sidecar: args.native_sidecar,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
@@ -235,10 +261,6 @@ impl Webhook {
         }
         watcher.abort();
     }
-}
-
-fn valid_url(url: &str) -> bool {
-    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 fn router(state: AppState) -> Router {

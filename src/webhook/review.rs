@@ -103,6 +103,7 @@ mod tests {
         InjectionSettings {
             image: "img".to_owned(),
             aggregator: "http://agg:4371".to_owned(),
+            aggregator_ca: None,
             native_sidecar: true,
             version: "0".to_owned(),
         }

@@ -85,6 +85,7 @@ fn sidecar_args(
         task_hub: Some(hub.to_string()),
         connection: Some(connection()),
         aggregator: Some(format!("http://{}", aggregator.report_addr)),
+        aggregator_ca: None,
         pod_name: Some(pod.to_string()),
         pod_namespace: Some(NAMESPACE.to_string()),
         interval: interval.into(),

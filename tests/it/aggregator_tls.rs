@@ -1,12 +1,14 @@
 //! TLS on the KEDA port, with a real TLS client (tonic over rustls) and certificates made by
 //! rcgen for each test: plaintext refused, client certificates required and checked under
-//! `--client-ca`, and certificate files reloaded when they change, without a restart.
+//! `--client-ca`, and certificate files reloaded when they change, without a restart. And
+//! the report port under `--report-tls`, with the sidecar's real report client.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::aggregator_support::*;
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
+use durable_scaler::sidecar::ReportClient;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -201,4 +203,60 @@ async fn tls_files_that_do_not_load_stop_the_start_with_the_flag_named() {
     a.tls_key = Some(dir.path().join("missing.key"));
     let error = start_server(a).await.expect_err("missing files refused").to_string();
     assert!(error.contains("--tls-cert") && error.contains("missing.crt"), "{error}");
+}
+
+#[tokio::test]
+async fn reports_over_tls_are_accepted_only_by_a_sidecar_that_trusts_the_aggregators_ca() {
+    let ca = Ca::new("aggregator ca");
+    let stranger = Ca::new("stranger ca");
+    let files = Files::new(&ca.leaf("localhost"), &ca);
+    let mut a = args();
+    a.tls_cert = Some(files.cert.clone());
+    a.tls_key = Some(files.key.clone());
+    // KEDA's client-certificate rule stays on the KEDA port: sidecars bring tokens, not certificates.
+    a.client_ca = Some(files.client_ca.clone());
+    a.report_tls = true;
+    let (shutdown, running) = start_server(a).await.expect("aggregator starts with report TLS");
+    let (report_addr, http_addr) = (running.report_addr, running.http_addr);
+    let server = TestServer { shutdown, running: Some(running) };
+    let no_token = files._dir.path().join("no-token");
+    let https = format!("https://localhost:{}", report_addr.port());
+    let client = |url: &str, ca: Option<&Ca>| {
+        let pem = ca.map(Ca::pem);
+        ReportClient::new(url, pem.as_deref().map(str::as_bytes), no_token.clone()).expect("a valid client")
+    };
+
+    client(&https, Some(&ca))
+        .submit(whole_hub_report("worker-1", "TlsReports", 3), DEADLINE)
+        .await
+        .expect("a report over TLS is accepted");
+    let (status, hubs) = http_get(http_addr, "/hubs").await;
+    assert_eq!(status, 200);
+    assert!(hubs.contains(r#""task_hub":"TlsReports""#) && hubs.contains(r#""live_pods":1"#), "{hubs}");
+
+    let refused = |what| move |r: Result<_, _>| assert!(r.is_err(), "{what} must not be served");
+    let short = Duration::from_secs(5);
+    refused("a client trusting another CA")(
+        client(&https, Some(&stranger)).submit(whole_hub_report("worker-2", "TlsReports", 1), short).await,
+    );
+    refused("plaintext")(
+        client(&format!("http://{report_addr}"), None)
+            .submit(whole_hub_report("worker-3", "TlsReports", 1), short)
+            .await,
+    );
+    let (_, hubs) = http_get(http_addr, "/hubs").await;
+    assert!(hubs.contains(r#""live_pods":1"#), "no refused report reached the registry: {hubs}");
+    assert!(
+        ReportClient::new(&https, None, no_token.clone()).is_err(),
+        "an https client without a CA is refused at construction"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn report_tls_without_a_certificate_is_a_start_error() {
+    let mut a = args();
+    a.report_tls = true;
+    let error = start_server(a).await.expect_err("refused").to_string();
+    assert!(error.contains("--report-tls"), "{error}");
 }

@@ -161,6 +161,60 @@ fn the_tls_overlay_renders_a_valid_aggregator_with_tls_on_the_keda_port() {
     kubernetes_validate(&[rendered], "1.29.0");
 }
 
+#[test]
+fn the_tls_overlay_gives_sidecars_an_https_aggregator_and_its_ca() {
+    let aggregator = tls_aggregator();
+    let container = &aggregator["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(container, "DURABLE_SCALER_REPORT_TLS"), "true");
+    let known = cli_env("aggregator");
+    for env in container["env"].as_array().unwrap() {
+        assert!(known.contains(env["name"].as_str().unwrap()), "aggregator does not read {}", env["name"]);
+    }
+
+    let mut webhook = object("webhook.yaml", "Deployment", "durable-scaler-webhook");
+    merge_deployment(&mut webhook, &documents("tls/webhook-tls.yaml")[0]);
+    let pod = &webhook["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let known = cli_env("webhook");
+    for env in container["env"].as_array().unwrap() {
+        assert!(known.contains(env["name"].as_str().unwrap()), "webhook does not read {}", env["name"]);
+    }
+
+    // The URL: https, a name certs-gen puts in the certificate (<service>.<namespace>.svc),
+    // the report port of the aggregator's Service.
+    let service = object("aggregator.yaml", "Service", "durable-scaler-aggregator");
+    let reports =
+        service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "reports").unwrap();
+    assert_eq!(
+        env_value(container, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"),
+        format!(
+            "https://{}.{}.svc:{}",
+            service["metadata"]["name"].as_str().unwrap(),
+            service["metadata"]["namespace"].as_str().unwrap(),
+            reports["port"]
+        )
+    );
+    // The CA file lies in a volume of the aggregator's TLS Secret that holds ca.crt alone.
+    let ca = env_value(container, "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA");
+    let mount =
+        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "aggregator-ca").unwrap();
+    assert_eq!(ca, format!("{}/ca.crt", mount["mountPath"].as_str().unwrap()));
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "aggregator-ca").unwrap();
+    let aggregator_volume = aggregator["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "keda-tls")
+        .unwrap();
+    assert_eq!(volume["secret"]["secretName"], aggregator_volume["secret"]["secretName"]);
+    assert_eq!(volume["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = dir.path().join("webhook-tls-rendered.yaml");
+    std::fs::write(&rendered, serde_json::to_string(&webhook).unwrap()).unwrap();
+    kubernetes_validate(&[rendered], "1.29.0");
+}
+
 fn string_map(value: &Value) -> bool {
     value.as_object().is_some_and(|m| m.values().all(Value::is_string))
 }
@@ -288,6 +342,13 @@ fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
+/// The environment variables `durable-scaler <subcommand>` reads.
+fn cli_env(subcommand: &str) -> BTreeSet<String> {
+    let cli = durable_scaler::cli::Cli::command();
+    let subcommand = cli.find_subcommand(subcommand).unwrap();
+    subcommand.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect()
+}
+
 fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
     container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap()["value"]
         .as_str()
@@ -376,13 +437,7 @@ fn the_webhook_deployment_uses_the_code_defaults_and_only_flags_it_knows() {
     assert_eq!(container["ports"][0]["containerPort"].as_u64(), Some(port_of(webhook::DEFAULT_ADDR)));
 
     // Every env var set is one the webhook subcommand reads.
-    let cli = durable_scaler::cli::Cli::command();
-    let subcommand = cli.find_subcommand("webhook").unwrap();
-    let known: BTreeSet<String> = subcommand
-        .get_arguments()
-        .filter_map(|a| a.get_env())
-        .map(|e| e.to_string_lossy().into_owned())
-        .collect();
+    let known = cli_env("webhook");
     for env in container["env"].as_array().unwrap() {
         assert!(known.contains(env["name"].as_str().unwrap()), "webhook does not read {}", env["name"]);
     }

@@ -14,6 +14,7 @@ pub fn settings() -> InjectionSettings {
     InjectionSettings {
         image: "ghcr.io/durable-scaler/durable-scaler:fuzz".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+        aggregator_ca: None,
         native_sidecar: true,
         version: "fuzz".to_owned(),
     }

@@ -120,6 +120,7 @@ fn args(
         task_hub: Some(hub.name().to_string()),
         connection: Some(connection),
         aggregator: Some(aggregator.to_string()),
+        aggregator_ca: None,
         pod_name: Some(pod.to_string()),
         pod_namespace: Some("apps".into()),
         interval: "200ms".into(),

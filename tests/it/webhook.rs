@@ -47,6 +47,7 @@ impl Running {
             tls_reload_seconds: 5,
             sidecar_image: "ghcr.io/durable-scaler/durable-scaler:test".to_owned(),
             aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+            sidecar_aggregator_ca: None,
             native_sidecar: true,
         };
         configure(&mut args);
@@ -371,11 +372,68 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
         tls_reload_seconds: 5,
         sidecar_image: "img".to_owned(),
         aggregator: "http://agg:4371".to_owned(),
+        sidecar_aggregator_ca: None,
         native_sidecar: true,
     };
     let error = Webhook::bind(&args).await.unwrap_err().to_string();
     assert!(error.contains("--tls-cert") && error.contains("/nonexistent/tls.crt"), "{error}");
-    let error =
-        Webhook::bind(&Args { aggregator: "agg:4371".to_owned(), ..args }).await.unwrap_err().to_string();
+    let error = Webhook::bind(&Args { aggregator: "agg:4371".to_owned(), ..args.clone() })
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("--aggregator"), "{error}");
+    let error = Webhook::bind(&Args { aggregator: "https://agg:4371".to_owned(), ..args.clone() })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("--sidecar-aggregator-ca") && error.contains("https"), "{error}");
+    let error = Webhook::bind(&Args {
+        aggregator: "https://agg:4371".to_owned(),
+        sidecar_aggregator_ca: Some("/nonexistent/ca.crt".into()),
+        ..args
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--sidecar-aggregator-ca") && error.contains("/nonexistent/ca.crt"), "{error}");
+}
+
+#[tokio::test]
+async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
+    let aggregator = Pki::ecdsa("aggregator");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("aggregator-ca.crt");
+    std::fs::write(&ca_file, &aggregator.ca_pem).unwrap();
+    let url = "https://durable-scaler-aggregator.durable-scaler:4371";
+    let webhook = Running::start(|args| {
+        args.aggregator = url.to_owned();
+        args.sidecar_aggregator_ca = Some(ca_file.clone());
+    })
+    .await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    assert!(answer["response"].get("warnings").is_none(), "{answer}");
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    let env = pod["spec"]["initContainers"][0]["env"].as_array().unwrap().clone();
+    let value = |name: &str| {
+        env.iter().find(|e| e["name"] == name).and_then(|e| e["value"].as_str()).map(str::to_owned)
+    };
+    assert_eq!(value("DURABLE_SCALER_AGGREGATOR").as_deref(), Some(url));
+    assert_eq!(value("DURABLE_SCALER_AGGREGATOR_CA").as_deref(), Some(aggregator.ca_pem.trim()));
+
+    // The sidecar takes the injected values as they are (the connection is a secretKeyRef
+    // in the pod; any valid one stands in for it here).
+    let sidecar = durable_scaler::sidecar::Config::from_args(durable_scaler::sidecar::Args {
+        task_hub: value("DURABLE_SCALER_TASK_HUB"),
+        connection: Some("UseDevelopmentStorage=true".to_owned()),
+        aggregator: value("DURABLE_SCALER_AGGREGATOR"),
+        aggregator_ca: value("DURABLE_SCALER_AGGREGATOR_CA"),
+        pod_name: Some("orders-7d9f-x2".to_owned()),
+        pod_namespace: Some("apps".to_owned()),
+        interval: "5s".to_owned(),
+        partition_mode: "table".to_owned(),
+        token_file: dir.path().join("token"),
+        http_addr: "127.0.0.1:0".to_owned(),
+    })
+    .expect("the sidecar accepts what the webhook injected");
+    assert_eq!(sidecar.aggregator_ca.as_deref(), Some(aggregator.ca_pem.trim().as_bytes()));
 }
