@@ -52,8 +52,9 @@ pub struct SecretArgs {
 pub struct CreateArgs {
     #[command(flatten)]
     pub secret: SecretArgs,
-    /// Name of the webhook's Service: the certificate is for <service>.<namespace>.svc and
-    /// <service>.<namespace>.svc.cluster.local.
+    /// Name of the Service (the webhook's, or the aggregator's for its TLS): the certificate
+    /// is for <service>.<namespace>.svc, <service>.<namespace>.svc.cluster.local and
+    /// <service>.<namespace>.
     #[arg(long, env = "CERTS_GEN_SERVICE", default_value = "durable-scaler-webhook")]
     pub service: String,
     /// Further DNS names or IP addresses for the certificate (repeatable; comma-separated in

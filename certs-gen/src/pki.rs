@@ -37,9 +37,16 @@ pub struct Material {
     pub key_pem: String,
 }
 
-/// The DNS names the API server uses to reach the webhook's Service.
+/// The DNS names a Service is reached by from other namespaces: `<service>.<namespace>.svc`
+/// (what the API server uses for a webhook), the fully qualified form, and
+/// `<service>.<namespace>` (the form of KEDA's `scalerAddress` and the sidecars' default
+/// aggregator URL in manifests/).
 pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
-    vec![format!("{service}.{namespace}.svc"), format!("{service}.{namespace}.svc.cluster.local")]
+    vec![
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+        format!("{service}.{namespace}"),
+    ]
 }
 
 /// A fresh CA and a serving certificate for `names`, valid from `now` (less a minute of

@@ -42,11 +42,12 @@ fn verify(written: &Written, name: &str, at: UnixTime) -> Result<(), rustls::Err
 }
 
 #[test]
-fn the_serving_certificate_chains_to_the_ca_for_both_service_names() {
+fn the_serving_certificate_chains_to_the_ca_for_every_service_name() {
     let written = create(&[]);
     for name in [
         "durable-scaler-webhook.durable-scaler.svc",
         "durable-scaler-webhook.durable-scaler.svc.cluster.local",
+        "durable-scaler-webhook.durable-scaler",
     ] {
         assert_eq!(verify(&written, name, UnixTime::now()), Ok(()), "{name}");
     }
