@@ -80,12 +80,24 @@ impl Azurite {
     /// Starts a new in-memory Azurite on loopback, on ports the OS picks. The process is
     /// killed when this value is dropped and, on Linux, when this process dies.
     pub fn start() -> Result<Self, AzuriteError> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Azurite::start`], serving HTTPS with the PEM certificate and key given (as
+    /// Azure Storage always does): for tests of the TLS path to storage.
+    pub fn start_https(cert: &Path, key: &Path) -> Result<Self, AzuriteError> {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        Self::start_with(&["--cert", &cert, "--key", &key])
+    }
+
+    fn start_with(extra_args: &[&str]) -> Result<Self, AzuriteError> {
         let bin = find_binary()?;
         let mut command = Command::new(&bin);
         command
             .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry"])
             .args(["--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1", "--tableHost", "127.0.0.1"])
             .args(["--blobPort", "0", "--queuePort", "0", "--tablePort", "0"])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -143,8 +155,11 @@ impl Azurite {
     /// Azurite would have in `AzureWebJobsStorage`.
     pub fn connection_string(&self) -> String {
         format!(
-            "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};QueueEndpoint={};TableEndpoint={};",
-            self.blob_endpoint, self.queue_endpoint, self.table_endpoint
+            "DefaultEndpointsProtocol={};AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};QueueEndpoint={};TableEndpoint={};",
+            if self.queue_endpoint.starts_with("https:") { "https" } else { "http" },
+            self.blob_endpoint,
+            self.queue_endpoint,
+            self.table_endpoint
         )
     }
 

@@ -11,10 +11,10 @@ pub fn init() {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
-/// Installs rustls' `ring` crypto provider as the process default. Several crates here link
-/// rustls with different providers (kube with ring, the Azure SDK's reqwest with aws-lc-rs);
-/// with two linked and none installed rustls refuses to choose and kube panics. Call once at
-/// start-up, before any TLS is used; later calls do nothing.
+/// Installs rustls' `ring` crypto provider as the process default. The Azure SDK's reqwest
+/// client is built without a provider of its own (Cargo.toml) and takes this one; kube and
+/// the servers name ring themselves. Call at start-up, before any TLS is used (storage
+/// accounts call it when they are made); later calls do nothing.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

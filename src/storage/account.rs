@@ -95,6 +95,8 @@ impl StorageAccount {
     /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`
     /// (forms in the module docs). Errors name the offending key, never a secret's value.
     pub fn from_connection_string(connection: &str) -> Result<Self, StorageError> {
+        // The SDK's HTTP client (and azure_identity's) uses rustls' process-wide provider.
+        crate::telemetry::install_crypto_provider();
         let fields = parse_fields(connection)?;
         let get = |key: &str| {
             fields

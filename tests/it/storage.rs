@@ -1,6 +1,6 @@
 //! The storage reader against a real Azurite, on task hubs laid out the way
 //! DurableTask.AzureStorage lays them out (by the emulator module). Each test uses its own
-//! hub name.
+//! hub name. One test runs a second Azurite over HTTPS, as Azure Storage always serves.
 
 use std::time::Duration;
 
@@ -233,4 +233,79 @@ async fn laying_a_hub_out_again_keeps_what_is_there() {
         assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().approximate_count, 1);
         assert_eq!(reader.partitions(now_ms()).await.unwrap().len(), 2);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS, as Azure Storage always serves (in a child process: the trust store comes from the
+// environment, which one test must not change for the others)
+// ---------------------------------------------------------------------------------------------
+
+/// Set in the child process: the connection string of the HTTPS Azurite to read.
+const HTTPS_CHILD_ENV: &str = "DURABLE_SCALER_TEST_HTTPS_STORAGE";
+
+/// Runs this test in a child of this test binary against `connection`, trusting the CA
+/// certificates in `trust` (SSL_CERT_FILE, which the Azure SDK's rustls verifier reads on
+/// Linux, as it reads the system store in a container); returns success and the output.
+fn run_https_child(connection: &str, trust: &std::path::Path) -> (bool, String) {
+    let module = module_path!().split_once("::").map_or("", |(_crate, module)| module);
+    let name = format!("{module}::tables_and_queues_are_read_over_https_with_a_trusted_certificate_only");
+    let empty = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name.as_str(), "--nocapture", "--test-threads=1"])
+        .env(HTTPS_CHILD_ENV, connection)
+        .env("SSL_CERT_FILE", trust)
+        .env("SSL_CERT_DIR", empty.path())
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success() && text.contains("1 passed"), text)
+}
+
+#[tokio::test]
+async fn tables_and_queues_are_read_over_https_with_a_trusted_certificate_only() {
+    if let Ok(connection) = std::env::var(HTTPS_CHILD_ENV) {
+        // The child: lay a hub out and read it, every call over TLS.
+        let account = StorageAccount::from_connection_string(&connection).unwrap();
+        let name = hub("Https");
+        let emulator = TaskHubEmulator::new(&account, name.clone(), PartitionMode::Table);
+        emulator.create(2).await.expect("the hub is laid out over https");
+        emulator.claim(1, "pod-a", LEASE).await.unwrap();
+        emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
+        let reader = TaskHubReader::new(&account, name, PartitionMode::Table, StorageOptions::default());
+        let leases = reader.partitions(now_ms()).await.unwrap();
+        assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
+        assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let write_ca = |name: &str| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let path = dir.path().join(format!("{name}.crt"));
+        std::fs::write(&path, issuer.pem()).unwrap();
+        (issuer, path)
+    };
+    let (ca, ca_file) = write_ca("storage-ca");
+    let (_, stranger_file) = write_ca("stranger-ca");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+
+    let azurite = Azurite::start_https(&cert_file, &key_file).expect("Azurite serves https");
+    let connection = azurite.connection_string();
+    assert!(connection.contains("QueueEndpoint=https://127.0.0.1:"), "{connection}");
+
+    let (read, output) = run_https_child(&connection, &ca_file);
+    assert!(read, "trusting the storage CA, the child reads over https:\n{output}");
+    let (read, output) = run_https_child(&connection, &stranger_file);
+    assert!(!read, "trusting another CA, the child must not read:\n{output}");
+    assert!(output.contains("invalid peer certificate: UnknownIssuer"), "{output}");
+    azurite.stop();
 }
