@@ -116,12 +116,15 @@ async fn measure(hub: &TaskHub, mode: PartitionMode, connection: &str, aggregato
     let end = wait_for_polls(http, start.polls + MEASURED_POLLS).await;
     let cpu_end = cpu_ms(pid);
     let polls = (end.polls - start.polls) as f64;
-    let (rss, peak) = memory_kib(pid);
+    let memory = memory_kib(pid);
+    let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "{:5} mode: RSS {:.1} MiB (peak {:.1} MiB), CPU {:.2} ms/poll, storage calls/poll {:.1}, owned partitions {}, poll p50 bucket <= {}",
+        "{:5} mode: RSS {:.1} MiB (peak {:.1} MiB; anonymous {:.1} MiB, file-backed {:.1} MiB), CPU {:.2} ms/poll, storage calls/poll {:.1}, owned partitions {}, poll p50 bucket <= {}",
         mode.as_str(),
-        rss as f64 / 1024.0,
-        peak as f64 / 1024.0,
+        mib(memory.rss),
+        mib(memory.peak),
+        mib(memory.anon),
+        mib(memory.file),
         (cpu_end - cpu_start) as f64 / polls,
         (end.storage_requests - start.storage_requests) as f64 / polls,
         end.owned,
@@ -195,8 +198,19 @@ fn cpu_ms(pid: u32) -> u64 {
     ticks * 1000 / per_second
 }
 
-/// VmRSS and VmHWM (peak) of `pid`, KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
+/// Resident memory of a process, KiB (/proc/PID/status).
+struct Memory {
+    /// VmRSS.
+    rss: u64,
+    /// VmHWM: the peak of VmRSS.
+    peak: u64,
+    /// RssAnon: heap and stacks, the process's own memory.
+    anon: u64,
+    /// RssFile: pages of the binary and libraries, shared and reclaimable.
+    file: u64,
+}
+
+fn memory_kib(pid: u32) -> Memory {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -206,5 +220,5 @@ fn memory_kib(pid: u32) -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory { rss: field("VmRSS:"), peak: field("VmHWM:"), anon: field("RssAnon:"), file: field("RssFile:") }
 }
