@@ -791,26 +791,19 @@ const CHILD_ENV: &str = "DURABLE_SCALER_TEST_KUBE_CHILD";
 /// Kubernetes configuration, and returns its combined output (failing when the child fails).
 fn run_child(name: &str, envs: &[(&str, String)]) -> String {
     let home = tempfile::tempdir().unwrap();
-    // Test names are module paths below the crate root: `kubernetes::<name>`.
-    let module = module_path!().split_once("::").map_or("", |(_crate, module)| module);
-    let path = format!("{module}::{name}");
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", path.as_str(), "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .env("HOME", home.path())
-        .env("KUBECONFIG", home.path().join("no-such-kubeconfig"))
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .env("RUST_LOG", "warn")
-        .env_remove("DURABLE_SCALER_LOG_FORMAT")
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "child {name} failed:\n{text}");
-    assert!(text.contains("1 passed"), "child {name} ran no test:\n{text}");
-    text
+    let run = crate::child::run_test(module_path!(), name, |command| {
+        command
+            .env(CHILD_ENV, "1")
+            .env("HOME", home.path())
+            .env("KUBECONFIG", home.path().join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env("RUST_LOG", "warn")
+            .env_remove("DURABLE_SCALER_LOG_FORMAT")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    });
+    assert!(run.passed, "child {name} failed or ran no test:\n{}", run.output);
+    run.output
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! name filter, e.g. `cargo test --test it sidecar::`.
 
 mod aggregator_support;
+mod child;
 mod common;
 mod https;
 mod review_invariants;

@@ -243,23 +243,19 @@ async fn laying_a_hub_out_again_keeps_what_is_there() {
 /// Set in the child process: the connection string of the HTTPS Azurite to read.
 const HTTPS_CHILD_ENV: &str = "DURABLE_SCALER_TEST_HTTPS_STORAGE";
 
-/// Runs this test in a child of this test binary against `connection`, trusting the CA
-/// certificates in `trust` (SSL_CERT_FILE, which the Azure SDK's rustls verifier reads on
+/// Runs the test below in a child of this test binary against `connection`, trusting the
+/// CA certificates in `trust` (SSL_CERT_FILE, which the Azure SDK's rustls verifier reads on
 /// Linux, as it reads the system store in a container); returns success and the output.
 fn run_https_child(connection: &str, trust: &std::path::Path) -> (bool, String) {
-    let module = module_path!().split_once("::").map_or("", |(_crate, module)| module);
-    let name = format!("{module}::tables_and_queues_are_read_over_https_with_a_trusted_certificate_only");
     let empty = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name.as_str(), "--nocapture", "--test-threads=1"])
-        .env(HTTPS_CHILD_ENV, connection)
-        .env("SSL_CERT_FILE", trust)
-        .env("SSL_CERT_DIR", empty.path())
-        .output()
-        .unwrap();
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    (output.status.success() && text.contains("1 passed"), text)
+    let name = "tables_and_queues_are_read_over_https_with_a_trusted_certificate_only";
+    let run = crate::child::run_test(module_path!(), name, |command| {
+        command
+            .env(HTTPS_CHILD_ENV, connection)
+            .env("SSL_CERT_FILE", trust)
+            .env("SSL_CERT_DIR", empty.path());
+    });
+    (run.passed, run.output)
 }
 
 #[tokio::test]
