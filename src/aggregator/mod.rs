@@ -302,40 +302,12 @@ impl Aggregator {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
-        let stop = shutdown.clone();
-        let keda_task: JoinHandle<Result<(), tonic::transport::Error>> = match acceptor {
-            Some(acceptor) => {
-                let incoming = tls::incoming(grpc, acceptor, shutdown.clone());
-                tokio::spawn(
-                    async move { keda_router.serve_with_incoming_shutdown(incoming, stop.wait()).await },
-                )
-            }
-            None => {
-                let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-                tokio::spawn(
-                    async move { keda_router.serve_with_incoming_shutdown(incoming, stop.wait()).await },
-                )
-            }
-        };
+        let keda_task = serve_grpc(keda_router, grpc, acceptor, shutdown.clone());
 
         let reports = reports::Reports::new(registry.clone(), self.check.clone());
         let report_router =
             tonic::transport::Server::builder().add_service(ReportServiceServer::new(reports));
-        let stop = shutdown.clone();
-        let report_task: JoinHandle<Result<(), tonic::transport::Error>> = match report_acceptor {
-            Some(acceptor) => {
-                let incoming = tls::incoming(report, acceptor, shutdown.clone());
-                tokio::spawn(async move {
-                    report_router.serve_with_incoming_shutdown(incoming, stop.wait()).await
-                })
-            }
-            None => {
-                let incoming = TcpIncoming::from(report).with_nodelay(Some(true));
-                tokio::spawn(async move {
-                    report_router.serve_with_incoming_shutdown(incoming, stop.wait()).await
-                })
-            }
-        };
+        let report_task = serve_grpc(report_router, report, report_acceptor, shutdown.clone());
 
         let ready = Arc::new(AtomicBool::new(true));
         let http_task =
@@ -410,6 +382,27 @@ struct HttpState {
     metrics: Arc<metrics::Metrics>,
     registry: Arc<registry::Registry>,
     ready: Arc<AtomicBool>,
+}
+
+/// Serves `router` on `listener` until `shutdown`: over TLS through `acceptor` when given
+/// (files reloaded on change), else over plain TCP with TCP_NODELAY.
+fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    acceptor: Option<Arc<tls::ReloadingAcceptor>>,
+    shutdown: Shutdown,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    let stop = shutdown.clone();
+    match acceptor {
+        Some(acceptor) => {
+            let incoming = tls::incoming(listener, acceptor, shutdown);
+            tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop.wait()).await })
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop.wait()).await })
+        }
+    }
 }
 
 async fn serve_http(
