@@ -21,9 +21,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is not a duration"))
 }
 
+/// `text` as an `http://` or `https://` URL with a host (aggregator report URLs, storage
+/// endpoints); `None` for anything else.
+pub fn http_url(text: &str) -> Option<url::Url> {
+    url::Url::parse(text).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_urls_need_the_scheme_and_a_host() {
+        assert_eq!(http_url("https://agg.example:4371").map(|u| u.scheme().to_owned()), Some("https".into()));
+        assert!(http_url("http://10.0.0.1:4371").is_some());
+        for bad in ["agg:4371", "ftp://agg", "http://", "unix:/tmp/s", ""] {
+            assert!(http_url(bad).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations_take_the_usual_units() {

@@ -114,10 +114,7 @@ impl Config {
         let account = StorageAccount::from_connection_string(&connection)
             .map_err(|e| error("DURABLE_SCALER_CONNECTION", "connection", e.to_string()))?;
         let aggregator = required(args.aggregator, "DURABLE_SCALER_AGGREGATOR", "aggregator")?;
-        let valid_url = url::Url::parse(&aggregator)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        let Some(url) = valid_url else {
+        let Some(url) = crate::config::http_url(&aggregator) else {
             return Err(error(
                 "DURABLE_SCALER_AGGREGATOR",
                 "aggregator",

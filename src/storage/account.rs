@@ -173,10 +173,7 @@ impl StorageAccount {
         credential: Credential,
     ) -> Result<Self, StorageError> {
         let url = |key: &str, value: String| {
-            let trimmed = value.trim_end_matches('/');
-            Url::parse(trimmed)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            crate::config::http_url(value.trim_end_matches('/'))
                 .ok_or_else(|| invalid(format!("{key} is not an http(s) URL")))
         };
         let account = Self {

@@ -128,7 +128,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
 
     let task_hub = task_hub_env(annotation(TASK_HUB_ANNOTATION), app, &mut warnings);
     let aggregator = match annotation(AGGREGATOR_ANNOTATION) {
-        Some(url) if valid_aggregator_url(url) => url.to_owned(),
+        Some(url) if crate::config::http_url(url).is_some() => url.to_owned(),
         Some(url) => {
             warnings.push(format!(
                 "durable-scaler: annotation {AGGREGATOR_ANNOTATION}={url:?} is not an http(s) URL; using {}",
@@ -323,10 +323,6 @@ fn task_hub_env(annotation: Option<&str>, app: &Value, warnings: &mut Vec<String
 /// Task hub names are 3 to 50 ASCII letters and digits (durabletask-facts.md).
 fn valid_task_hub(name: &str) -> bool {
     (3..=50).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-pub(crate) fn valid_aggregator_url(url: &str) -> bool {
-    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 /// Requests and limits from the annotations, each invalid one replaced by its default with a

@@ -149,7 +149,7 @@ pub struct Webhook {
 impl Webhook {
     /// Validates `args`, loads the certificate and binds the listener.
     pub async fn bind(args: &Args) -> Result<Self, Error> {
-        if !inject::valid_aggregator_url(&args.aggregator) {
+        if crate::config::http_url(&args.aggregator).is_none() {
             return Err(Error::Aggregator(args.aggregator.clone()));
         }
         let aggregator_ca = match &args.sidecar_aggregator_ca {
