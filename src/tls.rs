@@ -51,6 +51,14 @@ pub fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'stati
     Ok(chain)
 }
 
+/// The PEM text of the CA file `path`, checked to hold at least one certificate: for CA
+/// bundles that are passed on as they are (to a TLS client, or into a sidecar's env).
+pub fn read_ca_pem(path: &Path) -> Result<Vec<u8>, PemError> {
+    let pem = read(path)?;
+    certificates(path, &pem)?;
+    Ok(pem)
+}
+
 /// The first private key in `pem` (read from `path`).
 pub fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
     PrivateKeyDer::from_pem_slice(pem)
@@ -70,5 +78,11 @@ mod tests {
         assert!(e.to_string().starts_with("/tls/tls.key holds no usable PEM private key"), "{e}");
         let e = read(Path::new("/nonexistent/tls.crt")).unwrap_err();
         assert!(e.to_string().starts_with("cannot read /nonexistent/tls.crt"), "{e}");
+        let e = read_ca_pem(Path::new("/nonexistent/ca.crt")).unwrap_err();
+        assert!(e.to_string().starts_with("cannot read /nonexistent/ca.crt"), "{e}");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "no certificate here").unwrap();
+        let e = read_ca_pem(file.path()).unwrap_err();
+        assert!(e.to_string().ends_with("holds no usable PEM certificate"), "{e}");
     }
 }

@@ -1,7 +1,11 @@
 //! The sidecar's settings: flags with environment fallbacks, parsed once at start into a
 //! typed [`Config`]; every bad or missing value is reported with its variable's name.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use crate::storage::{PartitionMode, StorageAccount, TaskHub};
 
@@ -181,15 +185,13 @@ fn aggregator_ca(value: Option<String>, https: bool) -> Result<Option<Vec<u8>>, 
             Err(error(VAR, FLAG, "is set, but the aggregator URL is http: use https:// with it, or unset it"))
         }
         (Some(value), true) => {
-            let (source, pem) = if value.starts_with("-----BEGIN") {
-                (PathBuf::from("the inline PEM"), value.into_bytes())
+            let pem = if value.starts_with("-----BEGIN") {
+                let pem = value.into_bytes();
+                crate::tls::certificates(Path::new("the inline PEM"), &pem).map(|_| pem)
             } else {
-                let path = PathBuf::from(value);
-                let pem = crate::tls::read(&path).map_err(|e| error(VAR, FLAG, e.to_string()))?;
-                (path, pem)
+                crate::tls::read_ca_pem(Path::new(&value))
             };
-            crate::tls::certificates(&source, &pem).map_err(|e| error(VAR, FLAG, e.to_string()))?;
-            Ok(Some(pem))
+            pem.map(Some).map_err(|e| error(VAR, FLAG, e.to_string()))
         }
     }
 }

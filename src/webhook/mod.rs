@@ -154,8 +154,7 @@ impl Webhook {
         }
         let aggregator_ca = match &args.sidecar_aggregator_ca {
             Some(path) => {
-                let pem = crate::tls::read(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
-                crate::tls::certificates(path, &pem).map_err(|e| Error::AggregatorCa(e.to_string()))?;
+                let pem = crate::tls::read_ca_pem(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
                 let text = String::from_utf8(pem)
                     .map_err(|_| Error::AggregatorCa(format!("{} is not PEM text", path.display())))?;
                 Some(text.trim().to_owned())
