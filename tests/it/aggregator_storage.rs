@@ -19,7 +19,6 @@ const TIMER: Duration = Duration::from_secs(3600);
 const LEASE: Duration = Duration::from_secs(120);
 
 fn connection() -> String {
-    durable_scaler::telemetry::install_crypto_provider();
     Azurite::shared().connection_string()
 }
 

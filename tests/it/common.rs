@@ -9,9 +9,8 @@ use durable_scaler::{
     storage::{PartitionMode, StorageAccount, TaskHub},
 };
 
-/// The shared Azurite's account (with the crypto provider installed, as every role does).
+/// The shared Azurite's account (making it installs the TLS crypto provider).
 pub fn account() -> StorageAccount {
-    durable_scaler::telemetry::install_crypto_provider();
     StorageAccount::from_connection_string(&Azurite::shared().connection_string())
         .expect("Azurite's connection string")
 }
