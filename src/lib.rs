@@ -12,11 +12,13 @@
 //! - [`simulate`]: the `simulate` tool that races the scalers on simulated workloads;
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`webhook`]: the admission webhook that injects the sidecar into opted-in pods;
+//! - [`clock`]: the one Unix-milliseconds type; decisions take `now` as a value;
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 
 pub mod aggregator;
 pub mod azurite;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod emulator;
