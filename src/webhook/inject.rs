@@ -139,7 +139,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         "env": [
             task_hub,
             renamed_env(env::CONNECTION, connection),
-            {"name": env::AGGREGATOR, "value": aggregator.as_str()},
+            {"name": env::AGGREGATOR, "value": url_text(&aggregator)},
             {"name": env::POD_NAME, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
             {"name": env::POD_NAMESPACE, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
         ],
@@ -369,6 +369,16 @@ pub fn parse_quantity(raw: &str) -> Option<f64> {
         }
     };
     Some(value * scale).filter(|v| v.is_finite())
+}
+
+/// The URL as written, without the `/` path the parser adds to `http://host:port`.
+fn url_text(url: &url::Url) -> &str {
+    let text = url.as_str();
+    if url.path() == "/" && url.query().is_none() && url.fragment().is_none() {
+        text.strip_suffix('/').unwrap_or(text)
+    } else {
+        text
+    }
 }
 
 /// Appends `item` to the array `parent_path/key`, creating the array first when absent.
@@ -628,12 +638,12 @@ mod tests {
     fn aggregator_annotation_overrides_the_flag_when_it_is_a_url() {
         let pod = pod(json!({AGGREGATOR_ANNOTATION: "http://agg.example:4371"}), storage_env());
         let out = applied(&pod, &plan(&pod, &settings()));
-        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "http://agg.example:4371/");
+        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "http://agg.example:4371");
         let pod = pod_with_bad_aggregator();
         let injection = plan(&pod, &settings());
         assert_eq!(
             sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_AGGREGATOR")["value"],
-            settings().aggregator.as_str()
+            url_text(&settings().aggregator)
         );
     }
 
@@ -643,7 +653,7 @@ mod tests {
         let with_ca = InjectionSettings { aggregator_ca: Some(ca.to_owned()), ..settings() };
         let https = pod(json!({AGGREGATOR_ANNOTATION: "https://agg.example:4371"}), storage_env());
         let out = applied(&https, &plan(&https, &with_ca));
-        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "https://agg.example:4371/");
+        assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR")["value"], "https://agg.example:4371");
         assert_eq!(sidecar_env(&out, "DURABLE_SCALER_AGGREGATOR_CA")["value"], ca);
 
         // An http aggregator gets no CA: the sidecar would refuse one it cannot use.
