@@ -46,11 +46,13 @@ pub(crate) async fn aggregator(mut args: AggregatorArgs) -> ExitCode {
 /// names the flag to pass instead.
 fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<ReportAuth, String> {
     match (requested, kube_available) {
-        (ReportAuth::Tokenreview, false) => Err("DURABLE_SCALER_REPORT_AUTH / --report-auth tokenreview needs \
+        (ReportAuth::Tokenreview, false) => {
+            Err("DURABLE_SCALER_REPORT_AUTH / --report-auth tokenreview needs \
              the Kubernetes API, but no Kubernetes configuration was found (no KUBECONFIG, no \
              ~/.kube/config, not running in a pod with a service account); run inside the cluster, \
              point KUBECONFIG at one, or pass `--report-auth none` to accept unauthenticated reports"
-            .to_owned()),
+                .to_owned())
+        }
         (mode, _) => Ok(mode),
     }
 }
@@ -79,7 +81,8 @@ fn with_kubernetes(args: aggregator::Args, kube: Option<KubeContext>) -> Result<
         a.register(registry);
     }
     let recorder: Arc<dyn RecommendationRecorder> = events;
-    let hook: ChangeHook = Arc::new(move |scaled_object, change| recorder.recommendation_changed(scaled_object, change));
+    let hook: ChangeHook =
+        Arc::new(move |scaled_object, change| recorder.recommendation_changed(scaled_object, change));
     Ok(aggregator.on_recommendation_change(hook))
 }
 

@@ -68,7 +68,8 @@ impl Prober {
                     // The settings hold a name `HubSettings::from_metadata` checked with the
                     // same rule, so `parse` only fails on a hub no KEDA call named.
                     let hub = TaskHub::parse(&task_hub).map_err(|e| e.to_string());
-                    let account = StorageAccount::from_connection_string(&wanted.0).map_err(|e| e.to_string());
+                    let account =
+                        StorageAccount::from_connection_string(&wanted.0).map_err(|e| e.to_string());
                     reader = match hub.and_then(|hub| account.map(|account| (hub, account))) {
                         Ok((hub, account)) => {
                             let r = TaskHubReader::new(&account, hub, mode, self.options);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::proto::report::{self, report_service_server::ReportService};
 use crate::contract::{MAX_PARTITIONS, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub};
+use crate::proto::report::{self, report_service_server::ReportService};
 use crate::storage::QueueSignals;
 
 use super::hub::{HubKey, ValidReport};

@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 
+use crate::contract::TaskHub;
 use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
 use crate::heuristic::target::TargetSettings;
-use crate::contract::TaskHub;
 use crate::storage::PartitionMode;
 
 /// Which heuristic turns a hub's signals into a worker count.

@@ -13,15 +13,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::metrics::{OutcomeCounter, outcome_labels};
+use super::{SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND, scaled_objects};
+use crate::aggregator::sources::{RecommendationChange, RecommendationRecorder, ScaledObjectKey};
+use crate::clock::UnixMs;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use prometheus_client::registry::Registry;
-use super::metrics::{OutcomeCounter, outcome_labels};
-use super::{SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND, scaled_objects};
-use crate::aggregator::sources::{RecommendationChange, RecommendationRecorder, ScaledObjectKey};
-use crate::clock::UnixMs;
 
 /// The controller name recorded on every Event.
 const REPORTING_CONTROLLER: &str = "durable-scaler.io/aggregator";
@@ -321,7 +321,12 @@ mod tests {
     const T0: UnixMs = UnixMs(1_700_000_000_000);
 
     fn change(previous: u32, desired_workers: u32) -> RecommendationChange {
-        RecommendationChange { previous: Some(previous), desired_workers, workers: previous, reason: "r".into() }
+        RecommendationChange {
+            previous: Some(previous),
+            desired_workers,
+            workers: previous,
+            reason: "r".into(),
+        }
     }
 
     #[test]

@@ -104,7 +104,11 @@ impl TokenReviewAuthenticator {
 
     /// Checks `token` as [`ReportAuthenticator::authenticate`] does, at `now`: a cached answer
     /// is trusted only while `now` is before the token's expiry and the cache's maximum age.
-    pub async fn authenticate_at(&self, token: Option<&str>, now: UnixMs) -> Result<ReportIdentity, AuthError> {
+    pub async fn authenticate_at(
+        &self,
+        token: Option<&str>,
+        now: UnixMs,
+    ) -> Result<ReportIdentity, AuthError> {
         let Some(token) = token.filter(|token| !token.is_empty()) else {
             self.outcomes.inc(Outcome::MissingToken);
             return Err(AuthError::Unauthenticated(
@@ -255,10 +259,7 @@ mod tests {
 
     #[test]
     fn jwt_expiry_reads_the_exp_claim() {
-        assert_eq!(
-            jwt_expiry(&jwt(r#"{"exp":1700000000}"#)),
-            Some(UnixMs(1_700_000_000_000))
-        );
+        assert_eq!(jwt_expiry(&jwt(r#"{"exp":1700000000}"#)), Some(UnixMs(1_700_000_000_000)));
     }
 
     #[test]

@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, ApiResource, DynamicObject};
-use kube::core::{GroupVersion, GroupVersionKind};
-use prometheus_client::registry::Registry;
 use super::metrics::{OutcomeCounter, outcome_labels};
 use super::{Error, scaled_objects};
 use crate::aggregator::sources::{BoxFuture, ScaledObjectKey, WorkerCountSource};
 use crate::clock::UnixMs;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::{GroupVersion, GroupVersionKind};
+use prometheus_client::registry::Registry;
 
 /// The default TTL of a ScaledObject's `scaleTargetRef`, which changes far more rarely than
 /// the replica count.

@@ -9,10 +9,10 @@
 use serde_json::{Map, Value, json};
 
 use crate::contract::{
-    AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV, MEMORY_LIMIT_ANNOTATION,
-    MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, SIDECAR_UID,
-    STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TOKEN_VOLUME,
-    TaskHub, env,
+    AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV,
+    MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER,
+    SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
+    TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
 };
 // Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
 // contract module is their home.
@@ -225,9 +225,9 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
 /// True when a container named [`SIDECAR_CONTAINER`] is in `containers` or `initContainers`.
 fn has_sidecar(spec: &Map<String, Value>) -> bool {
     ["containers", "initContainers"].iter().any(|list| {
-        spec.get(*list)
-            .and_then(Value::as_array)
-            .is_some_and(|cs| cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER)))
+        spec.get(*list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
+        })
     })
 }
 
@@ -276,9 +276,9 @@ fn task_hub_env(annotation: Option<&str>, app: &Value, warnings: &mut Vec<String
         // The sidecar parses the same rule and would exit at start on a name it refuses.
         match TaskHub::parse(hub) {
             Ok(hub) => return json!({"name": NAME, "value": hub.name()}),
-            Err(e) => warnings.push(format!(
-                "durable-scaler: annotation {TASK_HUB_ANNOTATION}: {e}; ignored"
-            )),
+            Err(e) => {
+                warnings.push(format!("durable-scaler: annotation {TASK_HUB_ANNOTATION}: {e}; ignored"))
+            }
         }
     }
     if let Some(entry) = env_entry(app, HUB_NAME_ENV) {

@@ -48,7 +48,8 @@ pub const DEFAULT_AGGREGATOR: &str = crate::contract::DEFAULT_AGGREGATOR_URL;
 /// [`crate::contract::WEBHOOK_PORT`] (checked by a test).
 pub const DEFAULT_ADDR: &str = "0.0.0.0:8443";
 /// The certificate reload intervals accepted.
-const TLS_RELOAD_RANGE: std::ops::RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(3600);
+const TLS_RELOAD_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 /// Largest AdmissionReview accepted; the API server's own request limit is larger, but a
 /// pod is far smaller than this.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;

@@ -223,7 +223,8 @@ async fn reports_over_tls_are_accepted_only_by_a_sidecar_that_trusts_the_aggrega
     let https = format!("https://localhost:{}", report_addr.port());
     let client = |url: &str, ca: Option<&Ca>| {
         let pem = ca.map(Ca::pem);
-        ReportClient::new(&url.parse().expect("a URL"), pem.as_deref().map(str::as_bytes), no_token.clone()).expect("a valid client")
+        ReportClient::new(&url.parse().expect("a URL"), pem.as_deref().map(str::as_bytes), no_token.clone())
+            .expect("a valid client")
     };
 
     client(&https, Some(&ca))

@@ -17,7 +17,9 @@ use durable_scaler::aggregator::sources::{
     ScaledObjectKey, WorkerCountSource, authorize,
 };
 use durable_scaler::clock::UnixMs;
-use durable_scaler::kubernetes::{EventRecorder, KubeArgs, KubeContext, KubeWorkerCount, TokenReviewAuthenticator};
+use durable_scaler::kubernetes::{
+    EventRecorder, KubeArgs, KubeContext, KubeWorkerCount, TokenReviewAuthenticator,
+};
 use durable_scaler::proto::report::PodRef;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
@@ -584,7 +586,8 @@ async fn a_cached_token_is_checked_again_once_past_its_expiry() {
     // authenticator is asked as if that time had passed.
     let exp = unix_now() + 600;
     let token = api.issue_token(pod_token("apps", "p", "durable-scaler", exp));
-    let authenticator = TokenReviewAuthenticator::new(api.client()).with_cache_max_age(Duration::from_secs(3600));
+    let authenticator =
+        TokenReviewAuthenticator::new(api.client()).with_cache_max_age(Duration::from_secs(3600));
     let expiry = UnixMs(i64::try_from(exp).unwrap() * 1000);
 
     authenticator.authenticate_at(Some(&token), expiry.plus_ms(-60_000)).await.unwrap();

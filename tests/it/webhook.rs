@@ -378,10 +378,14 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
     };
     let error = Webhook::bind(&args).await.unwrap_err().to_string();
     assert!(error.contains("--tls-cert") && error.contains("/nonexistent/tls.crt"), "{error}");
-    let parse_error = durable_scaler::cli::Cli::try_parse_from(["durable-scaler", "webhook", "--aggregator", "agg:4371"])
-        .unwrap_err()
-        .to_string();
-    assert!(parse_error.contains("--aggregator") && parse_error.contains("not an http(s) URL"), "{parse_error}");
+    let parse_error =
+        durable_scaler::cli::Cli::try_parse_from(["durable-scaler", "webhook", "--aggregator", "agg:4371"])
+            .unwrap_err()
+            .to_string();
+    assert!(
+        parse_error.contains("--aggregator") && parse_error.contains("not an http(s) URL"),
+        "{parse_error}"
+    );
     let error = Webhook::bind(&Args { aggregator: "https://agg:4371".parse().unwrap(), ..args.clone() })
         .await
         .unwrap_err()
@@ -429,14 +433,24 @@ async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
         ("--aggregator-ca", "DURABLE_SCALER_AGGREGATOR_CA"),
     ] {
         // `--flag=value`: the inline PEM starts with dashes.
-        command_line.push(format!("{flag}={}", value(variable).unwrap_or_else(|| panic!("{variable} injected"))));
+        command_line
+            .push(format!("{flag}={}", value(variable).unwrap_or_else(|| panic!("{variable} injected"))));
     }
     command_line.extend(
-        ["--connection", "UseDevelopmentStorage=true", "--pod-name", "orders-7d9f-x2", "--pod-namespace", "apps"]
-            .map(str::to_owned),
+        [
+            "--connection",
+            "UseDevelopmentStorage=true",
+            "--pod-name",
+            "orders-7d9f-x2",
+            "--pod-namespace",
+            "apps",
+        ]
+        .map(str::to_owned),
     );
-    let parsed = durable_scaler::cli::Cli::try_parse_from(&command_line).expect("the sidecar parses what was injected");
+    let parsed = durable_scaler::cli::Cli::try_parse_from(&command_line)
+        .expect("the sidecar parses what was injected");
     let durable_scaler::cli::Command::Sidecar(args) = parsed.command else { panic!("not the sidecar") };
-    let sidecar = durable_scaler::sidecar::Config::from_args(args).expect("the sidecar accepts what the webhook injected");
+    let sidecar = durable_scaler::sidecar::Config::from_args(args)
+        .expect("the sidecar accepts what the webhook injected");
     assert_eq!(sidecar.aggregator_ca.as_deref(), Some(aggregator.ca_pem.trim().as_bytes()));
 }
