@@ -93,9 +93,9 @@ async fn main() {
         tls_cert: volume.cert(),
         tls_key: volume.key(),
         tls13_only: false,
-        tls_reload_seconds: 5,
+        tls_reload_interval: std::time::Duration::from_secs(5),
         sidecar_image: "ghcr.io/durable-scaler/durable-scaler:bench".to_owned(),
-        aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+        aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().expect("a URL"),
         sidecar_aggregator_ca: None,
         native_sidecar: true,
     };

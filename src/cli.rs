@@ -1,4 +1,8 @@
-//! The `durable-scaler` command line: one binary, one subcommand per role.
+//! The `durable-scaler` command line: one binary, one subcommand per role, and the one
+//! start-up path (telemetry, runtime, exit status) every role runs through.
+
+use std::future::Future;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -38,7 +42,7 @@ pub enum Command {
     /// Merge sidecar reports per task hub, probe what they miss, and serve KEDA's external
     /// scaler API (KEDA port), the sidecars' report API (report port) and /healthz, /readyz,
     /// /metrics (HTTP port).
-    Aggregator(crate::aggregator::Args),
+    Aggregator(crate::app::AggregatorArgs),
     // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
     // knobs would make every other variant as large.
     Simulate(Box<crate::simulate::Args>),
@@ -46,15 +50,43 @@ pub enum Command {
     Webhook(crate::webhook::Args),
 }
 
+/// The Tokio runtime a role runs on.
+#[derive(Debug, Clone, Copy)]
+enum Runtime {
+    /// One thread: the sidecar, which every pod of an app carries, so memory matters more
+    /// than parallelism.
+    CurrentThread,
+    /// A worker per core: the servers and the demo.
+    MultiThread,
+}
+
 /// Parses the command line and runs the chosen role.
-pub fn run() -> std::process::ExitCode {
+pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
-        Command::Sidecar(args) => crate::sidecar::run_cli(args),
-        Command::Demo(args) => crate::demo::run_cli(args),
-        Command::Aggregator(args) => crate::aggregator::run(args),
         Command::Simulate(args) => crate::simulate::run(&args),
-        Command::Webhook(args) => crate::webhook::run(args),
+        Command::Sidecar(args) => start("sidecar", Runtime::CurrentThread, crate::sidecar::run(args)),
+        Command::Demo(args) => start("demo", Runtime::MultiThread, crate::demo::run_cli(args)),
+        Command::Aggregator(args) => start("aggregator", Runtime::MultiThread, crate::app::aggregator(args)),
+        Command::Webhook(args) => start("webhook", Runtime::MultiThread, crate::webhook::run(args)),
+    }
+}
+
+/// Starts telemetry and the TLS crypto provider, then runs `role` to its exit status on a
+/// fresh runtime; exit status 1 when the runtime cannot start.
+fn start(role: &str, runtime: Runtime, role_main: impl Future<Output = ExitCode>) -> ExitCode {
+    crate::telemetry::init();
+    crate::telemetry::install_crypto_provider();
+    let built = match runtime {
+        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    match built {
+        Ok(runtime) => runtime.block_on(role_main),
+        Err(e) => {
+            eprintln!("durable-scaler {role}: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -27,6 +27,34 @@ pub fn http_url(text: &str) -> Option<url::Url> {
     url::Url::parse(text).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
 }
 
+/// Clap value parser: an http(s) URL with a host.
+pub fn parse_http_url(text: &str) -> Result<url::Url, String> {
+    http_url(text.trim()).ok_or_else(|| format!("`{text}` is not an http(s) URL like http://host:4371"))
+}
+
+/// A duration through [`parse_duration`], refused outside `range`.
+pub fn parse_duration_within(
+    text: &str,
+    range: &std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if range.contains(&duration) {
+        Ok(duration)
+    } else {
+        Err(format!("`{text}` must be between {:?} and {:?}", range.start(), range.end()))
+    }
+}
+
+/// Wraps a clap value parser so its message starts with the environment variable the value
+/// may have come from: clap itself names only the flag, and in a pod the value comes from
+/// the environment.
+pub fn naming<T, E: std::fmt::Display>(
+    variable: &'static str,
+    parse: impl Fn(&str) -> Result<T, E> + Clone + Send + Sync + 'static,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |text| parse(text).map_err(|e| format!("{variable}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +66,20 @@ mod tests {
         for bad in ["agg:4371", "ftp://agg", "http://", "unix:/tmp/s", ""] {
             assert!(http_url(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn bounded_durations_say_the_bounds() {
+        let range = Duration::from_millis(100)..=Duration::from_secs(600);
+        assert_eq!(parse_duration_within("5s", &range), Ok(Duration::from_secs(5)));
+        assert!(parse_duration_within("0s", &range).unwrap_err().contains("between 100ms and 600s"));
+    }
+
+    #[test]
+    fn named_parsers_prefix_the_variable() {
+        let parse = naming("DURABLE_SCALER_INTERVAL", parse_duration);
+        assert!(parse("soon").unwrap_err().starts_with("DURABLE_SCALER_INTERVAL: "));
+        assert_eq!(parse("1s"), Ok(Duration::from_secs(1)));
     }
 
     #[test]

@@ -12,14 +12,19 @@
 //! - [`simulate`]: the `simulate` tool that races the scalers on simulated workloads;
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`webhook`]: the admission webhook that injects the sidecar into opted-in pods;
+//! - [`contract`]: the names, ports, limits and task hub rule the roles and manifests share;
 //! - [`clock`]: the one Unix-milliseconds type; decisions take `now` as a value;
+//! - [`cli`], [`app`]: the command line and the composition root, the only places that
+//!   know every role (no role imports another);
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 
 pub mod aggregator;
+pub mod app;
 pub mod azurite;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod contract;
 pub mod demo;
 pub mod emulator;
 pub mod heuristic;

@@ -27,8 +27,7 @@ use crate::heuristic::{
     target::{self, TargetSettings},
 };
 
-/// Highest partition count DurableTask supports.
-pub const MAX_PARTITIONS: u32 = 16;
+use crate::contract::MAX_PARTITIONS;
 
 /// Which heuristic to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

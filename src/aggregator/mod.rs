@@ -11,9 +11,9 @@
 //! - [`sources`]: worker counts and report authentication from outside (Kubernetes).
 //!
 //! [`Aggregator::new`] takes the two outside sources (and [`Aggregator::on_recommendation_change`]
-//! a hook for Events), so other implementations plug in without changes here; [`run`] is the
-//! `durable-scaler aggregator` command, which plugs in the Kubernetes ones when it finds a
-//! Kubernetes configuration.
+//! a hook for Events), defined as traits in [`sources`]; this module never names their
+//! implementations. The composition root (`crate::app`) plugs in the Kubernetes ones when it
+//! finds a Kubernetes configuration, and [`run`] serves until the shutdown signal.
 
 pub mod hub;
 pub mod keda;
@@ -44,7 +44,7 @@ use crate::proto::report::report_service_server::ReportServiceServer;
 use crate::shutdown::Shutdown;
 use crate::storage::StorageOptions;
 
-use crate::kubernetes::{KubeArgs, KubeContext, ReportAuth as KubeReportAuth};
+use crate::contract::{AGGREGATOR_HTTP_PORT, AGGREGATOR_KEDA_PORT, AGGREGATOR_REPORT_PORT, env};
 pub use registry::ChangeHook;
 pub use reports::ReportCheck;
 use sources::WorkerCountSource;
@@ -60,19 +60,19 @@ const WORKER_COUNT_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Address of the KEDA port: externalscaler.ExternalScaler, grpc.health.v1, reflection.
-    #[arg(long, env = "DURABLE_SCALER_GRPC_ADDR", default_value = "0.0.0.0:4370")]
+    #[arg(long, env = "DURABLE_SCALER_GRPC_ADDR", default_value_t = any_address(AGGREGATOR_KEDA_PORT))]
     pub grpc_addr: SocketAddr,
     /// Address of the report port the sidecars send to.
-    #[arg(long, env = "DURABLE_SCALER_REPORT_ADDR", default_value = "0.0.0.0:4371")]
+    #[arg(long, env = "DURABLE_SCALER_REPORT_ADDR", default_value_t = any_address(AGGREGATOR_REPORT_PORT))]
     pub report_addr: SocketAddr,
     /// Address of the HTTP port: /healthz, /readyz, /metrics.
-    #[arg(long, env = "DURABLE_SCALER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = env::HTTP_ADDR, default_value_t = any_address(AGGREGATOR_HTTP_PORT))]
     pub http_addr: SocketAddr,
     /// How sidecar reports are authenticated: `tokenreview` (Kubernetes TokenReview of the
     /// sidecar's projected token; needs a Kubernetes configuration) or `none` (accept every
     /// report, with a warning at start).
     #[arg(long, env = "DURABLE_SCALER_REPORT_AUTH", value_enum, default_value = "tokenreview")]
-    pub report_auth: KubeReportAuth,
+    pub report_auth: ReportAuth,
     /// PEM certificate chain: turns on TLS on the KEDA port (reloaded when the file changes).
     #[arg(long, env = "DURABLE_SCALER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -98,9 +98,23 @@ pub struct Args {
     /// (a visible message, a moving count); after that they count as sleeping durable timers.
     #[arg(long, env = "DURABLE_SCALER_WORK_GRACE", default_value = "5m", value_parser = crate::config::parse_duration)]
     pub work_grace: Duration,
-    /// The Kubernetes side: worker counts, report tokens, Events.
-    #[command(flatten)]
-    pub kube: KubeArgs,
+}
+
+/// How the aggregator authenticates sidecar reports (`--report-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReportAuth {
+    /// Check each report's bearer token (the sidecar's projected service-account token,
+    /// audience `durable-scaler`) with a [`sources::ReportAuthenticator`] and accept reports
+    /// only for the pod the token names.
+    #[default]
+    Tokenreview,
+    /// Accept every report unauthenticated (for runs outside a cluster).
+    None,
+}
+
+/// `0.0.0.0:port`.
+fn any_address(port: u16) -> SocketAddr {
+    SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
 }
 
 impl Args {
@@ -112,7 +126,7 @@ impl Args {
             grpc_addr: any,
             report_addr: any,
             http_addr: any,
-            report_auth: KubeReportAuth::None,
+            report_auth: ReportAuth::None,
             tls_cert: None,
             tls_key: None,
             client_ca: None,
@@ -120,7 +134,6 @@ impl Args {
             probe_interval: Duration::from_secs(2),
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
-            kube: KubeArgs::default(),
         }
     }
 }
@@ -448,77 +461,21 @@ async fn serve_http(
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
 }
 
-/// `durable-scaler aggregator`: runs until SIGTERM. Exit status 2 on a configuration error.
-pub fn run(args: Args) -> std::process::ExitCode {
-    crate::telemetry::init();
-    crate::telemetry::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// Starts `aggregator` and serves until `shutdown`: exit status 2 when it cannot start (a
+/// port, the TLS files), 1 when a server fails.
+pub async fn run(aggregator: Aggregator, shutdown: Shutdown) -> std::process::ExitCode {
+    let running = match aggregator.start(shutdown).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            tracing::error!("{e}");
+            return std::process::ExitCode::from(2);
         }
     };
-    runtime.block_on(async move {
-        let shutdown = Shutdown::on_signal();
-        let aggregator = match with_kubernetes(args).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!("{e}");
-                return std::process::ExitCode::from(2);
-            }
-        };
-        let running = match aggregator.start(shutdown).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("{e}");
-                return std::process::ExitCode::from(2);
-            }
-        };
-        match running.wait().await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                std::process::ExitCode::FAILURE
-            }
+    match running.wait().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
         }
-    })
-}
-
-/// The aggregator with its Kubernetes side when a Kubernetes configuration is found: worker
-/// counts from the scale targets, TokenReview for reports (`--report-auth tokenreview`),
-/// Events on recommendation changes. Without one: the live reporting pods, and
-/// `--report-auth none` is required.
-async fn with_kubernetes(args: Args) -> Result<Aggregator, AggregatorError> {
-    let kube = KubeContext::try_default(args.kube.clone()).await;
-    let mode = crate::kubernetes::check_report_auth(args.report_auth, kube.is_some())
-        .map_err(|e| AggregatorError::Config(format!("DURABLE_SCALER_REPORT_AUTH / --report-auth: {e}")))?;
-    let Some(kube) = kube else {
-        return Ok(Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(sources::LiveReportingPods)));
-    };
-    let workers = Arc::new(kube.worker_count());
-    let events = kube.event_recorder();
-    let authenticator = (mode == KubeReportAuth::Tokenreview).then(|| Arc::new(kube.authenticator()));
-    let check = match &authenticator {
-        Some(a) => ReportCheck::Token(a.clone()),
-        None => ReportCheck::AcceptAny,
-    };
-    let mut aggregator = Aggregator::new(args, check, workers.clone());
-    let registry = aggregator.metrics_registry();
-    workers.register(registry);
-    events.register(registry);
-    if let Some(a) = &authenticator {
-        a.register(registry);
     }
-    let hook: ChangeHook = Arc::new(move |scaled_object, change| {
-        events.recommendation_changed(
-            scaled_object,
-            crate::kubernetes::RecommendationChange {
-                previous: change.previous,
-                workers: change.desired_workers,
-                reason: change.reason.clone(),
-            },
-        );
-    });
-    Ok(aggregator.on_recommendation_change(hook))
 }

@@ -65,9 +65,14 @@ impl Prober {
             if let Some(connection) = connection {
                 let wanted = (connection, mode);
                 if reader.as_ref().is_none_or(|(have, _)| *have != wanted) {
-                    reader = match StorageAccount::from_connection_string(&wanted.0) {
-                        Ok(account) => {
-                            let r = TaskHubReader::new(&account, TaskHub::new(task_hub), mode, self.options);
+                    // The settings hold a name `HubSettings::from_metadata` checked with the
+                    // same rule, so `parse` only fails on a hub no KEDA call named.
+                    let hub = TaskHub::parse(&task_hub).map_err(|e| e.to_string());
+                    let account =
+                        StorageAccount::from_connection_string(&wanted.0).map_err(|e| e.to_string());
+                    reader = match hub.and_then(|hub| account.map(|account| (hub, account))) {
+                        Ok((hub, account)) => {
+                            let r = TaskHubReader::new(&account, hub, mode, self.options);
                             Some((wanted, r))
                         }
                         Err(e) => {

@@ -6,15 +6,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::contract::{MAX_PARTITIONS, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub};
 use crate::proto::report::{self, report_service_server::ReportService};
-use crate::recommend::MAX_PARTITIONS;
-use crate::sidecar::config::INTERVAL_RANGE;
 use crate::storage::QueueSignals;
 
 use super::hub::{HubKey, ValidReport};
 use super::metrics::Metrics;
 use super::registry::{Registry, now_unix_ms};
-use super::settings::is_valid_task_hub_name;
 use super::sources::{AuthError, ReportAuthenticator};
 
 /// How far in the future a report's timestamps may be (clock skew between nodes).
@@ -93,7 +91,7 @@ pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidRe
     if pod.name.is_empty() || pod.namespace.is_empty() {
         return Err(Rejection::new("missing_field", "pod.namespace and pod.name are required".into()));
     }
-    if !is_valid_task_hub_name(&report.task_hub) {
+    if TaskHub::parse(&report.task_hub).is_err() {
         return Err(Rejection::new(
             "unknown_hub_shape",
             format!(
@@ -187,7 +185,7 @@ impl Reports {
         let identity = authenticator.authenticate(token).await.map_err(rejection)?;
         // A pod may only report for itself.
         let pod = request.get_ref().pod.clone().unwrap_or_default();
-        crate::kubernetes::authorize(&identity, &pod).map_err(rejection)?;
+        super::sources::authorize(&identity, &pod).map_err(rejection)?;
         Ok(())
     }
 
@@ -195,7 +193,7 @@ impl Reports {
         // Labelled with the hub the report claims only when its sender passed authentication
         // and the name is a task hub name: otherwise anyone could mint new series at will.
         let trusted = !matches!(rejection.reason, "unauthenticated" | "permission_denied")
-            && is_valid_task_hub_name(&report.task_hub);
+            && TaskHub::parse(&report.task_hub).is_ok();
         let (ns, hub) = match (&report.pod, trusted) {
             (Some(pod), true) if !pod.namespace.is_empty() && pod.namespace.len() <= 63 => {
                 (pod.namespace.clone(), report.task_hub.clone())

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use crate::contract::TaskHub;
 use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
 use crate::heuristic::target::TargetSettings;
@@ -56,14 +57,6 @@ pub struct MetadataError {
     pub got: String,
 }
 
-/// Task hub names: 3 to 50 ASCII letters or digits, starting with a letter, as DurableTask
-/// checks them (durabletask-facts.md).
-pub fn is_valid_task_hub_name(name: &str) -> bool {
-    (3..=50).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric())
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-}
-
 impl HubSettings {
     /// The defaults for a hub only sidecars have told about (no KEDA call yet).
     pub fn defaults(task_hub: &str) -> Self {
@@ -82,7 +75,8 @@ impl HubSettings {
     pub fn from_metadata(metadata: &HashMap<String, String>) -> Result<Self, MetadataError> {
         let get = |key: &str| metadata.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
         let task_hub = match get("taskHubName") {
-            Some(name) if is_valid_task_hub_name(name) => name.to_string(),
+            // The one rule (crate::contract::TaskHub); the hub is kept by name here.
+            Some(name) if TaskHub::parse(name).is_ok() => name.to_string(),
             other => {
                 return Err(MetadataError {
                     key: "taskHubName",

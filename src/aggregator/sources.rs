@@ -1,10 +1,16 @@
-//! The two things the aggregator may learn from outside storage and the reports: how many
-//! workers a hub's scale target runs, and who a report's bearer token belongs to. Each has a
-//! Kubernetes implementation (issue #5) and a stand-alone one (live reporting pods; no
-//! authentication).
+//! What the aggregator needs from outside storage and the reports, as traits it owns: how
+//! many workers a hub's scale target runs ([`WorkerCountSource`]), who a report's bearer
+//! token belongs to ([`ReportAuthenticator`]), and where a recommendation change is recorded
+//! ([`RecommendationRecorder`]). `crate::kubernetes` implements them against the API
+//! server and depends on this module, never the reverse; the composition root
+//! (`crate::app`) plugs them in. The stand-alone worker count ([`LiveReportingPods`]) lives
+//! here.
 
 use std::future::Future;
 use std::pin::Pin;
+
+pub use super::hub::RecommendationChange;
+use crate::proto::report::PodRef;
 
 /// A boxed future, so the traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -64,5 +70,46 @@ pub struct LiveReportingPods;
 impl WorkerCountSource for LiveReportingPods {
     fn worker_count<'a>(&'a self, _scaled_object: &'a ScaledObjectKey) -> BoxFuture<'a, Option<u32>> {
         Box::pin(async { None })
+    }
+}
+
+/// Records a hub's recommendation changes somewhere people look (Kubernetes Events on the
+/// ScaledObject). Called synchronously on the sampling path: implementations must not block
+/// and never fail (they log and count instead).
+pub trait RecommendationRecorder: Send + Sync + 'static {
+    /// `scaled_object`'s hub now recommends `change.desired_workers`.
+    fn recommendation_changed(&self, scaled_object: &ScaledObjectKey, change: &RecommendationChange);
+}
+
+/// Checks that a report from `identity` speaks for `report_pod`: a pod may only report for
+/// itself (PERMISSION_DENIED otherwise).
+pub fn authorize(identity: &ReportIdentity, report_pod: &PodRef) -> Result<(), AuthError> {
+    if identity.namespace == report_pod.namespace && identity.pod_name == report_pod.name {
+        Ok(())
+    } else {
+        Err(AuthError::PermissionDenied(format!(
+            "the token belongs to pod {}/{} but the report is for pod {}/{}",
+            identity.namespace, identity.pod_name, report_pod.namespace, report_pod.name
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorize_accepts_only_the_pod_the_token_names() {
+        let identity = ReportIdentity { namespace: "apps".into(), pod_name: "worker-1".into() };
+        let pod = |namespace: &str, name: &str| PodRef { namespace: namespace.into(), name: name.into() };
+        assert_eq!(authorize(&identity, &pod("apps", "worker-1")), Ok(()));
+        assert!(matches!(
+            authorize(&identity, &pod("other", "worker-1")),
+            Err(AuthError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            authorize(&identity, &pod("apps", "worker-2")),
+            Err(AuthError::PermissionDenied(_))
+        ));
     }
 }

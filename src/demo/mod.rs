@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     azurite::Azurite,
+    contract::{MAX_PARTITIONS, env},
     heuristic::hpa::ReplicaBounds,
     shutdown::Shutdown,
     storage::{PartitionMode, QueueRef, StorageAccount, StorageOptions, TaskHub, TaskHubReader},
@@ -36,7 +37,7 @@ pub struct Args {
     #[arg(long, env = "DURABLE_SCALER_DEMO_DURATION", default_value = "120s", value_parser = crate::config::parse_duration)]
     pub duration: Duration,
     /// Partitions (control queues) of the demo task hub, 1..16.
-    #[arg(long, env = "DURABLE_SCALER_DEMO_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, env = "DURABLE_SCALER_DEMO_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PARTITIONS)))]
     pub partitions: u32,
     /// Orchestrations started by each burst.
     #[arg(long, default_value_t = 24)]
@@ -61,19 +62,11 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Runs `durable-scaler demo` from the command line: progress on stdout, logs on stderr.
-pub fn run_cli(args: Args) -> std::process::ExitCode {
-    crate::telemetry::init();
-    crate::telemetry::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("durable-scaler demo: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
+/// Runs `durable-scaler demo` from the command line (the caller provides the runtime):
+/// progress on stdout, logs on stderr.
+pub async fn run_cli(args: Args) -> std::process::ExitCode {
     let json = args.json;
-    match runtime.block_on(run(args)) {
+    match run(args).await {
         Ok(summary) => {
             if json {
                 println!("{}", serde_json::to_string(&summary).unwrap_or_default());
@@ -275,11 +268,11 @@ impl PodFleet {
                 ])
                 .collect();
             let env = [
-                ("DURABLE_SCALER_TASK_HUB", self.hub.clone()),
-                ("DURABLE_SCALER_CONNECTION", self.connection.clone()),
-                ("DURABLE_SCALER_AGGREGATOR", self.report_endpoint.clone()),
-                ("POD_NAME", name.clone()),
-                ("POD_NAMESPACE", NAMESPACE.to_string()),
+                (env::TASK_HUB, self.hub.clone()),
+                (env::CONNECTION, self.connection.clone()),
+                (env::AGGREGATOR, self.report_endpoint.clone()),
+                (env::POD_NAME, name.clone()),
+                (env::POD_NAMESPACE, NAMESPACE.to_string()),
             ];
             let sidecar = ChildProcess::spawn(
                 &format!("{name}-sidecar"),

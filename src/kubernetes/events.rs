@@ -5,21 +5,23 @@
 //! interval are folded: the latest wins and is recorded when the interval ends, its note
 //! saying how many changes it stands for, so a flapping hub cannot flood the API server.
 //! Failures are logged and counted, never returned: Events are a courtesy, not a duty.
+//!
+//! The rate limit is a plain value ([`Limiter`]) that decides on the `now` it is given, so
+//! its rules are unit-tested without waiting; only the recorder's entry point reads the clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::metrics::{OutcomeCounter, outcome_labels};
+use super::{SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND, scaled_objects};
+use crate::aggregator::sources::{RecommendationChange, RecommendationRecorder, ScaledObjectKey};
+use crate::clock::UnixMs;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use prometheus_client::registry::Registry;
-use tokio::time::Instant;
-
-use super::metrics::{OutcomeCounter, outcome_labels};
-use super::{SCALED_OBJECT_API_VERSION, SCALED_OBJECT_KIND, scaled_objects};
-use crate::aggregator::sources::ScaledObjectKey;
 
 /// The controller name recorded on every Event.
 const REPORTING_CONTROLLER: &str = "durable-scaler.io/aggregator";
@@ -31,17 +33,6 @@ const ACTION: &str = "Scale";
 const MAX_NOTE_BYTES: usize = 1024;
 /// Beyond this many ScaledObjects remembered, quiet ones are forgotten.
 const MAX_ENTRIES: usize = 10_000;
-
-/// A hub's new recommendation, as the aggregator logs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecommendationChange {
-    /// The previous desired worker count, when there was one.
-    pub previous: Option<u32>,
-    /// The new desired worker count.
-    pub workers: u32,
-    /// The heuristic's reason, in words.
-    pub reason: String,
-}
 
 /// What recording one change ended in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,11 +52,72 @@ outcome_labels!(Outcome { Created => "created", Suppressed => "suppressed", Fail
 #[derive(Debug, Default)]
 struct Limiter {
     /// When the last Event was sent and the worker count it said.
-    last: Option<(Instant, u32)>,
+    last: Option<(UnixMs, u32)>,
     /// The latest change not yet recorded, and how many changes it stands for.
     pending: Option<(RecommendationChange, u32)>,
     /// Whether a task waits to record `pending` at the end of the interval.
     flush_scheduled: bool,
+}
+
+/// What the limiter decided for one change.
+#[derive(Debug, PartialEq)]
+enum Offer {
+    /// Record it now.
+    Record,
+    /// It waits for the end of the interval, at `due`; schedule the flush.
+    Schedule { due: UnixMs },
+    /// It replaced the change waiting for the flush already scheduled.
+    Folded,
+}
+
+/// What the end of an interval records.
+#[derive(Debug, PartialEq)]
+enum Flush {
+    /// This change, standing for this many.
+    Record(RecommendationChange, u32),
+    /// The waiting change repeats what the last Event said.
+    Repeat,
+    /// Nothing waits.
+    Nothing,
+}
+
+impl Limiter {
+    /// Decides what to do with `change` at `now`, at most one Event per `min_interval`.
+    fn offer(&mut self, change: RecommendationChange, now: UnixMs, min_interval: Duration) -> Offer {
+        let quiet = self.last.is_none_or(|(at, _)| now.since(at) >= min_interval);
+        if quiet && !self.flush_scheduled {
+            self.last = Some((now, change.desired_workers));
+            return Offer::Record;
+        }
+        // Inside the interval: the latest change waits for its end; an earlier waiting one is
+        // folded into it.
+        let folded = self.pending.take().map_or(1, |(_, folded)| folded + 1);
+        self.pending = Some((change, folded));
+        if self.flush_scheduled {
+            // A change waits only while its flush is scheduled: this one replaced it.
+            return Offer::Folded;
+        }
+        self.flush_scheduled = true;
+        Offer::Schedule { due: self.last.map_or(now, |(at, _)| at.plus(min_interval)) }
+    }
+
+    /// The end of the interval, at `now`: the waiting change, unless it only repeats what the
+    /// last Event said.
+    fn flush(&mut self, now: UnixMs) -> Flush {
+        self.flush_scheduled = false;
+        let Some((change, folded)) = self.pending.take() else { return Flush::Nothing };
+        if self.last.is_some_and(|(_, workers)| workers == change.desired_workers) {
+            // The hub flapped back to what the last Event already says.
+            return Flush::Repeat;
+        }
+        self.last = Some((now, change.desired_workers));
+        Flush::Record(change, folded)
+    }
+
+    /// Whether this entry may be forgotten at `now` without losing a rate limit.
+    fn idle(&self, now: UnixMs, min_interval: Duration) -> bool {
+        !self.flush_scheduled && self.last.is_none_or(|(at, _)| now.since(at) >= min_interval)
+    }
 }
 
 struct Inner {
@@ -79,7 +131,7 @@ struct Inner {
 /// Records recommendation changes as Events on the ScaledObject; see the module docs.
 /// Cheap to clone. Build it with [`EventRecorder::new`] (or
 /// [`super::KubeContext::event_recorder`]) and call
-/// [`EventRecorder::recommendation_changed`] from inside the Tokio runtime.
+/// [`RecommendationRecorder::recommendation_changed`] from inside the Tokio runtime.
 #[derive(Clone)]
 pub struct EventRecorder {
     inner: Arc<Inner>,
@@ -112,74 +164,66 @@ impl EventRecorder {
         );
     }
 
-    /// Records that `scaled_object`'s recommendation changed. Never blocks and never fails:
-    /// the Event is created in the background, or folded into the next one when the last
-    /// Event on this ScaledObject is younger than the minimum interval.
-    pub fn recommendation_changed(&self, scaled_object: &ScaledObjectKey, change: RecommendationChange) {
+    /// Records that `scaled_object`'s recommendation changed at `now`. Never blocks and never
+    /// fails: the Event is created in the background, or folded into the next one when the
+    /// last Event on this ScaledObject is younger than the minimum interval.
+    pub fn recommendation_changed_at(
+        &self,
+        scaled_object: &ScaledObjectKey,
+        change: &RecommendationChange,
+        now: UnixMs,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("EventRecorder used outside the Tokio runtime; no Event recorded");
             self.inner.outcomes.inc(Outcome::Failed);
             return;
         };
-        let now = Instant::now();
+        let min_interval = self.inner.min_interval;
         let mut limiters = self.inner.limiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if limiters.len() >= MAX_ENTRIES && !limiters.contains_key(scaled_object) {
-            let min_interval = self.inner.min_interval;
-            limiters.retain(|_, limiter| {
-                limiter.flush_scheduled
-                    || limiter.last.is_some_and(|(at, _)| now.duration_since(at) < min_interval)
-            });
+            limiters.retain(|_, limiter| !limiter.idle(now, min_interval));
         }
         let limiter = limiters.entry(scaled_object.clone()).or_default();
-        let quiet = limiter.last.is_none_or(|(at, _)| now.duration_since(at) >= self.inner.min_interval);
-        if quiet && !limiter.flush_scheduled {
-            limiter.last = Some((now, change.workers));
-            let inner = self.inner.clone();
-            let key = scaled_object.clone();
-            runtime.spawn(async move { inner.record(&key, &change, 1).await });
-            return;
-        }
-        // Inside the interval: the latest change waits for its end; an earlier waiting one is
-        // folded into it.
-        let folded = match limiter.pending.take() {
-            Some((_, folded)) => {
-                self.inner.outcomes.inc(Outcome::Suppressed);
-                folded + 1
+        let inner = self.inner.clone();
+        let key = scaled_object.clone();
+        match limiter.offer(change.clone(), now, min_interval) {
+            Offer::Record => {
+                let change = change.clone();
+                runtime.spawn(async move { inner.record(&key, &change, 1).await });
             }
-            None => 1,
-        };
-        limiter.pending = Some((change, folded));
-        if !limiter.flush_scheduled {
-            limiter.flush_scheduled = true;
-            let due = limiter.last.map_or(now, |(at, _)| at + self.inner.min_interval);
-            let inner = self.inner.clone();
-            let key = scaled_object.clone();
-            runtime.spawn(async move {
-                tokio::time::sleep_until(due).await;
-                inner.flush(&key).await;
-            });
+            Offer::Schedule { due } => {
+                let wait = due.since(now);
+                runtime.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    inner.flush(&key, due).await;
+                });
+            }
+            Offer::Folded => self.inner.outcomes.inc(Outcome::Suppressed),
         }
+    }
+}
+
+impl RecommendationRecorder for EventRecorder {
+    fn recommendation_changed(&self, scaled_object: &ScaledObjectKey, change: &RecommendationChange) {
+        self.recommendation_changed_at(scaled_object, change, UnixMs::now());
     }
 }
 
 impl Inner {
     /// Records the change waiting for `key` at the end of its interval, unless it only
     /// repeats what the last Event said.
-    async fn flush(&self, key: &ScaledObjectKey) {
-        let pending = {
+    /// `now` is when the interval ended (the flush was due).
+    async fn flush(&self, key: &ScaledObjectKey, now: UnixMs) {
+        let flushed = {
             let mut limiters = self.limiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let Some(limiter) = limiters.get_mut(key) else { return };
-            limiter.flush_scheduled = false;
-            let Some((change, folded)) = limiter.pending.take() else { return };
-            if limiter.last.is_some_and(|(_, workers)| workers == change.workers) {
-                // The hub flapped back to what the last Event already says.
-                self.outcomes.inc(Outcome::Suppressed);
-                return;
-            }
-            limiter.last = Some((Instant::now(), change.workers));
-            (change, folded)
+            limiter.flush(now)
         };
-        self.record(key, &pending.0, pending.1).await;
+        match flushed {
+            Flush::Record(change, folded) => self.record(key, &change, folded).await,
+            Flush::Repeat => self.outcomes.inc(Outcome::Suppressed),
+            Flush::Nothing => {}
+        }
     }
 
     /// Creates one Event for `change`, which stands for `folded` changes.
@@ -219,8 +263,10 @@ impl Inner {
         uid: Option<String>,
     ) -> Event {
         let mut note = match change.previous {
-            Some(previous) => format!("desired workers {previous} -> {}: {}", change.workers, change.reason),
-            None => format!("desired workers {}: {}", change.workers, change.reason),
+            Some(previous) => {
+                format!("desired workers {previous} -> {}: {}", change.desired_workers, change.reason)
+            }
+            None => format!("desired workers {}: {}", change.desired_workers, change.reason),
         };
         if folded > 1 {
             note = format!(
@@ -270,6 +316,79 @@ fn truncate(text: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(30);
+    const T0: UnixMs = UnixMs(1_700_000_000_000);
+
+    fn change(previous: u32, desired_workers: u32) -> RecommendationChange {
+        RecommendationChange {
+            previous: Some(previous),
+            desired_workers,
+            workers: previous,
+            reason: "r".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_change_is_recorded_at_once() {
+        assert_eq!(Limiter::default().offer(change(1, 2), T0, INTERVAL), Offer::Record);
+    }
+
+    #[test]
+    fn a_change_after_the_interval_is_recorded_at_once() {
+        let mut limiter = Limiter::default();
+        limiter.offer(change(1, 2), T0, INTERVAL);
+        assert_eq!(limiter.offer(change(2, 3), T0.plus(INTERVAL), INTERVAL), Offer::Record);
+    }
+
+    #[test]
+    fn a_change_inside_the_interval_waits_for_its_end() {
+        let mut limiter = Limiter::default();
+        limiter.offer(change(1, 2), T0, INTERVAL);
+        let offered = limiter.offer(change(2, 3), T0.plus_ms(1_000), INTERVAL);
+        assert_eq!(offered, Offer::Schedule { due: T0.plus(INTERVAL) });
+    }
+
+    #[test]
+    fn changes_inside_the_interval_fold_into_the_latest() {
+        let mut limiter = Limiter::default();
+        limiter.offer(change(1, 2), T0, INTERVAL);
+        limiter.offer(change(2, 3), T0.plus_ms(1_000), INTERVAL);
+        assert_eq!(limiter.offer(change(3, 4), T0.plus_ms(2_000), INTERVAL), Offer::Folded);
+        assert_eq!(limiter.offer(change(4, 5), T0.plus_ms(3_000), INTERVAL), Offer::Folded);
+        assert_eq!(limiter.flush(T0.plus(INTERVAL)), Flush::Record(change(4, 5), 3));
+    }
+
+    #[test]
+    fn a_change_back_to_the_recorded_count_records_nothing_at_the_end() {
+        let mut limiter = Limiter::default();
+        limiter.offer(change(1, 2), T0, INTERVAL);
+        limiter.offer(change(2, 3), T0.plus_ms(1_000), INTERVAL);
+        limiter.offer(change(3, 2), T0.plus_ms(2_000), INTERVAL);
+        assert_eq!(limiter.flush(T0.plus(INTERVAL)), Flush::Repeat);
+    }
+
+    #[test]
+    fn a_flush_starts_the_next_interval() {
+        let mut limiter = Limiter::default();
+        limiter.offer(change(1, 2), T0, INTERVAL);
+        limiter.offer(change(2, 3), T0.plus_ms(1_000), INTERVAL);
+        let flushed_at = T0.plus(INTERVAL);
+        limiter.flush(flushed_at);
+        let offered = limiter.offer(change(3, 4), flushed_at.plus_ms(1_000), INTERVAL);
+        assert_eq!(offered, Offer::Schedule { due: flushed_at.plus(INTERVAL) });
+    }
+
+    #[test]
+    fn only_quiet_entries_may_be_forgotten() {
+        let mut limiter = Limiter::default();
+        limiter.offer(change(1, 2), T0, INTERVAL);
+        assert!(!limiter.idle(T0.plus_ms(1_000), INTERVAL));
+        assert!(limiter.idle(T0.plus(INTERVAL), INTERVAL));
+        limiter.offer(change(2, 3), T0.plus(INTERVAL).plus_ms(1), INTERVAL);
+        limiter.offer(change(3, 4), T0.plus(INTERVAL).plus_ms(2), INTERVAL);
+        assert!(!limiter.idle(T0.plus(INTERVAL).plus(INTERVAL).plus(INTERVAL), INTERVAL));
+    }
 
     #[test]
     fn truncate_keeps_whole_characters() {

@@ -2,9 +2,18 @@
 //! target, the TokenReview check of the sidecars' report tokens, and Events on the
 //! ScaledObject when a hub's recommendation changes.
 //!
+//! Each part implements a trait the aggregator defines in `crate::aggregator::sources`
+//! ([`KubeWorkerCount`]: `WorkerCountSource`, [`TokenReviewAuthenticator`]:
+//! `ReportAuthenticator`, [`EventRecorder`]: `RecommendationRecorder`); this module depends
+//! on that trait module and nothing else of the aggregator, and the aggregator does not know
+//! this module. The composition root (`crate::app`) plugs them in.
+//!
 //! Everything here talks to the API server through a `kube::Client` built once by
 //! [`KubeContext::try_default`]; without any Kubernetes configuration the aggregator runs
 //! without this module (worker count from the live reporting pods, `--report-auth none`).
+//!
+//! The caches and the Event rate limit decide on a `now` they are given
+//! ([`crate::clock::UnixMs`]); only the trait entry points read the clock.
 //!
 //! # RBAC: exactly what the aggregator's service account needs
 //!
@@ -43,8 +52,10 @@ mod worker_count;
 
 use std::time::Duration;
 
-pub use events::{EventRecorder, RecommendationChange};
-pub use token_review::{REPORT_TOKEN_AUDIENCE, TokenReviewAuthenticator, authorize};
+use crate::contract::env;
+
+pub use events::EventRecorder;
+pub use token_review::TokenReviewAuthenticator;
 pub use worker_count::KubeWorkerCount;
 
 /// The API version of KEDA's ScaledObject, read as a dynamic object (no CRD types).
@@ -55,15 +66,6 @@ pub const SCALED_OBJECT_KIND: &str = "ScaledObject";
 /// What went wrong at this module's boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Token-checked report authentication was asked for (or is the default) but there is no
-    /// Kubernetes configuration to check tokens with.
-    #[error(
-        "--report-auth tokenreview needs the Kubernetes API, but no Kubernetes configuration was \
-         found (no KUBECONFIG, no ~/.kube/config, not running in a pod with a service account); \
-         run inside the cluster, point KUBECONFIG at one, or pass `--report-auth none` to accept \
-         unauthenticated reports"
-    )]
-    NoConfigForTokenReview,
     /// A call to the API server failed.
     #[error("{what}: {source}")]
     Api {
@@ -96,28 +98,6 @@ impl Error {
     }
 }
 
-/// How the aggregator authenticates sidecar reports (`--report-auth`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum ReportAuth {
-    /// Check each report's bearer token with the TokenReview API (audience
-    /// `durable-scaler`) and accept reports only for the pod the token names.
-    #[default]
-    Tokenreview,
-    /// Accept every report unauthenticated (for runs outside a cluster).
-    None,
-}
-
-/// The start-up rule for report authentication: token checking needs a Kubernetes
-/// configuration, so asking for it (the default) without one fails with a message that
-/// names the flag to pass instead. `kube_available` is whether [`KubeContext::try_default`]
-/// found a configuration.
-pub fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<ReportAuth, Error> {
-    match (requested, kube_available) {
-        (ReportAuth::Tokenreview, false) => Err(Error::NoConfigForTokenReview),
-        (mode, _) => Ok(mode),
-    }
-}
-
 /// Settings of the Kubernetes side, for the aggregator's command line
 /// (`#[command(flatten)]`).
 #[derive(Debug, Clone, clap::Args)]
@@ -141,6 +121,10 @@ pub struct KubeArgs {
     /// How long one call to the Kubernetes API may take before it counts as failed.
     #[arg(long, env = "DURABLE_SCALER_KUBE_API_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
     pub kube_api_timeout: Duration,
+    /// This pod's name (downward API), recorded as the `reportingInstance` of every Event;
+    /// when unset the start-up code takes `HOSTNAME`, which Kubernetes sets to it too.
+    #[arg(long, env = env::POD_NAME)]
+    pub pod_name: Option<String>,
 }
 
 fn positive_duration(text: &str) -> Result<Duration, String> {
@@ -156,6 +140,7 @@ impl Default for KubeArgs {
             token_cache_size: 10_000,
             event_min_interval: Duration::from_secs(30),
             kube_api_timeout: Duration::from_secs(5),
+            pod_name: None,
         }
     }
 }
@@ -206,11 +191,6 @@ impl KubeContext {
         }
     }
 
-    /// A context over an existing client (tests point one at a fake API server).
-    pub fn from_client(client: kube::Client, args: KubeArgs) -> Self {
-        Self { client, args }
-    }
-
     /// The client, for anything else the aggregator needs.
     pub fn client(&self) -> &kube::Client {
         &self.client
@@ -228,12 +208,10 @@ impl KubeContext {
             .with_cache_size(usize::try_from(self.args.token_cache_size).unwrap_or(usize::MAX))
     }
 
-    /// The Event recorder, reporting as this pod (`POD_NAME`, else `HOSTNAME`, which
-    /// Kubernetes sets to the pod's name).
+    /// The Event recorder, reporting as `--pod-name` (read at start, see [`KubeArgs`]), else
+    /// as `durable-scaler-aggregator`.
     pub fn event_recorder(&self) -> EventRecorder {
-        let instance = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| "durable-scaler-aggregator".to_owned());
+        let instance = self.args.pod_name.clone().unwrap_or_else(|| "durable-scaler-aggregator".to_owned());
         EventRecorder::new(self.client.clone(), instance, self.args.event_min_interval)
     }
 }
@@ -241,23 +219,6 @@ impl KubeContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokenreview_without_a_kubernetes_config_fails_naming_the_flag_to_pass() {
-        let error = check_report_auth(ReportAuth::Tokenreview, false).unwrap_err();
-        assert!(error.to_string().contains("--report-auth none"), "{error}");
-    }
-
-    #[test]
-    fn tokenreview_with_a_kubernetes_config_is_kept() {
-        assert_eq!(check_report_auth(ReportAuth::Tokenreview, true).unwrap(), ReportAuth::Tokenreview);
-    }
-
-    #[test]
-    fn report_auth_none_needs_no_kubernetes_config() {
-        assert_eq!(check_report_auth(ReportAuth::None, false).unwrap(), ReportAuth::None);
-        assert_eq!(check_report_auth(ReportAuth::None, true).unwrap(), ReportAuth::None);
-    }
 
     #[test]
     fn kube_args_defaults_match_the_command_line_defaults() {

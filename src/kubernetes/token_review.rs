@@ -1,15 +1,18 @@
 //! Who sent a report: the sidecar's bearer token is a projected service-account token with
-//! audience [`REPORT_TOKEN_AUDIENCE`]; the API server checks it (TokenReview,
+//! audience [`TOKEN_AUDIENCE`] (the webhook asks for it); the API server checks it (TokenReview,
 //! authentication.k8s.io/v1) and names the service account's namespace and, for a token bound
 //! to a pod, the pod. Results are cached until the token expires, never beyond.
 //!
 //! Any doubt rejects: an API error, a review without the audience, a token that is not a
-//! pod-bound service-account token. [`authorize`] then checks that the report speaks for the
-//! pod the token names.
+//! pod-bound service-account token. The aggregator's `sources::authorize` then checks that
+//! the report speaks for the pod the token names.
+//!
+//! The cache decides on the `now` it is given ([`TokenReviewAuthenticator::authenticate_at`]),
+//! so its expiry rules are tested without waiting.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
@@ -19,10 +22,8 @@ use sha2::{Digest, Sha256};
 
 use super::metrics::{OutcomeCounter, outcome_labels};
 use crate::aggregator::sources::{AuthError, BoxFuture, ReportAuthenticator, ReportIdentity};
-use crate::proto::report::PodRef;
-
-/// The audience the sidecars' projected tokens are issued for, and the only one accepted.
-pub const REPORT_TOKEN_AUDIENCE: &str = "durable-scaler";
+use crate::clock::UnixMs;
+use crate::contract::TOKEN_AUDIENCE;
 /// The extra claim in which the API server names the pod a service-account token is bound to.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
@@ -50,14 +51,13 @@ outcome_labels!(Outcome { CacheHit => "cache_hit", Accepted => "accepted", Missi
 #[derive(Debug, Clone)]
 struct CachedIdentity {
     identity: ReportIdentity,
-    valid_until: SystemTime,
+    valid_until: UnixMs,
 }
 
 /// [`ReportAuthenticator`] over the TokenReview API; see the module docs.
 ///
 /// Plug it in as `Arc::new(TokenReviewAuthenticator::new(client)) as Arc<dyn
-/// ReportAuthenticator>` (or [`super::KubeContext::authenticator`]), and call [`authorize`]
-/// with the identity and the report's pod.
+/// ReportAuthenticator>` (or [`super::KubeContext::authenticator`]).
 pub struct TokenReviewAuthenticator {
     client: kube::Client,
     cache_max_age: Duration,
@@ -102,7 +102,13 @@ impl TokenReviewAuthenticator {
         );
     }
 
-    async fn check(&self, token: Option<&str>) -> Result<ReportIdentity, AuthError> {
+    /// Checks `token` as [`ReportAuthenticator::authenticate`] does, at `now`: a cached answer
+    /// is trusted only while `now` is before the token's expiry and the cache's maximum age.
+    pub async fn authenticate_at(
+        &self,
+        token: Option<&str>,
+        now: UnixMs,
+    ) -> Result<ReportIdentity, AuthError> {
         let Some(token) = token.filter(|token| !token.is_empty()) else {
             self.outcomes.inc(Outcome::MissingToken);
             return Err(AuthError::Unauthenticated(
@@ -110,7 +116,6 @@ impl TokenReviewAuthenticator {
             ));
         };
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = SystemTime::now();
         if let Some(identity) = self.cached(&key, now) {
             self.outcomes.inc(Outcome::CacheHit);
             return Ok(identity);
@@ -132,7 +137,7 @@ impl TokenReviewAuthenticator {
         };
         self.outcomes.inc(Outcome::Accepted);
         if let Some(expiry) = jwt_expiry(token) {
-            let valid_until = expiry.min(now + self.cache_max_age);
+            let valid_until = expiry.min(now.plus(self.cache_max_age));
             if valid_until > now {
                 self.remember(key, CachedIdentity { identity: identity.clone(), valid_until }, now);
             }
@@ -140,7 +145,7 @@ impl TokenReviewAuthenticator {
         Ok(identity)
     }
 
-    fn cached(&self, key: &[u8; 32], now: SystemTime) -> Option<ReportIdentity> {
+    fn cached(&self, key: &[u8; 32], now: UnixMs) -> Option<ReportIdentity> {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match cache.get(key) {
             Some(cached) if now < cached.valid_until => Some(cached.identity.clone()),
@@ -152,7 +157,7 @@ impl TokenReviewAuthenticator {
         }
     }
 
-    fn remember(&self, key: [u8; 32], cached: CachedIdentity, now: SystemTime) {
+    fn remember(&self, key: [u8; 32], cached: CachedIdentity, now: UnixMs) {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if cache.len() >= self.cache_size && !cache.contains_key(&key) {
             cache.retain(|_, cached| now < cached.valid_until);
@@ -171,7 +176,7 @@ impl TokenReviewAuthenticator {
     async fn review(&self, token: &str) -> Result<TokenReviewStatus, kube::Error> {
         let review = TokenReview {
             spec: TokenReviewSpec {
-                audiences: Some(vec![REPORT_TOKEN_AUDIENCE.to_owned()]),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
                 token: token.to_owned(),
             },
             ..TokenReview::default()
@@ -187,20 +192,7 @@ impl ReportAuthenticator for TokenReviewAuthenticator {
         &'a self,
         bearer_token: Option<&'a str>,
     ) -> BoxFuture<'a, Result<ReportIdentity, AuthError>> {
-        Box::pin(self.check(bearer_token))
-    }
-}
-
-/// Checks that a report from `identity` speaks for `report_pod`: a pod may only report for
-/// itself (PERMISSION_DENIED otherwise).
-pub fn authorize(identity: &ReportIdentity, report_pod: &PodRef) -> Result<(), AuthError> {
-    if identity.namespace == report_pod.namespace && identity.pod_name == report_pod.name {
-        Ok(())
-    } else {
-        Err(AuthError::PermissionDenied(format!(
-            "the token belongs to pod {}/{} but the report is for pod {}/{}",
-            identity.namespace, identity.pod_name, report_pod.namespace, report_pod.name
-        )))
+        Box::pin(self.authenticate_at(bearer_token, UnixMs::now()))
     }
 }
 
@@ -210,8 +202,8 @@ fn identity_of(status: &TokenReviewStatus) -> Result<ReportIdentity, String> {
         let why = status.error.as_deref().unwrap_or("the API server did not authenticate it");
         return Err(format!("token rejected: {why}"));
     }
-    if !status.audiences.iter().flatten().any(|audience| audience == REPORT_TOKEN_AUDIENCE) {
-        return Err(format!("token rejected: it is not issued for the audience {REPORT_TOKEN_AUDIENCE:?}"));
+    if !status.audiences.iter().flatten().any(|audience| audience == TOKEN_AUDIENCE) {
+        return Err(format!("token rejected: it is not issued for the audience {TOKEN_AUDIENCE:?}"));
     }
     let user = status.user.as_ref();
     let username = user.and_then(|user| user.username.as_deref()).unwrap_or_default();
@@ -233,13 +225,13 @@ fn identity_of(status: &TokenReviewStatus) -> Result<ReportIdentity, String> {
 /// The `exp` claim of a JWT, read without checking the signature: the API server has just
 /// verified the token, this only bounds how long its answer may be reused. `None` when the
 /// token is not a JWT with a numeric `exp` (its review is then not cached).
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
+fn jwt_expiry(token: &str) -> Option<UnixMs> {
     let payload = token.split('.').nth(1)?;
     let bytes =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_u64()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
+    let exp = i64::try_from(claims.get("exp")?.as_u64()?).ok()?;
+    Some(UnixMs(exp.checked_mul(1000)?))
 }
 
 #[cfg(test)]
@@ -267,10 +259,7 @@ mod tests {
 
     #[test]
     fn jwt_expiry_reads_the_exp_claim() {
-        assert_eq!(
-            jwt_expiry(&jwt(r#"{"exp":1700000000}"#)),
-            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-        );
+        assert_eq!(jwt_expiry(&jwt(r#"{"exp":1700000000}"#)), Some(UnixMs(1_700_000_000_000)));
     }
 
     #[test]
@@ -317,20 +306,5 @@ mod tests {
             ..TokenReviewStatus::default()
         };
         assert!(identity_of(&status).unwrap_err().contains("token has expired"));
-    }
-
-    #[test]
-    fn authorize_accepts_only_the_pod_the_token_names() {
-        let identity = ReportIdentity { namespace: "apps".into(), pod_name: "worker-1".into() };
-        let pod = |namespace: &str, name: &str| PodRef { namespace: namespace.into(), name: name.into() };
-        assert_eq!(authorize(&identity, &pod("apps", "worker-1")), Ok(()));
-        assert!(matches!(
-            authorize(&identity, &pod("other", "worker-1")),
-            Err(AuthError::PermissionDenied(_))
-        ));
-        assert!(matches!(
-            authorize(&identity, &pod("apps", "worker-2")),
-            Err(AuthError::PermissionDenied(_))
-        ));
     }
 }

@@ -2,19 +2,21 @@
 //! `spec.scaleTargetRef` names the scale target, whose `/scale` subresource says
 //! `status.replicas`. Works for Deployments, StatefulSets and any kind with a scale
 //! subresource, without CRD types (the ScaledObject is read as a dynamic object).
+//!
+//! The cache decides on the `now` it is given ([`KubeWorkerCount::worker_count_at`]), so its
+//! TTL is tested without waiting.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, ApiResource, DynamicObject};
-use kube::core::{GroupVersion, GroupVersionKind};
-use prometheus_client::registry::Registry;
-use tokio::time::Instant;
-
 use super::metrics::{OutcomeCounter, outcome_labels};
 use super::{Error, scaled_objects};
 use crate::aggregator::sources::{BoxFuture, ScaledObjectKey, WorkerCountSource};
+use crate::clock::UnixMs;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::{GroupVersion, GroupVersionKind};
+use prometheus_client::registry::Registry;
 
 /// The default TTL of a ScaledObject's `scaleTargetRef`, which changes far more rarely than
 /// the replica count.
@@ -46,9 +48,9 @@ struct ScaleTarget {
 /// What is remembered per ScaledObject.
 #[derive(Debug, Default)]
 struct Entry {
-    target: Option<(ScaleTarget, Instant)>,
-    /// The last answer (`None` after a failure) and when it was read.
-    replicas: Option<(Option<u32>, Instant)>,
+    target: Option<(ScaleTarget, UnixMs)>,
+    /// The last answer (`None` after a failure) and when it was asked for.
+    replicas: Option<(Option<u32>, UnixMs)>,
     /// Whether the last read failed, so a lasting failure is logged once, not every TTL.
     failing: bool,
 }
@@ -78,13 +80,6 @@ impl KubeWorkerCount {
         }
     }
 
-    /// Reuses a ScaledObject's `scaleTargetRef` for `ttl` (default 60 s, never less than the
-    /// replica TTL).
-    pub fn with_target_ttl(mut self, ttl: Duration) -> Self {
-        self.target_ttl = ttl.max(self.ttl);
-        self
-    }
-
     /// Adds `durable_scaler_kube_worker_count_lookups_total{outcome}` to `registry`.
     pub fn register(&self, registry: &mut Registry) {
         self.lookups.register(
@@ -95,31 +90,32 @@ impl KubeWorkerCount {
         );
     }
 
-    fn entry(&self, key: &ScaledObjectKey) -> Arc<tokio::sync::Mutex<Entry>> {
+    fn entry(&self, key: &ScaledObjectKey, now: UnixMs) -> Arc<tokio::sync::Mutex<Entry>> {
         let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(key) {
-            let now = Instant::now();
             let ttl = self.ttl;
             entries.retain(|_, entry| {
-                entry.try_lock().map_or(true, |entry| {
-                    entry.replicas.is_some_and(|(_, read_at)| now.duration_since(read_at) < ttl)
-                })
+                entry
+                    .try_lock()
+                    .map_or(true, |entry| entry.replicas.is_some_and(|(_, read_at)| now.since(read_at) < ttl))
             });
         }
         entries.entry(key.clone()).or_default().clone()
     }
 
-    async fn lookup(&self, key: &ScaledObjectKey) -> Option<u32> {
-        let entry = self.entry(key);
+    /// The worker count as [`WorkerCountSource::worker_count`] answers it, at `now`: a
+    /// remembered answer (or failure) is reused while `now` is within the TTL of when it was
+    /// asked for.
+    pub async fn worker_count_at(&self, key: &ScaledObjectKey, now: UnixMs) -> Option<u32> {
+        let entry = self.entry(key, now);
         let mut entry = entry.lock().await;
-        let now = Instant::now();
         if let Some((replicas, read_at)) = entry.replicas
-            && now.duration_since(read_at) < self.ttl
+            && now.since(read_at) < self.ttl
         {
             self.lookups.inc(Lookup::CacheHit);
             return replicas;
         }
-        let result = self.read(key, &mut entry).await;
+        let result = self.read(key, &mut entry, now).await;
         let replicas = match result {
             Ok(replicas) => {
                 if entry.failing {
@@ -143,16 +139,16 @@ impl KubeWorkerCount {
                 None
             }
         };
-        entry.replicas = Some((replicas, Instant::now()));
+        entry.replicas = Some((replicas, now));
         replicas
     }
 
-    async fn read(&self, key: &ScaledObjectKey, entry: &mut Entry) -> Result<u32, Error> {
+    async fn read(&self, key: &ScaledObjectKey, entry: &mut Entry, now: UnixMs) -> Result<u32, Error> {
         let target = match &entry.target {
-            Some((target, read_at)) if read_at.elapsed() < self.target_ttl => target.clone(),
+            Some((target, read_at)) if now.since(*read_at) < self.target_ttl => target.clone(),
             _ => {
                 let target = self.read_target(key).await?;
-                entry.target = Some((target.clone(), Instant::now()));
+                entry.target = Some((target.clone(), now));
                 target
             }
         };
@@ -197,7 +193,7 @@ fn so_name(key: &ScaledObjectKey) -> String {
 
 impl WorkerCountSource for KubeWorkerCount {
     fn worker_count<'a>(&'a self, scaled_object: &'a ScaledObjectKey) -> BoxFuture<'a, Option<u32>> {
-        Box::pin(self.lookup(scaled_object))
+        Box::pin(self.worker_count_at(scaled_object, UnixMs::now()))
     }
 }
 

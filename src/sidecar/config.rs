@@ -2,59 +2,72 @@
 //! typed [`Config`]; every bad or missing value is reported with its variable's name.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use crate::storage::{PartitionMode, StorageAccount, TaskHub};
+use crate::config::naming;
+use crate::contract::{SIDECAR_HTTP_PORT, SIDECAR_INTERVAL_RANGE, TOKEN_FILE, TaskHub, env};
+use crate::storage::{PartitionMode, StorageAccount};
 
 /// `durable-scaler sidecar`: reads the queues of the partitions this pod owns and reports
 /// them to the aggregator. Every flag can be set from the environment variable in its help
-/// (the webhook sets the `DURABLE_SCALER_*` and `POD_*` ones).
+/// (the webhook sets the `DURABLE_SCALER_*` and `POD_*` ones). Values are parsed here, at
+/// start; a bad one stops the sidecar with exit status 2 and a message naming its variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The task hub name as the app configures it (case preserved).
-    #[arg(long, env = "DURABLE_SCALER_TASK_HUB")]
-    pub task_hub: Option<String>,
+    #[arg(long, env = env::TASK_HUB, value_parser = naming(env::TASK_HUB, TaskHub::parse))]
+    pub task_hub: Option<TaskHub>,
     /// The app's storage connection string (`AzureWebJobsStorage`); `AccountName=x` alone
     /// means Entra ID (workload or managed identity).
-    #[arg(long, env = "DURABLE_SCALER_CONNECTION", hide_env_values = true)]
+    #[arg(long, env = env::CONNECTION, hide_env_values = true)]
     pub connection: Option<String>,
     /// The aggregator's report endpoint, e.g. `http://durable-scaler-aggregator:4371`, or
     /// `https://...` when the aggregator runs with `--report-tls`.
-    #[arg(long, env = "DURABLE_SCALER_AGGREGATOR")]
-    pub aggregator: Option<String>,
+    #[arg(long, env = env::AGGREGATOR, value_parser = naming(env::AGGREGATOR, crate::config::parse_http_url))]
+    pub aggregator: Option<url::Url>,
     /// For an `https://` aggregator: the CA certificate(s) its certificate must chain to, as
     /// a PEM file's path or as the PEM text itself (the webhook injects it inline). The
     /// host name of the URL must be in the certificate.
-    #[arg(long, env = "DURABLE_SCALER_AGGREGATOR_CA")]
+    #[arg(long, env = env::AGGREGATOR_CA)]
     pub aggregator_ca: Option<String>,
     /// This pod's name (downward API); also the DurableTask worker id that owns partitions.
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = env::POD_NAME)]
     pub pod_name: Option<String>,
     /// This pod's namespace (downward API).
-    #[arg(long, env = "POD_NAMESPACE")]
+    #[arg(long, env = env::POD_NAMESPACE)]
     pub pod_namespace: Option<String>,
-    /// How often to read storage and report: `5s`, `500ms`, `1m`, or plain seconds.
-    #[arg(long, env = "DURABLE_SCALER_INTERVAL", default_value = "5s")]
-    pub interval: String,
+    /// How often to read storage and report: `5s`, `500ms`, `1m`, or plain seconds
+    /// (100ms to 10m).
+    #[arg(long, env = env::INTERVAL, default_value = "5s",
+          value_parser = naming(env::INTERVAL, |text: &str| crate::config::parse_duration_within(text, &SIDECAR_INTERVAL_RANGE)))]
+    pub interval: Duration,
     /// How the app records partition ownership: `table` (the `{hub}Partitions` table,
     /// DurableTask.AzureStorage 2.x default) or `blob` (legacy lease blobs).
-    #[arg(long, env = "DURABLE_SCALER_PARTITION_MODE", default_value = "table")]
-    pub partition_mode: String,
+    #[arg(long, env = env::PARTITION_MODE, default_value = "table",
+          value_parser = naming(env::PARTITION_MODE, parse_partition_mode))]
+    pub partition_mode: PartitionMode,
     /// The projected service-account token sent as the bearer credential of every report;
     /// re-read for each report (it rotates). No credential is sent while it does not exist.
-    #[arg(long, env = "DURABLE_SCALER_TOKEN_FILE", default_value = "/var/run/secrets/durable-scaler/token")]
+    #[arg(long, env = env::TOKEN_FILE, default_value = TOKEN_FILE)]
     pub token_file: PathBuf,
     /// Where `/healthz` and `/metrics` are served.
-    #[arg(long, env = "DURABLE_SCALER_HTTP_ADDR", default_value = "0.0.0.0:9095")]
-    pub http_addr: String,
+    #[arg(long, env = env::HTTP_ADDR, default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, SIDECAR_HTTP_PORT)),
+          value_parser = naming(env::HTTP_ADDR, |text: &str| text.trim().parse::<SocketAddr>()
+              .map_err(|_| format!("`{text}` is not an address like 0.0.0.0:{SIDECAR_HTTP_PORT}"))))]
+    pub http_addr: SocketAddr,
 }
 
-/// The poll intervals the sidecar accepts, from its settings or from the aggregator.
-pub const INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
-    Duration::from_millis(100)..=Duration::from_secs(600);
+/// `table` or `blob`, any case.
+fn parse_partition_mode(text: &str) -> Result<PartitionMode, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "table" => Ok(PartitionMode::Table),
+        "blob" => Ok(PartitionMode::Blob),
+        other => Err(format!("{other:?} is neither `table` nor `blob`")),
+    }
+}
 
 /// The sidecar's validated settings.
 #[derive(Debug, Clone)]
@@ -64,7 +77,7 @@ pub struct Config {
     /// The storage account.
     pub account: StorageAccount,
     /// The aggregator's report endpoint URL (http or https).
-    pub aggregator: String,
+    pub aggregator: url::Url,
     /// PEM CA certificates the aggregator's certificate must chain to (https only).
     pub aggregator_ca: Option<Vec<u8>>,
     /// This pod's name (the worker id that owns partitions).
@@ -97,60 +110,30 @@ fn error(variable: &'static str, flag: &'static str, problem: impl Into<String>)
     ConfigError { variable, flag, problem: problem.into() }
 }
 
-fn required(
+fn required<T>(value: Option<T>, variable: &'static str, flag: &'static str) -> Result<T, ConfigError> {
+    value.ok_or_else(|| error(variable, flag, "is not set"))
+}
+
+fn required_text(
     value: Option<String>,
     variable: &'static str,
     flag: &'static str,
 ) -> Result<String, ConfigError> {
-    value
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| error(variable, flag, "is not set"))
+    required(value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()), variable, flag)
 }
 
 impl Config {
-    /// Validates `args`; the first problem found is returned.
+    /// Checks what clap could not: the settings that must be present, the connection string
+    /// and the CA that goes with an https aggregator. The first problem found is returned.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let hub = required(args.task_hub, "DURABLE_SCALER_TASK_HUB", "task-hub")?;
-        let task_hub =
-            TaskHub::parse(&hub).map_err(|e| error("DURABLE_SCALER_TASK_HUB", "task-hub", e.to_string()))?;
-        let connection = required(args.connection, "DURABLE_SCALER_CONNECTION", "connection")?;
+        let task_hub = required(args.task_hub, env::TASK_HUB, "task-hub")?;
+        let connection = required_text(args.connection, env::CONNECTION, "connection")?;
         let account = StorageAccount::from_connection_string(&connection)
-            .map_err(|e| error("DURABLE_SCALER_CONNECTION", "connection", e.to_string()))?;
-        let aggregator = required(args.aggregator, "DURABLE_SCALER_AGGREGATOR", "aggregator")?;
-        let Some(url) = crate::config::http_url(&aggregator) else {
-            return Err(error(
-                "DURABLE_SCALER_AGGREGATOR",
-                "aggregator",
-                format!("{aggregator:?} is not an http(s) URL like http://host:4371"),
-            ));
-        };
-        let aggregator_ca = aggregator_ca(args.aggregator_ca, url.scheme() == "https")?;
-        let pod_name = required(args.pod_name, "POD_NAME", "pod-name")?;
-        let pod_namespace = required(args.pod_namespace, "POD_NAMESPACE", "pod-namespace")?;
-        let interval = crate::config::parse_duration(&args.interval)
-            .map_err(|p| error("DURABLE_SCALER_INTERVAL", "interval", p))?;
-        if !INTERVAL_RANGE.contains(&interval) {
-            return Err(error("DURABLE_SCALER_INTERVAL", "interval", "must be between 100ms and 10m"));
-        }
-        let partition_mode = match args.partition_mode.trim().to_ascii_lowercase().as_str() {
-            "table" => PartitionMode::Table,
-            "blob" => PartitionMode::Blob,
-            other => {
-                return Err(error(
-                    "DURABLE_SCALER_PARTITION_MODE",
-                    "partition-mode",
-                    format!("{other:?} is neither `table` nor `blob`"),
-                ));
-            }
-        };
-        let http_addr = args.http_addr.trim().parse().map_err(|_| {
-            error(
-                "DURABLE_SCALER_HTTP_ADDR",
-                "http-addr",
-                format!("{:?} is not an address like 0.0.0.0:9095", args.http_addr),
-            )
-        })?;
+            .map_err(|e| error(env::CONNECTION, "connection", e.to_string()))?;
+        let aggregator = required(args.aggregator, env::AGGREGATOR, "aggregator")?;
+        let aggregator_ca = aggregator_ca(args.aggregator_ca, aggregator.scheme() == "https")?;
+        let pod_name = required_text(args.pod_name, env::POD_NAME, "pod-name")?;
+        let pod_namespace = required_text(args.pod_namespace, env::POD_NAMESPACE, "pod-namespace")?;
         Ok(Self {
             task_hub,
             account,
@@ -158,10 +141,10 @@ impl Config {
             aggregator_ca,
             pod_name,
             pod_namespace,
-            interval,
-            partition_mode,
+            interval: args.interval,
+            partition_mode: args.partition_mode,
             token_file: args.token_file,
-            http_addr,
+            http_addr: args.http_addr,
         })
     }
 }
@@ -171,7 +154,7 @@ impl Config {
 /// aggregator's certificate comes from the cluster's own CA); an http URL must not have one,
 /// since it would silently go unused.
 fn aggregator_ca(value: Option<String>, https: bool) -> Result<Option<Vec<u8>>, ConfigError> {
-    const VAR: &str = "DURABLE_SCALER_AGGREGATOR_CA";
+    const VAR: &str = env::AGGREGATOR_CA;
     const FLAG: &str = "aggregator-ca";
     let value = value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
     match (value, https) {
@@ -199,41 +182,49 @@ fn aggregator_ca(value: Option<String>, https: bool) -> Result<Option<Vec<u8>>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     /// Changes one setting of [`args`].
     type Edit = fn(&mut Args);
 
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
     fn args() -> Args {
         Args {
-            task_hub: Some("MyHub".into()),
+            task_hub: Some(TaskHub::parse("MyHub").unwrap()),
             connection: Some("UseDevelopmentStorage=true".into()),
-            aggregator: Some("http://aggregator:4371".into()),
+            aggregator: Some("http://aggregator:4371".parse().unwrap()),
             aggregator_ca: None,
             pod_name: Some("app-7d9f-x2".into()),
             pod_namespace: Some("apps".into()),
-            interval: "5s".into(),
-            partition_mode: "table".into(),
-            token_file: "/var/run/secrets/durable-scaler/token".into(),
-            http_addr: "0.0.0.0:9095".into(),
+            interval: Duration::from_secs(5),
+            partition_mode: PartitionMode::Table,
+            token_file: TOKEN_FILE.into(),
+            http_addr: SocketAddr::from(([0, 0, 0, 0], SIDECAR_HTTP_PORT)),
         }
     }
 
     #[test]
-    fn the_defaults_make_a_valid_config() {
-        let config = Config::from_args(args()).unwrap();
-        assert_eq!(config.interval, Duration::from_secs(5));
-        assert_eq!(config.partition_mode, PartitionMode::Table);
-        assert_eq!(config.http_addr.port(), 9095);
+    fn the_command_line_defaults_are_the_contract() {
+        let parsed = Cli::try_parse_from(["sidecar"]).unwrap().args;
+        assert_eq!(parsed.interval, Duration::from_secs(5));
+        assert_eq!(parsed.partition_mode, PartitionMode::Table);
+        assert_eq!(parsed.http_addr.port(), SIDECAR_HTTP_PORT);
+        assert_eq!(parsed.token_file, Path::new(TOKEN_FILE));
     }
 
     #[test]
     fn each_missing_setting_is_named_by_its_variable() {
         let cases: [(Edit, &str); 5] = [
-            (|a| a.task_hub = None, "DURABLE_SCALER_TASK_HUB"),
-            (|a| a.connection = Some(" ".into()), "DURABLE_SCALER_CONNECTION"),
-            (|a| a.aggregator = None, "DURABLE_SCALER_AGGREGATOR"),
-            (|a| a.pod_name = None, "POD_NAME"),
-            (|a| a.pod_namespace = None, "POD_NAMESPACE"),
+            (|a| a.task_hub = None, env::TASK_HUB),
+            (|a| a.connection = Some(" ".into()), env::CONNECTION),
+            (|a| a.aggregator = None, env::AGGREGATOR),
+            (|a| a.pod_name = None, env::POD_NAME),
+            (|a| a.pod_namespace = None, env::POD_NAMESPACE),
         ];
         for (unset, variable) in cases {
             let mut a = args();
@@ -245,28 +236,57 @@ mod tests {
     }
 
     #[test]
-    fn each_invalid_setting_is_named_by_its_variable() {
-        let cases: [(Edit, &str); 7] = [
-            (|a| a.task_hub = Some("my-hub".into()), "DURABLE_SCALER_TASK_HUB"),
-            (|a| a.connection = Some("AccountName=x;AccountKey=***".into()), "DURABLE_SCALER_CONNECTION"),
-            (|a| a.aggregator = Some("aggregator:4371".into()), "DURABLE_SCALER_AGGREGATOR"),
-            (|a| a.interval = "fast".into(), "DURABLE_SCALER_INTERVAL"),
-            (|a| a.interval = "0s".into(), "DURABLE_SCALER_INTERVAL"),
-            (|a| a.partition_mode = "sql".into(), "DURABLE_SCALER_PARTITION_MODE"),
-            (|a| a.http_addr = "9095".into(), "DURABLE_SCALER_HTTP_ADDR"),
-        ];
-        for (spoil, variable) in cases {
-            let mut a = args();
-            spoil(&mut a);
-            assert_eq!(Config::from_args(a).unwrap_err().variable, variable);
+    fn an_invalid_connection_string_is_named_by_its_variable() {
+        let a = Args { connection: Some("AccountName=x;AccountKey=***".into()), ..args() };
+        assert_eq!(Config::from_args(a).unwrap_err().variable, env::CONNECTION);
+    }
+
+    #[test]
+    fn each_invalid_value_is_refused_at_parse_time_naming_its_variable() {
+        for (flag, value, variable) in [
+            ("--task-hub", "my-hub", env::TASK_HUB),
+            ("--task-hub", "1Hub", env::TASK_HUB),
+            ("--aggregator", "aggregator:4371", env::AGGREGATOR),
+            ("--interval", "fast", env::INTERVAL),
+            ("--interval", "0s", env::INTERVAL),
+            ("--partition-mode", "sql", env::PARTITION_MODE),
+            ("--http-addr", "9095", env::HTTP_ADDR),
+        ] {
+            let error = Cli::try_parse_from(["sidecar", flag, value]).err().unwrap();
+            assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {value}");
+            assert!(error.to_string().contains(&format!("{variable}: ")), "{flag} {value}: {error}");
         }
+    }
+
+    #[test]
+    fn good_values_are_typed_at_parse_time() {
+        let parsed = Cli::try_parse_from([
+            "sidecar",
+            "--task-hub",
+            "OrdersHub",
+            "--aggregator",
+            "https://agg:4371",
+            "--interval",
+            "500ms",
+            "--partition-mode",
+            "Blob",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(parsed.task_hub.as_ref().map(TaskHub::name), Some("OrdersHub"));
+        assert_eq!(parsed.aggregator.as_ref().map(url::Url::scheme), Some("https"));
+        assert_eq!(parsed.interval, Duration::from_millis(500));
+        assert_eq!(parsed.partition_mode, PartitionMode::Blob);
+        assert_eq!(parsed.http_addr, SocketAddr::from(([127, 0, 0, 1], 0)));
     }
 
     #[test]
     fn an_https_aggregator_takes_its_ca_inline_or_from_a_file_and_needs_one() {
         let ca = rcgen::generate_simple_self_signed(vec!["aggregator".to_owned()]).unwrap().cert.pem();
         let https = |ca: Option<String>| Args {
-            aggregator: Some("https://aggregator:4371".into()),
+            aggregator: Some("https://aggregator:4371".parse().unwrap()),
             aggregator_ca: ca,
             ..args()
         };
@@ -280,7 +300,7 @@ mod tests {
 
         let problem = |a: Args| {
             let e = Config::from_args(a).unwrap_err();
-            assert_eq!(e.variable, "DURABLE_SCALER_AGGREGATOR_CA");
+            assert_eq!(e.variable, env::AGGREGATOR_CA);
             e.problem
         };
         assert!(problem(https(None)).contains("aggregator URL is https"));

@@ -23,7 +23,7 @@ use std::{
         Arc,
         atomic::{AtomicU32, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -34,6 +34,8 @@ pub use poll::PollResult;
 pub use report::ReportClient;
 
 use crate::{
+    clock::UnixMs,
+    contract::SIDECAR_INTERVAL_RANGE,
     proto::report as proto,
     shutdown::Shutdown,
     storage::{StorageOptions, TaskHubReader},
@@ -124,7 +126,7 @@ impl Sidecar {
             poll_until_shutdown(&config, &metrics, &latest, &suggested_interval_ms, &shutdown).await;
 
         let _ = delivery.await;
-        let leaving = leaving_report(&config, config.interval, partition_count, now_unix_ms());
+        let leaving = leaving_report(&config, config.interval, partition_count, UnixMs::now());
         match client.submit(leaving, LEAVING_TIMEOUT).await {
             Ok(_) => tracing::info!("sent the leaving report"),
             Err(e) => tracing::warn!(error = %e, "could not send the leaving report"),
@@ -136,7 +138,7 @@ impl Sidecar {
 }
 
 /// The poll loop; returns the last partition count seen. Polls every `config.interval`, or
-/// every interval the aggregator last suggested (within [`config::INTERVAL_RANGE`]).
+/// every interval the aggregator last suggested (within [`SIDECAR_INTERVAL_RANGE`]).
 async fn poll_until_shutdown(
     config: &Config,
     metrics: &Metrics,
@@ -157,9 +159,9 @@ async fn poll_until_shutdown(
     while shutdown.tick(&mut ticker).await {
         let started = Instant::now();
         let requests_before = reader.account().request_count();
-        let now = now_unix_ms();
+        let now = UnixMs::now();
         let result = tokio::select! {
-            result = poll::poll(&reader, &config.pod_name, now) => result,
+            result = poll::poll(&reader, &config.pod_name, now.as_millis()) => result,
             _ = shutdown.wait() => break,
         };
         let kinds: Vec<&'static str> = result.errors.iter().map(|e| e.kind()).collect();
@@ -205,13 +207,13 @@ fn new_ticker(period: Duration, first: Duration) -> tokio::time::Interval {
 }
 
 /// The aggregator's suggestion when it makes one (non-zero), kept within
-/// [`config::INTERVAL_RANGE`]; else the configured interval.
+/// [`SIDECAR_INTERVAL_RANGE`]; else the configured interval.
 fn effective_interval(configured: Duration, suggested_ms: u32) -> Duration {
     if suggested_ms == 0 {
         return configured;
     }
     Duration::from_millis(u64::from(suggested_ms))
-        .clamp(*config::INTERVAL_RANGE.start(), *config::INTERVAL_RANGE.end())
+        .clamp(*SIDECAR_INTERVAL_RANGE.start(), *SIDECAR_INTERVAL_RANGE.end())
 }
 
 /// Per-attempt timeouts sized to the interval: a poll must not outlast several intervals.
@@ -222,11 +224,11 @@ fn storage_options(config: &Config) -> StorageOptions {
     }
 }
 
-fn base_report(config: &Config, interval: Duration, sampled_at_unix_ms: i64) -> proto::Report {
+fn base_report(config: &Config, interval: Duration, sampled_at: UnixMs) -> proto::Report {
     proto::Report {
         pod: Some(proto::PodRef { namespace: config.pod_namespace.clone(), name: config.pod_name.clone() }),
         task_hub: config.task_hub.name().to_string(),
-        sampled_at_unix_ms,
+        sampled_at_unix_ms: sampled_at.as_millis(),
         interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         sidecar_version: env!("CARGO_PKG_VERSION").to_string(),
         partition_mode: config.partition_mode.as_str().to_string(),
@@ -239,7 +241,7 @@ pub fn report_of(
     config: &Config,
     interval: Duration,
     result: &PollResult,
-    sampled_at_unix_ms: i64,
+    sampled_at: UnixMs,
 ) -> proto::Report {
     proto::Report {
         partition_count: result.partition_count,
@@ -253,7 +255,7 @@ pub fn report_of(
             .collect(),
         work_item: result.work_item.as_ref().map(poll::signals_to_proto),
         error: result.errors.first().map(poll::error_to_proto),
-        ..base_report(config, interval, sampled_at_unix_ms)
+        ..base_report(config, interval, sampled_at)
     }
 }
 
@@ -262,20 +264,16 @@ pub fn leaving_report(
     config: &Config,
     interval: Duration,
     partition_count: u32,
-    sampled_at_unix_ms: i64,
+    sampled_at: UnixMs,
 ) -> proto::Report {
-    proto::Report { partition_count, leaving: true, ..base_report(config, interval, sampled_at_unix_ms) }
+    proto::Report { partition_count, leaving: true, ..base_report(config, interval, sampled_at) }
 }
 
-fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-/// `durable-scaler sidecar`: validates the settings (exit status 2 naming the bad
-/// variable), then runs until SIGTERM or Ctrl-C.
-pub fn run_cli(args: Args) -> std::process::ExitCode {
-    crate::telemetry::init();
-    crate::telemetry::install_crypto_provider();
+/// `durable-scaler sidecar`: checks the settings clap could not (exit status 2 naming the
+/// bad variable), then runs until SIGTERM or Ctrl-C. The caller provides the runtime: one
+/// thread is enough, since the work is a few HTTP calls per interval and every pod of the
+/// app carries a sidecar, so memory matters more than parallelism.
+pub async fn run(args: Args) -> std::process::ExitCode {
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(e) => {
@@ -283,35 +281,24 @@ pub fn run_cli(args: Args) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // One thread: the sidecar's work is a few HTTP calls per interval, and every pod of the
-    // app carries one, so memory matters more than parallelism.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
+    let shutdown = Shutdown::on_signal();
+    let sidecar = match Sidecar::bind(config.clone()).await {
+        Ok(sidecar) => sidecar,
         Err(e) => {
-            eprintln!("durable-scaler sidecar: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            eprintln!("durable-scaler sidecar: {e}");
+            return std::process::ExitCode::from(2);
         }
     };
-    runtime.block_on(async move {
-        let shutdown = Shutdown::on_signal();
-        let sidecar = match Sidecar::bind(config.clone()).await {
-            Ok(sidecar) => sidecar,
-            Err(e) => {
-                eprintln!("durable-scaler sidecar: {e}");
-                return std::process::ExitCode::from(2);
-            }
-        };
-        tracing::info!(
-            task_hub = config.task_hub.name(),
-            pod = config.pod_name,
-            mode = config.partition_mode.as_str(),
-            interval_ms = config.interval.as_millis() as u64,
-            http = %sidecar.http_addr(),
-            "sidecar started"
-        );
-        sidecar.run(shutdown).await;
-        std::process::ExitCode::SUCCESS
-    })
+    tracing::info!(
+        task_hub = config.task_hub.name(),
+        pod = config.pod_name,
+        mode = config.partition_mode.as_str(),
+        interval_ms = config.interval.as_millis() as u64,
+        http = %sidecar.http_addr(),
+        "sidecar started"
+    );
+    sidecar.run(shutdown).await;
+    std::process::ExitCode::SUCCESS
 }
 
 #[cfg(test)]

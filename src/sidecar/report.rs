@@ -50,13 +50,13 @@ pub struct ReportClient {
 impl ReportClient {
     /// A client of `url` that connects on first use and reconnects after failures; an
     /// `https://` URL is verified against `ca` (PEM), and needs it.
-    pub fn new(url: &str, ca: Option<&[u8]>, token_file: PathBuf) -> Result<Self, ReportError> {
+    pub fn new(url: &url::Url, ca: Option<&[u8]>, token_file: PathBuf) -> Result<Self, ReportError> {
         let endpoint_error = |message: String| ReportError::Endpoint { url: url.to_string(), message };
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| endpoint_error(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
-        if url.starts_with("https://") {
+        if url.scheme() == "https" {
             let ca =
                 ca.ok_or_else(|| endpoint_error("an https URL needs the CA of its certificate".into()))?;
             endpoint = endpoint

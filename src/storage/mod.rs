@@ -25,6 +25,9 @@ pub(crate) mod table;
 pub(crate) use account::Service;
 pub use account::{CredentialKind, StorageAccount};
 pub use reader::{PEEK_LIMIT, TaskHubReader};
+// The name rule and the partition limit are the roles' contract; storage derives the hub's
+// resource names from a checked name.
+pub use crate::contract::{InvalidTaskHubName, MAX_PARTITIONS, TaskHub};
 
 /// How partition ownership is recorded (host.json `useTablePartitionManagement`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,12 +37,6 @@ pub enum PartitionMode {
     Table,
     /// Legacy lease blobs in `{hub lowercased}-leases`.
     Blob,
-}
-
-/// A task hub's name and the names of its resources (durabletask-facts.md).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TaskHub {
-    name: String,
 }
 
 /// The signals of one queue at one moment (the report protocol's `QueueSignals`).
@@ -127,35 +124,16 @@ impl Default for StorageOptions {
     }
 }
 
+/// The names of a task hub's resources (durabletask-facts.md).
 impl TaskHub {
-    /// A task hub name as configured (case preserved), unchecked. Prefer [`TaskHub::parse`]
-    /// for names read from configuration.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
-    }
-
-    /// A task hub name checked as DurableTask checks it: 3 to 50 ASCII letters and digits,
-    /// starting with a letter.
-    pub fn parse(name: &str) -> Result<Self, InvalidTaskHubName> {
-        let valid = (3..=50).contains(&name.len())
-            && name.chars().all(|c| c.is_ascii_alphanumeric())
-            && name.starts_with(|c: char| c.is_ascii_alphabetic());
-        if valid { Ok(Self::new(name)) } else { Err(InvalidTaskHubName(name.to_string())) }
-    }
-
-    /// The name as configured.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// `{hub lowercased}-control-{NN}`.
     pub fn control_queue(&self, partition: u32) -> String {
-        format!("{}-control-{partition:02}", self.name.to_ascii_lowercase())
+        format!("{}-control-{partition:02}", self.name().to_ascii_lowercase())
     }
 
     /// `{hub lowercased}-workitems`.
     pub fn work_item_queue(&self) -> String {
-        format!("{}-workitems", self.name.to_ascii_lowercase())
+        format!("{}-workitems", self.name().to_ascii_lowercase())
     }
 
     /// The queue `queue` names.
@@ -168,12 +146,12 @@ impl TaskHub {
 
     /// `{hub}Partitions` (case as configured): table partition management.
     pub fn partitions_table(&self) -> String {
-        format!("{}Partitions", self.name)
+        format!("{}Partitions", self.name())
     }
 
     /// `{hub lowercased}-leases`: legacy blob partition management.
     pub fn lease_container(&self) -> String {
-        format!("{}-leases", self.name.to_ascii_lowercase())
+        format!("{}-leases", self.name().to_ascii_lowercase())
     }
 
     /// The lease blob of `partition` inside [`TaskHub::lease_container`].
@@ -183,19 +161,11 @@ impl TaskHub {
 
     /// The partition index a control queue name ends with, if it is one of this hub's.
     pub fn partition_of(&self, queue_name: &str) -> Option<u32> {
-        let prefix = format!("{}-control-", self.name.to_ascii_lowercase());
+        let prefix = format!("{}-control-", self.name().to_ascii_lowercase());
         let index = queue_name.to_ascii_lowercase().strip_prefix(&prefix)?.parse().ok()?;
         (index < MAX_PARTITIONS).then_some(index)
     }
 }
-
-/// DurableTask's upper bound on the partition count.
-pub const MAX_PARTITIONS: u32 = 16;
-
-/// A task hub name DurableTask would refuse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid task hub name {0:?}: 3 to 50 ASCII letters and digits, starting with a letter")]
-pub struct InvalidTaskHubName(pub String);
 
 impl PartitionMode {
     /// `table` or `blob`, as the report protocol and the command line spell it.
@@ -267,7 +237,7 @@ mod tests {
 
     #[test]
     fn resource_names_follow_durable_task() {
-        let hub = TaskHub::new("MyHub");
+        let hub = TaskHub::parse("MyHub").unwrap();
         assert_eq!(hub.control_queue(3), "myhub-control-03");
         assert_eq!(hub.work_item_queue(), "myhub-workitems");
         assert_eq!(hub.partitions_table(), "MyHubPartitions");
@@ -277,17 +247,9 @@ mod tests {
 
     #[test]
     fn partition_index_is_read_back_from_a_control_queue_name() {
-        let hub = TaskHub::new("MyHub");
+        let hub = TaskHub::parse("MyHub").unwrap();
         assert_eq!(hub.partition_of("myhub-control-07"), Some(7));
         assert_eq!(hub.partition_of("otherhub-control-07"), None);
         assert_eq!(hub.partition_of("myhub-control-99"), None);
-    }
-
-    #[test]
-    fn task_hub_names_are_checked_like_durable_task() {
-        assert!(TaskHub::parse("MyHub1").is_ok());
-        for bad in ["ab", "my-hub", "1hub", &"a".repeat(51)] {
-            assert!(TaskHub::parse(bad).is_err(), "{bad}");
-        }
     }
 }

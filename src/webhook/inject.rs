@@ -8,49 +8,20 @@
 
 use serde_json::{Map, Value, json};
 
-/// The label a pod template carries to opt in (filtered by the API server's objectSelector).
-pub const INJECT_LABEL: &str = "durable-scaler.io/inject";
-/// Annotation: the task hub name.
-pub const TASK_HUB_ANNOTATION: &str = "durable-scaler.io/task-hub";
-/// Annotation: the name of the app container's env var that holds the storage connection.
-pub const CONNECTION_ENV_ANNOTATION: &str = "durable-scaler.io/connection-env";
-/// Annotation: the aggregator's report URL, overriding the webhook's `--aggregator`.
-pub const AGGREGATOR_ANNOTATION: &str = "durable-scaler.io/aggregator";
-/// Annotation: `"true"` or `"false"`, overriding the webhook's `--native-sidecar`.
-pub const NATIVE_SIDECAR_ANNOTATION: &str = "durable-scaler.io/native-sidecar";
-/// Annotation written by the webhook: what was injected, by which version.
-pub const STATUS_ANNOTATION: &str = "durable-scaler.io/status";
-/// Annotations overriding the sidecar's resources (Kubernetes quantities).
-pub const CPU_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-request";
-/// See [`CPU_REQUEST_ANNOTATION`].
-pub const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-limit";
-/// See [`CPU_REQUEST_ANNOTATION`].
-pub const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
-/// See [`CPU_REQUEST_ANNOTATION`].
-pub const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
-/// kubectl's annotation naming the container `kubectl logs/exec` picks by default.
-pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
+use crate::contract::{
+    AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV,
+    MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER,
+    SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
+    TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
+};
+// Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
+// contract module is their home.
+pub use crate::contract::{
+    CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, DEFAULT_TASK_HUB, INJECT_LABEL, TASK_HUB_ANNOTATION,
+};
 
-/// The injected container's name.
-pub const SIDECAR_NAME: &str = "durable-scaler-sidecar";
-/// The projected service-account token volume mounted in the sidecar only.
-pub const TOKEN_VOLUME: &str = "durable-scaler-token";
-/// Where the token volume is mounted; the sidecar reads `token` in it by default.
-pub const TOKEN_DIR: &str = "/var/run/secrets/durable-scaler";
-/// The audience of the projected token, checked by the aggregator's TokenReview.
-pub const TOKEN_AUDIENCE: &str = "durable-scaler";
-/// Lifetime asked for the projected token (the kubelet refreshes it at 80 %).
-pub const TOKEN_EXPIRATION_SECONDS: u64 = 3600;
-/// The sidecar's HTTP port (`/healthz`, `/metrics`): `durable-scaler sidecar --http-addr`.
-pub const SIDECAR_HTTP_PORT: u16 = 9095;
-/// The connection env var read when the pod names none.
-pub const DEFAULT_CONNECTION_ENV: &str = "AzureWebJobsStorage";
-/// The Functions host's setting for the task hub name.
-pub const HUB_NAME_ENV: &str = "AzureFunctionsJobHost__extensions__durableTask__hubName";
-/// The Durable Functions extension's default task hub when nothing names one.
-pub const DEFAULT_TASK_HUB: &str = "TestHubName";
-/// The sidecar's user and group: non-root, numeric so the kubelet can check runAsNonRoot.
-pub const SIDECAR_UID: u32 = 65532;
+/// kubectl's annotation naming the container `kubectl logs/exec` picks by default.
+const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
 /// Default requests and limits: the sidecar reads a few queues every few seconds.
 const DEFAULT_CPU_REQUEST: &str = "10m";
@@ -64,7 +35,7 @@ pub struct InjectionSettings {
     /// The sidecar's image.
     pub image: String,
     /// The aggregator's report URL given to the sidecar.
-    pub aggregator: String,
+    pub aggregator: url::Url,
     /// PEM CA for an `https://` aggregator, given to the sidecar inline as
     /// `DURABLE_SCALER_AGGREGATOR_CA`.
     pub aggregator_ca: Option<String>,
@@ -128,21 +99,21 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
 
     let task_hub = task_hub_env(annotation(TASK_HUB_ANNOTATION), app, &mut warnings);
     let aggregator = match annotation(AGGREGATOR_ANNOTATION) {
-        Some(url) if crate::config::http_url(url).is_some() => url.to_owned(),
-        Some(url) => {
+        Some(url) => crate::config::http_url(url).unwrap_or_else(|| {
             warnings.push(format!(
                 "durable-scaler: annotation {AGGREGATOR_ANNOTATION}={url:?} is not an http(s) URL; using {}",
                 settings.aggregator
             ));
             settings.aggregator.clone()
-        }
+        }),
         None => settings.aggregator.clone(),
     };
-    let https = aggregator.starts_with("https://");
+    let https = aggregator.scheme() == "https";
     if https && settings.aggregator_ca.is_none() {
         warnings.push(format!(
-            "durable-scaler: the aggregator URL {aggregator:?} is https but the webhook has no CA for it \
-             (--sidecar-aggregator-ca); sidecar not injected"
+            "durable-scaler: the aggregator URL {:?} is https but the webhook has no CA for it \
+             (--sidecar-aggregator-ca); sidecar not injected",
+            aggregator.as_str()
         ));
         return Injection { patch: Vec::new(), warnings };
     }
@@ -161,16 +132,16 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     let resources = resources(&annotation, &mut warnings);
 
     let mut sidecar = json!({
-        "name": SIDECAR_NAME,
+        "name": SIDECAR_CONTAINER,
         "image": settings.image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["sidecar"],
         "env": [
             task_hub,
-            renamed_env("DURABLE_SCALER_CONNECTION", connection),
-            {"name": "DURABLE_SCALER_AGGREGATOR", "value": aggregator},
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
+            renamed_env(env::CONNECTION, connection),
+            {"name": env::AGGREGATOR, "value": url_text(&aggregator)},
+            {"name": env::POD_NAME, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+            {"name": env::POD_NAMESPACE, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
         ],
         "resources": resources,
         // Liveness only: a readiness probe on a sidecar would take the app out of its Service
@@ -195,7 +166,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
     if let (true, Some(ca), Some(env)) = (https, &settings.aggregator_ca, sidecar["env"].as_array_mut()) {
-        env.push(json!({"name": "DURABLE_SCALER_AGGREGATOR_CA", "value": ca}));
+        env.push(json!({"name": env::AGGREGATOR_CA, "value": ca}));
     }
     if native {
         sidecar["restartPolicy"] = json!("Always");
@@ -218,7 +189,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
             "projected": {"sources": [{"serviceAccountToken": {
                 "audience": TOKEN_AUDIENCE,
                 "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
-                "path": "token",
+                "path": TOKEN_FILE_NAME,
             }}]},
         });
         append(&mut patch, spec, "/spec", "volumes", volume);
@@ -227,7 +198,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     let mut new_annotations = Map::new();
     let status = json!({
         "version": settings.version,
-        "containers": [SIDECAR_NAME],
+        "containers": [SIDECAR_CONTAINER],
         "volumes": [TOKEN_VOLUME],
         "mode": if native { "native-sidecar" } else { "container" },
     });
@@ -251,12 +222,12 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     Injection { patch, warnings }
 }
 
-/// True when a container named [`SIDECAR_NAME`] is in `containers` or `initContainers`.
+/// True when a container named [`SIDECAR_CONTAINER`] is in `containers` or `initContainers`.
 fn has_sidecar(spec: &Map<String, Value>) -> bool {
     ["containers", "initContainers"].iter().any(|list| {
-        spec.get(*list)
-            .and_then(Value::as_array)
-            .is_some_and(|cs| cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME)))
+        spec.get(*list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
+        })
     })
 }
 
@@ -300,15 +271,15 @@ fn renamed_env(name: &str, entry: &Value) -> Value {
 /// `DURABLE_SCALER_TASK_HUB`: the annotation, else the app's hub-name setting (copied as it
 /// stands, so a `valueFrom` works too), else the extension's default with a warning.
 fn task_hub_env(annotation: Option<&str>, app: &Value, warnings: &mut Vec<String>) -> Value {
-    const NAME: &str = "DURABLE_SCALER_TASK_HUB";
+    const NAME: &str = env::TASK_HUB;
     if let Some(hub) = annotation {
-        if valid_task_hub(hub) {
-            return json!({"name": NAME, "value": hub});
+        // The sidecar parses the same rule and would exit at start on a name it refuses.
+        match TaskHub::parse(hub) {
+            Ok(hub) => return json!({"name": NAME, "value": hub.name()}),
+            Err(e) => {
+                warnings.push(format!("durable-scaler: annotation {TASK_HUB_ANNOTATION}: {e}; ignored"))
+            }
         }
-        warnings.push(format!(
-            "durable-scaler: annotation {TASK_HUB_ANNOTATION}={hub:?} is not a task hub name \
-             (3 to 50 letters and digits); ignored"
-        ));
     }
     if let Some(entry) = env_entry(app, HUB_NAME_ENV) {
         return renamed_env(NAME, entry);
@@ -318,11 +289,6 @@ fn task_hub_env(annotation: Option<&str>, app: &Value, warnings: &mut Vec<String
          assuming the Durable Functions default {DEFAULT_TASK_HUB}"
     ));
     json!({"name": NAME, "value": DEFAULT_TASK_HUB})
-}
-
-/// Task hub names are 3 to 50 ASCII letters and digits (durabletask-facts.md).
-fn valid_task_hub(name: &str) -> bool {
-    (3..=50).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Requests and limits from the annotations, each invalid one replaced by its default with a
@@ -405,6 +371,16 @@ pub fn parse_quantity(raw: &str) -> Option<f64> {
     Some(value * scale).filter(|v| v.is_finite())
 }
 
+/// The URL as written, without the `/` path the parser adds to `http://host:port`.
+fn url_text(url: &url::Url) -> &str {
+    let text = url.as_str();
+    if url.path() == "/" && url.query().is_none() && url.fragment().is_none() {
+        text.strip_suffix('/').unwrap_or(text)
+    } else {
+        text
+    }
+}
+
 /// Appends `item` to the array `parent_path/key`, creating the array first when absent.
 fn append(patch: &mut Vec<Value>, parent: &Map<String, Value>, parent_path: &str, key: &str, item: Value) {
     let path = format!("{parent_path}/{}", escape(key));
@@ -430,7 +406,7 @@ mod tests {
     fn settings() -> InjectionSettings {
         InjectionSettings {
             image: "example.test/durable-scaler:1".to_owned(),
-            aggregator: "http://aggregator.test:4371".to_owned(),
+            aggregator: "http://aggregator.test:4371".parse().unwrap(),
             aggregator_ca: None,
             native_sidecar: true,
             version: "9.9.9".to_owned(),
@@ -459,7 +435,7 @@ mod tests {
         let sidecar = pod["spec"]["initContainers"]
             .as_array()
             .or(pod["spec"]["containers"].as_array())
-            .and_then(|cs| cs.iter().find(|c| c["name"] == SIDECAR_NAME))
+            .and_then(|cs| cs.iter().find(|c| c["name"] == SIDECAR_CONTAINER))
             .cloned()
             .unwrap();
         sidecar["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned().unwrap_or(Value::Null)
@@ -533,6 +509,19 @@ mod tests {
     }
 
     #[test]
+    fn a_task_hub_starting_with_a_digit_is_not_injected_since_the_sidecar_would_refuse_it() {
+        // The sidecar parses DURABLE_SCALER_TASK_HUB with the same TaskHub rule and would
+        // exit at start (a crash-looping pod); the webhook falls back with a warning instead.
+        let pod = pod(json!({TASK_HUB_ANNOTATION: "1Hub"}), storage_env());
+        let injection = plan(&pod, &settings());
+        let injected = sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"].clone();
+        assert_ne!(injected, "1Hub");
+        assert!(TaskHub::parse(injected.as_str().unwrap_or_default()).is_ok(), "{injected}");
+        let says_why = |w: &String| w.contains("\"1Hub\"") && w.contains("starting with a letter");
+        assert!(injection.warnings.iter().any(says_why), "{:?}", injection.warnings);
+    }
+
+    #[test]
     fn connection_env_named_by_annotation_is_copied_and_nothing_else() {
         let env = json!([
             {"name": "Other", "value": "secret-ish"},
@@ -560,7 +549,7 @@ mod tests {
         for list in ["containers", "initContainers"] {
             let mut pod = pod(json!({}), storage_env());
             pod["spec"][list] =
-                json!([{"name": SIDECAR_NAME, "image": "x"}, {"name": "app", "env": storage_env()}]);
+                json!([{"name": SIDECAR_CONTAINER, "image": "x"}, {"name": "app", "env": storage_env()}]);
             assert_eq!(plan(&pod, &settings()), Injection::default(), "{list}");
         }
     }
@@ -588,7 +577,7 @@ mod tests {
         pod["spec"]["someAlphaField"] = json!(true);
         let out = applied(&pod, &plan(&pod, &settings()));
         assert_eq!(out["spec"]["initContainers"][0]["futureField"], json!({"x": 1}));
-        assert_eq!(out["spec"]["initContainers"][1]["name"], SIDECAR_NAME);
+        assert_eq!(out["spec"]["initContainers"][1]["name"], SIDECAR_CONTAINER);
         assert_eq!(out["spec"]["volumes"][0]["name"], "data");
         assert_eq!(out["spec"]["someAlphaField"], true);
         assert_eq!(out["metadata"]["annotations"]["keep"], "me");
@@ -598,7 +587,7 @@ mod tests {
     fn the_annotation_switches_to_a_plain_container_with_kubectl_default() {
         let pod = pod(json!({NATIVE_SIDECAR_ANNOTATION: "false"}), storage_env());
         let out = applied(&pod, &plan(&pod, &settings()));
-        assert_eq!(out["spec"]["containers"][1]["name"], SIDECAR_NAME);
+        assert_eq!(out["spec"]["containers"][1]["name"], SIDECAR_CONTAINER);
         assert!(out["spec"]["containers"][1].get("restartPolicy").is_none());
         assert!(out["spec"].get("initContainers").is_none());
         assert_eq!(out["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION], "app");
@@ -654,7 +643,7 @@ mod tests {
         let injection = plan(&pod, &settings());
         assert_eq!(
             sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_AGGREGATOR")["value"],
-            settings().aggregator
+            url_text(&settings().aggregator)
         );
     }
 

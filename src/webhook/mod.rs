@@ -43,9 +43,13 @@ use tls::{CertStore, TlsError};
 /// The one image that serves every role; the sidecar's default image.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/durable-scaler/durable-scaler:", env!("CARGO_PKG_VERSION"));
 /// The aggregator's report endpoint as installed by `manifests/`.
-pub const DEFAULT_AGGREGATOR: &str = "http://durable-scaler-aggregator.durable-scaler:4371";
-/// The webhook's default listen address (the Service maps 443 to it).
+pub const DEFAULT_AGGREGATOR: &str = crate::contract::DEFAULT_AGGREGATOR_URL;
+/// The webhook's default listen address (the Service maps 443 to it); its port is
+/// [`crate::contract::WEBHOOK_PORT`] (checked by a test).
 pub const DEFAULT_ADDR: &str = "0.0.0.0:8443";
+/// The certificate reload intervals accepted.
+const TLS_RELOAD_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 /// Largest AdmissionReview accepted; the API server's own request limit is larger, but a
 /// pod is far smaller than this.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -69,16 +73,17 @@ pub struct Args {
     /// Accept TLS 1.3 only (default: TLS 1.2 and 1.3).
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_TLS13_ONLY")]
     pub tls13_only: bool,
-    /// Seconds between looks at the certificate files for a renewed pair.
-    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_TLS_RELOAD_SECONDS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub tls_reload_seconds: u64,
+    /// How often to look at the certificate files for a renewed pair (1s to 1h).
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "5s",
+          value_parser = |text: &str| crate::config::parse_duration_within(text, &TLS_RELOAD_RANGE))]
+    pub tls_reload_interval: Duration,
     /// Image of the injected sidecar (by default this webhook's own image).
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE", default_value = DEFAULT_IMAGE)]
     pub sidecar_image: String,
     /// Aggregator report URL given to sidecars (annotation durable-scaler.io/aggregator overrides).
-    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR", default_value = DEFAULT_AGGREGATOR)]
-    pub aggregator: String,
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR", default_value = DEFAULT_AGGREGATOR,
+          value_parser = crate::config::parse_http_url)]
+    pub aggregator: url::Url,
     /// PEM CA that signed the aggregator's report-port certificate (aggregator
     /// `--report-tls`): needed for an https aggregator URL, read at start and given to each
     /// sidecar inline (`DURABLE_SCALER_AGGREGATOR_CA`). A new CA reaches pods created after
@@ -107,9 +112,6 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// `--aggregator` is not an http(s) URL.
-    #[error("--aggregator (DURABLE_SCALER_WEBHOOK_AGGREGATOR) {0:?} is not an http(s) URL")]
-    Aggregator(String),
     /// `--sidecar-image` is empty.
     #[error("--sidecar-image (DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE) is empty")]
     Image,
@@ -149,9 +151,6 @@ pub struct Webhook {
 impl Webhook {
     /// Validates `args`, loads the certificate and binds the listener.
     pub async fn bind(args: &Args) -> Result<Self, Error> {
-        if crate::config::http_url(&args.aggregator).is_none() {
-            return Err(Error::Aggregator(args.aggregator.clone()));
-        }
         let aggregator_ca = match &args.sidecar_aggregator_ca {
             Some(path) => {
                 let pem = crate::tls::read_ca_pem(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
@@ -159,10 +158,10 @@ impl Webhook {
                     .map_err(|_| Error::AggregatorCa(format!("{} is not PEM text", path.display())))?;
                 Some(text.trim().to_owned())
             }
-            None if args.aggregator.starts_with("https://") => {
+            None if args.aggregator.scheme() == "https" => {
                 return Err(Error::AggregatorCa(format!(
                     "not set, and --aggregator {:?} is https: sidecars need the CA of its certificate",
-                    args.aggregator
+                    args.aggregator.as_str()
                 )));
             }
             None => None,
@@ -185,7 +184,7 @@ impl Webhook {
             listener,
             certs: certs.clone(),
             tls,
-            reload_interval: Duration::from_secs(args.tls_reload_seconds),
+            reload_interval: args.tls_reload_interval,
             state: AppState { settings: Arc::new(settings), stats: Arc::default(), certs: certs.clone() },
         })
     }
@@ -342,28 +341,29 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
-/// Runs `durable-scaler webhook` until SIGTERM or Ctrl-C.
-pub fn run(args: Args) -> ExitCode {
-    crate::telemetry::init();
-    crate::telemetry::install_crypto_provider();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
+/// Runs `durable-scaler webhook` until SIGTERM or Ctrl-C; exit status 2 when it cannot
+/// start (the certificate, the CA, the address).
+pub async fn run(args: Args) -> ExitCode {
+    let webhook = match Webhook::bind(&args).await {
+        Ok(w) => w,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
+            tracing::error!("{e}");
+            return ExitCode::from(2);
         }
     };
-    runtime.block_on(async {
-        let webhook = match Webhook::bind(&args).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(2);
-            }
-        };
-        let addr = webhook.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(%addr, native_sidecar = args.native_sidecar, image = %args.sidecar_image, "webhook serving");
-        webhook.serve(Shutdown::on_signal()).await;
-        ExitCode::SUCCESS
-    })
+    let addr = webhook.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%addr, native_sidecar = args.native_sidecar, image = %args.sidecar_image, "webhook serving");
+    webhook.serve(Shutdown::on_signal()).await;
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_address_is_the_contract_port() {
+        let addr: SocketAddr = DEFAULT_ADDR.parse().unwrap();
+        assert_eq!(addr.port(), crate::contract::WEBHOOK_PORT);
+    }
 }

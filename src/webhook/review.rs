@@ -102,7 +102,7 @@ mod tests {
     fn settings() -> InjectionSettings {
         InjectionSettings {
             image: "img".to_owned(),
-            aggregator: "http://agg:4371".to_owned(),
+            aggregator: "http://agg:4371".parse().unwrap(),
             aggregator_ca: None,
             native_sidecar: true,
             version: "0".to_owned(),

@@ -81,16 +81,16 @@ fn sidecar_args(
     token_dir: &tempfile::TempDir,
 ) -> SidecarArgs {
     SidecarArgs {
-        task_hub: Some(hub.to_string()),
+        task_hub: Some(TaskHub::parse(hub).expect("valid hub name")),
         connection: Some(connection()),
-        aggregator: Some(format!("http://{}", aggregator.report_addr)),
+        aggregator: Some(format!("http://{}", aggregator.report_addr).parse().expect("a URL")),
         aggregator_ca: None,
         pod_name: Some(pod.to_string()),
         pod_namespace: Some(NAMESPACE.to_string()),
-        interval: interval.into(),
-        partition_mode: "table".into(),
+        interval: durable_scaler::config::parse_duration(interval).expect("a duration"),
+        partition_mode: PartitionMode::Table,
         token_file: token_dir.path().join("token"),
-        http_addr: "127.0.0.1:0".into(),
+        http_addr: ([127, 0, 0, 1], 0).into(),
     }
 }
 

@@ -223,7 +223,8 @@ async fn reports_over_tls_are_accepted_only_by_a_sidecar_that_trusts_the_aggrega
     let https = format!("https://localhost:{}", report_addr.port());
     let client = |url: &str, ca: Option<&Ca>| {
         let pem = ca.map(Ca::pem);
-        ReportClient::new(url, pem.as_deref().map(str::as_bytes), no_token.clone()).expect("a valid client")
+        ReportClient::new(&url.parse().expect("a URL"), pem.as_deref().map(str::as_bytes), no_token.clone())
+            .expect("a valid client")
     };
 
     client(&https, Some(&ca))
@@ -247,7 +248,7 @@ async fn reports_over_tls_are_accepted_only_by_a_sidecar_that_trusts_the_aggrega
     let (_, hubs) = http_get(http_addr, "/hubs").await;
     assert!(hubs.contains(r#""live_pods":1"#), "no refused report reached the registry: {hubs}");
     assert!(
-        ReportClient::new(&https, None, no_token.clone()).is_err(),
+        ReportClient::new(&https.parse().expect("a URL"), None, no_token.clone()).is_err(),
         "an https client without a CA is refused at construction"
     );
     server.stop().await;

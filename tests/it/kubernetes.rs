@@ -13,11 +13,12 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use durable_scaler::aggregator::sources::{
-    AuthError, ReportAuthenticator, ReportIdentity, ScaledObjectKey, WorkerCountSource,
+    AuthError, RecommendationChange, RecommendationRecorder, ReportAuthenticator, ReportIdentity,
+    ScaledObjectKey, WorkerCountSource, authorize,
 };
+use durable_scaler::clock::UnixMs;
 use durable_scaler::kubernetes::{
-    EventRecorder, KubeArgs, KubeContext, KubeWorkerCount, RecommendationChange, ReportAuth,
-    TokenReviewAuthenticator, authorize, check_report_auth,
+    EventRecorder, KubeArgs, KubeContext, KubeWorkerCount, TokenReviewAuthenticator,
 };
 use durable_scaler::proto::report::PodRef;
 use prometheus_client::registry::Registry;
@@ -385,14 +386,13 @@ async fn worker_count_after_the_ttl_rereads_only_the_scale() {
     let api = FakeApi::start().await;
     api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
     api.set_scale("/apis/apps/v1/namespaces/apps/deployments/orders-func", 3);
-    let ttl = Duration::from_millis(100);
+    let ttl = Duration::from_secs(5);
     let source = KubeWorkerCount::new(api.client(), ttl);
+    let asked_at = UnixMs::now();
 
-    source.worker_count(&key("apps", "orders")).await;
-    let read_at = Instant::now();
+    source.worker_count_at(&key("apps", "orders"), asked_at).await;
     api.set_scale("/apis/apps/v1/namespaces/apps/deployments/orders-func", 4);
-    tokio::time::sleep_until(read_at + ttl).await;
-    assert_eq!(source.worker_count(&key("apps", "orders")).await, Some(4));
+    assert_eq!(source.worker_count_at(&key("apps", "orders"), asked_at.plus(ttl)).await, Some(4));
     let requests = api.requests();
     assert_eq!(requests.len(), 3, "{requests:?}");
     assert_eq!(requests[2].1, "/apis/apps/v1/namespaces/apps/deployments/orders-func/scale");
@@ -580,19 +580,36 @@ async fn a_checked_token_is_answered_from_the_cache() {
 }
 
 #[tokio::test]
-async fn a_cached_token_is_not_trusted_past_its_expiry() {
+async fn a_cached_token_is_checked_again_once_past_its_expiry() {
     let api = FakeApi::start().await;
-    let exp = unix_now() + 2;
+    // Valid for ten minutes of real time, so the API server accepts it throughout; the
+    // authenticator is asked as if that time had passed.
+    let exp = unix_now() + 600;
     let token = api.issue_token(pod_token("apps", "p", "durable-scaler", exp));
-    let authenticator = TokenReviewAuthenticator::new(api.client());
+    let authenticator =
+        TokenReviewAuthenticator::new(api.client()).with_cache_max_age(Duration::from_secs(3600));
+    let expiry = UnixMs(i64::try_from(exp).unwrap() * 1000);
 
-    authenticator.authenticate(Some(&token)).await.unwrap();
-    let expired_at = UNIX_EPOCH + Duration::from_secs(exp);
-    if let Ok(wait) = expired_at.duration_since(SystemTime::now()) {
-        tokio::time::sleep(wait + Duration::from_millis(50)).await;
-    }
-    assert!(is_unauthenticated(&authenticator.authenticate(Some(&token)).await));
-    assert_eq!(api.requests().len(), 2, "an expired cache entry must be checked again");
+    authenticator.authenticate_at(Some(&token), expiry.plus_ms(-60_000)).await.unwrap();
+    authenticator.authenticate_at(Some(&token), expiry.plus_ms(-1)).await.unwrap();
+    assert_eq!(api.requests().len(), 1, "before its expiry the cached answer is used");
+    authenticator.authenticate_at(Some(&token), expiry).await.unwrap();
+    assert_eq!(api.requests().len(), 2, "at its expiry the token is reviewed again");
+}
+
+#[tokio::test]
+async fn a_cached_token_is_checked_again_after_the_cache_max_age() {
+    let api = FakeApi::start().await;
+    let token = api.issue_token(pod_token("apps", "p", "durable-scaler", unix_now() + 3600));
+    let max_age = Duration::from_secs(60);
+    let authenticator = TokenReviewAuthenticator::new(api.client()).with_cache_max_age(max_age);
+    let checked_at = UnixMs::now();
+
+    authenticator.authenticate_at(Some(&token), checked_at).await.unwrap();
+    authenticator.authenticate_at(Some(&token), checked_at.plus(max_age).plus_ms(-1)).await.unwrap();
+    assert_eq!(api.requests().len(), 1);
+    authenticator.authenticate_at(Some(&token), checked_at.plus(max_age)).await.unwrap();
+    assert_eq!(api.requests().len(), 2, "the cache's maximum age bounds trust in a checked token");
 }
 
 #[tokio::test]
@@ -632,7 +649,8 @@ impl FakeApi {
 fn change(previous: u32, workers: u32) -> RecommendationChange {
     RecommendationChange {
         previous: Some(previous),
-        workers,
+        desired_workers: workers,
+        workers: previous,
         reason: format!("work-item queue latency rising, {workers} workers"),
     }
 }
@@ -643,7 +661,7 @@ async fn a_recommendation_change_becomes_an_event_on_the_scaled_object() {
     api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
     let recorder = EventRecorder::new(api.client(), "aggregator-0", LONG);
 
-    recorder.recommendation_changed(&key("apps", "orders"), change(2, 5));
+    recorder.recommendation_changed(&key("apps", "orders"), &change(2, 5));
     eventually("one Event", || api.events().len() == 1).await;
     let event = &api.events()[0];
     assert_eq!(
@@ -667,20 +685,21 @@ async fn a_recommendation_change_becomes_an_event_on_the_scaled_object() {
 async fn each_change_after_the_interval_is_recorded_once() {
     let api = FakeApi::start().await;
     api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
-    let interval = Duration::from_millis(200);
-    let recorder = EventRecorder::new(api.client(), "aggregator-0", interval);
+    let recorder = EventRecorder::new(api.client(), "aggregator-0", LONG);
     let mut registry = Registry::default();
     recorder.register(&mut registry);
 
-    let first_at = Instant::now();
-    recorder.recommendation_changed(&key("apps", "orders"), change(2, 5));
+    let first_at = UnixMs::now();
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(2, 5), first_at);
     eventually("the first Event", || api.events().len() == 1).await;
-    tokio::time::sleep_until(first_at + interval).await;
-    recorder.recommendation_changed(&key("apps", "orders"), change(5, 3));
-    eventually("the second Event", || api.events().len() == 2).await;
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(5, 3), first_at.plus(LONG));
+    // Counted when the API server's answer arrives, just after the server stored the Event.
+    eventually("the second Event counted", || {
+        counter(&registry, "durable_scaler_kube_events_total", "created") == 2
+    })
+    .await;
 
     assert_eq!(api.events()[1]["note"], "desired workers 5 -> 3: work-item queue latency rising, 3 workers");
-    assert_eq!(counter(&registry, "durable_scaler_kube_events_total", "created"), 2);
     assert_eq!(counter(&registry, "durable_scaler_kube_events_total", "suppressed"), 0);
 }
 
@@ -692,10 +711,10 @@ async fn a_flapping_hub_gets_one_event_per_interval() {
     let mut registry = Registry::default();
     recorder.register(&mut registry);
 
-    recorder.recommendation_changed(&key("apps", "orders"), change(1, 2));
+    recorder.recommendation_changed(&key("apps", "orders"), &change(1, 2));
     eventually("the first Event", || api.events().len() == 1).await;
     for workers in 3..23 {
-        recorder.recommendation_changed(&key("apps", "orders"), change(workers - 1, workers));
+        recorder.recommendation_changed(&key("apps", "orders"), &change(workers - 1, workers));
     }
 
     // The 20 changes wait for the end of the hour-long interval: the latest is pending, the 19
@@ -708,11 +727,15 @@ async fn a_flapping_hub_gets_one_event_per_interval() {
 async fn changes_within_the_interval_are_folded_into_one_event_with_the_latest() {
     let api = FakeApi::start().await;
     api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
-    let recorder = EventRecorder::new(api.client(), "aggregator-0", Duration::from_millis(300));
+    let recorder = EventRecorder::new(api.client(), "aggregator-0", LONG);
+    let first_at = UnixMs::now();
+    // The later changes come a millisecond before the hour-long interval ends, so the folded
+    // Event is due a millisecond later.
+    let late = first_at.plus(LONG).plus_ms(-1);
 
-    recorder.recommendation_changed(&key("apps", "orders"), change(1, 2));
-    recorder.recommendation_changed(&key("apps", "orders"), change(2, 4));
-    recorder.recommendation_changed(&key("apps", "orders"), change(4, 6));
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(1, 2), first_at);
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(2, 4), late);
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(4, 6), late);
     eventually("the folded Event", || api.events().len() == 2).await;
 
     let note = api.events()[1]["note"].as_str().unwrap().to_owned();
@@ -724,19 +747,24 @@ async fn changes_within_the_interval_are_folded_into_one_event_with_the_latest()
 async fn a_change_back_to_the_recorded_count_within_the_interval_records_nothing() {
     let api = FakeApi::start().await;
     api.add_scaled_object("apps", "orders", json!({"name": "orders-func"}));
-    let recorder = EventRecorder::new(api.client(), "aggregator-0", Duration::from_millis(200));
+    let recorder = EventRecorder::new(api.client(), "aggregator-0", LONG);
     let mut registry = Registry::default();
     recorder.register(&mut registry);
+    let first_at = UnixMs::now();
+    let late = first_at.plus(LONG).plus_ms(-1);
 
-    recorder.recommendation_changed(&key("apps", "orders"), change(1, 2));
-    recorder.recommendation_changed(&key("apps", "orders"), change(2, 3));
-    recorder.recommendation_changed(&key("apps", "orders"), change(3, 2));
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(1, 2), first_at);
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(2, 3), late);
+    recorder.recommendation_changed_at(&key("apps", "orders"), &change(3, 2), late);
     eventually("both changes suppressed", || {
         counter(&registry, "durable_scaler_kube_events_total", "suppressed") == 2
     })
     .await;
-    eventually("the first Event", || api.events().len() == 1).await;
-    assert_eq!(counter(&registry, "durable_scaler_kube_events_total", "created"), 1);
+    eventually("the first Event counted", || {
+        counter(&registry, "durable_scaler_kube_events_total", "created") == 1
+    })
+    .await;
+    assert_eq!(api.events().len(), 1);
 }
 
 #[tokio::test]
@@ -747,7 +775,7 @@ async fn event_failures_are_counted_not_returned() {
     let mut registry = Registry::default();
     recorder.register(&mut registry);
 
-    recorder.recommendation_changed(&key("apps", "orders"), change(1, 2));
+    recorder.recommendation_changed(&key("apps", "orders"), &change(1, 2));
     eventually("the failure counted", || {
         counter(&registry, "durable_scaler_kube_events_total", "failed") == 1
     })
@@ -761,8 +789,8 @@ async fn rate_limits_are_per_scaled_object() {
     api.add_scaled_object("apps", "billing", json!({"name": "billing-func"}));
     let recorder = EventRecorder::new(api.client(), "aggregator-0", LONG);
 
-    recorder.recommendation_changed(&key("apps", "orders"), change(1, 2));
-    recorder.recommendation_changed(&key("apps", "billing"), change(1, 2));
+    recorder.recommendation_changed(&key("apps", "orders"), &change(1, 2));
+    recorder.recommendation_changed(&key("apps", "billing"), &change(1, 2));
     eventually("one Event per ScaledObject", || api.events().len() == 2).await;
 }
 
@@ -815,8 +843,6 @@ async fn without_any_kubernetes_config_there_is_no_context_and_one_warning() {
     }
     durable_scaler::telemetry::init();
     assert!(KubeContext::try_default(KubeArgs::default()).await.is_none());
-    let refusal = check_report_auth(ReportAuth::Tokenreview, false).unwrap_err();
-    assert!(refusal.to_string().contains("--report-auth none"));
 }
 
 #[tokio::test]

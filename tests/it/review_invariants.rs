@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use durable_scaler::webhook::{
-    inject::{InjectionSettings, SIDECAR_NAME},
+    inject::InjectionSettings,
     review::{self, API_VERSION},
 };
 use serde_json::Value;
@@ -13,7 +13,7 @@ use serde_json::Value;
 pub fn settings() -> InjectionSettings {
     InjectionSettings {
         image: "ghcr.io/durable-scaler/durable-scaler:fuzz".to_owned(),
-        aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+        aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
         aggregator_ca: None,
         native_sidecar: true,
         version: "fuzz".to_owned(),
@@ -63,7 +63,7 @@ pub fn check(data: &[u8], settings: &InjectionSettings) -> bool {
     let sidecars = ["containers", "initContainers"]
         .iter()
         .flat_map(|list| pod["spec"][*list].as_array().cloned().unwrap_or_default())
-        .filter(|c| c["name"] == SIDECAR_NAME)
+        .filter(|c| c["name"] == durable_scaler::contract::SIDECAR_CONTAINER)
         .count();
     assert_eq!(sidecars, 1, "exactly one sidecar after injection");
     for list in ["containers", "initContainers", "volumes"] {

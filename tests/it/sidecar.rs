@@ -117,16 +117,16 @@ fn args(
     token_file: PathBuf,
 ) -> Args {
     Args {
-        task_hub: Some(hub.name().to_string()),
+        task_hub: Some(hub.clone()),
         connection: Some(connection),
-        aggregator: Some(aggregator.to_string()),
+        aggregator: Some(aggregator.parse().expect("an aggregator URL")),
         aggregator_ca: None,
         pod_name: Some(pod.to_string()),
         pod_namespace: Some("apps".into()),
-        interval: "200ms".into(),
-        partition_mode: mode.as_str().into(),
+        interval: Duration::from_millis(200),
+        partition_mode: mode,
         token_file,
-        http_addr: "127.0.0.1:0".into(),
+        http_addr: ([127, 0, 0, 1], 0).into(),
     }
 }
 

@@ -8,6 +8,7 @@ use crate::https;
 use std::{sync::Arc, time::Duration};
 
 use base64::Engine;
+use clap::Parser as _;
 use durable_scaler::{
     shutdown::Shutdown,
     webhook::{Args, Stats, Webhook, tls::CertStore},
@@ -44,9 +45,9 @@ impl Running {
             tls_cert: volume.cert(),
             tls_key: volume.key(),
             tls13_only: false,
-            tls_reload_seconds: 5,
+            tls_reload_interval: Duration::from_secs(5),
             sidecar_image: "ghcr.io/durable-scaler/durable-scaler:test".to_owned(),
-            aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".to_owned(),
+            aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
             sidecar_aggregator_ca: None,
             native_sidecar: true,
         };
@@ -369,26 +370,29 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
         tls_cert: "/nonexistent/tls.crt".into(),
         tls_key: "/nonexistent/tls.key".into(),
         tls13_only: false,
-        tls_reload_seconds: 5,
+        tls_reload_interval: Duration::from_secs(5),
         sidecar_image: "img".to_owned(),
-        aggregator: "http://agg:4371".to_owned(),
+        aggregator: "http://agg:4371".parse().unwrap(),
         sidecar_aggregator_ca: None,
         native_sidecar: true,
     };
     let error = Webhook::bind(&args).await.unwrap_err().to_string();
     assert!(error.contains("--tls-cert") && error.contains("/nonexistent/tls.crt"), "{error}");
-    let error = Webhook::bind(&Args { aggregator: "agg:4371".to_owned(), ..args.clone() })
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(error.contains("--aggregator"), "{error}");
-    let error = Webhook::bind(&Args { aggregator: "https://agg:4371".to_owned(), ..args.clone() })
+    let parse_error =
+        durable_scaler::cli::Cli::try_parse_from(["durable-scaler", "webhook", "--aggregator", "agg:4371"])
+            .unwrap_err()
+            .to_string();
+    assert!(
+        parse_error.contains("--aggregator") && parse_error.contains("not an http(s) URL"),
+        "{parse_error}"
+    );
+    let error = Webhook::bind(&Args { aggregator: "https://agg:4371".parse().unwrap(), ..args.clone() })
         .await
         .unwrap_err()
         .to_string();
     assert!(error.contains("--sidecar-aggregator-ca") && error.contains("https"), "{error}");
     let error = Webhook::bind(&Args {
-        aggregator: "https://agg:4371".to_owned(),
+        aggregator: "https://agg:4371".parse().unwrap(),
         sidecar_aggregator_ca: Some("/nonexistent/ca.crt".into()),
         ..args
     })
@@ -406,7 +410,7 @@ async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
     std::fs::write(&ca_file, &aggregator.ca_pem).unwrap();
     let url = "https://durable-scaler-aggregator.durable-scaler:4371";
     let webhook = Running::start(|args| {
-        args.aggregator = url.to_owned();
+        args.aggregator = url.parse().unwrap();
         args.sidecar_aggregator_ca = Some(ca_file.clone());
     })
     .await;
@@ -420,20 +424,33 @@ async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
     assert_eq!(value("DURABLE_SCALER_AGGREGATOR").as_deref(), Some(url));
     assert_eq!(value("DURABLE_SCALER_AGGREGATOR_CA").as_deref(), Some(aggregator.ca_pem.trim()));
 
-    // The sidecar takes the injected values as they are (the connection is a secretKeyRef
-    // in the pod; any valid one stands in for it here).
-    let sidecar = durable_scaler::sidecar::Config::from_args(durable_scaler::sidecar::Args {
-        task_hub: value("DURABLE_SCALER_TASK_HUB"),
-        connection: Some("UseDevelopmentStorage=true".to_owned()),
-        aggregator: value("DURABLE_SCALER_AGGREGATOR"),
-        aggregator_ca: value("DURABLE_SCALER_AGGREGATOR_CA"),
-        pod_name: Some("orders-7d9f-x2".to_owned()),
-        pod_namespace: Some("apps".to_owned()),
-        interval: "5s".to_owned(),
-        partition_mode: "table".to_owned(),
-        token_file: dir.path().join("token"),
-        http_addr: "127.0.0.1:0".to_owned(),
-    })
-    .expect("the sidecar accepts what the webhook injected");
+    // The sidecar's own command line takes the injected values as they are (the connection
+    // is a secretKeyRef in the pod; any valid one stands in for it here).
+    let mut command_line: Vec<String> = vec!["durable-scaler".into(), "sidecar".into()];
+    for (flag, variable) in [
+        ("--task-hub", "DURABLE_SCALER_TASK_HUB"),
+        ("--aggregator", "DURABLE_SCALER_AGGREGATOR"),
+        ("--aggregator-ca", "DURABLE_SCALER_AGGREGATOR_CA"),
+    ] {
+        // `--flag=value`: the inline PEM starts with dashes.
+        command_line
+            .push(format!("{flag}={}", value(variable).unwrap_or_else(|| panic!("{variable} injected"))));
+    }
+    command_line.extend(
+        [
+            "--connection",
+            "UseDevelopmentStorage=true",
+            "--pod-name",
+            "orders-7d9f-x2",
+            "--pod-namespace",
+            "apps",
+        ]
+        .map(str::to_owned),
+    );
+    let parsed = durable_scaler::cli::Cli::try_parse_from(&command_line)
+        .expect("the sidecar parses what was injected");
+    let durable_scaler::cli::Command::Sidecar(args) = parsed.command else { panic!("not the sidecar") };
+    let sidecar = durable_scaler::sidecar::Config::from_args(args)
+        .expect("the sidecar accepts what the webhook injected");
     assert_eq!(sidecar.aggregator_ca.as_deref(), Some(aggregator.ca_pem.trim().as_bytes()));
 }
