@@ -1,5 +1,10 @@
 # One image for every role (webhook, sidecar, aggregator) and certs-gen.
-# Not built in this project's CI (its machines have no container engine); see the README.
+# Not built in this project's CI (its machines have no container engine); see the README:
+#   docker build -t registry.example.com/team/durable-scaler:0.1.0 .
+# The build stage has no --platform=$BUILDPLATFORM, so it runs on the platform the image is for
+# (`docker buildx build --platform linux/arm64` builds arm64 binaries under emulation) and the
+# binaries always match the runtime stage. Bookworm matches distroless cc-debian12's glibc.
+# --locked: exactly the versions in Cargo.lock.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -1,7 +1,8 @@
 //! The cluster side: the TLS Secret (`create`) and the MutatingWebhookConfiguration's
 //! `caBundle` (`patch`), through the real `kube` client.
 //!
-//! Both are safe to run again and from several Job pods at once: `create` writes only when
+//! Both are safe to run again and from several pods at once (every webhook replica runs them
+//! as init containers, and the renewal CronJob may run meanwhile): `create` writes only when
 //! the Secret is missing or no longer good, using the API server's optimistic concurrency
 //! (create fails with 409 when another pod won; replace fails with 409 on a stale
 //! `resourceVersion`) and re-reads after losing; `patch` writes only when a `caBundle`
@@ -43,7 +44,7 @@ pub enum ClusterError {
         /// The Secret's name.
         name: String,
     },
-    /// Other Job pods kept changing the Secret under us.
+    /// Other pods kept changing the Secret under us.
     #[error("Secret {namespace}/{name} kept changing while being written; giving up")]
     Contended {
         /// The Secret's namespace.
@@ -144,22 +145,7 @@ pub async fn patch(
     secret_name: &str,
     config: &str,
 ) -> Result<usize, ClusterError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = secrets.get(secret_name).await.map_err(|source| ClusterError::Api {
-        action: format!("reading Secret {namespace}/{secret_name}"),
-        source,
-    })?;
-    let ca = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("ca.crt"))
-        .filter(|ca| !ca.0.is_empty())
-        .cloned()
-        .ok_or_else(|| ClusterError::NoCa {
-            namespace: namespace.to_owned(),
-            name: secret_name.to_owned(),
-        })?;
-
+    let ca = read_ca(client.clone(), namespace, secret_name).await?;
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
     let current = configs.get(config).await.map_err(|source| ClusterError::Api {
         action: format!("reading MutatingWebhookConfiguration {config}"),
@@ -187,6 +173,23 @@ pub async fn patch(
         ClusterError::Api { action: format!("patching MutatingWebhookConfiguration {config}"), source }
     })?;
     Ok(stale.len())
+}
+
+/// The Secret's `ca.crt` as stored now (what `patch` writes into the `caBundle`, and what an
+/// init container waits to see in its mounted copy of the Secret).
+pub async fn read_ca(client: Client, namespace: &str, secret_name: &str) -> Result<ByteString, ClusterError> {
+    let secrets: Api<Secret> = Api::namespaced(client, namespace);
+    let secret = secrets.get(secret_name).await.map_err(|source| ClusterError::Api {
+        action: format!("reading Secret {namespace}/{secret_name}"),
+        source,
+    })?;
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ca.crt"))
+        .filter(|ca| !ca.0.is_empty())
+        .cloned()
+        .ok_or_else(|| ClusterError::NoCa { namespace: namespace.to_owned(), name: secret_name.to_owned() })
 }
 
 fn material(secret: &Secret) -> Option<Material> {

@@ -3,9 +3,11 @@
 //!
 //! - [`pki`]: generating and checking the material (rcgen, rustls' verifier);
 //! - [`cluster`]: the TLS Secret and the MutatingWebhookConfiguration's `caBundle` (kube);
-//! - [`run`]: the command line (`create`, `create --out-dir`, `patch`).
+//! - [`mounted`]: waiting until a mounted Secret volume shows the material (init containers);
+//! - [`run`]: the command line (`create`, `create --out-dir`, `patch`, `wait`).
 
 pub mod cluster;
+pub mod mounted;
 pub mod pki;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -18,6 +20,8 @@ use clap::{Args, Parser, Subcommand};
 /// while the certificate stays valid past the renewal horizon, and renews it otherwise.
 /// `patch` writes the Secret's ca.crt into every webhook's caBundle of the
 /// MutatingWebhookConfiguration. `create --out-dir DIR` writes the files locally, no cluster.
+/// `wait --dir DIR` waits, with no cluster access, until a mounted Secret volume holds valid
+/// material (an init container of a pod whose Secret another pod creates).
 /// Every flag can also be set from the environment variable named in its help.
 #[derive(Debug, Parser)]
 #[command(name = "certs-gen", version, about, long_about)]
@@ -34,6 +38,8 @@ pub enum Command {
     Create(CreateArgs),
     /// Copy the Secret's ca.crt into the MutatingWebhookConfiguration's caBundle.
     Patch(PatchArgs),
+    /// Wait until a mounted Secret volume holds material valid for the Service (no cluster).
+    Wait(WaitArgs),
 }
 
 /// Where the Secret lives.
@@ -72,6 +78,43 @@ pub struct CreateArgs {
     #[arg(long, env = "CERTS_GEN_RENEW_BEFORE_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3649))]
     pub renew_before_days: u64,
+    /// After making sure of the Secret, wait until this directory (where the pod mounts the
+    /// Secret, `optional: true`) holds the Secret's current ca.crt, so the container that
+    /// starts next finds the files (an init container's last step).
+    #[arg(long, env = "CERTS_GEN_WAIT_MOUNTED", conflicts_with = "out_dir")]
+    pub wait_mounted: Option<PathBuf>,
+    #[command(flatten)]
+    pub wait: WaitTimeout,
+}
+
+/// How long to wait for a mounted Secret.
+#[derive(Debug, Clone, Args)]
+pub struct WaitTimeout {
+    /// Give up waiting for the mounted Secret after this many seconds (the kubelet refreshes a
+    /// Secret volume on its pod sync, about a minute); the kubelet then restarts the init
+    /// container.
+    #[arg(long, env = "CERTS_GEN_WAIT_TIMEOUT_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub wait_timeout_seconds: u64,
+}
+
+/// `certs-gen wait`.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// The directory where the Secret is mounted (ca.crt, tls.crt, tls.key).
+    #[arg(long, env = "CERTS_GEN_DIR")]
+    pub dir: PathBuf,
+    /// Namespace of the Service.
+    #[arg(long, env = "CERTS_GEN_NAMESPACE", default_value = "durable-scaler")]
+    pub namespace: String,
+    /// Name of the Service the certificate must be valid for (its names as for `create`).
+    #[arg(long, env = "CERTS_GEN_SERVICE")]
+    pub service: String,
+    /// Further DNS names or IP addresses the certificate must carry.
+    #[arg(long = "extra-name", env = "CERTS_GEN_EXTRA_NAMES", value_delimiter = ',')]
+    pub extra_names: Vec<String>,
+    #[command(flatten)]
+    pub wait: WaitTimeout,
 }
 
 /// `certs-gen patch`.
@@ -85,6 +128,8 @@ pub struct PatchArgs {
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+/// How often a mounted Secret volume is looked at while waiting.
+const WAIT_POLL: Duration = Duration::from_secs(1);
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +162,9 @@ pub enum Error {
     /// The cluster side failed.
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    /// The mounted Secret did not show the material in time.
+    #[error(transparent)]
+    Wait(#[from] mounted::WaitError),
 }
 
 /// Writes `ca.crt`, `tls.crt` and `tls.key` (mode 0600) into `dir`, creating it.
@@ -177,7 +225,14 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
                 validity,
                 renew_before: DAY * u32::try_from(args.renew_before_days).unwrap_or(u32::MAX),
             };
-            let outcome = cluster::create(client().await?, &spec, now).await?;
+            let client = client().await?;
+            let outcome = cluster::create(client.clone(), &spec, now).await?;
+            if let Some(dir) = &args.wait_mounted {
+                // Read back rather than use what this run wrote: another pod may have won.
+                let ca = cluster::read_ca(client, &spec.namespace, &spec.secret).await?;
+                let timeout = Duration::from_secs(args.wait.wait_timeout_seconds);
+                mounted::wait_for(dir, timeout, WAIT_POLL, |dir| mounted::holds_ca(dir, &ca.0)).await?;
+            }
             Ok(match outcome {
                 cluster::Outcome::Created => format!("created Secret {}/{}", spec.namespace, spec.secret),
                 cluster::Outcome::Renewed { reason } => {
@@ -197,6 +252,16 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
             )
             .await?;
             Ok(format!("MutatingWebhookConfiguration {}: {changed} caBundle(s) updated", args.webhook_config))
+        }
+        Command::Wait(args) => {
+            let mut names = pki::dns_names(&args.service, &args.namespace);
+            names.extend(args.extra_names.iter().cloned());
+            let timeout = Duration::from_secs(args.wait.wait_timeout_seconds);
+            mounted::wait_for(&args.dir, timeout, WAIT_POLL, |dir| {
+                mounted::holds_valid_material(dir, &names, time::OffsetDateTime::now_utc())
+            })
+            .await?;
+            Ok(format!("{} holds a certificate for {}", args.dir.display(), names.join(", ")))
         }
     }
 }

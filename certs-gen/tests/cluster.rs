@@ -37,6 +37,9 @@ struct Fake {
     calls: Vec<String>,
     /// When set, the next Secret create loses a race: this Secret appears first.
     concurrent_create: Option<Value>,
+    /// When set, the next Secret replace loses a race: another pod's replace of this Secret
+    /// lands first (a new resourceVersion), as when two webhook replicas renew at once.
+    concurrent_replace: Option<Value>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -103,6 +106,10 @@ async fn replace_secret(
     let mut fake = fake.lock().unwrap();
     fake.calls.push(format!("PUT secrets/{name}"));
     let key = (ns, name.clone());
+    if let Some(mut winner) = fake.concurrent_replace.take() {
+        winner["metadata"]["resourceVersion"] = json!(fake.next_version());
+        fake.secrets.insert(key.clone(), winner);
+    }
     let Some(stored) = fake.secrets.get(&key) else {
         return status(StatusCode::NOT_FOUND, "NotFound", &format!("secrets \"{name}\" not found"));
     };
@@ -313,6 +320,44 @@ async fn create_that_loses_the_race_to_another_pod_keeps_the_winners_secret() {
     api.fake.lock().unwrap().concurrent_create = Some(stored(&winner, "0"));
     assert_eq!(cluster::create(api.client.clone(), &spec(), now).await.unwrap(), Outcome::Unchanged);
     assert_eq!(material_of(&api.stored_secret()), winner);
+}
+
+#[tokio::test]
+async fn a_renewal_that_loses_the_race_to_another_pod_keeps_the_winners_secret() {
+    let api = fake_api().await;
+    let now = OffsetDateTime::now_utc();
+    api.put_secret(&pki::generate(&names(), now - DAY * 350, DAY * 365).unwrap()); // 15 days left
+    let winner = pki::generate(&names(), now, DAY * 365).unwrap();
+    api.fake.lock().unwrap().concurrent_replace = Some(stored(&winner, "0"));
+    assert_eq!(cluster::create(api.client.clone(), &spec(), now).await.unwrap(), Outcome::Unchanged);
+    assert_eq!(material_of(&api.stored_secret()), winner);
+    assert_eq!(
+        api.calls(),
+        [
+            "GET secrets/durable-scaler-webhook-tls",
+            "PUT secrets/durable-scaler-webhook-tls",
+            "GET secrets/durable-scaler-webhook-tls"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn two_replicas_creating_at_once_make_one_secret_and_agree_on_its_ca() {
+    let api = fake_api().await;
+    let now = OffsetDateTime::now_utc();
+    let spec = spec();
+    let (a, b) = tokio::join!(
+        cluster::create(api.client.clone(), &spec, now),
+        cluster::create(api.client.clone(), &spec, now)
+    );
+    let outcomes = [a.unwrap(), b.unwrap()];
+    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Created).count(), 1, "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Unchanged), "{outcomes:?}");
+    let stored = material_of(&api.stored_secret());
+    assert_eq!(pki::check(&stored, &names(), now), Ok(()));
+    // What each replica's init container then waits to see mounted: the one stored CA.
+    let ca = cluster::read_ca(api.client.clone(), NS, SECRET).await.unwrap();
+    assert_eq!(ca.0, stored.ca_pem.into_bytes());
 }
 
 fn webhook_config() -> Value {

@@ -128,10 +128,15 @@ fn help_documents_every_flag_with_its_environment_variable() {
 
 #[test]
 fn the_manifests_set_only_environment_variables_certs_gen_reads() {
-    let manifest =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/certs-gen.yaml")).unwrap();
+    let mut manifest = String::new();
+    for dir in ["base", "default"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests").join(dir);
+        for entry in std::fs::read_dir(dir).unwrap() {
+            manifest.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+        }
+    }
     let mut help = String::new();
-    for command in ["create", "patch"] {
+    for command in ["create", "patch", "wait"] {
         let output =
             Command::new(env!("CARGO_BIN_EXE_certs-gen")).args([command, "--help"]).output().unwrap();
         help.push_str(&String::from_utf8_lossy(&output.stdout));

@@ -1,7 +1,12 @@
-//! `manifests/`: every Kubernetes object validates against the Kubernetes JSON schemas
-//! (kubernetes-validate from PyPI, schemas bundled in the package), KEDA's objects have the
-//! shape KEDA reads, the overlays render, and every name, port, label and annotation matches
-//! what the code uses by default.
+//! `manifests/`: every kustomization is rendered with the real kustomize (`kubectl kustomize`),
+//! the rendered Kubernetes objects validate against the Kubernetes JSON schemas
+//! (kubernetes-validate from PyPI, strict), KEDA's objects against a JSON schema written from
+//! KEDA's CRDs (tests/fixtures/keda/, python `jsonschema`), and every name, port, image, RBAC
+//! rule and certs-gen step matches what the code uses.
+//!
+//! Python's `jsonschema` is used rather than a Rust crate because it is already installed as a
+//! dependency of kubernetes-validate (scripts/test pins both), so the KEDA check adds no crate
+//! graph to Cargo.lock and runs in the same venv as the Kubernetes check.
 
 use std::{
     collections::BTreeSet,
@@ -13,333 +18,206 @@ use clap::CommandFactory;
 use durable_scaler::webhook::{self, inject};
 use serde_json::{Value, json};
 
+/// Every kustomization under manifests/; a new one must be added here (checked below).
+const KUSTOMIZATIONS: [&str; 5] = ["base", "default", "plaintext", "example", "example-plaintext"];
+/// The installs a user applies (base is shared by both and not applied on its own).
+const INSTALLS: [&str; 2] = ["default", "plaintext"];
+const KEDA_SCHEMA: &str = "tests/fixtures/keda/keda-v2.20.2.schema.json";
+
 fn manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests")
 }
 
-/// Every document of one YAML file.
-fn documents(relative: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(manifests_dir().join(relative)).unwrap();
+/// `kubectl kustomize DIR`: the objects kustomize renders, in its order.
+fn render_path(dir: &Path) -> Vec<Value> {
+    let output = Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap_or_else(|e| {
+        panic!("cannot run `kubectl kustomize` (kubectl, which bundles kustomize, must be on PATH): {e}")
+    });
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
     serde_saphyr::from_multiple::<Value>(&text).unwrap().into_iter().filter(|d| !d.is_null()).collect()
 }
 
-fn object(relative: &str, kind: &str, name: &str) -> Value {
-    documents(relative)
-        .into_iter()
+fn render(name: &str) -> Vec<Value> {
+    render_path(&manifests_dir().join(name))
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("{kind}/{name} not in {relative}"))
+        .unwrap_or_else(|| panic!("{kind}/{name} not rendered"))
 }
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            yaml_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "yaml") {
-            out.push(path);
-        }
-    }
+fn is_keda(object: &Value) -> bool {
+    object["apiVersion"].as_str().is_some_and(|v| v.starts_with("keda.sh/"))
 }
 
-/// Files a kustomization uses as patches (partial objects, validated after rendering).
-fn patch_files() -> BTreeSet<PathBuf> {
-    let mut out = Vec::new();
-    yaml_files(&manifests_dir(), &mut out);
-    let mut patches = BTreeSet::new();
-    for file in out.iter().filter(|f| f.file_name().is_some_and(|n| n == "kustomization.yaml")) {
-        let kustomization: Value = serde_saphyr::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
-        for patch in kustomization["patches"].as_array().into_iter().flatten() {
-            if let Some(path) = patch["path"].as_str() {
-                patches.insert(file.parent().unwrap().join(path));
-            }
-        }
+/// Python from the venv scripts/test puts on PATH, when it has `module`. Missing: a failure
+/// under CI, a loud skip elsewhere.
+fn python_with(module: &str) -> bool {
+    let probe = Command::new("python3").args(["-c", &format!("import {module}")]).output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        return true;
     }
-    patches
+    let message = format!("python3 cannot import {module} (scripts/test installs it in target/test-venv)");
+    assert!(std::env::var("CI").is_err(), "{message}");
+    eprintln!("\n*** SKIPPED: {message} ***\n");
+    false
 }
 
-/// Runs kubernetes-validate (strict: unknown fields are errors) on `files` for `version`.
-/// Missing validator: a failure under CI, a loud skip elsewhere.
-fn kubernetes_validate(files: &[PathBuf], version: &str) -> bool {
-    let probe = Command::new("python3").args(["-c", "import kubernetes_validate"]).output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        let message = "kubernetes-validate is not installed (scripts/test installs it: \
-                       python3 -m pip install kubernetes-validate)";
-        assert!(std::env::var("CI").is_err(), "{message}");
-        eprintln!("\n*** SKIPPED: {message} ***\n");
-        return false;
-    }
+fn write_yaml(dir: &Path, name: &str, objects: &[&Value]) -> PathBuf {
+    let path = dir.join(name);
+    let text: Vec<String> = objects.iter().map(|o| serde_json::to_string(o).unwrap()).collect();
+    std::fs::write(&path, text.join("\n---\n")).unwrap();
+    path
+}
+
+/// kubernetes-validate (strict: unknown fields are errors) on the built-in objects.
+fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_yaml(dir.path(), "rendered.yaml", objects);
     let output = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", version])
-        .args(files)
+        .arg(&file)
         .output()
         .unwrap();
     let report =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success() && !report.contains("ERROR"), "against Kubernetes {version}:\n{report}");
-    true
+    if output.status.success() && !report.contains("ERROR") { Ok(()) } else { Err(report) }
 }
 
-/// The built-in Kubernetes objects: every YAML file but kustomizations, patches and KEDA's
-/// custom resources (their CRDs are not in the bundled schemas; checked structurally below).
-fn kubernetes_files() -> Vec<PathBuf> {
-    let mut all = Vec::new();
-    yaml_files(&manifests_dir(), &mut all);
-    let patches = patch_files();
-    all.sort();
-    all.into_iter()
-        .filter(|f| f.file_name().is_some_and(|n| n != "kustomization.yaml") && !patches.contains(f))
-        .filter(|f| {
-            let text = std::fs::read_to_string(f).unwrap();
-            !text.contains("apiVersion: keda.sh/")
-        })
-        .collect()
-}
-
-#[test]
-fn every_manifest_validates_against_the_kubernetes_schemas() {
-    let files = kubernetes_files();
-    assert!(files.len() >= 8, "{files:?}");
-    // The oldest version with native sidecars, and the newest the package bundles.
-    for version in ["1.29.0", "1.37.0"] {
-        if !kubernetes_validate(&files, version) {
-            return;
-        }
-    }
-}
-
-/// Applies a strategic-merge patch the way kustomize does for a Deployment's pod spec:
-/// containers merge by `name`, and their `env`, `volumeMounts` and the pod's `volumes` merge
-/// by `name` (appending new entries).
-fn merge_deployment(base: &mut Value, patch: &Value) {
-    fn merge_named(base: &mut Value, patch: &Value) {
-        for item in patch.as_array().into_iter().flatten() {
-            let list = base.as_array_mut().unwrap();
-            match list.iter_mut().find(|b| b["name"] == item["name"]) {
-                Some(existing) => merge_object(existing, item),
-                None => list.push(item.clone()),
-            }
-        }
-    }
-    fn merge_object(base: &mut Value, patch: &Value) {
-        for (key, value) in patch.as_object().unwrap() {
-            match (key.as_str(), base.get_mut(key)) {
-                ("containers" | "env" | "volumeMounts" | "volumes", Some(existing)) => {
-                    merge_named(existing, value)
-                }
-                (_, Some(existing)) if existing.is_object() && value.is_object() => {
-                    merge_object(existing, value)
-                }
-                _ => {
-                    base[key] = value.clone();
-                }
-            }
-        }
-    }
-    merge_object(base, patch);
-}
-
-fn tls_aggregator() -> Value {
-    let mut deployment = object("aggregator.yaml", "Deployment", "durable-scaler-aggregator");
-    let patch = &documents("tls/aggregator-tls.yaml")[0];
-    merge_deployment(&mut deployment, patch);
-    deployment
-}
-
-#[test]
-fn the_tls_overlay_renders_a_valid_aggregator_with_tls_on_the_keda_port() {
-    let deployment = tls_aggregator();
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let env = |name: &str| container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
-    let cert = env("DURABLE_SCALER_TLS_CERT").unwrap()["value"].as_str().unwrap().to_owned();
-    let mount =
-        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "keda-tls").unwrap();
-    assert!(cert.starts_with(mount["mountPath"].as_str().unwrap()));
-    assert!(env("DURABLE_SCALER_TLS_KEY").is_some());
-    let dir = tempfile::tempdir().unwrap();
-    let rendered = dir.path().join("aggregator-tls-rendered.yaml");
-    std::fs::write(&rendered, serde_json::to_string(&deployment).unwrap()).unwrap();
-    kubernetes_validate(&[rendered], "1.29.0");
-}
-
-#[test]
-fn the_tls_overlay_gives_sidecars_an_https_aggregator_and_its_ca() {
-    let aggregator = tls_aggregator();
-    let container = &aggregator["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(env_value(container, "DURABLE_SCALER_REPORT_TLS"), "true");
-    let known = cli_env("aggregator");
-    for env in container["env"].as_array().unwrap() {
-        assert!(known.contains(env["name"].as_str().unwrap()), "aggregator does not read {}", env["name"]);
-    }
-
-    let mut webhook = object("webhook.yaml", "Deployment", "durable-scaler-webhook");
-    merge_deployment(&mut webhook, &documents("tls/webhook-tls.yaml")[0]);
-    let pod = &webhook["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
-    let known = cli_env("webhook");
-    for env in container["env"].as_array().unwrap() {
-        assert!(known.contains(env["name"].as_str().unwrap()), "webhook does not read {}", env["name"]);
-    }
-
-    // The URL: https, a name certs-gen puts in the certificate (<service>.<namespace>.svc),
-    // the report port of the aggregator's Service.
-    let service = object("aggregator.yaml", "Service", "durable-scaler-aggregator");
-    let reports =
-        service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "reports").unwrap();
-    assert_eq!(
-        env_value(container, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"),
-        format!(
-            "https://{}.{}.svc:{}",
-            service["metadata"]["name"].as_str().unwrap(),
-            service["metadata"]["namespace"].as_str().unwrap(),
-            reports["port"]
-        )
-    );
-    // The CA file lies in a volume of the aggregator's TLS Secret that holds ca.crt alone.
-    let ca = env_value(container, "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA");
-    let mount =
-        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "aggregator-ca").unwrap();
-    assert_eq!(ca, format!("{}/ca.crt", mount["mountPath"].as_str().unwrap()));
-    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "aggregator-ca").unwrap();
-    let aggregator_volume = aggregator["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "keda-tls")
+/// Validates KEDA objects against tests/fixtures/keda (JSON Schema 2020-12, the definition
+/// named by each object's kind).
+fn keda_validate(objects: &[&Value]) -> Result<(), String> {
+    const SCRIPT: &str = r##"
+import json, sys
+import jsonschema
+schema = json.load(open(sys.argv[1]))
+jsonschema.Draft202012Validator.check_schema(schema)
+errors = []
+for obj in json.load(sys.stdin):
+    kind = obj.get("kind")
+    if kind not in schema["$defs"]:
+        errors.append(f"{kind}: no definition in the KEDA schema")
+        continue
+    validator = jsonschema.Draft202012Validator({**schema, "$ref": f"#/$defs/{kind}"})
+    for e in validator.iter_errors(obj):
+        errors.append(f"{kind}/{obj['metadata'].get('name')}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+print("\n".join(errors))
+sys.exit(1 if errors else 0)
+"##;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(KEDA_SCHEMA))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(volume["secret"]["secretName"], aggregator_volume["secret"]["secretName"]);
-    assert_eq!(volume["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]));
-
-    let dir = tempfile::tempdir().unwrap();
-    let rendered = dir.path().join("webhook-tls-rendered.yaml");
-    std::fs::write(&rendered, serde_json::to_string(&webhook).unwrap()).unwrap();
-    kubernetes_validate(&[rendered], "1.29.0");
-}
-
-fn string_map(value: &Value) -> bool {
-    value.as_object().is_some_and(|m| m.values().all(Value::is_string))
-}
-
-/// KEDA's ScaledObject as KEDA v2 reads it (keda-contract.md), checked against the target it
-/// scales.
-fn check_scaled_object(scaled: &Value, target: &Value) {
-    assert_eq!(scaled["apiVersion"], "keda.sh/v1alpha1");
-    let spec = &scaled["spec"];
-    assert_eq!(spec["scaleTargetRef"]["name"], target["metadata"]["name"]);
-    assert_eq!(scaled["metadata"]["namespace"], target["metadata"]["namespace"]);
-    let (min, max) = (spec["minReplicaCount"].as_u64().unwrap(), spec["maxReplicaCount"].as_u64().unwrap());
-    assert!(min <= max && max > 0);
-    assert!(spec["pollingInterval"].as_u64().unwrap() > 0 && spec["cooldownPeriod"].is_u64());
-    let known = BTreeSet::from([
-        "scaleTargetRef",
-        "pollingInterval",
-        "cooldownPeriod",
-        "minReplicaCount",
-        "maxReplicaCount",
-        "triggers",
-    ]);
-    assert!(spec.as_object().unwrap().keys().all(|k| known.contains(k.as_str())), "{spec}");
-
-    let trigger = &spec["triggers"][0];
-    assert!(matches!(trigger["type"].as_str(), Some("external" | "external-push")));
-    let metadata = &trigger["metadata"];
-    assert!(string_map(metadata), "trigger metadata values must all be strings: {metadata}");
-    let aggregator = object("aggregator.yaml", "Service", "durable-scaler-aggregator");
-    let keda_port =
-        aggregator["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "keda").unwrap();
-    assert_eq!(
-        metadata["scalerAddress"].as_str().unwrap(),
-        format!(
-            "{}.{}:{}",
-            aggregator["metadata"]["name"].as_str().unwrap(),
-            aggregator["metadata"]["namespace"].as_str().unwrap(),
-            keda_port["port"]
-        )
-    );
-    let template = &target["spec"]["template"];
-    assert_eq!(metadata["taskHubName"], template["metadata"]["annotations"][inject::TASK_HUB_ANNOTATION]);
-    let connection = metadata["connectionFromEnv"].as_str().unwrap();
-    let app = &template["spec"]["containers"][0];
-    assert!(
-        app["env"].as_array().unwrap().iter().any(|e| e["name"] == connection),
-        "connectionFromEnv {connection} must name an env var of the scale target's container"
-    );
-    if let Some(auth) = trigger.get("authenticationRef") {
-        assert!(auth["name"].is_string());
-        assert_eq!(metadata["enableTLS"], "true");
-    }
-}
-
-#[test]
-fn the_example_scaled_object_has_keda_shape_and_points_at_the_aggregator() {
-    let scaled = object("example/scaled-object.yaml", "ScaledObject", "orders-func");
-    let target = object("example/function-app.yaml", "Deployment", "orders-func");
-    check_scaled_object(&scaled, &target);
-    assert_eq!(scaled["spec"]["triggers"][0]["type"], "external-push");
-}
-
-#[test]
-fn the_tls_example_renders_a_scaled_object_that_uses_its_trigger_authentication() {
-    let kustomization: Value = serde_saphyr::from_str(
-        &std::fs::read_to_string(manifests_dir().join("tls/example/kustomization.yaml")).unwrap(),
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        serde_json::to_string(objects).unwrap().as_bytes(),
     )
     .unwrap();
-    let ops: Value = serde_saphyr::from_str(kustomization["patches"][0]["patch"].as_str().unwrap()).unwrap();
-    let patch: json_patch::Patch = serde_json::from_value(ops).unwrap();
-    let mut scaled = object("example/scaled-object.yaml", "ScaledObject", "orders-func");
-    json_patch::patch(&mut scaled, &patch).unwrap();
-    let target = object("example/function-app.yaml", "Deployment", "orders-func");
-    check_scaled_object(&scaled, &target);
-
-    let auth =
-        object("tls/example/trigger-authentication.yaml", "TriggerAuthentication", "durable-scaler-tls");
-    assert_eq!(auth["apiVersion"], "keda.sh/v1alpha1");
-    assert_eq!(scaled["spec"]["triggers"][0]["authenticationRef"]["name"], auth["metadata"]["name"]);
-    assert_eq!(auth["metadata"]["namespace"], scaled["metadata"]["namespace"]);
-    for reference in auth["spec"]["secretTargetRef"].as_array().unwrap() {
-        // KEDA forwards only TLS material from a TriggerAuthentication to external scalers.
-        assert!(matches!(reference["parameter"].as_str(), Some("caCert" | "tlsClientCert" | "tlsClientKey")));
-        assert!(reference["name"].is_string() && reference["key"].is_string());
-    }
+    let output = child.wait_with_output().unwrap();
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    if output.status.success() { Ok(()) } else { Err(report) }
 }
 
 #[test]
-fn kustomizations_list_every_manifest_in_their_directory() {
-    for dir in ["", "example", "tls", "tls/example"] {
-        let path = manifests_dir().join(dir);
-        let kustomization: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(path.join("kustomization.yaml")).unwrap())
-                .unwrap();
-        let listed: BTreeSet<String> = kustomization["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap().to_owned())
-            .collect();
-        for resource in &listed {
-            assert!(path.join(resource).exists(), "{dir}/kustomization.yaml lists missing {resource}");
+fn every_kustomization_under_manifests_is_one_the_tests_render() {
+    let mut found = BTreeSet::new();
+    for entry in std::fs::read_dir(manifests_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.join("kustomization.yaml").exists() {
+            found.insert(path.file_name().unwrap().to_str().unwrap().to_owned());
         }
-        let patches = patch_files();
-        for entry in std::fs::read_dir(&path).unwrap() {
-            let file = entry.unwrap().path();
-            let name = file.file_name().unwrap().to_str().unwrap().to_owned();
-            if file.is_file()
-                && name.ends_with(".yaml")
-                && name != "kustomization.yaml"
-                && !patches.contains(&file)
-            {
-                assert!(listed.contains(&name), "{dir}/{name} is not in its kustomization.yaml");
+    }
+    assert!(!manifests_dir().join("kustomization.yaml").exists(), "manifests/ itself is not an install");
+    assert_eq!(found, KUSTOMIZATIONS.iter().map(|k| (*k).to_owned()).collect());
+}
+
+#[test]
+fn every_rendered_kubernetes_object_validates_against_the_kubernetes_schemas() {
+    if !python_with("kubernetes_validate") {
+        return;
+    }
+    for name in KUSTOMIZATIONS {
+        let objects = render(name);
+        let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
+        assert!(!builtin.is_empty(), "{name}");
+        // The oldest version with native sidecars, and the newest the package bundles.
+        for version in ["1.29.0", "1.37.0"] {
+            if let Err(report) = kubernetes_validate(&builtin, version) {
+                panic!("{name} against Kubernetes {version}:\n{report}");
             }
         }
     }
 }
 
-fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
-    deployment["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .unwrap()
+#[test]
+fn every_rendered_keda_object_validates_against_the_keda_crd_schema() {
+    if !python_with("jsonschema") {
+        return;
+    }
+    let mut seen = BTreeSet::new();
+    for name in KUSTOMIZATIONS {
+        let objects = render(name);
+        let keda: Vec<&Value> = objects.iter().filter(|o| is_keda(o)).collect();
+        seen.extend(keda.iter().map(|o| o["kind"].as_str().unwrap().to_owned()));
+        if let Err(report) = keda_validate(&keda) {
+            panic!("{name} against {KEDA_SCHEMA}:\n{report}");
+        }
+    }
+    assert_eq!(seen, BTreeSet::from(["ScaledObject".to_owned(), "TriggerAuthentication".to_owned()]));
+}
+
+#[test]
+fn the_keda_schema_refuses_a_field_keda_does_not_have() {
+    if !python_with("jsonschema") {
+        return;
+    }
+    let mut scaled = find(&render("example"), "ScaledObject", "orders-func").clone();
+    scaled["spec"]["minReplicas"] = json!(0);
+    let report = keda_validate(&[&scaled]).unwrap_err();
+    assert!(report.contains("minReplicas"), "{report}");
+    let mut auth = find(&render("example"), "TriggerAuthentication", "durable-scaler-tls").clone();
+    auth["spec"]["secretTargetRef"][0].as_object_mut().unwrap().remove("key");
+    assert!(keda_validate(&[&auth]).unwrap_err().contains("'key' is a required property"));
+}
+
+fn pod_spec(workload: &Value) -> &Value {
+    match workload["kind"].as_str() {
+        Some("CronJob") => &workload["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        _ => &workload["spec"]["template"]["spec"],
+    }
+}
+
+fn containers<'a>(workload: &'a Value, list: &str) -> Vec<&'a Value> {
+    pod_spec(workload)[list].as_array().into_iter().flatten().collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    ["initContainers", "containers"]
         .iter()
+        .flat_map(|list| containers(workload, list))
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+}
+
+fn env(container: &Value, name: &str) -> String {
+    env_value(container, name).unwrap_or_else(|| panic!("{} has no {name}", container["name"])).to_owned()
 }
 
 /// The environment variables `durable-scaler <subcommand>` reads.
@@ -349,74 +227,363 @@ fn cli_env(subcommand: &str) -> BTreeSet<String> {
     subcommand.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect()
 }
 
-fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
-    container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap()["value"]
-        .as_str()
-        .unwrap()
-}
-
 fn port_of(address: &str) -> u64 {
     address.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-#[test]
-fn the_aggregator_ports_match_the_architecture_defaults() {
-    let deployment = object("aggregator.yaml", "Deployment", "durable-scaler-aggregator");
-    let aggregator = container(&deployment, "aggregator");
-    assert_eq!(aggregator["args"], json!(["aggregator"]));
-    let ports: Vec<(String, u64)> = aggregator["ports"]
+fn service_port(service: &Value, name: &str) -> u64 {
+    service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["port"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The volume of `pod` mounted at the directory of `path` in `container`.
+fn volume_of<'a>(workload: &'a Value, container: &Value, path: &str) -> &'a Value {
+    let mount = container["volumeMounts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(ports, [("keda".to_owned(), 4370), ("reports".to_owned(), 4371), ("http".to_owned(), 8080)]);
-    for (env, port) in [
-        ("DURABLE_SCALER_GRPC_ADDR", 4370),
-        ("DURABLE_SCALER_REPORT_ADDR", 4371),
-        ("DURABLE_SCALER_HTTP_ADDR", 8080),
-    ] {
-        assert_eq!(port_of(env_value(aggregator, env)), port, "{env}");
-    }
-    let service = object("aggregator.yaml", "Service", "durable-scaler-aggregator");
-    let service_ports: Vec<u64> =
-        service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
-    assert_eq!(service_ports, [4370, 4371, 8080]);
-    // The report URL the webhook gives sidecars is this Service's report port.
-    assert_eq!(webhook::DEFAULT_AGGREGATOR, "http://durable-scaler-aggregator.durable-scaler:4371");
+        .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("{path} is in no volume of {}", container["name"]));
+    pod_spec(workload)["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap()
 }
 
 #[test]
-fn the_aggregator_has_exactly_the_least_privilege_rules() {
-    let role = object("aggregator.yaml", "ClusterRole", "durable-scaler-aggregator");
+fn the_aggregator_ports_match_the_code_defaults_in_every_install() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let deployment = find(&objects, "Deployment", "durable-scaler-aggregator");
+        let aggregator = container(deployment, "aggregator");
+        assert_eq!(aggregator["args"], json!(["aggregator"]));
+        let ports: Vec<(String, u64)> = aggregator["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            ports,
+            [("keda".to_owned(), 4370), ("reports".to_owned(), 4371), ("http".to_owned(), 8080)]
+        );
+        for (variable, port) in [
+            ("DURABLE_SCALER_GRPC_ADDR", 4370),
+            ("DURABLE_SCALER_REPORT_ADDR", 4371),
+            ("DURABLE_SCALER_HTTP_ADDR", 8080),
+        ] {
+            assert_eq!(port_of(&env(aggregator, variable)), port, "{install}: {variable}");
+        }
+        let known = cli_env("aggregator");
+        for variable in aggregator["env"].as_array().unwrap() {
+            assert!(
+                known.contains(variable["name"].as_str().unwrap()),
+                "aggregator does not read {variable}"
+            );
+        }
+        let service = find(&objects, "Service", "durable-scaler-aggregator");
+        let service_ports: Vec<u64> = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect();
+        assert_eq!(service_ports, [4370, 4371, 8080]);
+    }
+}
+
+#[test]
+fn the_default_install_serves_tls_on_the_keda_and_report_ports_with_the_certs_gen_certificate() {
+    let objects = render("default");
+    let deployment = find(&objects, "Deployment", "durable-scaler-aggregator");
+    let aggregator = container(deployment, "aggregator");
+    assert_eq!(env(aggregator, "DURABLE_SCALER_REPORT_TLS"), "true");
+    let cert = env(aggregator, "DURABLE_SCALER_TLS_CERT");
+    let volume = volume_of(deployment, aggregator, &cert);
+    assert!(env(aggregator, "DURABLE_SCALER_TLS_KEY").starts_with(cert.rsplit_once('/').unwrap().0));
+    assert_eq!(volume["secret"]["secretName"], "durable-scaler-aggregator-tls");
+
+    // The aggregator starts only once the mounted Secret holds a certificate for its Service.
+    let wait = container(deployment, "wait-for-certificate");
+    assert_eq!(wait["command"], json!(["certs-gen", "wait"]));
+    assert_eq!(env(wait, "CERTS_GEN_SERVICE"), "durable-scaler-aggregator");
+    assert_eq!(volume_of(deployment, wait, &env(wait, "CERTS_GEN_DIR"))["name"], volume["name"]);
+
+    // The webhook pods make that Secret for the aggregator's Service.
+    let webhook = find(&objects, "Deployment", "durable-scaler-webhook");
+    let maker = container(webhook, "aggregator-certificate");
+    assert_eq!(env(maker, "CERTS_GEN_SECRET"), "durable-scaler-aggregator-tls");
+    let service = find(&objects, "Service", "durable-scaler-aggregator");
+    assert_eq!(env(maker, "CERTS_GEN_SERVICE"), service["metadata"]["name"].as_str().unwrap());
+}
+
+#[test]
+fn the_default_install_gives_sidecars_an_https_aggregator_and_its_ca() {
+    let objects = render("default");
+    let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+    let webhook = container(deployment, "webhook");
+    let known = cli_env("webhook");
+    for variable in webhook["env"].as_array().unwrap() {
+        assert!(known.contains(variable["name"].as_str().unwrap()), "webhook does not read {variable}");
+    }
+    // https, a name certs-gen puts in the certificate (<service>.<namespace>.svc), the
+    // report port of the aggregator's Service.
+    let service = find(&objects, "Service", "durable-scaler-aggregator");
     assert_eq!(
-        role["rules"],
-        json!([
-            {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get"]},
-            {"apiGroups": ["apps"], "resources": ["deployments/scale", "statefulsets/scale"], "verbs": ["get"]},
-            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        ])
+        env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"),
+        format!(
+            "https://{}.{}.svc:{}",
+            service["metadata"]["name"].as_str().unwrap(),
+            service["metadata"]["namespace"].as_str().unwrap(),
+            service_port(service, "reports")
+        )
+    );
+    // The CA file lies in a volume of the aggregator's TLS Secret that holds ca.crt alone,
+    // the one the init container waits on.
+    let ca = env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA");
+    let volume = volume_of(deployment, webhook, &ca);
+    assert_eq!(volume["secret"]["secretName"], "durable-scaler-aggregator-tls");
+    assert_eq!(volume["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]));
+    let maker = container(deployment, "aggregator-certificate");
+    assert_eq!(volume_of(deployment, maker, &env(maker, "CERTS_GEN_WAIT_MOUNTED"))["name"], volume["name"]);
+}
+
+#[test]
+fn the_plaintext_install_has_no_tls_on_the_aggregator_and_the_default_report_url() {
+    let objects = render("plaintext");
+    let aggregator = container(find(&objects, "Deployment", "durable-scaler-aggregator"), "aggregator");
+    for variable in ["DURABLE_SCALER_TLS_CERT", "DURABLE_SCALER_REPORT_TLS"] {
+        assert_eq!(env_value(aggregator, variable), None, "{variable}");
+    }
+    let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
+    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"), webhook::DEFAULT_AGGREGATOR);
+    let service = find(&objects, "Service", "durable-scaler-aggregator");
+    assert_eq!(
+        webhook::DEFAULT_AGGREGATOR,
+        format!(
+            "http://{}.{}:{}",
+            service["metadata"]["name"].as_str().unwrap(),
+            service["metadata"]["namespace"].as_str().unwrap(),
+            service_port(service, "reports")
+        )
     );
 }
 
 #[test]
-fn no_rbac_rule_uses_a_wildcard_and_only_certs_gen_touches_secrets() {
-    let mut files = Vec::new();
-    yaml_files(&manifests_dir(), &mut files);
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let Ok(docs) = serde_saphyr::from_multiple::<Value>(&text) else { continue };
-        for doc in docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole"))) {
-            for rule in doc["rules"].as_array().unwrap() {
-                let all: Vec<&Value> = ["apiGroups", "resources", "verbs"]
-                    .iter()
-                    .flat_map(|k| rule[*k].as_array().unwrap())
-                    .collect();
-                assert!(!all.contains(&&json!("*")), "wildcard in {}: {rule}", file.display());
-                if rule["resources"].as_array().unwrap().contains(&json!("secrets")) {
-                    assert_eq!(doc["metadata"]["name"], "durable-scaler-certs-gen", "{rule}");
-                    assert_eq!(doc["kind"], "Role", "secrets only in certs-gen's own namespace");
+fn the_webhook_deployment_uses_the_code_defaults() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+        assert_eq!(deployment["spec"]["replicas"], 2);
+        let webhook = container(deployment, "webhook");
+        assert_eq!(webhook["args"], json!(["webhook"]));
+        assert_eq!(webhook["image"], webhook::DEFAULT_IMAGE);
+        assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), webhook::DEFAULT_IMAGE);
+        assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
+        assert_eq!(webhook["ports"][0]["containerPort"].as_u64(), Some(port_of(webhook::DEFAULT_ADDR)));
+        let service = find(&objects, "Service", "durable-scaler-webhook");
+        assert_eq!(service["spec"]["ports"][0]["port"], 443);
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], webhook["ports"][0]["name"]);
+        let pdb = find(&objects, "PodDisruptionBudget", "durable-scaler-webhook");
+        assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    }
+}
+
+#[test]
+fn the_webhook_server_starts_only_after_its_certificate_is_mounted_and_the_ca_bundle_is_written() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+        let webhook = container(deployment, "webhook");
+        let init: Vec<&str> =
+            containers(deployment, "initContainers").iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let position = |name: &str| init.iter().position(|n| *n == name).unwrap();
+        assert!(position("certificate") < position("ca-bundle"), "{install}: {init:?}");
+
+        let certificate = container(deployment, "certificate");
+        assert_eq!(certificate["command"], json!(["certs-gen", "create"]));
+        assert!(certificate.get("restartPolicy").is_none(), "a plain init container: it must finish first");
+        let served = volume_of(deployment, webhook, &env(webhook, "DURABLE_SCALER_WEBHOOK_TLS_CERT"));
+        assert_eq!(
+            volume_of(deployment, webhook, &env(webhook, "DURABLE_SCALER_WEBHOOK_TLS_KEY"))["name"],
+            served["name"]
+        );
+        let waited = volume_of(deployment, certificate, &env(certificate, "CERTS_GEN_WAIT_MOUNTED"));
+        assert_eq!(waited["name"], served["name"]);
+        assert_eq!(
+            served["secret"]["secretName"].as_str(),
+            Some(env(certificate, "CERTS_GEN_SECRET").as_str())
+        );
+        // Optional: the kubelet mounts volumes before any init container runs.
+        assert_eq!(served["secret"]["optional"], true);
+        let service = find(&objects, "Service", "durable-scaler-webhook");
+        assert_eq!(env(certificate, "CERTS_GEN_SERVICE"), service["metadata"]["name"].as_str().unwrap());
+
+        let ca_bundle = container(deployment, "ca-bundle");
+        assert_eq!(ca_bundle["command"], json!(["certs-gen", "patch"]));
+        assert_eq!(env(ca_bundle, "CERTS_GEN_SECRET"), env(certificate, "CERTS_GEN_SECRET"));
+        let config = find(&objects, "MutatingWebhookConfiguration", "durable-scaler-webhook");
+        assert_eq!(env(ca_bundle, "CERTS_GEN_WEBHOOK_CONFIG"), config["metadata"]["name"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn only_the_certs_gen_init_containers_of_the_webhook_get_a_service_account_token() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+        assert_eq!(pod_spec(deployment)["automountServiceAccountToken"], false);
+        let account = find(&objects, "ServiceAccount", "durable-scaler-webhook");
+        assert_eq!(account["automountServiceAccountToken"], false);
+        let token_volumes: BTreeSet<&str> = pod_spec(deployment)["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| {
+                v["projected"]["sources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.get("serviceAccountToken").is_some())
+            })
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(token_volumes.len(), 1, "{install}");
+        for list in ["initContainers", "containers"] {
+            for c in containers(deployment, list) {
+                let has_token = c["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| token_volumes.contains(m["name"].as_str().unwrap()));
+                let runs_certs_gen_against_the_api = c["command"][0] == "certs-gen"
+                    && matches!(c["command"][1].as_str(), Some("create" | "patch"));
+                assert_eq!(has_token, runs_certs_gen_against_the_api, "{install}: {}", c["name"]);
+            }
+        }
+    }
+}
+
+/// The rules bound to a service account (Role and ClusterRole bindings), as (kind of role,
+/// rule) pairs.
+fn rules_of(objects: &[Value], account: &str) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for binding in
+        objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")))
+    {
+        let bound = binding["subjects"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == account && s["namespace"] == "durable-scaler"
+        });
+        if !bound {
+            continue;
+        }
+        let role = find(
+            objects,
+            binding["roleRef"]["kind"].as_str().unwrap(),
+            binding["roleRef"]["name"].as_str().unwrap(),
+        );
+        for rule in role["rules"].as_array().unwrap() {
+            let names = rule.get("resourceNames").map_or_else(|| json!(["*any*"]), Clone::clone);
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for resource in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        for name in names.as_array().unwrap() {
+                            let (group, resource) = (group.as_str().unwrap(), resource.as_str().unwrap());
+                            let (verb, name) = (verb.as_str().unwrap(), name.as_str().unwrap());
+                            let kind = role["kind"].as_str().unwrap().to_owned();
+                            out.insert((kind, format!("{verb} {group}/{resource} {name}")));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the certs-gen commands in `workload`'s pod need: `create` reads, creates and
+/// replaces its Secret (cluster.rs: get, create on 404, update when renewing); `patch` reads
+/// the Secret and reads and patches the MutatingWebhookConfiguration; `wait` needs nothing.
+fn certs_gen_needs(workload: &Value) -> BTreeSet<(String, String)> {
+    let mut needs = BTreeSet::new();
+    let role = |rule: String| ("Role".to_owned(), rule);
+    for c in ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)) {
+        match (c["command"][0].as_str(), c["command"][1].as_str()) {
+            (Some("certs-gen"), Some("create")) => {
+                let secret = env(c, "CERTS_GEN_SECRET");
+                needs.insert(role("create /secrets *any*".to_owned()));
+                needs.insert(role(format!("get /secrets {secret}")));
+                needs.insert(role(format!("update /secrets {secret}")));
+            }
+            (Some("certs-gen"), Some("patch")) => {
+                needs.insert(role(format!("get /secrets {}", env(c, "CERTS_GEN_SECRET"))));
+                let config = env(c, "CERTS_GEN_WEBHOOK_CONFIG");
+                for verb in ["get", "patch"] {
+                    needs.insert((
+                        "ClusterRole".to_owned(),
+                        format!("{verb} admissionregistration.k8s.io/mutatingwebhookconfigurations {config}"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    needs
+}
+
+#[test]
+fn certs_gen_runs_with_exactly_the_rules_its_steps_need() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let webhook = find(&objects, "Deployment", "durable-scaler-webhook");
+        assert_eq!(
+            rules_of(&objects, "durable-scaler-webhook"),
+            certs_gen_needs(webhook),
+            "{install}: webhook"
+        );
+        let cron = find(&objects, "CronJob", "durable-scaler-certs-gen");
+        assert_eq!(pod_spec(cron)["serviceAccountName"], "durable-scaler-certs-gen");
+        assert_eq!(
+            rules_of(&objects, "durable-scaler-certs-gen"),
+            certs_gen_needs(cron),
+            "{install}: CronJob"
+        );
+        // Each secret rule is namespaced: a Role in durable-scaler, never a ClusterRole.
+        for (kind, rule) in rules_of(&objects, "durable-scaler-webhook") {
+            assert!(!rule.contains("/secrets ") || kind == "Role", "{rule}");
+        }
+    }
+}
+
+#[test]
+fn the_aggregator_has_exactly_the_least_privilege_rules_and_nothing_on_secrets() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let role = find(&objects, "ClusterRole", "durable-scaler-aggregator");
+        assert_eq!(
+            role["rules"],
+            json!([
+                {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get"]},
+                {"apiGroups": ["apps"], "resources": ["deployments/scale", "statefulsets/scale"], "verbs": ["get"]},
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            ])
+        );
+        let all = rules_of(&objects, "durable-scaler-aggregator");
+        // 1 scaledobjects + 2 scale subresources + 1 tokenreviews + 2 verbs x 2 groups of events:
+        // the ClusterRole above and nothing bound besides it.
+        assert_eq!(all.len(), 8, "{all:?}");
+        assert!(all.iter().all(|(_, rule)| !rule.contains("/secrets ")), "{all:?}");
+    }
+}
+
+#[test]
+fn no_rbac_rule_uses_a_wildcard() {
+    for install in INSTALLS {
+        for role in
+            render(install).iter().filter(|o| matches!(o["kind"].as_str(), Some("Role" | "ClusterRole")))
+        {
+            for rule in role["rules"].as_array().unwrap() {
+                for key in ["apiGroups", "resources", "verbs"] {
+                    assert!(!rule[key].as_array().unwrap().contains(&json!("*")), "{install}: {rule}");
                 }
             }
         }
@@ -424,112 +591,172 @@ fn no_rbac_rule_uses_a_wildcard_and_only_certs_gen_touches_secrets() {
 }
 
 #[test]
-fn the_webhook_deployment_uses_the_code_defaults_and_only_flags_it_knows() {
-    let deployment = object("webhook.yaml", "Deployment", "durable-scaler-webhook");
-    assert_eq!(deployment["spec"]["replicas"], 2);
-    let pod = &deployment["spec"]["template"]["spec"];
-    let container = container(&deployment, "webhook");
-    assert_eq!(container["args"], json!(["webhook"]));
-    assert_eq!(container["image"], webhook::DEFAULT_IMAGE);
-    assert_eq!(env_value(container, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), webhook::DEFAULT_IMAGE);
-    assert_eq!(env_value(container, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"), webhook::DEFAULT_AGGREGATOR);
-    assert_eq!(env_value(container, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
-    assert_eq!(container["ports"][0]["containerPort"].as_u64(), Some(port_of(webhook::DEFAULT_ADDR)));
-
-    // Every env var set is one the webhook subcommand reads.
-    let known = cli_env("webhook");
-    for env in container["env"].as_array().unwrap() {
-        assert!(known.contains(env["name"].as_str().unwrap()), "webhook does not read {}", env["name"]);
+fn no_install_renders_a_job_whose_template_would_block_a_reapply() {
+    for install in INSTALLS {
+        let objects = render(install);
+        assert!(!objects.iter().any(|o| o["kind"] == "Job"), "{install}");
+        let cron = find(&objects, "CronJob", "durable-scaler-certs-gen");
+        assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
     }
-
-    // The certificate paths lie in the Secret volume that certs-gen writes.
-    let mount = &container["volumeMounts"][0];
-    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
-    for (env, file) in
-        [("DURABLE_SCALER_WEBHOOK_TLS_CERT", "tls.crt"), ("DURABLE_SCALER_WEBHOOK_TLS_KEY", "tls.key")]
-    {
-        assert_eq!(env_value(container, env), format!("{}/{file}", mount["mountPath"].as_str().unwrap()));
-    }
-    let certs_gen = object("certs-gen.yaml", "Job", "durable-scaler-certs-gen");
-    let create = &certs_gen["spec"]["template"]["spec"]["initContainers"][0];
-    assert_eq!(volume["secret"]["secretName"].as_str(), Some(env_value(create, "CERTS_GEN_SECRET")));
-
-    let service = object("webhook.yaml", "Service", "durable-scaler-webhook");
-    assert_eq!(service["spec"]["ports"][0]["port"], 443);
-    assert_eq!(service["spec"]["ports"][0]["targetPort"], container["ports"][0]["name"]);
-    assert_eq!(env_value(create, "CERTS_GEN_SERVICE"), "durable-scaler-webhook");
-    let pdb = object("webhook.yaml", "PodDisruptionBudget", "durable-scaler-webhook");
-    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
 }
 
 #[test]
 fn the_mutating_webhook_configuration_routes_opted_in_pods_to_the_webhook_service() {
-    let config = object(
-        "mutating-webhook-configuration.yaml",
-        "MutatingWebhookConfiguration",
-        "durable-scaler-webhook",
-    );
+    let objects = render("default");
+    let config = find(&objects, "MutatingWebhookConfiguration", "durable-scaler-webhook");
     let hook = &config["webhooks"][0];
     assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
     assert_eq!(hook["sideEffects"], "None");
-    assert!(matches!(hook["failurePolicy"].as_str(), Some("Ignore" | "Fail")));
     assert!((1..=30).contains(&hook["timeoutSeconds"].as_u64().unwrap()));
     assert_eq!(hook["objectSelector"]["matchLabels"], json!({inject::INJECT_LABEL: "true"}));
     let excluded = &hook["namespaceSelector"]["matchExpressions"][0];
-    assert_eq!(
-        (excluded["key"].as_str(), excluded["operator"].as_str()),
-        (Some("kubernetes.io/metadata.name"), Some("NotIn"))
-    );
+    assert_eq!(excluded["key"], "kubernetes.io/metadata.name");
+    assert_eq!(excluded["operator"], "NotIn");
     assert_eq!(excluded["values"], json!(["kube-system", "kube-node-lease", "durable-scaler"]));
     assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
     assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
-
-    let service = object("webhook.yaml", "Service", "durable-scaler-webhook");
+    assert!(hook["clientConfig"].get("caBundle").is_none(), "certs-gen owns caBundle; apply must not set it");
+    let service = find(&objects, "Service", "durable-scaler-webhook");
     let client = &hook["clientConfig"]["service"];
     assert_eq!(client["name"], service["metadata"]["name"]);
     assert_eq!(client["namespace"], service["metadata"]["namespace"]);
     assert_eq!(client["port"], service["spec"]["ports"][0]["port"]);
     assert_eq!(client["path"], "/mutate");
-
-    let job = object("certs-gen.yaml", "Job", "durable-scaler-certs-gen");
-    let patch = &job["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(env_value(patch, "CERTS_GEN_WEBHOOK_CONFIG"), config["metadata"]["name"].as_str().unwrap());
-    let role = object("certs-gen.yaml", "ClusterRole", "durable-scaler-certs-gen");
-    assert_eq!(role["rules"][0]["resourceNames"], json!([config["metadata"]["name"]]));
 }
 
 #[test]
-fn the_example_app_opts_in_with_the_fixed_label_and_annotations() {
-    let app = object("example/function-app.yaml", "Deployment", "orders-func");
-    let template = &app["spec"]["template"];
-    assert_eq!(template["metadata"]["labels"][inject::INJECT_LABEL], "true");
-    let annotations = template["metadata"]["annotations"].as_object().unwrap();
-    assert!(
-        annotations
-            .keys()
-            .all(|k| [inject::TASK_HUB_ANNOTATION, inject::CONNECTION_ENV_ANNOTATION].contains(&k.as_str()))
+fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
+    for example in ["example", "example-plaintext"] {
+        let objects = render(example);
+        let app = find(&objects, "Deployment", "orders-func");
+        assert!(app["spec"].get("replicas").is_none(), "{example}: replicas fights KEDA on every apply");
+        let template = &app["spec"]["template"];
+        assert_eq!(template["metadata"]["labels"][inject::INJECT_LABEL], "true");
+        let annotations = template["metadata"]["annotations"].as_object().unwrap();
+        assert!(
+            annotations
+                .keys()
+                .all(|k| [inject::TASK_HUB_ANNOTATION, inject::CONNECTION_ENV_ANNOTATION]
+                    .contains(&k.as_str()))
+        );
+        let connection = annotations[inject::CONNECTION_ENV_ANNOTATION].as_str().unwrap();
+        assert_eq!(connection, inject::DEFAULT_CONNECTION_ENV);
+        let secret = find(&objects, "Secret", "orders-storage");
+        let variables = template["spec"]["containers"][0]["env"].as_array().unwrap();
+        let reference =
+            &variables.iter().find(|e| e["name"] == connection).unwrap()["valueFrom"]["secretKeyRef"];
+        assert_eq!(reference["name"], secret["metadata"]["name"]);
+        assert!(secret["stringData"].get(reference["key"].as_str().unwrap()).is_some());
+
+        let scaled = find(&objects, "ScaledObject", "orders-func");
+        assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], app["metadata"]["name"]);
+        assert_eq!(scaled["metadata"]["namespace"], app["metadata"]["namespace"]);
+        // KEDA's x-kubernetes-validations rule, which JSON Schema cannot say.
+        assert!(scaled["spec"]["minReplicaCount"].as_u64() <= scaled["spec"]["maxReplicaCount"].as_u64());
+        assert!(objects.iter().all(|o| o["kind"] != "HorizontalPodAutoscaler"), "KEDA makes the HPA");
+        let metadata = &scaled["spec"]["triggers"][0]["metadata"];
+        assert_eq!(metadata["taskHubName"], template["metadata"]["annotations"][inject::TASK_HUB_ANNOTATION]);
+        assert!(
+            variables.iter().any(|e| e["name"] == metadata["connectionFromEnv"]),
+            "connectionFromEnv must name an env var of the scale target's container"
+        );
+    }
+}
+
+#[test]
+fn the_example_scaled_objects_point_at_the_aggregator_with_tls_matching_the_install() {
+    let install = render("default");
+    let service = find(&install, "Service", "durable-scaler-aggregator");
+    let address = format!(
+        "{}.{}:{}",
+        service["metadata"]["name"].as_str().unwrap(),
+        service["metadata"]["namespace"].as_str().unwrap(),
+        service_port(service, "keda")
     );
-    let connection = annotations[inject::CONNECTION_ENV_ANNOTATION].as_str().unwrap();
-    assert_eq!(connection, inject::DEFAULT_CONNECTION_ENV);
-    let secret = object("example/storage-secret.yaml", "Secret", "orders-storage");
-    let env = template["spec"]["containers"][0]["env"].as_array().unwrap();
-    let reference = &env.iter().find(|e| e["name"] == connection).unwrap()["valueFrom"]["secretKeyRef"];
-    assert_eq!(reference["name"], secret["metadata"]["name"]);
-    assert!(secret["stringData"].get(reference["key"].as_str().unwrap()).is_some());
+    // The metadata keys KEDA's external scaler reads itself (pkg/scalers/external_scaler.go:
+    // scalerAddress, enableTLS, unsafeSsl; caCert, tlsClientCert, tlsClientKey come from
+    // the TriggerAuthentication), the rest passed on to us.
+    let ours = ["taskHubName", "connectionFromEnv", "maxActivitiesPerWorker", "maxOrchestrationsPerWorker"];
+
+    let tls = render("example");
+    let scaled = find(&tls, "ScaledObject", "orders-func");
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "external-push");
+    assert_eq!(trigger["metadata"]["scalerAddress"], address.as_str());
+    assert_eq!(trigger["metadata"]["enableTLS"], "true");
+    let keys: BTreeSet<&str> = trigger["metadata"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ours.iter().copied().chain(["scalerAddress", "enableTLS"]).collect());
+    let auth = find(&tls, "TriggerAuthentication", trigger["authenticationRef"]["name"].as_str().unwrap());
+    assert_eq!(auth["metadata"]["namespace"], scaled["metadata"]["namespace"]);
+    assert_eq!(
+        auth["spec"]["secretTargetRef"],
+        json!([{"parameter": "caCert", "name": "durable-scaler-aggregator-ca", "key": "ca.crt"}])
+    );
+
+    let plain = render("example-plaintext");
+    let scaled = find(&plain, "ScaledObject", "orders-func");
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["metadata"]["scalerAddress"], address.as_str());
+    assert!(trigger.get("authenticationRef").is_none());
+    let keys: BTreeSet<&str> = trigger["metadata"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ours.iter().copied().chain(["scalerAddress"]).collect());
+    assert!(!plain.iter().any(|o| o["kind"] == "TriggerAuthentication"));
 }
 
 #[test]
-fn every_image_is_the_one_project_image() {
-    let mut files = Vec::new();
-    yaml_files(&manifests_dir(), &mut files);
-    let mut images = BTreeSet::new();
-    for file in files.iter().filter(|f| !f.starts_with(manifests_dir().join("example"))) {
-        let text = std::fs::read_to_string(file).unwrap();
-        for line in text.lines() {
-            if let Some(image) = line.trim().strip_prefix("image: ") {
-                images.insert(image.to_owned());
+fn every_image_of_the_installs_is_the_one_project_image() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let mut images = BTreeSet::new();
+        for workload in
+            objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "CronJob")))
+        {
+            for c in ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)) {
+                images.insert(c["image"].as_str().unwrap().to_owned());
             }
         }
+        assert_eq!(images, BTreeSet::from([webhook::DEFAULT_IMAGE.to_owned()]), "{install}");
     }
-    assert_eq!(images, BTreeSet::from([webhook::DEFAULT_IMAGE.to_owned()]));
+}
+
+/// `to` relative to the directory `from` (both absolute).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (from, to) = (from.canonicalize().unwrap(), to.canonicalize().unwrap());
+    let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in from.components().skip(common) {
+        out.push("..");
+    }
+    out.extend(to.components().skip(common));
+    out
+}
+
+#[test]
+fn an_images_override_in_an_overlay_also_changes_the_injected_sidecar_image() {
+    // kustomize takes bases by relative path only, so the overlay lives in a temporary
+    // directory under target/ and names manifests/default relatively.
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = relative(overlay.path(), &manifests_dir().join("default"));
+    let image = webhook::DEFAULT_IMAGE.rsplit_once(':').unwrap().0;
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n\
+             images:\n  - name: {image}\n    newName: registry.example.com/team/durable-scaler\n    newTag: \"1.2.3\"\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
+    let wanted = "registry.example.com/team/durable-scaler:1.2.3";
+    assert_eq!(webhook["image"], wanted);
+    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), wanted);
+    // Every other image follows too, and no other env value was taken for an image.
+    for workload in objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "CronJob"))) {
+        for c in ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)) {
+            assert_eq!(c["image"], wanted, "{}", c["name"]);
+        }
+    }
+    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
 }
