@@ -32,7 +32,7 @@ use crate::clock::UnixMs;
 use crate::heuristic::{
     Algorithm, ScaleAction,
     durable::{DurableSettings, QueueSample},
-    engine::{DEFAULT_WORK_GRACE_MS, EngineSettings, HubEngine},
+    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine},
     latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies},
     target::{self, TargetSettings},
 };
@@ -80,6 +80,10 @@ pub trait Scaler {
     fn is_active(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> bool;
     /// GetMetrics for every trigger, every HPA sync.
     fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> Vec<Metric>;
+    /// Ours only: the engine's latest decision, with its reason (peers have none to show).
+    fn decision(&self) -> Option<&Decision> {
+        None
+    }
 }
 
 /// A scaler by name, as `--scalers` takes it.
@@ -423,5 +427,9 @@ impl Scaler for DurableScaler {
     fn metrics(&mut self, _now: UnixMs, _app: &dyn QueueSource, _replicas: u32) -> Vec<Metric> {
         let value = self.engine.decision().map_or(0.0, |d| d.metric_value);
         vec![Metric { value, target: 1.0 }]
+    }
+
+    fn decision(&self) -> Option<&Decision> {
+        self.engine.decision()
     }
 }
