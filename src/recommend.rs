@@ -208,9 +208,8 @@ impl Case {
                 message: "expected a value above 0".into(),
             });
         }
-        let fixed = !case.control.is_empty()
-            || !case.work_item.latencies_ms.is_empty()
-            || case.work_item.length > 0;
+        let fixed =
+            !case.control.is_empty() || !case.work_item.latencies_ms.is_empty() || case.work_item.length > 0;
         if case.samples.is_empty() && case.algorithm == Algorithm::Durable {
             return Err(CaseError::Invalid {
                 field: "samples",
@@ -295,7 +294,11 @@ impl Case {
     /// The fixed fields' lengths as one sample in which every message is visible: what a
     /// hand-built `durable` case without samples is answered from (`parse` refuses one).
     fn lengths_as_sample(&self) -> SampleCase {
-        let visible = |length: u64| ReadingCase { approximate_count: length, visible_count: length, first_visible_age_ms: 0 };
+        let visible = |length: u64| ReadingCase {
+            approximate_count: length,
+            visible_count: length,
+            first_visible_age_ms: 0,
+        };
         SampleCase {
             at_ms: 0,
             work_item: visible(self.work_item.length),
@@ -340,7 +343,12 @@ impl Case {
             // `answer` replays durable cases; the formula is what durable reads of one sample.
             Algorithm::Target | Algorithm::Durable => {
                 let lengths: Vec<u64> = control.iter().map(|q| q.length).collect();
-                target::recommend(self.engine_settings().target, self.workers, self.work_item.length, &lengths)
+                target::recommend(
+                    self.engine_settings().target,
+                    self.workers,
+                    self.work_item.length,
+                    &lengths,
+                )
             }
         }
     }
@@ -424,7 +432,10 @@ mod tests {
                 format!(r#"{{"at_ms":{at},"control":[{{"approximate_count":{a},"visible_count":{v}}}]}}"#)
             })
             .collect();
-        format!(r#"{{"algorithm":"durable","workers":{workers},"partitions":4,"samples":[{}]}}"#, samples.join(","))
+        format!(
+            r#"{{"algorithm":"durable","workers":{workers},"partitions":4,"samples":[{}]}}"#,
+            samples.join(",")
+        )
     }
 
     #[test]
@@ -436,7 +447,12 @@ mod tests {
         let waiting = r#"{"algorithm":"durable","workers":1,"partitions":4,"samples":[
             {"at_ms":0},{"at_ms":5000,"work_item":{"approximate_count":25,"visible_count":25}}]}"#;
         let a = Case::parse(waiting).unwrap().answer();
-        assert_eq!((a.recommendation.desired_workers, a.metric_value), (3, 3.0), "{}", a.recommendation.reason);
+        assert_eq!(
+            (a.recommendation.desired_workers, a.metric_value),
+            (3, 3.0),
+            "{}",
+            a.recommendation.reason
+        );
     }
 
     #[test]
@@ -448,8 +464,10 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "samples: give either samples or work_item/control, not both");
-        let e = Case::parse(r#"{"algorithm":"target","workers":1,"partitions":4,"samples":[{"at_ms":5},{"at_ms":1}]}"#)
-            .unwrap_err();
+        let e = Case::parse(
+            r#"{"algorithm":"target","workers":1,"partitions":4,"samples":[{"at_ms":5},{"at_ms":1}]}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "samples: expected at_ms in order, oldest first");
     }
 
@@ -468,8 +486,9 @@ mod tests {
     #[test]
     fn the_answer_carries_the_metric_value_keda_would_get() {
         // 12 workers wanting 20: the value that moves the HPA there, not a plain 20.
-        let case = Case::parse(r#"{"algorithm":"target","workers":12,"partitions":4,"work_item":{"length":200}}"#)
-            .unwrap();
+        let case =
+            Case::parse(r#"{"algorithm":"target","workers":12,"partitions":4,"work_item":{"length":200}}"#)
+                .unwrap();
         let a = case.answer();
         assert_eq!(a.recommendation.desired_workers, 20);
         assert_eq!(a.metric_value, crate::heuristic::hpa::metric_value(20, 12));

@@ -298,8 +298,7 @@ impl HubState {
         if !self.observed {
             return None;
         }
-        let recent =
-            self.source_workers.filter(|(_, at)| now.millis_since(*at) <= SOURCE_ANSWER_KEPT_MS);
+        let recent = self.source_workers.filter(|(_, at)| now.millis_since(*at) <= SOURCE_ANSWER_KEPT_MS);
         let workers = recent.map(|(w, _)| w).unwrap_or_else(|| self.live_pods(now));
         let previous = self.engine.decision().map(|d| d.recommendation.desired_workers);
         let decision = self.engine.evaluate(now, workers);

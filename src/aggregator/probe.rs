@@ -130,7 +130,8 @@ impl Prober {
             (0..partitions).collect()
         };
         let work_item = coverage.work_item_uncovered || coverage.partition_count != Some(partitions);
-        let control = join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now.as_millis())));
+        let control =
+            join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now.as_millis())));
         let (control, work) = tokio::join!(control, async {
             if work_item { Some(reader.read_queue(QueueRef::WorkItem, now.as_millis()).await) } else { None }
         });

@@ -159,7 +159,8 @@ impl QueueView {
     fn is_working(&self, now: UnixMs, grace_ms: u64) -> bool {
         let grace = i64::try_from(grace_ms).unwrap_or(i64::MAX);
         let recent = |t: Option<UnixMs>| t.is_some_and(|t| now.millis_since(t) <= grace);
-        self.latest.is_some_and(|s| s.invisible() > 0) && (recent(self.last_visible) || recent(self.last_moved))
+        self.latest.is_some_and(|s| s.invisible() > 0)
+            && (recent(self.last_visible) || recent(self.last_moved))
     }
 
     fn is_active(&self, now: UnixMs, grace_ms: u64) -> bool {

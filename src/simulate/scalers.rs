@@ -409,7 +409,8 @@ impl Scaler for DurableScaler {
             return false;
         }
         let at_zero = app.ready_pods(now) == 0;
-        self.next_sample = now.plus_ms(if at_zero { self.probe_interval_ms } else { self.report_interval_ms });
+        self.next_sample =
+            now.plus_ms(if at_zero { self.probe_interval_ms } else { self.report_interval_ms });
         let (wi, cq) = app.observe(now);
         self.engine.observe_work_item(wi.into(), now);
         for (partition, sample) in cq.into_iter().enumerate() {

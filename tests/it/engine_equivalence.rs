@@ -50,7 +50,9 @@ fn sequence() -> Vec<Moment> {
             let w = next(4);
             let (work_item, control, workers): (Read, [Read; PARTITIONS], u32) = match i {
                 0..=5 => ((0, 0, 0), [(0, 0, 0); 4], 0),
-                6..=11 => ((30 + w, 30 + w, 800 * (i - 5)), [(2, 2, 300), (0, 0, 0), (1, 1, 50), (0, 0, 0)], 1),
+                6..=11 => {
+                    ((30 + w, 30 + w, 800 * (i - 5)), [(2, 2, 300), (0, 0, 0), (1, 1, 50), (0, 0, 0)], 1)
+                }
                 12..=20 => ((25 - w, 0, 0), [(1, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)], 3),
                 // Sleeping timers: invisible, the count never moves, nothing else to do.
                 21..=40 => ((0, 0, 0), [(3, 0, 0), (0, 0, 0), (2, 0, 0), (0, 0, 0)], 3 - u32::from(i > 30)),
@@ -61,7 +63,11 @@ fn sequence() -> Vec<Moment> {
                 50..=70 => {
                     let backlog = 400u64.saturating_sub(15 * (i - 50)) + w;
                     let visible = backlog.min(32);
-                    ((backlog, visible, 1_500), [(4 + w, 4, 900), (3, 3, 700), (5, 5, 1_200), (2, 2, 400)], 12)
+                    (
+                        (backlog, visible, 1_500),
+                        [(4 + w, 4, 900), (3, 3, 700), (5, 5, 1_200), (2, 2, 400)],
+                        12,
+                    )
                 }
                 71..=90 => {
                     let left = (90 - i) * 3 + w;
@@ -115,7 +121,10 @@ struct Answer {
 /// evaluation with the worker count the source gave.
 fn aggregator_answers(algorithm: Algorithm, moments: &[Moment]) -> Vec<Answer> {
     let registry = Registry::new(Arc::new(Metrics::new()), WORK_GRACE_MS);
-    let metadata = [("taskHubName".to_string(), "EqualHub".to_string()), ("scaleAlgorithm".into(), algorithm.to_string())];
+    let metadata = [
+        ("taskHubName".to_string(), "EqualHub".to_string()),
+        ("scaleAlgorithm".into(), algorithm.to_string()),
+    ];
     let settings = HubSettings::from_metadata(&metadata.into_iter().collect()).expect("valid metadata");
     let entry = registry.track(&HubKey::new("apps", "EqualHub"), "EqualHub", Some(&settings));
     moments

@@ -3,8 +3,8 @@
 //! Simulated durations are kept to minutes so the file runs in seconds in debug builds.
 
 use clap::Parser;
-use durable_scaler::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
 use durable_scaler::clock::UnixMs;
+use durable_scaler::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
 use durable_scaler::heuristic::{Algorithm, ScaleAction, durable::QueueSample};
 use durable_scaler::simulate::{
     Args, Settings,
@@ -244,7 +244,10 @@ fn functions_target_reads_a_queue_with_nothing_visible_as_empty() {
     let mut f = scalers::build(ScalerKind::FunctionsTarget, &ScalerConfig::default(), 4);
     let (_, control) = app.observe(40 * SECOND);
     let active = control.iter().filter(|s| s.approximate_count > 0).count() as f64;
-    assert_eq!(f.metrics(sim_time(40 * SECOND), &app, 1), vec![Metric { value: active.min(6.0), target: 1.0 }]);
+    assert_eq!(
+        f.metrics(sim_time(40 * SECOND), &app, 1),
+        vec![Metric { value: active.min(6.0), target: 1.0 }]
+    );
 }
 
 #[test]
