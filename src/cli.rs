@@ -26,11 +26,15 @@ pub struct Cli {
 pub enum Command {
     /// Read one JSON case on stdin, print what the heuristic would decide and why.
     ///
-    /// Input: {"algorithm": "latency"|"target", "workers": N, "partitions": P,
+    /// Input: {"algorithm": "durable"|"target"|"latency", "workers": N, "partitions": P,
     /// "max_polling_interval_ms": 30000, "max_activities_per_worker": 10,
-    /// "max_orchestrations_per_worker": 5, "work_item": {"latencies_ms": [...], "length": N},
-    /// "control": [{"latencies_ms": [...], "length": N}, ...]}. Output: {"action",
-    /// "keep_workers_alive", "desired_workers", "reason"}. Exit status 2 on malformed input.
+    /// "max_orchestrations_per_worker": 5, then either "work_item": {"latencies_ms": [...],
+    /// "length": N} and "control": [{"latencies_ms": [...], "length": N}, ...] (latency,
+    /// target), or "samples": [{"at_ms": T, "work_item": R, "control": [R, ...]}, ...] with
+    /// R = {"approximate_count", "visible_count", "first_visible_age_ms"} (every algorithm;
+    /// durable needs them), replayed through the aggregator's engine; "work_grace_ms": 300000,
+    /// "worker_startup_ms": 20000}. Output: {"action", "keep_workers_alive",
+    /// "desired_workers", "reason", "metric_value"}. Exit status 2 on malformed input.
     Recommend,
     /// Run next to a Durable Functions app: report the queues of the partitions this pod
     /// owns to the aggregator (configured by DURABLE_SCALER_* and POD_* variables).

@@ -1,43 +1,52 @@
 //! `durable-scaler recommend`: one JSON case on stdin, one JSON recommendation on stdout.
 //!
 //! A tool for users to ask "what would it decide, and why" without running anything. The
-//! schema is fixed (tests outside the project use it):
+//! schema's fixed fields keep their meaning (tests outside the project use them); `samples`,
+//! `work_grace_ms`, `worker_startup_ms` and the output's `metric_value` were added:
 //!
 //! ```text
-//! input:  {"algorithm": "latency" | "target", "workers": u32, "partitions": u32,
+//! input:  {"algorithm": "durable" | "target" | "latency", "workers": u32, "partitions": u32,
 //!          "max_polling_interval_ms": u64 = 30000, "max_activities_per_worker": u32 = 10,
 //!          "max_orchestrations_per_worker": u32 = 5,
 //!          "work_item": {"latencies_ms": [u64...], "length": u64 = 0},
-//!          "control": [{"latencies_ms": [...], "length": u64 = 0}, ...]}
+//!          "control": [{"latencies_ms": [...], "length": u64 = 0}, ...],
+//!          "samples": [{"at_ms": i64,
+//!                       "work_item": {"approximate_count": u64 = 0, "visible_count": u64 = 0,
+//!                                     "first_visible_age_ms": u64 = 0},
+//!                       "control": [{...}, ...]}, ...],
+//!          "work_grace_ms": u64 = 300000, "worker_startup_ms": u64 = 20000}
 //! output: {"action": "AddWorker" | "RemoveWorker" | "None", "keep_workers_alive": bool,
-//!          "desired_workers": u32, "reason": "..."}
+//!          "desired_workers": u32, "reason": "...", "metric_value": f64}
 //! ```
 //!
-//! Latency samples are oldest first and fed into the rings in order, as the monitor would
-//! have sampled them (random scale-in off). Control queues missing from `control` (fewer
-//! entries than `partitions`) are idle queues sampled as often as the longest given ring.
+//! Two ways to describe the hub:
+//! - **Fixed fields** (`latency`, `target`): latency samples are oldest first and fed into the
+//!   rings in order, as the monitor would have sampled them (random scale-in off); lengths go
+//!   into the target formula as given. Control queues missing from `control` (fewer entries
+//!   than `partitions`) are idle queues sampled as often as the longest given ring.
+//! - **Timed `samples`** (every algorithm; `durable` needs them): readings of the queues, as
+//!   a sidecar or the cold probe takes them, oldest first. They run through the aggregator's
+//!   own engine ([`crate::heuristic::engine`]): each sample is observed and decided on at its
+//!   `at_ms` with `workers` running, and the answer is the last decision, so the output is
+//!   what the aggregator would answer after seeing that sequence. Missing control queues read
+//!   empty. Samples replace `work_item` and `control`; giving both is refused.
+//!
+//! `metric_value` is what GetMetrics would report to KEDA (target 1, AverageValue).
 
 use std::io::Read;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::clock::UnixMs;
 use crate::heuristic::{
-    Recommendation,
+    Algorithm, Recommendation,
+    durable::DurableSettings,
+    engine::{self, DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine, Reading},
     latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyHistory, LatencyVoter, TaskHubLatencies},
     target::{self, TargetSettings},
 };
 
 use crate::contract::MAX_PARTITIONS;
-
-/// Which heuristic to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    /// The DTFx latency vote.
-    Latency,
-    /// The Functions host's target formula.
-    Target,
-}
 
 /// One queue in a case.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -48,6 +57,43 @@ pub struct QueueCase {
     /// Queue length.
     #[serde(default)]
     pub length: u64,
+}
+
+/// One reading of one queue in a timed sample.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct ReadingCase {
+    /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
+    #[serde(default)]
+    pub approximate_count: u64,
+    /// Messages a Peek of up to 32 returned.
+    #[serde(default)]
+    pub visible_count: u64,
+    /// Age of the first visible message, ms (0 when none is visible).
+    #[serde(default)]
+    pub first_visible_age_ms: u64,
+}
+
+impl From<ReadingCase> for Reading {
+    fn from(r: ReadingCase) -> Self {
+        Reading {
+            approximate_count: r.approximate_count,
+            visible_count: r.visible_count,
+            first_visible_age_ms: r.first_visible_age_ms,
+        }
+    }
+}
+
+/// One timed sample of every queue.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SampleCase {
+    /// When it was taken (ms on any clock; only differences matter).
+    pub at_ms: i64,
+    /// The work-item queue.
+    #[serde(default)]
+    pub work_item: ReadingCase,
+    /// The control queues, partition 0 first; missing ones read empty.
+    #[serde(default)]
+    pub control: Vec<ReadingCase>,
 }
 
 /// One case, as read from stdin.
@@ -74,6 +120,25 @@ pub struct Case {
     /// The control queues, partition 0 first.
     #[serde(default)]
     pub control: Vec<QueueCase>,
+    /// Timed readings, oldest first, run through the engine (module docs).
+    #[serde(default)]
+    pub samples: Vec<SampleCase>,
+    /// How long invisible messages count as work after their queue moved (timed samples).
+    #[serde(default = "default_work_grace")]
+    pub work_grace_ms: u64,
+    /// How long a new worker takes to take work (`durable`; the trigger's `workerStartupMs`).
+    #[serde(default = "default_worker_startup")]
+    pub worker_startup_ms: u64,
+}
+
+/// What the subcommand prints: the recommendation and the metric value KEDA would get.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Answer {
+    /// The algorithm's answer.
+    #[serde(flatten)]
+    pub recommendation: Recommendation,
+    /// What GetMetrics would report (target 1, AverageValue).
+    pub metric_value: f64,
 }
 
 fn default_max_poll() -> u64 {
@@ -84,6 +149,12 @@ fn default_max_activities() -> u32 {
 }
 fn default_max_orchestrations() -> u32 {
     TargetSettings::default().max_orchestrations_per_worker
+}
+fn default_work_grace() -> u64 {
+    DEFAULT_WORK_GRACE_MS
+}
+fn default_worker_startup() -> u64 {
+    DurableSettings::default().startup_ms
 }
 
 /// A case that cannot be answered, with the field at fault.
@@ -136,6 +207,37 @@ impl Case {
                 message: "expected a value above 0".into(),
             });
         }
+        let fixed =
+            !case.control.is_empty() || !case.work_item.latencies_ms.is_empty() || case.work_item.length > 0;
+        if case.samples.is_empty() && case.algorithm == Algorithm::Durable {
+            return Err(CaseError::Invalid {
+                field: "samples",
+                message: "the durable algorithm reads timed samples: expected at least one".into(),
+            });
+        }
+        if !case.samples.is_empty() && fixed {
+            return Err(CaseError::Invalid {
+                field: "samples",
+                message: "give either samples or work_item/control, not both".into(),
+            });
+        }
+        if let Some(sample) = case.samples.iter().find(|s| s.control.len() > case.partitions as usize) {
+            return Err(CaseError::Invalid {
+                field: "samples",
+                message: format!(
+                    "expected at most {} control readings (partitions) per sample, got {} at {} ms",
+                    case.partitions,
+                    sample.control.len(),
+                    sample.at_ms
+                ),
+            });
+        }
+        if case.samples.windows(2).any(|w| w[1].at_ms < w[0].at_ms) {
+            return Err(CaseError::Invalid {
+                field: "samples",
+                message: "expected at_ms in order, oldest first".into(),
+            });
+        }
         Ok(case)
     }
 
@@ -152,8 +254,79 @@ impl Case {
         queues
     }
 
+    /// The settings the engine would run this case with.
+    fn engine_settings(&self) -> EngineSettings {
+        let target = TargetSettings {
+            max_activities_per_worker: self.max_activities_per_worker,
+            max_orchestrations_per_worker: self.max_orchestrations_per_worker,
+        };
+        EngineSettings {
+            algorithm: self.algorithm,
+            target,
+            durable: DurableSettings {
+                max_activities_per_worker: target.max_activities_per_worker,
+                max_orchestrations_per_worker: target.max_orchestrations_per_worker,
+                startup_ms: self.worker_startup_ms,
+                ..DurableSettings::default()
+            },
+            max_polling_interval_ms: self.max_polling_interval_ms,
+            work_grace_ms: self.work_grace_ms,
+        }
+    }
+
+    /// `samples` through the engine; `None` when there are none.
+    fn replay(&self, samples: &[SampleCase]) -> Option<Decision> {
+        let mut engine = HubEngine::new(self.engine_settings(), self.partitions as usize);
+        let mut decision = None;
+        for sample in samples {
+            let at = UnixMs(sample.at_ms);
+            engine.observe_work_item(sample.work_item.into(), at);
+            for p in 0..self.partitions as usize {
+                let reading = sample.control.get(p).copied().unwrap_or_default();
+                engine.observe_control(p, reading.into(), at);
+            }
+            decision = Some(engine.evaluate(at, self.workers).clone());
+        }
+        decision
+    }
+
+    /// The fixed fields' lengths as one sample in which every message is visible: what a
+    /// hand-built `durable` case without samples is answered from (`parse` refuses one).
+    fn lengths_as_sample(&self) -> SampleCase {
+        let visible = |length: u64| ReadingCase {
+            approximate_count: length,
+            visible_count: length,
+            first_visible_age_ms: 0,
+        };
+        SampleCase {
+            at_ms: 0,
+            work_item: visible(self.work_item.length),
+            control: self.control.iter().map(|q| visible(q.length)).collect(),
+        }
+    }
+
+    /// The answer for this case: the recommendation and the metric value.
+    pub fn answer(&self) -> Answer {
+        let replayed = match (self.samples.is_empty(), self.algorithm) {
+            (false, _) => self.replay(&self.samples),
+            (true, Algorithm::Durable) => self.replay(&[self.lengths_as_sample()]),
+            (true, _) => None,
+        };
+        if let Some(d) = replayed {
+            return Answer { recommendation: d.recommendation, metric_value: d.metric_value };
+        }
+        let recommendation = self.recommend_from_fixed_fields();
+        let metric_value = engine::metric_value(self.algorithm, recommendation.desired_workers, self.workers);
+        Answer { recommendation, metric_value }
+    }
+
     /// The recommendation for this case.
     pub fn recommend(&self) -> Recommendation {
+        self.answer().recommendation
+    }
+
+    /// Today's fixed fields: latency rings, or queue lengths for the target formula.
+    fn recommend_from_fixed_fields(&self) -> Recommendation {
         let control = self.control_queues();
         match self.algorithm {
             Algorithm::Latency => {
@@ -166,13 +339,15 @@ impl Case {
                 };
                 LatencyVoter::new(self.max_polling_interval_ms).vote(&hub, self.workers)
             }
-            Algorithm::Target => {
-                let settings = TargetSettings {
-                    max_activities_per_worker: self.max_activities_per_worker,
-                    max_orchestrations_per_worker: self.max_orchestrations_per_worker,
-                };
+            // `answer` replays durable cases; the formula is what durable reads of one sample.
+            Algorithm::Target | Algorithm::Durable => {
                 let lengths: Vec<u64> = control.iter().map(|q| q.length).collect();
-                target::recommend(settings, self.workers, self.work_item.length, &lengths)
+                target::recommend(
+                    self.engine_settings().target,
+                    self.workers,
+                    self.work_item.length,
+                    &lengths,
+                )
             }
         }
     }
@@ -188,9 +363,8 @@ pub fn run() -> std::process::ExitCode {
     }
     match Case::parse(&input) {
         Ok(case) => {
-            let recommendation = case.recommend();
             // Serializing a struct of plain fields cannot fail.
-            println!("{}", serde_json::to_string(&recommendation).unwrap_or_default());
+            println!("{}", serde_json::to_string(&case.answer()).unwrap_or_default());
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
@@ -247,5 +421,77 @@ mod tests {
         assert_eq!(e.to_string(), "partitions: expected 1..=16, got 17");
         let e = Case::parse(r#"{"algorithm":"target","partitions":1}"#).unwrap_err();
         assert!(e.to_string().contains("missing field `workers`"), "{e}");
+    }
+
+    /// A durable case: `at_ms`, then (approximate, visible) of control queue 0 per sample.
+    fn durable_case(workers: u32, control0: &[(i64, u64, u64)]) -> String {
+        let samples: Vec<String> = control0
+            .iter()
+            .map(|(at, a, v)| {
+                format!(r#"{{"at_ms":{at},"control":[{{"approximate_count":{a},"visible_count":{v}}}]}}"#)
+            })
+            .collect();
+        format!(
+            r#"{{"algorithm":"durable","workers":{workers},"partitions":4,"samples":[{}]}}"#,
+            samples.join(",")
+        )
+    }
+
+    #[test]
+    fn durable_reads_timed_samples_and_lets_sleeping_timers_sleep() {
+        let timers: Vec<(i64, u64, u64)> = (0..=12).map(|i| (i * 5_000, 3, 0)).collect();
+        let a = Case::parse(&durable_case(1, &timers)).unwrap().answer();
+        assert_eq!((a.recommendation.desired_workers, a.recommendation.keep_workers_alive), (0, false));
+        assert!(a.recommendation.reason.contains("sleeping timers"), "{}", a.recommendation.reason);
+        let waiting = r#"{"algorithm":"durable","workers":1,"partitions":4,"samples":[
+            {"at_ms":0},{"at_ms":5000,"work_item":{"approximate_count":25,"visible_count":25}}]}"#;
+        let a = Case::parse(waiting).unwrap().answer();
+        assert_eq!(
+            (a.recommendation.desired_workers, a.metric_value),
+            (3, 3.0),
+            "{}",
+            a.recommendation.reason
+        );
+    }
+
+    #[test]
+    fn durable_without_samples_and_samples_beside_fixed_fields_are_refused() {
+        let e = Case::parse(r#"{"algorithm":"durable","workers":1,"partitions":4}"#).unwrap_err();
+        assert!(e.to_string().starts_with("samples: the durable algorithm reads timed samples"), "{e}");
+        let e = Case::parse(
+            r#"{"algorithm":"target","workers":1,"partitions":4,"work_item":{"length":3},"samples":[{"at_ms":0}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "samples: give either samples or work_item/control, not both");
+        let e = Case::parse(
+            r#"{"algorithm":"target","workers":1,"partitions":4,"samples":[{"at_ms":5},{"at_ms":1}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "samples: expected at_ms in order, oldest first");
+    }
+
+    #[test]
+    fn timed_samples_run_the_target_formula_on_what_the_engine_counts_as_work() {
+        // Three messages never seen visible and never moving: sleeping, length 0.
+        let case = r#"{"algorithm":"target","workers":1,"partitions":4,"samples":[
+            {"at_ms":0,"control":[{"approximate_count":3}]},
+            {"at_ms":5000,"control":[{"approximate_count":3}]}]}"#;
+        assert_eq!(Case::parse(case).unwrap().recommend().desired_workers, 0);
+        // The same count on the fixed fields is taken as given.
+        let fixed = r#"{"algorithm":"target","workers":1,"partitions":4,"control":[{"length":3}]}"#;
+        assert_eq!(Case::parse(fixed).unwrap().recommend().desired_workers, 1);
+    }
+
+    #[test]
+    fn the_answer_carries_the_metric_value_keda_would_get() {
+        // 12 workers wanting 20: the value that moves the HPA there, not a plain 20.
+        let case =
+            Case::parse(r#"{"algorithm":"target","workers":12,"partitions":4,"work_item":{"length":200}}"#)
+                .unwrap();
+        let a = case.answer();
+        assert_eq!(a.recommendation.desired_workers, 20);
+        assert_eq!(a.metric_value, crate::heuristic::hpa::metric_value(20, 12));
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["desired_workers"], 20, "the recommendation's fields stay at the top level");
     }
 }

@@ -1,39 +1,19 @@
-//! One task hub's merged view and every decision the aggregator takes about it, pure: reports,
-//! probe results and the clock value come in, coverage, activity and the worker count go out.
-//! No I/O and no `Instant::now()` here, so all of it is unit-tested below.
-//!
-//! # Activity: telling sleeping timers from work in progress
-//!
-//! A queue's `approximate_count` counts invisible messages too, and an invisible message is
-//! either being processed (dequeued, hidden for the visibility timeout) or a durable timer /
-//! scheduled start (enqueued with a visibility delay). Both look the same in one sample; they
-//! differ over time. Work in progress leaves traces: the message was visible before it was
-//! dequeued, and dequeues, completions and new messages move the invisible count
-//! (`approximate_count - visible_count`). A sleeping timer leaves none: nothing is visible and
-//! the invisible count stays put, sample after sample. So a queue is **working** while its
-//! invisible count is non-zero and, within the last `work_grace` (default 5 minutes, DTFx's
-//! visibility timeout), either a message was visible in it or its invisible count changed. A
-//! hub is **active** while any queue has a visible message now or is working. A timers-only
-//! hub therefore turns inactive one grace period after its last movement, and wakes again the
-//! moment a timer comes due (its message turns visible). The price: an activity running for
-//! longer than the grace period without any other movement in its queue looks like a timer;
-//! KEDA's cooldown still applies before it scales to zero, and the message reappears (and
-//! wakes the hub) when its visibility timeout lapses. The first sample of a queue has no
-//! history, so its invisible messages count as sleeping until they move.
-//!
-//! The same classification feeds the target formula: a queue's length is its approximate
-//! count while it is working or has visible messages, else 0 (upstream's "length is 0 when
-//! the peek returns nothing", which also drops sleeping timers).
+//! One task hub's merged view: which pods report what, what the cold probe must read, and
+//! which worker count decisions are taken from. The decisions themselves (telling sleeping
+//! timers from work, the algorithms, the metric value) are [`HubEngine`]'s, the same engine
+//! the simulator and `recommend` run; this file feeds it the readings of reports and probes
+//! and the worker count. Pure: reports, probe results and the time come in as values, so all
+//! of it is unit-tested below.
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::heuristic::durable::{self, DurableSettings, HubHistory, QueueSample};
-use crate::heuristic::hpa;
-use crate::heuristic::latency::{LatencyHistory, LatencyVoter, TaskHubLatencies};
-use crate::heuristic::{Recommendation, target};
+use crate::clock::UnixMs;
+use crate::heuristic::Recommendation;
+use crate::heuristic::engine::{EngineSettings, HubEngine, Reading};
+use crate::heuristic::latency::{LatencyHistory, TaskHubLatencies};
 use crate::storage::QueueSignals;
 
-use super::settings::{HubSettings, ScaleAlgorithm};
+use super::settings::HubSettings;
 
 /// How long the worker-count source's last answer stands in when it cannot answer.
 pub const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
@@ -124,7 +104,7 @@ pub struct RecommendationChange {
 #[derive(Debug, Clone, Default)]
 struct PodState {
     /// When the latest report arrived (aggregator clock: liveness survives clock skew).
-    last_report_ms: i64,
+    last_report: UnixMs,
     /// When the sidecar took it (sidecar clock: orders one pod's reports).
     last_sampled_ms: i64,
     interval_ms: u64,
@@ -134,108 +114,64 @@ struct PodState {
 }
 
 impl PodState {
-    fn is_live(&self, now_ms: i64) -> bool {
+    fn is_live(&self, now: UnixMs) -> bool {
         !self.leaving
-            && now_ms.saturating_sub(self.last_report_ms)
-                <= STALE_AFTER_INTERVALS.saturating_mul(self.interval_ms as i64)
+            && now.millis_since(self.last_report)
+                <= STALE_AFTER_INTERVALS.saturating_mul(i64::try_from(self.interval_ms).unwrap_or(i64::MAX))
     }
 }
 
-/// One queue: its latest signals and the history that tells timers from work.
-#[derive(Debug, Clone, Copy, Default)]
-struct QueueView {
-    latest: Option<QueueSignals>,
-    /// When a visible message was last seen (aggregator clock).
-    last_visible_ms: Option<i64>,
-    /// When the invisible count last changed between two observations.
-    last_moved_ms: Option<i64>,
-}
-
-impl QueueView {
-    fn observe(&mut self, signals: QueueSignals, now_ms: i64) {
-        if signals.visible_count > 0 {
-            self.last_visible_ms = Some(now_ms);
+impl From<QueueSignals> for Reading {
+    fn from(s: QueueSignals) -> Self {
+        Self {
+            approximate_count: s.approximate_count,
+            visible_count: u64::from(s.visible_count),
+            first_visible_age_ms: s.first_visible_age_ms,
         }
-        if let Some(previous) = self.latest
-            && invisible(&previous) != invisible(&signals)
-        {
-            self.last_moved_ms = Some(now_ms);
-        }
-        self.latest = Some(signals);
-    }
-
-    fn has_visible(&self) -> bool {
-        self.latest.is_some_and(|s| s.visible_count > 0)
-    }
-
-    fn is_working(&self, now_ms: i64, grace_ms: i64) -> bool {
-        let recent = |t: Option<i64>| t.is_some_and(|t| now_ms.saturating_sub(t) <= grace_ms);
-        self.latest.is_some_and(|s| invisible(&s) > 0)
-            && (recent(self.last_visible_ms) || recent(self.last_moved_ms))
-    }
-
-    fn is_active(&self, now_ms: i64, grace_ms: i64) -> bool {
-        self.has_visible() || self.is_working(now_ms, grace_ms)
-    }
-
-    /// The length the target formula sees (module docs).
-    fn length(&self, now_ms: i64, grace_ms: i64) -> u64 {
-        match self.latest {
-            Some(s) if self.is_active(now_ms, grace_ms) => {
-                s.approximate_count.max(u64::from(s.visible_count))
-            }
-            _ => 0,
-        }
-    }
-
-    fn latency_ms(&self) -> u64 {
-        self.latest.map_or(0, |s| s.first_visible_age_ms)
     }
 }
 
-fn invisible(s: &QueueSignals) -> u64 {
-    s.approximate_count.saturating_sub(u64::from(s.visible_count))
+/// The engine settings of a trigger's settings; `work_grace_ms` is the aggregator's.
+fn engine_settings(settings: &HubSettings, work_grace_ms: u64) -> EngineSettings {
+    let defaults = EngineSettings::default();
+    EngineSettings {
+        algorithm: settings.algorithm,
+        target: settings.target,
+        durable: crate::heuristic::durable::DurableSettings {
+            max_activities_per_worker: settings.target.max_activities_per_worker,
+            max_orchestrations_per_worker: settings.target.max_orchestrations_per_worker,
+            startup_ms: settings.worker_startup_ms,
+            ..defaults.durable
+        },
+        max_polling_interval_ms: settings.max_polling_interval_ms,
+        work_grace_ms,
+    }
 }
 
 /// The merged view of one task hub and the decisions taken on it.
 #[derive(Debug, Clone)]
 pub struct HubState {
     settings: HubSettings,
-    grace_ms: i64,
+    work_grace_ms: u64,
     partition_count: Option<u32>,
-    control: Vec<QueueView>,
-    work_item: QueueView,
     pods: HashMap<String, PodState>,
-    latencies: TaskHubLatencies,
-    voter: LatencyVoter,
-    /// Recent samples per queue, for the durable algorithm.
-    history: HubHistory,
+    engine: HubEngine,
     observed: bool,
-    recommendation: Option<Recommendation>,
-    workers: u32,
-    metric_value: f64,
     /// The worker-count source's last answer and when it came.
-    source_workers: Option<(u32, i64)>,
+    source_workers: Option<(u32, UnixMs)>,
 }
 
 impl HubState {
-    /// A hub nothing is known about yet. `work_grace_ms`: see the module docs.
+    /// A hub nothing is known about yet. `work_grace_ms`: see `heuristic::engine`'s docs.
     pub fn new(settings: HubSettings, work_grace_ms: u64) -> Self {
-        let voter = LatencyVoter::new(settings.max_polling_interval_ms);
+        let engine = HubEngine::new(engine_settings(&settings, work_grace_ms), 0);
         Self {
             settings,
-            grace_ms: i64::try_from(work_grace_ms).unwrap_or(i64::MAX),
+            work_grace_ms,
             partition_count: None,
-            control: Vec::new(),
-            work_item: QueueView::default(),
             pods: HashMap::new(),
-            latencies: TaskHubLatencies::new(0),
-            voter,
-            history: HubHistory::new(0),
+            engine,
             observed: false,
-            recommendation: None,
-            workers: 0,
-            metric_value: 0.0,
             source_workers: None,
         }
     }
@@ -245,12 +181,9 @@ impl HubState {
         &self.settings
     }
 
-    /// Takes the settings of the latest KEDA call; a new `maxPollingIntervalMs` restarts the
-    /// voter (it holds nothing else).
+    /// Takes the settings of the latest KEDA call.
     pub fn update_settings(&mut self, settings: HubSettings) {
-        if settings.max_polling_interval_ms != self.settings.max_polling_interval_ms {
-            self.voter = LatencyVoter::new(settings.max_polling_interval_ms);
-        }
+        self.engine.update_settings(engine_settings(&settings, self.work_grace_ms));
         self.settings = settings;
     }
 
@@ -270,14 +203,12 @@ impl HubState {
             return;
         }
         self.partition_count = Some(partition_count);
-        self.control = vec![QueueView::default(); partition_count as usize];
-        self.latencies = TaskHubLatencies::new(partition_count as usize);
-        self.history = HubHistory::new(partition_count as usize);
+        self.engine.reshape(partition_count as usize);
     }
 
-    /// Merges one sidecar report received at `now_ms`. A report taken before the pod's latest
+    /// Merges one sidecar report received at `now`. A report taken before the pod's latest
     /// (by the sidecar's own clock) arrived out of order and is ignored.
-    pub fn apply_report(&mut self, report: &ValidReport, now_ms: i64) {
+    pub fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
         if let Some(pod) = self.pods.get(&report.pod)
             && pod.last_sampled_ms > report.sampled_at_unix_ms
         {
@@ -286,7 +217,7 @@ impl HubState {
         self.reshape(report.partition_count);
         let shape_known = self.partition_count == Some(report.partition_count);
         let mut pod = PodState {
-            last_report_ms: now_ms,
+            last_report: now,
             last_sampled_ms: report.sampled_at_unix_ms,
             interval_ms: report.interval_ms,
             leaving: report.leaving,
@@ -295,30 +226,27 @@ impl HubState {
         };
         if shape_known {
             for (partition, signals) in &report.control {
-                if let Some(view) = self.control.get_mut(*partition as usize) {
-                    view.observe(*signals, now_ms);
+                if self.engine.observe_control(*partition as usize, (*signals).into(), now) {
                     pod.partitions.insert(*partition);
                 }
             }
         }
         if let Some(signals) = report.work_item {
-            self.work_item.observe(signals, now_ms);
+            self.engine.observe_work_item(signals.into(), now);
             pod.work_item = true;
         }
         self.pods.insert(report.pod.clone(), pod);
         self.observed = true;
     }
 
-    /// Merges what a cold probe read at `now_ms`.
-    pub fn apply_probe(&mut self, reading: &ProbeReading, now_ms: i64) {
+    /// Merges what a cold probe read at `now`.
+    pub fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
         self.reshape(reading.partition_count);
         for (partition, signals) in &reading.control {
-            if let Some(view) = self.control.get_mut(*partition as usize) {
-                view.observe(*signals, now_ms);
-            }
+            self.engine.observe_control(*partition as usize, (*signals).into(), now);
         }
         if let Some(signals) = reading.work_item {
-            self.work_item.observe(signals, now_ms);
+            self.engine.observe_work_item(signals.into(), now);
         }
         self.observed = true;
     }
@@ -329,13 +257,13 @@ impl HubState {
     }
 
     /// The pods whose latest report is fresh and who are not leaving.
-    pub fn live_pods(&self, now_ms: i64) -> u32 {
-        self.pods.values().filter(|p| p.is_live(now_ms)).count() as u32
+    pub fn live_pods(&self, now: UnixMs) -> u32 {
+        self.pods.values().filter(|p| p.is_live(now)).count() as u32
     }
 
-    /// What live sidecars cover at `now_ms`, and what the probe must read.
-    pub fn coverage(&self, now_ms: i64) -> Coverage {
-        let live: Vec<&PodState> = self.pods.values().filter(|p| p.is_live(now_ms)).collect();
+    /// What live sidecars cover at `now`, and what the probe must read.
+    pub fn coverage(&self, now: UnixMs) -> Coverage {
+        let live: Vec<&PodState> = self.pods.values().filter(|p| p.is_live(now)).collect();
         let Some(p) = self.partition_count else {
             return Coverage { partition_count: None, work_item_uncovered: true, ..Coverage::default() };
         };
@@ -348,133 +276,76 @@ impl HubState {
         }
     }
 
-    /// True while any queue has a visible message or is working (module docs). Under the
-    /// durable algorithm "working" is its own verdict (`keep_workers_alive` of the latest
-    /// decision), which tells timers from work after seconds rather than the grace period.
-    pub fn is_active(&self, now_ms: i64) -> bool {
-        let mut queues = std::iter::once(&self.work_item).chain(&self.control);
-        match self.settings.algorithm {
-            ScaleAlgorithm::Durable => {
-                queues.any(QueueView::has_visible)
-                    || self.recommendation.as_ref().is_some_and(|r| r.keep_workers_alive)
-            }
-            _ => queues.any(|q| q.is_active(now_ms, self.grace_ms)),
-        }
-    }
-
-    /// The durable algorithm's settings for this hub's trigger.
-    fn durable_settings(&self) -> DurableSettings {
-        DurableSettings {
-            max_activities_per_worker: self.settings.target.max_activities_per_worker,
-            max_orchestrations_per_worker: self.settings.target.max_orchestrations_per_worker,
-            startup_ms: self.settings.worker_startup_ms,
-            ..DurableSettings::default()
-        }
+    /// IsActive's answer at `now` ([`HubEngine::is_active`]).
+    pub fn is_active(&self, now: UnixMs) -> bool {
+        self.engine.is_active(now)
     }
 
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
-    pub fn forget_silent_pods(&mut self, now_ms: i64, silent_for_ms: i64) {
-        self.pods.retain(|_, p| now_ms.saturating_sub(p.last_report_ms) <= silent_for_ms);
+    pub fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) {
+        self.pods.retain(|_, p| now.millis_since(p.last_report) <= silent_for_ms);
     }
 
-    /// One sampling interval: adds one latency sample per queue to the rings and decides the
-    /// worker count from `workers` (the worker-count source's answer; when it has none this
-    /// time, its answer of the last [`SOURCE_ANSWER_KEPT_MS`], so one slow API call does not
-    /// flip the count; else the live reporting pods). Returns the change when the desired
-    /// count differs from the last decision.
-    pub fn evaluate(&mut self, now_ms: i64, workers: Option<u32>) -> Option<RecommendationChange> {
+    /// One sampling interval: decides the worker count through the engine from `workers`
+    /// (the worker-count source's answer; when it has none this time, its answer of the last
+    /// [`SOURCE_ANSWER_KEPT_MS`], so one slow API call does not flip the count; else the live
+    /// reporting pods). Returns the change when the desired count differs from the last
+    /// decision.
+    pub fn evaluate(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
         if let Some(w) = workers {
-            self.source_workers = Some((w, now_ms));
+            self.source_workers = Some((w, now));
         }
         if !self.observed {
             return None;
         }
-        let recent =
-            self.source_workers.filter(|(_, at)| now_ms.saturating_sub(*at) <= SOURCE_ANSWER_KEPT_MS);
-        let workers = recent.map(|(w, _)| w).unwrap_or_else(|| self.live_pods(now_ms));
-        self.latencies.work_item.add(self.work_item.latency_ms());
-        for (ring, view) in self.latencies.control.iter_mut().zip(&self.control) {
-            ring.add(view.latency_ms());
-        }
-        let recommendation = match self.settings.algorithm {
-            ScaleAlgorithm::Target => {
-                let lengths: Vec<u64> =
-                    self.control.iter().map(|q| q.length(now_ms, self.grace_ms)).collect();
-                target::recommend(
-                    self.settings.target,
-                    workers,
-                    self.work_item.length(now_ms, self.grace_ms),
-                    &lengths,
-                )
-            }
-            ScaleAlgorithm::Latency => self.voter.vote(&self.latencies, workers),
-            ScaleAlgorithm::Durable => {
-                let settings = self.durable_settings();
-                let at_ms = u64::try_from(now_ms).unwrap_or(0);
-                let sample = |view: &QueueView| {
-                    view.latest.map_or(QueueSample { at_ms, ..QueueSample::default() }, |s| QueueSample {
-                        at_ms,
-                        approximate_count: s.approximate_count,
-                        visible_count: u64::from(s.visible_count),
-                        first_visible_age_ms: s.first_visible_age_ms,
-                    })
-                };
-                let control: Vec<QueueSample> = self.control.iter().map(sample).collect();
-                self.history.record(&settings, sample(&self.work_item), &control);
-                durable::recommend(&settings, &self.history, workers, at_ms)
-            }
-        };
-        let previous = self.recommendation.as_ref().map(|r| r.desired_workers);
-        let changed = previous != Some(recommendation.desired_workers);
-        self.workers = workers;
-        self.metric_value = match self.settings.algorithm {
-            ScaleAlgorithm::Durable => durable::metric_value(recommendation.desired_workers, workers),
-            _ => hpa::metric_value(recommendation.desired_workers, workers),
-        };
-        let change = changed.then(|| RecommendationChange {
+        let recent = self.source_workers.filter(|(_, at)| now.millis_since(*at) <= SOURCE_ANSWER_KEPT_MS);
+        let workers = recent.map(|(w, _)| w).unwrap_or_else(|| self.live_pods(now));
+        let previous = self.engine.decision().map(|d| d.recommendation.desired_workers);
+        let decision = self.engine.evaluate(now, workers);
+        let r = &decision.recommendation;
+        (previous != Some(r.desired_workers)).then(|| RecommendationChange {
             previous,
-            desired_workers: recommendation.desired_workers,
+            desired_workers: r.desired_workers,
             workers,
-            reason: recommendation.reason.clone(),
-        });
-        self.recommendation = Some(recommendation);
-        change
+            reason: r.reason.clone(),
+        })
     }
 
     /// The latest recommendation, once one was made.
     pub fn recommendation(&self) -> Option<&Recommendation> {
-        self.recommendation.as_ref()
+        self.engine.decision().map(|d| &d.recommendation)
     }
 
     /// The worker count the latest recommendation was decided from.
     pub fn workers(&self) -> u32 {
-        self.workers
+        self.engine.decision().map_or(0, |d| d.workers)
     }
 
-    /// The value GetMetrics reports (see [`hpa::metric_value`]).
+    /// The value GetMetrics reports (`heuristic::engine::metric_value`; 0 before a decision).
     pub fn metric_value(&self) -> f64 {
-        self.metric_value
+        self.engine.decision().map_or(0.0, |d| d.metric_value)
     }
 
     /// The latency rings, for inspection.
     pub fn latencies(&self) -> &TaskHubLatencies {
-        &self.latencies
+        self.engine.latencies()
     }
 
     /// The latest work-item latency ring.
     pub fn work_item_latencies(&self) -> &LatencyHistory {
-        &self.latencies.work_item
+        self.engine.work_item_latencies()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heuristic::Algorithm;
     use std::collections::HashMap;
 
     const GRACE: u64 = 60_000;
 
-    fn settings(algorithm: ScaleAlgorithm) -> HubSettings {
+    fn settings(algorithm: Algorithm) -> HubSettings {
         let mut s = HubSettings::from_metadata(&HashMap::from([("taskHubName".into(), "MyHub".into())]))
             .expect("valid metadata");
         s.algorithm = algorithm;
@@ -517,56 +388,56 @@ mod tests {
 
     #[test]
     fn nothing_is_decided_before_anything_was_read() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         assert!(!hub.is_observed());
-        assert_eq!(hub.evaluate(0, Some(1)), None);
-        assert_eq!(hub.coverage(0).partition_count, None);
-        assert!(hub.coverage(0).work_item_uncovered);
+        assert_eq!(hub.evaluate(UnixMs(0), Some(1)), None);
+        assert_eq!(hub.coverage(UnixMs(0)).partition_count, None);
+        assert!(hub.coverage(UnixMs(0)).work_item_uncovered);
     }
 
     #[test]
     fn a_fresh_sidecar_covers_its_partitions_and_the_rest_is_uncovered() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), 0);
-        let c = hub.coverage(1000);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(0));
+        let c = hub.coverage(UnixMs(1000));
         assert_eq!((c.covered, c.uncovered, c.work_item_uncovered), (vec![0, 1], vec![2, 3], false));
     }
 
     #[test]
     fn a_sidecar_silent_for_three_intervals_uncovers_its_partitions() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), 0);
-        assert!(hub.coverage(3000).is_complete());
-        let c = hub.coverage(3001);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(0));
+        assert!(hub.coverage(UnixMs(3000)).is_complete());
+        let c = hub.coverage(UnixMs(3001));
         assert_eq!(c.uncovered, vec![0, 1, 2, 3]);
         assert!(c.work_item_uncovered);
     }
 
     #[test]
     fn a_leaving_pod_uncovers_its_partitions_at_once() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         let mut last = report("a", &[0, 1, 2, 3], q(0, 0, 0), None);
         last.leaving = true;
-        hub.apply_report(&last, 0);
-        assert_eq!(hub.coverage(0).uncovered, vec![0, 1, 2, 3]);
-        assert_eq!(hub.live_pods(0), 0);
+        hub.apply_report(&last, UnixMs(0));
+        assert_eq!(hub.coverage(UnixMs(0)).uncovered, vec![0, 1, 2, 3]);
+        assert_eq!(hub.live_pods(UnixMs(0)), 0);
     }
 
     #[test]
     fn a_partition_that_moved_to_another_pod_is_covered_by_it() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), None), 0);
-        hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), 0);
-        hub.apply_report(&report("a", &[0], q(0, 0, 0), None), 500);
-        hub.apply_report(&report("b", &[1, 2, 3], q(0, 0, 0), None), 500);
-        assert_eq!(hub.coverage(600).covered, vec![0, 1, 2, 3]);
-        assert_eq!(hub.live_pods(600), 2);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), None), UnixMs(0));
+        hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), UnixMs(0));
+        hub.apply_report(&report("a", &[0], q(0, 0, 0), None), UnixMs(500));
+        hub.apply_report(&report("b", &[1, 2, 3], q(0, 0, 0), None), UnixMs(500));
+        assert_eq!(hub.coverage(UnixMs(600)).covered, vec![0, 1, 2, 3]);
+        assert_eq!(hub.live_pods(UnixMs(600)), 2);
     }
 
     #[test]
     fn a_timers_only_hub_is_inactive() {
         // Three sleeping timers in one control queue: never visible, count never moves.
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         for t in 0..10 {
             let mut control = vec![q(0, 0, 0); 4];
             control[2] = q(3, 0, 0);
@@ -575,158 +446,158 @@ mod tests {
                 control: control.into_iter().enumerate().map(|(i, s)| (i as u32, s)).collect(),
                 work_item: Some(q(0, 0, 0)),
             };
-            hub.apply_probe(&reading, t * 2000);
-            assert!(!hub.is_active(t * 2000), "timers keep nothing awake (sample {t})");
+            hub.apply_probe(&reading, UnixMs(t * 2000));
+            assert!(!hub.is_active(UnixMs(t * 2000)), "timers keep nothing awake (sample {t})");
         }
-        hub.evaluate(20_000, Some(0));
+        hub.evaluate(UnixMs(20_000), Some(0));
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
     }
 
     #[test]
     fn timers_set_by_work_sleep_once_the_grace_period_is_over() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), 0); // an orchestration message
-        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), 2000); // it ran and set a timer
-        assert!(hub.is_active(2000 + GRACE as i64));
-        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), 2000 + GRACE as i64 + 1);
-        assert!(!hub.is_active(2000 + GRACE as i64 + 1));
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), UnixMs(0)); // an orchestration message
+        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(2000)); // it ran and set a timer
+        assert!(hub.is_active(UnixMs(2000 + GRACE as i64)));
+        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(2000 + GRACE as i64 + 1));
+        assert!(!hub.is_active(UnixMs(2000 + GRACE as i64 + 1)));
     }
 
     #[test]
     fn a_dequeued_running_message_keeps_the_hub_active() {
         // An activity message was seen visible, then dequeued: now invisible, being processed.
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(1, 1, 50)), 0);
-        hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), 2000);
-        assert!(hub.is_active(2000));
-        assert!(hub.is_active(30_000));
-        hub.evaluate(30_000, Some(1));
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(1, 1, 50)), UnixMs(0));
+        hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(2000));
+        assert!(hub.is_active(UnixMs(2000)));
+        assert!(hub.is_active(UnixMs(30_000)));
+        hub.evaluate(UnixMs(30_000), Some(1));
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1));
     }
 
     #[test]
     fn work_whose_invisible_count_moves_is_active_though_never_seen_visible() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(2, 0, 0)), 0);
-        assert!(!hub.is_active(0), "no history yet: counts as sleeping");
-        hub.apply_probe(&probe(q(0, 0, 0), q(5, 0, 0)), 2000);
-        assert!(hub.is_active(2000));
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(2, 0, 0)), UnixMs(0));
+        assert!(!hub.is_active(UnixMs(0)), "no history yet: counts as sleeping");
+        hub.apply_probe(&probe(q(0, 0, 0), q(5, 0, 0)), UnixMs(2000));
+        assert!(hub.is_active(UnixMs(2000)));
     }
 
     #[test]
     fn a_visible_message_makes_the_hub_active_at_once() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), 0);
-        assert!(!hub.is_active(0));
-        hub.apply_report(&report("a", &[3], q(1, 1, 0), None), 1000);
-        assert!(hub.is_active(1000));
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), UnixMs(0));
+        assert!(!hub.is_active(UnixMs(0)));
+        hub.apply_report(&report("a", &[3], q(1, 1, 0), None), UnixMs(1000));
+        assert!(hub.is_active(UnixMs(1000)));
     }
 
     #[test]
     fn the_target_formula_counts_visible_and_working_messages() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(25, 25, 100)), 0);
-        let change = hub.evaluate(0, Some(0)).expect("first decision");
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(25, 25, 100)), UnixMs(0));
+        let change = hub.evaluate(UnixMs(0), Some(0)).expect("first decision");
         assert_eq!(change.desired_workers, 3);
         assert!(change.reason.starts_with("Target 3 workers"), "{}", change.reason);
-        assert_eq!(hub.evaluate(1000, Some(0)), None, "same decision, no change");
+        assert_eq!(hub.evaluate(UnixMs(1000), Some(0)), None, "same decision, no change");
     }
 
     #[test]
     fn without_a_worker_source_the_live_pods_are_the_workers() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), 0);
-        hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), 0);
-        hub.evaluate(100, None);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(0));
+        hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), UnixMs(0));
+        hub.evaluate(UnixMs(100), None);
         assert_eq!(hub.workers(), 2);
     }
 
     #[test]
     fn a_missing_source_answer_keeps_the_last_one_for_a_minute() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
-        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), 0);
-        hub.evaluate(0, Some(7));
-        hub.evaluate(1000, None);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(0));
+        hub.evaluate(UnixMs(0), Some(7));
+        hub.evaluate(UnixMs(1000), None);
         assert_eq!(hub.workers(), 7, "the source's answer stands in");
-        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), 61_000);
-        hub.evaluate(61_001, None);
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(61_000));
+        hub.evaluate(UnixMs(61_001), None);
         assert_eq!(hub.workers(), 1, "then the live pods count");
     }
 
     #[test]
     fn the_latency_vote_runs_over_rings_filled_each_interval() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Latency), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), 0);
+        let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), UnixMs(0));
         for t in 0..4 {
-            let r = hub.evaluate(t * 1000, Some(1));
+            let r = hub.evaluate(UnixMs(t * 1000), Some(1));
             assert_eq!(hub.recommendation().map(|r| r.reason.as_str()), Some("Not enough samples"), "{r:?}");
         }
-        assert_eq!(hub.evaluate(4000, Some(1)).map(|c| c.desired_workers), Some(2));
+        assert_eq!(hub.evaluate(UnixMs(4000), Some(1)).map(|c| c.desired_workers), Some(2));
         assert_eq!(hub.work_item_latencies().samples(), [2000; 5]);
         assert!(hub.recommendation().is_some_and(|r| r.reason.starts_with("Work-item queue latency")));
     }
 
     #[test]
     fn the_latency_vote_asks_for_a_first_worker_at_zero() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Latency), GRACE);
-        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), 0);
+        let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
+        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), UnixMs(0));
         assert_eq!(
-            hub.evaluate(0, Some(0)).map(|c| (c.desired_workers, c.reason)),
+            hub.evaluate(UnixMs(0), Some(0)).map(|c| (c.desired_workers, c.reason)),
             Some((1, "First worker".into()))
         );
     }
 
     #[test]
     fn a_new_partition_count_resets_the_rings() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Latency), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), 0);
-        hub.evaluate(0, Some(1));
+        let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
+        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), UnixMs(0));
+        hub.evaluate(UnixMs(0), Some(1));
         assert_eq!(hub.latencies().control.len(), 4);
-        hub.apply_probe(&ProbeReading { partition_count: 8, control: vec![], work_item: None }, 1000);
+        hub.apply_probe(&ProbeReading { partition_count: 8, control: vec![], work_item: None }, UnixMs(1000));
         assert_eq!(hub.latencies().control.len(), 8);
         assert_eq!(hub.partition_count(), Some(8));
     }
 
     #[test]
     fn out_of_order_reports_are_ignored() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         let taken_at = |mut r: ValidReport, at: i64| {
             r.sampled_at_unix_ms = at;
             r
         };
-        hub.apply_report(&taken_at(report("a", &[0], q(4, 4, 0), None), 2000), 2100);
-        hub.apply_report(&taken_at(report("a", &[0], q(0, 0, 0), None), 1000), 2200);
-        assert!(hub.is_active(2200), "the older reading does not replace the newer");
+        hub.apply_report(&taken_at(report("a", &[0], q(4, 4, 0), None), 2000), UnixMs(2100));
+        hub.apply_report(&taken_at(report("a", &[0], q(0, 0, 0), None), 1000), UnixMs(2200));
+        assert!(hub.is_active(UnixMs(2200)), "the older reading does not replace the newer");
     }
 
     #[test]
     fn under_the_durable_algorithm_timers_stop_keeping_the_hub_active_within_seconds() {
         // Timers set by work a moment ago: the control count moved, then sits still.
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Durable), GRACE);
-        hub.apply_probe(&probe(q(2, 2, 100), q(0, 0, 0)), 0);
-        hub.evaluate(0, Some(1));
-        assert!(hub.is_active(0), "visible orchestration messages are work");
+        let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
+        hub.apply_probe(&probe(q(2, 2, 100), q(0, 0, 0)), UnixMs(0));
+        hub.evaluate(UnixMs(0), Some(1));
+        assert!(hub.is_active(UnixMs(0)), "visible orchestration messages are work");
         let mut t = 2_000;
         while t <= 30_000 {
-            hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), t);
-            hub.evaluate(t, Some(1));
+            hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(t));
+            hub.evaluate(UnixMs(t), Some(1));
             t += 2_000;
         }
-        assert!(!hub.is_active(30_000), "still timers sleep long before the 60 s grace");
+        assert!(!hub.is_active(UnixMs(30_000)), "still timers sleep long before the 60 s grace");
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
     }
 
     #[test]
     fn under_the_durable_algorithm_a_long_running_activity_keeps_its_worker() {
-        let mut hub = HubState::new(settings(ScaleAlgorithm::Durable), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         let mut t = 0;
         while t <= 600_000 {
             // One activity dequeued and running for ten minutes: invisible, count unmoved.
-            hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), t);
-            hub.evaluate(t, Some(1));
+            hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(t));
+            hub.evaluate(UnixMs(t), Some(1));
             t += 2_000;
         }
-        assert!(hub.is_active(600_000), "work in progress is never scaled away");
+        assert!(hub.is_active(UnixMs(600_000)), "work in progress is never scaled away");
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1));
         assert_eq!(hub.metric_value(), 1.0);
     }

@@ -13,6 +13,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::clock::UnixMs;
 use crate::proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
     ScaledObjectRef, external_scaler_server::ExternalScaler,
@@ -21,7 +22,7 @@ use crate::shutdown::Shutdown;
 
 use super::hub::HubKey;
 use super::probe::Prober;
-use super::registry::{HubEntry, Registry, now_unix_ms};
+use super::registry::{HubEntry, Registry};
 use super::settings::HubSettings;
 use super::sources::ScaledObjectKey;
 
@@ -92,7 +93,7 @@ impl ExternalScaler for KedaScaler {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let entry = self.observed(Some(request.get_ref())).await?;
-        let result = entry.with_state(|s| s.is_active(now_unix_ms()));
+        let result = entry.with_state(|s| s.is_active(UnixMs::now()));
         Ok(Response::new(IsActiveResponse { result }))
     }
 
@@ -104,7 +105,7 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let entry = self.observed(Some(request.get_ref())).await?;
         let mut activity = entry.subscribe_activity();
-        let current = entry.with_state(|s| s.is_active(now_unix_ms()));
+        let current = entry.with_state(|s| s.is_active(UnixMs::now()));
         let mut seen = activity.borrow_and_update().activations;
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();

@@ -370,7 +370,7 @@ async fn sample_loop(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.tick(&mut ticker).await {
-        registry.evict_idle(registry::now_unix_ms(), HUB_IDLE_EVICT_MS);
+        registry.evict_idle(crate::clock::UnixMs::now(), HUB_IDLE_EVICT_MS);
         let hubs = registry.all();
         let counts = join_all(hubs.iter().map(|entry| {
             let workers = workers.clone();
@@ -383,7 +383,7 @@ async fn sample_loop(
             }
         }))
         .await;
-        let now = registry::now_unix_ms();
+        let now = crate::clock::UnixMs::now();
         for (entry, count) in hubs.iter().zip(counts) {
             registry.evaluate(entry, count, now);
         }
@@ -450,7 +450,7 @@ async fn serve_http(
         .route(
             "/hubs",
             axum::routing::get(|State(s): State<HttpState>| async move {
-                let now = registry::now_unix_ms();
+                let now = crate::clock::UnixMs::now();
                 let mut hubs: Vec<registry::HubStatus> =
                     s.registry.all().iter().map(|e| e.status(now)).collect();
                 hubs.sort_by(|a, b| (&a.namespace, &a.task_hub).cmp(&(&b.namespace, &b.task_hub)));

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
+use crate::clock::UnixMs;
 use crate::shutdown::Shutdown;
 use crate::storage::{
     PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, TaskHubReader,
@@ -16,7 +17,7 @@ use crate::storage::{
 
 use super::hub::ProbeReading;
 use super::metrics::Metrics;
-use super::registry::{HubEntry, Registry, now_unix_ms};
+use super::registry::{HubEntry, Registry};
 
 /// Starts and runs the probe loops.
 #[derive(Debug, Clone)]
@@ -113,16 +114,16 @@ impl Prober {
 
     /// One round: reads P, then every uncovered queue, concurrently.
     async fn probe_once(&self, entry: &HubEntry, reader: &TaskHubReader) {
-        let coverage = entry.with_state(|s| s.coverage(now_unix_ms()));
+        let coverage = entry.with_state(|s| s.coverage(UnixMs::now()));
         if coverage.is_complete() {
             return;
         }
-        let now = now_unix_ms();
-        let partitions = match reader.partitions(now).await {
+        let now = UnixMs::now();
+        let partitions = match reader.partitions(now.as_millis()).await {
             Ok(p) => p.len() as u32,
             Err(StorageError::NotProvisioned { .. }) => {
                 self.record(entry, "not_provisioned", None);
-                self.registry.apply_probe(entry, None, now_unix_ms());
+                self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
             Err(e) => return self.record(entry, outcome(&e), Some(e.to_string())),
@@ -134,9 +135,10 @@ impl Prober {
             (0..partitions).collect()
         };
         let work_item = coverage.work_item_uncovered || coverage.partition_count != Some(partitions);
-        let control = join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now)));
+        let control =
+            join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now.as_millis())));
         let (control, work) = tokio::join!(control, async {
-            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now).await) } else { None }
+            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now.as_millis()).await) } else { None }
         });
         let mut reading = ProbeReading { partition_count: partitions, control: Vec::new(), work_item: None };
         let mut failure: Option<StorageError> = None;
@@ -155,13 +157,13 @@ impl Prober {
         match failure {
             Some(StorageError::NotProvisioned { .. }) if nothing_read => {
                 self.record(entry, "not_provisioned", None);
-                self.registry.apply_probe(entry, None, now_unix_ms());
+                self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
             Some(e) if nothing_read => return self.record(entry, outcome(&e), Some(e.to_string())),
             Some(e) => self.record(entry, "partial", Some(e.to_string())),
             None => self.record(entry, "ok", None),
         }
-        self.registry.apply_probe(entry, Some(&reading), now_unix_ms());
+        self.registry.apply_probe(entry, Some(&reading), UnixMs::now());
     }
 }

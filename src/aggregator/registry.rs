@@ -5,21 +5,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
+
+use crate::clock::UnixMs;
 
 use super::hub::{HubKey, HubState, ProbeReading, RecommendationChange, ValidReport};
 use super::metrics::{HubLabels, Metrics};
 use super::settings::HubSettings;
 use super::sources::ScaledObjectKey;
-
-/// Milliseconds since the Unix epoch, the aggregator's clock.
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 /// A hub's activity as StreamIsActive follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,7 +44,8 @@ pub struct HubEntry {
     observed: watch::Sender<bool>,
     scaled_object: Mutex<Option<ScaledObjectKey>>,
     probe: Mutex<ProbeStatus>,
-    /// When a KEDA call or a report last named this hub.
+    /// When a KEDA call or a report last named this hub (Unix ms; atomic, so a read-locked
+    /// registry can touch it).
     touched_ms: AtomicI64,
     /// Dropped from the registry: its probe loop stops.
     evicted: AtomicBool,
@@ -93,25 +89,25 @@ pub struct HubStatus {
 }
 
 impl HubEntry {
-    /// This hub's status at `now_ms`, for `/hubs`.
-    pub fn status(&self, now_ms: i64) -> HubStatus {
+    /// This hub's status at `now`, for `/hubs`.
+    pub fn status(&self, now: UnixMs) -> HubStatus {
         let scaled_object = self.scaled_object().map(|so| format!("{}/{}", so.namespace, so.name));
         let probe_error = lock(&self.probe).last_error.clone();
         self.with_state(|s| {
-            let coverage = s.coverage(now_ms);
+            let coverage = s.coverage(now);
             HubStatus {
                 namespace: self.key.namespace.clone(),
                 task_hub: s.settings().task_hub.clone(),
                 scaled_object,
-                algorithm: format!("{:?}", s.settings().algorithm).to_lowercase(),
-                active: s.is_active(now_ms),
+                algorithm: s.settings().algorithm.to_string(),
+                active: s.is_active(now),
                 desired_workers: s.recommendation().map(|r| r.desired_workers),
                 workers: s.workers(),
                 metric_value: s.metric_value(),
                 reason: s.recommendation().map(|r| r.reason.clone()),
                 covered_partitions: coverage.covered,
                 uncovered_partitions: coverage.uncovered,
-                live_pods: s.live_pods(now_ms),
+                live_pods: s.live_pods(now),
                 probe_error,
             }
         })
@@ -181,8 +177,8 @@ impl HubEntry {
     }
 
     /// Publishes activity and gauges after the state changed.
-    fn publish(&self, state: &HubState, now_ms: i64, metrics: &Metrics) {
-        let active = state.is_active(now_ms);
+    fn publish(&self, state: &HubState, now: UnixMs, metrics: &Metrics) {
+        let active = state.is_active(now);
         self.activity.send_if_modified(|a| {
             if a.active == active {
                 return false;
@@ -196,7 +192,7 @@ impl HubEntry {
         if state.is_observed() {
             self.observed.send_if_modified(|o| !std::mem::replace(o, true));
         }
-        let coverage = state.coverage(now_ms);
+        let coverage = state.coverage(now);
         metrics.active.get_or_create(&self.labels).set(i64::from(active));
         metrics.covered_partitions.get_or_create(&self.labels).set(coverage.covered.len() as i64);
         metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
@@ -271,7 +267,7 @@ impl Registry {
                             observed: watch::Sender::new(false),
                             scaled_object: Mutex::new(None),
                             probe: Mutex::new(ProbeStatus::default()),
-                            touched_ms: AtomicI64::new(now_unix_ms()),
+                            touched_ms: AtomicI64::new(UnixMs::now().as_millis()),
                             evicted: AtomicBool::new(false),
                         })
                     })
@@ -284,7 +280,7 @@ impl Registry {
     }
 
     fn with_settings(&self, entry: Arc<HubEntry>, settings: Option<&HubSettings>) -> Arc<HubEntry> {
-        entry.touched_ms.store(now_unix_ms(), Ordering::Relaxed);
+        entry.touched_ms.store(UnixMs::now().as_millis(), Ordering::Relaxed);
         if let Some(settings) = settings {
             entry.with_state(|s| {
                 if s.settings() != settings {
@@ -297,13 +293,13 @@ impl Registry {
 
     /// Drops the hubs no KEDA call and no report has named for `idle_ms` (a deleted
     /// ScaledObject, an app gone), so their probes stop costing storage transactions.
-    pub fn evict_idle(&self, now_ms: i64, idle_ms: i64) -> Vec<HubKey> {
+    pub fn evict_idle(&self, now: UnixMs, idle_ms: i64) -> Vec<HubKey> {
         let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
         let idle: Vec<HubKey> = hubs
             .values()
             // An open StreamIsActive is KEDA asking all the time.
             .filter(|e| e.activity.receiver_count() == 0)
-            .filter(|e| now_ms.saturating_sub(e.touched_ms.load(Ordering::Relaxed)) > idle_ms)
+            .filter(|e| now.millis_since(UnixMs(e.touched_ms.load(Ordering::Relaxed))) > idle_ms)
             .map(|e| e.key.clone())
             .collect();
         for key in &idle {
@@ -318,12 +314,12 @@ impl Registry {
     }
 
     /// Merges a report into its hub and publishes the result.
-    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now_ms: i64) {
+    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now: UnixMs) {
         let change = entry.with_state(|s| {
             let first = !s.is_observed();
-            s.apply_report(report, now_ms);
-            let change = if first { s.evaluate(now_ms, None) } else { None };
-            entry.publish(s, now_ms, &self.metrics);
+            s.apply_report(report, now);
+            let change = if first { s.evaluate(now, None) } else { None };
+            entry.publish(s, now, &self.metrics);
             change
         });
         self.metrics.reports_received.get_or_create(&entry.labels).inc();
@@ -331,26 +327,26 @@ impl Registry {
     }
 
     /// Merges a probe reading (`None`: the hub is not provisioned) and publishes the result.
-    pub fn apply_probe(&self, entry: &HubEntry, reading: Option<&ProbeReading>, now_ms: i64) {
+    pub fn apply_probe(&self, entry: &HubEntry, reading: Option<&ProbeReading>, now: UnixMs) {
         let change = entry.with_state(|s| {
             let first = !s.is_observed();
             match reading {
-                Some(reading) => s.apply_probe(reading, now_ms),
+                Some(reading) => s.apply_probe(reading, now),
                 None => s.apply_not_provisioned(),
             }
-            let change = if first { s.evaluate(now_ms, None) } else { None };
-            entry.publish(s, now_ms, &self.metrics);
+            let change = if first { s.evaluate(now, None) } else { None };
+            entry.publish(s, now, &self.metrics);
             change
         });
         self.changed(entry, change);
     }
 
     /// One sampling interval for one hub: rings, decision, activity.
-    pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now_ms: i64) {
+    pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now: UnixMs) {
         let change = entry.with_state(|s| {
-            s.forget_silent_pods(now_ms, 10 * 60 * 1000);
-            let change = s.evaluate(now_ms, workers);
-            entry.publish(s, now_ms, &self.metrics);
+            s.forget_silent_pods(now, 10 * 60 * 1000);
+            let change = s.evaluate(now, workers);
+            entry.publish(s, now, &self.metrics);
             change
         });
         self.changed(entry, change);
@@ -385,12 +381,12 @@ mod tests {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let key = HubKey::new("apps", "IdleHub");
         let entry = registry.track(&key, "IdleHub", None);
-        let now = now_unix_ms();
+        let now = UnixMs::now();
         registry.apply_probe(&entry, None, now);
         let active_series = "durable_scaler_aggregator_active{namespace=\"apps\",task_hub=\"idlehub\"}";
         assert!(registry.metrics.encode().contains(active_series));
         assert!(registry.evict_idle(now, 60_000).is_empty(), "just touched");
-        assert_eq!(registry.evict_idle(now + 60_001, 60_000), vec![key.clone()]);
+        assert_eq!(registry.evict_idle(now.plus_ms(60_001), 60_000), vec![key.clone()]);
         assert!(entry.is_evicted());
         assert!(registry.get(&key).is_none());
         assert!(!registry.metrics.encode().contains(active_series), "its gauges are gone");
@@ -402,6 +398,6 @@ mod tests {
         let key = HubKey::new("apps", "PushHub");
         let entry = registry.track(&key, "PushHub", None);
         let _stream = entry.subscribe_activity();
-        assert!(registry.evict_idle(now_unix_ms() + 3_600_000, 60_000).is_empty());
+        assert!(registry.evict_idle(UnixMs::now().plus_ms(3_600_000), 60_000).is_empty());
     }
 }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::contract::{MAX_PARTITIONS, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub};
+use crate::clock::UnixMs;
 use crate::proto::report::{self, report_service_server::ReportService};
 use crate::storage::QueueSignals;
 
 use super::hub::{HubKey, ValidReport};
 use super::metrics::Metrics;
-use super::registry::{Registry, now_unix_ms};
+use super::registry::Registry;
 use super::sources::{AuthError, ReportAuthenticator};
 
 /// How far in the future a report's timestamps may be (clock skew between nodes).
@@ -68,10 +69,10 @@ impl Rejection {
 fn signals(
     proto: Option<&report::QueueSignals>,
     field: &str,
-    now_ms: i64,
+    now: UnixMs,
 ) -> Result<QueueSignals, Rejection> {
     let s = proto.cloned().unwrap_or_default();
-    if s.sampled_at_unix_ms > now_ms + MAX_CLOCK_SKEW_MS {
+    if s.sampled_at_unix_ms > now.plus_ms(MAX_CLOCK_SKEW_MS).as_millis() {
         return Err(Rejection::new(
             "future_timestamp",
             format!("{field}.sampled_at_unix_ms {} is in the future", s.sampled_at_unix_ms),
@@ -85,8 +86,8 @@ fn signals(
     })
 }
 
-/// Checks a report received at `now_ms`; returns its hub and the validated content.
-pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidReport), Rejection> {
+/// Checks a report received at `now`; returns its hub and the validated content.
+pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidReport), Rejection> {
     let pod = report.pod.clone().unwrap_or_default();
     if pod.name.is_empty() || pod.namespace.is_empty() {
         return Err(Rejection::new("missing_field", "pod.namespace and pod.name are required".into()));
@@ -107,13 +108,13 @@ pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidRe
             format!("partition_count {p} is outside 1..{MAX_PARTITIONS} (0 when unknown)"),
         ));
     }
-    if report.sampled_at_unix_ms > now_ms + MAX_CLOCK_SKEW_MS {
+    if report.sampled_at_unix_ms > now.plus_ms(MAX_CLOCK_SKEW_MS).as_millis() {
         return Err(Rejection::new(
             "future_timestamp",
             format!(
                 "sampled_at_unix_ms {} is {} ms ahead of the aggregator's clock",
                 report.sampled_at_unix_ms,
-                report.sampled_at_unix_ms - now_ms
+                report.sampled_at_unix_ms - now.as_millis()
             ),
         ));
     }
@@ -132,9 +133,9 @@ pub fn validate(report: &report::Report, now_ms: i64) -> Result<(HubKey, ValidRe
             ));
         }
         let field = format!("control_queues[{}].signals", cq.partition);
-        control.push((cq.partition, signals(cq.signals.as_ref(), &field, now_ms)?));
+        control.push((cq.partition, signals(cq.signals.as_ref(), &field, now)?));
     }
-    let work_item = report.work_item.as_ref().map(|w| signals(Some(w), "work_item", now_ms)).transpose()?;
+    let work_item = report.work_item.as_ref().map(|w| signals(Some(w), "work_item", now)).transpose()?;
     // Capped at the longest interval a sidecar accepts, so a report cannot claim its
     // partitions for days.
     let longest = u64::try_from(INTERVAL_RANGE.end().as_millis()).unwrap_or(u64::MAX);
@@ -218,11 +219,11 @@ impl ReportService for Reports {
         if let Err(rejection) = self.authenticate(&request).await {
             return Err(self.reject(request.get_ref(), &rejection));
         }
-        let now_ms = now_unix_ms();
+        let now = UnixMs::now();
         let report = request.get_ref();
-        let (key, valid) = validate(report, now_ms).map_err(|r| self.reject(report, &r))?;
+        let (key, valid) = validate(report, now).map_err(|r| self.reject(report, &r))?;
         let entry = self.registry.track(&key, &report.task_hub, None);
-        self.registry.apply_report(&entry, &valid, now_ms);
+        self.registry.apply_report(&entry, &valid, now);
         Ok(Response::new(report::ReportAck { suggested_interval_ms: 0 }))
     }
 }
@@ -255,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_well_formed_report_is_keyed_by_namespace_and_lowercased_hub() {
-        let (key, valid) = validate(&good(), NOW).unwrap();
+        let (key, valid) = validate(&good(), UnixMs(NOW)).unwrap();
         assert_eq!(key, HubKey::new("apps", "myhub"));
         assert_eq!(valid.control.len(), 1);
         assert_eq!(valid.control[0].1.visible_count, 1);
@@ -265,7 +266,7 @@ mod tests {
     fn a_partition_index_at_or_beyond_the_count_is_refused() {
         let mut r = good();
         r.control_queues[0].partition = 4;
-        let e = validate(&r, NOW).unwrap_err();
+        let e = validate(&r, UnixMs(NOW)).unwrap_err();
         assert_eq!(e.reason, "partition_out_of_range");
         assert!(e.message.contains("partition 4"), "{}", e.message);
     }
@@ -274,34 +275,34 @@ mod tests {
     fn a_report_from_the_future_is_refused() {
         let mut r = good();
         r.sampled_at_unix_ms = NOW + MAX_CLOCK_SKEW_MS + 1;
-        assert_eq!(validate(&r, NOW).unwrap_err().reason, "future_timestamp");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "future_timestamp");
         let mut r = good();
         r.control_queues[0].signals.as_mut().unwrap().sampled_at_unix_ms = NOW + 60_000;
-        assert_eq!(validate(&r, NOW).unwrap_err().reason, "future_timestamp");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "future_timestamp");
     }
 
     #[test]
     fn a_claimed_interval_is_capped_at_the_longest_a_sidecar_accepts() {
         let mut r = good();
         r.interval_ms = u32::MAX;
-        assert_eq!(validate(&r, NOW).unwrap().1.interval_ms, 600_000);
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap().1.interval_ms, 600_000);
         r.interval_ms = 0;
-        assert_eq!(validate(&r, NOW).unwrap().1.interval_ms, DEFAULT_SIDECAR_INTERVAL_MS);
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap().1.interval_ms, DEFAULT_SIDECAR_INTERVAL_MS);
     }
 
     #[test]
     fn impossible_hub_shapes_are_refused() {
         let mut r = good();
         r.partition_count = 17;
-        assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
         r.task_hub = "my-hub".into();
-        assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
         r.control_queues.push(r.control_queues[0]);
-        assert_eq!(validate(&r, NOW).unwrap_err().reason, "unknown_hub_shape");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "unknown_hub_shape");
         let mut r = good();
         r.pod = None;
-        assert_eq!(validate(&r, NOW).unwrap_err().reason, "missing_field");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "missing_field");
     }
 }

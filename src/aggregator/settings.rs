@@ -7,23 +7,11 @@
 use std::collections::HashMap;
 
 use crate::contract::TaskHub;
+use crate::heuristic::Algorithm;
 use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
 use crate::heuristic::target::TargetSettings;
 use crate::storage::PartitionMode;
-
-/// Which heuristic turns a hub's signals into a worker count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ScaleAlgorithm {
-    /// The project's own (`heuristic::durable`): the default, chosen on simulator evidence
-    /// (docs/simulator.md).
-    #[default]
-    Durable,
-    /// The Functions host's target formula (`heuristic::target`).
-    Target,
-    /// The DTFx latency vote over 5-sample rings (`heuristic::latency`).
-    Latency,
-}
 
 /// What one ScaledObject's trigger metadata says about its task hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +26,7 @@ pub struct HubSettings {
     /// `useTablePartitionManagement`.
     pub partition_mode: PartitionMode,
     /// `scaleAlgorithm`.
-    pub algorithm: ScaleAlgorithm,
+    pub algorithm: Algorithm,
     /// `maxPollingIntervalMs`.
     pub max_polling_interval_ms: u64,
     /// `workerStartupMs`: how long a new worker pod takes to take work (durable algorithm).
@@ -65,7 +53,7 @@ impl HubSettings {
             connection: None,
             target: TargetSettings::default(),
             partition_mode: PartitionMode::Table,
-            algorithm: ScaleAlgorithm::default(),
+            algorithm: Algorithm::default(),
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             worker_startup_ms: DurableSettings::default().startup_ms,
         }
@@ -120,17 +108,12 @@ impl HubSettings {
             }
         };
         let algorithm = match get("scaleAlgorithm") {
-            None => ScaleAlgorithm::default(),
-            Some(v) if v.eq_ignore_ascii_case("durable") => ScaleAlgorithm::Durable,
-            Some(v) if v.eq_ignore_ascii_case("target") => ScaleAlgorithm::Target,
-            Some(v) if v.eq_ignore_ascii_case("latency") => ScaleAlgorithm::Latency,
-            Some(v) => {
-                return Err(MetadataError {
-                    key: "scaleAlgorithm",
-                    expected: "durable, target or latency",
-                    got: v.to_string(),
-                });
-            }
+            None => Algorithm::default(),
+            Some(v) => v.parse::<Algorithm>().map_err(|_| MetadataError {
+                key: "scaleAlgorithm",
+                expected: "durable, target or latency",
+                got: v.to_string(),
+            })?,
         };
         let max_polling_interval_ms = match get("maxPollingIntervalMs") {
             None => DEFAULT_MAX_POLLING_INTERVAL_MS,
@@ -175,7 +158,7 @@ mod tests {
         assert_eq!(s.connection, None);
         assert_eq!(s.target, TargetSettings::default());
         assert_eq!(s.partition_mode, PartitionMode::Table);
-        assert_eq!(s.algorithm, ScaleAlgorithm::Durable);
+        assert_eq!(s.algorithm, Algorithm::Durable);
         assert_eq!(s.max_polling_interval_ms, 30_000);
         assert_eq!(s.worker_startup_ms, 20_000);
     }
@@ -218,11 +201,11 @@ mod tests {
             ("useTablePartitionManagement", "FALSE"),
         ])
         .unwrap();
-        assert_eq!((s.algorithm, s.partition_mode), (ScaleAlgorithm::Latency, PartitionMode::Blob));
+        assert_eq!((s.algorithm, s.partition_mode), (Algorithm::Latency, PartitionMode::Blob));
         let s = parse(&[("taskHubName", "MyHub"), ("scaleAlgorithm", "TARGET"), ("workerStartupMs", "2000")])
             .unwrap();
-        assert_eq!((s.algorithm, s.worker_startup_ms), (ScaleAlgorithm::Target, 2000));
+        assert_eq!((s.algorithm, s.worker_startup_ms), (Algorithm::Target, 2000));
         let s = parse(&[("taskHubName", "MyHub"), ("scaleAlgorithm", "Durable")]).unwrap();
-        assert_eq!(s.algorithm, ScaleAlgorithm::Durable);
+        assert_eq!(s.algorithm, Algorithm::Durable);
     }
 }

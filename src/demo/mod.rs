@@ -51,9 +51,9 @@ pub struct Args {
     /// The trigger's maxReplicaCount.
     #[arg(long, default_value_t = 6)]
     pub max_workers: u32,
-    /// The trigger's `scaleAlgorithm`; empty keeps the aggregator's default.
-    #[arg(long, default_value = "")]
-    pub algorithm: String,
+    /// The trigger's `scaleAlgorithm`; unset keeps the aggregator's default (durable).
+    #[arg(long, value_enum)]
+    pub algorithm: Option<crate::heuristic::Algorithm>,
     /// Where the chart, the summary and the child processes' logs go.
     #[arg(long, env = "DURABLE_SCALER_DEMO_OUT", default_value = "target/demo")]
     pub out_dir: PathBuf,
@@ -155,8 +155,8 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         // The demo's pods take work 2 s after they start (WorkerSettings::startup_delay).
         ("workerStartupMs".to_string(), "2000".to_string()),
     ]);
-    if !args.algorithm.is_empty() {
-        metadata.insert("scaleAlgorithm".into(), args.algorithm.clone());
+    if let Some(algorithm) = args.algorithm {
+        metadata.insert("scaleAlgorithm".into(), algorithm.to_string());
     }
     let settings = KedaSettings {
         polling_interval: POLLING_INTERVAL,

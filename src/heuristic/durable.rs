@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 
 use super::{Recommendation, hpa};
+use crate::clock::UnixMs;
 
 /// At most this many messages come back from one Peek, so a visible count of this size means
 /// "this many or more".
@@ -40,8 +41,8 @@ pub const PEEK_LIMIT: u64 = 32;
 /// One sample of one queue, as a sidecar or the aggregator's probe takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueSample {
-    /// When the sample was taken (ms on the caller's clock).
-    pub at_ms: u64,
+    /// When the sample was taken (the caller's clock).
+    pub at: UnixMs,
     /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
     pub approximate_count: u64,
     /// Messages a Peek of up to [`PEEK_LIMIT`] returned (visible now).
@@ -66,8 +67,8 @@ impl QueueHistory {
     /// least one older sample, so a window that starts before the horizon stays covered).
     pub fn record(&mut self, sample: QueueSample, horizon_ms: u64) {
         self.samples.push_back(sample);
-        let cutoff = sample.at_ms.saturating_sub(horizon_ms);
-        while self.samples.len() > 2 && self.samples.get(1).is_some_and(|s| s.at_ms <= cutoff) {
+        let cutoff = before(sample.at, horizon_ms);
+        while self.samples.len() > 2 && self.samples.get(1).is_some_and(|s| s.at <= cutoff) {
             self.samples.pop_front();
         }
     }
@@ -82,9 +83,9 @@ impl QueueHistory {
         self.samples.iter()
     }
 
-    /// Samples taken at or after `since_ms`.
-    fn since(&self, since_ms: u64) -> impl Iterator<Item = &QueueSample> {
-        self.samples.iter().filter(move |s| s.at_ms >= since_ms)
+    /// Samples taken at or after `since`.
+    fn since(&self, since: UnixMs) -> impl Iterator<Item = &QueueSample> {
+        self.samples.iter().filter(move |s| s.at >= since)
     }
 }
 
@@ -195,23 +196,29 @@ impl Need {
     }
 }
 
-/// True when `history`'s invisible messages are sleeping timers at `now_ms`: for the whole
-/// settle window nothing was visible and the approximate count did not move, and the window
-/// is covered by samples (a sample at or before its start).
-fn only_timers(history: &QueueHistory, settings: &DurableSettings, now_ms: u64) -> bool {
-    let start = now_ms.saturating_sub(settings.timer_settle_ms);
-    let Some(latest) = history.samples().rev().find(|s| s.at_ms <= now_ms) else { return false };
-    // The newest sample at or before the window's start anchors it; without one the window
-    // is not covered and nothing can be called settled yet.
-    let Some(anchor) = history.samples().rev().find(|s| s.at_ms <= start) else { return false };
-    let settled = |s: &QueueSample| s.visible_count == 0 && s.approximate_count == latest.approximate_count;
-    settled(anchor) && history.since(start).filter(|s| s.at_ms <= now_ms).all(settled)
+/// `ms` before `t`, never before the epoch: windows that would start earlier start at the
+/// first possible sample (the simulator's clock starts at 0).
+fn before(t: UnixMs, ms: u64) -> UnixMs {
+    t.plus_ms(-i64::try_from(ms).unwrap_or(i64::MAX)).max(UnixMs(0))
 }
 
-/// The need at the sample `at_ms` (the newest sample of each queue at or before it). With
+/// True when `history`'s invisible messages are sleeping timers at `now`: for the whole
+/// settle window nothing was visible and the approximate count did not move, and the window
+/// is covered by samples (a sample at or before its start).
+fn only_timers(history: &QueueHistory, settings: &DurableSettings, now: UnixMs) -> bool {
+    let start = before(now, settings.timer_settle_ms);
+    let Some(latest) = history.samples().rev().find(|s| s.at <= now) else { return false };
+    // The newest sample at or before the window's start anchors it; without one the window
+    // is not covered and nothing can be called settled yet.
+    let Some(anchor) = history.samples().rev().find(|s| s.at <= start) else { return false };
+    let settled = |s: &QueueSample| s.visible_count == 0 && s.approximate_count == latest.approximate_count;
+    settled(anchor) && history.since(start).filter(|s| s.at <= now).all(settled)
+}
+
+/// The need at the moment `at` (the newest sample of each queue at or before it). With
 /// `no_workers`, invisible control messages are timers at once: nothing runs to hold them.
-fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64, no_workers: bool) -> Need {
-    let newest = |h: &QueueHistory| h.samples().rev().find(|s| s.at_ms <= at_ms).copied();
+fn need_at(hub: &HubHistory, settings: &DurableSettings, at: UnixMs, no_workers: bool) -> Need {
+    let newest = |h: &QueueHistory| h.samples().rev().find(|s| s.at <= at).copied();
     let activity_messages = newest(&hub.work_item).map_or(0, |s| s.approximate_count.max(s.visible_count));
     let mut need = Need {
         activity_messages,
@@ -224,17 +231,17 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64, no_workers:
         if settings.lookahead_window_ms > 0 {
             // Messages that arrived within the window: growth over its lowest count. Timers
             // that fire turn invisible messages visible without growing the count.
-            let since = at_ms.saturating_sub(settings.lookahead_window_ms);
+            let since = before(at, settings.lookahead_window_ms);
             let low = history
                 .samples()
-                .filter(|s| s.at_ms >= since && s.at_ms <= at_ms)
+                .filter(|s| s.at >= since && s.at <= at)
                 .map(|s| s.approximate_count)
                 .min()
                 .unwrap_or(sample.approximate_count);
             arrived += sample.approximate_count.saturating_sub(low);
         }
         let invisible = sample.approximate_count.saturating_sub(sample.visible_count);
-        let work = if invisible > 0 && (no_workers || only_timers(history, settings, at_ms)) {
+        let work = if invisible > 0 && (no_workers || only_timers(history, settings, at)) {
             need.timer_partitions += 1;
             sample.visible_count
         } else {
@@ -269,14 +276,14 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at_ms: u64, no_workers:
     need
 }
 
-/// The `durable` algorithm's recommendation for a hub at `workers` workers at `now_ms`.
+/// The `durable` algorithm's recommendation for a hub at `workers` workers at `now`.
 ///
 /// `hub` holds each queue's recent samples (record them with [`HubHistory::record`]). The
 /// answer's `desired_workers` is the count the hub needs; report [`metric_value`] of it to
 /// KEDA (target 1, AverageValue) and `keep_workers_alive` as IsActive.
-pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now_ms: u64) -> Recommendation {
-    let now = need_at(hub, settings, now_ms, workers == 0);
-    let raw = now.workers();
+pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now: UnixMs) -> Recommendation {
+    let need = need_at(hub, settings, now, workers == 0);
+    let raw = need.workers();
     let keep = raw > 0;
     let mut desired = raw;
     let mut damped = false;
@@ -284,13 +291,13 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
     if raw > u64::from(workers) && workers > 0 && settings.startup_ms > 0 {
         // Scale-up only for work that outlasts a new pod's start-up: if the work is falling
         // fast enough to be gone before a new pod could help, the current workers suffice.
-        let previous = hub.work_item.samples().rev().find(|s| s.at_ms < now_ms);
+        let previous = hub.work_item.samples().rev().find(|s| s.at < now);
         if let Some(previous) = previous {
-            let before = need_at(hub, settings, previous.at_ms, workers == 0).messages();
-            let after = now.messages();
-            let elapsed = now_ms - previous.at_ms;
-            if after < before && elapsed > 0 {
-                let eta_ms = after.saturating_mul(elapsed) / (before - after);
+            let earlier = need_at(hub, settings, previous.at, workers == 0).messages();
+            let after = need.messages();
+            let elapsed = u64::try_from(now.millis_since(previous.at)).unwrap_or(0);
+            if after < earlier && elapsed > 0 {
+                let eta_ms = after.saturating_mul(elapsed) / (earlier - after);
                 if eta_ms < settings.startup_ms {
                     desired = u64::from(workers);
                     held = Some(eta_ms);
@@ -300,12 +307,12 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
     }
     if raw < u64::from(workers) {
         // Scale-in: the highest need over the window, evaluated at each work-item sample time.
-        let start = now_ms.saturating_sub(settings.scale_in_window_ms);
+        let start = before(now, settings.scale_in_window_ms);
         let peak = hub
             .work_item
             .since(start)
-            .filter(|s| s.at_ms <= now_ms)
-            .map(|s| need_at(hub, settings, s.at_ms, workers == 0).workers())
+            .filter(|s| s.at <= now)
+            .map(|s| need_at(hub, settings, s.at, workers == 0).workers())
             .max()
             .unwrap_or(0);
         if peak > raw {
@@ -317,31 +324,31 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
     let reason = if !keep && desired > 0 {
         format!(
             "No work now{}; scale-in damped at {desired} for {} s",
-            if now.timer_partitions > 0 {
-                format!(" (only sleeping timers in {} partition(s))", now.timer_partitions)
+            if need.timer_partitions > 0 {
+                format!(" (only sleeping timers in {} partition(s))", need.timer_partitions)
             } else {
                 String::new()
             },
             settings.scale_in_window_ms / 1000
         )
-    } else if !keep && now.timer_partitions > 0 {
-        format!("Only sleeping timers in {} partition(s): no work", now.timer_partitions)
+    } else if !keep && need.timer_partitions > 0 {
+        format!("Only sleeping timers in {} partition(s): no work", need.timer_partitions)
     } else if !keep {
         "Task hub is idle".to_string()
     } else {
         format!(
             "{} workers: activities ceil({}/{}) = {}, orchestrations min({} partitions with work, ceil({}/{})) = {}, lookahead {}{}{}{}",
             desired,
-            now.activity_messages,
+            need.activity_messages,
             settings.max_activities_per_worker.max(1),
-            now.activity_workers,
-            now.active_partitions,
-            now.orchestration_messages,
+            need.activity_workers,
+            need.active_partitions,
+            need.orchestration_messages,
             settings.max_orchestrations_per_worker.max(1),
-            now.orchestration_workers,
-            now.lookahead_workers,
-            if now.timer_partitions > 0 {
-                format!(", {} partition(s) only sleeping timers", now.timer_partitions)
+            need.orchestration_workers,
+            need.lookahead_workers,
+            if need.timer_partitions > 0 {
+                format!(", {} partition(s) only sleeping timers", need.timer_partitions)
             } else {
                 String::new()
             },
@@ -377,7 +384,11 @@ mod tests {
 
     fn s(at_ms: u64, approximate_count: u64, visible_count: u64) -> QueueSample {
         let first_visible_age_ms = if visible_count > 0 { 1_000 } else { 0 };
-        QueueSample { at_ms, approximate_count, visible_count, first_visible_age_ms }
+        QueueSample { at: ms(at_ms), approximate_count, visible_count, first_visible_age_ms }
+    }
+
+    fn ms(at_ms: u64) -> UnixMs {
+        UnixMs(i64::try_from(at_ms).expect("test times fit"))
     }
 
     /// A hub sampled every 5 s from `from_ms` to `until_ms` with the given per-queue counts
@@ -411,7 +422,7 @@ mod tests {
     }
 
     fn run(hub: &HubHistory, workers: u32, now: u64) -> Recommendation {
-        recommend(&DurableSettings::default(), hub, workers, now)
+        recommend(&DurableSettings::default(), hub, workers, ms(now))
     }
 
     #[test]
@@ -463,7 +474,7 @@ mod tests {
     #[test]
     fn orchestration_workers_are_capped_by_partitions_with_work() {
         let settings = DurableSettings { activity_lookahead: false, ..DurableSettings::default() };
-        let run = |hub: &HubHistory| recommend(&settings, hub, 1, 10_000).desired_workers;
+        let run = |hub: &HubHistory| recommend(&settings, hub, 1, ms(10_000)).desired_workers;
         assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (0, 0), (0, 0), (0, 0)])), 1);
         assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (100, 32), (0, 0), (0, 0)])), 2);
         assert_eq!(
@@ -495,7 +506,7 @@ mod tests {
             s(65_000, 0, 0),
             &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
         );
-        let r = recommend(&settings, &hub, 1, 65_000);
+        let r = recommend(&settings, &hub, 1, ms(65_000));
         assert_eq!(r.desired_workers, 2, "two partition workers, no lookahead: {}", r.reason);
         // The same counts arriving as new messages are episodes to come: (400 - 10) / 10.
         let mut hub = steady(60_000, (0, 0), &[]);
@@ -504,7 +515,7 @@ mod tests {
             s(65_000, 0, 0),
             &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
         );
-        assert_eq!(recommend(&settings, &hub, 1, 65_000).desired_workers, 39);
+        assert_eq!(recommend(&settings, &hub, 1, ms(65_000)).desired_workers, 39);
     }
 
     #[test]
@@ -512,9 +523,9 @@ mod tests {
         // 1 s episodes, 20 s start-up: one worker clears 5 x 20 = 100 messages in that time.
         let settings = DurableSettings { episode_estimate_ms: 1_000, ..DurableSettings::default() };
         let hub = steady(10_000, (0, 0), &[(25, 25), (25, 25), (25, 25), (25, 25)]);
-        assert_eq!(recommend(&settings, &hub, 1, 10_000).desired_workers, 1);
+        assert_eq!(recommend(&settings, &hub, 1, ms(10_000)).desired_workers, 1);
         let hub = arriving(10_000, (0, 0), &[(300, 32), (300, 32), (0, 0), (0, 0)]);
-        let r = recommend(&settings, &hub, 1, 10_000);
+        let r = recommend(&settings, &hub, 1, ms(10_000));
         assert_eq!(r.desired_workers, 40, "2 partition workers, (600 - 200) / 10 to come: {}", r.reason);
     }
 
@@ -584,8 +595,8 @@ mod tests {
         for t in (0..=100_000).step_by(5_000) {
             h.record(s(t, 1, 1), 30_000);
         }
-        let first = h.samples().next().map(|s| s.at_ms);
-        assert_eq!(first, Some(70_000), "one sample at or before the horizon is kept");
+        let first = h.samples().next().map(|s| s.at);
+        assert_eq!(first, Some(ms(70_000)), "one sample at or before the horizon is kept");
     }
 
     #[test]
@@ -595,9 +606,9 @@ mod tests {
         let mut control = vec![s(100_000, 0, 0); P];
         control[1] = s(100_000, 3, 0);
         hub.record(&settings, s(100_000, 0, 0), &control);
-        let r = recommend(&settings, &hub, 0, 100_000);
+        let r = recommend(&settings, &hub, 0, ms(100_000));
         assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false), "{}", r.reason);
         // With a worker running the same messages may be its work until they settle.
-        assert!(recommend(&settings, &hub, 1, 100_000).keep_workers_alive);
+        assert!(recommend(&settings, &hub, 1, ms(100_000)).keep_workers_alive);
     }
 }

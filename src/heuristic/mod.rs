@@ -8,13 +8,71 @@
 //! - [`target`]: the Functions host's target-based formula (`DurableTaskTargetScaler`).
 //! - [`durable`]: the project's default (`scaleAlgorithm: durable`), designed with the simulator.
 //! - [`hpa`]: what KEDA and the Kubernetes HPA do with the number we return.
+//! - [`engine`]: one task hub's state and the one path from queue readings to the
+//!   recommendation and the metric value KEDA gets, whichever [`Algorithm`] runs. The
+//!   aggregator keeps one per tracked hub, the simulator one per simulated app, and
+//!   `recommend` one per case, so all three run the same code.
 
 pub mod durable;
+pub mod engine;
 pub mod hpa;
 pub mod latency;
 pub mod target;
 
 use serde::{Deserialize, Serialize};
+
+/// Which heuristic turns a hub's signals into a worker count: the trigger's
+/// `scaleAlgorithm`, `recommend`'s `algorithm`, the simulator's `durable-scaler:<algorithm>`
+/// and the demo's `--algorithm`. Names are lowercase; parsing ignores case, as the trigger
+/// metadata always has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// The project's own ([`durable`]): the default, chosen on simulator evidence
+    /// (docs/simulator.md).
+    #[default]
+    Durable,
+    /// The Functions host's target formula ([`target`]).
+    Target,
+    /// The DTFx latency vote over 5-sample rings ([`latency`]).
+    Latency,
+}
+
+impl Algorithm {
+    /// Every algorithm, the default first.
+    pub const ALL: [Algorithm; 3] = [Algorithm::Durable, Algorithm::Target, Algorithm::Latency];
+
+    /// The name the trigger, the CLI and the JSON use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algorithm::Durable => "durable",
+            Algorithm::Target => "target",
+            Algorithm::Latency => "latency",
+        }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not an [`Algorithm`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown algorithm {0:?}: expected durable, target or latency")]
+pub struct UnknownAlgorithm(pub String);
+
+impl std::str::FromStr for Algorithm {
+    type Err = UnknownAlgorithm;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| UnknownAlgorithm(s.to_string()))
+    }
+}
 
 /// What a heuristic asks of the worker count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,5 +119,25 @@ impl Recommendation {
             std::cmp::Ordering::Equal => ScaleAction::None,
         };
         Self { action, keep_workers_alive, desired_workers, reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_names_round_trip_through_every_spelling() {
+        for a in Algorithm::ALL {
+            assert_eq!(a.to_string().parse::<Algorithm>(), Ok(a));
+            assert_eq!(a.name().to_uppercase().parse::<Algorithm>(), Ok(a), "case is ignored");
+            let json = serde_json::to_string(&a).expect("serializes");
+            assert_eq!(json, format!("\"{a}\""));
+            assert_eq!(serde_json::from_str::<Algorithm>(&json).expect("deserializes"), a);
+            let value = clap::ValueEnum::to_possible_value(&a).expect("not skipped");
+            assert_eq!(value.get_name(), a.name(), "the CLI spells it as the trigger does");
+        }
+        assert_eq!(Algorithm::default(), Algorithm::Durable);
+        assert_eq!("cpu".parse::<Algorithm>(), Err(UnknownAlgorithm("cpu".into())));
     }
 }

@@ -4,7 +4,7 @@
 //! StreamIsActive push activates at once; the HPA syncs every 15 s while replicas > 0.
 
 use super::model::App;
-use super::scalers::{Metric, Scaler};
+use super::scalers::{Metric, Scaler, sim_time};
 use crate::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
 
 /// KEDA's and the HPA's settings.
@@ -86,14 +86,14 @@ impl Autoscaler {
     /// The Deployment's replica count after everything due at `now_ms` has run.
     pub fn tick(&mut self, now_ms: u64, scaler: &mut dyn Scaler, app: &App) -> u32 {
         let before = self.replicas;
-        if scaler.tick(now_ms, app, self.replicas) {
+        if scaler.tick(sim_time(now_ms), app, self.replicas) {
             // StreamIsActive: true activates a target at zero at once and postpones cooldown.
             self.last_active_ms = Some(now_ms);
             self.replicas = hpa::keda_replicas(self.replicas, true, false, self.replicas, self.cfg.bounds);
         }
         if now_ms >= self.next_poll_ms {
             self.next_poll_ms = now_ms + self.cfg.polling_interval_ms;
-            let active = scaler.is_active(now_ms, app, self.replicas);
+            let active = scaler.is_active(sim_time(now_ms), app, self.replicas);
             if active {
                 self.last_active_ms = Some(now_ms);
             }
@@ -105,7 +105,7 @@ impl Autoscaler {
         if now_ms >= self.next_sync_ms {
             self.next_sync_ms = now_ms + self.cfg.hpa_sync_ms;
             if self.replicas > 0 {
-                let metrics = scaler.metrics(now_ms, app, self.replicas);
+                let metrics = scaler.metrics(sim_time(now_ms), app, self.replicas);
                 self.replicas =
                     hpa_sync_metrics(self.replicas, &metrics, self.cfg.bounds, &mut self.stabilizer, now_ms);
             }

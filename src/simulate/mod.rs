@@ -4,7 +4,8 @@
 //! A fixed-tick simulation (100 ms by default), deterministic for a seed:
 //! - [`model`]: the app: queues, orchestrations, pods and partition leases;
 //! - [`autoscale`]: KEDA and the HPA, with the arithmetic of [`crate::heuristic::hpa`];
-//! - [`scalers`]: the peer scalers and ours;
+//! - [`scalers`]: the peer scalers, and ours, which runs the aggregator's engine
+//!   ([`crate::heuristic::engine`]) from the app's queue readings to the metric;
 //! - [`scenario`]: the built-in workloads and user traces;
 //! - [`metrics`], [`output`], [`svg`]: what a run measured, the table/JSON, the charts.
 //!
@@ -26,6 +27,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::heuristic::durable::DurableSettings;
+use crate::heuristic::engine::DEFAULT_WORK_GRACE_MS;
 use crate::heuristic::hpa::ReplicaBounds;
 use autoscale::{Autoscaler, KedaConfig};
 use metrics::{Recorder, RunResult};
@@ -361,6 +363,8 @@ impl Args {
                     seconds(self.startup_s, "--startup-s", "DURABLE_SCALER_SIMULATE_STARTUP_S")?
                 },
             },
+            // The aggregator's default `--work-grace`.
+            work_grace_ms: DEFAULT_WORK_GRACE_MS,
             seed: self.seed,
         };
         Ok(Settings { app, keda, scalers, tick_ms: self.tick_ms })

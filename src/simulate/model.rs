@@ -171,7 +171,7 @@ impl Queue {
 
     fn sample(&self, now_ms: u64) -> QueueSample {
         QueueSample {
-            at_ms: now_ms,
+            at: super::scalers::sim_time(now_ms),
             approximate_count: self.approximate(),
             visible_count: (self.visible.len() as u64).min(PEEK_LIMIT),
             first_visible_age_ms: self.visible.front().map_or(0, |m| now_ms.saturating_sub(m.inserted_ms)),

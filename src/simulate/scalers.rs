@@ -15,20 +15,51 @@
 //!   whose peek returns nothing has length 0.
 //! - `keda-azure-queue`: KEDA's built-in azure-queue scaler, one trigger per queue,
 //!   queueLength 5, queueLengthStrategy `all` (approximate count), activationQueueLength 0.
-//! - `durable-scaler`: ours. Sidecars report every 5 s while pods run; at zero the aggregator
-//!   probes every 2 s and pushes activation through StreamIsActive on the inactive -> active
-//!   transition; KEDA's calls are answered from the latest recommendation.
+//! - `durable-scaler`: ours, the production code: one [`HubEngine`] (the aggregator's
+//!   per-hub engine, `heuristic::engine`) takes a reading of every queue each time a sidecar
+//!   would report (every 5 s while pods run) or the aggregator would probe (every 2 s at
+//!   zero) and decides; IsActive, GetMetrics and the StreamIsActive push on the inactive ->
+//!   active transition are answered from it as the aggregator answers them.
+//!
+//! Scalers see the app through [`QueueSource`], so a test can drive them with a sequence of
+//! readings of its own (tests/it/engine_equivalence.rs).
 
 use std::fmt;
 use std::str::FromStr;
 
 use super::model::App;
+use crate::clock::UnixMs;
 use crate::heuristic::{
-    ScaleAction,
-    durable::{self, DurableSettings, HubHistory, QueueSample},
+    Algorithm, ScaleAction,
+    durable::{DurableSettings, QueueSample},
+    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine},
     latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies},
     target::{self, TargetSettings},
 };
+
+/// The simulated clock (ms since the run started) as the moment scalers and the engine take.
+pub fn sim_time(ms: u64) -> UnixMs {
+    UnixMs(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// What a scaler can read of the app: its queues, as Get Queue Metadata and a Peek show
+/// them, and its ready pods.
+pub trait QueueSource {
+    /// The work-item queue, then each control queue, at `now`.
+    fn observe(&self, now: UnixMs) -> (QueueSample, Vec<QueueSample>);
+    /// Pods ready to take work at `now`.
+    fn ready_pods(&self, now: UnixMs) -> u32;
+}
+
+impl QueueSource for App {
+    fn observe(&self, now: UnixMs) -> (QueueSample, Vec<QueueSample>) {
+        App::observe(self, u64::try_from(now.as_millis()).unwrap_or(0))
+    }
+
+    fn ready_pods(&self, now: UnixMs) -> u32 {
+        App::ready_pods(self, u64::try_from(now.as_millis()).unwrap_or(0))
+    }
+}
 
 /// One external metric as the HPA reads it (metricType AverageValue).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,26 +73,17 @@ pub struct Metric {
 /// What KEDA asks of a scaler.
 pub trait Scaler {
     /// Called every tick; returns true to push "active" through StreamIsActive now.
-    fn tick(&mut self, _now_ms: u64, _app: &App, _replicas: u32) -> bool {
+    fn tick(&mut self, _now: UnixMs, _app: &dyn QueueSource, _replicas: u32) -> bool {
         false
     }
     /// KEDA's IsActive, every polling interval.
-    fn is_active(&mut self, now_ms: u64, app: &App, replicas: u32) -> bool;
+    fn is_active(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> bool;
     /// GetMetrics for every trigger, every HPA sync.
-    fn metrics(&mut self, now_ms: u64, app: &App, replicas: u32) -> Vec<Metric>;
-}
-
-/// Which algorithm our scaler runs (`scaleAlgorithm`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    /// [`crate::heuristic::durable`], the default.
-    #[default]
-    Durable,
-    /// DTFx's latency vote, one step at a time.
-    Latency,
-    /// The Functions host's target formula on approximate counts.
-    Target,
+    fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> Vec<Metric>;
+    /// Ours only: the engine's latest decision, with its reason (peers have none to show).
+    fn decision(&self) -> Option<&Decision> {
+        None
+    }
 }
 
 /// A scaler by name, as `--scalers` takes it.
@@ -96,8 +118,7 @@ impl fmt::Display for ScalerKind {
             Self::FunctionsTarget => f.write_str("functions-target"),
             Self::KedaAzureQueue => f.write_str("keda-azure-queue"),
             Self::DurableScaler(Algorithm::Durable) => f.write_str("durable-scaler"),
-            Self::DurableScaler(Algorithm::Latency) => f.write_str("durable-scaler:latency"),
-            Self::DurableScaler(Algorithm::Target) => f.write_str("durable-scaler:target"),
+            Self::DurableScaler(algorithm) => write!(f, "durable-scaler:{algorithm}"),
         }
     }
 }
@@ -111,10 +132,13 @@ impl FromStr for ScalerKind {
             "wsugarman" => Self::Wsugarman,
             "functions-target" => Self::FunctionsTarget,
             "keda-azure-queue" => Self::KedaAzureQueue,
-            "durable-scaler" | "durable-scaler:durable" => Self::DurableScaler(Algorithm::Durable),
-            "durable-scaler:latency" => Self::DurableScaler(Algorithm::Latency),
-            "durable-scaler:target" => Self::DurableScaler(Algorithm::Target),
+            "durable-scaler" => Self::DurableScaler(Algorithm::Durable),
             other => {
+                if let Some(algorithm) =
+                    other.strip_prefix("durable-scaler:").and_then(|a| a.parse::<Algorithm>().ok())
+                {
+                    return Ok(Self::DurableScaler(algorithm));
+                }
                 return Err(format!(
                     "unknown scaler {other:?}: expected kedacore, wsugarman, functions-target, \
                      keda-azure-queue, durable-scaler[:durable|:latency|:target]"
@@ -139,6 +163,9 @@ pub struct ScalerConfig {
     pub probe_interval_ms: u64,
     /// Our algorithm's settings.
     pub durable: DurableSettings,
+    /// How long invisible messages count as work after their queue moved (the aggregator's
+    /// `--work-grace`; `target` and `latency` read activity this way).
+    pub work_grace_ms: u64,
     /// Seed for the latency vote's random scale-in.
     pub seed: u64,
 }
@@ -152,6 +179,7 @@ impl Default for ScalerConfig {
             report_interval_ms: 5_000,
             probe_interval_ms: 2_000,
             durable: DurableSettings::default(),
+            work_grace_ms: DEFAULT_WORK_GRACE_MS,
             seed: 0,
         }
     }
@@ -187,8 +215,8 @@ pub fn upstream_length(s: &QueueSample) -> u64 {
 }
 
 /// True when any queue's approximate count is above zero (sleeping timers included).
-fn any_message(app: &App, now_ms: u64) -> bool {
-    let (wi, cq) = app.observe(now_ms);
+fn any_message(app: &dyn QueueSource, now: UnixMs) -> bool {
+    let (wi, cq) = app.observe(now);
     wi.approximate_count > 0 || cq.iter().any(|s| s.approximate_count > 0)
 }
 
@@ -210,8 +238,8 @@ pub fn kedacore_metric(action: ScaleAction) -> Metric {
 
 impl Kedacore {
     /// One PulseAsync: a latency sample per queue, then the vote.
-    fn pulse(&mut self, now_ms: u64, app: &App, replicas: u32) -> ScaleAction {
-        let (wi, cq) = app.observe(now_ms);
+    fn pulse(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> ScaleAction {
+        let (wi, cq) = app.observe(now);
         self.rings.work_item.add(wi.first_visible_age_ms);
         for (ring, s) in self.rings.control.iter_mut().zip(&cq) {
             ring.add(s.first_visible_age_ms);
@@ -221,13 +249,13 @@ impl Kedacore {
 }
 
 impl Scaler for Kedacore {
-    fn is_active(&mut self, now_ms: u64, app: &App, replicas: u32) -> bool {
-        self.pulse(now_ms, app, replicas);
+    fn is_active(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> bool {
+        self.pulse(now, app, replicas);
         true
     }
 
-    fn metrics(&mut self, now_ms: u64, app: &App, replicas: u32) -> Vec<Metric> {
-        vec![kedacore_metric(self.pulse(now_ms, app, replicas))]
+    fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> Vec<Metric> {
+        vec![kedacore_metric(self.pulse(now, app, replicas))]
     }
 }
 
@@ -294,12 +322,12 @@ pub fn wsugarman_metric(
 }
 
 impl Scaler for Wsugarman {
-    fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
-        any_message(app, now_ms)
+    fn is_active(&mut self, now: UnixMs, app: &dyn QueueSource, _replicas: u32) -> bool {
+        any_message(app, now)
     }
 
-    fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
-        let (wi, cq) = app.observe(now_ms);
+    fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, _replicas: u32) -> Vec<Metric> {
+        let (wi, cq) = app.observe(now);
         let counts: Vec<u64> = cq.iter().map(|s| s.approximate_count).collect();
         vec![wsugarman_metric(wi.approximate_count, &counts, self.max_activities, self.max_orchestrations)]
     }
@@ -311,20 +339,20 @@ struct FunctionsTarget {
 }
 
 impl FunctionsTarget {
-    fn target(&self, now_ms: u64, app: &App) -> u64 {
-        let (wi, cq) = app.observe(now_ms);
+    fn target(&self, now: UnixMs, app: &dyn QueueSource) -> u64 {
+        let (wi, cq) = app.observe(now);
         let lengths: Vec<u64> = cq.iter().map(upstream_length).collect();
         target::target_workers(self.settings, upstream_length(&wi), &lengths).target
     }
 }
 
 impl Scaler for FunctionsTarget {
-    fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
-        self.target(now_ms, app) > 0
+    fn is_active(&mut self, now: UnixMs, app: &dyn QueueSource, _replicas: u32) -> bool {
+        self.target(now, app) > 0
     }
 
-    fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
-        vec![Metric { value: self.target(now_ms, app) as f64, target: 1.0 }]
+    fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, _replicas: u32) -> Vec<Metric> {
+        vec![Metric { value: self.target(now, app) as f64, target: 1.0 }]
     }
 }
 
@@ -334,92 +362,75 @@ struct KedaAzureQueue {
 }
 
 impl Scaler for KedaAzureQueue {
-    fn is_active(&mut self, now_ms: u64, app: &App, _replicas: u32) -> bool {
-        any_message(app, now_ms)
+    fn is_active(&mut self, now: UnixMs, app: &dyn QueueSource, _replicas: u32) -> bool {
+        any_message(app, now)
     }
 
-    fn metrics(&mut self, now_ms: u64, app: &App, _replicas: u32) -> Vec<Metric> {
-        let (wi, cq) = app.observe(now_ms);
+    fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, _replicas: u32) -> Vec<Metric> {
+        let (wi, cq) = app.observe(now);
         let target = f64::from(self.queue_length.max(1));
         std::iter::once(wi).chain(cq).map(|s| Metric { value: s.approximate_count as f64, target }).collect()
     }
 }
 
-/// Ours: sidecar reports / aggregator probes feed the chosen algorithm; KEDA is answered from
-/// the latest recommendation.
+/// Ours: sidecar reports / aggregator probes feed the production engine; KEDA is answered
+/// from it as the aggregator answers (`aggregator::hub`, `aggregator::registry`).
 struct DurableScaler {
-    algorithm: Algorithm,
-    settings: DurableSettings,
-    target: TargetSettings,
-    report_interval_ms: u64,
-    probe_interval_ms: u64,
-    history: HubHistory,
-    voter: LatencyVoter,
-    rings: TaskHubLatencies,
-    next_sample_ms: u64,
-    desired: u32,
+    engine: HubEngine,
+    report_interval_ms: i64,
+    probe_interval_ms: i64,
+    next_sample: UnixMs,
+    /// IsActive as last published, for the StreamIsActive push on inactive -> active.
     active: bool,
 }
 
 impl DurableScaler {
     fn new(algorithm: Algorithm, cfg: &ScalerConfig, partitions: usize) -> Self {
-        Self {
+        let settings = EngineSettings {
             algorithm,
-            settings: cfg.durable,
             target: target_settings(cfg),
-            report_interval_ms: cfg.report_interval_ms.max(1),
-            probe_interval_ms: cfg.probe_interval_ms.max(1),
-            history: HubHistory::new(partitions),
-            // Ours runs the vote without upstream's random scale-in.
-            voter: LatencyVoter::new(DEFAULT_MAX_POLLING_INTERVAL_MS),
-            rings: TaskHubLatencies::new(partitions),
-            next_sample_ms: 0,
-            desired: 0,
+            durable: cfg.durable,
+            max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
+            work_grace_ms: cfg.work_grace_ms,
+        };
+        Self {
+            engine: HubEngine::new(settings, partitions),
+            report_interval_ms: i64::try_from(cfg.report_interval_ms.max(1)).unwrap_or(i64::MAX),
+            probe_interval_ms: i64::try_from(cfg.probe_interval_ms.max(1)).unwrap_or(i64::MAX),
+            next_sample: UnixMs(i64::MIN),
             active: false,
         }
     }
 }
 
 impl Scaler for DurableScaler {
-    fn tick(&mut self, now_ms: u64, app: &App, replicas: u32) -> bool {
-        if now_ms < self.next_sample_ms {
+    fn tick(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> bool {
+        if now < self.next_sample {
             return false;
         }
-        let at_zero = app.ready_pods(now_ms) == 0;
-        self.next_sample_ms = now_ms + if at_zero { self.probe_interval_ms } else { self.report_interval_ms };
-        let (wi, cq) = app.observe(now_ms);
-        let rec = match self.algorithm {
-            Algorithm::Durable => {
-                self.history.record(&self.settings, wi, &cq);
-                durable::recommend(&self.settings, &self.history, replicas, now_ms)
-            }
-            Algorithm::Latency => {
-                self.rings.work_item.add(wi.first_visible_age_ms);
-                for (ring, s) in self.rings.control.iter_mut().zip(&cq) {
-                    ring.add(s.first_visible_age_ms);
-                }
-                self.voter.vote(&self.rings, replicas)
-            }
-            Algorithm::Target => {
-                let lengths: Vec<u64> = cq.iter().map(|s| s.approximate_count).collect();
-                target::recommend(self.target, replicas, wi.approximate_count, &lengths)
-            }
-        };
-        let was_active = self.active;
-        self.active = rec.keep_workers_alive;
-        self.desired = rec.desired_workers;
+        let at_zero = app.ready_pods(now) == 0;
+        self.next_sample =
+            now.plus_ms(if at_zero { self.probe_interval_ms } else { self.report_interval_ms });
+        let (wi, cq) = app.observe(now);
+        self.engine.observe_work_item(wi.into(), now);
+        for (partition, sample) in cq.into_iter().enumerate() {
+            self.engine.observe_control(partition, sample.into(), now);
+        }
+        self.engine.evaluate(now, replicas);
+        let was_active = std::mem::replace(&mut self.active, self.engine.is_active(now));
         !was_active && self.active
     }
 
-    fn is_active(&mut self, _now_ms: u64, _app: &App, _replicas: u32) -> bool {
-        self.active
+    fn is_active(&mut self, now: UnixMs, _app: &dyn QueueSource, _replicas: u32) -> bool {
+        self.engine.is_active(now)
     }
 
-    fn metrics(&mut self, _now_ms: u64, _app: &App, replicas: u32) -> Vec<Metric> {
-        let value = match self.algorithm {
-            Algorithm::Durable => durable::metric_value(self.desired, replicas),
-            Algorithm::Latency | Algorithm::Target => f64::from(self.desired),
-        };
+    fn metrics(&mut self, _now: UnixMs, _app: &dyn QueueSource, _replicas: u32) -> Vec<Metric> {
+        let value = self.engine.decision().map_or(0.0, |d| d.metric_value);
         vec![Metric { value, target: 1.0 }]
+    }
+
+    fn decision(&self) -> Option<&Decision> {
+        self.engine.decision()
     }
 }

@@ -16,6 +16,7 @@ mod aggregator_cli;
 mod aggregator_storage;
 mod aggregator_tls;
 mod demo;
+mod engine_equivalence;
 mod kubernetes;
 mod manifests;
 mod recommend_cli;

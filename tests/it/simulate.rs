@@ -3,15 +3,16 @@
 //! Simulated durations are kept to minutes so the file runs in seconds in debug builds.
 
 use clap::Parser;
+use durable_scaler::clock::UnixMs;
 use durable_scaler::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
-use durable_scaler::heuristic::{ScaleAction, durable::QueueSample};
+use durable_scaler::heuristic::{Algorithm, ScaleAction, durable::QueueSample};
 use durable_scaler::simulate::{
     Args, Settings,
     autoscale::{Autoscaler, KedaConfig, hpa_sync_metrics},
     metrics::percentile,
     model::{App, AppConfig, Arrival, Duration, Script, Step, Workload},
     output, run_one,
-    scalers::{self, Algorithm, Metric, ScalerConfig, ScalerKind},
+    scalers::{self, Metric, ScalerConfig, ScalerKind, sim_time},
     scenario::{self, Scenario},
     svg,
 };
@@ -190,7 +191,7 @@ fn kedacore_maps_its_vote_to_five_pods_or_one() {
 fn kedacore_is_always_active() {
     let app = App::new(AppConfig::default(), Workload::default(), 1);
     let mut k = scalers::build(ScalerKind::Kedacore, &ScalerConfig::default(), 4);
-    assert!(k.is_active(0, &app, 0));
+    assert!(k.is_active(UnixMs(0), &app, 0));
 }
 
 #[test]
@@ -236,26 +237,29 @@ fn waiting_app(count: u32, timers: u32) -> App {
 fn functions_target_reads_a_queue_with_nothing_visible_as_empty() {
     let app = waiting_app(0, 6);
     let mut f = scalers::build(ScalerKind::FunctionsTarget, &ScalerConfig::default(), 4);
-    assert!(!f.is_active(40 * SECOND, &app, 1), "sleeping timers are invisible");
-    let s = QueueSample { at_ms: 0, approximate_count: 9, visible_count: 0, first_visible_age_ms: 0 };
+    assert!(!f.is_active(sim_time(40 * SECOND), &app, 1), "sleeping timers are invisible");
+    let s = QueueSample { at: UnixMs(0), approximate_count: 9, visible_count: 0, first_visible_age_ms: 0 };
     assert_eq!(scalers::upstream_length(&s), 0);
     let app = waiting_app(30, 0);
     let mut f = scalers::build(ScalerKind::FunctionsTarget, &ScalerConfig::default(), 4);
     let (_, control) = app.observe(40 * SECOND);
     let active = control.iter().filter(|s| s.approximate_count > 0).count() as f64;
-    assert_eq!(f.metrics(40 * SECOND, &app, 1), vec![Metric { value: active.min(6.0), target: 1.0 }]);
+    assert_eq!(
+        f.metrics(sim_time(40 * SECOND), &app, 1),
+        vec![Metric { value: active.min(6.0), target: 1.0 }]
+    );
 }
 
 #[test]
 fn keda_azure_queue_has_one_trigger_per_queue_counting_everything() {
     let app = waiting_app(12, 6);
     let mut q = scalers::build(ScalerKind::KedaAzureQueue, &ScalerConfig::default(), 4);
-    let metrics = q.metrics(40 * SECOND, &app, 1);
+    let metrics = q.metrics(sim_time(40 * SECOND), &app, 1);
     assert_eq!(metrics.len(), 5, "work-item queue and four control queues");
     assert!(metrics.iter().all(|m| m.target == 5.0));
     assert_eq!(metrics.iter().map(|m| m.value).sum::<f64>(), 18.0, "starts and sleeping timers alike");
     let timers_only = waiting_app(0, 6);
-    assert!(q.is_active(40 * SECOND, &timers_only, 1), "timers keep it awake");
+    assert!(q.is_active(sim_time(40 * SECOND), &timers_only, 1), "timers keep it awake");
 }
 
 fn short_steady(seed: u64) -> Scenario {
