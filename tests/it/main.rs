@@ -17,6 +17,7 @@ mod aggregator_storage;
 mod aggregator_tls;
 mod demo;
 mod kubernetes;
+mod logs;
 mod manifests;
 mod recommend_cli;
 mod review_fuzz;
