@@ -4,7 +4,9 @@
 //! `AZURITE_CONNECTION_STRING` when set (for example by `.ci/run`, which starts one for the
 //! whole suite), else one this process starts on loopback with ports chosen by the OS,
 //! in-memory, and that dies with the process. Azurite comes from the npm registry:
-//! `npm install` in the project root puts it in `node_modules/.bin/`.
+//! `npm ci` in the project root puts it in `node_modules/.bin/`. When it cannot be had,
+//! every error says how to get it ([`HOW_TO_GET_IT`]), so a test run on a fresh clone
+//! fails with instructions rather than a bare "not found".
 
 use std::{
     io::{BufRead, BufReader},
@@ -19,6 +21,13 @@ pub const ACCOUNT: &str = "devstoreaccount1";
 /// Azurite's well-known account key (public; it only opens the emulator).
 pub const ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// What to do when no Azurite can be had: every [`AzuriteError`] ends with it.
+pub const HOW_TO_GET_IT: &str = "this needs Azurite, the Azure Storage emulator: run ./scripts/test \
+(it installs Azurite with npm and starts it), or run `npm ci` in the project root (needs \
+Node.js) so node_modules/.bin/azurite exists, or start Azurite yourself and set \
+AZURITE_CONNECTION_STRING to its connection string (see scripts/test for the command line); \
+AZURITE_BIN may name the azurite binary";
 
 /// How long Azurite may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,29 +44,46 @@ pub struct Azurite {
     child: Mutex<Option<Child>>,
 }
 
-/// Why Azurite could not be had.
-#[derive(Debug, thiserror::Error)]
+/// Why Azurite could not be had. Each message ends with [`HOW_TO_GET_IT`].
+#[derive(thiserror::Error)]
 pub enum AzuriteError {
     /// No `azurite` binary was found.
-    #[error("Azurite not found: run `npm install` in the project root, or set AZURITE_BIN (looked in {0})")]
+    #[error("Azurite not found (no node_modules/.bin/azurite under {0}, none on PATH): {HOW_TO_GET_IT}")]
     NotInstalled(String),
     /// The process could not be started or did not come up.
-    #[error("Azurite did not start: {0}")]
+    #[error("Azurite did not start: {0}; {HOW_TO_GET_IT}")]
     Start(String),
     /// `AZURITE_CONNECTION_STRING` lacks an endpoint.
-    #[error("AZURITE_CONNECTION_STRING has no {0}")]
+    #[error("AZURITE_CONNECTION_STRING has no {0}; {HOW_TO_GET_IT}")]
     BadConnectionString(&'static str),
 }
 
+/// The message, not the variant: tests `.expect()` these, and a panic should read as the
+/// instructions it carries.
+impl std::fmt::Debug for AzuriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 impl Azurite {
-    /// The process-wide instance (see the module docs). Panics with the reason when it cannot
-    /// be had: meant for tests and the demo's set-up, where there is nothing else to do.
+    /// The process-wide instance (see the module docs). Panics with the reason and what to
+    /// do ([`HOW_TO_GET_IT`]) when it cannot be had: meant for tests and the demo's set-up,
+    /// where there is nothing else to do. The first failure is kept, so every later caller
+    /// fails at once with the same message instead of trying (and waiting) again.
     pub fn shared() -> &'static Azurite {
-        static SHARED: OnceLock<Azurite> = OnceLock::new();
-        SHARED.get_or_init(|| match std::env::var("AZURITE_CONNECTION_STRING") {
-            Ok(cs) => Self::from_connection_string(&cs).unwrap_or_else(|e| panic!("{e}")),
-            Err(_) => Self::start().unwrap_or_else(|e| panic!("{e}")),
-        })
+        static SHARED: OnceLock<Result<Azurite, String>> = OnceLock::new();
+        let shared = SHARED.get_or_init(|| {
+            match std::env::var("AZURITE_CONNECTION_STRING") {
+                Ok(cs) => Self::from_connection_string(&cs),
+                Err(_) => Self::start(),
+            }
+            .map_err(|e| e.to_string())
+        });
+        match shared {
+            Ok(azurite) => azurite,
+            Err(message) => panic!("{message}"),
+        }
     }
 
     /// Uses an Azurite that is already running.
@@ -136,8 +162,15 @@ impl Azurite {
             || self.table_endpoint.is_empty()
         {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).map_err(|_| {
-                AzuriteError::Start(format!("not listening after {}s", START_TIMEOUT.as_secs()))
+            let line = rx.recv_timeout(left).map_err(|e| match e {
+                std::sync::mpsc::RecvTimeoutError::Timeout => {
+                    AzuriteError::Start(format!("not listening after {}s", START_TIMEOUT.as_secs()))
+                }
+                // Its stdout closed: it exited (no Node.js on PATH, a port refused ...); its
+                // own complaint went to stderr above.
+                std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                    AzuriteError::Start("it exited before listening (see its output above)".into())
+                }
             })?;
             let Some((service, url)) = parse_listening_line(&line) else { continue };
             let endpoint = format!("{}/{ACCOUNT}", url.trim_end_matches('/'));
@@ -196,6 +229,8 @@ fn find_binary() -> Result<PathBuf, AzuriteError> {
     if let Ok(cwd) = std::env::current_dir() {
         roots.extend(cwd.ancestors().map(Path::to_path_buf));
     }
+    // Run from the crate's directory, the first ancestor is the crate's directory again.
+    roots.dedup();
     let local = roots.iter().map(|r| r.join("node_modules/.bin/azurite")).find(|p| p.exists());
     if let Some(bin) = local {
         return Ok(bin);
@@ -247,5 +282,20 @@ mod tests {
         .unwrap();
         assert_eq!((a.blob_endpoint.as_str(), a.queue_endpoint.as_str()), ("http://h:1/a", "http://h:2/a"));
         assert!(Azurite::from_connection_string("AccountName=x").is_err());
+    }
+
+    #[test]
+    fn every_error_says_how_to_get_azurite() {
+        let errors = [
+            AzuriteError::NotInstalled("/src".into()),
+            AzuriteError::Start("exited".into()),
+            AzuriteError::BadConnectionString("QueueEndpoint"),
+        ];
+        for error in errors {
+            let (display, debug) = (error.to_string(), format!("{error:?}"));
+            assert!(display.ends_with(HOW_TO_GET_IT), "{display}");
+            assert!(display.contains("./scripts/test") && display.contains("AZURITE_CONNECTION_STRING"));
+            assert_eq!(debug, display, "an .expect() shows the instructions");
+        }
     }
 }

@@ -29,6 +29,7 @@ pub mod demo;
 pub mod emulator;
 pub mod heuristic;
 pub mod kubernetes;
+pub(crate) mod metrics;
 pub mod proto;
 pub mod recommend;
 pub mod shutdown;

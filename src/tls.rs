@@ -1,10 +1,49 @@
-//! PEM material for the project's two TLS servers (the webhook and the aggregator's KEDA
-//! port): reading certificate chains and private keys, with errors that name the file.
-//! Each server keeps its own reload mechanism; what they read is read here.
+//! TLS serving for every listener of the project (the webhook's HTTPS port, the aggregator's
+//! KEDA and report ports): PEM files read with errors that name the file, one reloading
+//! server configuration, and one accept loop.
+//!
+//! Reloading is off the accept path. [`ReloadingConfig::spawn_watcher`] re-reads the
+//! certificate, the key and the client CA on a timer, in a blocking task, and when their
+//! bytes changed builds a new [`rustls::ServerConfig`] and publishes it through a
+//! [`tokio::sync::watch`] channel; the accept loop ([`TlsIncoming`]) only clones the
+//! current `Arc`. Kubernetes updates a mounted Secret by writing a new timestamped directory
+//! and renaming the `..data` symlink over the old one, so the file names stay and their
+//! contents change at once: reading through the paths sees the swap (an inotify watch on
+//! the files would keep watching the old inodes), and comparing bytes catches it whatever
+//! the file system's timestamps say. Files that do not load (a half-written pair, a key that
+//! does not match) are refused, counted, and the previous configuration kept. Open
+//! connections keep the session they negotiated.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use prometheus_client::metrics::counter::Counter;
+use rustls::{
+    RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+use crate::shutdown::Shutdown;
+
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the accept loop pauses after a failed accept (out of file descriptors and the
+/// like), instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a PEM file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +104,337 @@ pub fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, Pe
         .map_err(|e| PemError::Key { path: path.to_owned(), reason: e.to_string() })
 }
 
+/// Why a server configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or holds no usable PEM material.
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    /// rustls refused the certificate and key (unsupported key type, a key that does not
+    /// match the certificate) or the client CA.
+    #[error("certificate {cert} with key {key}: {source}")]
+    Rustls {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls' error.
+        source: rustls::Error,
+    },
+    /// The client CA does not make a certificate verifier.
+    #[error("client CA {path}: {reason}")]
+    ClientCa {
+        /// The CA file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The TLS material of one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, serving certificate first.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA that client certificates must chain to; none: no client certificates asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The application protocols a listener offers in ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// HTTPS for the Kubernetes API server: HTTP/2 (which it speaks when offered) and
+    /// HTTP/1.1.
+    Https,
+}
+
+/// What a listener offers besides its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// TLS 1.3 only; otherwise TLS 1.2 and 1.3.
+    pub tls13_only: bool,
+    /// Application protocols.
+    pub alpn: Alpn,
+}
+
+/// The bytes a configuration was built from, to tell a changed file from an unchanged one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Material {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Material {
+    fn read(files: &TlsFiles) -> Result<Self, PemError> {
+        Ok(Self {
+            cert: read(&files.cert)?,
+            key: read(&files.key)?,
+            client_ca: files.client_ca.as_deref().map(read).transpose()?,
+        })
+    }
+}
+
+/// What became of changed TLS files, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReloadOutcome {
+    /// Taken into use.
+    Reloaded,
+    /// Refused; the previous configuration stayed in use.
+    Refused,
+}
+
+crate::metrics::label_values!(ReloadOutcome { Reloaded => "reloaded", Refused => "refused" });
+
+/// Counters of one listener's reloads, shared with whoever serves them on `/metrics`
+/// (prometheus-client counters are handles to one shared value).
+#[derive(Debug, Clone, Default)]
+pub struct ReloadCounters {
+    /// New files taken into use.
+    pub reloaded: Counter,
+    /// Changed files refused (unreadable, unparsable, a mismatched pair); the previous
+    /// configuration stayed in use.
+    pub refused: Counter,
+}
+
+/// One listener's server configuration, rebuilt by a watcher when its files change.
+#[derive(Debug)]
+pub struct ReloadingConfig {
+    files: TlsFiles,
+    options: ServerOptions,
+    provider: Arc<CryptoProvider>,
+    current: watch::Sender<Arc<ServerConfig>>,
+    /// What the files held at the last look, loaded or refused: a refused change is counted
+    /// and logged once, not at every look.
+    last_seen: Mutex<Material>,
+    counters: ReloadCounters,
+}
+
+impl ReloadingConfig {
+    /// Loads the files once; an error here is a start-up error.
+    pub fn load(files: TlsFiles, options: ServerOptions) -> Result<Arc<Self>, TlsError> {
+        Self::load_counted(files, options, ReloadCounters::default())
+    }
+
+    /// Like [`ReloadingConfig::load`], counting reloads in `counters`.
+    pub fn load_counted(
+        files: TlsFiles,
+        options: ServerOptions,
+        counters: ReloadCounters,
+    ) -> Result<Arc<Self>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let material = Material::read(&files)?;
+        let config = build(&files, options, &provider, &material)?;
+        Ok(Arc::new(Self {
+            files,
+            options,
+            provider,
+            current: watch::Sender::new(Arc::new(config)),
+            last_seen: Mutex::new(material),
+            counters,
+        }))
+    }
+
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.borrow().clone()
+    }
+
+    /// New files taken into use since start.
+    pub fn reloads(&self) -> u64 {
+        self.counters.reloaded.get()
+    }
+
+    /// Changed files refused since start.
+    pub fn reload_failures(&self) -> u64 {
+        self.counters.refused.get()
+    }
+
+    /// Reads the files and, when they changed, builds and publishes a new configuration.
+    /// Returns whether it published one; on error the previous one stays in use. Blocking
+    /// (file reads, PEM parsing): the watcher runs it on the blocking pool.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let result = self.try_reload();
+        match &result {
+            Ok(true) => self.counters.reloaded.inc(),
+            Ok(false) => 0,
+            Err(_) => self.counters.refused.inc(),
+        };
+        result
+    }
+
+    fn try_reload(&self) -> Result<bool, TlsError> {
+        let material = Material::read(&self.files)?;
+        let mut last_seen = self.last_seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if *last_seen == material {
+            return Ok(false);
+        }
+        let built = build(&self.files, self.options, &self.provider, &material);
+        // Remembered either way, so a refused change is not retried (and counted) at every look.
+        *last_seen = material;
+        self.current.send_replace(Arc::new(built?));
+        Ok(true)
+    }
+
+    /// Looks at the files every `interval` until `shutdown` fires, logging reloads and
+    /// refusals.
+    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: Shutdown) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick completes at once; the files were read a moment ago by `load`.
+            ticker.tick().await;
+            while shutdown.tick(&mut ticker).await {
+                let config = this.clone();
+                match tokio::task::spawn_blocking(move || config.reload()).await {
+                    Ok(Ok(true)) => {
+                        tracing::info!(cert = %this.files.cert.display(), "TLS files changed: reloaded")
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!("TLS files changed but do not load, keeping the previous ones: {e}")
+                    }
+                    Err(e) => tracing::warn!("TLS reload task failed: {e}"),
+                }
+            }
+        })
+    }
+}
+
+fn build(
+    files: &TlsFiles,
+    options: ServerOptions,
+    provider: &Arc<CryptoProvider>,
+    material: &Material,
+) -> Result<ServerConfig, TlsError> {
+    let rustls_error = |source| TlsError::Rustls { cert: files.cert.clone(), key: files.key.clone(), source };
+    let chain = certificates(&files.cert, &material.cert)?;
+    let key = private_key(&files.key, &material.key)?;
+    let versions: &[&rustls::SupportedProtocolVersion] = if options.tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(rustls_error)?;
+    let builder = match (&files.client_ca, &material.client_ca) {
+        (Some(path), Some(pem)) => {
+            let ca_error = |reason: String| TlsError::ClientCa { path: path.clone(), reason };
+            let mut roots = RootCertStore::empty();
+            for cert in certificates(path, pem)? {
+                roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| ca_error(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    // Checks that the key matches the certificate (rustls' CertifiedKey::from_der).
+    let mut config = builder.with_single_cert(chain, key).map_err(rustls_error)?;
+    config.alpn_protocols = match options.alpn {
+        Alpn::Grpc => vec![b"h2".to_vec()],
+        Alpn::Https => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
+    Ok(config)
+}
+
+/// The one accept loop: accepts TCP connections, completes TLS handshakes with the current
+/// configuration of a [`ReloadingConfig`] (each in its own task, bounded by a timeout, so a
+/// slow or silent client holds up no one), and yields the streams: to tonic's
+/// `serve_with_incoming`, or to the webhook's hyper loop. It also runs the configuration's
+/// watcher. Both tasks end when `shutdown` fires or this value is dropped or closed, which
+/// closes the listening socket.
+#[derive(Debug)]
+pub struct TlsIncoming {
+    streams: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,
+    accept: JoinHandle<()>,
+    watcher: JoinHandle<()>,
+}
+
+impl TlsIncoming {
+    /// Serves `listener` with `config`, looking at its files every `reload_interval`.
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<ReloadingConfig>,
+        reload_interval: Duration,
+        shutdown: Shutdown,
+    ) -> Self {
+        let watcher = config.spawn_watcher(reload_interval, shutdown.clone());
+        let (tx, streams) = mpsc::channel(64);
+        let accept = tokio::spawn(accept_loop(listener, config, tx, shutdown));
+        Self { streams, accept, watcher }
+    }
+
+    /// Stops accepting and waits until the listening socket is closed.
+    pub async fn close(&mut self) {
+        self.accept.abort();
+        self.watcher.abort();
+        let _ = (&mut self.accept).await;
+        let _ = (&mut self.watcher).await;
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.watcher.abort();
+    }
+}
+
+impl futures::Stream for TlsIncoming {
+    type Item = std::io::Result<TlsStream<TcpStream>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.streams.poll_recv(cx)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: Arc<ReloadingConfig>,
+    tx: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
+    shutdown: Shutdown,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.wait() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        // Answers are small single writes: without this, Nagle's algorithm holds the last
+        // segment of a handshake or response until the peer's delayed ACK (~40 ms).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
+        }
+        let acceptor = TlsAcceptor::from(config.current());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    // The receiver is gone only when the server stopped: nothing to serve.
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake refused: {e}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +454,116 @@ mod tests {
         std::fs::write(file.path(), "no certificate here").unwrap();
         let e = read_ca_pem(file.path()).unwrap_err();
         assert!(e.to_string().ends_with("holds no usable PEM certificate"), "{e}");
+    }
+
+    /// A self-signed certificate for `localhost` and its key, PEM.
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A kubelet-style Secret volume: `tls.crt`/`tls.key`/`ca.crt` link through `..data`
+    /// to a timestamped directory; an update renames a new `..data` link over the old one.
+    struct Volume {
+        dir: tempfile::TempDir,
+        generation: u32,
+    }
+
+    impl Volume {
+        fn new(cert: &str, key: &str, ca: &str) -> Self {
+            let mut volume = Self { dir: tempfile::tempdir().unwrap(), generation: 0 };
+            volume.update(cert, key, ca);
+            for name in ["tls.crt", "tls.key", "ca.crt"] {
+                std::os::unix::fs::symlink(format!("..data/{name}"), volume.dir.path().join(name)).unwrap();
+            }
+            volume
+        }
+
+        fn update(&mut self, cert: &str, key: &str, ca: &str) {
+            self.generation += 1;
+            let data = format!("..2026_01_01_00_00_00.{}", self.generation);
+            let data_dir = self.dir.path().join(&data);
+            std::fs::create_dir(&data_dir).unwrap();
+            for (name, text) in [("tls.crt", cert), ("tls.key", key), ("ca.crt", ca)] {
+                std::fs::write(data_dir.join(name), text).unwrap();
+            }
+            let tmp = self.dir.path().join("..data_tmp");
+            std::os::unix::fs::symlink(&data, &tmp).unwrap();
+            std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+        }
+
+        fn files(&self, client_ca: bool) -> TlsFiles {
+            let path = |name| self.dir.path().join(name);
+            TlsFiles {
+                cert: path("tls.crt"),
+                key: path("tls.key"),
+                client_ca: client_ca.then(|| path("ca.crt")),
+            }
+        }
+    }
+
+    const HTTPS: ServerOptions = ServerOptions { tls13_only: false, alpn: Alpn::Https };
+
+    #[test]
+    fn unchanged_files_publish_nothing() {
+        let (cert, key) = pair();
+        let volume = Volume::new(&cert, &key, &cert);
+        let config = ReloadingConfig::load(volume.files(true), HTTPS).unwrap();
+        let before = config.current();
+        assert!(!config.reload().unwrap());
+        assert!(Arc::ptr_eq(&before, &config.current()));
+        assert_eq!((config.reloads(), config.reload_failures()), (0, 0));
+    }
+
+    #[test]
+    fn a_swapped_data_link_publishes_a_new_configuration() {
+        let (cert, key) = pair();
+        let mut volume = Volume::new(&cert, &key, &cert);
+        let config = ReloadingConfig::load(volume.files(false), HTTPS).unwrap();
+        let before = config.current();
+        let (cert, key) = pair();
+        volume.update(&cert, &key, &cert);
+        assert!(config.reload().unwrap());
+        assert!(!Arc::ptr_eq(&before, &config.current()));
+        assert_eq!(config.reloads(), 1);
+    }
+
+    #[test]
+    fn a_rotated_client_ca_alone_publishes_a_new_configuration() {
+        let (cert, key) = pair();
+        let mut volume = Volume::new(&cert, &key, &cert);
+        let config = ReloadingConfig::load(volume.files(true), HTTPS).unwrap();
+        let (other_ca, _) = pair();
+        volume.update(&cert, &key, &other_ca);
+        assert!(config.reload().unwrap());
+        assert_eq!(config.reloads(), 1);
+    }
+
+    #[test]
+    fn a_mismatched_pair_is_refused_once_and_the_previous_configuration_kept() {
+        let (cert, key) = pair();
+        let mut volume = Volume::new(&cert, &key, &cert);
+        let config = ReloadingConfig::load(volume.files(false), HTTPS).unwrap();
+        let before = config.current();
+        let (new_cert, _) = pair();
+        volume.update(&new_cert, &key, &cert);
+        let error = config.reload().unwrap_err();
+        assert!(matches!(error, TlsError::Rustls { .. }), "{error}");
+        assert!(Arc::ptr_eq(&before, &config.current()));
+        assert!(!config.reload().unwrap(), "the same refused files are not looked at again");
+        assert_eq!((config.reloads(), config.reload_failures()), (0, 1));
+    }
+
+    #[test]
+    fn alpn_follows_the_kind_of_listener() {
+        let (cert, key) = pair();
+        let volume = Volume::new(&cert, &key, &cert);
+        let grpc = ServerOptions { tls13_only: true, alpn: Alpn::Grpc };
+        let config = ReloadingConfig::load(volume.files(false), grpc).unwrap().current();
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        let https = ReloadingConfig::load(volume.files(false), HTTPS).unwrap().current();
+        assert_eq!(https.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
     }
 }

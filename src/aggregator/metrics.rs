@@ -1,4 +1,6 @@
-//! The aggregator's Prometheus metrics, per task hub, served on `/metrics`.
+//! The aggregator's Prometheus metrics, per task hub, served on `/metrics`, with the enums
+//! their labels are spelled by. The Kubernetes sources and the TLS listeners register their
+//! own series in the same registry.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,6 +9,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::hub::HubKey;
+use crate::metrics::label_values;
+use crate::storage::StorageError;
+use crate::tls::{ReloadCounters, ReloadOutcome};
 
 /// Labels of every per-hub series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,15 +28,120 @@ impl From<&HubKey> for HubLabels {
     }
 }
 
-/// A per-hub series with one more label saying which kind.
+/// What one cold-probe round came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeOutcome {
+    /// Every uncovered queue was read.
+    Ok,
+    /// Some queues were read, some failed.
+    Partial,
+    /// The trigger's connection string does not parse.
+    BadConnection,
+    /// The task hub does not exist in that storage account (yet).
+    NotProvisioned,
+    /// Storage refused the credentials.
+    Authentication,
+    /// Storage could not be reached.
+    Unreachable,
+    /// Any other storage error.
+    Unexpected,
+}
+
+label_values!(ProbeOutcome {
+    Ok => "ok",
+    Partial => "partial",
+    BadConnection => "bad_connection",
+    NotProvisioned => "not_provisioned",
+    Authentication => "authentication",
+    Unreachable => "unreachable",
+    Unexpected => "unexpected",
+});
+
+impl From<&StorageError> for ProbeOutcome {
+    fn from(error: &StorageError) -> Self {
+        match error {
+            StorageError::NotProvisioned { .. } => Self::NotProvisioned,
+            StorageError::Authentication { .. } => Self::Authentication,
+            StorageError::Unreachable { .. } => Self::Unreachable,
+            StorageError::Unexpected { .. } => Self::Unexpected,
+        }
+    }
+}
+
+/// Why a sidecar report was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectionReason {
+    /// A required field is empty.
+    MissingField,
+    /// The task hub name, partition count or queue layout is not one DurableTask makes.
+    UnknownHubShape,
+    /// A partition number is not below the partition count.
+    PartitionOutOfRange,
+    /// A timestamp lies too far in the future.
+    FutureTimestamp,
+    /// No valid token.
+    Unauthenticated,
+    /// A valid token of another pod or namespace.
+    PermissionDenied,
+}
+
+label_values!(RejectionReason {
+    MissingField => "missing_field",
+    UnknownHubShape => "unknown_hub_shape",
+    PartitionOutOfRange => "partition_out_of_range",
+    FutureTimestamp => "future_timestamp",
+    Unauthenticated => "unauthenticated",
+    PermissionDenied => "permission_denied",
+});
+
+impl RejectionReason {
+    /// The sender did not pass authentication: nothing it claims can be trusted, not even
+    /// which hub it reports for.
+    pub fn is_authentication(self) -> bool {
+        matches!(self, Self::Unauthenticated | Self::PermissionDenied)
+    }
+}
+
+/// Labels of the report refusals.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HubKindLabels {
+pub struct RejectionLabels {
+    /// Kubernetes namespace (empty when the sender is not trusted).
+    pub namespace: String,
+    /// Task hub name, lowercased (empty when the sender is not trusted).
+    pub task_hub: String,
+    /// Why.
+    pub reason: RejectionReason,
+}
+
+/// Labels of the cold probes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name, lowercased.
     pub task_hub: String,
-    /// The reason (rejections) or outcome (probes).
-    pub kind: String,
+    /// What the round came to.
+    pub outcome: ProbeOutcome,
+}
+
+/// The aggregator's TLS ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Port {
+    /// The KEDA port (`--grpc-addr`).
+    Keda,
+    /// The report port (`--report-addr`, under `--report-tls`).
+    Report,
+}
+
+label_values!(Port { Keda => "keda", Report => "report" });
+
+/// Labels of the certificate reloads.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// Which port.
+    pub port: Port,
+    /// Taken into use or refused.
+    pub outcome: ReloadOutcome,
 }
 
 /// Every metric the aggregator exports.
@@ -54,11 +164,13 @@ pub struct Metrics {
     /// Reports accepted.
     pub reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
-    pub reports_rejected: Family<HubKindLabels, Counter>,
+    pub reports_rejected: Family<RejectionLabels, Counter>,
     /// Cold probes, by outcome.
-    pub probes: Family<HubKindLabels, Counter>,
+    pub probes: Family<ProbeLabels, Counter>,
     /// Task hubs in memory.
     pub hubs_tracked: Gauge,
+    /// Changed TLS files taken into use or refused, by port.
+    pub certificate_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -84,6 +196,11 @@ impl Metrics {
         r.register("reports_rejected", "Sidecar reports refused, by reason", m.reports_rejected.clone());
         r.register("probes", "Cold probes, by outcome", m.probes.clone());
         r.register("hubs_tracked", "Task hubs in memory", m.hubs_tracked.clone());
+        r.register(
+            "certificate_reloads",
+            "Changed TLS files taken into use (reloaded) or refused (the previous ones kept), by port",
+            m.certificate_reloads.clone(),
+        );
         m
     }
 
@@ -108,22 +225,32 @@ impl Metrics {
         }
     }
 
-    /// Counts one event of `kind` for `key` in `family`.
-    pub fn count(family: &Family<HubKindLabels, Counter>, key: &HubKey, kind: &str) {
-        family
-            .get_or_create(&HubKindLabels {
-                namespace: key.namespace.clone(),
-                task_hub: key.task_hub.clone(),
-                kind: kind.to_string(),
-            })
-            .inc();
+    /// Counts one cold probe of `key` that came to `outcome`.
+    pub fn count_probe(&self, key: &HubKey, outcome: ProbeOutcome) {
+        let labels =
+            ProbeLabels { namespace: key.namespace.clone(), task_hub: key.task_hub.clone(), outcome };
+        self.probes.get_or_create(&labels).inc();
     }
 
-    /// The text exposition format.
+    /// Counts one report refused for `reason`, labelled with `key` (empty for untrusted
+    /// senders).
+    pub fn count_rejection(&self, key: &HubKey, reason: RejectionReason) {
+        let labels =
+            RejectionLabels { namespace: key.namespace.clone(), task_hub: key.task_hub.clone(), reason };
+        self.reports_rejected.get_or_create(&labels).inc();
+    }
+
+    /// The counters of `port`'s certificate reloads.
+    pub fn certificate_reloads(&self, port: Port) -> ReloadCounters {
+        let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { port, outcome });
+        ReloadCounters {
+            reloaded: counter(ReloadOutcome::Reloaded),
+            refused: counter(ReloadOutcome::Refused),
+        }
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        crate::metrics::encode(&self.registry)
     }
 }

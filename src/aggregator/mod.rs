@@ -7,7 +7,8 @@
 //! - [`hub`]: the pure merged view of one hub: coverage, activity, decision;
 //! - [`registry`]: the tracked hubs, shared by everything here;
 //! - [`keda`]: the KEDA port, answered from the registry's memory;
-//! - [`settings`]: KEDA's trigger metadata; [`metrics`]: Prometheus; [`tls`]: KEDA-port TLS;
+//! - [`settings`]: KEDA's trigger metadata; [`metrics`]: Prometheus (TLS of the gRPC ports:
+//!   the shared [`crate::tls`]);
 //! - [`sources`]: worker counts and report authentication from outside (Kubernetes).
 //!
 //! [`Aggregator::new`] takes the two outside sources (and [`Aggregator::on_recommendation_change`]
@@ -23,7 +24,6 @@ pub mod registry;
 pub mod reports;
 pub mod settings;
 pub mod sources;
-pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,7 @@ use crate::proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use crate::proto::report::report_service_server::ReportServiceServer;
 use crate::shutdown::Shutdown;
 use crate::storage::StorageOptions;
+use crate::tls;
 
 use crate::contract::{AGGREGATOR_HTTP_PORT, AGGREGATOR_KEDA_PORT, AGGREGATOR_REPORT_PORT, env};
 pub use registry::ChangeHook;
@@ -88,6 +89,10 @@ pub struct Args {
     /// authenticate with their token.
     #[arg(long, env = "DURABLE_SCALER_REPORT_TLS", requires = "tls_cert")]
     pub report_tls: bool,
+    /// How often the TLS files (--tls-cert, --tls-key, --client-ca) are looked at for a
+    /// rotated Secret (e.g. 5s, 500ms).
+    #[arg(long, env = "DURABLE_SCALER_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = interval)]
+    pub tls_reload_interval: Duration,
     /// How often the cold probe reads what no live sidecar covers (e.g. 2s, 500ms).
     #[arg(long, env = "DURABLE_SCALER_PROBE_INTERVAL", default_value = "2s", value_parser = interval)]
     pub probe_interval: Duration,
@@ -131,6 +136,7 @@ impl Args {
             tls_key: None,
             client_ca: None,
             report_tls: false,
+            tls_reload_interval: Duration::from_secs(5),
             probe_interval: Duration::from_secs(2),
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
@@ -257,9 +263,19 @@ impl Aggregator {
         let (acceptor, report_acceptor) = match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => {
                 let files = |client_ca| tls::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca };
-                let keda = Arc::new(tls::ReloadingAcceptor::new(files(args.client_ca.clone()))?);
+                let grpc = tls::ServerOptions { tls13_only: false, alpn: tls::Alpn::Grpc };
+                let counters = |port| self.metrics.certificate_reloads(port);
+                let keda = tls::ReloadingConfig::load_counted(
+                    files(args.client_ca.clone()),
+                    grpc,
+                    counters(metrics::Port::Keda),
+                )?;
                 let report = match args.report_tls {
-                    true => Some(Arc::new(tls::ReloadingAcceptor::new(files(None))?)),
+                    true => Some(tls::ReloadingConfig::load_counted(
+                        files(None),
+                        grpc,
+                        counters(metrics::Port::Report),
+                    )?),
                     false => None,
                 };
                 (Some(keda), report)
@@ -315,12 +331,13 @@ impl Aggregator {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
-        let keda_task = serve_grpc(keda_router, grpc, acceptor, shutdown.clone());
+        let keda_task = serve_grpc(keda_router, grpc, acceptor, args.tls_reload_interval, shutdown.clone());
 
         let reports = reports::Reports::new(registry.clone(), self.check.clone());
         let report_router =
             tonic::transport::Server::builder().add_service(ReportServiceServer::new(reports));
-        let report_task = serve_grpc(report_router, report, report_acceptor, shutdown.clone());
+        let report_task =
+            serve_grpc(report_router, report, report_acceptor, args.tls_reload_interval, shutdown.clone());
 
         let ready = Arc::new(AtomicBool::new(true));
         let http_task =
@@ -397,18 +414,19 @@ struct HttpState {
     ready: Arc<AtomicBool>,
 }
 
-/// Serves `router` on `listener` until `shutdown`: over TLS through `acceptor` when given
-/// (files reloaded on change), else over plain TCP with TCP_NODELAY.
+/// Serves `router` on `listener` until `shutdown`: over TLS with `config` when given (its
+/// files looked at every `reload_interval`), else over plain TCP with TCP_NODELAY.
 fn serve_grpc(
     router: tonic::transport::server::Router,
     listener: TcpListener,
-    acceptor: Option<Arc<tls::ReloadingAcceptor>>,
+    config: Option<Arc<tls::ReloadingConfig>>,
+    reload_interval: Duration,
     shutdown: Shutdown,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
     let stop = shutdown.clone();
-    match acceptor {
-        Some(acceptor) => {
-            let incoming = tls::incoming(listener, acceptor, shutdown);
+    match config {
+        Some(config) => {
+            let incoming = tls::TlsIncoming::new(listener, config, reload_interval, shutdown);
             tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop.wait()).await })
         }
         None => {
@@ -440,11 +458,7 @@ async fn serve_http(
         .route(
             "/metrics",
             axum::routing::get(|State(s): State<HttpState>| async move {
-                (
-                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    s.metrics.encode(),
-                )
-                    .into_response()
+                ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.metrics.encode()).into_response()
             }),
         )
         .route(

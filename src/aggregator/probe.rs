@@ -16,7 +16,7 @@ use crate::storage::{
 };
 
 use super::hub::ProbeReading;
-use super::metrics::Metrics;
+use super::metrics::ProbeOutcome;
 use super::registry::{HubEntry, Registry};
 
 /// Starts and runs the probe loops.
@@ -26,16 +26,6 @@ pub struct Prober {
     interval: Duration,
     options: StorageOptions,
     shutdown: Shutdown,
-}
-
-/// What one probe round came to, as a metric label.
-fn outcome(error: &StorageError) -> &'static str {
-    match error {
-        StorageError::NotProvisioned { .. } => "not_provisioned",
-        StorageError::Authentication { .. } => "authentication",
-        StorageError::Unreachable { .. } => "unreachable",
-        StorageError::Unexpected { .. } => "error",
-    }
 }
 
 impl Prober {
@@ -79,7 +69,7 @@ impl Prober {
                         Err(e) => {
                             self.record(
                                 &entry,
-                                "bad_connection",
+                                ProbeOutcome::BadConnection,
                                 Some(format!("the trigger's connection: {e}")),
                             );
                             None
@@ -97,8 +87,8 @@ impl Prober {
         }
     }
 
-    fn record(&self, entry: &HubEntry, outcome: &str, error: Option<String>) {
-        Metrics::count(&self.registry.metrics.probes, &entry.key, outcome);
+    fn record(&self, entry: &HubEntry, outcome: ProbeOutcome, error: Option<String>) {
+        self.registry.metrics.count_probe(&entry.key, outcome);
         // One line per new failure (and one when it clears), not one per interval.
         let previous = entry.set_probe_error(error.clone());
         match (&error, previous) {
@@ -122,11 +112,11 @@ impl Prober {
         let partitions = match reader.partitions(now.as_millis()).await {
             Ok(p) => p.len() as u32,
             Err(StorageError::NotProvisioned { .. }) => {
-                self.record(entry, "not_provisioned", None);
+                self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
-            Err(e) => return self.record(entry, outcome(&e), Some(e.to_string())),
+            Err(e) => return self.record(entry, ProbeOutcome::from(&e), Some(e.to_string())),
         };
         // Coverage was worked out against the P known before; a new P means all of it.
         let uncovered: Vec<u32> = if coverage.partition_count == Some(partitions) {
@@ -156,13 +146,15 @@ impl Prober {
         let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
         match failure {
             Some(StorageError::NotProvisioned { .. }) if nothing_read => {
-                self.record(entry, "not_provisioned", None);
+                self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
-            Some(e) if nothing_read => return self.record(entry, outcome(&e), Some(e.to_string())),
-            Some(e) => self.record(entry, "partial", Some(e.to_string())),
-            None => self.record(entry, "ok", None),
+            Some(e) if nothing_read => {
+                return self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
+            }
+            Some(e) => self.record(entry, ProbeOutcome::Partial, Some(e.to_string())),
+            None => self.record(entry, ProbeOutcome::Ok, None),
         }
         self.registry.apply_probe(entry, Some(&reading), UnixMs::now());
     }

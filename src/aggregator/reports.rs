@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::contract::{MAX_PARTITIONS, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub};
 use crate::clock::UnixMs;
+use crate::contract::{MAX_PARTITIONS, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub};
 use crate::proto::report::{self, report_service_server::ReportService};
 use crate::storage::QueueSignals;
 
 use super::hub::{HubKey, ValidReport};
-use super::metrics::Metrics;
+use super::metrics::RejectionReason as Reason;
 use super::registry::Registry;
 use super::sources::{AuthError, ReportAuthenticator};
 
@@ -45,22 +45,21 @@ impl std::fmt::Debug for ReportCheck {
 /// Why a report was refused: a metric label and a message for the sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// Metric label: `missing_field`, `unknown_hub_shape`, `partition_out_of_range`,
-    /// `future_timestamp`, `unauthenticated`, `permission_denied`.
-    pub reason: &'static str,
+    /// Why (the metric label).
+    pub reason: Reason,
     /// What is wrong, naming the field.
     pub message: String,
 }
 
 impl Rejection {
-    fn new(reason: &'static str, message: String) -> Self {
+    fn new(reason: Reason, message: String) -> Self {
         Self { reason, message }
     }
 
     fn status(&self) -> Status {
         match self.reason {
-            "unauthenticated" => Status::unauthenticated(&self.message),
-            "permission_denied" => Status::permission_denied(&self.message),
+            Reason::Unauthenticated => Status::unauthenticated(&self.message),
+            Reason::PermissionDenied => Status::permission_denied(&self.message),
             _ => Status::invalid_argument(&self.message),
         }
     }
@@ -74,7 +73,7 @@ fn signals(
     let s = proto.cloned().unwrap_or_default();
     if s.sampled_at_unix_ms > now.plus_ms(MAX_CLOCK_SKEW_MS).as_millis() {
         return Err(Rejection::new(
-            "future_timestamp",
+            Reason::FutureTimestamp,
             format!("{field}.sampled_at_unix_ms {} is in the future", s.sampled_at_unix_ms),
         ));
     }
@@ -90,11 +89,11 @@ fn signals(
 pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidReport), Rejection> {
     let pod = report.pod.clone().unwrap_or_default();
     if pod.name.is_empty() || pod.namespace.is_empty() {
-        return Err(Rejection::new("missing_field", "pod.namespace and pod.name are required".into()));
+        return Err(Rejection::new(Reason::MissingField, "pod.namespace and pod.name are required".into()));
     }
     if TaskHub::parse(&report.task_hub).is_err() {
         return Err(Rejection::new(
-            "unknown_hub_shape",
+            Reason::UnknownHubShape,
             format!(
                 "task_hub {:?} is not a task hub name (3 to 50 letters or digits, starting with a letter)",
                 report.task_hub
@@ -104,13 +103,13 @@ pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidRe
     let p = report.partition_count;
     if p > MAX_PARTITIONS {
         return Err(Rejection::new(
-            "unknown_hub_shape",
+            Reason::UnknownHubShape,
             format!("partition_count {p} is outside 1..{MAX_PARTITIONS} (0 when unknown)"),
         ));
     }
     if report.sampled_at_unix_ms > now.plus_ms(MAX_CLOCK_SKEW_MS).as_millis() {
         return Err(Rejection::new(
-            "future_timestamp",
+            Reason::FutureTimestamp,
             format!(
                 "sampled_at_unix_ms {} is {} ms ahead of the aggregator's clock",
                 report.sampled_at_unix_ms,
@@ -122,13 +121,13 @@ pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidRe
     for cq in &report.control_queues {
         if cq.partition >= p {
             return Err(Rejection::new(
-                "partition_out_of_range",
+                Reason::PartitionOutOfRange,
                 format!("control_queues partition {} is not below partition_count {p}", cq.partition),
             ));
         }
         if control.iter().any(|(q, _)| *q == cq.partition) {
             return Err(Rejection::new(
-                "unknown_hub_shape",
+                Reason::UnknownHubShape,
                 format!("control_queues lists partition {} twice", cq.partition),
             ));
         }
@@ -180,8 +179,8 @@ impl Reports {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
         let rejection = |e| match e {
-            AuthError::Unauthenticated(m) => Rejection::new("unauthenticated", m),
-            AuthError::PermissionDenied(m) => Rejection::new("permission_denied", m),
+            AuthError::Unauthenticated(m) => Rejection::new(Reason::Unauthenticated, m),
+            AuthError::PermissionDenied(m) => Rejection::new(Reason::PermissionDenied, m),
         };
         let identity = authenticator.authenticate(token).await.map_err(rejection)?;
         // A pod may only report for itself.
@@ -193,19 +192,18 @@ impl Reports {
     fn reject(&self, report: &report::Report, rejection: &Rejection) -> Status {
         // Labelled with the hub the report claims only when its sender passed authentication
         // and the name is a task hub name: otherwise anyone could mint new series at will.
-        let trusted = !matches!(rejection.reason, "unauthenticated" | "permission_denied")
-            && TaskHub::parse(&report.task_hub).is_ok();
+        let trusted = !rejection.reason.is_authentication() && TaskHub::parse(&report.task_hub).is_ok();
         let (ns, hub) = match (&report.pod, trusted) {
             (Some(pod), true) if !pod.namespace.is_empty() && pod.namespace.len() <= 63 => {
                 (pod.namespace.clone(), report.task_hub.clone())
             }
             _ => (String::new(), String::new()),
         };
-        Metrics::count(&self.registry.metrics.reports_rejected, &HubKey::new(&ns, &hub), rejection.reason);
+        self.registry.metrics.count_rejection(&HubKey::new(&ns, &hub), rejection.reason);
         tracing::debug!(
             namespace = ns,
             task_hub = hub,
-            reason = rejection.reason,
+            reason = rejection.reason.label(),
             "report refused: {}",
             rejection.message
         );
@@ -267,7 +265,7 @@ mod tests {
         let mut r = good();
         r.control_queues[0].partition = 4;
         let e = validate(&r, UnixMs(NOW)).unwrap_err();
-        assert_eq!(e.reason, "partition_out_of_range");
+        assert_eq!(e.reason, Reason::PartitionOutOfRange);
         assert!(e.message.contains("partition 4"), "{}", e.message);
     }
 
@@ -275,10 +273,10 @@ mod tests {
     fn a_report_from_the_future_is_refused() {
         let mut r = good();
         r.sampled_at_unix_ms = NOW + MAX_CLOCK_SKEW_MS + 1;
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "future_timestamp");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::FutureTimestamp);
         let mut r = good();
         r.control_queues[0].signals.as_mut().unwrap().sampled_at_unix_ms = NOW + 60_000;
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "future_timestamp");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::FutureTimestamp);
     }
 
     #[test]
@@ -294,15 +292,15 @@ mod tests {
     fn impossible_hub_shapes_are_refused() {
         let mut r = good();
         r.partition_count = 17;
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "unknown_hub_shape");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::UnknownHubShape);
         let mut r = good();
         r.task_hub = "my-hub".into();
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "unknown_hub_shape");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::UnknownHubShape);
         let mut r = good();
         r.control_queues.push(r.control_queues[0]);
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "unknown_hub_shape");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::UnknownHubShape);
         let mut r = good();
         r.pod = None;
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, "missing_field");
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::MissingField);
     }
 }

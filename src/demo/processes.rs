@@ -1,5 +1,7 @@
 //! The demo's child processes: the real `durable-scaler` binary in its aggregator and
-//! sidecar roles. Each child's output goes to a log file in the demo's output directory;
+//! sidecar roles. Each child's output goes to a log file in the demo's output directory
+//! (plain text: a child whose stderr is not a terminal logs without colour escapes, see
+//! [`crate::telemetry`]);
 //! each is stopped with SIGTERM (then SIGKILL after a grace period) and, on Linux, dies with
 //! the demo even if the demo itself is killed.
 

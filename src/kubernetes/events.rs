@@ -154,11 +154,11 @@ impl EventRecorder {
         }
     }
 
-    /// Adds `durable_scaler_kube_events_total{outcome}` to `registry`.
+    /// Adds `durable_scaler_aggregator_kube_events_total{outcome}` to `registry`.
     pub fn register(&self, registry: &mut Registry) {
         self.inner.outcomes.register(
             registry,
-            "durable_scaler_kube_events",
+            "durable_scaler_aggregator_kube_events",
             "Recommendation changes recorded as Kubernetes Events, by outcome (created, \
              suppressed: folded into a later Event by the rate limit, failed)",
         );

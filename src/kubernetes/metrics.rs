@@ -1,12 +1,17 @@
 //! Prometheus counters of the Kubernetes side, one family per source, each labelled by
 //! outcome (`outcome="cache_hit"` ...). The aggregator adds them to its registry with each
-//! source's `register`.
+//! source's `register`, so they are named `durable_scaler_aggregator_...` like its own.
 
 use std::marker::PhantomData;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+
+use crate::metrics::LabelValue;
+
+/// Spells each variant of an outcome enum as its label value (see [`crate::metrics`]).
+pub(crate) use crate::metrics::label_values as outcome_labels;
 
 /// A counter family labelled by the outcomes of one enum `O`, each spelled as its label value.
 #[derive(Debug)]
@@ -21,10 +26,10 @@ impl<O> Default for OutcomeCounter<O> {
     }
 }
 
-impl<O: Into<&'static str>> OutcomeCounter<O> {
+impl<O: LabelValue> OutcomeCounter<O> {
     /// Counts one `outcome`.
     pub(crate) fn inc(&self, outcome: O) {
-        self.family.get_or_create(&[("outcome", outcome.into())]).inc();
+        self.family.get_or_create(&[("outcome", outcome.label())]).inc();
     }
 
     /// Registers the family under `name` (prometheus-client appends `_total`).
@@ -32,17 +37,3 @@ impl<O: Into<&'static str>> OutcomeCounter<O> {
         registry.register(name, help, self.family.clone());
     }
 }
-
-/// Spells each variant of an outcome enum as its metric label value.
-macro_rules! outcome_labels {
-    ($outcome:ty { $($variant:ident => $label:literal),+ $(,)? }) => {
-        impl From<$outcome> for &'static str {
-            fn from(outcome: $outcome) -> Self {
-                match outcome {
-                    $(<$outcome>::$variant => $label,)+
-                }
-            }
-        }
-    };
-}
-pub(crate) use outcome_labels;

@@ -93,11 +93,11 @@ impl TokenReviewAuthenticator {
         self
     }
 
-    /// Adds `durable_scaler_report_authentications_total{outcome}` to `registry`.
+    /// Adds `durable_scaler_aggregator_report_authentications_total{outcome}` to `registry`.
     pub fn register(&self, registry: &mut Registry) {
         self.outcomes.register(
             registry,
-            "durable_scaler_report_authentications",
+            "durable_scaler_aggregator_report_authentications",
             "Report token checks by outcome (cache_hit, accepted, missing_token, rejected, api_error)",
         );
     }

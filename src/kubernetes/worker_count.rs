@@ -80,11 +80,11 @@ impl KubeWorkerCount {
         }
     }
 
-    /// Adds `durable_scaler_kube_worker_count_lookups_total{outcome}` to `registry`.
+    /// Adds `durable_scaler_aggregator_kube_worker_count_lookups_total{outcome}` to `registry`.
     pub fn register(&self, registry: &mut Registry) {
         self.lookups.register(
             registry,
-            "durable_scaler_kube_worker_count_lookups",
+            "durable_scaler_aggregator_kube_worker_count_lookups",
             "Worker-count lookups through the Kubernetes API by outcome (cache_hit, fetched, failed: \
              the aggregator fell back to the live reporting pods)",
         );

@@ -4,16 +4,18 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
+use crate::storage::StorageErrorKind;
+
 /// Labels of the storage error counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorKindLabel {
-    /// `not_provisioned`, `authentication`, `unreachable` or `unexpected`.
-    pub kind: String,
+    /// Which kind of storage error.
+    pub kind: StorageErrorKind,
 }
 
 /// Everything the sidecar counts.
@@ -89,22 +91,25 @@ impl Metrics {
     }
 
     /// Records one poll.
-    pub fn record_poll(&self, duration: Duration, owned: usize, error_kinds: &[&'static str], requests: u64) {
+    pub fn record_poll(
+        &self,
+        duration: Duration,
+        owned: usize,
+        error_kinds: &[StorageErrorKind],
+        requests: u64,
+    ) {
         self.polls.inc();
         self.poll_duration.observe(duration.as_secs_f64());
         self.owned_partitions.set(owned as i64);
         self.storage_requests.inc_by(requests);
         for kind in error_kinds {
-            self.storage_errors.get_or_create(&ErrorKindLabel { kind: (*kind).to_string() }).inc();
+            self.storage_errors.get_or_create(&ErrorKindLabel { kind: *kind }).inc();
         }
     }
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
-        text
+        crate::metrics::encode(&self.registry)
     }
 }
 
@@ -117,5 +122,5 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], metrics.encode())
 }

@@ -38,7 +38,7 @@ use crate::{
     contract::SIDECAR_INTERVAL_RANGE,
     proto::report as proto,
     shutdown::Shutdown,
-    storage::{StorageOptions, TaskHubReader},
+    storage::{StorageErrorKind, StorageOptions, TaskHubReader},
 };
 
 /// How long the final `leaving` report may take: the whole shutdown must fit in 2 s.
@@ -155,7 +155,7 @@ async fn poll_until_shutdown(
     let mut interval = config.interval;
     let mut ticker = new_ticker(interval, Duration::ZERO);
     let mut partition_count = 0;
-    let mut last_error_kind: Option<&'static str> = None;
+    let mut last_error_kind: Option<StorageErrorKind> = None;
     while shutdown.tick(&mut ticker).await {
         let started = Instant::now();
         let requests_before = reader.account().request_count();
@@ -164,7 +164,7 @@ async fn poll_until_shutdown(
             result = poll::poll(&reader, &config.pod_name, now.as_millis()) => result,
             _ = shutdown.wait() => break,
         };
-        let kinds: Vec<&'static str> = result.errors.iter().map(|e| e.kind()).collect();
+        let kinds: Vec<StorageErrorKind> = result.errors.iter().map(|e| e.kind()).collect();
         metrics.record_poll(
             started.elapsed(),
             result.owned.len(),

@@ -205,16 +205,36 @@ impl StorageError {
         }
     }
 
-    /// A short machine-readable name of the kind (metrics labels, logs).
-    pub fn kind(&self) -> &'static str {
+    /// Which kind of error this is (metric labels, logs).
+    pub fn kind(&self) -> StorageErrorKind {
         match self {
-            StorageError::NotProvisioned { .. } => "not_provisioned",
-            StorageError::Authentication { .. } => "authentication",
-            StorageError::Unreachable { .. } => "unreachable",
-            StorageError::Unexpected { .. } => "unexpected",
+            StorageError::NotProvisioned { .. } => StorageErrorKind::NotProvisioned,
+            StorageError::Authentication { .. } => StorageErrorKind::Authentication,
+            StorageError::Unreachable { .. } => StorageErrorKind::Unreachable,
+            StorageError::Unexpected { .. } => StorageErrorKind::Unexpected,
         }
     }
 }
+
+/// The kinds of [`StorageError`], without their details: a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StorageErrorKind {
+    /// [`StorageError::NotProvisioned`].
+    NotProvisioned,
+    /// [`StorageError::Authentication`].
+    Authentication,
+    /// [`StorageError::Unreachable`].
+    Unreachable,
+    /// [`StorageError::Unexpected`].
+    Unexpected,
+}
+
+crate::metrics::label_values!(StorageErrorKind {
+    NotProvisioned => "not_provisioned",
+    Authentication => "authentication",
+    Unreachable => "unreachable",
+    Unexpected => "unexpected",
+});
 
 /// The error and its sources on one line; transport errors hide the useful part in a source.
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -1,24 +1,16 @@
 //! `durable-scaler webhook`: the mutating admission webhook that injects the sidecar.
 //!
-//! Layers, outside in: a TCP listener; TLS ([`tls`], certificate reloaded from disk); HTTP/1.1
+//! Layers, outside in: a TCP listener; TLS ([`crate::tls`], certificate reloaded from disk,
+//! the accept loop every TLS listener of the project shares); HTTP/1.1
 //! and HTTP/2 (hyper); an axum router (`POST /mutate`, `GET /healthz`, `GET /metrics`) that
 //! checks size and content type; the pure review ([`review`]) over the pure injection plan
 //! ([`inject`]). Only the two outer layers do I/O.
 
 pub mod inject;
+pub mod metrics;
 pub mod review;
-pub mod tls;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -28,17 +20,18 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use futures::StreamExt;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::shutdown::Shutdown;
+use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles, TlsIncoming};
 use inject::InjectionSettings;
-use tls::{CertStore, TlsError};
+use metrics::Metrics;
 
 /// The one image that serves every role; the sidecar's default image.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/durable-scaler/durable-scaler:", env!("CARGO_PKG_VERSION"));
@@ -53,8 +46,6 @@ const TLS_RELOAD_RANGE: std::ops::RangeInclusive<Duration> =
 /// Largest AdmissionReview accepted; the API server's own request limit is larger, but a
 /// pod is far smaller than this.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections get to finish after shutdown fires.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -120,30 +111,17 @@ pub enum Error {
     AggregatorCa(String),
 }
 
-/// Counters served on `/metrics`. Dry-run reviews count in `reviews` only.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Reviews answered with 200 (allowed), including dry runs.
-    pub reviews: AtomicU64,
-    /// Sidecars injected (dry runs excluded: they create no pod).
-    pub injections: AtomicU64,
-    /// Requests refused (400, 413, 415).
-    pub refused: AtomicU64,
-}
-
 #[derive(Debug, Clone)]
 struct AppState {
     settings: Arc<InjectionSettings>,
-    stats: Arc<Stats>,
-    certs: Arc<CertStore>,
+    metrics: Arc<Metrics>,
 }
 
 /// A bound, not yet serving webhook.
 #[derive(Debug)]
 pub struct Webhook {
     listener: TcpListener,
-    certs: Arc<CertStore>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<ReloadingConfig>,
     reload_interval: Duration,
     state: AppState,
 }
@@ -169,8 +147,12 @@ impl Webhook {
         if args.sidecar_image.trim().is_empty() {
             return Err(Error::Image);
         }
-        let certs = CertStore::load(&args.tls_cert, &args.tls_key)?;
-        let tls = Arc::new(certs.server_config(args.tls13_only)?);
+        let metrics = Arc::new(Metrics::new());
+        let tls = ReloadingConfig::load_counted(
+            TlsFiles { cert: args.tls_cert.clone(), key: args.tls_key.clone(), client_ca: None },
+            ServerOptions { tls13_only: args.tls13_only, alpn: Alpn::Https },
+            metrics.certificate_reload_counters(),
+        )?;
         let listener =
             TcpListener::bind(args.addr).await.map_err(|source| Error::Bind { addr: args.addr, source })?;
         let settings = InjectionSettings {
@@ -182,10 +164,9 @@ impl Webhook {
         };
         Ok(Self {
             listener,
-            certs: certs.clone(),
             tls,
             reload_interval: args.tls_reload_interval,
-            state: AppState { settings: Arc::new(settings), stats: Arc::default(), certs: certs.clone() },
+            state: AppState { settings: Arc::new(settings), metrics },
         })
     }
 
@@ -201,63 +182,51 @@ impl Webhook {
     }
 
     /// The counters this webhook serves on `/metrics`.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.state.stats.clone()
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
     }
 
-    /// The certificate store (its reload counters).
-    pub fn cert_store(&self) -> Arc<CertStore> {
-        self.certs.clone()
+    /// The serving certificate's reloading configuration (its reload counters).
+    pub fn tls_config(&self) -> Arc<ReloadingConfig> {
+        self.tls.clone()
     }
 
     /// Serves until `shutdown` fires, then lets open connections finish (bounded).
     pub async fn serve(self, shutdown: Shutdown) {
-        let watcher = tokio::spawn(self.certs.clone().watch(self.reload_interval, shutdown.clone()));
-        let acceptor = TlsAcceptor::from(self.tls);
+        let mut incoming = TlsIncoming::new(self.listener, self.tls, self.reload_interval, shutdown.clone());
         let app = router(self.state);
         let graceful = GracefulShutdown::new();
         loop {
-            let (tcp, peer) = tokio::select! {
+            let stream = tokio::select! {
                 _ = shutdown.wait() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                next = incoming.next() => match next {
+                    Some(Ok(stream)) => stream,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "connection not served");
                         continue;
                     }
+                    None => break,
                 },
             };
-            // Answers are small single writes: without this, Nagle's algorithm holds the last
-            // segment of a handshake or response until the peer's delayed ACK (~40 ms).
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-            }
-            let acceptor = acceptor.clone();
+            let peer = stream.get_ref().0.peer_addr().ok();
             let service = TowerToHyperService::new(app.clone());
             let connection_watcher = graceful.watcher();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 // With a timer, HTTP/1 drops a client that sends no complete header within
                 // 30 s (hyper's default header read timeout), so idle sockets cannot pile up.
                 builder.http1().timer(TokioTimer::new());
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = connection_watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    tracing::debug!(?peer, error = %e, "connection ended with an error");
                 }
             });
         }
-        drop(self.listener);
+        // No new connections from here on; open ones get the drain timeout.
+        incoming.close().await;
         if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
             tracing::warn!("connections still open after the drain timeout; closing them");
         }
-        watcher.abort();
     }
 }
 
@@ -265,13 +234,13 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(serve_metrics))
         .with_state(state)
 }
 
 async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let refuse = |status: StatusCode, reason: String| {
-        state.stats.refused.fetch_add(1, Ordering::Relaxed);
+        state.metrics.refused.inc();
         tracing::debug!(%status, %reason, "review refused");
         (status, reason).into_response()
     };
@@ -297,13 +266,13 @@ async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -
     let outcome = review::review(&bytes, &state.settings);
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_success() {
-        state.stats.reviews.fetch_add(1, Ordering::Relaxed);
+        state.metrics.reviews.inc();
     } else {
-        state.stats.refused.fetch_add(1, Ordering::Relaxed);
+        state.metrics.refused.inc();
     }
     let uid = outcome.body.pointer("/response/uid").and_then(|u| u.as_str()).unwrap_or_default();
     if outcome.injected && !outcome.dry_run {
-        state.stats.injections.fetch_add(1, Ordering::Relaxed);
+        state.metrics.injections.inc();
         tracing::info!(uid, "sidecar injected");
     } else if !status.is_success() {
         tracing::info!(uid, reason = ?outcome.body.pointer("/response/status/message"), "review rejected");
@@ -322,23 +291,8 @@ fn is_length_limit(error: &axum::Error) -> bool {
     false
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let stats = &state.stats;
-    let body = format!(
-        "# TYPE durable_scaler_webhook_reviews_total counter\ndurable_scaler_webhook_reviews_total {}\n\
-         # TYPE durable_scaler_webhook_injections_total counter\ndurable_scaler_webhook_injections_total {}\n\
-         # TYPE durable_scaler_webhook_refused_total counter\ndurable_scaler_webhook_refused_total {}\n\
-         # TYPE durable_scaler_webhook_certificate_reloads_total counter\n\
-         durable_scaler_webhook_certificate_reloads_total {}\n\
-         # TYPE durable_scaler_webhook_certificate_reload_failures_total counter\n\
-         durable_scaler_webhook_certificate_reload_failures_total {}\n",
-        stats.reviews.load(Ordering::Relaxed),
-        stats.injections.load(Ordering::Relaxed),
-        stats.refused.load(Ordering::Relaxed),
-        state.certs.reloads(),
-        state.certs.reload_failures(),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.encode())
 }
 
 /// Runs `durable-scaler webhook` until SIGTERM or Ctrl-C; exit status 2 when it cannot

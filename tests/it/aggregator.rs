@@ -240,7 +240,7 @@ async fn invalid_reports_are_refused_with_the_reason_and_counted() {
     let (_, metrics) = aggregator.http_get("/metrics").await;
     for kind in ["partition_out_of_range", "future_timestamp", "unknown_hub_shape"] {
         let line = format!(
-            "durable_scaler_aggregator_reports_rejected_total{{namespace=\"apps\",task_hub=\"badhub\",kind=\"{kind}\"}} 1"
+            "durable_scaler_aggregator_reports_rejected_total{{namespace=\"apps\",task_hub=\"badhub\",reason=\"{kind}\"}} 1"
         );
         assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
     }
@@ -355,7 +355,7 @@ async fn reports_are_checked_by_the_plugged_in_authenticator() {
     // Unauthenticated claims are counted without the hub they claim (no series at will).
     for kind in ["unauthenticated", "permission_denied"] {
         let line = format!(
-            "durable_scaler_aggregator_reports_rejected_total{{namespace=\"\",task_hub=\"\",kind=\"{kind}\"}} 1"
+            "durable_scaler_aggregator_reports_rejected_total{{namespace=\"\",task_hub=\"\",reason=\"{kind}\"}} 1"
         );
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }

@@ -62,9 +62,11 @@ async fn desired(aggregator: &TestAggregator, hub: &str) -> f64 {
 }
 
 /// The value of one per-hub series on /metrics (0 when absent).
-async fn series(aggregator: &TestAggregator, name: &str, hub: &str, kind: Option<&str>) -> f64 {
-    let labels = match kind {
-        Some(k) => format!("{{namespace=\"{NAMESPACE}\",task_hub=\"{}\",kind=\"{k}\"}}", hub.to_lowercase()),
+async fn series(aggregator: &TestAggregator, name: &str, hub: &str, outcome: Option<&str>) -> f64 {
+    let labels = match outcome {
+        Some(k) => {
+            format!("{{namespace=\"{NAMESPACE}\",task_hub=\"{}\",outcome=\"{k}\"}}", hub.to_lowercase())
+        }
         None => format!("{{namespace=\"{NAMESPACE}\",task_hub=\"{}\"}}", hub.to_lowercase()),
     };
     let prefix = format!("durable_scaler_aggregator_{name}{labels} ");

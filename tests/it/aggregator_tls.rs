@@ -1,12 +1,16 @@
 //! TLS on the KEDA port, with a real TLS client (tonic over rustls) and certificates made by
 //! rcgen for each test: plaintext refused, client certificates required and checked under
-//! `--client-ca`, and certificate files reloaded when they change, without a restart. And
-//! the report port under `--report-tls`, with the sidecar's real report client.
+//! `--client-ca`, and certificate files and the client CA reloaded when they change (in
+//! place, or by the kubelet's `..data` swap of a Secret volume), without a restart. And the
+//! report port under `--report-tls`, with the sidecar's real report client. The files are
+//! looked at every 100 ms here (`--tls-reload-interval`), so a rotation shows within a
+//! moment.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::aggregator_support::*;
+use crate::https::{Pki, SecretVolume};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use durable_scaler::sidecar::ReportClient;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
@@ -33,6 +37,11 @@ impl Ca {
 
     fn pem(&self) -> String {
         self.issuer.pem()
+    }
+
+    /// A Secret's worth of files: `server` as tls.crt/tls.key, this CA as ca.crt.
+    fn secret(&self, server: &Leaf) -> Pki {
+        Pki { ca_pem: self.pem(), cert_pem: server.cert.clone(), key_pem: server.key.clone() }
     }
 
     fn leaf(&self, name: &str) -> Leaf {
@@ -84,11 +93,28 @@ fn write_newer(path: &Path, contents: &str) {
     }
 }
 
+/// Test arguments with a short reload interval, so rotations are seen within a moment.
+fn tls_args() -> durable_scaler::aggregator::Args {
+    durable_scaler::aggregator::Args { tls_reload_interval: Duration::from_millis(100), ..args() }
+}
+
 async fn start_tls(files: &Files, require_client_cert: bool) -> TestServer {
-    let mut a = args();
+    let mut a = tls_args();
     a.tls_cert = Some(files.cert.clone());
     a.tls_key = Some(files.key.clone());
     a.client_ca = require_client_cert.then(|| files.client_ca.clone());
+    let (shutdown, running) = start_server(a).await.expect("aggregator starts with TLS");
+    TestServer { shutdown, running: Some(running) }
+}
+
+/// Starts an aggregator serving the files of a Secret volume: the KEDA port with its CA as
+/// --client-ca, and the report port over TLS.
+async fn start_from_volume(volume: &SecretVolume) -> TestServer {
+    let mut a = tls_args();
+    a.tls_cert = Some(volume.cert());
+    a.tls_key = Some(volume.key());
+    a.client_ca = Some(volume.dir.join("ca.crt"));
+    a.report_tls = true;
     let (shutdown, running) = start_server(a).await.expect("aggregator starts with TLS");
     TestServer { shutdown, running: Some(running) }
 }
@@ -101,6 +127,10 @@ struct TestServer {
 impl TestServer {
     fn addr(&self) -> std::net::SocketAddr {
         self.running.as_ref().expect("running").grpc_addr
+    }
+
+    fn running(&self) -> &durable_scaler::aggregator::RunningAggregator {
+        self.running.as_ref().expect("running")
     }
 
     async fn stop(mut self) {
@@ -190,8 +220,64 @@ async fn a_rotated_certificate_is_served_without_restart() {
     assert!(call_tls(server.addr(), &new_ca, None).await.is_err(), "not yet rotated");
 
     files.write_server(&new_ca.leaf("localhost"));
-    call_tls(server.addr(), &new_ca, None).await.expect("new certificate served after the files changed");
+    eventually("the new certificate is served after the files changed", || async {
+        call_tls(server.addr(), &new_ca, None).await.is_ok()
+    })
+    .await;
     assert!(call_tls(server.addr(), &old_ca, None).await.is_err(), "the old one is gone");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_secret_swapped_under_the_keda_port_brings_a_new_certificate_and_client_ca_without_restart() {
+    let (old_server_ca, new_server_ca) = (Ca::new("old server ca"), Ca::new("new server ca"));
+    let (old_client_ca, new_client_ca) = (Ca::new("old client ca"), Ca::new("new client ca"));
+    let (old_keda, new_keda) = (old_client_ca.leaf("keda"), new_client_ca.leaf("keda"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut volume = SecretVolume::new(dir.path(), &old_client_ca.secret(&old_server_ca.leaf("localhost")));
+    let server = start_from_volume(&volume).await;
+    call_tls(server.addr(), &old_server_ca, Some(&old_keda)).await.expect("served before the rotation");
+    assert!(call_tls(server.addr(), &old_server_ca, Some(&new_keda)).await.is_err(), "not yet rotated");
+
+    volume.update(&new_client_ca.secret(&new_server_ca.leaf("localhost")));
+    eventually("the new certificate and client CA are in use", || async {
+        call_tls(server.addr(), &new_server_ca, Some(&new_keda)).await.is_ok()
+    })
+    .await;
+    assert!(
+        call_tls(server.addr(), &new_server_ca, Some(&old_keda)).await.is_err(),
+        "a client certificate of the old client CA is refused"
+    );
+    let (_, metrics) = http_get(server.running().http_addr, "/metrics").await;
+    let reloaded =
+        "durable_scaler_aggregator_certificate_reloads_total{port=\"keda\",outcome=\"reloaded\"} 1\n";
+    assert!(metrics.contains(reloaded), "{reloaded} in\n{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_secret_swapped_under_the_report_port_brings_a_new_certificate_without_restart() {
+    let (old_ca, new_ca) = (Ca::new("old aggregator ca"), Ca::new("new aggregator ca"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut volume = SecretVolume::new(dir.path(), &old_ca.secret(&old_ca.leaf("localhost")));
+    let server = start_from_volume(&volume).await;
+    let https: url::Url =
+        format!("https://localhost:{}", server.running().report_addr.port()).parse().expect("a URL");
+    let no_token = dir.path().join("no-token");
+    let submit = |ca: &Ca, pod: &'static str| {
+        let client =
+            ReportClient::new(&https, Some(ca.pem().as_bytes()), no_token.clone()).expect("a client");
+        async move { client.submit(whole_hub_report(pod, "RotatedReports", 1), Duration::from_secs(5)).await }
+    };
+    submit(&old_ca, "worker-1").await.expect("a report over the first certificate is accepted");
+    assert!(submit(&new_ca, "worker-2").await.is_err(), "not yet rotated");
+
+    volume.update(&new_ca.secret(&new_ca.leaf("localhost")));
+    eventually("the report port serves the new certificate", || async {
+        submit(&new_ca, "worker-3").await.is_ok()
+    })
+    .await;
+    assert!(submit(&old_ca, "worker-4").await.is_err(), "the old certificate is gone");
     server.stop().await;
 }
 

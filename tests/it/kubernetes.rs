@@ -377,8 +377,11 @@ async fn worker_count_within_the_ttl_is_answered_from_the_cache() {
     api.set_scale("/apis/apps/v1/namespaces/apps/deployments/orders-func", 9);
     assert_eq!(source.worker_count(&key("apps", "orders")).await, Some(3));
     assert_eq!(api.requests().len(), 2, "the second call must make no request");
-    assert_eq!(counter(&registry, "durable_scaler_kube_worker_count_lookups_total", "cache_hit"), 1);
-    assert_eq!(counter(&registry, "durable_scaler_kube_worker_count_lookups_total", "fetched"), 1);
+    assert_eq!(
+        counter(&registry, "durable_scaler_aggregator_kube_worker_count_lookups_total", "cache_hit"),
+        1
+    );
+    assert_eq!(counter(&registry, "durable_scaler_aggregator_kube_worker_count_lookups_total", "fetched"), 1);
 }
 
 #[tokio::test]
@@ -409,7 +412,7 @@ async fn worker_count_is_none_and_counted_when_the_api_errors() {
     source.register(&mut registry);
 
     assert_eq!(source.worker_count(&key("apps", "orders")).await, None);
-    assert_eq!(counter(&registry, "durable_scaler_kube_worker_count_lookups_total", "failed"), 1);
+    assert_eq!(counter(&registry, "durable_scaler_aggregator_kube_worker_count_lookups_total", "failed"), 1);
 }
 
 #[tokio::test]
@@ -542,7 +545,10 @@ async fn a_missing_token_is_unauthenticated_without_asking_the_api() {
     assert!(is_unauthenticated(&authenticator.authenticate(None).await));
     assert!(is_unauthenticated(&authenticator.authenticate(Some("")).await));
     assert!(api.requests().is_empty());
-    assert_eq!(counter(&registry, "durable_scaler_report_authentications_total", "missing_token"), 2);
+    assert_eq!(
+        counter(&registry, "durable_scaler_aggregator_report_authentications_total", "missing_token"),
+        2
+    );
 }
 
 #[tokio::test]
@@ -552,7 +558,7 @@ async fn a_token_is_rejected_when_the_api_server_is_down() {
     authenticator.register(&mut registry);
 
     assert!(is_unauthenticated(&authenticator.authenticate(Some(&jwt(unix_now() + 3600))).await));
-    assert_eq!(counter(&registry, "durable_scaler_report_authentications_total", "api_error"), 1);
+    assert_eq!(counter(&registry, "durable_scaler_aggregator_report_authentications_total", "api_error"), 1);
 }
 
 #[tokio::test]
@@ -576,7 +582,7 @@ async fn a_checked_token_is_answered_from_the_cache() {
     authenticator.authenticate(Some(&token)).await.unwrap();
     assert_eq!(authenticator.authenticate(Some(&token)).await.unwrap(), identity("apps", "p"));
     assert_eq!(api.requests().len(), 1, "the second check must make no request");
-    assert_eq!(counter(&registry, "durable_scaler_report_authentications_total", "cache_hit"), 1);
+    assert_eq!(counter(&registry, "durable_scaler_aggregator_report_authentications_total", "cache_hit"), 1);
 }
 
 #[tokio::test]
@@ -695,12 +701,12 @@ async fn each_change_after_the_interval_is_recorded_once() {
     recorder.recommendation_changed_at(&key("apps", "orders"), &change(5, 3), first_at.plus(LONG));
     // Counted when the API server's answer arrives, just after the server stored the Event.
     eventually("the second Event counted", || {
-        counter(&registry, "durable_scaler_kube_events_total", "created") == 2
+        counter(&registry, "durable_scaler_aggregator_kube_events_total", "created") == 2
     })
     .await;
 
     assert_eq!(api.events()[1]["note"], "desired workers 5 -> 3: work-item queue latency rising, 3 workers");
-    assert_eq!(counter(&registry, "durable_scaler_kube_events_total", "suppressed"), 0);
+    assert_eq!(counter(&registry, "durable_scaler_aggregator_kube_events_total", "suppressed"), 0);
 }
 
 #[tokio::test]
@@ -719,7 +725,7 @@ async fn a_flapping_hub_gets_one_event_per_interval() {
 
     // The 20 changes wait for the end of the hour-long interval: the latest is pending, the 19
     // before it are already folded away; nothing more reached the API.
-    assert_eq!(counter(&registry, "durable_scaler_kube_events_total", "suppressed"), 19);
+    assert_eq!(counter(&registry, "durable_scaler_aggregator_kube_events_total", "suppressed"), 19);
     assert_eq!(api.events().len(), 1);
 }
 
@@ -757,11 +763,11 @@ async fn a_change_back_to_the_recorded_count_within_the_interval_records_nothing
     recorder.recommendation_changed_at(&key("apps", "orders"), &change(2, 3), late);
     recorder.recommendation_changed_at(&key("apps", "orders"), &change(3, 2), late);
     eventually("both changes suppressed", || {
-        counter(&registry, "durable_scaler_kube_events_total", "suppressed") == 2
+        counter(&registry, "durable_scaler_aggregator_kube_events_total", "suppressed") == 2
     })
     .await;
     eventually("the first Event counted", || {
-        counter(&registry, "durable_scaler_kube_events_total", "created") == 1
+        counter(&registry, "durable_scaler_aggregator_kube_events_total", "created") == 1
     })
     .await;
     assert_eq!(api.events().len(), 1);
@@ -777,7 +783,7 @@ async fn event_failures_are_counted_not_returned() {
 
     recorder.recommendation_changed(&key("apps", "orders"), &change(1, 2));
     eventually("the failure counted", || {
-        counter(&registry, "durable_scaler_kube_events_total", "failed") == 1
+        counter(&registry, "durable_scaler_aggregator_kube_events_total", "failed") == 1
     })
     .await;
 }

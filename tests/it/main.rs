@@ -18,6 +18,7 @@ mod aggregator_tls;
 mod demo;
 mod engine_equivalence;
 mod kubernetes;
+mod logs;
 mod manifests;
 mod recommend_cli;
 mod review_fuzz;

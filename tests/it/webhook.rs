@@ -11,7 +11,8 @@ use base64::Engine;
 use clap::Parser as _;
 use durable_scaler::{
     shutdown::Shutdown,
-    webhook::{Args, Stats, Webhook, tls::CertStore},
+    tls::ReloadingConfig,
+    webhook::{Args, Webhook, metrics::Metrics},
 };
 use https::{Connection, Http, Pki, SecretVolume, full, streamed};
 use hyper::{StatusCode, body::Bytes};
@@ -24,8 +25,8 @@ struct Running {
     addr: std::net::SocketAddr,
     pki: Pki,
     volume: SecretVolume,
-    stats: Arc<Stats>,
-    certs: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+    certs: Arc<ReloadingConfig>,
     shutdown: Shutdown,
     served: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -54,11 +55,11 @@ impl Running {
         configure(&mut args);
         let webhook = Webhook::bind(&args).await.unwrap().with_reload_interval(Duration::from_millis(50));
         let addr = webhook.local_addr().unwrap();
-        let stats = webhook.stats();
-        let certs = webhook.cert_store();
+        let metrics = webhook.metrics();
+        let certs = webhook.tls_config();
         let shutdown = Shutdown::new();
         let served = Some(tokio::spawn(webhook.serve(shutdown.clone())));
-        Self { addr, pki, volume, stats, certs, shutdown, served, _dir: dir }
+        Self { addr, pki, volume, metrics, certs, shutdown, served, _dir: dir }
     }
 
     async fn connect(&self, http: Http) -> Connection {
@@ -219,7 +220,7 @@ async fn dry_run_gets_the_same_patch_and_counts_no_injection() {
     let (status, answer) = webhook.review(&review).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(patched(&fixture()["request"]["object"], &answer), expected_pod());
-    assert_eq!(webhook.stats.injections.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(webhook.metrics.injections.get(), 0);
     let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
     assert!(String::from_utf8_lossy(&metrics).contains("durable_scaler_webhook_injections_total 0"));
 }
