@@ -39,9 +39,10 @@ pub struct Args {
     /// How often to read storage and report: `5s`, `500ms`, `1m`, or plain seconds.
     #[arg(long, env = "DURABLE_SCALER_INTERVAL", default_value = "5s")]
     pub interval: String,
-    /// How the app records partition ownership: `table` (the `{hub}Partitions` table,
-    /// DurableTask.AzureStorage 2.x default) or `blob` (legacy lease blobs).
-    #[arg(long, env = "DURABLE_SCALER_PARTITION_MODE", default_value = "table")]
+    /// Where the app records partition ownership: `auto` detects it per hub as DurableTask
+    /// does (the `{hub}Partitions` table, else `taskhub.json` with safe or legacy lease
+    /// blobs); `table` or `blob` (safe or legacy lease blobs) only override it.
+    #[arg(long, env = "DURABLE_SCALER_PARTITION_MODE", default_value = "auto")]
     pub partition_mode: String,
     /// The projected service-account token sent as the bearer credential of every report;
     /// re-read for each report (it rotates). No credential is sent while it does not exist.
@@ -133,17 +134,13 @@ impl Config {
         if !INTERVAL_RANGE.contains(&interval) {
             return Err(error("DURABLE_SCALER_INTERVAL", "interval", "must be between 100ms and 10m"));
         }
-        let partition_mode = match args.partition_mode.trim().to_ascii_lowercase().as_str() {
-            "table" => PartitionMode::Table,
-            "blob" => PartitionMode::Blob,
-            other => {
-                return Err(error(
-                    "DURABLE_SCALER_PARTITION_MODE",
-                    "partition-mode",
-                    format!("{other:?} is neither `table` nor `blob`"),
-                ));
-            }
-        };
+        let partition_mode = PartitionMode::parse(&args.partition_mode).ok_or_else(|| {
+            error(
+                "DURABLE_SCALER_PARTITION_MODE",
+                "partition-mode",
+                format!("{:?} is none of `auto`, `table`, `blob`", args.partition_mode.trim()),
+            )
+        })?;
         let http_addr = args.http_addr.trim().parse().map_err(|_| {
             error(
                 "DURABLE_SCALER_HTTP_ADDR",
@@ -212,7 +209,7 @@ mod tests {
             pod_name: Some("app-7d9f-x2".into()),
             pod_namespace: Some("apps".into()),
             interval: "5s".into(),
-            partition_mode: "table".into(),
+            partition_mode: "auto".into(),
             token_file: "/var/run/secrets/durable-scaler/token".into(),
             http_addr: "0.0.0.0:9095".into(),
         }
@@ -222,7 +219,7 @@ mod tests {
     fn the_defaults_make_a_valid_config() {
         let config = Config::from_args(args()).unwrap();
         assert_eq!(config.interval, Duration::from_secs(5));
-        assert_eq!(config.partition_mode, PartitionMode::Table);
+        assert_eq!(config.partition_mode, PartitionMode::Auto);
         assert_eq!(config.http_addr.port(), 9095);
     }
 
