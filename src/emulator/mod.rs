@@ -117,10 +117,7 @@ impl TaskHubEmulator {
     /// ownership records (table rows, or `taskhub.json` and lease blobs), all unowned.
     /// Existing resources are kept.
     pub async fn create(&self, partitions: u32) -> Result<(), StorageError> {
-        for partition in 0..partitions {
-            self.create_queue(&self.hub.control_queue(partition)).await?;
-        }
-        self.create_queue(&self.hub.work_item_queue()).await?;
+        self.create_queues(partitions).await?;
         match self.layout {
             Layout::Table => {
                 self.create_table().await?;
@@ -151,6 +148,15 @@ impl TaskHubEmulator {
             }
         }
         Ok(())
+    }
+
+    /// Creates only the queues: `partitions` control queues and the work-item queue, as a
+    /// hub whose ownership records are nowhere DurableTask keeps them would look.
+    pub async fn create_queues(&self, partitions: u32) -> Result<(), StorageError> {
+        for partition in 0..partitions {
+            self.create_queue(&self.hub.control_queue(partition)).await?;
+        }
+        self.create_queue(&self.hub.work_item_queue()).await
     }
 
     /// `worker` takes `partition` for `lease`, taking it over from any current holder:
