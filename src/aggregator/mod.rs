@@ -214,7 +214,15 @@ impl Aggregator {
     pub fn new(args: Args, check: ReportCheck, workers: Arc<dyn WorkerCountSource>) -> Self {
         let mut metrics = metrics::Metrics::new();
         let probe_metrics = probe::ProbeMetrics::register(metrics.registry_mut());
-        Self { args, check, workers, storage: StorageOptions::default(), metrics, probe_metrics, on_change: None }
+        Self {
+            args,
+            check,
+            workers,
+            storage: StorageOptions::default(),
+            metrics,
+            probe_metrics,
+            on_change: None,
+        }
     }
 
     /// Calls `hook` whenever a hub's recommendation changes (after the log line).

@@ -182,7 +182,9 @@ impl TaskHubEmulator {
     pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<(), StorageError> {
         if self.layout == Layout::Table {
             let expires = OffsetDateTime::now_utc() + lease;
-            return self.write_partition_row(claim.partition, Some(&claim.worker), Some(expires), false).await;
+            return self
+                .write_partition_row(claim.partition, Some(&claim.worker), Some(expires), false)
+                .await;
         }
         for (path, lease_id) in claim.leases.clone() {
             let client = self.account.blob_client(&path, &self.options)?;
@@ -362,12 +364,21 @@ impl TaskHubEmulator {
             Layout::Legacy => &["default"],
         };
         let container = self.hub.lease_container();
-        directories.iter().map(|d| format!("{container}/{}", lease_blob_name(&self.hub, d, partition))).collect()
+        directories
+            .iter()
+            .map(|d| format!("{container}/{}", lease_blob_name(&self.hub, d, partition)))
+            .collect()
     }
 
     /// `BlobPartitionLeaseManager.AcquireAsync`: change the lease when the blob is leased
     /// (with the Token of its body), else acquire it; then the body with Owner and Epoch + 1.
-    async fn acquire_blob(&self, path: &str, partition: u32, worker: &str, seconds: i32) -> Result<String, StorageError> {
+    async fn acquire_blob(
+        &self,
+        path: &str,
+        partition: u32,
+        worker: &str,
+        seconds: i32,
+    ) -> Result<String, StorageError> {
         let client = self.account.blob_client(path, &self.options)?;
         let (state, body) = self.download(path).await?;
         let current: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -427,7 +438,11 @@ impl TaskHubEmulator {
         match client.upload(content, Some(options)).await {
             Ok(_) => Ok(()),
             // 409 BlobAlreadyExists (412 from some versions): keep it.
-            Err(e) if matches!(e.http_status(), Some(StatusCode::Conflict | StatusCode::PreconditionFailed)) => Ok(()),
+            Err(e)
+                if matches!(e.http_status(), Some(StatusCode::Conflict | StatusCode::PreconditionFailed)) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(StorageError::from_azure(path, &e)),
         }
     }

@@ -264,7 +264,10 @@ impl StorageAccount {
     }
 
     /// A client of the account's Queue service (listing queues).
-    pub(crate) fn queue_service_client(&self, options: &StorageOptions) -> Result<QueueServiceClient, StorageError> {
+    pub(crate) fn queue_service_client(
+        &self,
+        options: &StorageOptions,
+    ) -> Result<QueueServiceClient, StorageError> {
         let client_options = QueueServiceClientOptions {
             client_options: self.client_options(Service::Queue, options),
             ..Default::default()

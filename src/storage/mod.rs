@@ -342,7 +342,9 @@ mod tests {
     fn an_override_limits_the_layouts_found() {
         assert!(PartitionMode::Blob.allows(Layout::Legacy) && !PartitionMode::Blob.allows(Layout::Table));
         assert!(PartitionMode::Table.allows(Layout::Table) && !PartitionMode::Table.allows(Layout::Safe));
-        assert!([Layout::Table, Layout::Safe, Layout::Legacy].into_iter().all(|l| PartitionMode::Auto.allows(l)));
+        assert!(
+            [Layout::Table, Layout::Safe, Layout::Legacy].into_iter().all(|l| PartitionMode::Auto.allows(l))
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use azure_core::http::headers::HeaderName;
 use azure_storage_blob::models::{BlobContainerClientListBlobsOptions, LeaseState};
 use azure_storage_queue::models::{
-    QueueClientGetPropertiesResultHeaders, QueueClientPeekMessagesOptions, QueueServiceClientListQueuesOptions,
+    QueueClientGetPropertiesResultHeaders, QueueClientPeekMessagesOptions,
+    QueueServiceClientListQueuesOptions,
 };
 use futures::{StreamExt, TryStreamExt};
 
@@ -188,7 +189,10 @@ impl TaskHubReader {
     /// blobs mean the safe manager, else leased `default/` blobs the legacy one; with nothing
     /// leased (no pod running), whichever directory has blobs, the safe one first (upstream's
     /// default since 2020, and what a hub whose leases are not created yet will get).
-    async fn detect_blob_layout(&self, partition_count: u32) -> Result<(Layout, Vec<PartitionLease>), StorageError> {
+    async fn detect_blob_layout(
+        &self,
+        partition_count: u32,
+    ) -> Result<(Layout, Vec<PartitionLease>), StorageError> {
         let safe = self.list_leases(Layout::Safe).await?;
         if safe.iter().any(|l| l.leased) {
             return Ok((Layout::Safe, self.owners(partition_count, safe).await?));
@@ -295,14 +299,21 @@ impl TaskHubReader {
         let info: TaskHubInfo = serde_json::from_slice(&body)
             .map_err(|e| unexpected(&path, format!("unreadable {TASK_HUB_INFO_BLOB}: {e}")))?;
         if !(1..=super::MAX_PARTITIONS).contains(&info.partition_count) {
-            return Err(unexpected(&path, format!("PartitionCount {} is outside 1..=16", info.partition_count)));
+            return Err(unexpected(
+                &path,
+                format!("PartitionCount {} is outside 1..=16", info.partition_count),
+            ));
         }
         Ok(Some(info.partition_count))
     }
 
     /// Safe and legacy layouts, once detected: one listing of the ownership directory, then
     /// the bodies of the leased blobs not read before.
-    async fn blob_partitions(&self, layout: Layout, partition_count: u32) -> Result<Vec<PartitionLease>, StorageError> {
+    async fn blob_partitions(
+        &self,
+        layout: Layout,
+        partition_count: u32,
+    ) -> Result<Vec<PartitionLease>, StorageError> {
         let listed = self.list_leases(layout).await?;
         self.owners(partition_count, listed).await
     }
@@ -317,7 +328,8 @@ impl TaskHubReader {
         let prefix = format!("{directory}/");
         let resource = format!("{container}/{prefix}");
         let client = self.account.container_client(&container, &self.options)?;
-        let options = BlobContainerClientListBlobsOptions { prefix: Some(prefix.clone()), ..Default::default() };
+        let options =
+            BlobContainerClientListBlobsOptions { prefix: Some(prefix.clone()), ..Default::default() };
         let items: Vec<_> = client
             .list_blobs(Some(options))
             .map_err(|e| StorageError::from_azure(&resource, &e))?
@@ -342,7 +354,11 @@ impl TaskHubReader {
 
     /// Partitions 0..`partition_count` and their owners: the `Owner` of a lease blob's body
     /// while the blob is leased; nobody for a blob not leased or not created yet.
-    async fn owners(&self, partition_count: u32, listed: Vec<ListedLease>) -> Result<Vec<PartitionLease>, StorageError> {
+    async fn owners(
+        &self,
+        partition_count: u32,
+        listed: Vec<ListedLease>,
+    ) -> Result<Vec<PartitionLease>, StorageError> {
         let container = self.hub.lease_container();
         let leased: Vec<ListedLease> =
             listed.into_iter().filter(|l| l.leased && l.partition < partition_count).collect();
@@ -350,7 +366,9 @@ impl TaskHubReader {
             let cache = self.lock();
             leased
                 .iter()
-                .filter(|l| l.etag.is_empty() || cache.owners.get(&l.name).is_none_or(|(etag, _)| *etag != l.etag))
+                .filter(|l| {
+                    l.etag.is_empty() || cache.owners.get(&l.name).is_none_or(|(etag, _)| *etag != l.etag)
+                })
                 .cloned()
                 .collect()
         };
@@ -372,10 +390,16 @@ impl TaskHubReader {
             cache.owners.insert(name, (etag, owner));
         }
         let mut leases: Vec<PartitionLease> = (0..partition_count)
-            .map(|partition| PartitionLease { partition, owner: None, expires_at_unix_ms: None, draining: false })
+            .map(|partition| PartitionLease {
+                partition,
+                owner: None,
+                expires_at_unix_ms: None,
+                draining: false,
+            })
             .collect();
         for lease in &leased {
-            leases[lease.partition as usize].owner = cache.owners.get(&lease.name).and_then(|(_, o)| o.clone());
+            leases[lease.partition as usize].owner =
+                cache.owners.get(&lease.name).and_then(|(_, o)| o.clone());
         }
         Ok(leases)
     }
@@ -407,7 +431,7 @@ impl TaskHubReader {
         Ok((any, partition_count))
     }
 
-/// Downloads a small blob: its lease state (`x-ms-lease-state`, lowercased; empty when
+    /// Downloads a small blob: its lease state (`x-ms-lease-state`, lowercased; empty when
     /// absent) and its content.
     async fn read_blob(&self, path: &str) -> Result<(String, Vec<u8>), StorageError> {
         let client = self.account.blob_client(path, &self.options)?;

@@ -18,6 +18,7 @@ use std::{
 use crate::common::{LAYOUTS, hub, laid_out, now_ms};
 use durable_scaler::{
     azurite::{ACCOUNT, ACCOUNT_KEY, Azurite},
+    emulator::TaskHubEmulator,
     proto::report::{
         Report, ReportAck,
         report_error::Kind,
@@ -25,7 +26,6 @@ use durable_scaler::{
     },
     shutdown::Shutdown,
     sidecar::{Args, Config, Sidecar},
-    emulator::TaskHubEmulator,
     storage::{Layout, PartitionMode, QueueRef, TaskHub},
 };
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
@@ -287,13 +287,19 @@ async fn a_breaking_or_available_lease_is_not_reported_as_owned() {
 #[tokio::test]
 async fn queues_without_an_ownership_store_are_an_error_that_says_what_was_looked_for() {
     let hub = hub("SidecarNoStore");
-    TaskHubEmulator::new(&crate::common::account(), hub.clone(), Layout::Table).create_queues(2).await.unwrap();
+    TaskHubEmulator::new(&crate::common::account(), hub.clone(), Layout::Table)
+        .create_queues(2)
+        .await
+        .unwrap();
     let running =
         run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!(error_kind(&got.report), Some(Kind::Storage));
     let message = got.report.error.unwrap().message;
-    assert!(message.contains("no partition ownership store") && message.contains("taskhub.json"), "{message}");
+    assert!(
+        message.contains("no partition ownership store") && message.contains("taskhub.json"),
+        "{message}"
+    );
     let (_, metrics) = http_get(running.http, "/metrics").await;
     assert!(metrics.contains(r#"storage_errors_total{kind="no_ownership_store"}"#), "{metrics}");
     running.shutdown.trigger();

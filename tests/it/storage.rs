@@ -63,7 +63,11 @@ async fn a_released_lease_is_not_held_in_any_layout() {
         emulator.claim(1, "pod-b", LEASE).await.unwrap();
         assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
         emulator.release(claim).await.unwrap();
-        assert_eq!(owners(&reader.partitions(now_ms()).await.unwrap()), [(0, None), (1, Some("pod-b"))], "{layout:?}");
+        assert_eq!(
+            owners(&reader.partitions(now_ms()).await.unwrap()),
+            [(0, None), (1, Some("pod-b"))],
+            "{layout:?}"
+        );
     }
 }
 
@@ -75,7 +79,11 @@ async fn a_breaking_lease_is_not_held() {
         emulator.claim(1, "pod-a", LEASE).await.unwrap();
         assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
         emulator.break_lease(0, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(owners(&reader.partitions(now_ms()).await.unwrap()), [(0, None), (1, Some("pod-a"))], "{layout:?}");
+        assert_eq!(
+            owners(&reader.partitions(now_ms()).await.unwrap()),
+            [(0, None), (1, Some("pod-a"))],
+            "{layout:?}"
+        );
     }
 }
 
@@ -86,7 +94,11 @@ async fn a_lease_taken_over_names_the_new_owner() {
         emulator.claim(0, "pod-a", LEASE).await.unwrap();
         assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
         emulator.claim(0, "pod-b", LEASE).await.unwrap();
-        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-b"), "{layout:?}");
+        assert_eq!(
+            reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(),
+            Some("pod-b"),
+            "{layout:?}"
+        );
     }
 }
 
