@@ -1,8 +1,9 @@
 //! Sidecar benchmark: runs the real `durable-scaler sidecar` binary against Azurite with a
 //! 16-partition task hub whose partitions are all owned by the benchmarked pod, and prints
 //! its resident memory, CPU time per poll and storage calls per poll (from its own
-//! `/metrics`, where a counting pipeline policy counts every HTTP call). Not a test: it
-//! asserts nothing about speed, it prints figures.
+//! `/metrics`, where a counting pipeline policy counts every HTTP call), once per ownership
+//! layout (table, safe, legacy; the sidecar detects it, as it would in a real pod). Not a
+//! test: it asserts nothing about speed, it prints figures.
 //!
 //! `cargo bench --bench sidecar` (needs Azurite: `npm install`, or AZURITE_CONNECTION_STRING).
 
@@ -22,7 +23,7 @@ use durable_scaler::{
         Report, ReportAck,
         report_service_server::{ReportService, ReportServiceServer},
     },
-    storage::{PartitionMode, QueueRef, StorageAccount, TaskHub},
+    storage::{Layout, QueueRef, StorageAccount, TaskHub},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -61,19 +62,19 @@ async fn main() {
     println!(
         "sidecar benchmark: {PARTITIONS} partitions owned by one pod, interval {INTERVAL_MS} ms, {MEASURED_POLLS} measured polls"
     );
-    for mode in [PartitionMode::Table, PartitionMode::Blob] {
+    for layout in [Layout::Table, Layout::Safe, Layout::Legacy] {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let hub = TaskHub::parse(&format!("Bench{}{nanos}", mode.as_str())).unwrap();
-        lay_out(&account, &hub, mode).await;
-        measure(&hub, mode, &azurite.connection_string(), &aggregator_url).await;
+        let hub = TaskHub::parse(&format!("Bench{}{nanos}", layout.as_str())).unwrap();
+        lay_out(&account, &hub, layout).await;
+        measure(&hub, layout, &azurite.connection_string(), &aggregator_url).await;
     }
     println!("reports received by the test aggregator: {}", aggregator.0.load(Ordering::Relaxed));
 }
 
 /// 16 partitions owned by the benchmarked pod; each control queue holds two visible
 /// messages and a durable timer, the work-item queue ten messages.
-async fn lay_out(account: &StorageAccount, hub: &TaskHub, mode: PartitionMode) {
-    let emulator = TaskHubEmulator::new(account, hub.clone(), mode);
+async fn lay_out(account: &StorageAccount, hub: &TaskHub, layout: Layout) {
+    let emulator = TaskHubEmulator::new(account, hub.clone(), layout);
     emulator.create(PARTITIONS).await.expect("create the hub");
     for partition in 0..PARTITIONS {
         emulator.claim(partition, POD, Duration::from_secs(60)).await.expect("claim");
@@ -89,7 +90,7 @@ async fn lay_out(account: &StorageAccount, hub: &TaskHub, mode: PartitionMode) {
     }
 }
 
-async fn measure(hub: &TaskHub, mode: PartitionMode, connection: &str, aggregator: &str) {
+async fn measure(hub: &TaskHub, layout: Layout, connection: &str, aggregator: &str) {
     let http: SocketAddr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
@@ -104,7 +105,6 @@ async fn measure(hub: &TaskHub, mode: PartitionMode, connection: &str, aggregato
         .env("POD_NAME", POD)
         .env("POD_NAMESPACE", "bench")
         .env("DURABLE_SCALER_INTERVAL", format!("{INTERVAL_MS}ms"))
-        .env("DURABLE_SCALER_PARTITION_MODE", mode.as_str())
         .env("DURABLE_SCALER_HTTP_ADDR", http.to_string())
         .kill_on_drop(true)
         .spawn()
@@ -119,8 +119,8 @@ async fn measure(hub: &TaskHub, mode: PartitionMode, connection: &str, aggregato
     let memory = memory_kib(pid);
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "{:5} mode: RSS {:.1} MiB (peak {:.1} MiB; anonymous {:.1} MiB, file-backed {:.1} MiB), CPU {:.2} ms/poll, storage calls/poll {:.1}, owned partitions {}, poll p50 bucket <= {}",
-        mode.as_str(),
+        "{:6} layout: RSS {:.1} MiB (peak {:.1} MiB; anonymous {:.1} MiB, file-backed {:.1} MiB), CPU {:.2} ms/poll, storage calls/poll {:.1}, owned partitions {}, poll p50 bucket <= {}",
+        layout.as_str(),
         mib(memory.rss),
         mib(memory.peak),
         mib(memory.anon),

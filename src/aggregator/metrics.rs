@@ -43,6 +43,8 @@ pub enum ProbeOutcome {
     Authentication,
     /// Storage could not be reached.
     Unreachable,
+    /// The hub's queues exist but no ownership store does (no table, no taskhub.json).
+    NoOwnershipStore,
     /// Any other storage error.
     Unexpected,
 }
@@ -54,6 +56,7 @@ label_values!(ProbeOutcome {
     NotProvisioned => "not_provisioned",
     Authentication => "authentication",
     Unreachable => "unreachable",
+    NoOwnershipStore => "no_ownership_store",
     Unexpected => "unexpected",
 });
 
@@ -63,6 +66,7 @@ impl From<&StorageError> for ProbeOutcome {
             StorageError::NotProvisioned { .. } => Self::NotProvisioned,
             StorageError::Authentication { .. } => Self::Authentication,
             StorageError::Unreachable { .. } => Self::Unreachable,
+            StorageError::NoOwnershipStore { .. } => Self::NoOwnershipStore,
             StorageError::Unexpected { .. } => Self::Unexpected,
         }
     }

@@ -190,6 +190,7 @@ pub struct Aggregator {
     workers: Arc<dyn WorkerCountSource>,
     storage: StorageOptions,
     metrics: metrics::Metrics,
+    probe_metrics: probe::ProbeMetrics,
     on_change: Option<ChangeHook>,
 }
 
@@ -230,12 +231,15 @@ impl Aggregator {
     /// An aggregator for `args`, checking reports with `check` and asking `workers` for
     /// worker counts (`sources::LiveReportingPods` when nothing better is available).
     pub fn new(args: Args, check: ReportCheck, workers: Arc<dyn WorkerCountSource>) -> Self {
+        let mut metrics = metrics::Metrics::new();
+        let probe_metrics = probe::ProbeMetrics::register(metrics.registry_mut());
         Self {
             args,
             check,
             workers,
             storage: StorageOptions::default(),
-            metrics: metrics::Metrics::new(),
+            metrics,
+            probe_metrics,
             on_change: None,
         }
     }
@@ -308,7 +312,8 @@ impl Aggregator {
             registry::Registry::new(metrics.clone(), grace_ms).with_change_hook(self.on_change.clone()),
         );
         let prober =
-            probe::Prober::new(registry.clone(), args.probe_interval, self.storage, shutdown.clone());
+            probe::Prober::new(registry.clone(), args.probe_interval, self.storage, shutdown.clone())
+                .with_metrics(self.probe_metrics.clone());
         let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;

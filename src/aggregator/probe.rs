@@ -3,16 +3,28 @@
 //! tracked hub, at `--probe-interval-ms`; when sidecars cover the whole hub it reads nothing.
 //! The aggregator keeps no storage secrets of its own: a hub without a connection is served
 //! from sidecar reports alone.
+//!
+//! The probe needs no metadata about where the hub keeps partition ownership: its reader
+//! detects the layout as DurableTask does (`storage::Layout`; the metadata
+//! `useTablePartitionManagement` is only an override). A hub whose queues exist but whose
+//! ownership store is nowhere to be found is an error on `/hubs`, in the log and in
+//! `durable_scaler_aggregator_ownership_reads_total{layout="none"}`; the probe still reads
+//! the control queues it finds by name, because upstream's `GetControlQueuesAsync` would
+//! read control queues 0..P-1 too (creating `taskhub.json` with the default P where we only
+//! read): a hub with visible work must not look idle, or an app at zero pods would never be
+//! started again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use crate::clock::UnixMs;
 use crate::shutdown::Shutdown;
 use crate::storage::{
-    PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, TaskHubReader,
+    Layout, PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, TaskHubReader,
 };
 
 use super::hub::ProbeReading;
@@ -26,6 +38,59 @@ pub struct Prober {
     interval: Duration,
     options: StorageOptions,
     shutdown: Shutdown,
+    metrics: ProbeMetrics,
+}
+
+/// Where a probe found the hub's partition ownership, as a metric label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum OwnershipFound {
+    /// In a layout (`table`, `safe`, `legacy`).
+    Layout(Layout),
+    /// Nowhere, though the hub's queues exist (`none`).
+    Nowhere,
+}
+
+impl EncodeLabelValue for OwnershipFound {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            OwnershipFound::Layout(layout) => layout.as_str(),
+            OwnershipFound::Nowhere => "none",
+        })
+    }
+}
+
+/// Labels of [`ProbeMetrics::ownership_reads`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OwnershipLabels {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Task hub name, lowercased.
+    pub task_hub: String,
+    /// Where ownership was found.
+    pub layout: OwnershipFound,
+}
+
+/// The probe's own metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeMetrics {
+    /// Cold-probe reads of partition ownership, by the layout found (`none`: queues but no
+    /// ownership store).
+    pub ownership_reads: Family<OwnershipLabels, Counter>,
+}
+
+impl ProbeMetrics {
+    /// Registers the probe's metrics in `registry` under `durable_scaler_aggregator_`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self::default();
+        registry.sub_registry_with_prefix("durable_scaler_aggregator").register(
+            "ownership_reads",
+            "Cold-probe reads of partition ownership, by the layout found (none: the hub's queues \
+             exist but no ownership store does)",
+            metrics.ownership_reads.clone(),
+        );
+        metrics
+    }
 }
 
 impl Prober {
@@ -36,7 +101,23 @@ impl Prober {
         options: StorageOptions,
         shutdown: Shutdown,
     ) -> Self {
-        Self { registry, interval, options, shutdown }
+        Self { registry, interval, options, shutdown, metrics: ProbeMetrics::default() }
+    }
+
+    /// Counts into `metrics` (registered in the aggregator's registry) instead of
+    /// unregistered ones.
+    pub fn with_metrics(mut self, metrics: ProbeMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn count_ownership(&self, entry: &HubEntry, layout: OwnershipFound) {
+        let labels = OwnershipLabels {
+            namespace: entry.key.namespace.clone(),
+            task_hub: entry.key.task_hub.clone(),
+            layout,
+        };
+        self.metrics.ownership_reads.get_or_create(&labels).inc();
     }
 
     /// Starts the probe loop of `entry`; it ends with the shutdown signal.
@@ -109,8 +190,20 @@ impl Prober {
             return;
         }
         let now = UnixMs::now();
+        let mut no_store: Option<StorageError> = None;
         let partitions = match reader.partitions(now.as_millis()).await {
-            Ok(p) => p.len() as u32,
+            Ok(p) => {
+                if let Some(layout) = reader.layout() {
+                    self.count_ownership(entry, OwnershipFound::Layout(layout));
+                }
+                p.len() as u32
+            }
+            Err(e @ StorageError::NoOwnershipStore { partition_count, .. }) => {
+                // Read the control queues found by name all the same (module docs).
+                self.count_ownership(entry, OwnershipFound::Nowhere);
+                no_store = Some(e);
+                partition_count
+            }
             Err(StorageError::NotProvisioned { .. }) => {
                 self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
@@ -144,6 +237,13 @@ impl Prober {
             None => {}
         }
         let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
+        if let Some(e) = no_store {
+            self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
+            if !nothing_read {
+                self.registry.apply_probe(entry, Some(&reading), UnixMs::now());
+            }
+            return;
+        }
         match failure {
             Some(StorageError::NotProvisioned { .. }) if nothing_read => {
                 self.record(entry, ProbeOutcome::NotProvisioned, None);

@@ -23,7 +23,7 @@ pub struct HubSettings {
     pub connection: Option<String>,
     /// `maxActivitiesPerWorker` and `maxOrchestrationsPerWorker`.
     pub target: TargetSettings,
-    /// `useTablePartitionManagement`.
+    /// `useTablePartitionManagement`: an override; unset, the layout is detected.
     pub partition_mode: PartitionMode,
     /// `scaleAlgorithm`.
     pub algorithm: Algorithm,
@@ -52,7 +52,7 @@ impl HubSettings {
             task_hub: task_hub.to_string(),
             connection: None,
             target: TargetSettings::default(),
-            partition_mode: PartitionMode::Table,
+            partition_mode: PartitionMode::Auto,
             algorithm: Algorithm::default(),
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             worker_startup_ms: DurableSettings::default().startup_ms,
@@ -95,8 +95,9 @@ impl HubSettings {
                 defaults.max_orchestrations_per_worker,
             )?,
         };
+        // Unset: detected per hub, as DurableTask decides it; true or false overrides.
         let partition_mode = match get("useTablePartitionManagement") {
-            None => PartitionMode::Table,
+            None => PartitionMode::Auto,
             Some(v) if v.eq_ignore_ascii_case("true") => PartitionMode::Table,
             Some(v) if v.eq_ignore_ascii_case("false") => PartitionMode::Blob,
             Some(v) => {
@@ -157,7 +158,7 @@ mod tests {
         assert_eq!(s.task_hub, "MyHub");
         assert_eq!(s.connection, None);
         assert_eq!(s.target, TargetSettings::default());
-        assert_eq!(s.partition_mode, PartitionMode::Table);
+        assert_eq!(s.partition_mode, PartitionMode::Auto);
         assert_eq!(s.algorithm, Algorithm::Durable);
         assert_eq!(s.max_polling_interval_ms, 30_000);
         assert_eq!(s.worker_startup_ms, 20_000);

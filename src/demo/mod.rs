@@ -113,7 +113,8 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
     let connection = azurite.connection_string();
     let account = StorageAccount::from_connection_string(&connection)?;
     let hub = TaskHub::parse(&format!("DemoHub{}", std::process::id()))?;
-    let emulator = crate::emulator::TaskHubEmulator::new(&account, hub.clone(), PartitionMode::Table);
+    let emulator =
+        crate::emulator::TaskHubEmulator::new(&account, hub.clone(), crate::storage::Layout::Table);
     emulator.create(args.partitions).await?;
     let reader = TaskHubReader::new(&account, hub.clone(), PartitionMode::Table, StorageOptions::default());
     println!(

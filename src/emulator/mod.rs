@@ -5,30 +5,52 @@
 //! task hub's resources and never use this module. It goes through the same
 //! [`StorageAccount`] pipelines (Shared Key signing, timeouts, retries) as the reader.
 //!
-//! Layouts (durabletask-facts.md):
-//! - table mode: queues `{hub}-control-NN` and `{hub}-workitems`, table `{hub}Partitions`
-//!   with one row per partition (PartitionKey "", RowKey = control queue name);
-//! - blob mode (legacy): the same queues, container `{hub}-leases` with `taskhub.json` and
-//!   one lease blob `default/{control queue}` per partition whose JSON body names the owner.
+//! Layouts ([`Layout`]; upstream files in Azure/durabletask src/DurableTask.AzureStorage):
+//! - all: queues `{hub}-control-NN` and `{hub}-workitems`
+//!   (AzureStorageOrchestrationService.cs, `GetTaskHubCreatorTask`);
+//! - table: table `{hub}Partitions` with one row per partition, inserted as
+//!   `new TablePartitionLease { RowKey = control queue }` (PartitionKey "", no owner) and
+//!   claimed, renewed and released as Partitioning/TablePartitionManager.cs does
+//!   (`ClaimLease`: owner, OwnedSince, LastRenewal, ExpiresAt = now + 1 min; `RenewLease`;
+//!   `ReleaseLease` clears CurrentOwner);
+//! - safe: container `{hub}-leases` with `taskhub.json` (Partitioning/TaskHubInfo.cs) and, per
+//!   partition, `intent/{queue}` and `ownership/{queue}` lease blobs
+//!   (Partitioning/SafePartitionManager.cs); a worker leases its intent blob and then the
+//!   ownership blob, and it is the ownership blob's lease that says who processes the
+//!   partition;
+//! - legacy: the same container with `taskhub.json` and one `default/{queue}` lease blob per
+//!   partition (Partitioning/LegacyPartitionManager.cs).
+//!
+//! Lease blobs carry a `BlobPartitionLease` body (Partitioning/BlobPartitionLease.cs and
+//! Lease.cs: `PartitionId`, `Owner`, `Token` = the lease id, `Epoch`), written the way
+//! Partitioning/BlobPartitionLeaseManager.cs does: created with no owner; `AcquireAsync`
+//! changes the lease when the blob is leased (taking it over with the token of the body) or
+//! acquires it, then uploads the body with the new Owner and Epoch + 1 under the lease;
+//! `ReleaseAsync` uploads the body without Owner and Token, then releases.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use azure_core::http::{Method, RequestContent, StatusCode};
-use azure_storage_blob::models::{BlobClientAcquireLeaseResultHeaders, BlobClientUploadOptions};
+use azure_core::http::{Etag, Method, RequestContent, StatusCode};
+use azure_storage_blob::models::{
+    BlobClientAcquireLeaseOptions, BlobClientAcquireLeaseResultHeaders, BlobClientBreakLeaseOptions,
+    BlobClientUploadOptions,
+};
 use azure_storage_queue::models::{
     QueueClientReceiveMessagesOptions, QueueClientSendMessageOptions, QueueMessage,
 };
 use time::OffsetDateTime;
 
 use crate::storage::{
-    PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, table::TableService,
+    Layout, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, lease_blob_name,
+    table::TableService,
 };
 
 /// Writes a task hub's resources the way a DurableTask worker does.
 #[derive(Debug, Clone)]
 pub struct TaskHubEmulator {
     hub: TaskHub,
-    mode: PartitionMode,
+    layout: Layout,
     account: StorageAccount,
     options: StorageOptions,
     table: TableService,
@@ -41,8 +63,9 @@ pub struct Claim {
     pub partition: u32,
     /// The worker id (pod name) holding it.
     pub worker: String,
-    /// The blob lease id (blob mode only).
-    pub lease_id: Option<String>,
+    /// Blob layouts: the lease id of each lease blob held (safe: intent, then ownership;
+    /// legacy: default), by blob path. Empty for the table.
+    pub leases: Vec<(String, String)>,
 }
 
 /// A message taken off a queue, invisible to others until its visibility timeout ends.
@@ -63,11 +86,21 @@ pub struct DequeuedMessage {
 /// Blob leases last 15 to 60 s (or forever); a claim's duration is clamped to that.
 const BLOB_LEASE_SECONDS: std::ops::RangeInclusive<u64> = 15..=60;
 
+/// Makes lease ids unique within the process (upstream uses `Guid.NewGuid()`).
+static LEASE_IDS: AtomicU64 = AtomicU64::new(0);
+
+fn new_lease_id() -> String {
+    let n = LEASE_IDS.fetch_add(1, Ordering::Relaxed);
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos() as u64;
+    format!("{:08x}-{:04x}-4{:03x}-8000-{:012x}", nanos as u32, (nanos >> 32) as u16, n & 0xfff, n)
+}
+
 impl TaskHubEmulator {
-    /// An emulator of `hub` in `account`, laying ownership out the `mode` way.
-    pub fn new(account: &StorageAccount, hub: TaskHub, mode: PartitionMode) -> Self {
+    /// An emulator of `hub` in `account`, laying ownership out as `layout`'s partition
+    /// manager does.
+    pub fn new(account: &StorageAccount, hub: TaskHub, layout: Layout) -> Self {
         let options = StorageOptions::default();
-        Self { table: TableService::new(account, &options), hub, mode, account: account.clone(), options }
+        Self { table: TableService::new(account, &options), hub, layout, account: account.clone(), options }
     }
 
     /// The hub this emulator writes.
@@ -75,22 +108,24 @@ impl TaskHubEmulator {
         &self.hub
     }
 
+    /// The layout it writes.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
     /// Creates the hub with `partitions` control queues, the work-item queue, and the
-    /// ownership records (table rows or `taskhub.json` and lease blobs), all unowned.
+    /// ownership records (table rows, or `taskhub.json` and lease blobs), all unowned.
     /// Existing resources are kept.
     pub async fn create(&self, partitions: u32) -> Result<(), StorageError> {
-        for partition in 0..partitions {
-            self.create_queue(&self.hub.control_queue(partition)).await?;
-        }
-        self.create_queue(&self.hub.work_item_queue()).await?;
-        match self.mode {
-            PartitionMode::Table => {
+        self.create_queues(partitions).await?;
+        match self.layout {
+            Layout::Table => {
                 self.create_table().await?;
                 for partition in 0..partitions {
-                    self.write_partition_row(partition, None, None, false).await?;
+                    self.insert_partition_row(partition).await?;
                 }
             }
-            PartitionMode::Blob => {
+            Layout::Safe | Layout::Legacy => {
                 let container = self.hub.lease_container();
                 let client = self.account.container_client(&container, &self.options)?;
                 // 409 ContainerAlreadyExists: keep it.
@@ -104,86 +139,98 @@ impl TaskHubEmulator {
                     "CreatedAt": rfc3339(OffsetDateTime::now_utc()),
                     "PartitionCount": partitions,
                 });
-                self.upload(&format!("{container}/taskhub.json"), info, None).await?;
+                self.create_blob(&format!("{container}/taskhub.json"), info).await?;
                 for partition in 0..partitions {
-                    self.upload(&self.lease_path(partition), lease_body(partition, self.hub(), None), None)
-                        .await?;
+                    for path in self.lease_paths(partition) {
+                        self.create_blob(&path, lease_body(self.hub(), partition, None, None, 0)).await?;
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// `worker` takes `partition` for `lease`: the row's CurrentOwner and ExpiresAt = now +
-    /// lease (table), or a blob lease of `lease` clamped to 15..60 s with Owner written
-    /// (blob). Fails when another holder's blob lease is active.
+    /// Creates only the queues: `partitions` control queues and the work-item queue, as a
+    /// hub whose ownership records are nowhere DurableTask keeps them would look.
+    pub async fn create_queues(&self, partitions: u32) -> Result<(), StorageError> {
+        for partition in 0..partitions {
+            self.create_queue(&self.hub.control_queue(partition)).await?;
+        }
+        self.create_queue(&self.hub.work_item_queue()).await
+    }
+
+    /// `worker` takes `partition` for `lease`, taking it over from any current holder:
+    /// the row's CurrentOwner and ExpiresAt = now + lease (table), or each lease blob of the
+    /// partition acquired (or changed, when leased) for `lease` clamped to 15..60 s with
+    /// Owner written (safe: intent then ownership; legacy: default).
     pub async fn claim(&self, partition: u32, worker: &str, lease: Duration) -> Result<Claim, StorageError> {
-        match self.mode {
-            PartitionMode::Table => {
-                let expires = OffsetDateTime::now_utc() + lease;
-                self.write_partition_row(partition, Some(worker), Some(expires), false).await?;
-                Ok(Claim { partition, worker: worker.to_string(), lease_id: None })
-            }
-            PartitionMode::Blob => {
-                let path = self.lease_path(partition);
-                let client = self.account.blob_client(&path, &self.options)?;
-                let seconds = lease.as_secs().clamp(*BLOB_LEASE_SECONDS.start(), *BLOB_LEASE_SECONDS.end());
-                let response = client
-                    .acquire_lease(seconds as i32, None)
-                    .await
-                    .map_err(|e| StorageError::from_azure(&path, &e))?;
-                let lease_id =
-                    response.lease_id().ok().flatten().ok_or_else(|| StorageError::Unexpected {
-                        resource: path.clone(),
-                        message: "no lease id returned".into(),
-                    })?;
-                self.upload(&path, lease_body(partition, self.hub(), Some(worker)), Some(lease_id.clone()))
-                    .await?;
-                Ok(Claim { partition, worker: worker.to_string(), lease_id: Some(lease_id) })
-            }
+        if self.layout == Layout::Table {
+            let expires = OffsetDateTime::now_utc() + lease;
+            self.write_partition_row(partition, Some(worker), Some(expires), false).await?;
+            return Ok(Claim { partition, worker: worker.to_string(), leases: Vec::new() });
         }
+        let seconds = lease.as_secs().clamp(*BLOB_LEASE_SECONDS.start(), *BLOB_LEASE_SECONDS.end());
+        let mut leases = Vec::new();
+        for path in self.lease_paths(partition) {
+            let lease_id = self.acquire_blob(&path, partition, worker, seconds as i32).await?;
+            leases.push((path, lease_id));
+        }
+        Ok(Claim { partition, worker: worker.to_string(), leases })
     }
 
-    /// Extends a claim by `lease` from now (table) or renews the blob lease.
+    /// Extends a claim by `lease` from now (table) or renews its blob leases.
     pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<(), StorageError> {
-        match &claim.lease_id {
-            None => {
-                let expires = OffsetDateTime::now_utc() + lease;
-                self.write_partition_row(claim.partition, Some(&claim.worker), Some(expires), false).await
-            }
-            Some(lease_id) => {
-                let path = self.lease_path(claim.partition);
-                let client = self.account.blob_client(&path, &self.options)?;
-                client
-                    .renew_lease(lease_id.clone(), None)
-                    .await
-                    .map_err(|e| StorageError::from_azure(&path, &e))?;
-                Ok(())
-            }
+        if self.layout == Layout::Table {
+            let expires = OffsetDateTime::now_utc() + lease;
+            return self
+                .write_partition_row(claim.partition, Some(&claim.worker), Some(expires), false)
+                .await;
         }
+        for (path, lease_id) in claim.leases.clone() {
+            let client = self.account.blob_client(&path, &self.options)?;
+            client.renew_lease(lease_id, None).await.map_err(|e| StorageError::from_azure(&path, &e))?;
+        }
+        Ok(())
     }
 
-    /// Gives a claim up: clears the row's owner (table), or clears Owner and releases the
-    /// blob lease (blob), as DurableTask does on shutdown.
+    /// Gives a claim up as DurableTask does on shutdown: clears the row's owner (table), or
+    /// clears Owner and Token and releases each lease blob, ownership first (blob layouts).
     pub async fn release(&self, claim: Claim) -> Result<(), StorageError> {
-        match claim.lease_id {
-            None => self.write_partition_row(claim.partition, None, None, false).await,
-            Some(lease_id) => {
-                let path = self.lease_path(claim.partition);
-                self.upload(&path, lease_body(claim.partition, self.hub(), None), Some(lease_id.clone()))
-                    .await?;
-                let client = self.account.blob_client(&path, &self.options)?;
-                client
-                    .release_lease(lease_id, None)
-                    .await
-                    .map_err(|e| StorageError::from_azure(&path, &e))?;
-                Ok(())
-            }
+        if self.layout == Layout::Table {
+            return self.write_partition_row(claim.partition, None, None, false).await;
         }
+        for (path, lease_id) in claim.leases.into_iter().rev() {
+            let epoch = self.read_epoch(&path).await?;
+            let body = lease_body(self.hub(), claim.partition, None, None, epoch);
+            self.upload(&path, body, Some(lease_id.clone())).await?;
+            let client = self.account.blob_client(&path, &self.options)?;
+            client.release_lease(lease_id, None).await.map_err(|e| StorageError::from_azure(&path, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Breaks the lease on `partition`'s ownership blob (safe: `ownership/`, legacy:
+    /// `default/`) with `break_period` (whole seconds, up to 60): the blob stays `breaking`
+    /// for that long, then `broken`. The body still names the last owner. Table layout: an
+    /// error, it has no blob leases.
+    pub async fn break_lease(&self, partition: u32, break_period: Duration) -> Result<(), StorageError> {
+        let Some(path) = self.lease_paths(partition).pop() else {
+            return Err(StorageError::Unexpected {
+                resource: self.hub.partitions_table(),
+                message: "the table layout has no blob leases to break".into(),
+            });
+        };
+        let client = self.account.blob_client(&path, &self.options)?;
+        let options = BlobClientBreakLeaseOptions {
+            break_period: Some(break_period.as_secs().min(60) as i32),
+            ..Default::default()
+        };
+        client.break_lease(Some(options)).await.map_err(|e| StorageError::from_azure(&path, &e))?;
+        Ok(())
     }
 
     /// Writes a Partitions-table row as DurableTask's table partition manager does (table
-    /// mode): `owner` until `expires_at`, draining or not. Lets tests write expired leases.
+    /// layout): `owner` until `expires_at`, draining or not. Lets tests write expired leases.
     pub async fn write_partition_row(
         &self,
         partition: u32,
@@ -295,8 +342,109 @@ impl TaskHubEmulator {
         self.table.send(Method::Post, url, Some(body), &[201, 204, 409], &table).await.map(drop)
     }
 
-    fn lease_path(&self, partition: u32) -> String {
-        format!("{}/{}", self.hub.lease_container(), self.hub.lease_blob(partition))
+    /// `TablePartitionManager.CreateLease`: inserts the unowned row, keeping an existing one.
+    async fn insert_partition_row(&self, partition: u32) -> Result<(), StorageError> {
+        let table = self.hub.partitions_table();
+        let url = self.table.url(&table)?;
+        let row = serde_json::json!({
+            "PartitionKey": "",
+            "RowKey": self.hub.control_queue(partition),
+            "IsDraining": false,
+        });
+        // 409 EntityAlreadyExists: keep it.
+        self.table.send(Method::Post, url, Some(row), &[201, 204, 409], &table).await.map(drop)
+    }
+
+    /// The lease blobs of `partition`, as `container/name` paths: safe, intent then
+    /// ownership; legacy, default; none for the table.
+    fn lease_paths(&self, partition: u32) -> Vec<String> {
+        let directories: &[&str] = match self.layout {
+            Layout::Table => &[],
+            Layout::Safe => &["intent", "ownership"],
+            Layout::Legacy => &["default"],
+        };
+        let container = self.hub.lease_container();
+        directories
+            .iter()
+            .map(|d| format!("{container}/{}", lease_blob_name(&self.hub, d, partition)))
+            .collect()
+    }
+
+    /// `BlobPartitionLeaseManager.AcquireAsync`: change the lease when the blob is leased
+    /// (with the Token of its body), else acquire it; then the body with Owner and Epoch + 1.
+    async fn acquire_blob(
+        &self,
+        path: &str,
+        partition: u32,
+        worker: &str,
+        seconds: i32,
+    ) -> Result<String, StorageError> {
+        let client = self.account.blob_client(path, &self.options)?;
+        let (state, body) = self.download(path).await?;
+        let current: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let epoch = current.get("Epoch").and_then(|e| e.as_u64()).unwrap_or(0);
+        let token = current.get("Token").and_then(|t| t.as_str()).map(str::to_string);
+        let proposed = new_lease_id();
+        let lease_id = match (state.as_str(), token) {
+            ("leased", Some(token)) => {
+                client
+                    .change_lease(token, proposed.clone(), None)
+                    .await
+                    .map_err(|e| StorageError::from_azure(path, &e))?;
+                proposed
+            }
+            _ => {
+                let options =
+                    BlobClientAcquireLeaseOptions { proposed_lease_id: Some(proposed), ..Default::default() };
+                let response = client
+                    .acquire_lease(seconds, Some(options))
+                    .await
+                    .map_err(|e| StorageError::from_azure(path, &e))?;
+                response.lease_id().ok().flatten().ok_or_else(|| StorageError::Unexpected {
+                    resource: path.to_string(),
+                    message: "no lease id returned".into(),
+                })?
+            }
+        };
+        let body = lease_body(self.hub(), partition, Some(worker), Some(&lease_id), epoch + 1);
+        self.upload(path, body, Some(lease_id.clone())).await?;
+        Ok(lease_id)
+    }
+
+    async fn read_epoch(&self, path: &str) -> Result<u64, StorageError> {
+        let (_, body) = self.download(path).await?;
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        Ok(value.get("Epoch").and_then(|e| e.as_u64()).unwrap_or(0))
+    }
+
+    /// A blob's lease state (lowercased) and content.
+    async fn download(&self, path: &str) -> Result<(String, Vec<u8>), StorageError> {
+        let client = self.account.blob_client(path, &self.options)?;
+        let result = client.download(None).await.map_err(|e| StorageError::from_azure(path, &e))?;
+        let state = result
+            .headers
+            .get_optional_str(&azure_core::http::headers::HeaderName::from_static("x-ms-lease-state"))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let body = result.body.collect().await.map_err(|e| StorageError::from_azure(path, &e))?;
+        Ok((state, body.to_vec()))
+    }
+
+    /// Uploads `json` unless the blob exists (`UploadTextAsync(ifDoesntExist: true)`).
+    async fn create_blob(&self, path: &str, json: serde_json::Value) -> Result<(), StorageError> {
+        let client = self.account.blob_client(path, &self.options)?;
+        let options = BlobClientUploadOptions { if_none_match: Some(Etag::from("*")), ..Default::default() };
+        let content = RequestContent::from(json.to_string().into_bytes());
+        match client.upload(content, Some(options)).await {
+            Ok(_) => Ok(()),
+            // 409 BlobAlreadyExists (412 from some versions): keep it.
+            Err(e)
+                if matches!(e.http_status(), Some(StatusCode::Conflict | StatusCode::PreconditionFailed)) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(StorageError::from_azure(path, &e)),
+        }
     }
 
     async fn upload(
@@ -313,13 +461,19 @@ impl TaskHubEmulator {
     }
 }
 
-/// A lease blob's JSON body as DurableTask's BlobPartitionLease writes it.
-fn lease_body(partition: u32, hub: &TaskHub, owner: Option<&str>) -> serde_json::Value {
+/// A lease blob's JSON body as DurableTask's `BlobPartitionLease` serializes it.
+fn lease_body(
+    hub: &TaskHub,
+    partition: u32,
+    owner: Option<&str>,
+    token: Option<&str>,
+    epoch: u64,
+) -> serde_json::Value {
     serde_json::json!({
         "PartitionId": hub.control_queue(partition),
         "Owner": owner,
-        "Token": null,
-        "Epoch": 0,
+        "Token": token,
+        "Epoch": epoch,
     })
 }
 

@@ -44,9 +44,10 @@ pub struct Args {
     #[arg(long, env = env::INTERVAL, default_value = "5s",
           value_parser = naming(env::INTERVAL, |text: &str| crate::config::parse_duration_within(text, &SIDECAR_INTERVAL_RANGE)))]
     pub interval: Duration,
-    /// How the app records partition ownership: `table` (the `{hub}Partitions` table,
-    /// DurableTask.AzureStorage 2.x default) or `blob` (legacy lease blobs).
-    #[arg(long, env = env::PARTITION_MODE, default_value = "table",
+    /// Where the app records partition ownership: `auto` detects it per hub as DurableTask
+    /// does (the `{hub}Partitions` table, else `taskhub.json` with safe or legacy lease
+    /// blobs); `table` or `blob` (safe or legacy lease blobs) only override it.
+    #[arg(long, env = env::PARTITION_MODE, default_value = "auto",
           value_parser = naming(env::PARTITION_MODE, parse_partition_mode))]
     pub partition_mode: PartitionMode,
     /// The projected service-account token sent as the bearer credential of every report;
@@ -60,13 +61,9 @@ pub struct Args {
     pub http_addr: SocketAddr,
 }
 
-/// `table` or `blob`, any case.
+/// `auto`, `table` or `blob`, any case.
 fn parse_partition_mode(text: &str) -> Result<PartitionMode, String> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "table" => Ok(PartitionMode::Table),
-        "blob" => Ok(PartitionMode::Blob),
-        other => Err(format!("{other:?} is neither `table` nor `blob`")),
-    }
+    PartitionMode::parse(text).ok_or_else(|| format!("{:?} is none of `auto`, `table`, `blob`", text.trim()))
 }
 
 /// The sidecar's validated settings.
@@ -202,7 +199,7 @@ mod tests {
             pod_name: Some("app-7d9f-x2".into()),
             pod_namespace: Some("apps".into()),
             interval: Duration::from_secs(5),
-            partition_mode: PartitionMode::Table,
+            partition_mode: PartitionMode::Auto,
             token_file: TOKEN_FILE.into(),
             http_addr: SocketAddr::from(([0, 0, 0, 0], SIDECAR_HTTP_PORT)),
         }
@@ -212,7 +209,7 @@ mod tests {
     fn the_command_line_defaults_are_the_contract() {
         let parsed = Cli::try_parse_from(["sidecar"]).unwrap().args;
         assert_eq!(parsed.interval, Duration::from_secs(5));
-        assert_eq!(parsed.partition_mode, PartitionMode::Table);
+        assert_eq!(parsed.partition_mode, PartitionMode::Auto);
         assert_eq!(parsed.http_addr.port(), SIDECAR_HTTP_PORT);
         assert_eq!(parsed.token_file, Path::new(TOKEN_FILE));
     }

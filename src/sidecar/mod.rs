@@ -177,7 +177,8 @@ async fn poll_until_shutdown(
             match result.errors.first() {
                 Some(e) => tracing::warn!(error = %e, "storage read failed"),
                 None => {
-                    tracing::info!(owned = ?result.owned, partitions = result.partition_count, "storage reads healthy")
+                    let layout = result.layout.map(|l| l.as_str());
+                    tracing::info!(owned = ?result.owned, partitions = result.partition_count, ?layout, "storage reads healthy")
                 }
             }
             last_error_kind = kind;
@@ -255,6 +256,8 @@ pub fn report_of(
             .collect(),
         work_item: result.work_item.as_ref().map(poll::signals_to_proto),
         error: result.errors.first().map(poll::error_to_proto),
+        // The layout detected (or the override's name until one is).
+        partition_mode: result.layout.map_or(config.partition_mode.as_str(), |l| l.as_str()).to_string(),
         ..base_report(config, interval, sampled_at)
     }
 }

@@ -1,11 +1,16 @@
 //! One poll: which partitions this pod owns now, and the signals of their control queues
 //! (plus the work-item queue when it owns partition 0), as one report.
+//!
+//! Ownership is read from whichever layout the hub has (the reader detects it: the
+//! `{hub}Partitions` table, safe `ownership/` or legacy `default/` lease blobs; see
+//! `storage::Layout`). A hub with queues and no ownership store is reported as an error
+//! that names what was looked for, never as a pod that owns nothing in silence.
 
 use futures::StreamExt;
 
 use crate::{
     proto::report::{self as proto, report_error::Kind},
-    storage::{PartitionLease, QueueRef, QueueSignals, StorageError, TaskHubReader},
+    storage::{Layout, PartitionLease, QueueRef, QueueSignals, StorageError, TaskHubReader},
 };
 
 /// How many queues are read at once: a short poll without a burst of connections.
@@ -24,13 +29,15 @@ pub struct PollResult {
     pub owned: Vec<u32>,
     /// Every storage error met (the report carries the first).
     pub errors: Vec<StorageError>,
+    /// Where ownership was read from, once detected.
+    pub layout: Option<Layout>,
 }
 
 /// Reads what `pod_name` owns at `now_unix_ms`.
 pub async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i64) -> PollResult {
     let leases = match reader.partitions(now_unix_ms).await {
         Ok(leases) => leases,
-        Err(e) => return PollResult { errors: vec![e], ..Default::default() },
+        Err(e) => return PollResult { errors: vec![e], layout: reader.layout(), ..Default::default() },
     };
     let owned = owned_partitions(&leases, pod_name);
     let mut queues: Vec<QueueRef> = owned.iter().map(|&p| QueueRef::Control(p)).collect();
@@ -43,7 +50,12 @@ pub async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i64) -> P
         .buffered(QUEUE_READ_CONCURRENCY)
         .collect()
         .await;
-    let mut result = PollResult { partition_count: leases.len() as u32, owned, ..Default::default() };
+    let mut result = PollResult {
+        partition_count: leases.len() as u32,
+        owned,
+        layout: reader.layout(),
+        ..Default::default()
+    };
     for (queue, read) in reads {
         match (queue, read) {
             (QueueRef::Control(p), Ok(signals)) => result.control_queues.push((p, signals)),
@@ -82,7 +94,8 @@ pub fn error_to_proto(e: &StorageError) -> proto::ReportError {
         StorageError::NotProvisioned { .. } => Kind::TaskHubNotProvisioned,
         StorageError::Authentication { .. } => Kind::Authentication,
         StorageError::Unreachable { .. } => Kind::Unreachable,
-        StorageError::Unexpected { .. } => Kind::Storage,
+        // The protocol has no kind of its own for it; the message says what was looked for.
+        StorageError::NoOwnershipStore { .. } | StorageError::Unexpected { .. } => Kind::Storage,
     };
     proto::ReportError { kind: kind as i32, message: e.to_string() }
 }
@@ -109,5 +122,13 @@ mod tests {
         assert_eq!(error_to_proto(&e).kind, Kind::TaskHubNotProvisioned as i32);
         let e = StorageError::Authentication { resource: "t".into(), status: 403 };
         assert_eq!(error_to_proto(&e).kind, Kind::Authentication as i32);
+        let e = StorageError::NoOwnershipStore {
+            task_hub: "MyHub".into(),
+            looked_for: "table MyHubPartitions".into(),
+            partition_count: 4,
+        };
+        let reported = error_to_proto(&e);
+        assert_eq!(reported.kind, Kind::Storage as i32);
+        assert!(reported.message.contains("no partition ownership store: looked for table MyHubPartitions"));
     }
 }

@@ -22,7 +22,7 @@ use azure_core::{
     },
 };
 use azure_storage_blob::{BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions};
-use azure_storage_queue::{QueueClient, QueueClientOptions};
+use azure_storage_queue::{QueueClient, QueueClientOptions, QueueServiceClient, QueueServiceClientOptions};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 
 use super::{
@@ -261,6 +261,20 @@ impl StorageAccount {
         };
         QueueClient::new(self.url(Service::Queue, name)?, None, Some(client_options))
             .map_err(|e| StorageError::from_azure(name, &e))
+    }
+
+    /// A client of the account's Queue service (listing queues).
+    pub(crate) fn queue_service_client(
+        &self,
+        options: &StorageOptions,
+    ) -> Result<QueueServiceClient, StorageError> {
+        let client_options = QueueServiceClientOptions {
+            client_options: self.client_options(Service::Queue, options),
+            ..Default::default()
+        };
+        let endpoint = self.url(Service::Queue, "")?;
+        QueueServiceClient::new(endpoint, None, Some(client_options))
+            .map_err(|e| StorageError::from_azure("the queue service", &e))
     }
 
     /// A client of blob `path` (`container/name`, where the name may contain `/`).

@@ -9,8 +9,11 @@
 //!   timeout and request-counting pipeline policies the official crates lack;
 //! - `table`: the few Table service calls, sent through the same azure_core pipeline since no
 //!   official table crate exists;
+//! - `layout`: [`Layout`], the three places DurableTask keeps partition ownership, and the
+//!   names of their records;
 //! - `reader`: [`TaskHubReader`], the reads themselves (queues through `azure_storage_queue`,
-//!   lease blobs through `azure_storage_blob`, the Partitions table through `table`).
+//!   lease blobs through `azure_storage_blob`, the Partitions table through `table`), and the
+//!   detection of a hub's layout.
 //!
 //! The write side (creating hubs, claiming partitions, enqueueing) lives apart, in
 //! [`crate::emulator`], for tests and the demo only.
@@ -18,24 +21,30 @@
 use std::time::Duration;
 
 mod account;
+mod layout;
 mod policy;
 mod reader;
 pub(crate) mod table;
 
 pub(crate) use account::Service;
 pub use account::{CredentialKind, StorageAccount};
+pub use layout::{Layout, REDETECT_INTERVAL, lease_blob_name};
 pub use reader::{PEEK_LIMIT, TaskHubReader};
 // The name rule and the partition limit are the roles' contract; storage derives the hub's
 // resource names from a checked name.
 pub use crate::contract::{InvalidTaskHubName, MAX_PARTITIONS, TaskHub};
 
-/// How partition ownership is recorded (host.json `useTablePartitionManagement`).
+/// Where to look for partition ownership: detected by default, as upstream decides it; the
+/// other values are overrides (host.json `useTablePartitionManagement` true or false).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PartitionMode {
-    /// The `{hub}Partitions` table (DurableTask.AzureStorage 2.x default).
+    /// Detect per hub: the `{hub}Partitions` table when it exists, else `taskhub.json` with
+    /// `ownership/` (safe) or `default/` (legacy) lease blobs ([`Layout`]).
     #[default]
+    Auto,
+    /// Only the `{hub}Partitions` table.
     Table,
-    /// Legacy lease blobs in `{hub lowercased}-leases`.
+    /// Only lease blobs in `{hub lowercased}-leases`: safe or legacy, whichever is there.
     Blob,
 }
 
@@ -99,6 +108,21 @@ pub enum StorageError {
         /// The transport error.
         message: String,
     },
+    /// The hub's queues exist but none of the places DurableTask keeps partition ownership
+    /// does: the hub cannot be read as upstream reads it (and must not pass for empty).
+    #[error(
+        "task hub {task_hub} has queues but no partition ownership store: looked for {looked_for}; \
+         found {partition_count} control queue(s)"
+    )]
+    NoOwnershipStore {
+        /// The task hub.
+        task_hub: String,
+        /// What was looked for: the table, the `taskhub.json` blob, the lease prefixes.
+        looked_for: String,
+        /// The partition count the control queues found by name imply (the highest index
+        /// found + 1; 0 when only the work-item queue exists).
+        partition_count: u32,
+    },
     /// Anything else storage answered.
     #[error("storage error reading {resource}: {message}")]
     Unexpected {
@@ -149,12 +173,13 @@ impl TaskHub {
         format!("{}Partitions", self.name())
     }
 
-    /// `{hub lowercased}-leases`: legacy blob partition management.
+    /// `{hub lowercased}-leases`: blob partition management (safe and legacy).
     pub fn lease_container(&self) -> String {
         format!("{}-leases", self.name().to_ascii_lowercase())
     }
 
-    /// The lease blob of `partition` inside [`TaskHub::lease_container`].
+    /// The legacy partition manager's lease blob of `partition` inside
+    /// [`TaskHub::lease_container`]; see [`lease_blob_name`] for every layout.
     pub fn lease_blob(&self, partition: u32) -> String {
         format!("default/{}", self.control_queue(partition))
     }
@@ -168,11 +193,31 @@ impl TaskHub {
 }
 
 impl PartitionMode {
-    /// `table` or `blob`, as the report protocol and the command line spell it.
+    /// `auto`, `table` or `blob`, as the command line and logs spell it.
     pub fn as_str(self) -> &'static str {
         match self {
+            PartitionMode::Auto => "auto",
             PartitionMode::Table => "table",
             PartitionMode::Blob => "blob",
+        }
+    }
+
+    /// Reads `auto`, `table` or `blob` (any case, surrounding spaces ignored).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(PartitionMode::Auto),
+            "table" => Some(PartitionMode::Table),
+            "blob" => Some(PartitionMode::Blob),
+            _ => None,
+        }
+    }
+
+    /// Whether this mode may find `layout`.
+    pub fn allows(self, layout: Layout) -> bool {
+        match self {
+            PartitionMode::Auto => true,
+            PartitionMode::Table => layout == Layout::Table,
+            PartitionMode::Blob => layout != Layout::Table,
         }
     }
 }
@@ -211,6 +256,7 @@ impl StorageError {
             StorageError::NotProvisioned { .. } => StorageErrorKind::NotProvisioned,
             StorageError::Authentication { .. } => StorageErrorKind::Authentication,
             StorageError::Unreachable { .. } => StorageErrorKind::Unreachable,
+            StorageError::NoOwnershipStore { .. } => StorageErrorKind::NoOwnershipStore,
             StorageError::Unexpected { .. } => StorageErrorKind::Unexpected,
         }
     }
@@ -225,6 +271,8 @@ pub enum StorageErrorKind {
     Authentication,
     /// [`StorageError::Unreachable`].
     Unreachable,
+    /// [`StorageError::NoOwnershipStore`].
+    NoOwnershipStore,
     /// [`StorageError::Unexpected`].
     Unexpected,
 }
@@ -233,6 +281,7 @@ crate::metrics::label_values!(StorageErrorKind {
     NotProvisioned => "not_provisioned",
     Authentication => "authentication",
     Unreachable => "unreachable",
+    NoOwnershipStore => "no_ownership_store",
     Unexpected => "unexpected",
 });
 
@@ -271,5 +320,31 @@ mod tests {
         assert_eq!(hub.partition_of("myhub-control-07"), Some(7));
         assert_eq!(hub.partition_of("otherhub-control-07"), None);
         assert_eq!(hub.partition_of("myhub-control-99"), None);
+    }
+
+    #[test]
+    fn partition_modes_read_back_what_they_print() {
+        for mode in [PartitionMode::Auto, PartitionMode::Table, PartitionMode::Blob] {
+            assert_eq!(PartitionMode::parse(&format!(" {} ", mode.as_str().to_uppercase())), Some(mode));
+        }
+        assert_eq!(PartitionMode::parse("sql"), None);
+        assert_eq!(PartitionMode::default(), PartitionMode::Auto);
+    }
+
+    #[test]
+    fn an_override_limits_the_layouts_found() {
+        assert!(PartitionMode::Blob.allows(Layout::Legacy) && !PartitionMode::Blob.allows(Layout::Table));
+        assert!(PartitionMode::Table.allows(Layout::Table) && !PartitionMode::Table.allows(Layout::Safe));
+        assert!(
+            [Layout::Table, Layout::Safe, Layout::Legacy].into_iter().all(|l| PartitionMode::Auto.allows(l))
+        );
+    }
+
+    #[test]
+    fn task_hub_names_are_checked_like_durable_task() {
+        assert!(TaskHub::parse("MyHub1").is_ok());
+        for bad in ["ab", "my-hub", "1hub", &"a".repeat(51)] {
+            assert!(TaskHub::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,23 +1,41 @@
 //! [`TaskHubReader`]: the read-only view of one task hub that the sidecar (its own
-//! partitions) and the aggregator's probe (the uncovered ones) share.
+//! partitions) and the aggregator's probe (the uncovered ones) share, and the detection of
+//! where the hub keeps partition ownership ([`Layout`]).
+//!
+//! Detection follows upstream's `AzureStorageOrchestrationService.GetControlQueuesAsync`
+//! (Azure/durabletask src/DurableTask.AzureStorage/AzureStorageOrchestrationService.cs): the
+//! `{hub}Partitions` table if it exists, else `taskhub.json` and lease blobs. It is cached
+//! per reader and re-checked every [`REDETECT_INTERVAL`] (blob layouts) or whenever the
+//! cached layout's records are gone. Unlike upstream, which creates `taskhub.json` when it
+//! finds none, the reader never writes: a hub with queues and no ownership records is the
+//! [`StorageError::NoOwnershipStore`] error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use azure_core::http::headers::HeaderName;
-use azure_storage_queue::models::{QueueClientGetPropertiesResultHeaders, QueueClientPeekMessagesOptions};
+use azure_storage_blob::models::{BlobContainerClientListBlobsOptions, LeaseState};
+use azure_storage_queue::models::{
+    QueueClientGetPropertiesResultHeaders, QueueClientPeekMessagesOptions,
+    QueueServiceClientListQueuesOptions,
+};
 use futures::{StreamExt, TryStreamExt};
 
+use super::layout::TASK_HUB_INFO_BLOB;
 use super::{
-    PartitionLease, PartitionMode, QueueRef, QueueSignals, StorageAccount, StorageError, StorageOptions,
-    TaskHub, table::TableService,
+    Layout, PartitionLease, PartitionMode, QueueRef, QueueSignals, REDETECT_INTERVAL, StorageAccount,
+    StorageError, StorageOptions, TaskHub, table::TableService,
 };
 
 /// How many messages one peek asks for (the service's maximum).
 pub const PEEK_LIMIT: u32 = 32;
 
-/// How many lease blobs are read at once in blob mode: enough to keep a poll short, few
-/// enough to keep the connection pool (and memory) small.
+/// How many lease blobs are downloaded at once: enough to keep a poll short, few enough to
+/// keep the connection pool (and memory) small.
 const BLOB_READ_CONCURRENCY: usize = 4;
 
-/// Reads one task hub's queues and partition ownership. Never writes. Cheap to clone.
+/// Reads one task hub's queues and partition ownership. Never writes. Cheap to clone;
+/// clones share the detected layout and the lease bodies read so far.
 #[derive(Debug, Clone)]
 pub struct TaskHubReader {
     hub: TaskHub,
@@ -25,12 +43,51 @@ pub struct TaskHubReader {
     account: StorageAccount,
     options: StorageOptions,
     table: TableService,
+    cache: Arc<Mutex<Cache>>,
+}
+
+/// What the reader remembers between reads.
+#[derive(Debug, Default)]
+struct Cache {
+    detected: Option<Detected>,
+    /// Lease blob name -> (its ETag, the `Owner` of its body). A new owner rewrites the body
+    /// (`BlobPartitionLeaseManager.AcquireAsync` uploads it under the new lease), which
+    /// changes the ETag; lease state changes do not, and come from the listing each time.
+    owners: HashMap<String, (String, Option<String>)>,
+}
+
+/// A detected layout and when it was found.
+#[derive(Debug, Clone, Copy)]
+struct Detected {
+    layout: Layout,
+    /// Blob layouts: `PartitionCount` of `taskhub.json` (the table counts its rows each read).
+    partition_count: u32,
+    at_unix_ms: i64,
+}
+
+/// One lease blob as a listing shows it.
+#[derive(Debug, Clone)]
+struct ListedLease {
+    partition: u32,
+    name: String,
+    etag: String,
+    /// `x-ms-lease-state: leased`: upstream's `Blob.IsLeasedAsync` (Storage/Blob.cs) counts
+    /// only this state as held; `breaking`, `broken`, `expired` and `available` are not.
+    leased: bool,
 }
 
 impl TaskHubReader {
-    /// A reader for `hub` in `account`, finding owners the `mode` way.
+    /// A reader for `hub` in `account`; `mode` [`PartitionMode::Auto`] detects the layout,
+    /// the others restrict it.
     pub fn new(account: &StorageAccount, hub: TaskHub, mode: PartitionMode, options: StorageOptions) -> Self {
-        Self { table: TableService::new(account, &options), hub, mode, account: account.clone(), options }
+        Self {
+            table: TableService::new(account, &options),
+            hub,
+            mode,
+            account: account.clone(),
+            options,
+            cache: Arc::default(),
+        }
     }
 
     /// The hub this reader reads.
@@ -38,9 +95,15 @@ impl TaskHubReader {
         &self.hub
     }
 
-    /// How partition ownership is read.
+    /// Where partition ownership is looked for.
     pub fn mode(&self) -> PartitionMode {
         self.mode
+    }
+
+    /// The layout the last read of [`TaskHubReader::partitions`] used; None before the first
+    /// or after a read that found no ownership store.
+    pub fn layout(&self) -> Option<Layout> {
+        self.lock().detected.map(|d| d.layout)
     }
 
     /// The account read through (its [`StorageAccount::request_count`] counts this reader's
@@ -50,13 +113,103 @@ impl TaskHubReader {
     }
 
     /// Every partition of the hub (P = the number returned), ordered by index, and who holds
-    /// each at `now_unix_ms`. Table mode: one table query. Blob mode: `taskhub.json` and one
-    /// read per lease blob.
+    /// each at `now_unix_ms`. Calls per read once the layout is known: table, one query;
+    /// safe and legacy, one listing of the lease blobs plus a download of each leased blob
+    /// whose body changed since the last read. Detection adds a table lookup, a
+    /// `taskhub.json` read and up to two listings every [`REDETECT_INTERVAL`] for blob
+    /// layouts.
     pub async fn partitions(&self, now_unix_ms: i64) -> Result<Vec<PartitionLease>, StorageError> {
-        match self.mode {
-            PartitionMode::Table => self.table_partitions(now_unix_ms).await,
-            PartitionMode::Blob => self.blob_partitions().await,
+        let fresh = self.lock().detected.filter(|d| {
+            d.layout == Layout::Table || now_unix_ms - d.at_unix_ms < REDETECT_INTERVAL.as_millis() as i64
+        });
+        if let Some(detected) = fresh {
+            let read = match detected.layout {
+                Layout::Table => self.table_partitions(now_unix_ms).await.and_then(|rows| {
+                    rows.ok_or_else(|| StorageError::NotProvisioned { resource: self.hub.partitions_table() })
+                }),
+                Layout::Safe | Layout::Legacy => {
+                    self.blob_partitions(detected.layout, detected.partition_count).await
+                }
+            };
+            match read {
+                // The records of the layout found before are gone: detect again.
+                Err(StorageError::NotProvisioned { .. }) => self.lock().detected = None,
+                other => return other,
+            }
         }
+        let result = self.detect(now_unix_ms).await;
+        if result.is_err() {
+            self.lock().detected = None;
+        }
+        result
+    }
+
+    /// Finds the layout as upstream does and reads it.
+    async fn detect(&self, now_unix_ms: i64) -> Result<Vec<PartitionLease>, StorageError> {
+        let mut looked_for = Vec::new();
+        if self.mode.allows(Layout::Table) {
+            match self.table_partitions(now_unix_ms).await? {
+                Some(leases) => {
+                    self.remember(Layout::Table, leases.len() as u32, now_unix_ms);
+                    return Ok(leases);
+                }
+                None => looked_for.push(format!("table {}", self.hub.partitions_table())),
+            }
+        }
+        if self.mode.allows(Layout::Safe) {
+            let container = self.hub.lease_container();
+            match self.task_hub_info().await? {
+                Some(partition_count) => {
+                    let (layout, leases) = self.detect_blob_layout(partition_count).await?;
+                    self.remember(layout, partition_count, now_unix_ms);
+                    return Ok(leases);
+                }
+                None => looked_for.push(format!(
+                    "blob {container}/{TASK_HUB_INFO_BLOB} (with lease blobs under {container}/ownership/ \
+                     or {container}/default/)"
+                )),
+            }
+        }
+        let (any_queue, partition_count) = self.queues_found().await?;
+        let looked_for = looked_for.join(", ");
+        if !any_queue {
+            // The app never started: nothing exists, so there is no work.
+            return Err(StorageError::NotProvisioned {
+                resource: format!("{looked_for}, queue {}-*", self.hub.name().to_ascii_lowercase()),
+            });
+        }
+        Err(StorageError::NoOwnershipStore {
+            task_hub: self.hub.name().to_string(),
+            looked_for,
+            partition_count,
+        })
+    }
+
+    /// Safe or legacy, from the lease blobs (`taskhub.json` exists): leased `ownership/`
+    /// blobs mean the safe manager, else leased `default/` blobs the legacy one; with nothing
+    /// leased (no pod running), whichever directory has blobs, the safe one first (upstream's
+    /// default since 2020, and what a hub whose leases are not created yet will get).
+    async fn detect_blob_layout(
+        &self,
+        partition_count: u32,
+    ) -> Result<(Layout, Vec<PartitionLease>), StorageError> {
+        let safe = self.list_leases(Layout::Safe).await?;
+        if safe.iter().any(|l| l.leased) {
+            return Ok((Layout::Safe, self.owners(partition_count, safe).await?));
+        }
+        let legacy = self.list_leases(Layout::Legacy).await?;
+        if legacy.iter().any(|l| l.leased) || (safe.is_empty() && !legacy.is_empty()) {
+            return Ok((Layout::Legacy, self.owners(partition_count, legacy).await?));
+        }
+        Ok((Layout::Safe, self.owners(partition_count, safe).await?))
+    }
+
+    fn remember(&self, layout: Layout, partition_count: u32, now_unix_ms: i64) {
+        self.lock().detected = Some(Detected { layout, partition_count, at_unix_ms: now_unix_ms });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// One queue's signals at `now_unix_ms`: Get Queue Metadata and a peek of up to 32, sent
@@ -94,11 +247,17 @@ impl TaskHubReader {
         })
     }
 
-    /// Table mode: one row per partition, RowKey = control queue name; owned while
-    /// `ExpiresAt` is in the future.
-    async fn table_partitions(&self, now_unix_ms: i64) -> Result<Vec<PartitionLease>, StorageError> {
+    /// Table layout: one row per partition, RowKey = control queue name; owned by
+    /// `CurrentOwner` while `ExpiresAt` is in the future (`TablePartitionLease`,
+    /// Partitioning/TablePartitionLease.cs; a claim sets now + 1 min and a renewal now +
+    /// LeaseInterval in TablePartitionManager.cs). None when the table does not exist.
+    async fn table_partitions(&self, now_unix_ms: i64) -> Result<Option<Vec<PartitionLease>>, StorageError> {
         let table = self.hub.partitions_table();
-        let rows = self.table.query_all(&table).await?;
+        let rows = match self.table.query_all(&table).await {
+            Ok(rows) => rows,
+            Err(StorageError::NotProvisioned { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let mut leases: Vec<PartitionLease> = rows
             .iter()
             .filter_map(|row| {
@@ -116,51 +275,160 @@ impl TaskHubReader {
             })
             .collect();
         if leases.is_empty() {
+            // Upstream creates the table before its rows; the table alone is no hub yet.
             return Err(StorageError::NotProvisioned { resource: format!("{table} (no partition rows)") });
         }
         leases.sort_by_key(|l| l.partition);
-        Ok(leases)
+        Ok(Some(leases))
     }
 
-    /// Blob mode: P from `taskhub.json`, then each lease blob: the owner named in its JSON
-    /// body holds the partition while the blob is leased (`x-ms-lease-state: leased`, or
-    /// `breaking`: still held, but on its way out, reported as draining).
-    async fn blob_partitions(&self) -> Result<Vec<PartitionLease>, StorageError> {
-        let container = self.hub.lease_container();
-        let info_path = format!("{container}/taskhub.json");
-        let (_, info) = self.read_blob(&info_path).await?;
+    /// `PartitionCount` of `taskhub.json` (`TaskHubInfo`, Partitioning/TaskHubInfo.cs);
+    /// None when the blob or its container does not exist.
+    async fn task_hub_info(&self) -> Result<Option<u32>, StorageError> {
+        let path = format!("{}/{TASK_HUB_INFO_BLOB}", self.hub.lease_container());
+        let body = match self.read_blob(&path).await {
+            Ok((_, body)) => body,
+            Err(StorageError::NotProvisioned { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         #[derive(serde::Deserialize)]
         struct TaskHubInfo {
             #[serde(rename = "PartitionCount")]
             partition_count: u32,
         }
-        let info: TaskHubInfo = serde_json::from_slice(&info)
-            .map_err(|e| unexpected(&info_path, format!("unreadable taskhub.json: {e}")))?;
+        let info: TaskHubInfo = serde_json::from_slice(&body)
+            .map_err(|e| unexpected(&path, format!("unreadable {TASK_HUB_INFO_BLOB}: {e}")))?;
         if !(1..=super::MAX_PARTITIONS).contains(&info.partition_count) {
             return Err(unexpected(
-                &info_path,
+                &path,
                 format!("PartitionCount {} is outside 1..=16", info.partition_count),
             ));
         }
-        let container = &container;
-        futures::stream::iter(0..info.partition_count)
-            .map(|partition| async move {
-                let path = format!("{container}/{}", self.hub.lease_blob(partition));
-                let (owner, draining) = match self.read_blob(&path).await {
-                    Ok((state, body)) => match state.as_str() {
-                        "leased" => (lease_owner(&body), false),
-                        "breaking" => (lease_owner(&body), true),
-                        _ => (None, false),
-                    },
-                    // A lease blob not created yet is a partition nobody holds.
-                    Err(StorageError::NotProvisioned { .. }) => (None, false),
-                    Err(e) => return Err(e),
-                };
-                Ok(PartitionLease { partition, owner, expires_at_unix_ms: None, draining })
-            })
-            .buffered(BLOB_READ_CONCURRENCY)
+        Ok(Some(info.partition_count))
+    }
+
+    /// Safe and legacy layouts, once detected: one listing of the ownership directory, then
+    /// the bodies of the leased blobs not read before.
+    async fn blob_partitions(
+        &self,
+        layout: Layout,
+        partition_count: u32,
+    ) -> Result<Vec<PartitionLease>, StorageError> {
+        let listed = self.list_leases(layout).await?;
+        self.owners(partition_count, listed).await
+    }
+
+    /// The lease blobs of `layout`'s ownership directory, as one listing shows them
+    /// (upstream's `BlobPartitionLeaseManager.ListLeasesAsync` lists the same prefix).
+    async fn list_leases(&self, layout: Layout) -> Result<Vec<ListedLease>, StorageError> {
+        let container = self.hub.lease_container();
+        let Some(directory) = layout.ownership_directory() else {
+            return Ok(Vec::new());
+        };
+        let prefix = format!("{directory}/");
+        let resource = format!("{container}/{prefix}");
+        let client = self.account.container_client(&container, &self.options)?;
+        let options =
+            BlobContainerClientListBlobsOptions { prefix: Some(prefix.clone()), ..Default::default() };
+        let items: Vec<_> = client
+            .list_blobs(Some(options))
+            .map_err(|e| StorageError::from_azure(&resource, &e))?
             .try_collect()
             .await
+            .map_err(|e| StorageError::from_azure(&resource, &e))?;
+        Ok(items
+            .into_iter()
+            .filter_map(|item| {
+                let name = item.name?;
+                let partition = self.hub.partition_of(name.strip_prefix(&prefix)?)?;
+                let properties = item.properties?;
+                Some(ListedLease {
+                    partition,
+                    leased: properties.lease_state == Some(LeaseState::Leased),
+                    etag: properties.etag.map(|e| e.to_string()).unwrap_or_default(),
+                    name,
+                })
+            })
+            .collect())
+    }
+
+    /// Partitions 0..`partition_count` and their owners: the `Owner` of a lease blob's body
+    /// while the blob is leased; nobody for a blob not leased or not created yet.
+    async fn owners(
+        &self,
+        partition_count: u32,
+        listed: Vec<ListedLease>,
+    ) -> Result<Vec<PartitionLease>, StorageError> {
+        let container = self.hub.lease_container();
+        let leased: Vec<ListedLease> =
+            listed.into_iter().filter(|l| l.leased && l.partition < partition_count).collect();
+        let stale: Vec<ListedLease> = {
+            let cache = self.lock();
+            leased
+                .iter()
+                .filter(|l| {
+                    l.etag.is_empty() || cache.owners.get(&l.name).is_none_or(|(etag, _)| *etag != l.etag)
+                })
+                .cloned()
+                .collect()
+        };
+        let container = &container;
+        let downloaded: Vec<(String, String, Option<String>)> = futures::stream::iter(stale)
+            .map(|lease| async move {
+                match self.read_blob(&format!("{container}/{}", lease.name)).await {
+                    Ok((_, body)) => Ok((lease.name, lease.etag, lease_owner(&body))),
+                    // Deleted since the listing: nobody holds it.
+                    Err(StorageError::NotProvisioned { .. }) => Ok((lease.name, String::new(), None)),
+                    Err(e) => Err(e),
+                }
+            })
+            .buffer_unordered(BLOB_READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut cache = self.lock();
+        for (name, etag, owner) in downloaded {
+            cache.owners.insert(name, (etag, owner));
+        }
+        let mut leases: Vec<PartitionLease> = (0..partition_count)
+            .map(|partition| PartitionLease {
+                partition,
+                owner: None,
+                expires_at_unix_ms: None,
+                draining: false,
+            })
+            .collect();
+        for lease in &leased {
+            leases[lease.partition as usize].owner =
+                cache.owners.get(&lease.name).and_then(|(_, o)| o.clone());
+        }
+        Ok(leases)
+    }
+
+    /// Whether any of the hub's queues exists, and the partition count its control queues
+    /// imply (highest index + 1), from one listing of `{hub lowercased}-*`.
+    async fn queues_found(&self) -> Result<(bool, u32), StorageError> {
+        let prefix = format!("{}-", self.hub.name().to_ascii_lowercase());
+        let resource = format!("queues {prefix}*");
+        let client = self.account.queue_service_client(&self.options)?;
+        let options = QueueServiceClientListQueuesOptions { prefix: Some(prefix), ..Default::default() };
+        let items: Vec<_> = client
+            .list_queues(Some(options))
+            .map_err(|e| StorageError::from_azure(&resource, &e))?
+            .try_collect()
+            .await
+            .map_err(|e| StorageError::from_azure(&resource, &e))?;
+        let work_items = self.hub.work_item_queue();
+        let mut any = false;
+        let mut partition_count = 0;
+        for name in items.into_iter().filter_map(|q| q.name) {
+            if let Some(partition) = self.hub.partition_of(&name) {
+                any = true;
+                partition_count = partition_count.max(partition + 1);
+            } else if name == work_items {
+                any = true;
+            }
+        }
+        Ok((any, partition_count))
     }
 
     /// Downloads a small blob: its lease state (`x-ms-lease-state`, lowercased; empty when

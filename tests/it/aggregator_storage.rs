@@ -1,7 +1,9 @@
 //! The aggregator against real storage: Azurite, task hubs laid out and worked by the
 //! emulator (DurableTask's writes), real sidecars in-process, and KEDA's calls over the real
 //! gRPC port. Covers scale from zero through the cold probe, timers against running work, and
-//! what happens to a sidecar's partitions when it dies or leaves.
+//! what happens to a sidecar's partitions when it dies or leaves. Whatever depends on
+//! partition ownership runs on each of DurableTask's three layouts; neither the sidecars nor
+//! the ScaledObject say which one the hub has.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +13,7 @@ use durable_scaler::emulator::TaskHubEmulator;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use durable_scaler::shutdown::Shutdown;
 use durable_scaler::sidecar::{Args as SidecarArgs, Config as SidecarConfig, Sidecar};
-use durable_scaler::storage::{PartitionMode, QueueRef, StorageAccount, TaskHub};
+use durable_scaler::storage::{Layout, PartitionMode, QueueRef, StorageAccount, TaskHub};
 
 /// A durable timer's delay: far beyond any test.
 const TIMER: Duration = Duration::from_secs(3600);
@@ -22,13 +24,20 @@ fn connection() -> String {
     Azurite::shared().connection_string()
 }
 
-/// A task hub unique to this test and run, laid out in Azurite with 4 partitions.
-async fn laid_out(name: &str) -> (String, TaskHubEmulator) {
+const LAYOUTS: [Layout; 3] = [Layout::Table, Layout::Safe, Layout::Legacy];
+
+/// An emulator of a task hub unique to this test and run (nothing created yet).
+fn emulator(name: &str, layout: Layout) -> (String, TaskHubEmulator) {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").subsec_nanos();
-    let hub = format!("{name}{nanos}");
+    let hub = format!("{name}{}{nanos}", layout.as_str());
     let account = StorageAccount::from_connection_string(&connection()).expect("Azurite's connection string");
-    let emulator =
-        TaskHubEmulator::new(&account, TaskHub::parse(&hub).expect("valid hub name"), PartitionMode::Table);
+    let emulator = TaskHubEmulator::new(&account, TaskHub::parse(&hub).expect("valid hub name"), layout);
+    (hub, emulator)
+}
+
+/// A task hub unique to this test and run, laid out in Azurite as `layout` with 4 partitions.
+async fn laid_out(name: &str, layout: Layout) -> (String, TaskHubEmulator) {
+    let (hub, emulator) = emulator(name, layout);
     emulator.create(4).await.expect("create the task hub");
     (hub, emulator)
 }
@@ -90,7 +99,7 @@ fn sidecar_args(
         pod_name: Some(pod.to_string()),
         pod_namespace: Some(NAMESPACE.to_string()),
         interval: durable_scaler::config::parse_duration(interval).expect("a duration"),
-        partition_mode: PartitionMode::Table,
+        partition_mode: PartitionMode::Auto,
         token_file: token_dir.path().join("token"),
         http_addr: ([127, 0, 0, 1], 0).into(),
     }
@@ -104,27 +113,59 @@ async fn start_sidecar(args: SidecarArgs) -> (Shutdown, tokio::task::JoinHandle<
     (shutdown, task)
 }
 
-#[tokio::test]
-async fn scale_from_zero_through_the_cold_probe() {
-    let (hub, emulator) = laid_out("ColdStart").await;
-    let aggregator = start(args()).await;
-    // No pods, no sidecars: only the cold probe can see this hub.
-    assert!(!is_active(&aggregator, &hub).await, "an empty hub is inactive");
-    let mut stream =
-        aggregator.keda.clone().stream_is_active(keda_ref(&hub)).await.expect("stream").into_inner();
-    assert!(!next(&mut stream).await, "inactive when the stream opens");
+/// The value of the probe's ownership-read counter for `hub` and `layout`.
+async fn ownership_reads(aggregator: &TestAggregator, hub: &str, layout: &str) -> f64 {
+    let prefix = format!(
+        "durable_scaler_aggregator_ownership_reads_total{{namespace=\"{NAMESPACE}\",task_hub=\"{}\",layout=\"{layout}\"}} ",
+        hub.to_lowercase()
+    );
+    let (_, body) = aggregator.http_get("/metrics").await;
+    body.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
 
-    emulator.enqueue(QueueRef::Control(2), "ExecutionStarted", Duration::ZERO).await.unwrap();
-    assert!(next(&mut stream).await, "true once the probe sees the message");
-    assert!(is_active(&aggregator, &hub).await);
-    eventually("one worker wanted", || async { desired(&aggregator, &hub).await == 1.0 }).await;
-    assert!(series(&aggregator, "probes_total", &hub, Some("ok")).await >= 2.0);
+#[tokio::test]
+async fn scale_from_zero_through_the_cold_probe_in_each_layout() {
+    let aggregator = start(args()).await;
+    for layout in LAYOUTS {
+        let (hub, emulator) = laid_out("ColdStart", layout).await;
+        // No pods, no sidecars: only the cold probe can see this hub, and nothing tells it
+        // the layout.
+        assert!(!is_active(&aggregator, &hub).await, "an empty hub is inactive");
+        let mut stream =
+            aggregator.keda.clone().stream_is_active(keda_ref(&hub)).await.expect("stream").into_inner();
+        assert!(!next(&mut stream).await, "inactive when the stream opens");
+
+        emulator.enqueue(QueueRef::Control(2), "ExecutionStarted", Duration::ZERO).await.unwrap();
+        assert!(next(&mut stream).await, "{layout:?}: true once the probe sees the message");
+        assert!(is_active(&aggregator, &hub).await);
+        eventually("one worker wanted", || async { desired(&aggregator, &hub).await == 1.0 }).await;
+        assert!(series(&aggregator, "probes_total", &hub, Some("ok")).await >= 2.0);
+        assert!(ownership_reads(&aggregator, &hub, layout.as_str()).await >= 2.0, "{layout:?} detected");
+    }
+    aggregator.stop().await;
+}
+
+#[tokio::test]
+async fn queues_without_an_ownership_store_are_an_error_on_hubs_and_visible_work_stays_active() {
+    let (hub, emulator) = emulator("NoStore", Layout::Table);
+    // The queues of a hub whose ownership is kept nowhere DurableTask keeps it.
+    emulator.create_queues(4).await.unwrap();
+    emulator.enqueue(QueueRef::Control(3), "ExecutionStarted", Duration::ZERO).await.unwrap();
+    let aggregator = start(args()).await;
+    assert!(is_active(&aggregator, &hub).await, "a visible control message keeps the hub active");
+    eventually("the error on /hubs", || async {
+        let (_, hubs) = aggregator.http_get("/hubs").await;
+        hubs.contains("no partition ownership store") && hubs.contains("taskhub.json")
+    })
+    .await;
+    assert!(ownership_reads(&aggregator, &hub, "none").await >= 1.0);
+    assert!(series(&aggregator, "probes_total", &hub, Some("no_ownership_store")).await >= 1.0);
     aggregator.stop().await;
 }
 
 #[tokio::test]
 async fn a_timers_only_hub_is_inactive_and_a_running_message_keeps_it_active() {
-    let (hub, emulator) = laid_out("Timers").await;
+    let (hub, emulator) = laid_out("Timers", Layout::Table).await;
     // Durable timers and scheduled starts go to control queues only (DTFx retries activities
     // through orchestration timers too), so the work-item queue never holds a delayed message.
     for queue in [QueueRef::Control(0), QueueRef::Control(3), QueueRef::Control(3)] {
@@ -150,7 +191,13 @@ async fn a_timers_only_hub_is_inactive_and_a_running_message_keeps_it_active() {
 
 #[tokio::test]
 async fn a_killed_sidecars_partitions_are_probed_within_three_intervals() {
-    let (hub, emulator) = laid_out("Killed").await;
+    for layout in LAYOUTS {
+        killed_sidecar(layout).await;
+    }
+}
+
+async fn killed_sidecar(layout: Layout) {
+    let (hub, emulator) = laid_out("Killed", layout).await;
     for p in 0..4 {
         emulator.claim(p, "pod-a", LEASE).await.unwrap();
     }
@@ -174,13 +221,19 @@ async fn a_killed_sidecars_partitions_are_probed_within_three_intervals() {
     .await;
     eventually("the probe sees the new message", || async { is_active(&aggregator, &hub).await }).await;
     // Figures, not assertions: 3 sidecar intervals are 900 ms, the probe runs every 200 ms.
-    println!("active {:?} after the sidecar was killed", killed.elapsed());
+    println!("{layout:?}: active {:?} after the sidecar was killed", killed.elapsed());
     aggregator.stop().await;
 }
 
 #[tokio::test]
 async fn a_leaving_sidecar_hands_its_partitions_to_the_probe_at_once() {
-    let (hub, emulator) = laid_out("Leaving").await;
+    for layout in LAYOUTS {
+        leaving_sidecar(layout).await;
+    }
+}
+
+async fn leaving_sidecar(layout: Layout) {
+    let (hub, emulator) = laid_out("Leaving", layout).await;
     for p in 0..4 {
         emulator.claim(p, "pod-b", LEASE).await.unwrap();
     }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use durable_scaler::{
     azurite::Azurite,
     emulator::TaskHubEmulator,
-    storage::{PartitionMode, StorageAccount, TaskHub},
+    storage::{Layout, StorageAccount, TaskHub},
 };
 
 /// The shared Azurite's account (making it installs the TLS crypto provider).
@@ -26,11 +26,15 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// A new hub with `partitions` partitions, laid out in the shared Azurite as DurableTask
-/// does in `mode`, all unowned and empty.
-pub async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHub, TaskHubEmulator) {
-    let hub = hub(name);
-    let emulator = TaskHubEmulator::new(&account(), hub.clone(), mode);
+/// The three ownership layouts DurableTask writes; every test that depends on ownership
+/// runs on each.
+pub const LAYOUTS: [Layout; 3] = [Layout::Table, Layout::Safe, Layout::Legacy];
+
+/// A new hub with `partitions` partitions, laid out in the shared Azurite as DurableTask's
+/// partition manager of `layout` does, all unowned and empty.
+pub async fn laid_out(name: &str, layout: Layout, partitions: u32) -> (TaskHub, TaskHubEmulator) {
+    let hub = hub(&format!("{name}{}", layout.as_str()));
+    let emulator = TaskHubEmulator::new(&account(), hub.clone(), layout);
     emulator.create(partitions).await.expect("create the hub");
     (hub, emulator)
 }

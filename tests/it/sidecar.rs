@@ -15,9 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{hub, laid_out, now_ms};
+use crate::common::{LAYOUTS, hub, laid_out, now_ms};
 use durable_scaler::{
     azurite::{ACCOUNT, ACCOUNT_KEY, Azurite},
+    emulator::TaskHubEmulator,
     proto::report::{
         Report, ReportAck,
         report_error::Kind,
@@ -25,7 +26,7 @@ use durable_scaler::{
     },
     shutdown::Shutdown,
     sidecar::{Args, Config, Sidecar},
-    storage::{PartitionMode, QueueRef, TaskHub},
+    storage::{Layout, PartitionMode, QueueRef, TaskHub},
 };
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
 
@@ -163,7 +164,7 @@ fn error_kind(report: &Report) -> Option<Kind> {
 
 #[tokio::test]
 async fn the_report_names_the_owned_partitions_with_counts_visible_counts_and_ages() {
-    let (hub, emulator) = laid_out("SidecarReport", PartitionMode::Table, 4).await;
+    let (hub, emulator) = laid_out("SidecarReport", Layout::Table, 4).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
     emulator.claim(2, "pod-a", LEASE).await.unwrap();
     emulator.claim(1, "pod-b", LEASE).await.unwrap();
@@ -179,7 +180,7 @@ async fn the_report_names_the_owned_partitions_with_counts_visible_counts_and_ag
     let enqueued_at = now_ms();
 
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     std::fs::write(&running.token_file, "token-1\n").unwrap();
     let (_, got) = running.aggregator.wait_for(0, "with a credential", |r| r.authorization.is_some()).await;
     let report = got.report;
@@ -210,51 +211,108 @@ async fn the_report_names_the_owned_partitions_with_counts_visible_counts_and_ag
 }
 
 #[tokio::test]
-async fn blob_mode_reports_the_partitions_whose_leased_blobs_name_the_pod() {
-    let (hub, emulator) = laid_out("SidecarBlob", PartitionMode::Blob, 4).await;
-    emulator.claim(1, "pod-a", LEASE).await.unwrap();
-    emulator.claim(3, "pod-a", LEASE).await.unwrap();
-    emulator.claim(0, "pod-b", LEASE).await.unwrap();
-    emulator.enqueue(QueueRef::Control(3), "start", Duration::ZERO).await.unwrap();
+async fn in_each_layout_the_report_names_the_partitions_the_pod_owns() {
+    for layout in LAYOUTS {
+        let (hub, emulator) = laid_out("SidecarOwns", layout, 4).await;
+        emulator.claim(1, "pod-a", LEASE).await.unwrap();
+        emulator.claim(3, "pod-a", LEASE).await.unwrap();
+        emulator.claim(0, "pod-b", LEASE).await.unwrap();
+        emulator.enqueue(QueueRef::Control(3), "start", Duration::ZERO).await.unwrap();
 
-    let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Blob).await;
-    let (_, got) = running.aggregator.wait_for(0, "from blob mode", |_| true).await;
-    let report = got.report;
-    assert_eq!((report.partition_count, report.partition_mode.as_str()), (4, "blob"));
-    assert_eq!(partitions(&report), [1, 3]);
-    assert_eq!(report.control_queues[1].signals.unwrap().visible_count, 1);
-    assert_eq!(report.work_item, None, "partition 0 belongs to pod-b");
-    running.shutdown.trigger();
+        let running =
+            run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
+        let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
+        let report = got.report;
+        assert_eq!((report.partition_count, report.partition_mode.as_str()), (4, layout.as_str()));
+        assert_eq!((partitions(&report), report.error), (vec![1, 3], None), "{layout:?}");
+        assert_eq!(report.control_queues[1].signals.unwrap().visible_count, 1);
+        assert_eq!(report.work_item, None, "partition 0 belongs to pod-b");
+        running.shutdown.trigger();
+    }
 }
 
 #[tokio::test]
-async fn ownership_moving_to_another_pod_shows_in_the_next_report() {
-    let (hub, emulator) = laid_out("SidecarMove", PartitionMode::Table, 3).await;
-    emulator.claim(0, "pod-a", LEASE).await.unwrap();
-    emulator.claim(1, "pod-a", LEASE).await.unwrap();
-    let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
-    let (seen, _) =
-        running.aggregator.wait_for(0, "owning 0 and 1", |r| partitions(&r.report) == [0, 1]).await;
+async fn in_each_layout_ownership_moving_to_another_pod_shows_in_the_next_report() {
+    for layout in LAYOUTS {
+        let (hub, emulator) = laid_out("SidecarMove", layout, 3).await;
+        emulator.claim(0, "pod-a", LEASE).await.unwrap();
+        emulator.claim(1, "pod-a", LEASE).await.unwrap();
+        let running =
+            run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
+        let (seen, _) =
+            running.aggregator.wait_for(0, "owning 0 and 1", |r| partitions(&r.report) == [0, 1]).await;
 
-    // pod-b takes partition 0 over; pod-a picks up partition 2.
-    emulator.claim(0, "pod-b", LEASE).await.unwrap();
-    emulator.claim(2, "pod-a", LEASE).await.unwrap();
-    let (_, got) =
-        running.aggregator.wait_for(seen + 1, "owning 1 and 2", |r| partitions(&r.report) == [1, 2]).await;
-    assert_eq!(got.report.work_item, None, "the work-item queue moved with partition 0");
+        // pod-b takes partition 0 over; pod-a picks up partition 2.
+        emulator.claim(0, "pod-b", LEASE).await.unwrap();
+        emulator.claim(2, "pod-a", LEASE).await.unwrap();
+        let (_, got) = running
+            .aggregator
+            .wait_for(seen + 1, "owning 1 and 2", |r| partitions(&r.report) == [1, 2])
+            .await;
+        assert_eq!(got.report.work_item, None, "{layout:?}: the work-item queue moved with partition 0");
+        running.shutdown.trigger();
+    }
+}
+
+/// Claims partitions 0 and 1 for pod-a, then gives 0 up the way `layout` lets a lease go
+/// without a new owner: broken (blob layouts) or released.
+async fn lose_partition_zero(emulator: &TaskHubEmulator, layout: Layout, breaking: bool) {
+    let claim = emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+    if breaking && layout != Layout::Table {
+        emulator.break_lease(0, Duration::from_secs(60)).await.unwrap();
+    } else {
+        emulator.release(claim).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_breaking_or_available_lease_is_not_reported_as_owned() {
+    for layout in LAYOUTS {
+        for breaking in [true, false] {
+            if breaking && layout == Layout::Table {
+                continue; // Tables have no breaking state; expiry is tested below.
+            }
+            let (hub, emulator) = laid_out("SidecarLost", layout, 2).await;
+            lose_partition_zero(&emulator, layout, breaking).await;
+            let running =
+                run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
+            let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
+            assert_eq!(partitions(&got.report), [1], "{layout:?}, breaking {breaking}");
+            running.shutdown.trigger();
+        }
+    }
+}
+
+#[tokio::test]
+async fn queues_without_an_ownership_store_are_an_error_that_says_what_was_looked_for() {
+    let hub = hub("SidecarNoStore");
+    TaskHubEmulator::new(&crate::common::account(), hub.clone(), Layout::Table)
+        .create_queues(2)
+        .await
+        .unwrap();
+    let running =
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
+    let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
+    assert_eq!(error_kind(&got.report), Some(Kind::Storage));
+    let message = got.report.error.unwrap().message;
+    assert!(
+        message.contains("no partition ownership store") && message.contains("taskhub.json"),
+        "{message}"
+    );
+    let (_, metrics) = http_get(running.http, "/metrics").await;
+    assert!(metrics.contains(r#"storage_errors_total{kind="no_ownership_store"}"#), "{metrics}");
     running.shutdown.trigger();
 }
 
 #[tokio::test]
 async fn a_pod_whose_leases_expired_owns_nothing() {
-    let (hub, emulator) = laid_out("SidecarExpired", PartitionMode::Table, 2).await;
+    let (hub, emulator) = laid_out("SidecarExpired", Layout::Table, 2).await;
     let a_minute_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
     emulator.write_partition_row(0, Some("pod-a"), Some(a_minute_ago), false).await.unwrap();
     emulator.write_partition_row(1, Some("pod-a"), Some(a_minute_ago), false).await.unwrap();
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!((got.report.partition_count, got.report.control_queues.len()), (2, 0));
     assert_eq!((got.report.work_item, got.report.error), (None, None));
@@ -265,7 +323,7 @@ async fn a_pod_whose_leases_expired_owns_nothing() {
 async fn a_hub_not_provisioned_is_reported_as_such() {
     let hub = hub("SidecarMissing");
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!(error_kind(&got.report), Some(Kind::TaskHubNotProvisioned));
     assert_eq!(got.report.partition_count, 0);
@@ -275,9 +333,9 @@ async fn a_hub_not_provisioned_is_reported_as_such() {
 
 #[tokio::test]
 async fn a_wrong_key_is_reported_as_an_authentication_error() {
-    let (hub, _emulator) = laid_out("SidecarWrongKey", PartitionMode::Table, 1).await;
+    let (hub, _emulator) = laid_out("SidecarWrongKey", Layout::Table, 1).await;
     let wrong = Azurite::shared().connection_string().replace(ACCOUNT_KEY, "d3Jvbmcga2V5IHdyb25nIGtleQ==");
-    let running = run_sidecar(&hub, wrong, "pod-a", PartitionMode::Table).await;
+    let running = run_sidecar(&hub, wrong, "pod-a", PartitionMode::Auto).await;
     let (_, got) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!(error_kind(&got.report), Some(Kind::Authentication));
     let message = got.report.error.unwrap().message;
@@ -341,7 +399,7 @@ impl Outage {
 
 #[tokio::test]
 async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_back() {
-    let (hub, emulator) = laid_out("SidecarOutage", PartitionMode::Table, 1).await;
+    let (hub, emulator) = laid_out("SidecarOutage", Layout::Table, 1).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
     emulator.enqueue(QueueRef::Control(0), "start", Duration::ZERO).await.unwrap();
     let azurite = Azurite::shared();
@@ -355,7 +413,7 @@ async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_b
         queue.endpoint(),
         table.endpoint()
     );
-    let running = run_sidecar(&hub, connection, "pod-a", PartitionMode::Table).await;
+    let running = run_sidecar(&hub, connection, "pod-a", PartitionMode::Auto).await;
     let healthy = |r: &Received| r.report.error.is_none() && partitions(&r.report) == [0];
     let (seen, _) = running.aggregator.wait_for(0, "healthy", healthy).await;
 
@@ -375,9 +433,9 @@ async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_b
 
 #[tokio::test]
 async fn the_token_file_is_read_again_for_every_report() {
-    let (hub, _emulator) = laid_out("SidecarToken", PartitionMode::Table, 1).await;
+    let (hub, _emulator) = laid_out("SidecarToken", Layout::Table, 1).await;
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     let (seen, _) =
         running.aggregator.wait_for(0, "without a credential", |r| r.authorization.is_none()).await;
     std::fs::write(&running.token_file, "first").unwrap();
@@ -396,9 +454,9 @@ async fn the_token_file_is_read_again_for_every_report() {
 
 #[tokio::test]
 async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_latest_report() {
-    let (hub, _emulator) = laid_out("SidecarStall", PartitionMode::Table, 1).await;
+    let (hub, _emulator) = laid_out("SidecarStall", Layout::Table, 1).await;
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     running.aggregator.stalled.store(true, Ordering::SeqCst);
     let polls_before = running.metrics.polls.get();
     let deadline = Instant::now() + DEADLINE;
@@ -423,9 +481,9 @@ async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_l
 
 #[tokio::test]
 async fn the_sidecar_polls_at_the_interval_the_aggregator_suggests() {
-    let (hub, _emulator) = laid_out("SidecarSuggest", PartitionMode::Table, 1).await;
+    let (hub, _emulator) = laid_out("SidecarSuggest", Layout::Table, 1).await;
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     let (seen, first) = running.aggregator.wait_for(0, "any", |_| true).await;
     assert_eq!(first.report.interval_ms, 200);
     running.aggregator.suggested_interval_ms.store(300, Ordering::SeqCst);
@@ -438,10 +496,10 @@ async fn the_sidecar_polls_at_the_interval_the_aggregator_suggests() {
 
 #[tokio::test]
 async fn shutdown_sends_a_leaving_report_and_stops() {
-    let (hub, emulator) = laid_out("SidecarLeave", PartitionMode::Table, 2).await;
+    let (hub, emulator) = laid_out("SidecarLeave", Layout::Table, 2).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     running.aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
     running.shutdown.trigger();
     tokio::time::timeout(DEADLINE, running.sidecar).await.expect("the sidecar stops").unwrap();
@@ -464,7 +522,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 async fn health_and_metrics_are_served_over_http() {
     let hub = hub("SidecarMetrics");
     let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Table).await;
+        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
     running.aggregator.wait_for(0, "any", |_| true).await;
     let (status, body) = http_get(running.http, "/healthz").await;
     assert!(status.contains("200"), "{status}");
@@ -500,7 +558,7 @@ fn a_missing_setting_stops_the_binary_naming_the_variable() {
 
 #[tokio::test]
 async fn sigterm_makes_the_binary_send_a_leaving_report_and_exit() {
-    let (hub, emulator) = laid_out("SidecarSigterm", PartitionMode::Table, 1).await;
+    let (hub, emulator) = laid_out("SidecarSigterm", Layout::Table, 1).await;
     emulator.claim(0, "pod-term", LEASE).await.unwrap();
     let (aggregator, url) = RecordingAggregator::start().await;
     let mut child = tokio::process::Command::from(binary())

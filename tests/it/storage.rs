@@ -4,39 +4,162 @@
 
 use std::time::Duration;
 
-use crate::common::{self, account, hub, now_ms};
+use crate::common::{self, LAYOUTS, account, hub, now_ms};
 use durable_scaler::{
     azurite::Azurite,
     emulator::TaskHubEmulator,
-    storage::{PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHubReader},
+    storage::{
+        Layout, PartitionMode, QueueRef, REDETECT_INTERVAL, StorageAccount, StorageError, StorageErrorKind,
+        StorageOptions, TaskHubReader,
+    },
 };
 
 const LEASE: Duration = Duration::from_secs(60);
 /// A durable timer far in the future: invisible for the whole test.
 const TIMER: Duration = Duration::from_secs(3600);
 
-async fn laid_out(name: &str, mode: PartitionMode, partitions: u32) -> (TaskHubEmulator, TaskHubReader) {
-    let (hub, emulator) = common::laid_out(name, mode, partitions).await;
-    (emulator, TaskHubReader::new(&account(), hub, mode, StorageOptions::default()))
+/// A hub laid out as `layout` and a reader that is told nothing about the layout.
+async fn laid_out(name: &str, layout: Layout, partitions: u32) -> (TaskHubEmulator, TaskHubReader) {
+    let (hub, emulator) = common::laid_out(name, layout, partitions).await;
+    (emulator, TaskHubReader::new(&account(), hub, PartitionMode::Auto, StorageOptions::default()))
+}
+
+fn owners(leases: &[durable_scaler::storage::PartitionLease]) -> Vec<(u32, Option<&str>)> {
+    leases.iter().map(|l| (l.partition, l.owner.as_deref())).collect()
 }
 
 #[tokio::test]
-async fn table_mode_names_each_partition_and_its_unexpired_owner() {
-    let (emulator, reader) = laid_out("TableOwners", PartitionMode::Table, 4).await;
-    emulator.claim(0, "pod-a", LEASE).await.unwrap();
-    emulator.claim(2, "pod-a", LEASE).await.unwrap();
-    emulator.claim(1, "pod-b", LEASE).await.unwrap();
+async fn each_layout_is_detected_and_names_each_partition_and_its_owner() {
+    for layout in LAYOUTS {
+        let (emulator, reader) = laid_out("Owners", layout, 4).await;
+        emulator.claim(0, "pod-a", LEASE).await.unwrap();
+        emulator.claim(2, "pod-a", LEASE).await.unwrap();
+        emulator.claim(1, "pod-b", LEASE).await.unwrap();
 
+        let leases = reader.partitions(now_ms()).await.unwrap();
+        assert_eq!(reader.layout(), Some(layout));
+        assert_eq!(
+            owners(&leases),
+            [(0, Some("pod-a")), (1, Some("pod-b")), (2, Some("pod-a")), (3, None)],
+            "{layout:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_table_lease_expires_at_its_expires_at() {
+    let (emulator, reader) = laid_out("TableExpiry", Layout::Table, 1).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
     let leases = reader.partitions(now_ms()).await.unwrap();
-    let owners: Vec<_> = leases.iter().map(|l| (l.partition, l.owner.as_deref())).collect();
-    assert_eq!(owners, [(0, Some("pod-a")), (1, Some("pod-b")), (2, Some("pod-a")), (3, None)]);
     let expiry = leases[0].expires_at_unix_ms.expect("ExpiresAt is read");
     assert!(expiry > now_ms() + 30_000, "expires in about a minute: {expiry}");
 }
 
 #[tokio::test]
+async fn a_released_lease_is_not_held_in_any_layout() {
+    for layout in LAYOUTS {
+        let (emulator, reader) = laid_out("Released", layout, 2).await;
+        let claim = emulator.claim(0, "pod-a", LEASE).await.unwrap();
+        emulator.claim(1, "pod-b", LEASE).await.unwrap();
+        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
+        emulator.release(claim).await.unwrap();
+        assert_eq!(
+            owners(&reader.partitions(now_ms()).await.unwrap()),
+            [(0, None), (1, Some("pod-b"))],
+            "{layout:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_breaking_lease_is_not_held() {
+    for layout in [Layout::Safe, Layout::Legacy] {
+        let (emulator, reader) = laid_out("Breaking", layout, 2).await;
+        emulator.claim(0, "pod-a", LEASE).await.unwrap();
+        emulator.claim(1, "pod-a", LEASE).await.unwrap();
+        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
+        emulator.break_lease(0, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            owners(&reader.partitions(now_ms()).await.unwrap()),
+            [(0, None), (1, Some("pod-a"))],
+            "{layout:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lease_taken_over_names_the_new_owner() {
+    for layout in LAYOUTS {
+        let (emulator, reader) = laid_out("TakenOver", layout, 1).await;
+        emulator.claim(0, "pod-a", LEASE).await.unwrap();
+        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
+        emulator.claim(0, "pod-b", LEASE).await.unwrap();
+        assert_eq!(
+            reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(),
+            Some("pod-b"),
+            "{layout:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_override_reads_only_its_own_layout() {
+    let (hub, emulator) = common::laid_out("Override", Layout::Safe, 2).await;
+    emulator.claim(1, "pod-a", LEASE).await.unwrap();
+    let blob = TaskHubReader::new(&account(), hub.clone(), PartitionMode::Blob, StorageOptions::default());
+    assert_eq!(blob.partitions(now_ms()).await.unwrap()[1].owner.as_deref(), Some("pod-a"));
+    let table = TaskHubReader::new(&account(), hub, PartitionMode::Table, StorageOptions::default());
+    let err = table.partitions(now_ms()).await.unwrap_err();
+    assert!(matches!(err, StorageError::NoOwnershipStore { .. }), "{err}");
+    assert!(!err.to_string().contains("taskhub.json"), "the table override looks only for the table: {err}");
+}
+
+#[tokio::test]
+async fn a_hub_with_queues_and_no_ownership_store_says_what_was_looked_for() {
+    let name = hub("NoStore");
+    let emulator = TaskHubEmulator::new(&account(), name.clone(), Layout::Table);
+    emulator.create_queues(3).await.unwrap();
+    let reader = TaskHubReader::new(&account(), name.clone(), PartitionMode::Auto, StorageOptions::default());
+    let err = reader.partitions(now_ms()).await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::NoOwnershipStore { partition_count: 3, .. }),
+        "P comes from the control queues found: {err:?}"
+    );
+    let message = err.to_string();
+    let container = name.lease_container();
+    for looked_for in [
+        format!("table {}", name.partitions_table()),
+        format!("{container}/taskhub.json"),
+        format!("{container}/ownership/"),
+        format!("{container}/default/"),
+    ] {
+        assert!(message.contains(&looked_for), "{looked_for} missing from: {message}");
+    }
+    assert_eq!((err.kind(), reader.layout()), (StorageErrorKind::NoOwnershipStore, None));
+}
+
+#[tokio::test]
+async fn a_hub_upgraded_to_the_table_is_read_from_the_table_after_the_next_detection() {
+    let (hub, safe) = common::laid_out("Upgrade", Layout::Safe, 2).await;
+    safe.claim(0, "pod-old", LEASE).await.unwrap();
+    let reader = TaskHubReader::new(&account(), hub.clone(), PartitionMode::Auto, StorageOptions::default());
+    let now = now_ms();
+    assert_eq!(reader.partitions(now).await.unwrap()[0].owner.as_deref(), Some("pod-old"));
+
+    // The app moves to Durable Functions 3.x: its workers create and use the table.
+    let table = TaskHubEmulator::new(&account(), hub, Layout::Table);
+    table.create(2).await.unwrap();
+    table.claim(0, "pod-new", LEASE).await.unwrap();
+    assert_eq!(reader.partitions(now + 1_000).await.unwrap()[0].owner.as_deref(), Some("pod-old"));
+    assert_eq!(reader.layout(), Some(Layout::Safe), "trusted until the re-check");
+    let recheck = now + REDETECT_INTERVAL.as_millis() as i64 + 1;
+    assert_eq!(reader.partitions(recheck).await.unwrap()[0].owner.as_deref(), Some("pod-new"));
+    assert_eq!(reader.layout(), Some(Layout::Table));
+}
+
+#[tokio::test]
 async fn an_expired_table_lease_is_not_owned() {
-    let (emulator, reader) = laid_out("TableExpired", PartitionMode::Table, 2).await;
+    let (emulator, reader) = laid_out("TableExpired", Layout::Table, 2).await;
     let an_hour_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
     emulator.write_partition_row(0, Some("pod-gone"), Some(an_hour_ago), false).await.unwrap();
     emulator.claim(1, "pod-a", LEASE).await.unwrap();
@@ -51,7 +174,7 @@ async fn an_expired_table_lease_is_not_owned() {
 
 #[tokio::test]
 async fn a_draining_partition_is_reported_as_draining() {
-    let (emulator, reader) = laid_out("TableDraining", PartitionMode::Table, 1).await;
+    let (emulator, reader) = laid_out("TableDraining", Layout::Table, 1).await;
     let soon = time::OffsetDateTime::now_utc() + LEASE;
     emulator.write_partition_row(0, Some("pod-a"), Some(soon), true).await.unwrap();
     let lease = &reader.partitions(now_ms()).await.unwrap()[0];
@@ -60,21 +183,8 @@ async fn a_draining_partition_is_reported_as_draining() {
 }
 
 #[tokio::test]
-async fn blob_mode_owner_is_the_lease_blob_owner_while_leased() {
-    let (emulator, reader) = laid_out("BlobOwners", PartitionMode::Blob, 3).await;
-    emulator.claim(0, "pod-a", LEASE).await.unwrap();
-    let released = emulator.claim(1, "pod-b", LEASE).await.unwrap();
-    emulator.release(released).await.unwrap();
-    emulator.claim(2, "pod-b", LEASE).await.unwrap();
-
-    let leases = reader.partitions(now_ms()).await.unwrap();
-    let owners: Vec<_> = leases.iter().map(|l| (l.partition, l.owner.as_deref())).collect();
-    assert_eq!(owners, [(0, Some("pod-a")), (1, None), (2, Some("pod-b"))]);
-}
-
-#[tokio::test]
 async fn a_queue_counts_timers_and_messages_in_progress_but_only_visible_ones_are_peeked() {
-    let (emulator, reader) = laid_out("QueueSignals", PartitionMode::Table, 1).await;
+    let (emulator, reader) = laid_out("QueueSignals", Layout::Table, 1).await;
     let control = QueueRef::Control(0);
     for text in ["visible-1", "visible-2", "in-progress"] {
         emulator.enqueue(control, text, Duration::ZERO).await.unwrap();
@@ -94,7 +204,7 @@ async fn a_queue_counts_timers_and_messages_in_progress_but_only_visible_ones_ar
 
 #[tokio::test]
 async fn the_age_is_that_of_the_first_visible_message_at_the_given_clock() {
-    let (emulator, reader) = laid_out("QueueAge", PartitionMode::Table, 1).await;
+    let (emulator, reader) = laid_out("QueueAge", Layout::Table, 1).await;
     emulator.enqueue(QueueRef::WorkItem, "activity", Duration::ZERO).await.unwrap();
     let ten_seconds_on = now_ms() + 10_000;
     let signals = reader.read_queue(QueueRef::WorkItem, ten_seconds_on).await.unwrap();
@@ -105,7 +215,7 @@ async fn the_age_is_that_of_the_first_visible_message_at_the_given_clock() {
 
 #[tokio::test]
 async fn a_queue_holding_only_timers_has_no_visible_message_and_no_age() {
-    let (emulator, reader) = laid_out("QueueTimers", PartitionMode::Table, 1).await;
+    let (emulator, reader) = laid_out("QueueTimers", Layout::Table, 1).await;
     emulator.enqueue(QueueRef::Control(0), "timer-1", TIMER).await.unwrap();
     emulator.enqueue(QueueRef::Control(0), "timer-2", TIMER).await.unwrap();
     let signals = reader.read_queue(QueueRef::Control(0), now_ms()).await.unwrap();
@@ -115,7 +225,7 @@ async fn a_queue_holding_only_timers_has_no_visible_message_and_no_age() {
 #[tokio::test]
 async fn a_hub_that_does_not_exist_is_not_provisioned() {
     let account = account();
-    for mode in [PartitionMode::Table, PartitionMode::Blob] {
+    for mode in [PartitionMode::Auto, PartitionMode::Table, PartitionMode::Blob] {
         let reader = TaskHubReader::new(&account, hub("NeverStarted"), mode, StorageOptions::default());
         let err = reader.partitions(now_ms()).await.unwrap_err();
         assert!(matches!(err, StorageError::NotProvisioned { .. }), "{mode:?}: {err}");
@@ -132,7 +242,7 @@ async fn a_hub_that_does_not_exist_is_not_provisioned() {
 
 #[tokio::test]
 async fn a_wrong_key_is_an_authentication_error_that_says_so() {
-    let (_, _) = laid_out("WrongKey", PartitionMode::Table, 1).await;
+    let (_, _) = laid_out("WrongKey", Layout::Table, 1).await;
     let azurite = Azurite::shared();
     let wrong = azurite
         .connection_string()
@@ -166,13 +276,29 @@ async fn storage_that_does_not_listen_is_unreachable() {
 }
 
 #[tokio::test]
-async fn reads_cost_one_table_query_and_two_calls_per_queue() {
-    let (_, reader) = laid_out("CallCount", PartitionMode::Table, 4).await;
+async fn a_queue_read_costs_two_calls() {
+    let (_, reader) = laid_out("CallCount", Layout::Table, 4).await;
     let before = reader.account().request_count();
-    reader.partitions(now_ms()).await.unwrap();
-    assert_eq!(reader.account().request_count() - before, 1);
     reader.read_queue(QueueRef::Control(3), now_ms()).await.unwrap();
-    assert_eq!(reader.account().request_count() - before, 3);
+    assert_eq!(reader.account().request_count() - before, 2);
+}
+
+#[tokio::test]
+async fn once_detected_ownership_costs_one_call_per_read_in_every_layout() {
+    // Detection: table query; + taskhub.json and the ownership/ listing (safe); + the
+    // default/ listing (legacy); + one download per leased blob (two partitions held).
+    for (layout, detection) in [(Layout::Table, 1), (Layout::Safe, 5), (Layout::Legacy, 6)] {
+        let (emulator, reader) = laid_out("Calls", layout, 4).await;
+        emulator.claim(0, "pod-a", LEASE).await.unwrap();
+        emulator.claim(1, "pod-b", LEASE).await.unwrap();
+        let calls = || reader.account().request_count();
+        let before = calls();
+        reader.partitions(now_ms()).await.unwrap();
+        assert_eq!(calls() - before, detection, "{layout:?}: detection");
+        let before = calls();
+        reader.partitions(now_ms()).await.unwrap();
+        assert_eq!(calls() - before, 1, "{layout:?}: steady state");
+    }
 }
 
 /// An account SAS (service version 2019-12-12) for Blob, Queue and Table, signed with
@@ -205,7 +331,7 @@ fn account_sas() -> String {
 
 #[tokio::test]
 async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
-    let (emulator, _) = laid_out("SasReader", PartitionMode::Table, 2).await;
+    let (emulator, _) = laid_out("SasReader", Layout::Table, 2).await;
     emulator.claim(1, "pod-a", LEASE).await.unwrap();
     emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
     let azurite = Azurite::shared();
@@ -218,7 +344,7 @@ async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
     );
     let account = StorageAccount::from_connection_string(&cs).unwrap();
     let reader =
-        TaskHubReader::new(&account, emulator.hub().clone(), PartitionMode::Table, StorageOptions::default());
+        TaskHubReader::new(&account, emulator.hub().clone(), PartitionMode::Auto, StorageOptions::default());
     let leases = reader.partitions(now_ms()).await.unwrap();
     assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
     assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
@@ -226,8 +352,8 @@ async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
 
 #[tokio::test]
 async fn laying_a_hub_out_again_keeps_what_is_there() {
-    for mode in [PartitionMode::Table, PartitionMode::Blob] {
-        let (emulator, reader) = laid_out("LayoutTwice", mode, 2).await;
+    for layout in LAYOUTS {
+        let (emulator, reader) = laid_out("LayoutTwice", layout, 2).await;
         emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
         emulator.create(2).await.expect("a second layout succeeds");
         assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().approximate_count, 1);
@@ -264,11 +390,11 @@ async fn tables_and_queues_are_read_over_https_with_a_trusted_certificate_only()
         // The child: lay a hub out and read it, every call over TLS.
         let account = StorageAccount::from_connection_string(&connection).unwrap();
         let name = hub("Https");
-        let emulator = TaskHubEmulator::new(&account, name.clone(), PartitionMode::Table);
+        let emulator = TaskHubEmulator::new(&account, name.clone(), Layout::Table);
         emulator.create(2).await.expect("the hub is laid out over https");
         emulator.claim(1, "pod-a", LEASE).await.unwrap();
         emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
-        let reader = TaskHubReader::new(&account, name, PartitionMode::Table, StorageOptions::default());
+        let reader = TaskHubReader::new(&account, name, PartitionMode::Auto, StorageOptions::default());
         let leases = reader.partitions(now_ms()).await.unwrap();
         assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
         assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
