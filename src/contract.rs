@@ -109,7 +109,8 @@ pub const DEFAULT_CONNECTION_ENV: &str = "AzureWebJobsStorage";
 pub const HUB_NAME_ENV: &str = "AzureFunctionsJobHost__extensions__durableTask__hubName";
 /// The Functions host's setting for `maxConcurrentActivityFunctions` (host.json's
 /// `extensions.durableTask.maxConcurrentActivityFunctions` as an app setting).
-pub const MAX_ACTIVITIES_ENV: &str = "AzureFunctionsJobHost__extensions__durableTask__maxConcurrentActivityFunctions";
+pub const MAX_ACTIVITIES_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__maxConcurrentActivityFunctions";
 /// The Functions host's setting for `maxConcurrentOrchestratorFunctions`.
 pub const MAX_ORCHESTRATIONS_ENV: &str =
     "AzureFunctionsJobHost__extensions__durableTask__maxConcurrentOrchestratorFunctions";

@@ -8,7 +8,9 @@ use std::{
 };
 
 use crate::config::naming;
-use crate::contract::{SIDECAR_HTTP_PORT, SIDECAR_INTERVAL_RANGE, TOKEN_FILE, TaskHub, WORK_ITEMS_PER_CPU, env};
+use crate::contract::{
+    SIDECAR_HTTP_PORT, SIDECAR_INTERVAL_RANGE, TOKEN_FILE, TaskHub, WORK_ITEMS_PER_CPU, env,
+};
 use crate::proto::report::WorkerLimits;
 use crate::storage::{PartitionMode, StorageAccount};
 
@@ -383,7 +385,11 @@ mod tests {
         assert!(problem(http_with_ca).contains("the aggregator URL is http"));
     }
 
-    fn limits(cpus: Option<u32>, activities: Option<u32>, orchestrations: Option<u32>) -> Option<WorkerLimits> {
+    fn limits(
+        cpus: Option<u32>,
+        activities: Option<u32>,
+        orchestrations: Option<u32>,
+    ) -> Option<WorkerLimits> {
         let args = Args {
             app_limits: AppLimitArgs {
                 app_cpus: cpus,
@@ -432,7 +438,11 @@ mod tests {
         .unwrap()
         .args;
         assert_eq!(
-            (parsed.app_limits.app_cpus, parsed.app_limits.app_max_activities, parsed.app_limits.app_max_orchestrations),
+            (
+                parsed.app_limits.app_cpus,
+                parsed.app_limits.app_max_activities,
+                parsed.app_limits.app_max_orchestrations
+            ),
             (Some(3), Some(12), Some(8))
         );
     }

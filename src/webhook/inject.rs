@@ -10,9 +10,9 @@ use serde_json::{Map, Value, json};
 
 use crate::contract::{
     AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV, MAX_ACTIVITIES_ENV,
-    MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER,
-    SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
-    TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
+    MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION,
+    SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR,
+    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
 };
 // Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
 // contract module is their home.
@@ -313,7 +313,8 @@ fn limit_env(app: &Value, app_name: &str) -> Vec<Value> {
             "divisor": "1",
         }}}));
     }
-    for (setting, ours) in [(MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES), (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS)]
+    for (setting, ours) in
+        [(MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES), (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS)]
     {
         if let Some(entry) = env_entry(app, setting) {
             entries.push(renamed_env(ours, entry));
