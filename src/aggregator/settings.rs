@@ -597,7 +597,7 @@ mod tests {
             assert_eq!(err.key, key);
             assert!(err.to_string().contains(key) && err.to_string().contains(value), "{err}");
         }
-        assert_eq!(parse(&[]).unwrap_err().key, "taskHubName");
+        assert_eq!(parse(&[]).map(|s| s.task_hub).ok().as_deref(), Some("TestHubName"));
     }
 
     #[test]

@@ -173,8 +173,8 @@ pub struct ScalerConfig {
 impl Default for ScalerConfig {
     fn default() -> Self {
         Self {
-            max_activities: 10,
-            max_orchestrations: 5,
+            max_activities: crate::contract::WORK_ITEMS_PER_CPU,
+            max_orchestrations: crate::contract::WORK_ITEMS_PER_CPU,
             queue_length: 5,
             report_interval_ms: 5_000,
             probe_interval_ms: 2_000,
