@@ -178,7 +178,12 @@ impl Default for ScalerConfig {
             queue_length: 5,
             report_interval_ms: 5_000,
             probe_interval_ms: 2_000,
-            durable: DurableSettings::default(),
+            // The same limits as above: the scalers and the app agree on a 1-CPU pod's.
+            durable: DurableSettings {
+                max_activities_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+                max_orchestrations_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+                ..DurableSettings::default()
+            },
             work_grace_ms: DEFAULT_WORK_GRACE_MS,
             seed: 0,
         }
