@@ -38,6 +38,16 @@ pub mod env {
     pub const HTTP_ADDR: &str = "DURABLE_SCALER_HTTP_ADDR";
     /// Kubernetes sets it to the pod's name; the aggregator's fallback for [`POD_NAME`].
     pub const HOSTNAME: &str = "HOSTNAME";
+    /// The app container's CPU limit in whole CPUs, rounded up (downward API
+    /// `resourceFieldRef` `limits.cpu`, divisor 1; the node's allocatable CPUs when the
+    /// container has no limit): what .NET's `Environment.ProcessorCount` sees in the app.
+    pub const APP_CPUS: &str = "DURABLE_SCALER_APP_CPUS";
+    /// The app's `maxConcurrentActivityFunctions` override, copied from
+    /// [`super::MAX_ACTIVITIES_ENV`] in the app container when it has one.
+    pub const APP_MAX_ACTIVITIES: &str = "DURABLE_SCALER_APP_MAX_ACTIVITIES";
+    /// The app's `maxConcurrentOrchestratorFunctions` override, copied from
+    /// [`super::MAX_ORCHESTRATIONS_ENV`] in the app container when it has one.
+    pub const APP_MAX_ORCHESTRATIONS: &str = "DURABLE_SCALER_APP_MAX_ORCHESTRATIONS";
 }
 
 /// The label a pod template carries to opt in (filtered by the webhook's objectSelector).
@@ -97,6 +107,22 @@ pub const DEFAULT_AGGREGATOR_URL: &str = "http://durable-scaler-aggregator.durab
 pub const DEFAULT_CONNECTION_ENV: &str = "AzureWebJobsStorage";
 /// The Functions host's setting for the task hub name, copied when no annotation names one.
 pub const HUB_NAME_ENV: &str = "AzureFunctionsJobHost__extensions__durableTask__hubName";
+/// The Functions host's setting for `maxConcurrentActivityFunctions` (host.json's
+/// `extensions.durableTask.maxConcurrentActivityFunctions` as an app setting).
+pub const MAX_ACTIVITIES_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__maxConcurrentActivityFunctions";
+/// The Functions host's setting for `maxConcurrentOrchestratorFunctions`.
+pub const MAX_ORCHESTRATIONS_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__maxConcurrentOrchestratorFunctions";
+/// What one pod runs at once of each kind per CPU when the app sets no limit: the Durable
+/// Functions extension's default outside the Consumption plan is `10 *
+/// Environment.ProcessorCount` for both (azure-functions-durable-extension
+/// `src/WebJobs.Extensions.DurableTask/AzureStorageDurabilityProviderFactory.cs`; the
+/// Consumption plan, detected by `DefaultPlatformInformation.IsInConsumptionPlan` from
+/// `WEBSITE_SKU=Dynamic` or a `CONTAINER_NAME` outside App Service, gets 10 and 5, which a
+/// Kubernetes pod never is).
+pub const WORK_ITEMS_PER_CPU: u32 = 10;
+
 /// The Durable Functions extension's default task hub when nothing names one.
 pub const DEFAULT_TASK_HUB: &str = "TestHubName";
 

@@ -7,7 +7,7 @@
 //! ```text
 //! input:  {"algorithm": "durable" | "target" | "latency", "workers": u32, "partitions": u32,
 //!          "max_polling_interval_ms": u64 = 30000, "max_activities_per_worker": u32 = 10,
-//!          "max_orchestrations_per_worker": u32 = 5,
+//!          "max_orchestrations_per_worker": u32 = 5, "processor_count": u32,
 //!          "work_item": {"latencies_ms": [u64...], "length": u64 = 0},
 //!          "control": [{"latencies_ms": [...], "length": u64 = 0}, ...],
 //!          "samples": [{"at_ms": i64,
@@ -30,6 +30,13 @@
 //!   `at_ms` with `workers` running, and the answer is the last decision, so the output is
 //!   what the aggregator would answer after seeing that sequence. Missing control queues read
 //!   empty. Samples replace `work_item` and `control`; giving both is refused.
+//!
+//! The per-worker limits are inputs: `max_activities_per_worker` /
+//! `max_orchestrations_per_worker` as given; when one is missing and `processor_count` (the
+//! app's CPUs) is given, the Durable Functions extension's default for a pod of that size,
+//! 10 x processor_count ([`crate::contract::WORK_ITEMS_PER_CPU`]); with neither, the
+//! schema's historic defaults 10 and 5 (the Consumption plan's, kept so existing cases
+//! answer as before).
 //!
 //! `metric_value` is what GetMetrics would report to KEDA (target 1, AverageValue).
 
@@ -108,12 +115,15 @@ pub struct Case {
     /// DTFx's maximum polling interval (latency vote).
     #[serde(default = "default_max_poll")]
     pub max_polling_interval_ms: u64,
-    /// Activities per worker (target formula).
-    #[serde(default = "default_max_activities")]
-    pub max_activities_per_worker: u32,
-    /// Orchestrations per worker (target formula).
-    #[serde(default = "default_max_orchestrations")]
-    pub max_orchestrations_per_worker: u32,
+    /// Activities per worker (module docs for the default).
+    #[serde(default)]
+    pub max_activities_per_worker: Option<u32>,
+    /// Orchestrations per worker (module docs for the default).
+    #[serde(default)]
+    pub max_orchestrations_per_worker: Option<u32>,
+    /// The app's CPUs: sets the limits not given to the extension's default for them.
+    #[serde(default)]
+    pub processor_count: Option<u32>,
     /// The work-item queue.
     #[serde(default)]
     pub work_item: QueueCase,
@@ -179,6 +189,22 @@ pub enum CaseError {
 }
 
 impl Case {
+    /// The per-worker limits the case runs with (module docs).
+    pub fn limits(&self) -> TargetSettings {
+        let by_cpu =
+            self.processor_count.map(|cpus| cpus.saturating_mul(crate::contract::WORK_ITEMS_PER_CPU));
+        TargetSettings {
+            max_activities_per_worker: self
+                .max_activities_per_worker
+                .or(by_cpu)
+                .unwrap_or_else(default_max_activities),
+            max_orchestrations_per_worker: self
+                .max_orchestrations_per_worker
+                .or(by_cpu)
+                .unwrap_or_else(default_max_orchestrations),
+        }
+    }
+
     /// Parses and validates a case.
     pub fn parse(json: &str) -> Result<Self, CaseError> {
         let deserializer = &mut serde_json::Deserializer::from_str(json);
@@ -200,6 +226,15 @@ impl Case {
                     case.control.len()
                 ),
             });
+        }
+        for (field, value) in [
+            ("max_activities_per_worker", case.max_activities_per_worker),
+            ("max_orchestrations_per_worker", case.max_orchestrations_per_worker),
+            ("processor_count", case.processor_count),
+        ] {
+            if value == Some(0) {
+                return Err(CaseError::Invalid { field, message: "expected a value above 0".into() });
+            }
         }
         if case.algorithm == Algorithm::Latency && case.max_polling_interval_ms == 0 {
             return Err(CaseError::Invalid {
@@ -256,10 +291,7 @@ impl Case {
 
     /// The settings the engine would run this case with.
     fn engine_settings(&self) -> EngineSettings {
-        let target = TargetSettings {
-            max_activities_per_worker: self.max_activities_per_worker,
-            max_orchestrations_per_worker: self.max_orchestrations_per_worker,
-        };
+        let target = self.limits();
         EngineSettings {
             algorithm: self.algorithm,
             target,
@@ -493,5 +525,38 @@ mod tests {
         assert_eq!(a.metric_value, crate::heuristic::hpa::metric_value(20, 12));
         let json = serde_json::to_value(&a).unwrap();
         assert_eq!(json["desired_workers"], 20, "the recommendation's fields stay at the top level");
+    }
+
+    fn target_case(extra: &str) -> Case {
+        Case::parse(&format!(
+            r#"{{"algorithm": "target", "workers": 1, "partitions": 4, "work_item": {{"length": 200}}{extra}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn processor_count_sets_the_limits_not_given() {
+        let one = target_case(r#", "processor_count": 1"#).answer().recommendation;
+        let two = target_case(r#", "processor_count": 2"#).answer().recommendation;
+        assert_eq!((one.desired_workers, two.desired_workers), (20, 10));
+        let explicit = target_case(r#", "processor_count": 2, "max_activities_per_worker": 40"#);
+        assert_eq!(explicit.limits().max_activities_per_worker, 40);
+        assert_eq!(explicit.limits().max_orchestrations_per_worker, 20);
+    }
+
+    #[test]
+    fn without_limits_or_cpus_the_historic_defaults_hold() {
+        assert_eq!(target_case("").limits(), TargetSettings::default());
+    }
+
+    #[test]
+    fn zero_limits_or_cpus_are_refused_naming_the_field() {
+        for field in ["max_activities_per_worker", "max_orchestrations_per_worker", "processor_count"] {
+            let json = format!(r#"{{"algorithm": "target", "workers": 1, "partitions": 4, "{field}": 0}}"#);
+            match Case::parse(&json) {
+                Err(CaseError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::heuristic::engine::{EngineSettings, HubEngine, Reading};
 use crate::heuristic::latency::{LatencyHistory, TaskHubLatencies};
 use crate::storage::QueueSignals;
 
-use super::settings::HubSettings;
+use super::settings::{EffectiveLimits, HubSettings, ReportedLimits};
 
 /// How long the worker-count source's last answer stands in when it cannot answer.
 pub const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
@@ -55,6 +55,8 @@ pub struct ValidReport {
     pub leaving: bool,
     /// When the sidecar took the report.
     pub sampled_at_unix_ms: i64,
+    /// The app's per-pod limits, when the sidecar reports them.
+    pub limits: Option<ReportedLimits>,
 }
 
 /// What one cold probe read.
@@ -131,15 +133,19 @@ impl From<QueueSignals> for Reading {
     }
 }
 
-/// The engine settings of a trigger's settings; `work_grace_ms` is the aggregator's.
-fn engine_settings(settings: &HubSettings, work_grace_ms: u64) -> EngineSettings {
+/// The engine settings of a trigger's settings and the hub's effective limits;
+/// `work_grace_ms` is the aggregator's.
+fn engine_settings(settings: &HubSettings, limits: &EffectiveLimits, work_grace_ms: u64) -> EngineSettings {
     let defaults = EngineSettings::default();
     EngineSettings {
         algorithm: settings.algorithm,
-        target: settings.target,
+        target: crate::heuristic::target::TargetSettings {
+            max_activities_per_worker: limits.max_activities,
+            max_orchestrations_per_worker: limits.max_orchestrations,
+        },
         durable: crate::heuristic::durable::DurableSettings {
-            max_activities_per_worker: settings.target.max_activities_per_worker,
-            max_orchestrations_per_worker: settings.target.max_orchestrations_per_worker,
+            max_activities_per_worker: limits.max_activities,
+            max_orchestrations_per_worker: limits.max_orchestrations,
             startup_ms: settings.worker_startup_ms,
             ..defaults.durable
         },
@@ -159,12 +165,15 @@ pub struct HubState {
     observed: bool,
     /// The worker-count source's last answer and when it came.
     source_workers: Option<(u32, UnixMs)>,
+    /// The limits a pod last reported; kept when the pods go (scale to zero).
+    reported_limits: Option<ReportedLimits>,
 }
 
 impl HubState {
     /// A hub nothing is known about yet. `work_grace_ms`: see `heuristic::engine`'s docs.
     pub fn new(settings: HubSettings, work_grace_ms: u64) -> Self {
-        let engine = HubEngine::new(engine_settings(&settings, work_grace_ms), 0);
+        let limits = EffectiveLimits::resolve(settings.limits, None);
+        let engine = HubEngine::new(engine_settings(&settings, &limits, work_grace_ms), 0);
         Self {
             settings,
             work_grace_ms,
@@ -173,6 +182,7 @@ impl HubState {
             engine,
             observed: false,
             source_workers: None,
+            reported_limits: None,
         }
     }
 
@@ -183,8 +193,14 @@ impl HubState {
 
     /// Takes the settings of the latest KEDA call.
     pub fn update_settings(&mut self, settings: HubSettings) {
-        self.engine.update_settings(engine_settings(&settings, self.work_grace_ms));
+        let limits = EffectiveLimits::resolve(settings.limits, self.reported_limits);
+        self.engine.update_settings(engine_settings(&settings, &limits, self.work_grace_ms));
         self.settings = settings;
+    }
+
+    /// The per-worker limits decisions divide by, and where they come from.
+    pub fn limits(&self) -> EffectiveLimits {
+        EffectiveLimits::resolve(self.settings.limits, self.reported_limits)
     }
 
     /// Something was read about this hub (a report or a probe, even "not provisioned").
@@ -237,6 +253,11 @@ impl HubState {
         }
         self.pods.insert(report.pod.clone(), pod);
         self.observed = true;
+        if report.limits.is_some() && report.limits != self.reported_limits {
+            self.reported_limits = report.limits;
+            let limits = self.limits();
+            self.engine.update_settings(engine_settings(&self.settings, &limits, self.work_grace_ms));
+        }
     }
 
     /// Merges what a cold probe read at `now`.
@@ -375,6 +396,7 @@ mod tests {
             interval_ms: 1000,
             leaving: false,
             sampled_at_unix_ms: 0,
+            limits: None,
         }
     }
 
@@ -384,6 +406,23 @@ mod tests {
             control: (0..4).map(|p| (p, control)).collect(),
             work_item: Some(work_item),
         }
+    }
+
+    #[test]
+    fn the_last_reported_limits_survive_the_pods_going() {
+        use super::super::settings::{LimitSource, WorkerLimits};
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        let mut last = report("a", &[0, 1, 2, 3], q(0, 0, 0), None);
+        last.limits = Some(ReportedLimits {
+            limits: WorkerLimits { max_activities: 20, max_orchestrations: 20 },
+            processor_count: 2,
+        });
+        last.leaving = true;
+        hub.apply_report(&last, UnixMs(0));
+        hub.forget_silent_pods(UnixMs(3_600_000), 600_000);
+        assert_eq!(hub.live_pods(UnixMs(3_600_000)), 0);
+        let limits = hub.limits();
+        assert_eq!((limits.max_activities, limits.activities_from), (20, LimitSource::Reported));
     }
 
     #[test]

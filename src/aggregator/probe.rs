@@ -24,7 +24,8 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use crate::clock::UnixMs;
 use crate::shutdown::Shutdown;
 use crate::storage::{
-    Layout, PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub, TaskHubReader,
+    Connection, Layout, PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub,
+    TaskHubReader,
 };
 
 use super::hub::ProbeReading;
@@ -128,7 +129,7 @@ impl Prober {
 
     async fn run(self, entry: Arc<HubEntry>) {
         // The reader is rebuilt only when the connection or partition mode changes.
-        let mut reader: Option<((String, PartitionMode), TaskHubReader)> = None;
+        let mut reader: Option<((Connection, PartitionMode), TaskHubReader)> = None;
         while !entry.is_evicted() {
             let (connection, mode, task_hub) = entry.with_state(|s| {
                 let settings = s.settings();
@@ -140,8 +141,7 @@ impl Prober {
                     // The settings hold a name `HubSettings::from_metadata` checked with the
                     // same rule, so `parse` only fails on a hub no KEDA call named.
                     let hub = TaskHub::parse(&task_hub).map_err(|e| e.to_string());
-                    let account =
-                        StorageAccount::from_connection_string(&wanted.0).map_err(|e| e.to_string());
+                    let account = StorageAccount::from_connection(&wanted.0).map_err(|e| e.to_string());
                     reader = match hub.and_then(|hub| account.map(|account| (hub, account))) {
                         Ok((hub, account)) => {
                             let r = TaskHubReader::new(&account, hub, mode, self.options);

@@ -13,8 +13,9 @@ use crate::clock::UnixMs;
 
 use super::hub::{HubKey, HubState, ProbeReading, RecommendationChange, ValidReport};
 use super::metrics::{HubLabels, Metrics};
-use super::settings::HubSettings;
+use super::settings::{EffectiveLimits, HubSettings};
 use super::sources::ScaledObjectKey;
+use crate::storage::Connection;
 
 /// A hub's activity as StreamIsActive follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -86,6 +87,45 @@ pub struct HubStatus {
     pub live_pods: u32,
     /// Why KEDA calls would be refused now, if they would.
     pub probe_error: Option<String>,
+    /// The per-worker limits decisions divide by, and where each comes from.
+    pub limits: EffectiveLimits,
+    /// How the cold probe reaches storage, when the trigger says (no secrets).
+    pub storage: Option<StorageView>,
+    /// What the user should know: metadata left to a default, limits that are a guess.
+    pub notes: Vec<String>,
+}
+
+/// How the cold probe reaches a hub's storage account, for `/hubs`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StorageView {
+    /// `connection string` or `workload identity`.
+    pub credential: &'static str,
+    /// The Blob, Queue and Table endpoints (workload identity; a connection string's are
+    /// not shown).
+    pub endpoints: Vec<String>,
+    /// The Entra ID authority tokens are asked from (workload identity).
+    pub authority_host: Option<String>,
+    /// The identity's client id, when the trigger names one.
+    pub client_id: Option<String>,
+}
+
+impl StorageView {
+    fn of(connection: &Connection) -> Self {
+        match connection {
+            Connection::String(_) => Self {
+                credential: "connection string",
+                endpoints: Vec::new(),
+                authority_host: None,
+                client_id: None,
+            },
+            Connection::Identity(identity) => Self {
+                credential: "workload identity",
+                endpoints: identity.endpoints().to_vec(),
+                authority_host: Some(identity.cloud.authority_host().to_owned()),
+                client_id: identity.client_id.clone(),
+            },
+        }
+    }
 }
 
 impl HubEntry {
@@ -109,6 +149,9 @@ impl HubEntry {
                 uncovered_partitions: coverage.uncovered,
                 live_pods: s.live_pods(now),
                 probe_error,
+                limits: s.limits(),
+                storage: s.settings().connection.as_ref().map(StorageView::of),
+                notes: s.settings().warnings.iter().cloned().chain(s.limits().note()).collect(),
             }
         })
     }

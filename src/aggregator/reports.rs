@@ -14,6 +14,7 @@ use crate::storage::QueueSignals;
 use super::hub::{HubKey, ValidReport};
 use super::metrics::RejectionReason as Reason;
 use super::registry::Registry;
+use super::settings::{ReportedLimits, WorkerLimits};
 use super::sources::{AuthError, ReportAuthenticator};
 
 /// How far in the future a report's timestamps may be (clock skew between nodes).
@@ -142,6 +143,7 @@ pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidRe
         0 => DEFAULT_SIDECAR_INTERVAL_MS,
         ms => u64::from(ms).min(longest),
     };
+    let limits = report.limits.as_ref().map(reported_limits).transpose()?;
     Ok((
         HubKey::new(&pod.namespace, &report.task_hub),
         ValidReport {
@@ -152,8 +154,32 @@ pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidRe
             interval_ms,
             leaving: report.leaving,
             sampled_at_unix_ms: report.sampled_at_unix_ms,
+            limits,
         },
     ))
+}
+
+/// The app's limits of a report; both are at least 1 when the field is set (a sidecar that
+/// cannot tell leaves the field unset).
+fn reported_limits(limits: &report::WorkerLimits) -> Result<ReportedLimits, Rejection> {
+    for (field, value) in [
+        ("limits.max_activities", limits.max_activities),
+        ("limits.max_orchestrations", limits.max_orchestrations),
+    ] {
+        if value == 0 {
+            return Err(Rejection::new(
+                Reason::MissingField,
+                format!("{field} is 0: at least 1 when limits is set (leave limits unset when unknown)"),
+            ));
+        }
+    }
+    Ok(ReportedLimits {
+        limits: WorkerLimits {
+            max_activities: limits.max_activities,
+            max_orchestrations: limits.max_orchestrations,
+        },
+        processor_count: limits.processor_count,
+    })
 }
 
 /// The report service.
@@ -258,6 +284,30 @@ mod tests {
         assert_eq!(key, HubKey::new("apps", "myhub"));
         assert_eq!(valid.control.len(), 1);
         assert_eq!(valid.control[0].1.visible_count, 1);
+    }
+
+    #[test]
+    fn a_report_without_limits_is_an_old_sidecars_and_accepted() {
+        assert_eq!(validate(&good(), UnixMs(NOW)).unwrap().1.limits, None);
+    }
+
+    #[test]
+    fn reported_limits_are_taken_and_zero_ones_refused() {
+        let limits = |a, o| report::WorkerLimits {
+            processor_count: 2,
+            max_activities: a,
+            max_orchestrations: o,
+            ..Default::default()
+        };
+        let r = Report { limits: Some(limits(20, 20)), ..good() };
+        let taken = validate(&r, UnixMs(NOW)).unwrap().1.limits.unwrap();
+        assert_eq!(
+            (taken.limits.max_activities, taken.limits.max_orchestrations, taken.processor_count),
+            (20, 20, 2)
+        );
+        let r = Report { limits: Some(limits(20, 0)), ..good() };
+        let e = validate(&r, UnixMs(NOW)).unwrap_err();
+        assert!(e.message.contains("limits.max_orchestrations"), "{}", e.message);
     }
 
     #[test]

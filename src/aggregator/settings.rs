@@ -6,23 +6,24 @@
 
 use std::collections::HashMap;
 
-use crate::contract::TaskHub;
+use crate::contract::{DEFAULT_TASK_HUB, TaskHub, WORK_ITEMS_PER_CPU};
 use crate::heuristic::Algorithm;
 use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
-use crate::heuristic::target::TargetSettings;
-use crate::storage::PartitionMode;
+use crate::storage::{AzureCloud, Connection, IdentityAccount, PartitionMode};
 
 /// What one ScaledObject's trigger metadata says about its task hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubSettings {
-    /// `taskHubName`, case preserved.
+    /// `taskHubName`, case preserved ([`DEFAULT_TASK_HUB`] when unset, with a warning).
     pub task_hub: String,
-    /// The storage connection string (`connectionFromEnv`'s resolved value, else
-    /// `connection`); `None` when the trigger gives neither.
-    pub connection: Option<String>,
-    /// `maxActivitiesPerWorker` and `maxOrchestrationsPerWorker`.
-    pub target: TargetSettings,
+    /// Where the cold probe finds the storage account: the connection string
+    /// (`connectionFromEnv`'s resolved value, or `connection`), or `accountName` with
+    /// workload identity; `None` when the trigger gives none of them.
+    pub connection: Option<Connection>,
+    /// `maxActivitiesPerWorker` / `maxOrchestrationsPerWorker` when the trigger sets them:
+    /// they win over what the pods report.
+    pub limits: LimitOverrides,
     /// `useTablePartitionManagement`: an override; unset, the layout is detected.
     pub partition_mode: PartitionMode,
     /// `scaleAlgorithm`.
@@ -31,6 +32,121 @@ pub struct HubSettings {
     pub max_polling_interval_ms: u64,
     /// `workerStartupMs`: how long a new worker pod takes to take work (durable algorithm).
     pub worker_startup_ms: u64,
+    /// What the metadata left to a default the user should know about (shown on `/hubs`).
+    pub warnings: Vec<String>,
+}
+
+/// The per-worker limits a trigger sets explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitOverrides {
+    /// `maxActivitiesPerWorker`.
+    pub max_activities: Option<u32>,
+    /// `maxOrchestrationsPerWorker`.
+    pub max_orchestrations: Option<u32>,
+}
+
+/// Per-worker limits a hub's decisions divide by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerLimits {
+    /// Activities one worker runs at once.
+    pub max_activities: u32,
+    /// Orchestrations one worker runs at once.
+    pub max_orchestrations: u32,
+}
+
+impl WorkerLimits {
+    /// A 1-CPU pod's limits with the extension's defaults outside the Consumption plan
+    /// ([`WORK_ITEMS_PER_CPU`] x 1 of each): the guess when nothing better is known.
+    pub const ONE_CPU: Self =
+        Self { max_activities: WORK_ITEMS_PER_CPU, max_orchestrations: WORK_ITEMS_PER_CPU };
+}
+
+/// What a pod reported about its app's limits (report field `limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedLimits {
+    /// The limits in force in the app.
+    pub limits: WorkerLimits,
+    /// The CPUs the app sees; 0 when the sidecar could not tell.
+    pub processor_count: u32,
+}
+
+/// Where a hub's limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitSource {
+    /// The trigger's `maxActivitiesPerWorker` / `maxOrchestrationsPerWorker`.
+    Metadata,
+    /// What the hub's pods last reported (kept while the app is scaled to zero).
+    Reported,
+    /// Nothing known: [`WorkerLimits::ONE_CPU`].
+    Guess,
+}
+
+/// The limits a hub's decisions divide by, and where each comes from (shown on `/hubs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct EffectiveLimits {
+    /// Activities per worker.
+    pub max_activities: u32,
+    /// Where `max_activities` comes from.
+    pub activities_from: LimitSource,
+    /// Orchestrations per worker.
+    pub max_orchestrations: u32,
+    /// Where `max_orchestrations` comes from.
+    pub orchestrations_from: LimitSource,
+    /// The CPUs the reporting pod's app sees, when a pod told.
+    pub processor_count: Option<u32>,
+}
+
+impl EffectiveLimits {
+    /// Per limit: the trigger's explicit value, else the pods' last report, else the guess.
+    pub fn resolve(overrides: LimitOverrides, reported: Option<ReportedLimits>) -> Self {
+        let pick = |explicit: Option<u32>, reported: Option<u32>, guess: u32| match (explicit, reported) {
+            (Some(v), _) => (v, LimitSource::Metadata),
+            (None, Some(v)) => (v, LimitSource::Reported),
+            (None, None) => (guess, LimitSource::Guess),
+        };
+        let (max_activities, activities_from) = pick(
+            overrides.max_activities,
+            reported.map(|r| r.limits.max_activities),
+            WorkerLimits::ONE_CPU.max_activities,
+        );
+        let (max_orchestrations, orchestrations_from) = pick(
+            overrides.max_orchestrations,
+            reported.map(|r| r.limits.max_orchestrations),
+            WorkerLimits::ONE_CPU.max_orchestrations,
+        );
+        Self {
+            max_activities,
+            activities_from,
+            max_orchestrations,
+            orchestrations_from,
+            processor_count: reported.map(|r| r.processor_count).filter(|n| *n > 0),
+        }
+    }
+
+    /// The two limits.
+    pub fn limits(&self) -> WorkerLimits {
+        WorkerLimits { max_activities: self.max_activities, max_orchestrations: self.max_orchestrations }
+    }
+
+    /// The `/hubs` note when a limit is guessed.
+    pub fn note(&self) -> Option<String> {
+        let guessed = [
+            (self.activities_from, "maxActivitiesPerWorker"),
+            (self.orchestrations_from, "maxOrchestrationsPerWorker"),
+        ]
+        .into_iter()
+        .filter(|(from, _)| *from == LimitSource::Guess)
+        .map(|(_, key)| key)
+        .collect::<Vec<_>>();
+        (!guessed.is_empty()).then(|| {
+            format!(
+                "per-worker limits are a guess: no pod has reported its app's limits and the trigger \
+                 sets no {}; assuming a 1-CPU pod's defaults ({WORK_ITEMS_PER_CPU} x 1 CPU)",
+                guessed.join(" or ")
+            )
+        })
+    }
 }
 
 /// A metadata key with a value that cannot be used.
@@ -45,68 +161,75 @@ pub struct MetadataError {
     pub got: String,
 }
 
+/// The keys of an account reached by name (wsugarman's "service URI only" properties).
+const ACCOUNT_NAME_ONLY: [&str; 4] = ["clientId", "cloud", "endpointSuffix", "entraEndpoint"];
+
 impl HubSettings {
     /// The defaults for a hub only sidecars have told about (no KEDA call yet).
     pub fn defaults(task_hub: &str) -> Self {
         Self {
             task_hub: task_hub.to_string(),
             connection: None,
-            target: TargetSettings::default(),
+            limits: LimitOverrides::default(),
             partition_mode: PartitionMode::Auto,
             algorithm: Algorithm::default(),
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             worker_startup_ms: DurableSettings::default().startup_ms,
+            warnings: Vec::new(),
         }
     }
 
-    /// Parses the metadata map. No I/O: it is called on every KEDA call.
+    /// Parses the metadata map (keys in any case, as wsugarman's configuration binding
+    /// reads them). No I/O: it is called on every KEDA call.
     pub fn from_metadata(metadata: &HashMap<String, String>) -> Result<Self, MetadataError> {
-        let get = |key: &str| metadata.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let get = |key: &str| {
+            metadata
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        let mut warnings = Vec::new();
         let task_hub = match get("taskHubName") {
             // The one rule (crate::contract::TaskHub); the hub is kept by name here.
             Some(name) if TaskHub::parse(name).is_ok() => name.to_string(),
-            other => {
+            None => {
+                // wsugarman's ScalerOptions.TaskHubName defaults so, as the extension does.
+                warnings.push(format!(
+                    "taskHubName is not set: assuming the Durable Functions default {DEFAULT_TASK_HUB}; \
+                     set it to the app's task hub"
+                ));
+                DEFAULT_TASK_HUB.to_string()
+            }
+            Some(other) => {
                 return Err(MetadataError {
                     key: "taskHubName",
                     expected: "a task hub name of 3 to 50 letters or digits, starting with a letter",
-                    got: other.unwrap_or("<missing>").to_string(),
+                    got: other.to_string(),
                 });
             }
         };
-        let connection = get("connectionFromEnv").or_else(|| get("connection")).map(str::to_string);
-        let positive = |key: &'static str, default: u32| -> Result<u32, MetadataError> {
-            match get(key) {
-                None => Ok(default),
-                Some(v) => v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
-                    key,
-                    expected: "a whole number of at least 1",
-                    got: v.to_string(),
-                }),
-            }
+        let connection = connection(&get)?;
+        let positive = |key: &'static str| -> Result<Option<u32>, MetadataError> {
+            get(key)
+                .map(|v| {
+                    v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
+                        key,
+                        expected: "a whole number of at least 1",
+                        got: v.to_string(),
+                    })
+                })
+                .transpose()
         };
-        let defaults = TargetSettings::default();
-        let target = TargetSettings {
-            max_activities_per_worker: positive(
-                "maxActivitiesPerWorker",
-                defaults.max_activities_per_worker,
-            )?,
-            max_orchestrations_per_worker: positive(
-                "maxOrchestrationsPerWorker",
-                defaults.max_orchestrations_per_worker,
-            )?,
+        let limits = LimitOverrides {
+            max_activities: positive("maxActivitiesPerWorker")?,
+            max_orchestrations: positive("maxOrchestrationsPerWorker")?,
         };
         // Unset: detected per hub, as DurableTask decides it; true or false overrides.
-        let partition_mode = match get("useTablePartitionManagement") {
+        let partition_mode = match boolean(&get, "useTablePartitionManagement")? {
             None => PartitionMode::Auto,
-            Some(v) if v.eq_ignore_ascii_case("true") => PartitionMode::Table,
-            Some(v) if v.eq_ignore_ascii_case("false") => PartitionMode::Blob,
-            Some(v) => {
-                return Err(MetadataError {
-                    key: "useTablePartitionManagement",
-                    expected: "true or false",
-                    got: v.to_string(),
-                });
-            }
+            Some(true) => PartitionMode::Table,
+            Some(false) => PartitionMode::Blob,
         };
         let algorithm = match get("scaleAlgorithm") {
             None => Algorithm::default(),
@@ -135,13 +258,136 @@ impl HubSettings {
         Ok(Self {
             task_hub,
             connection,
-            target,
+            limits,
             partition_mode,
             algorithm,
             max_polling_interval_ms,
             worker_startup_ms,
+            warnings,
         })
     }
+}
+
+/// `true` or `false` in any case; `None` when unset.
+fn boolean<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    key: &'static str,
+) -> Result<Option<bool>, MetadataError> {
+    match get(key) {
+        None => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+        Some(v) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+        Some(v) => Err(MetadataError { key, expected: "true or false", got: v.to_string() }),
+    }
+}
+
+/// The storage account, validated as wsugarman's `ValidateScalerOptions.cs` does: a
+/// connection string (`connection` or `connectionFromEnv`, not both) and none of the
+/// account-name keys, or `accountName` with `useManagedIdentity: true` and no connection;
+/// `cloud` one of wsugarman's names, `endpointSuffix` and `entraEndpoint` both given for a
+/// `Private` cloud and neither for another.
+fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Connection>, MetadataError> {
+    let managed_identity = boolean(get, "useManagedIdentity")?;
+    let strings = (get("connection"), get("connectionFromEnv"));
+    let Some(account_name) = get("accountName") else {
+        if let Some(key) = ACCOUNT_NAME_ONLY.into_iter().find(|key| get(key).is_some()) {
+            return Err(MetadataError {
+                key,
+                expected: "to be set only with accountName",
+                got: get(key).unwrap_or_default().to_string(),
+            });
+        }
+        if managed_identity == Some(true) {
+            return Err(MetadataError {
+                key: "useManagedIdentity",
+                expected: "true only with accountName (a connection string carries its own credential)",
+                got: "true".into(),
+            });
+        }
+        return match strings {
+            (Some(_), Some(_)) => Err(MetadataError {
+                key: "connection",
+                expected: "either connection or connectionFromEnv, not both",
+                got: "<both set>".into(),
+            }),
+            (Some(text), None) | (None, Some(text)) => Ok(Some(Connection::String(text.to_string()))),
+            (None, None) => Ok(None),
+        };
+    };
+    if strings.0.is_some() || strings.1.is_some() {
+        return Err(MetadataError {
+            key: "accountName",
+            expected: "either accountName or a connection (connection, connectionFromEnv), not both",
+            got: account_name.to_string(),
+        });
+    }
+    // Storage account names: 3 to 24 lowercase letters and digits. Checked here because the
+    // name becomes part of the endpoints' host.
+    if !(3..=24).contains(&account_name.len())
+        || !account_name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(MetadataError {
+            key: "accountName",
+            expected: "a storage account name of 3 to 24 lowercase letters and digits",
+            got: account_name.to_string(),
+        });
+    }
+    if managed_identity != Some(true) {
+        return Err(MetadataError {
+            key: "useManagedIdentity",
+            expected: "true with accountName (the account is reached with workload identity)",
+            got: get("useManagedIdentity").unwrap_or("<missing>").to_string(),
+        });
+    }
+    let (suffix, entra) = (get("endpointSuffix"), get("entraEndpoint"));
+    let named = AzureCloud::parse_named(get("cloud")).map_err(|e| MetadataError {
+        key: "cloud",
+        expected: "AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud or Private",
+        got: e.0,
+    })?;
+    let cloud = match named {
+        Some(cloud) => {
+            if let Some((key, value)) = [("endpointSuffix", suffix), ("entraEndpoint", entra)]
+                .into_iter()
+                .find_map(|(k, v)| v.map(|v| (k, v)))
+            {
+                return Err(MetadataError {
+                    key,
+                    expected: "to be set only with cloud: Private",
+                    got: value.to_string(),
+                });
+            }
+            cloud
+        }
+        None => {
+            let endpoint_suffix = suffix.filter(|s| valid_suffix(s)).ok_or_else(|| MetadataError {
+                key: "endpointSuffix",
+                expected: "a DNS suffix such as core.windows.net (required with cloud: Private)",
+                got: suffix.unwrap_or("<missing>").to_string(),
+            })?;
+            let entra_endpoint = entra
+                .and_then(crate::config::http_url)
+                .filter(|u| u.scheme() == "https")
+                .ok_or_else(|| MetadataError {
+                    key: "entraEndpoint",
+                    expected: "an https URL of the Entra ID authority (required with cloud: Private)",
+                    got: entra.unwrap_or("<missing>").to_string(),
+                })?;
+            AzureCloud::Private { endpoint_suffix: endpoint_suffix.to_string(), entra_endpoint }
+        }
+    };
+    Ok(Some(Connection::Identity(IdentityAccount {
+        account_name: account_name.to_string(),
+        cloud,
+        client_id: get("clientId").map(str::to_string),
+    })))
+}
+
+/// A host-name suffix: dot-separated labels of letters, digits and hyphens.
+fn valid_suffix(suffix: &str) -> bool {
+    suffix
+        .split('.')
+        .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 #[cfg(test)]
@@ -157,7 +403,8 @@ mod tests {
         let s = parse(&[("taskHubName", "MyHub"), ("scalerAddress", "x:4370")]).unwrap();
         assert_eq!(s.task_hub, "MyHub");
         assert_eq!(s.connection, None);
-        assert_eq!(s.target, TargetSettings::default());
+        assert_eq!(s.limits, LimitOverrides::default());
+        assert!(s.warnings.is_empty());
         assert_eq!(s.partition_mode, PartitionMode::Auto);
         assert_eq!(s.algorithm, Algorithm::Durable);
         assert_eq!(s.max_polling_interval_ms, 30_000);
@@ -165,11 +412,170 @@ mod tests {
     }
 
     #[test]
-    fn the_resolved_connection_from_env_wins_over_connection() {
-        let s = parse(&[("taskHubName", "MyHub"), ("connectionFromEnv", "A"), ("connection", "B")]).unwrap();
-        assert_eq!(s.connection.as_deref(), Some("A"));
+    fn connection_or_the_resolved_connection_from_env_is_the_connection_string() {
+        let s = parse(&[("taskHubName", "MyHub"), ("connectionFromEnv", "A")]).unwrap();
+        assert_eq!(s.connection, Some(Connection::String("A".into())));
         let s = parse(&[("taskHubName", "MyHub"), ("connection", "B")]).unwrap();
-        assert_eq!(s.connection.as_deref(), Some("B"));
+        assert_eq!(s.connection, Some(Connection::String("B".into())));
+    }
+
+    #[test]
+    fn connection_and_connection_from_env_together_are_refused_as_wsugarman_does() {
+        let err =
+            parse(&[("taskHubName", "MyHub"), ("connectionFromEnv", "A"), ("connection", "B")]).unwrap_err();
+        assert_eq!(err.key, "connection");
+        assert!(!err.to_string().contains("\"A\"") && !err.to_string().contains("\"B\""), "{err}");
+    }
+
+    #[test]
+    fn a_missing_task_hub_is_test_hub_name_with_a_warning() {
+        let s = parse(&[("connection", "UseDevelopmentStorage=true")]).unwrap();
+        assert_eq!(s.task_hub, "TestHubName");
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].contains("taskHubName is not set") && s.warnings[0].contains("TestHubName"));
+    }
+
+    #[test]
+    fn explicit_limits_are_kept_and_unset_ones_left_to_the_pods() {
+        let s = parse(&[("taskHubName", "MyHub"), ("maxActivitiesPerWorker", "30")]).unwrap();
+        assert_eq!(s.limits, LimitOverrides { max_activities: Some(30), max_orchestrations: None });
+    }
+
+    #[test]
+    fn keys_are_read_in_any_case_as_wsugarmans_binding_does() {
+        let s = parse(&[("TASKHUBNAME", "MyHub"), ("maxorchestrationsperworker", "3")]).unwrap();
+        assert_eq!((s.task_hub.as_str(), s.limits.max_orchestrations), ("MyHub", Some(3)));
+    }
+
+    fn identity(pairs: &[(&str, &str)]) -> IdentityAccount {
+        let mut all =
+            vec![("taskHubName", "MyHub"), ("accountName", "orders"), ("useManagedIdentity", "true")];
+        all.extend_from_slice(pairs);
+        match parse(&all).unwrap().connection {
+            Some(Connection::Identity(identity)) => identity,
+            other => panic!("not an identity account: {other:?}"),
+        }
+    }
+
+    fn refused(pairs: &[(&str, &str)]) -> &'static str {
+        let mut all = vec![("taskHubName", "MyHub")];
+        all.extend_from_slice(pairs);
+        parse(&all).unwrap_err().key
+    }
+
+    #[test]
+    fn account_name_with_managed_identity_is_the_public_cloud_by_default() {
+        let a = identity(&[]);
+        assert_eq!((a.account_name.as_str(), &a.cloud, a.client_id), ("orders", &AzureCloud::Public, None));
+    }
+
+    #[test]
+    fn client_id_picks_the_identity() {
+        assert_eq!(identity(&[("clientId", "0000-1111")]).client_id.as_deref(), Some("0000-1111"));
+    }
+
+    #[test]
+    fn each_named_cloud_is_taken_in_any_case() {
+        assert_eq!(identity(&[("cloud", "AzurePublicCloud")]).cloud, AzureCloud::Public);
+        assert_eq!(identity(&[("cloud", "azureusgovernmentcloud")]).cloud, AzureCloud::UsGovernment);
+        assert_eq!(identity(&[("cloud", "AzureChinaCloud")]).cloud, AzureCloud::China);
+    }
+
+    #[test]
+    fn a_private_cloud_takes_its_suffix_and_entra_endpoint() {
+        let a = identity(&[
+            ("cloud", "Private"),
+            ("endpointSuffix", "storage.stack.local"),
+            ("entraEndpoint", "https://login.stack.local/"),
+        ]);
+        assert_eq!(a.cloud.storage_suffix(), "storage.stack.local");
+        assert_eq!(a.cloud.authority_host(), "https://login.stack.local/");
+    }
+
+    #[test]
+    fn a_private_cloud_needs_both_of_its_values() {
+        let base = [("accountName", "orders"), ("useManagedIdentity", "true"), ("cloud", "Private")];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            refused(&all)
+        };
+        assert_eq!(with(&[("entraEndpoint", "https://login.stack.local/")]), "endpointSuffix");
+        assert_eq!(with(&[("endpointSuffix", "stack.local")]), "entraEndpoint");
+        assert_eq!(
+            with(&[("endpointSuffix", "stack.local"), ("entraEndpoint", "http://login")]),
+            "entraEndpoint"
+        );
+        assert_eq!(with(&[("endpointSuffix", "a/b"), ("entraEndpoint", "https://login")]), "endpointSuffix");
+    }
+
+    #[test]
+    fn suffix_and_entra_endpoint_belong_to_a_private_cloud_only() {
+        let base = [("accountName", "orders"), ("useManagedIdentity", "true")];
+        for (key, value) in [("endpointSuffix", "core.windows.net"), ("entraEndpoint", "https://login")] {
+            let mut all = base.to_vec();
+            all.push((key, value));
+            assert_eq!(refused(&all), key);
+            all.push(("cloud", "AzureChinaCloud"));
+            assert_eq!(refused(&all), key);
+        }
+    }
+
+    #[test]
+    fn an_unknown_cloud_is_refused() {
+        assert_eq!(
+            refused(&[("accountName", "orders"), ("useManagedIdentity", "true"), ("cloud", "Mars")]),
+            "cloud"
+        );
+    }
+
+    #[test]
+    fn account_name_needs_managed_identity() {
+        assert_eq!(refused(&[("accountName", "orders")]), "useManagedIdentity");
+        assert_eq!(
+            refused(&[("accountName", "orders"), ("useManagedIdentity", "false")]),
+            "useManagedIdentity"
+        );
+        assert_eq!(
+            refused(&[("accountName", "orders"), ("useManagedIdentity", "yes")]),
+            "useManagedIdentity"
+        );
+    }
+
+    #[test]
+    fn account_name_and_a_connection_string_conflict() {
+        for key in ["connection", "connectionFromEnv"] {
+            assert_eq!(
+                refused(&[("accountName", "orders"), ("useManagedIdentity", "true"), (key, "x")]),
+                "accountName"
+            );
+        }
+    }
+
+    #[test]
+    fn an_account_name_that_is_no_storage_account_name_is_refused() {
+        for bad in ["ab", "Orders", "orders.evil.example", &"a".repeat(25)] {
+            assert_eq!(
+                refused(&[("accountName", bad), ("useManagedIdentity", "true")]),
+                "accountName",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn account_name_keys_without_an_account_name_are_refused() {
+        for (key, value) in [
+            ("clientId", "0000"),
+            ("cloud", "AzureChinaCloud"),
+            ("endpointSuffix", "core.windows.net"),
+            ("entraEndpoint", "https://login"),
+            ("useManagedIdentity", "true"),
+        ] {
+            assert_eq!(refused(&[("connection", "UseDevelopmentStorage=true"), (key, value)]), key);
+        }
+        let s = parse(&[("taskHubName", "MyHub"), ("useManagedIdentity", "false")]).unwrap();
+        assert_eq!(s.connection, None);
     }
 
     #[test]
@@ -191,7 +597,7 @@ mod tests {
             assert_eq!(err.key, key);
             assert!(err.to_string().contains(key) && err.to_string().contains(value), "{err}");
         }
-        assert_eq!(parse(&[]).unwrap_err().key, "taskHubName");
+        assert_eq!(parse(&[]).map(|s| s.task_hub).ok().as_deref(), Some("TestHubName"));
     }
 
     #[test]
@@ -208,5 +614,45 @@ mod tests {
         assert_eq!((s.algorithm, s.worker_startup_ms), (Algorithm::Target, 2000));
         let s = parse(&[("taskHubName", "MyHub"), ("scaleAlgorithm", "Durable")]).unwrap();
         assert_eq!(s.algorithm, Algorithm::Durable);
+    }
+
+    fn reported(activities: u32, orchestrations: u32, cpus: u32) -> Option<ReportedLimits> {
+        Some(ReportedLimits {
+            limits: WorkerLimits { max_activities: activities, max_orchestrations: orchestrations },
+            processor_count: cpus,
+        })
+    }
+
+    #[test]
+    fn nothing_known_is_ten_and_ten_with_a_note() {
+        let l = EffectiveLimits::resolve(LimitOverrides::default(), None);
+        assert_eq!((l.max_activities, l.max_orchestrations), (10, 10));
+        assert_eq!((l.activities_from, l.orchestrations_from), (LimitSource::Guess, LimitSource::Guess));
+        assert!(l.note().is_some_and(|n| n.contains("guess")));
+    }
+
+    #[test]
+    fn reported_limits_are_used_when_the_trigger_sets_none() {
+        let l = EffectiveLimits::resolve(LimitOverrides::default(), reported(20, 20, 2));
+        assert_eq!((l.max_activities, l.max_orchestrations, l.processor_count), (20, 20, Some(2)));
+        assert_eq!(l.note(), None);
+    }
+
+    #[test]
+    fn explicit_metadata_wins_over_reports_per_limit() {
+        let overrides = LimitOverrides { max_activities: Some(4), max_orchestrations: None };
+        let l = EffectiveLimits::resolve(overrides, reported(20, 20, 2));
+        assert_eq!((l.max_activities, l.activities_from), (4, LimitSource::Metadata));
+        assert_eq!((l.max_orchestrations, l.orchestrations_from), (20, LimitSource::Reported));
+    }
+
+    #[test]
+    fn one_guessed_limit_is_named_in_the_note() {
+        let overrides = LimitOverrides { max_activities: Some(4), max_orchestrations: None };
+        let note = EffectiveLimits::resolve(overrides, None).note().unwrap();
+        assert!(
+            note.contains("maxOrchestrationsPerWorker") && !note.contains("maxActivitiesPerWorker"),
+            "{note}"
+        );
     }
 }

@@ -8,7 +8,10 @@ use std::{
 };
 
 use crate::config::naming;
-use crate::contract::{SIDECAR_HTTP_PORT, SIDECAR_INTERVAL_RANGE, TOKEN_FILE, TaskHub, env};
+use crate::contract::{
+    SIDECAR_HTTP_PORT, SIDECAR_INTERVAL_RANGE, TOKEN_FILE, TaskHub, WORK_ITEMS_PER_CPU, env,
+};
+use crate::proto::report::WorkerLimits;
 use crate::storage::{PartitionMode, StorageAccount};
 
 /// `durable-scaler sidecar`: reads the queues of the partitions this pod owns and reports
@@ -59,6 +62,68 @@ pub struct Args {
           value_parser = naming(env::HTTP_ADDR, |text: &str| text.trim().parse::<SocketAddr>()
               .map_err(|_| format!("`{text}` is not an address like 0.0.0.0:{SIDECAR_HTTP_PORT}"))))]
     pub http_addr: SocketAddr,
+    /// What decides the app's per-pod limits (reported to the aggregator).
+    #[command(flatten)]
+    pub app_limits: AppLimitArgs,
+}
+
+/// What the app's per-pod concurrency limits depend on, as the webhook hands it over from the
+/// app container (its CPU limit through the downward API, its own overrides copied).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AppLimitArgs {
+    /// The app container's CPUs as .NET's `Environment.ProcessorCount` sees them: its CPU
+    /// limit rounded up, or the node's allocatable CPUs without one (downward API
+    /// `limits.cpu`, divisor 1). Unset or 0: unknown.
+    #[arg(long, env = env::APP_CPUS, value_parser = naming(env::APP_CPUS, parse_count))]
+    pub app_cpus: Option<u32>,
+    /// The app's `maxConcurrentActivityFunctions` setting, when it has one.
+    #[arg(long, env = env::APP_MAX_ACTIVITIES, value_parser = naming(env::APP_MAX_ACTIVITIES, parse_positive))]
+    pub app_max_activities: Option<u32>,
+    /// The app's `maxConcurrentOrchestratorFunctions` setting, when it has one.
+    #[arg(long, env = env::APP_MAX_ORCHESTRATIONS, value_parser = naming(env::APP_MAX_ORCHESTRATIONS, parse_positive))]
+    pub app_max_orchestrations: Option<u32>,
+}
+
+/// A whole number (the downward API writes `limits.cpu` with divisor 1 as one).
+fn parse_count(text: &str) -> Result<u32, String> {
+    text.trim().parse::<u32>().map_err(|_| format!("{:?} is not a whole number of CPUs", text.trim()))
+}
+
+/// A whole number of at least 1, as the extension requires (`DurableTaskOptions.Validate`:
+/// "must be a positive integer value").
+fn parse_positive(text: &str) -> Result<u32, String> {
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{:?} is not a whole number of at least 1", text.trim()))
+}
+
+/// The app's per-pod limits as far as the sidecar can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppLimits {
+    /// The CPUs the app sees, when known.
+    pub processor_count: Option<u32>,
+    /// The app's `maxConcurrentActivityFunctions` override.
+    pub max_activities: Option<u32>,
+    /// The app's `maxConcurrentOrchestratorFunctions` override.
+    pub max_orchestrations: Option<u32>,
+}
+
+impl AppLimits {
+    /// The limits in force, as the extension computes them (an override, else
+    /// [`WORK_ITEMS_PER_CPU`] x ProcessorCount, upstream's default outside the Consumption
+    /// plan); `None` when one of the two cannot be told (no CPU count and no override).
+    pub fn worker_limits(&self) -> Option<WorkerLimits> {
+        let by_cpu = self.processor_count.map(|cpus| cpus.saturating_mul(WORK_ITEMS_PER_CPU));
+        Some(WorkerLimits {
+            processor_count: self.processor_count.unwrap_or(0),
+            max_activities: self.max_activities.or(by_cpu)?,
+            max_orchestrations: self.max_orchestrations.or(by_cpu)?,
+            activities_overridden: self.max_activities.is_some(),
+            orchestrations_overridden: self.max_orchestrations.is_some(),
+        })
+    }
 }
 
 /// `auto`, `table` or `blob`, any case.
@@ -89,6 +154,8 @@ pub struct Config {
     pub token_file: PathBuf,
     /// The HTTP listen address.
     pub http_addr: SocketAddr,
+    /// What decides the app's per-pod limits.
+    pub app_limits: AppLimits,
 }
 
 /// A missing or invalid setting, named by its environment variable and flag.
@@ -142,6 +209,11 @@ impl Config {
             partition_mode: args.partition_mode,
             token_file: args.token_file,
             http_addr: args.http_addr,
+            app_limits: AppLimits {
+                processor_count: args.app_limits.app_cpus.filter(|n| *n > 0),
+                max_activities: args.app_limits.app_max_activities,
+                max_orchestrations: args.app_limits.app_max_orchestrations,
+            },
         })
     }
 }
@@ -202,6 +274,7 @@ mod tests {
             partition_mode: PartitionMode::Auto,
             token_file: TOKEN_FILE.into(),
             http_addr: SocketAddr::from(([0, 0, 0, 0], SIDECAR_HTTP_PORT)),
+            app_limits: AppLimitArgs::default(),
         }
     }
 
@@ -248,6 +321,9 @@ mod tests {
             ("--interval", "0s", env::INTERVAL),
             ("--partition-mode", "sql", env::PARTITION_MODE),
             ("--http-addr", "9095", env::HTTP_ADDR),
+            ("--app-cpus", "1.5", env::APP_CPUS),
+            ("--app-max-activities", "0", env::APP_MAX_ACTIVITIES),
+            ("--app-max-orchestrations", "many", env::APP_MAX_ORCHESTRATIONS),
         ] {
             let error = Cli::try_parse_from(["sidecar", flag, value]).err().unwrap();
             assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {value}");
@@ -307,5 +383,67 @@ mod tests {
         );
         let http_with_ca = Args { aggregator_ca: Some(ca), ..args() };
         assert!(problem(http_with_ca).contains("the aggregator URL is http"));
+    }
+
+    fn limits(
+        cpus: Option<u32>,
+        activities: Option<u32>,
+        orchestrations: Option<u32>,
+    ) -> Option<WorkerLimits> {
+        let args = Args {
+            app_limits: AppLimitArgs {
+                app_cpus: cpus,
+                app_max_activities: activities,
+                app_max_orchestrations: orchestrations,
+            },
+            ..args()
+        };
+        Config::from_args(args).unwrap().app_limits.worker_limits()
+    }
+
+    #[test]
+    fn without_overrides_both_limits_are_ten_per_cpu() {
+        let l = limits(Some(2), None, None).unwrap();
+        assert_eq!((l.processor_count, l.max_activities, l.max_orchestrations), (2, 20, 20));
+        assert!(!l.activities_overridden && !l.orchestrations_overridden);
+    }
+
+    #[test]
+    fn the_apps_own_settings_win_over_the_cpu_default() {
+        let l = limits(Some(4), Some(7), None).unwrap();
+        assert_eq!((l.max_activities, l.max_orchestrations), (7, 40));
+        assert!(l.activities_overridden && !l.orchestrations_overridden);
+    }
+
+    #[test]
+    fn limits_are_reported_only_when_both_can_be_told() {
+        assert_eq!(limits(None, None, None), None);
+        assert_eq!(limits(None, Some(5), None), None);
+        assert_eq!(limits(Some(0), None, Some(5)), None, "0 CPUs is unknown");
+        let l = limits(None, Some(5), Some(6)).unwrap();
+        assert_eq!((l.processor_count, l.max_activities, l.max_orchestrations), (0, 5, 6));
+    }
+
+    #[test]
+    fn the_injected_variables_are_read_from_the_command_line() {
+        let parsed = Cli::try_parse_from([
+            "sidecar",
+            "--app-cpus",
+            "3",
+            "--app-max-activities",
+            "12",
+            "--app-max-orchestrations",
+            " 8 ",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(
+            (
+                parsed.app_limits.app_cpus,
+                parsed.app_limits.app_max_activities,
+                parsed.app_limits.app_max_orchestrations
+            ),
+            (Some(3), Some(12), Some(8))
+        );
     }
 }

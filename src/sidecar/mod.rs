@@ -28,7 +28,7 @@ use std::{
 
 use tokio::sync::watch;
 
-pub use config::{Args, Config, ConfigError};
+pub use config::{AppLimitArgs, AppLimits, Args, Config, ConfigError};
 pub use metrics::Metrics;
 pub use poll::PollResult;
 pub use report::ReportClient;
@@ -233,6 +233,8 @@ fn base_report(config: &Config, interval: Duration, sampled_at: UnixMs) -> proto
         interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         sidecar_version: env!("CARGO_PKG_VERSION").to_string(),
         partition_mode: config.partition_mode.as_str().to_string(),
+        // Every report carries them, so the aggregator's last known value is fresh.
+        limits: config.app_limits.worker_limits(),
         ..Default::default()
     }
 }

@@ -121,8 +121,10 @@ pub struct Args {
     /// maxConcurrentActivityFunctions per pod, also the scalers' maxActivitiesPerWorker.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES", default_value_t = 10)]
     pub max_activities: u32,
-    /// maxConcurrentOrchestratorFunctions per pod, also maxOrchestrationsPerWorker.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 5)]
+    /// maxConcurrentOrchestratorFunctions per pod, also maxOrchestrationsPerWorker. The
+    /// defaults, 10 and 10, are a 1-CPU pod's: the extension's 10 x ProcessorCount outside
+    /// the Consumption plan (docs/simulator.md).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 10)]
     pub max_orchestrations: u32,
     /// Seconds a partition lease that changes hands is unusable.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S", default_value_t = 10.0)]

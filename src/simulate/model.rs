@@ -126,8 +126,8 @@ impl Default for AppConfig {
         Self {
             partitions: 4,
             startup_ms: 20_000,
-            max_activities: 10,
-            max_orchestrations: 5,
+            max_activities: crate::contract::WORK_ITEMS_PER_CPU,
+            max_orchestrations: crate::contract::WORK_ITEMS_PER_CPU,
             lease_takeover_ms: 10_000,
             max_polling_interval_ms: 30_000,
             min_polling_interval_ms: 100,

@@ -173,12 +173,17 @@ pub struct ScalerConfig {
 impl Default for ScalerConfig {
     fn default() -> Self {
         Self {
-            max_activities: 10,
-            max_orchestrations: 5,
+            max_activities: crate::contract::WORK_ITEMS_PER_CPU,
+            max_orchestrations: crate::contract::WORK_ITEMS_PER_CPU,
             queue_length: 5,
             report_interval_ms: 5_000,
             probe_interval_ms: 2_000,
-            durable: DurableSettings::default(),
+            // The same limits as above: the scalers and the app agree on a 1-CPU pod's.
+            durable: DurableSettings {
+                max_activities_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+                max_orchestrations_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+                ..DurableSettings::default()
+            },
             work_grace_ms: DEFAULT_WORK_GRACE_MS,
             seed: 0,
         }

@@ -11,6 +11,11 @@
 //!   `AZURE_FEDERATED_TOKEN_FILE` is set (AKS workload identity injects it), else the managed
 //!   identity credential. This is the shape of an identity-based `AzureWebJobsStorage`
 //!   (`AzureWebJobsStorage__accountName`) written as a connection string.
+//!
+//! A ScaledObject may also name the account alone, as wsugarman's scaler takes it
+//! ([`IdentityAccount`]: `accountName` + `useManagedIdentity` [+ `clientId`], `cloud`,
+//! `endpointSuffix`, `entraEndpoint`): endpoints `https://{account}.{service}.{suffix}` and a
+//! workload identity credential against the cloud's Entra ID authority.
 
 use std::sync::{Arc, atomic::AtomicU64, atomic::Ordering};
 
@@ -91,7 +96,127 @@ fn invalid(message: impl Into<String>) -> StorageError {
     StorageError::Unexpected { resource: "connection string".into(), message: message.into() }
 }
 
+/// An Azure cloud as wsugarman's `cloud` metadata names it, with its storage endpoint
+/// suffix and Entra ID authority host (wsugarman/durabletask-azurestorage-scaler
+/// `src/Keda.Scaler.DurableTask.AzureStorage/Clients/AzureCloudEndpoints.cs` and
+/// `CloudEnvironment.cs`; the authority hosts are Azure.Identity's `AzureAuthorityHosts`,
+/// the same ones azure_identity's `get_authority_host` uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AzureCloud {
+    /// `AzurePublicCloud` (also when `cloud` is unset).
+    Public,
+    /// `AzureUSGovernmentCloud`.
+    UsGovernment,
+    /// `AzureChinaCloud`.
+    China,
+    /// `Private` (Azure Stack Hub, air-gapped clouds): both values given by the metadata.
+    Private {
+        /// `endpointSuffix`.
+        endpoint_suffix: String,
+        /// `entraEndpoint`: the Entra ID authority host.
+        entra_endpoint: Url,
+    },
+}
+
+/// A `cloud` value wsugarman does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown cloud {0:?}: AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud or Private")]
+pub struct UnknownCloud(pub String);
+
+impl AzureCloud {
+    /// The cloud a `cloud` value names (any case, as `AzureCloudEndpoints.TryParseEnvironment`
+    /// compares); `None` is the public cloud. `Private` needs its two values, so it is
+    /// returned as `Ok(None)` for the caller to complete.
+    pub fn parse_named(name: Option<&str>) -> Result<Option<Self>, UnknownCloud> {
+        match name {
+            None => Ok(Some(Self::Public)),
+            Some(n) if n.eq_ignore_ascii_case("AzurePublicCloud") => Ok(Some(Self::Public)),
+            Some(n) if n.eq_ignore_ascii_case("AzureUSGovernmentCloud") => Ok(Some(Self::UsGovernment)),
+            Some(n) if n.eq_ignore_ascii_case("AzureChinaCloud") => Ok(Some(Self::China)),
+            Some(n) if n.eq_ignore_ascii_case("Private") => Ok(None),
+            Some(other) => Err(UnknownCloud(other.to_owned())),
+        }
+    }
+
+    /// The storage endpoint suffix (`core.windows.net`, ...).
+    pub fn storage_suffix(&self) -> &str {
+        match self {
+            Self::Public => "core.windows.net",
+            Self::UsGovernment => "core.usgovcloudapi.net",
+            Self::China => "core.chinacloudapi.cn",
+            Self::Private { endpoint_suffix, .. } => endpoint_suffix,
+        }
+    }
+
+    /// The Entra ID authority host tokens are asked from.
+    pub fn authority_host(&self) -> &str {
+        match self {
+            Self::Public => "https://login.microsoftonline.com/",
+            Self::UsGovernment => "https://login.microsoftonline.us/",
+            Self::China => "https://login.chinacloudapi.cn/",
+            Self::Private { entra_endpoint, .. } => entra_endpoint.as_str(),
+        }
+    }
+}
+
+/// A storage account named by the trigger, reached with the aggregator's workload identity
+/// (wsugarman's `accountName` + `useManagedIdentity`; `ConfigureAzureStorageAccountOptions.cs`
+/// builds a `WorkloadIdentityCredential` with the cloud's authority host and `clientId`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityAccount {
+    /// `accountName`.
+    pub account_name: String,
+    /// `cloud` (+ `endpointSuffix`, `entraEndpoint`).
+    pub cloud: AzureCloud,
+    /// `clientId`: which identity, when the pod has several; else `AZURE_CLIENT_ID`.
+    pub client_id: Option<String>,
+}
+
+impl IdentityAccount {
+    /// The Blob, Queue and Table endpoints: `https://{account}.{service}.{suffix}`, as
+    /// wsugarman's `AzureStorageServiceUri.Create`.
+    pub fn endpoints(&self) -> [String; 3] {
+        let suffix = self.cloud.storage_suffix();
+        ["blob", "queue", "table"].map(|service| format!("https://{}.{service}.{suffix}", self.account_name))
+    }
+}
+
+/// Where a trigger's storage account comes from: a connection string, or a name and the
+/// aggregator's workload identity.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Connection {
+    /// A connection string (`connectionFromEnv`'s resolved value, or `connection`).
+    String(String),
+    /// `accountName` with workload identity.
+    Identity(IdentityAccount),
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The string may hold a key: never shown.
+            Self::String(_) => f.write_str("String(..)"),
+            Self::Identity(identity) => f.debug_tuple("Identity").field(identity).finish(),
+        }
+    }
+}
+
 impl StorageAccount {
+    /// The account `connection` describes.
+    pub fn from_connection(connection: &Connection) -> Result<Self, StorageError> {
+        match connection {
+            Connection::String(text) => Self::from_connection_string(text),
+            Connection::Identity(identity) => Self::from_identity(identity),
+        }
+    }
+
+    /// The account `identity` names, with a workload identity credential for its cloud.
+    pub fn from_identity(identity: &IdentityAccount) -> Result<Self, StorageError> {
+        crate::telemetry::install_crypto_provider();
+        let credential = workload_identity_credential(identity)?;
+        Self::build(Some(identity.account_name.clone()), identity.endpoints(), Credential::Token(credential))
+    }
+
     /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`
     /// (forms in the module docs). Errors name the offending key, never a secret's value.
     pub fn from_connection_string(connection: &str) -> Result<Self, StorageError> {
@@ -378,6 +503,24 @@ fn entra_id_credential() -> Result<Arc<dyn TokenCredential>, StorageError> {
     result.map_err(|e| invalid(format!("no key or SAS given, and no Entra ID credential is available: {e}")))
 }
 
+/// A workload identity credential for `identity`'s cloud and client id (the rest, tenant and
+/// federated token file, from the pod's `AZURE_TENANT_ID` / `AZURE_FEDERATED_TOKEN_FILE` that
+/// AKS workload identity injects).
+fn workload_identity_credential(
+    identity: &IdentityAccount,
+) -> Result<Arc<dyn TokenCredential>, StorageError> {
+    let mut custom = azure_core::cloud::CustomConfiguration::default();
+    custom.authority_host = identity.cloud.authority_host().trim_end_matches('/').to_owned();
+    let mut options = azure_identity::WorkloadIdentityCredentialOptions {
+        client_id: identity.client_id.clone(),
+        ..Default::default()
+    };
+    options.credential_options.client_options.cloud = Some(Arc::new(custom.into()));
+    azure_identity::WorkloadIdentityCredential::new(Some(options))
+        .map(|c| c as Arc<dyn TokenCredential>)
+        .map_err(|e| invalid(format!("accountName {} needs a workload identity: {e}", identity.account_name)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,5 +630,63 @@ mod tests {
         let a = StorageAccount::from_connection_string("AccountName=x;AccountKey=c2VjcmV0a2V5").unwrap();
         let shown = format!("{a:?}");
         assert!(!shown.contains("c2VjcmV0a2V5") && shown.contains("SharedKey"), "{shown}");
+    }
+
+    fn identity(cloud: AzureCloud) -> IdentityAccount {
+        IdentityAccount { account_name: "orders".into(), cloud, client_id: None }
+    }
+
+    #[test]
+    fn each_named_cloud_has_wsugarmans_suffix_and_authority() {
+        for (name, suffix, authority) in [
+            (None, "core.windows.net", "https://login.microsoftonline.com/"),
+            (Some("AzurePublicCloud"), "core.windows.net", "https://login.microsoftonline.com/"),
+            (Some("azureusgovernmentcloud"), "core.usgovcloudapi.net", "https://login.microsoftonline.us/"),
+            (Some("AzureChinaCloud"), "core.chinacloudapi.cn", "https://login.chinacloudapi.cn/"),
+        ] {
+            let cloud = AzureCloud::parse_named(name).unwrap().unwrap();
+            assert_eq!((cloud.storage_suffix(), cloud.authority_host()), (suffix, authority), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn private_is_completed_by_the_caller_and_other_names_are_unknown() {
+        assert_eq!(AzureCloud::parse_named(Some("private")), Ok(None));
+        assert_eq!(AzureCloud::parse_named(Some("Mars")), Err(UnknownCloud("Mars".into())));
+    }
+
+    #[test]
+    fn an_identity_account_derives_https_endpoints_from_its_cloud() {
+        assert_eq!(
+            identity(AzureCloud::UsGovernment).endpoints(),
+            [
+                "https://orders.blob.core.usgovcloudapi.net",
+                "https://orders.queue.core.usgovcloudapi.net",
+                "https://orders.table.core.usgovcloudapi.net"
+            ]
+        );
+        let private = AzureCloud::Private {
+            endpoint_suffix: "storage.stack.local".into(),
+            entra_endpoint: Url::parse("https://login.stack.local/").unwrap(),
+        };
+        assert_eq!(identity(private.clone()).endpoints()[1], "https://orders.queue.storage.stack.local");
+        assert_eq!(private.authority_host(), "https://login.stack.local/");
+    }
+
+    #[test]
+    fn an_identity_account_without_a_federated_token_says_what_it_needs() {
+        // The test process has no AZURE_TENANT_ID / AZURE_FEDERATED_TOKEN_FILE: the
+        // credential cannot be made, and nothing is sent anywhere.
+        if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+            return;
+        }
+        let err = StorageAccount::from_identity(&identity(AzureCloud::Public)).unwrap_err().to_string();
+        assert!(err.contains("accountName orders needs a workload identity"), "{err}");
+    }
+
+    #[test]
+    fn a_connection_never_shows_its_string_in_debug_output() {
+        let shown = format!("{:?}", Connection::String("AccountName=x;AccountKey=c2VjcmV0".into()));
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
     }
 }

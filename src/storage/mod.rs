@@ -27,7 +27,7 @@ mod reader;
 pub(crate) mod table;
 
 pub(crate) use account::Service;
-pub use account::{CredentialKind, StorageAccount};
+pub use account::{AzureCloud, Connection, CredentialKind, IdentityAccount, StorageAccount};
 pub use layout::{Layout, REDETECT_INTERVAL, lease_blob_name};
 pub use reader::{PEEK_LIMIT, TaskHubReader};
 // The name rule and the partition limit are the roles' contract; storage derives the hub's

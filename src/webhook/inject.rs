@@ -9,10 +9,10 @@
 use serde_json::{Map, Value, json};
 
 use crate::contract::{
-    AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV,
-    MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER,
-    SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
-    TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
+    AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV, MAX_ACTIVITIES_ENV,
+    MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION,
+    SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR,
+    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
 };
 // Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
 // contract module is their home.
@@ -168,6 +168,9 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     if let (true, Some(ca), Some(env)) = (https, &settings.aggregator_ca, sidecar["env"].as_array_mut()) {
         env.push(json!({"name": env::AGGREGATOR_CA, "value": ca}));
     }
+    if let Some(env) = sidecar["env"].as_array_mut() {
+        env.extend(limit_env(app, app_name));
+    }
     if native {
         sidecar["restartPolicy"] = json!("Always");
     }
@@ -289,6 +292,35 @@ fn task_hub_env(annotation: Option<&str>, app: &Value, warnings: &mut Vec<String
          assuming the Durable Functions default {DEFAULT_TASK_HUB}"
     ));
     json!({"name": NAME, "value": DEFAULT_TASK_HUB})
+}
+
+/// What decides the app's per-pod limits, for the sidecar to report: the app container's CPU
+/// limit through the downward API, and the app's own limit settings copied as they stand
+/// (literal or `valueFrom`, like the connection).
+///
+/// Divisor `1` rounds the limit up to whole CPUs, as .NET's `Environment.ProcessorCount` does
+/// with a CPU quota; with no CPU limit the kubelet gives the node's allocatable CPUs instead
+/// (kubernetes `pkg/kubelet/kubelet_resources.go` `defaultPodLimitsForDownwardAPI`,
+/// `pkg/api/v1/resource/helpers.go` `ExtractContainerResourceValue`; research-injectors.md
+/// item 4), which is what .NET sees then too. `containerName` points at the app container,
+/// since the sidecar's own limit says nothing about the app.
+fn limit_env(app: &Value, app_name: &str) -> Vec<Value> {
+    let mut entries = Vec::new();
+    if !app_name.is_empty() {
+        entries.push(json!({"name": env::APP_CPUS, "valueFrom": {"resourceFieldRef": {
+            "containerName": app_name,
+            "resource": "limits.cpu",
+            "divisor": "1",
+        }}}));
+    }
+    for (setting, ours) in
+        [(MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES), (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS)]
+    {
+        if let Some(entry) = env_entry(app, setting) {
+            entries.push(renamed_env(ours, entry));
+        }
+    }
+    entries
 }
 
 /// Requests and limits from the annotations, each invalid one replaced by its default with a
@@ -697,5 +729,77 @@ mod tests {
         );
         assert_eq!(out["spec"]["initContainers"][0]["volumeMounts"][0]["mountPath"], TOKEN_DIR);
         assert!(out["spec"]["containers"][0].get("volumeMounts").is_none());
+    }
+
+    fn with_limits_env(extra: Value) -> Value {
+        let mut env = storage_env();
+        env.as_array_mut().unwrap().extend(extra.as_array().unwrap().iter().cloned());
+        env
+    }
+
+    #[test]
+    fn the_app_containers_cpus_reach_the_sidecar_through_the_downward_api() {
+        let pod = pod(json!({}), storage_env());
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            sidecar_env(&out, env::APP_CPUS),
+            json!({"name": env::APP_CPUS, "valueFrom": {"resourceFieldRef": {
+                "containerName": "app", "resource": "limits.cpu", "divisor": "1"}}})
+        );
+    }
+
+    #[test]
+    fn a_cpu_limit_on_the_app_container_changes_nothing_in_the_reference() {
+        // The kubelet resolves the reference: the limit when there is one, the node's
+        // allocatable CPUs otherwise; the entry is the same either way.
+        let mut limited = pod(json!({}), storage_env());
+        limited["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "1500m"}});
+        let unlimited = pod(json!({}), storage_env());
+        let entry = |p: &Value| sidecar_env(&applied(p, &plan(p, &settings())), env::APP_CPUS);
+        assert_eq!(entry(&limited), entry(&unlimited));
+        assert_eq!(entry(&limited)["valueFrom"]["resourceFieldRef"]["containerName"], "app");
+    }
+
+    #[test]
+    fn the_apps_limit_settings_are_copied_literal_or_value_from() {
+        let pod = pod(
+            json!({}),
+            with_limits_env(json!([
+                {"name": MAX_ACTIVITIES_ENV, "value": "25"},
+                {"name": MAX_ORCHESTRATIONS_ENV, "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "orch"}}},
+            ])),
+        );
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            sidecar_env(&out, env::APP_MAX_ACTIVITIES),
+            json!({"name": env::APP_MAX_ACTIVITIES, "value": "25"})
+        );
+        assert_eq!(
+            sidecar_env(&out, env::APP_MAX_ORCHESTRATIONS),
+            json!({"name": env::APP_MAX_ORCHESTRATIONS, "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "orch"}}})
+        );
+    }
+
+    #[test]
+    fn without_limit_settings_in_the_app_none_are_invented() {
+        let pod = pod(json!({}), storage_env());
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(sidecar_env(&out, env::APP_MAX_ACTIVITIES), Value::Null);
+        assert_eq!(sidecar_env(&out, env::APP_MAX_ORCHESTRATIONS), Value::Null);
+    }
+
+    #[test]
+    fn the_limit_entries_come_after_the_existing_ones() {
+        let pod = pod(json!({}), with_limits_env(json!([{"name": MAX_ACTIVITIES_ENV, "value": "25"}])));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        let names: Vec<String> = out["spec"]["initContainers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect();
+        let first_limit = names.iter().position(|n| n == env::APP_CPUS).unwrap();
+        assert_eq!(&names[first_limit..], [env::APP_CPUS, env::APP_MAX_ACTIVITIES]);
+        assert_eq!(names[..first_limit][0], env::TASK_HUB);
     }
 }

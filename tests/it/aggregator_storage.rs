@@ -102,6 +102,7 @@ fn sidecar_args(
         partition_mode: PartitionMode::Auto,
         token_file: token_dir.path().join("token"),
         http_addr: ([127, 0, 0, 1], 0).into(),
+        app_limits: Default::default(),
     }
 }
 

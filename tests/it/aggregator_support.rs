@@ -190,6 +190,7 @@ pub fn report(
         error: None,
         sidecar_version: "0.1.0".into(),
         partition_mode: "table".into(),
+        limits: None,
     }
 }
 

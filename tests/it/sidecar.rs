@@ -128,6 +128,7 @@ fn args(
         partition_mode: mode,
         token_file,
         http_addr: ([127, 0, 0, 1], 0).into(),
+        app_limits: Default::default(),
     }
 }
 

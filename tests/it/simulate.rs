@@ -246,7 +246,11 @@ fn functions_target_reads_a_queue_with_nothing_visible_as_empty() {
     let active = control.iter().filter(|s| s.approximate_count > 0).count() as f64;
     assert_eq!(
         f.metrics(sim_time(40 * SECOND), &app, 1),
-        vec![Metric { value: active.min(6.0), target: 1.0 }]
+        // min(partitions with messages, ceil(30 messages / maxOrchestrations)).
+        vec![Metric {
+            value: active.min((30.0 / f64::from(ScalerConfig::default().max_orchestrations)).ceil()),
+            target: 1.0
+        }]
     );
 }
 

@@ -122,7 +122,9 @@ fn expected_pod() -> Value {
              "valueFrom": {"secretKeyRef": {"name": "orders-storage", "key": "connection-string"}}},
             {"name": "DURABLE_SCALER_AGGREGATOR", "value": "http://durable-scaler-aggregator.durable-scaler:4371"},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}}
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
+            {"name": "DURABLE_SCALER_APP_CPUS",
+             "valueFrom": {"resourceFieldRef": {"containerName": "functions", "resource": "limits.cpu", "divisor": "1"}}}
         ],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "64Mi"}},
         "livenessProbe": {
