@@ -24,6 +24,9 @@ pub mod env {
     pub const AGGREGATOR: &str = "DURABLE_SCALER_AGGREGATOR";
     /// PEM CA of an `https://` aggregator, inline or as a path.
     pub const AGGREGATOR_CA: &str = "DURABLE_SCALER_AGGREGATOR_CA";
+    /// Sidecar: fixed report addresses used instead of resolving the aggregator URL's host
+    /// (runs outside a cluster, tests); TLS still checks the URL's host name.
+    pub const AGGREGATOR_ADDRESSES: &str = "DURABLE_SCALER_AGGREGATOR_ADDRESSES";
     /// The pod's name (downward API `metadata.name`); the DurableTask worker id.
     pub const POD_NAME: &str = "POD_NAME";
     /// The pod's namespace (downward API `metadata.namespace`).
