@@ -94,7 +94,7 @@ pub const AGGREGATOR_HTTP_PORT: u16 = 8080;
 pub const WEBHOOK_PORT: u16 = 8443;
 /// The aggregator's report URL as `manifests/` install it: the `durable-scaler-aggregator`
 /// Service in the `durable-scaler` namespace, report port.
-pub const DEFAULT_AGGREGATOR_URL: &str = "http://durable-scaler-aggregator.durable-scaler:4371";
+pub const DEFAULT_AGGREGATOR_URL: &str = "http://durable-scaler-aggregator-reports.durable-scaler:4371";
 
 /// The connection env var the webhook copies when the pod names none.
 pub const DEFAULT_CONNECTION_ENV: &str = "AzureWebJobsStorage";
