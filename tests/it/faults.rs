@@ -40,7 +40,6 @@ fn free_port() -> u16 {
 
 /// One child process of the real binary, its output in a log file shown on failure.
 struct Process {
-    name: String,
     child: Child,
     log: PathBuf,
 }
@@ -61,7 +60,7 @@ impl Process {
             .stdout(out.try_clone().unwrap())
             .stderr(out);
         durable_scaler::shutdown::kill_child_with_parent(&mut command);
-        Self { name: name.to_string(), child: command.spawn().unwrap(), log }
+        Self { child: command.spawn().unwrap(), log }
     }
 
     fn pid(&self) -> u32 {
@@ -303,6 +302,13 @@ async fn decision(http: SocketAddr, hub: &TaskHub) -> Option<(bool, u64)> {
     Some((entry["active"].as_bool()?, entry["desired_workers"].as_u64()?))
 }
 
+/// GetMetricSpec against the KEDA port at `grpc`, as KEDA does before polling: the trigger's
+/// settings (the target algorithm) reach that replica.
+async fn announce(grpc: SocketAddr, so: &ScaledObjectRef) {
+    let mut keda = ExternalScalerClient::connect(format!("http://{grpc}")).await.unwrap();
+    keda.get_metric_spec(so.clone()).await.unwrap();
+}
+
 /// Waits until the aggregator at `http` decides (true, 4) for the hub: the burst's decision.
 async fn steady(http: SocketAddr, hub: &TaskHub, what: &str) -> (bool, u64) {
     let deadline = Instant::now() + DEADLINE;
@@ -430,6 +436,7 @@ async fn one_of_two_replicas_killed_leaves_the_other_answering_keda_as_before() 
     let grpc = Arc::new(std::sync::Mutex::new(one.grpc));
     let stop = Arc::new(AtomicBool::new(false));
     let keda = poll_like_keda(grpc.clone(), burst.scaled_object(), burst.outstanding.clone(), stop.clone());
+    announce(two.grpc, &burst.scaled_object()).await;
     let before = steady(one.http, &burst.hub, "on replica 1").await;
     assert_eq!(steady(two.http, &burst.hub, "on replica 2").await, before, "both replicas decide alike");
 
@@ -454,6 +461,7 @@ async fn keda_dropping_and_reopening_its_stream_a_hundred_times_leaks_nothing() 
     let aggregator = ports.start("aggregator", &dir).await;
     let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
     let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    announce(ports.grpc, &burst.scaled_object()).await;
     steady(ports.http, &burst.hub, "before the streams").await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", ports.grpc))
         .unwrap()
@@ -487,6 +495,7 @@ async fn a_stream_open_at_shutdown_ends_with_status_ok() {
     let aggregator = ports.start("aggregator", &dir).await;
     let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
     let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    announce(ports.grpc, &burst.scaled_object()).await;
     steady(ports.http, &burst.hub, "before the stream").await;
     let mut keda = ExternalScalerClient::connect(format!("http://{}", ports.grpc)).await.unwrap();
     let mut stream = keda.stream_is_active(burst.scaled_object()).await.unwrap().into_inner();
@@ -497,4 +506,39 @@ async fn a_stream_open_at_shutdown_ends_with_status_ok() {
     }
     let end = tokio::time::timeout(DEADLINE, stream.next()).await.expect("the stream ends");
     assert!(end.is_none(), "a clean end (OK status) resets KEDA's back-off, not {end:?}");
+}
+
+/// A worker-count source that panics: the sampling loop dies with it.
+struct Panicking;
+
+impl durable_scaler::aggregator::sources::WorkerCountSource for Panicking {
+    fn worker_count<'a>(
+        &'a self,
+        _scaled_object: &'a durable_scaler::aggregator::sources::ScaledObjectKey,
+    ) -> durable_scaler::aggregator::sources::BoxFuture<'a, Option<u32>> {
+        Box::pin(async { panic!("worker count source broke") })
+    }
+}
+
+#[tokio::test]
+async fn a_loop_that_dies_stops_the_aggregator_with_an_error_naming_it() {
+    let (shutdown, running) = crate::aggregator_support::start_server_with(
+        crate::aggregator_support::args(),
+        durable_scaler::aggregator::ReportCheck::AcceptAny,
+        Arc::new(Panicking),
+    )
+    .await
+    .unwrap();
+    let http = running.http_addr;
+    // A hub with a ScaledObject makes the sampling loop ask the source.
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+    let so = crate::aggregator_support::scaled_object("DoomedHub", &[]);
+    let _ = keda.get_metric_spec(so).await;
+    let error = tokio::time::timeout(DEADLINE, running.wait())
+        .await
+        .expect("the aggregator stops on its own")
+        .expect_err("with an error");
+    assert!(error.to_string().starts_with("sample loop panicked"), "{error}");
+    assert!(shutdown.is_triggered(), "the other servers were told to stop");
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "the HTTP port is closed");
 }
