@@ -24,6 +24,9 @@ pub mod env {
     pub const AGGREGATOR: &str = "DURABLE_SCALER_AGGREGATOR";
     /// PEM CA of an `https://` aggregator, inline or as a path.
     pub const AGGREGATOR_CA: &str = "DURABLE_SCALER_AGGREGATOR_CA";
+    /// Sidecar: fixed report addresses used instead of resolving the aggregator URL's host
+    /// (runs outside a cluster, tests); TLS still checks the URL's host name.
+    pub const AGGREGATOR_ADDRESSES: &str = "DURABLE_SCALER_AGGREGATOR_ADDRESSES";
     /// The pod's name (downward API `metadata.name`); the DurableTask worker id.
     pub const POD_NAME: &str = "POD_NAME";
     /// The pod's namespace (downward API `metadata.namespace`).
@@ -101,7 +104,7 @@ pub const AGGREGATOR_HTTP_PORT: u16 = 8080;
 pub const WEBHOOK_PORT: u16 = 8443;
 /// The aggregator's report URL as `manifests/` install it: the `durable-scaler-aggregator`
 /// Service in the `durable-scaler` namespace, report port.
-pub const DEFAULT_AGGREGATOR_URL: &str = "http://durable-scaler-aggregator.durable-scaler:4371";
+pub const DEFAULT_AGGREGATOR_URL: &str = "http://durable-scaler-aggregator-reports.durable-scaler:4371";
 
 /// The connection env var the webhook copies when the pod names none.
 pub const DEFAULT_CONNECTION_ENV: &str = "AzureWebJobsStorage";

@@ -163,6 +163,12 @@ pub struct HubState {
     pods: HashMap<String, PodState>,
     engine: HubEngine,
     observed: bool,
+    /// What was read at least once since the partition count was learnt: the control queues
+    /// and the work-item queue (KEDA gets no answer from a hub read only in part).
+    read_once: BTreeSet<u32>,
+    work_item_read_once: bool,
+    /// The probe found no task hub in storage.
+    not_provisioned: bool,
     /// The worker-count source's last answer and when it came.
     source_workers: Option<(u32, UnixMs)>,
     /// The limits a pod last reported; kept when the pods go (scale to zero).
@@ -181,6 +187,9 @@ impl HubState {
             pods: HashMap::new(),
             engine,
             observed: false,
+            read_once: BTreeSet::new(),
+            work_item_read_once: false,
+            not_provisioned: false,
             source_workers: None,
             reported_limits: None,
         }
@@ -208,6 +217,27 @@ impl HubState {
         self.observed
     }
 
+    /// Every queue of the hub was read at least once (by reports or probes) since its
+    /// partition count was learnt, or the probe found no hub in storage. Until then KEDA is
+    /// answered UNAVAILABLE: an answer from a part of the hub could say idle while the unread
+    /// partitions hold work (`keda` module docs).
+    pub fn is_fully_read(&self) -> bool {
+        self.not_provisioned
+            || self
+                .partition_count
+                .is_some_and(|p| self.read_once.len() == p as usize && self.work_item_read_once)
+    }
+
+    /// Control queue `partition` was read at least once since the partition count was learnt.
+    pub fn was_read(&self, partition: u32) -> bool {
+        self.read_once.contains(&partition)
+    }
+
+    /// The work-item queue was read at least once.
+    pub fn work_item_was_read(&self) -> bool {
+        self.work_item_read_once
+    }
+
     /// The partition count, when known.
     pub fn partition_count(&self) -> Option<u32> {
         self.partition_count
@@ -220,6 +250,8 @@ impl HubState {
         }
         self.partition_count = Some(partition_count);
         self.engine.reshape(partition_count as usize);
+        self.read_once.clear();
+        self.not_provisioned = false;
     }
 
     /// Merges one sidecar report received at `now`. A report taken before the pod's latest
@@ -244,12 +276,14 @@ impl HubState {
             for (partition, signals) in &report.control {
                 if self.engine.observe_control(*partition as usize, (*signals).into(), now) {
                     pod.partitions.insert(*partition);
+                    self.read_once.insert(*partition);
                 }
             }
         }
         if let Some(signals) = report.work_item {
             self.engine.observe_work_item(signals.into(), now);
             pod.work_item = true;
+            self.work_item_read_once = true;
         }
         self.pods.insert(report.pod.clone(), pod);
         self.observed = true;
@@ -264,10 +298,13 @@ impl HubState {
     pub fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
         self.reshape(reading.partition_count);
         for (partition, signals) in &reading.control {
-            self.engine.observe_control(*partition as usize, (*signals).into(), now);
+            if self.engine.observe_control(*partition as usize, (*signals).into(), now) {
+                self.read_once.insert(*partition);
+            }
         }
         if let Some(signals) = reading.work_item {
             self.engine.observe_work_item(signals.into(), now);
+            self.work_item_read_once = true;
         }
         self.observed = true;
     }
@@ -275,6 +312,7 @@ impl HubState {
     /// The probe found no task hub in storage: the app never ran, so there is no work.
     pub fn apply_not_provisioned(&mut self) {
         self.observed = true;
+        self.not_provisioned = true;
     }
 
     /// The pods whose latest report is fresh and who are not leaving.

@@ -1,8 +1,23 @@
 //! The KEDA port: `externalscaler.ExternalScaler`, answered from memory (keda-contract.md).
 //!
 //! The first call about a hub never seen starts tracking it (and its cold probe) and waits at
-//! most [`FIRST_PROBE_WAIT`] for a first report or probe; without one the call fails with
-//! UNAVAILABLE and the reason, so KEDA keeps its previous state rather than act on a guess.
+//! most [`FIRST_PROBE_WAIT`] until every queue of the hub was read, by reports or the probe;
+//! until then IsActive and GetMetrics fail with UNAVAILABLE and the reason, never `false` or
+//! 0, so KEDA keeps its previous state rather than act on a guess. This is what makes a
+//! restarted replica, storage out of reach or a hub read only in part safe (kedacore/keda
+//! `pkg/scaling/executor/scale_scaledobjects.go` `RequestScale`: a trigger error with
+//! `isActive=false` and no fallback leaves the replicas as they are; HPA path:
+//! `pkg/metricsservice` returns the error and the HPA holds). Not safe with a ScaledObject
+//! `fallback.replicas: 0`, which turns errors into scale-to-zero (README).
+//!
+//! GetMetricSpec answers from the trigger's metadata alone, so it never fails for want of
+//! signals: KEDA consults no fallback for it and an empty spec keeps the HPA from being built
+//! (`pkg/scaling/cache/scalers_cache.go`, `controllers/keda/hpa.go`).
+//!
+//! StreamIsActive opens at once, even before the hub was read, and sends its first message
+//! once it was; on shutdown every stream ends with status OK, because KEDA's push loop
+//! (`pkg/scalers/external_scaler.go` `runStreamIsActive`) resets its reconnect back-off to 2 s
+//! only when a stream ends cleanly, and otherwise keeps doubling it up to a minute.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,15 +88,30 @@ impl KedaScaler {
         let scaled_object =
             scaled_object.ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         let entry = self.track(scaled_object)?;
-        if entry.with_state(|s| s.is_observed()) {
+        if entry.with_state(|s| s.is_fully_read()) {
             return Ok(entry);
         }
         if entry.wait_observed(FIRST_PROBE_WAIT).await {
             Ok(entry)
         } else {
-            Err(Status::unavailable(entry.unavailable_reason()))
+            Err(Status::unavailable(unread_reason(&entry)))
         }
     }
+}
+
+/// Why a hub cannot be answered yet: what of it was read, and why the probe did not read the
+/// rest.
+fn unread_reason(entry: &HubEntry) -> String {
+    let part = entry.with_state(|s| {
+        let p = s.partition_count()?;
+        let unread: Vec<u32> = (0..p).filter(|i| !s.was_read(*i)).collect();
+        Some(format!(
+            "task hub {} read in part only (partitions not read yet: {unread:?} of {p}{}); ",
+            entry.key.task_hub,
+            if s.work_item_was_read() { "" } else { ", nor the work-item queue" }
+        ))
+    });
+    format!("{}{}", part.unwrap_or_default(), entry.unavailable_reason())
 }
 
 type ActivityStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
@@ -103,13 +133,23 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
-        let entry = self.observed(Some(request.get_ref())).await?;
+        // Only the metadata is checked before the stream opens: a hub not read yet gets its
+        // first message once it is (module docs), not an error that grows KEDA's back-off.
+        let entry = self.track(request.get_ref())?;
         let mut activity = entry.subscribe_activity();
-        let current = entry.with_state(|s| s.is_active(UnixMs::now()));
-        let mut seen = activity.borrow_and_update().activations;
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            // Returning drops `tx`: the stream ends with status OK.
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tx.closed() => return,
+                    read = entry.wait_observed(FIRST_PROBE_WAIT) => if read { break },
+                }
+            }
+            let current = entry.with_state(|s| s.is_active(UnixMs::now()));
+            let mut seen = activity.borrow_and_update().activations;
             if tx.send(Ok(IsActiveResponse { result: current })).await.is_err() {
                 return;
             }

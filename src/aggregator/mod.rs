@@ -41,7 +41,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use crate::proto::report::report_service_server::ReportServiceServer;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Supervisor, TaskFailure};
 use crate::storage::StorageOptions;
 use crate::tls;
 
@@ -103,6 +103,12 @@ pub struct Args {
     /// (a visible message, a moving count); after that they count as sleeping durable timers.
     #[arg(long, env = "DURABLE_SCALER_WORK_GRACE", default_value = "5m", value_parser = crate::config::parse_duration)]
     pub work_grace: Duration,
+    /// How long after start `/readyz` says ready even if no sidecar reported and no tracked
+    /// hub was read whole yet (two default sidecar intervals: any sidecar that exists has
+    /// reported by then). Readiness comes earlier with the first sidecar report or once every
+    /// tracked hub was read; it goes at once when a server stops.
+    #[arg(long, env = "DURABLE_SCALER_READY_AFTER", default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub ready_after: Duration,
 }
 
 /// How the aggregator authenticates sidecar reports (`--report-auth`).
@@ -140,6 +146,7 @@ impl Args {
             probe_interval: Duration::from_secs(2),
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
+            ready_after: Duration::ZERO,
         }
     }
 }
@@ -181,7 +188,13 @@ pub enum AggregatorError {
     /// A configuration this build cannot serve.
     #[error("{0}")]
     Config(String),
+    /// A server or loop stopped before the shutdown signal, or failed.
+    #[error("{0}")]
+    Task(#[from] TaskFailure),
 }
+
+/// How long the servers may take to finish their open calls after the shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A configured aggregator, not yet listening.
 pub struct Aggregator {
@@ -311,9 +324,11 @@ impl Aggregator {
         let registry = Arc::new(
             registry::Registry::new(metrics.clone(), grace_ms).with_change_hook(self.on_change.clone()),
         );
+        let mut supervisor = Supervisor::new(shutdown.clone());
         let prober =
             probe::Prober::new(registry.clone(), args.probe_interval, self.storage, shutdown.clone())
-                .with_metrics(self.probe_metrics.clone());
+                .with_metrics(self.probe_metrics.clone())
+                .with_failures(supervisor.reporter());
         let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;
@@ -344,15 +359,15 @@ impl Aggregator {
         let report_task =
             serve_grpc(report_router, report, report_acceptor, args.tls_reload_interval, shutdown.clone());
 
-        let ready = Arc::new(AtomicBool::new(true));
-        let http_task =
-            tokio::spawn(serve_http(http, metrics, registry.clone(), ready.clone(), shutdown.clone()));
-        let sampling = tokio::spawn(sample_loop(
-            registry.clone(),
-            self.workers.clone(),
-            args.sample_interval,
-            shutdown.clone(),
-        ));
+        let readiness = Arc::new(Readiness::new(args.ready_after));
+        let http_task = serve_http(http, metrics, registry.clone(), readiness.clone(), shutdown.clone());
+        supervisor.spawn("KEDA gRPC server", joined(keda_task));
+        supervisor.spawn("report gRPC server", joined(report_task));
+        supervisor.spawn("HTTP server", async move { http_task.await.map_err(|e| e.to_string()) });
+        supervisor.spawn(
+            "sample loop",
+            sample_loop(registry.clone(), self.workers.clone(), args.sample_interval, shutdown.clone()),
+        );
         tracing::info!(
             %grpc_addr,
             %report_addr,
@@ -363,19 +378,13 @@ impl Aggregator {
         );
 
         let task = tokio::spawn(async move {
-            shutdown.wait().await;
-            ready.store(false, Ordering::Relaxed);
-            let _ = sampling.await;
-            let flatten = |what: &'static str, r: Result<Result<(), String>, tokio::task::JoinError>| match r
-            {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(message)) => Err(AggregatorError::Serve { what, message }),
-                Err(e) => Err(AggregatorError::Serve { what, message: e.to_string() }),
+            // Not ready from the moment anything stops serving (a failure fires the signal).
+            let unready = async {
+                shutdown.wait().await;
+                readiness.serving.store(false, Ordering::Relaxed);
             };
-            let (k, r, h) = tokio::join!(keda_task, report_task, http_task);
-            flatten("KEDA gRPC", k.map(|r| r.map_err(|e| e.to_string())))?;
-            flatten("report gRPC", r.map(|r| r.map_err(|e| e.to_string())))?;
-            flatten("HTTP", h.map(|r| r.map_err(|e| e.to_string())))
+            let (outcome, ()) = tokio::join!(supervisor.supervise(DRAIN_TIMEOUT), unready);
+            outcome.map_err(AggregatorError::from)
         });
         Ok(RunningAggregator { grpc_addr, report_addr, http_addr, registry, task })
     }
@@ -388,7 +397,7 @@ async fn sample_loop(
     workers: Arc<dyn WorkerCountSource>,
     interval: Duration,
     shutdown: Shutdown,
-) {
+) -> Result<(), String> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.tick(&mut ticker).await {
@@ -410,13 +419,66 @@ async fn sample_loop(
             registry.evaluate(entry, count, now);
         }
     }
+    Ok(())
+}
+
+/// A spawned server's outcome as the supervisor takes it (a panic comes back as the error).
+async fn joined<E: std::fmt::Display>(task: JoinHandle<Result<(), E>>) -> Result<(), String> {
+    match task.await {
+        Ok(outcome) => outcome.map_err(|e| e.to_string()),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What `/readyz` answers: every server serving, and the replica warm: it heard from a
+/// sidecar, or read every hub it tracks, or `--ready-after` passed since start. A replica
+/// that is not warm would answer KEDA UNAVAILABLE for most hubs (safe, but noisy), so the
+/// Service sends KEDA elsewhere meanwhile; the headless report Service publishes unready
+/// replicas, so sidecars reach a replica before it is ready.
+#[derive(Debug)]
+struct Readiness {
+    serving: AtomicBool,
+    warm: AtomicBool,
+    started: std::time::Instant,
+    ready_after: Duration,
+}
+
+impl Readiness {
+    fn new(ready_after: Duration) -> Self {
+        Self {
+            serving: AtomicBool::new(true),
+            warm: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+            ready_after,
+        }
+    }
+
+    /// `None` when ready, else why not. Warmth is kept once reached.
+    fn check(&self, registry: &registry::Registry) -> Option<&'static str> {
+        if !self.serving.load(Ordering::Relaxed) {
+            return Some("not serving: shutting down or a server stopped");
+        }
+        if self.warm.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = crate::clock::UnixMs::now();
+        let hubs = registry.all();
+        let heard = hubs.iter().any(|e| e.with_state(|s| s.live_pods(now) > 0));
+        let all_read = !hubs.is_empty() && hubs.iter().all(|e| e.with_state(|s| s.is_fully_read()));
+        if heard || all_read || self.started.elapsed() >= self.ready_after {
+            self.warm.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some("warming up: no sidecar has reported yet and no hub was read whole")
+    }
 }
 
 #[derive(Clone)]
 struct HttpState {
     metrics: Arc<metrics::Metrics>,
     registry: Arc<registry::Registry>,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
 }
 
 /// Serves `router` on `listener` until `shutdown`: over TLS with `config` when given (its
@@ -445,7 +507,7 @@ async fn serve_http(
     listener: TcpListener,
     metrics: Arc<metrics::Metrics>,
     registry: Arc<registry::Registry>,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     shutdown: Shutdown,
 ) -> Result<(), std::io::Error> {
     let app = axum::Router::new()
@@ -453,10 +515,9 @@ async fn serve_http(
         .route(
             "/readyz",
             axum::routing::get(|State(s): State<HttpState>| async move {
-                if s.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                match s.readiness.check(&s.registry) {
+                    None => (StatusCode::OK, "ready"),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 }
             }),
         )
@@ -476,12 +537,12 @@ async fn serve_http(
                 axum::Json(hubs)
             }),
         )
-        .with_state(HttpState { metrics, registry, ready });
+        .with_state(HttpState { metrics, registry, readiness });
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
 }
 
 /// Starts `aggregator` and serves until `shutdown`: exit status 2 when it cannot start (a
-/// port, the TLS files), 1 when a server fails.
+/// port, the TLS files), 1 when a server or loop stops or fails (logged by name).
 pub async fn run(aggregator: Aggregator, shutdown: Shutdown) -> std::process::ExitCode {
     let running = match aggregator.start(shutdown).await {
         Ok(r) => r,

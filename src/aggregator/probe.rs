@@ -22,7 +22,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use crate::clock::UnixMs;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{FailureReporter, Shutdown};
 use crate::storage::{
     Connection, Layout, PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub,
     TaskHubReader,
@@ -40,6 +40,7 @@ pub struct Prober {
     options: StorageOptions,
     shutdown: Shutdown,
     metrics: ProbeMetrics,
+    failures: Option<FailureReporter>,
 }
 
 /// Where a probe found the hub's partition ownership, as a metric label.
@@ -102,7 +103,14 @@ impl Prober {
         options: StorageOptions,
         shutdown: Shutdown,
     ) -> Self {
-        Self { registry, interval, options, shutdown, metrics: ProbeMetrics::default() }
+        Self { registry, interval, options, shutdown, metrics: ProbeMetrics::default(), failures: None }
+    }
+
+    /// Reports a probe loop that panics to `failures` (the role's supervisor), which takes
+    /// the process down, instead of letting the hub go unprobed in silence.
+    pub(crate) fn with_failures(mut self, failures: FailureReporter) -> Self {
+        self.failures = Some(failures);
+        self
     }
 
     /// Counts into `metrics` (registered in the aggregator's registry) instead of
@@ -124,7 +132,12 @@ impl Prober {
     /// Starts the probe loop of `entry`; it ends with the shutdown signal.
     pub fn spawn(&self, entry: Arc<HubEntry>) {
         let prober = self.clone();
-        tokio::spawn(async move { prober.run(entry).await });
+        let name = format!("cold probe of {}/{}", entry.key.namespace, entry.key.task_hub);
+        let run = async move { prober.run(entry).await };
+        match &self.failures {
+            Some(failures) => failures.spawn_watched(name, run),
+            None => drop(tokio::spawn(run)),
+        }
     }
 
     async fn run(self, entry: Arc<HubEntry>) {

@@ -232,7 +232,8 @@ impl HubEntry {
             }
             true
         });
-        if state.is_observed() {
+        // KEDA waits for the whole hub, not a first part of it.
+        if state.is_fully_read() {
             self.observed.send_if_modified(|o| !std::mem::replace(o, true));
         }
         let coverage = state.coverage(now);

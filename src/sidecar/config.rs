@@ -36,6 +36,11 @@ pub struct Args {
     /// host name of the URL must be in the certificate.
     #[arg(long, env = env::AGGREGATOR_CA)]
     pub aggregator_ca: Option<String>,
+    /// Report to these addresses (comma-separated `ip:port`) instead of every address the
+    /// aggregator URL's host resolves to (each interval); for runs without cluster DNS. The
+    /// URL's host name is still what the certificate is checked against.
+    #[arg(long, env = env::AGGREGATOR_ADDRESSES, value_delimiter = ',')]
+    pub aggregator_addresses: Vec<SocketAddr>,
     /// This pod's name (downward API); also the DurableTask worker id that owns partitions.
     #[arg(long, env = env::POD_NAME)]
     pub pod_name: Option<String>,
@@ -142,6 +147,8 @@ pub struct Config {
     pub aggregator: url::Url,
     /// PEM CA certificates the aggregator's certificate must chain to (https only).
     pub aggregator_ca: Option<Vec<u8>>,
+    /// Fixed report addresses instead of resolving the URL's host (empty: resolve).
+    pub aggregator_addresses: Vec<SocketAddr>,
     /// This pod's name (the worker id that owns partitions).
     pub pod_name: String,
     /// This pod's namespace.
@@ -203,6 +210,7 @@ impl Config {
             account,
             aggregator,
             aggregator_ca,
+            aggregator_addresses: args.aggregator_addresses,
             pod_name,
             pod_namespace,
             interval: args.interval,
@@ -268,6 +276,7 @@ mod tests {
             connection: Some("UseDevelopmentStorage=true".into()),
             aggregator: Some("http://aggregator:4371".parse().unwrap()),
             aggregator_ca: None,
+            aggregator_addresses: Vec::new(),
             pod_name: Some("app-7d9f-x2".into()),
             pod_namespace: Some("apps".into()),
             interval: Duration::from_secs(5),

@@ -18,6 +18,13 @@ pub struct ErrorKindLabel {
     pub kind: StorageErrorKind,
 }
 
+/// Labels of the per-replica report counters: one aggregator replica's address.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabel {
+    /// `ip:port` the reports go to.
+    pub address: String,
+}
+
 /// Everything the sidecar counts.
 #[derive(Debug)]
 pub struct Metrics {
@@ -36,6 +43,14 @@ pub struct Metrics {
     pub poll_duration: Histogram,
     /// Partitions this pod owns at the last poll.
     pub owned_partitions: Gauge,
+    /// Reports each aggregator replica accepted (series removed with the replica).
+    pub replica_reports_sent: Family<ReplicaLabel, Counter>,
+    /// Reports each aggregator replica did not take (series removed with the replica).
+    pub replica_report_failures: Family<ReplicaLabel, Counter>,
+    /// 1 while the latest report to the replica was accepted, 0 while it is failing.
+    pub replica_reachable: Family<ReplicaLabel, Gauge>,
+    /// Aggregator replicas reported to (addresses the aggregator host resolved to).
+    pub replicas: Gauge,
 }
 
 impl Default for Metrics {
@@ -55,6 +70,30 @@ impl Metrics {
         let report_failures = Counter::default();
         let poll_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let owned_partitions = Gauge::default();
+        let replica_reports_sent = Family::<ReplicaLabel, Counter>::default();
+        let replica_report_failures = Family::<ReplicaLabel, Counter>::default();
+        let replica_reachable = Family::<ReplicaLabel, Gauge>::default();
+        let replicas = Gauge::default();
+        registry.register(
+            "replica_reports_sent",
+            "Reports each aggregator replica accepted, by its address",
+            replica_reports_sent.clone(),
+        );
+        registry.register(
+            "replica_report_failures",
+            "Reports each aggregator replica did not take, by its address",
+            replica_report_failures.clone(),
+        );
+        registry.register(
+            "replica_reachable",
+            "1 while the latest report to the aggregator replica at this address was accepted",
+            replica_reachable.clone(),
+        );
+        registry.register(
+            "aggregator_replicas",
+            "Aggregator replicas reported to: the addresses the aggregator host resolved to",
+            replicas.clone(),
+        );
         registry.register("polls", "Polls of storage completed", polls.clone());
         registry.register(
             "storage_errors",
@@ -87,7 +126,18 @@ impl Metrics {
             report_failures,
             poll_duration,
             owned_partitions,
+            replica_reports_sent,
+            replica_report_failures,
+            replica_reachable,
+            replicas,
         }
+    }
+
+    /// Drops the series of a replica no longer reported to.
+    pub(crate) fn forget_replica(&self, label: &ReplicaLabel) {
+        self.replica_reports_sent.remove(label);
+        self.replica_report_failures.remove(label);
+        self.replica_reachable.remove(label);
     }
 
     /// Records one poll.

@@ -3,9 +3,14 @@
 //! partition 0) every interval, and reports them to the aggregator.
 //!
 //! Data flow: [`poll::poll`] (storage, read-only) -> a `Report` -> a one-slot watch channel ->
-//! [`report::deliver_latest`] (gRPC). Polling never waits on the aggregator, and a slow or
-//! absent aggregator only ever costs the latest report. On shutdown a final `leaving`
-//! report tells the aggregator to probe this pod's partitions itself.
+//! [`report::deliver_to_every_replica`] -> one [`report::deliver_latest`] per aggregator
+//! replica (gRPC). Polling never waits on the aggregator, and a slow or absent replica only
+//! ever costs its own latest report. On shutdown a final `leaving` report tells every
+//! replica to probe this pod's partitions itself.
+//!
+//! The HTTP server, the poll loop and the delivery run under a
+//! [`crate::shutdown::Supervisor`]: if one of them stops before SIGTERM, the sidecar exits
+//! with status 1 naming it, and Kubernetes restarts the container.
 //!
 //! - [`config`]: flags and environment, validated once;
 //! - [`poll`]: one poll and its translation into the report protocol;
@@ -31,20 +36,20 @@ use tokio::sync::watch;
 pub use config::{AppLimitArgs, AppLimits, Args, Config, ConfigError};
 pub use metrics::Metrics;
 pub use poll::PollResult;
-pub use report::ReportClient;
+pub use report::{Replicas, ReportClient};
 
 use crate::{
     clock::UnixMs,
     contract::SIDECAR_INTERVAL_RANGE,
     proto::report as proto,
-    shutdown::Shutdown,
+    shutdown::{Shutdown, Supervisor, TaskFailure},
     storage::{StorageErrorKind, StorageOptions, TaskHubReader},
 };
 
 /// How long the final `leaving` report may take: the whole shutdown must fit in 2 s.
 const LEAVING_TIMEOUT: Duration = Duration::from_millis(1200);
-/// How long the HTTP server may take to close its connections on shutdown.
-const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the tasks may take to stop after the signal (the HTTP server's connections).
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Why the sidecar could not run.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +72,7 @@ pub enum SidecarError {
 pub struct Sidecar {
     config: Config,
     listener: tokio::net::TcpListener,
-    client: ReportClient,
+    replicas: Replicas,
     metrics: Arc<Metrics>,
 }
 
@@ -77,12 +82,13 @@ impl Sidecar {
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
-        let client = ReportClient::new(
+        let replicas = Replicas::new(
             &config.aggregator,
             config.aggregator_ca.as_deref(),
             config.token_file.clone(),
+            config.aggregator_addresses.clone(),
         )?;
-        Ok(Self { config, listener, client, metrics: Arc::new(Metrics::new()) })
+        Ok(Self { config, listener, replicas, metrics: Arc::new(Metrics::new()) })
     }
 
     /// The address `/healthz` and `/metrics` are served on.
@@ -96,44 +102,71 @@ impl Sidecar {
     }
 
     /// Polls and reports every interval until `shutdown`, then sends a `leaving` report and
-    /// returns (within about 1.5 s of the signal).
+    /// returns (within about 1.5 s of the signal). A failure is logged and the sidecar stops.
     pub async fn run(self, shutdown: Shutdown) {
-        let Self { config, listener, client, metrics } = self;
-        let http = tokio::spawn({
-            let shutdown = shutdown.clone();
-            let app = metrics::router(metrics.clone());
-            async move {
-                let served =
-                    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await });
-                if let Err(e) = served.await {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            }
+        if let Err(e) = self.serve(shutdown).await {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// As [`Sidecar::run`], returning the task that stopped before the signal, if one did
+    /// (it fires `shutdown` for the others; the leaving report still goes out).
+    pub async fn serve(self, shutdown: Shutdown) -> Result<(), TaskFailure> {
+        let Self { config, listener, replicas, metrics } = self;
+        let mut supervisor = Supervisor::new(shutdown.clone());
+        let app = metrics::router(metrics.clone());
+        let stop = shutdown.clone();
+        supervisor.spawn("sidecar HTTP server", async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await
+                .map_err(|e| e.to_string())
         });
         let (latest, receiver) = watch::channel(None);
         let suggested_interval_ms = Arc::new(AtomicU32::new(0));
-        let call_timeout = config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10));
-        let delivery = tokio::spawn(report::deliver_latest(
-            client.clone(),
-            receiver,
-            call_timeout,
-            metrics.clone(),
-            suggested_interval_ms.clone(),
-            shutdown.clone(),
-        ));
+        let settings = report::DeliverySettings {
+            timeout: config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10)),
+            metrics: metrics.clone(),
+            suggested_interval_ms: suggested_interval_ms.clone(),
+        };
+        let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+        supervisor.spawn(
+            "report delivery",
+            report::deliver_to_every_replica(
+                replicas,
+                receiver,
+                config.interval,
+                settings,
+                clients.clone(),
+                shutdown.clone(),
+            ),
+        );
+        let partition_count = Arc::new(AtomicU32::new(0));
+        let (poll_config, poll_metrics, count, stop) =
+            (config.clone(), metrics.clone(), partition_count.clone(), shutdown.clone());
+        supervisor.spawn("poll loop", async move {
+            let seen =
+                poll_until_shutdown(&poll_config, &poll_metrics, &latest, &suggested_interval_ms, &stop)
+                    .await;
+            count.store(seen, Ordering::Relaxed);
+            Ok(())
+        });
+        let outcome = supervisor.supervise(DRAIN_TIMEOUT).await;
 
-        let partition_count =
-            poll_until_shutdown(&config, &metrics, &latest, &suggested_interval_ms, &shutdown).await;
-
-        let _ = delivery.await;
-        let leaving = leaving_report(&config, config.interval, partition_count, UnixMs::now());
-        match client.submit(leaving, LEAVING_TIMEOUT).await {
-            Ok(_) => tracing::info!("sent the leaving report"),
-            Err(e) => tracing::warn!(error = %e, "could not send the leaving report"),
+        let leaving =
+            leaving_report(&config, config.interval, partition_count.load(Ordering::Relaxed), UnixMs::now());
+        let clients: Vec<ReportClient> = clients.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sent =
+            futures::future::join_all(clients.iter().map(|c| c.submit(leaving.clone(), LEAVING_TIMEOUT)))
+                .await;
+        let delivered = sent.iter().filter(|r| r.is_ok()).count();
+        match sent.iter().find_map(|r| r.as_ref().err()) {
+            None => tracing::info!(replicas = delivered, "sent the leaving report"),
+            Some(e) => {
+                tracing::warn!(delivered, of = sent.len(), error = %e, "could not send the leaving report to every replica")
+            }
         }
-        if tokio::time::timeout(HTTP_CLOSE_TIMEOUT, http).await.is_err() {
-            tracing::debug!("HTTP connections still open at exit");
-        }
+        outcome
     }
 }
 
@@ -302,8 +335,11 @@ pub async fn run(args: Args) -> std::process::ExitCode {
         http = %sidecar.http_addr(),
         "sidecar started"
     );
-    sidecar.run(shutdown).await;
-    std::process::ExitCode::SUCCESS
+    match sidecar.serve(shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Already logged by the supervisor, naming the task.
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
 }
 
 #[cfg(test)]

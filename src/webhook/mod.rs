@@ -28,7 +28,7 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, TaskFailure};
 use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles, TlsIncoming};
 use inject::InjectionSettings;
 use metrics::Metrics;
@@ -191,8 +191,18 @@ impl Webhook {
         self.tls.clone()
     }
 
-    /// Serves until `shutdown` fires, then lets open connections finish (bounded).
+    /// Serves until `shutdown` fires, then lets open connections finish (bounded); a failure
+    /// ([`Webhook::try_serve`]) is logged.
     pub async fn serve(self, shutdown: Shutdown) {
+        if let Err(e) = self.try_serve(shutdown).await {
+            tracing::error!(task = %e.task, "{e}");
+        }
+    }
+
+    /// As [`Webhook::serve`]; stopping to accept connections before the signal is a failure
+    /// (`run` exits non-zero so that Kubernetes restarts the pod, rather than the API server
+    /// failing its calls against a pod that looks alive).
+    pub async fn try_serve(self, shutdown: Shutdown) -> Result<(), TaskFailure> {
         let mut incoming = TlsIncoming::new(self.listener, self.tls, self.reload_interval, shutdown.clone());
         let app = router(self.state);
         let graceful = GracefulShutdown::new();
@@ -205,7 +215,13 @@ impl Webhook {
                         tracing::debug!(error = %e, "connection not served");
                         continue;
                     }
-                    None => break,
+                    None => {
+                        incoming.close().await;
+                        return Err(TaskFailure {
+                            task: "webhook HTTPS server".into(),
+                            message: "stopped accepting connections before the shutdown signal".into(),
+                        });
+                    }
                 },
             };
             let peer = stream.get_ref().0.peer_addr().ok();
@@ -227,6 +243,7 @@ impl Webhook {
         if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
             tracing::warn!("connections still open after the drain timeout; closing them");
         }
+        Ok(())
     }
 }
 
@@ -307,8 +324,13 @@ pub async fn run(args: Args) -> ExitCode {
     };
     let addr = webhook.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, native_sidecar = args.native_sidecar, image = %args.sidecar_image, "webhook serving");
-    webhook.serve(Shutdown::on_signal()).await;
-    ExitCode::SUCCESS
+    match webhook.try_serve(Shutdown::on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(task = %e.task, "{e}; stopping the process so that it is restarted");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

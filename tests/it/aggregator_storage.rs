@@ -96,6 +96,7 @@ fn sidecar_args(
         connection: Some(connection()),
         aggregator: Some(format!("http://{}", aggregator.report_addr).parse().expect("a URL")),
         aggregator_ca: None,
+        aggregator_addresses: Vec::new(),
         pod_name: Some(pod.to_string()),
         pod_namespace: Some(NAMESPACE.to_string()),
         interval: durable_scaler::config::parse_duration(interval).expect("a duration"),

@@ -17,6 +17,7 @@ mod aggregator_storage;
 mod aggregator_tls;
 mod demo;
 mod engine_equivalence;
+mod faults;
 mod kubernetes;
 mod limits;
 mod logs;

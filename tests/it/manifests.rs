@@ -326,7 +326,7 @@ fn the_default_install_gives_sidecars_an_https_aggregator_and_its_ca() {
     }
     // https, a name certs-gen puts in the certificate (<service>.<namespace>.svc), the
     // report port of the aggregator's Service.
-    let service = find(&objects, "Service", "durable-scaler-aggregator");
+    let service = find(&objects, "Service", "durable-scaler-aggregator-reports");
     assert_eq!(
         env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"),
         format!(
@@ -355,7 +355,7 @@ fn the_plaintext_install_has_no_tls_on_the_aggregator_and_the_default_report_url
     }
     let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
     assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"), webhook::DEFAULT_AGGREGATOR);
-    let service = find(&objects, "Service", "durable-scaler-aggregator");
+    let service = find(&objects, "Service", "durable-scaler-aggregator-reports");
     assert_eq!(
         webhook::DEFAULT_AGGREGATOR,
         format!(

@@ -122,6 +122,7 @@ fn args(
         connection: Some(connection),
         aggregator: Some(aggregator.parse().expect("an aggregator URL")),
         aggregator_ca: None,
+        aggregator_addresses: Vec::new(),
         pod_name: Some(pod.to_string()),
         pod_namespace: Some("apps".into()),
         interval: Duration::from_millis(200),

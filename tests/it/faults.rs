@@ -1,0 +1,544 @@
+//! Fault injection against the real binaries: a hub laid out in Azurite with a burst of work,
+//! worker stand-ins draining it, sidecar and aggregator processes of
+//! `env!("CARGO_BIN_EXE_durable-scaler")`, and a KEDA stand-in that asks IsActive and
+//! GetMetrics every 0.5 s while holding a StreamIsActive stream. Each test injects one fault
+//! while the burst is worked off and checks what KEDA was told: never inactive or 0 while the
+//! queues held work (UNAVAILABLE is allowed: KEDA then leaves the replicas alone, see
+//! `src/aggregator/keda.rs`), the same decision after recovery as before, and the aggregator's
+//! memory and open descriptors back where they were.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use durable_scaler::azurite::Azurite;
+use durable_scaler::contract::env;
+use durable_scaler::emulator::TaskHubEmulator;
+use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
+use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+use durable_scaler::storage::{Layout, QueueRef, TaskHub};
+use tokio_stream::StreamExt;
+
+use crate::aggregator_support::http_get;
+use crate::common::{account, hub};
+
+/// Partitions of every test hub; two sidecars own two each.
+const PARTITIONS: u32 = 4;
+/// Messages per control queue in the burst: with the target algorithm (5 orchestrations per
+/// worker) the decision is 4 workers while every queue holds at least one and 16 in all.
+const BURST: u64 = 30;
+const DEADLINE: Duration = Duration::from_secs(40);
+
+/// A free loopback port (a tiny race remains until the child binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One child process of the real binary, its output in a log file shown on failure.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &str, args: &[String], envs: &[(&str, String)], dir: &tempfile::TempDir) -> Self {
+        let log = dir.path().join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_durable-scaler"));
+        command
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            // No Kubernetes configuration: --report-auth none, live pods as worker count.
+            .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+            .env("HOME", dir.path())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        durable_scaler::shutdown::kill_child_with_parent(&mut command);
+        Self { child: command.spawn().unwrap(), log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory, KiB, from /proc.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Open file descriptors (sockets, connections) of the process.
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+/// An aggregator process on fixed loopback ports (so a restart comes back on the same ones).
+struct AggregatorPorts {
+    grpc: SocketAddr,
+    report: SocketAddr,
+    http: SocketAddr,
+}
+
+impl AggregatorPorts {
+    fn new() -> Self {
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self { grpc: at(free_port()), report: at(free_port()), http: at(free_port()) }
+    }
+
+    async fn start(&self, name: &str, dir: &tempfile::TempDir) -> Process {
+        let args: Vec<String> = [
+            "aggregator",
+            "--grpc-addr",
+            &self.grpc.to_string(),
+            "--report-addr",
+            &self.report.to_string(),
+            "--http-addr",
+            &self.http.to_string(),
+            "--report-auth",
+            "none",
+            "--probe-interval",
+            "300ms",
+            "--sample-interval",
+            "300ms",
+            "--work-grace",
+            "60s",
+            "--ready-after",
+            "0s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let process = Process::spawn(name, &args, &[], dir);
+        let deadline = Instant::now() + DEADLINE;
+        while tokio::net::TcpStream::connect(self.grpc).await.is_err() {
+            assert!(Instant::now() < deadline, "{name} did not listen:\n{}", process.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        process
+    }
+}
+
+/// The hub, its burst, and worker stand-ins that drain one message per queue per tick.
+struct Burst {
+    hub: TaskHub,
+    emulator: TaskHubEmulator,
+    /// Messages enqueued and not yet deleted.
+    outstanding: Arc<AtomicU64>,
+    /// Workers drain only while this is set.
+    draining: Arc<AtomicBool>,
+    connection: String,
+}
+
+impl Burst {
+    async fn laid_out(name: &str) -> Self {
+        let hub = hub(name);
+        let emulator = TaskHubEmulator::new(&account(), hub.clone(), Layout::Table);
+        emulator.create(PARTITIONS).await.unwrap();
+        for p in 0..PARTITIONS {
+            let pod = if p < PARTITIONS / 2 { "pod-a" } else { "pod-b" };
+            emulator.claim(p, pod, Duration::from_secs(600)).await.unwrap();
+            for i in 0..BURST {
+                emulator.enqueue(QueueRef::Control(p), &format!("m{i}"), Duration::ZERO).await.unwrap();
+            }
+        }
+        let burst = Self {
+            hub,
+            emulator,
+            outstanding: Arc::new(AtomicU64::new(BURST * u64::from(PARTITIONS))),
+            draining: Arc::new(AtomicBool::new(false)),
+            connection: Azurite::shared().connection_string(),
+        };
+        for p in 0..PARTITIONS {
+            let (emulator, outstanding, draining) =
+                (burst.emulator.clone(), burst.outstanding.clone(), burst.draining.clone());
+            tokio::spawn(async move {
+                while outstanding.load(Ordering::SeqCst) > 0 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    if !draining.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let Ok(messages) =
+                        emulator.dequeue(QueueRef::Control(p), 1, Duration::from_secs(30)).await
+                    else {
+                        continue;
+                    };
+                    for m in messages {
+                        if emulator.delete(&m).await.is_ok() {
+                            outstanding.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        burst
+    }
+
+    /// A sidecar process for `pod` reporting to `report` (or to each of `addresses`).
+    fn sidecar(
+        &self,
+        pod: &str,
+        report: SocketAddr,
+        addresses: &[SocketAddr],
+        dir: &tempfile::TempDir,
+    ) -> Process {
+        let args: Vec<String> =
+            ["sidecar", "--interval", "300ms", "--http-addr", "127.0.0.1:0", "--token-file"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([dir.path().join("no-token").display().to_string()])
+                .collect();
+        let mut envs = vec![
+            (env::TASK_HUB, self.hub.name().to_string()),
+            (env::CONNECTION, self.connection.clone()),
+            (env::AGGREGATOR, format!("http://{report}")),
+            (env::POD_NAME, pod.to_string()),
+            (env::POD_NAMESPACE, "apps".to_string()),
+        ];
+        if !addresses.is_empty() {
+            let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+            envs.push((env::AGGREGATOR_ADDRESSES, list.join(",")));
+        }
+        Process::spawn(pod, &args, &envs, dir)
+    }
+
+    fn scaled_object(&self) -> ScaledObjectRef {
+        ScaledObjectRef {
+            name: "app".into(),
+            namespace: "apps".into(),
+            scaler_metadata: HashMap::from([
+                ("taskHubName".to_string(), self.hub.name().to_string()),
+                ("connectionFromEnv".to_string(), self.connection.clone()),
+                ("scaleAlgorithm".to_string(), "target".to_string()),
+            ]),
+        }
+    }
+}
+
+/// What the KEDA stand-in saw.
+#[derive(Debug, Default)]
+struct Seen {
+    answers: u64,
+    unavailable: u64,
+    /// Answers of inactive or 0 while the queues held work.
+    violations: Vec<String>,
+}
+
+/// KEDA's polling loop: IsActive then GetMetrics every 0.5 s against `grpc` (switchable),
+/// until `stop`.
+fn poll_like_keda(
+    grpc: Arc<std::sync::Mutex<SocketAddr>>,
+    so: ScaledObjectRef,
+    outstanding: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let mut seen = Seen::default();
+        let metric = format!("durabletask-{}", so.scaler_metadata["taskHubName"].to_lowercase());
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let addr = *grpc.lock().unwrap();
+            let Ok(channel) =
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await
+            else {
+                seen.unavailable += 1;
+                continue;
+            };
+            let mut keda = ExternalScalerClient::new(channel);
+            let work_before = outstanding.load(Ordering::SeqCst);
+            let active = keda.is_active(so.clone()).await;
+            let request =
+                GetMetricsRequest { scaled_object_ref: Some(so.clone()), metric_name: metric.clone() };
+            let value = keda.get_metrics(request).await;
+            match (active, value) {
+                (Ok(a), Ok(v)) => {
+                    seen.answers += 1;
+                    let (a, v) = (a.into_inner().result, v.into_inner().metric_values[0].metric_value_float);
+                    if work_before > 0 && (!a || v <= 0.0) {
+                        seen.violations
+                            .push(format!("active={a} metric={v} with {work_before} messages queued"));
+                    }
+                }
+                _ => seen.unavailable += 1,
+            }
+        }
+        seen
+    })
+}
+
+/// The hub's decision on `/hubs`: (active, desired workers).
+async fn decision(http: SocketAddr, hub: &TaskHub) -> Option<(bool, u64)> {
+    let (status, body) = http_get(http, "/hubs").await;
+    if status != 200 {
+        return None;
+    }
+    let hubs: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let entry = hubs.as_array()?.iter().find(|h| h["task_hub"] == hub.name())?;
+    Some((entry["active"].as_bool()?, entry["desired_workers"].as_u64()?))
+}
+
+/// GetMetricSpec against the KEDA port at `grpc`, as KEDA does before polling: the trigger's
+/// settings (the target algorithm) reach that replica.
+async fn announce(grpc: SocketAddr, so: &ScaledObjectRef) {
+    let mut keda = ExternalScalerClient::connect(format!("http://{grpc}")).await.unwrap();
+    keda.get_metric_spec(so.clone()).await.unwrap();
+}
+
+/// Waits until the aggregator at `http` decides (true, 4) for the hub: the burst's decision.
+async fn steady(http: SocketAddr, hub: &TaskHub, what: &str) -> (bool, u64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(d) = decision(http, hub).await
+            && d == (true, u64::from(PARTITIONS))
+        {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "no steady decision {what}: {:?}", decision(http, hub).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the queues are empty and the aggregator says inactive.
+async fn drained(burst: &Burst, http: SocketAddr) {
+    burst.draining.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while burst.outstanding.load(Ordering::SeqCst) > 0
+        || decision(http, &burst.hub).await.is_none_or(|(active, _)| active)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the work did not drain: {} left",
+            burst.outstanding.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn assert_safe(seen: &Seen, what: &str) {
+    assert!(
+        seen.violations.is_empty(),
+        "{what}: KEDA was told idle while work was queued: {:?}",
+        seen.violations
+    );
+    assert!(seen.answers > 0, "{what}: KEDA got no answer at all: {seen:?}");
+    eprintln!("{what}: {} answers, {} unavailable", seen.answers, seen.unavailable);
+}
+
+#[tokio::test]
+async fn an_aggregator_killed_and_restarted_never_tells_keda_idle_and_decides_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let burst = Burst::laid_out("FaultRestart").await;
+    let ports = AggregatorPorts::new();
+    let mut aggregator = ports.start("aggregator", &dir).await;
+    let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
+    let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let keda = poll_like_keda(
+        Arc::new(std::sync::Mutex::new(ports.grpc)),
+        burst.scaled_object(),
+        burst.outstanding.clone(),
+        stop.clone(),
+    );
+    let before = steady(ports.http, &burst.hub, "before the fault").await;
+
+    burst.draining.store(true, Ordering::SeqCst);
+    aggregator.sigkill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    burst.draining.store(false, Ordering::SeqCst);
+    aggregator = ports.start("aggregator-restarted", &dir).await;
+    let after = steady(ports.http, &burst.hub, "after the restart").await;
+    assert_eq!(after, before, "{}", aggregator.output());
+
+    drained(&burst, ports.http).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_safe(&keda.await.unwrap(), "aggregator SIGKILL + restart");
+}
+
+#[tokio::test]
+async fn a_sidecar_killed_has_its_partitions_probed_and_keda_is_never_told_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let burst = Burst::laid_out("FaultSidecar").await;
+    let ports = AggregatorPorts::new();
+    let aggregator = ports.start("aggregator", &dir).await;
+    let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
+    let mut b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let keda = poll_like_keda(
+        Arc::new(std::sync::Mutex::new(ports.grpc)),
+        burst.scaled_object(),
+        burst.outstanding.clone(),
+        stop.clone(),
+    );
+    let before = steady(ports.http, &burst.hub, "before the fault").await;
+    let rss_before = aggregator.rss_kib();
+
+    burst.draining.store(true, Ordering::SeqCst);
+    b.sigkill();
+    // Three sidecar intervals (300 ms) make its partitions stale; the probe (300 ms) reads them.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, body) = http_get(ports.http, "/hubs").await;
+        let hubs: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let hub =
+            hubs.as_array().unwrap().iter().find(|h| h["task_hub"] == burst.hub.name()).cloned().unwrap();
+        if hub["live_pods"] == 1 && hub["uncovered_partitions"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the killed sidecar's partitions were never uncovered: {hub}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    burst.draining.store(false, Ordering::SeqCst);
+    let after = steady(ports.http, &burst.hub, "after the sidecar died").await;
+    assert_eq!(after, before);
+
+    drained(&burst, ports.http).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_safe(&keda.await.unwrap(), "sidecar SIGKILL");
+    let rss_after = aggregator.rss_kib();
+    assert!(rss_after < rss_before + 16 * 1024, "aggregator RSS grew from {rss_before} to {rss_after} KiB");
+}
+
+#[tokio::test]
+async fn one_of_two_replicas_killed_leaves_the_other_answering_keda_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let burst = Burst::laid_out("FaultReplica").await;
+    let (one, two) = (AggregatorPorts::new(), AggregatorPorts::new());
+    let mut first = one.start("replica-1", &dir).await;
+    let second = two.start("replica-2", &dir).await;
+    let replicas = [one.report, two.report];
+    let _a = burst.sidecar("pod-a", one.report, &replicas, &dir);
+    let _b = burst.sidecar("pod-b", one.report, &replicas, &dir);
+    let grpc = Arc::new(std::sync::Mutex::new(one.grpc));
+    let stop = Arc::new(AtomicBool::new(false));
+    let keda = poll_like_keda(grpc.clone(), burst.scaled_object(), burst.outstanding.clone(), stop.clone());
+    announce(two.grpc, &burst.scaled_object()).await;
+    let before = steady(one.http, &burst.hub, "on replica 1").await;
+    assert_eq!(steady(two.http, &burst.hub, "on replica 2").await, before, "both replicas decide alike");
+
+    burst.draining.store(true, Ordering::SeqCst);
+    first.sigkill();
+    // The ClusterIP Service sends KEDA to the replica left.
+    *grpc.lock().unwrap() = two.grpc;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    burst.draining.store(false, Ordering::SeqCst);
+    assert_eq!(steady(two.http, &burst.hub, "on the replica left").await, before, "{}", second.output());
+
+    drained(&burst, two.http).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_safe(&keda.await.unwrap(), "one of two replicas SIGKILLed");
+}
+
+#[tokio::test]
+async fn keda_dropping_and_reopening_its_stream_a_hundred_times_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let burst = Burst::laid_out("FaultStream").await;
+    let ports = AggregatorPorts::new();
+    let aggregator = ports.start("aggregator", &dir).await;
+    let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
+    let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    announce(ports.grpc, &burst.scaled_object()).await;
+    steady(ports.http, &burst.hub, "before the streams").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", ports.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut keda = ExternalScalerClient::new(channel);
+    // One round first, so that lazily built state is not counted as a leak.
+    let mut stream = keda.stream_is_active(burst.scaled_object()).await.unwrap().into_inner();
+    assert!(stream.next().await.unwrap().unwrap().result);
+    drop(stream);
+    let (rss_before, fds_before) = (aggregator.rss_kib(), aggregator.open_fds());
+    for round in 0..100 {
+        let mut stream = keda.stream_is_active(burst.scaled_object()).await.unwrap().into_inner();
+        let first = tokio::time::timeout(DEADLINE, stream.next()).await.unwrap().unwrap().unwrap();
+        assert!(first.result, "round {round}: the stream opens with the hub active");
+        drop(stream);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss_after, fds_after) = (aggregator.rss_kib(), aggregator.open_fds());
+    assert!(fds_after <= fds_before + 2, "descriptors grew from {fds_before} to {fds_after}");
+    assert!(rss_after < rss_before + 8 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
+    assert_eq!(decision(ports.http, &burst.hub).await, Some((true, u64::from(PARTITIONS))));
+}
+
+#[tokio::test]
+async fn a_stream_open_at_shutdown_ends_with_status_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let burst = Burst::laid_out("FaultStreamEnd").await;
+    let ports = AggregatorPorts::new();
+    let aggregator = ports.start("aggregator", &dir).await;
+    let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
+    let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    announce(ports.grpc, &burst.scaled_object()).await;
+    steady(ports.http, &burst.hub, "before the stream").await;
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", ports.grpc)).await.unwrap();
+    let mut stream = keda.stream_is_active(burst.scaled_object()).await.unwrap().into_inner();
+    assert!(stream.next().await.unwrap().unwrap().result);
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    unsafe {
+        libc::kill(aggregator.pid() as i32, libc::SIGTERM);
+    }
+    let end = tokio::time::timeout(DEADLINE, stream.next()).await.expect("the stream ends");
+    assert!(end.is_none(), "a clean end (OK status) resets KEDA's back-off, not {end:?}");
+}
+
+/// A worker-count source that panics: the sampling loop dies with it.
+struct Panicking;
+
+impl durable_scaler::aggregator::sources::WorkerCountSource for Panicking {
+    fn worker_count<'a>(
+        &'a self,
+        _scaled_object: &'a durable_scaler::aggregator::sources::ScaledObjectKey,
+    ) -> durable_scaler::aggregator::sources::BoxFuture<'a, Option<u32>> {
+        Box::pin(async { panic!("worker count source broke") })
+    }
+}
+
+#[tokio::test]
+async fn a_loop_that_dies_stops_the_aggregator_with_an_error_naming_it() {
+    let (shutdown, running) = crate::aggregator_support::start_server_with(
+        crate::aggregator_support::args(),
+        durable_scaler::aggregator::ReportCheck::AcceptAny,
+        Arc::new(Panicking),
+    )
+    .await
+    .unwrap();
+    let http = running.http_addr;
+    // A hub with a ScaledObject makes the sampling loop ask the source.
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+    let so = crate::aggregator_support::scaled_object("DoomedHub", &[]);
+    let _ = keda.get_metric_spec(so).await;
+    let error = tokio::time::timeout(DEADLINE, running.wait())
+        .await
+        .expect("the aggregator stops on its own")
+        .expect_err("with an error");
+    assert!(error.to_string().starts_with("sample loop panicked"), "{error}");
+    assert!(shutdown.is_triggered(), "the other servers were told to stop");
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "the HTTP port is closed");
+}
