@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 
-use crate::contract::TaskHub;
+use crate::contract::limits::{CONNECTION_MAX_LEN, METADATA_MAX_ENTRIES, METADATA_VALUE_MAX_LEN};
+use crate::contract::{TaskHub, quote};
 use crate::heuristic::Algorithm;
 use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
@@ -35,14 +36,56 @@ pub struct HubSettings {
 
 /// A metadata key with a value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("scalerMetadata.{key}: expected {expected}, got {got:?}")]
+#[error("scalerMetadata.{key}: expected {expected}, got {got}")]
 pub struct MetadataError {
-    /// The offending key.
+    /// The offending key (`*` for the map as a whole or a key it does not know).
     pub key: &'static str,
     /// What the key accepts.
     pub expected: &'static str,
-    /// What was sent (`<missing>` when absent); never a connection string.
+    /// What was sent, quoted and cut short ([`quote`]; `<missing>` when absent); never a
+    /// connection string.
     pub got: String,
+}
+
+/// The keys whose value is a storage connection string: longer, and never quoted.
+const CONNECTION_KEYS: [&str; 2] = ["connectionFromEnv", "connection"];
+
+/// Checks the size of the map, of every key and of every value before anything is parsed
+/// or kept: KEDA passes what the ScaledObject says, and anyone who reaches the KEDA port can
+/// send anything.
+fn check_sizes(metadata: &HashMap<String, String>) -> Result<(), MetadataError> {
+    if metadata.len() > METADATA_MAX_ENTRIES {
+        return Err(MetadataError {
+            key: "*",
+            expected: "at most 64 entries",
+            got: format!("{} entries", metadata.len()),
+        });
+    }
+    for (key, value) in metadata {
+        if key.len() > METADATA_VALUE_MAX_LEN {
+            return Err(MetadataError {
+                key: "*",
+                expected: "keys of at most 256 bytes",
+                got: format!("the key {}", quote(key)),
+            });
+        }
+        if let Some(connection_key) = CONNECTION_KEYS.iter().find(|k| **k == key) {
+            if value.len() > CONNECTION_MAX_LEN {
+                return Err(MetadataError {
+                    key: connection_key,
+                    expected: "a connection string of at most 4096 bytes",
+                    got: format!("{} bytes", value.len()),
+                });
+            }
+        } else if value.len() > METADATA_VALUE_MAX_LEN {
+            return Err(MetadataError {
+                key: "*",
+                expected: "values of at most 256 bytes",
+                got: format!("{} for the key {}", quote(value), quote(key)),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl HubSettings {
@@ -61,6 +104,7 @@ impl HubSettings {
 
     /// Parses the metadata map. No I/O: it is called on every KEDA call.
     pub fn from_metadata(metadata: &HashMap<String, String>) -> Result<Self, MetadataError> {
+        check_sizes(metadata)?;
         let get = |key: &str| metadata.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
         let task_hub = match get("taskHubName") {
             // The one rule (crate::contract::TaskHub); the hub is kept by name here.
@@ -69,7 +113,7 @@ impl HubSettings {
                 return Err(MetadataError {
                     key: "taskHubName",
                     expected: "a task hub name of 3 to 50 letters or digits, starting with a letter",
-                    got: other.unwrap_or("<missing>").to_string(),
+                    got: other.map_or_else(|| "<missing>".to_string(), quote),
                 });
             }
         };
@@ -80,7 +124,7 @@ impl HubSettings {
                 Some(v) => v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
                     key,
                     expected: "a whole number of at least 1",
-                    got: v.to_string(),
+                    got: quote(v),
                 }),
             }
         };
@@ -104,7 +148,7 @@ impl HubSettings {
                 return Err(MetadataError {
                     key: "useTablePartitionManagement",
                     expected: "true or false",
-                    got: v.to_string(),
+                    got: quote(v),
                 });
             }
         };
@@ -113,7 +157,7 @@ impl HubSettings {
             Some(v) => v.parse::<Algorithm>().map_err(|_| MetadataError {
                 key: "scaleAlgorithm",
                 expected: "durable, target or latency",
-                got: v.to_string(),
+                got: quote(v),
             })?,
         };
         let max_polling_interval_ms = match get("maxPollingIntervalMs") {
@@ -121,7 +165,7 @@ impl HubSettings {
             Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
                 key: "maxPollingIntervalMs",
                 expected: "a whole number of milliseconds, at least 1",
-                got: v.to_string(),
+                got: quote(v),
             })?,
         };
         let worker_startup_ms = match get("workerStartupMs") {
@@ -129,7 +173,7 @@ impl HubSettings {
             Some(v) => v.parse::<u64>().map_err(|_| MetadataError {
                 key: "workerStartupMs",
                 expected: "a whole number of milliseconds",
-                got: v.to_string(),
+                got: quote(v),
             })?,
         };
         Ok(Self {
@@ -192,6 +236,24 @@ mod tests {
             assert!(err.to_string().contains(key) && err.to_string().contains(value), "{err}");
         }
         assert_eq!(parse(&[]).unwrap_err().key, "taskHubName");
+    }
+
+    #[test]
+    fn oversized_metadata_is_refused_naming_the_key_and_quoting_a_prefix() {
+        let huge = "x".repeat(4_000_000);
+        for key in ["taskHubName", "scaleAlgorithm", "someKey"] {
+            let err = parse(&[("taskHubName", "MyHub"), (key, &huge)]).unwrap_err();
+            assert!(err.to_string().len() < 300, "{} bytes", err.to_string().len());
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let err = parse(&[("taskHubName", "MyHub"), ("connection", &"k".repeat(4097))]).unwrap_err();
+        assert_eq!(err.key, "connection");
+        assert!(!err.to_string().contains("kkk"), "a connection string is never quoted: {err}");
+        let connection = "k".repeat(4096);
+        assert!(parse(&[("taskHubName", "MyHub"), ("connection", &connection)]).is_ok());
+        let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        let err = HubSettings::from_metadata(&many).unwrap_err();
+        assert!(err.to_string().contains("64 entries"), "{err}");
     }
 
     #[test]
