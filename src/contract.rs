@@ -324,7 +324,11 @@ mod tests {
         assert!(quoted.len() < 100, "{quoted}");
         assert!(quoted.ends_with("... (4000000 bytes)"), "{quoted}");
         let wide = "ü".repeat(100);
-        assert_eq!(quote(&wide), format!("{:?}... (200 bytes)", "ü".repeat(64)), "cut at a character boundary");
+        assert_eq!(
+            quote(&wide),
+            format!("{:?}... (200 bytes)", "ü".repeat(64)),
+            "cut at a character boundary"
+        );
     }
 
     #[test]
