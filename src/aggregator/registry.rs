@@ -392,7 +392,10 @@ impl Registry {
             let first = !s.is_observed();
             let admission = s.apply_report_bounded(report, now, MAX_PODS_PER_HUB, may_add)?;
             let change = if first { s.evaluate(now, None) } else { None };
-            entry.publish(s, now, &self.metrics, first);
+            // The gauges look at every pod: refreshed by the sampling loop, and here only on a
+            // hub's first report and on a pod's last (once per pod, and its partitions are
+            // uncovered at once).
+            entry.publish(s, now, &self.metrics, first || report.leaving);
             Ok((admission, change))
         });
         let change = match change {
