@@ -233,6 +233,21 @@ impl Aggregator {
     pub fn new(args: Args, check: ReportCheck, workers: Arc<dyn WorkerCountSource>) -> Self {
         let mut metrics = metrics::Metrics::new();
         let probe_metrics = probe::ProbeMetrics::register(metrics.registry_mut());
+        // The probe's per-hub series go with their hub too.
+        let ownership = probe_metrics.ownership_reads.clone();
+        metrics.on_forget(Box::new(move |hub| {
+            use crate::storage::Layout;
+            use probe::OwnershipFound as Found;
+            for layout in [
+                Found::Layout(Layout::Table),
+                Found::Layout(Layout::Safe),
+                Found::Layout(Layout::Legacy),
+                Found::Nowhere,
+            ] {
+                let (namespace, task_hub) = (hub.namespace.clone(), hub.task_hub.clone());
+                ownership.remove(&probe::OwnershipLabels { namespace, task_hub, layout });
+            }
+        }));
         Self {
             args,
             check,
