@@ -9,7 +9,9 @@
 //! - the ports each role serves on;
 //! - [`TaskHub`]: the one task hub name rule, parsed by the webhook, the sidecar and the
 //!   aggregator alike;
-//! - [`MAX_PARTITIONS`], [`SIDECAR_INTERVAL_RANGE`]: limits both ends of a report agree on.
+//! - [`MAX_PARTITIONS`], [`SIDECAR_INTERVAL_RANGE`]: limits both ends of a report agree on;
+//! - [`limits`]: the longest name and value the aggregator takes from KEDA or a sidecar, and
+//!   how much it tracks; [`quote`]: how an error message shows a value it refused.
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -139,6 +141,135 @@ pub const MAX_PARTITIONS: u32 = 16;
 pub const SIDECAR_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
 
+/// How long each name and value the aggregator accepts may be, and how much it keeps. Every
+/// string that arrives on the KEDA or the report port is checked against one of these before
+/// it is stored, used as a map key or a metric label, or quoted in an error.
+pub mod limits {
+    /// A Kubernetes namespace: a DNS label (RFC 1123), at most 63 characters.
+    /// Upstream: kubernetes `staging/src/k8s.io/apimachinery/pkg/util/validation/validation.go`
+    /// (`DNS1123LabelMaxLength`), which `ValidateNamespaceName` applies.
+    pub const NAMESPACE_MAX_LEN: usize = 63;
+    /// A pod or ScaledObject name: a DNS subdomain (RFC 1123), at most 253 characters
+    /// (`DNS1123SubdomainMaxLength` in the same file; `ValidatePodName` applies it).
+    pub const OBJECT_NAME_MAX_LEN: usize = 253;
+    /// A storage connection string. Azure's longest (account name, a 88-character key, and
+    /// every endpoint spelled out) is well under 1 KiB; 4 KiB leaves room for SAS tokens.
+    pub const CONNECTION_MAX_LEN: usize = 4096;
+    /// Any other `scalerMetadata` key or value (numbers, booleans, algorithm names, and
+    /// the keys KEDA adds itself such as `scalerAddress`).
+    pub const METADATA_VALUE_MAX_LEN: usize = 256;
+    /// Entries in `scalerMetadata`: the trigger's own keys are a dozen.
+    pub const METADATA_MAX_ENTRIES: usize = 32;
+    /// A metric name in GetMetrics (`durabletask-` and a task hub name fit easily).
+    pub const METRIC_NAME_MAX_LEN: usize = 256;
+    /// Free text a sidecar sends (its version, its error message, the partition mode).
+    pub const REPORT_TEXT_MAX_LEN: usize = 1024;
+    /// The largest KEDA request the KEDA port decodes: the metadata as bounded above (32
+    /// entries of 256-byte keys and values, one connection string) and two names. tonic
+    /// reserves the length a message announces before the bytes arrive (`codec/decode.rs`),
+    /// so this is also what one stalled stream can hold.
+    pub const KEDA_MESSAGE_MAX_BYTES: usize = 32 * 1024;
+    /// The largest report the report port decodes: 16 partitions' signals, two names and
+    /// three short texts take under 5 KiB.
+    pub const REPORT_MESSAGE_MAX_BYTES: usize = 16 * 1024;
+    /// HTTP/2 streams open at once on one KEDA connection. KEDA keeps one connection per
+    /// scaler address for all its ScaledObjects (kedacore/keda
+    /// `pkg/scalers/external_scaler.go`, `connectionPool`), and each push ScaledObject holds
+    /// a StreamIsActive stream on it: a limit below the hub limit would stall KEDA's calls.
+    pub const KEDA_MAX_CONCURRENT_STREAMS: u32 = MAX_TRACKED_HUBS as u32 + 512;
+    /// HTTP/2 streams open at once on one report connection: a sidecar sends one unary
+    /// report at a time.
+    pub const REPORT_MAX_CONCURRENT_STREAMS: u32 = 16;
+    /// The largest HTTP/2 header block (or HTTP/1 head) a listener takes: a bearer token
+    /// (a projected service-account JWT, 1-2 KiB) and gRPC's own headers fit many times.
+    pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+    /// A request not read and answered within this is cut off (tonic's request timeout,
+    /// which covers reading the request body): a client that announces a message and stalls
+    /// holds its buffer this long at most. The first call about a hub waits one second.
+    pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    /// A client that has not sent a complete HTTP/1 request head by then is dropped.
+    pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    /// Task hubs tracked at once. Each costs a few KiB and a few metric series; a cluster
+    /// with more Durable Functions apps than this runs more than one aggregator.
+    pub const MAX_TRACKED_HUBS: usize = 2_000;
+    /// Pods tracked per task hub. A pod that owns no partition still reports (and counts as
+    /// a worker when the worker count comes from reports), so this is well above the 16
+    /// partitions.
+    pub const MAX_PODS_PER_HUB: usize = 1_000;
+    /// Pods tracked over all task hubs, so hubs times pods stays bounded too.
+    pub const MAX_TRACKED_PODS: usize = 20_000;
+    /// At the hub limit, the least recently seen hub makes room for a new one only when no
+    /// KEDA call and no report has named it for this long (and no StreamIsActive is open):
+    /// KEDA asks every polling interval (30 s by default) and every HPA sync (15 s), so a
+    /// flood of made-up hubs cannot push out hubs in use.
+    pub const HUB_REPLACEABLE_AFTER_MS: i64 = 5 * 60 * 1000;
+    /// How many characters of a refused value an error message quotes.
+    pub const QUOTE_MAX_CHARS: usize = 64;
+}
+
+/// `value` for an error message: debug-quoted, cut after [`limits::QUOTE_MAX_CHARS`]
+/// characters (then `...` and the full length), so a refused multi-megabyte value does not
+/// come back whole in a gRPC status or a log line.
+pub fn quote(value: &str) -> String {
+    let mut chars = value.char_indices();
+    match chars.nth(limits::QUOTE_MAX_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
+/// Which Kubernetes name rule a name follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameRule {
+    /// A DNS label (namespaces): lowercase letters, digits and `-`, starting and ending
+    /// with a letter or digit, at most [`limits::NAMESPACE_MAX_LEN`].
+    Label,
+    /// A DNS subdomain (pods, ScaledObjects): DNS labels joined by `.`, at most
+    /// [`limits::OBJECT_NAME_MAX_LEN`].
+    Subdomain,
+}
+
+/// Checks `value` against `rule` as the Kubernetes API server does for the objects it
+/// names (upstream: `IsDNS1123Label` and `IsDNS1123Subdomain` in apimachinery's
+/// `pkg/util/validation/validation.go`); the error names `field` and quotes a short prefix.
+pub fn check_name(field: &str, value: &str, rule: NameRule) -> Result<(), String> {
+    let (max, what) = match rule {
+        NameRule::Label => (limits::NAMESPACE_MAX_LEN, "a DNS label"),
+        NameRule::Subdomain => (limits::OBJECT_NAME_MAX_LEN, "a DNS subdomain"),
+    };
+    if value.is_empty() {
+        return Err(format!("{field} is required"));
+    }
+    if value.len() > max {
+        return Err(format!("{field} {} is longer than {max} characters", quote(value)));
+    }
+    let label_ok = |label: &str| {
+        let b = label.as_bytes();
+        !b.is_empty()
+            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    let valid = match rule {
+        NameRule::Label => label_ok(value),
+        NameRule::Subdomain => value.split('.').all(label_ok),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{field} {} is not {what} (lowercase letters, digits and '-')", quote(value)))
+    }
+}
+
+/// Checks that `value` is at most `max` bytes long; the error names `field`.
+pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        Err(format!("{field} {} is longer than {max} bytes", quote(value)))
+    } else {
+        Ok(())
+    }
+}
+
 /// A task hub name, checked once as the Durable Functions extension checks it: 3 to 50
 /// ASCII letters and digits, starting with a letter.
 ///
@@ -156,8 +287,9 @@ pub struct TaskHub {
 }
 
 /// A task hub name the Durable Functions extension would refuse.
+/// It holds the name as [`quote`] shows it, not the whole of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid task hub name {0:?}: 3 to 50 ASCII letters and digits, starting with a letter")]
+#[error("invalid task hub name {0}: 3 to 50 ASCII letters and digits, starting with a letter")]
 pub struct InvalidTaskHubName(pub String);
 
 impl TaskHub {
@@ -171,7 +303,7 @@ impl TaskHub {
         let valid = (Self::MIN_LEN..=Self::MAX_LEN).contains(&name.len())
             && name.bytes().all(|b| b.is_ascii_alphanumeric())
             && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic());
-        if valid { Ok(Self { name: name.to_owned() }) } else { Err(InvalidTaskHubName(name.to_owned())) }
+        if valid { Ok(Self { name: name.to_owned() }) } else { Err(InvalidTaskHubName(quote(name))) }
     }
 
     /// The name as configured.
@@ -211,6 +343,50 @@ mod tests {
             let error = TaskHub::parse(bad).unwrap_err();
             assert!(error.to_string().contains("starting with a letter"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn quotes_cut_long_values_and_keep_short_ones_whole() {
+        assert_eq!(quote("MyHub"), "\"MyHub\"");
+        let long = "x".repeat(4_000_000);
+        let quoted = quote(&long);
+        assert!(quoted.len() < 100, "{quoted}");
+        assert!(quoted.ends_with("... (4000000 bytes)"), "{quoted}");
+        let wide = "ü".repeat(100);
+        assert_eq!(
+            quote(&wide),
+            format!("{:?}... (200 bytes)", "ü".repeat(64)),
+            "cut at a character boundary"
+        );
+    }
+
+    #[test]
+    fn kubernetes_names_follow_the_api_servers_rules() {
+        assert_eq!(check_name("pod.namespace", "apps-1", NameRule::Label), Ok(()));
+        assert_eq!(check_name("pod.name", "app-7d9f.x-1", NameRule::Subdomain), Ok(()));
+        assert_eq!(check_name("pod.namespace", &"a".repeat(63), NameRule::Label), Ok(()));
+        assert_eq!(check_name("pod.name", &"a".repeat(253), NameRule::Subdomain), Ok(()));
+        for (value, rule) in [
+            ("", NameRule::Label),
+            ("Apps", NameRule::Label),
+            ("-apps", NameRule::Label),
+            ("a.b", NameRule::Label),
+            ("a..b", NameRule::Subdomain),
+            ("app_1", NameRule::Subdomain),
+        ] {
+            let e = check_name("pod.namespace", value, rule).unwrap_err();
+            assert!(e.starts_with("pod.namespace"), "{value}: {e}");
+        }
+        let e = check_name("pod.namespace", &"a".repeat(64), NameRule::Label).unwrap_err();
+        assert!(e.contains("longer than 63"), "{e}");
+        let e = check_name("pod.name", &"a".repeat(4_000_000), NameRule::Subdomain).unwrap_err();
+        assert!(e.len() < 200 && e.contains("longer than 253"), "{e}");
+    }
+
+    #[test]
+    fn a_refused_task_hub_name_is_quoted_short() {
+        let error = TaskHub::parse(&"a".repeat(1_000_000)).unwrap_err().to_string();
+        assert!(error.len() < 200, "{error}");
     }
 
     #[test]

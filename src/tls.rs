@@ -1,6 +1,8 @@
 //! TLS serving for every listener of the project (the webhook's HTTPS port, the aggregator's
 //! KEDA and report ports): PEM files read with errors that name the file, one reloading
-//! server configuration, and one accept loop.
+//! server configuration, and one accept loop. Also the HTTP connection settings every hyper
+//! listener shares ([`http_builder`]: stream, header and time limits) and the plain-HTTP
+//! loop of the aggregator's HTTP port ([`serve_plain_http`]).
 //!
 //! Reloading is off the accept path. [`ReloadingConfig::spawn_watcher`] re-reads the
 //! certificate, the key and the client CA on a timer, in a blocking task, and when their
@@ -22,6 +24,10 @@ use std::{
     time::Duration,
 };
 
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::counter::Counter;
 use rustls::{
     RootCertStore, ServerConfig,
@@ -36,7 +42,15 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
+use crate::contract::limits::{HEADER_READ_TIMEOUT, MAX_HEADER_LIST_BYTES};
 use crate::shutdown::Shutdown;
+
+/// HTTP/2 streams open at once on one connection of an HTTP listener (the webhook, the
+/// aggregator's HTTP port): the API server and Prometheus send a few at a time.
+const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
+
+/// How long open connections of the plain HTTP port may finish after the shutdown signal.
+const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -433,6 +447,59 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// The connection settings of every hyper listener: HTTP/1 drops a client that has not sent
+/// a complete request head within [`HEADER_READ_TIMEOUT`] (hyper enforces it only with a
+/// timer); HTTP/2 announces MAX_CONCURRENT_STREAMS and a bounded header list, and limits
+/// streams reset before they were accepted. Without these, hyper's HTTP/2 takes as many
+/// streams as a client opens.
+pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(HTTP_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_pending_accept_reset_streams(64);
+    builder
+}
+
+/// Serves `app` over plain HTTP/1 and HTTP/2 on `listener` with [`http_builder`]'s limits
+/// until `shutdown` fires, then lets open connections finish for a moment.
+pub(crate) async fn serve_plain_http(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let connection = http_builder().serve_connection(TokioIo::new(tcp), service).into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(HTTP_DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::debug!("HTTP connections still open after the drain timeout; closing them");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

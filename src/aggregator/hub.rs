@@ -103,6 +103,25 @@ pub struct RecommendationChange {
     pub reason: String,
 }
 
+/// What a report did to the hub's pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodAdmission {
+    /// The pod was tracked already (or the report was out of order).
+    Known,
+    /// A new pod was added.
+    Added,
+    /// A new pod took the place of the least recently reported one, no longer live.
+    Replaced,
+}
+
+/// A report from a new pod of a hub that tracks as many live pods as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the task hub tracks {tracked} pods, all reporting, and takes no more")]
+pub struct PodsFull {
+    /// How many pods the hub tracks.
+    pub tracked: usize,
+}
+
 #[derive(Debug, Clone, Default)]
 struct PodState {
     /// When the latest report arrived (aggregator clock: liveness survives clock skew).
@@ -257,10 +276,38 @@ impl HubState {
     /// Merges one sidecar report received at `now`. A report taken before the pod's latest
     /// (by the sidecar's own clock) arrived out of order and is ignored.
     pub fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
-        if let Some(pod) = self.pods.get(&report.pod)
-            && pod.last_sampled_ms > report.sampled_at_unix_ms
-        {
-            return;
+        // Unbounded, so this cannot fail.
+        let _ = self.apply_report_bounded(report, now, usize::MAX, true);
+    }
+
+    /// [`HubState::apply_report`] with a bound on the pods tracked. A pod not tracked yet is added only while the hub tracks fewer than `max_pods`
+    /// (and `may_add`: the registry's budget over all hubs); when full, the least recently
+    /// reported pod makes room if it is no longer live, else the report is refused. Returns
+    /// what became of the pod. The cost is constant but for that search, which only a new
+    /// pod of a full hub pays and which `max_pods` bounds.
+    pub fn apply_report_bounded(
+        &mut self,
+        report: &ValidReport,
+        now: UnixMs,
+        max_pods: usize,
+        may_add: bool,
+    ) -> Result<PodAdmission, PodsFull> {
+        let mut admission = PodAdmission::Known;
+        match self.pods.get(&report.pod) {
+            Some(pod) if pod.last_sampled_ms > report.sampled_at_unix_ms => return Ok(admission),
+            Some(_) => {}
+            None if may_add && self.pods.len() < max_pods => admission = PodAdmission::Added,
+            None => {
+                let oldest = self.pods.iter().min_by_key(|(_, p)| p.last_report);
+                match oldest {
+                    Some((name, pod)) if !pod.is_live(now) => {
+                        let name = name.clone();
+                        self.pods.remove(&name);
+                        admission = PodAdmission::Replaced;
+                    }
+                    _ => return Err(PodsFull { tracked: self.pods.len() }),
+                }
+            }
         }
         self.reshape(report.partition_count);
         let shape_known = self.partition_count == Some(report.partition_count);
@@ -292,6 +339,12 @@ impl HubState {
             let limits = self.limits();
             self.engine.update_settings(engine_settings(&self.settings, &limits, self.work_grace_ms));
         }
+        Ok(admission)
+    }
+
+    /// How many pods the hub tracks (live or not).
+    pub fn tracked_pods(&self) -> usize {
+        self.pods.len()
     }
 
     /// Merges what a cold probe read at `now`.
@@ -341,8 +394,11 @@ impl HubState {
     }
 
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
-    pub fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) {
+    /// Returns how many were forgotten.
+    pub fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) -> usize {
+        let before = self.pods.len();
         self.pods.retain(|_, p| now.millis_since(p.last_report) <= silent_for_ms);
+        before - self.pods.len()
     }
 
     /// One sampling interval: decides the worker count through the engine from `workers`
@@ -633,6 +689,21 @@ mod tests {
         hub.apply_probe(&ProbeReading { partition_count: 8, control: vec![], work_item: None }, UnixMs(1000));
         assert_eq!(hub.latencies().control.len(), 8);
         assert_eq!(hub.partition_count(), Some(8));
+    }
+
+    #[test]
+    fn a_full_hub_replaces_its_stalest_silent_pod_and_refuses_while_all_are_live() {
+        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        let bounded = |hub: &mut HubState, pod: &str, at: i64| {
+            hub.apply_report_bounded(&report(pod, &[], q(0, 0, 0), None), UnixMs(at), 2, true)
+        };
+        assert_eq!(bounded(&mut hub, "a", 0), Ok(PodAdmission::Added));
+        assert_eq!(bounded(&mut hub, "b", 1000), Ok(PodAdmission::Added));
+        assert_eq!(bounded(&mut hub, "c", 2000), Err(PodsFull { tracked: 2 }), "a and b are live");
+        assert_eq!(bounded(&mut hub, "b", 3500), Ok(PodAdmission::Known));
+        assert_eq!(bounded(&mut hub, "c", 3500), Ok(PodAdmission::Replaced), "a is silent for 3 intervals");
+        assert_eq!(hub.tracked_pods(), 2);
+        assert_eq!(hub.live_pods(UnixMs(3500)), 2);
     }
 
     #[test]

@@ -29,6 +29,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::clock::UnixMs;
+use crate::contract::limits::METRIC_NAME_MAX_LEN;
+use crate::contract::{NameRule, check_len, check_name};
 use crate::proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
     ScaledObjectRef, external_scaler_server::ExternalScaler,
@@ -64,6 +66,12 @@ impl KedaScaler {
     }
 
     fn parse(scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
+        // The names as Kubernetes allows them, before they become a key, a label or a log
+        // field; errors quote a short prefix only.
+        check_name("scaledObjectRef.namespace", &scaled_object.namespace, NameRule::Label)
+            .map_err(Status::invalid_argument)?;
+        check_name("scaledObjectRef.name", &scaled_object.name, NameRule::Subdomain)
+            .map_err(Status::invalid_argument)?;
         let settings = HubSettings::from_metadata(&scaled_object.scaler_metadata)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok((HubKey::new(&scaled_object.namespace, &settings.task_hub), settings))
@@ -72,7 +80,10 @@ impl KedaScaler {
     /// Tracks the hub of `scaled_object` (starting its probe) without waiting.
     fn track(&self, scaled_object: &ScaledObjectRef) -> Result<Arc<HubEntry>, Status> {
         let (key, settings) = Self::parse(scaled_object)?;
-        let entry = self.registry.track(&key, &settings.task_hub, Some(&settings));
+        let entry = self
+            .registry
+            .track(&key, &settings.task_hub, Some(&settings))
+            .map_err(|full| Status::resource_exhausted(full.to_string()))?;
         entry.set_scaled_object(ScaledObjectKey {
             namespace: scaled_object.namespace.clone(),
             name: scaled_object.name.clone(),
@@ -200,11 +211,13 @@ impl ExternalScaler for KedaScaler {
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         // A wrong metric name is refused before any waiting.
         let (key, _) = Self::parse(scaled_object)?;
+        check_len("metricName", &request.metric_name, METRIC_NAME_MAX_LEN)
+            .map_err(Status::invalid_argument)?;
         let expected = metric_name(&key.task_hub);
         if !request.metric_name.eq_ignore_ascii_case(&expected) {
             return Err(Status::invalid_argument(format!(
-                "metricName {:?} is not this trigger's metric (expected {expected})",
-                request.metric_name
+                "metricName {} is not this trigger's metric (expected {expected})",
+                crate::contract::quote(&request.metric_name)
             )));
         }
         let entry = self.observed(Some(scaled_object)).await?;

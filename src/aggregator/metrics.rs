@@ -87,6 +87,10 @@ pub enum RejectionReason {
     Unauthenticated,
     /// A valid token of another pod or namespace.
     PermissionDenied,
+    /// A name beyond Kubernetes' rules or a text field beyond its length limit.
+    InvalidName,
+    /// The aggregator tracks as many hubs, or the hub as many pods, as it may.
+    TooMany,
 }
 
 label_values!(RejectionReason {
@@ -96,6 +100,8 @@ label_values!(RejectionReason {
     FutureTimestamp => "future_timestamp",
     Unauthenticated => "unauthenticated",
     PermissionDenied => "permission_denied",
+    InvalidName => "invalid_name",
+    TooMany => "too_many",
 });
 
 impl RejectionReason {
@@ -106,15 +112,57 @@ impl RejectionReason {
     }
 }
 
-/// Labels of the report refusals.
+/// Labels of the report refusals: the reason alone. What a refused report claims (its
+/// namespace, its hub) is the sender's to choose; a series per claim would let anyone grow
+/// `/metrics` without bound.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectionLabels {
-    /// Kubernetes namespace (empty when the sender is not trusted).
-    pub namespace: String,
-    /// Task hub name, lowercased (empty when the sender is not trusted).
-    pub task_hub: String,
     /// Why.
     pub reason: RejectionReason,
+}
+
+/// What the aggregator keeps a bounded number of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tracked {
+    /// Task hubs (`contract::limits::MAX_TRACKED_HUBS`).
+    Hub,
+    /// Pods of one hub (`contract::limits::MAX_PODS_PER_HUB`) or of all hubs
+    /// (`contract::limits::MAX_TRACKED_PODS`).
+    Pod,
+}
+
+label_values!(Tracked { Hub => "hub", Pod => "pod" });
+
+/// Labels of the tracking limits' counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrackedLabels {
+    /// What was refused or dropped.
+    pub kind: Tracked,
+}
+
+/// Every [`ProbeOutcome`], to drop a hub's probe series.
+const PROBE_OUTCOMES: [ProbeOutcome; 8] = [
+    ProbeOutcome::Ok,
+    ProbeOutcome::Partial,
+    ProbeOutcome::BadConnection,
+    ProbeOutcome::NotProvisioned,
+    ProbeOutcome::Authentication,
+    ProbeOutcome::Unreachable,
+    ProbeOutcome::NoOwnershipStore,
+    ProbeOutcome::Unexpected,
+];
+
+/// Drops a dropped hub's series from a family registered elsewhere (the probe's).
+pub type ForgetHook = Box<dyn Fn(&HubLabels) + Send + Sync>;
+
+/// The [`ForgetHook`]s, with a `Debug` that names how many.
+#[derive(Default)]
+struct ForgetHooks(Vec<ForgetHook>);
+
+impl std::fmt::Debug for ForgetHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} hooks", self.0.len())
+    }
 }
 
 /// Labels of the cold probes.
@@ -173,6 +221,13 @@ pub struct Metrics {
     pub probes: Family<ProbeLabels, Counter>,
     /// Task hubs in memory.
     pub hubs_tracked: Gauge,
+    /// Pods in memory, over all hubs.
+    pub pods_tracked: Gauge,
+    /// Hubs and pods refused because as many as the limits allow were tracked and active.
+    pub tracking_refused: Family<TrackedLabels, Counter>,
+    /// Hubs and pods dropped, least recently seen first, to make room for new ones.
+    pub tracking_replaced: Family<TrackedLabels, Counter>,
+    forget_hooks: ForgetHooks,
     /// Changed TLS files taken into use or refused, by port.
     pub certificate_reloads: Family<ReloadLabels, Counter>,
 }
@@ -200,6 +255,17 @@ impl Metrics {
         r.register("reports_rejected", "Sidecar reports refused, by reason", m.reports_rejected.clone());
         r.register("probes", "Cold probes, by outcome", m.probes.clone());
         r.register("hubs_tracked", "Task hubs in memory", m.hubs_tracked.clone());
+        r.register("pods_tracked", "Reporting pods in memory, over all task hubs", m.pods_tracked.clone());
+        r.register(
+            "tracking_refused",
+            "Task hubs (kind=hub) and pods (kind=pod) refused because the limit was reached and nothing was idle",
+            m.tracking_refused.clone(),
+        );
+        r.register(
+            "tracking_replaced",
+            "Idle task hubs and silent pods dropped, least recently seen first, to make room at the limit",
+            m.tracking_replaced.clone(),
+        );
         r.register(
             "certificate_reloads",
             "Changed TLS files taken into use (reloaded) or refused (the previous ones kept), by port",
@@ -214,8 +280,14 @@ impl Metrics {
         &mut self.registry
     }
 
-    /// Drops a dropped hub's gauges, so /metrics does not keep reporting it. Its counters
-    /// stay (counters must not go back; they stop growing).
+    /// Also calls `hook` when a hub is dropped, for series registered elsewhere.
+    pub fn on_forget(&mut self, hook: ForgetHook) {
+        self.forget_hooks.0.push(hook);
+    }
+
+    /// Drops every series of a dropped hub, counters too: /metrics shows only what is
+    /// tracked, so its size follows the hub limit. (A counter that disappears and comes back
+    /// from 0 is a counter reset to Prometheus, which `rate()` handles.)
     pub fn forget(&self, labels: &HubLabels) {
         for family in [
             &self.desired_workers,
@@ -227,6 +299,17 @@ impl Metrics {
         ] {
             family.remove(labels);
         }
+        self.reports_received.remove(labels);
+        for outcome in PROBE_OUTCOMES {
+            self.probes.remove(&ProbeLabels {
+                namespace: labels.namespace.clone(),
+                task_hub: labels.task_hub.clone(),
+                outcome,
+            });
+        }
+        for hook in &self.forget_hooks.0 {
+            hook(labels);
+        }
     }
 
     /// Counts one cold probe of `key` that came to `outcome`.
@@ -236,12 +319,19 @@ impl Metrics {
         self.probes.get_or_create(&labels).inc();
     }
 
-    /// Counts one report refused for `reason`, labelled with `key` (empty for untrusted
-    /// senders).
-    pub fn count_rejection(&self, key: &HubKey, reason: RejectionReason) {
-        let labels =
-            RejectionLabels { namespace: key.namespace.clone(), task_hub: key.task_hub.clone(), reason };
-        self.reports_rejected.get_or_create(&labels).inc();
+    /// Counts one report refused for `reason`.
+    pub fn count_rejection(&self, reason: RejectionReason) {
+        self.reports_rejected.get_or_create(&RejectionLabels { reason }).inc();
+    }
+
+    /// Counts one hub or pod refused at its limit.
+    pub fn count_refused(&self, kind: Tracked) {
+        self.tracking_refused.get_or_create(&TrackedLabels { kind }).inc();
+    }
+
+    /// Counts one idle hub or silent pod dropped to make room.
+    pub fn count_replaced(&self, kind: Tracked) {
+        self.tracking_replaced.get_or_create(&TrackedLabels { kind }).inc();
     }
 
     /// The counters of `port`'s certificate reloads.

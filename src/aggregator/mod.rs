@@ -45,7 +45,7 @@ use crate::shutdown::{Shutdown, Supervisor, TaskFailure};
 use crate::storage::StorageOptions;
 use crate::tls;
 
-use crate::contract::{AGGREGATOR_HTTP_PORT, AGGREGATOR_KEDA_PORT, AGGREGATOR_REPORT_PORT, env};
+use crate::contract::{AGGREGATOR_HTTP_PORT, AGGREGATOR_KEDA_PORT, AGGREGATOR_REPORT_PORT, env, limits};
 pub use registry::ChangeHook;
 pub use reports::ReportCheck;
 use sources::WorkerCountSource;
@@ -246,6 +246,21 @@ impl Aggregator {
     pub fn new(args: Args, check: ReportCheck, workers: Arc<dyn WorkerCountSource>) -> Self {
         let mut metrics = metrics::Metrics::new();
         let probe_metrics = probe::ProbeMetrics::register(metrics.registry_mut());
+        // The probe's per-hub series go with their hub too.
+        let ownership = probe_metrics.ownership_reads.clone();
+        metrics.on_forget(Box::new(move |hub| {
+            use crate::storage::Layout;
+            use probe::OwnershipFound as Found;
+            for layout in [
+                Found::Layout(Layout::Table),
+                Found::Layout(Layout::Safe),
+                Found::Layout(Layout::Legacy),
+                Found::Nowhere,
+            ] {
+                let (namespace, task_hub) = (hub.namespace.clone(), hub.task_hub.clone());
+                ownership.remove(&probe::OwnershipLabels { namespace, task_hub, layout });
+            }
+        }));
         Self {
             args,
             check,
@@ -346,16 +361,19 @@ impl Aggregator {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(reflection_error)?;
-        let keda_router = tonic::transport::Server::builder()
-            .add_service(ExternalScalerServer::new(keda))
+        let keda_router = grpc_server(limits::KEDA_MAX_CONCURRENT_STREAMS)
+            .add_service(
+                ExternalScalerServer::new(keda).max_decoding_message_size(limits::KEDA_MESSAGE_MAX_BYTES),
+            )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
         let keda_task = serve_grpc(keda_router, grpc, acceptor, args.tls_reload_interval, shutdown.clone());
 
         let reports = reports::Reports::new(registry.clone(), self.check.clone());
-        let report_router =
-            tonic::transport::Server::builder().add_service(ReportServiceServer::new(reports));
+        let report_router = grpc_server(limits::REPORT_MAX_CONCURRENT_STREAMS).add_service(
+            ReportServiceServer::new(reports).max_decoding_message_size(limits::REPORT_MESSAGE_MAX_BYTES),
+        );
         let report_task =
             serve_grpc(report_router, report, report_acceptor, args.tls_reload_interval, shutdown.clone());
 
@@ -481,6 +499,19 @@ struct HttpState {
     readiness: Arc<Readiness>,
 }
 
+/// A gRPC server with the limits every port of the aggregator has: at most `streams`
+/// concurrent HTTP/2 streams per connection, a bounded header block, and a deadline for
+/// reading and answering each request (tonic's timeout runs from the request's headers, so
+/// it also cuts off a body that never completes). Message sizes are set per service.
+fn grpc_server(streams: u32) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(streams)
+        .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .timeout(limits::REQUEST_TIMEOUT)
+        .accept_http1(false)
+}
+
 /// Serves `router` on `listener` until `shutdown`: over TLS with `config` when given (its
 /// files looked at every `reload_interval`), else over plain TCP with TCP_NODELAY.
 fn serve_grpc(
@@ -538,7 +569,7 @@ async fn serve_http(
             }),
         )
         .with_state(HttpState { metrics, registry, readiness });
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
+    tls::serve_plain_http(listener, app, shutdown).await
 }
 
 /// Starts `aggregator` and serves until `shutdown`: exit status 2 when it cannot start (a

@@ -3,16 +3,19 @@
 //! its activity is also published on a watch channel so StreamIsActive can follow it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::clock::UnixMs;
+use crate::contract::limits::{
+    HUB_REPLACEABLE_AFTER_MS, MAX_PODS_PER_HUB, MAX_TRACKED_HUBS, MAX_TRACKED_PODS,
+};
 
-use super::hub::{HubKey, HubState, ProbeReading, RecommendationChange, ValidReport};
-use super::metrics::{HubLabels, Metrics};
+use super::hub::{HubKey, HubState, PodAdmission, PodsFull, ProbeReading, RecommendationChange, ValidReport};
+use super::metrics::{HubLabels, Metrics, Tracked};
 use super::settings::{EffectiveLimits, HubSettings};
 use super::sources::ScaledObjectKey;
 use crate::storage::Connection;
@@ -219,8 +222,9 @@ impl HubEntry {
         matches!(tokio::time::timeout(limit, rx.wait_for(|o| *o)).await, Ok(Ok(_)))
     }
 
-    /// Publishes activity and gauges after the state changed.
-    fn publish(&self, state: &HubState, now: UnixMs, metrics: &Metrics) {
+    /// Publishes activity after the state changed, and with `gauges` the per-hub gauges too
+    /// (coverage looks at every pod of the hub: the sampling loop's job, not each report's).
+    fn publish(&self, state: &HubState, now: UnixMs, metrics: &Metrics, gauges: bool) {
         let active = state.is_active(now);
         self.activity.send_if_modified(|a| {
             if a.active == active {
@@ -235,6 +239,10 @@ impl HubEntry {
         // KEDA waits for the whole hub, not a first part of it.
         if state.is_fully_read() {
             self.observed.send_if_modified(|o| !std::mem::replace(o, true));
+        }
+        if !gauges {
+            metrics.active.get_or_create(&self.labels).set(i64::from(active));
+            return;
         }
         let coverage = state.coverage(now);
         metrics.active.get_or_create(&self.labels).set(i64::from(active));
@@ -255,9 +263,23 @@ impl HubEntry {
 /// (the Kubernetes side records an Event on it).
 pub type ChangeHook = Arc<dyn Fn(&ScaledObjectKey, &RecommendationChange) + Send + Sync>;
 
+/// A new hub while as many as [`MAX_TRACKED_HUBS`] are tracked and none is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the aggregator tracks {tracked} task hubs, each named by KEDA or a report within the last {} minutes, and takes no more",
+    HUB_REPLACEABLE_AFTER_MS / 60_000
+)]
+pub struct HubsFull {
+    /// How many hubs are tracked.
+    pub tracked: usize,
+}
+
 /// Every tracked hub, with the settings that apply to all of them.
 pub struct Registry {
     hubs: RwLock<HashMap<HubKey, Arc<HubEntry>>>,
+    /// Pods tracked over all hubs (kept by the report and sampling paths, so no path counts
+    /// them by walking every hub).
+    pods: AtomicUsize,
     /// The metrics every part updates.
     pub metrics: Arc<Metrics>,
     work_grace_ms: u64,
@@ -273,7 +295,13 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// An empty registry; `work_grace_ms` as in `hub`'s docs.
     pub fn new(metrics: Arc<Metrics>, work_grace_ms: u64) -> Self {
-        Self { hubs: RwLock::new(HashMap::new()), metrics, work_grace_ms, on_change: None }
+        Self {
+            hubs: RwLock::new(HashMap::new()),
+            pods: AtomicUsize::new(0),
+            metrics,
+            work_grace_ms,
+            on_change: None,
+        }
     }
 
     /// Calls `hook` on every recommendation change of a hub a ScaledObject asks about.
@@ -293,34 +321,79 @@ impl Registry {
     }
 
     /// The hub, tracked from now on if it was not; `settings` replace the hub's when given
-    /// (KEDA calls), else a new hub gets the defaults (reports).
-    pub fn track(&self, key: &HubKey, task_hub: &str, settings: Option<&HubSettings>) -> Arc<HubEntry> {
-        let entry = match self.get(key) {
-            Some(entry) => entry,
-            None => {
-                let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
-                let entry = hubs
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        let settings = settings.cloned().unwrap_or_else(|| HubSettings::defaults(task_hub));
-                        Arc::new(HubEntry {
-                            key: key.clone(),
-                            labels: HubLabels::from(key),
-                            state: Mutex::new(HubState::new(settings, self.work_grace_ms)),
-                            activity: watch::Sender::new(Activity::default()),
-                            observed: watch::Sender::new(false),
-                            scaled_object: Mutex::new(None),
-                            probe: Mutex::new(ProbeStatus::default()),
-                            touched_ms: AtomicI64::new(UnixMs::now().as_millis()),
-                            evicted: AtomicBool::new(false),
-                        })
-                    })
-                    .clone();
-                self.metrics.hubs_tracked.set(hubs.len() as i64);
-                return self.with_settings(entry, settings);
+    /// (KEDA calls), else a new hub gets the defaults (reports). At [`MAX_TRACKED_HUBS`] a
+    /// new hub takes the place of the least recently named one if that one is idle (see
+    /// [`HUB_REPLACEABLE_AFTER_MS`]), else it is refused and counted.
+    pub fn track(
+        &self,
+        key: &HubKey,
+        task_hub: &str,
+        settings: Option<&HubSettings>,
+    ) -> Result<Arc<HubEntry>, HubsFull> {
+        if let Some(entry) = self.get(key) {
+            return Ok(self.with_settings(entry, settings));
+        }
+        let now = UnixMs::now();
+        let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
+        if !hubs.contains_key(key) && hubs.len() >= MAX_TRACKED_HUBS {
+            // One pass over the hubs, paid only by a new hub at the limit.
+            let stalest = hubs
+                .values()
+                .filter(|e| e.activity.receiver_count() == 0)
+                .min_by_key(|e| e.touched_ms.load(Ordering::Relaxed))
+                .filter(|e| {
+                    now.millis_since(UnixMs(e.touched_ms.load(Ordering::Relaxed))) > HUB_REPLACEABLE_AFTER_MS
+                })
+                .map(|e| e.key.clone());
+            match stalest {
+                Some(old) => {
+                    self.drop_hub(&mut hubs, &old, "dropped to make room for a new one");
+                    self.metrics.count_replaced(Tracked::Hub);
+                }
+                None => {
+                    self.metrics.count_refused(Tracked::Hub);
+                    return Err(HubsFull { tracked: hubs.len() });
+                }
             }
-        };
-        self.with_settings(entry, settings)
+        }
+        let entry = hubs
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let settings = settings.cloned().unwrap_or_else(|| HubSettings::defaults(task_hub));
+                Arc::new(HubEntry {
+                    key: key.clone(),
+                    labels: HubLabels::from(key),
+                    state: Mutex::new(HubState::new(settings, self.work_grace_ms)),
+                    activity: watch::Sender::new(Activity::default()),
+                    observed: watch::Sender::new(false),
+                    scaled_object: Mutex::new(None),
+                    probe: Mutex::new(ProbeStatus::default()),
+                    touched_ms: AtomicI64::new(now.as_millis()),
+                    evicted: AtomicBool::new(false),
+                })
+            })
+            .clone();
+        self.metrics.hubs_tracked.set(hubs.len() as i64);
+        drop(hubs);
+        Ok(self.with_settings(entry, settings))
+    }
+
+    /// Removes `key` from `hubs`: its probe stops, its series and its pods go.
+    fn drop_hub(&self, hubs: &mut HashMap<HubKey, Arc<HubEntry>>, key: &HubKey, why: &str) {
+        if let Some(entry) = hubs.remove(key) {
+            entry.evicted.store(true, Ordering::Relaxed);
+            self.metrics.forget(&entry.labels);
+            let pods = entry.with_state(|s| s.tracked_pods());
+            self.forget_pods(pods);
+            tracing::info!(namespace = %key.namespace, task_hub = %key.task_hub, "task hub {why}");
+        }
+    }
+
+    fn forget_pods(&self, count: usize) {
+        if count > 0 {
+            let left = self.pods.fetch_sub(count, Ordering::Relaxed).saturating_sub(count);
+            self.metrics.pods_tracked.set(left as i64);
+        }
     }
 
     fn with_settings(&self, entry: Arc<HubEntry>, settings: Option<&HubSettings>) -> Arc<HubEntry> {
@@ -347,27 +420,47 @@ impl Registry {
             .map(|e| e.key.clone())
             .collect();
         for key in &idle {
-            if let Some(entry) = hubs.remove(key) {
-                entry.evicted.store(true, Ordering::Relaxed);
-                self.metrics.forget(&entry.labels);
-                tracing::info!(namespace = %key.namespace, task_hub = %key.task_hub, "task hub no longer asked about: dropped");
-            }
+            self.drop_hub(&mut hubs, key, "no longer asked about: dropped");
         }
         self.metrics.hubs_tracked.set(hubs.len() as i64);
         idle
     }
 
-    /// Merges a report into its hub and publishes the result.
-    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now: UnixMs) {
+    /// Merges a report into its hub and publishes the result. A new pod is refused when
+    /// its hub tracks [`MAX_PODS_PER_HUB`] live pods, or all hubs [`MAX_TRACKED_PODS`]
+    /// (then only a silent pod of the same hub can make room). Costs the same whatever the
+    /// number of pods of the hub: no step looks at every pod.
+    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now: UnixMs) -> Result<(), PodsFull> {
+        let may_add = self.pods.load(Ordering::Relaxed) < MAX_TRACKED_PODS;
         let change = entry.with_state(|s| {
             let first = !s.is_observed();
-            s.apply_report(report, now);
+            let admission = s.apply_report_bounded(report, now, MAX_PODS_PER_HUB, may_add)?;
             let change = if first { s.evaluate(now, None) } else { None };
-            entry.publish(s, now, &self.metrics);
-            change
+            // The gauges look at every pod: refreshed by the sampling loop, and here only on a
+            // hub's first report and on a pod's last (once per pod, and its partitions are
+            // uncovered at once).
+            entry.publish(s, now, &self.metrics, first || report.leaving);
+            Ok((admission, change))
         });
+        let change = match change {
+            Ok((PodAdmission::Added, change)) => {
+                let tracked = self.pods.fetch_add(1, Ordering::Relaxed) + 1;
+                self.metrics.pods_tracked.set(tracked as i64);
+                change
+            }
+            Ok((PodAdmission::Replaced, change)) => {
+                self.metrics.count_replaced(Tracked::Pod);
+                change
+            }
+            Ok((PodAdmission::Known, change)) => change,
+            Err(full) => {
+                self.metrics.count_refused(Tracked::Pod);
+                return Err(full);
+            }
+        };
         self.metrics.reports_received.get_or_create(&entry.labels).inc();
         self.changed(entry, change);
+        Ok(())
     }
 
     /// Merges a probe reading (`None`: the hub is not provisioned) and publishes the result.
@@ -379,7 +472,7 @@ impl Registry {
                 None => s.apply_not_provisioned(),
             }
             let change = if first { s.evaluate(now, None) } else { None };
-            entry.publish(s, now, &self.metrics);
+            entry.publish(s, now, &self.metrics, true);
             change
         });
         self.changed(entry, change);
@@ -387,12 +480,13 @@ impl Registry {
 
     /// One sampling interval for one hub: rings, decision, activity.
     pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now: UnixMs) {
-        let change = entry.with_state(|s| {
-            s.forget_silent_pods(now, 10 * 60 * 1000);
+        let (forgotten, change) = entry.with_state(|s| {
+            let forgotten = s.forget_silent_pods(now, 10 * 60 * 1000);
             let change = s.evaluate(now, workers);
-            entry.publish(s, now, &self.metrics);
-            change
+            entry.publish(s, now, &self.metrics, true);
+            (forgotten, change)
         });
+        self.forget_pods(forgotten);
         self.changed(entry, change);
     }
 }
@@ -424,7 +518,7 @@ mod tests {
     fn hubs_nobody_asks_about_are_dropped_and_their_probe_told_to_stop() {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let key = HubKey::new("apps", "IdleHub");
-        let entry = registry.track(&key, "IdleHub", None);
+        let entry = registry.track(&key, "IdleHub", None).unwrap();
         let now = UnixMs::now();
         registry.apply_probe(&entry, None, now);
         let active_series = "durable_scaler_aggregator_active{namespace=\"apps\",task_hub=\"idlehub\"}";
@@ -437,10 +531,67 @@ mod tests {
     }
 
     #[test]
+    fn a_dropped_hub_takes_its_counters_and_its_pods_with_it() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let key = HubKey::new("apps", "GoneHub");
+        let entry = registry.track(&key, "GoneHub", None).unwrap();
+        let now = UnixMs::now();
+        let report = ValidReport {
+            pod: "app-1".into(),
+            partition_count: 1,
+            control: vec![],
+            work_item: None,
+            interval_ms: 1000,
+            leaving: false,
+            sampled_at_unix_ms: now.as_millis(),
+            limits: None,
+        };
+        registry.apply_report(&entry, &report, now).unwrap();
+        registry.metrics.count_probe(&key, super::super::metrics::ProbeOutcome::Ok);
+        let text = registry.metrics.encode();
+        assert!(text.contains("reports_received_total{namespace=\"apps\",task_hub=\"gonehub\"} 1"), "{text}");
+        assert!(text.contains("durable_scaler_aggregator_pods_tracked 1"), "{text}");
+        registry.evict_idle(now.plus_ms(60_001), 60_000);
+        let text = registry.metrics.encode();
+        assert!(!text.contains("gonehub"), "{text}");
+        assert!(text.contains("durable_scaler_aggregator_pods_tracked 0"), "{text}");
+    }
+
+    #[test]
+    fn at_the_hub_limit_a_new_hub_is_refused_while_every_hub_is_in_use() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        for i in 0..MAX_TRACKED_HUBS {
+            registry.track(&HubKey::new("apps", &format!("hub{i}")), &format!("Hub{i}"), None).unwrap();
+        }
+        let refused = registry.track(&HubKey::new("apps", "onemore"), "OneMore", None).unwrap_err();
+        assert_eq!(refused.tracked, MAX_TRACKED_HUBS);
+        assert!(registry.metrics.encode().contains("tracking_refused_total{kind=\"hub\"} 1"));
+        assert!(
+            registry.track(&HubKey::new("apps", "hub0"), "Hub0", None).is_ok(),
+            "known hubs still answer"
+        );
+    }
+
+    #[test]
+    fn at_the_hub_limit_the_stalest_idle_hub_makes_room() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let stale = registry.track(&HubKey::new("apps", "stale"), "Stale", None).unwrap();
+        let long_ago = UnixMs::now().as_millis() - HUB_REPLACEABLE_AFTER_MS - 1;
+        stale.touched_ms.store(long_ago, Ordering::Relaxed);
+        for i in 1..MAX_TRACKED_HUBS {
+            registry.track(&HubKey::new("apps", &format!("hub{i}")), &format!("Hub{i}"), None).unwrap();
+        }
+        registry.track(&HubKey::new("apps", "fresh"), "Fresh", None).unwrap();
+        assert!(stale.is_evicted());
+        assert!(registry.get(&HubKey::new("apps", "stale")).is_none());
+        assert!(registry.metrics.encode().contains("tracking_replaced_total{kind=\"hub\"} 1"));
+    }
+
+    #[test]
     fn a_hub_with_an_open_activity_stream_is_kept() {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let key = HubKey::new("apps", "PushHub");
-        let entry = registry.track(&key, "PushHub", None);
+        let entry = registry.track(&key, "PushHub", None).unwrap();
         let _stream = entry.subscribe_activity();
         assert!(registry.evict_idle(UnixMs::now().plus_ms(3_600_000), 60_000).is_empty());
     }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::clock::UnixMs;
-use crate::contract::{MAX_PARTITIONS, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub};
+use crate::contract::limits::REPORT_TEXT_MAX_LEN;
+use crate::contract::{
+    MAX_PARTITIONS, NameRule, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub, check_len, check_name,
+};
 use crate::proto::report::{self, report_service_server::ReportService};
 use crate::storage::QueueSignals;
 
@@ -61,6 +64,7 @@ impl Rejection {
         match self.reason {
             Reason::Unauthenticated => Status::unauthenticated(&self.message),
             Reason::PermissionDenied => Status::permission_denied(&self.message),
+            Reason::TooMany => Status::resource_exhausted(&self.message),
             _ => Status::invalid_argument(&self.message),
         }
     }
@@ -88,18 +92,24 @@ fn signals(
 
 /// Checks a report received at `now`; returns its hub and the validated content.
 pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidReport), Rejection> {
-    let pod = report.pod.clone().unwrap_or_default();
+    let Some(pod) = report.pod.as_ref() else {
+        return Err(Rejection::new(Reason::MissingField, "pod.namespace and pod.name are required".into()));
+    };
     if pod.name.is_empty() || pod.namespace.is_empty() {
         return Err(Rejection::new(Reason::MissingField, "pod.namespace and pod.name are required".into()));
     }
-    if TaskHub::parse(&report.task_hub).is_err() {
-        return Err(Rejection::new(
-            Reason::UnknownHubShape,
-            format!(
-                "task_hub {:?} is not a task hub name (3 to 50 letters or digits, starting with a letter)",
-                report.task_hub
-            ),
-        ));
+    // Every string is checked before it is kept, used as a key or quoted back: the names as
+    // Kubernetes allows them, free text by length.
+    let invalid = |message| Rejection::new(Reason::InvalidName, message);
+    check_name("pod.namespace", &pod.namespace, NameRule::Label).map_err(invalid)?;
+    check_name("pod.name", &pod.name, NameRule::Subdomain).map_err(invalid)?;
+    check_len("sidecar_version", &report.sidecar_version, REPORT_TEXT_MAX_LEN).map_err(invalid)?;
+    check_len("partition_mode", &report.partition_mode, REPORT_TEXT_MAX_LEN).map_err(invalid)?;
+    if let Some(error) = &report.error {
+        check_len("error.message", &error.message, REPORT_TEXT_MAX_LEN).map_err(invalid)?;
+    }
+    if let Err(e) = TaskHub::parse(&report.task_hub) {
+        return Err(Rejection::new(Reason::UnknownHubShape, format!("task_hub: {e}")));
     }
     let p = report.partition_count;
     if p > MAX_PARTITIONS {
@@ -147,7 +157,7 @@ pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidRe
     Ok((
         HubKey::new(&pod.namespace, &report.task_hub),
         ValidReport {
-            pod: pod.name,
+            pod: pod.name.clone(),
             partition_count: p,
             control,
             work_item,
@@ -215,24 +225,11 @@ impl Reports {
         Ok(())
     }
 
-    fn reject(&self, report: &report::Report, rejection: &Rejection) -> Status {
-        // Labelled with the hub the report claims only when its sender passed authentication
-        // and the name is a task hub name: otherwise anyone could mint new series at will.
-        let trusted = !rejection.reason.is_authentication() && TaskHub::parse(&report.task_hub).is_ok();
-        let (ns, hub) = match (&report.pod, trusted) {
-            (Some(pod), true) if !pod.namespace.is_empty() && pod.namespace.len() <= 63 => {
-                (pod.namespace.clone(), report.task_hub.clone())
-            }
-            _ => (String::new(), String::new()),
-        };
-        self.registry.metrics.count_rejection(&HubKey::new(&ns, &hub), rejection.reason);
-        tracing::debug!(
-            namespace = ns,
-            task_hub = hub,
-            reason = rejection.reason.label(),
-            "report refused: {}",
-            rejection.message
-        );
+    fn reject(&self, rejection: &Rejection) -> Status {
+        // Counted by reason alone: a refused report's namespace and hub are the sender's to
+        // choose, and a series per claimed name would let anyone grow /metrics at will.
+        self.registry.metrics.count_rejection(rejection.reason);
+        tracing::debug!(reason = rejection.reason.label(), "report refused: {}", rejection.message);
         rejection.status()
     }
 }
@@ -240,14 +237,21 @@ impl Reports {
 #[tonic::async_trait]
 impl ReportService for Reports {
     async fn submit(&self, request: Request<report::Report>) -> Result<Response<report::ReportAck>, Status> {
-        if let Err(rejection) = self.authenticate(&request).await {
-            return Err(self.reject(request.get_ref(), &rejection));
-        }
         let now = UnixMs::now();
         let report = request.get_ref();
-        let (key, valid) = validate(report, now).map_err(|r| self.reject(report, &r))?;
-        let entry = self.registry.track(&key, &report.task_hub, None);
-        self.registry.apply_report(&entry, &valid, now);
+        // Validated before authentication: a TokenReview costs an API call, and the names
+        // checked here are what authorization compares with the token's.
+        let (key, valid) = validate(report, now).map_err(|r| self.reject(&r))?;
+        if let Err(rejection) = self.authenticate(&request).await {
+            return Err(self.reject(&rejection));
+        }
+        let entry = self
+            .registry
+            .track(&key, &report.task_hub, None)
+            .map_err(|full| self.reject(&Rejection::new(Reason::TooMany, full.to_string())))?;
+        self.registry
+            .apply_report(&entry, &valid, now)
+            .map_err(|full| self.reject(&Rejection::new(Reason::TooMany, full.to_string())))?;
         Ok(Response::new(report::ReportAck { suggested_interval_ms: 0 }))
     }
 }
@@ -352,5 +356,33 @@ mod tests {
         let mut r = good();
         r.pod = None;
         assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::MissingField);
+    }
+
+    #[test]
+    fn names_beyond_kubernetes_limits_are_refused_naming_the_field_and_quoting_a_prefix() {
+        let huge = "a".repeat(4_000_000);
+        for (field, set) in [
+            (
+                "pod.namespace",
+                (|r: &mut Report, v: &str| r.pod.as_mut().unwrap().namespace = v.into())
+                    as fn(&mut Report, &str),
+            ),
+            ("pod.name", |r, v| r.pod.as_mut().unwrap().name = v.into()),
+            ("task_hub", |r, v| r.task_hub = v.into()),
+            ("sidecar_version", |r, v| r.sidecar_version = v.into()),
+            ("partition_mode", |r, v| r.partition_mode = v.into()),
+        ] {
+            let mut r = good();
+            set(&mut r, &huge);
+            let e = validate(&r, UnixMs(NOW)).unwrap_err();
+            assert!(e.message.starts_with(field), "{field}: {}", e.message);
+            assert!(e.message.len() < 200, "{field}: {} bytes", e.message.len());
+        }
+        let mut r = good();
+        r.pod.as_mut().unwrap().namespace = "a".repeat(64);
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap_err().reason, Reason::InvalidName);
+        r.pod.as_mut().unwrap().namespace = "a".repeat(63);
+        r.pod.as_mut().unwrap().name = "p".repeat(253);
+        assert!(validate(&r, UnixMs(NOW)).is_ok());
     }
 }

@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 
-use crate::contract::{DEFAULT_TASK_HUB, TaskHub, WORK_ITEMS_PER_CPU};
+use crate::contract::limits::{CONNECTION_MAX_LEN, METADATA_MAX_ENTRIES, METADATA_VALUE_MAX_LEN};
+use crate::contract::{DEFAULT_TASK_HUB, TaskHub, WORK_ITEMS_PER_CPU, quote};
 use crate::heuristic::Algorithm;
 use crate::heuristic::durable::DurableSettings;
 use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
@@ -151,18 +152,60 @@ impl EffectiveLimits {
 
 /// A metadata key with a value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("scalerMetadata.{key}: expected {expected}, got {got:?}")]
+#[error("scalerMetadata.{key}: expected {expected}, got {got}")]
 pub struct MetadataError {
-    /// The offending key.
+    /// The offending key (`*` for the map as a whole or a key it does not know).
     pub key: &'static str,
     /// What the key accepts.
     pub expected: &'static str,
-    /// What was sent (`<missing>` when absent); never a connection string.
+    /// What was sent, quoted and cut short ([`quote`]; `<missing>` when absent); never a
+    /// connection string.
     pub got: String,
 }
 
 /// The keys of an account reached by name (wsugarman's "service URI only" properties).
 const ACCOUNT_NAME_ONLY: [&str; 4] = ["clientId", "cloud", "endpointSuffix", "entraEndpoint"];
+
+/// The keys whose value is a storage connection string: longer, and never quoted.
+const CONNECTION_KEYS: [&str; 2] = ["connectionFromEnv", "connection"];
+
+/// Checks the size of the map, of every key and of every value before anything is parsed
+/// or kept: KEDA passes what the ScaledObject says, and anyone who reaches the KEDA port can
+/// send anything.
+fn check_sizes(metadata: &HashMap<String, String>) -> Result<(), MetadataError> {
+    if metadata.len() > METADATA_MAX_ENTRIES {
+        return Err(MetadataError {
+            key: "*",
+            expected: "at most 64 entries",
+            got: format!("{} entries", metadata.len()),
+        });
+    }
+    for (key, value) in metadata {
+        if key.len() > METADATA_VALUE_MAX_LEN {
+            return Err(MetadataError {
+                key: "*",
+                expected: "keys of at most 256 bytes",
+                got: format!("the key {}", quote(key)),
+            });
+        }
+        if let Some(connection_key) = CONNECTION_KEYS.iter().find(|k| **k == key) {
+            if value.len() > CONNECTION_MAX_LEN {
+                return Err(MetadataError {
+                    key: connection_key,
+                    expected: "a connection string of at most 4096 bytes",
+                    got: format!("{} bytes", value.len()),
+                });
+            }
+        } else if value.len() > METADATA_VALUE_MAX_LEN {
+            return Err(MetadataError {
+                key: "*",
+                expected: "values of at most 256 bytes",
+                got: format!("{} for the key {}", quote(value), quote(key)),
+            });
+        }
+    }
+    Ok(())
+}
 
 impl HubSettings {
     /// The defaults for a hub only sidecars have told about (no KEDA call yet).
@@ -182,6 +225,7 @@ impl HubSettings {
     /// Parses the metadata map (keys in any case, as wsugarman's configuration binding
     /// reads them). No I/O: it is called on every KEDA call.
     pub fn from_metadata(metadata: &HashMap<String, String>) -> Result<Self, MetadataError> {
+        check_sizes(metadata)?;
         let get = |key: &str| {
             metadata
                 .iter()
@@ -205,7 +249,7 @@ impl HubSettings {
                 return Err(MetadataError {
                     key: "taskHubName",
                     expected: "a task hub name of 3 to 50 letters or digits, starting with a letter",
-                    got: other.to_string(),
+                    got: quote(other),
                 });
             }
         };
@@ -216,7 +260,7 @@ impl HubSettings {
                     v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
                         key,
                         expected: "a whole number of at least 1",
-                        got: v.to_string(),
+                        got: quote(v),
                     })
                 })
                 .transpose()
@@ -236,7 +280,7 @@ impl HubSettings {
             Some(v) => v.parse::<Algorithm>().map_err(|_| MetadataError {
                 key: "scaleAlgorithm",
                 expected: "durable, target or latency",
-                got: v.to_string(),
+                got: quote(v),
             })?,
         };
         let max_polling_interval_ms = match get("maxPollingIntervalMs") {
@@ -244,7 +288,7 @@ impl HubSettings {
             Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
                 key: "maxPollingIntervalMs",
                 expected: "a whole number of milliseconds, at least 1",
-                got: v.to_string(),
+                got: quote(v),
             })?,
         };
         let worker_startup_ms = match get("workerStartupMs") {
@@ -252,7 +296,7 @@ impl HubSettings {
             Some(v) => v.parse::<u64>().map_err(|_| MetadataError {
                 key: "workerStartupMs",
                 expected: "a whole number of milliseconds",
-                got: v.to_string(),
+                got: quote(v),
             })?,
         };
         Ok(Self {
@@ -277,7 +321,7 @@ fn boolean<'a>(
         None => Ok(None),
         Some(v) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
         Some(v) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
-        Some(v) => Err(MetadataError { key, expected: "true or false", got: v.to_string() }),
+        Some(v) => Err(MetadataError { key, expected: "true or false", got: quote(v) }),
     }
 }
 
@@ -294,7 +338,7 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
             return Err(MetadataError {
                 key,
                 expected: "to be set only with accountName",
-                got: get(key).unwrap_or_default().to_string(),
+                got: quote(get(key).unwrap_or_default()),
             });
         }
         if managed_identity == Some(true) {
@@ -318,7 +362,7 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
         return Err(MetadataError {
             key: "accountName",
             expected: "either accountName or a connection (connection, connectionFromEnv), not both",
-            got: account_name.to_string(),
+            got: quote(account_name),
         });
     }
     // Storage account names: 3 to 24 lowercase letters and digits. Checked here because the
@@ -329,14 +373,14 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
         return Err(MetadataError {
             key: "accountName",
             expected: "a storage account name of 3 to 24 lowercase letters and digits",
-            got: account_name.to_string(),
+            got: quote(account_name),
         });
     }
     if managed_identity != Some(true) {
         return Err(MetadataError {
             key: "useManagedIdentity",
             expected: "true with accountName (the account is reached with workload identity)",
-            got: get("useManagedIdentity").unwrap_or("<missing>").to_string(),
+            got: quote(get("useManagedIdentity").unwrap_or("<missing>")),
         });
     }
     let (suffix, entra) = (get("endpointSuffix"), get("entraEndpoint"));
@@ -354,7 +398,7 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
                 return Err(MetadataError {
                     key,
                     expected: "to be set only with cloud: Private",
-                    got: value.to_string(),
+                    got: quote(value),
                 });
             }
             cloud
@@ -363,7 +407,7 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
             let endpoint_suffix = suffix.filter(|s| valid_suffix(s)).ok_or_else(|| MetadataError {
                 key: "endpointSuffix",
                 expected: "a DNS suffix such as core.windows.net (required with cloud: Private)",
-                got: suffix.unwrap_or("<missing>").to_string(),
+                got: quote(suffix.unwrap_or("<missing>")),
             })?;
             let entra_endpoint = entra
                 .and_then(crate::config::http_url)
@@ -371,7 +415,7 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
                 .ok_or_else(|| MetadataError {
                     key: "entraEndpoint",
                     expected: "an https URL of the Entra ID authority (required with cloud: Private)",
-                    got: entra.unwrap_or("<missing>").to_string(),
+                    got: quote(entra.unwrap_or("<missing>")),
                 })?;
             AzureCloud::Private { endpoint_suffix: endpoint_suffix.to_string(), entra_endpoint }
         }
@@ -598,6 +642,24 @@ mod tests {
             assert!(err.to_string().contains(key) && err.to_string().contains(value), "{err}");
         }
         assert_eq!(parse(&[]).map(|s| s.task_hub).ok().as_deref(), Some("TestHubName"));
+    }
+
+    #[test]
+    fn oversized_metadata_is_refused_naming_the_key_and_quoting_a_prefix() {
+        let huge = "x".repeat(4_000_000);
+        for key in ["taskHubName", "scaleAlgorithm", "someKey"] {
+            let err = parse(&[("taskHubName", "MyHub"), (key, &huge)]).unwrap_err();
+            assert!(err.to_string().len() < 300, "{} bytes", err.to_string().len());
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let err = parse(&[("taskHubName", "MyHub"), ("connection", &"k".repeat(4097))]).unwrap_err();
+        assert_eq!(err.key, "connection");
+        assert!(!err.to_string().contains("kkk"), "a connection string is never quoted: {err}");
+        let connection = "k".repeat(4096);
+        assert!(parse(&[("taskHubName", "MyHub"), ("connection", &connection)]).is_ok());
+        let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        let err = HubSettings::from_metadata(&many).unwrap_err();
+        assert!(err.to_string().contains("64 entries"), "{err}");
     }
 
     #[test]

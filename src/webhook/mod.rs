@@ -21,11 +21,7 @@ use axum::{
     routing::{get, post},
 };
 use futures::StreamExt;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-    service::TowerToHyperService,
-};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use tokio::net::TcpListener;
 
 use crate::shutdown::{Shutdown, TaskFailure};
@@ -228,10 +224,8 @@ impl Webhook {
             let service = TowerToHyperService::new(app.clone());
             let connection_watcher = graceful.watcher();
             tokio::spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                // With a timer, HTTP/1 drops a client that sends no complete header within
-                // 30 s (hyper's default header read timeout), so idle sockets cannot pile up.
-                builder.http1().timer(TokioTimer::new());
+                // The limits every listener shares (header read timeout, HTTP/2 streams).
+                let builder = crate::tls::http_builder();
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = connection_watcher.watch(connection.into_owned()).await {
                     tracing::debug!(?peer, error = %e, "connection ended with an error");

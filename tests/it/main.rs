@@ -15,6 +15,7 @@ mod aggregator;
 mod aggregator_cli;
 mod aggregator_storage;
 mod aggregator_tls;
+mod bounds;
 mod demo;
 mod engine_equivalence;
 mod faults;
