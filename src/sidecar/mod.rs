@@ -100,8 +100,8 @@ fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 impl Sidecar {
     /// Binds the HTTP address and prepares the aggregator client (which connects lazily).
     pub async fn bind(config: Config) -> Result<Self, SidecarError> {
-        let listener =
-            bind_http(config.http_addr).map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
+        let listener = bind_http(config.http_addr)
+            .map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
         let client = ReportClient::new(
             &config.aggregator,
             config.aggregator_ca.as_deref(),
