@@ -129,9 +129,7 @@ impl SkipRecorder {
 fn event(skipped: &Skipped, regarding: &Regarding, reporting_instance: &str, now: UnixMs) -> Event {
     let mut note = format!("{}: {}", skipped.reason.label(), skipped.note);
     truncate(&mut note, MAX_NOTE_BYTES);
-    let event_time = i64::try_from(now.0)
-        .ok()
-        .and_then(|ms| k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok())
+    let event_time = k8s_openapi::jiff::Timestamp::from_millisecond(now.0)
         .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
     Event {
         metadata: ObjectMeta {
