@@ -97,9 +97,13 @@ async fn main() {
         sidecar_image: "ghcr.io/durable-scaler/durable-scaler:bench".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().expect("a URL"),
         sidecar_aggregator_ca: None,
-        native_sidecar: true,
+        native_sidecar: durable_scaler::webhook::cluster::NativeSidecarMode::True,
+        sidecar_image_from_pod: false,
+        webhook_container: "webhook".to_owned(),
+        pod_name: None,
+        pod_namespace: None,
     };
-    let webhook = Webhook::bind(&args).await.unwrap();
+    let webhook = Webhook::bind_with(&args, None).await.unwrap();
     let addr = webhook.local_addr().unwrap();
     let shutdown = Shutdown::new();
     tokio::spawn(webhook.serve(shutdown.clone()));

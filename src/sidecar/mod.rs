@@ -76,11 +76,36 @@ pub struct Sidecar {
     metrics: Arc<Metrics>,
 }
 
+/// Binds the health/metrics listener. The default `0.0.0.0:port` ("every address") binds
+/// `[::]:port` with `IPV6_V6ONLY` off instead, which takes IPv4 (as mapped addresses) and
+/// IPv6 alike, so the kubelet's probe reaches it on IPv4, IPv6 and dual-stack clusters; where
+/// the node has no IPv6 at all it falls back to `0.0.0.0`. Any other address is bound as given.
+fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listen = |addr: SocketAddr, dual_stack: bool| -> std::io::Result<tokio::net::TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        if dual_stack {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        tokio::net::TcpListener::from_std(socket.into())
+    };
+    if addr.ip() == std::net::Ipv4Addr::UNSPECIFIED {
+        let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+        match listen(any, true) {
+            Ok(listener) => return Ok(listener),
+            Err(error) => tracing::debug!(%error, "no IPv6 here; serving on IPv4 only"),
+        }
+    }
+    listen(addr, false)
+}
+
 impl Sidecar {
     /// Binds the HTTP address and prepares the aggregator client (which connects lazily).
     pub async fn bind(config: Config) -> Result<Self, SidecarError> {
-        let listener = tokio::net::TcpListener::bind(config.http_addr)
-            .await
+        let listener = bind_http(config.http_addr)
             .map_err(|source| SidecarError::Bind { addr: config.http_addr, source })?;
         let replicas = Replicas::new(
             &config.aggregator,
@@ -353,5 +378,17 @@ mod tests {
         assert_eq!(effective_interval(configured, 15_000), Duration::from_secs(15));
         assert_eq!(effective_interval(configured, 1), Duration::from_millis(100));
         assert_eq!(effective_interval(configured, u32::MAX), Duration::from_secs(600));
+    }
+
+    #[tokio::test]
+    async fn the_default_address_takes_ipv4_and_ipv6_clients() {
+        let listener = bind_http(SocketAddr::from(([0, 0, 0, 0], 0))).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("IPv4 client");
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            // This machine has IPv6: the same socket serves it.
+            assert!(listener.local_addr().unwrap().is_ipv6());
+            tokio::net::TcpStream::connect(("::1", port)).await.expect("IPv6 client");
+        }
     }
 }

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use crate::contract::{
     AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV, MAX_ACTIVITIES_ENV,
     MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION,
-    SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR,
+    SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR,
     TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
 };
 // Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
@@ -46,6 +46,49 @@ pub struct InjectionSettings {
     pub version: String,
 }
 
+/// Why a labelled pod got no sidecar; the label of `durable_scaler_webhook_skipped_total`
+/// and the first word of the `InjectionSkipped` Event's note.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// No container defines the connection variable where the webhook can see it (`env`, or
+    /// an `envFrom` source whose prefix fits).
+    NoConnectionVariable,
+    /// The task hub name is one the sidecar (and the Functions host) would refuse.
+    InvalidTaskHub,
+    /// The pod shares the node's network: two such pods on a node would clash on the
+    /// sidecar's port.
+    HostNetwork,
+    /// The aggregator URL is https and the webhook has no CA to give the sidecar.
+    HttpsWithoutCa,
+    /// Any other refusal (a pod without a spec).
+    Other,
+}
+
+crate::metrics::label_values!(SkipReason {
+    NoConnectionVariable => "no_connection_variable",
+    InvalidTaskHub => "invalid_task_hub",
+    HostNetwork => "host_network",
+    HttpsWithoutCa => "https_without_ca",
+    Other => "other",
+});
+
+/// The injection mode a pod gets unless its annotation says otherwise, and why (recorded in
+/// the status annotation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeDefault {
+    /// Native sidecar (init container with `restartPolicy: Always`) or plain container.
+    pub native: bool,
+    /// Why, in a few words (e.g. "--native-sidecar=true", "every kubelet is 1.29+").
+    pub reason: String,
+}
+
+impl NativeDefault {
+    /// The mode forced by `--native-sidecar true|false`.
+    pub fn forced(native: bool) -> Self {
+        Self { native, reason: format!("--native-sidecar={native}") }
+    }
+}
+
 /// What the webhook answers for one pod: the patch (empty when nothing is injected) and the
 /// warnings shown to the user by `kubectl`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -54,12 +97,19 @@ pub struct Injection {
     pub patch: Vec<Value>,
     /// Admission warnings, each saying what was wrong and what was done instead.
     pub warnings: Vec<String>,
+    /// Set when the pod opted in but gets no sidecar: why (its warning says more).
+    pub skipped: Option<SkipReason>,
 }
 
 impl Injection {
     /// True when the plan injects the sidecar.
     pub fn injects(&self) -> bool {
         !self.patch.is_empty()
+    }
+
+    fn skip(reason: SkipReason, mut warnings: Vec<String>, warning: String) -> Self {
+        warnings.push(warning);
+        Self { patch: Vec::new(), warnings, skipped: Some(reason) }
     }
 }
 
@@ -69,17 +119,42 @@ pub fn opted_in(pod: &Value) -> bool {
         == Some("true")
 }
 
-/// Plans the injection into `pod` (a labelled pod on CREATE). Never fails: what cannot be
-/// done becomes a warning and the pod is admitted as it is.
+/// Plans the injection into `pod` with the mode `--native-sidecar` forces (see [`plan_with`]).
 pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
-    let mut warnings = Vec::new();
+    plan_with(pod, settings, &NativeDefault::forced(settings.native_sidecar))
+}
+
+/// Plans the injection into `pod` (a labelled pod on CREATE), native or not as `native`
+/// says unless the pod's annotation overrides it. Never fails: what cannot be done becomes a
+/// warning (and a [`SkipReason`] when nothing is injected) and the pod is admitted as it is.
+pub fn plan_with(pod: &Value, settings: &InjectionSettings, native_default: &NativeDefault) -> Injection {
+    let warnings = Vec::new();
     let Some(spec) = pod.get("spec").and_then(Value::as_object) else {
-        warnings.push("durable-scaler: the pod has no spec; sidecar not injected".to_owned());
-        return Injection { patch: Vec::new(), warnings };
+        let warning = "durable-scaler: the pod has no spec; sidecar not injected".to_owned();
+        return Injection::skip(SkipReason::Other, warnings, warning);
     };
+    plan_spec(pod, spec, settings, native_default, warnings)
+}
+
+fn plan_spec(
+    pod: &Value,
+    spec: &Map<String, Value>,
+    settings: &InjectionSettings,
+    native_default: &NativeDefault,
+    mut warnings: Vec<String>,
+) -> Injection {
     if has_sidecar(spec) {
         // Already injected (by us on an earlier pass, or by hand): idempotent, no second copy.
         return Injection::default();
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        // The sidecar listens on SIDECAR_HTTP_PORT: in the node's network namespace two such
+        // pods on one node would clash (Istio and Linkerd skip hostNetwork pods too).
+        let warning = format!(
+            "durable-scaler: the pod uses hostNetwork; the sidecar's port {SIDECAR_HTTP_PORT} would \
+             clash with other pods on the node; sidecar not injected"
+        );
+        return Injection::skip(SkipReason::HostNetwork, warnings, warning);
     }
     let annotations = pod.pointer("/metadata/annotations").and_then(Value::as_object);
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).and_then(Value::as_str);
@@ -89,15 +164,19 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     let Some((app, connection)) =
         find_app_container(containers, annotation(DEFAULT_CONTAINER_ANNOTATION), connection_env)
     else {
-        warnings.push(format!(
+        let warning = format!(
             "durable-scaler: no container defines the env var {connection_env:?} (named by \
-             {CONNECTION_ENV_ANNOTATION}, default {DEFAULT_CONNECTION_ENV}) in `env`; sidecar not injected"
-        ));
-        return Injection { patch: Vec::new(), warnings };
+             {CONNECTION_ENV_ANNOTATION}, default {DEFAULT_CONNECTION_ENV}) in `env` or through an \
+             `envFrom` Secret or ConfigMap; sidecar not injected"
+        );
+        return Injection::skip(SkipReason::NoConnectionVariable, warnings, warning);
     };
     let app_name = app.get("name").and_then(Value::as_str).unwrap_or_default();
 
-    let task_hub = task_hub_env(annotation(TASK_HUB_ANNOTATION), app, &mut warnings);
+    let task_hub = match task_hub_env(annotation(TASK_HUB_ANNOTATION), app, &mut warnings) {
+        Ok(definitions) => definitions,
+        Err(warning) => return Injection::skip(SkipReason::InvalidTaskHub, warnings, warning),
+    };
     let aggregator = match annotation(AGGREGATOR_ANNOTATION) {
         Some(url) => crate::config::http_url(url).unwrap_or_else(|| {
             warnings.push(format!(
@@ -110,26 +189,34 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     };
     let https = aggregator.scheme() == "https";
     if https && settings.aggregator_ca.is_none() {
-        warnings.push(format!(
+        let warning = format!(
             "durable-scaler: the aggregator URL {:?} is https but the webhook has no CA for it \
              (--sidecar-aggregator-ca); sidecar not injected",
             aggregator.as_str()
-        ));
-        return Injection { patch: Vec::new(), warnings };
+        );
+        return Injection::skip(SkipReason::HttpsWithoutCa, warnings, warning);
     }
-    let native = match annotation(NATIVE_SIDECAR_ANNOTATION) {
-        Some("true") => true,
-        Some("false") => false,
+    let (native, mode_reason) = match annotation(NATIVE_SIDECAR_ANNOTATION) {
+        Some(value @ ("true" | "false")) => {
+            (value == "true", format!("annotation {NATIVE_SIDECAR_ANNOTATION}={value}"))
+        }
         Some(other) => {
             warnings.push(format!(
                 "durable-scaler: annotation {NATIVE_SIDECAR_ANNOTATION}={other:?} is not \"true\" or \"false\"; using {}",
-                settings.native_sidecar
+                native_default.native
             ));
-            settings.native_sidecar
+            (native_default.native, native_default.reason.clone())
         }
-        None => settings.native_sidecar,
+        None => (native_default.native, native_default.reason.clone()),
     };
-    let resources = resources(&annotation, &mut warnings);
+    let resources = resources(&annotation, guaranteed(spec), &mut warnings);
+    let mut task_hub = task_hub.into_iter();
+    let mut connection = connection.into_iter();
+    let (Some(first_task_hub), Some(first_connection)) = (task_hub.next(), connection.next()) else {
+        // Both lists hold at least one definition by construction; stay total anyway.
+        let warning = "durable-scaler: internal error planning the sidecar's env; sidecar not injected";
+        return Injection::skip(SkipReason::Other, warnings, warning.to_owned());
+    };
 
     let mut sidecar = json!({
         "name": SIDECAR_CONTAINER,
@@ -137,8 +224,8 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         "imagePullPolicy": "IfNotPresent",
         "args": ["sidecar"],
         "env": [
-            task_hub,
-            renamed_env(env::CONNECTION, connection),
+            first_task_hub,
+            renamed_env(env::CONNECTION, &first_connection),
             {"name": env::AGGREGATOR, "value": url_text(&aggregator)},
             {"name": env::POD_NAME, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
             {"name": env::POD_NAMESPACE, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
@@ -153,10 +240,12 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
             "timeoutSeconds": 2,
             "failureThreshold": 3,
         },
+        // No runAsUser/runAsGroup: the image's USER is numeric (65532, Dockerfile), which
+        // runAsNonRoot accepts, and a fixed UID would be refused where the UID must come from
+        // the namespace's range (OpenShift's restricted SCC). The pod's own securityContext
+        // or the platform picks the UID.
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": SIDECAR_UID,
-            "runAsGroup": SIDECAR_UID,
             "readOnlyRootFilesystem": true,
             "allowPrivilegeEscalation": false,
             "capabilities": {"drop": ["ALL"]},
@@ -165,6 +254,12 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
+    if let Some(env) = sidecar["env"].as_array_mut() {
+        // Further definitions of the same two names, after the first ones and in the
+        // kubelet's order (see `definitions`): each later one that resolves replaces the value.
+        env.extend(task_hub);
+        env.extend(connection.map(|definition| renamed_env(env::CONNECTION, &definition)));
+    }
     if let (true, Some(ca), Some(env)) = (https, &settings.aggregator_ca, sidecar["env"].as_array_mut()) {
         env.push(json!({"name": env::AGGREGATOR_CA, "value": ca}));
     }
@@ -204,6 +299,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         "containers": [SIDECAR_CONTAINER],
         "volumes": [TOKEN_VOLUME],
         "mode": if native { "native-sidecar" } else { "container" },
+        "modeReason": mode_reason,
     });
     new_annotations.insert(STATUS_ANNOTATION.to_owned(), Value::String(status.to_string()));
     if !native && annotation(DEFAULT_CONTAINER_ANNOTATION).is_none() && !app_name.is_empty() {
@@ -222,7 +318,7 @@ pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
         // annotation (the container was removed by hand) is simply rewritten.
         patch.push(add(&format!("/metadata/annotations/{}", escape(&key)), value));
     }
-    Injection { patch, warnings }
+    Injection { patch, warnings, skipped: None }
 }
 
 /// True when a container named [`SIDECAR_CONTAINER`] is in `containers` or `initContainers`.
@@ -234,29 +330,93 @@ fn has_sidecar(spec: &Map<String, Value>) -> bool {
     })
 }
 
-/// The app container and its connection env entry: the default-container annotation's
-/// container when it defines the env var, else the first container that does.
+/// The app container and the definitions of its connection variable (see [`definitions`]):
+/// the default-container annotation's container when it defines the variable, else the first
+/// container that defines it in `env`, else the first whose `envFrom` may.
 fn find_app_container<'a>(
     containers: &'a [Value],
     default_container: Option<&str>,
     connection_env: &str,
-) -> Option<(&'a Value, &'a Value)> {
-    let with_env = |c: &'a Value| env_entry(c, connection_env).map(|entry| (c, entry));
+) -> Option<(&'a Value, Vec<Value>)> {
+    let defines = |c: &'a Value| definitions(c, connection_env).map(|d| (c, d));
     default_container
         .and_then(|name| containers.iter().find(|c| c.get("name").and_then(Value::as_str) == Some(name)))
-        .and_then(with_env)
-        .or_else(|| containers.iter().find_map(with_env))
+        .and_then(defines)
+        .or_else(|| containers.iter().filter(|c| env_entry(c, connection_env).is_some()).find_map(defines))
+        .or_else(|| containers.iter().find_map(defines))
 }
 
-/// The container's `env` entry named `name` (the last one wins, as in Kubernetes).
+/// The container's last `env` entry named `name` that defines a value.
 fn env_entry<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    env_entries(container, name).last()
+}
+
+/// The container's `env` entries named `name` that define a value, in order.
+fn env_entries<'a>(container: &'a Value, name: &str) -> impl Iterator<Item = &'a Value> {
     container
         .get("env")
-        .and_then(Value::as_array)?
-        .iter()
-        .rev()
-        .find(|e| e.get("name").and_then(Value::as_str) == Some(name))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(move |e| e.get("name").and_then(Value::as_str) == Some(name))
         .filter(|e| e.get("value").is_some() || e.get("valueFrom").is_some())
+}
+
+/// How the kubelet may set `name` in `container`, as env definitions (`value` or `valueFrom`)
+/// listed so that giving all of them to the sidecar, in this order and under one name,
+/// yields the value the app sees; `None` when nothing the webhook can see defines it.
+///
+/// The kubelet (kubernetes/kubernetes `pkg/kubelet/kubelet_pods.go`,
+/// `makeEnvironmentVariables`) writes every `envFrom` source in list order into one map (a
+/// later source replaces an earlier one's key; a `prefix` is put before each key), then each
+/// `env` entry in order, so `env` wins over all of `envFrom`. A `secretKeyRef` or
+/// `configMapKeyRef` with `optional: true` whose object or key is missing is skipped
+/// (`continue`): the variable keeps what it had. So an `envFrom` source becomes one
+/// `optional: true` key reference for just this key (the sidecar sees that one key of the
+/// Secret and nothing else, and a source without it changes nothing), and the app's own
+/// `env` entries follow. Everything before the last `env` entry that always sets a value
+/// (a literal, a field reference, a required key reference) can never show, and is dropped.
+fn definitions(container: &Value, name: &str) -> Option<Vec<Value>> {
+    let entries: Vec<&Value> = env_entries(container, name).collect();
+    let always_sets = |entry: &&Value| {
+        let Some(source) = entry.get("valueFrom") else { return true };
+        let optional_ref = ["secretKeyRef", "configMapKeyRef"]
+            .iter()
+            .any(|kind| source.pointer(&format!("/{kind}/optional")).and_then(Value::as_bool) == Some(true));
+        !optional_ref
+    };
+    if let Some(last) = entries.iter().rposition(always_sets) {
+        return Some(entries[last..].iter().map(|e| (*e).clone()).collect());
+    }
+    let mut out: Vec<Value> = container
+        .get("envFrom")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|source| {
+            let prefix = source.get("prefix").and_then(Value::as_str).unwrap_or_default();
+            let key = name.strip_prefix(prefix).filter(|key| is_config_key(key))?;
+            let (kind, object) = match (source.get("secretRef"), source.get("configMapRef")) {
+                (Some(secret), _) => ("secretKeyRef", secret),
+                (None, Some(config_map)) => ("configMapKeyRef", config_map),
+                (None, None) => return None,
+            };
+            let object_name = object.get("name").and_then(Value::as_str)?;
+            Some(json!({"valueFrom": {kind: {"name": object_name, "key": key, "optional": true}}}))
+        })
+        .collect();
+    out.extend(entries.into_iter().cloned());
+    (!out.is_empty()).then_some(out)
+}
+
+/// A valid Secret or ConfigMap data key (`[-._a-zA-Z0-9]+`, not `.` or `..`; the API
+/// server's `IsConfigMapKey`): only such a key can be what an `envFrom` source supplies.
+fn is_config_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 /// An env entry's definition (`value` or `valueFrom`, as it stands) under a new name.
@@ -271,27 +431,78 @@ fn renamed_env(name: &str, entry: &Value) -> Value {
     Value::Object(copy)
 }
 
-/// `DURABLE_SCALER_TASK_HUB`: the annotation, else the app's hub-name setting (copied as it
-/// stands, so a `valueFrom` works too), else the extension's default with a warning.
-fn task_hub_env(annotation: Option<&str>, app: &Value, warnings: &mut Vec<String>) -> Value {
+/// `DURABLE_SCALER_TASK_HUB`'s definitions: the annotation, else the app's hub-name setting
+/// (copied as it stands, `valueFrom` and `envFrom` too; the extension's default first when
+/// only optional sources may set it), else the extension's default with a warning. A name
+/// the sidecar would refuse (the same [`TaskHub`] rule; the sidecar exits at start on it) is
+/// an error: the pod is not injected.
+fn task_hub_env(
+    annotation: Option<&str>,
+    app: &Value,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Value>, String> {
     const NAME: &str = env::TASK_HUB;
+    let invalid = |source: &str, e: crate::contract::InvalidTaskHubName| {
+        format!("durable-scaler: {source}: {e}; the sidecar would refuse it; sidecar not injected")
+    };
     if let Some(hub) = annotation {
-        // The sidecar parses the same rule and would exit at start on a name it refuses.
-        match TaskHub::parse(hub) {
-            Ok(hub) => return json!({"name": NAME, "value": hub.name()}),
-            Err(e) => {
-                warnings.push(format!("durable-scaler: annotation {TASK_HUB_ANNOTATION}: {e}; ignored"))
-            }
-        }
+        let hub =
+            TaskHub::parse(hub).map_err(|e| invalid(&format!("annotation {TASK_HUB_ANNOTATION}"), e))?;
+        return Ok(vec![json!({"name": NAME, "value": hub.name()})]);
     }
-    if let Some(entry) = env_entry(app, HUB_NAME_ENV) {
-        return renamed_env(NAME, entry);
+    let default = json!({"name": NAME, "value": DEFAULT_TASK_HUB});
+    if let Some(found) = definitions(app, HUB_NAME_ENV) {
+        for literal in found.iter().filter_map(|d| d.get("value").and_then(Value::as_str)) {
+            TaskHub::parse(literal).map_err(|e| invalid(&format!("env {HUB_NAME_ENV}"), e))?;
+        }
+        let always_set = found.first().is_some_and(|d| !is_optional_reference(d));
+        let copies = found.iter().map(|d| renamed_env(NAME, d));
+        return Ok(if always_set {
+            copies.collect()
+        } else {
+            std::iter::once(default).chain(copies).collect()
+        });
     }
     warnings.push(format!(
         "durable-scaler: no task hub named (annotation {TASK_HUB_ANNOTATION} or env {HUB_NAME_ENV}); \
          assuming the Durable Functions default {DEFAULT_TASK_HUB}"
     ));
-    json!({"name": NAME, "value": DEFAULT_TASK_HUB})
+    Ok(vec![default])
+}
+
+/// True for a `secretKeyRef` / `configMapKeyRef` with `optional: true` (may set nothing).
+fn is_optional_reference(definition: &Value) -> bool {
+    ["secretKeyRef", "configMapKeyRef"].iter().any(|kind| {
+        definition.pointer(&format!("/valueFrom/{kind}/optional")).and_then(Value::as_bool) == Some(true)
+    })
+}
+
+/// True when the pod's QoS class is Guaranteed: every container and init container has cpu
+/// and memory limits, and requests (when given) equal to them. The rule of
+/// kubernetes/kubernetes `pkg/apis/core/v1/helper/qos/qos.go` (`GetPodQOS`; requests left
+/// out default to the limits, as the API server's defaulting does before admission). A pod
+/// with pod-level `resources` (PodLevelResources) is judged on those instead.
+fn guaranteed(spec: &Map<String, Value>) -> bool {
+    let equal_limits = |resources: Option<&Value>| {
+        ["cpu", "memory"].iter().all(|name| {
+            let limit = resources.and_then(|r| r.pointer(&format!("/limits/{name}"))).and_then(Value::as_str);
+            let request =
+                resources.and_then(|r| r.pointer(&format!("/requests/{name}"))).and_then(Value::as_str);
+            match (limit.and_then(parse_quantity), request.map(parse_quantity)) {
+                (Some(limit), None) => limit > 0.0,
+                (Some(limit), Some(Some(request))) => limit > 0.0 && limit == request,
+                _ => false,
+            }
+        })
+    };
+    if let Some(pod_level) = spec.get("resources").filter(|r| r.get("limits").is_some()) {
+        return equal_limits(Some(pod_level));
+    }
+    let mut all = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|list| spec.get(*list).and_then(Value::as_array).into_iter().flatten())
+        .peekable();
+    all.peek().is_some() && all.all(|c| equal_limits(c.get("resources")))
 }
 
 /// What decides the app's per-pod limits, for the sidecar to report: the app container's CPU
@@ -325,8 +536,14 @@ fn limit_env(app: &Value, app_name: &str) -> Vec<Value> {
 
 /// Requests and limits from the annotations, each invalid one replaced by its default with a
 /// warning; a request above its limit (which the API server would reject, failing the pod)
-/// falls back to both defaults.
-fn resources<'a>(annotation: &impl Fn(&str) -> Option<&'a str>, warnings: &mut Vec<String>) -> Value {
+/// falls back to both defaults. In a Guaranteed pod (`guaranteed`) the requests are set to
+/// the limits: a container whose requests differ from its limits would make the pod Burstable
+/// (`GetPodQOS`), taking away the QoS class its owner chose.
+fn resources<'a>(
+    annotation: &impl Fn(&str) -> Option<&'a str>,
+    guaranteed: bool,
+    warnings: &mut Vec<String>,
+) -> Value {
     let mut pick = |key: &str, default: &str| -> (String, f64) {
         let fallback = (default.to_owned(), parse_quantity(default).unwrap_or_default());
         match annotation(key) {
@@ -359,6 +576,19 @@ fn resources<'a>(annotation: &impl Fn(&str) -> Option<&'a str>, warnings: &mut V
             ));
             pair.0.0 = defaults.0.to_owned();
             pair.1.0 = defaults.1.to_owned();
+        }
+        if guaranteed {
+            if annotation(if what == "cpu" { CPU_REQUEST_ANNOTATION } else { MEMORY_REQUEST_ANNOTATION })
+                .is_some()
+                && pair.0.0 != pair.1.0
+            {
+                warnings.push(format!(
+                    "durable-scaler: the pod's QoS class is Guaranteed; the sidecar's {what} request is \
+                     set to its limit {} to keep it so",
+                    pair.1.0
+                ));
+            }
+            pair.0 = pair.1.clone();
         }
     }
     json!({
@@ -530,27 +760,156 @@ mod tests {
     }
 
     #[test]
-    fn invalid_task_hub_annotation_is_ignored_with_a_warning() {
-        let pod = pod(json!({TASK_HUB_ANNOTATION: "no-dashes"}), storage_env());
-        let injection = plan(&pod, &settings());
-        assert_eq!(
-            sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"],
-            DEFAULT_TASK_HUB
-        );
-        assert!(injection.warnings.iter().any(|w| w.contains("no-dashes")));
+    fn a_task_hub_annotation_the_sidecar_would_refuse_skips_the_pod() {
+        // The sidecar parses DURABLE_SCALER_TASK_HUB with the same TaskHub rule and would
+        // exit at start (a crash-looping pod); monitoring another hub would be wrong too.
+        for bad in ["no-dashes", "1Hub"] {
+            let pod = pod(json!({TASK_HUB_ANNOTATION: bad}), storage_env());
+            let injection = plan(&pod, &settings());
+            assert!(!injection.injects(), "{bad}");
+            assert_eq!(injection.skipped, Some(SkipReason::InvalidTaskHub));
+            let says_why =
+                |w: &String| w.contains(&format!("{bad:?}")) && w.contains("starting with a letter");
+            assert!(injection.warnings.iter().any(says_why), "{:?}", injection.warnings);
+        }
     }
 
     #[test]
-    fn a_task_hub_starting_with_a_digit_is_not_injected_since_the_sidecar_would_refuse_it() {
-        // The sidecar parses DURABLE_SCALER_TASK_HUB with the same TaskHub rule and would
-        // exit at start (a crash-looping pod); the webhook falls back with a warning instead.
-        let pod = pod(json!({TASK_HUB_ANNOTATION: "1Hub"}), storage_env());
+    fn a_literal_hub_name_setting_the_sidecar_would_refuse_skips_the_pod() {
+        let hub = json!({"name": HUB_NAME_ENV, "value": "my_hub"});
+        let pod = pod(json!({}), json!([storage_env()[0], hub]));
+        assert_eq!(plan(&pod, &settings()).skipped, Some(SkipReason::InvalidTaskHub));
+    }
+
+    fn env_from_pod(env_from: Value, env: Value) -> Value {
+        json!({
+            "metadata": {"labels": {INJECT_LABEL: "true"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1", "envFrom": env_from, "env": env}]},
+        })
+    }
+
+    fn sidecar_env_all(pod: &Value, name: &str) -> Vec<Value> {
+        let sidecar = pod["spec"]["initContainers"][0].clone();
+        sidecar["env"].as_array().unwrap().iter().filter(|e| e["name"] == name).cloned().collect()
+    }
+
+    #[test]
+    fn an_env_from_secret_gives_the_sidecar_that_one_key_optionally() {
+        let pod = env_from_pod(json!([{"secretRef": {"name": "func-secrets"}}]), json!([]));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            sidecar_env_all(&out, env::CONNECTION),
+            [json!({"name": env::CONNECTION, "valueFrom": {"secretKeyRef":
+                {"name": "func-secrets", "key": "AzureWebJobsStorage", "optional": true}}})]
+        );
+        assert!(out["spec"]["initContainers"][0].get("envFrom").is_none(), "no whole Secret");
+    }
+
+    #[test]
+    fn an_env_from_prefix_is_taken_off_the_key_and_unfitting_prefixes_are_passed_over() {
+        let pod = env_from_pod(
+            json!([
+                {"prefix": "Other_", "secretRef": {"name": "unrelated"}},
+                {"prefix": "AzureWebJobs", "configMapRef": {"name": "cfg"}},
+            ]),
+            json!([]),
+        );
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            sidecar_env_all(&out, env::CONNECTION),
+            [json!({"name": env::CONNECTION, "valueFrom": {"configMapKeyRef":
+                {"name": "cfg", "key": "Storage", "optional": true}}})]
+        );
+    }
+
+    #[test]
+    fn later_env_from_sources_come_later_so_they_win_as_in_the_kubelet() {
+        let pod = env_from_pod(
+            json!([{"configMapRef": {"name": "first"}}, {"secretRef": {"name": "second"}}]),
+            json!([]),
+        );
+        let out = applied(&pod, &plan(&pod, &settings()));
+        let names: Vec<Value> = sidecar_env_all(&out, env::CONNECTION)
+            .iter()
+            .map(|e| e["valueFrom"].as_object().unwrap().values().next().unwrap()["name"].clone())
+            .collect();
+        assert_eq!(names, [json!("first"), json!("second")]);
+    }
+
+    #[test]
+    fn an_env_entry_wins_over_every_env_from_source() {
+        let pod = env_from_pod(json!([{"secretRef": {"name": "func-secrets"}}]), storage_env());
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            sidecar_env_all(&out, env::CONNECTION),
+            [json!({"name": env::CONNECTION, "value": "UseDevelopmentStorage=true"})]
+        );
+    }
+
+    #[test]
+    fn an_optional_env_entry_follows_the_env_from_sources_it_may_not_replace() {
+        let optional = json!({"name": "AzureWebJobsStorage",
+            "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": true}}});
+        let pod = env_from_pod(json!([{"secretRef": {"name": "func-secrets"}}]), json!([optional]));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        let refs: Vec<Value> = sidecar_env_all(&out, env::CONNECTION)
+            .iter()
+            .map(|e| e["valueFrom"]["secretKeyRef"]["name"].clone())
+            .collect();
+        assert_eq!(refs, [json!("func-secrets"), json!("s")]);
+    }
+
+    #[test]
+    fn a_hub_name_from_env_from_comes_after_the_default() {
+        let pod = env_from_pod(json!([{"secretRef": {"name": "func-secrets"}}]), json!([]));
         let injection = plan(&pod, &settings());
-        let injected = sidecar_env(&applied(&pod, &injection), "DURABLE_SCALER_TASK_HUB")["value"].clone();
-        assert_ne!(injected, "1Hub");
-        assert!(TaskHub::parse(injected.as_str().unwrap_or_default()).is_ok(), "{injected}");
-        let says_why = |w: &String| w.contains("\"1Hub\"") && w.contains("starting with a letter");
-        assert!(injection.warnings.iter().any(says_why), "{:?}", injection.warnings);
+        let out = applied(&pod, &injection);
+        let hub = sidecar_env_all(&out, env::TASK_HUB);
+        assert_eq!(hub[0], json!({"name": env::TASK_HUB, "value": DEFAULT_TASK_HUB}));
+        assert_eq!(hub[1]["valueFrom"]["secretKeyRef"]["key"], HUB_NAME_ENV);
+        assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    }
+
+    #[test]
+    fn a_host_network_pod_is_skipped() {
+        let mut pod = pod(json!({}), storage_env());
+        pod["spec"]["hostNetwork"] = json!(true);
+        let injection = plan(&pod, &settings());
+        assert!(!injection.injects());
+        assert_eq!(injection.skipped, Some(SkipReason::HostNetwork));
+    }
+
+    #[test]
+    fn a_guaranteed_pod_gets_requests_equal_to_limits() {
+        let mut pod = pod(json!({}), storage_env());
+        pod["spec"]["containers"][0]["resources"] =
+            json!({"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "1000m", "memory": "1Gi"}});
+        let resources = &applied(&pod, &plan(&pod, &settings()))["spec"]["initContainers"][0]["resources"];
+        assert_eq!(resources["requests"], resources["limits"]);
+        assert_eq!(resources["limits"]["cpu"], DEFAULT_CPU_LIMIT);
+    }
+
+    #[test]
+    fn a_burstable_pod_keeps_the_default_requests() {
+        let mut pod = pod(json!({}), storage_env());
+        pod["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "1"}, "requests": {"cpu": "1"}});
+        let resources = &applied(&pod, &plan(&pod, &settings()))["spec"]["initContainers"][0]["resources"];
+        assert_eq!(resources["requests"]["cpu"], DEFAULT_CPU_REQUEST);
+    }
+
+    #[test]
+    fn the_guaranteed_rule_looks_at_every_container_and_init_container() {
+        let full = json!({"limits": {"cpu": "1", "memory": "1Gi"}});
+        let spec = |init: Value| {
+            json!({"containers": [{"name": "a", "resources": full}], "initContainers": [init]})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        assert!(guaranteed(&spec(json!({"name": "i", "resources": full}))));
+        assert!(!guaranteed(&spec(json!({"name": "i"}))));
+        let unequal = json!({"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m"}});
+        assert!(!guaranteed(&spec(json!({"name": "i", "resources": unequal}))));
     }
 
     #[test]
@@ -710,6 +1069,7 @@ mod tests {
         let sidecar = &applied(&pod, &plan(&pod, &settings()))["spec"]["initContainers"][0];
         let security = &sidecar["securityContext"];
         assert_eq!(security["runAsNonRoot"], true);
+        assert!(security.get("runAsUser").is_none() && security.get("runAsGroup").is_none(), "{security}");
         assert_eq!(security["readOnlyRootFilesystem"], true);
         assert_eq!(security["allowPrivilegeEscalation"], false);
         assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));

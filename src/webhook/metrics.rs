@@ -6,6 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::inject::SkipReason;
 use crate::tls::{ReloadCounters, ReloadOutcome};
 
 /// Labels of the certificate reloads.
@@ -13,6 +14,13 @@ use crate::tls::{ReloadCounters, ReloadOutcome};
 pub struct ReloadLabels {
     /// Taken into use or refused.
     pub outcome: ReloadOutcome,
+}
+
+/// Labels of the skipped injections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    /// Why the opted-in pod got no sidecar.
+    pub reason: SkipReason,
 }
 
 /// Everything the webhook counts. Dry-run reviews count in `reviews` only.
@@ -27,6 +35,8 @@ pub struct Metrics {
     pub refused: Counter,
     /// Changed certificate files taken into use or refused.
     pub certificate_reloads: Family<ReloadLabels, Counter>,
+    /// Opted-in pods admitted without a sidecar, by reason (dry runs excluded).
+    pub skipped: Family<SkipLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -53,7 +63,13 @@ impl Metrics {
             "Changed certificate files taken into use (reloaded) or refused (the previous ones kept)",
             certificate_reloads.clone(),
         );
-        Self { registry, reviews, injections, refused, certificate_reloads }
+        let skipped = Family::<SkipLabels, Counter>::default();
+        registry.register(
+            "skipped",
+            "Opted-in pods admitted without a sidecar, by reason (dry runs excluded)",
+            skipped.clone(),
+        );
+        Self { registry, reviews, injections, refused, certificate_reloads, skipped }
     }
 
     /// The counters the serving certificate's reloads go to.
@@ -63,6 +79,11 @@ impl Metrics {
             reloaded: counter(ReloadOutcome::Reloaded),
             refused: counter(ReloadOutcome::Refused),
         }
+    }
+
+    /// Counts one skipped injection.
+    pub fn skip(&self, reason: SkipReason) {
+        self.skipped.get_or_create(&SkipLabels { reason }).inc();
     }
 
     /// The OpenMetrics text exposition.
@@ -80,6 +101,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.injections.inc();
         metrics.certificate_reload_counters().refused.inc();
+        metrics.skip(SkipReason::HostNetwork);
         let text = metrics.encode();
         for line in [
             "durable_scaler_webhook_reviews_total 0\n",
@@ -87,6 +109,7 @@ mod tests {
             "durable_scaler_webhook_refused_total 0\n",
             "durable_scaler_webhook_certificate_reloads_total{outcome=\"refused\"} 1\n",
             "durable_scaler_webhook_certificate_reloads_total{outcome=\"reloaded\"} 0\n",
+            "durable_scaler_webhook_skipped_total{reason=\"host_network\"} 1\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

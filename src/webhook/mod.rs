@@ -4,19 +4,36 @@
 //! the accept loop every TLS listener of the project shares); HTTP/1.1
 //! and HTTP/2 (hyper); an axum router (`POST /mutate`, `GET /healthz`, `GET /metrics`) that
 //! checks size and content type; the pure review ([`review`]) over the pure injection plan
-//! ([`inject`]). Only the two outer layers do I/O.
+//! ([`inject`]). Only the outer layers do I/O, and the Kubernetes side: the cluster's
+//! versions for `--native-sidecar auto` ([`cluster`]), `InjectionSkipped` Events
+//! ([`events`]) and, once at start, this pod's own image (the sidecar's default).
+//!
+//! # RBAC: what the webhook server's service account needs
+//!
+//! | apiGroups | resources | verbs | used by |
+//! |---|---|---|---|
+//! | `""` | `nodes` | `list` (cluster) | [`cluster`]: each kubelet's version |
+//! | `events.k8s.io` | `events` | `create` (app namespaces) | [`events`] |
+//! | `""` | `pods` | `get` (its own namespace) | its own pod's image, at start |
+//!
+//! `/version` needs no rule (the `system:public-info-viewer` role every client has).
 
+pub mod cluster;
+pub mod events;
 pub mod inject;
 pub mod metrics;
 pub mod review;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
+use http_body_util::BodyExt;
+
 use axum::{
     Router,
     body::Body,
+    body::Bytes,
     extract::State,
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, Version, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -24,9 +41,13 @@ use futures::StreamExt;
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use tokio::net::TcpListener;
 
+use crate::clock::UnixMs;
+use crate::contract::env;
 use crate::shutdown::{Shutdown, TaskFailure};
 use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles, TlsIncoming};
-use inject::InjectionSettings;
+use cluster::{NativeSidecarDetector, NativeSidecarMode};
+use events::SkipRecorder;
+use inject::{InjectionSettings, NativeDefault};
 use metrics::Metrics;
 
 /// The one image that serves every role; the sidecar's default image.
@@ -39,9 +60,19 @@ pub const DEFAULT_ADDR: &str = "0.0.0.0:8443";
 /// The certificate reload intervals accepted.
 const TLS_RELOAD_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
-/// Largest AdmissionReview accepted; the API server's own request limit is larger, but a
-/// pod is far smaller than this.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest AdmissionReview accepted: 3 MiB, the API server's own limit on a request body
+/// (`MaxRequestBodyBytes`, k8s.io/apiserver `pkg/server/config.go` `NewConfig`: etcd takes
+/// 1.5 MB, doubled for JSON), so any pod a client could send fits. The review wraps the pod
+/// in a small envelope; a pod near 3 MiB is far past what etcd stores (1.5 MiB by default),
+/// so it would fail at storage anyway. Istio reads up to 6 MiB (`pkg/kube/util.go`, "an
+/// additional 2x buffer"); we stay at 3 MiB because a parsed JSON document takes several
+/// times its size in memory and the webhook runs in a 128 MiB limit.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// How much of an over-size body is read and thrown away so that the client, still sending,
+/// receives the 413 instead of a reset; beyond it the connection is closed.
+const MAX_DISCARD_BYTES: u64 = 4 * MAX_BODY_BYTES as u64;
+/// How long one call to the Kubernetes API may take.
+const KUBE_API_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long open connections get to finish after shutdown fires.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,9 +95,25 @@ pub struct Args {
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "5s",
           value_parser = |text: &str| crate::config::parse_duration_within(text, &TLS_RELOAD_RANGE))]
     pub tls_reload_interval: Duration,
-    /// Image of the injected sidecar (by default this webhook's own image).
+    /// Image of the injected sidecar when it does not follow this webhook's own image (see
+    /// --sidecar-image-from-pod).
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE", default_value = DEFAULT_IMAGE)]
     pub sidecar_image: String,
+    /// Use this webhook's own image (read once at start from its Pod, container
+    /// --webhook-container) as the sidecar's, so `kubectl set image` on the webhook changes
+    /// the injected sidecar too; --sidecar-image is used when the Pod cannot be read.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_FROM_POD", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub sidecar_image_from_pod: bool,
+    /// The name of this webhook's container in its Pod.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_CONTAINER", default_value = "webhook")]
+    pub webhook_container: String,
+    /// This pod's name (downward API): its image, and the reporting instance of its Events.
+    #[arg(long, env = env::POD_NAME)]
+    pub pod_name: Option<String>,
+    /// This pod's namespace (downward API).
+    #[arg(long, env = env::POD_NAMESPACE)]
+    pub pod_namespace: Option<String>,
     /// Aggregator report URL given to sidecars (annotation durable-scaler.io/aggregator overrides).
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR", default_value = DEFAULT_AGGREGATOR,
           value_parser = crate::config::parse_http_url)]
@@ -77,12 +124,12 @@ pub struct Args {
     /// a restart of the webhook.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA")]
     pub sidecar_aggregator_ca: Option<PathBuf>,
-    /// Inject a native sidecar (init container with restartPolicy Always, Kubernetes 1.29+);
-    /// `false` appends a plain container instead (annotation durable-scaler.io/native-sidecar
-    /// overrides per pod).
-    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_NATIVE_SIDECAR", default_value_t = true,
-          action = clap::ArgAction::Set)]
-    pub native_sidecar: bool,
+    /// Inject a native sidecar (init container with restartPolicy Always): `auto` when the
+    /// API server and every node's kubelet are 1.29+ (read from the cluster every few
+    /// minutes; needs `list` on nodes), `true` always, `false` never (a plain container).
+    /// The annotation durable-scaler.io/native-sidecar overrides per pod.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_NATIVE_SIDECAR", value_enum, default_value = "auto")]
+    pub native_sidecar: NativeSidecarMode,
 }
 
 /// Why the webhook could not start.
@@ -111,6 +158,26 @@ pub enum Error {
 struct AppState {
     settings: Arc<InjectionSettings>,
     metrics: Arc<Metrics>,
+    native: NativeSource,
+    skips: SkipRecorder,
+}
+
+/// Where a review's default injection mode comes from.
+#[derive(Debug, Clone)]
+enum NativeSource {
+    /// Fixed: `--native-sidecar true|false`, or `auto` without an API to ask.
+    Fixed(NativeDefault),
+    /// `auto`: the cluster's versions, cached.
+    Detected(NativeSidecarDetector),
+}
+
+impl NativeSource {
+    fn at(&self, now: UnixMs) -> NativeDefault {
+        match self {
+            Self::Fixed(decided) => decided.clone(),
+            Self::Detected(detector) => detector.decision(now),
+        }
+    }
 }
 
 /// A bound, not yet serving webhook.
@@ -123,8 +190,15 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// Validates `args`, loads the certificate and binds the listener.
+    /// Validates `args`, connects to the Kubernetes API when there is one (in a pod, or
+    /// KUBECONFIG), loads the certificate and binds the listener.
     pub async fn bind(args: &Args) -> Result<Self, Error> {
+        Self::bind_with(args, kube_client().await).await
+    }
+
+    /// [`Self::bind`] with the Kubernetes client given (`None`: no API; tests pass a client
+    /// for a fake API server).
+    pub async fn bind_with(args: &Args, client: Option<kube::Client>) -> Result<Self, Error> {
         let aggregator_ca = match &args.sidecar_aggregator_ca {
             Some(path) => {
                 let pem = crate::tls::read_ca_pem(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
@@ -151,18 +225,36 @@ impl Webhook {
         )?;
         let listener =
             TcpListener::bind(args.addr).await.map_err(|source| Error::Bind { addr: args.addr, source })?;
+        let image = sidecar_image(args, client.as_ref()).await;
+        let native = match (args.native_sidecar, &client) {
+            (NativeSidecarMode::True, _) => NativeSource::Fixed(NativeDefault::forced(true)),
+            (NativeSidecarMode::False, _) => NativeSource::Fixed(NativeDefault::forced(false)),
+            (NativeSidecarMode::Auto, Some(client)) => {
+                let detector = NativeSidecarDetector::new(client.clone(), cluster::REFRESH_INTERVAL);
+                let decided = detector.refresh(UnixMs::now()).await;
+                tracing::info!(native = decided.native, reason = %decided.reason, "native sidecars");
+                NativeSource::Detected(detector)
+            }
+            (NativeSidecarMode::Auto, None) => NativeSource::Fixed(NativeDefault {
+                native: false,
+                reason: "auto: no Kubernetes API to read versions from; a plain container works everywhere"
+                    .to_owned(),
+            }),
+        };
+        let instance = args.pod_name.clone().unwrap_or_else(|| "durable-scaler-webhook".to_owned());
+        let skips = SkipRecorder::new(client, &instance, events::EVENT_WINDOW);
         let settings = InjectionSettings {
-            image: args.sidecar_image.clone(),
+            image,
             aggregator: args.aggregator.clone(),
             aggregator_ca,
-            native_sidecar: args.native_sidecar,
+            native_sidecar: args.native_sidecar == NativeSidecarMode::True,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         Ok(Self {
             listener,
             tls,
             reload_interval: args.tls_reload_interval,
-            state: AppState { settings: Arc::new(settings), metrics },
+            state: AppState { settings: Arc::new(settings), metrics, native, skips },
         })
     }
 
@@ -175,6 +267,11 @@ impl Webhook {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The sidecar image this webhook injects.
+    pub fn sidecar_image(&self) -> &str {
+        &self.state.settings.image
     }
 
     /// The counters this webhook serves on `/metrics`.
@@ -249,7 +346,7 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn mutate(State(state): State<AppState>, version: Version, headers: HeaderMap, body: Body) -> Response {
     let refuse = |status: StatusCode, reason: String| {
         state.metrics.refused.inc();
         tracing::debug!(%status, %reason, "review refused");
@@ -257,24 +354,30 @@ async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if !media_type.eq_ignore_ascii_case("application/json") {
-        return refuse(
+        let mut response = refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("expected Content-Type application/json, got {content_type:?}\n"),
         );
+        // The body is not read: close rather than leave it in the connection.
+        close_after(&mut response, version, declared != Some(0));
+        return response;
     }
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY_BYTES} bytes\n"));
-    }
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+    let bytes = match read_body(body, declared).await {
         Ok(bytes) => bytes,
-        Err(e) if is_length_limit(&e) => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY_BYTES} bytes\n"));
+        Err(BodyError::TooLarge { drained }) => {
+            let mut response =
+                refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY_BYTES} bytes\n"));
+            close_after(&mut response, version, !drained);
+            return response;
         }
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n")),
+        Err(BodyError::Read(e)) => {
+            return refuse(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n"));
+        }
     };
-    let outcome = review::review(&bytes, &state.settings);
+    let now = UnixMs::now();
+    let outcome = review::review_with(&bytes, &state.settings, &state.native.at(now));
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_success() {
         state.metrics.reviews.inc();
@@ -288,18 +391,120 @@ async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -
     } else if !status.is_success() {
         tracing::info!(uid, reason = ?outcome.body.pointer("/response/status/message"), "review rejected");
     }
+    if let (Some(skipped), false) = (&outcome.skipped, outcome.dry_run) {
+        // A dry run creates no pod: nothing to tell anyone about.
+        state.metrics.skip(skipped.reason);
+        state.skips.skipped(skipped, now);
+    }
     (status, axum::Json(outcome.body)).into_response()
 }
 
-fn is_length_limit(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
+/// Why a body was not read.
+enum BodyError {
+    /// Over [`MAX_BODY_BYTES`]; `drained` when the rest was read and discarded (the
+    /// connection can stay open), else the connection must close.
+    TooLarge { drained: bool },
+    /// The client's stream failed.
+    Read(axum::Error),
+}
+
+/// Reads at most [`MAX_BODY_BYTES`]. An over-size body is read on and discarded up to
+/// [`MAX_DISCARD_BYTES`] so that the client, which may still be sending when we decide,
+/// gets to read our 413: answering while it sends and then closing makes its TCP stack
+/// see a reset, and the client reports that instead of the status.
+async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyError> {
+    if declared.is_some_and(|n| n > MAX_DISCARD_BYTES) {
+        return Err(BodyError::TooLarge { drained: false });
     }
-    false
+    let mut kept = Vec::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize));
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len() as u64;
+        if seen > MAX_DISCARD_BYTES {
+            return Err(BodyError::TooLarge { drained: false });
+        }
+        if seen <= MAX_BODY_BYTES as u64 {
+            kept.extend_from_slice(&data);
+        } else if !kept.is_empty() {
+            kept = Vec::new();
+        }
+    }
+    if seen > MAX_BODY_BYTES as u64 {
+        return Err(BodyError::TooLarge { drained: true });
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// Asks hyper to close an HTTP/1 connection after `response` when `close` (the request body
+/// was left unread); HTTP/2 ends just the stream.
+fn close_after(response: &mut Response, version: Version, close: bool) {
+    if close && version < Version::HTTP_2 {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
+/// A client for the API server, or `None` (logged) outside a cluster without KUBECONFIG.
+async fn kube_client() -> Option<kube::Client> {
+    crate::telemetry::install_crypto_provider();
+    let mut config = match kube::Config::infer().await {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "no Kubernetes configuration: no InjectionSkipped Events, --native-sidecar auto \
+                 means plain containers, the sidecar image is --sidecar-image"
+            );
+            return None;
+        }
+    };
+    config.connect_timeout = Some(KUBE_API_TIMEOUT);
+    config.read_timeout = Some(KUBE_API_TIMEOUT);
+    kube::Client::try_from(config)
+        .inspect_err(|error| tracing::warn!(%error, "the Kubernetes configuration found cannot be used"))
+        .ok()
+}
+
+/// The sidecar's image: this webhook's own (its Pod's container `--webhook-container`, read
+/// once), so that whatever changed the webhook's image (`kubectl set image`, a kustomize
+/// `images:` entry, a Helm value) changes the sidecar's too; `--sidecar-image` when
+/// following is off or the Pod cannot be read. The downward API has no field for a
+/// container's image, hence the one `get` of this pod.
+async fn sidecar_image(args: &Args, client: Option<&kube::Client>) -> String {
+    let fallback = args.sidecar_image.clone();
+    if !args.sidecar_image_from_pod {
+        return fallback;
+    }
+    let (Some(client), Some(name), Some(namespace)) = (client, &args.pod_name, &args.pod_namespace) else {
+        return fallback;
+    };
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), namespace);
+    match pods.get(name).await {
+        Ok(pod) => {
+            let own = pod
+                .spec
+                .into_iter()
+                .flat_map(|spec| spec.containers)
+                .find(|c| c.name == args.webhook_container);
+            match own.and_then(|c| c.image).filter(|image| !image.trim().is_empty()) {
+                Some(image) => {
+                    if image != fallback {
+                        tracing::info!(%image, flag = %fallback, "sidecar image follows this webhook's own image");
+                    }
+                    image
+                }
+                None => {
+                    tracing::warn!(container = %args.webhook_container, "no such container in this pod; using --sidecar-image");
+                    fallback
+                }
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read this pod's image; using --sidecar-image");
+            fallback
+        }
+    }
 }
 
 async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -317,7 +522,7 @@ pub async fn run(args: Args) -> ExitCode {
         }
     };
     let addr = webhook.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%addr, native_sidecar = args.native_sidecar, image = %args.sidecar_image, "webhook serving");
+    tracing::info!(%addr, native_sidecar = ?args.native_sidecar, image = %webhook.sidecar_image(), "webhook serving");
     match webhook.try_serve(Shutdown::on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

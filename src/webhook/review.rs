@@ -7,7 +7,7 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use super::inject::{self, InjectionSettings};
+use super::inject::{self, InjectionSettings, NativeDefault, SkipReason};
 
 /// The only AdmissionReview version served (the MutatingWebhookConfiguration asks for v1).
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -25,10 +25,76 @@ pub struct Outcome {
     /// True when the API server asked for a dry run: the answer is the same, but the caller
     /// must have no side effects (no counters, no "injected" log line).
     pub dry_run: bool,
+    /// Set when an opted-in pod gets no sidecar: why, and whom to tell.
+    pub skipped: Option<Skipped>,
 }
 
-/// Answers one AdmissionReview request body.
+/// An opted-in pod that gets no sidecar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    /// Why.
+    pub reason: SkipReason,
+    /// What the admission warning says.
+    pub note: String,
+    /// The request's namespace (the pod's; a pod's `metadata.namespace` may be empty at
+    /// admission).
+    pub namespace: String,
+    /// The object to record the Event on (see [`regarding`]); `None` when there is none to
+    /// name.
+    pub regarding: Option<Regarding>,
+}
+
+/// The object an `InjectionSkipped` Event is about (an events.k8s.io/v1 `regarding`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Regarding {
+    /// `apiVersion` of the object, e.g. `apps/v1`.
+    pub api_version: String,
+    /// `kind`, e.g. `ReplicaSet`.
+    pub kind: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`, when known (`kubectl describe` matches Events by it).
+    pub uid: Option<String>,
+}
+
+/// What the Event on a skipped pod is about: the pod's controller (the `ownerReferences`
+/// entry with `controller: true`: a ReplicaSet, Job, StatefulSet...), else the pod itself
+/// when it has a name. A controller's pod has no name (only `generateName`) and no uid at
+/// admission time, and one Event per owner is what an operator looks at anyway (Linkerd's
+/// injector records its `InjectionSkipped` on the owner for the same reason).
+pub fn regarding(pod: &Value) -> Option<Regarding> {
+    let text = |v: &Value, key: &str| {
+        v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
+    };
+    let owners = pod.pointer("/metadata/ownerReferences").and_then(Value::as_array);
+    if let Some(owner) =
+        owners.into_iter().flatten().find(|o| o.get("controller").and_then(Value::as_bool) == Some(true))
+    {
+        return Some(Regarding {
+            api_version: text(owner, "apiVersion")?,
+            kind: text(owner, "kind")?,
+            name: text(owner, "name")?,
+            uid: text(owner, "uid"),
+        });
+    }
+    let metadata = pod.get("metadata")?;
+    Some(Regarding {
+        api_version: "v1".to_owned(),
+        kind: "Pod".to_owned(),
+        name: text(metadata, "name")?,
+        uid: text(metadata, "uid"),
+    })
+}
+
+/// Answers one AdmissionReview request body, in the mode `--native-sidecar true|false`
+/// forces.
 pub fn review(body: &[u8], settings: &InjectionSettings) -> Outcome {
+    review_with(body, settings, &NativeDefault::forced(settings.native_sidecar))
+}
+
+/// Answers one AdmissionReview request body; pods without the native-sidecar annotation get
+/// the mode `native_default` says.
+pub fn review_with(body: &[u8], settings: &InjectionSettings, native_default: &NativeDefault) -> Outcome {
     let review: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return rejected("", &format!("body is not JSON: {e}")),
@@ -63,7 +129,14 @@ pub fn review(body: &[u8], settings: &InjectionSettings) -> Outcome {
     if !inject::opted_in(pod) {
         return allowed(uid, dry_run, inject::Injection::default());
     }
-    allowed(uid, dry_run, inject::plan(pod, settings))
+    let injection = inject::plan_with(pod, settings, native_default);
+    let skipped = injection.skipped.map(|reason| Skipped {
+        reason,
+        note: injection.warnings.last().cloned().unwrap_or_default(),
+        namespace: request.get("namespace").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        regarding: regarding(pod),
+    });
+    Outcome { skipped, ..allowed(uid, dry_run, injection) }
 }
 
 fn allowed(uid: &str, dry_run: bool, injection: inject::Injection) -> Outcome {
@@ -77,7 +150,7 @@ fn allowed(uid: &str, dry_run: bool, injection: inject::Injection) -> Outcome {
     if !injection.warnings.is_empty() {
         response["warnings"] = json!(injection.warnings);
     }
-    Outcome { status: 200, body: envelope(response), injected, dry_run }
+    Outcome { status: 200, body: envelope(response), injected, dry_run, skipped: None }
 }
 
 /// A 400 answer that still names the request (by `uid`) and says why, so the API server's
@@ -88,7 +161,7 @@ fn rejected(uid: &str, reason: &str) -> Outcome {
         "allowed": false,
         "status": {"code": 400, "message": format!("durable-scaler webhook: {reason}")},
     });
-    Outcome { status: 400, body: envelope(response), injected: false, dry_run: false }
+    Outcome { status: 400, body: envelope(response), injected: false, dry_run: false, skipped: None }
 }
 
 fn envelope(response: Value) -> Value {

@@ -12,7 +12,7 @@ use clap::Parser as _;
 use durable_scaler::{
     shutdown::Shutdown,
     tls::ReloadingConfig,
-    webhook::{Args, Webhook, metrics::Metrics},
+    webhook::{Args, Webhook, cluster::NativeSidecarMode, metrics::Metrics},
 };
 use https::{Connection, Http, Pki, SecretVolume, full, streamed};
 use hyper::{StatusCode, body::Bytes};
@@ -38,6 +38,15 @@ impl Running {
     }
 
     async fn start_with(pki: Pki, configure: impl FnOnce(&mut Args)) -> Self {
+        Self::start_full(pki, configure, None).await
+    }
+
+    /// A webhook talking to the Kubernetes API at `client` (the fake API server below).
+    async fn start_with_api(client: kube::Client, configure: impl FnOnce(&mut Args)) -> Self {
+        Self::start_full(Pki::ecdsa("first"), configure, Some(client)).await
+    }
+
+    async fn start_full(pki: Pki, configure: impl FnOnce(&mut Args), client: Option<kube::Client>) -> Self {
         durable_scaler::telemetry::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let volume = SecretVolume::new(dir.path(), &pki);
@@ -50,10 +59,15 @@ impl Running {
             sidecar_image: "ghcr.io/durable-scaler/durable-scaler:test".to_owned(),
             aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
             sidecar_aggregator_ca: None,
-            native_sidecar: true,
+            native_sidecar: NativeSidecarMode::True,
+            sidecar_image_from_pod: true,
+            webhook_container: "webhook".to_owned(),
+            pod_name: None,
+            pod_namespace: None,
         };
         configure(&mut args);
-        let webhook = Webhook::bind(&args).await.unwrap().with_reload_interval(Duration::from_millis(50));
+        let webhook =
+            Webhook::bind_with(&args, client).await.unwrap().with_reload_interval(Duration::from_millis(50));
         let addr = webhook.local_addr().unwrap();
         let metrics = webhook.metrics();
         let certs = webhook.tls_config();
@@ -107,6 +121,7 @@ fn expected_pod() -> Value {
     let mut pod = fixture()["request"]["object"].clone();
     pod["metadata"]["annotations"]["durable-scaler.io/status"] = json!(
         json!({"containers": ["durable-scaler-sidecar"], "mode": "native-sidecar",
+               "modeReason": "--native-sidecar=true",
                "version": env!("CARGO_PKG_VERSION"), "volumes": ["durable-scaler-token"]})
         .to_string()
     );
@@ -132,7 +147,7 @@ fn expected_pod() -> Value {
             "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3
         },
         "securityContext": {
-            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+            "runAsNonRoot": true,
             "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}
         },
@@ -175,7 +190,7 @@ async fn feeding_the_webhook_its_own_output_changes_nothing() {
 
 #[tokio::test]
 async fn plain_container_mode_appends_the_sidecar_and_sets_the_default_container() {
-    let webhook = Running::start(|args| args.native_sidecar = false).await;
+    let webhook = Running::start(|args| args.native_sidecar = NativeSidecarMode::False).await;
     let (_, answer) = webhook.review(&fixture()).await;
     let pod = patched(&fixture()["request"]["object"], &answer);
     let containers = pod["spec"]["containers"].as_array().unwrap();
@@ -228,14 +243,45 @@ async fn dry_run_gets_the_same_patch_and_counts_no_injection() {
 }
 
 #[tokio::test]
-async fn a_body_over_one_mebibyte_is_413_whether_its_length_is_declared_or_not() {
+async fn a_body_over_three_mebibytes_is_a_413_the_client_receives_whether_its_length_is_declared_or_not() {
+    // The client is still sending when the webhook decides; it must read the 413, not a reset
+    // (`post` fails on a reset). The larger body is past what the webhook drains: it answers
+    // and then closes, after the request, so the answer still arrives.
     let webhook = Running::start(|_| {}).await;
-    let big = Bytes::from(vec![b' '; 1024 * 1024 + 1]);
-    let (status, _) = webhook.post(Some("application/json"), full(big.clone())).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    let chunks = big.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
-    let (status, _) = webhook.post(Some("application/json"), streamed(chunks)).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    for size in [3 * 1024 * 1024 + 1, 8 * 1024 * 1024] {
+        let big = Bytes::from(vec![b' '; size]);
+        let (status, body) = webhook.post(Some("application/json"), full(big.clone())).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{size} declared");
+        assert!(String::from_utf8_lossy(&body).contains("body over"), "{size}");
+        let chunks = big.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
+        let (status, _) = webhook.post(Some("application/json"), streamed(chunks)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{size} streamed");
+    }
+    let (status, _) = webhook
+        .connect(Http::Two)
+        .await
+        .post(Some("application/json"), full(vec![b' '; 3 * 1024 * 1024 + 1]))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "HTTP/2");
+}
+
+#[tokio::test]
+async fn a_two_mebibyte_pod_is_reviewed_and_injected() {
+    // Large env values (inline configuration) make a pod of 2 MiB, within the API server's
+    // 3 MiB request limit; built here rather than stored as a 2 MiB file.
+    let webhook = Running::start(|_| {}).await;
+    let mut review = fixture();
+    let env = review["request"]["object"]["spec"]["containers"][0]["env"].as_array_mut().unwrap();
+    for i in 0..32 {
+        env.push(json!({"name": format!("INLINE_CONFIG_{i}"), "value": "x".repeat(64 * 1024)}));
+    }
+    let size = review.to_string().len();
+    assert!((2 * 1024 * 1024..3 * 1024 * 1024).contains(&size), "{size}");
+    let (status, answer) = webhook.review(&review).await;
+    assert_eq!(status, StatusCode::OK);
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_eq!(pod["spec"]["initContainers"][0]["name"], "durable-scaler-sidecar");
 }
 
 #[tokio::test]
@@ -377,9 +423,13 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
         sidecar_image: "img".to_owned(),
         aggregator: "http://agg:4371".parse().unwrap(),
         sidecar_aggregator_ca: None,
-        native_sidecar: true,
+        native_sidecar: NativeSidecarMode::True,
+        sidecar_image_from_pod: true,
+        webhook_container: "webhook".to_owned(),
+        pod_name: None,
+        pod_namespace: None,
     };
-    let error = Webhook::bind(&args).await.unwrap_err().to_string();
+    let error = Webhook::bind_with(&args, None).await.unwrap_err().to_string();
     assert!(error.contains("--tls-cert") && error.contains("/nonexistent/tls.crt"), "{error}");
     let parse_error =
         durable_scaler::cli::Cli::try_parse_from(["durable-scaler", "webhook", "--aggregator", "agg:4371"])
@@ -389,16 +439,20 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
         parse_error.contains("--aggregator") && parse_error.contains("not an http(s) URL"),
         "{parse_error}"
     );
-    let error = Webhook::bind(&Args { aggregator: "https://agg:4371".parse().unwrap(), ..args.clone() })
-        .await
-        .unwrap_err()
-        .to_string();
+    let error =
+        Webhook::bind_with(&Args { aggregator: "https://agg:4371".parse().unwrap(), ..args.clone() }, None)
+            .await
+            .unwrap_err()
+            .to_string();
     assert!(error.contains("--sidecar-aggregator-ca") && error.contains("https"), "{error}");
-    let error = Webhook::bind(&Args {
-        aggregator: "https://agg:4371".parse().unwrap(),
-        sidecar_aggregator_ca: Some("/nonexistent/ca.crt".into()),
-        ..args
-    })
+    let error = Webhook::bind_with(
+        &Args {
+            aggregator: "https://agg:4371".parse().unwrap(),
+            sidecar_aggregator_ca: Some("/nonexistent/ca.crt".into()),
+            ..args
+        },
+        None,
+    )
     .await
     .unwrap_err()
     .to_string();
@@ -456,4 +510,331 @@ async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
     let sidecar = durable_scaler::sidecar::Config::from_args(args)
         .expect("the sidecar accepts what the webhook injected");
     assert_eq!(sidecar.aggregator_ca.as_deref(), Some(aggregator.ca_pem.trim().as_bytes()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures: envFrom, hostNetwork, Guaranteed QoS, invalid task hub
+// ---------------------------------------------------------------------------------------------
+
+fn load(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/admission/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The sidecar's env entries named `name`, in order, after the answer's patch is applied.
+fn sidecar_env(review: &Value, answer: &Value, name: &str) -> Vec<Value> {
+    let pod = patched(&review["request"]["object"], answer);
+    let sidecar = pod["spec"]["initContainers"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(sidecar["name"], "durable-scaler-sidecar");
+    assert!(sidecar.get("envFrom").is_none(), "the sidecar never gets a whole Secret");
+    sidecar["env"].as_array().unwrap().iter().filter(|e| e["name"] == name).cloned().collect()
+}
+
+#[tokio::test]
+async fn an_env_from_secret_app_gets_the_sidecar_with_only_that_key() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("envfrom-secret-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    assert_eq!(
+        sidecar_env(&review, &answer, "DURABLE_SCALER_CONNECTION"),
+        [json!({"name": "DURABLE_SCALER_CONNECTION", "valueFrom": {"secretKeyRef":
+            {"name": "orders-func-settings", "key": "AzureWebJobsStorage", "optional": true}}})]
+    );
+}
+
+#[tokio::test]
+async fn an_env_from_config_map_with_a_prefix_gives_the_key_without_it_in_source_order() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("envfrom-configmap-prefix-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    assert_eq!(
+        sidecar_env(&review, &answer, "DURABLE_SCALER_CONNECTION"),
+        [
+            json!({"name": "DURABLE_SCALER_CONNECTION", "valueFrom": {"configMapKeyRef":
+                {"name": "orders-func-config", "key": "AzureWebJobsStorage", "optional": true}}}),
+            json!({"name": "DURABLE_SCALER_CONNECTION", "valueFrom": {"configMapKeyRef":
+                {"name": "orders-func-storage", "key": "Storage", "optional": true}}}),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_host_network_pod_is_admitted_without_a_sidecar_and_counted() {
+    let webhook = Running::start(|_| {}).await;
+    let (status, answer) = webhook.review(&load("hostnetwork-pod-create.json")).await;
+    assert_eq!((status, &answer["response"]["allowed"]), (StatusCode::OK, &json!(true)));
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    assert!(answer["response"]["warnings"][0].as_str().unwrap().contains("hostNetwork"));
+    let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(text.contains("durable_scaler_webhook_skipped_total{reason=\"host_network\"} 1"), "{text}");
+}
+
+#[tokio::test]
+async fn a_guaranteed_pod_stays_guaranteed() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("guaranteed-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    let resources = &pod["spec"]["initContainers"][0]["resources"];
+    assert_eq!(resources["requests"], resources["limits"], "{resources}");
+    assert_eq!(resources["limits"], json!({"cpu": "200m", "memory": "64Mi"}));
+}
+
+#[tokio::test]
+async fn an_invalid_task_hub_name_is_never_injected() {
+    let webhook = Running::start(|_| {}).await;
+    let (_, answer) = webhook.review(&load("invalid-task-hub-pod-create.json")).await;
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    let warning = answer["response"]["warnings"][0].as_str().unwrap();
+    assert!(warning.contains("\"orders-hub\"") && warning.contains("not injected"), "{warning}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against a fake API server: native-sidecar auto, InjectionSkipped Events, the own image
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct ApiState {
+    /// `gitVersion` answered on /version.
+    api_server: String,
+    /// Node name and kubelet version of every node.
+    nodes: Vec<(String, String)>,
+    /// Bodies of the Events created, with the namespace of the request path.
+    events: Vec<(String, Value)>,
+    /// The webhook's own pod: (namespace, name, its `webhook` container's image).
+    own_pod: Option<(String, String, String)>,
+    /// Every request: method and path.
+    requests: Vec<String>,
+}
+
+/// A fake kube-apiserver on loopback answering the calls the webhook makes; stops when
+/// dropped. Shapes follow kubernetes/api (`core/v1/types.go` Node, NodeSystemInfo, Pod;
+/// `events/v1/types.go` Event) and apimachinery `pkg/version/types.go` Info.
+struct FakeApi {
+    addr: std::net::SocketAddr,
+    state: Arc<std::sync::Mutex<ApiState>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeApi {
+    async fn start(api_server: &str, kubelets: &[&str]) -> Self {
+        let state = Arc::new(std::sync::Mutex::new(ApiState {
+            api_server: api_server.to_owned(),
+            nodes: kubelets.iter().enumerate().map(|(i, v)| (format!("node-{i}"), (*v).to_owned())).collect(),
+            ..ApiState::default()
+        }));
+        let app = axum::Router::new().fallback(fake_api).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, state, server }
+    }
+
+    fn client(&self) -> kube::Client {
+        durable_scaler::telemetry::install_crypto_provider();
+        let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ApiState> {
+        self.state.lock().unwrap()
+    }
+}
+
+async fn fake_api(
+    axum::extract::State(state): axum::extract::State<Arc<std::sync::Mutex<ApiState>>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut state = state.lock().unwrap();
+    let path = uri.path().to_owned();
+    state.requests.push(format!("{method} {path}"));
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        // GET /version: kube-apiserver's version.Info (every field is always present).
+        ("GET", ["version"]) => {
+            let minor = state.api_server.split('.').nth(1).unwrap_or_default().to_owned();
+            axum::Json(json!({
+                "major": "1", "minor": minor, "gitVersion": state.api_server,
+                "gitCommit": "0000000", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.24.0", "compiler": "gc", "platform": "linux/amd64",
+            }))
+            .into_response()
+        }
+        // GET /api/v1/nodes?limit=N: a NodeList, one page (no `continue` token), each node with
+        // status.nodeInfo (NodeSystemInfo, whose fields are all required strings).
+        ("GET", ["api", "v1", "nodes"]) => {
+            let items: Vec<Value> = state
+                .nodes
+                .iter()
+                .map(|(name, kubelet)| {
+                    json!({"metadata": {"name": name}, "status": {"nodeInfo": {
+                        "kubeletVersion": kubelet, "kubeProxyVersion": "", "machineID": "m",
+                        "systemUUID": "u", "bootID": "b", "kernelVersion": "6.8.0",
+                        "osImage": "Ubuntu", "containerRuntimeVersion": "containerd://2.0.0",
+                        "operatingSystem": "linux", "architecture": "amd64"}}})
+                })
+                .collect();
+            axum::Json(json!({"kind": "NodeList", "apiVersion": "v1",
+                              "metadata": {"resourceVersion": "1"}, "items": items}))
+            .into_response()
+        }
+        // POST /apis/events.k8s.io/v1/namespaces/{ns}/events: 201 with the stored Event (a name
+        // made from generateName, as the API server does).
+        ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            let mut event: Value = serde_json::from_slice(&body).unwrap();
+            state.events.push((ns.to_string(), event.clone()));
+            let name = format!("{}abcde", event["metadata"]["generateName"].as_str().unwrap_or_default());
+            event["metadata"]["name"] = json!(name);
+            (axum::http::StatusCode::CREATED, axum::Json(event)).into_response()
+        }
+        // GET /api/v1/namespaces/{ns}/pods/{name}: the pod, or 404 with a Status body.
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => match &state.own_pod {
+            Some((pod_ns, pod_name, image)) if pod_ns == ns && pod_name == name => axum::Json(json!({
+                "kind": "Pod", "apiVersion": "v1",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"containers": [{"name": "webhook", "image": image}]},
+            }))
+            .into_response(),
+            _ => (
+                axum::http::StatusCode::NOT_FOUND,
+                axum::Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                  "message": format!("pods \"{name}\" not found"), "reason": "NotFound", "code": 404})),
+            )
+                .into_response(),
+        },
+        _ => (axum::http::StatusCode::NOT_FOUND, "not faked").into_response(),
+    }
+}
+
+fn status_annotation(review: &Value, answer: &Value) -> Value {
+    let pod = patched(&review["request"]["object"], answer);
+    serde_json::from_str(pod["metadata"]["annotations"]["durable-scaler.io/status"].as_str().unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn auto_chooses_a_native_sidecar_when_the_api_server_and_every_kubelet_are_1_29_or_newer() {
+    let api = FakeApi::start("v1.30.4", &["v1.29.10", "v1.30.4"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
+    let status = status_annotation(&fixture(), &answer);
+    assert_eq!(status["mode"], "native-sidecar");
+    assert!(status["modeReason"].as_str().unwrap().contains("1.29+"), "{status}");
+}
+
+#[tokio::test]
+async fn auto_chooses_a_plain_container_when_one_kubelet_is_older() {
+    let api = FakeApi::start("v1.30.4", &["v1.30.4", "v1.28.15"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert!(pod["spec"].get("initContainers").is_none());
+    assert_eq!(pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"], "functions");
+    let status = status_annotation(&fixture(), &answer);
+    assert_eq!(status["mode"], "container");
+    assert!(status["modeReason"].as_str().unwrap().contains("node-1"), "{status}");
+}
+
+#[tokio::test]
+async fn auto_chooses_a_plain_container_when_the_api_server_is_older() {
+    let api = FakeApi::start("v1.28.9", &["v1.28.9"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let status = status_annotation(&fixture(), &answer);
+    assert_eq!(status["mode"], "container");
+    assert!(status["modeReason"].as_str().unwrap().contains("API server is 1.28"), "{status}");
+}
+
+#[tokio::test]
+async fn a_skipped_pod_gets_one_event_on_its_replica_set_within_the_window() {
+    let api = FakeApi::start("v1.30.4", &[]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.pod_name = Some("webhook-0".into())).await;
+    let review = load("hostnetwork-pod-create.json");
+    for _ in 0..3 {
+        let (status, _) = webhook.review(&review).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while api.state().events.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no Event was created");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give any (wrong) further Events time to arrive before counting them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = api.state().events.clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (namespace, event) = &events[0];
+    assert_eq!(namespace, "orders");
+    assert_eq!(event["reason"], "InjectionSkipped");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reportingController"], "durable-scaler.io/webhook");
+    assert_eq!(event["reportingInstance"], "webhook-0");
+    assert!(event["eventTime"].is_string());
+    assert!(event["note"].as_str().unwrap().starts_with("host_network: "), "{event}");
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "orders-func-7d9f8c6b5d",
+               "namespace": "orders", "uid": "0b6a3e7c-2f4d-4c1e-8e9b-5a6b7c8d9e0f"})
+    );
+    assert_eq!(webhook.metrics.encode().matches("reason=\"host_network\"} 3").count(), 1);
+}
+
+#[tokio::test]
+async fn a_dry_run_skip_records_no_event() {
+    let api = FakeApi::start("v1.30.4", &[]).await;
+    let webhook = Running::start_with_api(api.client(), |_| {}).await;
+    let mut review = load("hostnetwork-pod-create.json");
+    review["request"]["dryRun"] = json!(true);
+    webhook.review(&review).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(api.state().events.is_empty());
+}
+
+#[tokio::test]
+async fn the_sidecar_image_follows_the_webhooks_own_pod_image() {
+    let api = FakeApi::start("v1.30.4", &[]).await;
+    // As after `kubectl set image deployment/durable-scaler-webhook webhook=...`: the
+    // container's image changed, the env var (--sidecar-image) did not.
+    api.state().own_pod = Some((
+        "durable-scaler".into(),
+        "webhook-0".into(),
+        "registry.example.com/team/durable-scaler:0.2.0".into(),
+    ));
+    let webhook = Running::start_with_api(api.client(), |args| {
+        args.pod_name = Some("webhook-0".into());
+        args.pod_namespace = Some("durable-scaler".into());
+    })
+    .await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_eq!(pod["spec"]["initContainers"][0]["image"], "registry.example.com/team/durable-scaler:0.2.0");
+}
+
+#[tokio::test]
+async fn without_its_pod_the_sidecar_image_is_the_flag() {
+    let api = FakeApi::start("v1.30.4", &[]).await;
+    let webhook = Running::start_with_api(api.client(), |args| {
+        args.pod_name = Some("gone".into());
+        args.pod_namespace = Some("durable-scaler".into());
+    })
+    .await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_eq!(pod["spec"]["initContainers"][0]["image"], "ghcr.io/durable-scaler/durable-scaler:test");
 }
