@@ -15,29 +15,29 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 /// The environment variables the webhook sets in the sidecar and the sidecar reads.
-pub mod env {
+pub(crate) mod env {
     /// The task hub name (case preserved).
-    pub const TASK_HUB: &str = "DURABLE_SCALER_TASK_HUB";
+    pub(crate) const TASK_HUB: &str = "DURABLE_SCALER_TASK_HUB";
     /// The app's storage connection string, copied from the app container's own variable.
-    pub const CONNECTION: &str = "DURABLE_SCALER_CONNECTION";
+    pub(crate) const CONNECTION: &str = "DURABLE_SCALER_CONNECTION";
     /// The aggregator's report URL.
-    pub const AGGREGATOR: &str = "DURABLE_SCALER_AGGREGATOR";
+    pub(crate) const AGGREGATOR: &str = "DURABLE_SCALER_AGGREGATOR";
     /// PEM CA of an `https://` aggregator, inline or as a path.
-    pub const AGGREGATOR_CA: &str = "DURABLE_SCALER_AGGREGATOR_CA";
+    pub(crate) const AGGREGATOR_CA: &str = "DURABLE_SCALER_AGGREGATOR_CA";
     /// The pod's name (downward API `metadata.name`); the DurableTask worker id.
-    pub const POD_NAME: &str = "POD_NAME";
+    pub(crate) const POD_NAME: &str = "POD_NAME";
     /// The pod's namespace (downward API `metadata.namespace`).
-    pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+    pub(crate) const POD_NAMESPACE: &str = "POD_NAMESPACE";
     /// The sidecar's poll interval.
-    pub const INTERVAL: &str = "DURABLE_SCALER_INTERVAL";
+    pub(crate) const INTERVAL: &str = "DURABLE_SCALER_INTERVAL";
     /// How the app records partition ownership (`table` or `blob`).
-    pub const PARTITION_MODE: &str = "DURABLE_SCALER_PARTITION_MODE";
+    pub(crate) const PARTITION_MODE: &str = "DURABLE_SCALER_PARTITION_MODE";
     /// The sidecar's bearer token file.
-    pub const TOKEN_FILE: &str = "DURABLE_SCALER_TOKEN_FILE";
+    pub(crate) const TOKEN_FILE: &str = "DURABLE_SCALER_TOKEN_FILE";
     /// The `/healthz` + `/metrics` address of the sidecar and of the aggregator.
-    pub const HTTP_ADDR: &str = "DURABLE_SCALER_HTTP_ADDR";
+    pub(crate) const HTTP_ADDR: &str = "DURABLE_SCALER_HTTP_ADDR";
     /// Kubernetes sets it to the pod's name; the aggregator's fallback for [`POD_NAME`].
-    pub const HOSTNAME: &str = "HOSTNAME";
+    pub(crate) const HOSTNAME: &str = "HOSTNAME";
 }
 
 /// The label a pod template carries to opt in (filtered by the webhook's objectSelector).
@@ -47,46 +47,46 @@ pub const TASK_HUB_ANNOTATION: &str = "durable-scaler.io/task-hub";
 /// Annotation: the name of the app container's env var that holds the storage connection.
 pub const CONNECTION_ENV_ANNOTATION: &str = "durable-scaler.io/connection-env";
 /// Annotation: the aggregator's report URL, overriding the webhook's `--aggregator`.
-pub const AGGREGATOR_ANNOTATION: &str = "durable-scaler.io/aggregator";
+pub(crate) const AGGREGATOR_ANNOTATION: &str = "durable-scaler.io/aggregator";
 /// Annotation: `"true"` or `"false"`, overriding the webhook's `--native-sidecar`.
-pub const NATIVE_SIDECAR_ANNOTATION: &str = "durable-scaler.io/native-sidecar";
+pub(crate) const NATIVE_SIDECAR_ANNOTATION: &str = "durable-scaler.io/native-sidecar";
 /// Annotation written by the webhook: what was injected, by which version.
-pub const STATUS_ANNOTATION: &str = "durable-scaler.io/status";
+pub(crate) const STATUS_ANNOTATION: &str = "durable-scaler.io/status";
 /// Annotation overriding the sidecar's CPU request (a Kubernetes quantity).
-pub const CPU_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-request";
+pub(crate) const CPU_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-request";
 /// Annotation overriding the sidecar's CPU limit.
-pub const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-limit";
+pub(crate) const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-limit";
 /// Annotation overriding the sidecar's memory request.
-pub const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
+pub(crate) const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
 /// Annotation overriding the sidecar's memory limit.
-pub const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
+pub(crate) const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
 
 /// The injected container's name.
 pub const SIDECAR_CONTAINER: &str = "durable-scaler-sidecar";
 /// The projected service-account token volume, mounted in the sidecar only.
-pub const TOKEN_VOLUME: &str = "durable-scaler-token";
+pub(crate) const TOKEN_VOLUME: &str = "durable-scaler-token";
 /// Where the token volume is mounted.
-pub const TOKEN_DIR: &str = "/var/run/secrets/durable-scaler";
+pub(crate) const TOKEN_DIR: &str = "/var/run/secrets/durable-scaler";
 /// The token's file name inside [`TOKEN_DIR`] (the projection's `path`).
-pub const TOKEN_FILE_NAME: &str = "token";
+pub(crate) const TOKEN_FILE_NAME: &str = "token";
 /// [`TOKEN_DIR`]/[`TOKEN_FILE_NAME`]: the sidecar's default `--token-file`.
-pub const TOKEN_FILE: &str = "/var/run/secrets/durable-scaler/token";
+pub(crate) const TOKEN_FILE: &str = "/var/run/secrets/durable-scaler/token";
 /// The audience the projected token is issued for; the aggregator's TokenReview accepts
 /// only this one.
-pub const TOKEN_AUDIENCE: &str = "durable-scaler";
+pub(crate) const TOKEN_AUDIENCE: &str = "durable-scaler";
 /// Lifetime asked for the projected token (the kubelet refreshes it at 80 %).
-pub const TOKEN_EXPIRATION_SECONDS: u64 = 3600;
+pub(crate) const TOKEN_EXPIRATION_SECONDS: u64 = 3600;
 /// The sidecar's user and group: non-root, numeric so the kubelet can check runAsNonRoot.
-pub const SIDECAR_UID: u32 = 65532;
+pub(crate) const SIDECAR_UID: u32 = 65532;
 
 /// The sidecar's HTTP port (`/healthz`, `/metrics`), probed by the injected liveness probe.
-pub const SIDECAR_HTTP_PORT: u16 = 9095;
+pub(crate) const SIDECAR_HTTP_PORT: u16 = 9095;
 /// The aggregator's KEDA port (externalscaler.ExternalScaler gRPC).
-pub const AGGREGATOR_KEDA_PORT: u16 = 4370;
+pub(crate) const AGGREGATOR_KEDA_PORT: u16 = 4370;
 /// The aggregator's report port (the sidecars' gRPC).
-pub const AGGREGATOR_REPORT_PORT: u16 = 4371;
+pub(crate) const AGGREGATOR_REPORT_PORT: u16 = 4371;
 /// The aggregator's HTTP port (`/healthz`, `/readyz`, `/metrics`, `/hubs`).
-pub const AGGREGATOR_HTTP_PORT: u16 = 8080;
+pub(crate) const AGGREGATOR_HTTP_PORT: u16 = 8080;
 /// The webhook's HTTPS port (its Service maps 443 to it).
 pub const WEBHOOK_PORT: u16 = 8443;
 /// The aggregator's report URL as `manifests/` install it: the `durable-scaler-aggregator`
@@ -96,18 +96,18 @@ pub const DEFAULT_AGGREGATOR_URL: &str = "http://durable-scaler-aggregator.durab
 /// The connection env var the webhook copies when the pod names none.
 pub const DEFAULT_CONNECTION_ENV: &str = "AzureWebJobsStorage";
 /// The Functions host's setting for the task hub name, copied when no annotation names one.
-pub const HUB_NAME_ENV: &str = "AzureFunctionsJobHost__extensions__durableTask__hubName";
+pub(crate) const HUB_NAME_ENV: &str = "AzureFunctionsJobHost__extensions__durableTask__hubName";
 /// The Durable Functions extension's default task hub when nothing names one.
 pub const DEFAULT_TASK_HUB: &str = "TestHubName";
 
 /// DurableTask's upper bound on the partition count (azure-functions-durable-extension
 /// `AzureStorageOptions.Validate`: "PartitionCount must be an integer value between 1 and
 /// 16"). Reports, the probe, `recommend` and the simulator all stay within it.
-pub const MAX_PARTITIONS: u32 = 16;
+pub(crate) const MAX_PARTITIONS: u32 = 16;
 
 /// The poll intervals a sidecar accepts, from its own settings or suggested by the
 /// aggregator (which therefore suggests nothing outside it).
-pub const SIDECAR_INTERVAL_RANGE: RangeInclusive<Duration> =
+pub(crate) const SIDECAR_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
 
 /// A task hub name, checked once as the Durable Functions extension checks it: 3 to 50
@@ -133,9 +133,9 @@ pub struct InvalidTaskHubName(pub String);
 
 impl TaskHub {
     /// The shortest name accepted.
-    pub const MIN_LEN: usize = 3;
+    pub(crate) const MIN_LEN: usize = 3;
     /// The longest name accepted.
-    pub const MAX_LEN: usize = 50;
+    pub(crate) const MAX_LEN: usize = 50;
 
     /// Checks `name` (case preserved, no trimming).
     pub fn parse(name: &str) -> Result<Self, InvalidTaskHubName> {

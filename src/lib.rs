@@ -19,19 +19,19 @@
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 
 pub mod aggregator;
-pub mod app;
+pub(crate) mod app;
 pub mod azurite;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod contract;
-pub mod demo;
+pub(crate) mod demo;
 pub mod emulator;
 pub mod heuristic;
 pub mod kubernetes;
 pub(crate) mod metrics;
 pub mod proto;
-pub mod recommend;
+pub(crate) mod recommend;
 pub mod shutdown;
 pub mod sidecar;
 pub mod simulate;

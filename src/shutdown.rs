@@ -28,7 +28,7 @@ impl Shutdown {
     /// A signal that fires on SIGTERM or SIGINT (Ctrl-C). The SIGTERM handler is installed
     /// before this returns, so a SIGTERM that arrives at once is not lost. Call it inside the
     /// tokio runtime.
-    pub fn on_signal() -> Self {
+    pub(crate) fn on_signal() -> Self {
         let shutdown = Self::new();
         let trigger = shutdown.clone();
         let signals = Signals::install();
@@ -46,13 +46,13 @@ impl Shutdown {
     }
 
     /// True once the signal has fired.
-    pub fn is_triggered(&self) -> bool {
+    pub(crate) fn is_triggered(&self) -> bool {
         *self.receiver.borrow()
     }
 
     /// Waits for `ticker`'s next tick; false instead when the signal fires first. The loops
     /// that work on an interval read `while shutdown.tick(&mut ticker).await { ... }`.
-    pub async fn tick(&self, ticker: &mut tokio::time::Interval) -> bool {
+    pub(crate) async fn tick(&self, ticker: &mut tokio::time::Interval) -> bool {
         tokio::select! {
             _ = self.wait() => false,
             _ = ticker.tick() => !self.is_triggered(),
@@ -60,7 +60,7 @@ impl Shutdown {
     }
 
     /// Completes when the signal fires (at once if it already has).
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let mut receiver = self.receiver.clone();
         // An error means every sender is gone, which only happens when nothing can fire it.
         let _ = receiver.wait_for(|fired| *fired).await;
@@ -71,7 +71,7 @@ impl Shutdown {
 /// (Linux; elsewhere nothing), so children of a test or the demo never outlive it even when
 /// it is killed. Spawn from a thread that lives as long as the parent should: the signal
 /// follows the spawning thread, not the process.
-pub fn kill_child_with_parent(command: &mut std::process::Command) {
+pub(crate) fn kill_child_with_parent(command: &mut std::process::Command) {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;

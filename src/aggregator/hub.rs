@@ -10,16 +10,15 @@ use std::collections::{BTreeSet, HashMap};
 use crate::clock::UnixMs;
 use crate::heuristic::Recommendation;
 use crate::heuristic::engine::{EngineSettings, HubEngine, Reading};
-use crate::heuristic::latency::{LatencyHistory, TaskHubLatencies};
 use crate::storage::QueueSignals;
 
 use super::settings::HubSettings;
 
 /// How long the worker-count source's last answer stands in when it cannot answer.
-pub const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
+pub(crate) const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
 
 /// A partition whose sidecar has not reported for this many of its intervals is uncovered.
-pub const STALE_AFTER_INTERVALS: i64 = 3;
+pub(crate) const STALE_AFTER_INTERVALS: i64 = 3;
 
 /// Where a hub lives: KEDA's ScaledObject namespace (= the app pods' namespace) and the task
 /// hub name lowercased (queue names are lowercased, so case does not tell hubs apart).
@@ -40,7 +39,7 @@ impl HubKey {
 
 /// A report that passed validation (see `reports::validate`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidReport {
+pub(crate) struct ValidReport {
     /// The reporting pod's name.
     pub pod: String,
     /// Partition count, 0 when the sidecar could not tell.
@@ -70,7 +69,7 @@ pub struct ProbeReading {
 
 /// What the probe should read next: everything no live sidecar covers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Coverage {
+pub(crate) struct Coverage {
     /// The partition count, when known.
     pub partition_count: Option<u32>,
     /// Partitions some live sidecar reports.
@@ -83,7 +82,7 @@ pub struct Coverage {
 
 impl Coverage {
     /// Nothing to probe.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.partition_count.is_some() && self.uncovered.is_empty() && !self.work_item_uncovered
     }
 }
@@ -163,7 +162,7 @@ pub struct HubState {
 
 impl HubState {
     /// A hub nothing is known about yet. `work_grace_ms`: see `heuristic::engine`'s docs.
-    pub fn new(settings: HubSettings, work_grace_ms: u64) -> Self {
+    pub(crate) fn new(settings: HubSettings, work_grace_ms: u64) -> Self {
         let engine = HubEngine::new(engine_settings(&settings, work_grace_ms), 0);
         Self {
             settings,
@@ -177,23 +176,24 @@ impl HubState {
     }
 
     /// The settings from the latest KEDA call.
-    pub fn settings(&self) -> &HubSettings {
+    pub(crate) fn settings(&self) -> &HubSettings {
         &self.settings
     }
 
     /// Takes the settings of the latest KEDA call.
-    pub fn update_settings(&mut self, settings: HubSettings) {
+    pub(crate) fn update_settings(&mut self, settings: HubSettings) {
         self.engine.update_settings(engine_settings(&settings, self.work_grace_ms));
         self.settings = settings;
     }
 
     /// Something was read about this hub (a report or a probe, even "not provisioned").
-    pub fn is_observed(&self) -> bool {
+    pub(crate) fn is_observed(&self) -> bool {
         self.observed
     }
 
     /// The partition count, when known.
-    pub fn partition_count(&self) -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn partition_count(&self) -> Option<u32> {
         self.partition_count
     }
 
@@ -208,7 +208,7 @@ impl HubState {
 
     /// Merges one sidecar report received at `now`. A report taken before the pod's latest
     /// (by the sidecar's own clock) arrived out of order and is ignored.
-    pub fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
+    pub(crate) fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
         if let Some(pod) = self.pods.get(&report.pod)
             && pod.last_sampled_ms > report.sampled_at_unix_ms
         {
@@ -240,7 +240,7 @@ impl HubState {
     }
 
     /// Merges what a cold probe read at `now`.
-    pub fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
+    pub(crate) fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
         self.reshape(reading.partition_count);
         for (partition, signals) in &reading.control {
             self.engine.observe_control(*partition as usize, (*signals).into(), now);
@@ -252,17 +252,17 @@ impl HubState {
     }
 
     /// The probe found no task hub in storage: the app never ran, so there is no work.
-    pub fn apply_not_provisioned(&mut self) {
+    pub(crate) fn apply_not_provisioned(&mut self) {
         self.observed = true;
     }
 
     /// The pods whose latest report is fresh and who are not leaving.
-    pub fn live_pods(&self, now: UnixMs) -> u32 {
+    pub(crate) fn live_pods(&self, now: UnixMs) -> u32 {
         self.pods.values().filter(|p| p.is_live(now)).count() as u32
     }
 
     /// What live sidecars cover at `now`, and what the probe must read.
-    pub fn coverage(&self, now: UnixMs) -> Coverage {
+    pub(crate) fn coverage(&self, now: UnixMs) -> Coverage {
         let live: Vec<&PodState> = self.pods.values().filter(|p| p.is_live(now)).collect();
         let Some(p) = self.partition_count else {
             return Coverage { partition_count: None, work_item_uncovered: true, ..Coverage::default() };
@@ -282,7 +282,7 @@ impl HubState {
     }
 
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
-    pub fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) {
+    pub(crate) fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) {
         self.pods.retain(|_, p| now.millis_since(p.last_report) <= silent_for_ms);
     }
 
@@ -291,7 +291,7 @@ impl HubState {
     /// [`SOURCE_ANSWER_KEPT_MS`], so one slow API call does not flip the count; else the live
     /// reporting pods). Returns the change when the desired count differs from the last
     /// decision.
-    pub fn evaluate(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
+    pub(crate) fn evaluate(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
         if let Some(w) = workers {
             self.source_workers = Some((w, now));
         }
@@ -317,7 +317,7 @@ impl HubState {
     }
 
     /// The worker count the latest recommendation was decided from.
-    pub fn workers(&self) -> u32 {
+    pub(crate) fn workers(&self) -> u32 {
         self.engine.decision().map_or(0, |d| d.workers)
     }
 
@@ -327,12 +327,14 @@ impl HubState {
     }
 
     /// The latency rings, for inspection.
-    pub fn latencies(&self) -> &TaskHubLatencies {
+    #[cfg(test)]
+    pub(crate) fn latencies(&self) -> &crate::heuristic::latency::TaskHubLatencies {
         self.engine.latencies()
     }
 
     /// The latest work-item latency ring.
-    pub fn work_item_latencies(&self) -> &LatencyHistory {
+    #[cfg(test)]
+    pub(crate) fn work_item_latencies(&self) -> &crate::heuristic::latency::LatencyHistory {
         self.engine.work_item_latencies()
     }
 }

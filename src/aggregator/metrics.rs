@@ -15,7 +15,7 @@ use crate::tls::{ReloadCounters, ReloadOutcome};
 
 /// Labels of every per-hub series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HubLabels {
+pub(crate) struct HubLabels {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name, lowercased.
@@ -30,7 +30,7 @@ impl From<&HubKey> for HubLabels {
 
 /// What one cold-probe round came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProbeOutcome {
+pub(crate) enum ProbeOutcome {
     /// Every uncovered queue was read.
     Ok,
     /// Some queues were read, some failed.
@@ -74,7 +74,7 @@ impl From<&StorageError> for ProbeOutcome {
 
 /// Why a sidecar report was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectionReason {
+pub(crate) enum RejectionReason {
     /// A required field is empty.
     MissingField,
     /// The task hub name, partition count or queue layout is not one DurableTask makes.
@@ -101,14 +101,14 @@ label_values!(RejectionReason {
 impl RejectionReason {
     /// The sender did not pass authentication: nothing it claims can be trusted, not even
     /// which hub it reports for.
-    pub fn is_authentication(self) -> bool {
+    pub(crate) fn is_authentication(self) -> bool {
         matches!(self, Self::Unauthenticated | Self::PermissionDenied)
     }
 }
 
 /// Labels of the report refusals.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RejectionLabels {
+pub(crate) struct RejectionLabels {
     /// Kubernetes namespace (empty when the sender is not trusted).
     pub namespace: String,
     /// Task hub name, lowercased (empty when the sender is not trusted).
@@ -119,7 +119,7 @@ pub struct RejectionLabels {
 
 /// Labels of the cold probes.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProbeLabels {
+pub(crate) struct ProbeLabels {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name, lowercased.
@@ -130,7 +130,7 @@ pub struct ProbeLabels {
 
 /// The aggregator's TLS ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Port {
+pub(crate) enum Port {
     /// The KEDA port (`--grpc-addr`).
     Keda,
     /// The report port (`--report-addr`, under `--report-tls`).
@@ -141,7 +141,7 @@ label_values!(Port { Keda => "keda", Report => "report" });
 
 /// Labels of the certificate reloads.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
+pub(crate) struct ReloadLabels {
     /// Which port.
     pub port: Port,
     /// Taken into use or refused.
@@ -153,28 +153,28 @@ pub struct ReloadLabels {
 pub struct Metrics {
     registry: Registry,
     /// The worker count GetMetrics asks for.
-    pub desired_workers: Family<HubLabels, Gauge>,
+    pub(crate) desired_workers: Family<HubLabels, Gauge>,
     /// The worker count the decision was taken from.
-    pub workers: Family<HubLabels, Gauge>,
+    pub(crate) workers: Family<HubLabels, Gauge>,
     /// 1 while IsActive answers true.
-    pub active: Family<HubLabels, Gauge>,
+    pub(crate) active: Family<HubLabels, Gauge>,
     /// Partitions a live sidecar reports.
-    pub covered_partitions: Family<HubLabels, Gauge>,
+    pub(crate) covered_partitions: Family<HubLabels, Gauge>,
     /// Partitions no live sidecar reports (probed when a connection is known).
-    pub uncovered_partitions: Family<HubLabels, Gauge>,
+    pub(crate) uncovered_partitions: Family<HubLabels, Gauge>,
     /// 1 when KEDA sent a connection, so uncovered queues are probed; 0 when the hub is
     /// served from sidecar reports alone.
-    pub connection_known: Family<HubLabels, Gauge>,
+    pub(crate) connection_known: Family<HubLabels, Gauge>,
     /// Reports accepted.
-    pub reports_received: Family<HubLabels, Counter>,
+    pub(crate) reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
-    pub reports_rejected: Family<RejectionLabels, Counter>,
+    pub(crate) reports_rejected: Family<RejectionLabels, Counter>,
     /// Cold probes, by outcome.
-    pub probes: Family<ProbeLabels, Counter>,
+    pub(crate) probes: Family<ProbeLabels, Counter>,
     /// Task hubs in memory.
-    pub hubs_tracked: Gauge,
+    pub(crate) hubs_tracked: Gauge,
     /// Changed TLS files taken into use or refused, by port.
-    pub certificate_reloads: Family<ReloadLabels, Counter>,
+    pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -210,13 +210,13 @@ impl Metrics {
 
     /// The registry, for other parts (the Kubernetes sources) to register their metrics in
     /// before the aggregator starts.
-    pub fn registry_mut(&mut self) -> &mut Registry {
+    pub(crate) fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
     }
 
     /// Drops a dropped hub's gauges, so /metrics does not keep reporting it. Its counters
     /// stay (counters must not go back; they stop growing).
-    pub fn forget(&self, labels: &HubLabels) {
+    pub(crate) fn forget(&self, labels: &HubLabels) {
         for family in [
             &self.desired_workers,
             &self.workers,
@@ -230,7 +230,7 @@ impl Metrics {
     }
 
     /// Counts one cold probe of `key` that came to `outcome`.
-    pub fn count_probe(&self, key: &HubKey, outcome: ProbeOutcome) {
+    pub(crate) fn count_probe(&self, key: &HubKey, outcome: ProbeOutcome) {
         let labels =
             ProbeLabels { namespace: key.namespace.clone(), task_hub: key.task_hub.clone(), outcome };
         self.probes.get_or_create(&labels).inc();
@@ -238,14 +238,14 @@ impl Metrics {
 
     /// Counts one report refused for `reason`, labelled with `key` (empty for untrusted
     /// senders).
-    pub fn count_rejection(&self, key: &HubKey, reason: RejectionReason) {
+    pub(crate) fn count_rejection(&self, key: &HubKey, reason: RejectionReason) {
         let labels =
             RejectionLabels { namespace: key.namespace.clone(), task_hub: key.task_hub.clone(), reason };
         self.reports_rejected.get_or_create(&labels).inc();
     }
 
     /// The counters of `port`'s certificate reloads.
-    pub fn certificate_reloads(&self, port: Port) -> ReloadCounters {
+    pub(crate) fn certificate_reloads(&self, port: Port) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { port, outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),
@@ -254,7 +254,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         crate::metrics::encode(&self.registry)
     }
 }

@@ -9,10 +9,10 @@
 //! sleeping durable timers, and a second burst, prints live progress, and ends with an SVG
 //! chart and a summary.
 
-pub mod keda;
-pub mod processes;
-pub mod timeline;
-pub mod worker;
+pub(crate) mod keda;
+pub(crate) mod processes;
+pub(crate) mod timeline;
+pub(crate) mod worker;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
@@ -64,7 +64,7 @@ pub struct Args {
 
 /// Runs `durable-scaler demo` from the command line (the caller provides the runtime):
 /// progress on stdout, logs on stderr.
-pub async fn run_cli(args: Args) -> std::process::ExitCode {
+pub(crate) async fn run_cli(args: Args) -> std::process::ExitCode {
     let json = args.json;
     match run(args).await {
         Ok(summary) => {
@@ -91,7 +91,7 @@ const NAMESPACE: &str = "demo";
 const SCALED_OBJECT: &str = "durable-demo";
 
 /// Runs the demo and returns its summary.
-pub async fn run(args: Args) -> anyhow::Result<Summary> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
     let shutdown = Shutdown::on_signal();
     std::fs::create_dir_all(&args.out_dir)?;
     let logs = args.out_dir.join("logs");
@@ -160,7 +160,6 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         metadata.insert("scaleAlgorithm".into(), algorithm.to_string());
     }
     let settings = KedaSettings {
-        polling_interval: POLLING_INTERVAL,
         cooldown: COOLDOWN,
         stabilization: STABILIZATION,
         bounds: ReplicaBounds { min: 0, max: args.max_workers },

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 /// One sample of the run.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Seconds since the demo started.
     pub t_s: f64,
     /// Messages in the control queues (approximate count, timers included).
@@ -27,7 +27,7 @@ pub struct Sample {
 
 /// A burst of orchestrations the demo started.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Burst {
+pub(crate) struct Burst {
     /// When its messages were enqueued (s).
     pub at_s: f64,
     /// How many orchestrations.
@@ -36,7 +36,7 @@ pub struct Burst {
 
 /// The figures the demo ends with, per burst.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BurstOutcome {
+pub(crate) struct BurstOutcome {
     /// When the burst started (s).
     pub at_s: f64,
     /// From the burst to the first running worker (s), if one ran.
@@ -49,7 +49,7 @@ pub struct BurstOutcome {
 
 /// The whole run's summary.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// Per burst.
     pub bursts: Vec<BurstOutcome>,
     /// Most workers running at once.
@@ -61,7 +61,7 @@ pub struct Summary {
 }
 
 /// Summarises `samples` for `bursts`.
-pub fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
+pub(crate) fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
     let outcomes = bursts
         .iter()
         .enumerate()
@@ -104,13 +104,13 @@ pub fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
 
 impl Summary {
     /// True when the run went 0 -> N -> 0 once per burst.
-    pub fn scaled_from_zero_and_back(&self, bursts: usize) -> bool {
+    pub(crate) fn scaled_from_zero_and_back(&self, bursts: usize) -> bool {
         self.transitions.len() == 2 * bursts + 1
             && self.transitions.iter().enumerate().all(|(i, &w)| (i % 2 == 0) == (w == 0))
     }
 
     /// The one-paragraph summary printed at the end.
-    pub fn paragraph(&self) -> String {
+    pub(crate) fn paragraph(&self) -> String {
         let fmt = |v: Option<f64>| v.map_or_else(|| "never".to_string(), |s| format!("{s:.1} s"));
         let mut text = String::new();
         for (i, b) in self.bursts.iter().enumerate() {
@@ -134,7 +134,7 @@ impl Summary {
 
 /// The run as an SVG chart: workers over time above, the visible backlog beneath, drawn by
 /// the simulator's chart code so the demo and the simulator read alike.
-pub fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
+pub(crate) fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
     use crate::simulate::{metrics::Point, svg};
     let points: Vec<Point> = samples
         .iter()

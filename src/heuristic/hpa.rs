@@ -6,9 +6,9 @@
 use std::collections::VecDeque;
 
 /// The HPA's default tolerance: a ratio within 10 % of 1 changes nothing.
-pub const TOLERANCE: f64 = 0.1;
+pub(crate) const TOLERANCE: f64 = 0.1;
 /// The HPA's default scale-down stabilization window.
-pub const SCALE_DOWN_STABILIZATION_MS: u64 = 300_000;
+pub(crate) const SCALE_DOWN_STABILIZATION_MS: u64 = 300_000;
 
 /// How the HPA reads an external metric (`metricType` of the ScaledObject trigger).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,17 +21,17 @@ pub enum MetricTargetType {
 }
 
 /// Negative, NaN and infinite metric values count as 0, as KEDA does.
-pub fn sanitize(value: f64) -> f64 {
+pub(crate) fn sanitize(value: f64) -> f64 {
     if value.is_finite() && value > 0.0 { value } else { 0.0 }
 }
 
 /// A MetricSpec's target: `targetSizeFloat` when positive, else the deprecated `targetSize`.
-pub fn effective_target(target_size: i64, target_size_float: f64) -> f64 {
+pub(crate) fn effective_target(target_size: i64, target_size_float: f64) -> f64 {
     if sanitize(target_size_float) > 0.0 { target_size_float } else { sanitize(target_size as f64) }
 }
 
 /// A MetricValue's value: `metricValueFloat` when positive, else the deprecated `metricValue`.
-pub fn effective_value(metric_value: i64, metric_value_float: f64) -> f64 {
+pub(crate) fn effective_value(metric_value: i64, metric_value_float: f64) -> f64 {
     if sanitize(metric_value_float) > 0.0 { metric_value_float } else { sanitize(metric_value as f64) }
 }
 
@@ -86,7 +86,7 @@ impl ReplicaBounds {
 }
 
 /// The HPA's default scale-up policy: at most max(+100 %, +4 pods) per period.
-pub fn scale_up_limit(current: u32) -> u32 {
+pub(crate) fn scale_up_limit(current: u32) -> u32 {
     current.saturating_mul(2).max(current.saturating_add(4))
 }
 
@@ -107,7 +107,7 @@ impl ScaleDownStabilizer {
 
     /// Records `recommended` at `now_ms` and returns the highest recommendation within the
     /// window ending now.
-    pub fn stabilize(&mut self, now_ms: u64, recommended: u32) -> u32 {
+    pub(crate) fn stabilize(&mut self, now_ms: u64, recommended: u32) -> u32 {
         while let Some(&(t, _)) = self.recent.front() {
             if now_ms.saturating_sub(t) > self.window_ms {
                 self.recent.pop_front();
@@ -142,7 +142,7 @@ pub fn hpa_sync(
 /// KEDA's own part: 0 -> max(min, 1) when the trigger turns active, and -> 0 once it has
 /// been inactive for the cooldown period (only when `min` is 0). Otherwise the HPA's
 /// `hpa_replicas` stand.
-pub fn keda_replicas(
+pub(crate) fn keda_replicas(
     current: u32,
     active: bool,
     cooldown_elapsed: bool,
@@ -166,7 +166,7 @@ pub fn keda_replicas(
 /// ratio clears the tolerance; going down, a fraction just above the next lower whole count,
 /// so `ceil` still gives that count while the ratio clears the tolerance. At 0 replicas the
 /// HPA is idle (KEDA does 0 -> 1), so the value is `desired` itself.
-pub fn metric_value(desired: u32, current: u32) -> f64 {
+pub(crate) fn metric_value(desired: u32, current: u32) -> f64 {
     const JUST_ABOVE: f64 = 0.001;
     let c = f64::from(current);
     if current == 0 || desired == current {

@@ -101,7 +101,7 @@ async fn read_token(path: &std::path::Path) -> Option<String> {
 /// Delivers whatever report is latest in `latest` until `shutdown`. Reports that arrive
 /// while a call is in flight or during backoff replace each other: at most one is kept.
 /// The interval each answer suggests (0: keep the sidecar's own) goes to `suggested_interval_ms`.
-pub async fn deliver_latest(
+pub(crate) async fn deliver_latest(
     client: ReportClient,
     mut latest: watch::Receiver<Option<Report>>,
     timeout: Duration,

@@ -79,7 +79,7 @@ impl Autoscaler {
     }
 
     /// Times the replica count changed.
-    pub fn changes(&self) -> u32 {
+    pub(crate) fn changes(&self) -> u32 {
         self.changes
     }
 

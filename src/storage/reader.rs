@@ -28,7 +28,7 @@ use super::{
 };
 
 /// How many messages one peek asks for (the service's maximum).
-pub const PEEK_LIMIT: u32 = 32;
+pub(crate) const PEEK_LIMIT: u32 = 32;
 
 /// How many lease blobs are downloaded at once: enough to keep a poll short, few enough to
 /// keep the connection pool (and memory) small.
@@ -88,16 +88,6 @@ impl TaskHubReader {
             options,
             cache: Arc::default(),
         }
-    }
-
-    /// The hub this reader reads.
-    pub fn hub(&self) -> &TaskHub {
-        &self.hub
-    }
-
-    /// Where partition ownership is looked for.
-    pub fn mode(&self) -> PartitionMode {
-        self.mode
     }
 
     /// The layout the last read of [`TaskHubReader::partitions`] used; None before the first

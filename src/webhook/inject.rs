@@ -14,9 +14,7 @@ use crate::contract::{
     SIDECAR_HTTP_PORT, SIDECAR_UID, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
     TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
 };
-// Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
-// contract module is their home.
-pub use crate::contract::{
+use crate::contract::{
     CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, DEFAULT_TASK_HUB, INJECT_LABEL, TASK_HUB_ANNOTATION,
 };
 
@@ -49,7 +47,7 @@ pub struct InjectionSettings {
 /// What the webhook answers for one pod: the patch (empty when nothing is injected) and the
 /// warnings shown to the user by `kubectl`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Injection {
+pub(crate) struct Injection {
     /// JSON patch operations (RFC 6902), all `add`.
     pub patch: Vec<Value>,
     /// Admission warnings, each saying what was wrong and what was done instead.
@@ -58,20 +56,20 @@ pub struct Injection {
 
 impl Injection {
     /// True when the plan injects the sidecar.
-    pub fn injects(&self) -> bool {
+    pub(crate) fn injects(&self) -> bool {
         !self.patch.is_empty()
     }
 }
 
 /// True when the pod opted in with the label `durable-scaler.io/inject: "true"`.
-pub fn opted_in(pod: &Value) -> bool {
+pub(crate) fn opted_in(pod: &Value) -> bool {
     pod.pointer("/metadata/labels").and_then(|labels| labels.get(INJECT_LABEL)).and_then(Value::as_str)
         == Some("true")
 }
 
 /// Plans the injection into `pod` (a labelled pod on CREATE). Never fails: what cannot be
 /// done becomes a warning and the pod is admitted as it is.
-pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
+pub(crate) fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     let mut warnings = Vec::new();
     let Some(spec) = pod.get("spec").and_then(Value::as_object) else {
         warnings.push("durable-scaler: the pod has no spec; sidecar not injected".to_owned());
@@ -337,7 +335,7 @@ fn resources<'a>(annotation: &impl Fn(&str) -> Option<&'a str>, warnings: &mut V
 
 /// Parses a non-negative Kubernetes quantity (`100m`, `0.5`, `64Mi`, `1e3`) into its value,
 /// or `None` when the API server would reject it.
-pub fn parse_quantity(raw: &str) -> Option<f64> {
+pub(crate) fn parse_quantity(raw: &str) -> Option<f64> {
     let split = raw.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(raw.len());
     let (number, suffix) = raw.split_at(split);
     if number.is_empty() || number == "." || number.matches('.').count() > 1 {
@@ -395,7 +393,7 @@ fn add(path: &str, value: Value) -> Value {
 }
 
 /// Escapes one JSON pointer token (RFC 6901): `~` as `~0`, then `/` as `~1`.
-pub fn escape(token: &str) -> String {
+pub(crate) fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
 }
 

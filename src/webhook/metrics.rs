@@ -10,7 +10,7 @@ use crate::tls::{ReloadCounters, ReloadOutcome};
 
 /// Labels of the certificate reloads.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
+pub(crate) struct ReloadLabels {
     /// Taken into use or refused.
     pub outcome: ReloadOutcome,
 }
@@ -26,7 +26,7 @@ pub struct Metrics {
     /// Requests refused (400, 413, 415).
     pub refused: Counter,
     /// Changed certificate files taken into use or refused.
-    pub certificate_reloads: Family<ReloadLabels, Counter>,
+    pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -37,7 +37,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh set, registered under the `durable_scaler_webhook` prefix.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("durable_scaler_webhook");
         let (reviews, injections, refused) = (Counter::default(), Counter::default(), Counter::default());
         let certificate_reloads = Family::<ReloadLabels, Counter>::default();
@@ -57,7 +57,7 @@ impl Metrics {
     }
 
     /// The counters the serving certificate's reloads go to.
-    pub fn certificate_reload_counters(&self) -> ReloadCounters {
+    pub(crate) fn certificate_reload_counters(&self) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),
@@ -66,7 +66,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         crate::metrics::encode(&self.registry)
     }
 }
