@@ -23,7 +23,12 @@ pub(crate) struct ChildProcess {
 impl ChildProcess {
     /// Starts this very binary with `args` and `envs`, its stdout and stderr appended to
     /// `log`.
-    pub(crate) fn spawn(name: &str, args: &[String], envs: &[(&str, String)], log: &Path) -> std::io::Result<Self> {
+    pub(crate) fn spawn(
+        name: &str,
+        args: &[String],
+        envs: &[(&str, String)],
+        log: &Path,
+    ) -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let err = out.try_clone()?;

@@ -100,7 +100,12 @@ impl HubHistory {
     }
 
     /// Records one sample per queue, keeping what `settings` needs.
-    pub(crate) fn record(&mut self, settings: &DurableSettings, work_item: QueueSample, control: &[QueueSample]) {
+    pub(crate) fn record(
+        &mut self,
+        settings: &DurableSettings,
+        work_item: QueueSample,
+        control: &[QueueSample],
+    ) {
         let horizon = settings.horizon_ms();
         self.work_item.record(work_item, horizon);
         if self.control.len() < control.len() {
@@ -276,7 +281,12 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at: UnixMs, no_workers:
 /// `hub` holds each queue's recent samples (record them with [`HubHistory::record`]). The
 /// answer's `desired_workers` is the count the hub needs; report [`metric_value`] of it to
 /// KEDA (target 1, AverageValue) and `keep_workers_alive` as IsActive.
-pub(crate) fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now: UnixMs) -> Recommendation {
+pub(crate) fn recommend(
+    settings: &DurableSettings,
+    hub: &HubHistory,
+    workers: u32,
+    now: UnixMs,
+) -> Recommendation {
     let need = need_at(hub, settings, now, workers == 0);
     let raw = need.workers();
     let keep = raw > 0;

@@ -112,7 +112,12 @@ impl Recommendation {
 
     /// A recommendation for an absolute worker count, the action following from comparing
     /// it with the current `workers`.
-    pub(crate) fn toward(workers: u32, desired_workers: u32, keep_workers_alive: bool, reason: String) -> Self {
+    pub(crate) fn toward(
+        workers: u32,
+        desired_workers: u32,
+        keep_workers_alive: bool,
+        reason: String,
+    ) -> Self {
         let action = match desired_workers.cmp(&workers) {
             std::cmp::Ordering::Greater => ScaleAction::AddWorker,
             std::cmp::Ordering::Less => ScaleAction::RemoveWorker,

@@ -693,5 +693,4 @@ impl App {
         let present = self.work_item.approximate() + self.control.iter().map(Queue::approximate).sum::<u64>();
         MessageCounts { present, ..self.counts }
     }
-
 }

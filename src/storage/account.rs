@@ -377,7 +377,10 @@ mod tests {
                 "http://127.0.0.1:10002/devstoreaccount1"
             ]
         );
-        assert_eq!((a.name.as_deref(), a.credential_kind()), (Some("devstoreaccount1"), CredentialKind::SharedKey));
+        assert_eq!(
+            (a.name.as_deref(), a.credential_kind()),
+            (Some("devstoreaccount1"), CredentialKind::SharedKey)
+        );
     }
 
     #[test]

@@ -28,8 +28,8 @@ pub(crate) mod table;
 
 pub(crate) use account::Service;
 pub use account::StorageAccount;
-pub use layout::{Layout, REDETECT_INTERVAL};
 pub(crate) use layout::lease_blob_name;
+pub use layout::{Layout, REDETECT_INTERVAL};
 pub use reader::TaskHubReader;
 // The name rule and the partition limit are the roles' contract; storage derives the hub's
 // resource names from a checked name.

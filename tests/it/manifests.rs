@@ -633,12 +633,9 @@ fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
         let template = &app["spec"]["template"];
         assert_eq!(template["metadata"]["labels"][contract::INJECT_LABEL], "true");
         let annotations = template["metadata"]["annotations"].as_object().unwrap();
-        assert!(
-            annotations
-                .keys()
-                .all(|k| [contract::TASK_HUB_ANNOTATION, contract::CONNECTION_ENV_ANNOTATION]
-                    .contains(&k.as_str()))
-        );
+        assert!(annotations.keys().all(|k| {
+            [contract::TASK_HUB_ANNOTATION, contract::CONNECTION_ENV_ANNOTATION].contains(&k.as_str())
+        }));
         let connection = annotations[contract::CONNECTION_ENV_ANNOTATION].as_str().unwrap();
         assert_eq!(connection, contract::DEFAULT_CONNECTION_ENV);
         let secret = find(&objects, "Secret", "orders-storage");
@@ -655,7 +652,10 @@ fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
         assert!(scaled["spec"]["minReplicaCount"].as_u64() <= scaled["spec"]["maxReplicaCount"].as_u64());
         assert!(objects.iter().all(|o| o["kind"] != "HorizontalPodAutoscaler"), "KEDA makes the HPA");
         let metadata = &scaled["spec"]["triggers"][0]["metadata"];
-        assert_eq!(metadata["taskHubName"], template["metadata"]["annotations"][contract::TASK_HUB_ANNOTATION]);
+        assert_eq!(
+            metadata["taskHubName"],
+            template["metadata"]["annotations"][contract::TASK_HUB_ANNOTATION]
+        );
         assert!(
             variables.iter().any(|e| e["name"] == metadata["connectionFromEnv"]),
             "connectionFromEnv must name an env var of the scale target's container"
