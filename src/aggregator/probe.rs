@@ -191,7 +191,7 @@ impl Prober {
         }
         let now = UnixMs::now();
         let mut no_store: Option<StorageError> = None;
-        let partitions = match reader.partitions(now.as_millis()).await {
+        let partitions = match reader.partitions(now).await {
             Ok(p) => {
                 if let Some(layout) = reader.layout() {
                     self.count_ownership(entry, OwnershipFound::Layout(layout));
@@ -218,10 +218,9 @@ impl Prober {
             (0..partitions).collect()
         };
         let work_item = coverage.work_item_uncovered || coverage.partition_count != Some(partitions);
-        let control =
-            join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now.as_millis())));
+        let control = join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now)));
         let (control, work) = tokio::join!(control, async {
-            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now.as_millis()).await) } else { None }
+            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now).await) } else { None }
         });
         let mut reading = ProbeReading { partition_count: partitions, control: Vec::new(), work_item: None };
         let mut failure: Option<StorageError> = None;

@@ -18,6 +18,7 @@ use std::{
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    clock::UnixMs,
     heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer},
     proto::externalscaler::{
         GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
@@ -82,7 +83,7 @@ pub(crate) struct KedaPlayer {
     scaled_object: ScaledObjectRef,
     settings: KedaSettings,
     stabilizer: ScaleDownStabilizer,
-    last_active_ms: Option<u64>,
+    last_active: Option<UnixMs>,
     pushed: Arc<AtomicBool>,
 }
 
@@ -113,9 +114,9 @@ impl KedaPlayer {
         Ok(Self {
             client,
             scaled_object,
-            stabilizer: ScaleDownStabilizer::new(settings.stabilization.as_millis() as u64),
+            stabilizer: ScaleDownStabilizer::new(settings.stabilization),
             settings,
-            last_active_ms: None,
+            last_active: None,
             pushed,
         })
     }
@@ -126,15 +127,15 @@ impl KedaPlayer {
         self.pushed.swap(false, Ordering::SeqCst)
     }
 
-    /// Records a pushed activation at `now_ms` (it postpones the cooldown) and returns the
+    /// Records a pushed activation at `now` (it postpones the cooldown) and returns the
     /// replica count KEDA sets for a target at `current`.
-    pub(crate) fn on_push(&mut self, now_ms: u64, current: u32) -> u32 {
-        self.last_active_ms = Some(now_ms);
+    pub(crate) fn on_push(&mut self, now: UnixMs, current: u32) -> u32 {
+        self.last_active = Some(now);
         hpa::keda_replicas(current, true, false, current, self.settings.bounds)
     }
 
-    /// One polling cycle at `now_ms` for a target running `current` replicas.
-    pub(crate) async fn poll(&mut self, now_ms: u64, current: u32) -> Result<KedaPoll, KedaError> {
+    /// One polling cycle at `now` for a target running `current` replicas.
+    pub(crate) async fn poll(&mut self, now: UnixMs, current: u32) -> Result<KedaPoll, KedaError> {
         let spec = self
             .client
             .get_metric_spec(self.scaled_object.clone())
@@ -166,10 +167,9 @@ impl KedaPlayer {
             .result;
 
         if active {
-            self.last_active_ms = Some(now_ms);
+            self.last_active = Some(now);
         }
-        let cooldown_ms = self.settings.cooldown.as_millis() as u64;
-        let cooldown_elapsed = self.last_active_ms.is_none_or(|t| now_ms.saturating_sub(t) >= cooldown_ms);
+        let cooldown_elapsed = self.last_active.is_none_or(|t| now.since(t) >= self.settings.cooldown);
         let hpa_replicas = hpa::hpa_sync(
             current,
             metric,
@@ -177,7 +177,7 @@ impl KedaPlayer {
             MetricTargetType::AverageValue,
             self.settings.bounds,
             &mut self.stabilizer,
-            now_ms,
+            now,
         );
         let replicas =
             hpa::keda_replicas(current, active, cooldown_elapsed, hpa_replicas, self.settings.bounds);

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     azurite::Azurite,
+    clock::UnixMs,
     contract::{MAX_PARTITIONS, env},
     heuristic::hpa::ReplicaBounds,
     shutdown::Shutdown,
@@ -322,7 +323,8 @@ async fn drive(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while start.elapsed() < args.duration && shutdown.tick(&mut tick).await {
         let elapsed = start.elapsed();
-        let now_ms = elapsed.as_millis() as u64;
+        // The played KEDA's clock: the demo's own, starting at 0.
+        let now = UnixMs(0).plus(elapsed);
         if let Some(burst) = bursts.get(next_burst).filter(|b| elapsed.as_secs_f64() >= b.at_s) {
             for _ in 0..burst.orchestrations {
                 let message = worker::ControlMessage::Start { id: next_id, activities: args.activities };
@@ -361,7 +363,7 @@ async fn drive(
             next_burst += 1;
         }
         if keda.take_push() && pods.pods.is_empty() {
-            let replicas = keda.on_push(now_ms, 0);
+            let replicas = keda.on_push(now, 0);
             println!(
                 "[{:>4.0}s] StreamIsActive pushed true: KEDA scales 0 -> {replicas} at once",
                 elapsed.as_secs_f64()
@@ -370,7 +372,7 @@ async fn drive(
         }
         if elapsed >= next_poll {
             next_poll = elapsed + POLLING_INTERVAL;
-            match keda.poll(now_ms, pods.pods.len() as u32).await {
+            match keda.poll(now, pods.pods.len() as u32).await {
                 Ok(poll) => {
                     last = (poll.active, poll.metric);
                     if poll.replicas as usize != pods.pods.len() {
@@ -442,7 +444,7 @@ async fn observe(
     last: (bool, f64),
     workers: u32,
 ) -> Sample {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let now = UnixMs::now();
     let mut sample = Sample {
         t_s,
         control_messages: 0,

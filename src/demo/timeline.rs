@@ -25,6 +25,13 @@ pub(crate) struct Sample {
     pub workers: u32,
 }
 
+impl Sample {
+    /// Work queued or running: orchestrations not completed, or messages in a queue.
+    fn has_work(&self) -> bool {
+        self.orchestrations_running > 0 || self.control_messages > 0 || self.work_items > 0
+    }
+}
+
 /// A burst of orchestrations the demo started.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub(crate) struct Burst {
@@ -43,8 +50,13 @@ pub(crate) struct BurstOutcome {
     pub time_to_first_worker_s: Option<f64>,
     /// From the burst to no orchestration running (s), if it drained.
     pub drain_time_s: Option<f64>,
-    /// From the burst to zero workers again (s), if it got there.
+    /// From the burst to zero workers again (s), if it got there before the next burst (or
+    /// the end of the run).
     pub back_to_zero_s: Option<f64>,
+    /// Times the workers went from some to none while work was still queued or running,
+    /// between this burst and the next: a scale-to-zero that strands work. A brief dip to
+    /// fewer workers is harmless; this is not.
+    pub zero_with_work_queued: u32,
 }
 
 /// The whole run's summary.
@@ -76,11 +88,16 @@ pub(crate) fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
             let zero = drained.and_then(|d| {
                 samples.iter().find(|s| s.t_s >= d && s.t_s <= until && s.workers == 0).map(|s| s.t_s)
             });
+            let zero_with_work_queued = window
+                .windows(2)
+                .filter(|w| w[0].workers > 0 && w[1].workers == 0 && w[1].has_work())
+                .count();
             BurstOutcome {
                 at_s: b.at_s,
                 time_to_first_worker_s: first_worker.map(|t| t - b.at_s),
                 drain_time_s: drained.map(|t| t - b.at_s),
                 back_to_zero_s: zero.map(|t| t - b.at_s),
+                zero_with_work_queued: u32::try_from(zero_with_work_queued).unwrap_or(u32::MAX),
             }
         })
         .collect();
@@ -103,12 +120,6 @@ pub(crate) fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
 }
 
 impl Summary {
-    /// True when the run went 0 -> N -> 0 once per burst.
-    pub(crate) fn scaled_from_zero_and_back(&self, bursts: usize) -> bool {
-        self.transitions.len() == 2 * bursts + 1
-            && self.transitions.iter().enumerate().all(|(i, &w)| (i % 2 == 0) == (w == 0))
-    }
-
     /// The one-paragraph summary printed at the end.
     pub(crate) fn paragraph(&self) -> String {
         let fmt = |v: Option<f64>| v.map_or_else(|| "never".to_string(), |s| format!("{s:.1} s"));
@@ -189,7 +200,7 @@ mod tests {
         let bursts = [Burst { at_s: 5.0, orchestrations: 10 }, Burst { at_s: 40.0, orchestrations: 5 }];
         let s = summarize(&samples, &bursts);
         assert_eq!(s.transitions, vec![0, 3, 0, 2, 0]);
-        assert!(s.scaled_from_zero_and_back(2));
+        assert!(s.bursts.iter().all(|b| b.zero_with_work_queued == 0));
         assert_eq!(s.peak_workers, 3);
         assert_eq!(s.bursts[0].time_to_first_worker_s, Some(2.0));
         assert_eq!(s.bursts[0].drain_time_s, Some(15.0));
@@ -209,8 +220,36 @@ mod tests {
     fn a_run_that_never_returns_to_zero_is_reported_as_such() {
         let samples = vec![sample(0.0, 0, 0), sample(5.0, 2, 3), sample(9.0, 2, 0)];
         let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 3 }]);
-        assert!(!s.scaled_from_zero_and_back(1));
         assert_eq!(s.bursts[0].back_to_zero_s, None);
         assert!(s.paragraph().contains("back to zero after never"));
+    }
+
+    #[test]
+    fn a_dip_to_zero_while_orchestrations_run_is_counted_for_its_burst() {
+        let samples = vec![
+            sample(0.0, 0, 0),
+            sample(2.0, 2, 4),
+            sample(4.0, 0, 3),
+            sample(6.0, 1, 3),
+            sample(8.0, 1, 0),
+            sample(9.0, 0, 0),
+            sample(12.0, 2, 4),
+            sample(14.0, 1, 0),
+            sample(15.0, 0, 0),
+        ];
+        let bursts = [Burst { at_s: 1.0, orchestrations: 4 }, Burst { at_s: 11.0, orchestrations: 4 }];
+        let s = summarize(&samples, &bursts);
+        assert_eq!(s.bursts[0].zero_with_work_queued, 1, "2 -> 0 with 3 running");
+        assert_eq!(s.bursts[1].zero_with_work_queued, 0, "1 -> 0 once drained");
+        assert_eq!(s.bursts[0].back_to_zero_s, Some(8.0), "the zero after draining, not the dip");
+    }
+
+    #[test]
+    fn queued_messages_count_as_work_even_with_no_orchestration_running() {
+        let mut queued = sample(4.0, 0, 0);
+        queued.work_items = 2;
+        let samples = vec![sample(0.0, 0, 0), sample(2.0, 1, 1), queued, sample(6.0, 0, 0)];
+        let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 1 }]);
+        assert_eq!(s.bursts[0].zero_with_work_queued, 1);
     }
 }

@@ -201,7 +201,7 @@ impl Host {
     /// Renews what it holds, drops what others took, and moves toward its fair share:
     /// ceil(P / workers), counting itself among the workers.
     async fn rebalance(&mut self) -> Result<(), StorageError> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let now = crate::clock::UnixMs::now();
         let rows = self.reader.partitions(now).await?;
         let partitions = rows.len();
         let mut held_by: BTreeMap<String, Vec<u32>> = BTreeMap::new();

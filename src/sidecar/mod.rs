@@ -161,7 +161,7 @@ async fn poll_until_shutdown(
         let requests_before = reader.account().request_count();
         let now = UnixMs::now();
         let result = tokio::select! {
-            result = poll::poll(&reader, &config.pod_name, now.as_millis()) => result,
+            result = poll::poll(&reader, &config.pod_name, now) => result,
             _ = shutdown.wait() => break,
         };
         let kinds: Vec<StorageErrorKind> = result.errors.iter().map(|e| e.kind()).collect();

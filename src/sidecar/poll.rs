@@ -9,6 +9,7 @@
 use futures::StreamExt;
 
 use crate::{
+    clock::UnixMs,
     proto::report::{self as proto, report_error::Kind},
     storage::{Layout, PartitionLease, QueueRef, QueueSignals, StorageError, TaskHubReader},
 };
@@ -33,9 +34,9 @@ pub(crate) struct PollResult {
     pub layout: Option<Layout>,
 }
 
-/// Reads what `pod_name` owns at `now_unix_ms`.
-pub(crate) async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i64) -> PollResult {
-    let leases = match reader.partitions(now_unix_ms).await {
+/// Reads what `pod_name` owns at `now`.
+pub(crate) async fn poll(reader: &TaskHubReader, pod_name: &str, now: UnixMs) -> PollResult {
+    let leases = match reader.partitions(now).await {
         Ok(leases) => leases,
         Err(e) => return PollResult { errors: vec![e], layout: reader.layout(), ..Default::default() },
     };
@@ -46,7 +47,7 @@ pub(crate) async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i6
         queues.push(QueueRef::WorkItem);
     }
     let reads: Vec<(QueueRef, Result<QueueSignals, StorageError>)> = futures::stream::iter(queues)
-        .map(|queue| async move { (queue, reader.read_queue(queue, now_unix_ms).await) })
+        .map(|queue| async move { (queue, reader.read_queue(queue, now).await) })
         .buffered(QUEUE_READ_CONCURRENCY)
         .collect()
         .await;

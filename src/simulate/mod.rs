@@ -313,11 +313,11 @@ impl Args {
             cooldown_ms: seconds(self.cooldown_s, "--cooldown-s", "DURABLE_SCALER_SIMULATE_COOLDOWN_S")?,
             bounds: ReplicaBounds { min: self.min_replicas, max: max_replicas },
             hpa_sync_ms: positive_s(self.hpa_sync_s, "--hpa-sync-s", "DURABLE_SCALER_SIMULATE_HPA_SYNC_S")?,
-            stabilization_ms: seconds(
+            stabilization: std::time::Duration::from_millis(seconds(
                 self.stabilization_s,
                 "--stabilization-s",
                 "DURABLE_SCALER_SIMULATE_STABILIZATION_S",
-            )?,
+            )?),
         };
         let scalers = ScalerConfig {
             max_activities,
