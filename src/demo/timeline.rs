@@ -26,9 +26,10 @@ pub(crate) struct Sample {
 }
 
 impl Sample {
-    /// Work queued or running: orchestrations not completed, or messages in a queue.
+    /// Work queued or running: orchestrations not completed, or visible messages. Invisible
+    /// control messages are durable timers not yet due, which must not keep workers up.
     fn has_work(&self) -> bool {
-        self.orchestrations_running > 0 || self.control_messages > 0 || self.work_items > 0
+        self.orchestrations_running > 0 || self.control_visible > 0 || self.work_items > 0
     }
 }
 
@@ -242,6 +243,15 @@ mod tests {
         assert_eq!(s.bursts[0].zero_with_work_queued, 1, "2 -> 0 with 3 running");
         assert_eq!(s.bursts[1].zero_with_work_queued, 0, "1 -> 0 once drained");
         assert_eq!(s.bursts[0].back_to_zero_s, Some(8.0), "the zero after draining, not the dip");
+    }
+
+    #[test]
+    fn sleeping_timers_alone_are_not_work() {
+        let mut timers = sample(4.0, 0, 0);
+        timers.control_messages = 4;
+        let samples = vec![sample(0.0, 0, 0), sample(2.0, 1, 1), sample(3.0, 1, 0), timers];
+        let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 1 }]);
+        assert_eq!(s.bursts[0].zero_with_work_queued, 0);
     }
 
     #[test]
