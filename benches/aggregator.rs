@@ -5,6 +5,10 @@
 //! Latency: one client, calls one after another, each hub in turn. Throughput: 32 concurrent
 //! callers on one HTTP/2 connection (as KEDA multiplexes), for 3 seconds per method.
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,6 +7,10 @@
 //!
 //! `cargo bench --bench sidecar` (needs Azurite: `npm install`, or AZURITE_CONNECTION_STRING).
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use std::{
     net::SocketAddr,
     sync::{

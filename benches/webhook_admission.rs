@@ -6,6 +6,10 @@
 //! `cargo bench --bench webhook_admission` (env BENCH_SECONDS per scenario, default 5).
 //! Client and server share the machine's cores, so the figures are a floor.
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 #[path = "../tests/it/https.rs"]
 mod https;
 

@@ -23,7 +23,7 @@ pub const ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// What to do when no Azurite can be had: every [`AzuriteError`] ends with it.
-pub const HOW_TO_GET_IT: &str = "this needs Azurite, the Azure Storage emulator: run ./scripts/test \
+pub(crate) const HOW_TO_GET_IT: &str = "this needs Azurite, the Azure Storage emulator: run ./scripts/test \
 (it installs Azurite with npm and starts it), or run `npm ci` in the project root (needs \
 Node.js) so node_modules/.bin/azurite exists, or start Azurite yourself and set \
 AZURITE_CONNECTION_STRING to its connection string (see scripts/test for the command line); \
@@ -87,7 +87,7 @@ impl Azurite {
     }
 
     /// Uses an Azurite that is already running.
-    pub fn from_connection_string(cs: &str) -> Result<Self, AzuriteError> {
+    pub(crate) fn from_connection_string(cs: &str) -> Result<Self, AzuriteError> {
         let field = |name: &'static str| {
             cs.split(';')
                 .filter_map(|kv| kv.split_once('='))
@@ -105,7 +105,7 @@ impl Azurite {
 
     /// Starts a new in-memory Azurite on loopback, on ports the OS picks. The process is
     /// killed when this value is dropped and, on Linux, when this process dies.
-    pub fn start() -> Result<Self, AzuriteError> {
+    pub(crate) fn start() -> Result<Self, AzuriteError> {
         Self::start_with(&[])
     }
 

@@ -49,6 +49,10 @@ pub enum Command {
     Aggregator(crate::app::AggregatorArgs),
     // The subcommand's help is `simulate::Args`' own doc comment; boxed because its many
     // knobs would make every other variant as large.
+    #[allow(
+        missing_docs,
+        reason = "a doc comment here would replace the help clap takes from simulate::Args"
+    )]
     Simulate(Box<crate::simulate::Args>),
     /// Serve the mutating admission webhook that injects the sidecar (HTTPS, `POST /mutate`).
     Webhook(crate::webhook::Args),

@@ -43,7 +43,7 @@ impl UnixMs {
     }
 
     /// The time from `earlier` to `self`, zero when `earlier` is later.
-    pub fn since(self, earlier: UnixMs) -> Duration {
+    pub(crate) fn since(self, earlier: UnixMs) -> Duration {
         Duration::from_millis(u64::try_from(self.millis_since(earlier)).unwrap_or(0))
     }
 }

@@ -23,17 +23,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// `text` as an `http://` or `https://` URL with a host (aggregator report URLs, storage
 /// endpoints); `None` for anything else.
-pub fn http_url(text: &str) -> Option<url::Url> {
+pub(crate) fn http_url(text: &str) -> Option<url::Url> {
     url::Url::parse(text).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
 }
 
 /// Clap value parser: an http(s) URL with a host.
-pub fn parse_http_url(text: &str) -> Result<url::Url, String> {
+pub(crate) fn parse_http_url(text: &str) -> Result<url::Url, String> {
     http_url(text.trim()).ok_or_else(|| format!("`{text}` is not an http(s) URL like http://host:4371"))
 }
 
 /// A duration through [`parse_duration`], refused outside `range`.
-pub fn parse_duration_within(
+pub(crate) fn parse_duration_within(
     text: &str,
     range: &std::ops::RangeInclusive<Duration>,
 ) -> Result<Duration, String> {
@@ -48,7 +48,7 @@ pub fn parse_duration_within(
 /// Wraps a clap value parser so its message starts with the environment variable the value
 /// may have come from: clap itself names only the flag, and in a pod the value comes from
 /// the environment.
-pub fn naming<T, E: std::fmt::Display>(
+pub(crate) fn naming<T, E: std::fmt::Display>(
     variable: &'static str,
     parse: impl Fn(&str) -> Result<T, E> + Clone + Send + Sync + 'static,
 ) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {

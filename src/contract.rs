@@ -62,46 +62,44 @@ pub const TASK_HUB_ANNOTATION: &str = "durable-scaler.io/task-hub";
 /// Annotation: the name of the app container's env var that holds the storage connection.
 pub const CONNECTION_ENV_ANNOTATION: &str = "durable-scaler.io/connection-env";
 /// Annotation: the aggregator's report URL, overriding the webhook's `--aggregator`.
-pub const AGGREGATOR_ANNOTATION: &str = "durable-scaler.io/aggregator";
+pub(crate) const AGGREGATOR_ANNOTATION: &str = "durable-scaler.io/aggregator";
 /// Annotation: `"true"` or `"false"`, overriding the webhook's `--native-sidecar`.
-pub const NATIVE_SIDECAR_ANNOTATION: &str = "durable-scaler.io/native-sidecar";
+pub(crate) const NATIVE_SIDECAR_ANNOTATION: &str = "durable-scaler.io/native-sidecar";
 /// Annotation written by the webhook: what was injected, by which version.
-pub const STATUS_ANNOTATION: &str = "durable-scaler.io/status";
+pub(crate) const STATUS_ANNOTATION: &str = "durable-scaler.io/status";
 /// Annotation overriding the sidecar's CPU request (a Kubernetes quantity).
-pub const CPU_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-request";
+pub(crate) const CPU_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-request";
 /// Annotation overriding the sidecar's CPU limit.
-pub const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-limit";
+pub(crate) const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-limit";
 /// Annotation overriding the sidecar's memory request.
-pub const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
+pub(crate) const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
 /// Annotation overriding the sidecar's memory limit.
-pub const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
+pub(crate) const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
 
 /// The injected container's name.
 pub const SIDECAR_CONTAINER: &str = "durable-scaler-sidecar";
 /// The projected service-account token volume, mounted in the sidecar only.
-pub const TOKEN_VOLUME: &str = "durable-scaler-token";
+pub(crate) const TOKEN_VOLUME: &str = "durable-scaler-token";
 /// Where the token volume is mounted.
-pub const TOKEN_DIR: &str = "/var/run/secrets/durable-scaler";
+pub(crate) const TOKEN_DIR: &str = "/var/run/secrets/durable-scaler";
 /// The token's file name inside [`TOKEN_DIR`] (the projection's `path`).
-pub const TOKEN_FILE_NAME: &str = "token";
+pub(crate) const TOKEN_FILE_NAME: &str = "token";
 /// [`TOKEN_DIR`]/[`TOKEN_FILE_NAME`]: the sidecar's default `--token-file`.
-pub const TOKEN_FILE: &str = "/var/run/secrets/durable-scaler/token";
+pub(crate) const TOKEN_FILE: &str = "/var/run/secrets/durable-scaler/token";
 /// The audience the projected token is issued for; the aggregator's TokenReview accepts
 /// only this one.
-pub const TOKEN_AUDIENCE: &str = "durable-scaler";
+pub(crate) const TOKEN_AUDIENCE: &str = "durable-scaler";
 /// Lifetime asked for the projected token (the kubelet refreshes it at 80 %).
-pub const TOKEN_EXPIRATION_SECONDS: u64 = 3600;
-/// The sidecar's user and group: non-root, numeric so the kubelet can check runAsNonRoot.
-pub const SIDECAR_UID: u32 = 65532;
+pub(crate) const TOKEN_EXPIRATION_SECONDS: u64 = 3600;
 
 /// The sidecar's HTTP port (`/healthz`, `/metrics`), probed by the injected liveness probe.
-pub const SIDECAR_HTTP_PORT: u16 = 9095;
+pub(crate) const SIDECAR_HTTP_PORT: u16 = 9095;
 /// The aggregator's KEDA port (externalscaler.ExternalScaler gRPC).
-pub const AGGREGATOR_KEDA_PORT: u16 = 4370;
+pub(crate) const AGGREGATOR_KEDA_PORT: u16 = 4370;
 /// The aggregator's report port (the sidecars' gRPC).
-pub const AGGREGATOR_REPORT_PORT: u16 = 4371;
+pub(crate) const AGGREGATOR_REPORT_PORT: u16 = 4371;
 /// The aggregator's HTTP port (`/healthz`, `/readyz`, `/metrics`, `/hubs`).
-pub const AGGREGATOR_HTTP_PORT: u16 = 8080;
+pub(crate) const AGGREGATOR_HTTP_PORT: u16 = 8080;
 /// The webhook's HTTPS port (its Service maps 443 to it).
 pub const WEBHOOK_PORT: u16 = 8443;
 /// The aggregator's report URL as `manifests/` install it: the `durable-scaler-aggregator`
@@ -134,11 +132,11 @@ pub const DEFAULT_TASK_HUB: &str = "TestHubName";
 /// DurableTask's upper bound on the partition count (azure-functions-durable-extension
 /// `AzureStorageOptions.Validate`: "PartitionCount must be an integer value between 1 and
 /// 16"). Reports, the probe, `recommend` and the simulator all stay within it.
-pub const MAX_PARTITIONS: u32 = 16;
+pub(crate) const MAX_PARTITIONS: u32 = 16;
 
 /// The poll intervals a sidecar accepts, from its own settings or suggested by the
 /// aggregator (which therefore suggests nothing outside it).
-pub const SIDECAR_INTERVAL_RANGE: RangeInclusive<Duration> =
+pub(crate) const SIDECAR_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
 
 /// How long each name and value the aggregator accepts may be, and how much it keeps. Every
@@ -294,9 +292,9 @@ pub struct InvalidTaskHubName(pub String);
 
 impl TaskHub {
     /// The shortest name accepted.
-    pub const MIN_LEN: usize = 3;
+    pub(crate) const MIN_LEN: usize = 3;
     /// The longest name accepted.
-    pub const MAX_LEN: usize = 50;
+    pub(crate) const MAX_LEN: usize = 50;
 
     /// Checks `name` (case preserved, no trimming).
     pub fn parse(name: &str) -> Result<Self, InvalidTaskHubName> {

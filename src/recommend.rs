@@ -57,7 +57,7 @@ use crate::contract::MAX_PARTITIONS;
 
 /// One queue in a case.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct QueueCase {
+pub(crate) struct QueueCase {
     /// Latency samples (ms), oldest first.
     #[serde(default)]
     pub latencies_ms: Vec<u64>,
@@ -68,7 +68,7 @@ pub struct QueueCase {
 
 /// One reading of one queue in a timed sample.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
-pub struct ReadingCase {
+pub(crate) struct ReadingCase {
     /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
     #[serde(default)]
     pub approximate_count: u64,
@@ -92,7 +92,7 @@ impl From<ReadingCase> for Reading {
 
 /// One timed sample of every queue.
 #[derive(Debug, Clone, Deserialize)]
-pub struct SampleCase {
+pub(crate) struct SampleCase {
     /// When it was taken (ms on any clock; only differences matter).
     pub at_ms: i64,
     /// The work-item queue.
@@ -105,7 +105,7 @@ pub struct SampleCase {
 
 /// One case, as read from stdin.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Case {
+pub(crate) struct Case {
     /// Which heuristic decides.
     pub algorithm: Algorithm,
     /// The current worker count.
@@ -143,7 +143,7 @@ pub struct Case {
 
 /// What the subcommand prints: the recommendation and the metric value KEDA would get.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// The algorithm's answer.
     #[serde(flatten)]
     pub recommendation: Recommendation,
@@ -169,7 +169,7 @@ fn default_worker_startup() -> u64 {
 
 /// A case that cannot be answered, with the field at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum CaseError {
+pub(crate) enum CaseError {
     /// Not JSON, or a field of the wrong type or missing.
     #[error("{path}: {message}")]
     Malformed {
@@ -190,7 +190,7 @@ pub enum CaseError {
 
 impl Case {
     /// The per-worker limits the case runs with (module docs).
-    pub fn limits(&self) -> TargetSettings {
+    pub(crate) fn limits(&self) -> TargetSettings {
         let by_cpu =
             self.processor_count.map(|cpus| cpus.saturating_mul(crate::contract::WORK_ITEMS_PER_CPU));
         TargetSettings {
@@ -206,7 +206,7 @@ impl Case {
     }
 
     /// Parses and validates a case.
-    pub fn parse(json: &str) -> Result<Self, CaseError> {
+    pub(crate) fn parse(json: &str) -> Result<Self, CaseError> {
         let deserializer = &mut serde_json::Deserializer::from_str(json);
         let case: Case = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             CaseError::Malformed { path: e.path().to_string(), message: e.inner().to_string() }
@@ -338,7 +338,7 @@ impl Case {
     }
 
     /// The answer for this case: the recommendation and the metric value.
-    pub fn answer(&self) -> Answer {
+    pub(crate) fn answer(&self) -> Answer {
         let replayed = match (self.samples.is_empty(), self.algorithm) {
             (false, _) => self.replay(&self.samples),
             (true, Algorithm::Durable) => self.replay(&[self.lengths_as_sample()]),
@@ -350,11 +350,6 @@ impl Case {
         let recommendation = self.recommend_from_fixed_fields();
         let metric_value = engine::metric_value(self.algorithm, recommendation.desired_workers, self.workers);
         Answer { recommendation, metric_value }
-    }
-
-    /// The recommendation for this case.
-    pub fn recommend(&self) -> Recommendation {
-        self.answer().recommendation
     }
 
     /// Today's fixed fields: latency rings, or queue lengths for the target formula.
@@ -387,7 +382,7 @@ impl Case {
 
 /// Runs the subcommand: reads stdin, writes the answer to stdout. Exit status 2 with one
 /// line on stderr for a malformed case.
-pub fn run() -> std::process::ExitCode {
+pub(crate) fn run() -> std::process::ExitCode {
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
         eprintln!("error: cannot read stdin: {e}");
@@ -418,7 +413,7 @@ mod tests {
             "work_item":{"latencies_ms":[500,600,700,800,900,1000]}}"#,
         )
         .unwrap();
-        let r = case.recommend();
+        let r = case.answer().recommendation;
         assert_eq!((r.action, r.desired_workers), (ScaleAction::AddWorker, 2));
     }
 
@@ -429,13 +424,13 @@ mod tests {
             "control":[{"latencies_ms":[]},{"latencies_ms":[]},{"latencies_ms":[]},{"latencies_ms":[1,0,0,0,0]}]}"#,
         );
         // Explicit empty rings are "not enough samples"; omitted ones are padded.
-        assert_eq!(case.unwrap().recommend().reason, "Not enough samples");
+        assert_eq!(case.unwrap().answer().recommendation.reason, "Not enough samples");
         let padded = Case::parse(
             r#"{"algorithm":"latency","workers":1,"partitions":4,
             "work_item":{"latencies_ms":[1,0,0,0,0]}}"#,
         )
         .unwrap();
-        assert_eq!(padded.recommend().reason, "Queue latencies are healthy");
+        assert_eq!(padded.answer().recommendation.reason, "Queue latencies are healthy");
     }
 
     #[test]
@@ -508,10 +503,10 @@ mod tests {
         let case = r#"{"algorithm":"target","workers":1,"partitions":4,"samples":[
             {"at_ms":0,"control":[{"approximate_count":3}]},
             {"at_ms":5000,"control":[{"approximate_count":3}]}]}"#;
-        assert_eq!(Case::parse(case).unwrap().recommend().desired_workers, 0);
+        assert_eq!(Case::parse(case).unwrap().answer().recommendation.desired_workers, 0);
         // The same count on the fixed fields is taken as given.
         let fixed = r#"{"algorithm":"target","workers":1,"partitions":4,"control":[{"length":3}]}"#;
-        assert_eq!(Case::parse(fixed).unwrap().recommend().desired_workers, 1);
+        assert_eq!(Case::parse(fixed).unwrap().answer().recommendation.desired_workers, 1);
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Shutdown {
     /// A signal that fires on SIGTERM or SIGINT (Ctrl-C). The SIGTERM handler is installed
     /// before this returns, so a SIGTERM that arrives at once is not lost. Call it inside the
     /// tokio runtime.
-    pub fn on_signal() -> Self {
+    pub(crate) fn on_signal() -> Self {
         let shutdown = Self::new();
         let trigger = shutdown.clone();
         let signals = Signals::install();
@@ -63,7 +63,7 @@ impl Shutdown {
 
     /// Waits for `ticker`'s next tick; false instead when the signal fires first. The loops
     /// that work on an interval read `while shutdown.tick(&mut ticker).await { ... }`.
-    pub async fn tick(&self, ticker: &mut tokio::time::Interval) -> bool {
+    pub(crate) async fn tick(&self, ticker: &mut tokio::time::Interval) -> bool {
         tokio::select! {
             _ = self.wait() => false,
             _ = ticker.tick() => !self.is_triggered(),
@@ -71,7 +71,7 @@ impl Shutdown {
     }
 
     /// Completes when the signal fires (at once if it already has).
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let mut receiver = self.receiver.clone();
         // An error means every sender is gone, which only happens when nothing can fire it.
         let _ = receiver.wait_for(|fired| *fired).await;

@@ -89,12 +89,12 @@ pub enum PemError {
 }
 
 /// Reads `path` whole.
-pub fn read(path: &Path) -> Result<Vec<u8>, PemError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PemError> {
     std::fs::read(path).map_err(|source| PemError::Read { path: path.to_owned(), source })
 }
 
 /// The certificates in `pem` (read from `path`), at least one.
-pub fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
+pub(crate) fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PemError::Certificate { path: path.to_owned(), reason: Some(e.to_string()) })?;
@@ -106,14 +106,14 @@ pub fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'stati
 
 /// The PEM text of the CA file `path`, checked to hold at least one certificate: for CA
 /// bundles that are passed on as they are (to a TLS client, or into a sidecar's env).
-pub fn read_ca_pem(path: &Path) -> Result<Vec<u8>, PemError> {
+pub(crate) fn read_ca_pem(path: &Path) -> Result<Vec<u8>, PemError> {
     let pem = read(path)?;
     certificates(path, &pem)?;
     Ok(pem)
 }
 
 /// The first private key in `pem` (read from `path`).
-pub fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
+pub(crate) fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
     PrivateKeyDer::from_pem_slice(pem)
         .map_err(|e| PemError::Key { path: path.to_owned(), reason: e.to_string() })
 }
@@ -147,7 +147,7 @@ pub enum TlsError {
 
 /// The TLS material of one listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     /// PEM certificate chain, serving certificate first.
     pub cert: PathBuf,
     /// PEM private key of `cert`.
@@ -158,7 +158,7 @@ pub struct TlsFiles {
 
 /// The application protocols a listener offers in ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alpn {
+pub(crate) enum Alpn {
     /// gRPC: HTTP/2 only.
     Grpc,
     /// HTTPS for the Kubernetes API server: HTTP/2 (which it speaks when offered) and
@@ -168,7 +168,7 @@ pub enum Alpn {
 
 /// What a listener offers besides its files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerOptions {
+pub(crate) struct ServerOptions {
     /// TLS 1.3 only; otherwise TLS 1.2 and 1.3.
     pub tls13_only: bool,
     /// Application protocols.
@@ -195,7 +195,7 @@ impl Material {
 
 /// What became of changed TLS files, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReloadOutcome {
+pub(crate) enum ReloadOutcome {
     /// Taken into use.
     Reloaded,
     /// Refused; the previous configuration stayed in use.
@@ -207,7 +207,7 @@ crate::metrics::label_values!(ReloadOutcome { Reloaded => "reloaded", Refused =>
 /// Counters of one listener's reloads, shared with whoever serves them on `/metrics`
 /// (prometheus-client counters are handles to one shared value).
 #[derive(Debug, Clone, Default)]
-pub struct ReloadCounters {
+pub(crate) struct ReloadCounters {
     /// New files taken into use.
     pub reloaded: Counter,
     /// Changed files refused (unreadable, unparsable, a mismatched pair); the previous
@@ -229,13 +229,14 @@ pub struct ReloadingConfig {
 }
 
 impl ReloadingConfig {
-    /// Loads the files once; an error here is a start-up error.
-    pub fn load(files: TlsFiles, options: ServerOptions) -> Result<Arc<Self>, TlsError> {
+    /// Loads the files once, with reloads counted nowhere (the tests' constructor).
+    #[cfg(test)]
+    pub(crate) fn load(files: TlsFiles, options: ServerOptions) -> Result<Arc<Self>, TlsError> {
         Self::load_counted(files, options, ReloadCounters::default())
     }
 
     /// Like [`ReloadingConfig::load`], counting reloads in `counters`.
-    pub fn load_counted(
+    pub(crate) fn load_counted(
         files: TlsFiles,
         options: ServerOptions,
         counters: ReloadCounters,
@@ -254,7 +255,7 @@ impl ReloadingConfig {
     }
 
     /// The configuration new connections get.
-    pub fn current(&self) -> Arc<ServerConfig> {
+    pub(crate) fn current(&self) -> Arc<ServerConfig> {
         self.current.borrow().clone()
     }
 
@@ -271,7 +272,7 @@ impl ReloadingConfig {
     /// Reads the files and, when they changed, builds and publishes a new configuration.
     /// Returns whether it published one; on error the previous one stays in use. Blocking
     /// (file reads, PEM parsing): the watcher runs it on the blocking pool.
-    pub fn reload(&self) -> Result<bool, TlsError> {
+    pub(crate) fn reload(&self) -> Result<bool, TlsError> {
         let result = self.try_reload();
         match &result {
             Ok(true) => self.counters.reloaded.inc(),
@@ -296,7 +297,7 @@ impl ReloadingConfig {
 
     /// Looks at the files every `interval` until `shutdown` fires, logging reloads and
     /// refusals.
-    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: Shutdown) -> JoinHandle<()> {
+    pub(crate) fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: Shutdown) -> JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
@@ -367,7 +368,7 @@ fn build(
 /// watcher. Both tasks end when `shutdown` fires or this value is dropped or closed, which
 /// closes the listening socket.
 #[derive(Debug)]
-pub struct TlsIncoming {
+pub(crate) struct TlsIncoming {
     streams: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,
     accept: JoinHandle<()>,
     watcher: JoinHandle<()>,
@@ -375,7 +376,7 @@ pub struct TlsIncoming {
 
 impl TlsIncoming {
     /// Serves `listener` with `config`, looking at its files every `reload_interval`.
-    pub fn new(
+    pub(crate) fn new(
         listener: TcpListener,
         config: Arc<ReloadingConfig>,
         reload_interval: Duration,
@@ -388,7 +389,7 @@ impl TlsIncoming {
     }
 
     /// Stops accepting and waits until the listening socket is closed.
-    pub async fn close(&mut self) {
+    pub(crate) async fn close(&mut self) {
         self.accept.abort();
         self.watcher.abort();
         let _ = (&mut self.accept).await;

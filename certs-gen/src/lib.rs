@@ -57,6 +57,7 @@ pub struct SecretArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CreateArgs {
     #[command(flatten)]
+    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
     pub secret: SecretArgs,
     /// Name of the Service (the webhook's, or the aggregator's for its TLS): the certificate
     /// is for <service>.<namespace>.svc, <service>.<namespace>.svc.cluster.local and
@@ -84,6 +85,7 @@ pub struct CreateArgs {
     #[arg(long, env = "CERTS_GEN_WAIT_MOUNTED", conflicts_with = "out_dir")]
     pub wait_mounted: Option<PathBuf>,
     #[command(flatten)]
+    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
     pub wait: WaitTimeout,
 }
 
@@ -114,6 +116,7 @@ pub struct WaitArgs {
     #[arg(long = "extra-name", env = "CERTS_GEN_EXTRA_NAMES", value_delimiter = ',')]
     pub extra_names: Vec<String>,
     #[command(flatten)]
+    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
     pub wait: WaitTimeout,
 }
 
@@ -121,6 +124,7 @@ pub struct WaitArgs {
 #[derive(Debug, Clone, Args)]
 pub struct PatchArgs {
     #[command(flatten)]
+    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
     pub secret: SecretArgs,
     /// Name of the MutatingWebhookConfiguration whose webhooks get the CA.
     #[arg(long, env = "CERTS_GEN_WEBHOOK_CONFIG", default_value = "durable-scaler-webhook")]

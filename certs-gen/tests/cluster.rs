@@ -2,6 +2,10 @@
 //! so the real `kube` client (its URL building, serialization, error mapping) runs. Each
 //! fake endpoint says which real API behaviour it stands for.
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

@@ -2,6 +2,10 @@
 //! the files are written into a temporary directory as the kubelet would fill an optional
 //! Secret volume once the Secret exists, on tokio's paused clock (no real sleeps).
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use std::time::Duration;
 
 use certs_gen::{mounted, pki};

@@ -1,6 +1,10 @@
 //! `certs-gen create --out-dir DIR` run as a user would, with no cluster: the files it writes
 //! form a chain that verifies for the Service's names, with an ECDSA P-256 key.
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use std::{process::Command, sync::Arc, time::Duration};
 
 use rustls::{

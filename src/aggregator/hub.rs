@@ -10,16 +10,15 @@ use std::collections::{BTreeSet, HashMap};
 use crate::clock::UnixMs;
 use crate::heuristic::Recommendation;
 use crate::heuristic::engine::{EngineSettings, HubEngine, Reading};
-use crate::heuristic::latency::{LatencyHistory, TaskHubLatencies};
 use crate::storage::QueueSignals;
 
 use super::settings::{EffectiveLimits, HubSettings, ReportedLimits};
 
 /// How long the worker-count source's last answer stands in when it cannot answer.
-pub const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
+pub(crate) const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
 
 /// A partition whose sidecar has not reported for this many of its intervals is uncovered.
-pub const STALE_AFTER_INTERVALS: i64 = 3;
+pub(crate) const STALE_AFTER_INTERVALS: i64 = 3;
 
 /// Where a hub lives: KEDA's ScaledObject namespace (= the app pods' namespace) and the task
 /// hub name lowercased (queue names are lowercased, so case does not tell hubs apart).
@@ -40,7 +39,7 @@ impl HubKey {
 
 /// A report that passed validation (see `reports::validate`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidReport {
+pub(crate) struct ValidReport {
     /// The reporting pod's name.
     pub pod: String,
     /// Partition count, 0 when the sidecar could not tell.
@@ -72,7 +71,7 @@ pub struct ProbeReading {
 
 /// What the probe should read next: everything no live sidecar covers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Coverage {
+pub(crate) struct Coverage {
     /// The partition count, when known.
     pub partition_count: Option<u32>,
     /// Partitions some live sidecar reports.
@@ -85,7 +84,7 @@ pub struct Coverage {
 
 impl Coverage {
     /// Nothing to probe.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.partition_count.is_some() && self.uncovered.is_empty() && !self.work_item_uncovered
     }
 }
@@ -215,7 +214,7 @@ impl HubState {
     }
 
     /// The settings from the latest KEDA call.
-    pub fn settings(&self) -> &HubSettings {
+    pub(crate) fn settings(&self) -> &HubSettings {
         &self.settings
     }
 
@@ -232,7 +231,7 @@ impl HubState {
     }
 
     /// Something was read about this hub (a report or a probe, even "not provisioned").
-    pub fn is_observed(&self) -> bool {
+    pub(crate) fn is_observed(&self) -> bool {
         self.observed
     }
 
@@ -258,7 +257,7 @@ impl HubState {
     }
 
     /// The partition count, when known.
-    pub fn partition_count(&self) -> Option<u32> {
+    pub(crate) fn partition_count(&self) -> Option<u32> {
         self.partition_count
     }
 
@@ -275,7 +274,8 @@ impl HubState {
 
     /// Merges one sidecar report received at `now`. A report taken before the pod's latest
     /// (by the sidecar's own clock) arrived out of order and is ignored.
-    pub fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
+    #[cfg(test)]
+    pub(crate) fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
         // Unbounded, so this cannot fail.
         let _ = self.apply_report_bounded(report, now, usize::MAX, true);
     }
@@ -285,7 +285,7 @@ impl HubState {
     /// reported pod makes room if it is no longer live, else the report is refused. Returns
     /// what became of the pod. The cost is constant but for that search, which only a new
     /// pod of a full hub pays and which `max_pods` bounds.
-    pub fn apply_report_bounded(
+    pub(crate) fn apply_report_bounded(
         &mut self,
         report: &ValidReport,
         now: UnixMs,
@@ -348,7 +348,7 @@ impl HubState {
     }
 
     /// Merges what a cold probe read at `now`.
-    pub fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
+    pub(crate) fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
         self.reshape(reading.partition_count);
         for (partition, signals) in &reading.control {
             if self.engine.observe_control(*partition as usize, (*signals).into(), now) {
@@ -363,18 +363,18 @@ impl HubState {
     }
 
     /// The probe found no task hub in storage: the app never ran, so there is no work.
-    pub fn apply_not_provisioned(&mut self) {
+    pub(crate) fn apply_not_provisioned(&mut self) {
         self.observed = true;
         self.not_provisioned = true;
     }
 
     /// The pods whose latest report is fresh and who are not leaving.
-    pub fn live_pods(&self, now: UnixMs) -> u32 {
+    pub(crate) fn live_pods(&self, now: UnixMs) -> u32 {
         self.pods.values().filter(|p| p.is_live(now)).count() as u32
     }
 
     /// What live sidecars cover at `now`, and what the probe must read.
-    pub fn coverage(&self, now: UnixMs) -> Coverage {
+    pub(crate) fn coverage(&self, now: UnixMs) -> Coverage {
         let live: Vec<&PodState> = self.pods.values().filter(|p| p.is_live(now)).collect();
         let Some(p) = self.partition_count else {
             return Coverage { partition_count: None, work_item_uncovered: true, ..Coverage::default() };
@@ -406,7 +406,7 @@ impl HubState {
     /// [`SOURCE_ANSWER_KEPT_MS`], so one slow API call does not flip the count; else the live
     /// reporting pods). Returns the change when the desired count differs from the last
     /// decision.
-    pub fn evaluate(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
+    pub(crate) fn evaluate(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
         if let Some(w) = workers {
             self.source_workers = Some((w, now));
         }
@@ -432,7 +432,7 @@ impl HubState {
     }
 
     /// The worker count the latest recommendation was decided from.
-    pub fn workers(&self) -> u32 {
+    pub(crate) fn workers(&self) -> u32 {
         self.engine.decision().map_or(0, |d| d.workers)
     }
 
@@ -442,12 +442,14 @@ impl HubState {
     }
 
     /// The latency rings, for inspection.
-    pub fn latencies(&self) -> &TaskHubLatencies {
+    #[cfg(test)]
+    pub(crate) fn latencies(&self) -> &crate::heuristic::latency::TaskHubLatencies {
         self.engine.latencies()
     }
 
     /// The latest work-item latency ring.
-    pub fn work_item_latencies(&self) -> &LatencyHistory {
+    #[cfg(test)]
+    pub(crate) fn work_item_latencies(&self) -> &crate::heuristic::latency::LatencyHistory {
         self.engine.work_item_latencies()
     }
 }

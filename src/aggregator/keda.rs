@@ -44,16 +44,16 @@ use super::settings::HubSettings;
 use super::sources::ScaledObjectKey;
 
 /// How long the first call about a hub waits for its first signals.
-pub const FIRST_PROBE_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// The metric name of a task hub: `durabletask-{hub lowercased}`.
-pub fn metric_name(task_hub: &str) -> String {
+pub(crate) fn metric_name(task_hub: &str) -> String {
     format!("durabletask-{}", task_hub.to_ascii_lowercase())
 }
 
 /// The ExternalScaler service.
 #[derive(Debug, Clone)]
-pub struct KedaScaler {
+pub(crate) struct KedaScaler {
     registry: Arc<Registry>,
     prober: Prober,
     shutdown: Shutdown,
@@ -61,7 +61,7 @@ pub struct KedaScaler {
 
 impl KedaScaler {
     /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs.
-    pub fn new(registry: Arc<Registry>, prober: Prober, shutdown: Shutdown) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, prober: Prober, shutdown: Shutdown) -> Self {
         Self { registry, prober, shutdown }
     }
 

@@ -15,7 +15,7 @@ use crate::tls::{ReloadCounters, ReloadOutcome};
 
 /// Labels of every per-hub series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HubLabels {
+pub(crate) struct HubLabels {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name, lowercased.
@@ -30,7 +30,7 @@ impl From<&HubKey> for HubLabels {
 
 /// What one cold-probe round came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProbeOutcome {
+pub(crate) enum ProbeOutcome {
     /// Every uncovered queue was read.
     Ok,
     /// Some queues were read, some failed.
@@ -74,7 +74,7 @@ impl From<&StorageError> for ProbeOutcome {
 
 /// Why a sidecar report was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectionReason {
+pub(crate) enum RejectionReason {
     /// A required field is empty.
     MissingField,
     /// The task hub name, partition count or queue layout is not one DurableTask makes.
@@ -104,21 +104,13 @@ label_values!(RejectionReason {
     TooMany => "too_many",
 });
 
-impl RejectionReason {
-    /// The sender did not pass authentication: nothing it claims can be trusted, not even
-    /// which hub it reports for.
-    pub fn is_authentication(self) -> bool {
-        matches!(self, Self::Unauthenticated | Self::PermissionDenied)
-    }
-}
-
 /// Labels of the report refusals: the reason alone. What a refused report claims (its
 /// namespace, its hub) is the sender's to choose; a series per claim would let anyone grow
 /// `/metrics` without bound.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectionLabels {
     /// Why.
-    pub reason: RejectionReason,
+    pub(crate) reason: RejectionReason,
 }
 
 /// What the aggregator keeps a bounded number of.
@@ -153,7 +145,7 @@ const PROBE_OUTCOMES: [ProbeOutcome; 8] = [
 ];
 
 /// Drops a dropped hub's series from a family registered elsewhere (the probe's).
-pub type ForgetHook = Box<dyn Fn(&HubLabels) + Send + Sync>;
+pub(crate) type ForgetHook = Box<dyn Fn(&HubLabels) + Send + Sync>;
 
 /// The [`ForgetHook`]s, with a `Debug` that names how many.
 #[derive(Default)]
@@ -167,7 +159,7 @@ impl std::fmt::Debug for ForgetHooks {
 
 /// Labels of the cold probes.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProbeLabels {
+pub(crate) struct ProbeLabels {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name, lowercased.
@@ -178,7 +170,7 @@ pub struct ProbeLabels {
 
 /// The aggregator's TLS ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Port {
+pub(crate) enum Port {
     /// The KEDA port (`--grpc-addr`).
     Keda,
     /// The report port (`--report-addr`, under `--report-tls`).
@@ -189,7 +181,7 @@ label_values!(Port { Keda => "keda", Report => "report" });
 
 /// Labels of the certificate reloads.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
+pub(crate) struct ReloadLabels {
     /// Which port.
     pub port: Port,
     /// Taken into use or refused.
@@ -201,24 +193,24 @@ pub struct ReloadLabels {
 pub struct Metrics {
     registry: Registry,
     /// The worker count GetMetrics asks for.
-    pub desired_workers: Family<HubLabels, Gauge>,
+    pub(crate) desired_workers: Family<HubLabels, Gauge>,
     /// The worker count the decision was taken from.
-    pub workers: Family<HubLabels, Gauge>,
+    pub(crate) workers: Family<HubLabels, Gauge>,
     /// 1 while IsActive answers true.
-    pub active: Family<HubLabels, Gauge>,
+    pub(crate) active: Family<HubLabels, Gauge>,
     /// Partitions a live sidecar reports.
-    pub covered_partitions: Family<HubLabels, Gauge>,
+    pub(crate) covered_partitions: Family<HubLabels, Gauge>,
     /// Partitions no live sidecar reports (probed when a connection is known).
-    pub uncovered_partitions: Family<HubLabels, Gauge>,
+    pub(crate) uncovered_partitions: Family<HubLabels, Gauge>,
     /// 1 when KEDA sent a connection, so uncovered queues are probed; 0 when the hub is
     /// served from sidecar reports alone.
-    pub connection_known: Family<HubLabels, Gauge>,
+    pub(crate) connection_known: Family<HubLabels, Gauge>,
     /// Reports accepted.
-    pub reports_received: Family<HubLabels, Counter>,
+    pub(crate) reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
-    pub reports_rejected: Family<RejectionLabels, Counter>,
+    pub(crate) reports_rejected: Family<RejectionLabels, Counter>,
     /// Cold probes, by outcome.
-    pub probes: Family<ProbeLabels, Counter>,
+    pub(crate) probes: Family<ProbeLabels, Counter>,
     /// Task hubs in memory.
     pub hubs_tracked: Gauge,
     /// Pods in memory, over all hubs.
@@ -229,7 +221,7 @@ pub struct Metrics {
     pub tracking_replaced: Family<TrackedLabels, Counter>,
     forget_hooks: ForgetHooks,
     /// Changed TLS files taken into use or refused, by port.
-    pub certificate_reloads: Family<ReloadLabels, Counter>,
+    pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -276,19 +268,19 @@ impl Metrics {
 
     /// The registry, for other parts (the Kubernetes sources) to register their metrics in
     /// before the aggregator starts.
-    pub fn registry_mut(&mut self) -> &mut Registry {
+    pub(crate) fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
     }
 
     /// Also calls `hook` when a hub is dropped, for series registered elsewhere.
-    pub fn on_forget(&mut self, hook: ForgetHook) {
+    pub(crate) fn on_forget(&mut self, hook: ForgetHook) {
         self.forget_hooks.0.push(hook);
     }
 
     /// Drops every series of a dropped hub, counters too: /metrics shows only what is
     /// tracked, so its size follows the hub limit. (A counter that disappears and comes back
     /// from 0 is a counter reset to Prometheus, which `rate()` handles.)
-    pub fn forget(&self, labels: &HubLabels) {
+    pub(crate) fn forget(&self, labels: &HubLabels) {
         for family in [
             &self.desired_workers,
             &self.workers,
@@ -313,14 +305,14 @@ impl Metrics {
     }
 
     /// Counts one cold probe of `key` that came to `outcome`.
-    pub fn count_probe(&self, key: &HubKey, outcome: ProbeOutcome) {
+    pub(crate) fn count_probe(&self, key: &HubKey, outcome: ProbeOutcome) {
         let labels =
             ProbeLabels { namespace: key.namespace.clone(), task_hub: key.task_hub.clone(), outcome };
         self.probes.get_or_create(&labels).inc();
     }
 
     /// Counts one report refused for `reason`.
-    pub fn count_rejection(&self, reason: RejectionReason) {
+    pub(crate) fn count_rejection(&self, reason: RejectionReason) {
         self.reports_rejected.get_or_create(&RejectionLabels { reason }).inc();
     }
 
@@ -335,7 +327,7 @@ impl Metrics {
     }
 
     /// The counters of `port`'s certificate reloads.
-    pub fn certificate_reloads(&self, port: Port) -> ReloadCounters {
+    pub(crate) fn certificate_reloads(&self, port: Port) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { port, outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),
@@ -344,7 +336,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         crate::metrics::encode(&self.registry)
     }
 }

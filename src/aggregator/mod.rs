@@ -17,11 +17,11 @@
 //! finds a Kubernetes configuration, and [`run`] serves until the shutdown signal.
 
 pub mod hub;
-pub mod keda;
+pub(crate) mod keda;
 pub mod metrics;
-pub mod probe;
+pub(crate) mod probe;
 pub mod registry;
-pub mod reports;
+pub(crate) mod reports;
 pub mod settings;
 pub mod sources;
 
@@ -46,7 +46,7 @@ use crate::storage::StorageOptions;
 use crate::tls;
 
 use crate::contract::{AGGREGATOR_HTTP_PORT, AGGREGATOR_KEDA_PORT, AGGREGATOR_REPORT_PORT, env, limits};
-pub use registry::ChangeHook;
+pub(crate) use registry::ChangeHook;
 pub use reports::ReportCheck;
 use sources::WorkerCountSource;
 
@@ -279,14 +279,8 @@ impl Aggregator {
     }
 
     /// The Prometheus registry `/metrics` serves, for the outside sources' own metrics.
-    pub fn metrics_registry(&mut self) -> &mut prometheus_client::registry::Registry {
+    pub(crate) fn metrics_registry(&mut self) -> &mut prometheus_client::registry::Registry {
         self.metrics.registry_mut()
-    }
-
-    /// Limits for the cold probe's storage calls.
-    pub fn with_storage_options(mut self, options: StorageOptions) -> Self {
-        self.storage = options;
-        self
     }
 
     /// Binds every port and starts serving until `shutdown` fires.

@@ -34,7 +34,7 @@ use super::registry::{HubEntry, Registry};
 
 /// Starts and runs the probe loops.
 #[derive(Debug, Clone)]
-pub struct Prober {
+pub(crate) struct Prober {
     registry: Arc<Registry>,
     interval: Duration,
     options: StorageOptions,
@@ -45,7 +45,7 @@ pub struct Prober {
 
 /// Where a probe found the hub's partition ownership, as a metric label.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-pub enum OwnershipFound {
+pub(crate) enum OwnershipFound {
     /// In a layout (`table`, `safe`, `legacy`).
     Layout(Layout),
     /// Nowhere, though the hub's queues exist (`none`).
@@ -53,7 +53,7 @@ pub enum OwnershipFound {
 }
 
 impl EncodeLabelValue for OwnershipFound {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         use std::fmt::Write;
         encoder.write_str(match self {
             OwnershipFound::Layout(layout) => layout.as_str(),
@@ -64,7 +64,7 @@ impl EncodeLabelValue for OwnershipFound {
 
 /// Labels of [`ProbeMetrics::ownership_reads`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OwnershipLabels {
+pub(crate) struct OwnershipLabels {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name, lowercased.
@@ -75,7 +75,7 @@ pub struct OwnershipLabels {
 
 /// The probe's own metrics.
 #[derive(Debug, Clone, Default)]
-pub struct ProbeMetrics {
+pub(crate) struct ProbeMetrics {
     /// Cold-probe reads of partition ownership, by the layout found (`none`: queues but no
     /// ownership store).
     pub ownership_reads: Family<OwnershipLabels, Counter>,
@@ -83,7 +83,7 @@ pub struct ProbeMetrics {
 
 impl ProbeMetrics {
     /// Registers the probe's metrics in `registry` under `durable_scaler_aggregator_`.
-    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+    pub(crate) fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
         let metrics = Self::default();
         registry.sub_registry_with_prefix("durable_scaler_aggregator").register(
             "ownership_reads",
@@ -97,7 +97,7 @@ impl ProbeMetrics {
 
 impl Prober {
     /// Probes hubs of `registry` every `interval`.
-    pub fn new(
+    pub(crate) fn new(
         registry: Arc<Registry>,
         interval: Duration,
         options: StorageOptions,
@@ -115,7 +115,7 @@ impl Prober {
 
     /// Counts into `metrics` (registered in the aggregator's registry) instead of
     /// unregistered ones.
-    pub fn with_metrics(mut self, metrics: ProbeMetrics) -> Self {
+    pub(crate) fn with_metrics(mut self, metrics: ProbeMetrics) -> Self {
         self.metrics = metrics;
         self
     }
@@ -130,7 +130,7 @@ impl Prober {
     }
 
     /// Starts the probe loop of `entry`; it ends with the shutdown signal.
-    pub fn spawn(&self, entry: Arc<HubEntry>) {
+    pub(crate) fn spawn(&self, entry: Arc<HubEntry>) {
         let prober = self.clone();
         let name = format!("cold probe of {}/{}", entry.key.namespace, entry.key.task_hub);
         let run = async move { prober.run(entry).await };
@@ -204,7 +204,7 @@ impl Prober {
         }
         let now = UnixMs::now();
         let mut no_store: Option<StorageError> = None;
-        let partitions = match reader.partitions(now.as_millis()).await {
+        let partitions = match reader.partitions(now).await {
             Ok(p) => {
                 if let Some(layout) = reader.layout() {
                     self.count_ownership(entry, OwnershipFound::Layout(layout));
@@ -231,10 +231,9 @@ impl Prober {
             (0..partitions).collect()
         };
         let work_item = coverage.work_item_uncovered || coverage.partition_count != Some(partitions);
-        let control =
-            join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now.as_millis())));
+        let control = join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now)));
         let (control, work) = tokio::join!(control, async {
-            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now.as_millis()).await) } else { None }
+            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now).await) } else { None }
         });
         let mut reading = ProbeReading { partition_count: partitions, control: Vec::new(), work_item: None };
         let mut failure: Option<StorageError> = None;

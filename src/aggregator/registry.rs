@@ -22,7 +22,7 @@ use crate::storage::Connection;
 
 /// A hub's activity as StreamIsActive follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     /// IsActive's answer now.
     pub active: bool,
     /// How many inactive -> active transitions there were; a stream sends `true` whenever it
@@ -63,7 +63,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What `/hubs` shows of one tracked hub: what was decided, from what, and why.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct HubStatus {
+pub(crate) struct HubStatus {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Task hub name as configured.
@@ -133,7 +133,7 @@ impl StorageView {
 
 impl HubEntry {
     /// This hub's status at `now`, for `/hubs`.
-    pub fn status(&self, now: UnixMs) -> HubStatus {
+    pub(crate) fn status(&self, now: UnixMs) -> HubStatus {
         let scaled_object = self.scaled_object().map(|so| format!("{}/{}", so.namespace, so.name));
         let probe_error = lock(&self.probe).last_error.clone();
         self.with_state(|s| {
@@ -160,7 +160,7 @@ impl HubEntry {
     }
 
     /// True once the hub was dropped for being idle; its probe loop ends.
-    pub fn is_evicted(&self) -> bool {
+    pub(crate) fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Relaxed)
     }
 
@@ -170,17 +170,17 @@ impl HubEntry {
     }
 
     /// Follows the hub's activity.
-    pub fn subscribe_activity(&self) -> watch::Receiver<Activity> {
+    pub(crate) fn subscribe_activity(&self) -> watch::Receiver<Activity> {
         self.activity.subscribe()
     }
 
     /// The ScaledObject that last asked about this hub.
-    pub fn scaled_object(&self) -> Option<ScaledObjectKey> {
+    pub(crate) fn scaled_object(&self) -> Option<ScaledObjectKey> {
         lock(&self.scaled_object).clone()
     }
 
     /// Records the ScaledObject that asks about this hub.
-    pub fn set_scaled_object(&self, key: ScaledObjectKey) {
+    pub(crate) fn set_scaled_object(&self, key: ScaledObjectKey) {
         let mut current = lock(&self.scaled_object);
         if current.as_ref() != Some(&key) {
             *current = Some(key);
@@ -188,17 +188,17 @@ impl HubEntry {
     }
 
     /// Marks the probe loop as started; false when it already was.
-    pub fn claim_probe_task(&self) -> bool {
+    pub(crate) fn claim_probe_task(&self) -> bool {
         !std::mem::replace(&mut lock(&self.probe).task_started, true)
     }
 
     /// Records the latest probe's failure (`None`: it read); returns the one before.
-    pub fn set_probe_error(&self, error: Option<String>) -> Option<String> {
+    pub(crate) fn set_probe_error(&self, error: Option<String>) -> Option<String> {
         std::mem::replace(&mut lock(&self.probe).last_error, error)
     }
 
     /// Why the hub is not observed yet, for UNAVAILABLE.
-    pub fn unavailable_reason(&self) -> String {
+    pub(crate) fn unavailable_reason(&self) -> String {
         let probe = lock(&self.probe).last_error.clone();
         let connection = self.with_state(|s| s.settings().connection.is_some());
         match (probe, connection) {
@@ -217,7 +217,7 @@ impl HubEntry {
     }
 
     /// Waits up to `limit` for the first report or probe; true when the hub is observed.
-    pub async fn wait_observed(&self, limit: Duration) -> bool {
+    pub(crate) async fn wait_observed(&self, limit: Duration) -> bool {
         let mut rx = self.observed.subscribe();
         matches!(tokio::time::timeout(limit, rx.wait_for(|o| *o)).await, Ok(Ok(_)))
     }
@@ -261,7 +261,7 @@ impl HubEntry {
 
 /// Called when a hub's recommendation changes, with the ScaledObject that asks about it
 /// (the Kubernetes side records an Event on it).
-pub type ChangeHook = Arc<dyn Fn(&ScaledObjectKey, &RecommendationChange) + Send + Sync>;
+pub(crate) type ChangeHook = Arc<dyn Fn(&ScaledObjectKey, &RecommendationChange) + Send + Sync>;
 
 /// A new hub while as many as [`MAX_TRACKED_HUBS`] are tracked and none is idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -305,18 +305,18 @@ impl Registry {
     }
 
     /// Calls `hook` on every recommendation change of a hub a ScaledObject asks about.
-    pub fn with_change_hook(mut self, hook: Option<ChangeHook>) -> Self {
+    pub(crate) fn with_change_hook(mut self, hook: Option<ChangeHook>) -> Self {
         self.on_change = hook;
         self
     }
 
     /// The hub, when tracked.
-    pub fn get(&self, key: &HubKey) -> Option<Arc<HubEntry>> {
+    pub(crate) fn get(&self, key: &HubKey) -> Option<Arc<HubEntry>> {
         self.hubs.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
     /// Every tracked hub.
-    pub fn all(&self) -> Vec<Arc<HubEntry>> {
+    pub(crate) fn all(&self) -> Vec<Arc<HubEntry>> {
         self.hubs.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
@@ -410,7 +410,7 @@ impl Registry {
 
     /// Drops the hubs no KEDA call and no report has named for `idle_ms` (a deleted
     /// ScaledObject, an app gone), so their probes stop costing storage transactions.
-    pub fn evict_idle(&self, now: UnixMs, idle_ms: i64) -> Vec<HubKey> {
+    pub(crate) fn evict_idle(&self, now: UnixMs, idle_ms: i64) -> Vec<HubKey> {
         let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
         let idle: Vec<HubKey> = hubs
             .values()
@@ -430,7 +430,12 @@ impl Registry {
     /// its hub tracks [`MAX_PODS_PER_HUB`] live pods, or all hubs [`MAX_TRACKED_PODS`]
     /// (then only a silent pod of the same hub can make room). Costs the same whatever the
     /// number of pods of the hub: no step looks at every pod.
-    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now: UnixMs) -> Result<(), PodsFull> {
+    pub(crate) fn apply_report(
+        &self,
+        entry: &HubEntry,
+        report: &ValidReport,
+        now: UnixMs,
+    ) -> Result<(), PodsFull> {
         let may_add = self.pods.load(Ordering::Relaxed) < MAX_TRACKED_PODS;
         let change = entry.with_state(|s| {
             let first = !s.is_observed();

@@ -21,10 +21,10 @@ use super::settings::{ReportedLimits, WorkerLimits};
 use super::sources::{AuthError, ReportAuthenticator};
 
 /// How far in the future a report's timestamps may be (clock skew between nodes).
-pub const MAX_CLOCK_SKEW_MS: i64 = 5_000;
+pub(crate) const MAX_CLOCK_SKEW_MS: i64 = 5_000;
 
 /// The interval assumed when a sidecar does not say (`interval_ms` 0).
-pub const DEFAULT_SIDECAR_INTERVAL_MS: u64 = 2_000;
+pub(crate) const DEFAULT_SIDECAR_INTERVAL_MS: u64 = 2_000;
 
 /// How the report service checks who sent a report.
 #[derive(Clone)]
@@ -48,7 +48,7 @@ impl std::fmt::Debug for ReportCheck {
 
 /// Why a report was refused: a metric label and a message for the sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     /// Why (the metric label).
     pub reason: Reason,
     /// What is wrong, naming the field.
@@ -91,7 +91,7 @@ fn signals(
 }
 
 /// Checks a report received at `now`; returns its hub and the validated content.
-pub fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidReport), Rejection> {
+pub(crate) fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, ValidReport), Rejection> {
     let Some(pod) = report.pod.as_ref() else {
         return Err(Rejection::new(Reason::MissingField, "pod.namespace and pod.name are required".into()));
     };
@@ -194,14 +194,14 @@ fn reported_limits(limits: &report::WorkerLimits) -> Result<ReportedLimits, Reje
 
 /// The report service.
 #[derive(Debug, Clone)]
-pub struct Reports {
+pub(crate) struct Reports {
     registry: Arc<Registry>,
     check: ReportCheck,
 }
 
 impl Reports {
     /// Serves reports into `registry`.
-    pub fn new(registry: Arc<Registry>, check: ReportCheck) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, check: ReportCheck) -> Self {
         Self { registry, check }
     }
 

@@ -209,7 +209,7 @@ fn check_sizes(metadata: &HashMap<String, String>) -> Result<(), MetadataError> 
 
 impl HubSettings {
     /// The defaults for a hub only sidecars have told about (no KEDA call yet).
-    pub fn defaults(task_hub: &str) -> Self {
+    pub(crate) fn defaults(task_hub: &str) -> Self {
         Self {
             task_hub: task_hub.to_string(),
             connection: None,

@@ -18,6 +18,7 @@ use std::{
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    clock::UnixMs,
     heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer},
     proto::externalscaler::{
         GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
@@ -28,35 +29,33 @@ use crate::{
 /// How the played KEDA and HPA behave. The demo shortens the real defaults (30 s polling,
 /// 300 s cooldown, 300 s stabilization) so that a run fits in minutes.
 #[derive(Debug, Clone, Copy)]
-pub struct KedaSettings {
-    /// ScaledObject `pollingInterval` (and the HPA sync period).
-    pub polling_interval: Duration,
+pub(crate) struct KedaSettings {
     /// ScaledObject `cooldownPeriod`.
-    pub cooldown: Duration,
+    pub(crate) cooldown: Duration,
     /// HPA scale-down stabilization window.
-    pub stabilization: Duration,
+    pub(crate) stabilization: Duration,
     /// `minReplicaCount` / `maxReplicaCount`.
-    pub bounds: ReplicaBounds,
+    pub(crate) bounds: ReplicaBounds,
     /// Trigger type `external-push`: hold StreamIsActive open.
-    pub push: bool,
+    pub(crate) push: bool,
 }
 
 /// What one poll saw and decided.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct KedaPoll {
+pub(crate) struct KedaPoll {
     /// IsActive's answer.
-    pub active: bool,
+    pub(crate) active: bool,
     /// GetMetrics' value (the aggregator's desired worker count).
-    pub metric: f64,
+    pub(crate) metric: f64,
     /// GetMetricSpec's target.
-    pub target: f64,
+    pub(crate) target: f64,
     /// The replica count KEDA and the HPA set.
-    pub replicas: u32,
+    pub(crate) replicas: u32,
 }
 
 /// Why a poll failed.
 #[derive(Debug, thiserror::Error)]
-pub enum KedaError {
+pub(crate) enum KedaError {
     /// The endpoint could not be reached.
     #[error("cannot connect to the external scaler at {endpoint}: {source}")]
     Connect {
@@ -79,19 +78,19 @@ pub enum KedaError {
 }
 
 /// KEDA and the HPA for one ScaledObject.
-pub struct KedaPlayer {
+pub(crate) struct KedaPlayer {
     client: ExternalScalerClient<Channel>,
     scaled_object: ScaledObjectRef,
     settings: KedaSettings,
     stabilizer: ScaleDownStabilizer,
-    last_active_ms: Option<u64>,
+    last_active: Option<UnixMs>,
     pushed: Arc<AtomicBool>,
 }
 
 impl KedaPlayer {
     /// Connects to `endpoint` (e.g. `http://127.0.0.1:4370`) for a ScaledObject whose trigger
     /// metadata is `metadata`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         endpoint: &str,
         name: &str,
         namespace: &str,
@@ -115,28 +114,28 @@ impl KedaPlayer {
         Ok(Self {
             client,
             scaled_object,
-            stabilizer: ScaleDownStabilizer::new(settings.stabilization.as_millis() as u64),
+            stabilizer: ScaleDownStabilizer::new(settings.stabilization),
             settings,
-            last_active_ms: None,
+            last_active: None,
             pushed,
         })
     }
 
     /// True once since the last call when StreamIsActive pushed `true`: KEDA then scales a
     /// target at zero to max(min, 1) at once, without waiting for the next poll.
-    pub fn take_push(&self) -> bool {
+    pub(crate) fn take_push(&self) -> bool {
         self.pushed.swap(false, Ordering::SeqCst)
     }
 
-    /// Records a pushed activation at `now_ms` (it postpones the cooldown) and returns the
+    /// Records a pushed activation at `now` (it postpones the cooldown) and returns the
     /// replica count KEDA sets for a target at `current`.
-    pub fn on_push(&mut self, now_ms: u64, current: u32) -> u32 {
-        self.last_active_ms = Some(now_ms);
+    pub(crate) fn on_push(&mut self, now: UnixMs, current: u32) -> u32 {
+        self.last_active = Some(now);
         hpa::keda_replicas(current, true, false, current, self.settings.bounds)
     }
 
-    /// One polling cycle at `now_ms` for a target running `current` replicas.
-    pub async fn poll(&mut self, now_ms: u64, current: u32) -> Result<KedaPoll, KedaError> {
+    /// One polling cycle at `now` for a target running `current` replicas.
+    pub(crate) async fn poll(&mut self, now: UnixMs, current: u32) -> Result<KedaPoll, KedaError> {
         let spec = self
             .client
             .get_metric_spec(self.scaled_object.clone())
@@ -168,10 +167,9 @@ impl KedaPlayer {
             .result;
 
         if active {
-            self.last_active_ms = Some(now_ms);
+            self.last_active = Some(now);
         }
-        let cooldown_ms = self.settings.cooldown.as_millis() as u64;
-        let cooldown_elapsed = self.last_active_ms.is_none_or(|t| now_ms.saturating_sub(t) >= cooldown_ms);
+        let cooldown_elapsed = self.last_active.is_none_or(|t| now.since(t) >= self.settings.cooldown);
         let hpa_replicas = hpa::hpa_sync(
             current,
             metric,
@@ -179,7 +177,7 @@ impl KedaPlayer {
             MetricTargetType::AverageValue,
             self.settings.bounds,
             &mut self.stabilizer,
-            now_ms,
+            now,
         );
         let replicas =
             hpa::keda_replicas(current, active, cooldown_elapsed, hpa_replicas, self.settings.bounds);

@@ -9,10 +9,10 @@
 //! sleeping durable timers, and a second burst, prints live progress, and ends with an SVG
 //! chart and a summary.
 
-pub mod keda;
-pub mod processes;
-pub mod timeline;
-pub mod worker;
+pub(crate) mod keda;
+pub(crate) mod processes;
+pub(crate) mod timeline;
+pub(crate) mod worker;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     azurite::Azurite,
+    clock::UnixMs,
     contract::{MAX_PARTITIONS, env},
     heuristic::hpa::ReplicaBounds,
     shutdown::Shutdown,
@@ -64,7 +65,7 @@ pub struct Args {
 
 /// Runs `durable-scaler demo` from the command line (the caller provides the runtime):
 /// progress on stdout, logs on stderr.
-pub async fn run_cli(args: Args) -> std::process::ExitCode {
+pub(crate) async fn run_cli(args: Args) -> std::process::ExitCode {
     let json = args.json;
     match run(args).await {
         Ok(summary) => {
@@ -91,7 +92,7 @@ const NAMESPACE: &str = "demo";
 const SCALED_OBJECT: &str = "durable-demo";
 
 /// Runs the demo and returns its summary.
-pub async fn run(args: Args) -> anyhow::Result<Summary> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
     let shutdown = Shutdown::on_signal();
     std::fs::create_dir_all(&args.out_dir)?;
     let logs = args.out_dir.join("logs");
@@ -160,7 +161,6 @@ pub async fn run(args: Args) -> anyhow::Result<Summary> {
         metadata.insert("scaleAlgorithm".into(), algorithm.to_string());
     }
     let settings = KedaSettings {
-        polling_interval: POLLING_INTERVAL,
         cooldown: COOLDOWN,
         stabilization: STABILIZATION,
         bounds: ReplicaBounds { min: 0, max: args.max_workers },
@@ -323,7 +323,8 @@ async fn drive(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while start.elapsed() < args.duration && shutdown.tick(&mut tick).await {
         let elapsed = start.elapsed();
-        let now_ms = elapsed.as_millis() as u64;
+        // The played KEDA's clock: the demo's own, starting at 0.
+        let now = UnixMs(0).plus(elapsed);
         if let Some(burst) = bursts.get(next_burst).filter(|b| elapsed.as_secs_f64() >= b.at_s) {
             for _ in 0..burst.orchestrations {
                 let message = worker::ControlMessage::Start { id: next_id, activities: args.activities };
@@ -362,7 +363,7 @@ async fn drive(
             next_burst += 1;
         }
         if keda.take_push() && pods.pods.is_empty() {
-            let replicas = keda.on_push(now_ms, 0);
+            let replicas = keda.on_push(now, 0);
             println!(
                 "[{:>4.0}s] StreamIsActive pushed true: KEDA scales 0 -> {replicas} at once",
                 elapsed.as_secs_f64()
@@ -371,7 +372,7 @@ async fn drive(
         }
         if elapsed >= next_poll {
             next_poll = elapsed + POLLING_INTERVAL;
-            match keda.poll(now_ms, pods.pods.len() as u32).await {
+            match keda.poll(now, pods.pods.len() as u32).await {
                 Ok(poll) => {
                     last = (poll.active, poll.metric);
                     if poll.replicas as usize != pods.pods.len() {
@@ -443,7 +444,7 @@ async fn observe(
     last: (bool, f64),
     workers: u32,
 ) -> Sample {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let now = UnixMs::now();
     let mut sample = Sample {
         t_s,
         control_messages: 0,

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 /// A running child process of the demo.
 #[derive(Debug)]
-pub struct ChildProcess {
+pub(crate) struct ChildProcess {
     name: String,
     child: Child,
 }
@@ -23,7 +23,12 @@ pub struct ChildProcess {
 impl ChildProcess {
     /// Starts this very binary with `args` and `envs`, its stdout and stderr appended to
     /// `log`.
-    pub fn spawn(name: &str, args: &[String], envs: &[(&str, String)], log: &Path) -> std::io::Result<Self> {
+    pub(crate) fn spawn(
+        name: &str,
+        args: &[String],
+        envs: &[(&str, String)],
+        log: &Path,
+    ) -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
@@ -41,17 +46,17 @@ impl ChildProcess {
     }
 
     /// The name given at spawn.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// True while the process runs.
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
-    pub async fn terminate(mut self, grace: Duration) {
+    pub(crate) async fn terminate(mut self, grace: Duration) {
         if let Some(pid) = self.child.id() {
             send_sigterm(pid);
         }
@@ -77,12 +82,12 @@ fn send_sigterm(_pid: u32) {}
 
 /// A loopback port that was free a moment ago (the OS picks it; a tiny race remains between
 /// this call and the child binding it).
-pub fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// `dir/name`, creating `dir`.
-pub fn log_path(dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+pub(crate) fn log_path(dir: &Path, name: &str) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     Ok(dir.join(format!("{name}.log")))
 }

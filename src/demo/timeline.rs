@@ -6,7 +6,7 @@ use serde::Serialize;
 
 /// One sample of the run.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Seconds since the demo started.
     pub t_s: f64,
     /// Messages in the control queues (approximate count, timers included).
@@ -25,9 +25,17 @@ pub struct Sample {
     pub workers: u32,
 }
 
+impl Sample {
+    /// Work queued or running: orchestrations not completed, or visible messages. Invisible
+    /// control messages are durable timers not yet due, which must not keep workers up.
+    fn has_work(&self) -> bool {
+        self.orchestrations_running > 0 || self.control_visible > 0 || self.work_items > 0
+    }
+}
+
 /// A burst of orchestrations the demo started.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Burst {
+pub(crate) struct Burst {
     /// When its messages were enqueued (s).
     pub at_s: f64,
     /// How many orchestrations.
@@ -36,20 +44,25 @@ pub struct Burst {
 
 /// The figures the demo ends with, per burst.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BurstOutcome {
+pub(crate) struct BurstOutcome {
     /// When the burst started (s).
     pub at_s: f64,
     /// From the burst to the first running worker (s), if one ran.
     pub time_to_first_worker_s: Option<f64>,
     /// From the burst to no orchestration running (s), if it drained.
     pub drain_time_s: Option<f64>,
-    /// From the burst to zero workers again (s), if it got there.
+    /// From the burst to zero workers again (s), if it got there before the next burst (or
+    /// the end of the run).
     pub back_to_zero_s: Option<f64>,
+    /// Times the workers went from some to none while work was still queued or running,
+    /// between this burst and the next: a scale-to-zero that strands work. A brief dip to
+    /// fewer workers is harmless; this is not.
+    pub zero_with_work_queued: u32,
 }
 
 /// The whole run's summary.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// Per burst.
     pub bursts: Vec<BurstOutcome>,
     /// Most workers running at once.
@@ -61,7 +74,7 @@ pub struct Summary {
 }
 
 /// Summarises `samples` for `bursts`.
-pub fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
+pub(crate) fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
     let outcomes = bursts
         .iter()
         .enumerate()
@@ -76,11 +89,16 @@ pub fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
             let zero = drained.and_then(|d| {
                 samples.iter().find(|s| s.t_s >= d && s.t_s <= until && s.workers == 0).map(|s| s.t_s)
             });
+            let zero_with_work_queued = window
+                .windows(2)
+                .filter(|w| w[0].workers > 0 && w[1].workers == 0 && w[1].has_work())
+                .count();
             BurstOutcome {
                 at_s: b.at_s,
                 time_to_first_worker_s: first_worker.map(|t| t - b.at_s),
                 drain_time_s: drained.map(|t| t - b.at_s),
                 back_to_zero_s: zero.map(|t| t - b.at_s),
+                zero_with_work_queued: u32::try_from(zero_with_work_queued).unwrap_or(u32::MAX),
             }
         })
         .collect();
@@ -103,14 +121,8 @@ pub fn summarize(samples: &[Sample], bursts: &[Burst]) -> Summary {
 }
 
 impl Summary {
-    /// True when the run went 0 -> N -> 0 once per burst.
-    pub fn scaled_from_zero_and_back(&self, bursts: usize) -> bool {
-        self.transitions.len() == 2 * bursts + 1
-            && self.transitions.iter().enumerate().all(|(i, &w)| (i % 2 == 0) == (w == 0))
-    }
-
     /// The one-paragraph summary printed at the end.
-    pub fn paragraph(&self) -> String {
+    pub(crate) fn paragraph(&self) -> String {
         let fmt = |v: Option<f64>| v.map_or_else(|| "never".to_string(), |s| format!("{s:.1} s"));
         let mut text = String::new();
         for (i, b) in self.bursts.iter().enumerate() {
@@ -134,7 +146,7 @@ impl Summary {
 
 /// The run as an SVG chart: workers over time above, the visible backlog beneath, drawn by
 /// the simulator's chart code so the demo and the simulator read alike.
-pub fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
+pub(crate) fn chart(samples: &[Sample], summary: &Summary, description: &str) -> String {
     use crate::simulate::{metrics::Point, svg};
     let points: Vec<Point> = samples
         .iter()
@@ -189,7 +201,7 @@ mod tests {
         let bursts = [Burst { at_s: 5.0, orchestrations: 10 }, Burst { at_s: 40.0, orchestrations: 5 }];
         let s = summarize(&samples, &bursts);
         assert_eq!(s.transitions, vec![0, 3, 0, 2, 0]);
-        assert!(s.scaled_from_zero_and_back(2));
+        assert!(s.bursts.iter().all(|b| b.zero_with_work_queued == 0));
         assert_eq!(s.peak_workers, 3);
         assert_eq!(s.bursts[0].time_to_first_worker_s, Some(2.0));
         assert_eq!(s.bursts[0].drain_time_s, Some(15.0));
@@ -209,8 +221,45 @@ mod tests {
     fn a_run_that_never_returns_to_zero_is_reported_as_such() {
         let samples = vec![sample(0.0, 0, 0), sample(5.0, 2, 3), sample(9.0, 2, 0)];
         let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 3 }]);
-        assert!(!s.scaled_from_zero_and_back(1));
         assert_eq!(s.bursts[0].back_to_zero_s, None);
         assert!(s.paragraph().contains("back to zero after never"));
+    }
+
+    #[test]
+    fn a_dip_to_zero_while_orchestrations_run_is_counted_for_its_burst() {
+        let samples = vec![
+            sample(0.0, 0, 0),
+            sample(2.0, 2, 4),
+            sample(4.0, 0, 3),
+            sample(6.0, 1, 3),
+            sample(8.0, 1, 0),
+            sample(9.0, 0, 0),
+            sample(12.0, 2, 4),
+            sample(14.0, 1, 0),
+            sample(15.0, 0, 0),
+        ];
+        let bursts = [Burst { at_s: 1.0, orchestrations: 4 }, Burst { at_s: 11.0, orchestrations: 4 }];
+        let s = summarize(&samples, &bursts);
+        assert_eq!(s.bursts[0].zero_with_work_queued, 1, "2 -> 0 with 3 running");
+        assert_eq!(s.bursts[1].zero_with_work_queued, 0, "1 -> 0 once drained");
+        assert_eq!(s.bursts[0].back_to_zero_s, Some(8.0), "the zero after draining, not the dip");
+    }
+
+    #[test]
+    fn sleeping_timers_alone_are_not_work() {
+        let mut timers = sample(4.0, 0, 0);
+        timers.control_messages = 4;
+        let samples = vec![sample(0.0, 0, 0), sample(2.0, 1, 1), sample(3.0, 1, 0), timers];
+        let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 1 }]);
+        assert_eq!(s.bursts[0].zero_with_work_queued, 0);
+    }
+
+    #[test]
+    fn queued_messages_count_as_work_even_with_no_orchestration_running() {
+        let mut queued = sample(4.0, 0, 0);
+        queued.work_items = 2;
+        let samples = vec![sample(0.0, 0, 0), sample(2.0, 1, 1), queued, sample(6.0, 0, 0)];
+        let s = summarize(&samples, &[Burst { at_s: 1.0, orchestrations: 1 }]);
+        assert_eq!(s.bursts[0].zero_with_work_queued, 1);
     }
 }

@@ -30,7 +30,7 @@ use super::processes::ChildProcess;
 
 /// What a worker pod does and how fast.
 #[derive(Debug, Clone, Copy)]
-pub struct WorkerSettings {
+pub(crate) struct WorkerSettings {
     /// How long one activity works.
     pub activity_duration: Duration,
     /// Activities one pod runs at once (the trigger's `maxActivitiesPerWorker`).
@@ -50,7 +50,7 @@ pub struct WorkerSettings {
 /// A control-queue message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "lowercase")]
-pub enum ControlMessage {
+pub(crate) enum ControlMessage {
     /// Start orchestration `id`, fanning out `activities` activities.
     Start {
         /// Orchestration id.
@@ -72,7 +72,7 @@ pub enum ControlMessage {
 
 /// A work-item (activity) message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ActivityMessage {
+pub(crate) struct ActivityMessage {
     /// The orchestration it belongs to.
     pub id: u64,
     /// The orchestration's partition, where the result goes.
@@ -82,7 +82,7 @@ pub struct ActivityMessage {
 /// The orchestrations' progress, shared by every pod (the demo's stand-in for the History
 /// and Instances tables).
 #[derive(Debug, Default)]
-pub struct OrchestrationBook {
+pub(crate) struct OrchestrationBook {
     remaining: Mutex<HashMap<u64, u32>>,
     started: AtomicU64,
     completed: AtomicU64,
@@ -90,17 +90,12 @@ pub struct OrchestrationBook {
 
 impl OrchestrationBook {
     /// Orchestrations submitted and not yet completed.
-    pub fn running(&self) -> u64 {
+    pub(crate) fn running(&self) -> u64 {
         self.started.load(Ordering::SeqCst).saturating_sub(self.completed.load(Ordering::SeqCst))
     }
 
-    /// Orchestrations completed so far.
-    pub fn completed(&self) -> u64 {
-        self.completed.load(Ordering::SeqCst)
-    }
-
     /// Counts an orchestration as submitted (its start message is on its control queue).
-    pub fn submitted(&self) {
+    pub(crate) fn submitted(&self) {
         self.started.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -126,7 +121,7 @@ impl OrchestrationBook {
 }
 
 /// One running worker pod: the host stand-in and its sidecar process.
-pub struct WorkerPod {
+pub(crate) struct WorkerPod {
     name: String,
     stop: Shutdown,
     host: tokio::task::JoinHandle<()>,
@@ -135,7 +130,7 @@ pub struct WorkerPod {
 
 impl WorkerPod {
     /// Starts the host stand-in for pod `name` beside its already started `sidecar`.
-    pub fn start(
+    pub(crate) fn start(
         name: String,
         emulator: TaskHubEmulator,
         reader: TaskHubReader,
@@ -149,14 +144,9 @@ impl WorkerPod {
         Self { name, stop, host: handle, sidecar }
     }
 
-    /// The pod's name (its DurableTask worker id).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Stops the pod as Kubernetes does: SIGTERM to both containers; the host finishes what it
     /// holds and hands its partitions back, the sidecar sends its leaving report.
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.trigger();
         let sidecar = self.sidecar.terminate(Duration::from_secs(5));
         let (_, host) = tokio::join!(sidecar, self.host);
@@ -211,7 +201,7 @@ impl Host {
     /// Renews what it holds, drops what others took, and moves toward its fair share:
     /// ceil(P / workers), counting itself among the workers.
     async fn rebalance(&mut self) -> Result<(), StorageError> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let now = crate::clock::UnixMs::now();
         let rows = self.reader.partitions(now).await?;
         let partitions = rows.len();
         let mut held_by: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -349,8 +339,8 @@ mod tests {
         book.activity_done(1);
         assert_eq!(book.running(), 1);
         book.activity_done(1);
-        assert_eq!((book.running(), book.completed()), (0, 1));
+        assert_eq!((book.running(), book.completed.load(Ordering::SeqCst)), (0, 1));
         book.activity_done(1);
-        assert_eq!(book.completed(), 1, "late duplicates change nothing");
+        assert_eq!(book.completed.load(Ordering::SeqCst), 1, "late duplicates change nothing");
     }
 }

@@ -108,11 +108,6 @@ impl TaskHubEmulator {
         &self.hub
     }
 
-    /// The layout it writes.
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-
     /// Creates the hub with `partitions` control queues, the work-item queue, and the
     /// ownership records (table rows, or `taskhub.json` and lease blobs), all unowned.
     /// Existing resources are kept.
@@ -179,7 +174,7 @@ impl TaskHubEmulator {
     }
 
     /// Extends a claim by `lease` from now (table) or renews its blob leases.
-    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<(), StorageError> {
+    pub(crate) async fn renew(&self, claim: &Claim, lease: Duration) -> Result<(), StorageError> {
         if self.layout == Layout::Table {
             let expires = OffsetDateTime::now_utc() + lease;
             return self

@@ -36,7 +36,7 @@ use crate::clock::UnixMs;
 
 /// At most this many messages come back from one Peek, so a visible count of this size means
 /// "this many or more".
-pub const PEEK_LIMIT: u64 = 32;
+pub(crate) const PEEK_LIMIT: u64 = 32;
 
 /// One sample of one queue, as a sidecar or the aggregator's probe takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,19 +53,19 @@ pub struct QueueSample {
 
 /// The recent samples of one queue, oldest first, trimmed to a horizon.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueHistory {
+pub(crate) struct QueueHistory {
     samples: VecDeque<QueueSample>,
 }
 
 impl QueueHistory {
     /// An empty history.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Appends `sample` and forgets samples older than `horizon_ms` before it (keeping at
     /// least one older sample, so a window that starts before the horizon stays covered).
-    pub fn record(&mut self, sample: QueueSample, horizon_ms: u64) {
+    pub(crate) fn record(&mut self, sample: QueueSample, horizon_ms: u64) {
         self.samples.push_back(sample);
         let cutoff = before(sample.at, horizon_ms);
         while self.samples.len() > 2 && self.samples.get(1).is_some_and(|s| s.at <= cutoff) {
@@ -73,13 +73,8 @@ impl QueueHistory {
         }
     }
 
-    /// The newest sample.
-    pub fn latest(&self) -> Option<&QueueSample> {
-        self.samples.back()
-    }
-
     /// Samples, oldest first.
-    pub fn samples(&self) -> impl DoubleEndedIterator<Item = &QueueSample> {
+    pub(crate) fn samples(&self) -> impl DoubleEndedIterator<Item = &QueueSample> {
         self.samples.iter()
     }
 
@@ -91,7 +86,7 @@ impl QueueHistory {
 
 /// The histories of one task hub's queues.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HubHistory {
+pub(crate) struct HubHistory {
     /// The work-item (activity) queue.
     pub work_item: QueueHistory,
     /// Control queue `i` of partition `i`.
@@ -100,12 +95,17 @@ pub struct HubHistory {
 
 impl HubHistory {
     /// Empty histories for `partitions` control queues.
-    pub fn new(partitions: usize) -> Self {
+    pub(crate) fn new(partitions: usize) -> Self {
         Self { work_item: QueueHistory::new(), control: vec![QueueHistory::new(); partitions] }
     }
 
     /// Records one sample per queue, keeping what `settings` needs.
-    pub fn record(&mut self, settings: &DurableSettings, work_item: QueueSample, control: &[QueueSample]) {
+    pub(crate) fn record(
+        &mut self,
+        settings: &DurableSettings,
+        work_item: QueueSample,
+        control: &[QueueSample],
+    ) {
         let horizon = settings.horizon_ms();
         self.work_item.record(work_item, horizon);
         if self.control.len() < control.len() {
@@ -168,7 +168,7 @@ impl Default for DurableSettings {
 impl DurableSettings {
     /// How much history the rules read: the scale-in window looks back at moments whose
     /// timer test itself looks back the settle time.
-    pub fn horizon_ms(&self) -> u64 {
+    pub(crate) fn horizon_ms(&self) -> u64 {
         self.timer_settle_ms.saturating_add(self.scale_in_window_ms).max(self.lookahead_window_ms)
     }
 }
@@ -281,7 +281,12 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at: UnixMs, no_workers:
 /// `hub` holds each queue's recent samples (record them with [`HubHistory::record`]). The
 /// answer's `desired_workers` is the count the hub needs; report [`metric_value`] of it to
 /// KEDA (target 1, AverageValue) and `keep_workers_alive` as IsActive.
-pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now: UnixMs) -> Recommendation {
+pub(crate) fn recommend(
+    settings: &DurableSettings,
+    hub: &HubHistory,
+    workers: u32,
+    now: UnixMs,
+) -> Recommendation {
     let need = need_at(hub, settings, now, workers == 0);
     let raw = need.workers();
     let keep = raw > 0;
@@ -371,7 +376,7 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
 /// most 10 % of `current`, which the next sync's scale-in corrects after the HPA's
 /// stabilization window. A step down within tolerance is reported as is (and so swallowed):
 /// keeping a pod too many is cheaper than draining one that holds work.
-pub fn metric_value(desired: u32, current: u32) -> f64 {
+pub(crate) fn metric_value(desired: u32, current: u32) -> f64 {
     if desired <= current { f64::from(desired) } else { hpa::metric_value(desired, current) }
 }
 

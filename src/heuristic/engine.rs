@@ -43,18 +43,18 @@
 //! computed against the worker count that decision was taken from.
 
 use super::durable::{self, DurableSettings, HubHistory, QueueSample};
-use super::latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyHistory, LatencyVoter, TaskHubLatencies};
+use super::latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies};
 use super::target::{self, TargetSettings};
 use super::{Algorithm, Recommendation, hpa};
 use crate::clock::UnixMs;
 
 /// How long a queue's invisible messages count as work after its last movement, by default
 /// (DTFx's 5-minute visibility timeout; the aggregator's `--work-grace`).
-pub const DEFAULT_WORK_GRACE_MS: u64 = 300_000;
+pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = 300_000;
 
 /// What one read of one queue shows (Get Queue Metadata and a Peek).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Reading {
+pub(crate) struct Reading {
     /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
     pub approximate_count: u64,
     /// Messages a Peek of up to [`durable::PEEK_LIMIT`] returned (visible now).
@@ -81,7 +81,7 @@ impl From<QueueSample> for Reading {
 
 /// Everything the engine needs to know about a hub's trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngineSettings {
+pub(crate) struct EngineSettings {
     /// Which algorithm decides.
     pub algorithm: Algorithm,
     /// The target formula's limits (`maxActivitiesPerWorker`, `maxOrchestrationsPerWorker`).
@@ -122,7 +122,7 @@ pub struct Decision {
 /// `durable` uses [`durable::metric_value`] (a step down within the HPA's tolerance is
 /// reported as is, and so kept); the others [`hpa::metric_value`], which lands the HPA on the
 /// desired count in both directions.
-pub fn metric_value(algorithm: Algorithm, desired: u32, current: u32) -> f64 {
+pub(crate) fn metric_value(algorithm: Algorithm, desired: u32, current: u32) -> f64 {
     match algorithm {
         Algorithm::Durable => durable::metric_value(desired, current),
         Algorithm::Target | Algorithm::Latency => hpa::metric_value(desired, current),
@@ -194,7 +194,7 @@ impl QueueView {
 /// One task hub's decision state: the latest reading of each queue with its activity
 /// history, the latency rings, the durable history, and the latest decision.
 #[derive(Debug, Clone)]
-pub struct HubEngine {
+pub(crate) struct HubEngine {
     settings: EngineSettings,
     work_item: QueueView,
     control: Vec<QueueView>,
@@ -208,7 +208,7 @@ pub struct HubEngine {
 
 impl HubEngine {
     /// A hub of `partitions` control queues (0 while unknown) nothing was read about yet.
-    pub fn new(settings: EngineSettings, partitions: usize) -> Self {
+    pub(crate) fn new(settings: EngineSettings, partitions: usize) -> Self {
         Self {
             settings,
             work_item: QueueView::default(),
@@ -222,41 +222,31 @@ impl HubEngine {
         }
     }
 
-    /// The settings in force.
-    pub fn settings(&self) -> &EngineSettings {
-        &self.settings
-    }
-
     /// Takes new settings; a new maximum polling interval restarts the voter (it holds
     /// nothing else), the histories are kept.
-    pub fn update_settings(&mut self, settings: EngineSettings) {
+    pub(crate) fn update_settings(&mut self, settings: EngineSettings) {
         if settings.max_polling_interval_ms != self.settings.max_polling_interval_ms {
             self.voter = LatencyVoter::new(settings.max_polling_interval_ms);
         }
         self.settings = settings;
     }
 
-    /// The control queue count the engine keeps state for.
-    pub fn partitions(&self) -> usize {
-        self.control.len()
-    }
-
     /// A new partition count (the hub was recreated, or first learnt): everything known per
     /// partition is dropped.
-    pub fn reshape(&mut self, partitions: usize) {
+    pub(crate) fn reshape(&mut self, partitions: usize) {
         self.control = vec![QueueView::default(); partitions];
         self.latencies = TaskHubLatencies::new(partitions);
         self.history = HubHistory::new(partitions);
     }
 
     /// Takes a reading of the work-item queue taken at `now`.
-    pub fn observe_work_item(&mut self, reading: Reading, now: UnixMs) {
+    pub(crate) fn observe_work_item(&mut self, reading: Reading, now: UnixMs) {
         self.work_item.observe(reading, now);
     }
 
     /// Takes a reading of control queue `partition` taken at `now`; false (and ignored) when
     /// the hub has no such partition.
-    pub fn observe_control(&mut self, partition: usize, reading: Reading, now: UnixMs) -> bool {
+    pub(crate) fn observe_control(&mut self, partition: usize, reading: Reading, now: UnixMs) -> bool {
         match self.control.get_mut(partition) {
             Some(view) => {
                 view.observe(reading, now);
@@ -267,7 +257,7 @@ impl HubEngine {
     }
 
     /// IsActive at `now`: a visible message anywhere, or work in progress (module docs).
-    pub fn is_active(&self, now: UnixMs) -> bool {
+    pub(crate) fn is_active(&self, now: UnixMs) -> bool {
         let mut queues = std::iter::once(&self.work_item).chain(&self.control);
         match self.settings.algorithm {
             Algorithm::Durable => {
@@ -284,7 +274,7 @@ impl HubEngine {
     /// latest reading to the histories (once per moment: a second evaluation at the same or an
     /// earlier `now` re-decides from the samples already taken), runs the algorithm and
     /// computes the metric value.
-    pub fn evaluate(&mut self, now: UnixMs, workers: u32) -> &Decision {
+    pub(crate) fn evaluate(&mut self, now: UnixMs, workers: u32) -> &Decision {
         if self.sampled_at.is_none_or(|t| now > t) {
             self.sampled_at = Some(now);
             self.latencies.work_item.add(self.work_item.latency_ms());
@@ -308,17 +298,19 @@ impl HubEngine {
     }
 
     /// The latest decision, once one was taken.
-    pub fn decision(&self) -> Option<&Decision> {
+    pub(crate) fn decision(&self) -> Option<&Decision> {
         self.decision.as_ref()
     }
 
     /// The latency rings, for inspection.
-    pub fn latencies(&self) -> &TaskHubLatencies {
+    #[cfg(test)]
+    pub(crate) fn latencies(&self) -> &TaskHubLatencies {
         &self.latencies
     }
 
     /// The work-item latency ring.
-    pub fn work_item_latencies(&self) -> &LatencyHistory {
+    #[cfg(test)]
+    pub(crate) fn work_item_latencies(&self) -> &super::latency::LatencyHistory {
         &self.latencies.work_item
     }
 }

@@ -3,12 +3,14 @@
 //! The aggregator needs this to know what its answer will become; the simulator and the demo
 //! need it to play KEDA and the HPA. All of it is pure arithmetic; time is passed in.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, time::Duration};
+
+use crate::clock::UnixMs;
 
 /// The HPA's default tolerance: a ratio within 10 % of 1 changes nothing.
-pub const TOLERANCE: f64 = 0.1;
+pub(crate) const TOLERANCE: f64 = 0.1;
 /// The HPA's default scale-down stabilization window.
-pub const SCALE_DOWN_STABILIZATION_MS: u64 = 300_000;
+pub const SCALE_DOWN_STABILIZATION: Duration = Duration::from_secs(300);
 
 /// How the HPA reads an external metric (`metricType` of the ScaledObject trigger).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,17 +23,17 @@ pub enum MetricTargetType {
 }
 
 /// Negative, NaN and infinite metric values count as 0, as KEDA does.
-pub fn sanitize(value: f64) -> f64 {
+pub(crate) fn sanitize(value: f64) -> f64 {
     if value.is_finite() && value > 0.0 { value } else { 0.0 }
 }
 
 /// A MetricSpec's target: `targetSizeFloat` when positive, else the deprecated `targetSize`.
-pub fn effective_target(target_size: i64, target_size_float: f64) -> f64 {
+pub(crate) fn effective_target(target_size: i64, target_size_float: f64) -> f64 {
     if sanitize(target_size_float) > 0.0 { target_size_float } else { sanitize(target_size as f64) }
 }
 
 /// A MetricValue's value: `metricValueFloat` when positive, else the deprecated `metricValue`.
-pub fn effective_value(metric_value: i64, metric_value_float: f64) -> f64 {
+pub(crate) fn effective_value(metric_value: i64, metric_value_float: f64) -> f64 {
     if sanitize(metric_value_float) > 0.0 { metric_value_float } else { sanitize(metric_value as f64) }
 }
 
@@ -86,7 +88,7 @@ impl ReplicaBounds {
 }
 
 /// The HPA's default scale-up policy: at most max(+100 %, +4 pods) per period.
-pub fn scale_up_limit(current: u32) -> u32 {
+pub(crate) fn scale_up_limit(current: u32) -> u32 {
     current.saturating_mul(2).max(current.saturating_add(4))
 }
 
@@ -94,28 +96,28 @@ pub fn scale_up_limit(current: u32) -> u32 {
 /// the last window, so a brief dip does not remove pods.
 #[derive(Debug, Clone)]
 pub struct ScaleDownStabilizer {
-    window_ms: u64,
-    recent: VecDeque<(u64, u32)>,
+    window: Duration,
+    recent: VecDeque<(UnixMs, u32)>,
 }
 
 impl ScaleDownStabilizer {
-    /// A stabilizer with a window of `window_ms` (the HPA default is
-    /// [`SCALE_DOWN_STABILIZATION_MS`]).
-    pub fn new(window_ms: u64) -> Self {
-        Self { window_ms, recent: VecDeque::new() }
+    /// A stabilizer with a window of `window` (the HPA default is
+    /// [`SCALE_DOWN_STABILIZATION`]).
+    pub fn new(window: Duration) -> Self {
+        Self { window, recent: VecDeque::new() }
     }
 
-    /// Records `recommended` at `now_ms` and returns the highest recommendation within the
+    /// Records `recommended` at `now` and returns the highest recommendation within the
     /// window ending now.
-    pub fn stabilize(&mut self, now_ms: u64, recommended: u32) -> u32 {
+    pub(crate) fn stabilize(&mut self, now: UnixMs, recommended: u32) -> u32 {
         while let Some(&(t, _)) = self.recent.front() {
-            if now_ms.saturating_sub(t) > self.window_ms {
+            if now.since(t) > self.window {
                 self.recent.pop_front();
             } else {
                 break;
             }
         }
-        self.recent.push_back((now_ms, recommended));
+        self.recent.push_back((now, recommended));
         self.recent.iter().map(|&(_, r)| r).max().unwrap_or(recommended)
     }
 }
@@ -129,20 +131,20 @@ pub fn hpa_sync(
     kind: MetricTargetType,
     bounds: ReplicaBounds,
     stabilizer: &mut ScaleDownStabilizer,
-    now_ms: u64,
+    now: UnixMs,
 ) -> u32 {
     if current == 0 {
         return 0;
     }
     let proposed = bounds.clamp_hpa(desired_replicas(current, value, target, kind));
-    let stabilized = stabilizer.stabilize(now_ms, proposed).min(proposed.max(current));
+    let stabilized = stabilizer.stabilize(now, proposed).min(proposed.max(current));
     bounds.clamp_hpa(stabilized.min(scale_up_limit(current)))
 }
 
 /// KEDA's own part: 0 -> max(min, 1) when the trigger turns active, and -> 0 once it has
 /// been inactive for the cooldown period (only when `min` is 0). Otherwise the HPA's
 /// `hpa_replicas` stand.
-pub fn keda_replicas(
+pub(crate) fn keda_replicas(
     current: u32,
     active: bool,
     cooldown_elapsed: bool,
@@ -166,7 +168,7 @@ pub fn keda_replicas(
 /// ratio clears the tolerance; going down, a fraction just above the next lower whole count,
 /// so `ceil` still gives that count while the ratio clears the tolerance. At 0 replicas the
 /// HPA is idle (KEDA does 0 -> 1), so the value is `desired` itself.
-pub fn metric_value(desired: u32, current: u32) -> f64 {
+pub(crate) fn metric_value(desired: u32, current: u32) -> f64 {
     const JUST_ABOVE: f64 = 0.001;
     let c = f64::from(current);
     if current == 0 || desired == current {
@@ -252,21 +254,21 @@ mod tests {
 
     #[test]
     fn stabilization_keeps_the_window_maximum() {
-        let mut s = ScaleDownStabilizer::new(300_000);
-        assert_eq!(s.stabilize(0, 8), 8);
-        assert_eq!(s.stabilize(15_000, 2), 8);
-        assert_eq!(s.stabilize(300_000, 2), 8);
-        assert_eq!(s.stabilize(300_001, 2), 2);
+        let mut s = ScaleDownStabilizer::new(SCALE_DOWN_STABILIZATION);
+        assert_eq!(s.stabilize(UnixMs(0), 8), 8);
+        assert_eq!(s.stabilize(UnixMs(15_000), 2), 8);
+        assert_eq!(s.stabilize(UnixMs(300_000), 2), 8);
+        assert_eq!(s.stabilize(UnixMs(300_001), 2), 2);
     }
 
     #[test]
     fn hpa_sync_limits_scale_up_and_damps_scale_down() {
         let b = ReplicaBounds::default();
-        let mut s = ScaleDownStabilizer::new(300_000);
-        assert_eq!(hpa_sync(1, 50.0, 1.0, AverageValue, b, &mut s, 0), 5);
-        assert_eq!(hpa_sync(5, 50.0, 1.0, AverageValue, b, &mut s, 15_000), 10);
-        assert_eq!(hpa_sync(10, 1.0, 1.0, AverageValue, b, &mut s, 30_000), 10);
-        assert_eq!(hpa_sync(10, 1.0, 1.0, AverageValue, b, &mut s, 400_000), 1);
+        let mut s = ScaleDownStabilizer::new(SCALE_DOWN_STABILIZATION);
+        assert_eq!(hpa_sync(1, 50.0, 1.0, AverageValue, b, &mut s, UnixMs(0)), 5);
+        assert_eq!(hpa_sync(5, 50.0, 1.0, AverageValue, b, &mut s, UnixMs(15_000)), 10);
+        assert_eq!(hpa_sync(10, 1.0, 1.0, AverageValue, b, &mut s, UnixMs(30_000)), 10);
+        assert_eq!(hpa_sync(10, 1.0, 1.0, AverageValue, b, &mut s, UnixMs(400_000)), 1);
     }
 
     #[test]

@@ -10,15 +10,15 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use super::{Recommendation, ScaleAction};
 
 /// Samples kept per queue.
-pub const SAMPLE_SIZE: usize = 5;
+pub(crate) const SAMPLE_SIZE: usize = 5;
 /// Latency (ms) at or under which a queue counts as not busy.
-pub const LOW_LATENCY_MS: u64 = 200;
+pub(crate) const LOW_LATENCY_MS: u64 = 200;
 /// Upstream's default maximum polling interval (ms).
-pub const DEFAULT_MAX_POLLING_INTERVAL_MS: u64 = 30_000;
+pub(crate) const DEFAULT_MAX_POLLING_INTERVAL_MS: u64 = 30_000;
 
 /// The last [`SAMPLE_SIZE`] latency samples of one queue, a ring initialised with zeros.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LatencyHistory {
+pub(crate) struct LatencyHistory {
     slots: [u64; SAMPLE_SIZE],
     /// Samples added so far (saturating); the ring is full once this reaches SAMPLE_SIZE.
     added: usize,
@@ -26,12 +26,12 @@ pub struct LatencyHistory {
 
 impl LatencyHistory {
     /// An empty history: all slots zero, not yet full.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// A history that has seen `samples` in order (oldest first).
-    pub fn from_samples(samples: impl IntoIterator<Item = u64>) -> Self {
+    pub(crate) fn from_samples(samples: impl IntoIterator<Item = u64>) -> Self {
         let mut history = Self::new();
         for sample in samples {
             history.add(sample);
@@ -40,7 +40,7 @@ impl LatencyHistory {
     }
 
     /// Records one sample, pushing the oldest out once the ring is full.
-    pub fn add(&mut self, latency_ms: u64) {
+    pub(crate) fn add(&mut self, latency_ms: u64) {
         self.slots[self.added % SAMPLE_SIZE] = latency_ms;
         // Keep the index's residue while never overflowing.
         self.added =
@@ -48,27 +48,27 @@ impl LatencyHistory {
     }
 
     /// True once [`SAMPLE_SIZE`] samples have been added.
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.added >= SAMPLE_SIZE
     }
 
     /// The most recent sample (0 before any).
-    pub fn latest(&self) -> u64 {
+    pub(crate) fn latest(&self) -> u64 {
         self.slots[(self.added + SAMPLE_SIZE - 1) % SAMPLE_SIZE]
     }
 
     /// The sample before the latest (0 before two samples).
-    pub fn previous(&self) -> u64 {
+    pub(crate) fn previous(&self) -> u64 {
         self.slots[(self.added + SAMPLE_SIZE - 2) % SAMPLE_SIZE]
     }
 
     /// The ring's slots, oldest first.
-    pub fn samples(&self) -> [u64; SAMPLE_SIZE] {
+    pub(crate) fn samples(&self) -> [u64; SAMPLE_SIZE] {
         std::array::from_fn(|i| self.slots[(self.added + i) % SAMPLE_SIZE])
     }
 
     /// All slots are zero.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.slots.iter().all(|&s| s == 0)
     }
 
@@ -86,7 +86,7 @@ impl LatencyHistory {
 
 /// The latency histories of one task hub: the work-item queue and one per partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TaskHubLatencies {
+pub(crate) struct TaskHubLatencies {
     /// The work-item (activity) queue.
     pub work_item: LatencyHistory,
     /// Control queue `i` of partition `i`; the partition count is this vector's length.
@@ -95,7 +95,7 @@ pub struct TaskHubLatencies {
 
 impl TaskHubLatencies {
     /// Empty histories for a hub of `partitions` control queues.
-    pub fn new(partitions: usize) -> Self {
+    pub(crate) fn new(partitions: usize) -> Self {
         Self { work_item: LatencyHistory::new(), control: vec![LatencyHistory::new(); partitions] }
     }
 
@@ -107,30 +107,30 @@ impl TaskHubLatencies {
 /// Casts the DTFx latency vote. Holds the settings and, when random scale-in is on, its
 /// seeded random source.
 #[derive(Debug, Clone)]
-pub struct LatencyVoter {
+pub(crate) struct LatencyVoter {
     max_polling_interval_ms: u64,
     random_scale_in: Option<StdRng>,
 }
 
 impl LatencyVoter {
     /// A voter with random scale-in off (deterministic; what the conformance cases use).
-    pub fn new(max_polling_interval_ms: u64) -> Self {
+    pub(crate) fn new(max_polling_interval_ms: u64) -> Self {
         Self { max_polling_interval_ms, random_scale_in: None }
     }
 
     /// A voter with upstream's random scale-in ("All queues are not busy", one chance in
     /// ten) on, drawing from a generator seeded with `seed`.
-    pub fn with_random_scale_in(max_polling_interval_ms: u64, seed: u64) -> Self {
+    pub(crate) fn with_random_scale_in(max_polling_interval_ms: u64, seed: u64) -> Self {
         Self { max_polling_interval_ms, random_scale_in: Some(StdRng::seed_from_u64(seed)) }
     }
 
     /// The latency at or over which a queue is hot: min(maxPoll, 1000).
-    pub fn high_latency_ms(&self) -> u64 {
+    pub(crate) fn high_latency_ms(&self) -> u64 {
         self.max_polling_interval_ms.min(1000)
     }
 
     /// The vote for `hub` with `workers` workers, rules in upstream's order.
-    pub fn vote(&mut self, hub: &TaskHubLatencies, workers: u32) -> Recommendation {
+    pub(crate) fn vote(&mut self, hub: &TaskHubLatencies, workers: u32) -> Recommendation {
         let (action, keep, reason) = self.rule(hub, workers);
         Recommendation::step(workers, action, keep, reason)
     }

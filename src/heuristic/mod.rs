@@ -14,10 +14,10 @@
 //!   `recommend` one per case, so all three run the same code.
 
 pub mod durable;
-pub mod engine;
+pub(crate) mod engine;
 pub mod hpa;
-pub mod latency;
-pub mod target;
+pub(crate) mod latency;
+pub(crate) mod target;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,10 +40,10 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Every algorithm, the default first.
-    pub const ALL: [Algorithm; 3] = [Algorithm::Durable, Algorithm::Target, Algorithm::Latency];
+    pub(crate) const ALL: [Algorithm; 3] = [Algorithm::Durable, Algorithm::Target, Algorithm::Latency];
 
     /// The name the trigger, the CLI and the JSON use.
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Algorithm::Durable => "durable",
             Algorithm::Target => "target",
@@ -101,7 +101,7 @@ pub struct Recommendation {
 impl Recommendation {
     /// A recommendation that steps `workers` by `action` (never below zero), the way the
     /// latency vote is turned into a worker count.
-    pub fn step(workers: u32, action: ScaleAction, keep_workers_alive: bool, reason: String) -> Self {
+    pub(crate) fn step(workers: u32, action: ScaleAction, keep_workers_alive: bool, reason: String) -> Self {
         let desired_workers = match action {
             ScaleAction::AddWorker => workers.saturating_add(1),
             ScaleAction::RemoveWorker => workers.saturating_sub(1),
@@ -112,7 +112,12 @@ impl Recommendation {
 
     /// A recommendation for an absolute worker count, the action following from comparing
     /// it with the current `workers`.
-    pub fn toward(workers: u32, desired_workers: u32, keep_workers_alive: bool, reason: String) -> Self {
+    pub(crate) fn toward(
+        workers: u32,
+        desired_workers: u32,
+        keep_workers_alive: bool,
+        reason: String,
+    ) -> Self {
         let action = match desired_workers.cmp(&workers) {
             std::cmp::Ordering::Greater => ScaleAction::AddWorker,
             std::cmp::Ordering::Less => ScaleAction::RemoveWorker,

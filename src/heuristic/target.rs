@@ -8,7 +8,7 @@ use super::Recommendation;
 
 /// Per-worker concurrency limits the formula divides by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TargetSettings {
+pub(crate) struct TargetSettings {
     /// Activities one worker runs at once (`maxActivitiesPerWorker`, default 10).
     pub max_activities_per_worker: u32,
     /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`, default 5).
@@ -23,7 +23,7 @@ impl Default for TargetSettings {
 
 /// The parts of the target, kept so the reason can show its arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TargetBreakdown {
+pub(crate) struct TargetBreakdown {
     /// ceil(work-item length / max activities per worker).
     pub activity_workers: u64,
     /// Sum of the control queue lengths.
@@ -37,7 +37,7 @@ pub struct TargetBreakdown {
 }
 
 /// Computes the target worker count from queue lengths.
-pub fn target_workers(
+pub(crate) fn target_workers(
     settings: TargetSettings,
     work_item_length: u64,
     control_lengths: &[u64],
@@ -57,7 +57,7 @@ pub fn target_workers(
 }
 
 /// The target formula as a [`Recommendation`] for a hub currently at `workers`.
-pub fn recommend(
+pub(crate) fn recommend(
     settings: TargetSettings,
     workers: u32,
     work_item_length: u64,

@@ -59,13 +59,13 @@ pub use token_review::TokenReviewAuthenticator;
 pub use worker_count::KubeWorkerCount;
 
 /// The API version of KEDA's ScaledObject, read as a dynamic object (no CRD types).
-pub const SCALED_OBJECT_API_VERSION: &str = "keda.sh/v1alpha1";
+pub(crate) const SCALED_OBJECT_API_VERSION: &str = "keda.sh/v1alpha1";
 /// The kind of KEDA's ScaledObject.
-pub const SCALED_OBJECT_KIND: &str = "ScaledObject";
+pub(crate) const SCALED_OBJECT_KIND: &str = "ScaledObject";
 
 /// What went wrong at this module's boundary.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// A call to the API server failed.
     #[error("{what}: {source}")]
     Api {
@@ -191,18 +191,13 @@ impl KubeContext {
         }
     }
 
-    /// The client, for anything else the aggregator needs.
-    pub fn client(&self) -> &kube::Client {
-        &self.client
-    }
-
     /// The worker-count source with the configured TTL.
     pub fn worker_count(&self) -> KubeWorkerCount {
         KubeWorkerCount::new(self.client.clone(), self.args.worker_count_ttl)
     }
 
     /// The report authenticator with the configured cache bounds.
-    pub fn authenticator(&self) -> TokenReviewAuthenticator {
+    pub(crate) fn authenticator(&self) -> TokenReviewAuthenticator {
         TokenReviewAuthenticator::new(self.client.clone())
             .with_cache_max_age(self.args.token_cache_max_age)
             .with_cache_size(usize::try_from(self.args.token_cache_size).unwrap_or(usize::MAX))
@@ -210,7 +205,7 @@ impl KubeContext {
 
     /// The Event recorder, reporting as `--pod-name` (read at start, see [`KubeArgs`]), else
     /// as `durable-scaler-aggregator`.
-    pub fn event_recorder(&self) -> EventRecorder {
+    pub(crate) fn event_recorder(&self) -> EventRecorder {
         let instance = self.args.pod_name.clone().unwrap_or_else(|| "durable-scaler-aggregator".to_owned());
         EventRecorder::new(self.client.clone(), instance, self.args.event_min_interval)
     }

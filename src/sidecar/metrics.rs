@@ -13,7 +13,7 @@ use crate::storage::StorageErrorKind;
 
 /// Labels of the storage error counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorKindLabel {
+pub(crate) struct ErrorKindLabel {
     /// Which kind of storage error.
     pub kind: StorageErrorKind,
 }
@@ -32,7 +32,7 @@ pub struct Metrics {
     /// Polls completed.
     pub polls: Counter,
     /// Storage errors met while polling, by kind.
-    pub storage_errors: Family<ErrorKindLabel, Counter>,
+    pub(crate) storage_errors: Family<ErrorKindLabel, Counter>,
     /// Storage HTTP calls made (retries included).
     pub storage_requests: Counter,
     /// Reports the aggregator accepted.
@@ -61,7 +61,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh set, registered under the `durable_scaler_sidecar` prefix.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("durable_scaler_sidecar");
         let polls = Counter::default();
         let storage_errors = Family::<ErrorKindLabel, Counter>::default();
@@ -141,7 +141,7 @@ impl Metrics {
     }
 
     /// Records one poll.
-    pub fn record_poll(
+    pub(crate) fn record_poll(
         &self,
         duration: Duration,
         owned: usize,
@@ -158,13 +158,13 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         crate::metrics::encode(&self.registry)
     }
 }
 
 /// `/healthz` (the process is up and serving) and `/metrics`.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub(crate) fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(serve_metrics))

@@ -17,10 +17,10 @@
 //! - [`report`]: the gRPC client and the latest-only delivery loop;
 //! - [`metrics`]: Prometheus metrics and the `/healthz` + `/metrics` server.
 
-pub mod config;
-pub mod metrics;
-pub mod poll;
-pub mod report;
+pub(crate) mod config;
+pub(crate) mod metrics;
+pub(crate) mod poll;
+pub(crate) mod report;
 
 use std::{
     net::SocketAddr,
@@ -35,7 +35,7 @@ use tokio::sync::watch;
 
 pub use config::{AppLimitArgs, AppLimits, Args, Config, ConfigError};
 pub use metrics::Metrics;
-pub use poll::PollResult;
+pub(crate) use poll::PollResult;
 pub use report::{Replicas, ReportClient};
 
 use crate::{
@@ -219,7 +219,7 @@ async fn poll_until_shutdown(
         let requests_before = reader.account().request_count();
         let now = UnixMs::now();
         let result = tokio::select! {
-            result = poll::poll(&reader, &config.pod_name, now.as_millis()) => result,
+            result = poll::poll(&reader, &config.pod_name, now) => result,
             _ = shutdown.wait() => break,
         };
         let kinds: Vec<StorageErrorKind> = result.errors.iter().map(|e| e.kind()).collect();
@@ -298,7 +298,7 @@ fn base_report(config: &Config, interval: Duration, sampled_at: UnixMs) -> proto
 }
 
 /// The report of one poll made at `interval`.
-pub fn report_of(
+pub(crate) fn report_of(
     config: &Config,
     interval: Duration,
     result: &PollResult,
@@ -323,7 +323,7 @@ pub fn report_of(
 }
 
 /// The last report before the pod goes: no queues, `leaving` set.
-pub fn leaving_report(
+pub(crate) fn leaving_report(
     config: &Config,
     interval: Duration,
     partition_count: u32,
@@ -336,7 +336,7 @@ pub fn leaving_report(
 /// bad variable), then runs until SIGTERM or Ctrl-C. The caller provides the runtime: one
 /// thread is enough, since the work is a few HTTP calls per interval and every pod of the
 /// app carries a sidecar, so memory matters more than parallelism.
-pub async fn run(args: Args) -> std::process::ExitCode {
+pub(crate) async fn run(args: Args) -> std::process::ExitCode {
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(e) => {

@@ -9,6 +9,7 @@
 use futures::StreamExt;
 
 use crate::{
+    clock::UnixMs,
     proto::report::{self as proto, report_error::Kind},
     storage::{Layout, PartitionLease, QueueRef, QueueSignals, StorageError, TaskHubReader},
 };
@@ -18,7 +19,7 @@ const QUEUE_READ_CONCURRENCY: usize = 4;
 
 /// What one poll found, before it becomes a report.
 #[derive(Debug, Clone, Default)]
-pub struct PollResult {
+pub(crate) struct PollResult {
     /// Partition count (0 when unknown).
     pub partition_count: u32,
     /// Owned partitions and their control queues' signals (in partition order).
@@ -33,9 +34,9 @@ pub struct PollResult {
     pub layout: Option<Layout>,
 }
 
-/// Reads what `pod_name` owns at `now_unix_ms`.
-pub async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i64) -> PollResult {
-    let leases = match reader.partitions(now_unix_ms).await {
+/// Reads what `pod_name` owns at `now`.
+pub(crate) async fn poll(reader: &TaskHubReader, pod_name: &str, now: UnixMs) -> PollResult {
+    let leases = match reader.partitions(now).await {
         Ok(leases) => leases,
         Err(e) => return PollResult { errors: vec![e], layout: reader.layout(), ..Default::default() },
     };
@@ -46,7 +47,7 @@ pub async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i64) -> P
         queues.push(QueueRef::WorkItem);
     }
     let reads: Vec<(QueueRef, Result<QueueSignals, StorageError>)> = futures::stream::iter(queues)
-        .map(|queue| async move { (queue, reader.read_queue(queue, now_unix_ms).await) })
+        .map(|queue| async move { (queue, reader.read_queue(queue, now).await) })
         .buffered(QUEUE_READ_CONCURRENCY)
         .collect()
         .await;
@@ -68,7 +69,7 @@ pub async fn poll(reader: &TaskHubReader, pod_name: &str, now_unix_ms: i64) -> P
 
 /// The partitions whose unexpired owner is `pod_name` (the DurableTask worker id; compared
 /// without case, as host names are).
-pub fn owned_partitions(leases: &[PartitionLease], pod_name: &str) -> Vec<u32> {
+pub(crate) fn owned_partitions(leases: &[PartitionLease], pod_name: &str) -> Vec<u32> {
     let mut owned: Vec<u32> = leases
         .iter()
         .filter(|l| l.owner.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(pod_name)))
@@ -79,7 +80,7 @@ pub fn owned_partitions(leases: &[PartitionLease], pod_name: &str) -> Vec<u32> {
 }
 
 /// The report protocol's form of queue signals.
-pub fn signals_to_proto(s: &QueueSignals) -> proto::QueueSignals {
+pub(crate) fn signals_to_proto(s: &QueueSignals) -> proto::QueueSignals {
     proto::QueueSignals {
         approximate_count: s.approximate_count,
         visible_count: s.visible_count,
@@ -89,7 +90,7 @@ pub fn signals_to_proto(s: &QueueSignals) -> proto::QueueSignals {
 }
 
 /// The report protocol's form of a storage error.
-pub fn error_to_proto(e: &StorageError) -> proto::ReportError {
+pub(crate) fn error_to_proto(e: &StorageError) -> proto::ReportError {
     let kind = match e {
         StorageError::NotProvisioned { .. } => Kind::TaskHubNotProvisioned,
         StorageError::Authentication { .. } => Kind::Authentication,

@@ -191,7 +191,7 @@ struct Delivery {
 
 /// What every delivery task shares.
 #[derive(Clone)]
-pub struct DeliverySettings {
+pub(crate) struct DeliverySettings {
     /// Per-call timeout.
     pub timeout: Duration,
     /// The sidecar's metrics.
@@ -203,7 +203,7 @@ pub struct DeliverySettings {
 /// Resolves the replicas every `every` and keeps one [`deliver_latest`] task per address
 /// until `shutdown`; `current` holds a client per replica reported to (for the leaving
 /// report). A failed resolution keeps the replicas known before.
-pub async fn deliver_to_every_replica(
+pub(crate) async fn deliver_to_every_replica(
     replicas: Replicas,
     latest: watch::Receiver<Option<Report>>,
     every: Duration,
@@ -282,7 +282,7 @@ pub async fn deliver_to_every_replica(
 /// arrive while a call is in flight or during backoff replace each other: at most one is
 /// kept. The interval each answer suggests (0: keep the sidecar's own) goes to
 /// `settings.suggested_interval_ms`.
-pub async fn deliver_latest(
+pub(crate) async fn deliver_latest(
     client: ReportClient,
     mut latest: watch::Receiver<Option<Report>>,
     replica: ReplicaLabel,

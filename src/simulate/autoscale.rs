@@ -5,6 +5,7 @@
 
 use super::model::App;
 use super::scalers::{Metric, Scaler, sim_time};
+use crate::clock::UnixMs;
 use crate::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
 
 /// KEDA's and the HPA's settings.
@@ -19,7 +20,7 @@ pub struct KedaConfig {
     /// The HPA controller's sync period.
     pub hpa_sync_ms: u64,
     /// The HPA's scale-down stabilization window.
-    pub stabilization_ms: u64,
+    pub stabilization: std::time::Duration,
 }
 
 impl Default for KedaConfig {
@@ -29,7 +30,7 @@ impl Default for KedaConfig {
             cooldown_ms: 300_000,
             bounds: ReplicaBounds::default(),
             hpa_sync_ms: 15_000,
-            stabilization_ms: hpa::SCALE_DOWN_STABILIZATION_MS,
+            stabilization: hpa::SCALE_DOWN_STABILIZATION,
         }
     }
 }
@@ -42,14 +43,14 @@ pub fn hpa_sync_metrics(
     metrics: &[Metric],
     bounds: ReplicaBounds,
     stabilizer: &mut ScaleDownStabilizer,
-    now_ms: u64,
+    now: UnixMs,
 ) -> u32 {
     let kind = MetricTargetType::AverageValue;
     let Some(best) = metrics.iter().max_by_key(|m| hpa::desired_replicas(current, m.value, m.target, kind))
     else {
         return current;
     };
-    hpa::hpa_sync(current, best.value, best.target, kind, bounds, stabilizer, now_ms)
+    hpa::hpa_sync(current, best.value, best.target, kind, bounds, stabilizer, now)
 }
 
 /// KEDA's and the HPA's state for one ScaledObject.
@@ -71,7 +72,7 @@ impl Autoscaler {
             cfg,
             replicas: cfg.bounds.min,
             last_active_ms: None,
-            stabilizer: ScaleDownStabilizer::new(cfg.stabilization_ms),
+            stabilizer: ScaleDownStabilizer::new(cfg.stabilization),
             next_poll_ms: 0,
             next_sync_ms: cfg.hpa_sync_ms,
             changes: 0,
@@ -79,7 +80,7 @@ impl Autoscaler {
     }
 
     /// Times the replica count changed.
-    pub fn changes(&self) -> u32 {
+    pub(crate) fn changes(&self) -> u32 {
         self.changes
     }
 
@@ -106,8 +107,13 @@ impl Autoscaler {
             self.next_sync_ms = now_ms + self.cfg.hpa_sync_ms;
             if self.replicas > 0 {
                 let metrics = scaler.metrics(sim_time(now_ms), app, self.replicas);
-                self.replicas =
-                    hpa_sync_metrics(self.replicas, &metrics, self.cfg.bounds, &mut self.stabilizer, now_ms);
+                self.replicas = hpa_sync_metrics(
+                    self.replicas,
+                    &metrics,
+                    self.cfg.bounds,
+                    &mut self.stabilizer,
+                    sim_time(now_ms),
+                );
             }
         }
         if self.replicas != before {

@@ -60,7 +60,7 @@ pub struct RunResult {
 
 /// Collects a run's measurements tick by tick.
 #[derive(Debug)]
-pub struct Recorder {
+pub(crate) struct Recorder {
     tick_ms: u64,
     series_every_ms: u64,
     pod_ms: u128,
@@ -76,7 +76,7 @@ pub struct Recorder {
 
 impl Recorder {
     /// A recorder for a run of `duration_ms` in ticks of `tick_ms`, keeping about 4,000 points.
-    pub fn new(tick_ms: u64, duration_ms: u64) -> Self {
+    pub(crate) fn new(tick_ms: u64, duration_ms: u64) -> Self {
         let series_every_ms = (duration_ms / 4_000).max(1_000).max(tick_ms);
         Self {
             tick_ms,
@@ -95,7 +95,7 @@ impl Recorder {
 
     /// Records the app after the tick at `now_ms`; `pods_before` is how many pods existed
     /// before this tick's scaling decision (a wake starts only from zero pods).
-    pub fn record(&mut self, now_ms: u64, app: &App, pods_before: u32) {
+    pub(crate) fn record(&mut self, now_ms: u64, app: &App, pods_before: u32) {
         let pods = app.pods();
         let backlog = app.backlog();
         self.pod_ms += u128::from(pods) * u128::from(self.tick_ms);
@@ -126,7 +126,7 @@ impl Recorder {
     }
 
     /// The results at the end of a run of `duration_ms`.
-    pub fn finish(
+    pub(crate) fn finish(
         self,
         scenario: &str,
         scaler: &str,

@@ -315,11 +315,11 @@ impl Args {
             cooldown_ms: seconds(self.cooldown_s, "--cooldown-s", "DURABLE_SCALER_SIMULATE_COOLDOWN_S")?,
             bounds: ReplicaBounds { min: self.min_replicas, max: max_replicas },
             hpa_sync_ms: positive_s(self.hpa_sync_s, "--hpa-sync-s", "DURABLE_SCALER_SIMULATE_HPA_SYNC_S")?,
-            stabilization_ms: seconds(
+            stabilization: std::time::Duration::from_millis(seconds(
                 self.stabilization_s,
                 "--stabilization-s",
                 "DURABLE_SCALER_SIMULATE_STABILIZATION_S",
-            )?,
+            )?),
         };
         let scalers = ScalerConfig {
             max_activities,
@@ -434,7 +434,7 @@ pub fn run_one(
 
 /// The results of a suite and how fast it ran.
 #[derive(Debug, Clone)]
-pub struct SuiteResults {
+pub(crate) struct SuiteResults {
     /// Every run, grouped by scenario in order.
     pub results: Vec<RunResult>,
     /// Simulated hours per wall-clock second.
@@ -443,7 +443,7 @@ pub struct SuiteResults {
 
 /// Runs every scenario against every scaler, with a progress bar on stderr when the run
 /// takes more than a second and stderr is a terminal.
-pub fn run_suite(scenarios: &[Scenario], kinds: &[ScalerKind], settings: &Settings) -> SuiteResults {
+pub(crate) fn run_suite(scenarios: &[Scenario], kinds: &[ScalerKind], settings: &Settings) -> SuiteResults {
     let total_ms: u64 = scenarios.iter().map(|s| s.duration_ms).sum::<u64>() * kinds.len() as u64;
     let bar = ProgressBar::with_draw_target(Some(total_ms / 1_000), ProgressDrawTarget::hidden());
     bar.set_style(
@@ -476,7 +476,7 @@ pub fn run_suite(scenarios: &[Scenario], kinds: &[ScalerKind], settings: &Settin
 }
 
 /// `durable-scaler simulate`: parses nothing itself (clap did), runs, prints, writes charts.
-pub fn run(args: &Args) -> std::process::ExitCode {
+pub(crate) fn run(args: &Args) -> std::process::ExitCode {
     match execute(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -306,7 +306,7 @@ pub struct App {
 
 /// splitmix64: a stateless, well-mixed hash, so an activity's duration and an instance's
 /// partition do not depend on the order a scaler made things happen in.
-pub fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -332,11 +332,6 @@ impl App {
             completions: Vec::new(),
             counts: MessageCounts::default(),
         }
-    }
-
-    /// The settings.
-    pub fn config(&self) -> &AppConfig {
-        &self.cfg
     }
 
     fn enqueue(&mut self, queue: Option<usize>, message: Message, visible_at_ms: u64, now_ms: u64) {
@@ -664,7 +659,7 @@ impl App {
     }
 
     /// Pods that exist (starting, ready or draining): what is paid for.
-    pub fn pods(&self) -> u32 {
+    pub(crate) fn pods(&self) -> u32 {
         self.pods.len() as u32
     }
 
@@ -674,13 +669,8 @@ impl App {
     }
 
     /// Visible messages over all queues: work waiting for a worker.
-    pub fn backlog(&self) -> u64 {
+    pub(crate) fn backlog(&self) -> u64 {
         self.work_item.visible.len() as u64 + self.control.iter().map(|q| q.visible.len() as u64).sum::<u64>()
-    }
-
-    /// Orchestrations that have arrived and not finished.
-    pub fn running_orchestrations(&self) -> u64 {
-        self.instances.len() as u64 - self.completions.len() as u64
     }
 
     /// Finished orchestrations, in completion order.
@@ -689,32 +679,18 @@ impl App {
     }
 
     /// Orchestrations started so far.
-    pub fn started(&self) -> u64 {
+    pub(crate) fn started(&self) -> u64 {
         self.instances.len() as u64
     }
 
     /// Arrival times of orchestrations not yet finished.
-    pub fn unfinished_arrivals(&self) -> impl Iterator<Item = u64> + '_ {
+    pub(crate) fn unfinished_arrivals(&self) -> impl Iterator<Item = u64> + '_ {
         self.instances.iter().filter(|i| !i.done).map(|i| i.arrived_ms)
-    }
-
-    /// The first arrival still to come, if any.
-    pub fn next_arrival_ms(&self) -> Option<u64> {
-        self.workload.arrivals.get(self.next_arrival).map(|a| a.at_ms)
     }
 
     /// Message bookkeeping now.
     pub fn message_counts(&self) -> MessageCounts {
         let present = self.work_item.approximate() + self.control.iter().map(Queue::approximate).sum::<u64>();
         MessageCounts { present, ..self.counts }
-    }
-
-    /// Messages held by pods that are draining.
-    pub fn work_on_draining_pods(&self) -> usize {
-        self.pods
-            .iter()
-            .filter(|p| p.draining_since.is_some())
-            .map(|p| p.activities.len() + p.episodes.len())
-            .sum()
     }
 }

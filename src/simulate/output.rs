@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::metrics::RunResult;
 
 /// How far from the best p95 a scaler may be and still count as "as fast".
-pub const P95_SLACK: f64 = 0.10;
+pub(crate) const P95_SLACK: f64 = 0.10;
 
 /// The verdict for one scenario.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -49,7 +49,7 @@ pub fn verdict(results: &[RunResult]) -> Option<Verdict> {
 
 /// The whole report as JSON.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report<'a> {
+pub(crate) struct Report<'a> {
     /// Every run.
     pub results: &'a [RunResult],
     /// Per-scenario verdicts.
@@ -150,7 +150,7 @@ impl Standing {
 }
 
 /// The table as Markdown, for the README.
-pub fn markdown(results: &[RunResult], verdicts: &[Verdict]) -> String {
+pub(crate) fn markdown(results: &[RunResult], verdicts: &[Verdict]) -> String {
     let mut out = String::from(
         "| scenario | scaler | p50 s | p95 s | p99 s | drain s | pod-s | peak | scale changes | wake s mean/max | at zero | done | goal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );

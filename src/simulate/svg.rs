@@ -109,7 +109,7 @@ fn format_number(v: f64) -> String {
 
 /// One line pair on a chart: a run's pods above, its backlog beneath.
 #[derive(Debug, Clone, Copy)]
-pub struct Series<'a> {
+pub(crate) struct Series<'a> {
     /// Legend name.
     pub name: &'a str,
     /// The run's points.
@@ -126,7 +126,7 @@ pub struct Series<'a> {
 pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
     let details: Vec<String> =
         results.iter().map(|r| format!("{:.0} pod-s, p95 {:.0} s", r.pod_seconds, r.latency_p95_s)).collect();
-    let series: Vec<Series> = results
+    let series: Vec<Series<'_>> = results
         .iter()
         .zip(&details)
         .map(|(r, detail)| Series {
@@ -147,7 +147,7 @@ pub fn chart(title: &str, description: &str, results: &[RunResult]) -> String {
 
 /// A chart of any runs: pods over time above, backlog (visible messages) beneath, a legend
 /// headed `legend` on the right.
-pub fn chart_series(heading: &str, description: &str, legend: &str, series: &[Series]) -> String {
+pub(crate) fn chart_series(heading: &str, description: &str, legend: &str, series: &[Series<'_>]) -> String {
     let duration_ms = series.iter().map(|r| r.duration_ms).max().unwrap_or(1).max(1);
     let plot_width = WIDTH - LEFT - RIGHT;
     let x = |t: u64| LEFT + t as f64 / duration_ms as f64 * plot_width;

@@ -49,7 +49,7 @@ enum Credential {
 
 /// Which kind of credential a connection string carries (for logs and diagnostics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialKind {
+pub(crate) enum CredentialKind {
     /// `AccountKey`: Shared Key signing.
     SharedKey,
     /// `SharedAccessSignature`.
@@ -324,28 +324,8 @@ impl StorageAccount {
         Ok(account)
     }
 
-    /// The account name, when the string names one.
-    pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-
-    /// The Blob endpoint, without a trailing slash.
-    pub fn blob_endpoint(&self) -> &Url {
-        &self.blob_endpoint
-    }
-
-    /// The Queue endpoint, without a trailing slash.
-    pub fn queue_endpoint(&self) -> &Url {
-        &self.queue_endpoint
-    }
-
-    /// The Table endpoint, without a trailing slash.
-    pub fn table_endpoint(&self) -> &Url {
-        &self.table_endpoint
-    }
-
     /// How requests are authorised.
-    pub fn credential_kind(&self) -> CredentialKind {
+    pub(crate) fn credential_kind(&self) -> CredentialKind {
         match self.credential {
             Credential::SharedKey(_) => CredentialKind::SharedKey,
             Credential::Sas(_) => CredentialKind::SharedAccessSignature,
@@ -526,7 +506,7 @@ mod tests {
     use super::*;
 
     fn endpoints(a: &StorageAccount) -> [&str; 3] {
-        [a.blob_endpoint().as_str(), a.queue_endpoint().as_str(), a.table_endpoint().as_str()]
+        [a.blob_endpoint.as_str(), a.queue_endpoint.as_str(), a.table_endpoint.as_str()]
     }
 
     #[test]
@@ -540,7 +520,10 @@ mod tests {
                 "http://127.0.0.1:10002/devstoreaccount1"
             ]
         );
-        assert_eq!((a.name(), a.credential_kind()), (Some("devstoreaccount1"), CredentialKind::SharedKey));
+        assert_eq!(
+            (a.name.as_deref(), a.credential_kind()),
+            (Some("devstoreaccount1"), CredentialKind::SharedKey)
+        );
     }
 
     #[test]
@@ -565,7 +548,7 @@ mod tests {
             "AccountName=x;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn",
         )
         .unwrap();
-        assert_eq!(a.queue_endpoint().as_str(), "https://x.queue.core.chinacloudapi.cn/");
+        assert_eq!(a.queue_endpoint.as_str(), "https://x.queue.core.chinacloudapi.cn/");
     }
 
     #[test]
@@ -586,15 +569,15 @@ mod tests {
             "BlobEndpoint=https://x.blob.core.windows.net/;QueueEndpoint=https://x.queue.core.windows.net/;TableEndpoint=https://x.table.core.windows.net/;SharedAccessSignature=sv=2022-11-02&ss=bqt&sig=abc%3D",
         )
         .unwrap();
-        assert_eq!((a.name(), a.credential_kind()), (None, CredentialKind::SharedAccessSignature));
-        assert_eq!(a.queue_endpoint().as_str(), "https://x.queue.core.windows.net/");
+        assert_eq!((a.name.as_deref(), a.credential_kind()), (None, CredentialKind::SharedAccessSignature));
+        assert_eq!(a.queue_endpoint.as_str(), "https://x.queue.core.windows.net/");
     }
 
     #[test]
     fn account_name_alone_means_entra_id() {
         let a = StorageAccount::from_connection_string("AccountName=myapp").unwrap();
         assert_eq!(a.credential_kind(), CredentialKind::EntraId);
-        assert_eq!(a.table_endpoint().as_str(), "https://myapp.table.core.windows.net/");
+        assert_eq!(a.table_endpoint.as_str(), "https://myapp.table.core.windows.net/");
     }
 
     #[test]

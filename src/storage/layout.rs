@@ -58,7 +58,7 @@ impl Layout {
     /// The "directory" of the lease blobs that say who processes a partition: the
     /// `leaseType` the partition manager hands its `BlobPartitionLeaseManager` (`ownership`
     /// in SafePartitionManager.cs, `default` in LegacyPartitionManager.cs). None for the table.
-    pub fn ownership_directory(self) -> Option<&'static str> {
+    pub(crate) fn ownership_directory(self) -> Option<&'static str> {
         match self {
             Layout::Table => None,
             Layout::Safe => Some("ownership"),
@@ -70,7 +70,7 @@ impl Layout {
 /// `{directory}/{control queue}`: a lease blob's name inside [`TaskHub::lease_container`]
 /// (`BlobContainer.GetBlobReference(partitionId, blobDirectoryName)` upstream; the
 /// partition id is the control queue's name).
-pub fn lease_blob_name(hub: &TaskHub, directory: &str, partition: u32) -> String {
+pub(crate) fn lease_blob_name(hub: &TaskHub, directory: &str, partition: u32) -> String {
     format!("{directory}/{}", hub.control_queue(partition))
 }
 

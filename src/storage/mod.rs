@@ -27,12 +27,14 @@ mod reader;
 pub(crate) mod table;
 
 pub(crate) use account::Service;
-pub use account::{AzureCloud, Connection, CredentialKind, IdentityAccount, StorageAccount};
-pub use layout::{Layout, REDETECT_INTERVAL, lease_blob_name};
-pub use reader::{PEEK_LIMIT, TaskHubReader};
+pub use account::{AzureCloud, Connection, IdentityAccount, StorageAccount};
+pub(crate) use layout::lease_blob_name;
+pub use layout::{Layout, REDETECT_INTERVAL};
+pub use reader::TaskHubReader;
 // The name rule and the partition limit are the roles' contract; storage derives the hub's
 // resource names from a checked name.
-pub use crate::contract::{InvalidTaskHubName, MAX_PARTITIONS, TaskHub};
+pub(crate) use crate::contract::MAX_PARTITIONS;
+pub use crate::contract::TaskHub;
 
 /// Where to look for partition ownership: detected by default, as upstream decides it; the
 /// other values are overrides (host.json `useTablePartitionManagement` true or false).
@@ -151,17 +153,17 @@ impl Default for StorageOptions {
 /// The names of a task hub's resources (durabletask-facts.md).
 impl TaskHub {
     /// `{hub lowercased}-control-{NN}`.
-    pub fn control_queue(&self, partition: u32) -> String {
+    pub(crate) fn control_queue(&self, partition: u32) -> String {
         format!("{}-control-{partition:02}", self.name().to_ascii_lowercase())
     }
 
     /// `{hub lowercased}-workitems`.
-    pub fn work_item_queue(&self) -> String {
+    pub(crate) fn work_item_queue(&self) -> String {
         format!("{}-workitems", self.name().to_ascii_lowercase())
     }
 
     /// The queue `queue` names.
-    pub fn queue_name(&self, queue: QueueRef) -> String {
+    pub(crate) fn queue_name(&self, queue: QueueRef) -> String {
         match queue {
             QueueRef::WorkItem => self.work_item_queue(),
             QueueRef::Control(partition) => self.control_queue(partition),
@@ -178,14 +180,8 @@ impl TaskHub {
         format!("{}-leases", self.name().to_ascii_lowercase())
     }
 
-    /// The legacy partition manager's lease blob of `partition` inside
-    /// [`TaskHub::lease_container`]; see [`lease_blob_name`] for every layout.
-    pub fn lease_blob(&self, partition: u32) -> String {
-        format!("default/{}", self.control_queue(partition))
-    }
-
     /// The partition index a control queue name ends with, if it is one of this hub's.
-    pub fn partition_of(&self, queue_name: &str) -> Option<u32> {
+    pub(crate) fn partition_of(&self, queue_name: &str) -> Option<u32> {
         let prefix = format!("{}-control-", self.name().to_ascii_lowercase());
         let index = queue_name.to_ascii_lowercase().strip_prefix(&prefix)?.parse().ok()?;
         (index < MAX_PARTITIONS).then_some(index)
@@ -194,7 +190,7 @@ impl TaskHub {
 
 impl PartitionMode {
     /// `auto`, `table` or `blob`, as the command line and logs spell it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PartitionMode::Auto => "auto",
             PartitionMode::Table => "table",
@@ -203,7 +199,7 @@ impl PartitionMode {
     }
 
     /// Reads `auto`, `table` or `blob` (any case, surrounding spaces ignored).
-    pub fn parse(value: &str) -> Option<Self> {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
         match value.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(PartitionMode::Auto),
             "table" => Some(PartitionMode::Table),
@@ -213,7 +209,7 @@ impl PartitionMode {
     }
 
     /// Whether this mode may find `layout`.
-    pub fn allows(self, layout: Layout) -> bool {
+    pub(crate) fn allows(self, layout: Layout) -> bool {
         match self {
             PartitionMode::Auto => true,
             PartitionMode::Table => layout == Layout::Table,
@@ -311,7 +307,6 @@ mod tests {
         assert_eq!(hub.work_item_queue(), "myhub-workitems");
         assert_eq!(hub.partitions_table(), "MyHubPartitions");
         assert_eq!(hub.lease_container(), "myhub-leases");
-        assert_eq!(hub.lease_blob(15), "default/myhub-control-15");
     }
 
     #[test]

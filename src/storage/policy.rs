@@ -5,6 +5,10 @@
 //! All are per-try policies (`ClientOptions::per_try_policies`): a retried request is signed
 //! again with a fresh `x-ms-date`, and each attempt has its own deadline.
 
+// azure_core's `Policy::send` (an async_trait) is declared with `&Context`; writing
+// `Context<'_>` here makes the lifetimes differ from the trait's.
+#![allow(elided_lifetimes_in_paths)]
+
 use std::{
     sync::{
         Arc,

@@ -26,9 +26,10 @@ use super::{
     Layout, PartitionLease, PartitionMode, QueueRef, QueueSignals, REDETECT_INTERVAL, StorageAccount,
     StorageError, StorageOptions, TaskHub, table::TableService,
 };
+use crate::clock::UnixMs;
 
 /// How many messages one peek asks for (the service's maximum).
-pub const PEEK_LIMIT: u32 = 32;
+pub(crate) const PEEK_LIMIT: u32 = 32;
 
 /// How many lease blobs are downloaded at once: enough to keep a poll short, few enough to
 /// keep the connection pool (and memory) small.
@@ -62,7 +63,7 @@ struct Detected {
     layout: Layout,
     /// Blob layouts: `PartitionCount` of `taskhub.json` (the table counts its rows each read).
     partition_count: u32,
-    at_unix_ms: i64,
+    at: UnixMs,
 }
 
 /// One lease blob as a listing shows it.
@@ -90,16 +91,6 @@ impl TaskHubReader {
         }
     }
 
-    /// The hub this reader reads.
-    pub fn hub(&self) -> &TaskHub {
-        &self.hub
-    }
-
-    /// Where partition ownership is looked for.
-    pub fn mode(&self) -> PartitionMode {
-        self.mode
-    }
-
     /// The layout the last read of [`TaskHubReader::partitions`] used; None before the first
     /// or after a read that found no ownership store.
     pub fn layout(&self) -> Option<Layout> {
@@ -113,18 +104,17 @@ impl TaskHubReader {
     }
 
     /// Every partition of the hub (P = the number returned), ordered by index, and who holds
-    /// each at `now_unix_ms`. Calls per read once the layout is known: table, one query;
+    /// each at `now`. Calls per read once the layout is known: table, one query;
     /// safe and legacy, one listing of the lease blobs plus a download of each leased blob
     /// whose body changed since the last read. Detection adds a table lookup, a
     /// `taskhub.json` read and up to two listings every [`REDETECT_INTERVAL`] for blob
     /// layouts.
-    pub async fn partitions(&self, now_unix_ms: i64) -> Result<Vec<PartitionLease>, StorageError> {
-        let fresh = self.lock().detected.filter(|d| {
-            d.layout == Layout::Table || now_unix_ms - d.at_unix_ms < REDETECT_INTERVAL.as_millis() as i64
-        });
+    pub async fn partitions(&self, now: UnixMs) -> Result<Vec<PartitionLease>, StorageError> {
+        let fresh =
+            self.lock().detected.filter(|d| d.layout == Layout::Table || now.since(d.at) < REDETECT_INTERVAL);
         if let Some(detected) = fresh {
             let read = match detected.layout {
-                Layout::Table => self.table_partitions(now_unix_ms).await.and_then(|rows| {
+                Layout::Table => self.table_partitions(now).await.and_then(|rows| {
                     rows.ok_or_else(|| StorageError::NotProvisioned { resource: self.hub.partitions_table() })
                 }),
                 Layout::Safe | Layout::Legacy => {
@@ -137,7 +127,7 @@ impl TaskHubReader {
                 other => return other,
             }
         }
-        let result = self.detect(now_unix_ms).await;
+        let result = self.detect(now).await;
         if result.is_err() {
             self.lock().detected = None;
         }
@@ -145,12 +135,12 @@ impl TaskHubReader {
     }
 
     /// Finds the layout as upstream does and reads it.
-    async fn detect(&self, now_unix_ms: i64) -> Result<Vec<PartitionLease>, StorageError> {
+    async fn detect(&self, now: UnixMs) -> Result<Vec<PartitionLease>, StorageError> {
         let mut looked_for = Vec::new();
         if self.mode.allows(Layout::Table) {
-            match self.table_partitions(now_unix_ms).await? {
+            match self.table_partitions(now).await? {
                 Some(leases) => {
-                    self.remember(Layout::Table, leases.len() as u32, now_unix_ms);
+                    self.remember(Layout::Table, leases.len() as u32, now);
                     return Ok(leases);
                 }
                 None => looked_for.push(format!("table {}", self.hub.partitions_table())),
@@ -161,7 +151,7 @@ impl TaskHubReader {
             match self.task_hub_info().await? {
                 Some(partition_count) => {
                     let (layout, leases) = self.detect_blob_layout(partition_count).await?;
-                    self.remember(layout, partition_count, now_unix_ms);
+                    self.remember(layout, partition_count, now);
                     return Ok(leases);
                 }
                 None => looked_for.push(format!(
@@ -204,17 +194,17 @@ impl TaskHubReader {
         Ok((Layout::Safe, self.owners(partition_count, safe).await?))
     }
 
-    fn remember(&self, layout: Layout, partition_count: u32, now_unix_ms: i64) {
-        self.lock().detected = Some(Detected { layout, partition_count, at_unix_ms: now_unix_ms });
+    fn remember(&self, layout: Layout, partition_count: u32, now: UnixMs) {
+        self.lock().detected = Some(Detected { layout, partition_count, at: now });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One queue's signals at `now_unix_ms`: Get Queue Metadata and a peek of up to 32, sent
+    /// One queue's signals at `now`: Get Queue Metadata and a peek of up to 32, sent
     /// together (two calls).
-    pub async fn read_queue(&self, queue: QueueRef, now_unix_ms: i64) -> Result<QueueSignals, StorageError> {
+    pub async fn read_queue(&self, queue: QueueRef, now: UnixMs) -> Result<QueueSignals, StorageError> {
         let name = self.hub.queue_name(queue);
         let client = self.account.queue_client(&name, &self.options)?;
         let peek_options = QueueClientPeekMessagesOptions {
@@ -237,13 +227,13 @@ impl TaskHubReader {
         let first_visible_age_ms = messages
             .first()
             .and_then(|m| m.insertion_time)
-            .map(|inserted| (now_unix_ms - unix_ms(inserted)).max(0) as u64)
+            .map(|inserted| now.millis_since(UnixMs(unix_ms(inserted))).max(0) as u64)
             .unwrap_or(0);
         Ok(QueueSignals {
             approximate_count,
             visible_count: messages.len().min(PEEK_LIMIT as usize) as u32,
             first_visible_age_ms,
-            sampled_at_unix_ms: now_unix_ms,
+            sampled_at_unix_ms: now.as_millis(),
         })
     }
 
@@ -251,7 +241,7 @@ impl TaskHubReader {
     /// `CurrentOwner` while `ExpiresAt` is in the future (`TablePartitionLease`,
     /// Partitioning/TablePartitionLease.cs; a claim sets now + 1 min and a renewal now +
     /// LeaseInterval in TablePartitionManager.cs). None when the table does not exist.
-    async fn table_partitions(&self, now_unix_ms: i64) -> Result<Option<Vec<PartitionLease>>, StorageError> {
+    async fn table_partitions(&self, now: UnixMs) -> Result<Option<Vec<PartitionLease>>, StorageError> {
         let table = self.hub.partitions_table();
         let rows = match self.table.query_all(&table).await {
             Ok(rows) => rows,
@@ -264,7 +254,7 @@ impl TaskHubReader {
                 let partition = self.hub.partition_of(row.get("RowKey")?.as_str()?)?;
                 let expires_at_unix_ms =
                     row.get("ExpiresAt").and_then(|v| v.as_str()).and_then(parse_rfc3339_ms);
-                let unexpired = expires_at_unix_ms.is_some_and(|t| t > now_unix_ms);
+                let unexpired = expires_at_unix_ms.is_some_and(|t| t > now.as_millis());
                 let owner = row
                     .get("CurrentOwner")
                     .and_then(|v| v.as_str())

@@ -14,9 +14,7 @@ use crate::contract::{
     SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR,
     TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
 };
-// Re-exported for `tests/it/manifests.rs`, which checks the manifests against them; the
-// contract module is their home.
-pub use crate::contract::{
+use crate::contract::{
     CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, DEFAULT_TASK_HUB, INJECT_LABEL, TASK_HUB_ANNOTATION,
 };
 
@@ -92,7 +90,7 @@ impl NativeDefault {
 /// What the webhook answers for one pod: the patch (empty when nothing is injected) and the
 /// warnings shown to the user by `kubectl`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Injection {
+pub(crate) struct Injection {
     /// JSON patch operations (RFC 6902), all `add`.
     pub patch: Vec<Value>,
     /// Admission warnings, each saying what was wrong and what was done instead.
@@ -103,7 +101,7 @@ pub struct Injection {
 
 impl Injection {
     /// True when the plan injects the sidecar.
-    pub fn injects(&self) -> bool {
+    pub(crate) fn injects(&self) -> bool {
         !self.patch.is_empty()
     }
 
@@ -114,20 +112,25 @@ impl Injection {
 }
 
 /// True when the pod opted in with the label `durable-scaler.io/inject: "true"`.
-pub fn opted_in(pod: &Value) -> bool {
+pub(crate) fn opted_in(pod: &Value) -> bool {
     pod.pointer("/metadata/labels").and_then(|labels| labels.get(INJECT_LABEL)).and_then(Value::as_str)
         == Some("true")
 }
 
 /// Plans the injection into `pod` with the mode `--native-sidecar` forces (see [`plan_with`]).
-pub fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
+#[cfg(test)]
+pub(crate) fn plan(pod: &Value, settings: &InjectionSettings) -> Injection {
     plan_with(pod, settings, &NativeDefault::forced(settings.native_sidecar))
 }
 
 /// Plans the injection into `pod` (a labelled pod on CREATE), native or not as `native`
 /// says unless the pod's annotation overrides it. Never fails: what cannot be done becomes a
 /// warning (and a [`SkipReason`] when nothing is injected) and the pod is admitted as it is.
-pub fn plan_with(pod: &Value, settings: &InjectionSettings, native_default: &NativeDefault) -> Injection {
+pub(crate) fn plan_with(
+    pod: &Value,
+    settings: &InjectionSettings,
+    native_default: &NativeDefault,
+) -> Injection {
     let warnings = Vec::new();
     let Some(spec) = pod.get("spec").and_then(Value::as_object) else {
         let warning = "durable-scaler: the pod has no spec; sidecar not injected".to_owned();
@@ -599,7 +602,7 @@ fn resources<'a>(
 
 /// Parses a non-negative Kubernetes quantity (`100m`, `0.5`, `64Mi`, `1e3`) into its value,
 /// or `None` when the API server would reject it.
-pub fn parse_quantity(raw: &str) -> Option<f64> {
+pub(crate) fn parse_quantity(raw: &str) -> Option<f64> {
     let split = raw.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(raw.len());
     let (number, suffix) = raw.split_at(split);
     if number.is_empty() || number == "." || number.matches('.').count() > 1 {
@@ -657,7 +660,7 @@ fn add(path: &str, value: Value) -> Value {
 }
 
 /// Escapes one JSON pointer token (RFC 6901): `~` as `~0`, then `/` as `~1`.
-pub fn escape(token: &str) -> String {
+pub(crate) fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
 }
 

@@ -11,7 +11,7 @@ use crate::tls::{ReloadCounters, ReloadOutcome};
 
 /// Labels of the certificate reloads.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
+pub(crate) struct ReloadLabels {
     /// Taken into use or refused.
     pub outcome: ReloadOutcome,
 }
@@ -34,7 +34,7 @@ pub struct Metrics {
     /// Requests refused (400, 413, 415).
     pub refused: Counter,
     /// Changed certificate files taken into use or refused.
-    pub certificate_reloads: Family<ReloadLabels, Counter>,
+    pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
     /// Opted-in pods admitted without a sidecar, by reason (dry runs excluded).
     pub skipped: Family<SkipLabels, Counter>,
 }
@@ -47,7 +47,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh set, registered under the `durable_scaler_webhook` prefix.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("durable_scaler_webhook");
         let (reviews, injections, refused) = (Counter::default(), Counter::default(), Counter::default());
         let certificate_reloads = Family::<ReloadLabels, Counter>::default();
@@ -73,7 +73,7 @@ impl Metrics {
     }
 
     /// The counters the serving certificate's reloads go to.
-    pub fn certificate_reload_counters(&self) -> ReloadCounters {
+    pub(crate) fn certificate_reload_counters(&self) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),

@@ -53,7 +53,7 @@ use metrics::Metrics;
 /// The one image that serves every role; the sidecar's default image.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/durable-scaler/durable-scaler:", env!("CARGO_PKG_VERSION"));
 /// The aggregator's report endpoint as installed by `manifests/`.
-pub const DEFAULT_AGGREGATOR: &str = crate::contract::DEFAULT_AGGREGATOR_URL;
+pub(crate) const DEFAULT_AGGREGATOR: &str = crate::contract::DEFAULT_AGGREGATOR_URL;
 /// The webhook's default listen address (the Service maps 443 to it); its port is
 /// [`crate::contract::WEBHOOK_PORT`] (checked by a test).
 pub const DEFAULT_ADDR: &str = "0.0.0.0:8443";
@@ -513,7 +513,7 @@ async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Runs `durable-scaler webhook` until SIGTERM or Ctrl-C; exit status 2 when it cannot
 /// start (the certificate, the CA, the address).
-pub async fn run(args: Args) -> ExitCode {
+pub(crate) async fn run(args: Args) -> ExitCode {
     let webhook = match Webhook::bind(&args).await {
         Ok(w) => w,
         Err(e) => {

@@ -190,7 +190,7 @@ mod tests {
 
     fn labelled_pod() -> Value {
         json!({
-            "metadata": {"labels": {inject::INJECT_LABEL: "true"}},
+            "metadata": {"labels": {crate::contract::INJECT_LABEL: "true"}},
             "spec": {"containers": [{"name": "app", "env": [{"name": "AzureWebJobsStorage", "value": "x"}]}]},
         })
     }

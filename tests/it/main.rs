@@ -5,6 +5,10 @@
 //! spent most of the test build in the linker. One binary links once. Run one area with a
 //! name filter, e.g. `cargo test --test it sidecar::`.
 
+// Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
+// support modules of a test crate names nothing outside it.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 mod aggregator_support;
 mod child;
 mod common;

@@ -15,7 +15,7 @@ use std::{
 };
 
 use clap::CommandFactory;
-use durable_scaler::webhook::{self, inject};
+use durable_scaler::{contract, webhook};
 use serde_json::{Value, json};
 
 /// Every kustomization under manifests/; a new one must be added here (checked below).
@@ -354,10 +354,10 @@ fn the_plaintext_install_has_no_tls_on_the_aggregator_and_the_default_report_url
         assert_eq!(env_value(aggregator, variable), None, "{variable}");
     }
     let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
-    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"), webhook::DEFAULT_AGGREGATOR);
+    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"), contract::DEFAULT_AGGREGATOR_URL);
     let service = find(&objects, "Service", "durable-scaler-aggregator-reports");
     assert_eq!(
-        webhook::DEFAULT_AGGREGATOR,
+        contract::DEFAULT_AGGREGATOR_URL,
         format!(
             "http://{}.{}:{}",
             service["metadata"]["name"].as_str().unwrap(),
@@ -378,7 +378,7 @@ fn the_webhook_deployment_uses_the_code_defaults() {
         assert_eq!(webhook["image"], webhook::DEFAULT_IMAGE);
         assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), webhook::DEFAULT_IMAGE);
         assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
-        assert_eq!(webhook["ports"][0]["containerPort"].as_u64(), Some(port_of(webhook::DEFAULT_ADDR)));
+        assert_eq!(webhook["ports"][0]["containerPort"].as_u64(), Some(u64::from(contract::WEBHOOK_PORT)));
         let service = find(&objects, "Service", "durable-scaler-webhook");
         assert_eq!(service["spec"]["ports"][0]["port"], 443);
         assert_eq!(service["spec"]["ports"][0]["targetPort"], webhook["ports"][0]["name"]);
@@ -624,7 +624,7 @@ fn the_mutating_webhook_configuration_routes_opted_in_pods_to_the_webhook_servic
     assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
     assert_eq!(hook["sideEffects"], "None");
     assert!((1..=30).contains(&hook["timeoutSeconds"].as_u64().unwrap()));
-    assert_eq!(hook["objectSelector"]["matchLabels"], json!({inject::INJECT_LABEL: "true"}));
+    assert_eq!(hook["objectSelector"]["matchLabels"], json!({contract::INJECT_LABEL: "true"}));
     let excluded = &hook["namespaceSelector"]["matchExpressions"][0];
     assert_eq!(excluded["key"], "kubernetes.io/metadata.name");
     assert_eq!(excluded["operator"], "NotIn");
@@ -647,16 +647,13 @@ fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
         let app = find(&objects, "Deployment", "orders-func");
         assert!(app["spec"].get("replicas").is_none(), "{example}: replicas fights KEDA on every apply");
         let template = &app["spec"]["template"];
-        assert_eq!(template["metadata"]["labels"][inject::INJECT_LABEL], "true");
+        assert_eq!(template["metadata"]["labels"][contract::INJECT_LABEL], "true");
         let annotations = template["metadata"]["annotations"].as_object().unwrap();
-        assert!(
-            annotations
-                .keys()
-                .all(|k| [inject::TASK_HUB_ANNOTATION, inject::CONNECTION_ENV_ANNOTATION]
-                    .contains(&k.as_str()))
-        );
-        let connection = annotations[inject::CONNECTION_ENV_ANNOTATION].as_str().unwrap();
-        assert_eq!(connection, inject::DEFAULT_CONNECTION_ENV);
+        assert!(annotations.keys().all(|k| {
+            [contract::TASK_HUB_ANNOTATION, contract::CONNECTION_ENV_ANNOTATION].contains(&k.as_str())
+        }));
+        let connection = annotations[contract::CONNECTION_ENV_ANNOTATION].as_str().unwrap();
+        assert_eq!(connection, contract::DEFAULT_CONNECTION_ENV);
         let secret = find(&objects, "Secret", "orders-storage");
         let variables = template["spec"]["containers"][0]["env"].as_array().unwrap();
         let reference =
@@ -671,7 +668,10 @@ fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
         assert!(scaled["spec"]["minReplicaCount"].as_u64() <= scaled["spec"]["maxReplicaCount"].as_u64());
         assert!(objects.iter().all(|o| o["kind"] != "HorizontalPodAutoscaler"), "KEDA makes the HPA");
         let metadata = &scaled["spec"]["triggers"][0]["metadata"];
-        assert_eq!(metadata["taskHubName"], template["metadata"]["annotations"][inject::TASK_HUB_ANNOTATION]);
+        assert_eq!(
+            metadata["taskHubName"],
+            template["metadata"]["annotations"][contract::TASK_HUB_ANNOTATION]
+        );
         assert!(
             variables.iter().any(|e| e["name"] == metadata["connectionFromEnv"]),
             "connectionFromEnv must name an env var of the scale target's container"

@@ -97,23 +97,23 @@ fn several_metrics_follow_the_hpa_arithmetic_of_the_highest() {
     let b = ReplicaBounds::default();
     for current in [1u32, 3, 9, 10, 20, 50] {
         for value in [0.0, 1.0, 4.5, 9.5, 10.5, 11.0, 12.0, 40.0, 300.0] {
-            let mut ours = ScaleDownStabilizer::new(300_000);
-            let mut theirs = ScaleDownStabilizer::new(300_000);
+            let mut ours = ScaleDownStabilizer::new(hpa::SCALE_DOWN_STABILIZATION);
+            let mut theirs = ScaleDownStabilizer::new(hpa::SCALE_DOWN_STABILIZATION);
             let m = [Metric { value, target: 1.0 }];
             assert_eq!(
-                hpa_sync_metrics(current, &m, b, &mut ours, 0),
-                hpa::hpa_sync(current, value, 1.0, MetricTargetType::AverageValue, b, &mut theirs, 0),
+                hpa_sync_metrics(current, &m, b, &mut ours, UnixMs(0)),
+                hpa::hpa_sync(current, value, 1.0, MetricTargetType::AverageValue, b, &mut theirs, UnixMs(0)),
                 "one metric is hpa_sync itself ({current}, {value})"
             );
         }
     }
-    let mut s = ScaleDownStabilizer::new(300_000);
+    let mut s = ScaleDownStabilizer::new(hpa::SCALE_DOWN_STABILIZATION);
     let metrics = [
         Metric { value: 10.0, target: 5.0 },
         Metric { value: 30.0, target: 5.0 },
         Metric { value: 0.0, target: 5.0 },
     ];
-    assert_eq!(hpa_sync_metrics(4, &metrics, b, &mut s, 0), 6, "the highest proposal (30/5) wins");
+    assert_eq!(hpa_sync_metrics(4, &metrics, b, &mut s, UnixMs(0)), 6, "the highest proposal (30/5) wins");
 }
 
 #[test]

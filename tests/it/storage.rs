@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::common::{self, LAYOUTS, account, hub, now_ms};
 use durable_scaler::{
     azurite::Azurite,
+    clock::UnixMs,
     emulator::TaskHubEmulator,
     storage::{
         Layout, PartitionMode, QueueRef, REDETECT_INTERVAL, StorageAccount, StorageError, StorageErrorKind,
@@ -36,7 +37,7 @@ async fn each_layout_is_detected_and_names_each_partition_and_its_owner() {
         emulator.claim(2, "pod-a", LEASE).await.unwrap();
         emulator.claim(1, "pod-b", LEASE).await.unwrap();
 
-        let leases = reader.partitions(now_ms()).await.unwrap();
+        let leases = reader.partitions(UnixMs::now()).await.unwrap();
         assert_eq!(reader.layout(), Some(layout));
         assert_eq!(
             owners(&leases),
@@ -50,7 +51,7 @@ async fn each_layout_is_detected_and_names_each_partition_and_its_owner() {
 async fn a_table_lease_expires_at_its_expires_at() {
     let (emulator, reader) = laid_out("TableExpiry", Layout::Table, 1).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
-    let leases = reader.partitions(now_ms()).await.unwrap();
+    let leases = reader.partitions(UnixMs::now()).await.unwrap();
     let expiry = leases[0].expires_at_unix_ms.expect("ExpiresAt is read");
     assert!(expiry > now_ms() + 30_000, "expires in about a minute: {expiry}");
 }
@@ -61,10 +62,10 @@ async fn a_released_lease_is_not_held_in_any_layout() {
         let (emulator, reader) = laid_out("Released", layout, 2).await;
         let claim = emulator.claim(0, "pod-a", LEASE).await.unwrap();
         emulator.claim(1, "pod-b", LEASE).await.unwrap();
-        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
+        assert_eq!(reader.partitions(UnixMs::now()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
         emulator.release(claim).await.unwrap();
         assert_eq!(
-            owners(&reader.partitions(now_ms()).await.unwrap()),
+            owners(&reader.partitions(UnixMs::now()).await.unwrap()),
             [(0, None), (1, Some("pod-b"))],
             "{layout:?}"
         );
@@ -77,10 +78,10 @@ async fn a_breaking_lease_is_not_held() {
         let (emulator, reader) = laid_out("Breaking", layout, 2).await;
         emulator.claim(0, "pod-a", LEASE).await.unwrap();
         emulator.claim(1, "pod-a", LEASE).await.unwrap();
-        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
+        assert_eq!(reader.partitions(UnixMs::now()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
         emulator.break_lease(0, Duration::from_secs(60)).await.unwrap();
         assert_eq!(
-            owners(&reader.partitions(now_ms()).await.unwrap()),
+            owners(&reader.partitions(UnixMs::now()).await.unwrap()),
             [(0, None), (1, Some("pod-a"))],
             "{layout:?}"
         );
@@ -92,10 +93,10 @@ async fn a_lease_taken_over_names_the_new_owner() {
     for layout in LAYOUTS {
         let (emulator, reader) = laid_out("TakenOver", layout, 1).await;
         emulator.claim(0, "pod-a", LEASE).await.unwrap();
-        assert_eq!(reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
+        assert_eq!(reader.partitions(UnixMs::now()).await.unwrap()[0].owner.as_deref(), Some("pod-a"));
         emulator.claim(0, "pod-b", LEASE).await.unwrap();
         assert_eq!(
-            reader.partitions(now_ms()).await.unwrap()[0].owner.as_deref(),
+            reader.partitions(UnixMs::now()).await.unwrap()[0].owner.as_deref(),
             Some("pod-b"),
             "{layout:?}"
         );
@@ -107,9 +108,9 @@ async fn an_override_reads_only_its_own_layout() {
     let (hub, emulator) = common::laid_out("Override", Layout::Safe, 2).await;
     emulator.claim(1, "pod-a", LEASE).await.unwrap();
     let blob = TaskHubReader::new(&account(), hub.clone(), PartitionMode::Blob, StorageOptions::default());
-    assert_eq!(blob.partitions(now_ms()).await.unwrap()[1].owner.as_deref(), Some("pod-a"));
+    assert_eq!(blob.partitions(UnixMs::now()).await.unwrap()[1].owner.as_deref(), Some("pod-a"));
     let table = TaskHubReader::new(&account(), hub, PartitionMode::Table, StorageOptions::default());
-    let err = table.partitions(now_ms()).await.unwrap_err();
+    let err = table.partitions(UnixMs::now()).await.unwrap_err();
     assert!(matches!(err, StorageError::NoOwnershipStore { .. }), "{err}");
     assert!(!err.to_string().contains("taskhub.json"), "the table override looks only for the table: {err}");
 }
@@ -120,7 +121,7 @@ async fn a_hub_with_queues_and_no_ownership_store_says_what_was_looked_for() {
     let emulator = TaskHubEmulator::new(&account(), name.clone(), Layout::Table);
     emulator.create_queues(3).await.unwrap();
     let reader = TaskHubReader::new(&account(), name.clone(), PartitionMode::Auto, StorageOptions::default());
-    let err = reader.partitions(now_ms()).await.unwrap_err();
+    let err = reader.partitions(UnixMs::now()).await.unwrap_err();
     assert!(
         matches!(err, StorageError::NoOwnershipStore { partition_count: 3, .. }),
         "P comes from the control queues found: {err:?}"
@@ -143,16 +144,16 @@ async fn a_hub_upgraded_to_the_table_is_read_from_the_table_after_the_next_detec
     let (hub, safe) = common::laid_out("Upgrade", Layout::Safe, 2).await;
     safe.claim(0, "pod-old", LEASE).await.unwrap();
     let reader = TaskHubReader::new(&account(), hub.clone(), PartitionMode::Auto, StorageOptions::default());
-    let now = now_ms();
+    let now = UnixMs::now();
     assert_eq!(reader.partitions(now).await.unwrap()[0].owner.as_deref(), Some("pod-old"));
 
     // The app moves to Durable Functions 3.x: its workers create and use the table.
     let table = TaskHubEmulator::new(&account(), hub, Layout::Table);
     table.create(2).await.unwrap();
     table.claim(0, "pod-new", LEASE).await.unwrap();
-    assert_eq!(reader.partitions(now + 1_000).await.unwrap()[0].owner.as_deref(), Some("pod-old"));
+    assert_eq!(reader.partitions(now.plus_ms(1_000)).await.unwrap()[0].owner.as_deref(), Some("pod-old"));
     assert_eq!(reader.layout(), Some(Layout::Safe), "trusted until the re-check");
-    let recheck = now + REDETECT_INTERVAL.as_millis() as i64 + 1;
+    let recheck = now.plus(REDETECT_INTERVAL).plus_ms(1);
     assert_eq!(reader.partitions(recheck).await.unwrap()[0].owner.as_deref(), Some("pod-new"));
     assert_eq!(reader.layout(), Some(Layout::Table));
 }
@@ -164,11 +165,11 @@ async fn an_expired_table_lease_is_not_owned() {
     emulator.write_partition_row(0, Some("pod-gone"), Some(an_hour_ago), false).await.unwrap();
     emulator.claim(1, "pod-a", LEASE).await.unwrap();
 
-    let leases = reader.partitions(now_ms()).await.unwrap();
+    let leases = reader.partitions(UnixMs::now()).await.unwrap();
     assert_eq!(leases[0].owner, None);
     assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
     // The same lease seen from a clock past its expiry is not owned either.
-    let later = leases[1].expires_at_unix_ms.unwrap() + 1;
+    let later = UnixMs(leases[1].expires_at_unix_ms.unwrap() + 1);
     assert_eq!(reader.partitions(later).await.unwrap()[1].owner, None);
 }
 
@@ -177,7 +178,7 @@ async fn a_draining_partition_is_reported_as_draining() {
     let (emulator, reader) = laid_out("TableDraining", Layout::Table, 1).await;
     let soon = time::OffsetDateTime::now_utc() + LEASE;
     emulator.write_partition_row(0, Some("pod-a"), Some(soon), true).await.unwrap();
-    let lease = &reader.partitions(now_ms()).await.unwrap()[0];
+    let lease = &reader.partitions(UnixMs::now()).await.unwrap()[0];
     assert!(lease.draining);
     assert_eq!(lease.owner.as_deref(), Some("pod-a"));
 }
@@ -194,23 +195,23 @@ async fn a_queue_counts_timers_and_messages_in_progress_but_only_visible_ones_ar
     let taken = emulator.dequeue(control, 1, Duration::from_secs(600)).await.unwrap();
     assert_eq!(taken.len(), 1);
 
-    let signals = reader.read_queue(control, now_ms()).await.unwrap();
+    let signals = reader.read_queue(control, UnixMs::now()).await.unwrap();
     assert_eq!(signals.approximate_count, 4);
     assert_eq!(signals.visible_count, 2);
 
     emulator.delete(&taken[0]).await.unwrap();
-    assert_eq!(reader.read_queue(control, now_ms()).await.unwrap().approximate_count, 3);
+    assert_eq!(reader.read_queue(control, UnixMs::now()).await.unwrap().approximate_count, 3);
 }
 
 #[tokio::test]
 async fn the_age_is_that_of_the_first_visible_message_at_the_given_clock() {
     let (emulator, reader) = laid_out("QueueAge", Layout::Table, 1).await;
     emulator.enqueue(QueueRef::WorkItem, "activity", Duration::ZERO).await.unwrap();
-    let ten_seconds_on = now_ms() + 10_000;
+    let ten_seconds_on = UnixMs::now().plus(Duration::from_secs(10));
     let signals = reader.read_queue(QueueRef::WorkItem, ten_seconds_on).await.unwrap();
     // Azurite keeps insertion times to the second.
     assert!((9_000..=13_000).contains(&signals.first_visible_age_ms), "{signals:?}");
-    assert_eq!(signals.sampled_at_unix_ms, ten_seconds_on);
+    assert_eq!(signals.sampled_at_unix_ms, ten_seconds_on.as_millis());
 }
 
 #[tokio::test]
@@ -218,7 +219,7 @@ async fn a_queue_holding_only_timers_has_no_visible_message_and_no_age() {
     let (emulator, reader) = laid_out("QueueTimers", Layout::Table, 1).await;
     emulator.enqueue(QueueRef::Control(0), "timer-1", TIMER).await.unwrap();
     emulator.enqueue(QueueRef::Control(0), "timer-2", TIMER).await.unwrap();
-    let signals = reader.read_queue(QueueRef::Control(0), now_ms()).await.unwrap();
+    let signals = reader.read_queue(QueueRef::Control(0), UnixMs::now()).await.unwrap();
     assert_eq!((signals.approximate_count, signals.visible_count, signals.first_visible_age_ms), (2, 0, 0));
 }
 
@@ -227,13 +228,13 @@ async fn a_hub_that_does_not_exist_is_not_provisioned() {
     let account = account();
     for mode in [PartitionMode::Auto, PartitionMode::Table, PartitionMode::Blob] {
         let reader = TaskHubReader::new(&account, hub("NeverStarted"), mode, StorageOptions::default());
-        let err = reader.partitions(now_ms()).await.unwrap_err();
+        let err = reader.partitions(UnixMs::now()).await.unwrap_err();
         assert!(matches!(err, StorageError::NotProvisioned { .. }), "{mode:?}: {err}");
         assert!(err.to_string().contains("task hub not provisioned"), "{err}");
     }
     let reader =
         TaskHubReader::new(&account, hub("NeverStarted"), PartitionMode::Table, StorageOptions::default());
-    let err = reader.read_queue(QueueRef::Control(0), now_ms()).await.unwrap_err();
+    let err = reader.read_queue(QueueRef::Control(0), UnixMs::now()).await.unwrap_err();
     assert!(
         matches!(err, StorageError::NotProvisioned { ref resource } if resource.contains("-control-00")),
         "{err}"
@@ -251,8 +252,8 @@ async fn a_wrong_key_is_an_authentication_error_that_says_so() {
     let reader =
         TaskHubReader::new(&account, hub("WrongKey"), PartitionMode::Table, StorageOptions::default());
     for err in [
-        reader.partitions(now_ms()).await.unwrap_err(),
-        reader.read_queue(QueueRef::WorkItem, now_ms()).await.unwrap_err(),
+        reader.partitions(UnixMs::now()).await.unwrap_err(),
+        reader.read_queue(QueueRef::WorkItem, UnixMs::now()).await.unwrap_err(),
     ] {
         assert!(matches!(err, StorageError::Authentication { status: 403, .. }), "{err}");
         assert!(err.to_string().contains("refused the credentials"), "{err}");
@@ -269,7 +270,7 @@ async fn storage_that_does_not_listen_is_unreachable() {
     let account = StorageAccount::from_connection_string(&cs).unwrap();
     let options = StorageOptions { attempt_timeout: Duration::from_secs(2), max_retries: 1 };
     let reader = TaskHubReader::new(&account, hub("Nowhere"), PartitionMode::Table, options);
-    let err = reader.partitions(now_ms()).await.unwrap_err();
+    let err = reader.partitions(UnixMs::now()).await.unwrap_err();
     assert!(matches!(err, StorageError::Unreachable { .. }), "{err}");
     // One attempt and one retry: transient failures are retried.
     assert_eq!(account.request_count(), 2);
@@ -279,7 +280,7 @@ async fn storage_that_does_not_listen_is_unreachable() {
 async fn a_queue_read_costs_two_calls() {
     let (_, reader) = laid_out("CallCount", Layout::Table, 4).await;
     let before = reader.account().request_count();
-    reader.read_queue(QueueRef::Control(3), now_ms()).await.unwrap();
+    reader.read_queue(QueueRef::Control(3), UnixMs::now()).await.unwrap();
     assert_eq!(reader.account().request_count() - before, 2);
 }
 
@@ -293,10 +294,10 @@ async fn once_detected_ownership_costs_one_call_per_read_in_every_layout() {
         emulator.claim(1, "pod-b", LEASE).await.unwrap();
         let calls = || reader.account().request_count();
         let before = calls();
-        reader.partitions(now_ms()).await.unwrap();
+        reader.partitions(UnixMs::now()).await.unwrap();
         assert_eq!(calls() - before, detection, "{layout:?}: detection");
         let before = calls();
-        reader.partitions(now_ms()).await.unwrap();
+        reader.partitions(UnixMs::now()).await.unwrap();
         assert_eq!(calls() - before, 1, "{layout:?}: steady state");
     }
 }
@@ -345,9 +346,9 @@ async fn a_shared_access_signature_reads_queues_and_the_partitions_table() {
     let account = StorageAccount::from_connection_string(&cs).unwrap();
     let reader =
         TaskHubReader::new(&account, emulator.hub().clone(), PartitionMode::Auto, StorageOptions::default());
-    let leases = reader.partitions(now_ms()).await.unwrap();
+    let leases = reader.partitions(UnixMs::now()).await.unwrap();
     assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
-    assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
+    assert_eq!(reader.read_queue(QueueRef::Control(1), UnixMs::now()).await.unwrap().visible_count, 1);
 }
 
 #[tokio::test]
@@ -356,8 +357,11 @@ async fn laying_a_hub_out_again_keeps_what_is_there() {
         let (emulator, reader) = laid_out("LayoutTwice", layout, 2).await;
         emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
         emulator.create(2).await.expect("a second layout succeeds");
-        assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().approximate_count, 1);
-        assert_eq!(reader.partitions(now_ms()).await.unwrap().len(), 2);
+        assert_eq!(
+            reader.read_queue(QueueRef::Control(1), UnixMs::now()).await.unwrap().approximate_count,
+            1
+        );
+        assert_eq!(reader.partitions(UnixMs::now()).await.unwrap().len(), 2);
     }
 }
 
@@ -395,9 +399,9 @@ async fn tables_and_queues_are_read_over_https_with_a_trusted_certificate_only()
         emulator.claim(1, "pod-a", LEASE).await.unwrap();
         emulator.enqueue(QueueRef::Control(1), "start", Duration::ZERO).await.unwrap();
         let reader = TaskHubReader::new(&account, name, PartitionMode::Auto, StorageOptions::default());
-        let leases = reader.partitions(now_ms()).await.unwrap();
+        let leases = reader.partitions(UnixMs::now()).await.unwrap();
         assert_eq!(leases[1].owner.as_deref(), Some("pod-a"));
-        assert_eq!(reader.read_queue(QueueRef::Control(1), now_ms()).await.unwrap().visible_count, 1);
+        assert_eq!(reader.read_queue(QueueRef::Control(1), UnixMs::now()).await.unwrap().visible_count, 1);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
