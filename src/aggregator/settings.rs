@@ -31,6 +31,9 @@ pub struct HubSettings {
     pub max_polling_interval_ms: u64,
     /// `workerStartupMs`: how long a new worker pod takes to take work (durable algorithm).
     pub worker_startup_ms: u64,
+    /// `randomScaleIn`: the latency vote's random scale-in, on unless `"false"` (upstream's
+    /// `EnableRandomScaleDownOnLowLatency` defaults to true).
+    pub random_scale_in: bool,
 }
 
 /// A metadata key with a value that cannot be used.
@@ -56,6 +59,7 @@ impl HubSettings {
             algorithm: Algorithm::default(),
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             worker_startup_ms: DurableSettings::default().startup_ms,
+            random_scale_in: true,
         }
     }
 
@@ -112,7 +116,7 @@ impl HubSettings {
             None => Algorithm::default(),
             Some(v) => v.parse::<Algorithm>().map_err(|_| MetadataError {
                 key: "scaleAlgorithm",
-                expected: "durable, target or latency",
+                expected: "durable, target, target-inflight or latency",
                 got: v.to_string(),
             })?,
         };
@@ -132,6 +136,18 @@ impl HubSettings {
                 got: v.to_string(),
             })?,
         };
+        let random_scale_in = match get("randomScaleIn") {
+            None => true,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(v) => {
+                return Err(MetadataError {
+                    key: "randomScaleIn",
+                    expected: "true or false",
+                    got: v.to_string(),
+                });
+            }
+        };
         Ok(Self {
             task_hub,
             connection,
@@ -140,6 +156,7 @@ impl HubSettings {
             algorithm,
             max_polling_interval_ms,
             worker_startup_ms,
+            random_scale_in,
         })
     }
 }
@@ -162,6 +179,13 @@ mod tests {
         assert_eq!(s.algorithm, Algorithm::Durable);
         assert_eq!(s.max_polling_interval_ms, 30_000);
         assert_eq!(s.worker_startup_ms, 20_000);
+        assert!(s.random_scale_in, "on, as upstream");
+    }
+
+    #[test]
+    fn random_scale_in_false_turns_the_latency_dice_off() {
+        assert!(!parse(&[("taskHubName", "MyHub"), ("randomScaleIn", "False")]).unwrap().random_scale_in);
+        assert!(parse(&[("taskHubName", "MyHub"), ("randomScaleIn", "true")]).unwrap().random_scale_in);
     }
 
     #[test]
@@ -183,6 +207,7 @@ mod tests {
             ("scaleAlgorithm", "cpu"),
             ("maxPollingIntervalMs", "-1"),
             ("workerStartupMs", "soon"),
+            ("randomScaleIn", "sometimes"),
         ] {
             let mut pairs = vec![("taskHubName", "MyHub")];
             pairs.retain(|(k, _)| *k != key);
