@@ -86,6 +86,8 @@ pub struct HubStatus {
     pub live_pods: u32,
     /// Why KEDA calls would be refused now, if they would.
     pub probe_error: Option<String>,
+    /// What the user should know about this hub now (`HubState::notes`).
+    pub notes: Vec<String>,
 }
 
 impl HubEntry {
@@ -109,6 +111,7 @@ impl HubEntry {
                 uncovered_partitions: coverage.uncovered,
                 live_pods: s.live_pods(now),
                 probe_error,
+                notes: s.notes(now),
             }
         })
     }
@@ -196,6 +199,8 @@ impl HubEntry {
         metrics.active.get_or_create(&self.labels).set(i64::from(active));
         metrics.covered_partitions.get_or_create(&self.labels).set(coverage.covered.len() as i64);
         metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
+        let stuck = i64::try_from(state.stuck_work_items(now)).unwrap_or(i64::MAX);
+        metrics.stuck_work_items.get_or_create(&self.labels).set(stuck);
         metrics
             .connection_known
             .get_or_create(&self.labels)

@@ -18,6 +18,7 @@ mod aggregator_tls;
 mod demo;
 mod engine_equivalence;
 mod kubernetes;
+mod latency_feed;
 mod logs;
 mod manifests;
 mod recommend_cli;
