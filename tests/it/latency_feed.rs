@@ -36,10 +36,8 @@ fn report(sampled_at: i64, work_item_age_ms: u64) -> ValidReport {
 #[test]
 fn a_reading_repeated_over_several_ticks_adds_one_latency_sample() {
     let registry = Registry::new(Arc::new(Metrics::new()), 300_000);
-    let metadata = [
-        ("taskHubName".to_string(), "LatencyHub".to_string()),
-        ("scaleAlgorithm".into(), "latency".into()),
-    ];
+    let metadata =
+        [("taskHubName".to_string(), "LatencyHub".to_string()), ("scaleAlgorithm".into(), "latency".into())];
     let settings = HubSettings::from_metadata(&metadata.into_iter().collect()).expect("valid metadata");
     let entry = registry.track(&HubKey::new("apps", "LatencyHub"), "LatencyHub", Some(&settings));
     let samples = || entry.with_state(|s| s.work_item_latencies().samples());
