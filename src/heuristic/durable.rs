@@ -20,20 +20,23 @@
 //!    a mix of sleeping timers (enqueued with a visibility delay; the count sits still) and
 //!    messages being processed (dequeued, hidden for at most the visibility timeout). Per
 //!    queue, the **baseline** is the lowest invisible count seen over the last
-//!    [`DurableSettings::timer_baseline_ms`] (60 s; the samples in it and the one that opens
-//!    it). What is above the baseline, plus everything visible, is work; the baseline is
+//!    [`DurableSettings::timer_baseline_ms`] (10 s, two sidecar reports; the samples in it and
+//!    the one that opens it). What is above the baseline, plus everything visible, is work; the baseline is
 //!    sleeping timers. So a partition with 50 sleeping timers and one new message counts one
 //!    message, not 51; a monitor whose timer re-fires every few seconds counts the message or
 //!    two in flight, not the partition's timers; timers set by work count for one window and
-//!    then sleep. The window is longer than any orchestration episode holds its messages (ms
-//!    to seconds) and short against KEDA's cooldown and the HPA's 300 s stabilization, which
-//!    already hold pods that long. With no worker running every invisible control message is
+//!    then sleep. The window is longer than an orchestration episode holds its messages (ms
+//!    to seconds); a longer one only kept pods longer after timers were set (the simulator:
+//!    60 s cost 34 % more pod-seconds in `timers` and 6-27 % in `spiky`, for no latency).
+//!    Messages a live owner holds for longer than the window read as timers; one that dies
+//!    holding them is rule 3. With no worker running every invisible control message is
 //!    a timer (nothing can be processing it), so a hub of timers never wakes from zero.
 //! 3. **Dead owners**: when a partition's owner is gone without letting go (its sidecar went
 //!    silent, or its lease lapsed with no pod taking the partition over: the caller says so
-//!    with [`HubHistory::set_owner_lost`]), the messages it held stay invisible until their
-//!    visibility timeout lapses, and then reappear. Until that could have happened (lost at +
-//!    visibility timeout) the partition's baseline stays what it was when the owner was lost:
+//!    with [`HubHistory::set_owner_lost`], as of the owner's last report), the messages it held
+//!    stay invisible until their visibility timeout lapses, and then reappear. Until that could
+//!    have happened (lost at + visibility timeout) the partition's baseline stays what it was
+//!    when the owner was last seen:
 //!    the dead owner's in-flight messages are work, not timers, even at zero workers, so the
 //!    hub does not cool to zero with work in it and wake five minutes later.
 //! 4. **Orchestration workers** = `min(partitions with work, ceil(orchestration work /
@@ -197,7 +200,7 @@ pub struct DurableSettings {
     /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`, default 5).
     pub max_orchestrations_per_worker: u32,
     /// The window over which a control queue's lowest invisible count is its baseline of
-    /// sleeping timers (rule 2; default 60 s).
+    /// sleeping timers (rule 2; default 10 s, two sidecar reports).
     pub timer_baseline_ms: u64,
     /// DTFx's visibility timeout (default 5 min): how long a dequeued message stays hidden.
     /// A dead owner's messages count as work for this long (rule 3); work items invisible
@@ -226,6 +229,10 @@ pub struct DurableSettings {
     pub lookahead_window_ms: u64,
 }
 
+/// How long after an owner's last report its loss may be told (three sidecar intervals, up to
+/// 20 s each): the history keeps enough to take its baseline as of then.
+pub const OWNER_LOSS_NOTICE_MS: u64 = 60_000;
+
 /// DTFx's default visibility timeout for dequeued messages (`ControlQueueVisibilityTimeout`
 /// and `WorkItemQueueVisibilityTimeout`, 5 minutes, in DurableTask.AzureStorage's
 /// `AzureStorageOrchestrationServiceSettings`).
@@ -236,7 +243,7 @@ impl Default for DurableSettings {
         Self {
             max_activities_per_worker: 10,
             max_orchestrations_per_worker: 5,
-            timer_baseline_ms: 60_000,
+            timer_baseline_ms: 10_000,
             visibility_timeout_ms: DEFAULT_VISIBILITY_TIMEOUT_MS,
             scale_in_window_ms: 10_000,
             activity_lookahead: true,
@@ -249,9 +256,11 @@ impl Default for DurableSettings {
 
 impl DurableSettings {
     /// How much history the rules read: the scale-in window looks back at moments whose
-    /// baseline itself looks back its window.
+    /// baseline itself looks back its window, and a lost owner's baseline is taken as of its
+    /// last report, told up to [`OWNER_LOSS_NOTICE_MS`] later.
     pub fn horizon_ms(&self) -> u64 {
-        self.timer_baseline_ms.saturating_add(self.scale_in_window_ms).max(self.lookahead_window_ms)
+        let baseline_back = self.scale_in_window_ms.max(OWNER_LOSS_NOTICE_MS);
+        self.timer_baseline_ms.saturating_add(baseline_back).max(self.lookahead_window_ms)
     }
 }
 
@@ -451,7 +460,7 @@ pub fn recommend(settings: &DurableSettings, hub: &HubHistory, workers: u32, now
     let discounted = {
         let mut parts = Vec::new();
         if need.timers > 0 {
-            parts.push(format!("{} sleeping timer(s)", need.timers));
+            parts.push(format!("{} invisible message(s) taken for sleeping timers", need.timers));
         }
         if need.stuck_work_items > 0 {
             parts.push(format!("{} stuck or poison work item(s)", need.stuck_work_items));
@@ -568,7 +577,7 @@ mod tests {
         let r = run(&hub, 2, 60_000);
         assert!(!r.keep_workers_alive, "{}", r.reason);
         assert_eq!(r.desired_workers, 0);
-        assert!(r.reason.contains("60 sleeping timer(s)"), "{}", r.reason);
+        assert!(r.reason.contains("60 invisible message(s) taken for sleeping timers"), "{}", r.reason);
         assert!(!run(&hub, 0, 60_000).keep_workers_alive);
     }
 

@@ -167,7 +167,7 @@ pub struct Args {
     pub probe_interval_s: f64,
     /// Our algorithm: seconds over which a control queue's lowest invisible count is its
     /// baseline of sleeping timers (what is above it counts as work).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TIMER_BASELINE_S", default_value_t = 60.0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TIMER_BASELINE_S", default_value_t = 10.0)]
     pub timer_baseline_s: f64,
     /// Our algorithm: seconds of history scale-in keeps the peak of.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
