@@ -303,6 +303,9 @@ impl Case {
             },
             max_polling_interval_ms: self.max_polling_interval_ms,
             work_grace_ms: self.work_grace_ms,
+            // One case, one answer: the latency vote's dice stay out of it.
+            random_scale_in: false,
+            latency_seed: 0,
         }
     }
 
@@ -367,7 +370,7 @@ impl Case {
                 LatencyVoter::new(self.max_polling_interval_ms).vote(&hub, self.workers)
             }
             // `answer` replays durable cases; the formula is what durable reads of one sample.
-            Algorithm::Target | Algorithm::Durable => {
+            Algorithm::Target | Algorithm::TargetInflight | Algorithm::Durable => {
                 let lengths: Vec<u64> = control.iter().map(|q| q.length).collect();
                 target::recommend(
                     self.engine_settings().target,

@@ -1,9 +1,19 @@
-//! One task hub's merged view: which pods report what, what the cold probe must read, and
-//! which worker count decisions are taken from. The decisions themselves (telling sleeping
-//! timers from work, the algorithms, the metric value) are [`HubEngine`]'s, the same engine
-//! the simulator and `recommend` run; this file feeds it the readings of reports and probes
-//! and the worker count. Pure: reports, probe results and the time come in as values, so all
-//! of it is unit-tested below.
+//! One task hub's merged view: which pods report what, what the cold probe must read, which
+//! worker count decisions are taken from, and which partitions lost their owner. The
+//! decisions themselves (telling sleeping timers from work, the algorithms, the metric value)
+//! are [`HubEngine`]'s, the same engine the simulator and `recommend` run; this file feeds it
+//! the readings of reports and probes (each sidecar reading once: a queue reading is known by
+//! its `sampled_at`), the worker count, and owner liveness. Pure: reports, probe results and
+//! the time come in as values, so all of it is unit-tested below.
+//!
+//! A partition's owner is **lost** when the live pod that reported it stops covering it
+//! without saying it leaves: its sidecar went silent for [`STALE_AFTER_INTERVALS`], or it
+//! stopped reporting the partition (its lease lapsed) and no live pod took it over. It is
+//! lost as of its last report, the last moment it was seen. DTFx hides the messages such an
+//! owner had dequeued until their visibility timeout lapses, so for that long after its last
+//! report (the aggregator's `--work-grace`) the engine counts them as work, not timers
+//! (`heuristic::durable`, rule 3). A pod that leaves (its last report says so) lets its
+//! partitions go cleanly: DTFx drains and abandons its messages on shutdown.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -39,7 +49,7 @@ impl HubKey {
 
 /// A report that passed validation (see `reports::validate`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ValidReport {
+pub struct ValidReport {
     /// The reporting pod's name.
     pub pod: String,
     /// Partition count, 0 when the sidecar could not tell.
@@ -169,7 +179,25 @@ fn engine_settings(settings: &HubSettings, limits: &EffectiveLimits, work_grace_
         },
         max_polling_interval_ms: settings.max_polling_interval_ms,
         work_grace_ms,
+        random_scale_in: settings.random_scale_in,
+        latency_seed: crate::heuristic::latency::seed_for(&settings.task_hub),
     }
+}
+
+/// Who last held one partition, for telling a lost owner (module docs).
+#[derive(Debug, Clone, Default)]
+struct Holder {
+    /// The live pod that held it when last seen held.
+    pod: Option<String>,
+    /// When its owner was lost, until the visibility timeout has passed.
+    lost_at: Option<UnixMs>,
+}
+
+/// The `sampled_at` of the last sidecar reading of each queue the engine took.
+#[derive(Debug, Clone, Default)]
+struct LastRead {
+    work_item: Option<i64>,
+    control: HashMap<u32, i64>,
 }
 
 /// The merged view of one task hub and the decisions taken on it.
@@ -180,6 +208,8 @@ pub struct HubState {
     partition_count: Option<u32>,
     pods: HashMap<String, PodState>,
     engine: HubEngine,
+    holders: Vec<Holder>,
+    last_read: LastRead,
     observed: bool,
     /// What was read at least once since the partition count was learnt: the control queues
     /// and the work-item queue (KEDA gets no answer from a hub read only in part).
@@ -204,6 +234,8 @@ impl HubState {
             partition_count: None,
             pods: HashMap::new(),
             engine,
+            holders: Vec::new(),
+            last_read: LastRead::default(),
             observed: false,
             read_once: BTreeSet::new(),
             work_item_read_once: false,
@@ -270,6 +302,8 @@ impl HubState {
         self.engine.reshape(partition_count as usize);
         self.read_once.clear();
         self.not_provisioned = false;
+        self.holders = vec![Holder::default(); partition_count as usize];
+        self.last_read = LastRead::default();
     }
 
     /// Merges one sidecar report received at `now`. A report taken before the pod's latest
@@ -321,14 +355,23 @@ impl HubState {
         };
         if shape_known {
             for (partition, signals) in &report.control {
-                if self.engine.observe_control(*partition as usize, (*signals).into(), now) {
+                if (*partition as usize) < self.engine.partitions() {
                     pod.partitions.insert(*partition);
                     self.read_once.insert(*partition);
+                    // The same reading (a report sent again, or two reports of one read) is
+                    // taken once: the latency vote adds one sample per reading.
+                    let taken = self.last_read.control.insert(*partition, signals.sampled_at_unix_ms);
+                    if taken != Some(signals.sampled_at_unix_ms) {
+                        self.engine.observe_control(*partition as usize, (*signals).into(), now);
+                    }
                 }
             }
         }
         if let Some(signals) = report.work_item {
-            self.engine.observe_work_item(signals.into(), now);
+            let taken = self.last_read.work_item.replace(signals.sampled_at_unix_ms);
+            if taken != Some(signals.sampled_at_unix_ms) {
+                self.engine.observe_work_item(signals.into(), now);
+            }
             pod.work_item = true;
             self.work_item_read_once = true;
         }
@@ -393,6 +436,63 @@ impl HubState {
         self.engine.is_active(now)
     }
 
+    /// Follows each partition's owner and tells the engine which were lost (module docs).
+    fn refresh_owners(&mut self, now: UnixMs) {
+        let timeout = i64::try_from(self.work_grace_ms).unwrap_or(i64::MAX);
+        for (partition, holder) in self.holders.iter_mut().enumerate() {
+            let p = partition as u32;
+            let live_owner =
+                self.pods.iter().find(|(_, pod)| pod.is_live(now) && pod.partitions.contains(&p));
+            if let Some((name, _)) = live_owner {
+                *holder = Holder { pod: Some(name.clone()), lost_at: None };
+            } else if let Some(name) = holder.pod.take() {
+                // Lost as of the owner's last report: the last moment it was seen holding the
+                // messages (the baseline is frozen there, before a short window could absorb
+                // them), whether it went silent since or reported without the partition.
+                holder.lost_at = match self.pods.get(&name) {
+                    Some(pod) if pod.leaving => None,
+                    Some(pod) => Some(pod.last_report.min(now)),
+                    None => Some(now),
+                };
+            }
+            if holder.lost_at.is_some_and(|t| now.millis_since(t) >= timeout) {
+                holder.lost_at = None;
+            }
+            self.engine.set_owner_lost(partition, holder.lost_at);
+        }
+    }
+
+    /// Partitions whose owner is lost at `now`, for `/hubs`.
+    pub fn lost_partitions(&self) -> Vec<u32> {
+        (0..).zip(&self.holders).filter(|(_, h)| h.lost_at.is_some()).map(|(p, _)| p).collect()
+    }
+
+    /// What `/hubs` should point out about this hub at `now`, in words a user can act on.
+    pub fn notes(&self, now: UnixMs) -> Vec<String> {
+        let mut notes = Vec::new();
+        let stuck = self.engine.discounted(now).stuck_work_items;
+        if stuck > 0 {
+            notes.push(format!(
+                "{stuck} stuck or poison work item(s): invisible and unchanged for longer than the visibility \
+                 timeout ({} s); the durable algorithm no longer keeps pods alive for them",
+                self.work_grace_ms / 1000
+            ));
+        }
+        let lost = self.lost_partitions();
+        if !lost.is_empty() {
+            notes.push(format!(
+                "partition(s) {lost:?} lost their owner without it leaving; their invisible messages count as \
+                 work until the visibility timeout could have passed"
+            ));
+        }
+        notes
+    }
+
+    /// Work items the `durable` rules call stuck or poison at `now` (for the metric).
+    pub fn stuck_work_items(&self, now: UnixMs) -> u64 {
+        self.engine.discounted(now).stuck_work_items
+    }
+
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
     /// Returns how many were forgotten.
     pub fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) -> usize {
@@ -416,6 +516,7 @@ impl HubState {
         let recent = self.source_workers.filter(|(_, at)| now.millis_since(*at) <= SOURCE_ANSWER_KEPT_MS);
         let workers = recent.map(|(w, _)| w).unwrap_or_else(|| self.live_pods(now));
         let previous = self.engine.decision().map(|d| d.recommendation.desired_workers);
+        self.refresh_owners(now);
         let decision = self.engine.evaluate(now, workers);
         let r = &decision.recommendation;
         (previous != Some(r.desired_workers)).then(|| RecommendationChange {
@@ -448,8 +549,7 @@ impl HubState {
     }
 
     /// The latest work-item latency ring.
-    #[cfg(test)]
-    pub(crate) fn work_item_latencies(&self) -> &crate::heuristic::latency::LatencyHistory {
+    pub fn work_item_latencies(&self) -> &crate::heuristic::latency::LatencyHistory {
         self.engine.work_item_latencies()
     }
 }
@@ -590,7 +690,7 @@ mod tests {
 
     #[test]
     fn timers_set_by_work_sleep_once_the_grace_period_is_over() {
-        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::TargetInflight), GRACE);
         hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), UnixMs(0)); // an orchestration message
         hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(2000)); // it ran and set a timer
         assert!(hub.is_active(UnixMs(2000 + GRACE as i64)));
@@ -601,7 +701,7 @@ mod tests {
     #[test]
     fn a_dequeued_running_message_keeps_the_hub_active() {
         // An activity message was seen visible, then dequeued: now invisible, being processed.
-        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::TargetInflight), GRACE);
         hub.apply_probe(&probe(q(0, 0, 0), q(1, 1, 50)), UnixMs(0));
         hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(2000));
         assert!(hub.is_active(UnixMs(2000)));
@@ -612,7 +712,7 @@ mod tests {
 
     #[test]
     fn work_whose_invisible_count_moves_is_active_though_never_seen_visible() {
-        let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
+        let mut hub = HubState::new(settings(Algorithm::TargetInflight), GRACE);
         hub.apply_probe(&probe(q(0, 0, 0), q(2, 0, 0)), UnixMs(0));
         assert!(!hub.is_active(UnixMs(0)), "no history yet: counts as sleeping");
         hub.apply_probe(&probe(q(0, 0, 0), q(5, 0, 0)), UnixMs(2000));
@@ -660,13 +760,14 @@ mod tests {
     }
 
     #[test]
-    fn the_latency_vote_runs_over_rings_filled_each_interval() {
+    fn the_latency_vote_runs_over_rings_filled_one_sample_per_reading() {
         let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), UnixMs(0));
         for t in 0..4 {
+            hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), UnixMs(t * 1000));
             let r = hub.evaluate(UnixMs(t * 1000), Some(1));
             assert_eq!(hub.recommendation().map(|r| r.reason.as_str()), Some("Not enough samples"), "{r:?}");
         }
+        hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), UnixMs(4000));
         assert_eq!(hub.evaluate(UnixMs(4000), Some(1)).map(|c| c.desired_workers), Some(2));
         assert_eq!(hub.work_item_latencies().samples(), [2000; 5]);
         assert!(hub.recommendation().is_some_and(|r| r.reason.starts_with("Work-item queue latency")));
@@ -721,7 +822,83 @@ mod tests {
     }
 
     #[test]
-    fn under_the_durable_algorithm_timers_stop_keeping_the_hub_active_within_seconds() {
+    fn a_sidecar_reading_evaluated_several_times_is_one_latency_sample() {
+        let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
+        let mut reading = report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(3, 3, 700)));
+        for (sampled_at, ticks) in [(1_000, [1_000, 3_000, 5_000]), (6_000, [6_000, 8_000, 10_000])] {
+            reading.sampled_at_unix_ms = sampled_at;
+            if let Some(w) = reading.work_item.as_mut() {
+                w.sampled_at_unix_ms = sampled_at;
+            }
+            for tick in ticks {
+                // The report sent again (same reading) and evaluated every tick.
+                hub.apply_report(&reading, UnixMs(tick));
+                hub.evaluate(UnixMs(tick), Some(1));
+            }
+        }
+        assert_eq!(hub.work_item_latencies().samples(), [0, 0, 0, 700, 700], "two readings, two samples");
+    }
+
+    #[test]
+    fn a_dead_owners_in_flight_messages_keep_the_hub_active() {
+        /// One sampling interval at `at`: partition 2 shows `control`, read by the pod's
+        /// sidecar or, once it is silent, by the cold probe.
+        fn tick(hub: &mut HubState, at: i64, control: QueueSignals, from_pod: bool) {
+            let mut r = report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0)));
+            r.interval_ms = 5_000;
+            r.sampled_at_unix_ms = at;
+            r.control[2].1 = QueueSignals { sampled_at_unix_ms: at, ..control };
+            if from_pod {
+                hub.apply_report(&r, UnixMs(at));
+            } else {
+                let reading = ProbeReading { control: r.control, ..probe(q(0, 0, 0), q(0, 0, 0)) };
+                hub.apply_probe(&reading, UnixMs(at));
+            }
+            hub.evaluate(UnixMs(at), Some(1));
+        }
+        let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
+        // 50 sleeping timers; three messages come in, the owner dequeues them and dies.
+        for i in 0..13 {
+            tick(&mut hub, i * 5_000, q(50, 0, 0), true);
+        }
+        tick(&mut hub, 65_000, q(53, 3, 100), true);
+        tick(&mut hub, 70_000, q(53, 0, 0), true);
+        // The loss is told once the sidecar has been silent for over three intervals (85 s); from
+        // then until the visibility timeout after its last report (70 s) the three are work.
+        let mut at = 75_000;
+        while at < 70_000 + GRACE as i64 {
+            tick(&mut hub, at, q(53, 0, 0), false);
+            if at > 85_000 {
+                assert!(hub.is_active(UnixMs(at)), "at {} s: {:?}", at / 1000, hub.recommendation());
+            }
+            at += 5_000;
+        }
+        assert_eq!(hub.lost_partitions(), vec![0, 1, 2, 3], "the silent pod held them all");
+        let notes = hub.notes(UnixMs(at));
+        assert!(notes.iter().any(|n| n.contains("lost their owner")), "{notes:?}");
+    }
+
+    #[test]
+    fn a_pod_that_leaves_lets_its_partitions_go_cleanly() {
+        let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
+        let mut last = report("a", &[0, 1, 2, 3], q(0, 0, 0), None);
+        hub.apply_report(&last, UnixMs(0));
+        hub.evaluate(UnixMs(0), Some(1));
+        last.leaving = true;
+        last.sampled_at_unix_ms = 1_000;
+        hub.apply_report(&last, UnixMs(1_000));
+        hub.evaluate(UnixMs(1_000), Some(1));
+        assert_eq!(hub.lost_partitions(), Vec::<u32>::new());
+        // A pod that goes silent instead loses them.
+        let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
+        hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), None), UnixMs(0));
+        hub.evaluate(UnixMs(0), Some(1));
+        hub.evaluate(UnixMs(3_001), Some(1));
+        assert_eq!(hub.lost_partitions(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn under_the_durable_algorithm_timers_set_by_work_sleep_after_one_baseline_window() {
         // Timers set by work a moment ago: the control count moved, then sits still.
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         hub.apply_probe(&probe(q(2, 2, 100), q(0, 0, 0)), UnixMs(0));
@@ -731,24 +908,25 @@ mod tests {
         while t <= 30_000 {
             hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(t));
             hub.evaluate(UnixMs(t), Some(1));
+            assert_eq!(hub.is_active(UnixMs(t)), t <= 10_000, "at {t} ms: above the baseline for one window");
             t += 2_000;
         }
-        assert!(!hub.is_active(UnixMs(30_000)), "still timers sleep long before the 60 s grace");
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
     }
 
     #[test]
-    fn under_the_durable_algorithm_a_long_running_activity_keeps_its_worker() {
+    fn under_the_durable_algorithm_a_still_work_item_keeps_its_worker_for_the_visibility_timeout_only() {
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         let mut t = 0;
-        while t <= 600_000 {
-            // One activity dequeued and running for ten minutes: invisible, count unmoved.
+        while t <= 70_000 {
+            // One work item dequeued and invisible, the count unmoved: running, or poison.
             hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(t));
             hub.evaluate(UnixMs(t), Some(1));
+            let within = t <= GRACE as i64;
+            assert_eq!(hub.is_active(UnixMs(t)), within, "at {t} ms");
+            assert_eq!(hub.stuck_work_items(UnixMs(t)), u64::from(!within), "at {t} ms");
             t += 2_000;
         }
-        assert!(hub.is_active(UnixMs(600_000)), "work in progress is never scaled away");
-        assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1));
-        assert_eq!(hub.metric_value(), 1.0);
+        assert!(hub.notes(UnixMs(t)).iter().any(|n| n.contains("1 stuck or poison work item(s)")));
     }
 }

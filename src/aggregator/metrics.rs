@@ -205,6 +205,9 @@ pub struct Metrics {
     /// 1 when KEDA sent a connection, so uncovered queues are probed; 0 when the hub is
     /// served from sidecar reports alone.
     pub(crate) connection_known: Family<HubLabels, Gauge>,
+    /// Work items the durable rules call stuck or poison (invisible and unchanged past the
+    /// visibility timeout); they no longer keep pods alive.
+    pub(crate) stuck_work_items: Family<HubLabels, Gauge>,
     /// Reports accepted.
     pub(crate) reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
@@ -242,6 +245,11 @@ impl Metrics {
             "connection_known",
             "1 when KEDA sent a storage connection; 0 when served from sidecar reports alone",
             m.connection_known.clone(),
+        );
+        r.register(
+            "stuck_work_items",
+            "Stuck or poison work items: invisible and unchanged past the visibility timeout, not keeping pods alive",
+            m.stuck_work_items.clone(),
         );
         r.register("reports_received", "Sidecar reports accepted", m.reports_received.clone());
         r.register("reports_rejected", "Sidecar reports refused, by reason", m.reports_rejected.clone());
@@ -288,6 +296,7 @@ impl Metrics {
             &self.covered_partitions,
             &self.uncovered_partitions,
             &self.connection_known,
+            &self.stuck_work_items,
         ] {
             family.remove(labels);
         }

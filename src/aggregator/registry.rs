@@ -154,7 +154,14 @@ impl HubEntry {
                 probe_error,
                 limits: s.limits(),
                 storage: s.settings().connection.as_ref().map(StorageView::of),
-                notes: s.settings().warnings.iter().cloned().chain(s.limits().note()).collect(),
+                notes: s
+                    .settings()
+                    .warnings
+                    .iter()
+                    .cloned()
+                    .chain(s.limits().note())
+                    .chain(s.notes(now))
+                    .collect(),
             }
         })
     }
@@ -248,6 +255,8 @@ impl HubEntry {
         metrics.active.get_or_create(&self.labels).set(i64::from(active));
         metrics.covered_partitions.get_or_create(&self.labels).set(coverage.covered.len() as i64);
         metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
+        let stuck = i64::try_from(state.stuck_work_items(now)).unwrap_or(i64::MAX);
+        metrics.stuck_work_items.get_or_create(&self.labels).set(stuck);
         metrics
             .connection_known
             .get_or_create(&self.labels)
@@ -430,12 +439,7 @@ impl Registry {
     /// its hub tracks [`MAX_PODS_PER_HUB`] live pods, or all hubs [`MAX_TRACKED_PODS`]
     /// (then only a silent pod of the same hub can make room). Costs the same whatever the
     /// number of pods of the hub: no step looks at every pod.
-    pub(crate) fn apply_report(
-        &self,
-        entry: &HubEntry,
-        report: &ValidReport,
-        now: UnixMs,
-    ) -> Result<(), PodsFull> {
+    pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now: UnixMs) -> Result<(), PodsFull> {
         let may_add = self.pods.load(Ordering::Relaxed) < MAX_TRACKED_PODS;
         let change = entry.with_state(|s| {
             let first = !s.is_observed();

@@ -35,6 +35,9 @@ pub struct HubSettings {
     pub worker_startup_ms: u64,
     /// What the metadata left to a default the user should know about (shown on `/hubs`).
     pub warnings: Vec<String>,
+    /// `randomScaleIn`: the latency vote's random scale-in, on unless `"false"` (upstream's
+    /// `EnableRandomScaleDownOnLowLatency` defaults to true).
+    pub random_scale_in: bool,
 }
 
 /// The per-worker limits a trigger sets explicitly.
@@ -219,6 +222,7 @@ impl HubSettings {
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             worker_startup_ms: DurableSettings::default().startup_ms,
             warnings: Vec::new(),
+            random_scale_in: true,
         }
     }
 
@@ -279,7 +283,7 @@ impl HubSettings {
             None => Algorithm::default(),
             Some(v) => v.parse::<Algorithm>().map_err(|_| MetadataError {
                 key: "scaleAlgorithm",
-                expected: "durable, target or latency",
+                expected: "durable, target, target-inflight or latency",
                 got: quote(v),
             })?,
         };
@@ -299,6 +303,18 @@ impl HubSettings {
                 got: quote(v),
             })?,
         };
+        let random_scale_in = match get("randomScaleIn") {
+            None => true,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(v) => {
+                return Err(MetadataError {
+                    key: "randomScaleIn",
+                    expected: "true or false",
+                    got: v.to_string(),
+                });
+            }
+        };
         Ok(Self {
             task_hub,
             connection,
@@ -308,6 +324,7 @@ impl HubSettings {
             max_polling_interval_ms,
             worker_startup_ms,
             warnings,
+            random_scale_in,
         })
     }
 }
@@ -453,6 +470,13 @@ mod tests {
         assert_eq!(s.algorithm, Algorithm::Durable);
         assert_eq!(s.max_polling_interval_ms, 30_000);
         assert_eq!(s.worker_startup_ms, 20_000);
+        assert!(s.random_scale_in, "on, as upstream");
+    }
+
+    #[test]
+    fn random_scale_in_false_turns_the_latency_dice_off() {
+        assert!(!parse(&[("taskHubName", "MyHub"), ("randomScaleIn", "False")]).unwrap().random_scale_in);
+        assert!(parse(&[("taskHubName", "MyHub"), ("randomScaleIn", "true")]).unwrap().random_scale_in);
     }
 
     #[test]
@@ -633,6 +657,7 @@ mod tests {
             ("scaleAlgorithm", "cpu"),
             ("maxPollingIntervalMs", "-1"),
             ("workerStartupMs", "soon"),
+            ("randomScaleIn", "sometimes"),
         ] {
             let mut pairs = vec![("taskHubName", "MyHub")];
             pairs.retain(|(k, _)| *k != key);

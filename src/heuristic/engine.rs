@@ -8,34 +8,41 @@
 //! (tests/it/engine_equivalence.rs) holds the aggregator and the simulator to the same answers.
 //!
 //! Readings come in whenever they are taken ([`HubEngine::observe_work_item`],
-//! [`HubEngine::observe_control`]); a decision is taken once per sampling interval
-//! ([`HubEngine::evaluate`]), which adds one sample of every queue's latest reading to the
-//! algorithm's history. Time is always passed in.
+//! [`HubEngine::observe_control`]; each call is one fresh reading of that queue); a decision is
+//! taken once per sampling interval ([`HubEngine::evaluate`]). Time is always passed in.
 //!
-//! # Activity: telling sleeping timers from work in progress
+//! # What each algorithm is fed
 //!
-//! A queue's `approximate_count` counts invisible messages too, and an invisible message is
-//! either being processed (dequeued, hidden for the visibility timeout) or a durable timer /
-//! scheduled start (enqueued with a visibility delay). Both look the same in one reading; they
-//! differ over time. Work in progress leaves traces: the message was visible before it was
-//! dequeued, and dequeues, completions and new messages move the invisible count
-//! (`approximate_count - visible_count`). A sleeping timer leaves none: nothing is visible and
-//! the invisible count stays put, reading after reading. So a queue is **working** while its
-//! invisible count is non-zero and, within the last `work_grace_ms` (default
-//! [`DEFAULT_WORK_GRACE_MS`], DTFx's visibility timeout), either a message was visible in it or
-//! its invisible count changed. A hub is **active** while any queue has a visible message now
-//! or is working. A timers-only hub therefore turns inactive one grace period after its last
-//! movement, and wakes again the moment a timer comes due (its message turns visible). The
-//! price: an activity running for longer than the grace period without any other movement in
-//! its queue looks like a timer; KEDA's cooldown still applies before it scales to zero, and
-//! the message reappears (and wakes the hub) when its visibility timeout lapses. The first
-//! reading of a queue has no history, so its invisible messages count as sleeping until they
-//! move. Under the `durable` algorithm "working" is that algorithm's own verdict instead
-//! (`keep_workers_alive` of the latest decision), which tells timers from work after seconds.
-//!
-//! The same classification feeds the target formula: a queue's length is its approximate
-//! count while it is working or has visible messages, else 0 (upstream's "length is 0 when
-//! the peek returns nothing", which also drops sleeping timers).
+//! - `durable`: every evaluation records each queue's latest reading in the durable history;
+//!   the algorithm tells sleeping timers from work by count (a per-queue baseline of invisible
+//!   messages), counts a dead owner's in-flight messages as work and leaves stuck or poison
+//!   work items out (`heuristic::durable`'s module docs). IsActive: a visible message anywhere,
+//!   or the latest decision's `keep_workers_alive`. The owner liveness it needs comes from
+//!   the caller ([`HubEngine::set_owner_lost`]; the aggregator knows it from its sidecars).
+//! - `latency`: as upstream's `DisconnectedPerformanceMonitor` is fed
+//!   (DurableTask.AzureStorage, src/DurableTask.AzureStorage/Monitoring/
+//!   DisconnectedPerformanceMonitor.cs, `UpdateQueueMetrics`: each `PulseAsync` reads every
+//!   queue once and adds that reading's latency to the queue's ring). Here a queue's ring gets
+//!   one sample per fresh reading, taken at the next evaluation; an evaluation with no new
+//!   reading of a queue adds nothing to its ring, so a sidecar report read by several
+//!   evaluations counts once (the `previous == 0` guard and "idle = 5 zero samples" keep
+//!   their meaning). Random scale-in ("All queues are not busy", one chance in ten) is on, as
+//!   upstream's `EnableRandomScaleDownOnLowLatency` defaults to true, drawn from a generator
+//!   seeded per hub ([`EngineSettings::latency_seed`]); `randomScaleIn: "false"` turns it
+//!   off. IsActive: a visible message anywhere, or the vote's `keep_workers_alive`
+//!   (upstream's answer: the hub is idle after five zero-latency samples).
+//! - `target`: the Functions host's `DurableTaskTargetScaler` (azure-functions-durable-extension,
+//!   src/WebJobs.Extensions.DurableTask/Listener/DurableTaskTargetScaler.cs) with the inputs
+//!   its `DurableTaskMetricsProvider` gives it: `PulseAsync`'s queue lengths, i.e. a queue's
+//!   approximate count, or 0 when its peek returns nothing (`GetQueueMetricsAsync`). So
+//!   sleeping timers never count, and neither do messages in progress when nothing is
+//!   visible. IsActive: the target is above zero (a visible message anywhere).
+//! - `target-inflight`: the same formula over lengths that also count invisible messages while
+//!   their queue shows work in progress: a queue is **working** while its invisible count is
+//!   non-zero and, within the last `work_grace_ms` (default [`DEFAULT_WORK_GRACE_MS`], DTFx's
+//!   visibility timeout), either a message was visible in it or its invisible count changed;
+//!   its length is then its approximate count. A timers-only hub turns inactive one grace
+//!   period after its last movement. IsActive: a visible message, or a working queue.
 //!
 //! # The metric value
 //!
@@ -48,9 +55,11 @@ use super::target::{self, TargetSettings};
 use super::{Algorithm, Recommendation, hpa};
 use crate::clock::UnixMs;
 
-/// How long a queue's invisible messages count as work after its last movement, by default
-/// (DTFx's 5-minute visibility timeout; the aggregator's `--work-grace`).
-pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = 300_000;
+/// DTFx's visibility timeout, by default (5 minutes; the aggregator's `--work-grace`): how long
+/// `target-inflight` counts a queue's invisible messages after its last movement, and how
+/// long `durable` counts a dead owner's messages and waits before calling a still work item
+/// stuck.
+pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = durable::DEFAULT_VISIBILITY_TIMEOUT_MS;
 
 /// What one read of one queue shows (Get Queue Metadata and a Peek).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,8 +99,16 @@ pub(crate) struct EngineSettings {
     pub durable: DurableSettings,
     /// DTFx's maximum polling interval, for the latency vote (`maxPollingIntervalMs`).
     pub max_polling_interval_ms: u64,
-    /// How long invisible messages count as work after their queue last moved (module docs).
+    /// DTFx's visibility timeout: how long invisible messages count as work after their
+    /// queue last moved under `target-inflight`, and `durable`'s
+    /// [`DurableSettings::visibility_timeout_ms`] (module docs).
     pub work_grace_ms: u64,
+    /// The latency vote's random scale-in (upstream's `EnableRandomScaleDownOnLowLatency`,
+    /// default true; the trigger's `randomScaleIn`).
+    pub random_scale_in: bool,
+    /// The seed of the random scale-in's generator (the aggregator derives it from the hub's
+    /// name with [`super::latency::seed_for`]; the simulator uses its run's seed).
+    pub latency_seed: u64,
 }
 
 impl Default for EngineSettings {
@@ -102,6 +119,23 @@ impl Default for EngineSettings {
             durable: DurableSettings::default(),
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             work_grace_ms: DEFAULT_WORK_GRACE_MS,
+            random_scale_in: true,
+            latency_seed: 0,
+        }
+    }
+}
+
+impl EngineSettings {
+    /// The `durable` algorithm's settings, its visibility timeout being [`Self::work_grace_ms`].
+    pub(crate) fn durable_settings(&self) -> DurableSettings {
+        DurableSettings { visibility_timeout_ms: self.work_grace_ms, ..self.durable }
+    }
+
+    fn voter(&self) -> LatencyVoter {
+        if self.random_scale_in {
+            LatencyVoter::with_random_scale_in(self.max_polling_interval_ms, self.latency_seed)
+        } else {
+            LatencyVoter::new(self.max_polling_interval_ms)
         }
     }
 }
@@ -125,7 +159,9 @@ pub struct Decision {
 pub(crate) fn metric_value(algorithm: Algorithm, desired: u32, current: u32) -> f64 {
     match algorithm {
         Algorithm::Durable => durable::metric_value(desired, current),
-        Algorithm::Target | Algorithm::Latency => hpa::metric_value(desired, current),
+        Algorithm::Target | Algorithm::TargetInflight | Algorithm::Latency => {
+            hpa::metric_value(desired, current)
+        }
     }
 }
 
@@ -137,6 +173,8 @@ struct QueueView {
     last_visible: Option<UnixMs>,
     /// When the invisible count last changed between two readings.
     last_moved: Option<UnixMs>,
+    /// The latest reading has not been added to the latency ring yet.
+    fresh: bool,
 }
 
 impl QueueView {
@@ -150,6 +188,7 @@ impl QueueView {
             self.last_moved = Some(now);
         }
         self.latest = Some(reading);
+        self.fresh = true;
     }
 
     fn has_visible(&self) -> bool {
@@ -167,16 +206,25 @@ impl QueueView {
         self.has_visible() || self.is_working(now, grace_ms)
     }
 
-    /// The length the target formula sees (module docs).
-    fn length(&self, now: UnixMs, grace_ms: u64) -> u64 {
+    /// Upstream's length: the approximate count, 0 when the peek returned nothing.
+    fn upstream_length(&self) -> u64 {
+        match self.latest {
+            Some(s) if s.visible_count > 0 => s.approximate_count.max(s.visible_count),
+            _ => 0,
+        }
+    }
+
+    /// The length `target-inflight` sees (module docs).
+    fn inflight_length(&self, now: UnixMs, grace_ms: u64) -> u64 {
         match self.latest {
             Some(s) if self.is_active(now, grace_ms) => s.approximate_count.max(s.visible_count),
             _ => 0,
         }
     }
 
-    fn latency_ms(&self) -> u64 {
-        self.latest.map_or(0, |s| s.first_visible_age_ms)
+    /// The latency of a reading not sampled yet, once: upstream adds one sample per reading.
+    fn take_fresh_latency(&mut self) -> Option<u64> {
+        std::mem::take(&mut self.fresh).then(|| self.latest.map_or(0, |s| s.first_visible_age_ms))
     }
 
     /// The latest reading as a durable-history sample taken `at` (no reading yet: empty).
@@ -214,19 +262,24 @@ impl HubEngine {
             work_item: QueueView::default(),
             control: vec![QueueView::default(); partitions],
             latencies: TaskHubLatencies::new(partitions),
-            // Ours runs the vote without upstream's random scale-in (deterministic).
-            voter: LatencyVoter::new(settings.max_polling_interval_ms),
+            voter: settings.voter(),
             history: HubHistory::new(partitions),
             sampled_at: None,
             decision: None,
         }
     }
 
-    /// Takes new settings; a new maximum polling interval restarts the voter (it holds
-    /// nothing else), the histories are kept.
+    /// The control queue count the engine keeps state for.
+    pub(crate) fn partitions(&self) -> usize {
+        self.control.len()
+    }
+
+    /// Takes new settings; a new maximum polling interval or random scale-in setting restarts
+    /// the voter (it holds nothing else), the histories are kept.
     pub(crate) fn update_settings(&mut self, settings: EngineSettings) {
-        if settings.max_polling_interval_ms != self.settings.max_polling_interval_ms {
-            self.voter = LatencyVoter::new(settings.max_polling_interval_ms);
+        let voter = |s: &EngineSettings| (s.max_polling_interval_ms, s.random_scale_in, s.latency_seed);
+        if voter(&settings) != voter(&self.settings) {
+            self.voter = settings.voter();
         }
         self.settings = settings;
     }
@@ -256,18 +309,31 @@ impl HubEngine {
         }
     }
 
-    /// IsActive at `now`: a visible message anywhere, or work in progress (module docs).
+    /// Partition `partition`'s owner is gone since `lost_at` (`None`: a live owner holds it,
+    /// or it was let go cleanly). Only `durable` reads it (its module docs, rule 3).
+    pub(crate) fn set_owner_lost(&mut self, partition: usize, lost_at: Option<UnixMs>) {
+        let durable = self.settings.durable_settings();
+        self.history.set_owner_lost(&durable, partition, lost_at);
+    }
+
+    /// IsActive at `now` (module docs, per algorithm).
     pub(crate) fn is_active(&self, now: UnixMs) -> bool {
         let mut queues = std::iter::once(&self.work_item).chain(&self.control);
         match self.settings.algorithm {
-            Algorithm::Durable => {
+            Algorithm::Durable | Algorithm::Latency => {
                 queues.any(QueueView::has_visible)
                     || self.decision.as_ref().is_some_and(|d| d.recommendation.keep_workers_alive)
             }
-            Algorithm::Target | Algorithm::Latency => {
-                queues.any(|q| q.is_active(now, self.settings.work_grace_ms))
-            }
+            Algorithm::Target => queues.any(QueueView::has_visible),
+            Algorithm::TargetInflight => queues.any(|q| q.is_active(now, self.settings.work_grace_ms)),
         }
+    }
+
+    /// What the `durable` rules leave out of the work at `now`: sleeping timers and stuck or
+    /// poison work items (computed whichever algorithm decides, for the metric and `/hubs`).
+    pub(crate) fn discounted(&self, now: UnixMs) -> durable::Discounted {
+        let workers = self.decision.as_ref().map_or(0, |d| d.workers);
+        durable::discounted(&self.settings.durable_settings(), &self.history, workers, now)
     }
 
     /// One sampling interval at `now` with `workers` running: adds one sample of every queue's
@@ -275,23 +341,33 @@ impl HubEngine {
     /// earlier `now` re-decides from the samples already taken), runs the algorithm and
     /// computes the metric value.
     pub(crate) fn evaluate(&mut self, now: UnixMs, workers: u32) -> &Decision {
+        let durable = self.settings.durable_settings();
         if self.sampled_at.is_none_or(|t| now > t) {
             self.sampled_at = Some(now);
-            self.latencies.work_item.add(self.work_item.latency_ms());
-            for (ring, view) in self.latencies.control.iter_mut().zip(&self.control) {
-                ring.add(view.latency_ms());
+            if let Some(latency) = self.work_item.take_fresh_latency() {
+                self.latencies.work_item.add(latency);
+            }
+            for (ring, view) in self.latencies.control.iter_mut().zip(&mut self.control) {
+                if let Some(latency) = view.take_fresh_latency() {
+                    ring.add(latency);
+                }
             }
             let control: Vec<QueueSample> = self.control.iter().map(|v| v.sample(now)).collect();
-            self.history.record(&self.settings.durable, self.work_item.sample(now), &control);
+            self.history.record(&durable, self.work_item.sample(now), &control);
         }
         let grace = self.settings.work_grace_ms;
         let recommendation = match self.settings.algorithm {
             Algorithm::Target => {
-                let lengths: Vec<u64> = self.control.iter().map(|q| q.length(now, grace)).collect();
-                target::recommend(self.settings.target, workers, self.work_item.length(now, grace), &lengths)
+                let lengths: Vec<u64> = self.control.iter().map(QueueView::upstream_length).collect();
+                target::recommend(self.settings.target, workers, self.work_item.upstream_length(), &lengths)
+            }
+            Algorithm::TargetInflight => {
+                let lengths: Vec<u64> = self.control.iter().map(|q| q.inflight_length(now, grace)).collect();
+                let work_item = self.work_item.inflight_length(now, grace);
+                target::recommend(self.settings.target, workers, work_item, &lengths)
             }
             Algorithm::Latency => self.voter.vote(&self.latencies, workers),
-            Algorithm::Durable => durable::recommend(&self.settings.durable, &self.history, workers, now),
+            Algorithm::Durable => durable::recommend(&durable, &self.history, workers, now),
         };
         let metric_value = metric_value(self.settings.algorithm, recommendation.desired_workers, workers);
         self.decision.insert(Decision { recommendation, workers, metric_value })
@@ -309,7 +385,6 @@ impl HubEngine {
     }
 
     /// The work-item latency ring.
-    #[cfg(test)]
     pub(crate) fn work_item_latencies(&self) -> &super::latency::LatencyHistory {
         &self.latencies.work_item
     }
@@ -328,14 +403,16 @@ mod tests {
     }
 
     #[test]
-    fn a_second_evaluation_at_the_same_moment_adds_no_sample() {
+    fn a_reading_is_one_latency_sample_however_often_it_is_evaluated() {
         let mut e = engine(Algorithm::Latency);
         e.observe_work_item(r(3, 3, 2_000), UnixMs(0));
         e.evaluate(UnixMs(0), 1);
         e.evaluate(UnixMs(0), 1);
+        e.evaluate(UnixMs(2_000), 1);
         assert_eq!(e.work_item_latencies().samples(), [0, 0, 0, 0, 2_000]);
-        e.evaluate(UnixMs(1_000), 1);
-        assert_eq!(e.work_item_latencies().samples(), [0, 0, 0, 2_000, 2_000]);
+        e.observe_work_item(r(3, 3, 3_000), UnixMs(4_000));
+        e.evaluate(UnixMs(4_000), 1);
+        assert_eq!(e.work_item_latencies().samples(), [0, 0, 0, 2_000, 3_000]);
     }
 
     #[test]
@@ -360,15 +437,54 @@ mod tests {
     }
 
     #[test]
-    fn timers_only_keep_the_target_and_latency_hubs_active_for_the_grace_period() {
-        for algorithm in [Algorithm::Target, Algorithm::Latency] {
-            let mut e = engine(algorithm);
-            e.observe_control(2, r(1, 1, 10), UnixMs(0));
-            e.observe_control(2, r(1, 0, 0), UnixMs(2_000));
-            assert!(e.is_active(UnixMs(62_000)), "{algorithm}: within the grace");
-            e.observe_control(2, r(1, 0, 0), UnixMs(62_001));
-            assert!(!e.is_active(UnixMs(62_001)), "{algorithm}: a sleeping timer");
-        }
+    fn timers_only_keep_a_target_inflight_hub_active_for_the_grace_period() {
+        let mut e = engine(Algorithm::TargetInflight);
+        e.observe_control(2, r(1, 1, 10), UnixMs(0));
+        e.observe_control(2, r(1, 0, 0), UnixMs(2_000));
+        assert!(e.is_active(UnixMs(62_000)), "within the grace");
+        e.observe_control(2, r(1, 0, 0), UnixMs(62_001));
+        assert!(!e.is_active(UnixMs(62_001)), "a sleeping timer");
+    }
+
+    #[test]
+    fn target_takes_a_queue_whose_peek_is_empty_as_zero_as_upstream_does() {
+        let mut e = engine(Algorithm::Target);
+        // 40 invisible work items (in progress or not, upstream cannot tell) and 7 control
+        // messages of which one is visible.
+        e.observe_work_item(r(40, 0, 0), UnixMs(0));
+        e.observe_control(1, r(7, 1, 300), UnixMs(0));
+        let d = e.evaluate(UnixMs(0), 1).clone();
+        assert_eq!(d.recommendation.desired_workers, 1, "{}", d.recommendation.reason);
+        assert!(d.recommendation.reason.contains("ceil(0/10)"), "{}", d.recommendation.reason);
+        assert!(d.recommendation.reason.contains("ceil(7/5)"), "{}", d.recommendation.reason);
+        assert!(e.is_active(UnixMs(0)));
+        e.observe_control(1, r(7, 0, 0), UnixMs(1_000));
+        assert!(!e.is_active(UnixMs(1_000)), "nothing visible: target 0");
+    }
+
+    #[test]
+    fn latency_random_scale_in_is_on_by_default_and_can_be_turned_off() {
+        // Quiet queues at 3 workers: only the random draw removes a worker.
+        let run = |random_scale_in: bool| {
+            let settings = EngineSettings {
+                algorithm: Algorithm::Latency,
+                random_scale_in,
+                ..EngineSettings::default()
+            };
+            let mut e = HubEngine::new(settings, 4);
+            (0..200)
+                .filter(|i| {
+                    let at = UnixMs(i * 1_000);
+                    e.observe_work_item(r(1, 1, 100), at);
+                    for p in 0..4 {
+                        e.observe_control(p, r(1, 1, 100), at);
+                    }
+                    e.evaluate(at, 3).recommendation.action == crate::heuristic::ScaleAction::RemoveWorker
+                })
+                .count()
+        };
+        assert!(run(true) > 0, "upstream's default: one chance in ten");
+        assert_eq!(run(false), 0);
     }
 
     #[test]

@@ -16,9 +16,17 @@ pub(crate) const LOW_LATENCY_MS: u64 = 200;
 /// Upstream's default maximum polling interval (ms).
 pub(crate) const DEFAULT_MAX_POLLING_INTERVAL_MS: u64 = 30_000;
 
+/// The seed of a hub's random scale-in: FNV-1a of its lowercased name, so each hub draws its
+/// own sequence, the same after every restart.
+pub fn seed_for(task_hub: &str) -> u64 {
+    task_hub.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(b.to_ascii_lowercase())).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The last [`SAMPLE_SIZE`] latency samples of one queue, a ring initialised with zeros.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct LatencyHistory {
+pub struct LatencyHistory {
     slots: [u64; SAMPLE_SIZE],
     /// Samples added so far (saturating); the ring is full once this reaches SAMPLE_SIZE.
     added: usize,
@@ -63,7 +71,7 @@ impl LatencyHistory {
     }
 
     /// The ring's slots, oldest first.
-    pub(crate) fn samples(&self) -> [u64; SAMPLE_SIZE] {
+    pub fn samples(&self) -> [u64; SAMPLE_SIZE] {
         std::array::from_fn(|i| self.slots[(self.added + i) % SAMPLE_SIZE])
     }
 
@@ -215,6 +223,12 @@ mod tests {
     }
 
     use ScaleAction::{AddWorker, None as NoAction, RemoveWorker};
+
+    #[test]
+    fn a_hubs_seed_ignores_case_and_differs_between_hubs() {
+        assert_eq!(seed_for("MyHub"), seed_for("myhub"));
+        assert_ne!(seed_for("MyHub"), seed_for("OtherHub"));
+    }
 
     #[test]
     fn ring_drops_the_oldest_of_six_samples() {

@@ -5,7 +5,9 @@
 //! aggregator runs.
 //!
 //! - [`latency`]: the Durable Task Framework's latency vote (`DisconnectedPerformanceMonitor`).
-//! - [`target`]: the Functions host's target-based formula (`DurableTaskTargetScaler`).
+//! - [`target`]: the Functions host's target-based formula (`DurableTaskTargetScaler`), run
+//!   as `target` on upstream's inputs and as `target-inflight` on lengths that also count
+//!   messages in progress ([`engine`]'s docs say which is which).
 //! - [`durable`]: the project's default (`scaleAlgorithm: durable`), designed with the simulator.
 //! - [`hpa`]: what KEDA and the Kubernetes HPA do with the number we return.
 //! - [`engine`]: one task hub's state and the one path from queue readings to the
@@ -16,7 +18,7 @@
 pub mod durable;
 pub(crate) mod engine;
 pub mod hpa;
-pub(crate) mod latency;
+pub mod latency;
 pub(crate) mod target;
 
 use serde::{Deserialize, Serialize};
@@ -26,27 +28,34 @@ use serde::{Deserialize, Serialize};
 /// and the demo's `--algorithm`. Names are lowercase; parsing ignores case, as the trigger
 /// metadata always has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     /// The project's own ([`durable`]): the default, chosen on simulator evidence
     /// (docs/simulator.md).
     #[default]
     Durable,
-    /// The Functions host's target formula ([`target`]).
+    /// The Functions host's target formula ([`target`]) on upstream's inputs: a queue's
+    /// approximate count, 0 when its peek returns nothing.
     Target,
+    /// The same formula over lengths that also count invisible messages while their queue
+    /// shows work in progress (for the visibility timeout): this project's variant, not the
+    /// Functions host's.
+    TargetInflight,
     /// The DTFx latency vote over 5-sample rings ([`latency`]).
     Latency,
 }
 
 impl Algorithm {
     /// Every algorithm, the default first.
-    pub(crate) const ALL: [Algorithm; 3] = [Algorithm::Durable, Algorithm::Target, Algorithm::Latency];
+    pub const ALL: [Algorithm; 4] =
+        [Algorithm::Durable, Algorithm::Target, Algorithm::TargetInflight, Algorithm::Latency];
 
     /// The name the trigger, the CLI and the JSON use.
     pub(crate) const fn name(self) -> &'static str {
         match self {
             Algorithm::Durable => "durable",
             Algorithm::Target => "target",
+            Algorithm::TargetInflight => "target-inflight",
             Algorithm::Latency => "latency",
         }
     }
@@ -60,7 +69,7 @@ impl std::fmt::Display for Algorithm {
 
 /// A name that is not an [`Algorithm`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown algorithm {0:?}: expected durable, target or latency")]
+#[error("unknown algorithm {0:?}: expected durable, target, target-inflight or latency")]
 pub struct UnknownAlgorithm(pub String);
 
 impl std::str::FromStr for Algorithm {

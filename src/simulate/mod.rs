@@ -167,10 +167,10 @@ pub struct Args {
     /// Our aggregator's probe interval (seconds) when no pod is ready.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S", default_value_t = 2.0)]
     pub probe_interval_s: f64,
-    /// Our algorithm: seconds invisible control messages must sit unchanged to count as
-    /// sleeping timers.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TIMER_SETTLE_S", default_value_t = 10.0)]
-    pub timer_settle_s: f64,
+    /// Our algorithm: seconds over which a control queue's lowest invisible count is its
+    /// baseline of sleeping timers (what is above it counts as work).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TIMER_BASELINE_S", default_value_t = 10.0)]
+    pub timer_baseline_s: f64,
     /// Our algorithm: seconds of history scale-in keeps the peak of.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
     pub scale_in_window_s: f64,
@@ -342,10 +342,10 @@ impl Args {
             durable: DurableSettings {
                 max_activities_per_worker: max_activities,
                 max_orchestrations_per_worker: max_orchestrations,
-                timer_settle_ms: seconds(
-                    self.timer_settle_s,
-                    "--timer-settle-s",
-                    "DURABLE_SCALER_SIMULATE_TIMER_SETTLE_S",
+                timer_baseline_ms: seconds(
+                    self.timer_baseline_s,
+                    "--timer-baseline-s",
+                    "DURABLE_SCALER_SIMULATE_TIMER_BASELINE_S",
                 )?,
                 scale_in_window_ms: seconds(
                     self.scale_in_window_s,
@@ -364,6 +364,7 @@ impl Args {
                 } else {
                     seconds(self.startup_s, "--startup-s", "DURABLE_SCALER_SIMULATE_STARTUP_S")?
                 },
+                ..DurableSettings::default()
             },
             // The aggregator's default `--work-grace`.
             work_grace_ms: DEFAULT_WORK_GRACE_MS,

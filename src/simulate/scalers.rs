@@ -141,7 +141,7 @@ impl FromStr for ScalerKind {
                 }
                 return Err(format!(
                     "unknown scaler {other:?}: expected kedacore, wsugarman, functions-target, \
-                     keda-azure-queue, durable-scaler[:durable|:latency|:target]"
+                     keda-azure-queue, durable-scaler[:durable|:latency|:target|:target-inflight]"
                 ));
             }
         })
@@ -163,8 +163,8 @@ pub struct ScalerConfig {
     pub probe_interval_ms: u64,
     /// Our algorithm's settings.
     pub durable: DurableSettings,
-    /// How long invisible messages count as work after their queue moved (the aggregator's
-    /// `--work-grace`; `target` and `latency` read activity this way).
+    /// DTFx's visibility timeout (the aggregator's `--work-grace`): `durable`'s dead-owner and
+    /// stuck-work-item rules and `target-inflight`'s grace.
     pub work_grace_ms: u64,
     /// Seed for the latency vote's random scale-in.
     pub seed: u64,
@@ -397,6 +397,9 @@ impl DurableScaler {
             durable: cfg.durable,
             max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
             work_grace_ms: cfg.work_grace_ms,
+            // On, as in the aggregator; the run's seed stands in for the hub's.
+            random_scale_in: true,
+            latency_seed: cfg.seed,
         };
         Self {
             engine: HubEngine::new(settings, partitions),

@@ -285,9 +285,11 @@ async fn the_latency_algorithm_adds_a_worker_when_work_items_wait() {
     let hub = "SlowHub";
     let so: ScaledObjectRef = scaled_object(hub, &[("scaleAlgorithm", "latency")]);
     aggregator.keda.clone().get_metric_spec(so).await.unwrap();
-    let empty: Vec<_> = (0..4).map(|p| (p, signals(0, 0, 0))).collect();
-    // One pod, work items waiting 5 s: after five samples the vote adds a worker.
+    // One pod, work items waiting 5 s: after five samples the vote adds a worker. Each report
+    // is a fresh reading of every queue (a reading re-sent with its old sampled_at is one
+    // sample, as upstream adds one per read).
     eventually("two workers wanted", || async {
+        let empty: Vec<_> = (0..4).map(|p| (p, signals(0, 0, 0))).collect();
         aggregator.submit(report("app-1", hub, &empty, Some(signals(8, 8, 5_000)))).await;
         let request = GetMetricsRequest {
             scaled_object_ref: Some(scaled_object(hub, &[("scaleAlgorithm", "latency")])),

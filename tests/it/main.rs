@@ -24,6 +24,7 @@ mod demo;
 mod engine_equivalence;
 mod faults;
 mod kubernetes;
+mod latency_feed;
 mod limits;
 mod logs;
 mod manifests;
