@@ -96,9 +96,9 @@ pub struct Args {
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_TRACE")]
     pub trace: Option<PathBuf>,
     /// Scalers to race, comma-separated: kedacore, wsugarman, functions-target,
-    /// keda-azure-queue, durable-scaler (ours; durable-scaler:latency and
-    /// durable-scaler:target run our scaler with the other algorithms). Default: the first
-    /// five.
+    /// keda-azure-queue, durable-scaler (ours; durable-scaler:latency, durable-scaler:target
+    /// and durable-scaler:target-inflight run our scaler with the other algorithms). Default:
+    /// the first five.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALERS", value_delimiter = ',')]
     pub scalers: Vec<ScalerKind>,
     /// Seed for arrivals, activity durations and the latency vote's random scale-in; one seed,
