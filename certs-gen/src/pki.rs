@@ -122,6 +122,25 @@ pub fn check(material: &Material, names: &[String], at: OffsetDateTime) -> Resul
     Ok(())
 }
 
+/// Checks that `bundle` (PEM) holds at least one CA certificate valid at `now`. Returns why
+/// not.
+pub fn check_ca(bundle: &str, now: OffsetDateTime) -> Result<(), String> {
+    let mut last = "holds no certificate".to_owned();
+    for der in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        let der = der.map_err(|e| format!("not PEM: {e}"))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| format!("not a certificate: {e}"))?;
+        if !cert.is_ca() {
+            last = format!("{} is not a CA", cert.subject());
+        } else if !cert.validity().is_valid_at(x509_parser::time::ASN1Time::new(now)) {
+            last = format!("{} is not valid at {now}", cert.subject());
+        } else {
+            return Ok(());
+        }
+    }
+    Err(last)
+}
+
 /// The CA bundle after a renewal: the new CA, then the old bundle's first CA when the old
 /// serving certificate is still valid now (webhook pods may serve it until the kubelet
 /// refreshes their Secret volume, and the API server must still trust it meanwhile).

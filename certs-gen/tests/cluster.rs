@@ -1,6 +1,7 @@
-//! `certs-gen create` and `patch` against a fake Kubernetes API served over HTTP on loopback,
-//! so the real `kube` client (its URL building, serialization, error mapping) runs. Each
-//! fake endpoint says which real API behaviour it stands for.
+//! `certs-gen create`, `patch` and `run` (the renewer loop) against a fake Kubernetes API
+//! served over HTTP on loopback, so the real `kube` client (its URL building, serialization,
+//! error mapping) runs. Each fake endpoint says which real API behaviour it stands for. The
+//! loop's time is a fake [`Clock`]: each sleep moves the wall clock on at once.
 
 use std::{
     collections::HashMap,
@@ -17,6 +18,7 @@ use axum::{
 use certs_gen::{
     cluster::{self, Outcome, SecretSpec},
     pki,
+    renewer::{self, Clock, Schedule},
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -410,4 +412,145 @@ async fn patch_without_the_secret_fails_naming_it() {
     api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
     let error = cluster::patch(api.client.clone(), NS, SECRET, CONFIG).await.unwrap_err().to_string();
     assert!(error.contains("durable-scaler/durable-scaler-webhook-tls"), "{error}");
+}
+
+/// The loop's clock: every sleep is recorded and moves `now` on by its length at once; after
+/// each sleep `on_sleep` may change the fake API (what happens in the cluster meanwhile);
+/// after `rounds` sleeps it stops the loop (as SIGTERM would) and never wakes.
+struct FakeClock {
+    now: OffsetDateTime,
+    sleeps: Vec<Duration>,
+    rounds: usize,
+    fake: Shared,
+    on_sleep: fn(usize, &mut Fake),
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> OffsetDateTime {
+        self.now
+    }
+
+    fn sleep(&mut self, duration: Duration) -> impl std::future::Future<Output = ()> + Send {
+        self.sleeps.push(duration);
+        self.now += duration;
+        (self.on_sleep)(self.sleeps.len(), &mut self.fake.lock().unwrap());
+        let last = self.sleeps.len() >= self.rounds;
+        if last && let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        async move {
+            if last {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+const SCHEDULE: Schedule =
+    Schedule { interval: Duration::from_secs(12 * 3600), first_retry: Duration::from_secs(5) };
+
+/// Runs the loop for `rounds` rounds from `now`; returns the clock (sleeps, final time).
+async fn run_loop(
+    api: &Api,
+    now: OffsetDateTime,
+    rounds: usize,
+    on_sleep: fn(usize, &mut Fake),
+) -> FakeClock {
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let mut clock =
+        FakeClock { now, sleeps: Vec::new(), rounds, fake: api.fake.clone(), on_sleep, stop: Some(stop) };
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let ran = renewer::run(api.client.clone(), &spec(), Some(CONFIG), SCHEDULE, &mut clock, shutdown).await;
+    assert_eq!(ran, rounds as u64);
+    clock
+}
+
+fn ca_bundle(api: &Api, index: usize) -> Option<Vec<u8>> {
+    let config = api.fake.lock().unwrap().configs[CONFIG].clone();
+    let parsed: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration =
+        serde_json::from_value(config).unwrap();
+    parsed.webhooks.unwrap()[index].client_config.ca_bundle.clone().map(|b| b.0)
+}
+
+#[tokio::test]
+async fn run_writes_the_ca_bundle_before_the_secret_that_carries_it() {
+    let api = fake_api().await;
+    api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
+    run_loop(&api, OffsetDateTime::now_utc(), 1, |_, _| {}).await;
+    let calls = api.calls();
+    let patched = calls.iter().position(|c| c.starts_with("PATCH mutatingwebhookconfigurations/")).unwrap();
+    let created = calls.iter().position(|c| c.starts_with("POST secrets/")).unwrap();
+    assert!(patched < created, "a pod mounting the Secret must find its CA trusted already: {calls:?}");
+    let stored = material_of(&api.stored_secret());
+    for webhook in 0..2 {
+        assert_eq!(ca_bundle(&api, webhook), Some(stored.ca_pem.clone().into_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn run_writes_no_secret_until_the_webhook_configuration_exists_and_retries_with_back_off() {
+    let api = fake_api().await;
+    // The configuration is applied while the loop is in its third pause.
+    let clock = run_loop(&api, OffsetDateTime::now_utc(), 4, |sleeps, fake| {
+        if sleeps == 3 {
+            fake.configs.insert(CONFIG.to_owned(), webhook_config());
+        }
+    })
+    .await;
+    let secs: Vec<u64> = clock.sleeps.iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, [5, 10, 20, 12 * 3600], "back-off while failing, then the interval");
+    let calls = api.calls();
+    let first_write = calls.iter().position(|c| c.starts_with("POST")).unwrap();
+    let config_found = calls.iter().position(|c| c.starts_with("PATCH")).unwrap();
+    assert!(config_found < first_write, "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| c.starts_with("POST")).count(), 1, "{calls:?}");
+    assert_eq!(ca_bundle(&api, 0), Some(material_of(&api.stored_secret()).ca_pem.into_bytes()));
+}
+
+#[tokio::test]
+async fn run_renews_once_the_certificate_comes_within_the_renewal_window_and_keeps_the_old_ca_trusted() {
+    let api = fake_api().await;
+    let start = OffsetDateTime::now_utc();
+    // 40 days and 6 hours left: the 30-day renewal window opens on day 10.25.
+    let old = pki::generate(&names(), start - DAY * 325 + Duration::from_secs(6 * 3600), DAY * 365).unwrap();
+    api.put_secret(&old);
+    api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
+    // 24 rounds 12 hours apart: day 0 to day 11.5.
+    let clock = run_loop(&api, start, 24, |_, _| {}).await;
+    let puts: Vec<usize> = api
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("GET secrets/") || c.starts_with("PUT secrets/"))
+        .scan(0usize, |round, c| {
+            *round += usize::from(c.starts_with("GET"));
+            Some((*round, c.starts_with("PUT")))
+        })
+        .filter_map(|(round, put)| put.then_some(round))
+        .collect();
+    // Reads per round: the check in `create` and the read in `patch`; round N starts at GET 2N-1.
+    assert_eq!(puts.len(), 1, "renewed once: {:?}", api.calls());
+    let renewed_in_round = puts[0].div_ceil(2);
+    assert_eq!(renewed_in_round, 22, "day 10.5, the 22nd round, is the first in the window");
+    let renewed = material_of(&api.stored_secret());
+    assert_eq!(pki::check(&renewed, &names(), clock.now + DAY * 300), Ok(()));
+    assert!(renewed.ca_pem.ends_with(&old.ca_pem) && renewed.ca_pem != old.ca_pem, "new CA, then the old");
+    assert_eq!(ca_bundle(&api, 0), Some(renewed.ca_pem.into_bytes()));
+}
+
+#[tokio::test]
+async fn run_repairs_a_ca_bundle_cleared_by_a_reapply_in_the_next_round() {
+    let api = fake_api().await;
+    api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
+    run_loop(&api, OffsetDateTime::now_utc(), 2, |sleeps, fake| {
+        if sleeps == 1 {
+            // `kubectl replace` or a delete and re-create: the object without caBundle.
+            fake.configs.insert(CONFIG.to_owned(), webhook_config());
+        }
+    })
+    .await;
+    assert_eq!(ca_bundle(&api, 1), Some(material_of(&api.stored_secret()).ca_pem.into_bytes()));
+    assert_eq!(api.calls().iter().filter(|c| c.starts_with("POST")).count(), 1, "the Secret was kept");
 }
