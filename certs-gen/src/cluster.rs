@@ -78,8 +78,11 @@ pub struct SecretSpec {
     pub service: String,
     /// Further names the certificate must carry.
     pub extra_names: Vec<String>,
-    /// Validity of new material.
+    /// Validity of a new serving certificate.
     pub validity: Duration,
+    /// Validity of a new CA (at least `validity`): serving certificates are renewed under the
+    /// same CA while it is valid for a whole new certificate ([`pki::renew`]).
+    pub ca_validity: Duration,
     /// Renew when the current material would be invalid this far ahead.
     pub renew_before: Duration,
 }
@@ -153,7 +156,7 @@ async fn create_trusted_by(
             source,
         })?;
         let Some(existing) = existing else {
-            let fresh = pki::generate(&names, now, spec.validity)?;
+            let fresh = pki::generate_with_ca(&names, now, spec.validity, spec.ca_validity)?;
             trust(fresh.ca_pem.clone()).await?;
             match api.create(&PostParams::default(), &secret(spec, &fresh, None)).await {
                 Ok(_) => return Ok(Outcome::Created),
@@ -174,8 +177,9 @@ async fn create_trusted_by(
             },
             None => "the Secret lacks tls.crt, tls.key or ca.crt".to_owned(),
         };
-        let mut fresh = pki::generate(&names, now, spec.validity)?;
-        fresh.ca_pem = pki::rotated_bundle(&fresh.ca_pem, old.as_ref(), &names, now);
+        let renewal = pki::renew(old.as_ref(), &names, now, spec.validity, spec.ca_validity)?;
+        let reason = if renewal.kept_ca { format!("{reason}; under the same CA") } else { reason };
+        let fresh = renewal.material;
         trust(fresh.ca_pem.clone()).await?;
         let replacement = secret(spec, &fresh, existing.metadata.resource_version.clone());
         match api.replace(&spec.secret, &PostParams::default(), &replacement).await {
@@ -257,15 +261,25 @@ pub async fn read_ca(client: Client, namespace: &str, secret_name: &str) -> Resu
 fn material(secret: &Secret) -> Option<Material> {
     let data = secret.data.as_ref()?;
     let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok());
-    Some(Material { ca_pem: text("ca.crt")?, cert_pem: text("tls.crt")?, key_pem: text("tls.key")? })
+    Some(Material {
+        ca_pem: text("ca.crt")?,
+        cert_pem: text("tls.crt")?,
+        key_pem: text("tls.key")?,
+        ca_key_pem: text("ca.key"),
+    })
 }
 
 fn secret(spec: &SecretSpec, material: &Material, resource_version: Option<String>) -> Secret {
-    let data = BTreeMap::from([
+    let mut data = BTreeMap::from([
         ("ca.crt".to_owned(), ByteString(material.ca_pem.clone().into_bytes())),
         ("tls.crt".to_owned(), ByteString(material.cert_pem.clone().into_bytes())),
         ("tls.key".to_owned(), ByteString(material.key_pem.clone().into_bytes())),
     ]);
+    // The CA's key, to renew under the same CA; the pods mount the Secret with `items`
+    // naming the other three keys, so it reaches no container but certs-gen's.
+    if let Some(ca_key) = &material.ca_key_pem {
+        data.insert("ca.key".to_owned(), ByteString(ca_key.clone().into_bytes()));
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(spec.secret.clone()),

@@ -77,6 +77,13 @@ pub struct CertArgs {
     #[arg(long, env = "CERTS_GEN_VALIDITY_DAYS", default_value_t = 365,
           value_parser = clap::value_parser!(u64).range(2..=3650))]
     pub validity_days: u64,
+    /// Validity of a new CA, in days (at least --validity-days). Certificates are renewed
+    /// under the same CA, so every copy of it stays valid, while the CA is valid for a whole
+    /// new certificate; then a new CA is made (the old one stays in ca.crt while certificates
+    /// it signed are valid).
+    #[arg(long, env = "CERTS_GEN_CA_VALIDITY_DAYS", default_value_t = 3650,
+          value_parser = clap::value_parser!(u64).range(2..=36500))]
+    pub ca_validity_days: u64,
     /// Renew when the certificate would be invalid within this many days.
     #[arg(long, env = "CERTS_GEN_RENEW_BEFORE_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3649))]
@@ -96,12 +103,16 @@ impl CertArgs {
         if self.renew_before_days >= self.validity_days {
             return Err(Error::RenewWindow { renew: self.renew_before_days, validity: self.validity_days });
         }
+        if self.ca_validity_days < self.validity_days {
+            return Err(Error::CaValidity { ca: self.ca_validity_days, validity: self.validity_days });
+        }
         Ok(cluster::SecretSpec {
             namespace: secret.namespace,
             secret: secret.secret,
             service: self.service.clone(),
             extra_names: self.extra_names.clone(),
             validity: days(self.validity_days),
+            ca_validity: days(self.ca_validity_days),
             renew_before: days(self.renew_before_days),
         })
     }
@@ -214,6 +225,17 @@ pub enum Error {
         /// Validity in days.
         validity: u64,
     },
+    /// `--ca-validity-days` is below `--validity-days`.
+    #[error(
+        "--ca-validity-days (CERTS_GEN_CA_VALIDITY_DAYS) {ca} must be at least --validity-days \
+         (CERTS_GEN_VALIDITY_DAYS) {validity}: a certificate cannot outlive its CA"
+    )]
+    CaValidity {
+        /// CA validity in days.
+        ca: u64,
+        /// Certificate validity in days.
+        validity: u64,
+    },
     /// Writing the files failed.
     #[error("writing {path}: {source}")]
     Write {
@@ -291,7 +313,7 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
             if let Some(dir) = &args.out_dir {
                 let spec = args.cert.spec(args.secret.clone())?;
                 let names = args.cert.names(&spec.namespace);
-                write_files(dir, &pki::generate(&names, now, spec.validity)?)?;
+                write_files(dir, &pki::generate_with_ca(&names, now, spec.validity, spec.ca_validity)?)?;
                 return Ok(format!(
                     "wrote ca.crt, tls.crt and tls.key for {} into {}",
                     names.join(", "),

@@ -76,8 +76,12 @@ pub fn holds_valid_material(dir: &Path, names: &[String], now: OffsetDateTime) -
         let path = dir.join(name);
         std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
     };
-    let material =
-        Material { ca_pem: read("ca.crt")?, cert_pem: read("tls.crt")?, key_pem: read("tls.key")? };
+    let material = Material {
+        ca_pem: read("ca.crt")?,
+        cert_pem: read("tls.crt")?,
+        key_pem: read("tls.key")?,
+        ca_key_pem: None,
+    };
     pki::check(&material, names, now)
 }
 

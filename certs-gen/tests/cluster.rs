@@ -218,6 +218,7 @@ fn stored(material: &pki::Material, version: &str) -> Value {
         data: Some(
             [("ca.crt", &material.ca_pem), ("tls.crt", &material.cert_pem), ("tls.key", &material.key_pem)]
                 .into_iter()
+                .chain(material.ca_key_pem.iter().map(|key| ("ca.key", key)))
                 .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.clone().into_bytes())))
                 .collect(),
         ),
@@ -233,7 +234,12 @@ fn material_of(secret: &Value) -> pki::Material {
     let parsed: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret.clone()).unwrap();
     let data = parsed.data.unwrap();
     let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
-    pki::Material { ca_pem: text("ca.crt"), cert_pem: text("tls.crt"), key_pem: text("tls.key") }
+    pki::Material {
+        ca_pem: text("ca.crt"),
+        cert_pem: text("tls.crt"),
+        key_pem: text("tls.key"),
+        ca_key_pem: data.get("ca.key").map(|key| String::from_utf8(key.0.clone()).unwrap()),
+    }
 }
 
 fn spec() -> SecretSpec {
@@ -243,6 +249,7 @@ fn spec() -> SecretSpec {
         service: SERVICE.to_owned(),
         extra_names: Vec::new(),
         validity: DAY * 365,
+        ca_validity: DAY * 3650,
         renew_before: DAY * 30,
     }
 }
@@ -300,6 +307,29 @@ async fn create_renews_near_expiry_and_keeps_trusting_the_old_ca_meanwhile() {
         Ok(()),
         "the bundle still verifies the old certificate"
     );
+}
+
+#[tokio::test]
+async fn create_renews_under_the_same_ca_so_every_copy_of_ca_crt_stays_valid() {
+    let api = fake_api().await;
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(
+        cluster::create(api.client.clone(), &spec(), now - DAY * 340).await.unwrap(),
+        Outcome::Created
+    );
+    let first = api.stored_secret();
+    assert!(first["data"].get("ca.key").is_some(), "the CA's key is kept for the next renewal");
+    let Outcome::Renewed { reason } = cluster::create(api.client.clone(), &spec(), now).await.unwrap() else {
+        panic!("not renewed 25 days before expiry");
+    };
+    assert!(reason.contains("same CA"), "{reason}");
+    let renewed = api.stored_secret();
+    assert_eq!(renewed["data"]["ca.crt"], first["data"]["ca.crt"]);
+    assert_ne!(renewed["data"]["tls.crt"], first["data"]["tls.crt"]);
+    // What KEDA's TriggerAuthentication copied at install still verifies the new certificate.
+    let copied = material_of(&first).ca_pem;
+    let served = pki::Material { ca_pem: copied, ..material_of(&renewed) };
+    assert_eq!(pki::check(&served, &names(), now + DAY * 300), Ok(()));
 }
 
 #[tokio::test]
