@@ -649,6 +649,37 @@ fn no_rbac_rule_uses_a_wildcard() {
 }
 
 #[test]
+fn no_pod_mounts_the_ca_key_of_a_certs_gen_secret() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+        let kept: BTreeSet<String> =
+            all_containers(keeper).iter().map(|c| env(c, "CERTS_GEN_SECRET")).collect();
+        let mut mounts = 0;
+        for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            for volume in pod_spec(workload)["volumes"].as_array().into_iter().flatten() {
+                let Some(secret) = volume["secret"]["secretName"].as_str() else { continue };
+                if !kept.contains(secret) {
+                    continue;
+                }
+                mounts += 1;
+                // Without `items` the kubelet writes every key, ca.key (certs-gen's) included.
+                let keys: BTreeSet<&str> = volume["secret"]["items"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{install}: {} mounts all of {secret}", volume["name"]))
+                    .iter()
+                    .map(|item| item["key"].as_str().unwrap())
+                    .collect();
+                assert!(!keys.contains("ca.key"), "{install}: {}", volume["name"]);
+                assert!(keys.is_subset(&BTreeSet::from(["ca.crt", "tls.crt", "tls.key"])), "{keys:?}");
+            }
+        }
+        // The webhook's own, plus in the TLS install the aggregator's and the webhook's copy of its CA.
+        assert_eq!(mounts, if install == "default" { 3 } else { 1 }, "{install}");
+    }
+}
+
+#[test]
 fn no_install_renders_a_job_whose_template_would_block_a_reapply_and_one_certificate_keeper_runs() {
     for install in INSTALLS {
         let objects = render(install);
