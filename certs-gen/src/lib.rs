@@ -123,6 +123,7 @@ impl CertArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub secret: SecretArgs,
+    /// The certificate to make.
     #[command(flatten)]
     pub cert: CertArgs,
     /// The MutatingWebhookConfiguration whose webhooks must trust the Secret's CA (for the
@@ -142,6 +143,7 @@ pub struct RunArgs {
 pub struct CreateArgs {
     #[command(flatten)]
     pub secret: SecretArgs,
+    /// The certificate to make.
     #[command(flatten)]
     pub cert: CertArgs,
     /// Write ca.crt, tls.crt and tls.key into this directory instead of a Secret (no cluster).
