@@ -1,12 +1,11 @@
-//! The cluster side: the TLS Secret (`create`) and the MutatingWebhookConfiguration's
-//! `caBundle` (`patch`), through the real `kube` client.
+//! The cluster side: the TLS Secret (`create`), the MutatingWebhookConfiguration's
+//! `caBundle` (`patch`), and both in the order that keeps the webhook trusted
+//! ([`reconcile`], what `certs-gen run` does on every round), through the real `kube` client.
 //!
-//! Both are safe to run again and from several pods at once (every webhook replica runs them
-//! as init containers, and the renewal CronJob may run meanwhile): `create` writes only when
-//! the Secret is missing or no longer good, using the API server's optimistic concurrency
-//! (create fails with 409 when another pod won; replace fails with 409 on a stale
-//! `resourceVersion`) and re-reads after losing; `patch` writes only when a `caBundle`
-//! differs.
+//! All are safe to run again and from several pods at once: `create` writes only when the
+//! Secret is missing or no longer good, using the API server's optimistic concurrency (create
+//! fails with 409 when another pod won; replace fails with 409 on a stale `resourceVersion`)
+//! and re-reads after losing; `patch` writes only when a `caBundle` differs.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -79,15 +78,73 @@ pub struct SecretSpec {
     pub service: String,
     /// Further names the certificate must carry.
     pub extra_names: Vec<String>,
-    /// Validity of new material.
+    /// Validity of a new serving certificate.
     pub validity: Duration,
+    /// Validity of a new CA (at least `validity`): serving certificates are renewed under the
+    /// same CA while it is valid for a whole new certificate ([`pki::renew`]).
+    pub ca_validity: Duration,
     /// Renew when the current material would be invalid this far ahead.
     pub renew_before: Duration,
 }
 
 /// Makes sure the TLS Secret exists and stays good past `now + renew_before`.
 pub async fn create(client: Client, spec: &SecretSpec, now: OffsetDateTime) -> Result<Outcome, ClusterError> {
-    let api: Api<Secret> = Api::namespaced(client, &spec.namespace);
+    create_trusted_by(client, spec, now, None).await
+}
+
+/// What [`reconcile`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// What happened to the Secret.
+    pub secret: Outcome,
+    /// How many webhooks' `caBundle` were written (0: all held the Secret's CA already).
+    pub ca_bundles_patched: usize,
+}
+
+/// One round of `certs-gen run`: makes sure of the Secret as [`create`] does and, with a
+/// `config`, that every webhook of that MutatingWebhookConfiguration trusts it.
+///
+/// The order is what lets a webhook pod that only waits for its mounted Secret be trusted as
+/// soon as it serves: new material's CA bundle is written into `caBundle` *before* the Secret
+/// that carries it, so the Secret never holds a CA the API server does not trust yet (during
+/// a renewal the bundle holds the new CA and the previous one, so the pods still serving the
+/// old certificate stay trusted too). A missing MutatingWebhookConfiguration is an error and
+/// nothing is written: the webhook pods keep waiting rather than serve untrusted. After the
+/// Secret, `caBundle` is set to exactly the stored `ca.crt`, which repairs a configuration
+/// re-created without it and, after a lost race, replaces the loser's bundle with the winner's.
+pub async fn reconcile(
+    client: Client,
+    spec: &SecretSpec,
+    config: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<Reconciled, ClusterError> {
+    let secret = create_trusted_by(client.clone(), spec, now, config).await?;
+    let ca_bundles_patched = match config {
+        Some(config) => patch(client, &spec.namespace, &spec.secret, config).await?,
+        None => 0,
+    };
+    Ok(Reconciled { secret, ca_bundles_patched })
+}
+
+/// [`create`], writing each new CA bundle into `config`'s `caBundle` before the Secret.
+async fn create_trusted_by(
+    client: Client,
+    spec: &SecretSpec,
+    now: OffsetDateTime,
+    config: Option<&str>,
+) -> Result<Outcome, ClusterError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &spec.namespace);
+    let trust = |ca_pem: String| {
+        let client = client.clone();
+        async move {
+            match config {
+                Some(config) => {
+                    write_ca_bundle(client, config, &ByteString(ca_pem.into_bytes())).await.map(drop)
+                }
+                None => Ok(()),
+            }
+        }
+    };
     let mut names = pki::dns_names(&spec.service, &spec.namespace);
     names.extend(spec.extra_names.iter().cloned());
     let horizon = now + spec.renew_before;
@@ -99,7 +156,8 @@ pub async fn create(client: Client, spec: &SecretSpec, now: OffsetDateTime) -> R
             source,
         })?;
         let Some(existing) = existing else {
-            let fresh = pki::generate(&names, now, spec.validity)?;
+            let fresh = pki::generate_with_ca(&names, now, spec.validity, spec.ca_validity)?;
+            trust(fresh.ca_pem.clone()).await?;
             match api.create(&PostParams::default(), &secret(spec, &fresh, None)).await {
                 Ok(_) => return Ok(Outcome::Created),
                 Err(kube::Error::Api(status)) if status.code == 409 => continue,
@@ -119,8 +177,10 @@ pub async fn create(client: Client, spec: &SecretSpec, now: OffsetDateTime) -> R
             },
             None => "the Secret lacks tls.crt, tls.key or ca.crt".to_owned(),
         };
-        let mut fresh = pki::generate(&names, now, spec.validity)?;
-        fresh.ca_pem = pki::rotated_bundle(&fresh.ca_pem, old.as_ref(), &names, now);
+        let renewal = pki::renew(old.as_ref(), &names, now, spec.validity, spec.ca_validity)?;
+        let reason = if renewal.kept_ca { format!("{reason}; under the same CA") } else { reason };
+        let fresh = renewal.material;
+        trust(fresh.ca_pem.clone()).await?;
         let replacement = secret(spec, &fresh, existing.metadata.resource_version.clone());
         match api.replace(&spec.secret, &PostParams::default(), &replacement).await {
             Ok(_) => return Ok(Outcome::Renewed { reason }),
@@ -146,6 +206,12 @@ pub async fn patch(
     config: &str,
 ) -> Result<usize, ClusterError> {
     let ca = read_ca(client.clone(), namespace, secret_name).await?;
+    write_ca_bundle(client, config, &ca).await
+}
+
+/// Writes `ca` into every webhook's `caBundle` of `config` that differs. Returns how many
+/// changed.
+async fn write_ca_bundle(client: Client, config: &str, ca: &ByteString) -> Result<usize, ClusterError> {
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
     let current = configs.get(config).await.map_err(|source| ClusterError::Api {
         action: format!("reading MutatingWebhookConfiguration {config}"),
@@ -155,7 +221,7 @@ pub async fn patch(
         .webhooks
         .iter()
         .flatten()
-        .filter(|w| w.client_config.ca_bundle.as_ref() != Some(&ca))
+        .filter(|w| w.client_config.ca_bundle.as_ref() != Some(ca))
         .map(|w| w.name.as_str())
         .collect();
     if stale.is_empty() {
@@ -163,7 +229,7 @@ pub async fn patch(
     }
     // A strategic merge patch: `webhooks` merges by `name`, so only the caBundle of each
     // named entry changes and nothing else in the object is touched.
-    let encoded = serde_json::to_value(&ca).unwrap_or_default();
+    let encoded = serde_json::to_value(ca).unwrap_or_default();
     let webhooks: Vec<_> = stale
         .iter()
         .map(|name| serde_json::json!({"name": name, "clientConfig": {"caBundle": encoded}}))
@@ -195,15 +261,25 @@ pub async fn read_ca(client: Client, namespace: &str, secret_name: &str) -> Resu
 fn material(secret: &Secret) -> Option<Material> {
     let data = secret.data.as_ref()?;
     let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok());
-    Some(Material { ca_pem: text("ca.crt")?, cert_pem: text("tls.crt")?, key_pem: text("tls.key")? })
+    Some(Material {
+        ca_pem: text("ca.crt")?,
+        cert_pem: text("tls.crt")?,
+        key_pem: text("tls.key")?,
+        ca_key_pem: text("ca.key"),
+    })
 }
 
 fn secret(spec: &SecretSpec, material: &Material, resource_version: Option<String>) -> Secret {
-    let data = BTreeMap::from([
+    let mut data = BTreeMap::from([
         ("ca.crt".to_owned(), ByteString(material.ca_pem.clone().into_bytes())),
         ("tls.crt".to_owned(), ByteString(material.cert_pem.clone().into_bytes())),
         ("tls.key".to_owned(), ByteString(material.key_pem.clone().into_bytes())),
     ]);
+    // The CA's key, to renew under the same CA; the pods mount the Secret with `items`
+    // naming the other three keys, so it reaches no container but certs-gen's.
+    if let Some(ca_key) = &material.ca_key_pem {
+        data.insert("ca.key".to_owned(), ByteString(ca_key.clone().into_bytes()));
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(spec.secret.clone()),

@@ -3,12 +3,15 @@
 //!
 //! - [`pki`]: generating and checking the material (rcgen, rustls' verifier);
 //! - [`cluster`]: the TLS Secret and the MutatingWebhookConfiguration's `caBundle` (kube);
-//! - [`mounted`]: waiting until a mounted Secret volume shows the material (init containers);
-//! - [`run`]: the command line (`create`, `create --out-dir`, `patch`, `wait`).
+//! - [`renewer`]: `certs-gen run`, keeping both good in a loop (the certs-gen Deployment);
+//! - [`mounted`]: waiting until a mounted Secret volume shows the material (init containers
+//!   of the pods that serve with it, which need no API access);
+//! - [`run`]: the command line (`run`, `create`, `create --out-dir`, `patch`, `wait`).
 
 pub mod cluster;
 pub mod mounted;
 pub mod pki;
+pub mod renewer;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -16,12 +19,15 @@ use clap::{Args, Parser, Subcommand};
 
 /// Creates the durable-scaler webhook's CA and serving certificate and installs them.
 ///
+/// `run` keeps a Secret (and, with --webhook-config, the caBundle) good for ever: one round
+/// every --interval-seconds, stopping on SIGTERM; it is what the manifests deploy.
 /// `create` keeps a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) good: it does nothing
 /// while the certificate stays valid past the renewal horizon, and renews it otherwise.
 /// `patch` writes the Secret's ca.crt into every webhook's caBundle of the
 /// MutatingWebhookConfiguration. `create --out-dir DIR` writes the files locally, no cluster.
 /// `wait --dir DIR` waits, with no cluster access, until a mounted Secret volume holds valid
-/// material (an init container of a pod whose Secret another pod creates).
+/// material (an init container of a pod whose Secret another pod creates); `wait --ca-only`
+/// waits for a volume holding only a ca.crt.
 /// Every flag can also be set from the environment variable named in its help.
 #[derive(Debug, Parser)]
 #[command(name = "certs-gen", version, about, long_about)]
@@ -34,6 +40,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Keep the TLS Secret (and the caBundle) good, in a loop, until SIGTERM.
+    Run(RunArgs),
     /// Make sure the TLS Secret exists and is valid (or write the files to --out-dir).
     Create(CreateArgs),
     /// Copy the Secret's ca.crt into the MutatingWebhookConfiguration's caBundle.
@@ -53,12 +61,9 @@ pub struct SecretArgs {
     pub secret: String,
 }
 
-/// `certs-gen create`.
+/// What certificate to make and when to renew it.
 #[derive(Debug, Clone, Args)]
-pub struct CreateArgs {
-    #[command(flatten)]
-    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
-    pub secret: SecretArgs,
+pub struct CertArgs {
     /// Name of the Service (the webhook's, or the aggregator's for its TLS): the certificate
     /// is for <service>.<namespace>.svc, <service>.<namespace>.svc.cluster.local and
     /// <service>.<namespace>.
@@ -68,17 +73,84 @@ pub struct CreateArgs {
     /// the env var), e.g. `localhost` for local use.
     #[arg(long = "extra-name", env = "CERTS_GEN_EXTRA_NAMES", value_delimiter = ',')]
     pub extra_names: Vec<String>,
-    /// Write ca.crt, tls.crt and tls.key into this directory instead of a Secret (no cluster).
-    #[arg(long, env = "CERTS_GEN_OUT_DIR")]
-    pub out_dir: Option<PathBuf>,
     /// Validity of new certificates, in days.
     #[arg(long, env = "CERTS_GEN_VALIDITY_DAYS", default_value_t = 365,
           value_parser = clap::value_parser!(u64).range(2..=3650))]
     pub validity_days: u64,
+    /// Validity of a new CA, in days (at least --validity-days). Certificates are renewed
+    /// under the same CA, so every copy of it stays valid, while the CA is valid for a whole
+    /// new certificate; then a new CA is made (the old one stays in ca.crt while certificates
+    /// it signed are valid).
+    #[arg(long, env = "CERTS_GEN_CA_VALIDITY_DAYS", default_value_t = 3650,
+          value_parser = clap::value_parser!(u64).range(2..=36500))]
+    pub ca_validity_days: u64,
     /// Renew when the certificate would be invalid within this many days.
     #[arg(long, env = "CERTS_GEN_RENEW_BEFORE_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3649))]
     pub renew_before_days: u64,
+}
+
+impl CertArgs {
+    /// The names the certificate is for: the Service's, then the extra ones.
+    fn names(&self, namespace: &str) -> Vec<String> {
+        let mut names = pki::dns_names(&self.service, namespace);
+        names.extend(self.extra_names.iter().cloned());
+        names
+    }
+
+    /// The Secret to keep, after checking the renewal window fits in the validity.
+    fn spec(&self, secret: SecretArgs) -> Result<cluster::SecretSpec, Error> {
+        if self.renew_before_days >= self.validity_days {
+            return Err(Error::RenewWindow { renew: self.renew_before_days, validity: self.validity_days });
+        }
+        if self.ca_validity_days < self.validity_days {
+            return Err(Error::CaValidity { ca: self.ca_validity_days, validity: self.validity_days });
+        }
+        Ok(cluster::SecretSpec {
+            namespace: secret.namespace,
+            secret: secret.secret,
+            service: self.service.clone(),
+            extra_names: self.extra_names.clone(),
+            validity: days(self.validity_days),
+            ca_validity: days(self.ca_validity_days),
+            renew_before: days(self.renew_before_days),
+        })
+    }
+}
+
+/// `certs-gen run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
+    pub secret: SecretArgs,
+    /// The certificate to make.
+    #[command(flatten)]
+    pub cert: CertArgs,
+    /// The MutatingWebhookConfiguration whose webhooks must trust the Secret's CA (for the
+    /// webhook's Secret; leave unset for the aggregator's). Its caBundle is written before
+    /// the Secret, so a pod serving the Secret's certificate is trusted from its start.
+    #[arg(long, env = "CERTS_GEN_WEBHOOK_CONFIG")]
+    pub webhook_config: Option<String>,
+    /// Seconds between two rounds (each round reads the Secret and the configuration, and
+    /// writes only what is not good: a re-created configuration is repaired within this).
+    #[arg(long, env = "CERTS_GEN_INTERVAL_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub interval_seconds: u64,
+}
+
+/// `certs-gen create`.
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs, reason = "a flattened group's help is its own type's doc comments")]
+    pub secret: SecretArgs,
+    /// The certificate to make.
+    #[command(flatten)]
+    pub cert: CertArgs,
+    /// Write ca.crt, tls.crt and tls.key into this directory instead of a Secret (no cluster).
+    #[arg(long, env = "CERTS_GEN_OUT_DIR")]
+    pub out_dir: Option<PathBuf>,
     /// After making sure of the Secret, wait until this directory (where the pod mounts the
     /// Secret, `optional: true`) holds the Secret's current ca.crt, so the container that
     /// starts next finds the files (an init container's last step).
@@ -110,8 +182,12 @@ pub struct WaitArgs {
     #[arg(long, env = "CERTS_GEN_NAMESPACE", default_value = "durable-scaler")]
     pub namespace: String,
     /// Name of the Service the certificate must be valid for (its names as for `create`).
-    #[arg(long, env = "CERTS_GEN_SERVICE")]
-    pub service: String,
+    #[arg(long, env = "CERTS_GEN_SERVICE", required_unless_present = "ca_only")]
+    pub service: Option<String>,
+    /// The volume holds only ca.crt (a CA to give to clients, e.g. the aggregator's CA in the
+    /// webhook pod): wait until it holds a CA certificate valid now.
+    #[arg(long, env = "CERTS_GEN_CA_ONLY", conflicts_with_all = ["service", "extra_names"])]
+    pub ca_only: bool,
     /// Further DNS names or IP addresses the certificate must carry.
     #[arg(long = "extra-name", env = "CERTS_GEN_EXTRA_NAMES", value_delimiter = ',')]
     pub extra_names: Vec<String>,
@@ -134,6 +210,13 @@ pub struct PatchArgs {
 const DAY: Duration = Duration::from_secs(24 * 3600);
 /// How often a mounted Secret volume is looked at while waiting.
 const WAIT_POLL: Duration = Duration::from_secs(1);
+/// The first retry of a failed `run` round (doubling up to the interval): at install the
+/// MutatingWebhookConfiguration may be applied a moment after the Deployment.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+
+fn days(days: u64) -> Duration {
+    DAY * u32::try_from(days).unwrap_or(u32::MAX)
+}
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +230,17 @@ pub enum Error {
         /// Renewal window in days.
         renew: u64,
         /// Validity in days.
+        validity: u64,
+    },
+    /// `--ca-validity-days` is below `--validity-days`.
+    #[error(
+        "--ca-validity-days (CERTS_GEN_CA_VALIDITY_DAYS) {ca} must be at least --validity-days \
+         (CERTS_GEN_VALIDITY_DAYS) {validity}: a certificate cannot outlive its CA"
+    )]
+    CaValidity {
+        /// CA validity in days.
+        ca: u64,
+        /// Certificate validity in days.
         validity: u64,
     },
     /// Writing the files failed.
@@ -203,32 +297,37 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
     };
     let now = time::OffsetDateTime::now_utc();
     match command {
+        Command::Run(args) => {
+            let spec = args.cert.spec(args.secret)?;
+            let schedule = renewer::Schedule {
+                interval: Duration::from_secs(args.interval_seconds),
+                first_retry: FIRST_RETRY,
+            };
+            let client = client().await?;
+            let config = args.webhook_config.as_deref();
+            let rounds = renewer::run(
+                client,
+                &spec,
+                config,
+                schedule,
+                &mut renewer::SystemClock,
+                renewer::terminated(),
+            )
+            .await;
+            Ok(format!("stopped after {rounds} round(s) keeping Secret {}/{}", spec.namespace, spec.secret))
+        }
         Command::Create(args) => {
-            if args.renew_before_days >= args.validity_days {
-                return Err(Error::RenewWindow {
-                    renew: args.renew_before_days,
-                    validity: args.validity_days,
-                });
-            }
-            let validity = DAY * u32::try_from(args.validity_days).unwrap_or(u32::MAX);
             if let Some(dir) = &args.out_dir {
-                let mut names = pki::dns_names(&args.service, &args.secret.namespace);
-                names.extend(args.extra_names.iter().cloned());
-                write_files(dir, &pki::generate(&names, now, validity)?)?;
+                let spec = args.cert.spec(args.secret.clone())?;
+                let names = args.cert.names(&spec.namespace);
+                write_files(dir, &pki::generate_with_ca(&names, now, spec.validity, spec.ca_validity)?)?;
                 return Ok(format!(
                     "wrote ca.crt, tls.crt and tls.key for {} into {}",
                     names.join(", "),
                     dir.display()
                 ));
             }
-            let spec = cluster::SecretSpec {
-                namespace: args.secret.namespace,
-                secret: args.secret.secret,
-                service: args.service,
-                extra_names: args.extra_names,
-                validity,
-                renew_before: DAY * u32::try_from(args.renew_before_days).unwrap_or(u32::MAX),
-            };
+            let spec = args.cert.spec(args.secret)?;
             let client = client().await?;
             let outcome = cluster::create(client.clone(), &spec, now).await?;
             if let Some(dir) = &args.wait_mounted {
@@ -258,9 +357,16 @@ pub async fn execute(command: Command, client: Option<kube::Client>) -> Result<S
             Ok(format!("MutatingWebhookConfiguration {}: {changed} caBundle(s) updated", args.webhook_config))
         }
         Command::Wait(args) => {
-            let mut names = pki::dns_names(&args.service, &args.namespace);
-            names.extend(args.extra_names.iter().cloned());
             let timeout = Duration::from_secs(args.wait.wait_timeout_seconds);
+            let Some(service) = args.service.filter(|_| !args.ca_only) else {
+                mounted::wait_for(&args.dir, timeout, WAIT_POLL, |dir| {
+                    mounted::holds_ca_certificate(dir, time::OffsetDateTime::now_utc())
+                })
+                .await?;
+                return Ok(format!("{} holds a CA certificate", args.dir.display()));
+            };
+            let mut names = pki::dns_names(&service, &args.namespace);
+            names.extend(args.extra_names.iter().cloned());
             mounted::wait_for(&args.dir, timeout, WAIT_POLL, |dir| {
                 mounted::holds_valid_material(dir, &names, time::OffsetDateTime::now_utc())
             })

@@ -76,7 +76,20 @@ pub fn holds_valid_material(dir: &Path, names: &[String], now: OffsetDateTime) -
         let path = dir.join(name);
         std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
     };
-    let material =
-        Material { ca_pem: read("ca.crt")?, cert_pem: read("tls.crt")?, key_pem: read("tls.key")? };
+    let material = Material {
+        ca_pem: read("ca.crt")?,
+        cert_pem: read("tls.crt")?,
+        key_pem: read("tls.key")?,
+        ca_key_pem: None,
+    };
     pki::check(&material, names, now)
+}
+
+/// Accepts `dir` when its `ca.crt` holds at least one certificate that is a CA valid at
+/// `now` ([`pki::check_ca`]): for a pod that mounts only the CA of a Secret another pod
+/// creates (to give it to clients), not its key.
+pub fn holds_ca_certificate(dir: &Path, now: OffsetDateTime) -> Result<(), String> {
+    let path = dir.join("ca.crt");
+    let bundle = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pki::check_ca(&bundle, now).map_err(|reason| format!("{}: {reason}", path.display()))
 }

@@ -1,6 +1,7 @@
-//! `certs-gen create` and `patch` against a fake Kubernetes API served over HTTP on loopback,
-//! so the real `kube` client (its URL building, serialization, error mapping) runs. Each
-//! fake endpoint says which real API behaviour it stands for.
+//! `certs-gen create`, `patch` and `run` (the renewer loop) against a fake Kubernetes API
+//! served over HTTP on loopback, so the real `kube` client (its URL building, serialization,
+//! error mapping) runs. Each fake endpoint says which real API behaviour it stands for. The
+//! loop's time is a fake [`Clock`]: each sleep moves the wall clock on at once.
 
 // Test and benchmark code: an unwrap is the assertion that set-up worked, and `pub` in the
 // support modules of a test crate names nothing outside it.
@@ -21,6 +22,7 @@ use axum::{
 use certs_gen::{
     cluster::{self, Outcome, SecretSpec},
     pki,
+    renewer::{self, Clock, Schedule},
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -220,6 +222,7 @@ fn stored(material: &pki::Material, version: &str) -> Value {
         data: Some(
             [("ca.crt", &material.ca_pem), ("tls.crt", &material.cert_pem), ("tls.key", &material.key_pem)]
                 .into_iter()
+                .chain(material.ca_key_pem.iter().map(|key| ("ca.key", key)))
                 .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.clone().into_bytes())))
                 .collect(),
         ),
@@ -235,7 +238,12 @@ fn material_of(secret: &Value) -> pki::Material {
     let parsed: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret.clone()).unwrap();
     let data = parsed.data.unwrap();
     let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
-    pki::Material { ca_pem: text("ca.crt"), cert_pem: text("tls.crt"), key_pem: text("tls.key") }
+    pki::Material {
+        ca_pem: text("ca.crt"),
+        cert_pem: text("tls.crt"),
+        key_pem: text("tls.key"),
+        ca_key_pem: data.get("ca.key").map(|key| String::from_utf8(key.0.clone()).unwrap()),
+    }
 }
 
 fn spec() -> SecretSpec {
@@ -245,6 +253,7 @@ fn spec() -> SecretSpec {
         service: SERVICE.to_owned(),
         extra_names: Vec::new(),
         validity: DAY * 365,
+        ca_validity: DAY * 3650,
         renew_before: DAY * 30,
     }
 }
@@ -302,6 +311,29 @@ async fn create_renews_near_expiry_and_keeps_trusting_the_old_ca_meanwhile() {
         Ok(()),
         "the bundle still verifies the old certificate"
     );
+}
+
+#[tokio::test]
+async fn create_renews_under_the_same_ca_so_every_copy_of_ca_crt_stays_valid() {
+    let api = fake_api().await;
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(
+        cluster::create(api.client.clone(), &spec(), now - DAY * 340).await.unwrap(),
+        Outcome::Created
+    );
+    let first = api.stored_secret();
+    assert!(first["data"].get("ca.key").is_some(), "the CA's key is kept for the next renewal");
+    let Outcome::Renewed { reason } = cluster::create(api.client.clone(), &spec(), now).await.unwrap() else {
+        panic!("not renewed 25 days before expiry");
+    };
+    assert!(reason.contains("same CA"), "{reason}");
+    let renewed = api.stored_secret();
+    assert_eq!(renewed["data"]["ca.crt"], first["data"]["ca.crt"]);
+    assert_ne!(renewed["data"]["tls.crt"], first["data"]["tls.crt"]);
+    // What KEDA's TriggerAuthentication copied at install still verifies the new certificate.
+    let copied = material_of(&first).ca_pem;
+    let served = pki::Material { ca_pem: copied, ..material_of(&renewed) };
+    assert_eq!(pki::check(&served, &names(), now + DAY * 300), Ok(()));
 }
 
 #[tokio::test]
@@ -414,4 +446,145 @@ async fn patch_without_the_secret_fails_naming_it() {
     api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
     let error = cluster::patch(api.client.clone(), NS, SECRET, CONFIG).await.unwrap_err().to_string();
     assert!(error.contains("durable-scaler/durable-scaler-webhook-tls"), "{error}");
+}
+
+/// The loop's clock: every sleep is recorded and moves `now` on by its length at once; after
+/// each sleep `on_sleep` may change the fake API (what happens in the cluster meanwhile);
+/// after `rounds` sleeps it stops the loop (as SIGTERM would) and never wakes.
+struct FakeClock {
+    now: OffsetDateTime,
+    sleeps: Vec<Duration>,
+    rounds: usize,
+    fake: Shared,
+    on_sleep: fn(usize, &mut Fake),
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> OffsetDateTime {
+        self.now
+    }
+
+    fn sleep(&mut self, duration: Duration) -> impl std::future::Future<Output = ()> + Send {
+        self.sleeps.push(duration);
+        self.now += duration;
+        (self.on_sleep)(self.sleeps.len(), &mut self.fake.lock().unwrap());
+        let last = self.sleeps.len() >= self.rounds;
+        if last && let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        async move {
+            if last {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+const SCHEDULE: Schedule =
+    Schedule { interval: Duration::from_secs(12 * 3600), first_retry: Duration::from_secs(5) };
+
+/// Runs the loop for `rounds` rounds from `now`; returns the clock (sleeps, final time).
+async fn run_loop(
+    api: &Api,
+    now: OffsetDateTime,
+    rounds: usize,
+    on_sleep: fn(usize, &mut Fake),
+) -> FakeClock {
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let mut clock =
+        FakeClock { now, sleeps: Vec::new(), rounds, fake: api.fake.clone(), on_sleep, stop: Some(stop) };
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let ran = renewer::run(api.client.clone(), &spec(), Some(CONFIG), SCHEDULE, &mut clock, shutdown).await;
+    assert_eq!(ran, rounds as u64);
+    clock
+}
+
+fn ca_bundle(api: &Api, index: usize) -> Option<Vec<u8>> {
+    let config = api.fake.lock().unwrap().configs[CONFIG].clone();
+    let parsed: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration =
+        serde_json::from_value(config).unwrap();
+    parsed.webhooks.unwrap()[index].client_config.ca_bundle.clone().map(|b| b.0)
+}
+
+#[tokio::test]
+async fn run_writes_the_ca_bundle_before_the_secret_that_carries_it() {
+    let api = fake_api().await;
+    api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
+    run_loop(&api, OffsetDateTime::now_utc(), 1, |_, _| {}).await;
+    let calls = api.calls();
+    let patched = calls.iter().position(|c| c.starts_with("PATCH mutatingwebhookconfigurations/")).unwrap();
+    let created = calls.iter().position(|c| c.starts_with("POST secrets/")).unwrap();
+    assert!(patched < created, "a pod mounting the Secret must find its CA trusted already: {calls:?}");
+    let stored = material_of(&api.stored_secret());
+    for webhook in 0..2 {
+        assert_eq!(ca_bundle(&api, webhook), Some(stored.ca_pem.clone().into_bytes()));
+    }
+}
+
+#[tokio::test]
+async fn run_writes_no_secret_until_the_webhook_configuration_exists_and_retries_with_back_off() {
+    let api = fake_api().await;
+    // The configuration is applied while the loop is in its third pause.
+    let clock = run_loop(&api, OffsetDateTime::now_utc(), 4, |sleeps, fake| {
+        if sleeps == 3 {
+            fake.configs.insert(CONFIG.to_owned(), webhook_config());
+        }
+    })
+    .await;
+    let secs: Vec<u64> = clock.sleeps.iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, [5, 10, 20, 12 * 3600], "back-off while failing, then the interval");
+    let calls = api.calls();
+    let first_write = calls.iter().position(|c| c.starts_with("POST")).unwrap();
+    let config_found = calls.iter().position(|c| c.starts_with("PATCH")).unwrap();
+    assert!(config_found < first_write, "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| c.starts_with("POST")).count(), 1, "{calls:?}");
+    assert_eq!(ca_bundle(&api, 0), Some(material_of(&api.stored_secret()).ca_pem.into_bytes()));
+}
+
+#[tokio::test]
+async fn run_renews_once_the_certificate_comes_within_the_renewal_window_and_keeps_the_old_ca_trusted() {
+    let api = fake_api().await;
+    let start = OffsetDateTime::now_utc();
+    // 40 days and 6 hours left: the 30-day renewal window opens on day 10.25.
+    let old = pki::generate(&names(), start - DAY * 325 + Duration::from_secs(6 * 3600), DAY * 365).unwrap();
+    api.put_secret(&old);
+    api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
+    // 24 rounds 12 hours apart: day 0 to day 11.5.
+    let clock = run_loop(&api, start, 24, |_, _| {}).await;
+    let puts: Vec<usize> = api
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("GET secrets/") || c.starts_with("PUT secrets/"))
+        .scan(0usize, |round, c| {
+            *round += usize::from(c.starts_with("GET"));
+            Some((*round, c.starts_with("PUT")))
+        })
+        .filter_map(|(round, put)| put.then_some(round))
+        .collect();
+    // Reads per round: the check in `create` and the read in `patch`; round N starts at GET 2N-1.
+    assert_eq!(puts.len(), 1, "renewed once: {:?}", api.calls());
+    let renewed_in_round = puts[0].div_ceil(2);
+    assert_eq!(renewed_in_round, 22, "day 10.5, the 22nd round, is the first in the window");
+    let renewed = material_of(&api.stored_secret());
+    assert_eq!(pki::check(&renewed, &names(), clock.now + DAY * 300), Ok(()));
+    assert!(renewed.ca_pem.ends_with(&old.ca_pem) && renewed.ca_pem != old.ca_pem, "new CA, then the old");
+    assert_eq!(ca_bundle(&api, 0), Some(renewed.ca_pem.into_bytes()));
+}
+
+#[tokio::test]
+async fn run_repairs_a_ca_bundle_cleared_by_a_reapply_in_the_next_round() {
+    let api = fake_api().await;
+    api.fake.lock().unwrap().configs.insert(CONFIG.to_owned(), webhook_config());
+    run_loop(&api, OffsetDateTime::now_utc(), 2, |sleeps, fake| {
+        if sleeps == 1 {
+            // `kubectl replace` or a delete and re-create: the object without caBundle.
+            fake.configs.insert(CONFIG.to_owned(), webhook_config());
+        }
+    })
+    .await;
+    assert_eq!(ca_bundle(&api, 1), Some(material_of(&api.stored_secret()).ca_pem.into_bytes()));
+    assert_eq!(api.calls().iter().filter(|c| c.starts_with("POST")).count(), 1, "the Secret was kept");
 }

@@ -79,3 +79,18 @@ fn material_for_the_service_is_valid_and_material_for_another_is_not() {
     let webhook = pki::dns_names("durable-scaler-webhook", "durable-scaler");
     assert!(mounted::holds_valid_material(dir.path(), &webhook, now).is_err());
 }
+
+#[test]
+fn a_ca_only_volume_is_accepted_once_it_holds_a_ca_valid_now_and_never_for_a_serving_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = OffsetDateTime::now_utc();
+    assert!(mounted::holds_ca_certificate(dir.path(), now).unwrap_err().contains("ca.crt"));
+    let material = pki::generate(&names(), now, TIMEOUT * 1000).unwrap();
+    // The serving certificate in place of the CA (a wrong key in `items`) is refused.
+    std::fs::write(dir.path().join("ca.crt"), &material.cert_pem).unwrap();
+    assert!(mounted::holds_ca_certificate(dir.path(), now).unwrap_err().contains("is not a CA"));
+    std::fs::write(dir.path().join("ca.crt"), &material.ca_pem).unwrap();
+    assert_eq!(mounted::holds_ca_certificate(dir.path(), now), Ok(()));
+    let later = now + time::Duration::days(400);
+    assert!(mounted::holds_ca_certificate(dir.path(), later).unwrap_err().contains("not valid at"));
+}

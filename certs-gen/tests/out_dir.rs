@@ -116,6 +116,17 @@ fn a_renewal_window_as_long_as_the_validity_is_refused_naming_both_flags() {
 }
 
 #[test]
+fn a_ca_shorter_lived_than_its_certificate_is_refused_naming_both_flags() {
+    let output = Command::new(env!("CARGO_BIN_EXE_certs-gen"))
+        .args(["create", "--out-dir", "/nonexistent", "--validity-days", "400", "--ca-validity-days", "365"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--ca-validity-days") && stderr.contains("--validity-days"), "{stderr}");
+}
+
+#[test]
 fn help_documents_every_flag_with_its_environment_variable() {
     let output = Command::new(env!("CARGO_BIN_EXE_certs-gen")).args(["create", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
@@ -140,7 +151,7 @@ fn the_manifests_set_only_environment_variables_certs_gen_reads() {
         }
     }
     let mut help = String::new();
-    for command in ["create", "patch", "wait"] {
+    for command in ["run", "create", "patch", "wait"] {
         let output =
             Command::new(env!("CARGO_BIN_EXE_certs-gen")).args([command, "--help"]).output().unwrap();
         help.push_str(&String::from_utf8_lossy(&output.stdout));

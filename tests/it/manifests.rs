@@ -2,7 +2,9 @@
 //! the rendered Kubernetes objects validate against the Kubernetes JSON schemas
 //! (kubernetes-validate from PyPI, strict), KEDA's objects against a JSON schema written from
 //! KEDA's CRDs (tests/fixtures/keda/, python `jsonschema`), and every name, port, image, RBAC
-//! rule and certs-gen step matches what the code uses.
+//! rule and certs-gen step matches what the code uses. RBAC is derived per service account
+//! from what its containers do (the certs-gen subcommands they run, the webhook server's
+//! calls), so a rule nobody uses or a use nobody granted fails.
 //!
 //! Python's `jsonschema` is used rather than a Rust crate because it is already installed as a
 //! dependency of kubernetes-validate (scripts/test pins both), so the KEDA check adds no crate
@@ -194,10 +196,16 @@ fn the_keda_schema_refuses_a_field_keda_does_not_have() {
 }
 
 fn pod_spec(workload: &Value) -> &Value {
-    match workload["kind"].as_str() {
-        Some("CronJob") => &workload["spec"]["jobTemplate"]["spec"]["template"]["spec"],
-        _ => &workload["spec"]["template"]["spec"],
-    }
+    &workload["spec"]["template"]["spec"]
+}
+
+fn all_containers(workload: &Value) -> Vec<&Value> {
+    ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)).collect()
+}
+
+/// The certs-gen subcommand a container runs (`certs-gen <subcommand> ...`), if any.
+fn certs_gen_subcommand(container: &Value) -> Option<&str> {
+    (container["command"][0] == "certs-gen").then(|| container["command"][1].as_str()).flatten()
 }
 
 fn containers<'a>(workload: &'a Value, list: &str) -> Vec<&'a Value> {
@@ -307,10 +315,12 @@ fn the_default_install_serves_tls_on_the_keda_and_report_ports_with_the_certs_ge
     assert_eq!(env(wait, "CERTS_GEN_SERVICE"), "durable-scaler-aggregator");
     assert_eq!(volume_of(deployment, wait, &env(wait, "CERTS_GEN_DIR"))["name"], volume["name"]);
 
-    // The webhook pods make that Secret for the aggregator's Service.
-    let webhook = find(&objects, "Deployment", "durable-scaler-webhook");
-    let maker = container(webhook, "aggregator-certificate");
+    // The certs-gen Deployment keeps that Secret for the aggregator's Service.
+    let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+    let maker = container(keeper, "aggregator-certificate");
+    assert_eq!(maker["command"], json!(["certs-gen", "run"]));
     assert_eq!(env(maker, "CERTS_GEN_SECRET"), "durable-scaler-aggregator-tls");
+    assert_eq!(env(maker, "CERTS_GEN_EXTRA_NAMES"), env(wait, "CERTS_GEN_EXTRA_NAMES"));
     let service = find(&objects, "Service", "durable-scaler-aggregator");
     assert_eq!(env(maker, "CERTS_GEN_SERVICE"), service["metadata"]["name"].as_str().unwrap());
 }
@@ -336,14 +346,15 @@ fn the_default_install_gives_sidecars_an_https_aggregator_and_its_ca() {
             service_port(service, "reports")
         )
     );
-    // The CA file lies in a volume of the aggregator's TLS Secret that holds ca.crt alone,
-    // the one the init container waits on.
+    // The CA file lies in a volume of the aggregator's TLS Secret that holds ca.crt alone
+    // (never the aggregator's key), the one the init container waits on.
     let ca = env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA");
     let volume = volume_of(deployment, webhook, &ca);
     assert_eq!(volume["secret"]["secretName"], "durable-scaler-aggregator-tls");
     assert_eq!(volume["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]));
-    let maker = container(deployment, "aggregator-certificate");
-    assert_eq!(volume_of(deployment, maker, &env(maker, "CERTS_GEN_WAIT_MOUNTED"))["name"], volume["name"]);
+    let wait = container(deployment, "wait-for-aggregator-ca");
+    assert_eq!(wait["command"], json!(["certs-gen", "wait", "--ca-only"]));
+    assert_eq!(volume_of(deployment, wait, &env(wait, "CERTS_GEN_DIR"))["name"], volume["name"]);
 }
 
 #[test]
@@ -388,45 +399,48 @@ fn the_webhook_deployment_uses_the_code_defaults() {
 }
 
 #[test]
-fn the_webhook_server_starts_only_after_its_certificate_is_mounted_and_the_ca_bundle_is_written() {
+fn the_webhook_server_starts_only_after_a_certificate_whose_ca_certs_gen_puts_in_the_ca_bundle_is_mounted() {
     for install in INSTALLS {
         let objects = render(install);
         let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
         let webhook = container(deployment, "webhook");
-        let init: Vec<&str> =
-            containers(deployment, "initContainers").iter().map(|c| c["name"].as_str().unwrap()).collect();
-        let position = |name: &str| init.iter().position(|n| *n == name).unwrap();
-        assert!(position("certificate") < position("ca-bundle"), "{install}: {init:?}");
-
-        let certificate = container(deployment, "certificate");
-        assert_eq!(certificate["command"], json!(["certs-gen", "create"]));
-        assert!(certificate.get("restartPolicy").is_none(), "a plain init container: it must finish first");
+        // Every init container only waits for mounted files (plain init containers: each
+        // finishes before the next and before the server).
+        for init in containers(deployment, "initContainers") {
+            assert_eq!(certs_gen_subcommand(init), Some("wait"), "{install}: {}", init["name"]);
+            assert!(init.get("restartPolicy").is_none(), "{install}: {}", init["name"]);
+        }
+        let wait = container(deployment, "wait-for-certificate");
         let served = volume_of(deployment, webhook, &env(webhook, "DURABLE_SCALER_WEBHOOK_TLS_CERT"));
         assert_eq!(
             volume_of(deployment, webhook, &env(webhook, "DURABLE_SCALER_WEBHOOK_TLS_KEY"))["name"],
             served["name"]
         );
-        let waited = volume_of(deployment, certificate, &env(certificate, "CERTS_GEN_WAIT_MOUNTED"));
-        assert_eq!(waited["name"], served["name"]);
-        assert_eq!(
-            served["secret"]["secretName"].as_str(),
-            Some(env(certificate, "CERTS_GEN_SECRET").as_str())
-        );
-        // Optional: the kubelet mounts volumes before any init container runs.
+        assert_eq!(volume_of(deployment, wait, &env(wait, "CERTS_GEN_DIR"))["name"], served["name"]);
+        // Optional: the init container runs (and says what it waits for) before the Secret exists.
         assert_eq!(served["secret"]["optional"], true);
         let service = find(&objects, "Service", "durable-scaler-webhook");
-        assert_eq!(env(certificate, "CERTS_GEN_SERVICE"), service["metadata"]["name"].as_str().unwrap());
+        assert_eq!(env(wait, "CERTS_GEN_SERVICE"), service["metadata"]["name"].as_str().unwrap());
 
-        let ca_bundle = container(deployment, "ca-bundle");
-        assert_eq!(ca_bundle["command"], json!(["certs-gen", "patch"]));
-        assert_eq!(env(ca_bundle, "CERTS_GEN_SECRET"), env(certificate, "CERTS_GEN_SECRET"));
+        // The keeper of that Secret makes it for the same Service and writes its CA into the
+        // caBundle of the configuration that routes to this Service (before the Secret:
+        // certs-gen/src/cluster.rs `reconcile`, tested in certs-gen/tests/cluster.rs).
+        let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+        let secret = served["secret"]["secretName"].as_str().unwrap();
+        let maker = all_containers(keeper)
+            .into_iter()
+            .find(|c| env_value(c, "CERTS_GEN_SECRET") == Some(secret))
+            .unwrap_or_else(|| panic!("{install}: nobody keeps {secret}"));
+        assert_eq!(maker["command"], json!(["certs-gen", "run"]));
+        assert_eq!(env(maker, "CERTS_GEN_SERVICE"), env(wait, "CERTS_GEN_SERVICE"));
         let config = find(&objects, "MutatingWebhookConfiguration", "durable-scaler-webhook");
-        assert_eq!(env(ca_bundle, "CERTS_GEN_WEBHOOK_CONFIG"), config["metadata"]["name"].as_str().unwrap());
+        assert_eq!(env(maker, "CERTS_GEN_WEBHOOK_CONFIG"), config["metadata"]["name"].as_str().unwrap());
+        assert_eq!(config["webhooks"][0]["clientConfig"]["service"]["name"], service["metadata"]["name"]);
     }
 }
 
 #[test]
-fn only_the_webhook_server_and_the_certs_gen_init_containers_get_a_service_account_token() {
+fn in_the_webhook_pods_only_the_webhook_server_gets_a_service_account_token() {
     for install in INSTALLS {
         let objects = render(install);
         let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
@@ -447,23 +461,13 @@ fn only_the_webhook_server_and_the_certs_gen_init_containers_get_a_service_accou
             .map(|v| v["name"].as_str().unwrap())
             .collect();
         assert_eq!(token_volumes.len(), 1, "{install}");
-        for list in ["initContainers", "containers"] {
-            for c in containers(deployment, list) {
-                let has_token = c["volumeMounts"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|m| token_volumes.contains(m["name"].as_str().unwrap()));
-                let runs_certs_gen_against_the_api = c["command"][0] == "certs-gen"
-                    && matches!(c["command"][1].as_str(), Some("create" | "patch"));
-                let is_the_webhook_server = c["name"] == "webhook";
-                assert_eq!(
-                    has_token,
-                    runs_certs_gen_against_the_api || is_the_webhook_server,
-                    "{install}: {}",
-                    c["name"]
-                );
-            }
+        for c in all_containers(deployment) {
+            let has_token = c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| token_volumes.contains(m["name"].as_str().unwrap()));
+            assert_eq!(has_token, c["name"] == "webhook", "{install}: {}", c["name"]);
         }
     }
 }
@@ -505,31 +509,37 @@ fn rules_of(objects: &[Value], account: &str) -> BTreeSet<(String, String)> {
     out
 }
 
-/// What the certs-gen commands in `workload`'s pod need: `create` reads, creates and
-/// replaces its Secret (cluster.rs: get, create on 404, update when renewing); `patch` reads
-/// the Secret and reads and patches the MutatingWebhookConfiguration; `wait` needs nothing.
+/// What the certs-gen commands in `workload`'s pod need: `run` and `create` read, create and
+/// replace their Secret (cluster.rs: get, create on 404, update when renewing), and `run`
+/// with a webhook configuration also reads and patches it (get, strategic-merge patch of
+/// `caBundle`); `patch` reads the Secret and does the same to the configuration; `wait` reads
+/// mounted files and needs nothing.
 fn certs_gen_needs(workload: &Value) -> BTreeSet<(String, String)> {
     let mut needs = BTreeSet::new();
     let role = |rule: String| ("Role".to_owned(), rule);
-    for c in ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)) {
-        match (c["command"][0].as_str(), c["command"][1].as_str()) {
-            (Some("certs-gen"), Some("create")) => {
-                let secret = env(c, "CERTS_GEN_SECRET");
-                needs.insert(role("create /secrets *any*".to_owned()));
-                needs.insert(role(format!("get /secrets {secret}")));
-                needs.insert(role(format!("update /secrets {secret}")));
-            }
-            (Some("certs-gen"), Some("patch")) => {
+    for c in all_containers(workload) {
+        let subcommand = certs_gen_subcommand(c);
+        if matches!(subcommand, Some("run" | "create")) {
+            let secret = env(c, "CERTS_GEN_SECRET");
+            needs.insert(role("create /secrets *any*".to_owned()));
+            needs.insert(role(format!("get /secrets {secret}")));
+            needs.insert(role(format!("update /secrets {secret}")));
+        }
+        let config = match subcommand {
+            Some("run") => env_value(c, "CERTS_GEN_WEBHOOK_CONFIG").map(str::to_owned),
+            Some("patch") => {
                 needs.insert(role(format!("get /secrets {}", env(c, "CERTS_GEN_SECRET"))));
-                let config = env(c, "CERTS_GEN_WEBHOOK_CONFIG");
-                for verb in ["get", "patch"] {
-                    needs.insert((
-                        "ClusterRole".to_owned(),
-                        format!("{verb} admissionregistration.k8s.io/mutatingwebhookconfigurations {config}"),
-                    ));
-                }
+                Some(env(c, "CERTS_GEN_WEBHOOK_CONFIG"))
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(config) = config {
+            for verb in ["get", "patch"] {
+                needs.insert((
+                    "ClusterRole".to_owned(),
+                    format!("{verb} admissionregistration.k8s.io/mutatingwebhookconfigurations {config}"),
+                ));
+            }
         }
     }
     needs
@@ -548,23 +558,55 @@ fn webhook_server_needs() -> BTreeSet<(String, String)> {
 }
 
 #[test]
-fn certs_gen_runs_with_exactly_the_rules_its_steps_need() {
+fn the_webhook_server_has_exactly_list_nodes_create_events_and_get_pods() {
     for install in INSTALLS {
         let objects = render(install);
         let webhook = find(&objects, "Deployment", "durable-scaler-webhook");
-        let mut needs = certs_gen_needs(webhook);
-        needs.extend(webhook_server_needs());
-        assert_eq!(rules_of(&objects, "durable-scaler-webhook"), needs, "{install}: webhook");
-        let cron = find(&objects, "CronJob", "durable-scaler-certs-gen");
-        assert_eq!(pod_spec(cron)["serviceAccountName"], "durable-scaler-certs-gen");
-        assert_eq!(
-            rules_of(&objects, "durable-scaler-certs-gen"),
-            certs_gen_needs(cron),
-            "{install}: CronJob"
+        assert_eq!(pod_spec(webhook)["serviceAccountName"], "durable-scaler-webhook");
+        assert!(certs_gen_needs(webhook).is_empty(), "{install}: certs-gen in the webhook pod needs the API");
+        assert_eq!(rules_of(&objects, "durable-scaler-webhook"), webhook_server_needs(), "{install}");
+    }
+}
+
+#[test]
+fn certs_gen_runs_under_its_own_service_account_with_exactly_the_rules_its_containers_need() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+        assert_eq!(pod_spec(keeper)["serviceAccountName"], "durable-scaler-certs-gen");
+        let needs = certs_gen_needs(keeper);
+        // The webhook's Secret and caBundle in every install; the aggregator's Secret with TLS.
+        assert!(
+            needs.contains(&(
+                "ClusterRole".to_owned(),
+                "patch admissionregistration.k8s.io/mutatingwebhookconfigurations durable-scaler-webhook"
+                    .to_owned()
+            ))
         );
-        // Each secret rule is namespaced: a Role in durable-scaler, never a ClusterRole.
-        for (kind, rule) in rules_of(&objects, "durable-scaler-webhook") {
+        assert_eq!(
+            needs.contains(&("Role".to_owned(), "update /secrets durable-scaler-aggregator-tls".to_owned())),
+            install == "default"
+        );
+        assert_eq!(rules_of(&objects, "durable-scaler-certs-gen"), needs, "{install}");
+        // Every rule on Secrets is namespaced: a Role in durable-scaler, never a ClusterRole.
+        for (kind, rule) in &needs {
             assert!(!rule.contains("/secrets ") || kind == "Role", "{rule}");
+        }
+    }
+}
+
+#[test]
+fn only_the_certs_gen_containers_get_rights_on_secrets_or_webhook_configurations() {
+    for install in INSTALLS {
+        let objects = render(install);
+        let sensitive =
+            |rule: &String| rule.contains("/secrets ") || rule.contains("/mutatingwebhookconfigurations ");
+        for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            let account = pod_spec(workload)["serviceAccountName"].as_str().unwrap();
+            let rights = rules_of(&objects, account).into_iter().any(|(_, rule)| sensitive(&rule));
+            let only_certs_gen =
+                all_containers(workload).iter().all(|c| matches!(certs_gen_subcommand(c), Some("run")));
+            assert_eq!(rights, only_certs_gen, "{install}: {}", workload["metadata"]["name"]);
         }
     }
 }
@@ -607,12 +649,45 @@ fn no_rbac_rule_uses_a_wildcard() {
 }
 
 #[test]
-fn no_install_renders_a_job_whose_template_would_block_a_reapply() {
+fn no_pod_mounts_the_ca_key_of_a_certs_gen_secret() {
     for install in INSTALLS {
         let objects = render(install);
-        assert!(!objects.iter().any(|o| o["kind"] == "Job"), "{install}");
-        let cron = find(&objects, "CronJob", "durable-scaler-certs-gen");
-        assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+        let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+        let kept: BTreeSet<String> =
+            all_containers(keeper).iter().map(|c| env(c, "CERTS_GEN_SECRET")).collect();
+        let mut mounts = 0;
+        for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            for volume in pod_spec(workload)["volumes"].as_array().into_iter().flatten() {
+                let Some(secret) = volume["secret"]["secretName"].as_str() else { continue };
+                if !kept.contains(secret) {
+                    continue;
+                }
+                mounts += 1;
+                // Without `items` the kubelet writes every key, ca.key (certs-gen's) included.
+                let keys: BTreeSet<&str> = volume["secret"]["items"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{install}: {} mounts all of {secret}", volume["name"]))
+                    .iter()
+                    .map(|item| item["key"].as_str().unwrap())
+                    .collect();
+                assert!(!keys.contains("ca.key"), "{install}: {}", volume["name"]);
+                assert!(keys.is_subset(&BTreeSet::from(["ca.crt", "tls.crt", "tls.key"])), "{keys:?}");
+            }
+        }
+        // The webhook's own, plus in the TLS install the aggregator's and the webhook's copy of its CA.
+        assert_eq!(mounts, if install == "default" { 3 } else { 1 }, "{install}");
+    }
+}
+
+#[test]
+fn no_install_renders_a_job_whose_template_would_block_a_reapply_and_one_certificate_keeper_runs() {
+    for install in INSTALLS {
+        let objects = render(install);
+        assert!(!objects.iter().any(|o| matches!(o["kind"].as_str(), Some("Job" | "CronJob"))), "{install}");
+        let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+        assert_eq!(keeper["spec"]["replicas"], 1);
+        // Recreate: the old keeper stops before the new one starts, never two at once.
+        assert_eq!(keeper["spec"]["strategy"]["type"], "Recreate");
     }
 }
 
@@ -724,10 +799,8 @@ fn every_image_of_the_installs_is_the_one_project_image() {
     for install in INSTALLS {
         let objects = render(install);
         let mut images = BTreeSet::new();
-        for workload in
-            objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "CronJob")))
-        {
-            for c in ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)) {
+        for workload in objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("Deployment"))) {
+            for c in all_containers(workload) {
                 images.insert(c["image"].as_str().unwrap().to_owned());
             }
         }
@@ -769,8 +842,8 @@ fn an_images_override_in_an_overlay_also_changes_the_injected_sidecar_image() {
     assert_eq!(webhook["image"], wanted);
     assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), wanted);
     // Every other image follows too, and no other env value was taken for an image.
-    for workload in objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "CronJob"))) {
-        for c in ["initContainers", "containers"].iter().flat_map(|list| containers(workload, list)) {
+    for workload in objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("Deployment"))) {
+        for c in all_containers(workload) {
             assert_eq!(c["image"], wanted, "{}", c["name"]);
         }
     }
