@@ -4,7 +4,10 @@
 //! most [`FIRST_PROBE_WAIT`] until every queue of the hub was read, by reports or the probe;
 //! until then IsActive and GetMetrics fail with UNAVAILABLE and the reason, never `false` or
 //! 0, so KEDA keeps its previous state rather than act on a guess. This is what makes a
-//! restarted replica, storage out of reach or a hub read only in part safe (kedacore/keda
+//! restarted replica, storage out of reach or a hub read only in part safe. The same holds
+//! for a hub read before whose queues are now read by nobody (its sidecars cannot reach
+//! storage and the cold probe failed too): its last picture is not answered from, because it
+//! decays without readings (`HubEntry::stale_reason`). (kedacore/keda
 //! `pkg/scaling/executor/scale_scaledobjects.go` `RequestScale`: a trigger error with
 //! `isActive=false` and no fallback leaves the replicas as they are; HPA path:
 //! `pkg/metricsservice` returns the error and the HPA holds). Not safe with a ScaledObject
@@ -100,7 +103,10 @@ impl KedaScaler {
             scaled_object.ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         let entry = self.track(scaled_object)?;
         if entry.with_state(|s| s.is_fully_read()) {
-            return Ok(entry);
+            return match entry.stale_reason(UnixMs::now()) {
+                Some(reason) => Err(Status::unavailable(reason)),
+                None => Ok(entry),
+            };
         }
         if entry.wait_observed(FIRST_PROBE_WAIT).await {
             Ok(entry)
