@@ -247,6 +247,8 @@ impl Burst {
 struct Seen {
     answers: u64,
     unavailable: u64,
+    /// Each error, with the seconds since polling started: what KEDA would have logged.
+    errors: Vec<String>,
     /// Answers of inactive or 0 while the queues held work.
     violations: Vec<String>,
 }
@@ -261,6 +263,7 @@ fn poll_like_keda(
 ) -> tokio::task::JoinHandle<Seen> {
     tokio::spawn(async move {
         let mut seen = Seen::default();
+        let started = Instant::now();
         let metric = format!("durabletask-{}", so.scaler_metadata["taskHubName"].to_lowercase());
         while !stop.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -269,6 +272,7 @@ fn poll_like_keda(
                 tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await
             else {
                 seen.unavailable += 1;
+                seen.errors.push(format!("{:.1} s: cannot connect", started.elapsed().as_secs_f64()));
                 continue;
             };
             let mut keda = ExternalScalerClient::new(channel);
@@ -286,7 +290,12 @@ fn poll_like_keda(
                             .push(format!("active={a} metric={v} with {work_before} messages queued"));
                     }
                 }
-                _ => seen.unavailable += 1,
+                (Err(e), _) | (_, Err(e)) => {
+                    seen.unavailable += 1;
+                    let message: String = e.message().chars().take(80).collect();
+                    let at = started.elapsed().as_secs_f64();
+                    seen.errors.push(format!("{at:.1} s: {:?} {message}", e.code()));
+                }
             }
         }
         seen
@@ -379,7 +388,7 @@ fn assert_safe(seen: &Seen, what: &str) {
         seen.violations
     );
     assert!(seen.answers > 0, "{what}: KEDA got no answer at all: {seen:?}");
-    eprintln!("{what}: {} answers, {} unavailable", seen.answers, seen.unavailable);
+    eprintln!("{what}: {} answers, {} unavailable: {:?}", seen.answers, seen.unavailable, seen.errors);
 }
 
 #[tokio::test]
