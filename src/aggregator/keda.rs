@@ -4,14 +4,17 @@
 //! most [`FIRST_PROBE_WAIT`] until every queue of the hub was read, by reports or the probe;
 //! until then IsActive and GetMetrics fail with UNAVAILABLE and the reason, never `false` or
 //! 0, so KEDA keeps its previous state rather than act on a guess. This is what makes a
-//! restarted replica, storage out of reach or a hub read only in part safe. The same holds
-//! for a hub read before whose queues are now read by nobody (its sidecars cannot reach
-//! storage and the cold probe failed too): its last picture is not answered from, because it
-//! decays without readings (`HubEntry::stale_reason`). (kedacore/keda
+//! restarted replica, storage out of reach or a hub read only in part safe (kedacore/keda
 //! `pkg/scaling/executor/scale_scaledobjects.go` `RequestScale`: a trigger error with
 //! `isActive=false` and no fallback leaves the replicas as they are; HPA path:
 //! `pkg/metricsservice` returns the error and the HPA holds). Not safe with a ScaledObject
 //! `fallback.replicas: 0`, which turns errors into scale-to-zero (README).
+//!
+//! The same answer for a hub read before whose queues nobody reads any more (its sidecars
+//! cannot reach storage, so they report no queues, and the cold probe failed too): its last
+//! picture is not answered from, because it decays without readings (invisible work in
+//! progress counts as sleeping timers once the grace period passes) and could say idle about a
+//! hub with work (`HubEntry::stale_reason`).
 //!
 //! GetMetricSpec answers from the trigger's metadata alone, so it never fails for want of
 //! signals: KEDA consults no fallback for it and an empty spec keeps the HPA from being built
