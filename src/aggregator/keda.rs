@@ -10,6 +10,12 @@
 //! `pkg/metricsservice` returns the error and the HPA holds). Not safe with a ScaledObject
 //! `fallback.replicas: 0`, which turns errors into scale-to-zero (README).
 //!
+//! The same answer for a hub read before whose queues nobody reads any more (its sidecars
+//! cannot reach storage, so they report no queues, and the cold probe failed too): its last
+//! picture is not answered from, because it decays without readings (invisible work in
+//! progress counts as sleeping timers once the grace period passes) and could say idle about a
+//! hub with work (`HubEntry::stale_reason`).
+//!
 //! GetMetricSpec answers from the trigger's metadata alone, so it never fails for want of
 //! signals: KEDA consults no fallback for it and an empty spec keeps the HPA from being built
 //! (`pkg/scaling/cache/scalers_cache.go`, `controllers/keda/hpa.go`).
@@ -100,7 +106,10 @@ impl KedaScaler {
             scaled_object.ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         let entry = self.track(scaled_object)?;
         if entry.with_state(|s| s.is_fully_read()) {
-            return Ok(entry);
+            return match entry.stale_reason(UnixMs::now()) {
+                Some(reason) => Err(Status::unavailable(reason)),
+                None => Ok(entry),
+            };
         }
         if entry.wait_observed(FIRST_PROBE_WAIT).await {
             Ok(entry)

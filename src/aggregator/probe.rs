@@ -218,11 +218,15 @@ impl Prober {
                 partition_count
             }
             Err(StorageError::NotProvisioned { .. }) => {
+                entry.set_probe_missed(false);
                 self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
-            Err(e) => return self.record(entry, ProbeOutcome::from(&e), Some(e.to_string())),
+            Err(e) => {
+                entry.set_probe_missed(true);
+                return self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
+            }
         };
         // Coverage was worked out against the P known before; a new P means all of it.
         let uncovered: Vec<u32> = if coverage.partition_count == Some(partitions) {
@@ -249,6 +253,9 @@ impl Prober {
             None => {}
         }
         let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
+        // A hub not provisioned after all is read: there is nothing to miss.
+        let not_provisioned = matches!(failure, Some(StorageError::NotProvisioned { .. })) && nothing_read;
+        entry.set_probe_missed(failure.is_some() && !not_provisioned);
         if let Some(e) = no_store {
             self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
             if !nothing_read {

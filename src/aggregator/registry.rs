@@ -35,6 +35,8 @@ pub(crate) struct Activity {
 struct ProbeStatus {
     task_started: bool,
     last_error: Option<String>,
+    /// The latest round left queues it set out to read unread (storage failed).
+    missed: bool,
 }
 
 /// One tracked task hub.
@@ -202,6 +204,35 @@ impl HubEntry {
     /// Records the latest probe's failure (`None`: it read); returns the one before.
     pub(crate) fn set_probe_error(&self, error: Option<String>) -> Option<String> {
         std::mem::replace(&mut lock(&self.probe).last_error, error)
+    }
+
+    /// Records whether the latest probe round left queues it meant to read unread.
+    pub(crate) fn set_probe_missed(&self, missed: bool) {
+        lock(&self.probe).missed = missed;
+    }
+
+    /// Why the picture of an observed hub cannot be answered from at `now`: some queue is
+    /// covered by no live sidecar (a sidecar that cannot read storage reports no queues) and
+    /// the cold probe failed to read it. The last readings would then be answered without
+    /// end, and they decay (work in progress seen before the outage looks like sleeping timers
+    /// once the grace period passes without a reading): KEDA is told UNAVAILABLE instead and
+    /// keeps the replicas as they are (`keda` module docs).
+    pub(crate) fn stale_reason(&self, now: UnixMs) -> Option<String> {
+        let probe = lock(&self.probe).clone();
+        if !probe.missed {
+            return None;
+        }
+        let coverage = self.with_state(|s| s.coverage(now));
+        if coverage.is_complete() {
+            return None;
+        }
+        Some(format!(
+            "task hub {}: partitions {:?}{} not read: no live sidecar reads them and the cold probe failed: {}",
+            self.key.task_hub,
+            coverage.uncovered,
+            if coverage.work_item_uncovered { " and the work-item queue" } else { "" },
+            probe.last_error.as_deref().unwrap_or("(no error recorded)")
+        ))
     }
 
     /// Why the hub is not observed yet, for UNAVAILABLE.
@@ -594,6 +625,47 @@ mod tests {
         assert!(stale.is_evicted());
         assert!(registry.get(&HubKey::new("apps", "stale")).is_none());
         assert!(registry.metrics.encode().contains("tracking_replaced_total{kind=\"hub\"} 1"));
+    }
+
+    #[test]
+    fn a_hub_nobody_can_read_any_more_is_stale_until_a_sidecar_or_the_probe_reads_it() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
+        let now = UnixMs::now();
+        let signals = crate::storage::QueueSignals {
+            approximate_count: 3,
+            visible_count: 3,
+            first_visible_age_ms: 10,
+            sampled_at_unix_ms: now.as_millis(),
+        };
+        let reading = |control| ProbeReading { partition_count: 1, control, work_item: Some(signals) };
+        registry.apply_probe(&entry, Some(&reading(vec![(0, signals)])), now);
+        assert_eq!(entry.stale_reason(now), None, "read by the probe");
+        entry.set_probe_error(Some("connection refused".into()));
+        entry.set_probe_missed(true);
+        let reason = entry.stale_reason(now).expect("no sidecar and a failed probe");
+        assert!(reason.contains("[0]") && reason.contains("connection refused"), "{reason}");
+        // A sidecar that reads the whole hub makes the probe's failure irrelevant.
+        let report = ValidReport {
+            pod: "app-1".into(),
+            partition_count: 1,
+            control: vec![(0, signals)],
+            work_item: Some(signals),
+            interval_ms: 1000,
+            leaving: false,
+            sampled_at_unix_ms: now.as_millis(),
+            limits: None,
+        };
+        registry.apply_report(&entry, &report, now).unwrap();
+        assert_eq!(entry.stale_reason(now), None);
+        // The same sidecar cut off from storage reports no queues: stale again.
+        let blind = ValidReport { partition_count: 0, control: vec![], work_item: None, ..report };
+        registry
+            .apply_report(&entry, &ValidReport { sampled_at_unix_ms: now.as_millis() + 1, ..blind }, now)
+            .unwrap();
+        assert!(entry.stale_reason(now).is_some());
+        entry.set_probe_missed(false);
+        assert_eq!(entry.stale_reason(now), None, "the probe read it again");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tokio_stream::StreamExt;
 
 use crate::aggregator_support::http_get;
 use crate::common::{account, hub};
+use crate::forwarder::{ForwardedStorage, Forwarder};
 
 /// Partitions of every test hub; two sidecars own two each.
 const PARTITIONS: u32 = 4;
@@ -152,6 +153,7 @@ struct Burst {
     outstanding: Arc<AtomicU64>,
     /// Workers drain only while this is set.
     draining: Arc<AtomicBool>,
+    /// The connection string the sidecars and the probe (through KEDA's metadata) use.
     connection: String,
 }
 
@@ -245,6 +247,8 @@ impl Burst {
 struct Seen {
     answers: u64,
     unavailable: u64,
+    /// Each error, with the seconds since polling started: what KEDA would have logged.
+    errors: Vec<String>,
     /// Answers of inactive or 0 while the queues held work.
     violations: Vec<String>,
 }
@@ -259,6 +263,7 @@ fn poll_like_keda(
 ) -> tokio::task::JoinHandle<Seen> {
     tokio::spawn(async move {
         let mut seen = Seen::default();
+        let started = Instant::now();
         let metric = format!("durabletask-{}", so.scaler_metadata["taskHubName"].to_lowercase());
         while !stop.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -267,6 +272,7 @@ fn poll_like_keda(
                 tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await
             else {
                 seen.unavailable += 1;
+                seen.errors.push(format!("{:.1} s: cannot connect", started.elapsed().as_secs_f64()));
                 continue;
             };
             let mut keda = ExternalScalerClient::new(channel);
@@ -284,7 +290,12 @@ fn poll_like_keda(
                             .push(format!("active={a} metric={v} with {work_before} messages queued"));
                     }
                 }
-                _ => seen.unavailable += 1,
+                (Err(e), _) | (_, Err(e)) => {
+                    seen.unavailable += 1;
+                    let message: String = e.message().chars().take(80).collect();
+                    let at = started.elapsed().as_secs_f64();
+                    seen.errors.push(format!("{at:.1} s: {:?} {message}", e.code()));
+                }
             }
         }
         seen
@@ -339,6 +350,37 @@ async fn drained(burst: &Burst, http: SocketAddr) {
     }
 }
 
+/// The hub's entry on `/hubs`.
+async fn hub_status(http: SocketAddr, hub: &TaskHub) -> serde_json::Value {
+    let (_, body) = http_get(http, "/hubs").await;
+    let hubs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    hubs.as_array().unwrap().iter().find(|h| h["task_hub"] == hub.name()).cloned().unwrap()
+}
+
+/// Waits until `/hubs` shows the hub as `what` says.
+async fn wait_for_hub(
+    http: SocketAddr,
+    hub: &TaskHub,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = hub_status(http, hub).await;
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One IsActive call against `grpc`, as KEDA makes it.
+async fn is_active(grpc: SocketAddr, so: &ScaledObjectRef) -> Result<bool, tonic::Status> {
+    let mut keda = ExternalScalerClient::connect(format!("http://{grpc}")).await.unwrap();
+    keda.is_active(so.clone()).await.map(|r| r.into_inner().result)
+}
+
 fn assert_safe(seen: &Seen, what: &str) {
     assert!(
         seen.violations.is_empty(),
@@ -346,7 +388,7 @@ fn assert_safe(seen: &Seen, what: &str) {
         seen.violations
     );
     assert!(seen.answers > 0, "{what}: KEDA got no answer at all: {seen:?}");
-    eprintln!("{what}: {} answers, {} unavailable", seen.answers, seen.unavailable);
+    eprintln!("{what}: {} answers, {} unavailable: {:?}", seen.answers, seen.unavailable, seen.errors);
 }
 
 #[tokio::test]
@@ -377,6 +419,116 @@ async fn an_aggregator_killed_and_restarted_never_tells_keda_idle_and_decides_as
     drained(&burst, ports.http).await;
     stop.store(true, Ordering::SeqCst);
     assert_safe(&keda.await.unwrap(), "aggregator SIGKILL + restart");
+}
+
+#[tokio::test]
+async fn storage_unreachable_for_twenty_seconds_is_answered_unavailable_never_idle_and_decided_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = ForwardedStorage::new().await;
+    let mut burst = Burst::laid_out("FaultStorage").await;
+    // Sidecars and the probe reach storage through the forwarders; the workers directly.
+    burst.connection = storage.connection.clone();
+    let ports = AggregatorPorts::new();
+    let aggregator = ports.start("aggregator", &dir).await;
+    let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
+    let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let keda = poll_like_keda(
+        Arc::new(std::sync::Mutex::new(ports.grpc)),
+        burst.scaled_object(),
+        burst.outstanding.clone(),
+        stop.clone(),
+    );
+    let before = steady(ports.http, &burst.hub, "before the fault").await;
+    let rss_before = aggregator.rss_kib();
+
+    let outage = Instant::now();
+    storage.down();
+    burst.draining.store(true, Ordering::SeqCst);
+    // Nobody reads the queues now: the picture of before the outage is not answered from
+    // (it would decay into idle without readings), KEDA is told UNAVAILABLE and why.
+    let deadline = outage + Duration::from_secs(20);
+    let reason = loop {
+        match is_active(ports.grpc, &burst.scaled_object()).await {
+            Err(status) => break status,
+            Ok(active) => assert!(active, "told inactive during the outage"),
+        }
+        assert!(Instant::now() < deadline, "KEDA was answered from a picture nobody can read any more");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(reason.code(), tonic::Code::Unavailable, "{reason:?}");
+    assert!(reason.message().contains("cold probe failed"), "{}", reason.message());
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(outage.elapsed())).await;
+    burst.draining.store(false, Ordering::SeqCst);
+    tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
+
+    storage.up().await;
+    let after = steady(ports.http, &burst.hub, "after storage came back").await;
+    assert_eq!(after, before, "{}", aggregator.output());
+    let recovered = Instant::now() + DEADLINE;
+    while is_active(ports.grpc, &burst.scaled_object()).await.is_err() {
+        assert!(Instant::now() < recovered, "KEDA still gets UNAVAILABLE after storage came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(is_active(ports.grpc, &burst.scaled_object()).await.unwrap(), before.0);
+
+    drained(&burst, ports.http).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = keda.await.unwrap();
+    assert_safe(&seen, "storage unreachable for 20 s");
+    assert!(seen.unavailable > 0, "the outage was answered UNAVAILABLE: {seen:?}");
+    let rss_after = aggregator.rss_kib();
+    assert!(rss_after < rss_before + 16 * 1024, "aggregator RSS grew from {rss_before} to {rss_after} KiB");
+}
+
+#[tokio::test]
+async fn the_report_channel_cut_and_restored_leaves_keda_answered_from_the_probe_and_decided_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let burst = Burst::laid_out("FaultChannel").await;
+    let ports = AggregatorPorts::new();
+    let aggregator = ports.start("aggregator", &dir).await;
+    let channel = Forwarder::to(ports.report).await;
+    let _a = burst.sidecar("pod-a", channel.addr, &[], &dir);
+    let _b = burst.sidecar("pod-b", channel.addr, &[], &dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let keda = poll_like_keda(
+        Arc::new(std::sync::Mutex::new(ports.grpc)),
+        burst.scaled_object(),
+        burst.outstanding.clone(),
+        stop.clone(),
+    );
+    let before = steady(ports.http, &burst.hub, "before the fault").await;
+    wait_for_hub(ports.http, &burst.hub, "both sidecars covering the hub", |h| {
+        h["live_pods"] == 2 && h["uncovered_partitions"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    let rss_before = aggregator.rss_kib();
+
+    burst.draining.store(true, Ordering::SeqCst);
+    channel.down();
+    // Silent for three intervals, the sidecars no longer cover their partitions: the probe
+    // reads them.
+    wait_for_hub(ports.http, &burst.hub, "the cut noticed", |h| {
+        h["live_pods"] == 0 && h["uncovered_partitions"].as_array().is_some_and(|u| u.len() == 4)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    burst.draining.store(false, Ordering::SeqCst);
+    assert_eq!(decision(ports.http, &burst.hub).await, Some(before), "the probe's picture decides alike");
+
+    channel.up().await;
+    wait_for_hub(ports.http, &burst.hub, "the sidecars reporting again", |h| {
+        h["live_pods"] == 2 && h["uncovered_partitions"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    let after = steady(ports.http, &burst.hub, "after the channel came back").await;
+    assert_eq!(after, before, "{}", aggregator.output());
+
+    drained(&burst, ports.http).await;
+    stop.store(true, Ordering::SeqCst);
+    assert_safe(&keda.await.unwrap(), "report channel cut and restored");
+    let rss_after = aggregator.rss_kib();
+    assert!(rss_after < rss_before + 16 * 1024, "aggregator RSS grew from {rss_before} to {rss_after} KiB");
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 mod aggregator_support;
 mod child;
 mod common;
+mod forwarder;
 mod https;
 mod review_invariants;
 

@@ -16,8 +16,9 @@ use std::{
 };
 
 use crate::common::{LAYOUTS, hub, laid_out, now_ms};
+use crate::forwarder::ForwardedStorage;
 use durable_scaler::{
-    azurite::{ACCOUNT, ACCOUNT_KEY, Azurite},
+    azurite::{ACCOUNT_KEY, Azurite},
     emulator::TaskHubEmulator,
     proto::report::{
         Report, ReportAck,
@@ -346,87 +347,22 @@ async fn a_wrong_key_is_reported_as_an_authentication_error() {
     running.shutdown.trigger();
 }
 
-/// A TCP forwarder standing between the sidecar and Azurite, which the test can take down
-/// (connections refused, open ones cut) and bring back on the same port.
-struct Outage {
-    addr: SocketAddr,
-    upstream: SocketAddr,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Outage {
-    async fn forward_to(upstream: &str) -> Self {
-        let upstream: SocketAddr = url::Url::parse(upstream).unwrap().socket_addrs(|| None).unwrap()[0];
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        Self { addr, upstream, task: Mutex::new(Some(tokio::spawn(Self::forward(listener, upstream)))) }
-    }
-
-    async fn forward(listener: TcpListener, upstream: SocketAddr) {
-        let mut connections = tokio::task::JoinSet::new();
-        while let Ok((mut client, _)) = listener.accept().await {
-            connections.spawn(async move {
-                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                }
-            });
-        }
-    }
-
-    fn down(&self) {
-        if let Some(task) = self.task.lock().unwrap().take() {
-            task.abort();
-        }
-    }
-
-    async fn up(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(listener) => break listener,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("rebinding {}: {e}", self.addr);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("cannot rebind {}: {e}", self.addr),
-            }
-        };
-        *self.task.lock().unwrap() = Some(tokio::spawn(Self::forward(listener, self.upstream)));
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}/{ACCOUNT}", self.addr)
-    }
-}
-
 #[tokio::test]
 async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_back() {
     let (hub, emulator) = laid_out("SidecarOutage", Layout::Table, 1).await;
     emulator.claim(0, "pod-a", LEASE).await.unwrap();
     emulator.enqueue(QueueRef::Control(0), "start", Duration::ZERO).await.unwrap();
-    let azurite = Azurite::shared();
-    let (queue, table) = (
-        Outage::forward_to(&azurite.queue_endpoint).await,
-        Outage::forward_to(&azurite.table_endpoint).await,
-    );
-    let connection = format!(
-        "DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={};QueueEndpoint={};TableEndpoint={}",
-        azurite.blob_endpoint,
-        queue.endpoint(),
-        table.endpoint()
-    );
-    let running = run_sidecar(&hub, connection, "pod-a", PartitionMode::Auto).await;
+    let storage = ForwardedStorage::new().await;
+    let running = run_sidecar(&hub, storage.connection.clone(), "pod-a", PartitionMode::Auto).await;
     let healthy = |r: &Received| r.report.error.is_none() && partitions(&r.report) == [0];
     let (seen, _) = running.aggregator.wait_for(0, "healthy", healthy).await;
 
-    queue.down();
-    table.down();
+    storage.down();
     let (seen, got) =
         running.aggregator.wait_for(seen + 1, "with an error", |r| r.report.error.is_some()).await;
     assert_eq!(error_kind(&got.report), Some(Kind::Unreachable), "{:?}", got.report.error);
 
-    queue.up().await;
-    table.up().await;
+    storage.up().await;
     let (_, got) = running.aggregator.wait_for(seen + 1, "healthy again", healthy).await;
     assert_eq!(got.report.control_queues[0].signals.unwrap().visible_count, 1);
     assert!(!running.sidecar.is_finished());
