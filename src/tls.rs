@@ -412,24 +412,30 @@ impl futures::Stream for TlsIncoming {
     }
 }
 
+/// The next connection on `listener`, or `None` once `shutdown` fires. A failed accept (out
+/// of file descriptors, say) is logged and retried after [`ACCEPT_BACKOFF`], never fatal.
+async fn accept(listener: &TcpListener, shutdown: &Shutdown) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     config: Arc<ReloadingConfig>,
     tx: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
     shutdown: Shutdown,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.wait() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
         // Answers are small single writes: without this, Nagle's algorithm holds the last
         // segment of a handshake or response until the peer's delayed ACK (~40 ms).
         if let Err(e) = tcp.set_nodelay(true) {
@@ -475,18 +481,7 @@ pub(crate) async fn serve_plain_http(
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.wait() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
         let service = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
