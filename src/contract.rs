@@ -205,6 +205,17 @@ pub mod limits {
     pub const QUOTE_MAX_CHARS: usize = 64;
 }
 
+/// Shortens `text` (an Event note, say) to at most `max` bytes on a character boundary.
+pub(crate) fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
 /// `value` for an error message: debug-quoted, cut after [`limits::QUOTE_MAX_CHARS`]
 /// characters (then `...` and the full length), so a refused multi-megabyte value does not
 /// come back whole in a gRPC status or a log line.

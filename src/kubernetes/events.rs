@@ -142,7 +142,7 @@ impl EventRecorder {
     /// ScaledObject per `min_interval` (30 s is a good value).
     pub fn new(client: kube::Client, reporting_instance: impl Into<String>, min_interval: Duration) -> Self {
         let mut reporting_instance: String = reporting_instance.into();
-        truncate(&mut reporting_instance, 128);
+        crate::contract::truncate(&mut reporting_instance, 128);
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -274,7 +274,7 @@ impl Inner {
                 self.min_interval
             );
         }
-        truncate(&mut note, MAX_NOTE_BYTES);
+        crate::contract::truncate(&mut note, MAX_NOTE_BYTES);
         Event {
             metadata: ObjectMeta {
                 // The API server appends a random suffix (and shortens a long prefix).
@@ -299,17 +299,6 @@ impl Inner {
             }),
             ..Event::default()
         }
-    }
-}
-
-/// Shortens `text` to at most `max` bytes on a character boundary.
-fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
     }
 }
 
@@ -393,7 +382,7 @@ mod tests {
     #[test]
     fn truncate_keeps_whole_characters() {
         let mut text = "aé".repeat(600);
-        truncate(&mut text, MAX_NOTE_BYTES);
+        crate::contract::truncate(&mut text, MAX_NOTE_BYTES);
         assert!(text.len() <= MAX_NOTE_BYTES);
         assert!(text.ends_with('a') || text.ends_with('é'));
     }

@@ -94,7 +94,7 @@ impl SkipRecorder {
     /// (this pod's name), at most one per owner per `window`.
     pub fn new(client: Option<kube::Client>, reporting_instance: &str, window: Duration) -> Self {
         let mut reporting_instance = reporting_instance.to_owned();
-        truncate(&mut reporting_instance, 128);
+        crate::contract::truncate(&mut reporting_instance, 128);
         Self { client, reporting_instance, limiter: Arc::new(Mutex::new(SkipLimiter::new(window))) }
     }
 
@@ -128,7 +128,7 @@ impl SkipRecorder {
 /// The events.k8s.io/v1 Event for `skipped`, about `regarding`, at `now`.
 fn event(skipped: &Skipped, regarding: &Regarding, reporting_instance: &str, now: UnixMs) -> Event {
     let mut note = format!("{}: {}", skipped.reason.label(), skipped.note);
-    truncate(&mut note, MAX_NOTE_BYTES);
+    crate::contract::truncate(&mut note, MAX_NOTE_BYTES);
     let event_time = k8s_openapi::jiff::Timestamp::from_millisecond(now.0)
         .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
     Event {
@@ -155,17 +155,6 @@ fn event(skipped: &Skipped, regarding: &Regarding, reporting_instance: &str, now
             ..ObjectReference::default()
         }),
         ..Event::default()
-    }
-}
-
-/// Shortens `text` to at most `max` bytes on a character boundary.
-fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
     }
 }
 
