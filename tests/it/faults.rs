@@ -552,18 +552,10 @@ async fn a_sidecar_killed_has_its_partitions_probed_and_keda_is_never_told_idle(
     burst.draining.store(true, Ordering::SeqCst);
     b.sigkill();
     // Three sidecar intervals (300 ms) make its partitions stale; the probe (300 ms) reads them.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let (_, body) = http_get(ports.http, "/hubs").await;
-        let hubs: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let hub =
-            hubs.as_array().unwrap().iter().find(|h| h["task_hub"] == burst.hub.name()).cloned().unwrap();
-        if hub["live_pods"] == 1 && hub["uncovered_partitions"].as_array().unwrap().len() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the killed sidecar's partitions were never uncovered: {hub}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_hub(ports.http, &burst.hub, "the killed sidecar's partitions uncovered", |h| {
+        h["live_pods"] == 1 && h["uncovered_partitions"].as_array().is_some_and(|p| p.len() == 2)
+    })
+    .await;
     burst.draining.store(false, Ordering::SeqCst);
     let after = steady(ports.http, &burst.hub, "after the sidecar died").await;
     assert_eq!(after, before);
