@@ -138,6 +138,9 @@ impl HubEntry {
     pub(crate) fn status(&self, now: UnixMs) -> HubStatus {
         let scaled_object = self.scaled_object().map(|so| format!("{}/{}", so.namespace, so.name));
         let probe_error = lock(&self.probe).last_error.clone();
+        let stale = self.stale_reason(now).map(|reason| {
+            format!("decisions are held (not re-evaluated) and KEDA is told UNAVAILABLE until the hub is read again: {reason}")
+        });
         self.with_state(|s| {
             let coverage = s.coverage(now);
             HubStatus {
@@ -163,6 +166,7 @@ impl HubEntry {
                     .cloned()
                     .chain(s.limits().note())
                     .chain(s.notes(now))
+                    .chain(stale)
                     .collect(),
             }
         })
@@ -518,11 +522,16 @@ impl Registry {
         self.changed(entry, change);
     }
 
-    /// One sampling interval for one hub: rings, decision, activity.
+    /// One sampling interval for one hub: rings, decision, activity. A hub nobody can read
+    /// now ([`HubEntry::stale_reason`]) is not re-evaluated: its last readings would decay
+    /// (work in flight before the outage would read as sleeping timers once the grace period
+    /// passed without a reading), so its decision, activity and latency rings are held as
+    /// they were until a sidecar or the probe reads it again.
     pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now: UnixMs) {
+        let stale = entry.stale_reason(now).is_some();
         let (forgotten, change) = entry.with_state(|s| {
             let forgotten = s.forget_silent_pods(now, 10 * 60 * 1000);
-            let change = s.evaluate(now, workers);
+            let change = if stale { None } else { s.evaluate(now, workers) };
             entry.publish(s, now, &self.metrics, true);
             (forgotten, change)
         });
@@ -666,6 +675,59 @@ mod tests {
         assert!(entry.stale_reason(now).is_some());
         entry.set_probe_missed(false);
         assert_eq!(entry.stale_reason(now), None, "the probe read it again");
+    }
+
+    #[test]
+    fn a_hub_nobody_can_read_keeps_its_decision_instead_of_decaying() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
+        let t0 = UnixMs::now();
+        let signals = |visible: u32, at: UnixMs| crate::storage::QueueSignals {
+            approximate_count: 1,
+            visible_count: visible,
+            first_visible_age_ms: if visible > 0 { 50 } else { 0 },
+            sampled_at_unix_ms: at.as_millis(),
+        };
+        let idle = crate::storage::QueueSignals { approximate_count: 0, visible_count: 0, ..signals(0, t0) };
+        let reading = |work_item| ProbeReading {
+            partition_count: 1,
+            control: vec![(0, idle)],
+            work_item: Some(work_item),
+        };
+        // An activity seen queued, then dequeued: one work item in flight.
+        registry.apply_probe(&entry, Some(&reading(signals(1, t0))), t0);
+        registry.evaluate(&entry, Some(1), t0);
+        let t1 = t0.plus_ms(2_000);
+        registry.apply_probe(&entry, Some(&reading(signals(0, t1))), t1);
+        registry.evaluate(&entry, Some(1), t1);
+        let before = entry.status(t1);
+        assert!(before.active && before.desired_workers == Some(1), "{before:?}");
+        // Storage goes away for longer than the visibility timeout. Evaluated meanwhile, the
+        // unchanged invisible message would pass for a stuck work item and the hub go inactive.
+        entry.set_probe_error(Some("connection refused".into()));
+        entry.set_probe_missed(true);
+        for s in 1..=10 {
+            registry.evaluate(&entry, Some(1), t1.plus_ms(s * 30_000));
+        }
+        let held = entry.status(t1.plus_ms(300_000));
+        assert!(held.active, "{held:?}");
+        assert_eq!(
+            (held.desired_workers, held.reason.clone()),
+            (before.desired_workers, before.reason.clone())
+        );
+        assert!(held.notes.iter().any(|n| n.contains("decisions are held")), "{:?}", held.notes);
+        // Read again: decisions resume from what storage says now.
+        let t2 = t1.plus_ms(301_000);
+        entry.set_probe_missed(false);
+        registry.apply_probe(
+            &entry,
+            Some(&reading(crate::storage::QueueSignals { approximate_count: 0, ..signals(0, t2) })),
+            t2,
+        );
+        registry.evaluate(&entry, Some(1), t2);
+        let after = entry.status(t2);
+        assert!(!after.active && after.desired_workers == Some(0), "{after:?}");
+        assert!(!after.notes.iter().any(|n| n.contains("decisions are held")));
     }
 
     #[test]
