@@ -27,7 +27,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -44,6 +44,7 @@ use crate::proto::externalscaler::{
 use crate::shutdown::Shutdown;
 
 use super::hub::HubKey;
+use super::metrics::{KedaCall, KedaCallLabels};
 use super::probe::Prober;
 use super::registry::{HubEntry, Registry};
 use super::settings::HubSettings;
@@ -142,9 +143,15 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let entry = self.observed(Some(request.get_ref())).await?;
-        let result = entry.with_state(|s| s.is_active(UnixMs::now()));
-        Ok(Response::new(IsActiveResponse { result }))
+        let started = Instant::now();
+        let answer = async {
+            let entry = self.observed(Some(request.get_ref())).await?;
+            let result = entry.with_state(|s| s.is_active(UnixMs::now()));
+            Ok(Response::new(IsActiveResponse { result }))
+        }
+        .await;
+        self.timed(KedaCall::IsActive, started);
+        answer
     }
 
     type StreamIsActiveStream = ActivityStream;
@@ -213,7 +220,27 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsResponse>, Status> {
-        let request = request.get_ref();
+        let started = Instant::now();
+        let answer = self.metrics_of(request.get_ref()).await;
+        self.timed(KedaCall::GetMetrics, started);
+        answer
+    }
+}
+
+impl KedaScaler {
+    /// Records how long a call took, whatever its answer.
+    fn timed(&self, call: KedaCall, started: Instant) {
+        let labels = KedaCallLabels { method: call };
+        self.registry
+            .metrics
+            .keda_call_durations
+            .0
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// GetMetrics' answer.
+    async fn metrics_of(&self, request: &GetMetricsRequest) -> Result<Response<GetMetricsResponse>, Status> {
         let scaled_object = request
             .scaled_object_ref
             .as_ref()

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::hub::HubKey;
@@ -188,6 +189,40 @@ pub(crate) struct ReloadLabels {
     pub outcome: ReloadOutcome,
 }
 
+/// A KEDA call the aggregator times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum KedaCall {
+    /// `IsActive`.
+    IsActive,
+    /// `GetMetrics`.
+    GetMetrics,
+}
+
+label_values!(KedaCall { IsActive => "is_active", GetMetrics => "get_metrics" });
+
+/// Labels of the KEDA call durations.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KedaCallLabels {
+    /// Which call.
+    pub method: KedaCall,
+}
+
+/// Bucket bounds (seconds) of the KEDA call durations: fine below the 2 ms the aggregator aims
+/// at (README "Limits and performance"), coarse up to the first-probe wait of a new hub.
+const KEDA_CALL_BUCKETS: [f64; 11] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0];
+
+/// How long the aggregator took to answer KEDA's calls, from the request reaching the service
+/// to the answer leaving it (what a client sees on top is the network and its own scheduling).
+#[derive(Debug, Clone)]
+pub(crate) struct KedaCallDurations(pub(crate) Family<KedaCallLabels, Histogram, fn() -> Histogram>);
+
+impl Default for KedaCallDurations {
+    fn default() -> Self {
+        Self(Family::new_with_constructor(|| Histogram::new(KEDA_CALL_BUCKETS)))
+    }
+}
+
 /// Every metric the aggregator exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -225,6 +260,7 @@ pub struct Metrics {
     forget_hooks: ForgetHooks,
     /// Changed TLS files taken into use or refused, by port.
     pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
+    pub(crate) keda_call_durations: KedaCallDurations,
 }
 
 impl Metrics {
@@ -265,6 +301,11 @@ impl Metrics {
             "tracking_replaced",
             "Idle task hubs and silent pods dropped, least recently seen first, to make room at the limit",
             m.tracking_replaced.clone(),
+        );
+        r.register(
+            "keda_call_duration_seconds",
+            "Time from a KEDA call reaching the aggregator to its answer, by method",
+            m.keda_call_durations.0.clone(),
         );
         r.register(
             "certificate_reloads",
