@@ -269,6 +269,27 @@ async fn a_leaving_sidecar_uncovers_its_partitions_in_the_metrics() {
 }
 
 #[tokio::test]
+async fn keda_calls_are_timed_in_the_metrics_whatever_their_answer() {
+    let aggregator = start(args()).await;
+    aggregator.submit(whole_hub_report("app-1", "TimedHub", 0)).await;
+    aggregator.metric("TimedHub").await.unwrap();
+    aggregator.metric("TimedHub").await.unwrap();
+    aggregator.is_active("TimedHub").await.unwrap();
+    // Refused calls are answers too (an invalid hub name: INVALID_ARGUMENT).
+    aggregator.is_active("1nvalid").await.unwrap_err();
+    let (_, metrics) = aggregator.http_get("/metrics").await;
+    let name = "durable_scaler_aggregator_keda_call_duration_seconds";
+    for line in [
+        format!("{name}_count{{method=\"get_metrics\"}} 2"),
+        format!("{name}_count{{method=\"is_active\"}} 2"),
+        format!("{name}_bucket{{le=\"+Inf\",method=\"get_metrics\"}} 2"),
+    ] {
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+    }
+    aggregator.stop().await;
+}
+
+#[tokio::test]
 async fn health_and_readiness_answer_over_http() {
     let aggregator = start(args()).await;
     assert_eq!(aggregator.http_get("/healthz").await.0, 200);
