@@ -87,9 +87,19 @@ impl KedaScaler {
     /// Tracks the hub of `scaled_object` (starting its probe) without waiting.
     fn track(&self, scaled_object: &ScaledObjectRef) -> Result<Arc<HubEntry>, Status> {
         let (key, settings) = Self::parse(scaled_object)?;
+        self.track_parsed(scaled_object, &key, &settings)
+    }
+
+    /// [`Self::track`] with the metadata already parsed into `key` and `settings`.
+    fn track_parsed(
+        &self,
+        scaled_object: &ScaledObjectRef,
+        key: &HubKey,
+        settings: &HubSettings,
+    ) -> Result<Arc<HubEntry>, Status> {
         let entry = self
             .registry
-            .track(&key, &settings.task_hub, Some(&settings))
+            .track(key, &settings.task_hub, Some(settings))
             .map_err(|full| Status::resource_exhausted(full.to_string()))?;
         entry.set_scaled_object(ScaledObjectKey {
             namespace: scaled_object.namespace.clone(),
@@ -101,11 +111,9 @@ impl KedaScaler {
         Ok(entry)
     }
 
-    /// Tracks the hub and waits for its first signals.
-    async fn observed(&self, scaled_object: Option<&ScaledObjectRef>) -> Result<Arc<HubEntry>, Status> {
-        let scaled_object =
-            scaled_object.ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
-        let entry = self.track(scaled_object)?;
+    /// The tracked `entry` once it can be answered from: waits for its first signals; refuses
+    /// a hub not wholly read yet, or one nobody can read any more.
+    async fn answerable(&self, entry: Arc<HubEntry>) -> Result<Arc<HubEntry>, Status> {
         if entry.with_state(|s| s.is_fully_read()) {
             return match entry.stale_reason(UnixMs::now()) {
                 Some(reason) => Err(Status::unavailable(reason)),
@@ -145,7 +153,7 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<IsActiveResponse>, Status> {
         let started = Instant::now();
         let answer = async {
-            let entry = self.observed(Some(request.get_ref())).await?;
+            let entry = self.answerable(self.track(request.get_ref())?).await?;
             let result = entry.with_state(|s| s.is_active(UnixMs::now()));
             Ok(Response::new(IsActiveResponse { result }))
         }
@@ -246,7 +254,7 @@ impl KedaScaler {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         // A wrong metric name is refused before any waiting.
-        let (key, _) = Self::parse(scaled_object)?;
+        let (key, settings) = Self::parse(scaled_object)?;
         check_len("metricName", &request.metric_name, METRIC_NAME_MAX_LEN)
             .map_err(Status::invalid_argument)?;
         let expected = metric_name(&key.task_hub);
@@ -256,7 +264,7 @@ impl KedaScaler {
                 crate::contract::quote(&request.metric_name)
             )));
         }
-        let entry = self.observed(Some(scaled_object)).await?;
+        let entry = self.answerable(self.track_parsed(scaled_object, &key, &settings)?).await?;
         let value = entry.with_state(|s| s.metric_value());
         // The deprecated integer field is still read by KEDA when the float one is 0.
         #[allow(deprecated)]
