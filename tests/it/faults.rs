@@ -88,6 +88,12 @@ impl Process {
             .unwrap_or(0)
     }
 
+    /// Fails when resident memory grew by `slack_kib` or more since `before_kib`.
+    fn assert_rss_grew_less_than(&self, before_kib: u64, slack_kib: u64) {
+        let after = self.rss_kib();
+        assert!(after < before_kib + slack_kib, "RSS grew from {before_kib} to {after} KiB");
+    }
+
     /// Open file descriptors (sockets, connections) of the process.
     fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
@@ -263,15 +269,32 @@ struct Seen {
     violations: Vec<String>,
 }
 
-/// KEDA's polling loop: IsActive then GetMetrics every 0.5 s against `grpc` (switchable),
-/// until `stop`.
-fn poll_like_keda(
-    grpc: Arc<std::sync::Mutex<SocketAddr>>,
-    so: ScaledObjectRef,
-    outstanding: Arc<AtomicU64>,
+/// The KEDA stand-in of one test: its polling task and the flag that stops it.
+struct KedaStandIn {
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Seen> {
-    tokio::spawn(async move {
+    polling: tokio::task::JoinHandle<Seen>,
+}
+
+impl KedaStandIn {
+    /// Lets the burst drain ([`drained`]), stops polling, and checks what KEDA was told
+    /// ([`assert_safe`]); returns it.
+    async fn finish(self, burst: &Burst, http: SocketAddr, what: &str) -> Seen {
+        drained(burst, http).await;
+        self.stop.store(true, Ordering::SeqCst);
+        let seen = self.polling.await.unwrap();
+        assert_safe(&seen, what);
+        seen
+    }
+}
+
+/// KEDA's polling loop for `burst`'s hub: IsActive then GetMetrics every 0.5 s against
+/// `grpc` (switchable: the Service sending KEDA to another replica), until finished.
+fn poll_like_keda(burst: &Burst, grpc: Arc<std::sync::Mutex<SocketAddr>>) -> KedaStandIn {
+    let (so, outstanding) = (burst.scaled_object(), burst.outstanding.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let polling_stop = stop.clone();
+    let polling = tokio::spawn(async move {
+        let stop = polling_stop;
         let mut seen = Seen::default();
         let started = Instant::now();
         let metric = format!("durabletask-{}", so.scaler_metadata["taskHubName"].to_lowercase());
@@ -309,7 +332,8 @@ fn poll_like_keda(
             }
         }
         seen
-    })
+    });
+    KedaStandIn { stop, polling }
 }
 
 /// The hub's decision on `/hubs`: (active, desired workers).
@@ -412,13 +436,7 @@ async fn an_aggregator_killed_and_restarted_never_tells_keda_idle_and_decides_as
     let mut aggregator = ports.start("aggregator", &dir).await;
     let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
     let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
-    let stop = Arc::new(AtomicBool::new(false));
-    let keda = poll_like_keda(
-        Arc::new(std::sync::Mutex::new(ports.grpc)),
-        burst.scaled_object(),
-        burst.outstanding.clone(),
-        stop.clone(),
-    );
+    let keda = poll_like_keda(&burst, Arc::new(std::sync::Mutex::new(ports.grpc)));
     let before = steady(ports.http, &burst.hub, "before the fault").await;
 
     burst.draining.store(true, Ordering::SeqCst);
@@ -429,9 +447,7 @@ async fn an_aggregator_killed_and_restarted_never_tells_keda_idle_and_decides_as
     let after = steady(ports.http, &burst.hub, "after the restart").await;
     assert_eq!(after, before, "{}", aggregator.output());
 
-    drained(&burst, ports.http).await;
-    stop.store(true, Ordering::SeqCst);
-    assert_safe(&keda.await.unwrap(), "aggregator SIGKILL + restart");
+    keda.finish(&burst, ports.http, "aggregator SIGKILL + restart").await;
 }
 
 #[tokio::test]
@@ -445,13 +461,7 @@ async fn storage_unreachable_for_twenty_seconds_is_answered_unavailable_never_id
     let aggregator = ports.start("aggregator", &dir).await;
     let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
     let _b = burst.sidecar("pod-b", ports.report, &[], &dir);
-    let stop = Arc::new(AtomicBool::new(false));
-    let keda = poll_like_keda(
-        Arc::new(std::sync::Mutex::new(ports.grpc)),
-        burst.scaled_object(),
-        burst.outstanding.clone(),
-        stop.clone(),
-    );
+    let keda = poll_like_keda(&burst, Arc::new(std::sync::Mutex::new(ports.grpc)));
     let before = steady(ports.http, &burst.hub, "before the fault").await;
     let rss_before = aggregator.rss_kib();
 
@@ -485,13 +495,9 @@ async fn storage_unreachable_for_twenty_seconds_is_answered_unavailable_never_id
     }
     assert_eq!(is_active(ports.grpc, &burst.scaled_object()).await.unwrap(), before.0);
 
-    drained(&burst, ports.http).await;
-    stop.store(true, Ordering::SeqCst);
-    let seen = keda.await.unwrap();
-    assert_safe(&seen, "storage unreachable for 20 s");
+    let seen = keda.finish(&burst, ports.http, "storage unreachable for 20 s").await;
     assert!(seen.unavailable > 0, "the outage was answered UNAVAILABLE: {seen:?}");
-    let rss_after = aggregator.rss_kib();
-    assert!(rss_after < rss_before + 16 * 1024, "aggregator RSS grew from {rss_before} to {rss_after} KiB");
+    aggregator.assert_rss_grew_less_than(rss_before, 16 * 1024);
 }
 
 #[tokio::test]
@@ -503,13 +509,7 @@ async fn the_report_channel_cut_and_restored_leaves_keda_answered_from_the_probe
     let channel = Forwarder::to(ports.report).await;
     let _a = burst.sidecar("pod-a", channel.addr, &[], &dir);
     let _b = burst.sidecar("pod-b", channel.addr, &[], &dir);
-    let stop = Arc::new(AtomicBool::new(false));
-    let keda = poll_like_keda(
-        Arc::new(std::sync::Mutex::new(ports.grpc)),
-        burst.scaled_object(),
-        burst.outstanding.clone(),
-        stop.clone(),
-    );
+    let keda = poll_like_keda(&burst, Arc::new(std::sync::Mutex::new(ports.grpc)));
     let before = steady(ports.http, &burst.hub, "before the fault").await;
     wait_for_hub(ports.http, &burst.hub, "both sidecars covering the hub", |h| {
         h["live_pods"] == 2 && h["uncovered_partitions"].as_array().is_some_and(Vec::is_empty)
@@ -537,11 +537,8 @@ async fn the_report_channel_cut_and_restored_leaves_keda_answered_from_the_probe
     let after = steady(ports.http, &burst.hub, "after the channel came back").await;
     assert_eq!(after, before, "{}", aggregator.output());
 
-    drained(&burst, ports.http).await;
-    stop.store(true, Ordering::SeqCst);
-    assert_safe(&keda.await.unwrap(), "report channel cut and restored");
-    let rss_after = aggregator.rss_kib();
-    assert!(rss_after < rss_before + 16 * 1024, "aggregator RSS grew from {rss_before} to {rss_after} KiB");
+    keda.finish(&burst, ports.http, "report channel cut and restored").await;
+    aggregator.assert_rss_grew_less_than(rss_before, 16 * 1024);
 }
 
 #[tokio::test]
@@ -552,13 +549,7 @@ async fn a_sidecar_killed_has_its_partitions_probed_and_keda_is_never_told_idle(
     let aggregator = ports.start("aggregator", &dir).await;
     let _a = burst.sidecar("pod-a", ports.report, &[], &dir);
     let mut b = burst.sidecar("pod-b", ports.report, &[], &dir);
-    let stop = Arc::new(AtomicBool::new(false));
-    let keda = poll_like_keda(
-        Arc::new(std::sync::Mutex::new(ports.grpc)),
-        burst.scaled_object(),
-        burst.outstanding.clone(),
-        stop.clone(),
-    );
+    let keda = poll_like_keda(&burst, Arc::new(std::sync::Mutex::new(ports.grpc)));
     let before = steady(ports.http, &burst.hub, "before the fault").await;
     let rss_before = aggregator.rss_kib();
 
@@ -573,11 +564,8 @@ async fn a_sidecar_killed_has_its_partitions_probed_and_keda_is_never_told_idle(
     let after = steady(ports.http, &burst.hub, "after the sidecar died").await;
     assert_eq!(after, before);
 
-    drained(&burst, ports.http).await;
-    stop.store(true, Ordering::SeqCst);
-    assert_safe(&keda.await.unwrap(), "sidecar SIGKILL");
-    let rss_after = aggregator.rss_kib();
-    assert!(rss_after < rss_before + 16 * 1024, "aggregator RSS grew from {rss_before} to {rss_after} KiB");
+    keda.finish(&burst, ports.http, "sidecar SIGKILL").await;
+    aggregator.assert_rss_grew_less_than(rss_before, 16 * 1024);
 }
 
 #[tokio::test]
@@ -591,8 +579,7 @@ async fn one_of_two_replicas_killed_leaves_the_other_answering_keda_as_before() 
     let _a = burst.sidecar("pod-a", one.report, &replicas, &dir);
     let _b = burst.sidecar("pod-b", one.report, &replicas, &dir);
     let grpc = Arc::new(std::sync::Mutex::new(one.grpc));
-    let stop = Arc::new(AtomicBool::new(false));
-    let keda = poll_like_keda(grpc.clone(), burst.scaled_object(), burst.outstanding.clone(), stop.clone());
+    let keda = poll_like_keda(&burst, grpc.clone());
     announce(two.grpc, &burst.scaled_object()).await;
     let before = steady(one.http, &burst.hub, "on replica 1").await;
     assert_eq!(steady(two.http, &burst.hub, "on replica 2").await, before, "both replicas decide alike");
@@ -605,9 +592,7 @@ async fn one_of_two_replicas_killed_leaves_the_other_answering_keda_as_before() 
     burst.draining.store(false, Ordering::SeqCst);
     assert_eq!(steady(two.http, &burst.hub, "on the replica left").await, before, "{}", second.output());
 
-    drained(&burst, two.http).await;
-    stop.store(true, Ordering::SeqCst);
-    assert_safe(&keda.await.unwrap(), "one of two replicas SIGKILLed");
+    keda.finish(&burst, two.http, "one of two replicas SIGKILLed").await;
 }
 
 #[tokio::test]
@@ -638,9 +623,9 @@ async fn keda_dropping_and_reopening_its_stream_a_hundred_times_leaks_nothing() 
         drop(stream);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (rss_after, fds_after) = (aggregator.rss_kib(), aggregator.open_fds());
+    let fds_after = aggregator.open_fds();
     assert!(fds_after <= fds_before + 2, "descriptors grew from {fds_before} to {fds_after}");
-    assert!(rss_after < rss_before + 8 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
+    aggregator.assert_rss_grew_less_than(rss_before, 8 * 1024);
     assert_eq!(decision(ports.http, &burst.hub).await, Some((true, u64::from(PARTITIONS))));
 }
 
