@@ -53,6 +53,20 @@ pub mod env {
     /// The app's `maxConcurrentOrchestratorFunctions` override, copied from
     /// [`super::MAX_ORCHESTRATIONS_ENV`] in the app container when it has one.
     pub const APP_MAX_ORCHESTRATIONS: &str = "DURABLE_SCALER_APP_MAX_ORCHESTRATIONS";
+    /// The app's `controlQueueVisibilityTimeout` (a .NET TimeSpan such as `00:05:00`), copied
+    /// from [`super::CONTROL_QUEUE_VISIBILITY_TIMEOUT_ENV`] when the app sets it.
+    pub const APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT: &str =
+        "DURABLE_SCALER_APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT";
+    /// The app's `workItemQueueVisibilityTimeout`, copied from
+    /// [`super::WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT_ENV`].
+    pub const APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT: &str =
+        "DURABLE_SCALER_APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT";
+    /// The app's `controlQueueBufferThreshold`, copied from
+    /// [`super::CONTROL_QUEUE_BUFFER_THRESHOLD_ENV`].
+    pub const APP_CONTROL_QUEUE_BUFFER_THRESHOLD: &str = "DURABLE_SCALER_APP_CONTROL_QUEUE_BUFFER_THRESHOLD";
+    /// The app's `maxQueuePollingInterval` (TimeSpan), copied from
+    /// [`super::MAX_QUEUE_POLLING_INTERVAL_ENV`].
+    pub const APP_MAX_QUEUE_POLLING_INTERVAL: &str = "DURABLE_SCALER_APP_MAX_QUEUE_POLLING_INTERVAL";
 }
 
 /// The label a pod template carries to opt in (filtered by the webhook's objectSelector).
@@ -117,6 +131,23 @@ pub const MAX_ACTIVITIES_ENV: &str =
 /// The Functions host's setting for `maxConcurrentOrchestratorFunctions`.
 pub const MAX_ORCHESTRATIONS_ENV: &str =
     "AzureFunctionsJobHost__extensions__durableTask__maxConcurrentOrchestratorFunctions";
+/// The Functions host's setting for the Azure Storage provider's
+/// `controlQueueVisibilityTimeout` (host.json `extensions.durableTask.storageProvider.*`;
+/// azure-functions-durable-extension `Options/AzureStorageOptions.cs`, default 5 minutes, 1 to
+/// 60 minutes allowed).
+pub const CONTROL_QUEUE_VISIBILITY_TIMEOUT_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__storageProvider__controlQueueVisibilityTimeout";
+/// The storage provider's `workItemQueueVisibilityTimeout` (default 5 minutes).
+pub const WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__storageProvider__workItemQueueVisibilityTimeout";
+/// The storage provider's `controlQueueBufferThreshold`: control messages one pod prefetches
+/// (default 256 outside the Consumption plan, 1 to 1000 allowed).
+pub const CONTROL_QUEUE_BUFFER_THRESHOLD_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__storageProvider__controlQueueBufferThreshold";
+/// The storage provider's `maxQueuePollingInterval` (default 30 s): how long an idle worker
+/// waits at most between two polls of an empty queue.
+pub const MAX_QUEUE_POLLING_INTERVAL_ENV: &str =
+    "AzureFunctionsJobHost__extensions__durableTask__storageProvider__maxQueuePollingInterval";
 /// What one pod runs at once of each kind per CPU when the app sets no limit: the Durable
 /// Functions extension's default outside the Consumption plan is `10 *
 /// Environment.ProcessorCount` for both (azure-functions-durable-extension
