@@ -14,6 +14,7 @@ mod child;
 mod common;
 mod forwarder;
 mod https;
+mod processes;
 mod review_invariants;
 
 mod aggregator;
@@ -24,6 +25,7 @@ mod bounds;
 mod demo;
 mod engine_equivalence;
 mod faults;
+mod in_flight;
 mod kubernetes;
 mod latency_feed;
 mod limits;
