@@ -6,26 +6,29 @@
 //! diffing such a round trip would remove them from the user's pod. Instead the plan is a list
 //! of targeted `add` operations, each pointing at exactly what it adds.
 
-use serde_json::{Map, Value, json};
+//!
+//! One file per concern, in the order a pod meets them:
+//! - [`eligibility`]: who gets a sidecar (not already injected, not hostNetwork, an app
+//!   container that defines the connection);
+//! - [`kubelet_env`]: the kubelet's env rules (`env` over `envFrom`, optional references),
+//!   turned into env definitions for the sidecar;
+//! - [`annotations`]: the pod's `durable-scaler.io/*` settings, parsed into typed values;
+//! - [`template`]: the sidecar container, its token volume and the status annotation;
+//! - [`patch`]: the JSON patch operations that add them.
+
+mod annotations;
+mod eligibility;
+mod kubelet_env;
+mod patch;
+mod template;
+
+use serde_json::{Map, Value};
 
 use crate::contract::{
-    AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, HUB_NAME_ENV, MAX_ACTIVITIES_ENV,
-    MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION,
-    SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, STATUS_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR,
-    TOKEN_EXPIRATION_SECONDS, TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
+    CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, INJECT_LABEL, STATUS_ANNOTATION, TASK_HUB_ANNOTATION,
+    TOKEN_VOLUME,
 };
-use crate::contract::{
-    CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, DEFAULT_TASK_HUB, INJECT_LABEL, TASK_HUB_ANNOTATION,
-};
-
-/// kubectl's annotation naming the container `kubectl logs/exec` picks by default.
-const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
-
-/// Default requests and limits: the sidecar reads a few queues every few seconds.
-const DEFAULT_CPU_REQUEST: &str = "10m";
-const DEFAULT_CPU_LIMIT: &str = "200m";
-const DEFAULT_MEMORY_REQUEST: &str = "32Mi";
-const DEFAULT_MEMORY_LIMIT: &str = "64Mi";
+use annotations::{Annotations, DEFAULT_CONTAINER_ANNOTATION, guaranteed};
 
 /// The webhook's settings that shape every injection (from its command line).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,27 +149,16 @@ fn plan_spec(
     native_default: &NativeDefault,
     mut warnings: Vec<String>,
 ) -> Injection {
-    if has_sidecar(spec) {
+    if eligibility::has_sidecar(spec) {
         // Already injected (by us on an earlier pass, or by hand): idempotent, no second copy.
         return Injection::default();
     }
-    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        // The sidecar listens on SIDECAR_HTTP_PORT: in the node's network namespace two such
-        // pods on one node would clash (Istio and Linkerd skip hostNetwork pods too).
-        let warning = format!(
-            "durable-scaler: the pod uses hostNetwork; the sidecar's port {SIDECAR_HTTP_PORT} would \
-             clash with other pods on the node; sidecar not injected"
-        );
+    if let Some(warning) = eligibility::host_network(spec) {
         return Injection::skip(SkipReason::HostNetwork, warnings, warning);
     }
-    let annotations = pod.pointer("/metadata/annotations").and_then(Value::as_object);
-    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).and_then(Value::as_str);
-
-    let connection_env = annotation(CONNECTION_ENV_ANNOTATION).unwrap_or(DEFAULT_CONNECTION_ENV);
-    let containers = spec.get("containers").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let Some((app, connection)) =
-        find_app_container(containers, annotation(DEFAULT_CONTAINER_ANNOTATION), connection_env)
-    else {
+    let annotations = Annotations::of(pod);
+    let connection_env = annotations.connection_env();
+    let Some(app) = eligibility::app_container(spec, annotations.default_container(), connection_env) else {
         let warning = format!(
             "durable-scaler: no container defines the env var {connection_env:?} (named by \
              {CONNECTION_ENV_ANNOTATION}, default {DEFAULT_CONNECTION_ENV}) in `env` or through an \
@@ -174,24 +166,14 @@ fn plan_spec(
         );
         return Injection::skip(SkipReason::NoConnectionVariable, warnings, warning);
     };
-    let app_name = app.get("name").and_then(Value::as_str).unwrap_or_default();
 
-    let task_hub = match task_hub_env(annotation(TASK_HUB_ANNOTATION), app, &mut warnings) {
-        Ok(definitions) => definitions,
-        Err(warning) => return Injection::skip(SkipReason::InvalidTaskHub, warnings, warning),
-    };
-    let aggregator = match annotation(AGGREGATOR_ANNOTATION) {
-        Some(url) => crate::config::http_url(url).unwrap_or_else(|| {
-            warnings.push(format!(
-                "durable-scaler: annotation {AGGREGATOR_ANNOTATION}={url:?} is not an http(s) URL; using {}",
-                settings.aggregator
-            ));
-            settings.aggregator.clone()
-        }),
-        None => settings.aggregator.clone(),
-    };
-    let https = aggregator.scheme() == "https";
-    if https && settings.aggregator_ca.is_none() {
+    let task_hub =
+        match template::task_hub_env(annotations.get(TASK_HUB_ANNOTATION), app.container, &mut warnings) {
+            Ok(definitions) => definitions,
+            Err(warning) => return Injection::skip(SkipReason::InvalidTaskHub, warnings, warning),
+        };
+    let aggregator = annotations.aggregator(&settings.aggregator, &mut warnings);
+    if aggregator.scheme() == "https" && settings.aggregator_ca.is_none() {
         let warning = format!(
             "durable-scaler: the aggregator URL {:?} is https but the webhook has no CA for it \
              (--sidecar-aggregator-ca); sidecar not injected",
@@ -199,83 +181,18 @@ fn plan_spec(
         );
         return Injection::skip(SkipReason::HttpsWithoutCa, warnings, warning);
     }
-    let (native, mode_reason) = match annotation(NATIVE_SIDECAR_ANNOTATION) {
-        Some(value @ ("true" | "false")) => {
-            (value == "true", format!("annotation {NATIVE_SIDECAR_ANNOTATION}={value}"))
-        }
-        Some(other) => {
-            warnings.push(format!(
-                "durable-scaler: annotation {NATIVE_SIDECAR_ANNOTATION}={other:?} is not \"true\" or \"false\"; using {}",
-                native_default.native
-            ));
-            (native_default.native, native_default.reason.clone())
-        }
-        None => (native_default.native, native_default.reason.clone()),
-    };
-    let resources = resources(&annotation, guaranteed(spec), &mut warnings);
-    let mut task_hub = task_hub.into_iter();
-    let mut connection = connection.into_iter();
-    let (Some(first_task_hub), Some(first_connection)) = (task_hub.next(), connection.next()) else {
+    let (native, mode_reason) = annotations.native(native_default, &mut warnings);
+    let resources = annotations.resources(guaranteed(spec), &mut warnings);
+    let sidecar = template::Sidecar { app: &app, task_hub, aggregator: &aggregator, resources, native };
+    let Some(sidecar) = template::container(settings, sidecar) else {
         // Both lists hold at least one definition by construction; stay total anyway.
         let warning = "durable-scaler: internal error planning the sidecar's env; sidecar not injected";
         return Injection::skip(SkipReason::Other, warnings, warning.to_owned());
     };
 
-    let mut sidecar = json!({
-        "name": SIDECAR_CONTAINER,
-        "image": settings.image,
-        "imagePullPolicy": "IfNotPresent",
-        "args": ["sidecar"],
-        "env": [
-            first_task_hub,
-            renamed_env(env::CONNECTION, &first_connection),
-            {"name": env::AGGREGATOR, "value": url_text(&aggregator)},
-            {"name": env::POD_NAME, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
-            {"name": env::POD_NAMESPACE, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
-        ],
-        "resources": resources,
-        // Liveness only: a readiness probe on a sidecar would take the app out of its Service
-        // whenever the sidecar (not the app) is unwell.
-        "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": SIDECAR_HTTP_PORT, "scheme": "HTTP"},
-            "initialDelaySeconds": 5,
-            "periodSeconds": 10,
-            "timeoutSeconds": 2,
-            "failureThreshold": 3,
-        },
-        // No runAsUser/runAsGroup: the image's USER is numeric (65532, Dockerfile), which
-        // runAsNonRoot accepts, and a fixed UID would be refused where the UID must come from
-        // the namespace's range (OpenShift's restricted SCC). The pod's own securityContext
-        // or the platform picks the UID.
-        "securityContext": {
-            "runAsNonRoot": true,
-            "readOnlyRootFilesystem": true,
-            "allowPrivilegeEscalation": false,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    });
-    if let Some(env) = sidecar["env"].as_array_mut() {
-        // Further definitions of the same two names, after the first ones and in the
-        // kubelet's order (see `definitions`): each later one that resolves replaces the value.
-        env.extend(task_hub);
-        env.extend(connection.map(|definition| renamed_env(env::CONNECTION, &definition)));
-    }
-    if let (true, Some(ca), Some(env)) = (https, &settings.aggregator_ca, sidecar["env"].as_array_mut()) {
-        env.push(json!({"name": env::AGGREGATOR_CA, "value": ca}));
-    }
-    if let Some(env) = sidecar["env"].as_array_mut() {
-        env.extend(limit_env(app, app_name));
-    }
-    if native {
-        sidecar["restartPolicy"] = json!("Always");
-    }
-
     let mut patch = Vec::new();
     let list = if native { "initContainers" } else { "containers" };
-    append(&mut patch, spec, "/spec", list, sidecar);
+    patch::append(&mut patch, spec, "/spec", list, sidecar);
 
     let has_token_volume = spec.get("volumes").and_then(Value::as_array).is_some_and(|volumes| {
         volumes.iter().any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME))
@@ -285,388 +202,33 @@ fn plan_spec(
             "durable-scaler: the pod already has a volume named {TOKEN_VOLUME}; the sidecar mounts it as it is"
         ));
     } else {
-        let volume = json!({
-            "name": TOKEN_VOLUME,
-            "projected": {"sources": [{"serviceAccountToken": {
-                "audience": TOKEN_AUDIENCE,
-                "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
-                "path": TOKEN_FILE_NAME,
-            }}]},
-        });
-        append(&mut patch, spec, "/spec", "volumes", volume);
+        patch::append(&mut patch, spec, "/spec", "volumes", template::token_volume());
     }
 
     let mut new_annotations = Map::new();
-    let status = json!({
-        "version": settings.version,
-        "containers": [SIDECAR_CONTAINER],
-        "volumes": [TOKEN_VOLUME],
-        "mode": if native { "native-sidecar" } else { "container" },
-        "modeReason": mode_reason,
-    });
+    let status = template::status(settings, native, &mode_reason);
     new_annotations.insert(STATUS_ANNOTATION.to_owned(), Value::String(status.to_string()));
-    if !native && annotation(DEFAULT_CONTAINER_ANNOTATION).is_none() && !app_name.is_empty() {
+    if !native && annotations.default_container().is_none() && !app.name.is_empty() {
         // The sidecar now sits in `containers`; keep `kubectl logs/exec` on the app.
-        new_annotations.insert(DEFAULT_CONTAINER_ANNOTATION.to_owned(), Value::String(app_name.to_owned()));
+        new_annotations.insert(DEFAULT_CONTAINER_ANNOTATION.to_owned(), Value::String(app.name.to_owned()));
     }
-    let metadata = pod.get("metadata").and_then(Value::as_object);
-    if metadata.is_none() {
-        patch.push(add("/metadata", json!({})));
-    }
-    if annotations.is_none() {
-        patch.push(add("/metadata/annotations", json!({})));
-    }
-    for (key, value) in new_annotations {
-        // `add` on an existing object member replaces it (RFC 6902), so a stale status
-        // annotation (the container was removed by hand) is simply rewritten.
-        patch.push(add(&format!("/metadata/annotations/{}", escape(&key)), value));
-    }
+    patch::annotate(&mut patch, pod, new_annotations);
     Injection { patch, warnings, skipped: None }
-}
-
-/// True when a container named [`SIDECAR_CONTAINER`] is in `containers` or `initContainers`.
-fn has_sidecar(spec: &Map<String, Value>) -> bool {
-    ["containers", "initContainers"].iter().any(|list| {
-        spec.get(*list).and_then(Value::as_array).is_some_and(|cs| {
-            cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
-        })
-    })
-}
-
-/// The app container and the definitions of its connection variable (see [`definitions`]):
-/// the default-container annotation's container when it defines the variable, else the first
-/// container that defines it in `env`, else the first whose `envFrom` may.
-fn find_app_container<'a>(
-    containers: &'a [Value],
-    default_container: Option<&str>,
-    connection_env: &str,
-) -> Option<(&'a Value, Vec<Value>)> {
-    let defines = |c: &'a Value| definitions(c, connection_env).map(|d| (c, d));
-    default_container
-        .and_then(|name| containers.iter().find(|c| c.get("name").and_then(Value::as_str) == Some(name)))
-        .and_then(defines)
-        .or_else(|| containers.iter().filter(|c| env_entry(c, connection_env).is_some()).find_map(defines))
-        .or_else(|| containers.iter().find_map(defines))
-}
-
-/// The container's last `env` entry named `name` that defines a value.
-fn env_entry<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
-    env_entries(container, name).last()
-}
-
-/// The container's `env` entries named `name` that define a value, in order.
-fn env_entries<'a>(container: &'a Value, name: &str) -> impl Iterator<Item = &'a Value> {
-    container
-        .get("env")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(move |e| e.get("name").and_then(Value::as_str) == Some(name))
-        .filter(|e| e.get("value").is_some() || e.get("valueFrom").is_some())
-}
-
-/// How the kubelet may set `name` in `container`, as env definitions (`value` or `valueFrom`)
-/// listed so that giving all of them to the sidecar, in this order and under one name,
-/// yields the value the app sees; `None` when nothing the webhook can see defines it.
-///
-/// The kubelet (kubernetes/kubernetes `pkg/kubelet/kubelet_pods.go`,
-/// `makeEnvironmentVariables`) writes every `envFrom` source in list order into one map (a
-/// later source replaces an earlier one's key; a `prefix` is put before each key), then each
-/// `env` entry in order, so `env` wins over all of `envFrom`. A `secretKeyRef` or
-/// `configMapKeyRef` with `optional: true` whose object or key is missing is skipped
-/// (`continue`): the variable keeps what it had. So an `envFrom` source becomes one
-/// `optional: true` key reference for just this key (the sidecar sees that one key of the
-/// Secret and nothing else, and a source without it changes nothing), and the app's own
-/// `env` entries follow. Everything before the last `env` entry that always sets a value
-/// (a literal, a field reference, a required key reference) can never show, and is dropped.
-fn definitions(container: &Value, name: &str) -> Option<Vec<Value>> {
-    let entries: Vec<&Value> = env_entries(container, name).collect();
-    let always_sets = |entry: &&Value| {
-        let Some(source) = entry.get("valueFrom") else { return true };
-        let optional_ref = ["secretKeyRef", "configMapKeyRef"]
-            .iter()
-            .any(|kind| source.pointer(&format!("/{kind}/optional")).and_then(Value::as_bool) == Some(true));
-        !optional_ref
-    };
-    if let Some(last) = entries.iter().rposition(always_sets) {
-        return Some(entries[last..].iter().map(|e| (*e).clone()).collect());
-    }
-    let mut out: Vec<Value> = container
-        .get("envFrom")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|source| {
-            let prefix = source.get("prefix").and_then(Value::as_str).unwrap_or_default();
-            let key = name.strip_prefix(prefix).filter(|key| is_config_key(key))?;
-            let (kind, object) = match (source.get("secretRef"), source.get("configMapRef")) {
-                (Some(secret), _) => ("secretKeyRef", secret),
-                (None, Some(config_map)) => ("configMapKeyRef", config_map),
-                (None, None) => return None,
-            };
-            let object_name = object.get("name").and_then(Value::as_str)?;
-            Some(json!({"valueFrom": {kind: {"name": object_name, "key": key, "optional": true}}}))
-        })
-        .collect();
-    out.extend(entries.into_iter().cloned());
-    (!out.is_empty()).then_some(out)
-}
-
-/// A valid Secret or ConfigMap data key (`[-._a-zA-Z0-9]+`, not `.` or `..`; the API
-/// server's `IsConfigMapKey`): only such a key can be what an `envFrom` source supplies.
-fn is_config_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= 253
-        && key != "."
-        && key != ".."
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-}
-
-/// An env entry's definition (`value` or `valueFrom`, as it stands) under a new name.
-fn renamed_env(name: &str, entry: &Value) -> Value {
-    let mut copy = Map::new();
-    copy.insert("name".to_owned(), Value::String(name.to_owned()));
-    for key in ["value", "valueFrom"] {
-        if let Some(v) = entry.get(key) {
-            copy.insert(key.to_owned(), v.clone());
-        }
-    }
-    Value::Object(copy)
-}
-
-/// `DURABLE_SCALER_TASK_HUB`'s definitions: the annotation, else the app's hub-name setting
-/// (copied as it stands, `valueFrom` and `envFrom` too; the extension's default first when
-/// only optional sources may set it), else the extension's default with a warning. A name
-/// the sidecar would refuse (the same [`TaskHub`] rule; the sidecar exits at start on it) is
-/// an error: the pod is not injected.
-fn task_hub_env(
-    annotation: Option<&str>,
-    app: &Value,
-    warnings: &mut Vec<String>,
-) -> Result<Vec<Value>, String> {
-    const NAME: &str = env::TASK_HUB;
-    let invalid = |source: &str, e: crate::contract::InvalidTaskHubName| {
-        format!("durable-scaler: {source}: {e}; the sidecar would refuse it; sidecar not injected")
-    };
-    if let Some(hub) = annotation {
-        let hub =
-            TaskHub::parse(hub).map_err(|e| invalid(&format!("annotation {TASK_HUB_ANNOTATION}"), e))?;
-        return Ok(vec![json!({"name": NAME, "value": hub.name()})]);
-    }
-    let default = json!({"name": NAME, "value": DEFAULT_TASK_HUB});
-    if let Some(found) = definitions(app, HUB_NAME_ENV) {
-        for literal in found.iter().filter_map(|d| d.get("value").and_then(Value::as_str)) {
-            TaskHub::parse(literal).map_err(|e| invalid(&format!("env {HUB_NAME_ENV}"), e))?;
-        }
-        let always_set = found.first().is_some_and(|d| !is_optional_reference(d));
-        let copies = found.iter().map(|d| renamed_env(NAME, d));
-        return Ok(if always_set {
-            copies.collect()
-        } else {
-            std::iter::once(default).chain(copies).collect()
-        });
-    }
-    warnings.push(format!(
-        "durable-scaler: no task hub named (annotation {TASK_HUB_ANNOTATION} or env {HUB_NAME_ENV}); \
-         assuming the Durable Functions default {DEFAULT_TASK_HUB}"
-    ));
-    Ok(vec![default])
-}
-
-/// True for a `secretKeyRef` / `configMapKeyRef` with `optional: true` (may set nothing).
-fn is_optional_reference(definition: &Value) -> bool {
-    ["secretKeyRef", "configMapKeyRef"].iter().any(|kind| {
-        definition.pointer(&format!("/valueFrom/{kind}/optional")).and_then(Value::as_bool) == Some(true)
-    })
-}
-
-/// True when the pod's QoS class is Guaranteed: every container and init container has cpu
-/// and memory limits, and requests (when given) equal to them. The rule of
-/// kubernetes/kubernetes `pkg/apis/core/v1/helper/qos/qos.go` (`GetPodQOS`; requests left
-/// out default to the limits, as the API server's defaulting does before admission). A pod
-/// with pod-level `resources` (PodLevelResources) is judged on those instead.
-fn guaranteed(spec: &Map<String, Value>) -> bool {
-    let equal_limits = |resources: Option<&Value>| {
-        ["cpu", "memory"].iter().all(|name| {
-            let limit = resources.and_then(|r| r.pointer(&format!("/limits/{name}"))).and_then(Value::as_str);
-            let request =
-                resources.and_then(|r| r.pointer(&format!("/requests/{name}"))).and_then(Value::as_str);
-            match (limit.and_then(parse_quantity), request.map(parse_quantity)) {
-                (Some(limit), None) => limit > 0.0,
-                (Some(limit), Some(Some(request))) => limit > 0.0 && limit == request,
-                _ => false,
-            }
-        })
-    };
-    if let Some(pod_level) = spec.get("resources").filter(|r| r.get("limits").is_some()) {
-        return equal_limits(Some(pod_level));
-    }
-    let mut all = ["containers", "initContainers"]
-        .iter()
-        .flat_map(|list| spec.get(*list).and_then(Value::as_array).into_iter().flatten())
-        .peekable();
-    all.peek().is_some() && all.all(|c| equal_limits(c.get("resources")))
-}
-
-/// What decides the app's per-pod limits, for the sidecar to report: the app container's CPU
-/// limit through the downward API, and the app's own limit settings copied as they stand
-/// (literal or `valueFrom`, like the connection).
-///
-/// Divisor `1` rounds the limit up to whole CPUs, as .NET's `Environment.ProcessorCount` does
-/// with a CPU quota; with no CPU limit the kubelet gives the node's allocatable CPUs instead
-/// (kubernetes `pkg/kubelet/kubelet_resources.go` `defaultPodLimitsForDownwardAPI`,
-/// `pkg/api/v1/resource/helpers.go` `ExtractContainerResourceValue`; research-injectors.md
-/// item 4), which is what .NET sees then too. `containerName` points at the app container,
-/// since the sidecar's own limit says nothing about the app.
-fn limit_env(app: &Value, app_name: &str) -> Vec<Value> {
-    let mut entries = Vec::new();
-    if !app_name.is_empty() {
-        entries.push(json!({"name": env::APP_CPUS, "valueFrom": {"resourceFieldRef": {
-            "containerName": app_name,
-            "resource": "limits.cpu",
-            "divisor": "1",
-        }}}));
-    }
-    for (setting, ours) in
-        [(MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES), (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS)]
-    {
-        if let Some(entry) = env_entry(app, setting) {
-            entries.push(renamed_env(ours, entry));
-        }
-    }
-    entries
-}
-
-/// Requests and limits from the annotations, each invalid one replaced by its default with a
-/// warning; a request above its limit (which the API server would reject, failing the pod)
-/// falls back to both defaults. In a Guaranteed pod (`guaranteed`) the requests are set to
-/// the limits: a container whose requests differ from its limits would make the pod Burstable
-/// (`GetPodQOS`), taking away the QoS class its owner chose.
-fn resources<'a>(
-    annotation: &impl Fn(&str) -> Option<&'a str>,
-    guaranteed: bool,
-    warnings: &mut Vec<String>,
-) -> Value {
-    let mut pick = |key: &str, default: &str| -> (String, f64) {
-        let fallback = (default.to_owned(), parse_quantity(default).unwrap_or_default());
-        match annotation(key) {
-            None => fallback,
-            Some(raw) => match parse_quantity(raw) {
-                Some(value) => (raw.to_owned(), value),
-                None => {
-                    warnings.push(format!(
-                        "durable-scaler: annotation {key}={raw:?} is not a Kubernetes quantity; using {default}"
-                    ));
-                    fallback
-                }
-            },
-        }
-    };
-    let mut cpu =
-        (pick(CPU_REQUEST_ANNOTATION, DEFAULT_CPU_REQUEST), pick(CPU_LIMIT_ANNOTATION, DEFAULT_CPU_LIMIT));
-    let mut memory = (
-        pick(MEMORY_REQUEST_ANNOTATION, DEFAULT_MEMORY_REQUEST),
-        pick(MEMORY_LIMIT_ANNOTATION, DEFAULT_MEMORY_LIMIT),
-    );
-    for (what, pair, defaults) in [
-        ("cpu", &mut cpu, (DEFAULT_CPU_REQUEST, DEFAULT_CPU_LIMIT)),
-        ("memory", &mut memory, (DEFAULT_MEMORY_REQUEST, DEFAULT_MEMORY_LIMIT)),
-    ] {
-        if pair.0.1 > pair.1.1 {
-            warnings.push(format!(
-                "durable-scaler: sidecar {what} request {} is above its limit {}; using {} and {}",
-                pair.0.0, pair.1.0, defaults.0, defaults.1
-            ));
-            pair.0.0 = defaults.0.to_owned();
-            pair.1.0 = defaults.1.to_owned();
-        }
-        if guaranteed {
-            if annotation(if what == "cpu" { CPU_REQUEST_ANNOTATION } else { MEMORY_REQUEST_ANNOTATION })
-                .is_some()
-                && pair.0.0 != pair.1.0
-            {
-                warnings.push(format!(
-                    "durable-scaler: the pod's QoS class is Guaranteed; the sidecar's {what} request is \
-                     set to its limit {} to keep it so",
-                    pair.1.0
-                ));
-            }
-            pair.0 = pair.1.clone();
-        }
-    }
-    json!({
-        "requests": {"cpu": cpu.0.0, "memory": memory.0.0},
-        "limits": {"cpu": cpu.1.0, "memory": memory.1.0},
-    })
-}
-
-/// Parses a non-negative Kubernetes quantity (`100m`, `0.5`, `64Mi`, `1e3`) into its value,
-/// or `None` when the API server would reject it.
-pub(crate) fn parse_quantity(raw: &str) -> Option<f64> {
-    let split = raw.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(raw.len());
-    let (number, suffix) = raw.split_at(split);
-    if number.is_empty() || number == "." || number.matches('.').count() > 1 {
-        return None;
-    }
-    let value: f64 = number.parse().ok()?;
-    let scale = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        exponent => {
-            let digits = exponent.strip_prefix(['e', 'E'])?;
-            let unsigned = digits.strip_prefix(['+', '-']).unwrap_or(digits);
-            if unsigned.is_empty() || unsigned.len() > 3 || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            10f64.powi(digits.parse().ok()?)
-        }
-    };
-    Some(value * scale).filter(|v| v.is_finite())
-}
-
-/// The URL as written, without the `/` path the parser adds to `http://host:port`.
-fn url_text(url: &url::Url) -> &str {
-    let text = url.as_str();
-    if url.path() == "/" && url.query().is_none() && url.fragment().is_none() {
-        text.strip_suffix('/').unwrap_or(text)
-    } else {
-        text
-    }
-}
-
-/// Appends `item` to the array `parent_path/key`, creating the array first when absent.
-fn append(patch: &mut Vec<Value>, parent: &Map<String, Value>, parent_path: &str, key: &str, item: Value) {
-    let path = format!("{parent_path}/{}", escape(key));
-    if !parent.get(key).is_some_and(Value::is_array) {
-        patch.push(add(&path, json!([])));
-    }
-    patch.push(add(&format!("{path}/-"), item));
-}
-
-fn add(path: &str, value: Value) -> Value {
-    json!({"op": "add", "path": path, "value": value})
-}
-
-/// Escapes one JSON pointer token (RFC 6901): `~` as `~0`, then `/` as `~1`.
-pub(crate) fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 #[cfg(test)]
 mod tests {
+    use super::annotations::{
+        DEFAULT_CPU_LIMIT, DEFAULT_CPU_REQUEST, DEFAULT_MEMORY_LIMIT, DEFAULT_MEMORY_REQUEST,
+    };
+    use super::template::url_text;
     use super::*;
+    use crate::contract::{
+        AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_TASK_HUB, HUB_NAME_ENV,
+        MAX_ACTIVITIES_ENV, MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION,
+        NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, TOKEN_AUDIENCE, TOKEN_DIR, env,
+    };
+    use serde_json::json;
 
     fn settings() -> InjectionSettings {
         InjectionSettings {
@@ -707,28 +269,11 @@ mod tests {
     }
 
     #[test]
-    fn pointer_tokens_escape_tilde_before_slash() {
-        assert_eq!(escape("durable-scaler.io/status"), "durable-scaler.io~1status");
-        assert_eq!(escape("a~/b"), "a~0~1b");
-    }
-
-    #[test]
     fn only_the_literal_true_label_opts_in() {
         assert!(opted_in(&json!({"metadata": {"labels": {INJECT_LABEL: "true"}}})));
         assert!(!opted_in(&json!({"metadata": {"labels": {INJECT_LABEL: "True"}}})));
         assert!(!opted_in(&json!({"metadata": {"labels": {INJECT_LABEL: true}}})));
         assert!(!opted_in(&json!({"metadata": {}})));
-    }
-
-    #[test]
-    fn quantities_follow_kubernetes_syntax() {
-        assert_eq!(parse_quantity("100m"), Some(0.1));
-        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
-        assert_eq!(parse_quantity("1e3"), Some(1000.0));
-        assert_eq!(parse_quantity("0.5"), Some(0.5));
-        for bad in ["", "-1", "lots", "1.2.3", "10 m", "1Mb", ".", "1e", "1e99999"] {
-            assert_eq!(parse_quantity(bad), None, "{bad}");
-        }
     }
 
     #[test]
@@ -898,21 +443,6 @@ mod tests {
         pod["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "1"}, "requests": {"cpu": "1"}});
         let resources = &applied(&pod, &plan(&pod, &settings()))["spec"]["initContainers"][0]["resources"];
         assert_eq!(resources["requests"]["cpu"], DEFAULT_CPU_REQUEST);
-    }
-
-    #[test]
-    fn the_guaranteed_rule_looks_at_every_container_and_init_container() {
-        let full = json!({"limits": {"cpu": "1", "memory": "1Gi"}});
-        let spec = |init: Value| {
-            json!({"containers": [{"name": "a", "resources": full}], "initContainers": [init]})
-                .as_object()
-                .unwrap()
-                .clone()
-        };
-        assert!(guaranteed(&spec(json!({"name": "i", "resources": full}))));
-        assert!(!guaranteed(&spec(json!({"name": "i"}))));
-        let unequal = json!({"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m"}});
-        assert!(!guaranteed(&spec(json!({"name": "i", "resources": unequal}))));
     }
 
     #[test]
