@@ -5,7 +5,6 @@
 //! fields the structs do not know (newer API fields, alpha features), and a patch computed by
 //! diffing such a round trip would remove them from the user's pod. Instead the plan is a list
 //! of targeted `add` operations, each pointing at exactly what it adds.
-
 //!
 //! One file per concern, in the order a pod meets them:
 //! - [`eligibility`]: who gets a sidecar (not already injected, not hostNetwork, an app
