@@ -62,7 +62,7 @@ fn is_keda(object: &Value) -> bool {
 
 /// Python from the venv scripts/test puts on PATH, when it has `module`. Missing: a failure
 /// under CI, a loud skip elsewhere.
-fn python_with(module: &str) -> bool {
+pub(crate) fn python_with(module: &str) -> bool {
     let probe = Command::new("python3").args(["-c", &format!("import {module}")]).output();
     if probe.is_ok_and(|o| o.status.success()) {
         return true;
@@ -81,7 +81,7 @@ fn write_yaml(dir: &Path, name: &str, objects: &[&Value]) -> PathBuf {
 }
 
 /// kubernetes-validate (strict: unknown fields are errors) on the built-in objects.
-fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(), String> {
+pub(crate) fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let file = write_yaml(dir.path(), "rendered.yaml", objects);
     let output = Command::new("python3")

@@ -558,6 +558,80 @@ async fn an_env_from_config_map_with_a_prefix_gives_the_key_without_it_in_source
     );
 }
 
+/// The oldest Kubernetes the install supports and the newest kubernetes-validate bundles.
+const SCHEMA_VERSIONS: [&str; 2] = ["1.28.0", "1.37.0"];
+
+/// Validates a patched pod against the Kubernetes JSON schemas (strict: an unknown field is
+/// an error) of [`SCHEMA_VERSIONS`].
+fn assert_valid_pod(pod: &Value) {
+    if !crate::manifests::python_with("kubernetes_validate") {
+        return;
+    }
+    for version in SCHEMA_VERSIONS {
+        if let Err(report) = crate::manifests::kubernetes_validate(&[pod], version) {
+            panic!("the patched pod against Kubernetes {version}:\n{report}\n{pod:#}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_apps_settings_reach_the_sidecar_from_env_and_env_from_as_dotnet_reads_them() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("envfrom-settings-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    assert_valid_pod(&patched(&review["request"]["object"], &answer));
+    // No hub named: the extension's default, WEBSITE_SITE_NAME sanitised, then what the
+    // envFrom sources may set, in the kubelet's order.
+    let hub = sidecar_env(&review, &answer, "DURABLE_SCALER_TASK_HUB");
+    assert_eq!(hub[0], json!({"name": "DURABLE_SCALER_TASK_HUB", "value": "ordersfunc"}));
+    assert_eq!(
+        hub[1..],
+        [
+            json!({"name": "DURABLE_SCALER_TASK_HUB", "valueFrom": {"secretKeyRef": {"name": "orders-func-settings",
+                "key": "AzureFunctionsJobHost__extensions__durableTask__hubName", "optional": true}}}),
+            json!({"name": "DURABLE_SCALER_TASK_HUB", "valueFrom": {"configMapKeyRef": {"name": "orders-durable-config",
+                "key": "hubName", "optional": true}}}),
+        ]
+    );
+    // A lowercase literal in env wins over both sources, as in the kubelet and in .NET.
+    assert_eq!(
+        sidecar_env(&review, &answer, "DURABLE_SCALER_APP_MAX_ACTIVITIES"),
+        [json!({"name": "DURABLE_SCALER_APP_MAX_ACTIVITIES", "value": "40"})]
+    );
+    for (ours, key) in [
+        ("DURABLE_SCALER_APP_MAX_ORCHESTRATIONS", "maxConcurrentOrchestratorFunctions"),
+        ("DURABLE_SCALER_APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT", "storageProvider__controlQueueVisibilityTimeout"),
+        ("DURABLE_SCALER_APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT", "storageProvider__workItemQueueVisibilityTimeout"),
+        ("DURABLE_SCALER_APP_CONTROL_QUEUE_BUFFER_THRESHOLD", "storageProvider__controlQueueBufferThreshold"),
+        ("DURABLE_SCALER_APP_MAX_QUEUE_POLLING_INTERVAL", "storageProvider__maxQueuePollingInterval"),
+    ] {
+        assert_eq!(
+            sidecar_env(&review, &answer, ours),
+            [
+                json!({"name": ours, "valueFrom": {"secretKeyRef": {"name": "orders-func-settings",
+                    "key": format!("AzureFunctionsJobHost__extensions__durableTask__{key}"), "optional": true}}}),
+                json!({"name": ours, "valueFrom": {"configMapKeyRef": {"name": "orders-durable-config",
+                    "key": key, "optional": true}}}),
+            ],
+            "{ours}"
+        );
+    }
+    assert!(answer["response"].get("warnings").is_none(), "{answer}");
+}
+
+#[tokio::test]
+async fn a_site_name_from_a_reference_with_no_hub_named_is_skipped_with_a_reason() {
+    let webhook = Running::start(|_| {}).await;
+    let mut review = load("envfrom-settings-pod-create.json");
+    review["request"]["object"]["spec"]["containers"][0]["env"][1] =
+        json!({"name": "WEBSITE_SITE_NAME", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "name"}}});
+    let (_, answer) = webhook.review(&review).await;
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(text.contains("durable_scaler_webhook_skipped_total{reason=\"unknown_task_hub\"} 1"), "{text}");
+}
+
 #[tokio::test]
 async fn a_host_network_pod_is_admitted_without_a_sidecar_and_counted() {
     let webhook = Running::start(|_| {}).await;

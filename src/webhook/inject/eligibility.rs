@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::kubelet_env::{definitions, env_entry};
+use super::kubelet_env::{Naming, definitions, env_entry};
 use crate::contract::{SIDECAR_CONTAINER, SIDECAR_HTTP_PORT};
 
 /// The app container and how its connection variable is defined.
@@ -48,7 +48,7 @@ pub(super) fn app_container<'a>(
     connection_env: &str,
 ) -> Option<App<'a>> {
     let containers = spec.get("containers").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let defines = |c: &'a Value| definitions(c, connection_env).map(|d| (c, d));
+    let defines = |c: &'a Value| definitions(c, connection_env, Naming::Exact).map(|d| (c, d));
     let (container, connection) = default_container
         .and_then(|name| containers.iter().find(|c| c.get("name").and_then(Value::as_str) == Some(name)))
         .and_then(defines)

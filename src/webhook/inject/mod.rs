@@ -55,6 +55,9 @@ pub enum SkipReason {
     NoConnectionVariable,
     /// The task hub name is one the sidecar (and the Functions host) would refuse.
     InvalidTaskHub,
+    /// The task hub is the extension's default, the sanitised `WEBSITE_SITE_NAME`, which the
+    /// app sets from a reference the webhook cannot read.
+    UnknownTaskHub,
     /// The pod shares the node's network: two such pods on a node would clash on the
     /// sidecar's port.
     HostNetwork,
@@ -67,6 +70,7 @@ pub enum SkipReason {
 crate::metrics::label_values!(SkipReason {
     NoConnectionVariable => "no_connection_variable",
     InvalidTaskHub => "invalid_task_hub",
+    UnknownTaskHub => "unknown_task_hub",
     HostNetwork => "host_network",
     HttpsWithoutCa => "https_without_ca",
     Other => "other",
@@ -169,7 +173,12 @@ fn plan_spec(
     let task_hub =
         match template::task_hub_env(annotations.get(TASK_HUB_ANNOTATION), app.container, &mut warnings) {
             Ok(definitions) => definitions,
-            Err(warning) => return Injection::skip(SkipReason::InvalidTaskHub, warnings, warning),
+            Err(template::HubError::Invalid(warning)) => {
+                return Injection::skip(SkipReason::InvalidTaskHub, warnings, warning);
+            }
+            Err(template::HubError::Unknown(warning)) => {
+                return Injection::skip(SkipReason::UnknownTaskHub, warnings, warning);
+            }
         };
     let aggregator = annotations.aggregator(&settings.aggregator, &mut warnings);
     if aggregator.scheme() == "https" && settings.aggregator_ca.is_none() {
@@ -183,7 +192,7 @@ fn plan_spec(
     let (native, mode_reason) = annotations.native(native_default, &mut warnings);
     let resources = annotations.resources(guaranteed(spec), &mut warnings);
     let sidecar = template::Sidecar { app: &app, task_hub, aggregator: &aggregator, resources, native };
-    let Some(sidecar) = template::container(settings, sidecar) else {
+    let Some(sidecar) = template::container(settings, sidecar, &mut warnings) else {
         // Both lists hold at least one definition by construction; stay total anyway.
         let warning = "durable-scaler: internal error planning the sidecar's env; sidecar not injected";
         return Injection::skip(SkipReason::Other, warnings, warning.to_owned());
@@ -693,5 +702,161 @@ mod tests {
         let first_limit = names.iter().position(|n| n == env::APP_CPUS).unwrap();
         assert_eq!(&names[first_limit..], [env::APP_CPUS, env::APP_MAX_ACTIVITIES]);
         assert_eq!(names[..first_limit][0], env::TASK_HUB);
+    }
+
+    const ALL_SETTINGS: [(&str, &str); 6] = [
+        (MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES),
+        (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS),
+        (crate::contract::CONTROL_QUEUE_VISIBILITY_TIMEOUT_ENV, env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT),
+        (
+            crate::contract::WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT_ENV,
+            env::APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT,
+        ),
+        (crate::contract::CONTROL_QUEUE_BUFFER_THRESHOLD_ENV, env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD),
+        (crate::contract::MAX_QUEUE_POLLING_INTERVAL_ENV, env::APP_MAX_QUEUE_POLLING_INTERVAL),
+    ];
+
+    #[test]
+    fn every_app_setting_reaches_the_sidecar_through_each_env_from_source_as_one_optional_key() {
+        let pod = env_from_pod(
+            json!([
+                {"secretRef": {"name": "func-secrets"}},
+                {"prefix": "AzureFunctionsJobHost__extensions__", "configMapRef": {"name": "durable"}},
+            ]),
+            json!([]),
+        );
+        let out = applied(&pod, &plan(&pod, &settings()));
+        for (setting, ours) in ALL_SETTINGS {
+            let key = setting.strip_prefix("AzureFunctionsJobHost__extensions__").unwrap();
+            assert_eq!(
+                sidecar_env_all(&out, ours),
+                [
+                    json!({"name": ours, "valueFrom": {"secretKeyRef":
+                        {"name": "func-secrets", "key": setting, "optional": true}}}),
+                    json!({"name": ours, "valueFrom": {"configMapKeyRef":
+                        {"name": "durable", "key": key, "optional": true}}}),
+                ],
+                "{setting}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_app_setting_is_copied_verbatim_literal_or_value_from() {
+        let mut env = vec![storage_env()[0].clone()];
+        for (i, (setting, _)) in ALL_SETTINGS.iter().enumerate() {
+            env.push(if i % 2 == 0 {
+                json!({"name": setting, "value": format!("00:0{i}:30")})
+            } else {
+                json!({"name": setting, "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": format!("k{i}")}}})
+            });
+        }
+        let pod = pod(json!({TASK_HUB_ANNOTATION: "Hub1"}), Value::Array(env.clone()));
+        let injection = plan(&pod, &settings());
+        let out = applied(&pod, &injection);
+        for (i, (_, ours)) in ALL_SETTINGS.iter().enumerate() {
+            assert_eq!(sidecar_env_all(&out, ours), [kubelet_env::renamed_env(ours, &env[i + 1])], "{ours}");
+        }
+        assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    }
+
+    #[test]
+    fn settings_are_matched_as_dotnet_configuration_reads_the_environment() {
+        let pod = pod(
+            json!({TASK_HUB_ANNOTATION: "Hub1"}),
+            with_limits_env(json!([
+                {"name": "azurefunctionsjobhost__EXTENSIONS__durabletask__MAXCONCURRENTACTIVITYFUNCTIONS", "value": "7"},
+                {"name": "AzureFunctionsJobHost:extensions:durableTask:maxConcurrentOrchestratorFunctions", "value": "3"},
+            ])),
+        );
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            sidecar_env(&out, env::APP_MAX_ACTIVITIES),
+            json!({"name": env::APP_MAX_ACTIVITIES, "value": "7"})
+        );
+        assert_eq!(
+            sidecar_env(&out, env::APP_MAX_ORCHESTRATIONS),
+            json!({"name": env::APP_MAX_ORCHESTRATIONS, "value": "3"})
+        );
+    }
+
+    #[test]
+    fn a_setting_spelled_two_ways_is_copied_in_order_with_a_warning() {
+        let pod = pod(
+            json!({TASK_HUB_ANNOTATION: "Hub1"}),
+            with_limits_env(json!([
+                {"name": MAX_ACTIVITIES_ENV, "value": "7"},
+                {"name": MAX_ACTIVITIES_ENV.to_lowercase(), "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": true}}},
+            ])),
+        );
+        let injection = plan(&pod, &settings());
+        let out = applied(&pod, &injection);
+        assert_eq!(sidecar_env_all(&out, env::APP_MAX_ACTIVITIES).len(), 2);
+        assert!(injection.warnings.iter().any(|w| w.contains("2 spellings")), "{:?}", injection.warnings);
+    }
+
+    #[test]
+    fn a_hub_name_in_another_case_is_the_hub_name() {
+        let hub = json!({"name": HUB_NAME_ENV.to_uppercase(), "value": "OrdersHub"});
+        let pod = pod(json!({}), json!([storage_env()[0], hub]));
+        let injection = plan(&pod, &settings());
+        assert_eq!(
+            sidecar_env_all(&applied(&pod, &injection), env::TASK_HUB),
+            [json!({"name": env::TASK_HUB, "value": "OrdersHub"})]
+        );
+        assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    }
+
+    #[test]
+    fn without_a_hub_name_the_default_is_the_sanitised_site_name() {
+        let site = json!({"name": "WEBSITE_SITE_NAME", "value": "orders-func-2"});
+        let pod = pod(json!({}), json!([storage_env()[0], site]));
+        let injection = plan(&pod, &settings());
+        assert_eq!(
+            sidecar_env_all(&applied(&pod, &injection), env::TASK_HUB),
+            [json!({"name": env::TASK_HUB, "value": "ordersfunc2"})]
+        );
+        assert!(
+            injection.warnings.iter().any(|w| w.contains("ordersfunc2") && w.contains("WEBSITE_SITE_NAME"))
+        );
+    }
+
+    #[test]
+    fn an_optional_hub_name_falls_back_to_the_sanitised_site_name() {
+        let site = json!({"name": "WEBSITE_SITE_NAME", "value": "9lives"});
+        let pod = env_from_pod(json!([{"secretRef": {"name": "func-secrets"}}]), json!([site]));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        let hub = sidecar_env_all(&out, env::TASK_HUB);
+        assert_eq!(hub[0], json!({"name": env::TASK_HUB, "value": "t9lives"}));
+        assert_eq!(hub[1]["valueFrom"]["secretKeyRef"]["key"], HUB_NAME_ENV);
+    }
+
+    #[test]
+    fn a_hub_name_equal_to_the_site_name_is_sanitised_as_the_default_is() {
+        let env = json!([
+            storage_env()[0],
+            {"name": "WEBSITE_SITE_NAME", "value": "orders-func"},
+            {"name": HUB_NAME_ENV, "value": "Orders-Func"},
+        ]);
+        let pod = pod(json!({}), env);
+        let injection = plan(&pod, &settings());
+        assert_eq!(sidecar_env(&applied(&pod, &injection), env::TASK_HUB)["value"], "ordersfunc");
+    }
+
+    #[test]
+    fn a_site_name_the_webhook_cannot_read_skips_the_pod_when_it_would_name_the_hub() {
+        let site = json!({"name": "WEBSITE_SITE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}});
+        let unnamed = pod(json!({}), json!([storage_env()[0], site]));
+        let injection = plan(&unnamed, &settings());
+        assert_eq!(injection.skipped, Some(SkipReason::UnknownTaskHub));
+        assert!(
+            injection.warnings.iter().any(|w| w.contains(TASK_HUB_ANNOTATION)),
+            "{:?}",
+            injection.warnings
+        );
+
+        // A hub named by the app itself does not depend on the default.
+        let named = pod(json!({}), json!([storage_env()[0], site, {"name": HUB_NAME_ENV, "value": "Hub1"}]));
+        assert!(plan(&named, &settings()).injects());
     }
 }

@@ -5,12 +5,26 @@ use serde_json::{Value, json};
 
 use super::InjectionSettings;
 use super::eligibility::App;
-use super::kubelet_env::{definitions, env_entry, is_optional_reference, renamed_env};
+use super::kubelet_env::{Naming, definitions, is_optional_reference, renamed_env, spellings};
 use crate::contract::{
-    DEFAULT_TASK_HUB, HUB_NAME_ENV, MAX_ACTIVITIES_ENV, MAX_ORCHESTRATIONS_ENV, SIDECAR_CONTAINER,
+    CONTROL_QUEUE_BUFFER_THRESHOLD_ENV, CONTROL_QUEUE_VISIBILITY_TIMEOUT_ENV, DEFAULT_TASK_HUB, HUB_NAME_ENV,
+    MAX_ACTIVITIES_ENV, MAX_ORCHESTRATIONS_ENV, MAX_QUEUE_POLLING_INTERVAL_ENV, SIDECAR_CONTAINER,
     SIDECAR_HTTP_PORT, TASK_HUB_ANNOTATION, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS,
-    TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, env,
+    TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT_ENV, env,
 };
+
+/// The variable the Durable Functions extension takes its default hub name from.
+pub(super) const SITE_NAME_ENV: &str = "WEBSITE_SITE_NAME";
+
+/// The app's settings the sidecar reports, and the sidecar variable each is copied to.
+const APP_SETTINGS: [(&str, &str); 6] = [
+    (MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES),
+    (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS),
+    (CONTROL_QUEUE_VISIBILITY_TIMEOUT_ENV, env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT),
+    (WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT_ENV, env::APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT),
+    (CONTROL_QUEUE_BUFFER_THRESHOLD_ENV, env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD),
+    (MAX_QUEUE_POLLING_INTERVAL_ENV, env::APP_MAX_QUEUE_POLLING_INTERVAL),
+];
 
 /// What the sidecar is made from, decided before the template is filled in.
 #[derive(Debug)]
@@ -29,7 +43,11 @@ pub(super) struct Sidecar<'a> {
 
 /// The sidecar container; `None` only if a list that is never empty is (the caller skips
 /// the pod rather than panic).
-pub(super) fn container(settings: &InjectionSettings, sidecar: Sidecar<'_>) -> Option<Value> {
+pub(super) fn container(
+    settings: &InjectionSettings,
+    sidecar: Sidecar<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<Value> {
     let mut task_hub = sidecar.task_hub.into_iter();
     let mut connection = sidecar.app.connection.iter();
     let (first_task_hub, first_connection) = (task_hub.next()?, connection.next()?);
@@ -49,7 +67,7 @@ pub(super) fn container(settings: &InjectionSettings, sidecar: Sidecar<'_>) -> O
     if let (true, Some(ca)) = (https, &settings.aggregator_ca) {
         env.push(json!({"name": env::AGGREGATOR_CA, "value": ca}));
     }
-    env.extend(limit_env(sidecar.app.container, sidecar.app.name));
+    env.extend(limit_env(sidecar.app.container, sidecar.app.name, warnings));
 
     let mut container = json!({
         "name": SIDECAR_CONTAINER,
@@ -111,47 +129,163 @@ pub(super) fn status(settings: &InjectionSettings, native: bool, mode_reason: &s
 }
 
 /// `DURABLE_SCALER_TASK_HUB`'s definitions: the annotation, else the app's hub-name setting
-/// (copied as it stands, `valueFrom` and `envFrom` too; the extension's default first when
-/// only optional sources may set it), else the extension's default with a warning. A name
-/// the sidecar would refuse (the same [`TaskHub`] rule; the sidecar exits at start on it) is
-/// an error: the pod is not injected.
+/// (matched as .NET configuration reads it, [`Naming::DotnetConfiguration`]; copied as it
+/// stands, `valueFrom` and `envFrom` too; the extension's default first when only optional
+/// sources may set it), else the extension's default ([`default_hub`]) with a warning. A
+/// name the sidecar would refuse (the same [`TaskHub`] rule; the sidecar exits at start on
+/// it) is an error: the pod is not injected, and so is a default the webhook cannot know.
 pub(super) fn task_hub_env(
     annotation: Option<&str>,
     app: &Value,
     warnings: &mut Vec<String>,
-) -> Result<Vec<Value>, String> {
+) -> Result<Vec<Value>, HubError> {
     const NAME: &str = env::TASK_HUB;
     let invalid = |source: &str, e: crate::contract::InvalidTaskHubName| {
-        format!("durable-scaler: {source}: {e}; the sidecar would refuse it; sidecar not injected")
+        HubError::Invalid(format!(
+            "durable-scaler: {source}: {e}; the sidecar would refuse it; sidecar not injected"
+        ))
     };
     if let Some(hub) = annotation {
         let hub =
             TaskHub::parse(hub).map_err(|e| invalid(&format!("annotation {TASK_HUB_ANNOTATION}"), e))?;
         return Ok(vec![json!({"name": NAME, "value": hub.name()})]);
     }
-    let default = json!({"name": NAME, "value": DEFAULT_TASK_HUB});
-    if let Some(found) = definitions(app, HUB_NAME_ENV) {
-        for literal in found.iter().filter_map(|d| d.get("value").and_then(Value::as_str)) {
-            TaskHub::parse(literal).map_err(|e| invalid(&format!("env {HUB_NAME_ENV}"), e))?;
+    let default = default_hub(app);
+    let Some(found) = definitions(app, HUB_NAME_ENV, Naming::DotnetConfiguration) else {
+        let default = default?;
+        TaskHub::parse(&default.name).map_err(|e| invalid(&default.source, e))?;
+        warnings.push(format!(
+            "durable-scaler: no task hub named (annotation {TASK_HUB_ANNOTATION} or env {HUB_NAME_ENV}); \
+             assuming the Durable Functions default {} ({})",
+            default.name, default.source
+        ));
+        return Ok(vec![json!({"name": NAME, "value": default.name})]);
+    };
+    warn_on_spellings(app, HUB_NAME_ENV, warnings);
+    let mut copies = Vec::new();
+    for definition in &found {
+        match definition.get("value").and_then(Value::as_str) {
+            Some(literal) => {
+                // A configured name equal to the default (ignoring case) is sanitised like the
+                // default rather than validated (azure-functions-durable-extension
+                // `AzureStorageDurabilityProviderFactory.EnsureDefaultClientSettingsInitialized`,
+                // `DurableTaskOptions.IsDefaultHubName`).
+                let hub = match &default {
+                    Ok(default) if default.raw.eq_ignore_ascii_case(literal) => default.name.clone(),
+                    _ => literal.to_owned(),
+                };
+                TaskHub::parse(&hub).map_err(|e| invalid(&format!("env {HUB_NAME_ENV}"), e))?;
+                copies.push(json!({"name": NAME, "value": hub}));
+            }
+            None => copies.push(renamed_env(NAME, definition)),
         }
-        let always_set = found.first().is_some_and(|d| !is_optional_reference(d));
-        let copies = found.iter().map(|d| renamed_env(NAME, d));
-        return Ok(if always_set {
-            copies.collect()
-        } else {
-            std::iter::once(default).chain(copies).collect()
-        });
     }
-    warnings.push(format!(
-        "durable-scaler: no task hub named (annotation {TASK_HUB_ANNOTATION} or env {HUB_NAME_ENV}); \
-         assuming the Durable Functions default {DEFAULT_TASK_HUB}"
-    ));
-    Ok(vec![default])
+    if found.first().is_some_and(|d| !is_optional_reference(d)) {
+        return Ok(copies);
+    }
+    let default = default?;
+    TaskHub::parse(&default.name).map_err(|e| invalid(&default.source, e))?;
+    Ok(std::iter::once(json!({"name": NAME, "value": default.name})).chain(copies).collect())
+}
+
+/// Why no sidecar env for the task hub could be planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum HubError {
+    /// A name the sidecar would refuse; the warning says which and where from.
+    Invalid(String),
+    /// The hub is the extension's default, which the webhook cannot compute.
+    Unknown(String),
+}
+
+/// The extension's default hub: the raw value it starts from, the sanitised name it uses and
+/// where it came from, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DefaultHub {
+    raw: String,
+    name: String,
+    source: String,
+}
+
+/// The Durable Functions extension's default task hub for this app: `WEBSITE_SITE_NAME` when
+/// set (read with `Environment.GetEnvironmentVariable`, so by its exact name), sanitised
+/// ([`sanitized_hub_name`]), else `TestHubName` (azure-functions-durable-extension
+/// `src/WebJobs.Extensions.DurableTask/Options/DurableTaskOptions.cs`, `HubName`'s getter).
+///
+/// Only the app container's `env` is read for it: a literal is sanitised here; a reference
+/// (`valueFrom`) the webhook cannot resolve, and since the sanitised name cannot be built by
+/// the kubelet, such an app must name its hub. `envFrom` sources are taken not to set
+/// `WEBSITE_SITE_NAME` (the webhook cannot see their keys; on Kubernetes the variable is set by
+/// hand, if at all).
+pub(super) fn default_hub(app: &Value) -> Result<DefaultHub, HubError> {
+    let entries: Vec<&Value> = app
+        .get("env")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.get("name").and_then(Value::as_str) == Some(SITE_NAME_ENV))
+        .filter(|e| e.get("value").is_some() || e.get("valueFrom").is_some())
+        .collect();
+    let Some(last) = entries.last() else {
+        return Ok(DefaultHub {
+            raw: DEFAULT_TASK_HUB.to_owned(),
+            name: DEFAULT_TASK_HUB.to_owned(),
+            source: format!("no {SITE_NAME_ENV} in the app container"),
+        });
+    };
+    match last.get("value").and_then(Value::as_str) {
+        Some(site) => Ok(DefaultHub {
+            raw: site.to_owned(),
+            name: sanitized_hub_name(site),
+            source: format!("{SITE_NAME_ENV}={site:?}, sanitised as the extension does"),
+        }),
+        None => Err(HubError::Unknown(format!(
+            "durable-scaler: the task hub is the Durable Functions default, the sanitised value of \
+             {SITE_NAME_ENV}, which the app sets from a reference the webhook cannot read; name the \
+             hub with annotation {TASK_HUB_ANNOTATION}; sidecar not injected"
+        ))),
+    }
+}
+
+/// The extension's sanitising of a default hub name (azure-functions-durable-extension
+/// `src/WebJobs.Extensions.DurableTask/Options/AzureStorageOptions.cs`, `IsSanitizedHubName`):
+/// keep the letters and digits (`char.IsLetterOrDigit`), put `t` before a leading digit, keep
+/// the first 45 characters, pad a name shorter than 3 with `Hub`; nothing left gives
+/// `DefaultTaskHub`. Upstream's test cases (`TaskHubName_DefaultHubName_UseSanitized`) are
+/// this function's unit tests. Non-ASCII letters are kept as upstream keeps them; the
+/// [`TaskHub`] rule then refuses the name, as storage would.
+pub(super) fn sanitized_hub_name(site_name: &str) -> String {
+    const MAX: usize = 45;
+    let mut kept: Vec<char> = site_name.chars().filter(|c| c.is_alphanumeric()).collect();
+    let Some(first) = kept.first() else { return "DefaultTaskHub".to_owned() };
+    if first.is_numeric() {
+        kept.insert(0, 't');
+    }
+    let mut name: String = kept.into_iter().take(MAX).collect();
+    if name.chars().count() < TaskHub::MIN_LEN {
+        name.push_str("Hub");
+    }
+    name
+}
+
+/// Warns when the app spells `setting` more than one way: .NET then takes one of them in an
+/// order it does not define, and the sidecar may see another.
+fn warn_on_spellings(app: &Value, setting: &str, warnings: &mut Vec<String>) {
+    let spelled = spellings(app, setting, Naming::DotnetConfiguration);
+    if spelled.len() > 1 {
+        warnings.push(format!(
+            "durable-scaler: the app container sets {setting} under {} spellings ({}); .NET reads \
+             them in no defined order, so the sidecar may see another value than the app",
+            spelled.len(),
+            spelled.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
 }
 
 /// What decides the app's per-pod limits, for the sidecar to report: the app container's CPU
-/// limit through the downward API, and the app's own limit settings copied as they stand
-/// (literal or `valueFrom`, like the connection).
+/// limit through the downward API, and the app's own settings ([`APP_SETTINGS`]: the two
+/// concurrency limits and the four storage-provider settings) copied as they stand (literal
+/// or `valueFrom`, and one optional key reference per `envFrom` source, like the
+/// connection), matched as .NET configuration reads them ([`Naming::DotnetConfiguration`]).
 ///
 /// Divisor `1` rounds the limit up to whole CPUs, as .NET's `Environment.ProcessorCount` does
 /// with a CPU quota; with no CPU limit the kubelet gives the node's allocatable CPUs instead
@@ -159,7 +293,7 @@ pub(super) fn task_hub_env(
 /// `pkg/api/v1/resource/helpers.go` `ExtractContainerResourceValue`; research-injectors.md
 /// item 4), which is what .NET sees then too. `containerName` points at the app container,
 /// since the sidecar's own limit says nothing about the app.
-fn limit_env(app: &Value, app_name: &str) -> Vec<Value> {
+fn limit_env(app: &Value, app_name: &str, warnings: &mut Vec<String>) -> Vec<Value> {
     let mut entries = Vec::new();
     if !app_name.is_empty() {
         entries.push(json!({"name": env::APP_CPUS, "valueFrom": {"resourceFieldRef": {
@@ -168,11 +302,10 @@ fn limit_env(app: &Value, app_name: &str) -> Vec<Value> {
             "divisor": "1",
         }}}));
     }
-    for (setting, ours) in
-        [(MAX_ACTIVITIES_ENV, env::APP_MAX_ACTIVITIES), (MAX_ORCHESTRATIONS_ENV, env::APP_MAX_ORCHESTRATIONS)]
-    {
-        if let Some(entry) = env_entry(app, setting) {
-            entries.push(renamed_env(ours, entry));
+    for (setting, ours) in APP_SETTINGS {
+        if let Some(found) = definitions(app, setting, Naming::DotnetConfiguration) {
+            warn_on_spellings(app, setting, warnings);
+            entries.extend(found.iter().map(|definition| renamed_env(ours, definition)));
         }
     }
     entries
@@ -185,5 +318,28 @@ pub(super) fn url_text(url: &url::Url) -> &str {
         text.strip_suffix('/').unwrap_or(text)
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_name_is_sanitised_as_the_extensions_own_tests_expect() {
+        // azure-functions-durable-extension test/Common/DurableTaskEndToEndTests.cs,
+        // TaskHubName_DefaultHubName_UseSanitized and TaskHubName_HappyPath.
+        for (site, hub) in [
+            ("Task-Hub-Name-Test", "TaskHubNameTest"),
+            ("1TaskHubNameTest", "t1TaskHubNameTest"),
+            ("-taskhubnametest", "taskhubnametest"),
+            ("-1taskhubnametest", "t1taskhubnametest"),
+            ("--------", "DefaultTaskHub"),
+            ("bb", "bbHub"),
+            ("TestSiteName", "TestSiteName"),
+        ] {
+            assert_eq!(sanitized_hub_name(site), hub, "{site}");
+        }
+        assert_eq!(sanitized_hub_name(&"a".repeat(100)), "a".repeat(45));
     }
 }
