@@ -125,9 +125,10 @@ pub struct Args {
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA")]
     pub sidecar_aggregator_ca: Option<PathBuf>,
     /// Inject a native sidecar (init container with restartPolicy Always): `auto` when the
-    /// API server and every node's kubelet are 1.29+ (read from the cluster every few
-    /// minutes; needs `list` on nodes), `true` always, `false` never (a plain container).
-    /// The annotation durable-scaler.io/native-sidecar overrides per pod.
+    /// API server and every node's kubelet are 1.33+, where the feature cannot be turned off
+    /// (read from the cluster every few minutes; needs `list` on nodes); `true` unless the
+    /// API server or a kubelet is before 1.29, where the pod would be refused; `false` never
+    /// (a plain container). The annotation durable-scaler.io/native-sidecar overrides per pod.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_NATIVE_SIDECAR", value_enum, default_value = "auto")]
     pub native_sidecar: NativeSidecarMode,
 }
@@ -227,10 +228,10 @@ impl Webhook {
             TcpListener::bind(args.addr).await.map_err(|source| Error::Bind { addr: args.addr, source })?;
         let image = sidecar_image(args, client.as_ref()).await;
         let native = match (args.native_sidecar, &client) {
-            (NativeSidecarMode::True, _) => NativeSource::Fixed(NativeDefault::forced(true)),
+            (NativeSidecarMode::True, None) => NativeSource::Fixed(NativeDefault::forced(true)),
             (NativeSidecarMode::False, _) => NativeSource::Fixed(NativeDefault::forced(false)),
-            (NativeSidecarMode::Auto, Some(client)) => {
-                let detector = NativeSidecarDetector::new(client.clone(), cluster::REFRESH_INTERVAL);
+            (mode @ (NativeSidecarMode::Auto | NativeSidecarMode::True), Some(client)) => {
+                let detector = NativeSidecarDetector::new(client.clone(), mode, cluster::REFRESH_INTERVAL);
                 let decided = detector.refresh(UnixMs::now()).await;
                 tracing::info!(native = decided.native, reason = %decided.reason, "native sidecars");
                 NativeSource::Detected(detector)
@@ -239,6 +240,7 @@ impl Webhook {
                 native: false,
                 reason: "auto: no Kubernetes API to read versions from; a plain container works everywhere"
                     .to_owned(),
+                cannot_run: None,
             }),
         };
         let instance = args.pod_name.clone().unwrap_or_else(|| "durable-scaler-webhook".to_owned());

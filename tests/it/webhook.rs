@@ -600,8 +600,14 @@ async fn the_apps_settings_reach_the_sidecar_from_env_and_env_from_as_dotnet_rea
     );
     for (ours, key) in [
         ("DURABLE_SCALER_APP_MAX_ORCHESTRATIONS", "maxConcurrentOrchestratorFunctions"),
-        ("DURABLE_SCALER_APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT", "storageProvider__controlQueueVisibilityTimeout"),
-        ("DURABLE_SCALER_APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT", "storageProvider__workItemQueueVisibilityTimeout"),
+        (
+            "DURABLE_SCALER_APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT",
+            "storageProvider__controlQueueVisibilityTimeout",
+        ),
+        (
+            "DURABLE_SCALER_APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT",
+            "storageProvider__workItemQueueVisibilityTimeout",
+        ),
         ("DURABLE_SCALER_APP_CONTROL_QUEUE_BUFFER_THRESHOLD", "storageProvider__controlQueueBufferThreshold"),
         ("DURABLE_SCALER_APP_MAX_QUEUE_POLLING_INTERVAL", "storageProvider__maxQueuePollingInterval"),
     ] {
@@ -623,8 +629,7 @@ async fn the_apps_settings_reach_the_sidecar_from_env_and_env_from_as_dotnet_rea
 async fn a_site_name_from_a_reference_with_no_hub_named_is_skipped_with_a_reason() {
     let webhook = Running::start(|_| {}).await;
     let mut review = load("envfrom-settings-pod-create.json");
-    review["request"]["object"]["spec"]["containers"][0]["env"][1] =
-        json!({"name": "WEBSITE_SITE_NAME", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "name"}}});
+    review["request"]["object"]["spec"]["containers"][0]["env"][1] = json!({"name": "WEBSITE_SITE_NAME", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "name"}}});
     let (_, answer) = webhook.review(&review).await;
     assert!(answer["response"].get("patch").is_none(), "{answer}");
     let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
@@ -797,25 +802,39 @@ fn status_annotation(review: &Value, answer: &Value) -> Value {
 }
 
 #[tokio::test]
-async fn auto_chooses_a_native_sidecar_when_the_api_server_and_every_kubelet_are_1_29_or_newer() {
-    let api = FakeApi::start("v1.30.4", &["v1.29.10", "v1.30.4"]).await;
+async fn auto_chooses_a_native_sidecar_when_the_api_server_and_every_kubelet_are_1_33_or_newer() {
+    let api = FakeApi::start("v1.33.4", &["v1.33.1", "v1.34.0"]).await;
     let webhook =
         Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
     let (_, answer) = webhook.review(&fixture()).await;
     let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
     assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
     let status = status_annotation(&fixture(), &answer);
     assert_eq!(status["mode"], "native-sidecar");
-    assert!(status["modeReason"].as_str().unwrap().contains("1.29+"), "{status}");
+    assert!(status["modeReason"].as_str().unwrap().contains("1.33+"), "{status}");
+}
+
+#[tokio::test]
+async fn auto_chooses_a_plain_container_where_an_admin_may_have_turned_the_gate_off() {
+    let api = FakeApi::start("v1.32.4", &["v1.32.4", "v1.32.4"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert!(pod["spec"].get("initContainers").is_none(), "{pod}");
+    let status = status_annotation(&fixture(), &answer);
+    assert!(status["modeReason"].as_str().unwrap().contains("before 1.33"), "{status}");
 }
 
 #[tokio::test]
 async fn auto_chooses_a_plain_container_when_one_kubelet_is_older() {
-    let api = FakeApi::start("v1.30.4", &["v1.30.4", "v1.28.15"]).await;
+    let api = FakeApi::start("v1.33.4", &["v1.33.4", "v1.30.15"]).await;
     let webhook =
         Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
     let (_, answer) = webhook.review(&fixture()).await;
     let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
     assert!(pod["spec"].get("initContainers").is_none());
     assert_eq!(pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"], "functions");
     let status = status_annotation(&fixture(), &answer);
@@ -832,6 +851,37 @@ async fn auto_chooses_a_plain_container_when_the_api_server_is_older() {
     let status = status_annotation(&fixture(), &answer);
     assert_eq!(status["mode"], "container");
     assert!(status["modeReason"].as_str().unwrap().contains("API server is 1.28"), "{status}");
+}
+
+#[tokio::test]
+async fn a_forced_native_sidecar_is_kept_on_1_29_and_made_plain_where_1_28_would_refuse_the_pod() {
+    let api = FakeApi::start("v1.30.2", &["v1.29.8"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::True).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    assert_eq!(
+        patched(&fixture()["request"]["object"], &answer)["spec"]["initContainers"][0]["restartPolicy"],
+        "Always"
+    );
+
+    let api = FakeApi::start("v1.28.9", &["v1.28.9"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::True).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert!(pod["spec"].get("initContainers").is_none(), "{pod}");
+    let status = status_annotation(&fixture(), &answer);
+    assert!(status["modeReason"].as_str().unwrap().contains("refused"), "{status}");
+
+    // A pod's own annotation asking for native gets the same protection, with a warning.
+    let mut review = fixture();
+    review["request"]["object"]["metadata"]["annotations"]["durable-scaler.io/native-sidecar"] =
+        json!("true");
+    let (_, answer) = webhook.review(&review).await;
+    assert!(patched(&review["request"]["object"], &answer)["spec"].get("initContainers").is_none());
+    let warnings = answer["response"]["warnings"].to_string();
+    assert!(warnings.contains("refuse the pod"), "{warnings}");
 }
 
 #[tokio::test]

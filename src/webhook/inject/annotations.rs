@@ -59,9 +59,19 @@ impl<'a> Annotations<'a> {
     }
 
     /// Native sidecar or plain container, and why: the annotation when it is `"true"` or
-    /// `"false"`, else `default` (with a warning for any other value).
+    /// `"false"`, else `default` (with a warning for any other value). `"true"` on a cluster
+    /// that certainly cannot run native sidecars ([`NativeDefault::cannot_run`]) gives a plain
+    /// container and a warning: the API server would refuse the pod.
     pub(super) fn native(&self, default: &NativeDefault, warnings: &mut Vec<String>) -> (bool, String) {
         match self.get(NATIVE_SIDECAR_ANNOTATION) {
+            Some("true") if default.cannot_run.is_some() => {
+                let why = default.cannot_run.as_deref().unwrap_or_default();
+                warnings.push(format!(
+                    "durable-scaler: annotation {NATIVE_SIDECAR_ANNOTATION}=\"true\", but {why}: the API \
+                     server would refuse the pod; the sidecar is a plain container"
+                ));
+                (false, format!("annotation {NATIVE_SIDECAR_ANNOTATION}=true, but {why}"))
+            }
             Some(value @ ("true" | "false")) => {
                 (value == "true", format!("annotation {NATIVE_SIDECAR_ANNOTATION}={value}"))
             }

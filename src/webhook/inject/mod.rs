@@ -82,14 +82,18 @@ crate::metrics::label_values!(SkipReason {
 pub struct NativeDefault {
     /// Native sidecar (init container with `restartPolicy: Always`) or plain container.
     pub native: bool,
-    /// Why, in a few words (e.g. "--native-sidecar=true", "every kubelet is 1.29+").
+    /// Why, in a few words (e.g. "--native-sidecar=true", "every kubelet is 1.33+").
     pub reason: String,
+    /// Set when native sidecars certainly cannot run on this cluster (an API server or a
+    /// kubelet before 1.29): why. A pod's annotation asking for one then gets a plain
+    /// container, since the API server would refuse the pod ([`super::cluster`]).
+    pub cannot_run: Option<String>,
 }
 
 impl NativeDefault {
-    /// The mode forced by `--native-sidecar true|false`.
+    /// The mode forced by `--native-sidecar true|false`, with nothing known of the cluster.
     pub fn forced(native: bool) -> Self {
-        Self { native, reason: format!("--native-sidecar={native}") }
+        Self { native, reason: format!("--native-sidecar={native}"), cannot_run: None }
     }
 }
 
