@@ -101,6 +101,8 @@ async fn main() {
         sidecar_image: "ghcr.io/durable-scaler/durable-scaler:bench".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().expect("a URL"),
         sidecar_aggregator_ca: None,
+        sidecar_aggregator_ca_secret: None,
+        sidecar_image_pull_secrets: Vec::new(),
         native_sidecar: durable_scaler::webhook::cluster::NativeSidecarMode::True,
         sidecar_image_from_pod: false,
         webhook_container: "webhook".to_owned(),

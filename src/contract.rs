@@ -89,6 +89,19 @@ pub(crate) const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-lim
 pub(crate) const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
 /// Annotation overriding the sidecar's memory limit.
 pub(crate) const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
+/// Annotation overriding the sidecar's image.
+pub(crate) const SIDECAR_IMAGE_ANNOTATION: &str = "durable-scaler.io/sidecar-image";
+/// Annotation setting the sidecar's log level (`error`, `warn`, `info`, `debug`, `trace`).
+pub(crate) const SIDECAR_LOG_LEVEL_ANNOTATION: &str = "durable-scaler.io/sidecar-log-level";
+/// Annotation: `"false"` leaves the app's shutdown as it is (no drain variable, no longer
+/// grace period).
+pub(crate) const DRAIN_ANNOTATION: &str = "durable-scaler.io/drain";
+/// Annotation: the pod's `terminationGracePeriodSeconds` while draining (never below the
+/// pod's own).
+pub(crate) const GRACE_ANNOTATION: &str = "durable-scaler.io/termination-grace-period-seconds";
+/// The value of [`INJECT_LABEL`] on a namespace that opts all its pods out (the webhook's
+/// `namespaceSelector` leaves such a namespace alone).
+pub const NAMESPACE_OPT_OUT: &str = "disabled";
 
 /// The injected container's name.
 pub const SIDECAR_CONTAINER: &str = "durable-scaler-sidecar";

@@ -124,6 +124,17 @@ pub struct Args {
     /// a restart of the webhook.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA")]
     pub sidecar_aggregator_ca: Option<PathBuf>,
+    /// A Secret, present in each app namespace, whose key `ca.crt` is the aggregator's CA
+    /// (the one KEDA's TriggerAuthentication reads there): mounted into the sidecar as a file
+    /// instead of the PEM inline, so the pod holds no multi-line value. Needs
+    /// --sidecar-aggregator-ca too (checked at start).
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA_SECRET")]
+    pub sidecar_aggregator_ca_secret: Option<String>,
+    /// Image pull Secrets (comma-separated names, present in each app namespace) added to the
+    /// `imagePullSecrets` of every injected pod that does not name them already, for a sidecar
+    /// image in a private registry.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    pub sidecar_image_pull_secrets: Vec<String>,
     /// Inject a native sidecar (init container with restartPolicy Always): `auto` when the
     /// API server and every node's kubelet are 1.33+, where the feature cannot be turned off
     /// (read from the cluster every few minutes; needs `list` on nodes); `true` unless the
@@ -153,6 +164,11 @@ pub enum Error {
     /// `--sidecar-aggregator-ca` is missing for an https aggregator, or unusable.
     #[error("--sidecar-aggregator-ca (DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA): {0}")]
     AggregatorCa(String),
+    /// A name in `--sidecar-image-pull-secrets` is not a Secret name.
+    #[error(
+        "--sidecar-image-pull-secrets (DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS): {0:?} is not a Secret name"
+    )]
+    PullSecret(String),
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +216,28 @@ impl Webhook {
     /// [`Self::bind`] with the Kubernetes client given (`None`: no API; tests pass a client
     /// for a fake API server).
     pub async fn bind_with(args: &Args, client: Option<kube::Client>) -> Result<Self, Error> {
+        let image_pull_secrets = args
+            .sidecar_image_pull_secrets
+            .iter()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect::<Vec<_>>();
+        if let Some(bad) = image_pull_secrets.iter().find(|name| {
+            crate::contract::check_name("an image pull Secret", name, crate::contract::NameRule::Subdomain)
+                .is_err()
+        }) {
+            return Err(Error::PullSecret(bad.clone()));
+        }
+        let aggregator_ca_secret =
+            args.sidecar_aggregator_ca_secret.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        if let Some(secret) = aggregator_ca_secret {
+            crate::contract::check_name(
+                "--sidecar-aggregator-ca-secret",
+                secret,
+                crate::contract::NameRule::Subdomain,
+            )
+            .map_err(Error::AggregatorCa)?;
+        }
         let aggregator_ca = match &args.sidecar_aggregator_ca {
             Some(path) => {
                 let pem = crate::tls::read_ca_pem(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
@@ -249,6 +287,8 @@ impl Webhook {
             image,
             aggregator: args.aggregator.clone(),
             aggregator_ca,
+            aggregator_ca_secret: aggregator_ca_secret.map(str::to_owned),
+            image_pull_secrets,
             native_sidecar: args.native_sidecar == NativeSidecarMode::True,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };

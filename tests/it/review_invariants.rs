@@ -15,6 +15,8 @@ pub fn settings() -> InjectionSettings {
         image: "ghcr.io/durable-scaler/durable-scaler:fuzz".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
         aggregator_ca: None,
+        aggregator_ca_secret: None,
+        image_pull_secrets: Vec::new(),
         native_sidecar: true,
         version: "fuzz".to_owned(),
     }

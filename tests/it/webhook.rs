@@ -59,6 +59,8 @@ impl Running {
             sidecar_image: "ghcr.io/durable-scaler/durable-scaler:test".to_owned(),
             aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
             sidecar_aggregator_ca: None,
+            sidecar_aggregator_ca_secret: None,
+            sidecar_image_pull_secrets: Vec::new(),
             native_sidecar: NativeSidecarMode::True,
             sidecar_image_from_pod: true,
             webhook_container: "webhook".to_owned(),
@@ -115,16 +117,23 @@ fn patched(pod: &Value, answer: &Value) -> Value {
 }
 
 /// What the fixture's pod must look like after injection: the sidecar as a native sidecar
-/// with the connection's `secretKeyRef` copied as it stands, the token volume, the status
-/// annotation, and nothing else changed.
+/// with the connection's `secretKeyRef` copied as it stands, the token volume, the Functions
+/// host's drain switch in the app container (its grace period, the API server's default 30 s,
+/// already covers the drain), the status annotation saying so, and nothing else changed.
 fn expected_pod() -> Value {
     let mut pod = fixture()["request"]["object"].clone();
     pod["metadata"]["annotations"]["durable-scaler.io/status"] = json!(
         json!({"containers": ["durable-scaler-sidecar"], "mode": "native-sidecar",
                "modeReason": "--native-sidecar=true",
-               "version": env!("CARGO_PKG_VERSION"), "volumes": ["durable-scaler-token"]})
+               "version": env!("CARGO_PKG_VERSION"), "volumes": ["durable-scaler-token"],
+               "drain": {"env": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING=true added",
+                         "terminationGracePeriodSeconds": "30 kept"}})
         .to_string()
     );
+    pod["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING", "value": "true"}));
     pod["spec"]["initContainers"] = json!([{
         "name": "durable-scaler-sidecar",
         "image": "ghcr.io/durable-scaler/durable-scaler:test",
@@ -174,6 +183,7 @@ async fn a_replicaset_pod_gets_the_native_sidecar_over_https() {
     assert_eq!(answer["response"]["patchType"], "JSONPatch");
     assert!(answer["response"].get("warnings").is_none(), "{answer}");
     assert_eq!(patched(&fixture()["request"]["object"], &answer), expected_pod());
+    assert_valid_pod(&expected_pod());
 }
 
 #[tokio::test]
@@ -412,6 +422,27 @@ async fn shutdown_closes_idle_connections_and_stops_accepting() {
     assert!(https::connect(webhook.addr, &webhook.pki.ca_pem, Http::One).await.is_err());
 }
 
+/// Arguments that cannot start (no certificate files): for start-up checks that come first.
+fn test_args() -> Args {
+    Args {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        tls_cert: "/nonexistent/tls.crt".into(),
+        tls_key: "/nonexistent/tls.key".into(),
+        tls13_only: false,
+        tls_reload_interval: Duration::from_secs(5),
+        sidecar_image: "img".to_owned(),
+        aggregator: "http://agg:4371".parse().unwrap(),
+        sidecar_aggregator_ca: None,
+        sidecar_aggregator_ca_secret: None,
+        sidecar_image_pull_secrets: Vec::new(),
+        native_sidecar: NativeSidecarMode::True,
+        sidecar_image_from_pod: true,
+        webhook_container: "webhook".to_owned(),
+        pod_name: None,
+        pod_namespace: None,
+    }
+}
+
 #[tokio::test]
 async fn start_up_names_the_flag_when_the_certificate_is_missing() {
     let args = Args {
@@ -423,6 +454,8 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
         sidecar_image: "img".to_owned(),
         aggregator: "http://agg:4371".parse().unwrap(),
         sidecar_aggregator_ca: None,
+        sidecar_aggregator_ca_secret: None,
+        sidecar_image_pull_secrets: Vec::new(),
         native_sidecar: NativeSidecarMode::True,
         sidecar_image_from_pod: true,
         webhook_container: "webhook".to_owned(),
@@ -510,6 +543,128 @@ async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
     let sidecar = durable_scaler::sidecar::Config::from_args(args)
         .expect("the sidecar accepts what the webhook injected");
     assert_eq!(sidecar.aggregator_ca.as_deref(), Some(aggregator.ca_pem.trim().as_bytes()));
+}
+
+#[tokio::test]
+async fn a_ca_from_a_secret_is_mounted_as_the_file_the_sidecar_reads_and_no_env_value_spans_lines() {
+    let aggregator = Pki::ecdsa("aggregator");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("aggregator-ca.crt");
+    std::fs::write(&ca_file, &aggregator.ca_pem).unwrap();
+    let webhook = Running::start(|args| {
+        args.aggregator = "https://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap();
+        args.sidecar_aggregator_ca = Some(ca_file.clone());
+        args.sidecar_aggregator_ca_secret = Some("durable-scaler-aggregator-ca".to_owned());
+    })
+    .await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    let sidecar = &pod["spec"]["initContainers"][0];
+    let ca = sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DURABLE_SCALER_AGGREGATOR_CA")
+        .unwrap();
+    let path = ca["value"].as_str().unwrap();
+    // The file the kubelet writes: the mount of the volume that projects the Secret's ca.crt.
+    let mount = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())));
+    let volume_name = mount.expect("the CA path is inside a mount")["name"].clone();
+    let volume =
+        pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == volume_name).unwrap();
+    assert_eq!(volume["secret"]["secretName"], "durable-scaler-aggregator-ca");
+    assert_eq!(
+        format!(
+            "{}/{}",
+            mount.unwrap()["mountPath"].as_str().unwrap(),
+            volume["secret"]["items"][0]["path"].as_str().unwrap()
+        ),
+        path
+    );
+    for container in pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["spec"]["initContainers"].as_array().unwrap())
+    {
+        for entry in container["env"].as_array().into_iter().flatten() {
+            assert!(!entry["value"].as_str().unwrap_or_default().contains('\n'), "{entry}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_sidecars_pull_secrets_join_the_pods_own_once() {
+    let webhook = Running::start(|args| {
+        args.sidecar_image_pull_secrets = vec!["private-registry".to_owned(), "app-registry".to_owned()];
+    })
+    .await;
+    let mut review = fixture();
+    review["request"]["object"]["spec"]["imagePullSecrets"] = json!([{"name": "app-registry"}]);
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "app-registry"}, {"name": "private-registry"}])
+    );
+    assert_eq!(status_annotation(&review, &answer)["imagePullSecrets"], json!(["private-registry"]));
+
+    let error = Webhook::bind_with(
+        &Args { sidecar_image_pull_secrets: vec!["Not A Name".to_owned()], ..test_args() },
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--sidecar-image-pull-secrets") && error.contains("Not A Name"), "{error}");
+}
+
+#[tokio::test]
+async fn a_short_grace_is_raised_for_the_drain_and_the_annotation_turns_it_off() {
+    let webhook = Running::start(|_| {}).await;
+    let mut review = fixture();
+    review["request"]["object"]["spec"]["terminationGracePeriodSeconds"] = json!(5);
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 30);
+    let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(env.contains(&json!({"name": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING", "value": "true"})));
+    assert_eq!(status_annotation(&review, &answer)["drain"]["terminationGracePeriodSeconds"], "5 -> 30");
+
+    review["request"]["object"]["metadata"]["annotations"]["durable-scaler.io/drain"] = json!("false");
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 5);
+    assert_eq!(pod["spec"]["containers"][0], review["request"]["object"]["spec"]["containers"][0]);
+}
+
+#[tokio::test]
+async fn windows_pods_and_plain_sidecars_in_pods_that_must_complete_are_skipped_and_counted() {
+    let webhook = Running::start(|args| args.native_sidecar = NativeSidecarMode::False).await;
+    let mut windows = fixture();
+    windows["request"]["object"]["spec"]["os"] = json!({"name": "windows"});
+    let mut job = fixture();
+    job["request"]["object"]["spec"]["restartPolicy"] = json!("OnFailure");
+    for review in [&windows, &job] {
+        let (status, answer) = webhook.review(review).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(answer["response"].get("patch").is_none(), "{answer}");
+    }
+    let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&metrics).into_owned();
+    for reason in ["windows", "never_completes"] {
+        assert!(
+            text.contains(&format!("durable_scaler_webhook_skipped_total{{reason=\"{reason}\"}} 1")),
+            "{text}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

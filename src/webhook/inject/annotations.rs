@@ -6,8 +6,16 @@ use serde_json::{Map, Value, json};
 use super::NativeDefault;
 use crate::contract::{
     AGGREGATOR_ANNOTATION, CONNECTION_ENV_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION,
-    DEFAULT_CONNECTION_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION,
+    DEFAULT_CONNECTION_ENV, DRAIN_ANNOTATION, GRACE_ANNOTATION, MEMORY_LIMIT_ANNOTATION,
+    MEMORY_REQUEST_ANNOTATION, NATIVE_SIDECAR_ANNOTATION, SIDECAR_IMAGE_ANNOTATION,
+    SIDECAR_LOG_LEVEL_ANNOTATION,
 };
+
+/// The log levels the sidecar's `RUST_LOG` is set to from [`SIDECAR_LOG_LEVEL_ANNOTATION`].
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// The longest grace period the annotation may ask for: one day. Longer is surely a typo, and
+/// a pod that cannot be stopped for days blocks node drains.
+const MAX_GRACE_SECONDS: u64 = 86_400;
 
 /// kubectl's annotation naming the container `kubectl logs/exec` picks by default.
 pub(super) const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -83,6 +91,69 @@ impl<'a> Annotations<'a> {
                 (default.native, default.reason.clone())
             }
             None => (default.native, default.reason.clone()),
+        }
+    }
+
+    /// The sidecar's image: the annotation when it is a plausible image reference (non-empty,
+    /// no whitespace), else `default` (with a warning when the annotation is unusable).
+    pub(super) fn image(&self, default: &'a str, warnings: &mut Vec<String>) -> &'a str {
+        match self.get(SIDECAR_IMAGE_ANNOTATION) {
+            Some(image) if !image.is_empty() && !image.chars().any(char::is_whitespace) => image,
+            Some(other) => {
+                warnings.push(format!(
+                    "durable-scaler: annotation {SIDECAR_IMAGE_ANNOTATION}={other:?} is not an image reference; \
+                     using {default}"
+                ));
+                default
+            }
+            None => default,
+        }
+    }
+
+    /// The sidecar's log level (its `RUST_LOG`): one of [`LOG_LEVELS`], any case; `None` (the
+    /// sidecar's own default) when absent or unusable (with a warning).
+    pub(super) fn log_level(&self, warnings: &mut Vec<String>) -> Option<&'static str> {
+        let raw = self.get(SIDECAR_LOG_LEVEL_ANNOTATION)?;
+        let level = LOG_LEVELS.into_iter().find(|level| level.eq_ignore_ascii_case(raw.trim()));
+        if level.is_none() {
+            warnings.push(format!(
+                "durable-scaler: annotation {SIDECAR_LOG_LEVEL_ANNOTATION}={raw:?} is not one of {}; \
+                 the sidecar logs at its default level",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+        level
+    }
+
+    /// Whether the webhook turns the app's drain on ([`DRAIN_ANNOTATION`]: `"false"` turns it
+    /// off; anything but `"true"`/`"false"` warns and keeps it on).
+    pub(super) fn drain(&self, warnings: &mut Vec<String>) -> bool {
+        match self.get(DRAIN_ANNOTATION) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                warnings.push(format!(
+                    "durable-scaler: annotation {DRAIN_ANNOTATION}={other:?} is not \"true\" or \"false\"; \
+                     draining on stop"
+                ));
+                true
+            }
+        }
+    }
+
+    /// The grace period the pod asks for while draining ([`GRACE_ANNOTATION`], whole
+    /// seconds, 1 to a day), or `None` (with a warning when unusable).
+    pub(super) fn grace_seconds(&self, warnings: &mut Vec<String>) -> Option<u64> {
+        let raw = self.get(GRACE_ANNOTATION)?;
+        match raw.trim().parse::<u64>() {
+            Ok(seconds) if (1..=MAX_GRACE_SECONDS).contains(&seconds) => Some(seconds),
+            _ => {
+                warnings.push(format!(
+                    "durable-scaler: annotation {GRACE_ANNOTATION}={raw:?} is not a number of seconds \
+                     from 1 to {MAX_GRACE_SECONDS}; using the drain's default"
+                ));
+                None
+            }
         }
     }
 

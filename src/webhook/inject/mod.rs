@@ -12,20 +12,22 @@
 //! - [`kubelet_env`]: the kubelet's env rules (`env` over `envFrom`, optional references),
 //!   turned into env definitions for the sidecar;
 //! - [`annotations`]: the pod's `durable-scaler.io/*` settings, parsed into typed values;
-//! - [`template`]: the sidecar container, its token volume and the status annotation;
+//! - [`template`]: the sidecar container, its volumes and the status annotation;
+//! - [`drain`]: the app's drain on stop (its variable, the pod's grace period);
 //! - [`patch`]: the JSON patch operations that add them.
 
 mod annotations;
+mod drain;
 mod eligibility;
 mod kubelet_env;
 mod patch;
 mod template;
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::contract::{
-    CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, INJECT_LABEL, STATUS_ANNOTATION, TASK_HUB_ANNOTATION,
-    TOKEN_VOLUME,
+    CONNECTION_ENV_ANNOTATION, DEFAULT_CONNECTION_ENV, DRAIN_ANNOTATION, INJECT_LABEL, SIDECAR_HTTP_PORT,
+    STATUS_ANNOTATION, TASK_HUB_ANNOTATION, TOKEN_VOLUME,
 };
 use annotations::{Annotations, DEFAULT_CONTAINER_ANNOTATION, guaranteed};
 
@@ -37,8 +39,14 @@ pub struct InjectionSettings {
     /// The aggregator's report URL given to the sidecar.
     pub aggregator: url::Url,
     /// PEM CA for an `https://` aggregator, given to the sidecar inline as
-    /// `DURABLE_SCALER_AGGREGATOR_CA`.
+    /// `DURABLE_SCALER_AGGREGATOR_CA` when `aggregator_ca_secret` names no Secret.
     pub aggregator_ca: Option<String>,
+    /// A Secret in each app namespace whose key `ca.crt` is the aggregator's CA: mounted into
+    /// the sidecar as a file instead of the PEM inline (no multi-line value in the pod).
+    pub aggregator_ca_secret: Option<String>,
+    /// Secrets (in each app namespace) for pulling the sidecar's image, merged into the pod's
+    /// `imagePullSecrets`.
+    pub image_pull_secrets: Vec<String>,
     /// Inject as a native sidecar (init container with `restartPolicy: Always`, Kubernetes
     /// 1.29+) unless a pod's annotation says otherwise.
     pub native_sidecar: bool,
@@ -63,6 +71,13 @@ pub enum SkipReason {
     HostNetwork,
     /// The aggregator URL is https and the webhook has no CA to give the sidecar.
     HttpsWithoutCa,
+    /// The pod runs on Windows; the sidecar's image is Linux-only.
+    Windows,
+    /// A pod that must complete (`restartPolicy` `Never`/`OnFailure`) would get a plain
+    /// container that never exits.
+    NeverCompletes,
+    /// No port near the sidecar's is free of the app's declared ports.
+    NoFreePort,
     /// Any other refusal (a pod without a spec).
     Other,
 }
@@ -73,6 +88,9 @@ crate::metrics::label_values!(SkipReason {
     UnknownTaskHub => "unknown_task_hub",
     HostNetwork => "host_network",
     HttpsWithoutCa => "https_without_ca",
+    Windows => "windows",
+    NeverCompletes => "never_completes",
+    NoFreePort => "no_free_port",
     Other => "other",
 });
 
@@ -163,6 +181,9 @@ fn plan_spec(
     if let Some(warning) = eligibility::host_network(spec) {
         return Injection::skip(SkipReason::HostNetwork, warnings, warning);
     }
+    if let Some(warning) = eligibility::windows(spec) {
+        return Injection::skip(SkipReason::Windows, warnings, warning);
+    }
     let annotations = Annotations::of(pod);
     let connection_env = annotations.connection_env();
     let Some(app) = eligibility::app_container(spec, annotations.default_container(), connection_env) else {
@@ -185,27 +206,56 @@ fn plan_spec(
             }
         };
     let aggregator = annotations.aggregator(&settings.aggregator, &mut warnings);
-    if aggregator.scheme() == "https" && settings.aggregator_ca.is_none() {
-        let warning = format!(
-            "durable-scaler: the aggregator URL {:?} is https but the webhook has no CA for it \
-             (--sidecar-aggregator-ca); sidecar not injected",
-            aggregator.as_str()
-        );
-        return Injection::skip(SkipReason::HttpsWithoutCa, warnings, warning);
-    }
+    let ca = match (aggregator.scheme() == "https", &settings.aggregator_ca_secret, &settings.aggregator_ca) {
+        (false, _, _) => template::CaSource::None,
+        (true, Some(secret), _) => template::CaSource::Secret(secret),
+        (true, None, Some(pem)) => template::CaSource::Inline(pem),
+        (true, None, None) => {
+            let warning = format!(
+                "durable-scaler: the aggregator URL {:?} is https but the webhook has no CA for it \
+                 (--sidecar-aggregator-ca); sidecar not injected",
+                aggregator.as_str()
+            );
+            return Injection::skip(SkipReason::HttpsWithoutCa, warnings, warning);
+        }
+    };
     let (native, mode_reason) = annotations.native(native_default, &mut warnings);
+    if let Some(warning) = eligibility::never_completes(spec, native) {
+        return Injection::skip(SkipReason::NeverCompletes, warnings, warning);
+    }
+    let Some(port) = template::free_port(spec) else {
+        let warning = "durable-scaler: the pod declares every port the sidecar could listen on; \
+                       sidecar not injected";
+        return Injection::skip(SkipReason::NoFreePort, warnings, warning.to_owned());
+    };
     let resources = annotations.resources(guaranteed(spec), &mut warnings);
-    let sidecar = template::Sidecar { app: &app, task_hub, aggregator: &aggregator, resources, native };
-    let Some(sidecar) = template::container(settings, sidecar, &mut warnings) else {
+    let sidecar = template::Sidecar {
+        app: &app,
+        task_hub,
+        aggregator: &aggregator,
+        resources,
+        native,
+        image: annotations.image(&settings.image, &mut warnings),
+        log_level: annotations.log_level(&mut warnings),
+        port,
+        ca,
+    };
+    let Some(sidecar) = template::container(sidecar, &mut warnings) else {
         // Both lists hold at least one definition by construction; stay total anyway.
         let warning = "durable-scaler: internal error planning the sidecar's env; sidecar not injected";
         return Injection::skip(SkipReason::Other, warnings, warning.to_owned());
     };
 
     let mut patch = Vec::new();
+    let mut changes = Map::new();
     let list = if native { "initContainers" } else { "containers" };
     patch::append(&mut patch, spec, "/spec", list, sidecar);
 
+    let mut volumes = vec![TOKEN_VOLUME];
+    if let template::CaSource::Secret(secret) = ca {
+        volumes.push(template::CA_VOLUME);
+        patch::append(&mut patch, spec, "/spec", "volumes", template::ca_volume(secret));
+    }
     let has_token_volume = spec.get("volumes").and_then(Value::as_array).is_some_and(|volumes| {
         volumes.iter().any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME))
     });
@@ -216,9 +266,22 @@ fn plan_spec(
     } else {
         patch::append(&mut patch, spec, "/spec", "volumes", template::token_volume());
     }
+    let pull_secrets = patch::merge_pull_secrets(&mut patch, spec, &settings.image_pull_secrets);
+    if !pull_secrets.is_empty() {
+        changes.insert("imagePullSecrets".to_owned(), json!(pull_secrets));
+    }
+    if port != SIDECAR_HTTP_PORT {
+        changes.insert("port".to_owned(), json!(port));
+    }
+    let drain = if annotations.drain(&mut warnings) {
+        drain::plan(spec, &app, annotations.grace_seconds(&mut warnings), &mut patch, &mut warnings)
+    } else {
+        json!(format!("off (annotation {DRAIN_ANNOTATION}=false)"))
+    };
+    changes.insert("drain".to_owned(), drain);
 
     let mut new_annotations = Map::new();
-    let status = template::status(settings, native, &mode_reason);
+    let status = template::status(settings, native, &mode_reason, &volumes, changes);
     new_annotations.insert(STATUS_ANNOTATION.to_owned(), Value::String(status.to_string()));
     if !native && annotations.default_container().is_none() && !app.name.is_empty() {
         // The sidecar now sits in `containers`; keep `kubectl logs/exec` on the app.
@@ -238,7 +301,7 @@ mod tests {
     use crate::contract::{
         AGGREGATOR_ANNOTATION, CPU_LIMIT_ANNOTATION, CPU_REQUEST_ANNOTATION, DEFAULT_TASK_HUB, HUB_NAME_ENV,
         MAX_ACTIVITIES_ENV, MAX_ORCHESTRATIONS_ENV, MEMORY_LIMIT_ANNOTATION, MEMORY_REQUEST_ANNOTATION,
-        NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, TOKEN_AUDIENCE, TOKEN_DIR, env,
+        NATIVE_SIDECAR_ANNOTATION, SIDECAR_CONTAINER, TOKEN_AUDIENCE, TOKEN_DIR, env,
     };
     use serde_json::json;
 
@@ -247,6 +310,8 @@ mod tests {
             image: "example.test/durable-scaler:1".to_owned(),
             aggregator: "http://aggregator.test:4371".parse().unwrap(),
             aggregator_ca: None,
+            aggregator_ca_secret: None,
+            image_pull_secrets: Vec::new(),
             native_sidecar: true,
             version: "9.9.9".to_owned(),
         }
@@ -862,5 +927,198 @@ mod tests {
         // A hub named by the app itself does not depend on the default.
         let named = pod(json!({}), json!([storage_env()[0], site, {"name": HUB_NAME_ENV, "value": "Hub1"}]));
         assert!(plan(&named, &settings()).injects());
+    }
+
+    fn status_of(out: &Value) -> Value {
+        serde_json::from_str(out["metadata"]["annotations"][STATUS_ANNOTATION].as_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn image_pull_secrets_are_merged_into_the_pods_without_duplicates() {
+        let with_secrets =
+            InjectionSettings { image_pull_secrets: vec!["regcred".into(), "app-cred".into()], ..settings() };
+        let mut pod = pod(json!({}), storage_env());
+        pod["spec"]["imagePullSecrets"] = json!([{"name": "app-cred"}]);
+        let out = applied(&pod, &plan(&pod, &with_secrets));
+        assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "app-cred"}, {"name": "regcred"}]));
+        assert_eq!(status_of(&out)["imagePullSecrets"], json!(["regcred"]));
+
+        let bare = super::tests::pod(json!({}), storage_env());
+        let out = applied(&bare, &plan(&bare, &with_secrets));
+        assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "regcred"}, {"name": "app-cred"}]));
+    }
+
+    #[test]
+    fn the_sidecar_image_and_log_level_follow_the_pods_annotations() {
+        let pod = pod(
+            json!({"durable-scaler.io/sidecar-image": "registry.example/ds:2", "durable-scaler.io/sidecar-log-level": "DEBUG"}),
+            storage_env(),
+        );
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(out["spec"]["initContainers"][0]["image"], "registry.example/ds:2");
+        assert_eq!(sidecar_env(&out, "RUST_LOG"), json!({"name": "RUST_LOG", "value": "debug"}));
+
+        let bad = super::tests::pod(
+            json!({"durable-scaler.io/sidecar-image": "two words", "durable-scaler.io/sidecar-log-level": "loud"}),
+            storage_env(),
+        );
+        let injection = plan(&bad, &settings());
+        let out = applied(&bad, &injection);
+        assert_eq!(out["spec"]["initContainers"][0]["image"], settings().image);
+        assert_eq!(sidecar_env(&out, "RUST_LOG"), Value::Null);
+        assert!(injection.warnings.iter().any(|w| w.contains("\"two words\"")), "{:?}", injection.warnings);
+        assert!(injection.warnings.iter().any(|w| w.contains("\"loud\"")), "{:?}", injection.warnings);
+    }
+
+    #[test]
+    fn windows_pods_are_skipped_whichever_way_they_say_so() {
+        for (field, value) in
+            [("os", json!({"name": "windows"})), ("nodeSelector", json!({"kubernetes.io/os": "windows"}))]
+        {
+            let mut pod = pod(json!({}), storage_env());
+            pod["spec"][field] = value;
+            let injection = plan(&pod, &settings());
+            assert_eq!(injection.skipped, Some(SkipReason::Windows), "{field}");
+        }
+        let mut linux = pod(json!({}), storage_env());
+        linux["spec"]["os"] = json!({"name": "linux"});
+        assert!(plan(&linux, &settings()).injects());
+    }
+
+    #[test]
+    fn a_pod_that_must_complete_gets_a_native_sidecar_but_never_a_plain_one() {
+        for policy in ["Never", "OnFailure"] {
+            let mut native = pod(json!({}), storage_env());
+            native["spec"]["restartPolicy"] = json!(policy);
+            assert!(plan(&native, &settings()).injects(), "{policy}");
+            let mut plain = pod(json!({NATIVE_SIDECAR_ANNOTATION: "false"}), storage_env());
+            plain["spec"]["restartPolicy"] = json!(policy);
+            let injection = plan(&plain, &settings());
+            assert_eq!(injection.skipped, Some(SkipReason::NeverCompletes), "{policy}");
+            assert!(injection.warnings.iter().any(|w| w.contains(policy)), "{:?}", injection.warnings);
+        }
+    }
+
+    #[test]
+    fn the_sidecar_listens_on_a_port_no_container_declares() {
+        let mut pod = pod(json!({}), storage_env());
+        pod["spec"]["containers"][0]["ports"] = json!([{"containerPort": 9095}, {"containerPort": 9096}]);
+        pod["spec"]["initContainers"] =
+            json!([{"name": "init", "image": "i", "ports": [{"containerPort": 9097}]}]);
+        let out = applied(&pod, &plan(&pod, &settings()));
+        let sidecar = &out["spec"]["initContainers"][1];
+        assert_eq!(sidecar["livenessProbe"]["httpGet"]["port"], 9098);
+        assert_eq!(
+            sidecar_env(&out, env::HTTP_ADDR),
+            json!({"name": env::HTTP_ADDR, "value": "0.0.0.0:9098"})
+        );
+        assert_eq!(status_of(&out)["port"], 9098);
+
+        // The default port needs no variable: the sidecar listens there by itself.
+        let plain = super::tests::pod(json!({}), storage_env());
+        assert_eq!(sidecar_env(&applied(&plain, &plan(&plain, &settings())), env::HTTP_ADDR), Value::Null);
+    }
+
+    #[test]
+    fn an_https_aggregators_ca_from_a_secret_is_mounted_and_no_value_in_the_pod_spans_lines() {
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let mounted = InjectionSettings {
+            aggregator: "https://aggregator.test:4371".parse().unwrap(),
+            aggregator_ca: Some(ca.to_owned()),
+            aggregator_ca_secret: Some("durable-scaler-aggregator-ca".to_owned()),
+            ..settings()
+        };
+        let pod = pod(json!({}), storage_env());
+        let out = applied(&pod, &plan(&pod, &mounted));
+        let sidecar = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            sidecar_env(&out, env::AGGREGATOR_CA)["value"],
+            "/var/run/secrets/durable-scaler-aggregator-ca/ca.crt"
+        );
+        assert!(
+            sidecar["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "durable-scaler-aggregator-ca")
+        );
+        let volume = out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "durable-scaler-aggregator-ca");
+        assert_eq!(
+            volume.unwrap()["secret"],
+            json!({"secretName": "durable-scaler-aggregator-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]})
+        );
+        assert_eq!(
+            status_of(&out)["volumes"],
+            json!(["durable-scaler-token", "durable-scaler-aggregator-ca"])
+        );
+        fn multi_line(value: &Value) -> bool {
+            match value {
+                Value::String(s) => s.contains('\n'),
+                Value::Array(items) => items.iter().any(multi_line),
+                Value::Object(map) => map.values().any(multi_line),
+                _ => false,
+            }
+        }
+        assert!(!multi_line(&out), "{out:#}");
+    }
+
+    fn app_env(out: &Value, name: &str) -> Vec<Value> {
+        out["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == name)
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn the_app_drains_on_stop_with_a_grace_period_that_covers_the_hosts_waits() {
+        let mut pod = pod(json!({}), storage_env());
+        pod["spec"]["terminationGracePeriodSeconds"] = json!(10);
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(app_env(&out, drain::DRAIN_ENV), [json!({"name": drain::DRAIN_ENV, "value": "true"})]);
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], drain::DRAIN_GRACE_SECONDS);
+        assert_eq!(status_of(&out)["drain"]["terminationGracePeriodSeconds"], "10 -> 30");
+    }
+
+    #[test]
+    fn the_apps_own_drain_setting_and_longer_grace_are_kept() {
+        let mut env = storage_env();
+        env.as_array_mut().unwrap().push(json!({"name": drain::DRAIN_ENV, "value": "false"}));
+        let mut pod = pod(json!({}), env);
+        pod["spec"]["terminationGracePeriodSeconds"] = json!(600);
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(app_env(&out, drain::DRAIN_ENV), [json!({"name": drain::DRAIN_ENV, "value": "false"})]);
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 600);
+        assert_eq!(status_of(&out)["drain"]["terminationGracePeriodSeconds"], "600 kept");
+
+        // An envFrom source may set it: the webhook does not override what it cannot see.
+        let from = env_from_pod(json!([{"secretRef": {"name": "func-secrets"}}]), json!([]));
+        assert!(app_env(&applied(&from, &plan(&from, &settings())), drain::DRAIN_ENV).is_empty());
+    }
+
+    #[test]
+    fn one_annotation_sets_the_grace_never_below_the_pods_and_one_turns_the_drain_off() {
+        let mut pod =
+            pod(json!({"durable-scaler.io/termination-grace-period-seconds": "120"}), storage_env());
+        pod["spec"]["terminationGracePeriodSeconds"] = json!(30);
+        assert_eq!(applied(&pod, &plan(&pod, &settings()))["spec"]["terminationGracePeriodSeconds"], 120);
+
+        pod["spec"]["terminationGracePeriodSeconds"] = json!(300);
+        let injection = plan(&pod, &settings());
+        assert_eq!(applied(&pod, &injection)["spec"]["terminationGracePeriodSeconds"], 300);
+        assert!(injection.warnings.iter().any(|w| w.contains("keeping 300 s")), "{:?}", injection.warnings);
+
+        let mut off = super::tests::pod(json!({"durable-scaler.io/drain": "false"}), storage_env());
+        off["spec"]["terminationGracePeriodSeconds"] = json!(5);
+        let out = applied(&off, &plan(&off, &settings()));
+        assert!(app_env(&out, drain::DRAIN_ENV).is_empty());
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 5);
+        assert!(status_of(&out)["drain"].as_str().unwrap().starts_with("off"));
     }
 }

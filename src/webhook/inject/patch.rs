@@ -3,7 +3,8 @@
 
 use serde_json::{Map, Value, json};
 
-/// Appends `item` to the array `parent_path/key`, creating the array first when absent.
+/// Appends `item` to the array `parent_path/key`, creating the array first when the pod has
+/// none and no earlier operation of this patch created it (a second creation would empty it).
 pub(super) fn append(
     patch: &mut Vec<Value>,
     parent: &Map<String, Value>,
@@ -12,7 +13,8 @@ pub(super) fn append(
     item: Value,
 ) {
     let path = format!("{parent_path}/{}", escape(key));
-    if !parent.get(key).is_some_and(Value::is_array) {
+    let created = patch.iter().any(|op| op["path"] == path.as_str());
+    if !parent.get(key).is_some_and(Value::is_array) && !created {
         patch.push(add(&path, json!([])));
     }
     patch.push(add(&format!("{path}/-"), item));
@@ -34,6 +36,32 @@ pub(super) fn annotate(patch: &mut Vec<Value>, pod: &Value, annotations: Map<Str
     }
 }
 
+/// Merges `secrets` into the pod's `imagePullSecrets` (each a `{"name": ...}` reference),
+/// leaving out those it already names; returns the names added. The kubelet tries each
+/// listed Secret for every image of the pod, so the sidecar's registry credentials sit beside
+/// the app's own.
+pub(super) fn merge_pull_secrets(
+    patch: &mut Vec<Value>,
+    spec: &Map<String, Value>,
+    secrets: &[String],
+) -> Vec<String> {
+    let existing: Vec<&str> = spec
+        .get("imagePullSecrets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("name").and_then(Value::as_str))
+        .collect();
+    let mut added: Vec<String> = Vec::new();
+    for secret in secrets {
+        if !existing.contains(&secret.as_str()) && !added.contains(secret) {
+            append(patch, spec, "/spec", "imagePullSecrets", json!({"name": secret}));
+            added.push(secret.clone());
+        }
+    }
+    added
+}
+
 /// One `add` operation.
 pub(super) fn add(path: &str, value: Value) -> Value {
     json!({"op": "add", "path": path, "value": value})
@@ -47,6 +75,21 @@ pub(super) fn escape(token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_array_is_created_once_however_many_items_go_into_it() {
+        let mut patch = Vec::new();
+        let parent = Map::new();
+        append(&mut patch, &parent, "/spec", "volumes", json!({"name": "a"}));
+        append(&mut patch, &parent, "/spec", "volumes", json!({"name": "b"}));
+        let mut pod = json!({"spec": {}});
+        json_patch::patch(
+            &mut pod,
+            &serde_json::from_value::<json_patch::Patch>(Value::Array(patch)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(pod["spec"]["volumes"], json!([{"name": "a"}, {"name": "b"}]));
+    }
 
     #[test]
     fn pointer_tokens_escape_tilde_before_slash() {

@@ -13,6 +13,28 @@ use crate::contract::{
     TOKEN_FILE_NAME, TOKEN_VOLUME, TaskHub, WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT_ENV, env,
 };
 
+/// The volume holding the aggregator's CA when it comes from a Secret in the pod's namespace.
+pub(super) const CA_VOLUME: &str = "durable-scaler-aggregator-ca";
+/// Where [`CA_VOLUME`] is mounted in the sidecar.
+const CA_DIR: &str = "/var/run/secrets/durable-scaler-aggregator-ca";
+/// The Secret key (and file) holding the CA, as certs-gen writes it and KEDA's
+/// TriggerAuthentication reads it.
+const CA_KEY: &str = "ca.crt";
+/// How far above [`SIDECAR_HTTP_PORT`] a free port is looked for.
+const PORT_SEARCH: u16 = 100;
+
+/// Where the sidecar's CA for an https aggregator comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CaSource<'a> {
+    /// An http aggregator: no CA.
+    None,
+    /// The PEM given inline (`--sidecar-aggregator-ca` without a Secret name): it shows on
+    /// many lines in `kubectl describe pod`.
+    Inline(&'a str),
+    /// Key `ca.crt` of this Secret in the pod's namespace, mounted as a file.
+    Secret(&'a str),
+}
+
 /// The variable the Durable Functions extension takes its default hub name from.
 pub(super) const SITE_NAME_ENV: &str = "WEBSITE_SITE_NAME";
 
@@ -39,19 +61,22 @@ pub(super) struct Sidecar<'a> {
     pub(super) resources: Value,
     /// Native sidecar (init container with `restartPolicy: Always`) or plain container.
     pub(super) native: bool,
+    /// The image.
+    pub(super) image: &'a str,
+    /// `RUST_LOG`, when the pod sets one.
+    pub(super) log_level: Option<&'a str>,
+    /// The HTTP port (`/healthz`, `/metrics`), one the app does not use ([`free_port`]).
+    pub(super) port: u16,
+    /// The aggregator's CA.
+    pub(super) ca: CaSource<'a>,
 }
 
 /// The sidecar container; `None` only if a list that is never empty is (the caller skips
 /// the pod rather than panic).
-pub(super) fn container(
-    settings: &InjectionSettings,
-    sidecar: Sidecar<'_>,
-    warnings: &mut Vec<String>,
-) -> Option<Value> {
+pub(super) fn container(sidecar: Sidecar<'_>, warnings: &mut Vec<String>) -> Option<Value> {
     let mut task_hub = sidecar.task_hub.into_iter();
     let mut connection = sidecar.app.connection.iter();
     let (first_task_hub, first_connection) = (task_hub.next()?, connection.next()?);
-    let https = sidecar.aggregator.scheme() == "https";
 
     let mut env = vec![
         first_task_hub,
@@ -64,14 +89,26 @@ pub(super) fn container(
     // order (see `definitions`): each later one that resolves replaces the value.
     env.extend(task_hub);
     env.extend(connection.map(|definition| renamed_env(env::CONNECTION, definition)));
-    if let (true, Some(ca)) = (https, &settings.aggregator_ca) {
-        env.push(json!({"name": env::AGGREGATOR_CA, "value": ca}));
+    let mut mounts = vec![json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true})];
+    match sidecar.ca {
+        CaSource::None => {}
+        CaSource::Inline(pem) => env.push(json!({"name": env::AGGREGATOR_CA, "value": pem})),
+        CaSource::Secret(_) => {
+            env.push(json!({"name": env::AGGREGATOR_CA, "value": format!("{CA_DIR}/{CA_KEY}")}));
+            mounts.push(json!({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": true}));
+        }
     }
     env.extend(limit_env(sidecar.app.container, sidecar.app.name, warnings));
+    if sidecar.port != SIDECAR_HTTP_PORT {
+        env.push(json!({"name": env::HTTP_ADDR, "value": format!("0.0.0.0:{}", sidecar.port)}));
+    }
+    if let Some(level) = sidecar.log_level {
+        env.push(json!({"name": "RUST_LOG", "value": level}));
+    }
 
     let mut container = json!({
         "name": SIDECAR_CONTAINER,
-        "image": settings.image,
+        "image": sidecar.image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["sidecar"],
         "env": env,
@@ -79,7 +116,7 @@ pub(super) fn container(
         // Liveness only: a readiness probe on a sidecar would take the app out of its Service
         // whenever the sidecar (not the app) is unwell.
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": SIDECAR_HTTP_PORT, "scheme": "HTTP"},
+            "httpGet": {"path": "/healthz", "port": sidecar.port, "scheme": "HTTP"},
             "initialDelaySeconds": 5,
             "periodSeconds": 10,
             "timeoutSeconds": 2,
@@ -96,7 +133,7 @@ pub(super) fn container(
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
+        "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
     if sidecar.native {
@@ -117,15 +154,53 @@ pub(super) fn token_volume() -> Value {
     })
 }
 
-/// The status annotation's value: what was injected, how, and by which version.
-pub(super) fn status(settings: &InjectionSettings, native: bool, mode_reason: &str) -> Value {
+/// The Secret volume with the aggregator's CA (key `ca.crt` only). Not optional: without
+/// it the sidecar could not verify the aggregator and would not start, and a pod waiting
+/// for a missing Secret says so in `kubectl describe pod` (the same Secret KEDA's
+/// TriggerAuthentication reads in that namespace).
+pub(super) fn ca_volume(secret: &str) -> Value {
     json!({
+        "name": CA_VOLUME,
+        "secret": {"secretName": secret, "items": [{"key": CA_KEY, "path": CA_KEY}]},
+    })
+}
+
+/// The first port from [`SIDECAR_HTTP_PORT`] up that no container or init container of the
+/// pod declares (`containerPort` or `hostPort`): containers of a pod share one network
+/// namespace, so the sidecar must not listen where the app does. An app listening on a port
+/// it does not declare cannot be seen.
+pub(super) fn free_port(spec: &serde_json::Map<String, Value>) -> Option<u16> {
+    let used: std::collections::BTreeSet<u64> = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|list| spec.get(*list).and_then(Value::as_array).into_iter().flatten())
+        .flat_map(|c| c.get("ports").and_then(Value::as_array).into_iter().flatten())
+        .flat_map(|p| ["containerPort", "hostPort"].map(|key| p.get(key).and_then(Value::as_u64)))
+        .flatten()
+        .collect();
+    (SIDECAR_HTTP_PORT..SIDECAR_HTTP_PORT.saturating_add(PORT_SEARCH))
+        .find(|port| !used.contains(&u64::from(*port)))
+}
+
+/// The status annotation's value: what was injected, how, by which version, and what else
+/// of the pod was changed (`changes`).
+pub(super) fn status(
+    settings: &InjectionSettings,
+    native: bool,
+    mode_reason: &str,
+    volumes: &[&str],
+    changes: serde_json::Map<String, Value>,
+) -> Value {
+    let mut status = json!({
         "version": settings.version,
         "containers": [SIDECAR_CONTAINER],
-        "volumes": [TOKEN_VOLUME],
+        "volumes": volumes,
         "mode": if native { "native-sidecar" } else { "container" },
         "modeReason": mode_reason,
-    })
+    });
+    if let Some(object) = status.as_object_mut() {
+        object.extend(changes);
+    }
+    status
 }
 
 /// `DURABLE_SCALER_TASK_HUB`'s definitions: the annotation, else the app's hub-name setting
