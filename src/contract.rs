@@ -22,6 +22,36 @@ pub mod env {
     pub const TASK_HUB: &str = "DURABLE_SCALER_TASK_HUB";
     /// The app's storage connection string, copied from the app container's own variable.
     pub const CONNECTION: &str = "DURABLE_SCALER_CONNECTION";
+    /// An identity-based connection's `accountName` (from the app's
+    /// `{connection}__accountName`), used when [`CONNECTION`] is unset or empty, as the Functions
+    /// host uses the connection's settings when the connection has no string value.
+    pub const CONNECTION_ACCOUNT_NAME: &str = "DURABLE_SCALER_CONNECTION__accountName";
+    /// An identity-based connection's `blobServiceUri`.
+    pub const CONNECTION_BLOB_SERVICE_URI: &str = "DURABLE_SCALER_CONNECTION__blobServiceUri";
+    /// An identity-based connection's `queueServiceUri`.
+    pub const CONNECTION_QUEUE_SERVICE_URI: &str = "DURABLE_SCALER_CONNECTION__queueServiceUri";
+    /// An identity-based connection's `tableServiceUri`.
+    pub const CONNECTION_TABLE_SERVICE_URI: &str = "DURABLE_SCALER_CONNECTION__tableServiceUri";
+    /// An identity-based connection's `credential` (`managedidentity`, `workloadidentity`).
+    pub const CONNECTION_CREDENTIAL: &str = "DURABLE_SCALER_CONNECTION__credential";
+    /// An identity-based connection's `clientId`.
+    pub const CONNECTION_CLIENT_ID: &str = "DURABLE_SCALER_CONNECTION__clientId";
+    /// An identity-based connection's `tenantId`.
+    pub const CONNECTION_TENANT_ID: &str = "DURABLE_SCALER_CONNECTION__tenantId";
+    /// An identity-based connection's `tokenFilePath`.
+    pub const CONNECTION_TOKEN_FILE_PATH: &str = "DURABLE_SCALER_CONNECTION__tokenFilePath";
+    /// The identity-based connection's settings: the app's key after its connection name
+    /// (`AzureWebJobsStorage__{key}`), and the sidecar variable it is copied to.
+    pub const CONNECTION_SETTINGS: [(&str, &str); 8] = [
+        ("accountName", CONNECTION_ACCOUNT_NAME),
+        ("blobServiceUri", CONNECTION_BLOB_SERVICE_URI),
+        ("queueServiceUri", CONNECTION_QUEUE_SERVICE_URI),
+        ("tableServiceUri", CONNECTION_TABLE_SERVICE_URI),
+        ("credential", CONNECTION_CREDENTIAL),
+        ("clientId", CONNECTION_CLIENT_ID),
+        ("tenantId", CONNECTION_TENANT_ID),
+        ("tokenFilePath", CONNECTION_TOKEN_FILE_PATH),
+    ];
     /// The aggregator's report URL.
     pub const AGGREGATOR: &str = "DURABLE_SCALER_AGGREGATOR";
     /// PEM CA of an `https://` aggregator, inline or as a path.

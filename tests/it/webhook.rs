@@ -793,6 +793,62 @@ async fn a_site_name_from_a_reference_with_no_hub_named_is_skipped_with_a_reason
 }
 
 #[tokio::test]
+async fn an_aks_workload_identity_app_gets_a_sidecar_that_reads_storage_with_the_same_identity() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("identity-workload-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    let sidecar = pod["spec"]["initContainers"][0].clone();
+    let entry = |name: &str| sidecar_env(&review, &answer, name);
+    assert!(entry("DURABLE_SCALER_CONNECTION").is_empty());
+    assert_eq!(
+        entry("DURABLE_SCALER_CONNECTION__accountName"),
+        [json!({"name": "DURABLE_SCALER_CONNECTION__accountName", "value": "ordersfuncstorage"})]
+    );
+    assert_eq!(
+        entry("DURABLE_SCALER_CONNECTION__clientId"),
+        [
+            json!({"name": "DURABLE_SCALER_CONNECTION__clientId", "valueFrom": {"configMapKeyRef": {"name": "orders-identity", "key": "client-id"}}})
+        ]
+    );
+    let app = &pod["spec"]["containers"][0];
+    for name in ["AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST"] {
+        let original = app["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap();
+        assert_eq!(entry(name), [original.clone()], "{name}");
+    }
+    let token_mount = app["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/var/run/secrets/azure/wi")
+        .unwrap();
+    assert!(sidecar["volumeMounts"].as_array().unwrap().contains(token_mount), "{sidecar}");
+
+    // The sidecar's own command line takes what was injected (the clientId reference
+    // resolved by the kubelet; any id stands in for it here).
+    let parsed = durable_scaler::cli::Cli::try_parse_from([
+        "durable-scaler",
+        "sidecar",
+        "--task-hub",
+        "OrdersHub",
+        "--connection-account-name",
+        "ordersfuncstorage",
+        "--connection-client-id",
+        "5f6a7b8c-0000-4000-8000-1a2b3c4d5e6f",
+        "--aggregator",
+        "http://agg:4371",
+        "--pod-name",
+        "orders-7d9f-x2",
+        "--pod-namespace",
+        "orders",
+    ])
+    .expect("the sidecar parses the identity settings");
+    let durable_scaler::cli::Command::Sidecar(args) = parsed.command else { panic!("not the sidecar") };
+    durable_scaler::sidecar::Config::from_args(args).expect("the sidecar builds the identity-based account");
+}
+
+#[tokio::test]
 async fn a_host_network_pod_is_admitted_without_a_sidecar_and_counted() {
     let webhook = Running::start(|_| {}).await;
     let (status, answer) = webhook.review(&load("hostnetwork-pod-create.json")).await;

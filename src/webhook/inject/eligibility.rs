@@ -4,8 +4,8 @@
 
 use serde_json::{Map, Value};
 
-use super::kubelet_env::{Naming, definitions, env_entry};
-use crate::contract::{SIDECAR_CONTAINER, SIDECAR_HTTP_PORT};
+use super::kubelet_env::{Naming, definitions, env_entry, is_optional_reference, spellings};
+use crate::contract::{SIDECAR_CONTAINER, SIDECAR_HTTP_PORT, env};
 
 /// The app container and how its connection variable is defined.
 #[derive(Debug)]
@@ -16,8 +16,13 @@ pub(super) struct App<'a> {
     pub(super) index: usize,
     /// Its `name` (empty when it has none; the API server refuses such a pod anyway).
     pub(super) name: &'a str,
-    /// The definitions of the connection variable ([`definitions`]), never empty.
+    /// The definitions of the connection string ([`definitions`]); empty for an app that
+    /// connects with an identity only.
     pub(super) connection: Vec<Value>,
+    /// The identity-based connection's settings the app defines: the sidecar variable and
+    /// the definitions to copy there (empty when a connection string is always set, since
+    /// the string then wins).
+    pub(super) identity: IdentitySettings,
 }
 
 /// True when a container named [`SIDECAR_CONTAINER`] is in `containers` or `initContainers`.
@@ -68,18 +73,59 @@ pub(super) fn never_completes(spec: &Map<String, Value>, native: bool) -> Option
     })
 }
 
+/// The identity-based settings an app defines: the sidecar variable and the definitions to
+/// copy there.
+pub(super) type IdentitySettings = Vec<(&'static str, Vec<Value>)>;
+
+/// The identity-based connection's settings that locate the account: one of them (or a
+/// connection string) makes a container the app.
+const LOCATING_SETTINGS: [&str; 4] = ["accountName", "blobServiceUri", "queueServiceUri", "tableServiceUri"];
+
+/// How `container` defines the storage connection named `connection_env`: the connection
+/// string's definitions ([`definitions`], exact name, as today), and, unless a string is
+/// always set, the identity-based settings `{connection_env}__{key}` (matched as .NET
+/// configuration reads them) with the sidecar variable each goes to. `None` when the
+/// container defines neither a string nor a locating setting.
+fn connection_of(container: &Value, connection_env: &str) -> Option<(Vec<Value>, IdentitySettings)> {
+    let string = definitions(container, connection_env, Naming::Exact).unwrap_or_default();
+    let string_always_set = string.first().is_some_and(|d| !is_optional_reference(d));
+    let identity: IdentitySettings = if string_always_set {
+        Vec::new()
+    } else {
+        env::CONNECTION_SETTINGS
+            .iter()
+            .filter_map(|(key, ours)| {
+                definitions(container, &format!("{connection_env}__{key}"), Naming::DotnetConfiguration)
+                    .map(|found| (*ours, found))
+            })
+            .collect()
+    };
+    let locates = identity.iter().any(|(ours, _)| {
+        LOCATING_SETTINGS.iter().any(|key| env::CONNECTION_SETTINGS.contains(&(*key, *ours)))
+    });
+    (!string.is_empty() || locates).then_some((string, identity))
+}
+
+/// True when `container` names the connection in its `env` (the string or a locating
+/// setting), rather than only possibly through `envFrom`.
+fn names_connection_in_env(container: &Value, connection_env: &str) -> bool {
+    env_entry(container, connection_env).is_some()
+        || LOCATING_SETTINGS.iter().any(|key| {
+            !spellings(container, &format!("{connection_env}__{key}"), Naming::DotnetConfiguration).is_empty()
+        })
+}
+
 /// The app container: the default-container annotation's container when it defines the
-/// connection variable, else the first container that defines it in `env`, else the first
-/// whose `envFrom` may.
+/// connection ([`connection_of`]), else the first container that names it in `env`, else
+/// the first whose `envFrom` may.
 pub(super) fn app_container<'a>(
     spec: &'a Map<String, Value>,
     default_container: Option<&str>,
     connection_env: &str,
 ) -> Option<App<'a>> {
     let containers = spec.get("containers").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let defines =
-        |(i, c): (usize, &'a Value)| definitions(c, connection_env, Naming::Exact).map(|d| (i, c, d));
-    let (index, container, connection) = default_container
+    let defines = |(i, c): (usize, &'a Value)| connection_of(c, connection_env).map(|d| (i, c, d));
+    let (index, container, (connection, identity)) = default_container
         .and_then(|name| {
             containers.iter().enumerate().find(|(_, c)| c.get("name").and_then(Value::as_str) == Some(name))
         })
@@ -88,10 +134,43 @@ pub(super) fn app_container<'a>(
             containers
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| env_entry(c, connection_env).is_some())
+                .filter(|(_, c)| names_connection_in_env(c, connection_env))
                 .find_map(defines)
         })
         .or_else(|| containers.iter().enumerate().find_map(defines))?;
     let name = container.get("name").and_then(Value::as_str).unwrap_or_default();
-    Some(App { container, index, name, connection })
+    Some(App { container, index, name, connection, identity })
+}
+
+/// Why an app whose identity-based connection the sidecar cannot use gets no sidecar, or
+/// `None`: a client secret or certificate (`ClientFactory.CreateCredential`'s
+/// `clientSecret`, `clientCertificate`), which the sidecar is never given, or a literal
+/// `credential` other than `managedidentity` and `workloadidentity`.
+pub(super) fn unsupported_credential(app: &App<'_>, connection_env: &str) -> Option<String> {
+    if app.identity.is_empty() {
+        return None;
+    }
+    let secret = ["clientSecret", "clientCertificate"].into_iter().find(|key| {
+        !spellings(app.container, &format!("{connection_env}__{key}"), Naming::DotnetConfiguration).is_empty()
+    });
+    if let Some(key) = secret {
+        return Some(format!(
+            "durable-scaler: the app connects to storage with {connection_env}__{key}; the sidecar reads \
+             storage with a managed or workload identity only; sidecar not injected"
+        ));
+    }
+    let literal = app
+        .identity
+        .iter()
+        .filter(|(ours, _)| *ours == env::CONNECTION_CREDENTIAL)
+        .flat_map(|(_, found)| found.iter().filter_map(|d| d.get("value").and_then(Value::as_str)))
+        .find(|value| {
+            !["managedidentity", "workloadidentity"].iter().any(|ok| ok.eq_ignore_ascii_case(value))
+        });
+    literal.map(|value| {
+        format!(
+            "durable-scaler: {connection_env}__credential is {value:?}; the sidecar reads storage with \
+             managedidentity, workloadidentity or the default credential only; sidecar not injected"
+        )
+    })
 }

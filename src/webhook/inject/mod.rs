@@ -78,6 +78,9 @@ pub enum SkipReason {
     NeverCompletes,
     /// No port near the sidecar's is free of the app's declared ports.
     NoFreePort,
+    /// The app's identity-based connection uses a credential the sidecar cannot (a client
+    /// secret or certificate).
+    UnsupportedCredential,
     /// Any other refusal (a pod without a spec).
     Other,
 }
@@ -91,6 +94,7 @@ crate::metrics::label_values!(SkipReason {
     Windows => "windows",
     NeverCompletes => "never_completes",
     NoFreePort => "no_free_port",
+    UnsupportedCredential => "unsupported_credential",
     Other => "other",
 });
 
@@ -189,11 +193,15 @@ fn plan_spec(
     let Some(app) = eligibility::app_container(spec, annotations.default_container(), connection_env) else {
         let warning = format!(
             "durable-scaler: no container defines the env var {connection_env:?} (named by \
-             {CONNECTION_ENV_ANNOTATION}, default {DEFAULT_CONNECTION_ENV}) in `env` or through an \
+             {CONNECTION_ENV_ANNOTATION}, default {DEFAULT_CONNECTION_ENV}) or an identity-based \
+             {connection_env}__accountName / __queueServiceUri (and the rest) in `env` or through an \
              `envFrom` Secret or ConfigMap; sidecar not injected"
         );
         return Injection::skip(SkipReason::NoConnectionVariable, warnings, warning);
     };
+    if let Some(warning) = eligibility::unsupported_credential(&app, connection_env) {
+        return Injection::skip(SkipReason::UnsupportedCredential, warnings, warning);
+    }
 
     let task_hub =
         match template::task_hub_env(annotations.get(TASK_HUB_ANNOTATION), app.container, &mut warnings) {
@@ -272,6 +280,9 @@ fn plan_spec(
     }
     if port != SIDECAR_HTTP_PORT {
         changes.insert("port".to_owned(), json!(port));
+    }
+    if !app.identity.is_empty() {
+        changes.insert("connection".to_owned(), json!("identity-based"));
     }
     let drain = if annotations.drain(&mut warnings) {
         drain::plan(spec, &app, annotations.grace_seconds(&mut warnings), &mut patch, &mut warnings)
@@ -1120,5 +1131,109 @@ mod tests {
         assert!(app_env(&out, drain::DRAIN_ENV).is_empty());
         assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 5);
         assert!(status_of(&out)["drain"].as_str().unwrap().starts_with("off"));
+    }
+
+    fn identity_pod(env: Value) -> Value {
+        pod(json!({TASK_HUB_ANNOTATION: "Hub1"}), env)
+    }
+
+    #[test]
+    fn an_identity_based_app_gets_its_connection_settings_under_the_sidecars_names() {
+        // The shapes the Functions host reads (AzureWebJobsStorage__*, .NET configuration keys).
+        let pod = identity_pod(json!([
+            {"name": "AzureWebJobsStorage__accountName", "value": "orders"},
+            {"name": "azurewebjobsstorage__CREDENTIAL", "value": "managedidentity"},
+            {"name": "AzureWebJobsStorage:clientId", "value": "00000000-0000-0000-0000-000000000001"},
+        ]));
+        let injection = plan(&pod, &settings());
+        let out = applied(&pod, &injection);
+        assert_eq!(sidecar_env(&out, env::CONNECTION), Value::Null, "no connection string to copy");
+        assert_eq!(sidecar_env(&out, env::CONNECTION_ACCOUNT_NAME)["value"], "orders");
+        assert_eq!(sidecar_env(&out, env::CONNECTION_CREDENTIAL)["value"], "managedidentity");
+        assert_eq!(
+            sidecar_env(&out, env::CONNECTION_CLIENT_ID)["value"],
+            "00000000-0000-0000-0000-000000000001"
+        );
+        assert_eq!(status_of(&out)["connection"], "identity-based");
+        assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    }
+
+    #[test]
+    fn service_uris_alone_locate_the_account() {
+        let pod = identity_pod(json!([
+            {"name": "AzureWebJobsStorage__blobServiceUri", "value": "https://o.blob.core.windows.net"},
+            {"name": "AzureWebJobsStorage__queueServiceUri", "value": "https://o.queue.core.windows.net"},
+            {"name": "AzureWebJobsStorage__tableServiceUri", "value": "https://o.table.core.windows.net"},
+        ]));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        for (ours, host) in [
+            (env::CONNECTION_BLOB_SERVICE_URI, "https://o.blob.core.windows.net"),
+            (env::CONNECTION_QUEUE_SERVICE_URI, "https://o.queue.core.windows.net"),
+            (env::CONNECTION_TABLE_SERVICE_URI, "https://o.table.core.windows.net"),
+        ] {
+            assert_eq!(sidecar_env(&out, ours)["value"], host);
+        }
+    }
+
+    #[test]
+    fn a_credential_or_client_id_alone_is_no_connection() {
+        let pod = identity_pod(json!([{"name": "AzureWebJobsStorage__clientId", "value": "x"}]));
+        assert_eq!(plan(&pod, &settings()).skipped, Some(SkipReason::NoConnectionVariable));
+    }
+
+    #[test]
+    fn an_always_set_connection_string_wins_and_no_identity_setting_is_copied() {
+        let pod = identity_pod(json!([
+            storage_env()[0],
+            {"name": "AzureWebJobsStorage__accountName", "value": "orders"},
+        ]));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(sidecar_env(&out, env::CONNECTION_ACCOUNT_NAME), Value::Null);
+        assert!(status_of(&out).get("connection").is_none());
+    }
+
+    #[test]
+    fn a_client_secret_or_a_foreign_credential_skips_the_pod() {
+        for extra in [
+            json!({"name": "AzureWebJobsStorage__clientSecret", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}),
+            json!({"name": "AzureWebJobsStorage__credential", "value": "azurepipelines"}),
+        ] {
+            let pod =
+                identity_pod(json!([{"name": "AzureWebJobsStorage__accountName", "value": "orders"}, extra]));
+            assert_eq!(plan(&pod, &settings()).skipped, Some(SkipReason::UnsupportedCredential), "{extra}");
+        }
+    }
+
+    #[test]
+    fn the_workload_identity_the_app_was_given_is_given_to_the_sidecar() {
+        let mut pod = identity_pod(json!([
+            {"name": "AzureWebJobsStorage__accountName", "value": "orders"},
+            {"name": "AZURE_CLIENT_ID", "value": "c"},
+            {"name": "AZURE_TENANT_ID", "value": "t"},
+            {"name": "AZURE_FEDERATED_TOKEN_FILE", "value": "/var/run/secrets/azure/tokens/azure-identity-token"},
+            {"name": "AZURE_AUTHORITY_HOST", "value": "https://login.microsoftonline.com/"},
+            {"name": "AZURE_KUBERNETES_CA_DATA", "value": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----"},
+        ]));
+        pod["spec"]["containers"][0]["volumeMounts"] = json!([
+            {"name": "data", "mountPath": "/var/run/secrets/azure"},
+            {"name": "azure-identity-token", "mountPath": "/var/run/secrets/azure/tokens", "readOnly": true},
+        ]);
+        let out = applied(&pod, &plan(&pod, &settings()));
+        for (name, value) in [
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/"),
+        ] {
+            assert_eq!(sidecar_env(&out, name)["value"], value);
+        }
+        assert_eq!(sidecar_env(&out, "AZURE_KUBERNETES_CA_DATA"), Value::Null);
+        let mounts = out["spec"]["initContainers"][0]["volumeMounts"].as_array().unwrap().clone();
+        // The first mount holding the token file by path: `data` is a parent directory of it
+        // too, and is what the kubelet would show there only without the nested mount; the
+        // copy takes the first that holds it, in the app's order.
+        assert!(
+            mounts.iter().any(|m| m["mountPath"].as_str().unwrap().starts_with("/var/run/secrets/azure")),
+            "{mounts:?}"
+        );
     }
 }

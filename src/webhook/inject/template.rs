@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::InjectionSettings;
 use super::eligibility::App;
-use super::kubelet_env::{Naming, definitions, is_optional_reference, renamed_env, spellings};
+use super::kubelet_env::{Naming, definitions, env_entry, is_optional_reference, renamed_env, spellings};
 use crate::contract::{
     CONTROL_QUEUE_BUFFER_THRESHOLD_ENV, CONTROL_QUEUE_VISIBILITY_TIMEOUT_ENV, DEFAULT_TASK_HUB, HUB_NAME_ENV,
     MAX_ACTIVITIES_ENV, MAX_ORCHESTRATIONS_ENV, MAX_QUEUE_POLLING_INTERVAL_ENV, SIDECAR_CONTAINER,
@@ -71,25 +71,36 @@ pub(super) struct Sidecar<'a> {
     pub(super) ca: CaSource<'a>,
 }
 
-/// The sidecar container; `None` only if a list that is never empty is (the caller skips
-/// the pod rather than panic).
+/// The sidecar container; `None` only if the task hub's definitions, never empty, are (the
+/// caller skips the pod rather than panic).
 pub(super) fn container(sidecar: Sidecar<'_>, warnings: &mut Vec<String>) -> Option<Value> {
     let mut task_hub = sidecar.task_hub.into_iter();
     let mut connection = sidecar.app.connection.iter();
-    let (first_task_hub, first_connection) = (task_hub.next()?, connection.next()?);
-
-    let mut env = vec![
-        first_task_hub,
-        renamed_env(env::CONNECTION, first_connection),
+    let mut env = vec![task_hub.next()?];
+    if let Some(first) = connection.next() {
+        env.push(renamed_env(env::CONNECTION, first));
+    }
+    env.extend([
         json!({"name": env::AGGREGATOR, "value": url_text(sidecar.aggregator)}),
         json!({"name": env::POD_NAME, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}),
         json!({"name": env::POD_NAMESPACE, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}}),
-    ];
+    ]);
     // Further definitions of the same two names, after the first ones and in the kubelet's
     // order (see `definitions`): each later one that resolves replaces the value.
     env.extend(task_hub);
     env.extend(connection.map(|definition| renamed_env(env::CONNECTION, definition)));
+    for (ours, definitions) in &sidecar.app.identity {
+        env.extend(definitions.iter().map(|definition| renamed_env(ours, definition)));
+    }
+    let identity_mount = if sidecar.app.identity.is_empty() {
+        None
+    } else {
+        let (copies, mount) = workload_identity(sidecar.app.container);
+        env.extend(copies);
+        mount
+    };
     let mut mounts = vec![json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true})];
+    mounts.extend(identity_mount);
     match sidecar.ca {
         CaSource::None => {}
         CaSource::Inline(pem) => env.push(json!({"name": env::AGGREGATOR_CA, "value": pem})),
@@ -140,6 +151,44 @@ pub(super) fn container(sidecar: Sidecar<'_>, warnings: &mut Vec<String>) -> Opt
         container["restartPolicy"] = json!("Always");
     }
     Some(container)
+}
+
+/// The variables the AKS workload identity webhook gives each container it mutates
+/// (Azure/azure-workload-identity `pkg/webhook/consts.go`; `webhook.go`
+/// `addEnvironmentVariables`), which Azure's `WorkloadIdentityCredential` reads. Its
+/// `AZURE_KUBERNETES_*` variables (a custom token endpoint, one a multi-line PEM) are left
+/// out: the sidecar's credential does not use them.
+const WORKLOAD_IDENTITY_ENV: [&str; 4] =
+    ["AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST"];
+
+/// The app container's workload identity, for a sidecar that reads storage as the app does:
+/// copies of its [`WORKLOAD_IDENTITY_ENV`] entries, and the mount of the projected token
+/// volume that holds `AZURE_FEDERATED_TOKEN_FILE` (its name and path as the app has them:
+/// the webhook names the volume per pod, `addProjectedVolumeMount`).
+///
+/// The workload identity webhook may have run before this one, and then the app container
+/// has them and the sidecar gets copies; or after it, or again on reinvocation (its
+/// configuration says `reinvocationPolicy: IfNeeded`, `deploy/azure-wi-webhook.yaml`), and then
+/// it mutates the sidecar like every other container, adding only what is not there yet.
+fn workload_identity(app: &Value) -> (Vec<Value>, Option<Value>) {
+    let copies: Vec<Value> =
+        WORKLOAD_IDENTITY_ENV.iter().filter_map(|name| env_entry(app, name)).cloned().collect();
+    let token_file =
+        env_entry(app, "AZURE_FEDERATED_TOKEN_FILE").and_then(|e| e.get("value")).and_then(Value::as_str);
+    // The most specific mount holding the file is the one the file lives on.
+    let mount = token_file.and_then(|file| {
+        app.get("volumeMounts")
+            .and_then(Value::as_array)?
+            .iter()
+            .filter_map(|m| {
+                let path = m.get("mountPath").and_then(Value::as_str)?;
+                let name = m.get("name").and_then(Value::as_str)?;
+                file.starts_with(&format!("{}/", path.trim_end_matches('/'))).then_some((path, name))
+            })
+            .max_by_key(|(path, _)| path.len())
+            .map(|(path, name)| json!({"name": name, "mountPath": path, "readOnly": true}))
+    });
+    (copies, mount)
 }
 
 /// The projected service-account token the sidecar authenticates its reports with.
