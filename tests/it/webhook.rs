@@ -815,7 +815,7 @@ async fn an_aks_workload_identity_app_gets_a_sidecar_that_reads_storage_with_the
     let app = &pod["spec"]["containers"][0];
     for name in ["AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST"] {
         let original = app["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap();
-        assert_eq!(entry(name), [original.clone()], "{name}");
+        assert_eq!(entry(name), std::slice::from_ref(original), "{name}");
     }
     let token_mount = app["volumeMounts"]
         .as_array()
