@@ -279,6 +279,20 @@ pub mod limits {
     pub const QUOTE_MAX_CHARS: usize = 64;
 }
 
+/// One RBAC permission a role's code needs, declared beside the calls that need it so that the
+/// manifests test can hold `manifests/` to exactly these (tests/it/manifests.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RbacRule {
+    /// The API group (`""` for the core group).
+    pub api_group: &'static str,
+    /// The resource (or `resource/subresource`).
+    pub resource: &'static str,
+    /// The verb.
+    pub verb: &'static str,
+    /// Granted cluster-wide (a ClusterRole), or in the role's own namespace only (a Role).
+    pub cluster_wide: bool,
+}
+
 /// Shortens `text` (an Event note, say) to at most `max` bytes on a character boundary.
 pub(crate) fn truncate(text: &mut String, max: usize) {
     if text.len() > max {

@@ -16,7 +16,8 @@
 //! | `events.k8s.io` | `events` | `create` (app namespaces) | [`events`] |
 //! | `""` | `pods` | `get` (its own namespace) | its own pod's image, at start |
 //!
-//! `/version` needs no rule (the `system:public-info-viewer` role every client has).
+//! `/version` needs no rule (the `system:public-info-viewer` role every client has). [`RBAC`]
+//! is this table as data; the manifests test holds `manifests/` to it.
 
 pub mod cluster;
 pub mod events;
@@ -49,6 +50,18 @@ use cluster::{NativeSidecarDetector, NativeSidecarMode};
 use events::SkipRecorder;
 use inject::{InjectionSettings, NativeDefault};
 use metrics::Metrics;
+
+/// The webhook server's RBAC (the table in the module docs).
+pub const RBAC: [crate::contract::RbacRule; 3] = [
+    crate::contract::RbacRule { api_group: "", resource: "nodes", verb: "list", cluster_wide: true },
+    crate::contract::RbacRule {
+        api_group: "events.k8s.io",
+        resource: "events",
+        verb: "create",
+        cluster_wide: true,
+    },
+    crate::contract::RbacRule { api_group: "", resource: "pods", verb: "get", cluster_wide: false },
+];
 
 /// The one image that serves every role; the sidecar's default image.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/durable-scaler/durable-scaler:", env!("CARGO_PKG_VERSION"));
