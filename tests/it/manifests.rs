@@ -545,6 +545,84 @@ fn in_every_pod_only_the_containers_that_call_the_api_get_a_service_account_toke
     }
 }
 
+/// The NetworkPolicy selecting `workload`'s pods (exactly one does).
+fn policy_of<'a>(objects: &'a [Value], workload: &Value) -> &'a Value {
+    let labels = &workload["spec"]["template"]["metadata"]["labels"];
+    let selecting: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .filter(|p| {
+            p["spec"]["podSelector"]["matchLabels"].as_object().unwrap().iter().all(|(k, v)| &labels[k] == v)
+        })
+        .collect();
+    assert_eq!(selecting.len(), 1, "{}", workload["metadata"]["name"]);
+    selecting[0]
+}
+
+/// The ingress rules of `policy` that open `port` (a container port's name).
+fn ingress_for<'a>(policy: &'a Value, port: &str) -> Vec<&'a Value> {
+    policy["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rule| rule["ports"].as_array().unwrap().iter().any(|p| p["port"] == port))
+        .collect()
+}
+
+#[test]
+fn network_policies_keep_the_keda_port_to_keda_and_the_report_port_to_pods() {
+    for install in INSTALLS {
+        let objects = render(install);
+        for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            let policy = policy_of(&objects, workload);
+            assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "{install}");
+            // Every port a policy opens is a port the pod declares.
+            let declared: BTreeSet<&str> = all_containers(workload)
+                .iter()
+                .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                .map(|p| p["name"].as_str().unwrap())
+                .collect();
+            for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+                for port in rule["ports"].as_array().unwrap() {
+                    assert!(declared.contains(port["port"].as_str().unwrap()), "{install}: {port}");
+                }
+            }
+        }
+        let aggregator = policy_of(&objects, find(&objects, "Deployment", "durable-scaler-aggregator"));
+        let keda = ingress_for(aggregator, "keda");
+        assert_eq!(keda.len(), 1);
+        assert_eq!(
+            keda[0]["from"],
+            json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}])
+        );
+        let reports = ingress_for(aggregator, "reports");
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            reports[0]["from"],
+            json!([{"namespaceSelector": {}}]),
+            "pods of any namespace, no ipBlock"
+        );
+        assert_eq!(ingress_for(aggregator, "http").len(), 1);
+        // The webhook takes the API server's calls on its admission port and nothing else;
+        // certs-gen takes none.
+        let webhook = policy_of(&objects, find(&objects, "Deployment", "durable-scaler-webhook"));
+        assert_eq!(webhook["spec"]["ingress"], json!([{"ports": [{"port": "https", "protocol": "TCP"}]}]));
+        let certs_gen = policy_of(&objects, find(&objects, "Deployment", "durable-scaler-certs-gen"));
+        assert!(certs_gen["spec"].get("ingress").is_none());
+        // Egress: DNS and HTTPS (the API server, Azure Storage) only.
+        for policy in [aggregator, webhook, certs_gen] {
+            let ports: BTreeSet<u64> = policy["spec"]["egress"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|rule| rule["ports"].as_array().unwrap())
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ports, BTreeSet::from([53, 443, 6443]), "{install}");
+        }
+    }
+}
+
 /// Renders `install` under an overlay that moves it to namespace `namespace`.
 fn render_in_namespace(install: &str, namespace: &str) -> Vec<Value> {
     let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
