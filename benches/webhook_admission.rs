@@ -93,7 +93,7 @@ async fn main() {
     let pki = Pki::ecdsa("bench");
     let volume = SecretVolume::new(dir.path(), &pki);
     let args = Args {
-        addr: "127.0.0.1:0".parse().unwrap(),
+        addr: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert: volume.cert(),
         tls_key: volume.key(),
         tls13_only: false,

@@ -42,6 +42,8 @@ use futures::StreamExt;
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use tokio::net::TcpListener;
 
+use k8s_openapi::api::core::v1::Container;
+
 use crate::clock::UnixMs;
 use crate::contract::env;
 use crate::shutdown::{Shutdown, TaskFailure};
@@ -92,9 +94,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// `durable-scaler webhook` command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Address to serve HTTPS on.
-    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_ADDR", default_value = DEFAULT_ADDR)]
-    pub addr: SocketAddr,
+    /// Address to serve HTTPS on. Unset: all interfaces, on the port of this pod's container
+    /// port named `https` (read once from its Pod, so that the Deployment's containerPort is
+    /// the one place the install sets it), else 8443.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_ADDR")]
+    pub addr: Option<SocketAddr>,
     /// PEM certificate chain (serving certificate first); re-read when it changes.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_TLS_CERT", default_value = "/etc/durable-scaler/tls/tls.crt")]
     pub tls_cert: PathBuf,
@@ -275,9 +279,10 @@ impl Webhook {
             ServerOptions { tls13_only: args.tls13_only, alpn: Alpn::Https },
             metrics.certificate_reload_counters(),
         )?;
-        let listener =
-            TcpListener::bind(args.addr).await.map_err(|source| Error::Bind { addr: args.addr, source })?;
-        let image = sidecar_image(args, client.as_ref()).await;
+        let own = own_container(args, client.as_ref()).await;
+        let addr = listen_addr(args.addr, own.as_ref());
+        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let image = sidecar_image(args, own.as_ref());
         let native = match (args.native_sidecar, &client) {
             (NativeSidecarMode::True, None) => NativeSource::Fixed(NativeDefault::forced(true)),
             (NativeSidecarMode::False, _) => NativeSource::Fixed(NativeDefault::forced(false)),
@@ -521,18 +526,16 @@ async fn kube_client() -> Option<kube::Client> {
         .ok()
 }
 
-/// The sidecar's image: this webhook's own (its Pod's container `--webhook-container`, read
-/// once), so that whatever changed the webhook's image (`kubectl set image`, a kustomize
-/// `images:` entry, a Helm value) changes the sidecar's too; `--sidecar-image` when
-/// following is off or the Pod cannot be read. The downward API has no field for a
-/// container's image, hence the one `get` of this pod.
-async fn sidecar_image(args: &Args, client: Option<&kube::Client>) -> String {
-    let fallback = args.sidecar_image.clone();
-    if !args.sidecar_image_from_pod {
-        return fallback;
+/// This webhook's own container (`--webhook-container` of its Pod, read once at start), when
+/// something needs it (the sidecar image follows it, or the listen port comes from it) and
+/// the Pod can be read. The downward API has no field for a container's image or ports,
+/// hence the one `get` of this pod.
+async fn own_container(args: &Args, client: Option<&kube::Client>) -> Option<Container> {
+    if !args.sidecar_image_from_pod && args.addr.is_some() {
+        return None;
     }
     let (Some(client), Some(name), Some(namespace)) = (client, &args.pod_name, &args.pod_namespace) else {
-        return fallback;
+        return None;
     };
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), namespace);
     match pods.get(name).await {
@@ -542,23 +545,45 @@ async fn sidecar_image(args: &Args, client: Option<&kube::Client>) -> String {
                 .into_iter()
                 .flat_map(|spec| spec.containers)
                 .find(|c| c.name == args.webhook_container);
-            match own.and_then(|c| c.image).filter(|image| !image.trim().is_empty()) {
-                Some(image) => {
-                    if image != fallback {
-                        tracing::info!(%image, flag = %fallback, "sidecar image follows this webhook's own image");
-                    }
-                    image
-                }
-                None => {
-                    tracing::warn!(container = %args.webhook_container, "no such container in this pod; using --sidecar-image");
-                    fallback
-                }
+            if own.is_none() {
+                tracing::warn!(container = %args.webhook_container, "no such container in this pod");
             }
+            own
         }
         Err(error) => {
-            tracing::warn!(%error, "cannot read this pod's image; using --sidecar-image");
-            fallback
+            tracing::warn!(%error, "cannot read this pod: the sidecar image is --sidecar-image, the port 8443 unless --addr says otherwise");
+            None
         }
+    }
+}
+
+/// Where to listen: `--addr`, else all interfaces on the port of `own`'s container port named
+/// `https` (what the Service's `targetPort: https` and the probes reach), else [`DEFAULT_ADDR`].
+fn listen_addr(addr: Option<SocketAddr>, own: Option<&Container>) -> SocketAddr {
+    let from_pod = own
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some("https")))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .map(|port| SocketAddr::from(([0, 0, 0, 0], port)));
+    addr.or(from_pod).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], crate::contract::WEBHOOK_PORT)))
+}
+
+/// The sidecar's image: this webhook's own (`own`), so that whatever changed the webhook's
+/// image (`kubectl set image`, a kustomize `images:` entry, a Helm value) changes the
+/// sidecar's too; `--sidecar-image` when following is off or the Pod could not be read.
+fn sidecar_image(args: &Args, own: Option<&Container>) -> String {
+    let fallback = args.sidecar_image.clone();
+    if !args.sidecar_image_from_pod {
+        return fallback;
+    }
+    match own.and_then(|c| c.image.clone()).filter(|image| !image.trim().is_empty()) {
+        Some(image) => {
+            if image != fallback {
+                tracing::info!(%image, flag = %fallback, "sidecar image follows this webhook's own image");
+            }
+            image
+        }
+        None => fallback,
     }
 }
 
@@ -595,5 +620,20 @@ mod tests {
     fn the_default_address_is_the_contract_port() {
         let addr: SocketAddr = DEFAULT_ADDR.parse().unwrap();
         assert_eq!(addr.port(), crate::contract::WEBHOOK_PORT);
+        assert_eq!(listen_addr(None, None), addr);
+    }
+
+    #[test]
+    fn the_listen_port_is_the_pods_https_container_port_unless_addr_is_given() {
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "webhook",
+            "ports": [{"name": "metrics", "containerPort": 9000}, {"name": "https", "containerPort": 10250}],
+        }))
+        .unwrap();
+        assert_eq!(listen_addr(None, Some(&container)), "0.0.0.0:10250".parse().unwrap());
+        let given: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        assert_eq!(listen_addr(Some(given), Some(&container)), given);
+        let unnamed: Container = serde_json::from_value(serde_json::json!({"name": "webhook"})).unwrap();
+        assert_eq!(listen_addr(None, Some(&unnamed)), DEFAULT_ADDR.parse().unwrap());
     }
 }

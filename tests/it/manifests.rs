@@ -426,8 +426,14 @@ fn the_webhook_deployment_uses_the_code_defaults() {
         assert_eq!(webhook["args"], json!(["webhook"]));
         assert_eq!(webhook["image"], webhook::DEFAULT_IMAGE);
         assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), webhook::DEFAULT_IMAGE);
-        assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
+        // The port is set in one place, the `https` containerPort, which the server reads from
+        // its pod (it has `get` on its own pods): no address in its env.
+        assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None);
+        assert_eq!(webhook["ports"][0]["name"], "https");
         assert_eq!(webhook["ports"][0]["containerPort"].as_u64(), Some(u64::from(contract::WEBHOOK_PORT)));
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(webhook[probe]["httpGet"]["port"], "https", "{probe}");
+        }
         let service = find(&objects, "Service", "durable-scaler-webhook");
         assert_eq!(service["spec"]["ports"][0]["port"], 443);
         assert_eq!(service["spec"]["ports"][0]["targetPort"], webhook["ports"][0]["name"]);
@@ -1098,5 +1104,32 @@ fn an_images_override_in_an_overlay_also_changes_the_injected_sidecar_image() {
             assert_eq!(c["image"], wanted, "{}", c["name"]);
         }
     }
-    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
+    assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None);
+}
+
+#[test]
+fn the_webhook_port_changes_in_one_place_for_a_private_cluster() {
+    // GKE private clusters let the control plane reach nodes on 443 and 10250 only: an overlay
+    // moves the webhook to 10250 by patching its containerPort, and nothing else.
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = relative(overlay.path(), &manifests_dir().join("default"));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\npatches:\n  \
+             - target: {{kind: Deployment, name: durable-scaler-webhook}}\n    patch: |-\n      \
+             - op: replace\n        path: /spec/template/spec/containers/0/ports/0/containerPort\n        value: 10250\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+    let webhook = container(deployment, "webhook");
+    assert_eq!(webhook["ports"], json!([{"name": "https", "containerPort": 10250, "protocol": "TCP"}]));
+    assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None, "the server follows the containerPort");
+    let service = find(&objects, "Service", "durable-scaler-webhook");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
+    let policy = policy_of(&objects, deployment);
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "https");
 }

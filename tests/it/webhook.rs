@@ -51,7 +51,7 @@ impl Running {
         let dir = tempfile::tempdir().unwrap();
         let volume = SecretVolume::new(dir.path(), &pki);
         let mut args = Args {
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: Some("127.0.0.1:0".parse().unwrap()),
             tls_cert: volume.cert(),
             tls_key: volume.key(),
             tls13_only: false,
@@ -425,7 +425,7 @@ async fn shutdown_closes_idle_connections_and_stops_accepting() {
 /// Arguments that cannot start (no certificate files): for start-up checks that come first.
 fn test_args() -> Args {
     Args {
-        addr: "127.0.0.1:0".parse().unwrap(),
+        addr: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert: "/nonexistent/tls.crt".into(),
         tls_key: "/nonexistent/tls.key".into(),
         tls13_only: false,
@@ -446,7 +446,7 @@ fn test_args() -> Args {
 #[tokio::test]
 async fn start_up_names_the_flag_when_the_certificate_is_missing() {
     let args = Args {
-        addr: "127.0.0.1:0".parse().unwrap(),
+        addr: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert: "/nonexistent/tls.crt".into(),
         tls_key: "/nonexistent/tls.key".into(),
         tls13_only: false,
