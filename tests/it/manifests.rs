@@ -1127,7 +1127,11 @@ fn the_webhook_port_changes_in_one_place_for_a_private_cluster() {
     let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
     let webhook = container(deployment, "webhook");
     assert_eq!(webhook["ports"], json!([{"name": "https", "containerPort": 10250, "protocol": "TCP"}]));
-    assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None, "the server follows the containerPort");
+    assert_eq!(
+        env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"),
+        None,
+        "the server follows the containerPort"
+    );
     let service = find(&objects, "Service", "durable-scaler-webhook");
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
     let policy = policy_of(&objects, deployment);
