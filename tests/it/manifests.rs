@@ -155,8 +155,9 @@ fn every_rendered_kubernetes_object_validates_against_the_kubernetes_schemas() {
         let objects = render(name);
         let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
         assert!(!builtin.is_empty(), "{name}");
-        // The oldest version with native sidecars, and the newest the package bundles.
-        for version in ["1.29.0", "1.37.0"] {
+        // The oldest version supported (the README's), the oldest with native sidecars on by
+        // default, and the newest the package bundles.
+        for version in ["1.28.0", "1.29.0", "1.37.0"] {
             if let Err(report) = kubernetes_validate(&builtin, version) {
                 panic!("{name} against Kubernetes {version}:\n{report}");
             }
@@ -1105,6 +1106,43 @@ fn an_images_override_in_an_overlay_also_changes_the_injected_sidecar_image() {
         }
     }
     assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None);
+}
+
+/// The first ```yaml block of the README section headed `heading`, its base path pointed at
+/// `install` from `overlay`.
+fn readme_overlay(heading: &str, overlay: &Path, install: &str) -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section =
+        readme.split_once(&format!("### {heading}\n")).unwrap_or_else(|| panic!("README has no {heading}")).1;
+    let block = section.split_once("```yaml\n").unwrap().1.split_once("```").unwrap().0;
+    let base = relative(overlay, &manifests_dir().join(install));
+    block.replace("../durable-scaler/manifests/default", &base.display().to_string())
+}
+
+#[test]
+fn the_readmes_private_registry_overlay_gives_every_pod_and_the_sidecars_the_pull_secret() {
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        readme_overlay("Private registries", overlay.path(), "default"),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        assert_eq!(pod_spec(workload)["imagePullSecrets"], json!([{"name": "registry-credentials"}]));
+        for c in all_containers(workload) {
+            assert!(
+                c["image"].as_str().unwrap().starts_with("registry.example.com/team/durable-scaler"),
+                "{c}"
+            );
+        }
+    }
+    let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
+    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS"), "registry-credentials");
+    if python_with("kubernetes_validate") {
+        let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
+        kubernetes_validate(&builtin, "1.37.0").unwrap();
+    }
 }
 
 #[test]
