@@ -48,7 +48,11 @@ pub(super) fn plan(
     warnings: &mut Vec<String>,
 ) -> Value {
     let mut status = serde_json::Map::new();
-    if app_may_set(app.container) {
+    let env_is_a_list = app.container.get("env").is_none_or(Value::is_array);
+    if !env_is_a_list {
+        // Not a pod the API server would take; leave what it has alone.
+        status.insert("env".to_owned(), json!("not changed: the app container's env is not a list"));
+    } else if app_may_set(app.container) {
         status.insert("env".to_owned(), json!(format!("{DRAIN_ENV} left as the app sets it")));
     } else {
         let entry = json!({"name": DRAIN_ENV, "value": "true"});
@@ -59,7 +63,19 @@ pub(super) fn plan(
         }
         status.insert("env".to_owned(), json!(format!("{DRAIN_ENV}=true added")));
     }
-    let own = spec.get("terminationGracePeriodSeconds").and_then(Value::as_u64);
+    let own = match spec.get("terminationGracePeriodSeconds") {
+        None => None,
+        Some(seconds) => match seconds.as_u64() {
+            Some(seconds) => Some(seconds),
+            None => {
+                status.insert(
+                    "terminationGracePeriodSeconds".to_owned(),
+                    json!("not changed: the pod's is not a number of seconds"),
+                );
+                return Value::Object(status);
+            }
+        },
+    };
     let wanted = annotation.unwrap_or(DRAIN_GRACE_SECONDS);
     let current = own.unwrap_or(API_DEFAULT_GRACE_SECONDS);
     if let Some(asked) = annotation.filter(|asked| *asked < current) {
