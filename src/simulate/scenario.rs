@@ -12,7 +12,7 @@ use super::Error;
 use super::model::{Arrival, Duration, Script, Step, Workload};
 
 /// The built-in scenario names, in suite order.
-pub(crate) const BUILTIN: [&str; 6] = ["burst", "steady", "diurnal", "spiky", "timers", "trickle"];
+pub const BUILTIN: [&str; 6] = ["burst", "steady", "diurnal", "spiky", "timers", "trickle"];
 
 const SECOND: u64 = 1_000;
 const MINUTE: u64 = 60 * SECOND;
