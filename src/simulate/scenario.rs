@@ -1,4 +1,4 @@
-//! The workloads: six built-in scenarios, and user traces of arrivals from CSV or JSON.
+//! The workloads: the built-in scenarios, and user traces of arrivals from CSV or JSON.
 //!
 //! Arrival times come from a generator seeded with `--seed`; activity durations are drawn
 //! inside the model from a hash of the seed, so one seed gives one workload for every scaler.
@@ -12,7 +12,17 @@ use super::Error;
 use super::model::{Arrival, Duration, Script, Step, Workload};
 
 /// The built-in scenario names, in suite order.
-pub const BUILTIN: [&str; 6] = ["burst", "steady", "diurnal", "spiky", "timers", "trickle"];
+pub const BUILTIN: [&str; 9] = [
+    "burst",
+    "steady",
+    "diurnal",
+    "spiky",
+    "timers",
+    "trickle",
+    "long-activities",
+    "deep-backlog",
+    "scale-in",
+];
 
 const SECOND: u64 = 1_000;
 const MINUTE: u64 = 60 * SECOND;
@@ -122,6 +132,41 @@ pub fn builtin(name: &str, seed: u64) -> Option<Scenario> {
             vec![Script { steps: vec![fan_out(1, SECOND, SECOND)] }],
             (0..24).map(|i| Arrival { at_ms: 10 * SECOND + i * 5 * MINUTE, count: 1, script: 0 }).collect(),
         ),
+        "long-activities" => (
+            "every 15 min for 2 h, 3 orchestrations fanning out 10 activities of 10-40 min",
+            3 * HOUR + 30 * MINUTE,
+            vec![Script { steps: vec![fan_out(10, 10 * MINUTE, 40 * MINUTE)] }],
+            (0..8).map(|i| Arrival { at_ms: 10 * SECOND + i * 15 * MINUTE, count: 3, script: 0 }).collect(),
+        ),
+        "deep-backlog" => (
+            "10,000 orchestrations at once (about 2,500 start messages per partition), 2 activities of 1-3 s",
+            HOUR,
+            vec![Script { steps: vec![fan_out(2, SECOND, 3 * SECOND)] }],
+            vec![Arrival { at_ms: 10 * SECOND, count: 10_000, script: 0 }],
+        ),
+        "scale-in" => {
+            let mut arrivals = poisson(&mut rng, 0, 2 * HOUR, 0.2, |_| 0.2);
+            let mut at = 5 * MINUTE;
+            while at < 2 * HOUR - 10 * MINUTE {
+                arrivals.push(Arrival { at_ms: at, count: 300, script: 0 });
+                at += 15 * MINUTE;
+            }
+            arrivals.extend((0..12).map(|i| Arrival {
+                at_ms: 2 * MINUTE + i * 10 * MINUTE,
+                count: 1,
+                script: 1,
+            }));
+            arrivals.sort_by_key(|a| (a.at_ms, a.script));
+            (
+                "short work with spikes every 15 min, and every 10 min 5 activities of 15 min: which pods a scale-in removes",
+                2 * HOUR + 30 * MINUTE,
+                vec![
+                    Script { steps: vec![fan_out(4, 2 * SECOND, 6 * SECOND)] },
+                    Script { steps: vec![fan_out(5, 15 * MINUTE, 15 * MINUTE)] },
+                ],
+                arrivals,
+            )
+        }
         _ => return None,
     };
     Some(Scenario {

@@ -294,6 +294,71 @@ fn a_held_message_outweighs_every_lease_in_the_deletion_cost() {
 }
 
 #[test]
+fn in_long_activities_renewed_activities_run_to_their_end_on_live_pods() {
+    let s = scenario::builtin("long-activities", 1).expect("built in");
+    let mut app = App::new(AppConfig::default(), s.workload.clone(), 1);
+    let mut longest_hidden_run = 0;
+    let mut now = 0;
+    while now <= s.duration_ms {
+        app.tick(now);
+        app.set_replicas(10, now);
+        let (work_item, _) = app.observe(now);
+        if work_item.visible_count == 0 && work_item.approximate_count > 0 {
+            longest_hidden_run += 100;
+        }
+        now += 100;
+    }
+    assert_eq!(app.completions().len(), 24);
+    assert_eq!(app.message_counts().returned, 0, "no activity reappeared while its pod lived");
+    assert!(
+        longest_hidden_run > 60 * MINUTE,
+        "activities in flight, nothing visible, for {longest_hidden_run} ms"
+    );
+}
+
+#[test]
+fn in_deep_backlog_the_partition_owners_prefetch_up_to_their_threshold_and_drain_it() {
+    let s = scenario::builtin("deep-backlog", 1).expect("built in");
+    let mut app = App::new(AppConfig::default(), s.workload.clone(), 1);
+    let mut most_held = 0;
+    let mut now = 0;
+    while now <= 20 * MINUTE {
+        app.tick(now);
+        app.set_replicas(8, now);
+        most_held = app.pod_reports().iter().map(|r| r.held_messages).fold(most_held, u64::max);
+        if now == 21 * SECOND {
+            // The first pods are ready since 20 s: thousands of start messages per partition,
+            // a peek shows 32.
+            let (_, control) = app.observe(now);
+            assert!(
+                control.iter().all(|q| q.approximate_count > 2_000 && q.visible_count == 32),
+                "{control:?}"
+            );
+        }
+        now += 100;
+    }
+    // At most the threshold plus what one dequeue of 32 added below it, plus ten activities.
+    assert!((256..256 + 32 + 10).contains(&most_held), "most held {most_held}");
+    assert_eq!(app.completions().len(), 10_000);
+}
+
+#[test]
+fn in_scale_in_random_choice_interrupts_work_and_our_cost_ranked_choice_does_not() {
+    let s = scenario::builtin("scale-in", 1).expect("built in");
+    let ours = ScalerKind::DurableScaler(Algorithm::Durable);
+    let ranked = run_one(&s, ours, &Settings::default(), &mut |_| {});
+    let random_settings = Settings {
+        scalers: ScalerConfig { deletion_cost: false, ..ScalerConfig::default() },
+        ..Settings::default()
+    };
+    let random = run_one(&s, ours, &random_settings, &mut |_| {});
+    assert!(ranked.drain && random.drain, "ours drains in both");
+    assert!(ranked.deletion_cost && !random.deletion_cost);
+    assert_eq!(ranked.interrupted_work_items, 0, "{ranked:?}");
+    assert!(random.interrupted_work_items > 0 && random.lost_work_s > 0.0, "{random:?}");
+}
+
+#[test]
 fn a_pod_takes_work_only_after_its_startup_delay() {
     let mut app = App::new(AppConfig::default(), workload(1, vec![fan_out(1, SECOND)]), 1);
     drive(&mut app, 19_900, |_| 1);
