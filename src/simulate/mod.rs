@@ -95,9 +95,10 @@ pub struct Args {
           value_parser = clap::builder::PossibleValuesParser::new(scenario::BUILTIN))]
     pub scenarios: Vec<String>,
     /// A trace of arrivals to run as a scenario: CSV with a header (at_s required; count,
-    /// activities, activity_s, timer_s optional) or a JSON array of such rows (.json). Each row
-    /// starts `count` orchestrations at `at_s` that fan out `activities` activities of
-    /// `activity_s` seconds, then, if timer_s > 0, sleep that long and run one more.
+    /// activities, activity_s, timer_s, poison optional) or a JSON array of such rows (.json).
+    /// Each row starts `count` orchestrations at `at_s` that fan out `activities` activities of
+    /// `activity_s` seconds, then, if timer_s > 0, sleep that long and run one more, and, if
+    /// poison is 1, end with an activity that fails every time.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_TRACE")]
     pub trace: Option<PathBuf>,
     /// Scalers to race, comma-separated: kedacore, wsugarman, functions-target,

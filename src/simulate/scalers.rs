@@ -408,16 +408,14 @@ impl DurableScaler {
     }
 }
 
-/// The partition count's upper bound (durabletask-facts.md), so that a held message always
-/// outweighs every lease a pod can own.
-const MAX_PARTITIONS: i64 = 16;
-
 /// The deletion cost the aggregator keeps on a pod from its sidecar's report: the messages
 /// it holds first (removing a pod that runs work interrupts it), then its leases (removing
-/// one moves them, a takeover delay); lowest goes first.
+/// one moves them, a takeover delay); lowest goes first. A held message outweighs every lease
+/// a pod can own (at most 16, `contract::MAX_PARTITIONS`).
 pub fn deletion_cost(report: &PodReport) -> i32 {
     let held = i64::try_from(report.held_messages).unwrap_or(i64::MAX);
-    let cost = held.saturating_mul(MAX_PARTITIONS + 1).saturating_add(i64::from(report.owned_partitions));
+    let per_message = i64::from(crate::contract::MAX_PARTITIONS) + 1;
+    let cost = held.saturating_mul(per_message).saturating_add(i64::from(report.owned_partitions));
     i32::try_from(cost).unwrap_or(i32::MAX)
 }
 

@@ -179,7 +179,8 @@ pub fn builtin(name: &str, seed: u64) -> Option<Scenario> {
 
 /// One row of a trace: `count` orchestrations at `at_s`, each fanning out `activities`
 /// activities of `activity_s` seconds, then, when `timer_s` > 0, sleeping that long and
-/// running one more activity.
+/// running one more activity; when `poison` is 1, they end with a poison activity of
+/// `activity_s` seconds that fails every time (DTFx retries it for ever).
 #[derive(Debug, Clone, Deserialize)]
 pub struct TraceRow {
     /// Arrival time, seconds from the start.
@@ -196,6 +197,9 @@ pub struct TraceRow {
     /// A durable timer after the fan-out, seconds (default 0: none).
     #[serde(default)]
     pub timer_s: f64,
+    /// 1: the orchestrations end with a poison activity (default 0: none).
+    #[serde(default)]
+    pub poison: u32,
 }
 
 fn one() -> u32 {
@@ -229,6 +233,11 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
             steps.push(Step::Timer { delay_ms: timer_ms });
             steps.push(Step::Activities { count: 1, duration: Duration::fixed(activity_ms) });
         }
+        match row.poison {
+            0 => {}
+            1 => steps.push(Step::Poison { duration: Duration::fixed(activity_ms) }),
+            other => return Err(format!("row {line}: poison must be 0 or 1, got {other}")),
+        }
         let script = Script { steps };
         let index = scripts.iter().position(|s| *s == script).unwrap_or_else(|| {
             scripts.push(script);
@@ -253,7 +262,8 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
 }
 
 /// Loads a trace: `.json` is an array of rows, anything else CSV with a header naming the
-/// row fields (`at_s` required; `count`, `activities`, `activity_s`, `timer_s` optional).
+/// row fields (`at_s` required; `count`, `activities`, `activity_s`, `timer_s`, `poison`
+/// optional).
 pub fn load_trace(path: &Path, duration_ms: Option<u64>) -> Result<Scenario, Error> {
     let text =
         std::fs::read_to_string(path).map_err(|source| Error::ReadTrace { path: path.into(), source })?;
@@ -273,7 +283,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
         text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
     let Some((_, header)) = lines.next() else { return Err("empty trace".to_string()) };
     let columns: Vec<String> = header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
-    let known = ["at_s", "count", "activities", "activity_s", "timer_s"];
+    let known = ["at_s", "count", "activities", "activity_s", "timer_s", "poison"];
     if let Some(unknown) = columns.iter().find(|c| !known.contains(&c.as_str())) {
         return Err(format!("unknown column {unknown:?}; expected some of {}", known.join(", ")));
     }
@@ -282,7 +292,8 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
     }
     let mut rows = Vec::new();
     for (index, line) in lines {
-        let mut row = TraceRow { at_s: 0.0, count: 1, activities: 1, activity_s: 1.0, timer_s: 0.0 };
+        let mut row =
+            TraceRow { at_s: 0.0, count: 1, activities: 1, activity_s: 1.0, timer_s: 0.0, poison: 0 };
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if cells.len() != columns.len() {
             return Err(format!(
@@ -308,6 +319,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
                 "count" => row.count = whole(number)?,
                 "activities" => row.activities = whole(number)?,
                 "activity_s" => row.activity_s = number,
+                "poison" => row.poison = whole(number)?,
                 _ => row.timer_s = number,
             }
         }

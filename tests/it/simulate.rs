@@ -690,6 +690,11 @@ fn traces_load_from_csv_and_json() {
     assert_eq!(s.workload.orchestrations(), 3);
     assert_eq!(s.workload.scripts.len(), 2);
     assert_eq!(s.duration_ms, 60 * SECOND + 30 * MINUTE);
+    let rows = scenario::parse_csv("at_s,poison\n0,1\n").expect("valid csv");
+    let s = scenario::from_rows("p", &rows, None).expect("valid rows");
+    assert_eq!(s.workload.scripts[0].steps.last(), Some(&Step::Poison { duration: Duration::fixed(SECOND) }));
+    let rows = scenario::parse_csv("at_s,poison\n0,2\n").expect("valid csv");
+    assert!(scenario::from_rows("p", &rows, None).expect_err("0 or 1").contains("poison"));
     let err = scenario::parse_csv("at_s,activities\n0,x\n").expect_err("not a number");
     assert!(err.contains("line 2") && err.contains("activities"), "{err}");
     assert!(scenario::parse_csv("at_s,colour\n0,1\n").is_err());
