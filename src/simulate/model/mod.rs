@@ -793,7 +793,7 @@ impl App {
     }
 
     /// Makes the number of pods that are not terminating equal `replicas`: new pods start
-    /// now; surplus pods are chosen as the ReplicaSet chooses ([`Pod::deletion_rank`]) and sent
+    /// now; surplus pods are chosen as the ReplicaSet chooses (`pod::Pod::deletion_rank`) and sent
     /// SIGTERM.
     pub fn set_replicas(&mut self, replicas: u32, now_ms: u64) {
         let active = self.pods.iter().filter(|p| p.terminating_since.is_none()).count() as u32;
