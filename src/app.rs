@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::aggregator::sources::{LiveReportingPods, RecommendationRecorder};
+use crate::aggregator::sources::{LiveReportingPods, PodDeletionCosts, RecommendationRecorder};
 use crate::aggregator::{self, Aggregator, ChangeHook, ReportAuth, ReportCheck};
 use crate::contract::env;
 use crate::kubernetes::{KubeArgs, KubeContext};
@@ -31,8 +31,9 @@ pub(crate) async fn aggregator(mut args: AggregatorArgs) -> ExitCode {
         args.kube.pod_name = std::env::var(env::HOSTNAME).ok().filter(|name| !name.is_empty());
     }
     let kube = KubeContext::try_default(args.kube.clone()).await;
-    let aggregator = match with_kubernetes(args.aggregator, kube) {
-        Ok(aggregator) => aggregator,
+    // The writer lives as long as the aggregator serves (its task ends when it is dropped).
+    let (aggregator, _pod_deletion_costs) = match with_kubernetes(args.aggregator, kube) {
+        Ok(composed) => composed,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(2);
@@ -57,15 +58,27 @@ fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<Repo
     }
 }
 
+/// The pod-deletion-cost writer (`--pod-deletion-cost`, on by default) the aggregator's
+/// sampling loop gives each hub's pod ranking to.
+type DeletionCosts = Option<Arc<dyn PodDeletionCosts>>;
+
 /// The aggregator with the Kubernetes sources when `kube` is there: worker counts from the
 /// scale targets, TokenReview for reports (`--report-auth tokenreview`), Events on
-/// recommendation changes. Without it: the live reporting pods, and `--report-auth none` is
+/// recommendation changes, and the pod-deletion-cost writer unless `--pod-deletion-cost=false`.
+/// Without it: the live reporting pods, no deletion costs, and `--report-auth none` is
 /// required.
-fn with_kubernetes(args: aggregator::Args, kube: Option<KubeContext>) -> Result<Aggregator, String> {
+fn with_kubernetes(
+    args: aggregator::Args,
+    kube: Option<KubeContext>,
+) -> Result<(Aggregator, DeletionCosts), String> {
     let mode = check_report_auth(args.report_auth, kube.is_some())?;
     let Some(kube) = kube else {
-        return Ok(Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)));
+        if args.pod_deletion_cost {
+            tracing::info!("no Kubernetes configuration: no pod-deletion-cost is kept on the pods");
+        }
+        return Ok((Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)), None));
     };
+    let deletion_costs = args.pod_deletion_cost.then(|| kube.pod_deletion_costs());
     let workers = Arc::new(kube.worker_count());
     let events = Arc::new(kube.event_recorder());
     let authenticator = (mode == ReportAuth::Tokenreview).then(|| Arc::new(kube.authenticator()));
@@ -80,10 +93,16 @@ fn with_kubernetes(args: aggregator::Args, kube: Option<KubeContext>) -> Result<
     if let Some(a) = &authenticator {
         a.register(registry);
     }
+    if let Some(writer) = &deletion_costs {
+        writer.register(registry);
+    }
     let recorder: Arc<dyn RecommendationRecorder> = events;
     let hook: ChangeHook =
         Arc::new(move |scaled_object, change| recorder.recommendation_changed(scaled_object, change));
-    Ok(aggregator.on_recommendation_change(hook))
+    // The aggregator's sampling loop ranks each hub's live pods and calls
+    // `PodDeletionCosts::update` with them (aggregator::sources); this is the writer it gets.
+    let deletion_costs = deletion_costs.map(|writer| Arc::new(writer) as Arc<dyn PodDeletionCosts>);
+    Ok((aggregator.on_recommendation_change(hook), deletion_costs))
 }
 
 #[cfg(test)]
@@ -105,6 +124,26 @@ mod tests {
     fn report_auth_none_needs_no_kubernetes_config() {
         assert_eq!(check_report_auth(ReportAuth::None, false), Ok(ReportAuth::None));
         assert_eq!(check_report_auth(ReportAuth::None, true), Ok(ReportAuth::None));
+    }
+
+    #[test]
+    fn pod_deletion_cost_is_on_by_default_and_false_turns_it_off() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AggregatorArgs,
+        }
+        assert!(Cli::try_parse_from(["aggregator"]).unwrap().args.aggregator.pod_deletion_cost);
+        let off = Cli::try_parse_from(["aggregator", "--pod-deletion-cost=false"]).unwrap();
+        assert!(!off.args.aggregator.pod_deletion_cost);
+        assert!(aggregator::Args::loopback().pod_deletion_cost, "loopback() keeps every default");
+    }
+
+    #[test]
+    fn without_kubernetes_no_deletion_costs_are_written() {
+        let (_, costs) = with_kubernetes(aggregator::Args::loopback(), None).unwrap();
+        assert!(costs.is_none());
     }
 
     #[test]

@@ -109,6 +109,11 @@ pub struct Args {
     /// tracked hub was read; it goes at once when a server stops.
     #[arg(long, env = "DURABLE_SCALER_READY_AFTER", default_value = "10s", value_parser = crate::config::parse_duration)]
     pub ready_after: Duration,
+    /// Keep `controller.kubernetes.io/pod-deletion-cost` on every reporting pod (needs the
+    /// Kubernetes API and `patch` on pods), so the ReplicaSet removes the pod holding least
+    /// work first; `--pod-deletion-cost=false` turns it off.
+    #[arg(long, env = "DURABLE_SCALER_POD_DELETION_COST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_deletion_cost: bool,
 }
 
 /// How the aggregator authenticates sidecar reports (`--report-auth`).
@@ -147,6 +152,7 @@ impl Args {
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
             ready_after: Duration::ZERO,
+            pod_deletion_cost: true,
         }
     }
 }
