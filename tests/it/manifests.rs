@@ -219,6 +219,11 @@ fn the_keda_schema_refuses_a_field_keda_does_not_have() {
     let mut auth = find(&render("example"), "TriggerAuthentication", "durable-scaler-tls").clone();
     auth["spec"]["secretTargetRef"][0].as_object_mut().unwrap().remove("key");
     assert!(keda_validate(&[&auth]).unwrap_err().contains("'key' is a required property"));
+    // The HPA refuses a scaling period over 30 minutes (validateScalingRules).
+    let mut scaled = find(&render("example"), "ScaledObject", "orders-func").clone();
+    scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"][0]["periodSeconds"] =
+        json!(3600);
+    assert!(keda_validate(&[&scaled]).unwrap_err().contains("periodSeconds"));
 }
 
 fn pod_spec(workload: &Value) -> &Value {
@@ -1033,6 +1038,36 @@ fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
         assert!(
             variables.iter().any(|e| e["name"] == metadata["connectionFromEnv"]),
             "connectionFromEnv must name an env var of the scale target's container"
+        );
+    }
+}
+
+/// DurableTask.AzureStorage's partition lease timings (AzureStorageOrchestrationServiceSettings.cs:
+/// `LeaseInterval` 30 s, `LeaseAcquireInterval` 10 s), which the Durable extension leaves at
+/// their defaults.
+const LEASE_INTERVAL_S: u64 = 30;
+const LEASE_ACQUIRE_INTERVAL_S: u64 = 10;
+
+#[test]
+fn the_example_scales_in_one_pod_at_a_time_no_faster_than_its_partitions_can_move() {
+    for example in ["example", "example-plaintext"] {
+        let objects = render(example);
+        let app = find(&objects, "Deployment", "orders-func");
+        let grace = pod_spec(app)["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        let scaled = find(&objects, "ScaledObject", "orders-func");
+        let down = &scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"];
+        let policies = down["policies"].as_array().unwrap();
+        assert_eq!(policies.len(), 1, "{example}: one policy, so selectPolicy cannot pick a faster one");
+        assert_eq!(policies[0]["type"], "Pods");
+        assert_eq!(policies[0]["value"], 1, "{example}: one pod per period");
+        let period = policies[0]["periodSeconds"].as_u64().unwrap();
+        assert!(
+            period >= grace + LEASE_INTERVAL_S + LEASE_ACQUIRE_INTERVAL_S,
+            "{example}: {period} s is shorter than the grace period ({grace} s) plus a lease's expiry and takeover"
+        );
+        assert_eq!(down["stabilizationWindowSeconds"], 300);
+        assert!(
+            scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"].get("scaleUp").is_none()
         );
     }
 }
