@@ -1556,3 +1556,29 @@ fn the_pod_deletion_cost_policy_lets_the_aggregator_change_that_one_annotation_a
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+#[test]
+fn the_readmes_overlay_for_1_28_and_1_29_leaves_out_the_policy_the_right_and_the_feature() {
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        readme_overlay("Kubernetes 1.28 and 1.29", overlay.path(), "default"),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    assert!(!objects.iter().any(is_admission_policy));
+    let rules = rules_of(&objects, "durable-scaler-aggregator");
+    let without_patch: BTreeSet<_> = needs_of(&durable_scaler::kubernetes::RBAC)
+        .into_iter()
+        .filter(|(_, r)| !r.contains("/pods "))
+        .collect();
+    assert_eq!(rules, without_patch);
+    let aggregator = container(find(&objects, "Deployment", "durable-scaler-aggregator"), "aggregator");
+    assert_eq!(env(aggregator, "DURABLE_SCALER_POD_DELETION_COST"), "false");
+    // The variable is the flag's (clap reads it), so the aggregator really stops writing.
+    assert!(cli_env("aggregator").contains("DURABLE_SCALER_POD_DELETION_COST"));
+    if python_with("kubernetes_validate") {
+        let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
+        kubernetes_validate(&builtin, "1.28.0").unwrap();
+    }
+}
