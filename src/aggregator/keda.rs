@@ -43,7 +43,7 @@ use crate::proto::externalscaler::{
 };
 use crate::shutdown::Shutdown;
 
-use super::hub::HubKey;
+use super::hub::{Answer, HubKey, Unanswerable};
 use super::metrics::{KedaCall, KedaCallLabels};
 use super::probe::Prober;
 use super::registry::{HubEntry, Registry};
@@ -84,63 +84,55 @@ impl KedaScaler {
         Ok((HubKey::new(&scaled_object.namespace, &settings.task_hub), settings))
     }
 
-    /// Tracks the hub of `scaled_object` (starting its probe) without waiting.
-    fn track(&self, scaled_object: &ScaledObjectRef) -> Result<Arc<HubEntry>, Status> {
+    /// Tracks the hub of `scaled_object` and takes the call's settings and ScaledObject under
+    /// the hub's one lock, starting its cold probe the first time; returns the entry and the
+    /// answer as of now, from the same lock.
+    fn call(
+        &self,
+        scaled_object: &ScaledObjectRef,
+    ) -> Result<(Arc<HubEntry>, Result<Answer, Unanswerable>), Status> {
         let (key, settings) = Self::parse(scaled_object)?;
-        self.track_parsed(scaled_object, &key, &settings)
+        self.call_parsed(scaled_object, &key, &settings)
     }
 
-    /// [`Self::track`] with the metadata already parsed into `key` and `settings`.
-    fn track_parsed(
+    /// [`Self::call`] with the metadata already parsed into `key` and `settings`.
+    fn call_parsed(
         &self,
         scaled_object: &ScaledObjectRef,
         key: &HubKey,
         settings: &HubSettings,
-    ) -> Result<Arc<HubEntry>, Status> {
+    ) -> Result<(Arc<HubEntry>, Result<Answer, Unanswerable>), Status> {
         let entry = self
             .registry
             .track(key, &settings.task_hub, Some(settings))
             .map_err(|full| Status::resource_exhausted(full.to_string()))?;
-        entry.set_scaled_object(ScaledObjectKey {
-            namespace: scaled_object.namespace.clone(),
-            name: scaled_object.name.clone(),
-        });
-        if entry.claim_probe_task() {
+        let asker =
+            ScaledObjectKey { namespace: scaled_object.namespace.clone(), name: scaled_object.name.clone() };
+        let now = UnixMs::now();
+        let (start_probe, answer) =
+            entry.with_state(|s| (s.keda_call(settings, asker), s.answer(&entry.key, now)));
+        if start_probe {
             self.prober.spawn(entry.clone());
         }
-        Ok(entry)
+        Ok((entry, answer))
     }
 
-    /// The tracked `entry` once it can be answered from: waits for its first signals; refuses
-    /// a hub not wholly read yet, or one nobody can read any more.
-    async fn answerable(&self, entry: Arc<HubEntry>) -> Result<Arc<HubEntry>, Status> {
-        if entry.with_state(|s| s.is_fully_read()) {
-            return match entry.stale_reason(UnixMs::now()) {
-                Some(reason) => Err(Status::unavailable(reason)),
-                None => Ok(entry),
-            };
-        }
-        if entry.wait_observed(FIRST_PROBE_WAIT).await {
-            Ok(entry)
-        } else {
-            Err(Status::unavailable(unread_reason(&entry)))
+    /// The answer once it can be given: a hub not wholly read yet is waited for up to
+    /// [`FIRST_PROBE_WAIT`]; one still unread then, or one nobody can read any more, is
+    /// UNAVAILABLE with the reason (module docs).
+    async fn settled(&self, entry: &HubEntry, first: Result<Answer, Unanswerable>) -> Result<Answer, Status> {
+        let unavailable = |u: Unanswerable| match u {
+            Unanswerable::NotRead(reason) | Unanswerable::Stale(reason) => Status::unavailable(reason),
+        };
+        match first {
+            Ok(answer) => Ok(answer),
+            Err(Unanswerable::NotRead(_)) => {
+                entry.wait_answerable(FIRST_PROBE_WAIT).await;
+                entry.answer(UnixMs::now()).map_err(unavailable)
+            }
+            Err(stale) => Err(unavailable(stale)),
         }
     }
-}
-
-/// Why a hub cannot be answered yet: what of it was read, and why the probe did not read the
-/// rest.
-fn unread_reason(entry: &HubEntry) -> String {
-    let part = entry.with_state(|s| {
-        let p = s.partition_count()?;
-        let unread: Vec<u32> = (0..p).filter(|i| !s.was_read(*i)).collect();
-        Some(format!(
-            "task hub {} read in part only (partitions not read yet: {unread:?} of {p}{}); ",
-            entry.key.task_hub,
-            if s.work_item_was_read() { "" } else { ", nor the work-item queue" }
-        ))
-    });
-    format!("{}{}", part.unwrap_or_default(), entry.unavailable_reason())
 }
 
 type ActivityStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
@@ -153,9 +145,9 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<IsActiveResponse>, Status> {
         let started = Instant::now();
         let answer = async {
-            let entry = self.answerable(self.track(request.get_ref())?).await?;
-            let result = entry.with_state(|s| s.is_active(UnixMs::now()));
-            Ok(Response::new(IsActiveResponse { result }))
+            let (entry, first) = self.call(request.get_ref())?;
+            let answer = self.settled(&entry, first).await?;
+            Ok(Response::new(IsActiveResponse { result: answer.active }))
         }
         .await;
         self.timed(KedaCall::IsActive, started);
@@ -170,7 +162,7 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         // Only the metadata is checked before the stream opens: a hub not read yet gets its
         // first message once it is (module docs), not an error that grows KEDA's back-off.
-        let entry = self.track(request.get_ref())?;
+        let (entry, _) = self.call(request.get_ref())?;
         let mut activity = entry.subscribe_activity();
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
@@ -180,7 +172,7 @@ impl ExternalScaler for KedaScaler {
                 tokio::select! {
                     _ = shutdown.wait() => return,
                     _ = tx.closed() => return,
-                    read = entry.wait_observed(FIRST_PROBE_WAIT) => if read { break },
+                    read = entry.wait_answerable(FIRST_PROBE_WAIT) => if read { break },
                 }
             }
             let current = entry.with_state(|s| s.is_active(UnixMs::now()));
@@ -215,7 +207,7 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let entry = self.track(request.get_ref())?;
+        let (entry, _) = self.call(request.get_ref())?;
         let name = metric_name(&entry.key.task_hub);
         // The deprecated integer field is still read by KEDA when the float one is 0.
         #[allow(deprecated)]
@@ -264,8 +256,8 @@ impl KedaScaler {
                 crate::contract::quote(&request.metric_name)
             )));
         }
-        let entry = self.answerable(self.track_parsed(scaled_object, &key, &settings)?).await?;
-        let value = entry.with_state(|s| s.metric_value());
+        let (entry, first) = self.call_parsed(scaled_object, &key, &settings)?;
+        let value = self.settled(&entry, first).await?.metric_value;
         // The deprecated integer field is still read by KEDA when the float one is 0.
         #[allow(deprecated)]
         Ok(Response::new(GetMetricsResponse {

@@ -16,6 +16,7 @@
 //! implementations. The composition root (`crate::app`) plugs in the Kubernetes ones when it
 //! finds a Kubernetes configuration, and [`run`] serves until the shutdown signal.
 
+pub(crate) mod coverage;
 pub mod hub;
 pub(crate) mod keda;
 pub mod metrics;
@@ -205,6 +206,7 @@ pub struct Aggregator {
     metrics: metrics::Metrics,
     probe_metrics: probe::ProbeMetrics,
     on_change: Option<ChangeHook>,
+    deletion_costs: Option<Arc<dyn sources::PodDeletionCosts>>,
 }
 
 /// A listening aggregator: its bound addresses and the task that serves.
@@ -269,12 +271,20 @@ impl Aggregator {
             metrics,
             probe_metrics,
             on_change: None,
+            deletion_costs: None,
         }
     }
 
     /// Calls `hook` whenever a hub's recommendation changes (after the log line).
     pub fn on_recommendation_change(mut self, hook: ChangeHook) -> Self {
         self.on_change = Some(hook);
+        self
+    }
+
+    /// Hands every sampling round's deletion costs of each hub's live pods to `costs`
+    /// (`sources::PodDeletionCosts`; the Kubernetes side keeps them on the pods).
+    pub fn keep_deletion_costs(mut self, costs: Arc<dyn sources::PodDeletionCosts>) -> Self {
+        self.deletion_costs = Some(costs);
         self
     }
 
@@ -331,7 +341,9 @@ impl Aggregator {
         let metrics = Arc::new(self.metrics);
         let grace_ms = u64::try_from(args.work_grace.as_millis()).unwrap_or(u64::MAX);
         let registry = Arc::new(
-            registry::Registry::new(metrics.clone(), grace_ms).with_change_hook(self.on_change.clone()),
+            registry::Registry::new(metrics.clone(), grace_ms)
+                .with_change_hook(self.on_change.clone())
+                .with_deletion_costs(self.deletion_costs.clone()),
         );
         let mut supervisor = Supervisor::new(shutdown.clone());
         let prober =
@@ -418,7 +430,7 @@ async fn sample_loop(
         let counts = join_all(hubs.iter().map(|entry| {
             let workers = workers.clone();
             async move {
-                let scaled_object = entry.scaled_object()?;
+                let scaled_object = entry.with_state(|s| s.scaled_object().cloned())?;
                 tokio::time::timeout(WORKER_COUNT_TIMEOUT, workers.worker_count(&scaled_object))
                     .await
                     .ok()

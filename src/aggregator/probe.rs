@@ -142,10 +142,8 @@ impl Prober {
         // The reader is rebuilt only when the connection or partition mode changes.
         let mut reader: Option<((Connection, PartitionMode), TaskHubReader)> = None;
         while !entry.is_evicted() {
-            let (connection, mode, task_hub) = entry.with_state(|s| {
-                let settings = s.settings();
-                (settings.connection.clone(), settings.partition_mode, settings.task_hub.clone())
-            });
+            let plan = entry.with_state(|s| s.probe_plan());
+            let (connection, mode, task_hub) = (plan.connection, plan.partition_mode, plan.task_hub);
             if let Some(connection) = connection {
                 let wanted = (connection, mode);
                 if reader.as_ref().is_none_or(|(have, _)| *have != wanted) {
@@ -182,7 +180,7 @@ impl Prober {
     fn record(&self, entry: &HubEntry, outcome: ProbeOutcome, error: Option<String>) {
         self.registry.metrics.count_probe(&entry.key, outcome);
         // One line per new failure (and one when it clears), not one per interval.
-        let previous = entry.set_probe_error(error.clone());
+        let previous = entry.with_state(|s| s.record_probe(error.clone()));
         match (&error, previous) {
             (Some(e), previous) if previous.as_ref() != Some(e) => {
                 tracing::warn!(namespace = %entry.key.namespace, task_hub = %entry.key.task_hub, "cold probe failed: {e}");
@@ -201,6 +199,7 @@ impl Prober {
         if coverage.is_complete() {
             return;
         }
+        let missed = |missed: bool| entry.with_state(|s| s.record_probe_missed(missed));
         let now = UnixMs::now();
         let ownership = reader.ownership(now).await;
         let no_store = match &ownership.error {
@@ -216,13 +215,13 @@ impl Prober {
                 Some(e.clone())
             }
             Some(StorageError::NotProvisioned { .. }) => {
-                entry.set_probe_missed(false);
+                missed(false);
                 self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
             Some(e) => {
-                entry.set_probe_missed(true);
+                missed(true);
                 return self.record(entry, ProbeOutcome::from(e), Some(e.to_string()));
             }
         };
@@ -240,7 +239,7 @@ impl Prober {
         let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
         // A hub not provisioned after all is read: there is nothing to miss.
         let not_provisioned = matches!(failure, Some(StorageError::NotProvisioned { .. })) && nothing_read;
-        entry.set_probe_missed(failure.is_some() && !not_provisioned);
+        missed(failure.is_some() && !not_provisioned);
         if let Some(e) = no_store {
             self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
             if !nothing_read {

@@ -297,11 +297,6 @@ impl HubEngine {
         }
     }
 
-    /// The control queue count the engine keeps state for.
-    pub(crate) fn partitions(&self) -> usize {
-        self.control.len()
-    }
-
     /// Takes new settings; a new maximum polling interval or random scale-in setting restarts
     /// the voter (it holds nothing else), the histories are kept.
     pub(crate) fn update_settings(&mut self, settings: EngineSettings) {
@@ -363,6 +358,11 @@ impl HubEngine {
     pub(crate) fn split(&self, now: UnixMs) -> durable::Split {
         let workers = self.decision.as_ref().map_or(0, |d| d.workers);
         durable::split(&self.settings.durable_settings(), &self.history, workers, now)
+    }
+
+    /// The control messages taken for held work at `now`, per partition.
+    pub(crate) fn held_by_partition(&self, now: UnixMs) -> Vec<u64> {
+        durable::held_by_partition(&self.history, now)
     }
 
     /// One sampling interval at `now` with `workers` running: adds one sample of every queue's
