@@ -47,7 +47,7 @@ use super::hub::HubKey;
 use super::metrics::{KedaCall, KedaCallLabels};
 use super::probe::Prober;
 use super::registry::{HubEntry, Registry};
-use super::settings::HubSettings;
+use super::settings::{EndpointRule, HubSettings};
 use super::sources::ScaledObjectKey;
 
 /// How long the first call about a hub waits for its first signals.
@@ -63,30 +63,38 @@ pub(crate) fn metric_name(task_hub: &str) -> String {
 pub(crate) struct KedaScaler {
     registry: Arc<Registry>,
     prober: Prober,
+    /// Which storage endpoints trigger metadata may name.
+    endpoints: EndpointRule,
     shutdown: Shutdown,
 }
 
 impl KedaScaler {
-    /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs.
-    pub(crate) fn new(registry: Arc<Registry>, prober: Prober, shutdown: Shutdown) -> Self {
-        Self { registry, prober, shutdown }
+    /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs; trigger
+    /// connections may name the storage endpoints `endpoints` allows.
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        prober: Prober,
+        endpoints: EndpointRule,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self { registry, prober, endpoints, shutdown }
     }
 
-    fn parse(scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
+    fn parse(&self, scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
         // The names as Kubernetes allows them, before they become a key, a label or a log
         // field; errors quote a short prefix only.
         check_name("scaledObjectRef.namespace", &scaled_object.namespace, NameRule::Label)
             .map_err(Status::invalid_argument)?;
         check_name("scaledObjectRef.name", &scaled_object.name, NameRule::Subdomain)
             .map_err(Status::invalid_argument)?;
-        let settings = HubSettings::from_metadata(&scaled_object.scaler_metadata)
+        let settings = HubSettings::from_metadata_with(&scaled_object.scaler_metadata, self.endpoints)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok((HubKey::new(&scaled_object.namespace, &settings.task_hub), settings))
     }
 
     /// Tracks the hub of `scaled_object` (starting its probe) without waiting.
     fn track(&self, scaled_object: &ScaledObjectRef) -> Result<Arc<HubEntry>, Status> {
-        let (key, settings) = Self::parse(scaled_object)?;
+        let (key, settings) = self.parse(scaled_object)?;
         self.track_parsed(scaled_object, &key, &settings)
     }
 
@@ -254,7 +262,7 @@ impl KedaScaler {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         // A wrong metric name is refused before any waiting.
-        let (key, settings) = Self::parse(scaled_object)?;
+        let (key, settings) = self.parse(scaled_object)?;
         check_len("metricName", &request.metric_name, METRIC_NAME_MAX_LEN)
             .map_err(Status::invalid_argument)?;
         let expected = metric_name(&key.task_hub);

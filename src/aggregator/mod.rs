@@ -103,6 +103,13 @@ pub struct Args {
     /// (a visible message, a moving count); after that they count as sleeping durable timers.
     #[arg(long, env = "DURABLE_SCALER_WORK_GRACE", default_value = "5m", value_parser = crate::config::parse_duration)]
     pub work_grace: Duration,
+    /// Let trigger metadata name plain-http storage endpoints (a development emulator such as
+    /// Azurite on another host). Off, only https endpoints are probed, and
+    /// `UseDevelopmentStorage=true` on its default loopback address: whoever reaches the
+    /// KEDA port chooses the connection, and the probe sends requests signed with its key to
+    /// the endpoints it names.
+    #[arg(long, env = "DURABLE_SCALER_ALLOW_HTTP_STORAGE")]
+    pub allow_http_storage: bool,
     /// How long after start `/readyz` says ready even if no sidecar reported and no tracked
     /// hub was read whole yet (two default sidecar intervals: any sidecar that exists has
     /// reported by then). Readiness comes earlier with the first sidecar report or once every
@@ -129,8 +136,9 @@ fn any_address(port: u16) -> SocketAddr {
 }
 
 impl Args {
-    /// The defaults of every flag, but loopback ports chosen by the OS and `--report-auth
-    /// none`: for tests, benchmarks and local runs.
+    /// The defaults of every flag, but loopback ports chosen by the OS, `--report-auth
+    /// none` and `--allow-http-storage` (Azurite serves plain http): for tests, benchmarks
+    /// and local runs.
     pub fn loopback() -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
@@ -146,6 +154,7 @@ impl Args {
             probe_interval: Duration::from_secs(2),
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
+            allow_http_storage: true,
             ready_after: Duration::ZERO,
         }
     }
@@ -338,7 +347,11 @@ impl Aggregator {
             probe::Prober::new(registry.clone(), args.probe_interval, self.storage, shutdown.clone())
                 .with_metrics(self.probe_metrics.clone())
                 .with_failures(supervisor.reporter());
-        let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
+        let endpoints = match args.allow_http_storage {
+            true => settings::EndpointRule::AllowHttp,
+            false => settings::EndpointRule::HttpsOnly,
+        };
+        let keda = keda::KedaScaler::new(registry.clone(), prober, endpoints, shutdown.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;
         // Both reflection versions: grpcurl before 1.8.8 (and other older tools) only speak

@@ -138,6 +138,8 @@ impl AggregatorPorts {
             "60s",
             "--ready-after",
             "0s",
+            // Azurite serves plain http.
+            "--allow-http-storage",
         ]
         .iter()
         .map(|s| s.to_string())
