@@ -21,7 +21,8 @@
 //! (`pkg/scaling/cache/scalers_cache.go`, `controllers/keda/hpa.go`).
 //!
 //! StreamIsActive opens at once, even before the hub was read, and sends its first message
-//! once it was; on shutdown every stream ends with status OK, because KEDA's push loop
+//! once it was; on shutdown, and when its connection is asked to go (`crate::listener`:
+//! idle, age, abandoned answers), every stream ends with status OK, because KEDA's push loop
 //! (`pkg/scalers/external_scaler.go` `runStreamIsActive`) resets its reconnect back-off to 2 s
 //! only when a stream ends cleanly, and otherwise keeps doubling it up to a minute.
 
@@ -37,6 +38,7 @@ use tonic::{Request, Response, Status};
 use crate::clock::UnixMs;
 use crate::contract::limits::METRIC_NAME_MAX_LEN;
 use crate::contract::{NameRule, check_len, check_name};
+use crate::listener::Draining;
 use crate::proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
     ScaledObjectRef, external_scaler_server::ExternalScaler,
@@ -182,11 +184,22 @@ impl ExternalScaler for KedaScaler {
         let mut activity = entry.subscribe_activity();
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
+        // The connection asked to go (idle, age, shutdown: `crate::listener`): end the stream
+        // cleanly before it is closed, so KEDA reconnects at once.
+        let draining = request.extensions().get::<Draining>().cloned();
+        let connection_closing = async move {
+            match draining {
+                Some(draining) => draining.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::spawn(async move {
+            tokio::pin!(connection_closing);
             // Returning drops `tx`: the stream ends with status OK.
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
+                    _ = &mut connection_closing => return,
                     _ = tx.closed() => return,
                     read = entry.wait_observed(FIRST_PROBE_WAIT) => if read { break },
                 }
@@ -199,6 +212,7 @@ impl ExternalScaler for KedaScaler {
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
+                    _ = &mut connection_closing => return,
                     _ = tx.closed() => return,
                     changed = activity.changed() => {
                         if changed.is_err() {

@@ -37,14 +37,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use futures::StreamExt;
-use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use tokio::net::TcpListener;
 
 use crate::clock::UnixMs;
 use crate::contract::env;
+use crate::listener;
 use crate::shutdown::{Shutdown, TaskFailure};
-use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles, TlsIncoming};
+use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles};
 use cluster::{NativeSidecarDetector, NativeSidecarMode};
 use events::SkipRecorder;
 use inject::{InjectionSettings, NativeDefault};
@@ -73,8 +72,18 @@ pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 const MAX_DISCARD_BYTES: u64 = 4 * MAX_BODY_BYTES as u64;
 /// How long one call to the Kubernetes API may take.
 const KUBE_API_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long open connections get to finish after shutdown fires.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams open at once on one connection: the API server sends a few at a time.
+const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Connections open at once (the API server keeps a few; lowered to what the descriptor
+/// limit allows).
+const MAX_CONNECTIONS: usize = 1024;
+/// Bytes of answers (JSON patches, a few KiB each) not yet read by their clients.
+const ANSWER_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of admission bodies being read at once, over all requests: eight of the largest
+/// (a pod is a few KiB; the API server sends a few reviews at a time). Each body read
+/// lives on in its parsed form a while, so the budget keeps the webhook well inside its
+/// 128 MiB limit whatever clients send and however slowly.
+const BODIES_BUDGET_BYTES: usize = 8 * MAX_BODY_BYTES;
 
 /// `durable-scaler webhook` command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -156,6 +165,8 @@ pub enum Error {
 
 #[derive(Debug, Clone)]
 struct AppState {
+    /// Bytes of admission bodies being read, over all requests ([`BODIES_BUDGET_BYTES`]).
+    bodies: Arc<tokio::sync::Semaphore>,
     settings: Arc<InjectionSettings>,
     metrics: Arc<Metrics>,
     native: NativeSource,
@@ -254,7 +265,13 @@ impl Webhook {
             listener,
             tls,
             reload_interval: args.tls_reload_interval,
-            state: AppState { settings: Arc::new(settings), metrics, native, skips },
+            state: AppState {
+                bodies: Arc::new(tokio::sync::Semaphore::new(BODIES_BUDGET_BYTES)),
+                settings: Arc::new(settings),
+                metrics,
+                native,
+                skips,
+            },
         })
     }
 
@@ -294,47 +311,25 @@ impl Webhook {
 
     /// As [`Webhook::serve`]; stopping to accept connections before the signal is a failure
     /// (`run` exits non-zero so that Kubernetes restarts the pod, rather than the API server
-    /// failing its calls against a pod that looks alive).
+    /// failing its calls against a pod that looks alive). Stopping because of the signal
+    /// is not, however the two race.
     pub async fn try_serve(self, shutdown: Shutdown) -> Result<(), TaskFailure> {
-        let mut incoming = TlsIncoming::new(self.listener, self.tls, self.reload_interval, shutdown.clone());
-        let app = router(self.state);
-        let graceful = GracefulShutdown::new();
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.wait() => break,
-                next = incoming.next() => match next {
-                    Some(Ok(stream)) => stream,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "connection not served");
-                        continue;
-                    }
-                    None => {
-                        incoming.close().await;
-                        return Err(TaskFailure {
-                            task: "webhook HTTPS server".into(),
-                            message: "stopped accepting connections before the shutdown signal".into(),
-                        });
-                    }
-                },
-            };
-            let peer = stream.get_ref().0.peer_addr().ok();
-            let service = TowerToHyperService::new(app.clone());
-            let connection_watcher = graceful.watcher();
-            tokio::spawn(async move {
-                // The limits every listener shares (header read timeout, HTTP/2 streams).
-                let builder = crate::tls::http_builder();
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = connection_watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(?peer, error = %e, "connection ended with an error");
-                }
-            });
+        let failure = |message: String| TaskFailure { task: "webhook HTTPS server".into(), message };
+        let settings = listener::Listener {
+            name: "webhook HTTPS",
+            protocol: listener::Protocol::Http,
+            max_concurrent_streams: HTTP_MAX_CONCURRENT_STREAMS,
+            max_connections: listener::connection_limit(MAX_CONNECTIONS, 1),
+            answer_budget_bytes: ANSWER_BUDGET_BYTES,
+            tls: Some((self.tls, self.reload_interval)),
+        };
+        let served = listener::serve(self.listener, settings, router(self.state), shutdown.clone()).await;
+        match served {
+            // The loop ends only once the signal fired, or when it could not go on.
+            Ok(()) if shutdown.is_triggered() => Ok(()),
+            Ok(()) => Err(failure("stopped accepting connections before the shutdown signal".into())),
+            Err(e) => Err(failure(format!("failed: {e}"))),
         }
-        // No new connections from here on; open ones get the drain timeout.
-        incoming.close().await;
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-            tracing::warn!("connections still open after the drain timeout; closing them");
-        }
-        Ok(())
     }
 }
 
@@ -364,8 +359,18 @@ async fn mutate(State(state): State<AppState>, version: Version, headers: Header
         close_after(&mut response, version, declared != Some(0));
         return response;
     }
-    let bytes = match read_body(body, declared).await {
-        Ok(bytes) => bytes,
+    // The budget's share stays held until the review is answered.
+    let (bytes, _budget) = match read_body(body, declared, &state.bodies).await {
+        Ok(read) => read,
+        Err(BodyError::Busy) => {
+            let mut response = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy: too many admission bodies being read at once; retry\n".into(),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            close_after(&mut response, version, true);
+            return response;
+        }
         Err(BodyError::TooLarge { drained }) => {
             let mut response =
                 refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY_BYTES} bytes\n"));
@@ -406,17 +411,40 @@ enum BodyError {
     TooLarge { drained: bool },
     /// The client's stream failed.
     Read(axum::Error),
+    /// The bodies being read at once are over [`BODIES_BUDGET_BYTES`].
+    Busy,
 }
 
 /// Reads at most [`MAX_BODY_BYTES`]. An over-size body is read on and discarded up to
 /// [`MAX_DISCARD_BYTES`] so that the client, which may still be sending when we decide,
 /// gets to read our 413: answering while it sends and then closing makes its TCP stack
-/// see a reset, and the client reports that instead of the status.
-async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyError> {
+/// see a reset, and the client reports that instead of the status. What is kept is charged
+/// to `budget` as it arrives (the permits are returned with the bytes, and dropped with
+/// them); a body that does not fit is [`BodyError::Busy`]. How long reading may take is the
+/// listener's request deadline (`crate::listener`).
+async fn read_body(
+    mut body: Body,
+    declared: Option<u64>,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), BodyError> {
     if declared.is_some_and(|n| n > MAX_DISCARD_BYTES) {
         return Err(BodyError::TooLarge { drained: false });
     }
-    let mut kept = Vec::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize));
+    let mut charged: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut charge = |bytes: usize| -> Result<(), BodyError> {
+        let permit = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| budget.clone().try_acquire_many_owned(n).ok())
+            .ok_or(BodyError::Busy)?;
+        match &mut charged {
+            Some(held) => held.merge(permit),
+            None => charged = Some(permit),
+        }
+        Ok(())
+    };
+    let initial = declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize);
+    charge(initial)?;
+    let mut kept = Vec::with_capacity(initial);
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Read)?;
@@ -426,6 +454,11 @@ async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyE
             return Err(BodyError::TooLarge { drained: false });
         }
         if seen <= MAX_BODY_BYTES as u64 {
+            let needed = kept.len() + data.len();
+            if needed > kept.capacity() {
+                charge(needed - kept.capacity())?;
+                kept.reserve_exact(data.len());
+            }
             kept.extend_from_slice(&data);
         } else if !kept.is_empty() {
             kept = Vec::new();
@@ -434,7 +467,7 @@ async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyE
     if seen > MAX_BODY_BYTES as u64 {
         return Err(BodyError::TooLarge { drained: true });
     }
-    Ok(Bytes::from(kept))
+    Ok((Bytes::from(kept), charged))
 }
 
 /// Asks hyper to close an HTTP/1 connection after `response` when `close` (the request body
