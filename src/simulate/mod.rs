@@ -230,17 +230,44 @@ impl Default for Settings {
     }
 }
 
+/// The longest any timing knob may be (a start-up delay, a cooldown, an interval): a day.
+const MAX_KNOB_S: f64 = 86_400.0;
+/// Simulated ticks one run may take (duration / tick): a week and a half-day more at the
+/// default 100 ms tick (a trace runs 30 minutes past its last arrival).
+const MAX_TICKS: u64 = 7_000_000;
+/// The most pods a run may scale to (`--max-replicas`): every pod is simulated.
+const MAX_REPLICAS: u32 = 1_000;
+/// The most work items one pod may run at once (`--max-activities`,
+/// `--max-orchestrations`): 10 x CPUs of a very large node.
+const MAX_PER_POD: u32 = 10_000;
+/// The longest orchestration episode or episode estimate, ms: an hour.
+const MAX_EPISODE_MS: u64 = 3_600_000;
+
 fn seconds(value: f64, flag: &'static str, env: &'static str) -> Result<u64, Error> {
-    if (0.0..1e9).contains(&value) {
+    if (0.0..=MAX_KNOB_S).contains(&value) {
         Ok((value * 1_000.0).round() as u64)
     } else {
-        Err(Error::Invalid { flag, env, reason: format!("{value} is not a number of seconds >= 0") })
+        Err(Error::Invalid {
+            flag,
+            env,
+            reason: format!("{value} is not a number of seconds from 0 to {MAX_KNOB_S}"),
+        })
     }
 }
 
 fn positive(value: u32, flag: &'static str, env: &'static str) -> Result<u32, Error> {
-    if value == 0 {
-        Err(Error::Invalid { flag, env, reason: "must be at least 1".to_string() })
+    within(value, 1, u32::MAX, flag, env)
+}
+
+fn within<T: PartialOrd + std::fmt::Display>(
+    value: T,
+    min: T,
+    max: T,
+    flag: &'static str,
+    env: &'static str,
+) -> Result<T, Error> {
+    if value < min || value > max {
+        Err(Error::Invalid { flag, env, reason: format!("{value} is outside {min}..{max}") })
     } else {
         Ok(value)
     }
@@ -263,8 +290,13 @@ impl Args {
                 reason: format!("{} is outside 10..10000", self.tick_ms),
             });
         }
-        let max_replicas =
-            positive(self.max_replicas, "--max-replicas", "DURABLE_SCALER_SIMULATE_MAX_REPLICAS")?;
+        let max_replicas = within(
+            self.max_replicas,
+            1,
+            MAX_REPLICAS,
+            "--max-replicas",
+            "DURABLE_SCALER_SIMULATE_MAX_REPLICAS",
+        )?;
         if self.min_replicas > max_replicas {
             return Err(Error::Invalid {
                 flag: "--min-replicas",
@@ -280,12 +312,28 @@ impl Args {
                 Ok(ms)
             }
         };
-        let max_activities =
-            positive(self.max_activities, "--max-activities", "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES")?;
-        let max_orchestrations = positive(
+        let max_activities = within(
+            self.max_activities,
+            1,
+            MAX_PER_POD,
+            "--max-activities",
+            "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES",
+        )?;
+        let max_orchestrations = within(
             self.max_orchestrations,
+            1,
+            MAX_PER_POD,
             "--max-orchestrations",
             "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS",
+        )?;
+        let episode_ms =
+            within(self.episode_ms, 0, MAX_EPISODE_MS, "--episode-ms", "DURABLE_SCALER_SIMULATE_EPISODE_MS")?;
+        let episode_estimate_ms = within(
+            self.episode_estimate_ms,
+            0,
+            MAX_EPISODE_MS,
+            "--episode-estimate-ms",
+            "DURABLE_SCALER_SIMULATE_EPISODE_ESTIMATE_MS",
         )?;
         let app = AppConfig {
             partitions: self.partitions,
@@ -302,7 +350,7 @@ impl Args {
                 "--max-polling-interval-s",
                 "DURABLE_SCALER_SIMULATE_MAX_POLLING_INTERVAL_S",
             )?,
-            episode_ms: self.episode_ms.max(1),
+            episode_ms: episode_ms.max(1),
             grace_ms: seconds(self.grace_s, "--grace-s", "DURABLE_SCALER_SIMULATE_GRACE_S")?,
             ..AppConfig::default()
         };
@@ -353,7 +401,7 @@ impl Args {
                     "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S",
                 )?,
                 activity_lookahead: !self.no_activity_lookahead,
-                episode_estimate_ms: self.episode_estimate_ms,
+                episode_estimate_ms,
                 lookahead_window_ms: seconds(
                     self.lookahead_window_s,
                     "--lookahead-window-s",
@@ -373,9 +421,22 @@ impl Args {
         Ok(Settings { app, keda, scalers, tick_ms: self.tick_ms })
     }
 
-    /// The scenarios to run, validated.
+    /// The scenarios to run, validated: at most [`scenario::MAX_DURATION_MS`] each, and at
+    /// most [`MAX_TICKS`] ticks of `--tick-ms` each.
     pub fn scenarios(&self) -> Result<Vec<Scenario>, Error> {
-        let duration_ms = self.duration_s.map(|s| s.saturating_mul(1_000));
+        let duration_ms = self
+            .duration_s
+            .map(|s| {
+                within(
+                    s,
+                    1,
+                    scenario::MAX_DURATION_MS / 1_000,
+                    "--duration-s",
+                    "DURABLE_SCALER_SIMULATE_DURATION_S",
+                )
+            })
+            .transpose()?
+            .map(|s| s * 1_000);
         let mut names = self.scenarios.clone();
         if names.is_empty() && self.trace.is_none() {
             names = scenario::BUILTIN.iter().map(|s| s.to_string()).collect();
@@ -394,6 +455,19 @@ impl Args {
         }
         if let Some(path) = &self.trace {
             out.push(scenario::load_trace(path, duration_ms)?);
+        }
+        let tick_ms = self.tick_ms.max(1);
+        if let Some(long) = out.iter().find(|s| s.duration_ms / tick_ms > MAX_TICKS) {
+            return Err(Error::Invalid {
+                flag: "--tick-ms",
+                env: "DURABLE_SCALER_SIMULATE_TICK_MS",
+                reason: format!(
+                    "scenario {} would take {} ticks of {tick_ms} ms, more than {MAX_TICKS}: use a longer tick or \
+                     a shorter --duration-s",
+                    long.name,
+                    long.duration_ms / tick_ms
+                ),
+            });
         }
         Ok(out)
     }
