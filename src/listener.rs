@@ -19,15 +19,17 @@
 //!   ([`Listener::answer_budget_bytes`]; beyond it, 503).
 //! - **HTTP/2 connections**: keepalive pings ([`KEEPALIVE_INTERVAL`], closed when one goes
 //!   unanswered for [`KEEPALIVE_TIMEOUT`]), closed after [`IDLE_TIMEOUT`] without a request
-//!   in flight, after [`MAX_CONNECTION_AGE`], and after [`MAX_ABANDONED_PER_CONNECTION`]
-//!   answers the peer abandoned: each of those asks the peer to go (GOAWAY) and closes the
-//!   connection [`CLOSE_GRACE`] later at the latest. The last bound is the one that holds
-//!   against a peer that never grants connection-level flow-control window and resets its
-//!   streams: h2 keeps a reset stream queued for send capacity until capacity comes (h2
-//!   `src/proto/streams/prioritize.rs`, `assign_connection_capacity` evicts it only then),
-//!   about 300 bytes each, so nothing but closing the connection frees them. Streams reset
-//!   before they were accepted and streams reset for protocol errors are bounded by h2's own
-//!   limits ([`MAX_RESET_STREAMS`], [`MAX_LOCAL_ERROR_RESET_STREAMS`]).
+//!   in flight, after [`MAX_CONNECTION_AGE`], and after the peer reset
+//!   [`MAX_PEER_RESETS_PER_CONNECTION`] streams: each of those asks the peer to go (GOAWAY)
+//!   and closes the connection [`CLOSE_GRACE`] later at the latest. The last bound is the one
+//!   that holds against a peer that never grants connection-level flow-control window and
+//!   resets its streams: h2 keeps a reset stream queued for send capacity until capacity
+//!   comes (h2 `src/proto/streams/prioritize.rs`, `assign_connection_capacity` evicts it only
+//!   then), about 300 bytes each, and neither h2 nor hyper counts such resets (h2 counts only
+//!   those of streams not yet accepted), so [`PeerResets`] counts the RST_STREAM frames the
+//!   peer sends. Streams reset before they were accepted and streams reset for protocol
+//!   errors are bounded by h2's own limits ([`MAX_RESET_STREAMS`],
+//!   [`MAX_LOCAL_ERROR_RESET_STREAMS`]).
 //!
 //! Requests carry a [`Draining`] extension: it turns true when their connection is asked to
 //! go, so that long-lived streams (KEDA's StreamIsActive) can end cleanly before the close.
@@ -36,7 +38,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -75,11 +77,16 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
 /// How long a connection asked to go may finish what is in flight before it is closed.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(10);
-/// Answers a peer may abandon on one connection (streams it reset, or a request it gave up
-/// on) before the connection is asked to go. Well-behaved clients abandon few; a peer that
-/// starves the connection's flow-control window and resets its streams abandons one per
-/// stream.
-pub(crate) const MAX_ABANDONED_PER_CONNECTION: u64 = 256;
+/// Streams a peer may reset on one connection (RST_STREAM frames it sends) before the
+/// connection is asked to go. Well-behaved clients reset few (a gRPC client cancelling a call
+/// past its deadline); a peer that starves the connection's flow-control window and resets
+/// its streams resets one per request.
+pub(crate) const MAX_PEER_RESETS_PER_CONNECTION: u64 = 512;
+/// How much of an HTTP answer is handed to hyper at a time: hyper asks for the next piece
+/// only once the stream has send capacity for the last (hyper `src/proto/h2/mod.rs`,
+/// `PipeToSendStream`), so an answer its reader does not take stays here, under the
+/// listener's budget, and not in h2's send buffer.
+const ANSWER_CHUNK_BYTES: usize = 16 * 1024;
 /// h2's limit on streams the peer reset before they were accepted
 /// (`max_pending_accept_reset_streams`); beyond it the connection is closed with GOAWAY.
 pub(crate) const MAX_RESET_STREAMS: usize = 64;
@@ -306,9 +313,9 @@ async fn connection(
     }
     let first_request_by = Instant::now() + FIRST_REQUEST_TIMEOUT;
     match acceptor {
-        None => http(TokioIo::new(tcp), peer, first_request_by, &shared).await,
+        None => http(tcp, peer, first_request_by, &shared).await,
         Some(acceptor) => match tokio::time::timeout_at(first_request_by, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => http(TokioIo::new(stream), peer, first_request_by, &shared).await,
+            Ok(Ok(stream)) => http(stream, peer, first_request_by, &shared).await,
             Ok(Err(e)) => tracing::debug!(%peer, listener = shared.name, "TLS handshake refused: {e}"),
             Err(_) => tracing::debug!(%peer, listener = shared.name, "TLS handshake timed out"),
         },
@@ -321,11 +328,11 @@ enum Close {
     Shutdown,
     Idle,
     Age,
-    Abandoned,
+    Resets,
 }
 
 /// Serves HTTP on `io` until the peer closes, a bound closes it, or the listener stops.
-async fn http<I>(io: TokioIo<I>, peer: SocketAddr, first_request_by: Instant, shared: &Shared)
+async fn http<I>(io: I, peer: SocketAddr, first_request_by: Instant, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -337,6 +344,7 @@ where
         shared_answers: shared.answers.clone(),
         protocol: shared.protocol,
     };
+    let io = TokioIo::new(PeerResets::new(io, state.clone()));
     let connection = shared.builder.serve_connection(io, service);
     tokio::pin!(connection);
     let mut force_close = shared.force_close.clone();
@@ -370,7 +378,7 @@ where
             _ = state.deadline_added.notified() => continue,
             _ = shared.shutdown.wait(), if closing_since.is_none() => Close::Shutdown,
             _ = tokio::time::sleep_until(accepted + MAX_CONNECTION_AGE), if closing_since.is_none() => Close::Age,
-            _ = state.abandoned_too_often.notified(), if closing_since.is_none() => Close::Abandoned,
+            _ = state.resets_too_many.notified(), if closing_since.is_none() => Close::Resets,
             _ = tokio::time::sleep_until(idle_check), if closing_since.is_none() => {
                 if !state.is_idle_at(Instant::now()) {
                     continue;
@@ -389,10 +397,8 @@ where
 struct ConnectionState {
     /// Requests received.
     requests: AtomicU64,
-    /// Answers the peer abandoned.
-    abandoned: AtomicU64,
-    /// Fired when `abandoned` reaches [`MAX_ABANDONED_PER_CONNECTION`].
-    abandoned_too_often: Notify,
+    /// Fired when the peer has reset [`MAX_PEER_RESETS_PER_CONNECTION`] streams.
+    resets_too_many: Notify,
     /// Exchanges in flight, by id, with the time their answer must be taken by (for
     /// [`Protocol::Http`]; `None` for gRPC, whose streams may last).
     in_flight: Mutex<BTreeMap<u64, Option<Instant>>>,
@@ -407,8 +413,7 @@ impl ConnectionState {
     fn new(now: Instant) -> Self {
         Self {
             requests: AtomicU64::new(0),
-            abandoned: AtomicU64::new(0),
-            abandoned_too_often: Notify::new(),
+            resets_too_many: Notify::new(),
             in_flight: Mutex::new(BTreeMap::new()),
             last_activity: Mutex::new(now),
             deadline_added: Notify::new(),
@@ -451,12 +456,11 @@ impl ConnectionState {
     }
 }
 
-/// One exchange in flight: removed from its connection's state when dropped, counted as
-/// abandoned unless its answer was read to the end.
+/// One exchange in flight, from its request until hyper has taken its whole answer (or
+/// dropped it, the stream gone): removed from its connection's state when dropped.
 struct Exchange {
     state: Arc<ConnectionState>,
     id: u64,
-    finished: AtomicBool,
 }
 
 impl Exchange {
@@ -467,11 +471,7 @@ impl Exchange {
         if deadline.is_some() {
             state.deadline_added.notify_one();
         }
-        Self { state: state.clone(), id, finished: AtomicBool::new(false) }
-    }
-
-    fn finish(&self) {
-        self.finished.store(true, Ordering::Relaxed);
+        Self { state: state.clone(), id }
     }
 }
 
@@ -479,11 +479,153 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         self.state.in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
         self.state.touch();
-        if !self.finished.load(Ordering::Relaxed)
-            && self.state.abandoned.fetch_add(1, Ordering::Relaxed) + 1 == MAX_ABANDONED_PER_CONNECTION
-        {
-            self.state.abandoned_too_often.notify_one();
+    }
+}
+
+/// Counts the RST_STREAM frames an HTTP/2 peer sends, from the bytes hyper reads (after TLS),
+/// and fires `resets_too_many` at [`MAX_PEER_RESETS_PER_CONNECTION`]. It reads frame headers
+/// only (RFC 9113 section 4.1: 24 bytes of preface, then frames of a 9-byte header and a
+/// payload of the length it gives); an HTTP/1 connection is recognised by its first bytes
+/// and not looked at further.
+pub(crate) struct PeerResets<I> {
+    io: I,
+    state: Arc<ConnectionState>,
+    parser: FrameHeaders,
+}
+
+/// Where [`FrameHeaders`] is in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FramePosition {
+    /// Matching the connection preface; the bytes matched so far.
+    Preface(usize),
+    /// Reading a frame header; its bytes read so far.
+    Header(usize),
+    /// Skipping a frame payload; its bytes left.
+    Payload(usize),
+    /// Not HTTP/2 (or a stream no longer followed).
+    Off,
+}
+
+/// A minimal HTTP/2 frame-header reader: counts RST_STREAM frames.
+#[derive(Debug)]
+struct FrameHeaders {
+    position: FramePosition,
+    header: [u8; 9],
+    resets: u64,
+}
+
+/// The client connection preface (RFC 9113 section 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The RST_STREAM frame type (RFC 9113 section 6.4).
+const RST_STREAM: u8 = 0x3;
+
+impl FrameHeaders {
+    fn new() -> Self {
+        Self { position: FramePosition::Preface(0), header: [0; 9], resets: 0 }
+    }
+
+    /// Reads `bytes`, the next bytes from the peer; returns the RST_STREAM frames they end.
+    fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let before = self.resets;
+        while !bytes.is_empty() {
+            match self.position {
+                FramePosition::Off => break,
+                FramePosition::Preface(matched) => {
+                    let n = bytes.len().min(PREFACE.len() - matched);
+                    if bytes[..n] != PREFACE[matched..matched + n] {
+                        self.position = FramePosition::Off;
+                        break;
+                    }
+                    bytes = &bytes[n..];
+                    self.position = match matched + n {
+                        24 => FramePosition::Header(0),
+                        partial => FramePosition::Preface(partial),
+                    };
+                }
+                FramePosition::Header(have) => {
+                    let n = bytes.len().min(9 - have);
+                    self.header[have..have + n].copy_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if have + n < 9 {
+                        self.position = FramePosition::Header(have + n);
+                        continue;
+                    }
+                    if self.header[3] == RST_STREAM {
+                        self.resets += 1;
+                    }
+                    let length = usize::from(self.header[0]) << 16
+                        | usize::from(self.header[1]) << 8
+                        | usize::from(self.header[2]);
+                    self.position =
+                        if length == 0 { FramePosition::Header(0) } else { FramePosition::Payload(length) };
+                }
+                FramePosition::Payload(left) => {
+                    let n = bytes.len().min(left);
+                    bytes = &bytes[n..];
+                    self.position =
+                        if left == n { FramePosition::Header(0) } else { FramePosition::Payload(left - n) };
+                }
+            }
         }
+        self.resets - before
+    }
+}
+
+impl<I> PeerResets<I> {
+    fn new(io: I, state: Arc<ConnectionState>) -> Self {
+        Self { io, state, parser: FrameHeaders::new() }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for PeerResets<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let filled = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let before = self.parser.resets;
+            let ended = self.parser.feed(&buf.filled()[filled..]);
+            if ended > 0
+                && before < MAX_PEER_RESETS_PER_CONNECTION
+                && self.parser.resets >= MAX_PEER_RESETS_PER_CONNECTION
+            {
+                self.state.resets_too_many.notify_one();
+            }
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for PeerResets<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -515,28 +657,23 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             let response = match tokio::time::timeout_at(deadline, answer).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
-                Err(_) => {
-                    exchange.finish();
-                    return Ok(timed_out(protocol, version));
-                }
+                Err(_) => return Ok(timed_out(protocol, version)),
             };
             match protocol {
-                Protocol::Grpc => Ok(response.map(|body| Body::new(TrackedBody { inner: body, exchange }))),
+                Protocol::Grpc => {
+                    Ok(response.map(|body| Body::new(TrackedBody { inner: body, _exchange: exchange })))
+                }
                 Protocol::Http => {
                     let (parts, body) = response.into_parts();
                     let bytes = match tokio::time::timeout_at(deadline, body.collect()).await {
                         Ok(Ok(collected)) => collected.to_bytes(),
-                        Ok(Err(_)) | Err(_) => {
-                            exchange.finish();
-                            return Ok(timed_out(protocol, version));
-                        }
+                        Ok(Err(_)) | Err(_) => return Ok(timed_out(protocol, version)),
                     };
                     let permits = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
                     let Ok(permit) = answers.try_acquire_many_owned(permits) else {
-                        exchange.finish();
                         return Ok(busy(version));
                     };
-                    let body = BudgetedBody { bytes: Some(bytes), _permit: permit, exchange };
+                    let body = BudgetedBody { bytes, _permit: permit, _exchange: exchange };
                     Ok(Response::from_parts(parts, Body::new(body)))
                 }
             }
@@ -576,10 +713,10 @@ fn close_after(response: &mut Response<Body>, version: Version) {
     }
 }
 
-/// A gRPC answer's body, marking its exchange finished once read to the end.
+/// A gRPC answer's body: its exchange is in flight while hyper holds it.
 struct TrackedBody {
     inner: Body,
-    exchange: Exchange,
+    _exchange: Exchange,
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -590,25 +727,11 @@ impl hyper::body::Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // Trailers are the last frame (gRPC's status): hyper sends them and stops polling.
-        let last = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || self.inner.is_end_stream(),
-            _ => false,
-        };
-        if last {
-            self.exchange.finish();
-        }
-        polled
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
-        if end {
-            self.exchange.finish();
-        }
-        end
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -616,12 +739,13 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// An HTTP answer held whole, with its share of the listener's answer budget until hyper
-/// has taken it (or drops it, the peer gone).
+/// An HTTP answer held whole, with its share of the listener's answer budget, handed to
+/// hyper [`ANSWER_CHUNK_BYTES`] at a time; its exchange is in flight until hyper has taken
+/// the last piece (or dropped it, the peer gone).
 struct BudgetedBody {
-    bytes: Option<Bytes>,
+    bytes: Bytes,
     _permit: OwnedSemaphorePermit,
-    exchange: Exchange,
+    _exchange: Exchange,
 }
 
 impl hyper::body::Body for BudgetedBody {
@@ -632,25 +756,19 @@ impl hyper::body::Body for BudgetedBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.bytes.take() {
-            Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-            None => {
-                self.exchange.finish();
-                Poll::Ready(None)
-            }
+        if self.bytes.is_empty() {
+            return Poll::Ready(None);
         }
+        let n = self.bytes.len().min(ANSWER_CHUNK_BYTES);
+        Poll::Ready(Some(Ok(Frame::data(self.bytes.split_to(n)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.bytes.is_none();
-        if end {
-            self.exchange.finish();
-        }
-        end
+        self.bytes.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
+        SizeHint::with_exact(self.bytes.len() as u64)
     }
 }
 
@@ -666,10 +784,36 @@ mod tests {
         assert_eq!(connection_limit(5, 3), 5, "a smaller wish is kept");
     }
 
+    /// An HTTP/2 frame header: `length` bytes of payload, `kind`, on stream 1.
+    fn frame(kind: u8, length: usize) -> Vec<u8> {
+        let mut frame = vec![(length >> 16) as u8, (length >> 8) as u8, length as u8, kind, 0, 0, 0, 0, 1];
+        frame.resize(9 + length, 0xff);
+        frame
+    }
+
     #[test]
-    fn raising_the_descriptor_limit_never_lowers_it() {
-        let before = descriptor_limit();
-        assert!(raise_descriptor_limit() >= before);
-        assert_eq!(descriptor_limit(), raise_descriptor_limit());
+    fn resets_are_counted_frame_by_frame_however_the_bytes_are_split() {
+        let mut stream = PREFACE.to_vec();
+        for _ in 0..5 {
+            stream.extend(frame(0x1, 40)); // HEADERS
+            stream.extend(frame(0x0, 70_000)); // DATA
+            stream.extend(frame(RST_STREAM, 4));
+        }
+        stream.extend(frame(0x4, 0)); // an empty SETTINGS
+        for piece in [1, 7, 9, 4096, stream.len()] {
+            let mut parser = FrameHeaders::new();
+            let counted: u64 = stream.chunks(piece).map(|chunk| parser.feed(chunk)).sum();
+            assert_eq!(counted, 5, "read {piece} bytes at a time");
+            assert_eq!(parser.position, FramePosition::Header(0));
+        }
+    }
+
+    #[test]
+    fn an_http1_connection_is_not_followed() {
+        let mut parser = FrameHeaders::new();
+        let mut request = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        request.extend(frame(RST_STREAM, 4));
+        assert_eq!(parser.feed(&request), 0);
+        assert_eq!(parser.position, FramePosition::Off);
     }
 }

@@ -22,7 +22,7 @@
 //!
 //! StreamIsActive opens at once, even before the hub was read, and sends its first message
 //! once it was; on shutdown, and when its connection is asked to go (`crate::listener`:
-//! idle, age, abandoned answers), every stream ends with status OK, because KEDA's push loop
+//! idle, age, too many streams reset by the client), every stream ends with status OK, because KEDA's push loop
 //! (`pkg/scalers/external_scaler.go` `runStreamIsActive`) resets its reconnect back-off to 2 s
 //! only when a stream ends cleanly, and otherwise keeps doubling it up to a minute.
 

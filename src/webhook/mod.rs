@@ -79,11 +79,59 @@ const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
 const MAX_CONNECTIONS: usize = 1024;
 /// Bytes of answers (JSON patches, a few KiB each) not yet read by their clients.
 const ANSWER_BUDGET_BYTES: usize = 16 * 1024 * 1024;
-/// Bytes of admission bodies being read at once, over all requests: eight of the largest
-/// (a pod is a few KiB; the API server sends a few reviews at a time). Each body read
-/// lives on in its parsed form a while, so the budget keeps the webhook well inside its
-/// 128 MiB limit whatever clients send and however slowly.
-const BODIES_BUDGET_BYTES: usize = 8 * MAX_BODY_BYTES;
+/// The first bytes of every admission body are charged to the budget of small bodies (a pod
+/// is a few KiB), the rest to the budget of large ones, so that clients sending large bodies
+/// slowly cannot take the room of ordinary reviews.
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+/// Bytes of small bodies (or first parts) being read at once: 128 of them.
+const SMALL_BODIES_BUDGET_BYTES: usize = 128 * SMALL_BODY_BYTES;
+/// Bytes beyond [`SMALL_BODY_BYTES`] being read at once: eight of the largest bodies. Each
+/// body read lives on in its parsed form a while, so the two budgets keep the webhook well
+/// inside its 128 MiB limit whatever clients send and however slowly.
+const LARGE_BODIES_BUDGET_BYTES: usize = 8 * MAX_BODY_BYTES;
+
+/// What the admission bodies being read may hold at once ([`SMALL_BODY_BYTES`]).
+#[derive(Debug)]
+struct BodyBudget {
+    small: Arc<tokio::sync::Semaphore>,
+    large: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        Self {
+            small: Arc::new(tokio::sync::Semaphore::new(SMALL_BODIES_BUDGET_BYTES)),
+            large: Arc::new(tokio::sync::Semaphore::new(LARGE_BODIES_BUDGET_BYTES)),
+        }
+    }
+}
+
+/// A body's share of the [`BodyBudget`]; given back when dropped.
+#[derive(Debug, Default)]
+struct BodyCharge {
+    bytes: usize,
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl BodyCharge {
+    /// Charges `more` bytes of the body, its first [`SMALL_BODY_BYTES`] to the small budget;
+    /// [`BodyError::Busy`] when either is spent.
+    fn charge(&mut self, budget: &BodyBudget, more: usize) -> Result<(), BodyError> {
+        let small = more.min(SMALL_BODY_BYTES.saturating_sub(self.bytes));
+        for (semaphore, n) in [(&budget.small, small), (&budget.large, more - small)] {
+            if n == 0 {
+                continue;
+            }
+            let permit = u32::try_from(n)
+                .ok()
+                .and_then(|n| semaphore.clone().try_acquire_many_owned(n).ok())
+                .ok_or(BodyError::Busy)?;
+            self.permits.push(permit);
+        }
+        self.bytes += more;
+        Ok(())
+    }
+}
 
 /// `durable-scaler webhook` command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -165,8 +213,8 @@ pub enum Error {
 
 #[derive(Debug, Clone)]
 struct AppState {
-    /// Bytes of admission bodies being read, over all requests ([`BODIES_BUDGET_BYTES`]).
-    bodies: Arc<tokio::sync::Semaphore>,
+    /// Bytes of admission bodies being read, over all requests.
+    bodies: Arc<BodyBudget>,
     settings: Arc<InjectionSettings>,
     metrics: Arc<Metrics>,
     native: NativeSource,
@@ -266,7 +314,7 @@ impl Webhook {
             tls,
             reload_interval: args.tls_reload_interval,
             state: AppState {
-                bodies: Arc::new(tokio::sync::Semaphore::new(BODIES_BUDGET_BYTES)),
+                bodies: Arc::new(BodyBudget::default()),
                 settings: Arc::new(settings),
                 metrics,
                 native,
@@ -411,7 +459,7 @@ enum BodyError {
     TooLarge { drained: bool },
     /// The client's stream failed.
     Read(axum::Error),
-    /// The bodies being read at once are over [`BODIES_BUDGET_BYTES`].
+    /// The bodies being read at once are over their [`BodyBudget`].
     Busy,
 }
 
@@ -419,31 +467,20 @@ enum BodyError {
 /// [`MAX_DISCARD_BYTES`] so that the client, which may still be sending when we decide,
 /// gets to read our 413: answering while it sends and then closing makes its TCP stack
 /// see a reset, and the client reports that instead of the status. What is kept is charged
-/// to `budget` as it arrives (the permits are returned with the bytes, and dropped with
-/// them); a body that does not fit is [`BodyError::Busy`]. How long reading may take is the
+/// to `budget` as it arrives (the charge is returned with the bytes and given back when
+/// dropped); a body that does not fit is [`BodyError::Busy`]. How long reading may take is the
 /// listener's request deadline (`crate::listener`).
 async fn read_body(
     mut body: Body,
     declared: Option<u64>,
-    budget: &Arc<tokio::sync::Semaphore>,
-) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), BodyError> {
+    budget: &BodyBudget,
+) -> Result<(Bytes, BodyCharge), BodyError> {
     if declared.is_some_and(|n| n > MAX_DISCARD_BYTES) {
         return Err(BodyError::TooLarge { drained: false });
     }
-    let mut charged: Option<tokio::sync::OwnedSemaphorePermit> = None;
-    let mut charge = |bytes: usize| -> Result<(), BodyError> {
-        let permit = u32::try_from(bytes)
-            .ok()
-            .and_then(|n| budget.clone().try_acquire_many_owned(n).ok())
-            .ok_or(BodyError::Busy)?;
-        match &mut charged {
-            Some(held) => held.merge(permit),
-            None => charged = Some(permit),
-        }
-        Ok(())
-    };
+    let mut charged = BodyCharge::default();
     let initial = declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize);
-    charge(initial)?;
+    charged.charge(budget, initial)?;
     let mut kept = Vec::with_capacity(initial);
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
@@ -456,7 +493,7 @@ async fn read_body(
         if seen <= MAX_BODY_BYTES as u64 {
             let needed = kept.len() + data.len();
             if needed > kept.capacity() {
-                charge(needed - kept.capacity())?;
+                charged.charge(budget, needed - kept.capacity())?;
                 kept.reserve_exact(data.len());
             }
             kept.extend_from_slice(&data);
@@ -568,6 +605,27 @@ pub(crate) async fn run(args: Args) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_bodies_cannot_take_the_room_of_small_ones() {
+        let budget = BodyBudget::default();
+        let mut large: Vec<BodyCharge> = Vec::new();
+        loop {
+            let mut charge = BodyCharge::default();
+            match charge.charge(&budget, MAX_BODY_BYTES) {
+                Ok(()) => large.push(charge),
+                Err(BodyError::Busy) => break,
+                Err(_) => unreachable!("charging only fails busy"),
+            }
+        }
+        assert_eq!(large.len(), LARGE_BODIES_BUDGET_BYTES / (MAX_BODY_BYTES - SMALL_BODY_BYTES));
+        let mut pod = BodyCharge::default();
+        assert!(pod.charge(&budget, 4096).is_ok(), "a pod of a few KiB still fits");
+        assert!(pod.charge(&budget, MAX_BODY_BYTES / 2).is_err(), "but not a large body");
+        drop(large);
+        let mut again = BodyCharge::default();
+        assert!(again.charge(&budget, MAX_BODY_BYTES).is_ok(), "the budget comes back with the bodies");
+    }
 
     #[test]
     fn the_default_address_is_the_contract_port() {
