@@ -584,6 +584,9 @@ async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// Runs `durable-scaler webhook` until SIGTERM or Ctrl-C; exit status 2 when it cannot
 /// start (the certificate, the CA, the address).
 pub(crate) async fn run(args: Args) -> ExitCode {
+    // Installed first: a SIGTERM that comes while the webhook starts (a rollout, say) stops
+    // it cleanly rather than killing it with the signal's default action.
+    let shutdown = Shutdown::on_signal();
     let webhook = match Webhook::bind(&args).await {
         Ok(w) => w,
         Err(e) => {
@@ -593,7 +596,7 @@ pub(crate) async fn run(args: Args) -> ExitCode {
     };
     let addr = webhook.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, native_sidecar = ?args.native_sidecar, image = %webhook.sidecar_image(), "webhook serving");
-    match webhook.try_serve(Shutdown::on_signal()).await {
+    match webhook.try_serve(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(task = %e.task, "{e}; stopping the process so that it is restarted");
