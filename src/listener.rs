@@ -652,12 +652,20 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
         request.extensions_mut().insert(Draining(self.state.draining.subscribe()));
         let version = request.version();
         let answer = hyper::service::Service::call(&self.app, request);
-        let (protocol, answers) = (self.protocol, self.shared_answers.clone());
+        let (protocol, answers, state) = (self.protocol, self.shared_answers.clone(), self.state.clone());
+        // A refusal (408, 503) is an answer of its own, tracked like any other: its client
+        // has [`limits::REQUEST_TIMEOUT`] again to take it.
+        let refusal = move |response: Response<Body>| {
+            let (parts, body) = response.into_parts();
+            let exchange = Exchange::start(&state, Some(Instant::now() + limits::REQUEST_TIMEOUT));
+            Response::from_parts(parts, Body::new(TrackedBody { inner: body, _exchange: exchange }))
+        };
         Box::pin(async move {
             let response = match tokio::time::timeout_at(deadline, answer).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
-                Err(_) => return Ok(timed_out(protocol, version)),
+                Err(_) if protocol == Protocol::Grpc => return Ok(timed_out(protocol, version)),
+                Err(_) => return Ok(refusal(timed_out(protocol, version))),
             };
             match protocol {
                 Protocol::Grpc => {
@@ -667,11 +675,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
                     let (parts, body) = response.into_parts();
                     let bytes = match tokio::time::timeout_at(deadline, body.collect()).await {
                         Ok(Ok(collected)) => collected.to_bytes(),
-                        Ok(Err(_)) | Err(_) => return Ok(timed_out(protocol, version)),
+                        Ok(Err(_)) | Err(_) => return Ok(refusal(timed_out(protocol, version))),
                     };
                     let permits = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
                     let Ok(permit) = answers.try_acquire_many_owned(permits) else {
-                        return Ok(busy(version));
+                        return Ok(refusal(busy(version)));
                     };
                     let body = BudgetedBody { bytes, _permit: permit, _exchange: exchange };
                     Ok(Response::from_parts(parts, Body::new(body)))
@@ -713,7 +721,8 @@ fn close_after(response: &mut Response<Body>, version: Version) {
     }
 }
 
-/// A gRPC answer's body: its exchange is in flight while hyper holds it.
+/// An answer's body passed through (gRPC's, a refusal's): its exchange is in flight while
+/// hyper holds it.
 struct TrackedBody {
     inner: Body,
     _exchange: Exchange,
