@@ -28,7 +28,7 @@ mod reader;
 pub(crate) mod table;
 
 pub(crate) use account::Service;
-pub use account::{AzureCloud, Connection, ConnectionString, IdentityAccount, StorageAccount};
+pub use account::{AppIdentity, AzureCloud, Connection, ConnectionString, IdentityAccount, StorageAccount};
 pub(crate) use layout::lease_blob_name;
 pub use layout::{Layout, REDETECT_INTERVAL};
 pub use reader::{HubRead, Ownership, QueueChoice, TaskHubReader};

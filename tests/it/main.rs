@@ -14,6 +14,7 @@ mod child;
 mod common;
 mod forwarder;
 mod https;
+mod processes;
 mod review_invariants;
 
 mod aggregator;
@@ -25,6 +26,7 @@ mod demo;
 mod engine_equivalence;
 mod faults;
 mod hostile;
+mod in_flight;
 mod kubernetes;
 mod latency_feed;
 mod limits;
