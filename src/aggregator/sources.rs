@@ -1,7 +1,8 @@
 //! What the aggregator needs from outside storage and the reports, as traits it owns: how
 //! many workers a hub's scale target runs ([`WorkerCountSource`]), who a report's bearer
-//! token belongs to ([`ReportAuthenticator`]), and where a recommendation change is recorded
-//! ([`RecommendationRecorder`]). `crate::kubernetes` implements them against the API
+//! token belongs to ([`ReportAuthenticator`]), where a recommendation change is recorded
+//! ([`RecommendationRecorder`]), and where each pod's scale-in rank is kept
+//! ([`PodDeletionCosts`]). `crate::kubernetes` implements them against the API
 //! server and depends on this module, never the reverse; the composition root
 //! (`crate::app`) plugs them in. The stand-alone worker count ([`LiveReportingPods`]) lives
 //! here.
@@ -79,6 +80,26 @@ impl WorkerCountSource for LiveReportingPods {
 pub trait RecommendationRecorder: Send + Sync + 'static {
     /// `scaled_object`'s hub now recommends `change.desired_workers`.
     fn recommendation_changed(&self, scaled_object: &ScaledObjectKey, change: &RecommendationChange);
+}
+
+/// One reporting pod's scale-in rank: the value of its `controller.kubernetes.io/pod-deletion-cost`
+/// annotation (KEP-2255: the ReplicaSet removes the pod with the lowest cost first).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodCost {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// Its cost: the more work it holds, the higher (the pod holding least goes first).
+    pub cost: i32,
+}
+
+/// Keeps each reporting pod's deletion cost on the pod. Called by the sampling loop with the
+/// whole picture of one hub's live pods each time; implementations write only what changed,
+/// rate-limited, never block the caller, and never fail (they log and count instead).
+pub trait PodDeletionCosts: Send + Sync + 'static {
+    /// The costs the live pods of one hub should carry now.
+    fn update(&self, costs: Vec<PodCost>);
 }
 
 /// Checks that a report from `identity` speaks for `report_pod`: a pod may only report for
