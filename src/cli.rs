@@ -86,6 +86,9 @@ pub fn run() -> ExitCode {
 fn start(role: &str, runtime: Runtime, role_main: impl Future<Output = ExitCode>) -> ExitCode {
     crate::telemetry::init();
     crate::telemetry::install_crypto_provider();
+    // Room for the listeners' connection limits, which are a share of it.
+    let descriptors = crate::listener::raise_descriptor_limit();
+    tracing::debug!(descriptors, "open file limit");
     let built = match runtime {
         Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread().enable_all().build(),

@@ -41,6 +41,7 @@ pub(crate) mod demo;
 pub mod emulator;
 pub mod heuristic;
 pub mod kubernetes;
+pub(crate) mod listener;
 pub(crate) mod metrics;
 pub mod proto;
 pub mod reading;

@@ -1,14 +1,12 @@
-//! TLS serving for every listener of the project (the webhook's HTTPS port, the aggregator's
-//! KEDA and report ports): PEM files read with errors that name the file, one reloading
-//! server configuration, and one accept loop. Also the HTTP connection settings every hyper
-//! listener shares ([`http_builder`]: stream, header and time limits) and the plain-HTTP
-//! loop of the aggregator's HTTP port ([`serve_plain_http`]).
+//! TLS for every listener of the project that serves it (the webhook's HTTPS port, the
+//! aggregator's KEDA and report ports): PEM files read with errors that name the file, and
+//! one reloading server configuration. The accept loop and the bounds every listener shares
+//! are [`crate::listener`]'s.
 //!
 //! Reloading is off the accept path. [`ReloadingConfig::spawn_watcher`] re-reads the
 //! certificate, the key and the client CA on a timer, in a blocking task, and when their
 //! bytes changed builds a new [`rustls::ServerConfig`] and publishes it through a
-//! [`tokio::sync::watch`] channel; the accept loop ([`TlsIncoming`]) only clones the
-//! current `Arc`. Kubernetes updates a mounted Secret by writing a new timestamped directory
+//! [`tokio::sync::watch`] channel; the accept loop only clones the current `Arc`. Kubernetes updates a mounted Secret by writing a new timestamped directory
 //! and renaming the `..data` symlink over the old one, so the file names stay and their
 //! contents change at once: reading through the paths sees the swap (an inotify watch on
 //! the files would keep watching the old inodes), and comparing bytes catches it whatever
@@ -18,16 +16,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
     time::Duration,
 };
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::counter::Counter;
 use rustls::{
     RootCertStore, ServerConfig,
@@ -35,29 +27,9 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
-    task::JoinHandle,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio::{sync::watch, task::JoinHandle};
 
-use crate::contract::limits::{HEADER_READ_TIMEOUT, MAX_HEADER_LIST_BYTES};
 use crate::shutdown::Shutdown;
-
-/// HTTP/2 streams open at once on one connection of an HTTP listener (the webhook, the
-/// aggregator's HTTP port): the API server and Prometheus send a few at a time.
-const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
-
-/// How long open connections of the plain HTTP port may finish after the shutdown signal.
-const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long the accept loop pauses after a failed accept (out of file descriptors and the
-/// like), instead of spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a PEM file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -359,143 +331,6 @@ fn build(
         Alpn::Https => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     };
     Ok(config)
-}
-
-/// The one accept loop: accepts TCP connections, completes TLS handshakes with the current
-/// configuration of a [`ReloadingConfig`] (each in its own task, bounded by a timeout, so a
-/// slow or silent client holds up no one), and yields the streams: to tonic's
-/// `serve_with_incoming`, or to the webhook's hyper loop. It also runs the configuration's
-/// watcher. Both tasks end when `shutdown` fires or this value is dropped or closed, which
-/// closes the listening socket.
-#[derive(Debug)]
-pub(crate) struct TlsIncoming {
-    streams: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,
-    accept: JoinHandle<()>,
-    watcher: JoinHandle<()>,
-}
-
-impl TlsIncoming {
-    /// Serves `listener` with `config`, looking at its files every `reload_interval`.
-    pub(crate) fn new(
-        listener: TcpListener,
-        config: Arc<ReloadingConfig>,
-        reload_interval: Duration,
-        shutdown: Shutdown,
-    ) -> Self {
-        let watcher = config.spawn_watcher(reload_interval, shutdown.clone());
-        let (tx, streams) = mpsc::channel(64);
-        let accept = tokio::spawn(accept_loop(listener, config, tx, shutdown));
-        Self { streams, accept, watcher }
-    }
-
-    /// Stops accepting and waits until the listening socket is closed.
-    pub(crate) async fn close(&mut self) {
-        self.accept.abort();
-        self.watcher.abort();
-        let _ = (&mut self.accept).await;
-        let _ = (&mut self.watcher).await;
-    }
-}
-
-impl Drop for TlsIncoming {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.watcher.abort();
-    }
-}
-
-impl futures::Stream for TlsIncoming {
-    type Item = std::io::Result<TlsStream<TcpStream>>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.streams.poll_recv(cx)
-    }
-}
-
-/// The next connection on `listener`, or `None` once `shutdown` fires. A failed accept (out
-/// of file descriptors, say) is logged and retried after [`ACCEPT_BACKOFF`], never fatal.
-async fn accept(listener: &TcpListener, shutdown: &Shutdown) -> Option<(TcpStream, std::net::SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => return None,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => return Some(pair),
-                Err(e) => {
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    config: Arc<ReloadingConfig>,
-    tx: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
-    shutdown: Shutdown,
-) {
-    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
-        // Answers are small single writes: without this, Nagle's algorithm holds the last
-        // segment of a handshake or response until the peer's delayed ACK (~40 ms).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
-        }
-        let acceptor = TlsAcceptor::from(config.current());
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    // The receiver is gone only when the server stopped: nothing to serve.
-                    let _ = tx.send(Ok(stream)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake refused: {e}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-/// The connection settings of every hyper listener: HTTP/1 drops a client that has not sent
-/// a complete request head within [`HEADER_READ_TIMEOUT`] (hyper enforces it only with a
-/// timer); HTTP/2 announces MAX_CONCURRENT_STREAMS and a bounded header list, and limits
-/// streams reset before they were accepted. Without these, hyper's HTTP/2 takes as many
-/// streams as a client opens.
-pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(HTTP_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .max_pending_accept_reset_streams(64);
-    builder
-}
-
-/// Serves `app` over plain HTTP/1 and HTTP/2 on `listener` with [`http_builder`]'s limits
-/// until `shutdown` fires, then lets open connections finish for a moment.
-pub(crate) async fn serve_plain_http(
-    listener: TcpListener,
-    app: axum::Router,
-    shutdown: Shutdown,
-) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
-        let service = TowerToHyperService::new(app.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let connection = http_builder().serve_connection(TokioIo::new(tcp), service).into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(HTTP_DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::debug!("HTTP connections still open after the drain timeout; closing them");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

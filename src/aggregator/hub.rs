@@ -468,6 +468,12 @@ impl HubState {
         }
     }
 
+    /// The trigger still gives the probe `connection` and `mode` (a round in flight with
+    /// others is stopped and the next started with the new ones).
+    pub(crate) fn probes_with(&self, connection: &Connection, mode: PartitionMode) -> bool {
+        self.settings.connection.as_ref() == Some(connection) && self.settings.partition_mode == mode
+    }
+
     /// The pods whose latest report is fresh and who are not leaving.
     pub(crate) fn live_pods(&self, now: UnixMs) -> u32 {
         self.coverage.live_pods(now)

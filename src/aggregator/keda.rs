@@ -21,7 +21,8 @@
 //! (`pkg/scaling/cache/scalers_cache.go`, `controllers/keda/hpa.go`).
 //!
 //! StreamIsActive opens at once, even before the hub was read, and sends its first message
-//! once it was; on shutdown every stream ends with status OK, because KEDA's push loop
+//! once it was; on shutdown, and when its connection is asked to go (`crate::listener`:
+//! idle, age, too many streams reset by the client), every stream ends with status OK, because KEDA's push loop
 //! (`pkg/scalers/external_scaler.go` `runStreamIsActive`) resets its reconnect back-off to 2 s
 //! only when a stream ends cleanly, and otherwise keeps doubling it up to a minute.
 
@@ -37,6 +38,7 @@ use tonic::{Request, Response, Status};
 use crate::clock::UnixMs;
 use crate::contract::limits::METRIC_NAME_MAX_LEN;
 use crate::contract::{NameRule, check_len, check_name};
+use crate::listener::Draining;
 use crate::proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
     ScaledObjectRef, external_scaler_server::ExternalScaler,
@@ -47,7 +49,7 @@ use super::hub::{Answer, HubKey, Unanswerable};
 use super::metrics::{KedaCall, KedaCallLabels};
 use super::probe::Prober;
 use super::registry::{HubEntry, Registry};
-use super::settings::HubSettings;
+use super::settings::{EndpointRule, HubSettings};
 use super::sources::ScaledObjectKey;
 
 /// How long the first call about a hub waits for its first signals.
@@ -63,23 +65,31 @@ pub(crate) fn metric_name(task_hub: &str) -> String {
 pub(crate) struct KedaScaler {
     registry: Arc<Registry>,
     prober: Prober,
+    /// Which storage endpoints trigger metadata may name.
+    endpoints: EndpointRule,
     shutdown: Shutdown,
 }
 
 impl KedaScaler {
-    /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs.
-    pub(crate) fn new(registry: Arc<Registry>, prober: Prober, shutdown: Shutdown) -> Self {
-        Self { registry, prober, shutdown }
+    /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs; trigger
+    /// connections may name the storage endpoints `endpoints` allows.
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        prober: Prober,
+        endpoints: EndpointRule,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self { registry, prober, endpoints, shutdown }
     }
 
-    fn parse(scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
+    fn parse(&self, scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
         // The names as Kubernetes allows them, before they become a key, a label or a log
         // field; errors quote a short prefix only.
         check_name("scaledObjectRef.namespace", &scaled_object.namespace, NameRule::Label)
             .map_err(Status::invalid_argument)?;
         check_name("scaledObjectRef.name", &scaled_object.name, NameRule::Subdomain)
             .map_err(Status::invalid_argument)?;
-        let settings = HubSettings::from_metadata(&scaled_object.scaler_metadata)
+        let settings = HubSettings::from_metadata_with(&scaled_object.scaler_metadata, self.endpoints)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok((HubKey::new(&scaled_object.namespace, &settings.task_hub), settings))
     }
@@ -91,7 +101,7 @@ impl KedaScaler {
         &self,
         scaled_object: &ScaledObjectRef,
     ) -> Result<(Arc<HubEntry>, Result<Answer, Unanswerable>), Status> {
-        let (key, settings) = Self::parse(scaled_object)?;
+        let (key, settings) = self.parse(scaled_object)?;
         self.call_parsed(scaled_object, &key, &settings)
     }
 
@@ -166,11 +176,22 @@ impl ExternalScaler for KedaScaler {
         let mut activity = entry.subscribe_activity();
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
+        // The connection asked to go (idle, age, shutdown: `crate::listener`): end the stream
+        // cleanly before it is closed, so KEDA reconnects at once.
+        let draining = request.extensions().get::<Draining>().cloned();
+        let connection_closing = async move {
+            match draining {
+                Some(draining) => draining.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::spawn(async move {
+            tokio::pin!(connection_closing);
             // Returning drops `tx`: the stream ends with status OK.
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
+                    _ = &mut connection_closing => return,
                     _ = tx.closed() => return,
                     read = entry.wait_answerable(FIRST_PROBE_WAIT) => if read { break },
                 }
@@ -183,6 +204,7 @@ impl ExternalScaler for KedaScaler {
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
+                    _ = &mut connection_closing => return,
                     _ = tx.closed() => return,
                     changed = activity.changed() => {
                         if changed.is_err() {
@@ -246,7 +268,7 @@ impl KedaScaler {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         // A wrong metric name is refused before any waiting.
-        let (key, settings) = Self::parse(scaled_object)?;
+        let (key, settings) = self.parse(scaled_object)?;
         check_len("metricName", &request.metric_name, METRIC_NAME_MAX_LEN)
             .map_err(Status::invalid_argument)?;
         let expected = metric_name(&key.task_hub);

@@ -93,6 +93,21 @@ impl ProbeMetrics {
     }
 }
 
+/// How often a probe round in flight looks whether its hub's connection changed.
+const SETTINGS_LOOK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Completes once `entry`'s connection or partition mode is no longer `have`.
+async fn settings_changed(entry: &HubEntry, have: &(Connection, PartitionMode)) {
+    let mut ticker = tokio::time::interval(SETTINGS_LOOK_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let changed = entry.with_state(|s| !s.probes_with(&have.0, have.1));
+        if changed {
+            return;
+        }
+    }
+}
+
 impl Prober {
     /// Probes hubs of `registry` every `interval`.
     pub(crate) fn new(
@@ -166,8 +181,14 @@ impl Prober {
                         }
                     };
                 }
-                if let Some((_, r)) = &reader {
-                    self.probe_once(&entry, r).await;
+                if let Some((have, r)) = &reader {
+                    // A connection corrected meanwhile is used at once: the round with the
+                    // old one (three attempts of 5 s against a host that does not answer)
+                    // is dropped, not waited for.
+                    tokio::select! {
+                        _ = self.probe_once(&entry, r) => {}
+                        _ = settings_changed(&entry, have) => continue,
+                    }
                 }
             }
             tokio::select! {

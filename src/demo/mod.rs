@@ -139,6 +139,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
         // (5 minutes by default, DTFx's visibility timeout); shortened like every other timing.
         "--work-grace",
         WORK_GRACE,
+        // Azurite serves plain http (the default install probes https endpoints only).
+        "--allow-http-storage",
     ]
     .iter()
     .map(|s| s.to_string())
