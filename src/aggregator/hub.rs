@@ -488,6 +488,11 @@ impl HubState {
         notes
     }
 
+    /// The messages of the hub's queues at their latest readings (for the metric).
+    pub(crate) fn queue_messages(&self) -> crate::heuristic::engine::QueueMessages {
+        self.engine.queue_messages()
+    }
+
     /// Work items the `durable` rules call stuck or poison at `now` (for the metric).
     pub fn stuck_work_items(&self, now: UnixMs) -> u64 {
         self.engine.discounted(now).stuck_work_items

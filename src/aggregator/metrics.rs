@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::hub::HubKey;
+pub(crate) use crate::heuristic::engine::QueueMessages;
 use crate::metrics::label_values;
 use crate::storage::StorageError;
 use crate::tls::{ReloadCounters, ReloadOutcome};
@@ -189,6 +190,56 @@ pub(crate) struct ReloadLabels {
     pub outcome: ReloadOutcome,
 }
 
+/// Labels of the served certificates' expiry.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PortLabels {
+    /// Which port.
+    pub port: Port,
+}
+
+/// Which of a hub's queues a message count is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum QueueKind {
+    /// The work-item queue (activities).
+    WorkItem,
+    /// The control queues (orchestrations), summed.
+    Control,
+}
+
+label_values!(QueueKind { WorkItem => "work_item", Control => "control" });
+
+/// Which messages of a queue a count is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Visibility {
+    /// Visible now: waiting for a worker (a peek returns at most 32 per queue).
+    Visible,
+    /// The approximate count: visible, in progress and sleeping (durable timers).
+    All,
+}
+
+label_values!(Visibility { Visible => "visible", All => "all" });
+
+/// Labels of the queue message counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct QueueLabels {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Task hub name, lowercased.
+    pub task_hub: String,
+    /// Which queues.
+    pub queue: QueueKind,
+    /// Which messages.
+    pub visibility: Visibility,
+}
+
+/// Every ([`QueueKind`], [`Visibility`]) pair, to drop a hub's queue series.
+const QUEUE_SERIES: [(QueueKind, Visibility); 4] = [
+    (QueueKind::WorkItem, Visibility::Visible),
+    (QueueKind::WorkItem, Visibility::All),
+    (QueueKind::Control, Visibility::Visible),
+    (QueueKind::Control, Visibility::All),
+];
+
 /// A KEDA call the aggregator times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum KedaCall {
@@ -243,6 +294,11 @@ pub struct Metrics {
     /// Work items the durable rules call stuck or poison (invisible and unchanged past the
     /// visibility timeout); they no longer keep pods alive.
     pub(crate) stuck_work_items: Family<HubLabels, Gauge>,
+    /// 1 while KEDA's IsActive and GetMetrics for the hub are answered UNAVAILABLE (not wholly
+    /// read yet, or nobody can read it now).
+    pub(crate) unavailable: Family<HubLabels, Gauge>,
+    /// Messages in the hub's queues at their latest readings, by queue and visibility.
+    pub(crate) queue_messages: Family<QueueLabels, Gauge>,
     /// Reports accepted.
     pub(crate) reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
@@ -260,6 +316,8 @@ pub struct Metrics {
     forget_hooks: ForgetHooks,
     /// Changed TLS files taken into use or refused, by port.
     pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
+    /// The notAfter of the certificate each TLS port serves (Unix seconds).
+    pub(crate) certificate_expiry: Family<PortLabels, Gauge>,
     pub(crate) keda_call_durations: KedaCallDurations,
 }
 
@@ -287,6 +345,18 @@ impl Metrics {
             "Stuck or poison work items: invisible and unchanged past the visibility timeout, not keeping pods alive",
             m.stuck_work_items.clone(),
         );
+        r.register(
+            "unavailable",
+            "1 while KEDA's calls for the hub are answered UNAVAILABLE (not wholly read yet, or nobody can read it now)",
+            m.unavailable.clone(),
+        );
+        r.register(
+            "queue_messages",
+            "Messages in the hub's queues at the latest readings: queue=work_item|control (summed), \
+             visibility=visible (waiting; a peek sees at most 32 per queue)|all (approximate count: \
+             also in progress and sleeping timers)",
+            m.queue_messages.clone(),
+        );
         r.register("reports_received", "Sidecar reports accepted", m.reports_received.clone());
         r.register("reports_rejected", "Sidecar reports refused, by reason", m.reports_rejected.clone());
         r.register("probes", "Cold probes, by outcome", m.probes.clone());
@@ -311,6 +381,11 @@ impl Metrics {
             "certificate_reloads",
             "Changed TLS files taken into use (reloaded) or refused (the previous ones kept), by port",
             m.certificate_reloads.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS port serves now expires (notAfter, Unix seconds), by port",
+            m.certificate_expiry.clone(),
         );
         m
     }
@@ -338,8 +413,17 @@ impl Metrics {
             &self.uncovered_partitions,
             &self.connection_known,
             &self.stuck_work_items,
+            &self.unavailable,
         ] {
             family.remove(labels);
+        }
+        for (queue, visibility) in QUEUE_SERIES {
+            self.queue_messages.remove(&QueueLabels {
+                namespace: labels.namespace.clone(),
+                task_hub: labels.task_hub.clone(),
+                queue,
+                visibility,
+            });
         }
         self.reports_received.remove(labels);
         for outcome in PROBE_OUTCOMES {
@@ -376,12 +460,32 @@ impl Metrics {
         self.tracking_replaced.get_or_create(&TrackedLabels { kind }).inc();
     }
 
-    /// The counters of `port`'s certificate reloads.
+    /// The metrics of `port`'s certificate: its reloads and its expiry.
     pub(crate) fn certificate_reloads(&self, port: Port) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { port, outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),
             refused: counter(ReloadOutcome::Refused),
+            expires_at: self.certificate_expiry.get_or_create_owned(&PortLabels { port }),
+        }
+    }
+
+    /// Sets `labels`' hub's queue message counts.
+    pub(crate) fn set_queue_messages(&self, labels: &HubLabels, counts: &QueueMessages) {
+        for (queue, visibility) in QUEUE_SERIES {
+            let value = match (queue, visibility) {
+                (QueueKind::WorkItem, Visibility::Visible) => counts.work_item_visible,
+                (QueueKind::WorkItem, Visibility::All) => counts.work_item_all,
+                (QueueKind::Control, Visibility::Visible) => counts.control_visible,
+                (QueueKind::Control, Visibility::All) => counts.control_all,
+            };
+            let series = QueueLabels {
+                namespace: labels.namespace.clone(),
+                task_hub: labels.task_hub.clone(),
+                queue,
+                visibility,
+            };
+            self.queue_messages.get_or_create(&series).set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 

@@ -292,6 +292,7 @@ impl HubEntry {
         metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
         let stuck = i64::try_from(state.stuck_work_items(now)).unwrap_or(i64::MAX);
         metrics.stuck_work_items.get_or_create(&self.labels).set(stuck);
+        metrics.set_queue_messages(&self.labels, &state.queue_messages());
         metrics
             .connection_known
             .get_or_create(&self.labels)
@@ -529,12 +530,15 @@ impl Registry {
     /// they were until a sidecar or the probe reads it again.
     pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now: UnixMs) {
         let stale = entry.stale_reason(now).is_some();
-        let (forgotten, change) = entry.with_state(|s| {
+        let (forgotten, change, fully_read) = entry.with_state(|s| {
             let forgotten = s.forget_silent_pods(now, 10 * 60 * 1000);
             let change = if stale { None } else { s.evaluate(now, workers) };
             entry.publish(s, now, &self.metrics, true);
-            (forgotten, change)
+            (forgotten, change, s.is_fully_read())
         });
+        // What KEDA is told (`keda::KedaScaler::answerable`): UNAVAILABLE until the hub was
+        // read whole, and while nobody can read it.
+        self.metrics.unavailable.get_or_create(&entry.labels).set(i64::from(stale || !fully_read));
         self.forget_pods(forgotten);
         self.changed(entry, change);
     }
@@ -675,6 +679,70 @@ mod tests {
         assert!(entry.stale_reason(now).is_some());
         entry.set_probe_missed(false);
         assert_eq!(entry.stale_reason(now), None, "the probe read it again");
+    }
+
+    /// The value of the series `name{labels}` in `text`, when present.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn the_unavailable_gauge_is_what_keda_is_told_unread_then_read_then_unreadable() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
+        let series = "durable_scaler_aggregator_unavailable{namespace=\"apps\",task_hub=\"darkhub\"}";
+        let now = UnixMs::now();
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nothing read yet");
+        let signals = crate::storage::QueueSignals {
+            approximate_count: 0,
+            visible_count: 0,
+            first_visible_age_ms: 0,
+            sampled_at_unix_ms: now.as_millis(),
+        };
+        let reading =
+            ProbeReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) };
+        registry.apply_probe(&entry, Some(&reading), now);
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(0.0), "read whole");
+        entry.set_probe_error(Some("connection refused".into()));
+        entry.set_probe_missed(true);
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nobody can read it");
+    }
+
+    #[test]
+    fn queue_message_gauges_sum_the_latest_readings_by_queue_and_visibility() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "BusyHub"), "BusyHub", None).unwrap();
+        let now = UnixMs::now();
+        let signals = |approximate, visible| crate::storage::QueueSignals {
+            approximate_count: approximate,
+            visible_count: visible,
+            first_visible_age_ms: 0,
+            sampled_at_unix_ms: now.as_millis(),
+        };
+        let reading = ProbeReading {
+            partition_count: 2,
+            control: vec![(0, signals(5, 2)), (1, signals(40, 32))],
+            work_item: Some(signals(9, 7)),
+        };
+        registry.apply_probe(&entry, Some(&reading), now);
+        let text = registry.metrics.encode();
+        let value = |queue: &str, visibility: &str| {
+            sample(
+                &text,
+                &format!(
+                    "durable_scaler_aggregator_queue_messages{{namespace=\"apps\",task_hub=\"busyhub\",queue=\"{queue}\",visibility=\"{visibility}\"}}"
+                ),
+            )
+        };
+        assert_eq!(value("work_item", "visible"), Some(7.0), "{text}");
+        assert_eq!(value("work_item", "all"), Some(9.0));
+        assert_eq!(value("control", "visible"), Some(34.0));
+        assert_eq!(value("control", "all"), Some(45.0));
+        registry.evict_idle(now.plus_ms(60_001), 60_000);
+        assert!(!registry.metrics.encode().contains("busyhub"), "dropped with the hub");
     }
 
     #[test]
