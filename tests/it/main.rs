@@ -12,9 +12,11 @@
 mod aggregator_support;
 mod child;
 mod common;
+mod crd_schema;
 mod forwarder;
 mod https;
 mod review_invariants;
+mod tools;
 
 mod aggregator;
 mod aggregator_cli;
@@ -29,6 +31,7 @@ mod latency_feed;
 mod limits;
 mod logs;
 mod manifests;
+mod monitoring;
 mod recommend_cli;
 mod review_fuzz;
 mod sidecar;
