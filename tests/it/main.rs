@@ -23,6 +23,7 @@ mod aggregator_cli;
 mod aggregator_storage;
 mod aggregator_tls;
 mod bounds;
+mod cert_manager;
 mod demo;
 mod engine_equivalence;
 mod faults;
