@@ -22,6 +22,7 @@
 //!   know every role;
 //! - tools, not roles: `demo` (the whole path on one machine), [`simulate`] (races the
 //!   scalers on simulated workloads), `recommend` (evaluates each algorithm on samples),
+//!   [`status`] (every aggregator replica's `/hubs` through the API server's pod proxy),
 //!   [`emulator`] (the Durable Task side's storage writes, for tests and the demo);
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
@@ -45,6 +46,7 @@ pub(crate) mod recommend;
 pub mod shutdown;
 pub mod sidecar;
 pub mod simulate;
+pub mod status;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;

@@ -37,5 +37,6 @@ mod recommend_cli;
 mod review_fuzz;
 mod sidecar;
 mod simulate;
+mod status;
 mod storage;
 mod webhook;
