@@ -34,6 +34,7 @@ mod logs;
 mod manifests;
 mod monitoring;
 mod recommend_cli;
+mod release;
 mod review_fuzz;
 mod sidecar;
 mod simulate;
