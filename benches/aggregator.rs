@@ -53,6 +53,7 @@ fn report(hub: usize) -> Report {
         visible_count: n as u32,
         first_visible_age_ms: 100,
         sampled_at_unix_ms: now_ms(),
+        redelivered_count: 0,
     };
     Report {
         pod: Some(PodRef { namespace: "bench".into(), name: format!("bench{hub:03}-pod") }),

@@ -209,6 +209,7 @@ fn report(h: usize, p: usize) -> Report {
         visible_count: n.min(32) as u32,
         first_visible_age_ms: 50 * n,
         sampled_at_unix_ms: now_ms(),
+        redelivered_count: 0,
     };
     Report {
         pod: Some(PodRef { namespace: NAMESPACE.into(), name: pod(h, p) }),

@@ -25,6 +25,8 @@
 //!   [`status`] (every aggregator replica's `/hubs` through the API server's pod proxy),
 //!   [`emulator`] (the Durable Task side's storage writes, for tests and the demo);
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
+//! - [`reading`]: what one read of a hub's queues shows, the one type from storage to the
+//!   engine;
 //! - [`config`], [`shutdown`], [`telemetry`], [`azurite`]: plumbing every role shares.
 //!
 //! Only what the binary, `tests/it` and `benches/` use is `pub`; the rest is `pub(crate)`.
@@ -42,6 +44,7 @@ pub mod heuristic;
 pub mod kubernetes;
 pub(crate) mod metrics;
 pub mod proto;
+pub mod reading;
 pub(crate) mod recommend;
 pub mod shutdown;
 pub mod sidecar;

@@ -113,24 +113,27 @@ mod tests {
         let key = hub::HubKey::new("apps", "Hub");
         let entry = registry.track(&key, "Hub", None).unwrap();
         let now = crate::clock::UnixMs::now();
-        let signals = crate::storage::QueueSignals {
+        let signals = crate::reading::QueueReading {
             approximate_count: 1,
             visible_count: 1,
             first_visible_age_ms: 10,
-            sampled_at_unix_ms: now.as_millis(),
+            redelivered_count: 0,
+            sampled_at: now,
         };
-        let reading =
-            hub::ProbeReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) };
-        registry.apply_probe(&entry, Some(&reading), now);
-        let report = hub::ValidReport {
-            pod: "app-1".into(),
+        let reading = crate::reading::HubReading {
             partition_count: 1,
             control: vec![(0, signals)],
             work_item: Some(signals),
+        };
+        registry.apply_probe(&entry, Some(&reading), now);
+        let report = hub::ValidReport {
+            pod: "app-1".into(),
+            reading,
             interval_ms: 1000,
             leaving: false,
             sampled_at_unix_ms: now.as_millis(),
             limits: None,
+            queue_settings: None,
         };
         registry.apply_report(&entry, &report, now).unwrap();
         registry.evaluate(&entry, Some(1), now);

@@ -7,36 +7,39 @@
 //! ```text
 //! input:  {"algorithm": "durable" | "target" | "latency", "workers": u32, "partitions": u32,
 //!          "max_polling_interval_ms": u64 = 30000, "max_activities_per_worker": u32 = 10,
-//!          "max_orchestrations_per_worker": u32 = 5, "processor_count": u32,
+//!          "max_orchestrations_per_worker": u32 = 10, "processor_count": u32 = 1,
 //!          "work_item": {"latencies_ms": [u64...], "length": u64 = 0},
 //!          "control": [{"latencies_ms": [...], "length": u64 = 0}, ...],
 //!          "samples": [{"at_ms": i64,
 //!                       "work_item": {"approximate_count": u64 = 0, "visible_count": u64 = 0,
-//!                                     "first_visible_age_ms": u64 = 0},
+//!                                     "first_visible_age_ms": u64 = 0,
+//!                                     "redelivered_count": u64 = 0},
 //!                       "control": [{...}, ...]}, ...],
 //!          "work_grace_ms": u64 = 300000, "worker_startup_ms": u64 = 20000}
 //! output: {"action": "AddWorker" | "RemoveWorker" | "None", "keep_workers_alive": bool,
 //!          "desired_workers": u32, "reason": "...", "metric_value": f64}
 //! ```
 //!
-//! Two ways to describe the hub:
-//! - **Fixed fields** (`latency`, `target`): latency samples are oldest first and fed into the
-//!   rings in order, as the monitor would have sampled them (random scale-in off); lengths go
-//!   into the target formula as given. Control queues missing from `control` (fewer entries
-//!   than `partitions`) are idle queues sampled as often as the longest given ring.
+//! One evaluation path: every case is a sequence of timed readings run through the
+//! aggregator's own engine ([`crate::heuristic::engine`]): each sample is observed and
+//! decided on at its `at_ms` with `workers` running, and the answer is the last decision, so
+//! the output is what the aggregator would answer after seeing that sequence. Two ways to
+//! write the readings:
 //! - **Timed `samples`** (every algorithm; `durable` needs them): readings of the queues, as
-//!   a sidecar or the cold probe takes them, oldest first. They run through the aggregator's
-//!   own engine ([`crate::heuristic::engine`]): each sample is observed and decided on at its
-//!   `at_ms` with `workers` running, and the answer is the last decision, so the output is
-//!   what the aggregator would answer after seeing that sequence. Missing control queues read
-//!   empty. Samples replace `work_item` and `control`; giving both is refused.
+//!   a sidecar or the cold probe takes them, oldest first. Missing control queues read empty.
+//! - **Fixed fields** (`latency`, `target`), shorthand for samples one second apart: a
+//!   queue's latencies, oldest first, are the first-visible ages of its last readings (the
+//!   ring gets one sample per reading, as the monitor would have sampled them; random
+//!   scale-in off), and its `length` is its message count at every reading, all visible.
+//!   Control queues missing from `control` (fewer entries than `partitions`) are idle queues
+//!   read as often as the longest given ring.
+//!
+//! Samples replace `work_item` and `control`; giving both is refused.
 //!
 //! The per-worker limits are inputs: `max_activities_per_worker` /
-//! `max_orchestrations_per_worker` as given; when one is missing and `processor_count` (the
-//! app's CPUs) is given, the Durable Functions extension's default for a pod of that size,
-//! 10 x processor_count ([`crate::contract::WORK_ITEMS_PER_CPU`]); with neither, the
-//! schema's historic defaults 10 and 5 (the Consumption plan's, kept so existing cases
-//! answer as before).
+//! `max_orchestrations_per_worker` as given; when one is missing, the Durable Functions
+//! extension's default for a pod of `processor_count` CPUs (1 when not given): 10 x CPUs
+//! ([`crate::contract::WORK_ITEMS_PER_CPU`], the aggregator's own guess too).
 //!
 //! `metric_value` is what GetMetrics would report to KEDA (target 1, AverageValue).
 
@@ -48,10 +51,11 @@ use crate::clock::UnixMs;
 use crate::heuristic::{
     Algorithm, Recommendation,
     durable::DurableSettings,
-    engine::{self, DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine, Reading},
-    latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyHistory, LatencyVoter, TaskHubLatencies},
-    target::{self, TargetSettings},
+    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine},
+    latency::DEFAULT_MAX_POLLING_INTERVAL_MS,
+    target::TargetSettings,
 };
+use crate::reading::{PEEK_LIMIT, QueueReading};
 
 use crate::contract::MAX_PARTITIONS;
 
@@ -78,14 +82,23 @@ pub(crate) struct ReadingCase {
     /// Age of the first visible message, ms (0 when none is visible).
     #[serde(default)]
     pub first_visible_age_ms: u64,
+    /// Of the visible messages peeked, those dequeued before (reappeared).
+    #[serde(default)]
+    pub redelivered_count: u64,
 }
 
-impl From<ReadingCase> for Reading {
-    fn from(r: ReadingCase) -> Self {
-        Reading {
-            approximate_count: r.approximate_count,
-            visible_count: r.visible_count,
-            first_visible_age_ms: r.first_visible_age_ms,
+impl ReadingCase {
+    /// The reading taken `at` (a visible count above the peek limit is a full peek).
+    fn at(self, at: UnixMs) -> QueueReading {
+        QueueReading {
+            approximate_count: self.approximate_count.max(self.visible_count),
+            visible_count: u32::try_from(self.visible_count.min(u64::from(PEEK_LIMIT))).unwrap_or(PEEK_LIMIT),
+            first_visible_age_ms: self.first_visible_age_ms,
+            redelivered_count: u32::try_from(
+                self.redelivered_count.min(self.visible_count).min(u64::from(PEEK_LIMIT)),
+            )
+            .unwrap_or(PEEK_LIMIT),
+            sampled_at: at,
         }
     }
 }
@@ -154,12 +167,6 @@ pub(crate) struct Answer {
 fn default_max_poll() -> u64 {
     DEFAULT_MAX_POLLING_INTERVAL_MS
 }
-fn default_max_activities() -> u32 {
-    TargetSettings::default().max_activities_per_worker
-}
-fn default_max_orchestrations() -> u32 {
-    TargetSettings::default().max_orchestrations_per_worker
-}
 fn default_work_grace() -> u64 {
     DEFAULT_WORK_GRACE_MS
 }
@@ -191,17 +198,10 @@ pub(crate) enum CaseError {
 impl Case {
     /// The per-worker limits the case runs with (module docs).
     pub(crate) fn limits(&self) -> TargetSettings {
-        let by_cpu =
-            self.processor_count.map(|cpus| cpus.saturating_mul(crate::contract::WORK_ITEMS_PER_CPU));
+        let by_cpu = self.processor_count.unwrap_or(1).saturating_mul(crate::contract::WORK_ITEMS_PER_CPU);
         TargetSettings {
-            max_activities_per_worker: self
-                .max_activities_per_worker
-                .or(by_cpu)
-                .unwrap_or_else(default_max_activities),
-            max_orchestrations_per_worker: self
-                .max_orchestrations_per_worker
-                .or(by_cpu)
-                .unwrap_or_else(default_max_orchestrations),
+            max_activities_per_worker: self.max_activities_per_worker.unwrap_or(by_cpu),
+            max_orchestrations_per_worker: self.max_orchestrations_per_worker.unwrap_or(by_cpu),
         }
     }
 
@@ -276,19 +276,6 @@ impl Case {
         Ok(case)
     }
 
-    /// The control queues, padded with idle queues to `partitions`.
-    fn control_queues(&self) -> Vec<QueueCase> {
-        let samples = std::iter::once(&self.work_item)
-            .chain(&self.control)
-            .map(|q| q.latencies_ms.len())
-            .max()
-            .unwrap_or(0);
-        let idle = QueueCase { latencies_ms: vec![0; samples], length: 0 };
-        let mut queues = self.control.clone();
-        queues.resize(self.partitions as usize, idle);
-        queues
-    }
-
     /// The settings the engine would run this case with.
     fn engine_settings(&self) -> EngineSettings {
         let target = self.limits();
@@ -309,77 +296,70 @@ impl Case {
         }
     }
 
-    /// `samples` through the engine; `None` when there are none.
-    fn replay(&self, samples: &[SampleCase]) -> Option<Decision> {
+    /// The fixed fields as timed samples, one second apart (module docs): as many as the
+    /// longest latency ring (at least one); a queue's latencies are its last readings' ages,
+    /// and a queue is read only from its first latency on (an omitted control queue is idle
+    /// and read every time).
+    fn fixed_fields_as_samples(&self) -> Vec<(SampleCase, Vec<bool>)> {
+        let rings = std::iter::once(&self.work_item).chain(&self.control);
+        let n = rings.map(|q| q.latencies_ms.len()).max().unwrap_or(0).max(1);
+        let reading = |q: &QueueCase, i: usize| -> Option<ReadingCase> {
+            let skipped = n - q.latencies_ms.len();
+            let read = q.latencies_ms.is_empty() && i + 1 == n || i >= skipped;
+            read.then(|| ReadingCase {
+                approximate_count: q.length,
+                visible_count: q.length,
+                first_visible_age_ms: q.latencies_ms.get(i.wrapping_sub(skipped)).copied().unwrap_or(0),
+                redelivered_count: 0,
+            })
+        };
+        (0..n)
+            .map(|i| {
+                let work_item = reading(&self.work_item, i);
+                let mut read = vec![work_item.is_some()];
+                let mut control = Vec::new();
+                for p in 0..self.partitions as usize {
+                    let r = match self.control.get(p) {
+                        Some(q) => reading(q, i),
+                        None => Some(ReadingCase::default()),
+                    };
+                    read.push(r.is_some());
+                    control.push(r.unwrap_or_default());
+                }
+                let at_ms = i64::try_from(i).unwrap_or(i64::MAX).saturating_mul(1_000);
+                (SampleCase { at_ms, work_item: work_item.unwrap_or_default(), control }, read)
+            })
+            .collect()
+    }
+
+    /// The answer for this case: the recommendation and the metric value, from the engine's
+    /// last decision over the case's samples (module docs).
+    pub(crate) fn answer(&self) -> Answer {
+        let timeline: Vec<(SampleCase, Vec<bool>)> = if self.samples.is_empty() {
+            self.fixed_fields_as_samples()
+        } else {
+            let every = vec![true; self.partitions as usize + 1];
+            self.samples.iter().map(|s| (s.clone(), every.clone())).collect()
+        };
         let mut engine = HubEngine::new(self.engine_settings(), self.partitions as usize);
-        let mut decision = None;
-        for sample in samples {
+        let mut decision: Option<Decision> = None;
+        for (sample, read) in &timeline {
             let at = UnixMs(sample.at_ms);
-            engine.observe_work_item(sample.work_item.into(), at);
+            if read.first().copied().unwrap_or(true) {
+                engine.observe_work_item(sample.work_item.at(at), at);
+            }
             for p in 0..self.partitions as usize {
-                let reading = sample.control.get(p).copied().unwrap_or_default();
-                engine.observe_control(p, reading.into(), at);
+                if read.get(p + 1).copied().unwrap_or(true) {
+                    let reading = sample.control.get(p).copied().unwrap_or_default();
+                    engine.observe_control(p, reading.at(at), at);
+                }
             }
             decision = Some(engine.evaluate(at, self.workers).clone());
         }
-        decision
-    }
-
-    /// The fixed fields' lengths as one sample in which every message is visible: what a
-    /// hand-built `durable` case without samples is answered from (`parse` refuses one).
-    fn lengths_as_sample(&self) -> SampleCase {
-        let visible = |length: u64| ReadingCase {
-            approximate_count: length,
-            visible_count: length,
-            first_visible_age_ms: 0,
-        };
-        SampleCase {
-            at_ms: 0,
-            work_item: visible(self.work_item.length),
-            control: self.control.iter().map(|q| visible(q.length)).collect(),
-        }
-    }
-
-    /// The answer for this case: the recommendation and the metric value.
-    pub(crate) fn answer(&self) -> Answer {
-        let replayed = match (self.samples.is_empty(), self.algorithm) {
-            (false, _) => self.replay(&self.samples),
-            (true, Algorithm::Durable) => self.replay(&[self.lengths_as_sample()]),
-            (true, _) => None,
-        };
-        if let Some(d) = replayed {
-            return Answer { recommendation: d.recommendation, metric_value: d.metric_value };
-        }
-        let recommendation = self.recommend_from_fixed_fields();
-        let metric_value = engine::metric_value(self.algorithm, recommendation.desired_workers, self.workers);
-        Answer { recommendation, metric_value }
-    }
-
-    /// Today's fixed fields: latency rings, or queue lengths for the target formula.
-    fn recommend_from_fixed_fields(&self) -> Recommendation {
-        let control = self.control_queues();
-        match self.algorithm {
-            Algorithm::Latency => {
-                let hub = TaskHubLatencies {
-                    work_item: LatencyHistory::from_samples(self.work_item.latencies_ms.iter().copied()),
-                    control: control
-                        .iter()
-                        .map(|q| LatencyHistory::from_samples(q.latencies_ms.iter().copied()))
-                        .collect(),
-                };
-                LatencyVoter::new(self.max_polling_interval_ms).vote(&hub, self.workers)
-            }
-            // `answer` replays durable cases; the formula is what durable reads of one sample.
-            Algorithm::Target | Algorithm::TargetInflight | Algorithm::Durable => {
-                let lengths: Vec<u64> = control.iter().map(|q| q.length).collect();
-                target::recommend(
-                    self.engine_settings().target,
-                    self.workers,
-                    self.work_item.length,
-                    &lengths,
-                )
-            }
-        }
+        // `timeline` is never empty: samples as given (parse refuses none for durable), or at
+        // least one made of the fixed fields.
+        let d = decision.unwrap_or_else(|| engine.evaluate(UnixMs(0), self.workers).clone());
+        Answer { recommendation: d.recommendation, metric_value: d.metric_value }
     }
 }
 
@@ -502,10 +482,11 @@ mod tests {
 
     #[test]
     fn timed_samples_run_the_target_formula_on_what_the_engine_counts_as_work() {
-        // Three messages never seen visible and never moving: sleeping, length 0.
+        // Three messages never seen visible and never moving for longer than the settle
+        // window: sleeping, length 0.
         let case = r#"{"algorithm":"target","workers":1,"partitions":4,"samples":[
             {"at_ms":0,"control":[{"approximate_count":3}]},
-            {"at_ms":5000,"control":[{"approximate_count":3}]}]}"#;
+            {"at_ms":40000,"control":[{"approximate_count":3}]}]}"#;
         assert_eq!(Case::parse(case).unwrap().answer().recommendation.desired_workers, 0);
         // The same count on the fixed fields is taken as given.
         let fixed = r#"{"algorithm":"target","workers":1,"partitions":4,"control":[{"length":3}]}"#;
@@ -543,8 +524,10 @@ mod tests {
     }
 
     #[test]
-    fn without_limits_or_cpus_the_historic_defaults_hold() {
-        assert_eq!(target_case("").limits(), TargetSettings::default());
+    fn without_limits_or_cpus_a_one_cpu_pods_limits_hold() {
+        let limits = target_case("").limits();
+        assert_eq!((limits.max_activities_per_worker, limits.max_orchestrations_per_worker), (10, 10));
+        assert_eq!(limits, TargetSettings::default(), "the same default as the aggregator's guess");
     }
 
     #[test]

@@ -19,10 +19,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::clock::UnixMs;
 use crate::heuristic::Recommendation;
-use crate::heuristic::engine::{EngineSettings, HubEngine, Reading};
-use crate::storage::QueueSignals;
+use crate::heuristic::engine::{EngineSettings, HubEngine};
+use crate::reading::HubReading;
 
-use super::settings::{EffectiveLimits, HubSettings, ReportedLimits};
+use super::settings::{EffectiveLimits, HubSettings, ReportedLimits, ReportedQueueSettings};
 
 /// How long the worker-count source's last answer stands in when it cannot answer.
 pub(crate) const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
@@ -52,12 +52,9 @@ impl HubKey {
 pub struct ValidReport {
     /// The reporting pod's name.
     pub pod: String,
-    /// Partition count, 0 when the sidecar could not tell.
-    pub partition_count: u32,
-    /// The control queues the pod owns, with their signals.
-    pub control: Vec<(u32, QueueSignals)>,
-    /// The work-item queue, when this pod reports it.
-    pub work_item: Option<QueueSignals>,
+    /// What it read: P (0 when the sidecar could not tell), the control queues the pod owns,
+    /// and the work-item queue when this pod reports it.
+    pub reading: HubReading,
     /// The sidecar's interval, ms (> 0).
     pub interval_ms: u64,
     /// The pod is shutting down.
@@ -66,17 +63,8 @@ pub struct ValidReport {
     pub sampled_at_unix_ms: i64,
     /// The app's per-pod limits, when the sidecar reports them.
     pub limits: Option<ReportedLimits>,
-}
-
-/// What one cold probe read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeReading {
-    /// The partition count found in storage.
-    pub partition_count: u32,
-    /// The control queues probed.
-    pub control: Vec<(u32, QueueSignals)>,
-    /// The work-item queue, when probed.
-    pub work_item: Option<QueueSignals>,
+    /// The app's queue settings, when the sidecar reports them.
+    pub queue_settings: Option<ReportedQueueSettings>,
 }
 
 /// What the probe should read next: everything no live sidecar covers.
@@ -151,20 +139,17 @@ impl PodState {
     }
 }
 
-impl From<QueueSignals> for Reading {
-    fn from(s: QueueSignals) -> Self {
-        Self {
-            approximate_count: s.approximate_count,
-            visible_count: u64::from(s.visible_count),
-            first_visible_age_ms: s.first_visible_age_ms,
-        }
-    }
-}
-
-/// The engine settings of a trigger's settings and the hub's effective limits;
-/// `work_grace_ms` is the aggregator's.
-fn engine_settings(settings: &HubSettings, limits: &EffectiveLimits, work_grace_ms: u64) -> EngineSettings {
+/// The engine settings of a trigger's settings, the hub's effective limits and the app's
+/// reported queue settings; `work_grace_ms` is the aggregator's (`--work-grace`), the
+/// visibility timeout assumed when no pod has said.
+fn engine_settings(
+    settings: &HubSettings,
+    limits: &EffectiveLimits,
+    queues: Option<ReportedQueueSettings>,
+    work_grace_ms: u64,
+) -> EngineSettings {
     let defaults = EngineSettings::default();
+    let queues = queues.unwrap_or_default();
     EngineSettings {
         algorithm: settings.algorithm,
         target: crate::heuristic::target::TargetSettings {
@@ -175,10 +160,16 @@ fn engine_settings(settings: &HubSettings, limits: &EffectiveLimits, work_grace_
             max_activities_per_worker: limits.max_activities,
             max_orchestrations_per_worker: limits.max_orchestrations,
             startup_ms: settings.worker_startup_ms,
+            buffer_threshold: queues
+                .control_queue_buffer_threshold
+                .unwrap_or(defaults.durable.buffer_threshold),
             ..defaults.durable
         },
-        max_polling_interval_ms: settings.max_polling_interval_ms,
-        work_grace_ms,
+        max_polling_interval_ms: settings
+            .max_polling_interval_ms
+            .or(queues.max_queue_polling_interval_ms)
+            .unwrap_or(defaults.max_polling_interval_ms),
+        work_grace_ms: queues.control_queue_visibility_timeout_ms.unwrap_or(work_grace_ms),
         random_scale_in: settings.random_scale_in,
         latency_seed: crate::heuristic::latency::seed_for(&settings.task_hub),
     }
@@ -221,13 +212,15 @@ pub struct HubState {
     source_workers: Option<(u32, UnixMs)>,
     /// The limits a pod last reported; kept when the pods go (scale to zero).
     reported_limits: Option<ReportedLimits>,
+    /// The queue settings a pod last reported; kept likewise.
+    reported_queues: Option<ReportedQueueSettings>,
 }
 
 impl HubState {
     /// A hub nothing is known about yet. `work_grace_ms`: see `heuristic::engine`'s docs.
     pub fn new(settings: HubSettings, work_grace_ms: u64) -> Self {
         let limits = EffectiveLimits::resolve(settings.limits, None);
-        let engine = HubEngine::new(engine_settings(&settings, &limits, work_grace_ms), 0);
+        let engine = HubEngine::new(engine_settings(&settings, &limits, None, work_grace_ms), 0);
         Self {
             settings,
             work_grace_ms,
@@ -242,6 +235,7 @@ impl HubState {
             not_provisioned: false,
             source_workers: None,
             reported_limits: None,
+            reported_queues: None,
         }
     }
 
@@ -253,7 +247,12 @@ impl HubState {
     /// Takes the settings of the latest KEDA call.
     pub fn update_settings(&mut self, settings: HubSettings) {
         let limits = EffectiveLimits::resolve(settings.limits, self.reported_limits);
-        self.engine.update_settings(engine_settings(&settings, &limits, self.work_grace_ms));
+        self.engine.update_settings(engine_settings(
+            &settings,
+            &limits,
+            self.reported_queues,
+            self.work_grace_ms,
+        ));
         self.settings = settings;
     }
 
@@ -343,8 +342,8 @@ impl HubState {
                 }
             }
         }
-        self.reshape(report.partition_count);
-        let shape_known = self.partition_count == Some(report.partition_count);
+        self.reshape(report.reading.partition_count);
+        let shape_known = self.partition_count == Some(report.reading.partition_count);
         let mut pod = PodState {
             last_report: now,
             last_sampled_ms: report.sampled_at_unix_ms,
@@ -354,33 +353,43 @@ impl HubState {
             work_item: false,
         };
         if shape_known {
-            for (partition, signals) in &report.control {
+            for (partition, reading) in &report.reading.control {
                 if (*partition as usize) < self.engine.partitions() {
                     pod.partitions.insert(*partition);
                     self.read_once.insert(*partition);
                     // The same reading (a report sent again, or two reports of one read) is
                     // taken once: the latency vote adds one sample per reading.
-                    let taken = self.last_read.control.insert(*partition, signals.sampled_at_unix_ms);
-                    if taken != Some(signals.sampled_at_unix_ms) {
-                        self.engine.observe_control(*partition as usize, (*signals).into(), now);
+                    let at = reading.sampled_at.as_millis();
+                    let taken = self.last_read.control.insert(*partition, at);
+                    if taken != Some(at) {
+                        self.engine.observe_control(*partition as usize, *reading, now);
                     }
                 }
             }
         }
-        if let Some(signals) = report.work_item {
-            let taken = self.last_read.work_item.replace(signals.sampled_at_unix_ms);
-            if taken != Some(signals.sampled_at_unix_ms) {
-                self.engine.observe_work_item(signals.into(), now);
+        if let Some(reading) = report.reading.work_item {
+            let at = reading.sampled_at.as_millis();
+            let taken = self.last_read.work_item.replace(at);
+            if taken != Some(at) {
+                self.engine.observe_work_item(reading, now);
             }
             pod.work_item = true;
             self.work_item_read_once = true;
         }
         self.pods.insert(report.pod.clone(), pod);
         self.observed = true;
-        if report.limits.is_some() && report.limits != self.reported_limits {
-            self.reported_limits = report.limits;
+        let new_limits = report.limits.is_some() && report.limits != self.reported_limits;
+        let new_queues = report.queue_settings.is_some() && report.queue_settings != self.reported_queues;
+        if new_limits || new_queues {
+            self.reported_limits = report.limits.or(self.reported_limits);
+            self.reported_queues = report.queue_settings.or(self.reported_queues);
             let limits = self.limits();
-            self.engine.update_settings(engine_settings(&self.settings, &limits, self.work_grace_ms));
+            self.engine.update_settings(engine_settings(
+                &self.settings,
+                &limits,
+                self.reported_queues,
+                self.work_grace_ms,
+            ));
         }
         Ok(admission)
     }
@@ -391,15 +400,15 @@ impl HubState {
     }
 
     /// Merges what a cold probe read at `now`.
-    pub(crate) fn apply_probe(&mut self, reading: &ProbeReading, now: UnixMs) {
+    pub(crate) fn apply_probe(&mut self, reading: &HubReading, now: UnixMs) {
         self.reshape(reading.partition_count);
-        for (partition, signals) in &reading.control {
-            if self.engine.observe_control(*partition as usize, (*signals).into(), now) {
+        for (partition, queue) in &reading.control {
+            if self.engine.observe_control(*partition as usize, *queue, now) {
                 self.read_once.insert(*partition);
             }
         }
-        if let Some(signals) = reading.work_item {
-            self.engine.observe_work_item(signals.into(), now);
+        if let Some(queue) = reading.work_item {
+            self.engine.observe_work_item(queue, now);
             self.work_item_read_once = true;
         }
         self.observed = true;
@@ -470,12 +479,19 @@ impl HubState {
     /// What `/hubs` should point out about this hub at `now`, in words a user can act on.
     pub fn notes(&self, now: UnixMs) -> Vec<String> {
         let mut notes = Vec::new();
-        let stuck = self.engine.discounted(now).stuck_work_items;
-        if stuck > 0 {
+        let split = self.engine.split(now);
+        if split.held > 0 || split.invisible_work_items > 0 {
             notes.push(format!(
-                "{stuck} stuck or poison work item(s): invisible and unchanged for longer than the visibility \
-                 timeout ({} s); the durable algorithm no longer keeps pods alive for them",
-                self.work_grace_ms / 1000
+                "held in flight: {} invisible work item(s) and {} invisible control message(s) on {} partition(s) \
+                 count as work (running or prefetched by a worker); no algorithm scales them away",
+                split.invisible_work_items, split.held, split.held_partitions
+            ));
+        }
+        if split.timers > 0 {
+            notes.push(format!(
+                "{} invisible control message(s) taken for sleeping timers: they appeared invisible and their queue \
+                 has been quiet since",
+                split.timers
             ));
         }
         let lost = self.lost_partitions();
@@ -493,9 +509,9 @@ impl HubState {
         self.engine.queue_messages()
     }
 
-    /// Work items the `durable` rules call stuck or poison at `now` (for the metric).
-    pub fn stuck_work_items(&self, now: UnixMs) -> u64 {
-        self.engine.discounted(now).stuck_work_items
+    /// How the `durable` rules split the hub's invisible messages at `now` (for the metrics).
+    pub fn split(&self, now: UnixMs) -> crate::heuristic::durable::Split {
+        self.engine.split(now)
     }
 
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
@@ -563,6 +579,7 @@ impl HubState {
 mod tests {
     use super::*;
     use crate::heuristic::Algorithm;
+    use crate::reading::QueueReading;
     use std::collections::HashMap;
 
     const GRACE: u64 = 60_000;
@@ -574,35 +591,39 @@ mod tests {
         s
     }
 
-    fn q(approximate: u64, visible: u32, age_ms: u64) -> QueueSignals {
-        QueueSignals {
+    fn q(approximate: u64, visible: u32, age_ms: u64) -> QueueReading {
+        QueueReading {
             approximate_count: approximate,
             visible_count: visible,
             first_visible_age_ms: age_ms,
-            sampled_at_unix_ms: 0,
+            redelivered_count: 0,
+            sampled_at: UnixMs(0),
         }
     }
 
     fn report(
         pod: &str,
         partitions: &[u32],
-        signals: QueueSignals,
-        work_item: Option<QueueSignals>,
+        signals: QueueReading,
+        work_item: Option<QueueReading>,
     ) -> ValidReport {
         ValidReport {
             pod: pod.into(),
-            partition_count: 4,
-            control: partitions.iter().map(|p| (*p, signals)).collect(),
-            work_item,
+            reading: HubReading {
+                partition_count: 4,
+                control: partitions.iter().map(|p| (*p, signals)).collect(),
+                work_item,
+            },
             interval_ms: 1000,
             leaving: false,
             sampled_at_unix_ms: 0,
             limits: None,
+            queue_settings: None,
         }
     }
 
-    fn probe(control: QueueSignals, work_item: QueueSignals) -> ProbeReading {
-        ProbeReading {
+    fn probe(control: QueueReading, work_item: QueueReading) -> HubReading {
+        HubReading {
             partition_count: 4,
             control: (0..4).map(|p| (p, control)).collect(),
             work_item: Some(work_item),
@@ -681,7 +702,7 @@ mod tests {
         for t in 0..10 {
             let mut control = vec![q(0, 0, 0); 4];
             control[2] = q(3, 0, 0);
-            let reading = ProbeReading {
+            let reading = HubReading {
                 partition_count: 4,
                 control: control.into_iter().enumerate().map(|(i, s)| (i as u32, s)).collect(),
                 work_item: Some(q(0, 0, 0)),
@@ -794,7 +815,7 @@ mod tests {
         hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), UnixMs(0));
         hub.evaluate(UnixMs(0), Some(1));
         assert_eq!(hub.latencies().control.len(), 4);
-        hub.apply_probe(&ProbeReading { partition_count: 8, control: vec![], work_item: None }, UnixMs(1000));
+        hub.apply_probe(&HubReading { partition_count: 8, control: vec![], work_item: None }, UnixMs(1000));
         assert_eq!(hub.latencies().control.len(), 8);
         assert_eq!(hub.partition_count(), Some(8));
     }
@@ -832,8 +853,8 @@ mod tests {
         let mut reading = report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(3, 3, 700)));
         for (sampled_at, ticks) in [(1_000, [1_000, 3_000, 5_000]), (6_000, [6_000, 8_000, 10_000])] {
             reading.sampled_at_unix_ms = sampled_at;
-            if let Some(w) = reading.work_item.as_mut() {
-                w.sampled_at_unix_ms = sampled_at;
+            if let Some(w) = reading.reading.work_item.as_mut() {
+                w.sampled_at = UnixMs(sampled_at);
             }
             for tick in ticks {
                 // The report sent again (same reading) and evaluated every tick.
@@ -848,15 +869,18 @@ mod tests {
     fn a_dead_owners_in_flight_messages_keep_the_hub_active() {
         /// One sampling interval at `at`: partition 2 shows `control`, read by the pod's
         /// sidecar or, once it is silent, by the cold probe.
-        fn tick(hub: &mut HubState, at: i64, control: QueueSignals, from_pod: bool) {
+        fn tick(hub: &mut HubState, at: i64, control: QueueReading, from_pod: bool) {
             let mut r = report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0)));
             r.interval_ms = 5_000;
             r.sampled_at_unix_ms = at;
-            r.control[2].1 = QueueSignals { sampled_at_unix_ms: at, ..control };
+            for (_, reading) in r.reading.control.iter_mut() {
+                reading.sampled_at = UnixMs(at);
+            }
+            r.reading.control[2].1 = QueueReading { sampled_at: UnixMs(at), ..control };
             if from_pod {
                 hub.apply_report(&r, UnixMs(at));
             } else {
-                let reading = ProbeReading { control: r.control, ..probe(q(0, 0, 0), q(0, 0, 0)) };
+                let reading = HubReading { control: r.reading.control, ..probe(q(0, 0, 0), q(0, 0, 0)) };
                 hub.apply_probe(&reading, UnixMs(at));
             }
             hub.evaluate(UnixMs(at), Some(1));
@@ -903,35 +927,44 @@ mod tests {
     }
 
     #[test]
-    fn under_the_durable_algorithm_timers_set_by_work_sleep_after_one_baseline_window() {
+    fn under_the_durable_algorithm_timers_set_by_work_sleep_once_their_queue_is_quiet() {
         // Timers set by work a moment ago: the control count moved, then sits still.
+        let settle = crate::heuristic::durable::DurableSettings::default().settle_ms as i64;
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         hub.apply_probe(&probe(q(2, 2, 100), q(0, 0, 0)), UnixMs(0));
         hub.evaluate(UnixMs(0), Some(1));
         assert!(hub.is_active(UnixMs(0)), "visible orchestration messages are work");
         let mut t = 2_000;
-        while t <= 30_000 {
+        while t <= 2_000 + settle + 10_000 {
             hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(t));
             hub.evaluate(UnixMs(t), Some(1));
-            assert_eq!(hub.is_active(UnixMs(t)), t <= 10_000, "at {t} ms: above the baseline for one window");
+            assert_eq!(
+                hub.is_active(UnixMs(t)),
+                t < 2_000 + settle,
+                "at {t} ms: held until the queue was quiet"
+            );
             t += 2_000;
         }
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
     }
 
     #[test]
-    fn under_the_durable_algorithm_a_still_work_item_keeps_its_worker_for_the_visibility_timeout_only() {
-        let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
-        let mut t = 0;
-        while t <= 70_000 {
-            // One work item dequeued and invisible, the count unmoved: running, or poison.
-            hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(t));
-            hub.evaluate(UnixMs(t), Some(1));
-            let within = t <= GRACE as i64;
-            assert_eq!(hub.is_active(UnixMs(t)), within, "at {t} ms");
-            assert_eq!(hub.stuck_work_items(UnixMs(t)), u64::from(!within), "at {t} ms");
-            t += 2_000;
+    fn under_every_algorithm_a_renewed_work_item_keeps_its_worker_however_long() {
+        for algorithm in Algorithm::ALL {
+            let mut hub = HubState::new(settings(algorithm), GRACE);
+            let mut t = 0;
+            while t <= 30 * 60_000 {
+                // One work item dequeued and renewed: invisible, the count unmoved, for 30 min.
+                hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(t));
+                hub.evaluate(UnixMs(t), Some(1));
+                assert!(hub.is_active(UnixMs(t)), "{algorithm} at {t} ms: {:?}", hub.recommendation());
+                assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1), "{algorithm} at {t} ms");
+                t += 10_000;
+            }
+            assert_eq!(hub.split(UnixMs(t)).invisible_work_items, 1);
+            assert!(
+                hub.notes(UnixMs(t)).iter().any(|n| n.contains("held in flight: 1 invisible work item(s)"))
+            );
         }
-        assert!(hub.notes(UnixMs(t)).iter().any(|n| n.contains("1 stuck or poison work item(s)")));
     }
 }

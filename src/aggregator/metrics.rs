@@ -93,6 +93,8 @@ pub(crate) enum RejectionReason {
     InvalidName,
     /// The aggregator tracks as many hubs, or the hub as many pods, as it may.
     TooMany,
+    /// A setting outside what the Durable extension accepts.
+    OutOfRange,
 }
 
 label_values!(RejectionReason {
@@ -104,6 +106,7 @@ label_values!(RejectionReason {
     PermissionDenied => "permission_denied",
     InvalidName => "invalid_name",
     TooMany => "too_many",
+    OutOfRange => "out_of_range",
 });
 
 /// Labels of the report refusals: the reason alone. What a refused report claims (its
@@ -291,9 +294,12 @@ pub struct Metrics {
     /// 1 when KEDA sent a connection, so uncovered queues are probed; 0 when the hub is
     /// served from sidecar reports alone.
     pub(crate) connection_known: Family<HubLabels, Gauge>,
-    /// Work items the durable rules call stuck or poison (invisible and unchanged past the
-    /// visibility timeout); they no longer keep pods alive.
-    pub(crate) stuck_work_items: Family<HubLabels, Gauge>,
+    /// Invisible control messages the durable rules take for held by a worker (work).
+    pub(crate) held_messages: Family<HubLabels, Gauge>,
+    /// Invisible control messages the durable rules take for sleeping timers (not work).
+    pub(crate) timer_messages: Family<HubLabels, Gauge>,
+    /// Invisible work items: activities running (renewed) or backing off.
+    pub(crate) invisible_work_items: Family<HubLabels, Gauge>,
     /// 1 while KEDA's IsActive and GetMetrics for the hub are answered UNAVAILABLE (not wholly
     /// read yet, or nobody can read it now).
     pub(crate) unavailable: Family<HubLabels, Gauge>,
@@ -341,9 +347,19 @@ impl Metrics {
             m.connection_known.clone(),
         );
         r.register(
-            "stuck_work_items",
-            "Stuck or poison work items: invisible and unchanged past the visibility timeout, not keeping pods alive",
-            m.stuck_work_items.clone(),
+            "held_messages",
+            "Invisible control messages taken for held by a worker (prefetched or in a session): counted as work",
+            m.held_messages.clone(),
+        );
+        r.register(
+            "timer_messages",
+            "Invisible control messages taken for sleeping durable timers: not counted as work",
+            m.timer_messages.clone(),
+        );
+        r.register(
+            "invisible_work_items",
+            "Invisible work items (activities running, renewed, or backing off): work while a worker runs",
+            m.invisible_work_items.clone(),
         );
         r.register(
             "unavailable",
@@ -412,7 +428,9 @@ impl Metrics {
             &self.covered_partitions,
             &self.uncovered_partitions,
             &self.connection_known,
-            &self.stuck_work_items,
+            &self.held_messages,
+            &self.timer_messages,
+            &self.invisible_work_items,
             &self.unavailable,
         ] {
             family.remove(labels);

@@ -17,18 +17,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use crate::clock::UnixMs;
 use crate::shutdown::{FailureReporter, Shutdown};
 use crate::storage::{
-    Connection, Layout, PartitionMode, QueueRef, StorageAccount, StorageError, StorageOptions, TaskHub,
+    Connection, Layout, PartitionMode, QueueChoice, StorageAccount, StorageError, StorageOptions, TaskHub,
     TaskHubReader,
 };
 
-use super::hub::ProbeReading;
 use super::metrics::ProbeOutcome;
 use super::registry::{HubEntry, Registry};
 
@@ -196,62 +194,49 @@ impl Prober {
         }
     }
 
-    /// One round: reads P, then every uncovered queue, concurrently.
+    /// One round: reads P, then every uncovered queue, through the read path the sidecars
+    /// use too (`TaskHubReader::ownership`, then `read`).
     async fn probe_once(&self, entry: &HubEntry, reader: &TaskHubReader) {
         let coverage = entry.with_state(|s| s.coverage(UnixMs::now()));
         if coverage.is_complete() {
             return;
         }
         let now = UnixMs::now();
-        let mut no_store: Option<StorageError> = None;
-        let partitions = match reader.partitions(now).await {
-            Ok(p) => {
-                if let Some(layout) = reader.layout() {
+        let ownership = reader.ownership(now).await;
+        let no_store = match &ownership.error {
+            None => {
+                if let Some(layout) = ownership.layout {
                     self.count_ownership(entry, OwnershipFound::Layout(layout));
                 }
-                p.len() as u32
+                None
             }
-            Err(e @ StorageError::NoOwnershipStore { partition_count, .. }) => {
+            Some(e @ StorageError::NoOwnershipStore { .. }) => {
                 // Read the control queues found by name all the same (module docs).
                 self.count_ownership(entry, OwnershipFound::Nowhere);
-                no_store = Some(e);
-                partition_count
+                Some(e.clone())
             }
-            Err(StorageError::NotProvisioned { .. }) => {
+            Some(StorageError::NotProvisioned { .. }) => {
                 entry.set_probe_missed(false);
                 self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
-            Err(e) => {
+            Some(e) => {
                 entry.set_probe_missed(true);
-                return self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
+                return self.record(entry, ProbeOutcome::from(e), Some(e.to_string()));
             }
         };
+        let partitions = ownership.partition_count;
         // Coverage was worked out against the P known before; a new P means all of it.
-        let uncovered: Vec<u32> = if coverage.partition_count == Some(partitions) {
-            coverage.uncovered.clone()
+        let choice = if coverage.partition_count == Some(partitions) {
+            QueueChoice { control: coverage.uncovered.clone(), work_item: coverage.work_item_uncovered }
         } else {
-            (0..partitions).collect()
+            QueueChoice { control: (0..partitions).collect(), work_item: true }
         };
-        let work_item = coverage.work_item_uncovered || coverage.partition_count != Some(partitions);
-        let control = join_all(uncovered.iter().map(|&p| reader.read_queue(QueueRef::Control(p), now)));
-        let (control, work) = tokio::join!(control, async {
-            if work_item { Some(reader.read_queue(QueueRef::WorkItem, now).await) } else { None }
-        });
-        let mut reading = ProbeReading { partition_count: partitions, control: Vec::new(), work_item: None };
-        let mut failure: Option<StorageError> = None;
-        for (p, result) in uncovered.iter().zip(control) {
-            match result {
-                Ok(signals) => reading.control.push((*p, signals)),
-                Err(e) => failure = Some(e),
-            }
-        }
-        match work {
-            Some(Ok(signals)) => reading.work_item = Some(signals),
-            Some(Err(e)) => failure = Some(e),
-            None => {}
-        }
+        let read = reader.read(ownership, choice, now).await;
+        let reading = read.reading;
+        // The queues' errors (the ownership store's, if missing, comes first): the last one.
+        let failure = read.errors.into_iter().skip(usize::from(no_store.is_some())).last();
         let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
         // A hub not provisioned after all is read: there is nothing to miss.
         let not_provisioned = matches!(failure, Some(StorageError::NotProvisioned { .. })) && nothing_read;

@@ -14,10 +14,11 @@ use crate::contract::limits::{
     HUB_REPLACEABLE_AFTER_MS, MAX_PODS_PER_HUB, MAX_TRACKED_HUBS, MAX_TRACKED_PODS,
 };
 
-use super::hub::{HubKey, HubState, PodAdmission, PodsFull, ProbeReading, RecommendationChange, ValidReport};
+use super::hub::{HubKey, HubState, PodAdmission, PodsFull, RecommendationChange, ValidReport};
 use super::metrics::{HubLabels, Metrics, Tracked};
 use super::settings::{EffectiveLimits, HubSettings};
 use super::sources::ScaledObjectKey;
+use crate::reading::HubReading;
 use crate::storage::Connection;
 
 /// A hub's activity as StreamIsActive follows it.
@@ -290,8 +291,11 @@ impl HubEntry {
         metrics.active.get_or_create(&self.labels).set(i64::from(active));
         metrics.covered_partitions.get_or_create(&self.labels).set(coverage.covered.len() as i64);
         metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
-        let stuck = i64::try_from(state.stuck_work_items(now)).unwrap_or(i64::MAX);
-        metrics.stuck_work_items.get_or_create(&self.labels).set(stuck);
+        let split = state.split(now);
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.held_messages.get_or_create(&self.labels).set(gauge(split.held));
+        metrics.timer_messages.get_or_create(&self.labels).set(gauge(split.timers));
+        metrics.invisible_work_items.get_or_create(&self.labels).set(gauge(split.invisible_work_items));
         metrics.set_queue_messages(&self.labels, &state.queue_messages());
         metrics
             .connection_known
@@ -509,7 +513,7 @@ impl Registry {
     }
 
     /// Merges a probe reading (`None`: the hub is not provisioned) and publishes the result.
-    pub fn apply_probe(&self, entry: &HubEntry, reading: Option<&ProbeReading>, now: UnixMs) {
+    pub fn apply_probe(&self, entry: &HubEntry, reading: Option<&HubReading>, now: UnixMs) {
         let change = entry.with_state(|s| {
             let first = !s.is_observed();
             match reading {
@@ -566,6 +570,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reading::QueueReading;
 
     #[test]
     fn hubs_nobody_asks_about_are_dropped_and_their_probe_told_to_stop() {
@@ -591,13 +596,12 @@ mod tests {
         let now = UnixMs::now();
         let report = ValidReport {
             pod: "app-1".into(),
-            partition_count: 1,
-            control: vec![],
-            work_item: None,
+            reading: HubReading { partition_count: 1, control: vec![], work_item: None },
             interval_ms: 1000,
             leaving: false,
             sampled_at_unix_ms: now.as_millis(),
             limits: None,
+            queue_settings: None,
         };
         registry.apply_report(&entry, &report, now).unwrap();
         registry.metrics.count_probe(&key, super::super::metrics::ProbeOutcome::Ok);
@@ -645,13 +649,14 @@ mod tests {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
         let now = UnixMs::now();
-        let signals = crate::storage::QueueSignals {
+        let signals = QueueReading {
             approximate_count: 3,
             visible_count: 3,
             first_visible_age_ms: 10,
-            sampled_at_unix_ms: now.as_millis(),
+            redelivered_count: 0,
+            sampled_at: now,
         };
-        let reading = |control| ProbeReading { partition_count: 1, control, work_item: Some(signals) };
+        let reading = |control| HubReading { partition_count: 1, control, work_item: Some(signals) };
         registry.apply_probe(&entry, Some(&reading(vec![(0, signals)])), now);
         assert_eq!(entry.stale_reason(now), None, "read by the probe");
         entry.set_probe_error(Some("connection refused".into()));
@@ -661,18 +666,17 @@ mod tests {
         // A sidecar that reads the whole hub makes the probe's failure irrelevant.
         let report = ValidReport {
             pod: "app-1".into(),
-            partition_count: 1,
-            control: vec![(0, signals)],
-            work_item: Some(signals),
+            reading: HubReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) },
             interval_ms: 1000,
             leaving: false,
             sampled_at_unix_ms: now.as_millis(),
             limits: None,
+            queue_settings: None,
         };
         registry.apply_report(&entry, &report, now).unwrap();
         assert_eq!(entry.stale_reason(now), None);
         // The same sidecar cut off from storage reports no queues: stale again.
-        let blind = ValidReport { partition_count: 0, control: vec![], work_item: None, ..report };
+        let blind = ValidReport { reading: HubReading::default(), ..report };
         registry
             .apply_report(&entry, &ValidReport { sampled_at_unix_ms: now.as_millis() + 1, ..blind }, now)
             .unwrap();
@@ -694,14 +698,9 @@ mod tests {
         let now = UnixMs::now();
         registry.evaluate(&entry, None, now);
         assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nothing read yet");
-        let signals = crate::storage::QueueSignals {
-            approximate_count: 0,
-            visible_count: 0,
-            first_visible_age_ms: 0,
-            sampled_at_unix_ms: now.as_millis(),
-        };
+        let signals = QueueReading { sampled_at: now, ..QueueReading::default() };
         let reading =
-            ProbeReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) };
+            HubReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) };
         registry.apply_probe(&entry, Some(&reading), now);
         registry.evaluate(&entry, None, now);
         assert_eq!(sample(&registry.metrics.encode(), series), Some(0.0), "read whole");
@@ -716,13 +715,13 @@ mod tests {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let entry = registry.track(&HubKey::new("apps", "BusyHub"), "BusyHub", None).unwrap();
         let now = UnixMs::now();
-        let signals = |approximate, visible| crate::storage::QueueSignals {
-            approximate_count: approximate,
-            visible_count: visible,
-            first_visible_age_ms: 0,
-            sampled_at_unix_ms: now.as_millis(),
+        let signals = |approximate_count, visible_count| QueueReading {
+            approximate_count,
+            visible_count,
+            sampled_at: now,
+            ..QueueReading::default()
         };
-        let reading = ProbeReading {
+        let reading = HubReading {
             partition_count: 2,
             control: vec![(0, signals(5, 2)), (1, signals(40, 32))],
             work_item: Some(signals(9, 7)),
@@ -750,14 +749,15 @@ mod tests {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
         let t0 = UnixMs::now();
-        let signals = |visible: u32, at: UnixMs| crate::storage::QueueSignals {
+        let signals = |visible: u32, at: UnixMs| QueueReading {
             approximate_count: 1,
             visible_count: visible,
             first_visible_age_ms: if visible > 0 { 50 } else { 0 },
-            sampled_at_unix_ms: at.as_millis(),
+            redelivered_count: 0,
+            sampled_at: at,
         };
-        let idle = crate::storage::QueueSignals { approximate_count: 0, visible_count: 0, ..signals(0, t0) };
-        let reading = |work_item| ProbeReading {
+        let idle = QueueReading { approximate_count: 0, visible_count: 0, ..signals(0, t0) };
+        let reading = |work_item| HubReading {
             partition_count: 1,
             control: vec![(0, idle)],
             work_item: Some(work_item),
@@ -789,7 +789,7 @@ mod tests {
         entry.set_probe_missed(false);
         registry.apply_probe(
             &entry,
-            Some(&reading(crate::storage::QueueSignals { approximate_count: 0, ..signals(0, t2) })),
+            Some(&reading(QueueReading { approximate_count: 0, ..signals(0, t2) })),
             t2,
         );
         registry.evaluate(&entry, Some(1), t2);

@@ -12,12 +12,12 @@ use crate::contract::{
     MAX_PARTITIONS, NameRule, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub, check_len, check_name,
 };
 use crate::proto::report::{self, report_service_server::ReportService};
-use crate::storage::QueueSignals;
+use crate::reading::{HubReading, QueueReading};
 
 use super::hub::{HubKey, ValidReport};
 use super::metrics::RejectionReason as Reason;
 use super::registry::Registry;
-use super::settings::{ReportedLimits, WorkerLimits};
+use super::settings::{ReportedLimits, ReportedQueueSettings, WorkerLimits};
 use super::sources::{AuthError, ReportAuthenticator};
 
 /// How far in the future a report's timestamps may be (clock skew between nodes).
@@ -74,7 +74,7 @@ fn signals(
     proto: Option<&report::QueueSignals>,
     field: &str,
     now: UnixMs,
-) -> Result<QueueSignals, Rejection> {
+) -> Result<QueueReading, Rejection> {
     let s = proto.cloned().unwrap_or_default();
     if s.sampled_at_unix_ms > now.plus_ms(MAX_CLOCK_SKEW_MS).as_millis() {
         return Err(Rejection::new(
@@ -82,11 +82,13 @@ fn signals(
             format!("{field}.sampled_at_unix_ms {} is in the future", s.sampled_at_unix_ms),
         ));
     }
-    Ok(QueueSignals {
+    // The wire's edge: from here on a reading is the one type the engine takes.
+    Ok(QueueReading {
         approximate_count: s.approximate_count,
         visible_count: s.visible_count,
         first_visible_age_ms: s.first_visible_age_ms,
-        sampled_at_unix_ms: s.sampled_at_unix_ms,
+        redelivered_count: s.redelivered_count.min(s.visible_count),
+        sampled_at: UnixMs(s.sampled_at_unix_ms),
     })
 }
 
@@ -154,17 +156,17 @@ pub(crate) fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, 
         ms => u64::from(ms).min(longest),
     };
     let limits = report.limits.as_ref().map(reported_limits).transpose()?;
+    let queue_settings = report.queue_settings.as_ref().map(reported_queue_settings).transpose()?;
     Ok((
         HubKey::new(&pod.namespace, &report.task_hub),
         ValidReport {
             pod: pod.name.clone(),
-            partition_count: p,
-            control,
-            work_item,
+            reading: HubReading { partition_count: p, control, work_item },
             interval_ms,
             leaving: report.leaving,
             sampled_at_unix_ms: report.sampled_at_unix_ms,
             limits,
+            queue_settings,
         },
     ))
 }
@@ -189,6 +191,40 @@ fn reported_limits(limits: &report::WorkerLimits) -> Result<ReportedLimits, Reje
             max_orchestrations: limits.max_orchestrations,
         },
         processor_count: limits.processor_count,
+    })
+}
+
+/// The app's queue settings of a report: 0 is "not set"; a set value must be one the
+/// Durable extension accepts (`Options/AzureStorageOptions.cs` `Validate`: visibility
+/// timeouts of 1 to 60 minutes for the control queues, a buffer threshold of 1 to 1000).
+fn reported_queue_settings(q: &report::AppQueueSettings) -> Result<ReportedQueueSettings, Rejection> {
+    let set = |v: u64| (v > 0).then_some(v);
+    let minutes = 60_000..=3_600_000;
+    if q.control_queue_visibility_timeout_ms > 0 && !minutes.contains(&q.control_queue_visibility_timeout_ms)
+    {
+        return Err(Rejection::new(
+            Reason::OutOfRange,
+            format!(
+                "queue_settings.control_queue_visibility_timeout_ms {} is outside 1 to 60 minutes",
+                q.control_queue_visibility_timeout_ms
+            ),
+        ));
+    }
+    if q.control_queue_buffer_threshold > 1_000 {
+        return Err(Rejection::new(
+            Reason::OutOfRange,
+            format!(
+                "queue_settings.control_queue_buffer_threshold {} is above 1000",
+                q.control_queue_buffer_threshold
+            ),
+        ));
+    }
+    Ok(ReportedQueueSettings {
+        control_queue_visibility_timeout_ms: set(q.control_queue_visibility_timeout_ms),
+        work_item_queue_visibility_timeout_ms: set(q.work_item_queue_visibility_timeout_ms),
+        control_queue_buffer_threshold: (q.control_queue_buffer_threshold > 0)
+            .then_some(q.control_queue_buffer_threshold),
+        max_queue_polling_interval_ms: set(q.max_queue_polling_interval_ms),
     })
 }
 
@@ -252,7 +288,7 @@ impl ReportService for Reports {
         self.registry
             .apply_report(&entry, &valid, now)
             .map_err(|full| self.reject(&Rejection::new(Reason::TooMany, full.to_string())))?;
-        Ok(Response::new(report::ReportAck { suggested_interval_ms: 0 }))
+        Ok(Response::new(report::ReportAck {}))
     }
 }
 
@@ -286,8 +322,8 @@ mod tests {
     fn a_well_formed_report_is_keyed_by_namespace_and_lowercased_hub() {
         let (key, valid) = validate(&good(), UnixMs(NOW)).unwrap();
         assert_eq!(key, HubKey::new("apps", "myhub"));
-        assert_eq!(valid.control.len(), 1);
-        assert_eq!(valid.control[0].1.visible_count, 1);
+        assert_eq!(valid.reading.control.len(), 1);
+        assert_eq!(valid.reading.control[0].1.visible_count, 1);
     }
 
     #[test]

@@ -10,7 +10,6 @@ use crate::contract::limits::{CONNECTION_MAX_LEN, METADATA_MAX_ENTRIES, METADATA
 use crate::contract::{DEFAULT_TASK_HUB, TaskHub, WORK_ITEMS_PER_CPU, quote};
 use crate::heuristic::Algorithm;
 use crate::heuristic::durable::DurableSettings;
-use crate::heuristic::latency::DEFAULT_MAX_POLLING_INTERVAL_MS;
 use crate::storage::{AzureCloud, Connection, IdentityAccount, PartitionMode};
 
 /// What one ScaledObject's trigger metadata says about its task hub.
@@ -29,8 +28,9 @@ pub struct HubSettings {
     pub partition_mode: PartitionMode,
     /// `scaleAlgorithm`.
     pub algorithm: Algorithm,
-    /// `maxPollingIntervalMs`.
-    pub max_polling_interval_ms: u64,
+    /// `maxPollingIntervalMs` when the trigger sets it (it wins over the app's reported
+    /// `maxQueuePollingInterval`; neither: DTFx's default, 30 s).
+    pub max_polling_interval_ms: Option<u64>,
     /// `workerStartupMs`: how long a new worker pod takes to take work (durable algorithm).
     pub worker_startup_ms: u64,
     /// What the metadata left to a default the user should know about (shown on `/hubs`).
@@ -72,6 +72,20 @@ pub struct ReportedLimits {
     pub limits: WorkerLimits,
     /// The CPUs the app sees; 0 when the sidecar could not tell.
     pub processor_count: u32,
+}
+
+/// The app's storage-provider queue settings as a pod last reported them (report field
+/// `queue_settings`; `None`: the app leaves the extension's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct ReportedQueueSettings {
+    /// `controlQueueVisibilityTimeout`, ms.
+    pub control_queue_visibility_timeout_ms: Option<u64>,
+    /// `workItemQueueVisibilityTimeout`, ms.
+    pub work_item_queue_visibility_timeout_ms: Option<u64>,
+    /// `controlQueueBufferThreshold`.
+    pub control_queue_buffer_threshold: Option<u32>,
+    /// `maxQueuePollingInterval`, ms.
+    pub max_queue_polling_interval_ms: Option<u64>,
 }
 
 /// Where a hub's limit comes from.
@@ -219,7 +233,7 @@ impl HubSettings {
             limits: LimitOverrides::default(),
             partition_mode: PartitionMode::Auto,
             algorithm: Algorithm::default(),
-            max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
+            max_polling_interval_ms: None,
             worker_startup_ms: DurableSettings::default().startup_ms,
             warnings: Vec::new(),
             random_scale_in: true,
@@ -287,14 +301,15 @@ impl HubSettings {
                 got: quote(v),
             })?,
         };
-        let max_polling_interval_ms = match get("maxPollingIntervalMs") {
-            None => DEFAULT_MAX_POLLING_INTERVAL_MS,
-            Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
-                key: "maxPollingIntervalMs",
-                expected: "a whole number of milliseconds, at least 1",
-                got: quote(v),
-            })?,
-        };
+        let max_polling_interval_ms = get("maxPollingIntervalMs")
+            .map(|v| {
+                v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| MetadataError {
+                    key: "maxPollingIntervalMs",
+                    expected: "a whole number of milliseconds, at least 1",
+                    got: quote(v),
+                })
+            })
+            .transpose()?;
         let worker_startup_ms = match get("workerStartupMs") {
             None => DurableSettings::default().startup_ms,
             Some(v) => v.parse::<u64>().map_err(|_| MetadataError {
@@ -468,7 +483,7 @@ mod tests {
         assert!(s.warnings.is_empty());
         assert_eq!(s.partition_mode, PartitionMode::Auto);
         assert_eq!(s.algorithm, Algorithm::Durable);
-        assert_eq!(s.max_polling_interval_ms, 30_000);
+        assert_eq!(s.max_polling_interval_ms, None, "DTFx's 30 s unless the app or the trigger says");
         assert_eq!(s.worker_startup_ms, 20_000);
         assert!(s.random_scale_in, "on, as upstream");
     }

@@ -1,55 +1,84 @@
 //! `scaleAlgorithm: durable`, the project's default: a worker count from approximate counts,
-//! visible counts and first-message ages, that tells sleeping durable timers from running
-//! work by count (durabletask-facts.md, "Queue signals" and "Durable timers in storage") and
-//! is shaped for the HPA that applies it.
+//! visible counts and first-message ages, that counts what live workers hold as work, tells
+//! sleeping durable timers apart by how they came to be, and is shaped for the HPA that
+//! applies it.
 //!
-//! Rules, in order (chosen from `durable-scaler simulate` runs, docs/simulator.md):
+//! # What a live worker does to the queues (read from upstream, not from the layout)
 //!
-//! 1. **Work-item queue**: every message counts, visible or not. Durable timers live on
-//!    control queues only, so an invisible work item is an activity being run (or one whose
-//!    worker died, which will run again): `ceil(messages / maxActivitiesPerWorker)`. One
-//!    exception: work items that sat invisible with the count unchanged and nothing visible for
-//!    longer than the visibility timeout ([`DurableSettings::visibility_timeout_ms`], DTFx's
-//!    5 minutes) are **stuck or poison work items** and stop counting. A running activity's
-//!    message is only hidden for the visibility timeout at a time; a poison activity is retried
-//!    forever with back-off of up to 10 minutes, invisible in between. Without this rule one
-//!    such message keeps a pod alive for ever. The price: an activity that runs longer than the
-//!    visibility timeout with nothing else moving in the queue stops keeping its pod (KEDA's
-//!    cooldown still applies first).
-//! 2. **Control queues, timers told apart by count**: a control queue's invisible messages are
-//!    a mix of sleeping timers (enqueued with a visibility delay; the count sits still) and
-//!    messages being processed (dequeued, hidden for at most the visibility timeout). Per
-//!    queue, the **baseline** is the lowest invisible count seen over the last
-//!    [`DurableSettings::timer_baseline_ms`] (10 s, two sidecar reports; the samples in it and
-//!    the one that opens it). What is above the baseline, plus everything visible, is work; the baseline is
-//!    sleeping timers. So a partition with 50 sleeping timers and one new message counts one
-//!    message, not 51; a monitor whose timer re-fires every few seconds counts the message or
-//!    two in flight, not the partition's timers; timers set by work count for one window and
-//!    then sleep. The window is longer than an orchestration episode holds its messages (ms
-//!    to seconds); a longer one only kept pods longer after timers were set (the simulator:
-//!    60 s cost 34 % more pod-seconds in `timers` and 6-27 % in `spiky`, for no latency).
-//!    Messages a live owner holds for longer than the window read as timers; one that dies
-//!    holding them is rule 3. With no worker running every invisible control message is
-//!    a timer (nothing can be processing it), so a hub of timers never wakes from zero.
+//! Azure/durabletask, src/DurableTask.AzureStorage and src/DurableTask.Core:
+//! - **Work items are renewed for as long as an activity runs**
+//!   (`Core/TaskActivityDispatcher.cs` `RenewUntil`/`AdjustRenewAt`, about every 30 s, ->
+//!   `AzureStorageOrchestrationService.RenewTaskActivityWorkItemLockAsync` ->
+//!   `Messaging/TaskHubQueue.cs` `RenewMessageAsync`: UpdateMessage, visible again only after
+//!   `WorkItemQueueVisibilityTimeout`). A 20-minute activity reads "approximate 1, peek
+//!   empty" for 20 minutes. Work items never carry timers (`TaskHubQueue.GetVisibilityDelay`
+//!   delays TimerFired, scheduled ExecutionStarted and delayed entity messages only, all
+//!   control-queue messages); a failed one is abandoned with a back-off of min(2^dequeues,
+//!   600) s (`TaskHubQueue.AbandonMessageAsync`) and comes back, for ever.
+//! - **Control messages are prefetched** (`Messaging/ControlQueue.cs` `GetMessagesAsync`):
+//!   batches of 32 with `ControlQueueVisibilityTimeout` (5 min), not renewed, until the pod
+//!   buffers `ControlQueueBufferThreshold` messages (256 in the Functions extension off the
+//!   Consumption plan, `Options/AzureStorageOptions.cs`); they wait in
+//!   `OrchestrationSessionManager` for an orchestration slot, and the session being run is
+//!   renewed (`Core/TaskOrchestrationDispatcher.cs` `RenewUntil`). A backlog a pod prefetched
+//!   reads invisible, exactly like sleeping timers.
+//! - **A peek sees at most 32 messages**: "32 visible" means "32 or more", so approximate -
+//!   visible says nothing about invisible messages then.
+//! - **Timers are born invisible** (`GetVisibilityDelay`: visible at the fire time, at most
+//!   6 days a hop) and stay invisible until they fire; a prefetched message was born
+//!   visible, and is deleted (processed) or visible again within the visibility timeout,
+//!   unless its session is being renewed.
+//!
+//! # Rules, in order
+//!
+//! 1. **Work items: every message is work**, visible or not, however long it has been
+//!    invisible: only a live worker's renewal keeps a message invisible past the visibility
+//!    timeout, a dead worker's reappears within it, and a poison one backs off and comes back
+//!    for ever (so a poison message keeps waking the app, as upstream keeps retrying it). Even
+//!    at zero workers: the worker count may lag the pods that hold them, and a work item is
+//!    never a timer.
+//! 2. **Control queues: the invisible count is accounted for by how it came to be**
+//!    ([`HubHistory::record`]). Per queue, invisible messages are either **held** (possibly
+//!    held by a worker: dequeued, prefetched, or in a session) or **timers**, and each new
+//!    reading is explained from the one before:
+//!    - the invisible count rose: the rise is held work (messages a worker took), except as
+//!      many as the timers that had just fired and were taken for processing: their episodes
+//!      re-arm timers (a monitor's next wake-up);
+//!    - the invisible count fell: what turned visible and was dequeued before (the peek's
+//!      `DequeueCount` > 0, [`QueueReading::redelivered_count`]) is held work reappearing; what
+//!      turned visible never dequeued is timers firing (the known ones first, else held
+//!      messages that were timers all along); what was deleted while invisible came from held
+//!      work (a worker finished it: timers are never deleted while invisible);
+//!    - held work becomes timers once the queue has been **quiet** for
+//!      [`DurableSettings::settle_ms`] and the held messages are at least that old. Quiet: no
+//!      consumer at work, i.e. neither its visible nor its approximate count fell beyond what
+//!      finishing the timers that fired explains. A pod holding a buffer works it off, and
+//!      every message it takes or finishes shows; timers set by work settle one window after
+//!      the work stops, and a monitor's own firing does not keep its queue busy;
+//!    - a reading whose peek hit [`PEEK_LIMIT`] says "at least 32 visible": nothing is taken
+//!      for held or timers on its say-so, the earlier split is only trimmed to what can still
+//!      be invisible (timers first);
+//!    - held work never exceeds what the owner can hold, its buffer threshold plus one batch
+//!      ([`DurableSettings::buffer_threshold`]); more is timers;
+//!    - with no worker running nothing holds anything: every invisible control message is a
+//!      timer, so a hub of timers never wakes from zero.
 //! 3. **Dead owners**: when a partition's owner is gone without letting go (its sidecar went
 //!    silent, or its lease lapsed with no pod taking the partition over: the caller says so
-//!    with [`HubHistory::set_owner_lost`], as of the owner's last report), the messages it held
-//!    stay invisible until their visibility timeout lapses, and then reappear. Until that could
-//!    have happened (lost at + visibility timeout) the partition's baseline stays what it was
-//!    when the owner was last seen:
-//!    the dead owner's in-flight messages are work, not timers, even at zero workers, so the
-//!    hub does not cool to zero with work in it and wake five minutes later.
+//!    with [`HubHistory::set_owner_lost`], as of the owner's last report), the messages it
+//!    held stay invisible until their visibility timeout lapses, and then reappear. Until then
+//!    (lost at + [`DurableSettings::visibility_timeout_ms`]) the partition's held work is what
+//!    it was when the owner was last seen, and does not settle, even at zero workers.
 //! 4. **Orchestration workers** = `min(partitions with work, ceil(orchestration work /
-//!    maxOrchestrationsPerWorker))`: one partition is processed by one worker at a time, so
-//!    more never helps.
+//!    maxOrchestrationsPerWorker))`, orchestration work being visible plus held messages: one
+//!    partition is processed by one worker at a time, so more never helps.
 //! 5. **Lookahead**: orchestration messages beyond what those workers take in one round are
 //!    episodes still to run, and an episode mostly schedules activities; those that arrived
 //!    within [`DurableSettings::lookahead_window_ms`] (not timers that fired) count as
 //!    activities to come, so pods are asked for before the fan-out lands (a pod takes its
 //!    start-up delay to help).
 //! 6. Desired = max(activity, orchestration, lookahead workers), at least 1 while any work
-//!    exists; `keep_workers_alive` is false only when no queue holds work (timers, stuck work
-//!    items and nothing else let the hub sleep).
+//!    exists; `keep_workers_alive` is false only when no queue holds work (sleeping timers and
+//!    nothing else let the hub sleep).
 //! 7. **No late pods**: while the work is falling fast enough to be gone before a new pod
 //!    could start ([`DurableSettings::startup_ms`]), no scale-up is asked for.
 //! 8. **Damped scale-in**: below the current count, the answer is the highest the rules gave
@@ -57,33 +86,51 @@
 //!    batches sheds nothing (the HPA's stabilization window then damps further).
 //! 9. **HPA tolerance**: [`metric_value`] turns the desired count into the value to report
 //!    (target 1, AverageValue) so that a needed +1 at 10 or more replicas still moves the HPA.
+//!
+//! # Known blind spots
+//!
+//! - A pod that finishes held messages exactly as fast as new ones arrive and are prefetched
+//!   between two readings leaves both counts unmoved: its buffer reads quiet and settles into
+//!   timers after the settle window. DTFx's own polling back-off makes new arrivals visible
+//!   for a moment and finishing is rarely in step with arriving, so real queues move.
+//! - A message that appears invisible on a busy queue may be a new timer or an arrival a pod
+//!   prefetched at once: it counts as held work until the queue is quiet (cost, never lost
+//!   work).
+//! - A fired timer taken by a pod whose slots are all busy reads as re-armed (a timer) while
+//!   it waits; that pod's other work keeps the hub active.
+//! - An orchestration episode running alone on its partition for longer than the settle
+//!   window (its session renewed, nothing else moving) settles into timers; its pod's work
+//!   items, if any, still count.
 
 use std::collections::VecDeque;
 
 use super::{Recommendation, hpa};
 use crate::clock::UnixMs;
+pub use crate::reading::PEEK_LIMIT;
+use crate::reading::QueueReading;
 
-/// At most this many messages come back from one Peek, so a visible count of this size means
-/// "this many or more".
-pub(crate) const PEEK_LIMIT: u64 = 32;
+/// One reading of one queue as the history keeps it: stamped with the moment it was taken
+/// into the history, with the split of the queue's invisible messages at that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sample {
+    /// The reading (its `sampled_at` is the moment of the sample).
+    pub reading: QueueReading,
+    /// Invisible messages taken for sleeping timers then (control queues only).
+    pub timers: u64,
+    /// Invisible messages taken for work a worker holds then (control queues only).
+    pub held: u64,
+}
 
-/// One sample of one queue, as a sidecar or the aggregator's probe takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueSample {
-    /// When the sample was taken (the caller's clock).
-    pub at: UnixMs,
-    /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
-    pub approximate_count: u64,
-    /// Messages a Peek of up to [`PEEK_LIMIT`] returned (visible now).
-    pub visible_count: u64,
-    /// now - InsertedOn of the first visible message; 0 when none is visible.
-    pub first_visible_age_ms: u64,
+impl Sample {
+    fn at(&self) -> UnixMs {
+        self.reading.sampled_at
+    }
 }
 
 /// The recent samples of one queue, oldest first, trimmed to a horizon.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct QueueHistory {
-    samples: VecDeque<QueueSample>,
+    samples: VecDeque<Sample>,
 }
 
 impl QueueHistory {
@@ -94,36 +141,199 @@ impl QueueHistory {
 
     /// Appends `sample` and forgets samples older than `horizon_ms` before it (keeping at
     /// least one older sample, so a window that starts before the horizon stays covered).
-    pub(crate) fn record(&mut self, sample: QueueSample, horizon_ms: u64) {
+    fn record(&mut self, sample: Sample, horizon_ms: u64) {
         self.samples.push_back(sample);
-        let cutoff = before(sample.at, horizon_ms);
-        while self.samples.len() > 2 && self.samples.get(1).is_some_and(|s| s.at <= cutoff) {
+        let cutoff = before(sample.at(), horizon_ms);
+        while self.samples.len() > 2 && self.samples.get(1).is_some_and(|s| s.at() <= cutoff) {
             self.samples.pop_front();
         }
     }
 
-    /// The newest sample.
-    pub(crate) fn latest(&self) -> Option<&QueueSample> {
-        self.samples.back()
-    }
-
     /// Samples, oldest first.
-    pub(crate) fn samples(&self) -> impl DoubleEndedIterator<Item = &QueueSample> {
+    pub(crate) fn samples(&self) -> impl DoubleEndedIterator<Item = &Sample> {
         self.samples.iter()
     }
 
     /// Samples taken at or after `since`.
-    fn since(&self, since: UnixMs) -> impl Iterator<Item = &QueueSample> {
-        self.samples.iter().filter(move |s| s.at >= since)
+    fn since(&self, since: UnixMs) -> impl Iterator<Item = &Sample> {
+        self.samples.iter().filter(move |s| s.at() >= since)
+    }
+
+    /// The newest sample taken at or before `at`.
+    fn at(&self, at: UnixMs) -> Option<&Sample> {
+        self.samples.iter().rev().find(|s| s.at() <= at)
     }
 }
 
-/// A partition whose owner is gone (rule 3 of the module docs): when, and the baseline it had
-/// then.
+/// Invisible messages of one control queue that may be held by a worker, since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    since: UnixMs,
+    count: u64,
+}
+
+/// What the previous reading of a control queue showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Previous {
+    messages: u64,
+    /// Visible messages (estimated as messages - accounted invisible when the peek was full).
+    visible: u64,
+    redelivered: u64,
+}
+
+/// How one control queue's invisible messages came to be (rule 2 of the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Ledger {
+    /// Invisible messages taken for sleeping timers.
+    timers: u64,
+    /// Invisible messages possibly held by a worker, oldest first.
+    held: VecDeque<Held>,
+    /// Timers that fired and are not finished yet: their dequeue and their deletion need no
+    /// other consumer to explain them.
+    fired: u64,
+    /// Of those, the ones whose episode has not re-armed a timer yet.
+    rearmable: u64,
+    /// When a timer last fired.
+    fired_at: Option<UnixMs>,
+    /// The last reading that showed a consumer at work beyond finishing fired timers.
+    consumer_seen: Option<UnixMs>,
+    previous: Option<Previous>,
+}
+
+impl Ledger {
+    fn held(&self) -> u64 {
+        self.held.iter().map(|h| h.count).sum()
+    }
+
+    fn stock(&self) -> u64 {
+        self.timers + self.held()
+    }
+
+    fn hold(&mut self, since: UnixMs, count: u64) {
+        if count > 0 {
+            self.held.push_back(Held { since, count });
+        }
+    }
+
+    /// Takes up to `n` from the timers; returns how many.
+    fn take_timers(&mut self, n: u64) -> u64 {
+        let taken = n.min(self.timers);
+        self.timers -= taken;
+        taken
+    }
+
+    /// Takes up to `n` held messages, oldest first; returns how many.
+    fn take_held(&mut self, n: u64) -> u64 {
+        let mut taken = 0;
+        while taken < n {
+            let Some(oldest) = self.held.front_mut() else { break };
+            let k = oldest.count.min(n - taken);
+            oldest.count -= k;
+            taken += k;
+            if oldest.count == 0 {
+                self.held.pop_front();
+            }
+        }
+        taken
+    }
+
+    /// Explains `reading` from the one before (module docs, rule 2). `nothing_holds`: no
+    /// worker runs; `lost`: the partition's owner is lost (its held work stays held).
+    fn observe(
+        &mut self,
+        reading: &QueueReading,
+        settings: &DurableSettings,
+        nothing_holds: bool,
+        lost: bool,
+    ) {
+        let now = reading.sampled_at;
+        let messages = reading.messages();
+        let redelivered = u64::from(reading.redelivered_count);
+        let previous = self.previous;
+        if let Some(p) = previous {
+            // A consumer at work: visible messages taken, or invisible ones deleted, beyond
+            // what finishing the timers that fired explains.
+            let taken =
+                if reading.peek_saturated() { 0 } else { p.visible.saturating_sub(reading.visible()) };
+            let deleted = p.messages.saturating_sub(messages);
+            if taken > self.fired || deleted > self.fired {
+                self.consumer_seen = Some(now);
+            }
+            self.fired -= deleted.min(self.fired);
+            self.rearmable = self.rearmable.min(self.fired);
+        }
+        match (reading.invisible(), previous) {
+            (None, _) => {
+                // At least PEEK_LIMIT visible: no more than approximate - 32 can be invisible.
+                let excess = self.stock().saturating_sub(messages - reading.visible());
+                let from_timers = self.take_timers(excess);
+                self.take_held(excess - from_timers);
+            }
+            (Some(invisible), None) => self.hold(now, invisible),
+            (Some(invisible), Some(p)) => {
+                let stock = self.stock();
+                if invisible > stock {
+                    // Taken by a worker, or born invisible; a fired timer's episode re-arms.
+                    let rise = invisible - stock;
+                    let rearmed = rise.min(self.rearmable);
+                    self.rearmable -= rearmed;
+                    self.timers += rearmed;
+                    self.hold(now, rise - rearmed);
+                } else if invisible < stock {
+                    let fall = stock - invisible;
+                    let to_visible = fall.min(reading.visible().saturating_sub(p.visible));
+                    // Dequeued before (DequeueCount > 0): held messages reappearing. The rest
+                    // were never dequeued: timers firing (first the known ones).
+                    let reappeared = to_visible.min(redelivered.saturating_sub(p.redelivered));
+                    let back = self.take_held(reappeared);
+                    self.take_timers(reappeared - back);
+                    let fresh = to_visible - reappeared;
+                    let from_timers = self.take_timers(fresh);
+                    self.take_held(fresh - from_timers);
+                    self.fired += fresh;
+                    self.rearmable += fresh;
+                    if fresh > 0 {
+                        self.fired_at = Some(now);
+                    }
+                    // Deleted while invisible: finished by a worker (timers are never deleted
+                    // while invisible).
+                    let deleted = fall - to_visible;
+                    let finished = self.take_held(deleted);
+                    self.take_timers(deleted - finished);
+                }
+            }
+        }
+        self.previous =
+            Some(Previous { messages, visible: messages - self.stock().min(messages), redelivered });
+        if lost {
+            return;
+        }
+        if nothing_holds {
+            self.timers += self.take_held(u64::MAX);
+            return;
+        }
+        let settle = i64::try_from(settings.settle_ms).unwrap_or(i64::MAX);
+        if self.fired_at.is_some_and(|t| now.millis_since(t) >= settle) {
+            // What fired that long ago was finished, or is held by a worker like the rest.
+            (self.fired, self.rearmable, self.fired_at) = (0, 0, None);
+        }
+        if self.consumer_seen.is_none_or(|t| now.millis_since(t) >= settle) {
+            // Quiet: what has been held as long as the window is not held by anyone.
+            while self.held.front().is_some_and(|h| now.millis_since(h.since) >= settle) {
+                let settled = self.take_held(self.held.front().map_or(0, |h| h.count));
+                self.timers += settled;
+            }
+        }
+        let over = self.held().saturating_sub(settings.held_cap());
+        let over = self.take_held(over);
+        self.timers += over;
+    }
+}
+
+/// A partition whose owner is gone (rule 3 of the module docs): since when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LostOwner {
     at: UnixMs,
-    baseline: u64,
 }
 
 /// The histories of one task hub's queues.
@@ -133,11 +343,10 @@ pub(crate) struct HubHistory {
     pub work_item: QueueHistory,
     /// Control queue `i` of partition `i`.
     pub control: Vec<QueueHistory>,
+    /// Per control queue: how its invisible messages came to be (rule 2).
+    ledgers: Vec<Ledger>,
     /// Per partition: its owner is gone (rule 3).
     lost: Vec<Option<LostOwner>>,
-    /// Since when the work-item queue's invisible count has not moved with nothing visible
-    /// (rule 1); `None` while it holds no invisible message.
-    work_item_still_since: Option<UnixMs>,
 }
 
 impl HubHistory {
@@ -146,45 +355,53 @@ impl HubHistory {
         Self {
             work_item: QueueHistory::new(),
             control: vec![QueueHistory::new(); partitions],
+            ledgers: vec![Ledger::default(); partitions],
             lost: vec![None; partitions],
-            work_item_still_since: None,
         }
     }
 
-    /// Records one sample per queue, keeping what `settings` needs.
+    /// The owner of `partition` is lost at `at` (rule 3).
+    fn is_lost(&self, settings: &DurableSettings, partition: usize, at: UnixMs) -> bool {
+        let timeout = i64::try_from(settings.visibility_timeout_ms).unwrap_or(i64::MAX);
+        self.lost
+            .get(partition)
+            .copied()
+            .flatten()
+            .is_some_and(|l| l.at <= at && at.millis_since(l.at) < timeout)
+    }
+
+    /// Records one reading per queue, all taken into the history at the same moment (their
+    /// `sampled_at`), with `workers` running, keeping what `settings` needs.
     pub(crate) fn record(
         &mut self,
         settings: &DurableSettings,
-        work_item: QueueSample,
-        control: &[QueueSample],
+        work_item: QueueReading,
+        control: &[QueueReading],
+        workers: u32,
     ) {
         let horizon = settings.horizon_ms();
-        let still =
-            self.work_item.latest().is_some_and(|previous| invisible(previous) == invisible(&work_item));
-        self.work_item_still_since = match (invisible(&work_item), work_item.visible_count) {
-            (0, _) => None,
-            (_, 0) if still => self.work_item_still_since.or(Some(work_item.at)),
-            _ => Some(work_item.at),
-        };
-        self.work_item.record(work_item, horizon);
+        self.work_item.record(Sample { reading: work_item, timers: 0, held: 0 }, horizon);
         if self.control.len() < control.len() {
             self.control.resize(control.len(), QueueHistory::new());
         }
-        for (history, sample) in self.control.iter_mut().zip(control) {
-            history.record(*sample, horizon);
+        if self.ledgers.len() < self.control.len() {
+            self.ledgers.resize(self.control.len(), Ledger::default());
+        }
+        for (partition, reading) in control.iter().enumerate() {
+            let lost = self.is_lost(settings, partition, reading.sampled_at);
+            let ledger = &mut self.ledgers[partition];
+            ledger.observe(reading, settings, workers == 0, lost);
+            let sample = Sample { reading: *reading, timers: ledger.timers, held: ledger.held() };
+            self.control[partition].record(sample, horizon);
         }
     }
 
     /// Says whether partition `partition`'s owner is gone: `Some(t)` when it was lost at `t`
     /// (went silent or let its lease lapse without a pod taking over), `None` when a live
-    /// owner holds it or it was let go cleanly. The baseline is frozen at its value at `t`
-    /// (rule 3); calling again with the same `t` keeps it.
-    pub(crate) fn set_owner_lost(
-        &mut self,
-        settings: &DurableSettings,
-        partition: usize,
-        lost_at: Option<UnixMs>,
-    ) {
+    /// owner holds it or it was let go cleanly. From `t` until the visibility timeout has
+    /// passed, what the partition held at `t` counts as work and does not settle (rule 3);
+    /// calling again with the same `t` keeps it.
+    pub(crate) fn set_owner_lost(&mut self, partition: usize, lost_at: Option<UnixMs>) {
         if self.lost.len() < self.control.len() {
             self.lost.resize(self.control.len(), None);
         }
@@ -193,30 +410,38 @@ impl HubHistory {
             None => *slot = None,
             Some(at) if slot.is_some_and(|l| l.at == at) => {}
             Some(at) => {
-                // No sample before the loss: nothing is known to be a timer, all of it is work.
-                let baseline =
-                    self.control.get(partition).and_then(|h| baseline(h, settings, at)).unwrap_or(0);
-                *slot = Some(LostOwner { at, baseline });
+                *slot = Some(LostOwner { at });
+                // The loss is told up to a few intervals late: what settled since the owner's
+                // last report was its held work, not timers.
+                let then = self.control.get(partition).and_then(|h| h.at(at)).map_or(0, |s| s.held);
+                if let Some(ledger) = self.ledgers.get_mut(partition) {
+                    let missing = then.saturating_sub(ledger.held());
+                    let back = ledger.take_timers(missing);
+                    ledger.hold(at, back);
+                }
             }
         }
     }
 }
 
-/// The algorithm's knobs (defaults in docs/simulator.md, "Our algorithm").
+/// The algorithm's knobs (defaults and their sources in docs/simulator.md, "Our algorithm").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurableSettings {
-    /// Activities one worker runs at once (`maxActivitiesPerWorker`, default 10).
+    /// Activities one worker runs at once (`maxActivitiesPerWorker`; by default the app's
+    /// own limit, see `aggregator::settings`).
     pub max_activities_per_worker: u32,
-    /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`, default 5).
+    /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`, likewise).
     pub max_orchestrations_per_worker: u32,
-    /// The window over which a control queue's lowest invisible count is its baseline of
-    /// sleeping timers (rule 2; default 10 s, two sidecar reports).
-    pub timer_baseline_ms: u64,
-    /// DTFx's visibility timeout (default 5 min): how long a dequeued message stays hidden.
-    /// A dead owner's messages count as work for this long (rule 3); work items invisible
-    /// and unchanged for longer are stuck or poison (rule 1). The engine sets it from the
-    /// aggregator's `--work-grace`.
+    /// How long a control queue must have been quiet (no consumer at work) before invisible
+    /// messages that came while it was busy are taken for sleeping timers (rule 2).
+    pub settle_ms: u64,
+    /// The app's control-queue visibility timeout (DTFx's `ControlQueueVisibilityTimeout`,
+    /// 5 min unless the app sets it): how long a dead owner's messages stay invisible and
+    /// count as work (rule 3).
     pub visibility_timeout_ms: u64,
+    /// The app's `ControlQueueBufferThreshold` (256 unless it sets it): with one batch more,
+    /// the most a pod holds of one control queue (rule 2).
+    pub buffer_threshold: u32,
     /// Scale-in looks back this far and keeps the highest answer (default 10 s: two sidecar
     /// reports, so one empty sample between batches sheds nothing; the HPA's own 300 s
     /// stabilization window does the rest, and a longer window here only adds to it).
@@ -240,21 +465,30 @@ pub struct DurableSettings {
 }
 
 /// How long after an owner's last report its loss may be told (three sidecar intervals, up to
-/// 20 s each): the history keeps enough to take its baseline as of then.
+/// 20 s each): the history keeps enough to take its held work as of then.
 pub const OWNER_LOSS_NOTICE_MS: u64 = 60_000;
 
 /// DTFx's default visibility timeout for dequeued messages (`ControlQueueVisibilityTimeout`
-/// and `WorkItemQueueVisibilityTimeout`, 5 minutes, in DurableTask.AzureStorage's
-/// `AzureStorageOrchestrationServiceSettings`).
+/// and `WorkItemQueueVisibilityTimeout`, 5 minutes: DurableTask.AzureStorage's
+/// `AzureStorageOrchestrationServiceSettings.cs` and the extension's `AzureStorageOptions.cs`).
 pub const DEFAULT_VISIBILITY_TIMEOUT_MS: u64 = 300_000;
+
+/// The Functions extension's default `ControlQueueBufferThreshold` outside the Consumption
+/// plan (azure-functions-durable-extension `Options/AzureStorageOptions.cs`; 128, or 32 for
+/// Python, on Consumption in `AzureStorageDurabilityProviderFactory.cs`; 64 in DTFx alone).
+pub const DEFAULT_BUFFER_THRESHOLD: u32 = 256;
+
+/// `ControlQueueBatchSize`: what one prefetch takes (DTFx's default and Azure's maximum, 32).
+const CONTROL_QUEUE_BATCH: u64 = PEEK_LIMIT as u64;
 
 impl Default for DurableSettings {
     fn default() -> Self {
         Self {
-            max_activities_per_worker: 10,
-            max_orchestrations_per_worker: 5,
-            timer_baseline_ms: 10_000,
+            max_activities_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+            max_orchestrations_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+            settle_ms: 30_000,
             visibility_timeout_ms: DEFAULT_VISIBILITY_TIMEOUT_MS,
+            buffer_threshold: DEFAULT_BUFFER_THRESHOLD,
             scale_in_window_ms: 10_000,
             activity_lookahead: true,
             startup_ms: 20_000,
@@ -265,12 +499,17 @@ impl Default for DurableSettings {
 }
 
 impl DurableSettings {
-    /// How much history the rules read: the scale-in window looks back at moments whose
-    /// baseline itself looks back its window, and a lost owner's baseline is taken as of its
-    /// last report, told up to [`OWNER_LOSS_NOTICE_MS`] later.
+    /// How much history the rules read: the scale-in window and the lookahead look back, and
+    /// a lost owner's held work is taken as of its last report, told up to
+    /// [`OWNER_LOSS_NOTICE_MS`] later.
     pub fn horizon_ms(&self) -> u64 {
-        let baseline_back = self.scale_in_window_ms.max(OWNER_LOSS_NOTICE_MS);
-        self.timer_baseline_ms.saturating_add(baseline_back).max(self.lookahead_window_ms)
+        self.scale_in_window_ms.max(OWNER_LOSS_NOTICE_MS).max(self.lookahead_window_ms)
+    }
+
+    /// The most one control queue's owner can hold: its buffer and one batch more (the
+    /// buffer is checked before each batch is fetched, `ControlQueue.GetMessagesAsync`).
+    fn held_cap(&self) -> u64 {
+        u64::from(self.buffer_threshold).saturating_add(CONTROL_QUEUE_BATCH)
     }
 }
 
@@ -279,12 +518,14 @@ impl DurableSettings {
 struct Need {
     activity_messages: u64,
     activity_workers: u64,
-    /// Work items left out as stuck or poison (rule 1).
-    stuck_work_items: u64,
     orchestration_messages: u64,
     active_partitions: u64,
     /// Invisible control messages taken for sleeping timers.
     timers: u64,
+    /// Invisible control messages taken for work a worker holds.
+    held: u64,
+    /// Partitions with held control messages.
+    held_partitions: u64,
     /// Partitions whose dead owner's messages count as work (rule 3).
     lost_partitions: u64,
     orchestration_workers: u64,
@@ -308,76 +549,44 @@ fn before(t: UnixMs, ms: u64) -> UnixMs {
     t.plus_ms(-i64::try_from(ms).unwrap_or(i64::MAX)).max(UnixMs(0))
 }
 
-fn invisible(s: &QueueSample) -> u64 {
-    s.approximate_count.saturating_sub(s.visible_count)
-}
-
-/// The lowest invisible count of `history` over the baseline window ending at `at`: the
-/// samples in it and the newest one at or before its start. `None` before any sample.
-fn baseline(history: &QueueHistory, settings: &DurableSettings, at: UnixMs) -> Option<u64> {
-    let start = before(at, settings.timer_baseline_ms);
-    let anchor = history.samples().rev().find(|s| s.at <= start);
-    anchor.into_iter().chain(history.since(start).filter(|s| s.at <= at)).map(invisible).min()
-}
-
-/// Work items at `at` that are stuck or poison (rule 1): invisible, unchanged and with nothing
-/// visible for longer than the visibility timeout. Only the newest moment is judged; earlier
-/// moments (for damping) count them as work, which never sheds a pod too early.
-fn stuck_work_items(hub: &HubHistory, settings: &DurableSettings, at: UnixMs, sample: &QueueSample) -> u64 {
-    let timeout = i64::try_from(settings.visibility_timeout_ms).unwrap_or(i64::MAX);
-    let still_long = hub.work_item_still_since.is_some_and(|since| at.millis_since(since) > timeout);
-    let newest = hub.work_item.latest().is_some_and(|latest| latest.at == sample.at);
-    if still_long && newest && sample.visible_count == 0 { invisible(sample) } else { 0 }
-}
-
 /// The need at the moment `at` (the newest sample of each queue at or before it). With
-/// `no_workers`, invisible control messages of partitions with no lost owner are timers at
-/// once: nothing runs to hold them.
+/// `no_workers`, nothing holds anything: invisible work items and the invisible control
+/// messages of partitions with no lost owner wait (rules 1 and 2).
 fn need_at(hub: &HubHistory, settings: &DurableSettings, at: UnixMs, no_workers: bool) -> Need {
-    let newest = |h: &QueueHistory| h.samples().rev().find(|s| s.at <= at).copied();
-    let work_item = newest(&hub.work_item);
-    let stuck_work_items = work_item.map_or(0, |s| stuck_work_items(hub, settings, at, &s));
-    let activity_messages =
-        work_item.map_or(0, |s| s.approximate_count.max(s.visible_count).saturating_sub(stuck_work_items));
+    let activity_messages = hub.work_item.at(at).map_or(0, |s| s.reading.messages());
     let mut need = Need {
         activity_messages,
         activity_workers: activity_messages.div_ceil(u64::from(settings.max_activities_per_worker.max(1))),
-        stuck_work_items,
         ..Need::default()
     };
-    let timeout = i64::try_from(settings.visibility_timeout_ms).unwrap_or(i64::MAX);
     let mut arrived = 0u64;
     for (partition, history) in hub.control.iter().enumerate() {
-        let Some(sample) = newest(history) else { continue };
+        let Some(sample) = history.at(at).copied() else { continue };
+        let reading = sample.reading;
         if settings.lookahead_window_ms > 0 {
             // Messages that arrived within the window: growth over its lowest count. Timers
             // that fire turn invisible messages visible without growing the count.
             let since = before(at, settings.lookahead_window_ms);
             let low = history
                 .samples()
-                .filter(|s| s.at >= since && s.at <= at)
-                .map(|s| s.approximate_count)
+                .filter(|s| s.at() >= since && s.at() <= at)
+                .map(|s| s.reading.messages())
                 .min()
-                .unwrap_or(sample.approximate_count);
-            arrived += sample.approximate_count.saturating_sub(low);
+                .unwrap_or(reading.messages());
+            arrived += reading.messages().saturating_sub(low);
         }
-        let hidden = invisible(&sample);
-        let lost = hub
-            .lost
-            .get(partition)
-            .copied()
-            .flatten()
-            .filter(|l| l.at <= at && at.millis_since(l.at) < timeout);
-        let timers = match lost {
-            Some(l) => {
-                need.lost_partitions += 1;
-                hidden.min(l.baseline)
-            }
-            None if no_workers => hidden,
-            None => hidden.min(baseline(history, settings, at).unwrap_or(hidden)),
+        let lost = hub.is_lost(settings, partition, at);
+        let (timers, held) = match reading.invisible() {
+            Some(invisible) if no_workers && !lost => (invisible, 0),
+            _ => (sample.timers, sample.held),
         };
+        if lost {
+            need.lost_partitions += 1;
+        }
         need.timers += timers;
-        let work = sample.visible_count.max(sample.approximate_count.saturating_sub(timers));
+        need.held += held;
+        need.held_partitions += u64::from(held > 0);
+        let work = reading.messages() - timers.min(reading.messages());
         if work > 0 {
             need.active_partitions += 1;
             need.orchestration_messages += work;
@@ -407,24 +616,31 @@ fn need_at(hub: &HubHistory, settings: &DurableSettings, at: UnixMs, no_workers:
     need
 }
 
-/// What the latest [`recommend`] left out of the work, for the metric and `/hubs`.
+/// How the latest [`recommend`] split the hub's invisible messages, for the metric and
+/// `/hubs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Discounted {
+pub struct Split {
     /// Invisible control messages taken for sleeping timers.
     pub timers: u64,
-    /// Work items invisible and unchanged past the visibility timeout: stuck or poison.
-    pub stuck_work_items: u64,
+    /// Invisible control messages taken for work a worker holds (counted as work).
+    pub held: u64,
+    /// Partitions with held control messages.
+    pub held_partitions: u64,
+    /// Invisible work items (running activities, or backing off): work while a worker runs.
+    pub invisible_work_items: u64,
 }
 
-/// What [`recommend`] leaves out of the work at `now` (the same rules, without deciding).
-pub(crate) fn discounted(
-    settings: &DurableSettings,
-    hub: &HubHistory,
-    workers: u32,
-    now: UnixMs,
-) -> Discounted {
+/// How the `durable` rules split the hub's invisible messages at `now`.
+pub(crate) fn split(settings: &DurableSettings, hub: &HubHistory, workers: u32, now: UnixMs) -> Split {
     let need = need_at(hub, settings, now, workers == 0);
-    Discounted { timers: need.timers, stuck_work_items: need.stuck_work_items }
+    // A full peek hides how many are invisible: none is known to be.
+    let invisible_work_items = hub.work_item.at(now).and_then(|s| s.reading.invisible()).unwrap_or(0);
+    Split {
+        timers: need.timers,
+        held: need.held,
+        held_partitions: need.held_partitions,
+        invisible_work_items,
+    }
 }
 
 /// The `durable` algorithm's recommendation for a hub at `workers` workers at `now`.
@@ -443,20 +659,20 @@ pub(crate) fn recommend(
     let keep = raw > 0;
     let mut desired = raw;
     let mut damped = false;
-    let mut held = None;
+    let mut drain_eta = None;
     if raw > u64::from(workers) && workers > 0 && settings.startup_ms > 0 {
         // Scale-up only for work that outlasts a new pod's start-up: if the work is falling
         // fast enough to be gone before a new pod could help, the current workers suffice.
-        let previous = hub.work_item.samples().rev().find(|s| s.at < now);
+        let previous = hub.work_item.samples().rev().find(|s| s.at() < now);
         if let Some(previous) = previous {
-            let earlier = need_at(hub, settings, previous.at, workers == 0).messages();
+            let earlier = need_at(hub, settings, previous.at(), workers == 0).messages();
             let after = need.messages();
-            let elapsed = u64::try_from(now.millis_since(previous.at)).unwrap_or(0);
+            let elapsed = u64::try_from(now.millis_since(previous.at())).unwrap_or(0);
             if after < earlier && elapsed > 0 {
                 let eta_ms = after.saturating_mul(elapsed) / (earlier - after);
                 if eta_ms < settings.startup_ms {
                     desired = u64::from(workers);
-                    held = Some(eta_ms);
+                    drain_eta = Some(eta_ms);
                 }
             }
         }
@@ -467,8 +683,8 @@ pub(crate) fn recommend(
         let peak = hub
             .work_item
             .since(start)
-            .filter(|s| s.at <= now)
-            .map(|s| need_at(hub, settings, s.at, workers == 0).workers())
+            .filter(|s| s.at() <= now)
+            .map(|s| need_at(hub, settings, s.at(), workers == 0).workers())
             .max()
             .unwrap_or(0);
         if peak > raw {
@@ -477,29 +693,26 @@ pub(crate) fn recommend(
         }
     }
     let desired = u32::try_from(desired).unwrap_or(u32::MAX);
-    let discounted = {
+    let not_counted = {
         let mut parts = Vec::new();
         if need.timers > 0 {
             parts.push(format!("{} invisible message(s) taken for sleeping timers", need.timers));
-        }
-        if need.stuck_work_items > 0 {
-            parts.push(format!("{} stuck or poison work item(s)", need.stuck_work_items));
         }
         parts.join(", ")
     };
     let reason = if !keep && desired > 0 {
         format!(
             "No work now{}; scale-in damped at {desired} for {} s",
-            if discounted.is_empty() { String::new() } else { format!(" (only {discounted})") },
+            if not_counted.is_empty() { String::new() } else { format!(" (only {not_counted})") },
             settings.scale_in_window_ms / 1000
         )
-    } else if !keep && !discounted.is_empty() {
-        format!("Only {discounted}: no work")
+    } else if !keep && !not_counted.is_empty() {
+        format!("Only {not_counted}: no work")
     } else if !keep {
         "Task hub is idle".to_string()
     } else {
         format!(
-            "{} workers: activities ceil({}/{}) = {}, orchestrations min({} partitions with work, ceil({}/{})) = {}, lookahead {}{}{}{}{}",
+            "{} workers: activities ceil({}/{}) = {}, orchestrations min({} partitions with work, ceil({}/{})) = {}, lookahead {}{}{}{}{}{}",
             desired,
             need.activity_messages,
             settings.max_activities_per_worker.max(1),
@@ -509,7 +722,12 @@ pub(crate) fn recommend(
             settings.max_orchestrations_per_worker.max(1),
             need.orchestration_workers,
             need.lookahead_workers,
-            if discounted.is_empty() { String::new() } else { format!("; not counted: {discounted}") },
+            if need.held > 0 {
+                format!("; {} invisible control message(s) held by workers count as work", need.held)
+            } else {
+                String::new()
+            },
+            if not_counted.is_empty() { String::new() } else { format!("; not counted: {not_counted}") },
             if need.lost_partitions > 0 {
                 format!(
                     "; {} partition(s) whose owner is gone: its invisible messages count until the visibility timeout",
@@ -519,7 +737,7 @@ pub(crate) fn recommend(
                 String::new()
             },
             if damped { format!(", scale-in damped from {raw}") } else { String::new() },
-            held.map_or(String::new(), |eta| format!(
+            drain_eta.map_or(String::new(), |eta| format!(
                 ", held at {workers}: the work drains in about {} s, before a new pod starts",
                 eta / 1000
             )),
@@ -548,47 +766,66 @@ mod tests {
 
     const P: usize = 4;
 
-    fn s(at_ms: u64, approximate_count: u64, visible_count: u64) -> QueueSample {
+    /// The limits these cases were written for: 10 activities and 5 orchestrations a worker.
+    fn settings() -> DurableSettings {
+        DurableSettings { max_orchestrations_per_worker: 5, ..DurableSettings::default() }
+    }
+
+    fn s(at_ms: u64, approximate_count: u64, visible_count: u32) -> QueueReading {
         let first_visible_age_ms = if visible_count > 0 { 1_000 } else { 0 };
-        QueueSample { at: ms(at_ms), approximate_count, visible_count, first_visible_age_ms }
+        QueueReading {
+            sampled_at: ms(at_ms),
+            approximate_count,
+            visible_count,
+            first_visible_age_ms,
+            redelivered_count: 0,
+        }
     }
 
     fn ms(at_ms: u64) -> UnixMs {
         UnixMs(i64::try_from(at_ms).expect("test times fit"))
     }
 
-    /// A hub sampled every 5 s from `from_ms` to `until_ms` with the given per-queue counts
-    /// `(approximate, visible)` (work item first, then control queues), after `hub`'s samples.
+    /// A hub sampled every 5 s from `from_ms` to `until_ms` with one worker running and the
+    /// given per-queue counts `(approximate, visible)` (work item first, then control queues),
+    /// after `hub`'s samples.
     fn sampled(
         mut hub: HubHistory,
         from_ms: u64,
         until_ms: u64,
-        wi: (u64, u64),
-        control: &[(u64, u64)],
+        wi: (u64, u32),
+        control: &[(u64, u32)],
     ) -> HubHistory {
-        let settings = DurableSettings::default();
         for t in (from_ms..=until_ms).step_by(5_000) {
             let mut cq = vec![s(t, 0, 0); P];
             for (i, &(a, v)) in control.iter().enumerate() {
                 cq[i] = s(t, a, v);
             }
-            hub.record(&settings, s(t, wi.0, wi.1), &cq);
+            hub.record(&settings(), s(t, wi.0, wi.1), &cq, 1);
         }
         hub
     }
 
     /// The counts held from 0 to `until_ms`.
-    fn steady(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+    fn steady(until_ms: u64, wi: (u64, u32), control: &[(u64, u32)]) -> HubHistory {
         sampled(HubHistory::new(P), 0, until_ms, wi, control)
     }
 
     /// Like [`steady`], but the queues were empty at 0 and the counts arrived by 5 s.
-    fn arriving(until_ms: u64, wi: (u64, u64), control: &[(u64, u64)]) -> HubHistory {
+    fn arriving(until_ms: u64, wi: (u64, u32), control: &[(u64, u32)]) -> HubHistory {
         sampled(steady(0, (0, 0), &[]), 5_000, until_ms, wi, control)
     }
 
+    /// Records one moment: the work-item queue empty, control queue `partition` at `counts`,
+    /// the others empty.
+    fn record_one(hub: &mut HubHistory, t: u64, partition: usize, counts: (u64, u32), workers: u32) {
+        let mut cq = vec![s(t, 0, 0); P];
+        cq[partition] = s(t, counts.0, counts.1);
+        hub.record(&settings(), s(t, 0, 0), &cq, workers);
+    }
+
     fn run(hub: &HubHistory, workers: u32, now: u64) -> Recommendation {
-        recommend(&DurableSettings::default(), hub, workers, ms(now))
+        recommend(&settings(), hub, workers, ms(now))
     }
 
     #[test]
@@ -604,69 +841,73 @@ mod tests {
     #[test]
     fn fifty_timers_and_one_new_message_need_one_messages_worth_of_workers() {
         // Lookahead over every waiting message, so that counting the timers would show.
-        let settings = DurableSettings { lookahead_window_ms: 0, ..DurableSettings::default() };
+        let settings = DurableSettings { lookahead_window_ms: 0, ..settings() };
         let mut hub = steady(60_000, (0, 0), &[(50, 0), (50, 0), (50, 0), (50, 0)]);
         let mut control = [(50, 0); P].map(|(a, v)| s(65_000, a, v));
         control[1] = s(65_000, 51, 1);
-        hub.record(&settings, s(65_000, 0, 0), &control);
+        hub.record(&settings, s(65_000, 0, 0), &control, 1);
         let r = recommend(&settings, &hub, 1, ms(65_000));
         assert!(r.keep_workers_alive);
         assert_eq!(r.desired_workers, 1, "{}", r.reason);
         assert!(r.reason.contains("ceil(1/5)"), "one message of work: {}", r.reason);
-        // Dequeued by the worker, the message is invisible but still above the baseline.
+        // Dequeued by the worker, the message is invisible, held work, not a timer.
         control[1] = s(70_000, 51, 0);
         for c in control.iter_mut() {
-            c.at = ms(70_000);
+            c.sampled_at = ms(70_000);
         }
-        hub.record(&settings, s(70_000, 0, 0), &control);
+        hub.record(&settings, s(70_000, 0, 0), &control, 1);
         let r = recommend(&settings, &hub, 1, ms(70_000));
         assert_eq!((r.desired_workers, r.keep_workers_alive), (1, true), "{}", r.reason);
-        assert_eq!(discounted(&settings, &hub, 1, ms(70_000)).timers, 200);
+        assert_eq!(
+            split(&settings, &hub, 1, ms(70_000)),
+            Split { timers: 200, held: 1, held_partitions: 1, invisible_work_items: 0 }
+        );
     }
 
     #[test]
     fn a_monitor_re_arming_its_timer_every_few_seconds_does_not_keep_a_worker_per_partition() {
         // Each partition: 20 sleeping timers and a monitor whose timer fires every few
         // seconds; a sample catches it fired (visible), re-armed before the old message is
-        // deleted (one more), or asleep, each partition in its own phase.
-        let settings = DurableSettings::default();
+        // deleted (one more), or asleep, each partition in its own phase. Nothing is known of
+        // the timers at the first reading.
         let mut hub = HubHistory::new(P);
-        for (k, t) in (0..=120_000).step_by(5_000).enumerate() {
-            let control: Vec<QueueSample> = (0..P)
+        let mut last = None;
+        for (k, t) in (0..=300_000).step_by(5_000).enumerate() {
+            let control: Vec<QueueReading> = (0..P)
                 .map(|p| match (k + p) % 3 {
                     0 => s(t, 20, 1),
                     1 => s(t, 21, 0),
                     _ => s(t, 20, 0),
                 })
                 .collect();
-            hub.record(&settings, s(t, 0, 0), &control);
+            hub.record(&settings(), s(t, 0, 0), &control, 4);
+            last = Some(t);
         }
-        let r = recommend(&settings, &hub, 4, ms(120_000));
+        let now = last.expect("sampled");
+        let r = run(&hub, 4, now);
         assert!(r.keep_workers_alive, "the monitors do fire: {}", r.reason);
-        // Five or six messages in flight over four partitions: one or two workers, not P.
+        // A message or two in flight over four partitions: one or two workers, not P.
         assert!(r.desired_workers <= 2, "{}", r.reason);
+        assert!(
+            split(&settings(), &hub, 4, ms(now)).timers >= 4 * 18,
+            "the timers are told apart from the monitors in flight"
+        );
     }
 
     #[test]
     fn a_dead_owners_in_flight_messages_count_as_work_until_the_visibility_timeout() {
-        let settings = DurableSettings::default();
         // 50 timers on partition 2; three messages arrive and are dequeued by its owner, which
         // then dies holding them (invisible, the count unchanged).
         let mut hub = steady(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
-        let record = |hub: &mut HubHistory, t: u64, control: (u64, u64)| {
-            let mut cq = vec![s(t, 0, 0); P];
-            cq[2] = s(t, control.0, control.1);
-            hub.record(&settings, s(t, 0, 0), &cq);
-        };
-        record(&mut hub, 65_000, (53, 3));
-        record(&mut hub, 70_000, (53, 0));
+        record_one(&mut hub, 65_000, 2, (53, 3), 1);
+        record_one(&mut hub, 70_000, 2, (53, 0), 1);
         let lost_at = ms(72_000);
-        hub.set_owner_lost(&settings, 2, Some(lost_at));
+        hub.set_owner_lost(2, Some(lost_at));
         let mut t = 75_000;
         while t <= 360_000 {
-            record(&mut hub, t, (53, 0));
+            record_one(&mut hub, t, 2, (53, 0), 0);
             for workers in [0, 1] {
-                let r = recommend(&settings, &hub, workers, ms(t));
+                let r = run(&hub, workers, t);
                 assert!(r.keep_workers_alive, "at {t} ms, {workers} workers: {}", r.reason);
                 assert!(r.reason.contains("ceil(3/5)"), "the three, not the timers: {}", r.reason);
             }
@@ -674,59 +915,176 @@ mod tests {
         }
         // Past lost + visibility timeout the messages would have reappeared; still hidden,
         // they are timers.
-        record(&mut hub, 375_000, (53, 0));
-        assert!(!recommend(&settings, &hub, 1, ms(375_000)).keep_workers_alive);
-        // Without the loss the same three would have read as timers after one window.
+        record_one(&mut hub, 375_000, 2, (53, 0), 1);
+        assert!(!run(&hub, 1, 375_000).keep_workers_alive);
+        // Without the loss the same three would have settled into timers once the queue had
+        // been quiet for the settle window.
         let mut alive = steady(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
         for (t, c) in [(65_000, (53, 3)), (70_000, (53, 0))] {
-            record(&mut alive, t, c);
+            record_one(&mut alive, t, 2, c, 1);
         }
-        for t in (75_000..=140_000).step_by(5_000) {
-            record(&mut alive, t, (53, 0));
+        for t in (75_000..=105_000).step_by(5_000) {
+            record_one(&mut alive, t, 2, (53, 0), 1);
         }
-        assert!(!recommend(&settings, &alive, 1, ms(140_000)).keep_workers_alive);
+        assert!(!run(&alive, 1, 105_000).keep_workers_alive);
     }
 
     #[test]
-    fn a_poison_work_item_stops_keeping_a_pod_after_the_visibility_timeout() {
-        // One activity retried for ever: invisible, the count unchanged, nothing visible.
-        let settings = DurableSettings::default();
-        let hub = steady(300_000, (1, 0), &[]);
-        let r = recommend(&settings, &hub, 1, ms(300_000));
-        assert_eq!((r.desired_workers, r.keep_workers_alive), (1, true), "within the timeout: {}", r.reason);
-        let hub = sampled(hub, 305_000, 305_000, (1, 0), &[]);
-        let r = recommend(&settings, &hub, 1, ms(305_000));
-        assert!(!r.keep_workers_alive, "{}", r.reason);
-        assert!(r.reason.contains("1 stuck or poison work item(s)"), "{}", r.reason);
-        assert_eq!(discounted(&settings, &hub, 1, ms(305_000)).stuck_work_items, 1);
-        // A retry makes it visible: work again, and the clock starts over.
-        let hub = sampled(hub, 310_000, 310_000, (1, 1), &[]);
-        assert!(recommend(&settings, &hub, 1, ms(310_000)).keep_workers_alive);
-        assert_eq!(discounted(&settings, &hub, 1, ms(310_000)).stuck_work_items, 0);
+    fn a_loss_told_late_restores_the_work_held_when_the_owner_was_last_seen() {
+        // Three messages held at 70 s; the owner's last report is at 70 s, its loss is told
+        // only at 110 s, after the queue was quiet long enough to settle them.
+        let mut hub = steady(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
+        record_one(&mut hub, 65_000, 2, (53, 3), 1);
+        for t in (70_000..=110_000).step_by(5_000) {
+            record_one(&mut hub, t, 2, (53, 0), 1);
+        }
+        assert!(!run(&hub, 1, 110_000).keep_workers_alive, "settled: the owner looked alive");
+        hub.set_owner_lost(2, Some(ms(70_000)));
+        record_one(&mut hub, 115_000, 2, (53, 0), 0);
+        let r = run(&hub, 0, 115_000);
+        assert!(r.keep_workers_alive && r.reason.contains("ceil(3/5)"), "{}", r.reason);
+    }
+
+    #[test]
+    fn an_activity_renewed_for_twenty_minutes_is_work_all_along() {
+        // DTFx renews a running activity's message every ~30 s: approximate 1, peek empty.
+        let mut hub = steady(0, (1, 0), &[]);
+        for now in (5_000..=1_200_000).step_by(5_000) {
+            hub = sampled(hub, now, now, (1, 0), &[]);
+            let r = run(&hub, 1, now);
+            assert_eq!((r.desired_workers, r.keep_workers_alive), (1, true), "at {now} ms: {}", r.reason);
+        }
+        assert_eq!(split(&settings(), &hub, 1, ms(1_200_000)).invisible_work_items, 1);
+    }
+
+    #[test]
+    fn a_held_message_that_reappears_is_held_again_not_a_fired_timer() {
+        // 5 timers known; a pod that died held 3 messages, which reappear (dequeued before:
+        // redelivered) and are taken by the next owner.
+        let mut hub = steady(60_000, (0, 0), &[(5, 0)]);
+        record_one(&mut hub, 65_000, 0, (8, 3), 1);
+        record_one(&mut hub, 70_000, 0, (8, 0), 1);
+        let mut reappear = HubHistory::default();
+        std::mem::swap(&mut reappear, &mut hub);
+        let mut cq = vec![s(75_000, 0, 0); P];
+        cq[0] = QueueReading { redelivered_count: 3, ..s(75_000, 8, 3) };
+        reappear.record(&settings(), s(75_000, 0, 0), &cq, 1);
+        record_one(&mut reappear, 80_000, 0, (8, 0), 1);
+        let again = split(&settings(), &reappear, 1, ms(80_000));
+        assert_eq!((again.timers, again.held), (5, 3), "the three are work again");
+        // The same counts without the dequeue count read as three timers firing and their
+        // episodes re-arming timers: a monitor.
+        let mut fired = steady(60_000, (0, 0), &[(8, 0)]);
+        record_one(&mut fired, 65_000, 0, (8, 3), 1);
+        record_one(&mut fired, 70_000, 0, (8, 0), 1);
+        assert_eq!(split(&settings(), &fired, 1, ms(70_000)).timers, 8);
+    }
+
+    #[test]
+    fn a_poison_work_item_backing_off_keeps_waking_the_hub() {
+        // A poison activity abandoned with back-off (TaskHubQueue.AbandonMessageAsync): it is
+        // retried for ever, so it is work whether it is visible or not, even at zero workers.
+        let hub = steady(60_000, (1, 0), &[]);
+        let r = run(&hub, 0, 60_000);
+        assert_eq!((r.action, r.keep_workers_alive), (ScaleAction::AddWorker, true), "{}", r.reason);
+        let hub = sampled(hub, 65_000, 65_000, (1, 1), &[]);
+        let r = run(&hub, 1, 65_000);
+        assert_eq!((r.desired_workers, r.keep_workers_alive), (1, true), "{}", r.reason);
     }
 
     #[test]
     fn new_invisible_control_messages_count_until_they_settle() {
-        let settings = DurableSettings::default();
         let mut hub = HubHistory::new(P);
-        hub.record(&settings, s(0, 0, 0), &[s(0, 0, 0); P]);
-        hub.record(
-            &settings,
-            s(5_000, 0, 0),
-            &[s(5_000, 2, 0), s(5_000, 0, 0), s(5_000, 0, 0), s(5_000, 0, 0)],
-        );
-        assert!(run(&hub, 1, 5_000).keep_workers_alive, "a count that just moved is work in progress");
+        hub.record(&settings(), s(0, 0, 0), &[s(0, 0, 0); P], 1);
+        record_one(&mut hub, 5_000, 0, (2, 0), 1);
+        assert!(run(&hub, 1, 5_000).keep_workers_alive, "a count that just rose is work in progress");
+        for t in (10_000..=35_000).step_by(5_000) {
+            record_one(&mut hub, t, 0, (2, 0), 1);
+        }
+        assert!(!run(&hub, 1, 35_000).keep_workers_alive, "quiet for the settle window: timers");
+    }
+
+    #[test]
+    fn two_hundred_timers_born_invisible_let_the_hub_sleep_once_the_queue_is_quiet() {
+        let mut hub = steady(10_000, (0, 0), &[]);
+        record_one(&mut hub, 15_000, 1, (200, 0), 1);
+        assert!(run(&hub, 1, 15_000).keep_workers_alive);
+        for t in (20_000..=60_000).step_by(5_000) {
+            record_one(&mut hub, t, 1, (200, 0), 1);
+        }
+        let r = run(&hub, 1, 60_000);
+        assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false), "{}", r.reason);
+        assert!(r.reason.contains("200 invisible message(s) taken for sleeping timers"), "{}", r.reason);
+    }
+
+    #[test]
+    fn a_prefetched_backlog_worked_off_while_new_messages_arrive_stays_work() {
+        // 240 messages wait visible; a pod prefetches them (ControlQueue.GetMessagesAsync),
+        // then finishes about one a second while one a second arrives: the count barely moves,
+        // an arrival is sometimes caught visible before the pod's next poll. Seven minutes,
+        // longer than the visibility timeout and many settle windows.
+        let mut hub = steady(10_000, (0, 0), &[(240, 32)]);
+        record_one(&mut hub, 15_000, 0, (240, 0), 1);
+        for (k, t) in (20_000..=440_000).step_by(5_000).enumerate() {
+            let counts = match k % 4 {
+                0 => (241, 1),
+                1 => (240, 0),
+                2 => (239, 0),
+                _ => (240, 0),
+            };
+            record_one(&mut hub, t, 0, counts, 1);
+            let r = run(&hub, 1, t);
+            assert!(r.keep_workers_alive, "at {t} ms: {}", r.reason);
+            assert!(split(&settings(), &hub, 1, ms(t)).held >= 238, "at {t} ms: {}", r.reason);
+        }
+        // Sized: 240 messages held on one partition ask for that partition's worker.
+        assert_eq!(run(&hub, 1, 440_000).desired_workers, 1);
+    }
+
+    #[test]
+    fn a_full_peek_never_turns_a_deep_backlog_into_timers() {
+        // 300 visible messages on each of four partitions, held for minutes, with 100
+        // orchestrations a worker: one worker per partition.
+        let settings = DurableSettings { max_orchestrations_per_worker: 100, ..settings() };
+        for depth in [300, 1_000] {
+            let mut hub = HubHistory::new(P);
+            for t in (0..=180_000).step_by(5_000) {
+                hub.record(&settings, s(t, 0, 0), &[s(t, depth, 32); P], 1);
+            }
+            let r = recommend(&settings, &hub, 4, ms(180_000));
+            assert_eq!(r.desired_workers, 4, "{depth} a partition: {}", r.reason);
+            assert!(r.reason.contains(&format!("ceil({}/100)", 4 * depth)), "{}", r.reason);
+        }
+    }
+
+    #[test]
+    fn a_backlog_over_old_timers_keeps_the_timers_and_counts_the_rest() {
+        let settings = DurableSettings { max_orchestrations_per_worker: 100, ..settings() };
+        let mut hub = HubHistory::new(P);
+        for t in (0..=60_000).step_by(5_000) {
+            hub.record(&settings, s(t, 0, 0), &[s(t, 50, 0); P], 1);
+        }
+        for t in (65_000..=120_000).step_by(5_000) {
+            hub.record(&settings, s(t, 0, 0), &[s(t, 350, 32); P], 1);
+        }
+        let split = split(&settings, &hub, 4, ms(120_000));
+        assert_eq!(split.timers, 200);
+        let r = recommend(&settings, &hub, 4, ms(120_000));
+        assert!(r.reason.contains("ceil(1200/100)"), "{}", r.reason);
+    }
+
+    #[test]
+    fn held_work_never_exceeds_what_an_owner_can_buffer() {
+        let mut hub = steady(5_000, (0, 0), &[]);
+        record_one(&mut hub, 10_000, 0, (1_000, 0), 1);
+        let held = split(&settings(), &hub, 1, ms(10_000)).held;
+        assert_eq!(held, u64::from(DEFAULT_BUFFER_THRESHOLD) + CONTROL_QUEUE_BATCH);
     }
 
     #[test]
     fn a_timer_that_fires_wakes_the_hub() {
-        let settings = DurableSettings::default();
         let mut hub = steady(60_000, (0, 0), &[(5, 0)]);
-        hub.record(
-            &settings,
-            s(65_000, 0, 0),
-            &[s(65_000, 5, 1), s(65_000, 0, 0), s(65_000, 0, 0), s(65_000, 0, 0)],
-        );
+        record_one(&mut hub, 65_000, 0, (5, 1), 0);
         let r = run(&hub, 0, 65_000);
         assert!(r.keep_workers_alive);
         assert_eq!((r.action, r.desired_workers), (ScaleAction::AddWorker, 1));
@@ -743,7 +1101,7 @@ mod tests {
 
     #[test]
     fn orchestration_workers_are_capped_by_partitions_with_work() {
-        let settings = DurableSettings { activity_lookahead: false, ..DurableSettings::default() };
+        let settings = DurableSettings { activity_lookahead: false, ..settings() };
         let run = |hub: &HubHistory| recommend(&settings, hub, 1, ms(10_000)).desired_workers;
         assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (0, 0), (0, 0), (0, 0)])), 1);
         assert_eq!(run(&steady(10_000, (0, 0), &[(100, 32), (100, 32), (0, 0), (0, 0)])), 2);
@@ -768,30 +1126,31 @@ mod tests {
 
     #[test]
     fn timers_that_fire_are_not_looked_ahead_for_but_new_arrivals_are() {
-        let settings = DurableSettings::default();
         // 200 timers sleeping on each of two partitions for a minute, then all fire.
         let mut hub = steady(60_000, (0, 0), &[(200, 0), (200, 0)]);
         hub.record(
-            &settings,
+            &settings(),
             s(65_000, 0, 0),
             &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
+            1,
         );
-        let r = recommend(&settings, &hub, 1, ms(65_000));
+        let r = run(&hub, 1, 65_000);
         assert_eq!(r.desired_workers, 2, "two partition workers, no lookahead: {}", r.reason);
         // The same counts arriving as new messages are episodes to come: (400 - 10) / 10.
         let mut hub = steady(60_000, (0, 0), &[]);
         hub.record(
-            &settings,
+            &settings(),
             s(65_000, 0, 0),
             &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
+            1,
         );
-        assert_eq!(recommend(&settings, &hub, 1, ms(65_000)).desired_workers, 39);
+        assert_eq!(run(&hub, 1, 65_000).desired_workers, 39);
     }
 
     #[test]
     fn an_episode_estimate_lets_one_worker_take_what_it_clears_before_a_pod_starts() {
         // 1 s episodes, 20 s start-up: one worker clears 5 x 20 = 100 messages in that time.
-        let settings = DurableSettings { episode_estimate_ms: 1_000, ..DurableSettings::default() };
+        let settings = DurableSettings { episode_estimate_ms: 1_000, ..settings() };
         let hub = steady(10_000, (0, 0), &[(25, 25), (25, 25), (25, 25), (25, 25)]);
         assert_eq!(recommend(&settings, &hub, 1, ms(10_000)).desired_workers, 1);
         let hub = arriving(10_000, (0, 0), &[(300, 32), (300, 32), (0, 0), (0, 0)]);
@@ -801,16 +1160,15 @@ mod tests {
 
     #[test]
     fn no_scale_up_for_work_that_drains_before_a_new_pod_starts() {
-        let settings = DurableSettings::default();
         let mut hub = steady(5_000, (100, 32), &[]);
         // 100 -> 60 in 5 s: the remaining 60 are gone in about 7.5 s, well before 20 s.
-        hub.record(&settings, s(10_000, 60, 32), &[s(10_000, 0, 0); P]);
+        hub.record(&settings(), s(10_000, 60, 32), &[s(10_000, 0, 0); P], 1);
         let r = run(&hub, 2, 10_000);
         assert_eq!(r.desired_workers, 2, "{}", r.reason);
         assert!(r.reason.contains("held at 2"), "{}", r.reason);
         // Falling slowly (100 -> 95): more workers are worth starting.
         let mut hub = steady(5_000, (100, 32), &[]);
-        hub.record(&settings, s(10_000, 95, 32), &[s(10_000, 0, 0); P]);
+        hub.record(&settings(), s(10_000, 95, 32), &[s(10_000, 0, 0); P], 1);
         assert_eq!(run(&hub, 2, 10_000).desired_workers, 10);
     }
 
@@ -822,16 +1180,15 @@ mod tests {
 
     #[test]
     fn scale_in_keeps_the_window_peak() {
-        let settings = DurableSettings::default();
         let mut hub = steady(20_000, (80, 32), &[]);
-        hub.record(&settings, s(25_000, 0, 0), &[s(25_000, 0, 0); P]);
+        hub.record(&settings(), s(25_000, 0, 0), &[s(25_000, 0, 0); P], 8);
         let r = run(&hub, 8, 25_000);
         assert_eq!(r.desired_workers, 8, "{}", r.reason);
         assert!(r.reason.contains("damped"), "{}", r.reason);
         assert!(!r.keep_workers_alive, "damping holds pods, not the hub's activity");
         // Once the window has passed with nothing, the hub may sleep.
         for t in (30_000..=60_000).step_by(5_000) {
-            hub.record(&settings, s(t, 0, 0), &[s(t, 0, 0); P]);
+            hub.record(&settings(), s(t, 0, 0), &[s(t, 0, 0); P], 8);
         }
         let r = run(&hub, 8, 60_000);
         assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false));
@@ -839,9 +1196,8 @@ mod tests {
 
     #[test]
     fn damping_never_asks_for_more_than_the_current_count() {
-        let settings = DurableSettings::default();
         let mut hub = steady(20_000, (200, 32), &[]);
-        hub.record(&settings, s(25_000, 10, 10), &[s(25_000, 0, 0); P]);
+        hub.record(&settings(), s(25_000, 10, 10), &[s(25_000, 0, 0); P], 5);
         assert_eq!(run(&hub, 5, 25_000).desired_workers, 5);
     }
 
@@ -863,26 +1219,21 @@ mod tests {
     fn history_keeps_only_its_horizon() {
         let mut h = QueueHistory::new();
         for t in (0..=100_000).step_by(5_000) {
-            h.record(s(t, 1, 1), 30_000);
+            h.record(Sample { reading: s(t, 1, 1), timers: 0, held: 0 }, 30_000);
         }
-        let first = h.samples().next().map(|s| s.at);
+        let first = h.samples().next().map(Sample::at);
         assert_eq!(first, Some(ms(70_000)), "one sample at or before the horizon is kept");
     }
 
     #[test]
     fn at_zero_workers_invisible_control_messages_are_timers_from_the_first_sample() {
-        let settings = DurableSettings::default();
         let mut hub = HubHistory::new(P);
-        let mut control = vec![s(100_000, 0, 0); P];
-        control[1] = s(100_000, 3, 0);
-        hub.record(&settings, s(100_000, 0, 0), &control);
-        let r = recommend(&settings, &hub, 0, ms(100_000));
+        record_one(&mut hub, 100_000, 1, (3, 0), 0);
+        let r = run(&hub, 0, 100_000);
         assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false), "{}", r.reason);
-        // With a worker running, messages that came in over the window may be its work.
-        let mut control = vec![s(105_000, 0, 0); P];
-        control[1] = s(105_000, 5, 0);
-        hub.record(&settings, s(105_000, 0, 0), &control);
-        assert!(!recommend(&settings, &hub, 0, ms(105_000)).keep_workers_alive);
-        assert!(recommend(&settings, &hub, 1, ms(105_000)).keep_workers_alive);
+        // With a worker running, messages that came in since may be its work.
+        record_one(&mut hub, 105_000, 1, (5, 0), 1);
+        assert!(!run(&hub, 0, 105_000).keep_workers_alive);
+        assert!(run(&hub, 1, 105_000).keep_workers_alive);
     }
 }

@@ -49,44 +49,18 @@
 //! KEDA's GetMetrics gets [`metric_value`] of the latest decision (target 1, AverageValue),
 //! computed against the worker count that decision was taken from.
 
-use super::durable::{self, DurableSettings, HubHistory, QueueSample};
+use super::durable::{self, DurableSettings, HubHistory};
 use super::latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies};
 use super::target::{self, TargetSettings};
 use super::{Algorithm, Recommendation, hpa};
 use crate::clock::UnixMs;
+use crate::reading::QueueReading;
 
 /// DTFx's visibility timeout, by default (5 minutes; the aggregator's `--work-grace`): how long
 /// `target-inflight` counts a queue's invisible messages after its last movement, and how
 /// long `durable` counts a dead owner's messages and waits before calling a still work item
 /// stuck.
 pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = durable::DEFAULT_VISIBILITY_TIMEOUT_MS;
-
-/// What one read of one queue shows (Get Queue Metadata and a Peek).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Reading {
-    /// `x-ms-approximate-messages-count`: visible, in progress and delayed messages.
-    pub approximate_count: u64,
-    /// Messages a Peek of up to [`durable::PEEK_LIMIT`] returned (visible now).
-    pub visible_count: u64,
-    /// now - InsertedOn of the first visible message; 0 when none is visible.
-    pub first_visible_age_ms: u64,
-}
-
-impl Reading {
-    fn invisible(&self) -> u64 {
-        self.approximate_count.saturating_sub(self.visible_count)
-    }
-}
-
-impl From<QueueSample> for Reading {
-    fn from(s: QueueSample) -> Self {
-        Self {
-            approximate_count: s.approximate_count,
-            visible_count: s.visible_count,
-            first_visible_age_ms: s.first_visible_age_ms,
-        }
-    }
-}
 
 /// A hub's messages at the latest readings (the `queue_messages` gauges of `/metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -162,6 +136,62 @@ pub struct Decision {
     pub workers: u32,
     /// What GetMetrics reports (target 1, AverageValue): [`metric_value`].
     pub metric_value: f64,
+    /// Work live workers held when it was taken, if any (module docs, "Work in flight").
+    pub in_flight: Option<InFlight>,
+}
+
+/// Work that running workers hold: what no algorithm may scale away (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    /// Invisible work items: activities running (renewed) or backing off.
+    pub work_items: u64,
+    /// Control messages the `durable` rules take for held by a worker, and on how many
+    /// partitions.
+    pub held_control: u64,
+    /// Partitions with held control messages.
+    pub held_partitions: u64,
+    /// The fewest workers that run them: the activities at `maxActivitiesPerWorker` each,
+    /// the held control messages at one worker per partition at most.
+    pub workers: u32,
+}
+
+impl InFlight {
+    /// The work in flight at `now` with `workers` running; `None` when there is none. At
+    /// zero workers no control message is held (they are timers), but invisible work items
+    /// still are work: the worker count may lag the pods that hold them.
+    fn at(durable: &DurableSettings, history: &HubHistory, workers: u32, now: UnixMs) -> Option<Self> {
+        let split = durable::split(durable, history, workers, now);
+        // Visible work items are every algorithm's input already; the invisible ones are
+        // activities running (renewed) or backing off.
+        let work_items = split.invisible_work_items;
+        let activities = work_items.div_ceil(u64::from(durable.max_activities_per_worker.max(1)));
+        let held = split
+            .held_partitions
+            .min(split.held.div_ceil(u64::from(durable.max_orchestrations_per_worker.max(1))));
+        let needed = u32::try_from(activities.max(held)).unwrap_or(u32::MAX);
+        (needed > 0).then_some(Self {
+            work_items,
+            held_control: split.held,
+            held_partitions: split.held_partitions,
+            workers: needed,
+        })
+    }
+
+    /// `recommendation`, kept active and raised to the workers this work needs when it asks
+    /// for fewer: an algorithm whose inputs cannot see held work (upstream's `target` counts
+    /// a queue whose peek is empty as 0; `latency` sees no latency in a held message) must
+    /// not scale it away, since on Kubernetes nothing drains the app for the scaler.
+    fn guard(&self, recommendation: Recommendation, workers: u32) -> Recommendation {
+        if recommendation.desired_workers >= self.workers && recommendation.keep_workers_alive {
+            return recommendation;
+        }
+        let desired = recommendation.desired_workers.max(self.workers);
+        let reason = format!(
+            "{}; held in flight, never scaled away: {} work item(s), {} control message(s) on {} partition(s) need {} worker(s)",
+            recommendation.reason, self.work_items, self.held_control, self.held_partitions, self.workers
+        );
+        Recommendation::toward(workers, desired, true, reason)
+    }
 }
 
 /// The value to report to KEDA for `desired` workers at `current` replicas under `algorithm`.
@@ -181,7 +211,7 @@ pub(crate) fn metric_value(algorithm: Algorithm, desired: u32, current: u32) -> 
 /// One queue: its latest reading and the history that tells timers from work.
 #[derive(Debug, Clone, Copy, Default)]
 struct QueueView {
-    latest: Option<Reading>,
+    latest: Option<QueueReading>,
     /// When a visible message was last seen.
     last_visible: Option<UnixMs>,
     /// When the invisible count last changed between two readings.
@@ -191,12 +221,12 @@ struct QueueView {
 }
 
 impl QueueView {
-    fn observe(&mut self, reading: Reading, now: UnixMs) {
+    fn observe(&mut self, reading: QueueReading, now: UnixMs) {
         if reading.visible_count > 0 {
             self.last_visible = Some(now);
         }
         if let Some(previous) = self.latest
-            && previous.invisible() != reading.invisible()
+            && hidden(&previous) != hidden(&reading)
         {
             self.last_moved = Some(now);
         }
@@ -211,8 +241,7 @@ impl QueueView {
     fn is_working(&self, now: UnixMs, grace_ms: u64) -> bool {
         let grace = i64::try_from(grace_ms).unwrap_or(i64::MAX);
         let recent = |t: Option<UnixMs>| t.is_some_and(|t| now.millis_since(t) <= grace);
-        self.latest.is_some_and(|s| s.invisible() > 0)
-            && (recent(self.last_visible) || recent(self.last_moved))
+        self.latest.is_some_and(|s| hidden(&s) > 0) && (recent(self.last_visible) || recent(self.last_moved))
     }
 
     fn is_active(&self, now: UnixMs, grace_ms: u64) -> bool {
@@ -222,7 +251,7 @@ impl QueueView {
     /// Upstream's length: the approximate count, 0 when the peek returned nothing.
     fn upstream_length(&self) -> u64 {
         match self.latest {
-            Some(s) if s.visible_count > 0 => s.approximate_count.max(s.visible_count),
+            Some(s) if s.visible_count > 0 => s.messages(),
             _ => 0,
         }
     }
@@ -230,7 +259,7 @@ impl QueueView {
     /// The length `target-inflight` sees (module docs).
     fn inflight_length(&self, now: UnixMs, grace_ms: u64) -> u64 {
         match self.latest {
-            Some(s) if self.is_active(now, grace_ms) => s.approximate_count.max(s.visible_count),
+            Some(s) if self.is_active(now, grace_ms) => s.messages(),
             _ => 0,
         }
     }
@@ -240,16 +269,15 @@ impl QueueView {
         std::mem::take(&mut self.fresh).then(|| self.latest.map_or(0, |s| s.first_visible_age_ms))
     }
 
-    /// The latest reading as a durable-history sample taken `at` (no reading yet: empty).
-    fn sample(&self, at: UnixMs) -> QueueSample {
-        let r = self.latest.unwrap_or_default();
-        QueueSample {
-            at,
-            approximate_count: r.approximate_count,
-            visible_count: r.visible_count,
-            first_visible_age_ms: r.first_visible_age_ms,
-        }
+    /// The latest reading as a history sample taken `at` (no reading yet: empty).
+    fn sample(&self, at: UnixMs) -> QueueReading {
+        QueueReading { sampled_at: at, ..self.latest.unwrap_or_default() }
     }
+}
+
+/// Messages of a reading that are not visible (a saturated peek: those beyond it).
+fn hidden(r: &QueueReading) -> u64 {
+    r.messages() - r.visible()
 }
 
 /// One task hub's decision state: the latest reading of each queue with its activity
@@ -293,9 +321,9 @@ impl HubEngine {
         let latest = |view: &QueueView| view.latest.unwrap_or_default();
         let control = || self.control.iter().map(latest);
         QueueMessages {
-            work_item_visible: latest(&self.work_item).visible_count,
+            work_item_visible: u64::from(latest(&self.work_item).visible_count),
             work_item_all: latest(&self.work_item).approximate_count,
-            control_visible: control().map(|r| r.visible_count).sum(),
+            control_visible: control().map(|r| u64::from(r.visible_count)).sum(),
             control_all: control().map(|r| r.approximate_count).sum(),
         }
     }
@@ -319,13 +347,13 @@ impl HubEngine {
     }
 
     /// Takes a reading of the work-item queue taken at `now`.
-    pub(crate) fn observe_work_item(&mut self, reading: Reading, now: UnixMs) {
+    pub(crate) fn observe_work_item(&mut self, reading: QueueReading, now: UnixMs) {
         self.work_item.observe(reading, now);
     }
 
     /// Takes a reading of control queue `partition` taken at `now`; false (and ignored) when
     /// the hub has no such partition.
-    pub(crate) fn observe_control(&mut self, partition: usize, reading: Reading, now: UnixMs) -> bool {
+    pub(crate) fn observe_control(&mut self, partition: usize, reading: QueueReading, now: UnixMs) -> bool {
         match self.control.get_mut(partition) {
             Some(view) => {
                 view.observe(reading, now);
@@ -338,14 +366,15 @@ impl HubEngine {
     /// Partition `partition`'s owner is gone since `lost_at` (`None`: a live owner holds it,
     /// or it was let go cleanly). Only `durable` reads it (its module docs, rule 3).
     pub(crate) fn set_owner_lost(&mut self, partition: usize, lost_at: Option<UnixMs>) {
-        let durable = self.settings.durable_settings();
-        self.history.set_owner_lost(&durable, partition, lost_at);
+        self.history.set_owner_lost(partition, lost_at);
     }
 
-    /// IsActive at `now` (module docs, per algorithm).
+    /// IsActive at `now` (module docs, per algorithm), and for every algorithm while the
+    /// latest decision saw work held in flight.
     pub(crate) fn is_active(&self, now: UnixMs) -> bool {
         let mut queues = std::iter::once(&self.work_item).chain(&self.control);
-        match self.settings.algorithm {
+        let held = self.decision.as_ref().is_some_and(|d| d.in_flight.is_some());
+        held || match self.settings.algorithm {
             Algorithm::Durable | Algorithm::Latency => {
                 queues.any(QueueView::has_visible)
                     || self.decision.as_ref().is_some_and(|d| d.recommendation.keep_workers_alive)
@@ -355,11 +384,11 @@ impl HubEngine {
         }
     }
 
-    /// What the `durable` rules leave out of the work at `now`: sleeping timers and stuck or
-    /// poison work items (computed whichever algorithm decides, for the metric and `/hubs`).
-    pub(crate) fn discounted(&self, now: UnixMs) -> durable::Discounted {
+    /// How the `durable` rules split the hub's invisible messages at `now` into timers and
+    /// held work (computed whichever algorithm decides, for the metrics and `/hubs`).
+    pub(crate) fn split(&self, now: UnixMs) -> durable::Split {
         let workers = self.decision.as_ref().map_or(0, |d| d.workers);
-        durable::discounted(&self.settings.durable_settings(), &self.history, workers, now)
+        durable::split(&self.settings.durable_settings(), &self.history, workers, now)
     }
 
     /// One sampling interval at `now` with `workers` running: adds one sample of every queue's
@@ -378,8 +407,8 @@ impl HubEngine {
                     ring.add(latency);
                 }
             }
-            let control: Vec<QueueSample> = self.control.iter().map(|v| v.sample(now)).collect();
-            self.history.record(&durable, self.work_item.sample(now), &control);
+            let control: Vec<QueueReading> = self.control.iter().map(|v| v.sample(now)).collect();
+            self.history.record(&durable, self.work_item.sample(now), &control, workers);
         }
         let grace = self.settings.work_grace_ms;
         let recommendation = match self.settings.algorithm {
@@ -395,8 +424,13 @@ impl HubEngine {
             Algorithm::Latency => self.voter.vote(&self.latencies, workers),
             Algorithm::Durable => durable::recommend(&durable, &self.history, workers, now),
         };
+        let in_flight = InFlight::at(&durable, &self.history, workers, now);
+        let recommendation = match in_flight {
+            Some(held) => held.guard(recommendation, workers),
+            None => recommendation,
+        };
         let metric_value = metric_value(self.settings.algorithm, recommendation.desired_workers, workers);
-        self.decision.insert(Decision { recommendation, workers, metric_value })
+        self.decision.insert(Decision { recommendation, workers, metric_value, in_flight })
     }
 
     /// The latest decision, once one was taken.
@@ -420,8 +454,14 @@ impl HubEngine {
 mod tests {
     use super::*;
 
-    fn r(approximate_count: u64, visible_count: u64, first_visible_age_ms: u64) -> Reading {
-        Reading { approximate_count, visible_count, first_visible_age_ms }
+    fn r(approximate_count: u64, visible_count: u32, first_visible_age_ms: u64) -> QueueReading {
+        QueueReading {
+            approximate_count,
+            visible_count,
+            first_visible_age_ms,
+            redelivered_count: 0,
+            sampled_at: UnixMs(0),
+        }
     }
 
     fn engine(algorithm: Algorithm) -> HubEngine {
@@ -475,17 +515,34 @@ mod tests {
     #[test]
     fn target_takes_a_queue_whose_peek_is_empty_as_zero_as_upstream_does() {
         let mut e = engine(Algorithm::Target);
-        // 40 invisible work items (in progress or not, upstream cannot tell) and 7 control
-        // messages of which one is visible.
-        e.observe_work_item(r(40, 0, 0), UnixMs(0));
+        // 7 control messages of which one is visible, nothing held yet.
         e.observe_control(1, r(7, 1, 300), UnixMs(0));
-        let d = e.evaluate(UnixMs(0), 1).clone();
+        let d = e.evaluate(UnixMs(0), 0).clone();
         assert_eq!(d.recommendation.desired_workers, 1, "{}", d.recommendation.reason);
-        assert!(d.recommendation.reason.contains("ceil(0/10)"), "{}", d.recommendation.reason);
-        assert!(d.recommendation.reason.contains("ceil(7/5)"), "{}", d.recommendation.reason);
+        assert!(d.recommendation.reason.contains("ceil(7/10)"), "{}", d.recommendation.reason);
         assert!(e.is_active(UnixMs(0)));
         e.observe_control(1, r(7, 0, 0), UnixMs(1_000));
-        assert!(!e.is_active(UnixMs(1_000)), "nothing visible: target 0");
+        e.evaluate(UnixMs(1_000), 0);
+        assert!(!e.is_active(UnixMs(1_000)), "nothing visible and no worker: target 0");
+    }
+
+    #[test]
+    fn under_every_algorithm_work_held_in_flight_is_never_scaled_away() {
+        // 40 invisible work items while a worker runs: activities running, renewed. Upstream's
+        // target counts a queue whose peek is empty as 0, the latency vote sees no latency:
+        // the guard keeps the hub active and sized for them.
+        for algorithm in Algorithm::ALL {
+            let mut e = engine(algorithm);
+            for at in (0..=60_000).step_by(5_000) {
+                e.observe_work_item(r(40, 0, 0), UnixMs(at));
+                e.evaluate(UnixMs(at), 4);
+            }
+            let d = e.decision().cloned().expect("decided");
+            assert!(e.is_active(UnixMs(60_000)), "{algorithm}: {}", d.recommendation.reason);
+            assert_eq!(d.recommendation.desired_workers, 4, "{algorithm}: {}", d.recommendation.reason);
+            assert!(d.recommendation.keep_workers_alive, "{algorithm}");
+            assert_eq!(d.in_flight.map(|f| (f.work_items, f.workers)), Some((40, 4)), "{algorithm}");
+        }
     }
 
     #[test]

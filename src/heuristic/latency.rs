@@ -39,6 +39,7 @@ impl LatencyHistory {
     }
 
     /// A history that has seen `samples` in order (oldest first).
+    #[cfg(test)]
     pub(crate) fn from_samples(samples: impl IntoIterator<Item = u64>) -> Self {
         let mut history = Self::new();
         for sample in samples {

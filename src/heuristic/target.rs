@@ -9,15 +9,21 @@ use super::Recommendation;
 /// Per-worker concurrency limits the formula divides by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TargetSettings {
-    /// Activities one worker runs at once (`maxActivitiesPerWorker`, default 10).
+    /// Activities one worker runs at once (`maxActivitiesPerWorker`).
     pub max_activities_per_worker: u32,
-    /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`, default 5).
+    /// Orchestrations one worker runs at once (`maxOrchestrationsPerWorker`).
     pub max_orchestrations_per_worker: u32,
 }
 
 impl Default for TargetSettings {
+    /// A 1-CPU pod's limits, [`crate::contract::WORK_ITEMS_PER_CPU`] of each kind: the
+    /// extension's default outside the Consumption plan, and the aggregator's guess when
+    /// neither the trigger nor a sidecar says more.
     fn default() -> Self {
-        Self { max_activities_per_worker: 10, max_orchestrations_per_worker: 5 }
+        Self {
+            max_activities_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+            max_orchestrations_per_worker: crate::contract::WORK_ITEMS_PER_CPU,
+        }
     }
 }
 

@@ -87,6 +87,96 @@ pub struct AppLimitArgs {
     /// The app's `maxConcurrentOrchestratorFunctions` setting, when it has one.
     #[arg(long, env = env::APP_MAX_ORCHESTRATIONS, value_parser = naming(env::APP_MAX_ORCHESTRATIONS, parse_positive))]
     pub app_max_orchestrations: Option<u32>,
+    /// The app's `controlQueueVisibilityTimeout` (a .NET TimeSpan, e.g. `00:05:00`), when it
+    /// sets one: how long a message a pod dequeued stays hidden without renewal.
+    #[arg(long, env = env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT,
+          value_parser = naming(env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT, parse_visibility_timeout))]
+    pub app_control_queue_visibility_timeout: Option<Duration>,
+    /// The app's `workItemQueueVisibilityTimeout` (TimeSpan), when it sets one.
+    #[arg(long, env = env::APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT,
+          value_parser = naming(env::APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT, parse_positive_timespan))]
+    pub app_work_item_queue_visibility_timeout: Option<Duration>,
+    /// The app's `controlQueueBufferThreshold`, when it sets one: control messages one pod
+    /// prefetches.
+    #[arg(long, env = env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD,
+          value_parser = naming(env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD, parse_buffer_threshold))]
+    pub app_control_queue_buffer_threshold: Option<u32>,
+    /// The app's `maxQueuePollingInterval` (TimeSpan), when it sets one.
+    #[arg(long, env = env::APP_MAX_QUEUE_POLLING_INTERVAL,
+          value_parser = naming(env::APP_MAX_QUEUE_POLLING_INTERVAL, parse_positive_timespan))]
+    pub app_max_queue_polling_interval: Option<Duration>,
+}
+
+/// A .NET `TimeSpan` as configuration binding reads it (`TimeSpan.Parse`, invariant
+/// culture): `[-][d.]hh:mm[:ss[.fffffff]]`, or a whole number of days.
+pub(crate) fn parse_timespan(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("{t:?} is not a .NET TimeSpan such as 00:05:00 ([d.]hh:mm[:ss[.fffffff]])");
+    if t.starts_with('-') {
+        return Err(format!("{t:?} is negative"));
+    }
+    let number = |part: &str, max: u64| -> Result<u64, String> {
+        if part.is_empty() || part.len() > 8 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        part.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(bad)
+    };
+    if !t.contains(':') {
+        return Ok(Duration::from_secs(number(t, 10_675_199)? * 86_400));
+    }
+    let (days, clock) = match t.split_once(':').and_then(|(head, _)| head.split_once('.')) {
+        Some((d, _)) => (number(d, 10_675_199)?, &t[d.len() + 1..]),
+        None => (0, t),
+    };
+    let mut parts = clock.split(':');
+    let hours = number(parts.next().unwrap_or_default(), 23)?;
+    let minutes = number(parts.next().ok_or_else(bad)?, 59)?;
+    let (seconds, nanos) = match parts.next() {
+        None => (0, 0),
+        Some(sec) => {
+            let (whole, fraction) = sec.split_once('.').unwrap_or((sec, ""));
+            if fraction.len() > 7
+                || !fraction.bytes().all(|b| b.is_ascii_digit())
+                || (sec.contains('.') && fraction.is_empty())
+            {
+                return Err(bad());
+            }
+            let nanos = format!("{fraction:0<9}").parse::<u32>().map_err(|_| bad())?;
+            (number(whole, 59)?, nanos)
+        }
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(Duration::new(((days * 24 + hours) * 60 + minutes) * 60 + seconds, nanos))
+}
+
+/// A TimeSpan above zero (`AzureStorageOptions.Validate` refuses `MaxQueuePollingInterval <=
+/// TimeSpan.Zero`; a zero visibility timeout would make no message invisible).
+fn parse_positive_timespan(text: &str) -> Result<Duration, String> {
+    parse_timespan(text)
+        .and_then(|d| if d.is_zero() { Err(format!("{:?} is zero", text.trim())) } else { Ok(d) })
+}
+
+/// A control-queue visibility timeout as the extension accepts it: 1 to 60 minutes
+/// (azure-functions-durable-extension `Options/AzureStorageOptions.cs` `Validate`; the host
+/// does not start otherwise).
+fn parse_visibility_timeout(text: &str) -> Result<Duration, String> {
+    let d = parse_timespan(text)?;
+    if (Duration::from_secs(60)..=Duration::from_secs(3_600)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("{:?} is outside 1 to 60 minutes, which the Durable extension requires", text.trim()))
+    }
+}
+
+/// A buffer threshold as the extension accepts it: 1 to 1000 (`AzureStorageOptions.Validate`).
+fn parse_buffer_threshold(text: &str) -> Result<u32, String> {
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=1_000).contains(n))
+        .ok_or_else(|| format!("{:?} is not a whole number from 1 to 1000", text.trim()))
 }
 
 /// A whole number (the downward API writes `limits.cpu` with divisor 1 as one).
@@ -113,6 +203,37 @@ pub struct AppLimits {
     pub max_activities: Option<u32>,
     /// The app's `maxConcurrentOrchestratorFunctions` override.
     pub max_orchestrations: Option<u32>,
+    /// The app's storage-provider queue settings it overrides (the rest are the extension's
+    /// defaults).
+    pub queues: AppQueueSettings,
+}
+
+/// The storage-provider settings an app may set that decide how long dequeued messages stay
+/// hidden and how many one pod prefetches (azure-functions-durable-extension
+/// `Options/AzureStorageOptions.cs`); `None`: the extension's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppQueueSettings {
+    /// `controlQueueVisibilityTimeout`.
+    pub control_queue_visibility_timeout: Option<Duration>,
+    /// `workItemQueueVisibilityTimeout`.
+    pub work_item_queue_visibility_timeout: Option<Duration>,
+    /// `controlQueueBufferThreshold`.
+    pub control_queue_buffer_threshold: Option<u32>,
+    /// `maxQueuePollingInterval`.
+    pub max_queue_polling_interval: Option<Duration>,
+}
+
+impl AppQueueSettings {
+    /// The report protocol's form: only what the app sets, 0 for the rest.
+    pub fn to_proto(&self) -> crate::proto::report::AppQueueSettings {
+        let ms = |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        crate::proto::report::AppQueueSettings {
+            control_queue_visibility_timeout_ms: ms(self.control_queue_visibility_timeout),
+            work_item_queue_visibility_timeout_ms: ms(self.work_item_queue_visibility_timeout),
+            control_queue_buffer_threshold: self.control_queue_buffer_threshold.unwrap_or(0),
+            max_queue_polling_interval_ms: ms(self.max_queue_polling_interval),
+        }
+    }
 }
 
 impl AppLimits {
@@ -221,6 +342,14 @@ impl Config {
                 processor_count: args.app_limits.app_cpus.filter(|n| *n > 0),
                 max_activities: args.app_limits.app_max_activities,
                 max_orchestrations: args.app_limits.app_max_orchestrations,
+                queues: AppQueueSettings {
+                    control_queue_visibility_timeout: args.app_limits.app_control_queue_visibility_timeout,
+                    work_item_queue_visibility_timeout: args
+                        .app_limits
+                        .app_work_item_queue_visibility_timeout,
+                    control_queue_buffer_threshold: args.app_limits.app_control_queue_buffer_threshold,
+                    max_queue_polling_interval: args.app_limits.app_max_queue_polling_interval,
+                },
             },
         })
     }
@@ -404,10 +533,61 @@ mod tests {
                 app_cpus: cpus,
                 app_max_activities: activities,
                 app_max_orchestrations: orchestrations,
+                ..AppLimitArgs::default()
             },
             ..args()
         };
         Config::from_args(args).unwrap().app_limits.worker_limits()
+    }
+
+    #[test]
+    fn timespans_read_as_dotnet_configuration_binds_them() {
+        let secs = |t: &str| parse_timespan(t).map(|d| d.as_secs_f64());
+        assert_eq!(secs("00:05:00"), Ok(300.0));
+        assert_eq!(secs("00:01"), Ok(60.0), "hh:mm");
+        assert_eq!(secs("1.02:03:04"), Ok(93_784.0), "d.hh:mm:ss");
+        assert_eq!(secs("00:00:30.5"), Ok(30.5));
+        assert_eq!(secs(" 2 "), Ok(172_800.0), "a bare number is days, as TimeSpan.Parse reads it");
+        for bad in ["", "5m", "00:60:00", "24:00:00", "-00:05:00", "00:05:00.", "00:05:00:00", "1.2.3:00"] {
+            assert!(parse_timespan(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_apps_queue_settings_are_taken_within_what_the_extension_accepts() {
+        let parsed = |variable: &str, value: &str| {
+            let flag = match variable {
+                env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT => "--app-control-queue-visibility-timeout",
+                env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD => "--app-control-queue-buffer-threshold",
+                _ => "--app-max-queue-polling-interval",
+            };
+            Cli::try_parse_from(["sidecar", flag, value]).map(|c| c.args.app_limits)
+        };
+        let ok = parsed(env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT, "00:10:00").unwrap();
+        assert_eq!(ok.app_control_queue_visibility_timeout, Some(Duration::from_secs(600)));
+        let err = parsed(env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT, "00:00:30").unwrap_err().to_string();
+        assert!(
+            err.contains(env::APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT) && err.contains("1 to 60 minutes"),
+            "{err}"
+        );
+        let ok = parsed(env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD, "64").unwrap();
+        assert_eq!(ok.app_control_queue_buffer_threshold, Some(64));
+        assert!(parsed(env::APP_CONTROL_QUEUE_BUFFER_THRESHOLD, "1001").is_err());
+        let ok = parsed(env::APP_MAX_QUEUE_POLLING_INTERVAL, "00:00:05").unwrap();
+        assert_eq!(ok.app_max_queue_polling_interval, Some(Duration::from_secs(5)));
+        assert!(parsed(env::APP_MAX_QUEUE_POLLING_INTERVAL, "00:00:00").is_err());
+        let settings = AppQueueSettings {
+            control_queue_visibility_timeout: Some(Duration::from_secs(600)),
+            control_queue_buffer_threshold: Some(64),
+            ..AppQueueSettings::default()
+        }
+        .to_proto();
+        assert_eq!(
+            (settings.control_queue_visibility_timeout_ms, settings.work_item_queue_visibility_timeout_ms),
+            (600_000, 0),
+            "0: the app leaves the extension's default"
+        );
+        assert_eq!(settings.control_queue_buffer_threshold, 64);
     }
 
     #[test]

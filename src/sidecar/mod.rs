@@ -33,17 +33,15 @@ use std::{
 
 use tokio::sync::watch;
 
-pub use config::{AppLimitArgs, AppLimits, Args, Config, ConfigError};
+pub use config::{AppLimitArgs, AppLimits, AppQueueSettings, Args, Config, ConfigError};
 pub use metrics::Metrics;
-pub(crate) use poll::PollResult;
 pub use report::{Replicas, ReportClient};
 
 use crate::{
     clock::UnixMs,
-    contract::SIDECAR_INTERVAL_RANGE,
     proto::report as proto,
     shutdown::{Shutdown, Supervisor, TaskFailure},
-    storage::{StorageErrorKind, StorageOptions, TaskHubReader},
+    storage::{HubRead, StorageErrorKind, StorageOptions, TaskHubReader},
 };
 
 /// How long the final `leaving` report may take: the whole shutdown must fit in 2 s.
@@ -148,11 +146,9 @@ impl Sidecar {
                 .map_err(|e| e.to_string())
         });
         let (latest, receiver) = watch::channel(None);
-        let suggested_interval_ms = Arc::new(AtomicU32::new(0));
         let settings = report::DeliverySettings {
             timeout: config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10)),
             metrics: metrics.clone(),
-            suggested_interval_ms: suggested_interval_ms.clone(),
         };
         let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
         supervisor.spawn(
@@ -170,9 +166,7 @@ impl Sidecar {
         let (poll_config, poll_metrics, count, stop) =
             (config.clone(), metrics.clone(), partition_count.clone(), shutdown.clone());
         supervisor.spawn("poll loop", async move {
-            let seen =
-                poll_until_shutdown(&poll_config, &poll_metrics, &latest, &suggested_interval_ms, &stop)
-                    .await;
+            let seen = poll_until_shutdown(&poll_config, &poll_metrics, &latest, &stop).await;
             count.store(seen, Ordering::Relaxed);
             Ok(())
         });
@@ -195,13 +189,11 @@ impl Sidecar {
     }
 }
 
-/// The poll loop; returns the last partition count seen. Polls every `config.interval`, or
-/// every interval the aggregator last suggested (within [`SIDECAR_INTERVAL_RANGE`]).
+/// The poll loop; returns the last partition count seen. Polls every `config.interval`.
 async fn poll_until_shutdown(
     config: &Config,
     metrics: &Metrics,
     latest: &watch::Sender<Option<proto::Report>>,
-    suggested_interval_ms: &AtomicU32,
     shutdown: &Shutdown,
 ) -> u32 {
     let reader = TaskHubReader::new(
@@ -210,7 +202,7 @@ async fn poll_until_shutdown(
         config.partition_mode,
         storage_options(config),
     );
-    let mut interval = config.interval;
+    let interval = config.interval;
     let mut ticker = new_ticker(interval, Duration::ZERO);
     let mut partition_count = 0;
     let mut last_error_kind: Option<StorageErrorKind> = None;
@@ -223,9 +215,10 @@ async fn poll_until_shutdown(
             _ = shutdown.wait() => break,
         };
         let kinds: Vec<StorageErrorKind> = result.errors.iter().map(|e| e.kind()).collect();
+        let owned = poll::owned_partitions(&result.leases, &config.pod_name);
         metrics.record_poll(
             started.elapsed(),
-            result.owned.len(),
+            owned.len(),
             &kinds,
             reader.account().request_count() - requests_before,
         );
@@ -236,24 +229,20 @@ async fn poll_until_shutdown(
                 Some(e) => tracing::warn!(error = %e, "storage read failed"),
                 None => {
                     let layout = result.layout.map(|l| l.as_str());
-                    tracing::info!(owned = ?result.owned, partitions = result.partition_count, ?layout, "storage reads healthy")
+                    tracing::info!(
+                        ?owned,
+                        partitions = result.reading.partition_count,
+                        ?layout,
+                        "storage reads healthy"
+                    )
                 }
             }
             last_error_kind = kind;
         }
-        if result.partition_count > 0 {
-            partition_count = result.partition_count;
+        if result.reading.partition_count > 0 {
+            partition_count = result.reading.partition_count;
         }
         latest.send_replace(Some(report_of(config, interval, &result, now)));
-        let wanted = effective_interval(config.interval, suggested_interval_ms.load(Ordering::Relaxed));
-        if wanted != interval {
-            tracing::info!(
-                interval_ms = wanted.as_millis() as u64,
-                "poll interval changed by the aggregator"
-            );
-            interval = wanted;
-            ticker = new_ticker(interval, interval);
-        }
     }
     partition_count
 }
@@ -263,16 +252,6 @@ fn new_ticker(period: Duration, first: Duration) -> tokio::time::Interval {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker
-}
-
-/// The aggregator's suggestion when it makes one (non-zero), kept within
-/// [`SIDECAR_INTERVAL_RANGE`]; else the configured interval.
-fn effective_interval(configured: Duration, suggested_ms: u32) -> Duration {
-    if suggested_ms == 0 {
-        return configured;
-    }
-    Duration::from_millis(u64::from(suggested_ms))
-        .clamp(*SIDECAR_INTERVAL_RANGE.start(), *SIDECAR_INTERVAL_RANGE.end())
 }
 
 /// Per-attempt timeouts sized to the interval: a poll must not outlast several intervals.
@@ -293,6 +272,7 @@ fn base_report(config: &Config, interval: Duration, sampled_at: UnixMs) -> proto
         partition_mode: config.partition_mode.as_str().to_string(),
         // Every report carries them, so the aggregator's last known value is fresh.
         limits: config.app_limits.worker_limits(),
+        queue_settings: Some(config.app_limits.queues.to_proto()),
         ..Default::default()
     }
 }
@@ -301,20 +281,21 @@ fn base_report(config: &Config, interval: Duration, sampled_at: UnixMs) -> proto
 pub(crate) fn report_of(
     config: &Config,
     interval: Duration,
-    result: &PollResult,
+    result: &HubRead,
     sampled_at: UnixMs,
 ) -> proto::Report {
     proto::Report {
-        partition_count: result.partition_count,
+        partition_count: result.reading.partition_count,
         control_queues: result
-            .control_queues
+            .reading
+            .control
             .iter()
-            .map(|(partition, signals)| proto::ControlQueueSignals {
+            .map(|(partition, reading)| proto::ControlQueueSignals {
                 partition: *partition,
-                signals: Some(poll::signals_to_proto(signals)),
+                signals: Some(poll::reading_to_proto(reading)),
             })
             .collect(),
-        work_item: result.work_item.as_ref().map(poll::signals_to_proto),
+        work_item: result.reading.work_item.as_ref().map(poll::reading_to_proto),
         error: result.errors.first().map(poll::error_to_proto),
         // The layout detected (or the override's name until one is).
         partition_mode: result.layout.map_or(config.partition_mode.as_str(), |l| l.as_str()).to_string(),
@@ -370,15 +351,6 @@ pub(crate) async fn run(args: Args) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_aggregator_suggestion_wins_within_bounds() {
-        let configured = Duration::from_secs(5);
-        assert_eq!(effective_interval(configured, 0), configured);
-        assert_eq!(effective_interval(configured, 15_000), Duration::from_secs(15));
-        assert_eq!(effective_interval(configured, 1), Duration::from_millis(100));
-        assert_eq!(effective_interval(configured, u32::MAX), Duration::from_secs(600));
-    }
 
     #[tokio::test]
     async fn the_default_address_takes_ipv4_and_ipv6_clients() {

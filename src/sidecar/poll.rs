@@ -1,4 +1,4 @@
-//! One poll: which partitions this pod owns now, and the signals of their control queues
+//! One poll: which partitions this pod owns now, and the readings of their control queues
 //! (plus the work-item queue when it owns partition 0), as one report.
 //!
 //! Ownership is read from whichever layout the hub has (the reader detects it: the
@@ -6,65 +6,21 @@
 //! `storage::Layout`). A hub with queues and no ownership store is reported as an error
 //! that names what was looked for, never as a pod that owns nothing in silence.
 
-use futures::StreamExt;
-
 use crate::{
     clock::UnixMs,
     proto::report::{self as proto, report_error::Kind},
-    storage::{Layout, PartitionLease, QueueRef, QueueSignals, StorageError, TaskHubReader},
+    reading::QueueReading,
+    storage::{HubRead, PartitionLease, QueueChoice, StorageError, TaskHubReader},
 };
 
-/// How many queues are read at once: a short poll without a burst of connections.
-const QUEUE_READ_CONCURRENCY: usize = 4;
-
-/// What one poll found, before it becomes a report.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct PollResult {
-    /// Partition count (0 when unknown).
-    pub partition_count: u32,
-    /// Owned partitions and their control queues' signals (in partition order).
-    pub control_queues: Vec<(u32, QueueSignals)>,
-    /// The work-item queue's signals when this pod owns partition 0.
-    pub work_item: Option<QueueSignals>,
-    /// The partitions this pod owns (even those whose queue could not be read).
-    pub owned: Vec<u32>,
-    /// Every storage error met (the report carries the first).
-    pub errors: Vec<StorageError>,
-    /// Where ownership was read from, once detected.
-    pub layout: Option<Layout>,
-}
-
-/// Reads what `pod_name` owns at `now`.
-pub(crate) async fn poll(reader: &TaskHubReader, pod_name: &str, now: UnixMs) -> PollResult {
-    let leases = match reader.partitions(now).await {
-        Ok(leases) => leases,
-        Err(e) => return PollResult { errors: vec![e], layout: reader.layout(), ..Default::default() },
-    };
-    let owned = owned_partitions(&leases, pod_name);
-    let mut queues: Vec<QueueRef> = owned.iter().map(|&p| QueueRef::Control(p)).collect();
-    // The owner of partition 0 is the designated reporter of the work-item queue.
-    if owned.first() == Some(&0) {
-        queues.push(QueueRef::WorkItem);
-    }
-    let reads: Vec<(QueueRef, Result<QueueSignals, StorageError>)> = futures::stream::iter(queues)
-        .map(|queue| async move { (queue, reader.read_queue(queue, now).await) })
-        .buffered(QUEUE_READ_CONCURRENCY)
-        .collect()
-        .await;
-    let mut result = PollResult {
-        partition_count: leases.len() as u32,
-        owned,
-        layout: reader.layout(),
-        ..Default::default()
-    };
-    for (queue, read) in reads {
-        match (queue, read) {
-            (QueueRef::Control(p), Ok(signals)) => result.control_queues.push((p, signals)),
-            (QueueRef::WorkItem, Ok(signals)) => result.work_item = Some(signals),
-            (_, Err(e)) => result.errors.push(e),
-        }
-    }
-    result
+/// Reads what `pod_name` owns at `now`: its partitions' control queues, and the work-item
+/// queue when it owns partition 0 (the designated reporter of the work-item queue), through
+/// the read path the cold probe uses too (`TaskHubReader::ownership`, then `read`).
+pub(crate) async fn poll(reader: &TaskHubReader, pod_name: &str, now: UnixMs) -> HubRead {
+    let ownership = reader.ownership(now).await;
+    let control = owned_partitions(&ownership.leases, pod_name);
+    let work_item = control.first() == Some(&0);
+    reader.read(ownership, QueueChoice { control, work_item }, now).await
 }
 
 /// The partitions whose unexpired owner is `pod_name` (the DurableTask worker id; compared
@@ -79,13 +35,14 @@ pub(crate) fn owned_partitions(leases: &[PartitionLease], pod_name: &str) -> Vec
     owned
 }
 
-/// The report protocol's form of queue signals.
-pub(crate) fn signals_to_proto(s: &QueueSignals) -> proto::QueueSignals {
+/// The report protocol's form of a queue reading (the wire's edge).
+pub(crate) fn reading_to_proto(r: &QueueReading) -> proto::QueueSignals {
     proto::QueueSignals {
-        approximate_count: s.approximate_count,
-        visible_count: s.visible_count,
-        first_visible_age_ms: s.first_visible_age_ms,
-        sampled_at_unix_ms: s.sampled_at_unix_ms,
+        approximate_count: r.approximate_count,
+        visible_count: r.visible_count,
+        first_visible_age_ms: r.first_visible_age_ms,
+        sampled_at_unix_ms: r.sampled_at.as_millis(),
+        redelivered_count: r.redelivered_count,
     }
 }
 

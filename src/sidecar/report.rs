@@ -13,10 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -196,8 +193,6 @@ pub(crate) struct DeliverySettings {
     pub timeout: Duration,
     /// The sidecar's metrics.
     pub metrics: Arc<Metrics>,
-    /// Where the interval the aggregator suggests goes.
-    pub suggested_interval_ms: Arc<AtomicU32>,
 }
 
 /// Resolves the replicas every `every` and keeps one [`deliver_latest`] task per address
@@ -280,8 +275,7 @@ pub(crate) async fn deliver_to_every_replica(
 
 /// Delivers whatever report is latest in `latest` to one replica until `stop`. Reports that
 /// arrive while a call is in flight or during backoff replace each other: at most one is
-/// kept. The interval each answer suggests (0: keep the sidecar's own) goes to
-/// `settings.suggested_interval_ms`.
+/// kept.
 pub(crate) async fn deliver_latest(
     client: ReportClient,
     mut latest: watch::Receiver<Option<Report>>,
@@ -304,8 +298,7 @@ pub(crate) async fn deliver_latest(
             _ = stop.wait() => return,
         };
         match outcome {
-            Ok(ack) => {
-                settings.suggested_interval_ms.store(ack.suggested_interval_ms, Ordering::Relaxed);
+            Ok(_) => {
                 metrics.reports_sent.inc();
                 metrics.replica_reports_sent.get_or_create(&replica).inc();
                 metrics.replica_reachable.get_or_create(&replica).set(1);

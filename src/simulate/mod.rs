@@ -167,10 +167,10 @@ pub struct Args {
     /// Our aggregator's probe interval (seconds) when no pod is ready.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S", default_value_t = 2.0)]
     pub probe_interval_s: f64,
-    /// Our algorithm: seconds over which a control queue's lowest invisible count is its
-    /// baseline of sleeping timers (what is above it counts as work).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TIMER_BASELINE_S", default_value_t = 10.0)]
-    pub timer_baseline_s: f64,
+    /// Our algorithm: seconds a control queue must have been quiet (no consumer at work)
+    /// before invisible messages that came while it was busy are taken for sleeping timers.
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SETTLE_S", default_value_t = 30.0)]
+    pub settle_s: f64,
     /// Our algorithm: seconds of history scale-in keeps the peak of.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
     pub scale_in_window_s: f64,
@@ -342,11 +342,7 @@ impl Args {
             durable: DurableSettings {
                 max_activities_per_worker: max_activities,
                 max_orchestrations_per_worker: max_orchestrations,
-                timer_baseline_ms: seconds(
-                    self.timer_baseline_s,
-                    "--timer-baseline-s",
-                    "DURABLE_SCALER_SIMULATE_TIMER_BASELINE_S",
-                )?,
+                settle_ms: seconds(self.settle_s, "--settle-s", "DURABLE_SCALER_SIMULATE_SETTLE_S")?,
                 scale_in_window_ms: seconds(
                     self.scale_in_window_s,
                     "--scale-in-window-s",

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::heuristic::durable::{PEEK_LIMIT, QueueSample};
+use crate::reading::{PEEK_LIMIT, QueueReading};
 
 /// How long an activity runs: uniform in [min, max] ms, drawn from a hash of the seed and the
 /// activity's identity so every scaler sees the same durations.
@@ -169,12 +169,13 @@ impl Queue {
         self.visible.len() as u64 + self.delayed.len() as u64 + self.in_flight
     }
 
-    fn sample(&self, now_ms: u64) -> QueueSample {
-        QueueSample {
-            at: super::scalers::sim_time(now_ms),
+    fn sample(&self, now_ms: u64) -> QueueReading {
+        QueueReading {
+            sampled_at: super::scalers::sim_time(now_ms),
             approximate_count: self.approximate(),
-            visible_count: (self.visible.len() as u64).min(PEEK_LIMIT),
+            visible_count: self.visible.len().min(PEEK_LIMIT as usize) as u32,
             first_visible_age_ms: self.visible.front().map_or(0, |m| now_ms.saturating_sub(m.inserted_ms)),
+            redelivered_count: 0,
         }
     }
 
@@ -654,7 +655,7 @@ impl App {
 
     /// What a Peek and Get Queue Metadata would show now: the work-item queue, then each
     /// control queue.
-    pub fn observe(&self, now_ms: u64) -> (QueueSample, Vec<QueueSample>) {
+    pub fn observe(&self, now_ms: u64) -> (QueueReading, Vec<QueueReading>) {
         (self.work_item.sample(now_ms), self.control.iter().map(|q| q.sample(now_ms)).collect())
     }
 

@@ -31,11 +31,12 @@ use super::model::App;
 use crate::clock::UnixMs;
 use crate::heuristic::{
     Algorithm, ScaleAction,
-    durable::{DurableSettings, QueueSample},
+    durable::DurableSettings,
     engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine},
     latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies},
     target::{self, TargetSettings},
 };
+use crate::reading::QueueReading;
 
 /// The simulated clock (ms since the run started) as the moment scalers and the engine take.
 pub fn sim_time(ms: u64) -> UnixMs {
@@ -46,13 +47,13 @@ pub fn sim_time(ms: u64) -> UnixMs {
 /// them, and its ready pods.
 pub trait QueueSource {
     /// The work-item queue, then each control queue, at `now`.
-    fn observe(&self, now: UnixMs) -> (QueueSample, Vec<QueueSample>);
+    fn observe(&self, now: UnixMs) -> (QueueReading, Vec<QueueReading>);
     /// Pods ready to take work at `now`.
     fn ready_pods(&self, now: UnixMs) -> u32;
 }
 
 impl QueueSource for App {
-    fn observe(&self, now: UnixMs) -> (QueueSample, Vec<QueueSample>) {
+    fn observe(&self, now: UnixMs) -> (QueueReading, Vec<QueueReading>) {
         App::observe(self, u64::try_from(now.as_millis()).unwrap_or(0))
     }
 
@@ -215,7 +216,7 @@ fn target_settings(cfg: &ScalerConfig) -> TargetSettings {
 }
 
 /// Upstream's queue length: the approximate count, or 0 when a peek returns nothing.
-pub fn upstream_length(s: &QueueSample) -> u64 {
+pub fn upstream_length(s: &QueueReading) -> u64 {
     if s.visible_count == 0 { 0 } else { s.approximate_count }
 }
 
@@ -420,9 +421,9 @@ impl Scaler for DurableScaler {
         self.next_sample =
             now.plus_ms(if at_zero { self.probe_interval_ms } else { self.report_interval_ms });
         let (wi, cq) = app.observe(now);
-        self.engine.observe_work_item(wi.into(), now);
+        self.engine.observe_work_item(wi, now);
         for (partition, sample) in cq.into_iter().enumerate() {
-            self.engine.observe_control(partition, sample.into(), now);
+            self.engine.observe_control(partition, sample, now);
         }
         self.engine.evaluate(now, replicas);
         let was_active = std::mem::replace(&mut self.active, self.engine.is_active(now));

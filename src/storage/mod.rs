@@ -30,7 +30,7 @@ pub(crate) use account::Service;
 pub use account::{AzureCloud, Connection, IdentityAccount, StorageAccount};
 pub(crate) use layout::lease_blob_name;
 pub use layout::{Layout, REDETECT_INTERVAL};
-pub use reader::TaskHubReader;
+pub use reader::{HubRead, Ownership, QueueChoice, TaskHubReader};
 // The name rule and the partition limit are the roles' contract; storage derives the hub's
 // resource names from a checked name.
 pub(crate) use crate::contract::MAX_PARTITIONS;
@@ -48,19 +48,6 @@ pub enum PartitionMode {
     Table,
     /// Only lease blobs in `{hub lowercased}-leases`: safe or legacy, whichever is there.
     Blob,
-}
-
-/// The signals of one queue at one moment (the report protocol's `QueueSignals`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueSignals {
-    /// `x-ms-approximate-messages-count`: includes invisible messages (in progress, timers).
-    pub approximate_count: u64,
-    /// Messages returned by a peek of up to 32: visible ones only.
-    pub visible_count: u32,
-    /// now - InsertedOn of the first visible message, ms; 0 when none is visible.
-    pub first_visible_age_ms: u64,
-    /// When the queue was read, ms since the Unix epoch.
-    pub sampled_at_unix_ms: i64,
 }
 
 /// Who holds one partition.

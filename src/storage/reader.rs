@@ -23,13 +23,15 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::layout::TASK_HUB_INFO_BLOB;
 use super::{
-    Layout, PartitionLease, PartitionMode, QueueRef, QueueSignals, REDETECT_INTERVAL, StorageAccount,
-    StorageError, StorageOptions, TaskHub, table::TableService,
+    Layout, PartitionLease, PartitionMode, QueueRef, REDETECT_INTERVAL, StorageAccount, StorageError,
+    StorageOptions, TaskHub, table::TableService,
 };
 use crate::clock::UnixMs;
+use crate::reading::{HubReading, PEEK_LIMIT, QueueReading};
 
-/// How many messages one peek asks for (the service's maximum).
-pub(crate) const PEEK_LIMIT: u32 = 32;
+/// How many queues one read of a hub reads at once: a short read without a burst of
+/// connections (each queue is two calls).
+const QUEUE_READ_CONCURRENCY: usize = 4;
 
 /// How many lease blobs are downloaded at once: enough to keep a poll short, few enough to
 /// keep the connection pool (and memory) small.
@@ -75,6 +77,43 @@ struct ListedLease {
     /// `x-ms-lease-state: leased`: upstream's `Blob.IsLeasedAsync` (Storage/Blob.cs) counts
     /// only this state as held; `breaking`, `broken`, `expired` and `available` are not.
     leased: bool,
+}
+
+/// Which queues one [`TaskHubReader::read`] reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueChoice {
+    /// Control queues, by partition (read in this order).
+    pub control: Vec<u32>,
+    /// The work-item queue too.
+    pub work_item: bool,
+}
+
+/// Where a hub keeps partition ownership and what it says: the first half of one read.
+#[derive(Debug, Clone, Default)]
+pub struct Ownership {
+    /// P: the partitions found (0 when unknown).
+    pub partition_count: u32,
+    /// Who holds each partition (empty when ownership could not be read).
+    pub leases: Vec<PartitionLease>,
+    /// Where ownership was read from, once detected.
+    pub layout: Option<Layout>,
+    /// Why ownership could not be read, if it could not.
+    pub error: Option<StorageError>,
+    /// The queues may be read all the same (ownership read, or only its store missing).
+    queues_readable: bool,
+}
+
+/// What one read of a hub found ([`TaskHubReader::ownership`], then [`TaskHubReader::read`]).
+#[derive(Debug, Clone, Default)]
+pub struct HubRead {
+    /// P and the queues read.
+    pub reading: HubReading,
+    /// Who holds each partition (empty when ownership could not be read).
+    pub leases: Vec<PartitionLease>,
+    /// Where ownership was read from, once detected.
+    pub layout: Option<Layout>,
+    /// Every storage error met: the ownership read's first, then the queues'.
+    pub errors: Vec<StorageError>,
 }
 
 impl TaskHubReader {
@@ -202,9 +241,71 @@ impl TaskHubReader {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The first half of one read of the hub at `now`, the one read path of the sidecar and
+    /// the cold probe ([`TaskHubReader::read`] is the second): partition ownership, P and who
+    /// holds what. A hub with queues and no ownership store keeps P from the control queues
+    /// found by name, no leases, and the error: upstream's `GetControlQueuesAsync` would read
+    /// control queues 0..P-1 too, and a hub with visible work must not look idle.
+    pub async fn ownership(&self, now: UnixMs) -> Ownership {
+        let mut ownership = Ownership::default();
+        match self.partitions(now).await {
+            Ok(leases) => {
+                ownership.partition_count = leases.len() as u32;
+                ownership.leases = leases;
+            }
+            Err(e @ StorageError::NoOwnershipStore { partition_count, .. }) => {
+                ownership.partition_count = partition_count;
+                ownership.error = Some(e);
+                ownership.queues_readable = true;
+            }
+            Err(e) => ownership.error = Some(e),
+        }
+        if ownership.error.is_none() {
+            ownership.queues_readable = true;
+        }
+        ownership.layout = self.layout();
+        ownership
+    }
+
+    /// The second half of one read: the queues `choice` picks (given what `ownership` found),
+    /// a few at a time. Nothing is read when ownership could not be read at all.
+    pub async fn read(&self, ownership: Ownership, choice: QueueChoice, now: UnixMs) -> HubRead {
+        let Ownership { partition_count, leases, layout, error, queues_readable } = ownership;
+        let mut read = HubRead {
+            reading: HubReading { partition_count, ..HubReading::default() },
+            leases,
+            layout,
+            errors: error.into_iter().collect(),
+        };
+        if !queues_readable {
+            return read;
+        }
+        // Collected first: a stream over a borrowing iterator would not be `Send` across the
+        // awaits below.
+        let queues: Vec<QueueRef> = choice
+            .control
+            .iter()
+            .map(|&p| QueueRef::Control(p))
+            .chain(choice.work_item.then_some(QueueRef::WorkItem))
+            .collect();
+        let reads: Vec<(QueueRef, Result<QueueReading, StorageError>)> = futures::stream::iter(queues)
+            .map(|queue| async move { (queue, self.read_queue(queue, now).await) })
+            .buffered(QUEUE_READ_CONCURRENCY)
+            .collect()
+            .await;
+        for (queue, result) in reads {
+            match (queue, result) {
+                (QueueRef::Control(p), Ok(reading)) => read.reading.control.push((p, reading)),
+                (QueueRef::WorkItem, Ok(reading)) => read.reading.work_item = Some(reading),
+                (_, Err(e)) => read.errors.push(e),
+            }
+        }
+        read
+    }
+
     /// One queue's signals at `now`: Get Queue Metadata and a peek of up to 32, sent
     /// together (two calls).
-    pub async fn read_queue(&self, queue: QueueRef, now: UnixMs) -> Result<QueueSignals, StorageError> {
+    pub async fn read_queue(&self, queue: QueueRef, now: UnixMs) -> Result<QueueReading, StorageError> {
         let name = self.hub.queue_name(queue);
         let client = self.account.queue_client(&name, &self.options)?;
         let peek_options = QueueClientPeekMessagesOptions {
@@ -229,11 +330,15 @@ impl TaskHubReader {
             .and_then(|m| m.insertion_time)
             .map(|inserted| now.millis_since(UnixMs(unix_ms(inserted))).max(0) as u64)
             .unwrap_or(0);
-        Ok(QueueSignals {
+        // Dequeued before: a held message that reappeared (its worker died or abandoned it);
+        // a timer that fired has not been dequeued yet.
+        let redelivered_count = messages.iter().filter(|m| m.dequeue_count.is_some_and(|n| n > 0)).count();
+        Ok(QueueReading {
             approximate_count,
             visible_count: messages.len().min(PEEK_LIMIT as usize) as u32,
             first_visible_age_ms,
-            sampled_at_unix_ms: now.as_millis(),
+            redelivered_count: redelivered_count.min(PEEK_LIMIT as usize) as u32,
+            sampled_at: now,
         })
     }
 

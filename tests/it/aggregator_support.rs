@@ -164,6 +164,7 @@ pub fn signals(approximate: u64, visible: u32, age_ms: u64) -> QueueSignals {
         visible_count: visible,
         first_visible_age_ms: age_ms,
         sampled_at_unix_ms: now_ms(),
+        redelivered_count: 0,
     }
 }
 
@@ -190,6 +191,7 @@ pub fn report(
         error: None,
         sidecar_version: "0.1.0".into(),
         partition_mode: "table".into(),
+        queue_settings: None,
         limits: None,
     }
 }

@@ -6,15 +6,14 @@
 
 use std::sync::Arc;
 
-use durable_scaler::aggregator::hub::{HubKey, ProbeReading};
+use durable_scaler::aggregator::hub::HubKey;
 use durable_scaler::aggregator::metrics::Metrics;
 use durable_scaler::aggregator::registry::Registry;
 use durable_scaler::aggregator::settings::HubSettings;
 use durable_scaler::clock::UnixMs;
 use durable_scaler::heuristic::Algorithm;
-use durable_scaler::heuristic::durable::QueueSample;
+use durable_scaler::reading::{HubReading, QueueReading};
 use durable_scaler::simulate::scalers::{self, QueueSource, ScalerConfig, ScalerKind};
-use durable_scaler::storage::QueueSignals;
 
 const PARTITIONS: usize = 4;
 /// The sampling interval of both sides: the aggregator's loop, the simulator's reports.
@@ -81,24 +80,25 @@ fn sequence() -> Vec<Moment> {
         .collect()
 }
 
-fn signals((approximate_count, visible, first_visible_age_ms): Read, at: UnixMs) -> QueueSignals {
-    QueueSignals {
+fn signals((approximate_count, visible, first_visible_age_ms): Read, at: UnixMs) -> QueueReading {
+    QueueReading {
         approximate_count,
         visible_count: u32::try_from(visible).expect("test counts fit"),
         first_visible_age_ms,
-        sampled_at_unix_ms: at.as_millis(),
+        redelivered_count: 0,
+        sampled_at: at,
     }
 }
 
-fn sample((approximate_count, visible_count, first_visible_age_ms): Read, at: UnixMs) -> QueueSample {
-    QueueSample { at, approximate_count, visible_count, first_visible_age_ms }
+fn sample(read: Read, at: UnixMs) -> QueueReading {
+    signals(read, at)
 }
 
 /// The simulator's view of the app: the current moment's readings.
 struct Replay<'a>(&'a Moment);
 
 impl QueueSource for Replay<'_> {
-    fn observe(&self, now: UnixMs) -> (QueueSample, Vec<QueueSample>) {
+    fn observe(&self, now: UnixMs) -> (QueueReading, Vec<QueueReading>) {
         (sample(self.0.work_item, now), self.0.control.iter().map(|r| sample(*r, now)).collect())
     }
 
@@ -132,7 +132,7 @@ fn aggregator_answers(algorithm: Algorithm, moments: &[Moment]) -> Vec<Answer> {
     moments
         .iter()
         .map(|m| {
-            let reading = ProbeReading {
+            let reading = HubReading {
                 partition_count: PARTITIONS as u32,
                 control: m.control.iter().enumerate().map(|(p, r)| (p as u32, signals(*r, m.at))).collect(),
                 work_item: Some(signals(m.work_item, m.at)),

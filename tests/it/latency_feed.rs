@@ -12,25 +12,34 @@ use durable_scaler::aggregator::metrics::Metrics;
 use durable_scaler::aggregator::registry::Registry;
 use durable_scaler::aggregator::settings::HubSettings;
 use durable_scaler::clock::UnixMs;
-use durable_scaler::storage::QueueSignals;
+use durable_scaler::reading::{HubReading, QueueReading};
 
 const START: i64 = 1_700_000_000_000;
 
-fn signals(approximate_count: u64, first_visible_age_ms: u64, sampled_at_unix_ms: i64) -> QueueSignals {
-    QueueSignals { approximate_count, visible_count: 1, first_visible_age_ms, sampled_at_unix_ms }
+fn signals(approximate_count: u64, first_visible_age_ms: u64, sampled_at: i64) -> QueueReading {
+    QueueReading {
+        approximate_count,
+        visible_count: 1,
+        first_visible_age_ms,
+        redelivered_count: 0,
+        sampled_at: UnixMs(sampled_at),
+    }
 }
 
 /// A sidecar's report taken at `sampled_at`: it owns every partition and reads the work items.
 fn report(sampled_at: i64, work_item_age_ms: u64) -> ValidReport {
     ValidReport {
         pod: "app-0".into(),
-        partition_count: 4,
-        control: (0..4).map(|p| (p, signals(1, 50, sampled_at))).collect(),
-        work_item: Some(signals(3, work_item_age_ms, sampled_at)),
+        reading: HubReading {
+            partition_count: 4,
+            control: (0..4).map(|p| (p, signals(1, 50, sampled_at))).collect(),
+            work_item: Some(signals(3, work_item_age_ms, sampled_at)),
+        },
         interval_ms: 5_000,
         leaving: false,
         sampled_at_unix_ms: sampled_at,
         limits: None,
+        queue_settings: None,
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -48,7 +48,6 @@ struct Received {
 struct RecordingAggregator {
     received: Arc<Mutex<Vec<Received>>>,
     stalled: Arc<AtomicBool>,
-    suggested_interval_ms: Arc<AtomicU32>,
 }
 
 #[tonic::async_trait]
@@ -64,8 +63,7 @@ impl ReportService for RecordingAggregator {
         let authorization =
             request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
         self.received.lock().unwrap().push(Received { report: request.into_inner(), authorization });
-        let suggested_interval_ms = self.suggested_interval_ms.load(Ordering::SeqCst);
-        Ok(tonic::Response::new(ReportAck { suggested_interval_ms }))
+        Ok(tonic::Response::new(ReportAck {}))
     }
 }
 
@@ -414,21 +412,6 @@ async fn a_stalled_aggregator_holds_up_neither_polling_nor_memory_and_gets_the_l
         "stale report {} vs {resumed_at}",
         got.report.sampled_at_unix_ms
     );
-    running.shutdown.trigger();
-}
-
-#[tokio::test]
-async fn the_sidecar_polls_at_the_interval_the_aggregator_suggests() {
-    let (hub, _emulator) = laid_out("SidecarSuggest", Layout::Table, 1).await;
-    let running =
-        run_sidecar(&hub, Azurite::shared().connection_string(), "pod-a", PartitionMode::Auto).await;
-    let (seen, first) = running.aggregator.wait_for(0, "any", |_| true).await;
-    assert_eq!(first.report.interval_ms, 200);
-    running.aggregator.suggested_interval_ms.store(300, Ordering::SeqCst);
-    let (seen, _) = running.aggregator.wait_for(seen + 1, "at 300 ms", |r| r.report.interval_ms == 300).await;
-    // Zero hands the choice back to the sidecar's own setting.
-    running.aggregator.suggested_interval_ms.store(0, Ordering::SeqCst);
-    running.aggregator.wait_for(seen + 1, "back at 200 ms", |r| r.report.interval_ms == 200).await;
     running.shutdown.trigger();
 }
 

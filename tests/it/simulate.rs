@@ -5,7 +5,8 @@
 use clap::Parser;
 use durable_scaler::clock::UnixMs;
 use durable_scaler::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
-use durable_scaler::heuristic::{Algorithm, ScaleAction, durable::QueueSample};
+use durable_scaler::heuristic::{Algorithm, ScaleAction};
+use durable_scaler::reading::QueueReading;
 use durable_scaler::simulate::{
     Args, Settings,
     autoscale::{Autoscaler, KedaConfig, hpa_sync_metrics},
@@ -88,7 +89,7 @@ fn durable_timers_are_invisible_but_counted() {
     drive(&mut app, MINUTE, |_| 1);
     let (_, control) = app.observe(MINUTE);
     let approximate: u64 = control.iter().map(|s| s.approximate_count).sum();
-    let visible: u64 = control.iter().map(|s| s.visible_count).sum();
+    let visible: u64 = control.iter().map(|s| u64::from(s.visible_count)).sum();
     assert_eq!((approximate, visible), (3, 0));
 }
 
@@ -238,7 +239,7 @@ fn functions_target_reads_a_queue_with_nothing_visible_as_empty() {
     let app = waiting_app(0, 6);
     let mut f = scalers::build(ScalerKind::FunctionsTarget, &ScalerConfig::default(), 4);
     assert!(!f.is_active(sim_time(40 * SECOND), &app, 1), "sleeping timers are invisible");
-    let s = QueueSample { at: UnixMs(0), approximate_count: 9, visible_count: 0, first_visible_age_ms: 0 };
+    let s = QueueReading { approximate_count: 9, ..QueueReading::default() };
     assert_eq!(scalers::upstream_length(&s), 0);
     let app = waiting_app(30, 0);
     let mut f = scalers::build(ScalerKind::FunctionsTarget, &ScalerConfig::default(), 4);
