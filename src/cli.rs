@@ -61,6 +61,13 @@ pub enum Command {
     /// pod proxy with your kubeconfig. Also `kubectl durable-scaler status` when this binary
     /// is on PATH as `kubectl-durable_scaler`.
     Status(crate::status::Args),
+    /// Read a Functions app's Deployment or StatefulSet manifest (a file or stdin) and print
+    /// the KEDA ScaledObject (and TriggerAuthentication for the TLS install) that scales it
+    /// with durable-scaler, and the patch that opts its pod template in; the task hub and the
+    /// connection variable are found as the webhook finds them. Exit status 2 when the app
+    /// cannot be scaled this way (the message says why).
+    #[command(name = "scaledobject")]
+    ScaledObject(crate::scaledobject::Args),
 }
 
 /// The Tokio runtime a role runs on.
@@ -107,6 +114,7 @@ pub fn run() -> ExitCode {
         Command::Aggregator(args) => start("aggregator", Runtime::MultiThread, crate::app::aggregator(args)),
         Command::Webhook(args) => start("webhook", Runtime::MultiThread, crate::webhook::run(args)),
         Command::Status(args) => crate::status::main(args),
+        Command::ScaledObject(args) => crate::scaledobject::run(&args),
     }
 }
 

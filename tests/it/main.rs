@@ -36,6 +36,7 @@ mod monitoring;
 mod recommend_cli;
 mod release;
 mod review_fuzz;
+mod scaledobject;
 mod sidecar;
 mod simulate;
 mod status;
