@@ -504,7 +504,7 @@ impl HubState {
         notes
     }
 
-    /// The messages of the hub's queues at their latest readings (for the metric).
+    /// The visible messages of the hub's queues at their latest readings (for the metric).
     pub(crate) fn queue_messages(&self) -> crate::heuristic::engine::QueueMessages {
         self.engine.queue_messages()
     }

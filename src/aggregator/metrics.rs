@@ -211,18 +211,7 @@ pub(crate) enum QueueKind {
 
 label_values!(QueueKind { WorkItem => "work_item", Control => "control" });
 
-/// Which messages of a queue a count is of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Visibility {
-    /// Visible now: waiting for a worker (a peek returns at most 32 per queue).
-    Visible,
-    /// The approximate count: visible, in progress and sleeping (durable timers).
-    All,
-}
-
-label_values!(Visibility { Visible => "visible", All => "all" });
-
-/// Labels of the queue message counts.
+/// Labels of the visible message counts.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct QueueLabels {
     /// Kubernetes namespace.
@@ -231,17 +220,10 @@ pub(crate) struct QueueLabels {
     pub task_hub: String,
     /// Which queues.
     pub queue: QueueKind,
-    /// Which messages.
-    pub visibility: Visibility,
 }
 
-/// Every ([`QueueKind`], [`Visibility`]) pair, to drop a hub's queue series.
-const QUEUE_SERIES: [(QueueKind, Visibility); 4] = [
-    (QueueKind::WorkItem, Visibility::Visible),
-    (QueueKind::WorkItem, Visibility::All),
-    (QueueKind::Control, Visibility::Visible),
-    (QueueKind::Control, Visibility::All),
-];
+/// Every [`QueueKind`], to drop a hub's queue series.
+const QUEUE_KINDS: [QueueKind; 2] = [QueueKind::WorkItem, QueueKind::Control];
 
 /// A KEDA call the aggregator times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -303,8 +285,8 @@ pub struct Metrics {
     /// 1 while KEDA's IsActive and GetMetrics for the hub are answered UNAVAILABLE (not wholly
     /// read yet, or nobody can read it now).
     pub(crate) unavailable: Family<HubLabels, Gauge>,
-    /// Messages in the hub's queues at their latest readings, by queue and visibility.
-    pub(crate) queue_messages: Family<QueueLabels, Gauge>,
+    /// Visible messages of the hub's queues at their latest readings: work waiting.
+    pub(crate) visible_messages: Family<QueueLabels, Gauge>,
     /// Reports accepted.
     pub(crate) reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
@@ -367,11 +349,10 @@ impl Metrics {
             m.unavailable.clone(),
         );
         r.register(
-            "queue_messages",
-            "Messages in the hub's queues at the latest readings: queue=work_item|control (summed), \
-             visibility=visible (waiting; a peek sees at most 32 per queue)|all (approximate count: \
-             also in progress and sleeping timers)",
-            m.queue_messages.clone(),
+            "visible_messages",
+            "Visible messages (work waiting) at the latest readings: queue=work_item, or control summed \
+             over the control queues; a peek sees at most 32 per queue",
+            m.visible_messages.clone(),
         );
         r.register("reports_received", "Sidecar reports accepted", m.reports_received.clone());
         r.register("reports_rejected", "Sidecar reports refused, by reason", m.reports_rejected.clone());
@@ -435,12 +416,11 @@ impl Metrics {
         ] {
             family.remove(labels);
         }
-        for (queue, visibility) in QUEUE_SERIES {
-            self.queue_messages.remove(&QueueLabels {
+        for queue in QUEUE_KINDS {
+            self.visible_messages.remove(&QueueLabels {
                 namespace: labels.namespace.clone(),
                 task_hub: labels.task_hub.clone(),
                 queue,
-                visibility,
             });
         }
         self.reports_received.remove(labels);
@@ -488,22 +468,16 @@ impl Metrics {
         }
     }
 
-    /// Sets `labels`' hub's queue message counts.
-    pub(crate) fn set_queue_messages(&self, labels: &HubLabels, counts: &QueueMessages) {
-        for (queue, visibility) in QUEUE_SERIES {
-            let value = match (queue, visibility) {
-                (QueueKind::WorkItem, Visibility::Visible) => counts.work_item_visible,
-                (QueueKind::WorkItem, Visibility::All) => counts.work_item_all,
-                (QueueKind::Control, Visibility::Visible) => counts.control_visible,
-                (QueueKind::Control, Visibility::All) => counts.control_all,
+    /// Sets `labels`' hub's visible message counts.
+    pub(crate) fn set_visible_messages(&self, labels: &HubLabels, counts: &QueueMessages) {
+        for queue in QUEUE_KINDS {
+            let value = match queue {
+                QueueKind::WorkItem => counts.work_item_visible,
+                QueueKind::Control => counts.control_visible,
             };
-            let series = QueueLabels {
-                namespace: labels.namespace.clone(),
-                task_hub: labels.task_hub.clone(),
-                queue,
-                visibility,
-            };
-            self.queue_messages.get_or_create(&series).set(i64::try_from(value).unwrap_or(i64::MAX));
+            let series =
+                QueueLabels { namespace: labels.namespace.clone(), task_hub: labels.task_hub.clone(), queue };
+            self.visible_messages.get_or_create(&series).set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 

@@ -296,7 +296,7 @@ impl HubEntry {
         metrics.held_messages.get_or_create(&self.labels).set(gauge(split.held));
         metrics.timer_messages.get_or_create(&self.labels).set(gauge(split.timers));
         metrics.invisible_work_items.get_or_create(&self.labels).set(gauge(split.invisible_work_items));
-        metrics.set_queue_messages(&self.labels, &state.queue_messages());
+        metrics.set_visible_messages(&self.labels, &state.queue_messages());
         metrics
             .connection_known
             .get_or_create(&self.labels)
@@ -711,7 +711,7 @@ mod tests {
     }
 
     #[test]
-    fn queue_message_gauges_sum_the_latest_readings_by_queue_and_visibility() {
+    fn visible_message_gauges_sum_the_latest_readings_by_queue() {
         let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
         let entry = registry.track(&HubKey::new("apps", "BusyHub"), "BusyHub", None).unwrap();
         let now = UnixMs::now();
@@ -728,18 +728,16 @@ mod tests {
         };
         registry.apply_probe(&entry, Some(&reading), now);
         let text = registry.metrics.encode();
-        let value = |queue: &str, visibility: &str| {
+        let value = |queue: &str| {
             sample(
                 &text,
                 &format!(
-                    "durable_scaler_aggregator_queue_messages{{namespace=\"apps\",task_hub=\"busyhub\",queue=\"{queue}\",visibility=\"{visibility}\"}}"
+                    "durable_scaler_aggregator_visible_messages{{namespace=\"apps\",task_hub=\"busyhub\",queue=\"{queue}\"}}"
                 ),
             )
         };
-        assert_eq!(value("work_item", "visible"), Some(7.0), "{text}");
-        assert_eq!(value("work_item", "all"), Some(9.0));
-        assert_eq!(value("control", "visible"), Some(34.0));
-        assert_eq!(value("control", "all"), Some(45.0));
+        assert_eq!(value("work_item"), Some(7.0), "{text}");
+        assert_eq!(value("control"), Some(34.0));
         registry.evict_idle(now.plus_ms(60_001), 60_000);
         assert!(!registry.metrics.encode().contains("busyhub"), "dropped with the hub");
     }

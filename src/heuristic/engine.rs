@@ -62,17 +62,14 @@ use crate::reading::QueueReading;
 /// stuck.
 pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = durable::DEFAULT_VISIBILITY_TIMEOUT_MS;
 
-/// A hub's messages at the latest readings (the `queue_messages` gauges of `/metrics`).
+/// A hub's visible messages at the latest readings (the `visible_messages` gauges of
+/// `/metrics`; what is invisible, the durable rules split into held work and timers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct QueueMessages {
     /// Visible messages of the work-item queue (a peek sees at most 32).
     pub work_item_visible: u64,
-    /// The work-item queue's approximate count: visible and in progress.
-    pub work_item_all: u64,
     /// Visible messages over the control queues (at most 32 per queue seen).
     pub control_visible: u64,
-    /// The control queues' approximate counts: visible, in progress and sleeping timers.
-    pub control_all: u64,
 }
 
 /// Everything the engine needs to know about a hub's trigger.
@@ -315,16 +312,14 @@ impl HubEngine {
         self.control.len()
     }
 
-    /// The messages of the latest reading of each queue (none read yet: 0), summed over the
-    /// control queues.
+    /// The visible messages of the latest reading of each queue (none read yet: 0), summed
+    /// over the control queues.
     pub(crate) fn queue_messages(&self) -> QueueMessages {
         let latest = |view: &QueueView| view.latest.unwrap_or_default();
         let control = || self.control.iter().map(latest);
         QueueMessages {
-            work_item_visible: u64::from(latest(&self.work_item).visible_count),
-            work_item_all: latest(&self.work_item).approximate_count,
-            control_visible: control().map(|r| u64::from(r.visible_count)).sum(),
-            control_all: control().map(|r| r.approximate_count).sum(),
+            work_item_visible: latest(&self.work_item).visible(),
+            control_visible: control().map(|r| r.visible()).sum(),
         }
     }
 

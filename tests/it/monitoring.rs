@@ -456,7 +456,7 @@ async fn a_prometheus_scraping_a_demo_run_has_data_for_every_dashboard_query() {
     let (_, _, backlog) = panels.iter().find(|(t, _, _)| t == "Backlog").unwrap();
     let visible_peak = backlog
         .iter()
-        .filter(|(labels, _)| labels["visibility"] == "visible")
+        .filter(|(labels, _)| labels.get("queue").is_some())
         .flat_map(|(_, v)| v.iter().map(|(_, x)| *x))
         .fold(0.0, f64::max);
     assert!(visible_peak > 0.0, "work was seen waiting");
@@ -497,7 +497,7 @@ fn svg_chart(panels: &[PanelData], start: f64, task_hub: &str) -> String {
             .flat_map(|(_, legend, series)| {
                 series.iter().map(move |(labels, values)| {
                     let mut name = legend.clone();
-                    for key in ["queue", "visibility"] {
+                    for key in ["queue"] {
                         if let Some(v) = labels[key].as_str() {
                             name = name.replace(&format!("{{{{{key}}}}}"), v);
                         }
