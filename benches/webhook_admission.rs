@@ -93,7 +93,7 @@ async fn main() {
     let pki = Pki::ecdsa("bench");
     let volume = SecretVolume::new(dir.path(), &pki);
     let args = Args {
-        addr: "127.0.0.1:0".parse().unwrap(),
+        addr: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert: volume.cert(),
         tls_key: volume.key(),
         tls13_only: false,
@@ -101,6 +101,8 @@ async fn main() {
         sidecar_image: "ghcr.io/durable-scaler/durable-scaler:bench".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().expect("a URL"),
         sidecar_aggregator_ca: None,
+        sidecar_aggregator_ca_secret: None,
+        sidecar_image_pull_secrets: Vec::new(),
         native_sidecar: durable_scaler::webhook::cluster::NativeSidecarMode::True,
         sidecar_image_from_pod: false,
         webhook_container: "webhook".to_owned(),

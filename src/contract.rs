@@ -22,6 +22,36 @@ pub mod env {
     pub const TASK_HUB: &str = "DURABLE_SCALER_TASK_HUB";
     /// The app's storage connection string, copied from the app container's own variable.
     pub const CONNECTION: &str = "DURABLE_SCALER_CONNECTION";
+    /// An identity-based connection's `accountName` (from the app's
+    /// `{connection}__accountName`), used when [`CONNECTION`] is unset or empty, as the Functions
+    /// host uses the connection's settings when the connection has no string value.
+    pub const CONNECTION_ACCOUNT_NAME: &str = "DURABLE_SCALER_CONNECTION__accountName";
+    /// An identity-based connection's `blobServiceUri`.
+    pub const CONNECTION_BLOB_SERVICE_URI: &str = "DURABLE_SCALER_CONNECTION__blobServiceUri";
+    /// An identity-based connection's `queueServiceUri`.
+    pub const CONNECTION_QUEUE_SERVICE_URI: &str = "DURABLE_SCALER_CONNECTION__queueServiceUri";
+    /// An identity-based connection's `tableServiceUri`.
+    pub const CONNECTION_TABLE_SERVICE_URI: &str = "DURABLE_SCALER_CONNECTION__tableServiceUri";
+    /// An identity-based connection's `credential` (`managedidentity`, `workloadidentity`).
+    pub const CONNECTION_CREDENTIAL: &str = "DURABLE_SCALER_CONNECTION__credential";
+    /// An identity-based connection's `clientId`.
+    pub const CONNECTION_CLIENT_ID: &str = "DURABLE_SCALER_CONNECTION__clientId";
+    /// An identity-based connection's `tenantId`.
+    pub const CONNECTION_TENANT_ID: &str = "DURABLE_SCALER_CONNECTION__tenantId";
+    /// An identity-based connection's `tokenFilePath`.
+    pub const CONNECTION_TOKEN_FILE_PATH: &str = "DURABLE_SCALER_CONNECTION__tokenFilePath";
+    /// The identity-based connection's settings: the app's key after its connection name
+    /// (`AzureWebJobsStorage__{key}`), and the sidecar variable it is copied to.
+    pub const CONNECTION_SETTINGS: [(&str, &str); 8] = [
+        ("accountName", CONNECTION_ACCOUNT_NAME),
+        ("blobServiceUri", CONNECTION_BLOB_SERVICE_URI),
+        ("queueServiceUri", CONNECTION_QUEUE_SERVICE_URI),
+        ("tableServiceUri", CONNECTION_TABLE_SERVICE_URI),
+        ("credential", CONNECTION_CREDENTIAL),
+        ("clientId", CONNECTION_CLIENT_ID),
+        ("tenantId", CONNECTION_TENANT_ID),
+        ("tokenFilePath", CONNECTION_TOKEN_FILE_PATH),
+    ];
     /// The aggregator's report URL.
     pub const AGGREGATOR: &str = "DURABLE_SCALER_AGGREGATOR";
     /// PEM CA of an `https://` aggregator, inline or as a path.
@@ -89,6 +119,19 @@ pub(crate) const CPU_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-cpu-lim
 pub(crate) const MEMORY_REQUEST_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-request";
 /// Annotation overriding the sidecar's memory limit.
 pub(crate) const MEMORY_LIMIT_ANNOTATION: &str = "durable-scaler.io/sidecar-memory-limit";
+/// Annotation overriding the sidecar's image.
+pub(crate) const SIDECAR_IMAGE_ANNOTATION: &str = "durable-scaler.io/sidecar-image";
+/// Annotation setting the sidecar's log level (`error`, `warn`, `info`, `debug`, `trace`).
+pub(crate) const SIDECAR_LOG_LEVEL_ANNOTATION: &str = "durable-scaler.io/sidecar-log-level";
+/// Annotation: `"false"` leaves the app's shutdown as it is (no drain variable, no longer
+/// grace period).
+pub(crate) const DRAIN_ANNOTATION: &str = "durable-scaler.io/drain";
+/// Annotation: the pod's `terminationGracePeriodSeconds` while draining (never below the
+/// pod's own).
+pub(crate) const GRACE_ANNOTATION: &str = "durable-scaler.io/termination-grace-period-seconds";
+/// The value of [`INJECT_LABEL`] on a namespace that opts all its pods out (the webhook's
+/// `namespaceSelector` leaves such a namespace alone).
+pub const NAMESPACE_OPT_OUT: &str = "disabled";
 
 /// The injected container's name.
 pub const SIDECAR_CONTAINER: &str = "durable-scaler-sidecar";
@@ -234,6 +277,20 @@ pub mod limits {
     pub const HUB_REPLACEABLE_AFTER_MS: i64 = 5 * 60 * 1000;
     /// How many characters of a refused value an error message quotes.
     pub const QUOTE_MAX_CHARS: usize = 64;
+}
+
+/// One RBAC permission a role's code needs, declared beside the calls that need it so that the
+/// manifests test can hold `manifests/` to exactly these (tests/it/manifests.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RbacRule {
+    /// The API group (`""` for the core group).
+    pub api_group: &'static str,
+    /// The resource (or `resource/subresource`).
+    pub resource: &'static str,
+    /// The verb.
+    pub verb: &'static str,
+    /// Granted cluster-wide (a ClusterRole), or in the role's own namespace only (a Role).
+    pub cluster_wide: bool,
 }
 
 /// Shortens `text` (an Event note, say) to at most `max` bytes on a character boundary.

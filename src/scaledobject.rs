@@ -234,6 +234,8 @@ fn plan_settings(aggregator: url::Url) -> InjectionSettings {
         image: crate::webhook::DEFAULT_IMAGE.to_owned(),
         aggregator,
         aggregator_ca: None,
+        aggregator_ca_secret: None,
+        image_pull_secrets: Vec::new(),
         native_sidecar: false,
         version: env!("CARGO_PKG_VERSION").to_owned(),
     }

@@ -3,10 +3,13 @@
 //!
 //! It takes partitions in the Partitions table as DurableTask does (renews its own, claims
 //! free or expired ones up to its fair share, steals from a worker holding more than its
-//! share, hands back extras), processes the control queues it owns (an orchestration start
-//! fans out activities to the work-item queue; an activity result counts the orchestration
-//! down), and runs activities from the work-item queue, a bounded number at a time. On stop
-//! it finishes the activities it holds and hands its partitions back.
+//! share, hands back extras), and touches the queues as DTFx's dispatchers do
+//! ([`crate::emulator::dispatch`]): it prefetches the control queues it owns up to the buffer
+//! threshold, runs episodes (an orchestration start fans out activities to the work-item
+//! queue; an activity result counts the orchestration down) and activities a bounded number
+//! at a time, renewing what runs. On stop it finishes what runs, leaves what it prefetched
+//! invisible until its visibility timeout (as DTFx's graceful stop does) and hands its
+//! partitions back.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,10 +21,12 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinSet;
 
 use crate::{
-    emulator::{Claim, DequeuedMessage, TaskHubEmulator},
+    emulator::{
+        Claim, DequeuedMessage, TaskHubEmulator,
+        dispatch::{AppCode, DispatchSettings, Dispatcher, Stop, Work},
+    },
     shutdown::Shutdown,
     storage::{QueueRef, StorageError, TaskHubReader},
 };
@@ -41,7 +46,7 @@ pub(crate) struct WorkerSettings {
     pub lease: Duration,
     /// How often partitions are renewed and rebalanced.
     pub rebalance_every: Duration,
-    /// Pause after a round that found nothing to do.
+    /// The longest pause between two polls of an empty queue (`maxQueuePollingInterval`).
     pub idle_pause: Duration,
     /// How long a dequeued message stays invisible to other workers.
     pub visibility_timeout: Duration,
@@ -156,6 +161,44 @@ impl WorkerPod {
     }
 }
 
+/// The demo app's code, as the queues see it.
+struct DemoApp {
+    book: Arc<OrchestrationBook>,
+    activity_duration: Duration,
+}
+
+impl AppCode for DemoApp {
+    fn episode(&self, partition: u32, message: &DequeuedMessage) -> Work {
+        let mut work = Work { runs_for: Duration::from_millis(20), ..Work::default() };
+        match serde_json::from_str::<ControlMessage>(&message.text) {
+            Ok(ControlMessage::Start { id, activities }) => {
+                if self.book.start(id, activities) {
+                    let text = serde_json::to_string(&ActivityMessage { id, partition }).unwrap_or_default();
+                    work.sends =
+                        (0..activities).map(|_| (QueueRef::WorkItem, text.clone(), Duration::ZERO)).collect();
+                }
+            }
+            Ok(ControlMessage::Done { id }) => self.book.activity_done(id),
+            Ok(ControlMessage::Timer { .. }) => {}
+            Err(e) => tracing::debug!("unreadable control message: {e}"),
+        }
+        work
+    }
+
+    fn activity(&self, message: &DequeuedMessage) -> Work {
+        let sends = serde_json::from_str::<ActivityMessage>(&message.text)
+            .ok()
+            .map(|activity| {
+                let done =
+                    serde_json::to_string(&ControlMessage::Done { id: activity.id }).unwrap_or_default();
+                (QueueRef::Control(activity.partition), done, Duration::ZERO)
+            })
+            .into_iter()
+            .collect();
+        Work { runs_for: self.activity_duration, sends, fails: false }
+    }
+}
+
 struct Host {
     name: String,
     emulator: TaskHubEmulator,
@@ -171,26 +214,28 @@ impl Host {
             _ = tokio::time::sleep(self.settings.startup_delay) => {}
             _ = stop.wait() => return,
         }
-        let mut activities = JoinSet::new();
-        let mut last_rebalance: Option<tokio::time::Instant> = None;
+        let dispatch = DispatchSettings {
+            control_visibility_timeout: self.settings.visibility_timeout,
+            work_item_visibility_timeout: self.settings.visibility_timeout,
+            max_polling_interval: self.settings.idle_pause,
+            orchestration_slots: self.settings.max_activities,
+            activity_slots: self.settings.max_activities,
+            ..DispatchSettings::default()
+        };
+        let app =
+            Arc::new(DemoApp { book: self.book.clone(), activity_duration: self.settings.activity_duration });
+        let dispatcher = Dispatcher::start(self.emulator.clone(), dispatch, app);
         while !stop.is_triggered() {
-            if last_rebalance.is_none_or(|t| t.elapsed() >= self.settings.rebalance_every) {
-                if let Err(e) = self.rebalance().await {
-                    tracing::debug!(pod = %self.name, "rebalance failed: {e}");
-                }
-                last_rebalance = Some(tokio::time::Instant::now());
+            if let Err(e) = self.rebalance().await {
+                tracing::debug!(pod = %self.name, "rebalance failed: {e}");
             }
-            while activities.try_join_next().is_some() {}
-            let mut busy = self.process_control().await;
-            busy |= self.take_activities(&mut activities).await;
-            if !busy {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.settings.idle_pause) => {}
-                    _ = stop.wait() => {}
-                }
+            dispatcher.own(&self.claims.keys().copied().collect::<Vec<u32>>());
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.rebalance_every) => {}
+                _ = stop.wait() => {}
             }
         }
-        while activities.join_next().await.is_some() {}
+        dispatcher.stop(Stop::Graceful).await;
         for (_, claim) in std::mem::take(&mut self.claims) {
             if let Err(e) = self.emulator.release(claim).await {
                 tracing::debug!(pod = %self.name, "release failed: {e}");
@@ -234,85 +279,6 @@ impl Host {
             self.claims.insert(partition, claim);
         }
         Ok(())
-    }
-
-    /// One round over the owned control queues. Returns true when it found messages.
-    async fn process_control(&mut self) -> bool {
-        let mut found = false;
-        let partitions: Vec<u32> = self.claims.keys().copied().collect();
-        for partition in partitions {
-            let queue = QueueRef::Control(partition);
-            let messages = match self.emulator.dequeue(queue, 16, self.settings.visibility_timeout).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(pod = %self.name, partition, "dequeue failed: {e}");
-                    continue;
-                }
-            };
-            found |= !messages.is_empty();
-            for message in messages {
-                self.handle_control(partition, &message).await;
-            }
-        }
-        found
-    }
-
-    async fn handle_control(&self, partition: u32, message: &DequeuedMessage) {
-        match serde_json::from_str::<ControlMessage>(&message.text) {
-            Ok(ControlMessage::Start { id, activities }) => {
-                if self.book.start(id, activities) {
-                    let text = serde_json::to_string(&ActivityMessage { id, partition }).unwrap_or_default();
-                    for _ in 0..activities {
-                        if let Err(e) = self.emulator.enqueue(QueueRef::WorkItem, &text, Duration::ZERO).await
-                        {
-                            tracing::debug!(pod = %self.name, "enqueue activity failed: {e}");
-                        }
-                    }
-                }
-            }
-            Ok(ControlMessage::Done { id }) => self.book.activity_done(id),
-            Ok(ControlMessage::Timer { .. }) => {}
-            Err(e) => tracing::debug!(pod = %self.name, "unreadable control message: {e}"),
-        }
-        if let Err(e) = self.emulator.delete(message).await {
-            tracing::debug!(pod = %self.name, "delete failed: {e}");
-        }
-    }
-
-    /// Takes as many activities as it has room for and runs each in its own task. Returns
-    /// true when it took any.
-    async fn take_activities(&self, running: &mut JoinSet<()>) -> bool {
-        let room = self.settings.max_activities.saturating_sub(running.len());
-        if room == 0 {
-            return true;
-        }
-        let messages = match self
-            .emulator
-            .dequeue(QueueRef::WorkItem, room.min(32) as u32, self.settings.visibility_timeout)
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(pod = %self.name, "dequeue work items failed: {e}");
-                return false;
-            }
-        };
-        let took = !messages.is_empty();
-        for message in messages {
-            let emulator = self.emulator.clone();
-            let duration = self.settings.activity_duration;
-            running.spawn(async move {
-                tokio::time::sleep(duration).await;
-                if let Ok(activity) = serde_json::from_str::<ActivityMessage>(&message.text) {
-                    let done =
-                        serde_json::to_string(&ControlMessage::Done { id: activity.id }).unwrap_or_default();
-                    let _ =
-                        emulator.enqueue(QueueRef::Control(activity.partition), &done, Duration::ZERO).await;
-                }
-                let _ = emulator.delete(&message).await;
-            });
-        }
-        took
     }
 }
 

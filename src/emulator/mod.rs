@@ -28,6 +28,8 @@
 //! acquires it, then uploads the body with the new Owner and Epoch + 1 under the lease;
 //! `ReleaseAsync` uploads the body without Owner and Token, then releases.
 
+pub mod dispatch;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -81,6 +83,16 @@ pub struct DequeuedMessage {
     pub text: String,
     /// When it was first enqueued.
     pub inserted_at: Option<OffsetDateTime>,
+    /// How often it was dequeued, this time included (the service's `DequeueCount`).
+    pub dequeue_count: u64,
+}
+
+/// Upstream's abandon back-off for a message dequeued `dequeue_count` times: 2^n seconds up
+/// to 600 (`Messaging/TaskHubQueue.cs` `AbandonMessageAsync`).
+pub fn abandon_backoff(dequeue_count: u64) -> Duration {
+    const MAX_SECONDS: u64 = 600;
+    let seconds = if dequeue_count <= 30 { (1u64 << dequeue_count).min(MAX_SECONDS) } else { MAX_SECONDS };
+    Duration::from_secs(seconds)
 }
 
 /// Blob leases last 15 to 60 s (or forever); a claim's duration is clamped to that.
@@ -99,7 +111,12 @@ impl TaskHubEmulator {
     /// An emulator of `hub` in `account`, laying ownership out as `layout`'s partition
     /// manager does.
     pub fn new(account: &StorageAccount, hub: TaskHub, layout: Layout) -> Self {
-        let options = StorageOptions::default();
+        // Test infrastructure writing to one shared emulator under load: a slow answer is
+        // waited for rather than failed.
+        let options = StorageOptions {
+            attempt_timeout: std::time::Duration::from_secs(30),
+            ..StorageOptions::default()
+        };
         Self { table: TableService::new(account, &options), hub, layout, account: account.clone(), options }
     }
 
@@ -307,9 +324,45 @@ impl TaskHubEmulator {
                     pop_receipt: m.pop_receipt?,
                     text: m.message_text.unwrap_or_default(),
                     inserted_at: m.insertion_time,
+                    dequeue_count: m.dequeue_count.and_then(|n| u64::try_from(n).ok()).unwrap_or(1),
                 })
             })
             .collect())
+    }
+
+    /// Hides a dequeued message for `visibility` from now (whole seconds; 0 makes it visible
+    /// at once), keeping it: UpdateMessage, as `Messaging/TaskHubQueue.cs` `RenewMessageAsync`
+    /// renews a running activity or an active session, and `AbandonMessageAsync` backs a
+    /// failed one off. The pop receipt changes; the message carries the new one.
+    pub async fn update_visibility(
+        &self,
+        message: &mut DequeuedMessage,
+        visibility: Duration,
+    ) -> Result<(), StorageError> {
+        let name = self.hub.queue_name(message.queue);
+        let client = self.account.queue_client(&name, &self.options)?;
+        let seconds = i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX);
+        let response = client
+            .update_message(&message.id, &message.pop_receipt, seconds, None)
+            .await
+            .map_err(|e| StorageError::from_azure(&name, &e))?;
+        let receipt = response
+            .headers()
+            .get_optional_str(&azure_core::http::headers::HeaderName::from_static("x-ms-popreceipt"))
+            .map(str::to_string);
+        if let Some(receipt) = receipt {
+            message.pop_receipt = receipt;
+        }
+        Ok(())
+    }
+
+    /// Gives a failed message back with upstream's back-off (`Messaging/TaskHubQueue.cs`
+    /// `AbandonMessageAsync`: visible again after min(2^DequeueCount, 600) s, for ever: a
+    /// poison message is logged, never dropped). Returns the back-off.
+    pub async fn abandon(&self, message: &mut DequeuedMessage) -> Result<Duration, StorageError> {
+        let backoff = abandon_backoff(message.dequeue_count);
+        self.update_visibility(message, backoff).await?;
+        Ok(backoff)
     }
 
     /// Deletes a dequeued message: the work is done.

@@ -41,9 +41,10 @@
 //!    ([`HubHistory::record`]). Per queue, invisible messages are either **held** (possibly
 //!    held by a worker: dequeued, prefetched, or in a session) or **timers**, and each new
 //!    reading is explained from the one before:
-//!    - the invisible count rose: the rise is held work (messages a worker took), except as
-//!      many as the timers that had just fired and were taken for processing: their episodes
-//!      re-arm timers (a monitor's next wake-up);
+//!    - the invisible count rose: the rise is held work, except as many as the timers that
+//!      had just fired and were taken for processing: their episodes re-arm timers (a
+//!      monitor's next wake-up). Held work that was seen visible and taken is **taken**; what
+//!      appeared invisible may be an arrival a worker took at once or a timer born;
 //!    - the invisible count fell: what turned visible and was dequeued before (the peek's
 //!      `DequeueCount` > 0, [`QueueReading::redelivered_count`]) is held work reappearing; what
 //!      turned visible never dequeued is timers firing (the known ones first, else held
@@ -52,9 +53,13 @@
 //!    - held work becomes timers once the queue has been **quiet** for
 //!      [`DurableSettings::settle_ms`] and the held messages are at least that old. Quiet: no
 //!      consumer at work, i.e. neither its visible nor its approximate count fell beyond what
-//!      finishing the timers that fired explains. A pod holding a buffer works it off, and
-//!      every message it takes or finishes shows; timers set by work settle one window after
-//!      the work stops, and a monitor's own firing does not keep its queue busy;
+//!      finishing the timers that fired explains. Timers set by work settle one window after
+//!      the work stops, and a monitor's own firing does not keep its queue busy. Taken work
+//!      settles so only while there is no more of it than one worker's orchestration slots
+//!      (`maxOrchestrationsPerWorker`): more than that waits in a buffer, which a pod may work
+//!      off exactly as fast as new messages arrive and are taken, leaving both counts still;
+//!      it settles only once nothing at all has moved for the visibility timeout (by then
+//!      every message a worker took was finished or has reappeared);
 //!    - a reading whose peek hit [`PEEK_LIMIT`] says "at least 32 visible": nothing is taken
 //!      for held or timers on its say-so, the earlier split is only trimmed to what can still
 //!      be invisible (timers first);
@@ -90,9 +95,12 @@
 //! # Known blind spots
 //!
 //! - A pod that finishes held messages exactly as fast as new ones arrive and are prefetched
-//!   between two readings leaves both counts unmoved: its buffer reads quiet and settles into
-//!   timers after the settle window. DTFx's own polling back-off makes new arrivals visible
-//!   for a moment and finishing is rarely in step with arriving, so real queues move.
+//!   between two readings, for the whole visibility timeout, leaves both counts unmoved that
+//!   long: its buffer then settles into timers. Finishing is rarely in step with arriving for
+//!   that long, and DTFx's own polling back-off makes new arrivals visible for a moment.
+//! - A visible message taken by an episode that sets a timer in its place reads as taken
+//!   work (the counts cannot tell); with no more of it than a worker's slots, it settles once
+//!   the queue is quiet.
 //! - A message that appears invisible on a busy queue may be a new timer or an arrival a pod
 //!   prefetched at once: it counts as held work until the queue is quiet (cost, never lost
 //!   work).
@@ -170,6 +178,10 @@ impl QueueHistory {
 struct Held {
     since: UnixMs,
     count: u64,
+    /// Seen visible, then taken: a worker dequeued them (or found invisible at the first
+    /// reading, which might be that). Otherwise they appeared invisible: taken at once, or
+    /// timers born.
+    taken: bool,
 }
 
 /// What the previous reading of a control queue showed.
@@ -197,6 +209,8 @@ struct Ledger {
     fired_at: Option<UnixMs>,
     /// The last reading that showed a consumer at work beyond finishing fired timers.
     consumer_seen: Option<UnixMs>,
+    /// The last reading whose counts differed from the one before.
+    changed: Option<UnixMs>,
     previous: Option<Previous>,
 }
 
@@ -209,10 +223,23 @@ impl Ledger {
         self.timers + self.held()
     }
 
-    fn hold(&mut self, since: UnixMs, count: u64) {
+    fn hold(&mut self, since: UnixMs, count: u64, taken: bool) {
         if count > 0 {
-            self.held.push_back(Held { since, count });
+            self.held.push_back(Held { since, count, taken });
         }
+    }
+
+    /// Moves the held cohorts that `settles` into the timers, oldest first.
+    fn settle(&mut self, settles: impl Fn(&Held) -> bool) {
+        let mut kept = VecDeque::with_capacity(self.held.len());
+        for cohort in std::mem::take(&mut self.held) {
+            if settles(&cohort) {
+                self.timers += cohort.count;
+            } else {
+                kept.push_back(cohort);
+            }
+        }
+        self.held = kept;
     }
 
     /// Takes up to `n` from the timers; returns how many.
@@ -237,19 +264,18 @@ impl Ledger {
         taken
     }
 
-    /// Explains `reading` from the one before (module docs, rule 2). `nothing_holds`: no
-    /// worker runs; `lost`: the partition's owner is lost (its held work stays held).
-    fn observe(
-        &mut self,
-        reading: &QueueReading,
-        settings: &DurableSettings,
-        nothing_holds: bool,
-        lost: bool,
-    ) {
+    /// Explains `reading` from the one before (module docs, rule 2). `lost`: the partition's
+    /// owner is lost (its held work stays held).
+    fn observe(&mut self, reading: &QueueReading, settings: &DurableSettings, lost: bool) {
         let now = reading.sampled_at;
         let messages = reading.messages();
         let redelivered = u64::from(reading.redelivered_count);
         let previous = self.previous;
+        if previous.is_none_or(|p| {
+            p.messages != messages || (!reading.peek_saturated() && p.visible != reading.visible())
+        }) {
+            self.changed = Some(now);
+        }
         if let Some(p) = previous {
             // A consumer at work: visible messages taken, or invisible ones deleted, beyond
             // what finishing the timers that fired explains.
@@ -269,7 +295,7 @@ impl Ledger {
                 let from_timers = self.take_timers(excess);
                 self.take_held(excess - from_timers);
             }
-            (Some(invisible), None) => self.hold(now, invisible),
+            (Some(invisible), None) => self.hold(now, invisible, true),
             (Some(invisible), Some(p)) => {
                 let stock = self.stock();
                 if invisible > stock {
@@ -278,7 +304,9 @@ impl Ledger {
                     let rearmed = rise.min(self.rearmable);
                     self.rearmable -= rearmed;
                     self.timers += rearmed;
-                    self.hold(now, rise - rearmed);
+                    let taken = (rise - rearmed).min(p.visible.saturating_sub(reading.visible()));
+                    self.hold(now, taken, true);
+                    self.hold(now, rise - rearmed - taken, false);
                 } else if invisible < stock {
                     let fall = stock - invisible;
                     let to_visible = fall.min(reading.visible().saturating_sub(p.visible));
@@ -308,21 +336,26 @@ impl Ledger {
         if lost {
             return;
         }
-        if nothing_holds {
-            self.timers += self.take_held(u64::MAX);
-            return;
-        }
         let settle = i64::try_from(settings.settle_ms).unwrap_or(i64::MAX);
+        let timeout = i64::try_from(settings.visibility_timeout_ms).unwrap_or(i64::MAX);
+        let older = |t: Option<UnixMs>, ms: i64| t.is_none_or(|t| now.millis_since(t) >= ms);
         if self.fired_at.is_some_and(|t| now.millis_since(t) >= settle) {
             // What fired that long ago was finished, or is held by a worker like the rest.
             (self.fired, self.rearmable, self.fired_at) = (0, 0, None);
         }
-        if self.consumer_seen.is_none_or(|t| now.millis_since(t) >= settle) {
-            // Quiet: what has been held as long as the window is not held by anyone.
-            while self.held.front().is_some_and(|h| now.millis_since(h.since) >= settle) {
-                let settled = self.take_held(self.held.front().map_or(0, |h| h.count));
-                self.timers += settled;
-            }
+        if older(self.consumer_seen, settle) {
+            // Quiet. What appeared invisible and has been as long as the window is not held
+            // by anyone: timers. Messages a worker took wait in its buffer only while its
+            // orchestration slots are all busy: no more of them than it has slots are in
+            // episodes (ms to seconds) unless the app is busy, which shows.
+            let taken: u64 = self.held.iter().filter(|h| h.taken).map(|h| h.count).sum();
+            let slots = u64::from(settings.max_orchestrations_per_worker.max(1));
+            self.settle(|h| now.millis_since(h.since) >= settle && (!h.taken || taken <= slots));
+        }
+        if older(self.changed, timeout) {
+            // Nothing moved for a whole visibility timeout: whatever a worker took would have
+            // been finished or have reappeared by now.
+            self.settle(|h| now.millis_since(h.since) >= timeout);
         }
         let over = self.held().saturating_sub(settings.held_cap());
         let over = self.take_held(over);
@@ -371,13 +404,15 @@ impl HubHistory {
     }
 
     /// Records one reading per queue, all taken into the history at the same moment (their
-    /// `sampled_at`), with `workers` running, keeping what `settings` needs.
+    /// `sampled_at`), keeping what `settings` needs. Whether workers run is not asked: at zero
+    /// workers the decision takes every invisible control message for a timer
+    /// ([`recommend`]), while the split is kept for when a worker count that lagged its pods
+    /// catches up.
     pub(crate) fn record(
         &mut self,
         settings: &DurableSettings,
         work_item: QueueReading,
         control: &[QueueReading],
-        workers: u32,
     ) {
         let horizon = settings.horizon_ms();
         self.work_item.record(Sample { reading: work_item, timers: 0, held: 0 }, horizon);
@@ -390,7 +425,7 @@ impl HubHistory {
         for (partition, reading) in control.iter().enumerate() {
             let lost = self.is_lost(settings, partition, reading.sampled_at);
             let ledger = &mut self.ledgers[partition];
-            ledger.observe(reading, settings, workers == 0, lost);
+            ledger.observe(reading, settings, lost);
             let sample = Sample { reading: *reading, timers: ledger.timers, held: ledger.held() };
             self.control[partition].record(sample, horizon);
         }
@@ -417,7 +452,7 @@ impl HubHistory {
                 if let Some(ledger) = self.ledgers.get_mut(partition) {
                     let missing = then.saturating_sub(ledger.held());
                     let back = ledger.take_timers(missing);
-                    ledger.hold(at, back);
+                    ledger.hold(at, back, true);
                 }
             }
         }
@@ -801,7 +836,7 @@ mod tests {
             for (i, &(a, v)) in control.iter().enumerate() {
                 cq[i] = s(t, a, v);
             }
-            hub.record(&settings(), s(t, wi.0, wi.1), &cq, 1);
+            hub.record(&settings(), s(t, wi.0, wi.1), &cq);
         }
         hub
     }
@@ -818,10 +853,10 @@ mod tests {
 
     /// Records one moment: the work-item queue empty, control queue `partition` at `counts`,
     /// the others empty.
-    fn record_one(hub: &mut HubHistory, t: u64, partition: usize, counts: (u64, u32), workers: u32) {
+    fn record_one(hub: &mut HubHistory, t: u64, partition: usize, counts: (u64, u32)) {
         let mut cq = vec![s(t, 0, 0); P];
         cq[partition] = s(t, counts.0, counts.1);
-        hub.record(&settings(), s(t, 0, 0), &cq, workers);
+        hub.record(&settings(), s(t, 0, 0), &cq);
     }
 
     fn run(hub: &HubHistory, workers: u32, now: u64) -> Recommendation {
@@ -830,7 +865,7 @@ mod tests {
 
     #[test]
     fn fifty_sleeping_timers_alone_let_the_hub_sleep() {
-        let hub = steady(60_000, (0, 0), &[(50, 0), (3, 0), (0, 0), (7, 0)]);
+        let hub = arriving(60_000, (0, 0), &[(50, 0), (3, 0), (0, 0), (7, 0)]);
         let r = run(&hub, 2, 60_000);
         assert!(!r.keep_workers_alive, "{}", r.reason);
         assert_eq!(r.desired_workers, 0);
@@ -842,10 +877,10 @@ mod tests {
     fn fifty_timers_and_one_new_message_need_one_messages_worth_of_workers() {
         // Lookahead over every waiting message, so that counting the timers would show.
         let settings = DurableSettings { lookahead_window_ms: 0, ..settings() };
-        let mut hub = steady(60_000, (0, 0), &[(50, 0), (50, 0), (50, 0), (50, 0)]);
+        let mut hub = arriving(60_000, (0, 0), &[(50, 0), (50, 0), (50, 0), (50, 0)]);
         let mut control = [(50, 0); P].map(|(a, v)| s(65_000, a, v));
         control[1] = s(65_000, 51, 1);
-        hub.record(&settings, s(65_000, 0, 0), &control, 1);
+        hub.record(&settings, s(65_000, 0, 0), &control);
         let r = recommend(&settings, &hub, 1, ms(65_000));
         assert!(r.keep_workers_alive);
         assert_eq!(r.desired_workers, 1, "{}", r.reason);
@@ -855,7 +890,7 @@ mod tests {
         for c in control.iter_mut() {
             c.sampled_at = ms(70_000);
         }
-        hub.record(&settings, s(70_000, 0, 0), &control, 1);
+        hub.record(&settings, s(70_000, 0, 0), &control);
         let r = recommend(&settings, &hub, 1, ms(70_000));
         assert_eq!((r.desired_workers, r.keep_workers_alive), (1, true), "{}", r.reason);
         assert_eq!(
@@ -866,13 +901,12 @@ mod tests {
 
     #[test]
     fn a_monitor_re_arming_its_timer_every_few_seconds_does_not_keep_a_worker_per_partition() {
-        // Each partition: 20 sleeping timers and a monitor whose timer fires every few
+        // Each partition: 20 timers set a while ago and a monitor whose timer fires every few
         // seconds; a sample catches it fired (visible), re-armed before the old message is
-        // deleted (one more), or asleep, each partition in its own phase. Nothing is known of
-        // the timers at the first reading.
-        let mut hub = HubHistory::new(P);
+        // deleted (one more), or asleep, each partition in its own phase.
+        let mut hub = arriving(40_000, (0, 0), &[(20, 0), (20, 0), (20, 0), (20, 0)]);
         let mut last = None;
-        for (k, t) in (0..=300_000).step_by(5_000).enumerate() {
+        for (k, t) in (45_000..=300_000).step_by(5_000).enumerate() {
             let control: Vec<QueueReading> = (0..P)
                 .map(|p| match (k + p) % 3 {
                     0 => s(t, 20, 1),
@@ -880,7 +914,7 @@ mod tests {
                     _ => s(t, 20, 0),
                 })
                 .collect();
-            hub.record(&settings(), s(t, 0, 0), &control, 4);
+            hub.record(&settings(), s(t, 0, 0), &control);
             last = Some(t);
         }
         let now = last.expect("sampled");
@@ -889,23 +923,40 @@ mod tests {
         // A message or two in flight over four partitions: one or two workers, not P.
         assert!(r.desired_workers <= 2, "{}", r.reason);
         assert!(
-            split(&settings(), &hub, 4, ms(now)).timers >= 4 * 18,
+            split(&settings(), &hub, 4, ms(now)).timers >= 4 * 19,
             "the timers are told apart from the monitors in flight"
         );
+    }
+
+    #[test]
+    fn what_is_invisible_at_the_first_reading_is_held_until_nothing_moves_for_the_visibility_timeout() {
+        // An aggregator (re)started beside a pod working off a prefetched buffer exactly as
+        // fast as messages arrive cannot tell that buffer from sleeping timers: it keeps it
+        // as work while anything moves, and lets it go once nothing has for the visibility
+        // timeout.
+        let mut hub = HubHistory::new(P);
+        for (k, t) in (0..=400_000).step_by(5_000).enumerate() {
+            let counts = if k < 20 { (40 + (k % 2) as u64, 0) } else { (40, 0) };
+            record_one(&mut hub, t, 0, counts);
+            let r = run(&hub, 1, t);
+            // The counts last moved at k = 20 (100 s).
+            let moving_until = 100_000 + DEFAULT_VISIBILITY_TIMEOUT_MS;
+            assert_eq!(r.keep_workers_alive, t < moving_until, "at {t} ms: {}", r.reason);
+        }
     }
 
     #[test]
     fn a_dead_owners_in_flight_messages_count_as_work_until_the_visibility_timeout() {
         // 50 timers on partition 2; three messages arrive and are dequeued by its owner, which
         // then dies holding them (invisible, the count unchanged).
-        let mut hub = steady(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
-        record_one(&mut hub, 65_000, 2, (53, 3), 1);
-        record_one(&mut hub, 70_000, 2, (53, 0), 1);
+        let mut hub = arriving(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
+        record_one(&mut hub, 65_000, 2, (53, 3));
+        record_one(&mut hub, 70_000, 2, (53, 0));
         let lost_at = ms(72_000);
         hub.set_owner_lost(2, Some(lost_at));
         let mut t = 75_000;
         while t <= 360_000 {
-            record_one(&mut hub, t, 2, (53, 0), 0);
+            record_one(&mut hub, t, 2, (53, 0));
             for workers in [0, 1] {
                 let r = run(&hub, workers, t);
                 assert!(r.keep_workers_alive, "at {t} ms, {workers} workers: {}", r.reason);
@@ -915,16 +966,16 @@ mod tests {
         }
         // Past lost + visibility timeout the messages would have reappeared; still hidden,
         // they are timers.
-        record_one(&mut hub, 375_000, 2, (53, 0), 1);
+        record_one(&mut hub, 375_000, 2, (53, 0));
         assert!(!run(&hub, 1, 375_000).keep_workers_alive);
         // Without the loss the same three would have settled into timers once the queue had
         // been quiet for the settle window.
-        let mut alive = steady(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
+        let mut alive = arriving(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
         for (t, c) in [(65_000, (53, 3)), (70_000, (53, 0))] {
-            record_one(&mut alive, t, 2, c, 1);
+            record_one(&mut alive, t, 2, c);
         }
         for t in (75_000..=105_000).step_by(5_000) {
-            record_one(&mut alive, t, 2, (53, 0), 1);
+            record_one(&mut alive, t, 2, (53, 0));
         }
         assert!(!run(&alive, 1, 105_000).keep_workers_alive);
     }
@@ -933,14 +984,14 @@ mod tests {
     fn a_loss_told_late_restores_the_work_held_when_the_owner_was_last_seen() {
         // Three messages held at 70 s; the owner's last report is at 70 s, its loss is told
         // only at 110 s, after the queue was quiet long enough to settle them.
-        let mut hub = steady(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
-        record_one(&mut hub, 65_000, 2, (53, 3), 1);
+        let mut hub = arriving(60_000, (0, 0), &[(0, 0), (0, 0), (50, 0)]);
+        record_one(&mut hub, 65_000, 2, (53, 3));
         for t in (70_000..=110_000).step_by(5_000) {
-            record_one(&mut hub, t, 2, (53, 0), 1);
+            record_one(&mut hub, t, 2, (53, 0));
         }
         assert!(!run(&hub, 1, 110_000).keep_workers_alive, "settled: the owner looked alive");
         hub.set_owner_lost(2, Some(ms(70_000)));
-        record_one(&mut hub, 115_000, 2, (53, 0), 0);
+        record_one(&mut hub, 115_000, 2, (53, 0));
         let r = run(&hub, 0, 115_000);
         assert!(r.keep_workers_alive && r.reason.contains("ceil(3/5)"), "{}", r.reason);
     }
@@ -962,21 +1013,21 @@ mod tests {
         // 5 timers known; a pod that died held 3 messages, which reappear (dequeued before:
         // redelivered) and are taken by the next owner.
         let mut hub = steady(60_000, (0, 0), &[(5, 0)]);
-        record_one(&mut hub, 65_000, 0, (8, 3), 1);
-        record_one(&mut hub, 70_000, 0, (8, 0), 1);
+        record_one(&mut hub, 65_000, 0, (8, 3));
+        record_one(&mut hub, 70_000, 0, (8, 0));
         let mut reappear = HubHistory::default();
         std::mem::swap(&mut reappear, &mut hub);
         let mut cq = vec![s(75_000, 0, 0); P];
         cq[0] = QueueReading { redelivered_count: 3, ..s(75_000, 8, 3) };
-        reappear.record(&settings(), s(75_000, 0, 0), &cq, 1);
-        record_one(&mut reappear, 80_000, 0, (8, 0), 1);
+        reappear.record(&settings(), s(75_000, 0, 0), &cq);
+        record_one(&mut reappear, 80_000, 0, (8, 0));
         let again = split(&settings(), &reappear, 1, ms(80_000));
         assert_eq!((again.timers, again.held), (5, 3), "the three are work again");
         // The same counts without the dequeue count read as three timers firing and their
         // episodes re-arming timers: a monitor.
         let mut fired = steady(60_000, (0, 0), &[(8, 0)]);
-        record_one(&mut fired, 65_000, 0, (8, 3), 1);
-        record_one(&mut fired, 70_000, 0, (8, 0), 1);
+        record_one(&mut fired, 65_000, 0, (8, 3));
+        record_one(&mut fired, 70_000, 0, (8, 0));
         assert_eq!(split(&settings(), &fired, 1, ms(70_000)).timers, 8);
     }
 
@@ -995,11 +1046,11 @@ mod tests {
     #[test]
     fn new_invisible_control_messages_count_until_they_settle() {
         let mut hub = HubHistory::new(P);
-        hub.record(&settings(), s(0, 0, 0), &[s(0, 0, 0); P], 1);
-        record_one(&mut hub, 5_000, 0, (2, 0), 1);
+        hub.record(&settings(), s(0, 0, 0), &[s(0, 0, 0); P]);
+        record_one(&mut hub, 5_000, 0, (2, 0));
         assert!(run(&hub, 1, 5_000).keep_workers_alive, "a count that just rose is work in progress");
         for t in (10_000..=35_000).step_by(5_000) {
-            record_one(&mut hub, t, 0, (2, 0), 1);
+            record_one(&mut hub, t, 0, (2, 0));
         }
         assert!(!run(&hub, 1, 35_000).keep_workers_alive, "quiet for the settle window: timers");
     }
@@ -1007,10 +1058,10 @@ mod tests {
     #[test]
     fn two_hundred_timers_born_invisible_let_the_hub_sleep_once_the_queue_is_quiet() {
         let mut hub = steady(10_000, (0, 0), &[]);
-        record_one(&mut hub, 15_000, 1, (200, 0), 1);
+        record_one(&mut hub, 15_000, 1, (200, 0));
         assert!(run(&hub, 1, 15_000).keep_workers_alive);
         for t in (20_000..=60_000).step_by(5_000) {
-            record_one(&mut hub, t, 1, (200, 0), 1);
+            record_one(&mut hub, t, 1, (200, 0));
         }
         let r = run(&hub, 1, 60_000);
         assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false), "{}", r.reason);
@@ -1024,7 +1075,7 @@ mod tests {
         // an arrival is sometimes caught visible before the pod's next poll. Seven minutes,
         // longer than the visibility timeout and many settle windows.
         let mut hub = steady(10_000, (0, 0), &[(240, 32)]);
-        record_one(&mut hub, 15_000, 0, (240, 0), 1);
+        record_one(&mut hub, 15_000, 0, (240, 0));
         for (k, t) in (20_000..=440_000).step_by(5_000).enumerate() {
             let counts = match k % 4 {
                 0 => (241, 1),
@@ -1032,7 +1083,7 @@ mod tests {
                 2 => (239, 0),
                 _ => (240, 0),
             };
-            record_one(&mut hub, t, 0, counts, 1);
+            record_one(&mut hub, t, 0, counts);
             let r = run(&hub, 1, t);
             assert!(r.keep_workers_alive, "at {t} ms: {}", r.reason);
             assert!(split(&settings(), &hub, 1, ms(t)).held >= 238, "at {t} ms: {}", r.reason);
@@ -1049,7 +1100,7 @@ mod tests {
         for depth in [300, 1_000] {
             let mut hub = HubHistory::new(P);
             for t in (0..=180_000).step_by(5_000) {
-                hub.record(&settings, s(t, 0, 0), &[s(t, depth, 32); P], 1);
+                hub.record(&settings, s(t, 0, 0), &[s(t, depth, 32); P]);
             }
             let r = recommend(&settings, &hub, 4, ms(180_000));
             assert_eq!(r.desired_workers, 4, "{depth} a partition: {}", r.reason);
@@ -1062,10 +1113,10 @@ mod tests {
         let settings = DurableSettings { max_orchestrations_per_worker: 100, ..settings() };
         let mut hub = HubHistory::new(P);
         for t in (0..=60_000).step_by(5_000) {
-            hub.record(&settings, s(t, 0, 0), &[s(t, 50, 0); P], 1);
+            hub.record(&settings, s(t, 0, 0), &[s(t, 50, 0); P]);
         }
         for t in (65_000..=120_000).step_by(5_000) {
-            hub.record(&settings, s(t, 0, 0), &[s(t, 350, 32); P], 1);
+            hub.record(&settings, s(t, 0, 0), &[s(t, 350, 32); P]);
         }
         let split = split(&settings, &hub, 4, ms(120_000));
         assert_eq!(split.timers, 200);
@@ -1076,7 +1127,7 @@ mod tests {
     #[test]
     fn held_work_never_exceeds_what_an_owner_can_buffer() {
         let mut hub = steady(5_000, (0, 0), &[]);
-        record_one(&mut hub, 10_000, 0, (1_000, 0), 1);
+        record_one(&mut hub, 10_000, 0, (1_000, 0));
         let held = split(&settings(), &hub, 1, ms(10_000)).held;
         assert_eq!(held, u64::from(DEFAULT_BUFFER_THRESHOLD) + CONTROL_QUEUE_BATCH);
     }
@@ -1084,7 +1135,7 @@ mod tests {
     #[test]
     fn a_timer_that_fires_wakes_the_hub() {
         let mut hub = steady(60_000, (0, 0), &[(5, 0)]);
-        record_one(&mut hub, 65_000, 0, (5, 1), 0);
+        record_one(&mut hub, 65_000, 0, (5, 1));
         let r = run(&hub, 0, 65_000);
         assert!(r.keep_workers_alive);
         assert_eq!((r.action, r.desired_workers), (ScaleAction::AddWorker, 1));
@@ -1127,12 +1178,11 @@ mod tests {
     #[test]
     fn timers_that_fire_are_not_looked_ahead_for_but_new_arrivals_are() {
         // 200 timers sleeping on each of two partitions for a minute, then all fire.
-        let mut hub = steady(60_000, (0, 0), &[(200, 0), (200, 0)]);
+        let mut hub = arriving(60_000, (0, 0), &[(200, 0), (200, 0)]);
         hub.record(
             &settings(),
             s(65_000, 0, 0),
             &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
-            1,
         );
         let r = run(&hub, 1, 65_000);
         assert_eq!(r.desired_workers, 2, "two partition workers, no lookahead: {}", r.reason);
@@ -1142,7 +1192,6 @@ mod tests {
             &settings(),
             s(65_000, 0, 0),
             &[s(65_000, 200, 32), s(65_000, 200, 32), s(65_000, 0, 0), s(65_000, 0, 0)],
-            1,
         );
         assert_eq!(run(&hub, 1, 65_000).desired_workers, 39);
     }
@@ -1162,13 +1211,13 @@ mod tests {
     fn no_scale_up_for_work_that_drains_before_a_new_pod_starts() {
         let mut hub = steady(5_000, (100, 32), &[]);
         // 100 -> 60 in 5 s: the remaining 60 are gone in about 7.5 s, well before 20 s.
-        hub.record(&settings(), s(10_000, 60, 32), &[s(10_000, 0, 0); P], 1);
+        hub.record(&settings(), s(10_000, 60, 32), &[s(10_000, 0, 0); P]);
         let r = run(&hub, 2, 10_000);
         assert_eq!(r.desired_workers, 2, "{}", r.reason);
         assert!(r.reason.contains("held at 2"), "{}", r.reason);
         // Falling slowly (100 -> 95): more workers are worth starting.
         let mut hub = steady(5_000, (100, 32), &[]);
-        hub.record(&settings(), s(10_000, 95, 32), &[s(10_000, 0, 0); P], 1);
+        hub.record(&settings(), s(10_000, 95, 32), &[s(10_000, 0, 0); P]);
         assert_eq!(run(&hub, 2, 10_000).desired_workers, 10);
     }
 
@@ -1181,14 +1230,14 @@ mod tests {
     #[test]
     fn scale_in_keeps_the_window_peak() {
         let mut hub = steady(20_000, (80, 32), &[]);
-        hub.record(&settings(), s(25_000, 0, 0), &[s(25_000, 0, 0); P], 8);
+        hub.record(&settings(), s(25_000, 0, 0), &[s(25_000, 0, 0); P]);
         let r = run(&hub, 8, 25_000);
         assert_eq!(r.desired_workers, 8, "{}", r.reason);
         assert!(r.reason.contains("damped"), "{}", r.reason);
         assert!(!r.keep_workers_alive, "damping holds pods, not the hub's activity");
         // Once the window has passed with nothing, the hub may sleep.
         for t in (30_000..=60_000).step_by(5_000) {
-            hub.record(&settings(), s(t, 0, 0), &[s(t, 0, 0); P], 8);
+            hub.record(&settings(), s(t, 0, 0), &[s(t, 0, 0); P]);
         }
         let r = run(&hub, 8, 60_000);
         assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false));
@@ -1197,7 +1246,7 @@ mod tests {
     #[test]
     fn damping_never_asks_for_more_than_the_current_count() {
         let mut hub = steady(20_000, (200, 32), &[]);
-        hub.record(&settings(), s(25_000, 10, 10), &[s(25_000, 0, 0); P], 5);
+        hub.record(&settings(), s(25_000, 10, 10), &[s(25_000, 0, 0); P]);
         assert_eq!(run(&hub, 5, 25_000).desired_workers, 5);
     }
 
@@ -1228,11 +1277,11 @@ mod tests {
     #[test]
     fn at_zero_workers_invisible_control_messages_are_timers_from_the_first_sample() {
         let mut hub = HubHistory::new(P);
-        record_one(&mut hub, 100_000, 1, (3, 0), 0);
+        record_one(&mut hub, 100_000, 1, (3, 0));
         let r = run(&hub, 0, 100_000);
         assert_eq!((r.desired_workers, r.keep_workers_alive), (0, false), "{}", r.reason);
         // With a worker running, messages that came in since may be its work.
-        record_one(&mut hub, 105_000, 1, (5, 0), 1);
+        record_one(&mut hub, 105_000, 1, (5, 0));
         assert!(!run(&hub, 0, 105_000).keep_workers_alive);
         assert!(run(&hub, 1, 105_000).keep_workers_alive);
     }

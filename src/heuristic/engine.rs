@@ -403,7 +403,7 @@ impl HubEngine {
                 }
             }
             let control: Vec<QueueReading> = self.control.iter().map(|v| v.sample(now)).collect();
-            self.history.record(&durable, self.work_item.sample(now), &control, workers);
+            self.history.record(&durable, self.work_item.sample(now), &control);
         }
         let grace = self.settings.work_grace_ms;
         let recommendation = match self.settings.algorithm {

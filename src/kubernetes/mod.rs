@@ -25,7 +25,9 @@
 //! | `keda.sh` | `scaledobjects` | `get` | [`KubeWorkerCount`] (scaleTargetRef), [`EventRecorder`] (the ScaledObject's uid) |
 //! | `apps` | `deployments/scale`, `statefulsets/scale` | `get` | [`KubeWorkerCount`] (`status.replicas`) |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | [`TokenReviewAuthenticator`] |
-//! | `events.k8s.io` | `events` | `create`, `patch` | [`EventRecorder`] (creates only; `patch` is granted for event series, which it does not use yet) |
+//! | `events.k8s.io` | `events` | `create` | [`EventRecorder`] (creates only) |
+//!
+//! [`RBAC`] is this table as data; the manifests test holds `manifests/` to it.
 //!
 //! `scaledobjects`, `*/scale` and `events` are namespaced: a ClusterRole bound with a
 //! ClusterRoleBinding serves ScaledObjects in every namespace; RoleBindings per namespace
@@ -53,6 +55,22 @@ mod worker_count;
 use std::time::Duration;
 
 use crate::contract::env;
+
+/// The aggregator's RBAC (the table above): every rule cluster-wide, since the apps live in
+/// any namespace.
+pub const RBAC: [crate::contract::RbacRule; 5] = {
+    use crate::contract::RbacRule;
+    const fn rule(api_group: &'static str, resource: &'static str, verb: &'static str) -> RbacRule {
+        RbacRule { api_group, resource, verb, cluster_wide: true }
+    }
+    [
+        rule("keda.sh", "scaledobjects", "get"),
+        rule("apps", "deployments/scale", "get"),
+        rule("apps", "statefulsets/scale", "get"),
+        rule("authentication.k8s.io", "tokenreviews", "create"),
+        rule("events.k8s.io", "events", "create"),
+    ]
+};
 
 pub use events::EventRecorder;
 pub use token_review::TokenReviewAuthenticator;

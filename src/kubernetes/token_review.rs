@@ -7,6 +7,14 @@
 //! pod-bound service-account token. The aggregator's `sources::authorize` then checks that
 //! the report speaks for the pod the token names.
 //!
+//! A pod's name can come back (a StatefulSet's pod is re-created under its name), and the API
+//! server stops accepting a deleted pod's tokens at once, while this cache would not. So each
+//! cached answer keeps the pod's uid (the review's `authentication.kubernetes.io/pod-uid`
+//! extra, kubernetes `pkg/serviceaccount/util.go` `PodUIDKey`), and a review naming the same
+//! namespace and pod with another uid drops every cached answer for the older pod: only one
+//! pod holds a name at a time, so the older one is gone and its tokens must not speak for the
+//! new one.
+//!
 //! The cache decides on the `now` it is given ([`TokenReviewAuthenticator::authenticate_at`]),
 //! so its expiry rules are tested without waiting.
 
@@ -24,8 +32,11 @@ use super::metrics::{OutcomeCounter, outcome_labels};
 use crate::aggregator::sources::{AuthError, BoxFuture, ReportAuthenticator, ReportIdentity};
 use crate::clock::UnixMs;
 use crate::contract::TOKEN_AUDIENCE;
-/// The extra claim in which the API server names the pod a service-account token is bound to.
+/// The extra claim in which the API server names the pod a service-account token is bound to
+/// (kubernetes `pkg/serviceaccount/util.go`, `PodNameKey`).
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+/// The extra claim with that pod's uid (`PodUIDKey`).
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 const DEFAULT_CACHE_MAX_AGE: Duration = Duration::from_secs(300);
 const DEFAULT_CACHE_SIZE: usize = 10_000;
@@ -51,6 +62,8 @@ outcome_labels!(Outcome { CacheHit => "cache_hit", Accepted => "accepted", Missi
 #[derive(Debug, Clone)]
 struct CachedIdentity {
     identity: ReportIdentity,
+    /// The uid of the pod the token is bound to.
+    pod_uid: String,
     valid_until: UnixMs,
 }
 
@@ -128,18 +141,19 @@ impl TokenReviewAuthenticator {
                 return Err(AuthError::Unauthenticated(format!("cannot check the token: {error}")));
             }
         };
-        let identity = match identity_of(&status) {
-            Ok(identity) => identity,
+        let (identity, pod_uid) = match identity_of(&status) {
+            Ok(found) => found,
             Err(reason) => {
                 self.outcomes.inc(Outcome::Rejected);
                 return Err(AuthError::Unauthenticated(reason));
             }
         };
         self.outcomes.inc(Outcome::Accepted);
+        self.forget_older_pods(&identity, &pod_uid);
         if let Some(expiry) = jwt_expiry(token) {
             let valid_until = expiry.min(now.plus(self.cache_max_age));
             if valid_until > now {
-                self.remember(key, CachedIdentity { identity: identity.clone(), valid_until }, now);
+                self.remember(key, CachedIdentity { identity: identity.clone(), pod_uid, valid_until }, now);
             }
         }
         Ok(identity)
@@ -155,6 +169,13 @@ impl TokenReviewAuthenticator {
             }
             None => None,
         }
+    }
+
+    /// Drops the cached answers for `identity`'s namespace and pod name whose pod uid is not
+    /// `pod_uid`: the pod they were bound to is gone (module docs).
+    fn forget_older_pods(&self, identity: &ReportIdentity, pod_uid: &str) {
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.retain(|_, cached| cached.identity != *identity || cached.pod_uid == pod_uid);
     }
 
     fn remember(&self, key: [u8; 32], cached: CachedIdentity, now: UnixMs) {
@@ -196,8 +217,9 @@ impl ReportAuthenticator for TokenReviewAuthenticator {
     }
 }
 
-/// The identity a successful review names, or why the review does not make one.
-fn identity_of(status: &TokenReviewStatus) -> Result<ReportIdentity, String> {
+/// The identity a successful review names and the uid of its pod, or why the review does not
+/// make one.
+fn identity_of(status: &TokenReviewStatus) -> Result<(ReportIdentity, String), String> {
     if status.authenticated != Some(true) {
         let why = status.error.as_deref().unwrap_or("the API server did not authenticate it");
         return Err(format!("token rejected: {why}"));
@@ -213,13 +235,18 @@ fn identity_of(status: &TokenReviewStatus) -> Result<ReportIdentity, String> {
         .map(|(namespace, _service_account)| namespace)
         .filter(|namespace| !namespace.is_empty())
         .ok_or_else(|| format!("token rejected: {username:?} is not a service account"))?;
-    let pod_name = user
-        .and_then(|user| user.extra.as_ref())
-        .and_then(|extra| extra.get(POD_NAME_EXTRA))
-        .and_then(|values| values.first())
-        .filter(|name| !name.is_empty())
+    let extra = |key: &str| {
+        user.and_then(|user| user.extra.as_ref())
+            .and_then(|extra| extra.get(key))
+            .and_then(|values| values.first())
+            .filter(|value| !value.is_empty())
+    };
+    let pod_name = extra(POD_NAME_EXTRA)
         .ok_or("token rejected: it is not bound to a pod (use a projected service-account token)")?;
-    Ok(ReportIdentity { namespace: namespace.to_owned(), pod_name: pod_name.clone() })
+    // The API server names both or neither (`pkg/serviceaccount/claims.go`); a name without
+    // its uid is a review this code cannot trust to tell pods apart.
+    let pod_uid = extra(POD_UID_EXTRA).ok_or("token rejected: the review names the pod but not its uid")?;
+    Ok((ReportIdentity { namespace: namespace.to_owned(), pod_name: pod_name.clone() }, pod_uid.clone()))
 }
 
 /// The `exp` claim of a JWT, read without checking the signature: the API server has just
@@ -250,7 +277,13 @@ mod tests {
             audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
             user: Some(UserInfo {
                 username: Some(username.into()),
-                extra: pod.map(|pod| [(POD_NAME_EXTRA.to_owned(), vec![pod.to_owned()])].into()),
+                extra: pod.map(|pod| {
+                    [
+                        (POD_NAME_EXTRA.to_owned(), vec![pod.to_owned()]),
+                        (POD_UID_EXTRA.to_owned(), vec![format!("uid-of-{pod}")]),
+                    ]
+                    .into()
+                }),
                 ..UserInfo::default()
             }),
             error: None,
@@ -275,8 +308,20 @@ mod tests {
         let status = reviewed("system:serviceaccount:apps:worker", &["durable-scaler"], Some("worker-1"));
         assert_eq!(
             identity_of(&status).unwrap(),
-            ReportIdentity { namespace: "apps".into(), pod_name: "worker-1".into() }
+            (
+                ReportIdentity { namespace: "apps".into(), pod_name: "worker-1".into() },
+                "uid-of-worker-1".into()
+            )
         );
+    }
+
+    #[test]
+    fn a_review_naming_the_pod_without_its_uid_is_rejected() {
+        let mut status = reviewed("system:serviceaccount:apps:worker", &["durable-scaler"], Some("worker-1"));
+        if let Some(extra) = status.user.as_mut().and_then(|user| user.extra.as_mut()) {
+            extra.remove(POD_UID_EXTRA);
+        }
+        assert!(identity_of(&status).unwrap_err().contains("uid"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::contract::{
     SIDECAR_HTTP_PORT, SIDECAR_INTERVAL_RANGE, TOKEN_FILE, TaskHub, WORK_ITEMS_PER_CPU, env,
 };
 use crate::proto::report::WorkerLimits;
-use crate::storage::{PartitionMode, StorageAccount};
+use crate::storage::{AppIdentity, PartitionMode, StorageAccount};
 
 /// `durable-scaler sidecar`: reads the queues of the partitions this pod owns and reports
 /// them to the aggregator. Every flag can be set from the environment variable in its help
@@ -24,9 +24,13 @@ pub struct Args {
     #[arg(long, env = env::TASK_HUB, value_parser = naming(env::TASK_HUB, TaskHub::parse))]
     pub task_hub: Option<TaskHub>,
     /// The app's storage connection string (`AzureWebJobsStorage`); `AccountName=x` alone
-    /// means Entra ID (workload or managed identity).
+    /// means Entra ID (workload or managed identity). Unset or empty: the identity-based
+    /// connection below.
     #[arg(long, env = env::CONNECTION, hide_env_values = true)]
     pub connection: Option<String>,
+    /// An identity-based connection, as the app's `AzureWebJobsStorage__*` settings give it.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     /// The aggregator's report endpoint, e.g. `http://durable-scaler-aggregator:4371`, or
     /// `https://...` when the aggregator runs with `--report-tls`.
     #[arg(long, env = env::AGGREGATOR, value_parser = naming(env::AGGREGATOR, crate::config::parse_http_url))]
@@ -70,6 +74,45 @@ pub struct Args {
     /// What decides the app's per-pod limits (reported to the aggregator).
     #[command(flatten)]
     pub app_limits: AppLimitArgs,
+}
+
+/// An identity-based connection (the app's `{connection}__accountName` and the rest, copied by
+/// the webhook), used when no connection string is set; the storage layer's [`AppIdentity`]
+/// says how each is read.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IdentityArgs {
+    /// The storage account's name (`accountName`).
+    #[arg(long = "connection-account-name", env = env::CONNECTION_ACCOUNT_NAME)]
+    pub account_name: Option<String>,
+    /// The Blob service URI (`blobServiceUri`).
+    #[arg(long = "connection-blob-service-uri", env = env::CONNECTION_BLOB_SERVICE_URI)]
+    pub blob_service_uri: Option<String>,
+    /// The Queue service URI (`queueServiceUri`).
+    #[arg(long = "connection-queue-service-uri", env = env::CONNECTION_QUEUE_SERVICE_URI)]
+    pub queue_service_uri: Option<String>,
+    /// The Table service URI (`tableServiceUri`).
+    #[arg(long = "connection-table-service-uri", env = env::CONNECTION_TABLE_SERVICE_URI)]
+    pub table_service_uri: Option<String>,
+    /// `managedidentity`, `workloadidentity`, or unset (`credential`).
+    #[arg(long = "connection-credential", env = env::CONNECTION_CREDENTIAL)]
+    pub credential: Option<String>,
+    /// The identity's client id (`clientId`).
+    #[arg(long = "connection-client-id", env = env::CONNECTION_CLIENT_ID)]
+    pub client_id: Option<String>,
+    /// The tenant (`tenantId`; workload identity).
+    #[arg(long = "connection-tenant-id", env = env::CONNECTION_TENANT_ID)]
+    pub tenant_id: Option<String>,
+    /// The federated token file (`tokenFilePath`; workload identity).
+    #[arg(long = "connection-token-file-path", env = env::CONNECTION_TOKEN_FILE_PATH)]
+    pub token_file_path: Option<String>,
+}
+
+impl IdentityArgs {
+    fn is_empty(&self) -> bool {
+        [&self.account_name, &self.blob_service_uri, &self.queue_service_uri, &self.table_service_uri]
+            .iter()
+            .all(|v| v.as_deref().is_none_or(|v| v.trim().is_empty()))
+    }
 }
 
 /// What the app's per-pod concurrency limits depend on, as the webhook hands it over from the
@@ -319,9 +362,37 @@ impl Config {
     /// and the CA that goes with an https aggregator. The first problem found is returned.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let task_hub = required(args.task_hub, env::TASK_HUB, "task-hub")?;
-        let connection = required_text(args.connection, env::CONNECTION, "connection")?;
-        let account = StorageAccount::from_connection_string(&connection)
-            .map_err(|e| error(env::CONNECTION, "connection", e.to_string()))?;
+        let connection = args.connection.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        // A connection string wins over the settings, as in the Durable extension
+        // (`AzureStorageAccountProvider.GetStorageAccountDetails`).
+        let account = match (connection, args.identity.is_empty()) {
+            (Some(connection), _) => StorageAccount::from_connection_string(&connection)
+                .map_err(|e| error(env::CONNECTION, "connection", e.to_string()))?,
+            (None, false) => {
+                let i = args.identity;
+                StorageAccount::from_app_identity(&AppIdentity {
+                    account_name: i.account_name,
+                    blob_service_uri: i.blob_service_uri,
+                    queue_service_uri: i.queue_service_uri,
+                    table_service_uri: i.table_service_uri,
+                    credential: i.credential,
+                    client_id: i.client_id,
+                    tenant_id: i.tenant_id,
+                    token_file_path: i.token_file_path,
+                })
+                .map_err(|e| error(env::CONNECTION_ACCOUNT_NAME, "connection-account-name", e.to_string()))?
+            }
+            (None, true) => {
+                return Err(error(
+                    env::CONNECTION,
+                    "connection",
+                    format!(
+                        "is not set, and neither is an identity-based connection ({})",
+                        env::CONNECTION_ACCOUNT_NAME
+                    ),
+                ));
+            }
+        };
         let aggregator = required(args.aggregator, env::AGGREGATOR, "aggregator")?;
         let aggregator_ca = aggregator_ca(args.aggregator_ca, aggregator.scheme() == "https")?;
         let pod_name = required_text(args.pod_name, env::POD_NAME, "pod-name")?;
@@ -403,6 +474,7 @@ mod tests {
         Args {
             task_hub: Some(TaskHub::parse("MyHub").unwrap()),
             connection: Some("UseDevelopmentStorage=true".into()),
+            identity: IdentityArgs::default(),
             aggregator: Some("http://aggregator:4371".parse().unwrap()),
             aggregator_ca: None,
             aggregator_addresses: Vec::new(),
@@ -441,6 +513,37 @@ mod tests {
             assert_eq!(err.variable, variable);
             assert!(err.to_string().starts_with(variable) && err.to_string().contains("is not set"), "{err}");
         }
+    }
+
+    #[test]
+    fn without_a_connection_string_the_identity_based_settings_name_the_account() {
+        let identity = IdentityArgs {
+            account_name: Some("orders".into()),
+            credential: Some("managedidentity".into()),
+            ..Default::default()
+        };
+        let config = Config::from_args(Args { connection: Some(String::new()), identity, ..args() }).unwrap();
+        assert_eq!(
+            config.account.endpoint(crate::storage::Service::Queue).as_str(),
+            "https://orders.queue.core.windows.net/"
+        );
+
+        // A connection string wins, as in the Durable extension.
+        let identity = IdentityArgs { account_name: Some("orders".into()), ..Default::default() };
+        let config = Config::from_args(Args { identity, ..args() }).unwrap();
+        assert!(
+            config
+                .account
+                .endpoint(crate::storage::Service::Queue)
+                .as_str()
+                .starts_with("http://127.0.0.1:10001/")
+        );
+
+        let identity =
+            IdentityArgs { queue_service_uri: Some("https://q.example.net".into()), ..Default::default() };
+        let err = Config::from_args(Args { connection: None, identity, ..args() }).unwrap_err();
+        assert_eq!(err.variable, env::CONNECTION_ACCOUNT_NAME);
+        assert!(err.to_string().contains("blobServiceUri"), "{err}");
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //! owns 0 <-> 1 (activation, and scale to zero after cooldownPeriod without activity); a
 //! StreamIsActive push activates at once; the HPA syncs every 15 s while replicas > 0.
 
-use super::model::App;
-use super::scalers::{Metric, Scaler, sim_time};
+use super::scalers::{Metric, QueueSource, Scaler, sim_time};
 use crate::clock::UnixMs;
 use crate::heuristic::hpa::{self, MetricTargetType, ReplicaBounds, ScaleDownStabilizer};
 
@@ -85,7 +84,7 @@ impl Autoscaler {
     }
 
     /// The Deployment's replica count after everything due at `now_ms` has run.
-    pub fn tick(&mut self, now_ms: u64, scaler: &mut dyn Scaler, app: &App) -> u32 {
+    pub fn tick(&mut self, now_ms: u64, scaler: &mut dyn Scaler, app: &dyn QueueSource) -> u32 {
         let before = self.replicas;
         if scaler.tick(sim_time(now_ms), app, self.replicas) {
             // StreamIsActive: true activates a target at zero at once and postpones cooldown.

@@ -1,6 +1,7 @@
 //! What a run measured: orchestration latency percentiles, backlog drain time, pod-seconds,
-//! peak pods, scale changes, time to the first ready worker from zero, time at zero, and the
-//! series the chart draws.
+//! peak pods, scale changes, time to the first ready worker from zero, time at zero, what
+//! scale-ins cost (work interrupted and redone, prefetched messages stranded, the delay they
+//! added), and the series the chart draws.
 
 use serde::Serialize;
 
@@ -53,6 +54,22 @@ pub struct RunResult {
     pub zero_s: f64,
     /// Simulated duration (s).
     pub duration_s: f64,
+    /// Work items (activities and orchestration episodes) whose pod was stopped while it ran
+    /// them.
+    pub interrupted_work_items: u64,
+    /// Seconds those had run: work done again.
+    pub lost_work_s: f64,
+    /// Control messages a stopped pod had prefetched, hidden until their visibility timeout.
+    pub stranded_messages: u64,
+    /// Orchestrations a scale-in delayed (a message of theirs interrupted or stranded).
+    pub delayed_orchestrations: u64,
+    /// The latency scale-ins added to those, summed (s): per stop and orchestration hit, how
+    /// long its message stayed hidden after the stop plus the work lost on it.
+    pub scale_in_delay_s: f64,
+    /// The app drained on SIGTERM (waited for its running functions within the grace period).
+    pub drain: bool,
+    /// The scaler kept `controller.kubernetes.io/pod-deletion-cost` on the pods.
+    pub deletion_cost: bool,
     /// The chart's series (left out of the JSON).
     #[serde(skip)]
     pub series: Vec<Point>,
@@ -125,7 +142,8 @@ impl Recorder {
         }
     }
 
-    /// The results at the end of a run of `duration_ms`.
+    /// The results at the end of a run of `duration_ms`; `deletion_cost` says whether the
+    /// scaler ranked the pods.
     pub(crate) fn finish(
         self,
         scenario: &str,
@@ -133,6 +151,7 @@ impl Recorder {
         app: &App,
         duration_ms: u64,
         scale_changes: u32,
+        deletion_cost: bool,
     ) -> RunResult {
         let mut latencies: Vec<u64> = app.completions().iter().map(|c| c.done_ms - c.arrived_ms).collect();
         let completed = latencies.len() as u64;
@@ -144,6 +163,7 @@ impl Recorder {
             None if self.peak_backlog.1 > 0 => duration_ms.saturating_sub(self.peak_backlog.0),
             None => 0,
         };
+        let cost = app.scale_in_cost();
         let wake_mean_s = if self.wakes.is_empty() {
             0.0
         } else {
@@ -166,6 +186,13 @@ impl Recorder {
             wake_max_s: self.wakes.iter().max().copied().unwrap_or(0) as f64 / 1_000.0,
             zero_s: self.zero_ms as f64 / 1_000.0,
             duration_s: duration_ms as f64 / 1_000.0,
+            interrupted_work_items: cost.interrupted_work_items,
+            lost_work_s: cost.lost_work_ms as f64 / 1_000.0,
+            stranded_messages: cost.stranded_messages,
+            delayed_orchestrations: cost.delayed_orchestrations,
+            scale_in_delay_s: cost.delay_ms as f64 / 1_000.0,
+            drain: app.config().drain,
+            deletion_cost,
             series: self.series,
         }
     }

@@ -2,7 +2,9 @@
 //! and see, before deploying, how each behaves.
 //!
 //! A fixed-tick simulation (100 ms by default), deterministic for a seed:
-//! - [`model`]: the app: queues, orchestrations, pods and partition leases;
+//! - [`model`]: the app: queues, orchestrations, pods and partition leases, doing what a
+//!   live DTFx worker does to the queues, and what a scale-in costs;
+//! - [`source`]: what scalers can read of the app (the seam between the two);
 //! - [`autoscale`]: KEDA and the HPA, with the arithmetic of [`crate::heuristic::hpa`];
 //! - [`scalers`]: the peer scalers, and ours, which runs the aggregator's engine
 //!   ([`crate::heuristic::engine`]) from the app's queue readings to the metric;
@@ -17,6 +19,7 @@ pub mod model;
 pub mod output;
 pub mod scalers;
 pub mod scenario;
+pub mod source;
 pub mod svg;
 
 use std::io::IsTerminal;
@@ -79,20 +82,23 @@ pub enum Error {
 /// Runs every chosen scenario against every chosen scaler on the same seeded workload and
 /// prints, per scenario and scaler: orchestration latency p50/p95/p99, backlog drain time,
 /// pod-seconds, peak pods, scale changes, time from the first message to the first ready
-/// worker when at zero, and time at zero. `*` marks the lowest pod-seconds among scalers
-/// within 10 % of the best p95, `w` the fastest wake from zero. Writes one SVG chart per
-/// scenario (pods per scaler, backlog beneath). The model and every default, with its
-/// source, are described in docs/simulator.md.
+/// worker when at zero, time at zero, and what scale-ins cost (work items interrupted, work
+/// lost). `*` marks the lowest pod-seconds among scalers within 10 % of the best p95, `w` the
+/// fastest wake from zero. Writes one SVG chart per scenario (pods per scaler, backlog
+/// beneath). The model and every default, with its source, are described in
+/// docs/simulator.md.
 #[derive(Debug, Clone, Parser)]
 pub struct Args {
-    /// Built-in scenarios to run, comma-separated: burst, steady, diurnal, spiky, timers,
-    /// trickle. Default: all of them (unless --trace is given).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCENARIOS", value_delimiter = ',')]
+    /// Built-in scenarios to run, comma-separated. Default: all of them (unless --trace is
+    /// given).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCENARIOS", value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(scenario::BUILTIN))]
     pub scenarios: Vec<String>,
     /// A trace of arrivals to run as a scenario: CSV with a header (at_s required; count,
-    /// activities, activity_s, timer_s optional) or a JSON array of such rows (.json). Each row
-    /// starts `count` orchestrations at `at_s` that fan out `activities` activities of
-    /// `activity_s` seconds, then, if timer_s > 0, sleep that long and run one more.
+    /// activities, activity_s, timer_s, poison optional) or a JSON array of such rows (.json).
+    /// Each row starts `count` orchestrations at `at_s` that fan out `activities` activities of
+    /// `activity_s` seconds, then, if timer_s > 0, sleep that long and run one more, and, if
+    /// poison is 1, end with an activity that fails every time.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_TRACE")]
     pub trace: Option<PathBuf>,
     /// Scalers to race, comma-separated: kedacore, wsugarman, functions-target,
@@ -101,79 +107,118 @@ pub struct Args {
     /// the first five.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALERS", value_delimiter = ',')]
     pub scalers: Vec<ScalerKind>,
-    /// Seed for arrivals, activity durations and the latency vote's random scale-in; one seed,
-    /// one result.
+    /// Seed for arrivals, activity durations, the ReplicaSet's choice among equal pods, DTFx's
+    /// back-off jitter and the latency vote's random scale-in; one seed, one result.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SEED", default_value_t = 1)]
     pub seed: u64,
     /// Override every scenario's simulated duration (seconds).
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_DURATION_S")]
     pub duration_s: Option<u64>,
     /// Simulation tick (ms): smaller is finer and slower.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TICK_MS", default_value_t = 100)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_TICK_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub tick_ms: u64,
 
     /// Partition count P (control queues), 1..16.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_PARTITIONS", default_value_t = 4)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_PARTITIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
     pub partitions: u32,
     /// Seconds from pod creation until it takes work (image pull, host start).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_STARTUP_S", default_value_t = 20.0)]
-    pub startup_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_STARTUP_S", default_value = "20")]
+    pub startup_s: Seconds,
     /// maxConcurrentActivityFunctions per pod, also the scalers' maxActivitiesPerWorker.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES", default_value_t = 10)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_activities: u32,
     /// maxConcurrentOrchestratorFunctions per pod, also maxOrchestrationsPerWorker. The
     /// defaults, 10 and 10, are a 1-CPU pod's: the extension's 10 x ProcessorCount outside
     /// the Consumption plan (docs/simulator.md).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 10)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_orchestrations: u32,
     /// Seconds a partition lease that changes hands is unusable.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S", default_value_t = 10.0)]
-    pub lease_takeover_s: f64,
-    /// DTFx maxQueuePollingInterval (seconds): the idle backoff ceiling of a worker's polls.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_POLLING_INTERVAL_S", default_value_t = 30.0)]
-    pub max_polling_interval_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S", default_value = "10")]
+    pub lease_takeover_s: Seconds,
+    /// DTFx maxQueuePollingInterval (seconds): the idle back-off ceiling of a worker's polls.
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_POLLING_INTERVAL_S", default_value = "30",
+          value_parser = positive_seconds)]
+    pub max_polling_interval_s: Seconds,
+    /// DTFx controlQueueBufferThreshold: a worker stops prefetching control messages while it
+    /// holds this many (256 in the Functions extension off the Consumption plan).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_CONTROL_QUEUE_BUFFER_THRESHOLD", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub control_queue_buffer_threshold: u32,
+    /// DTFx controlQueueBatchSize: control messages per dequeue (Azure Queue's maximum is 32).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_CONTROL_QUEUE_BATCH_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub control_queue_batch_size: u32,
+    /// DTFx controlQueueVisibilityTimeout (seconds): a dequeued control message is hidden this
+    /// long; prefetched messages are not renewed.
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_CONTROL_VISIBILITY_TIMEOUT_S", default_value = "300",
+          value_parser = positive_seconds)]
+    pub control_visibility_timeout_s: Seconds,
+    /// DTFx workItemQueueVisibilityTimeout (seconds): a dequeued work item is hidden this long
+    /// past its last renewal (every 30 s while it runs).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_WORK_ITEM_VISIBILITY_TIMEOUT_S", default_value = "300",
+          value_parser = positive_seconds)]
+    pub work_item_visibility_timeout_s: Seconds,
     /// Milliseconds one orchestration episode (replay and scheduling) takes.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_MS", default_value_t = 100)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub episode_ms: u64,
-    /// terminationGracePeriodSeconds: how long a draining pod may finish its work.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_GRACE_S", default_value_t = 30.0)]
-    pub grace_s: f64,
+    /// terminationGracePeriodSeconds: how long a terminating pod may run on.
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_GRACE_S", default_value = "30")]
+    pub grace_s: Seconds,
+    /// Whose apps drain on SIGTERM (wait for their running functions within the grace
+    /// period): ours (our webhook turns the drain on), all, or none (the host stops at once).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_DRAIN", value_enum, default_value_t = DrainPolicy::Ours)]
+    pub drain: DrainPolicy,
+    /// Ours sets no pod-deletion-cost: the ReplicaSet picks the pods to remove among equals
+    /// at random, as for the peers.
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_NO_DELETION_COST")]
+    pub no_deletion_cost: bool,
 
     /// KEDA pollingInterval (seconds): how often IsActive is asked.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_POLLING_INTERVAL_S", default_value_t = 30.0)]
-    pub polling_interval_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_POLLING_INTERVAL_S", default_value = "30",
+          value_parser = positive_seconds)]
+    pub polling_interval_s: Seconds,
     /// KEDA cooldownPeriod (seconds): inactive this long before scaling to zero.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_COOLDOWN_S", default_value_t = 300.0)]
-    pub cooldown_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_COOLDOWN_S", default_value = "300")]
+    pub cooldown_s: Seconds,
     /// minReplicaCount.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_MIN_REPLICAS", default_value_t = 0)]
     pub min_replicas: u32,
     /// maxReplicaCount.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_REPLICAS", default_value_t = 100)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_REPLICAS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_replicas: u32,
     /// HPA sync period (seconds).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_HPA_SYNC_S", default_value_t = 15.0)]
-    pub hpa_sync_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_HPA_SYNC_S", default_value = "15",
+          value_parser = positive_seconds)]
+    pub hpa_sync_s: Seconds,
     /// HPA scale-down stabilization window (seconds).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_STABILIZATION_S", default_value_t = 300.0)]
-    pub stabilization_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_STABILIZATION_S", default_value = "300")]
+    pub stabilization_s: Seconds,
     /// KEDA azure-queue queueLength target (keda-azure-queue scaler).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_QUEUE_LENGTH", default_value_t = 5)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_QUEUE_LENGTH", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_length: u32,
 
     /// Our sidecars' report interval (seconds) while pods run.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_REPORT_INTERVAL_S", default_value_t = 5.0)]
-    pub report_interval_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_REPORT_INTERVAL_S", default_value = "5",
+          value_parser = positive_seconds)]
+    pub report_interval_s: Seconds,
     /// Our aggregator's probe interval (seconds) when no pod is ready.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S", default_value_t = 2.0)]
-    pub probe_interval_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S", default_value = "2",
+          value_parser = positive_seconds)]
+    pub probe_interval_s: Seconds,
     /// Our algorithm: seconds a control queue must have been quiet (no consumer at work)
     /// before invisible messages that came while it was busy are taken for sleeping timers.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SETTLE_S", default_value_t = 30.0)]
-    pub settle_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SETTLE_S", default_value = "30")]
+    pub settle_s: Seconds,
     /// Our algorithm: seconds of history scale-in keeps the peak of.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S", default_value_t = 10.0)]
-    pub scale_in_window_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S", default_value = "10")]
+    pub scale_in_window_s: Seconds,
 
     /// Our algorithm: do not count waiting orchestration messages as activities to come.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_NO_ACTIVITY_LOOKAHEAD")]
@@ -186,8 +231,8 @@ pub struct Args {
     pub episode_estimate_ms: u64,
     /// Our algorithm: the lookahead counts only control messages that arrived within this
     /// many seconds (not timers that fired); 0 counts every waiting message.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_LOOKAHEAD_WINDOW_S", default_value_t = 60.0)]
-    pub lookahead_window_s: f64,
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_LOOKAHEAD_WINDOW_S", default_value = "60")]
+    pub lookahead_window_s: Seconds,
     /// Our algorithm: ask for new pods even when the work will be gone before they start.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_NO_DRAIN_HOLD")]
     pub no_drain_hold: bool,
@@ -206,11 +251,73 @@ pub struct Args {
     pub no_svg: bool,
 }
 
+/// A duration given in seconds on the command line (fractions allowed), kept in ms: finite,
+/// not negative, below 10^9 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(u64);
+
+impl Seconds {
+    /// The duration in ms.
+    pub fn ms(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let value: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+        if (0.0..1e9).contains(&value) {
+            Ok(Self((value * 1_000.0).round() as u64))
+        } else {
+            Err(format!("{value} is not a number of seconds >= 0 and below 10^9"))
+        }
+    }
+}
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0 as f64 / 1_000.0)
+    }
+}
+
+/// [`Seconds`] above zero.
+fn positive_seconds(s: &str) -> Result<Seconds, String> {
+    let seconds: Seconds = s.parse()?;
+    if seconds.ms() == 0 { Err(format!("{s:?} must be above 0 (at least 1 ms)")) } else { Ok(seconds) }
+}
+
+/// Whose apps drain on SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum DrainPolicy {
+    /// Only ours: our webhook turns the drain on (architecture.md, "Work in flight and
+    /// scale-in").
+    Ours,
+    /// Every scaler's app.
+    All,
+    /// No app: the host stops at once.
+    None,
+}
+
+impl DrainPolicy {
+    /// Whether the app `kind` scales drains.
+    pub fn applies_to(self, kind: ScalerKind) -> bool {
+        match self {
+            Self::Ours => matches!(kind, ScalerKind::DurableScaler(_)),
+            Self::All => true,
+            Self::None => false,
+        }
+    }
+}
+
 /// Everything one run needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    /// The app and platform.
+    /// The app and platform (its `drain` is set per scaler from [`Settings::drain`]).
     pub app: AppConfig,
+    /// Whose apps drain on SIGTERM.
+    pub drain: DrainPolicy,
     /// KEDA and the HPA.
     pub keda: KedaConfig,
     /// The scalers.
@@ -223,6 +330,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             app: AppConfig::default(),
+            drain: DrainPolicy::Ours,
             keda: KedaConfig::default(),
             scalers: ScalerConfig::default(),
             tick_ms: 100,
@@ -230,143 +338,61 @@ impl Default for Settings {
     }
 }
 
-fn seconds(value: f64, flag: &'static str, env: &'static str) -> Result<u64, Error> {
-    if (0.0..1e9).contains(&value) {
-        Ok((value * 1_000.0).round() as u64)
-    } else {
-        Err(Error::Invalid { flag, env, reason: format!("{value} is not a number of seconds >= 0") })
-    }
-}
-
-fn positive(value: u32, flag: &'static str, env: &'static str) -> Result<u32, Error> {
-    if value == 0 {
-        Err(Error::Invalid { flag, env, reason: "must be at least 1".to_string() })
-    } else {
-        Ok(value)
-    }
-}
-
 impl Args {
-    /// Validates the flags into [`Settings`].
+    /// The flags as [`Settings`]; clap checked each value, this checks how they combine.
     pub fn settings(&self) -> Result<Settings, Error> {
-        if !(1..=16).contains(&self.partitions) {
-            return Err(Error::Invalid {
-                flag: "--partitions",
-                env: "DURABLE_SCALER_SIMULATE_PARTITIONS",
-                reason: format!("{} is outside 1..16", self.partitions),
-            });
-        }
-        if !(10..=10_000).contains(&self.tick_ms) {
-            return Err(Error::Invalid {
-                flag: "--tick-ms",
-                env: "DURABLE_SCALER_SIMULATE_TICK_MS",
-                reason: format!("{} is outside 10..10000", self.tick_ms),
-            });
-        }
-        let max_replicas =
-            positive(self.max_replicas, "--max-replicas", "DURABLE_SCALER_SIMULATE_MAX_REPLICAS")?;
-        if self.min_replicas > max_replicas {
+        if self.min_replicas > self.max_replicas {
             return Err(Error::Invalid {
                 flag: "--min-replicas",
                 env: "DURABLE_SCALER_SIMULATE_MIN_REPLICAS",
-                reason: format!("{} is above --max-replicas {}", self.min_replicas, max_replicas),
+                reason: format!("{} is above --max-replicas {}", self.min_replicas, self.max_replicas),
             });
         }
-        let positive_s = |v: f64, flag: &'static str, env: &'static str| {
-            let ms = seconds(v, flag, env)?;
-            if ms == 0 {
-                Err(Error::Invalid { flag, env, reason: "must be above 0".to_string() })
-            } else {
-                Ok(ms)
-            }
-        };
-        let max_activities =
-            positive(self.max_activities, "--max-activities", "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES")?;
-        let max_orchestrations = positive(
-            self.max_orchestrations,
-            "--max-orchestrations",
-            "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS",
-        )?;
         let app = AppConfig {
             partitions: self.partitions,
-            startup_ms: seconds(self.startup_s, "--startup-s", "DURABLE_SCALER_SIMULATE_STARTUP_S")?,
-            max_activities,
-            max_orchestrations,
-            lease_takeover_ms: seconds(
-                self.lease_takeover_s,
-                "--lease-takeover-s",
-                "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S",
-            )?,
-            max_polling_interval_ms: positive_s(
-                self.max_polling_interval_s,
-                "--max-polling-interval-s",
-                "DURABLE_SCALER_SIMULATE_MAX_POLLING_INTERVAL_S",
-            )?,
-            episode_ms: self.episode_ms.max(1),
-            grace_ms: seconds(self.grace_s, "--grace-s", "DURABLE_SCALER_SIMULATE_GRACE_S")?,
+            startup_ms: self.startup_s.ms(),
+            max_activities: self.max_activities,
+            max_orchestrations: self.max_orchestrations,
+            lease_takeover_ms: self.lease_takeover_s.ms(),
+            max_polling_interval_ms: self.max_polling_interval_s.ms(),
+            episode_ms: self.episode_ms,
+            grace_ms: self.grace_s.ms(),
+            control_visibility_timeout_ms: self.control_visibility_timeout_s.ms(),
+            work_item_visibility_timeout_ms: self.work_item_visibility_timeout_s.ms(),
+            control_batch_size: self.control_queue_batch_size as usize,
+            control_buffer_threshold: self.control_queue_buffer_threshold as usize,
             ..AppConfig::default()
         };
         let keda = KedaConfig {
-            polling_interval_ms: positive_s(
-                self.polling_interval_s,
-                "--polling-interval-s",
-                "DURABLE_SCALER_SIMULATE_POLLING_INTERVAL_S",
-            )?,
-            cooldown_ms: seconds(self.cooldown_s, "--cooldown-s", "DURABLE_SCALER_SIMULATE_COOLDOWN_S")?,
-            bounds: ReplicaBounds { min: self.min_replicas, max: max_replicas },
-            hpa_sync_ms: positive_s(self.hpa_sync_s, "--hpa-sync-s", "DURABLE_SCALER_SIMULATE_HPA_SYNC_S")?,
-            stabilization: std::time::Duration::from_millis(seconds(
-                self.stabilization_s,
-                "--stabilization-s",
-                "DURABLE_SCALER_SIMULATE_STABILIZATION_S",
-            )?),
+            polling_interval_ms: self.polling_interval_s.ms(),
+            cooldown_ms: self.cooldown_s.ms(),
+            bounds: ReplicaBounds { min: self.min_replicas, max: self.max_replicas },
+            hpa_sync_ms: self.hpa_sync_s.ms(),
+            stabilization: std::time::Duration::from_millis(self.stabilization_s.ms()),
         };
         let scalers = ScalerConfig {
-            max_activities,
-            max_orchestrations,
-            queue_length: positive(
-                self.queue_length,
-                "--queue-length",
-                "DURABLE_SCALER_SIMULATE_QUEUE_LENGTH",
-            )?,
-            report_interval_ms: positive_s(
-                self.report_interval_s,
-                "--report-interval-s",
-                "DURABLE_SCALER_SIMULATE_REPORT_INTERVAL_S",
-            )?,
-            probe_interval_ms: positive_s(
-                self.probe_interval_s,
-                "--probe-interval-s",
-                "DURABLE_SCALER_SIMULATE_PROBE_INTERVAL_S",
-            )?,
+            max_activities: self.max_activities,
+            max_orchestrations: self.max_orchestrations,
+            queue_length: self.queue_length,
+            report_interval_ms: self.report_interval_s.ms(),
+            probe_interval_ms: self.probe_interval_s.ms(),
             durable: DurableSettings {
-                max_activities_per_worker: max_activities,
-                max_orchestrations_per_worker: max_orchestrations,
-                settle_ms: seconds(self.settle_s, "--settle-s", "DURABLE_SCALER_SIMULATE_SETTLE_S")?,
-                scale_in_window_ms: seconds(
-                    self.scale_in_window_s,
-                    "--scale-in-window-s",
-                    "DURABLE_SCALER_SIMULATE_SCALE_IN_WINDOW_S",
-                )?,
+                max_activities_per_worker: self.max_activities,
+                max_orchestrations_per_worker: self.max_orchestrations,
+                settle_ms: self.settle_s.ms(),
+                scale_in_window_ms: self.scale_in_window_s.ms(),
                 activity_lookahead: !self.no_activity_lookahead,
                 episode_estimate_ms: self.episode_estimate_ms,
-                lookahead_window_ms: seconds(
-                    self.lookahead_window_s,
-                    "--lookahead-window-s",
-                    "DURABLE_SCALER_SIMULATE_LOOKAHEAD_WINDOW_S",
-                )?,
-                startup_ms: if self.no_drain_hold {
-                    0
-                } else {
-                    seconds(self.startup_s, "--startup-s", "DURABLE_SCALER_SIMULATE_STARTUP_S")?
-                },
+                lookahead_window_ms: self.lookahead_window_s.ms(),
+                startup_ms: if self.no_drain_hold { 0 } else { self.startup_s.ms() },
                 ..DurableSettings::default()
             },
             // The aggregator's default `--work-grace`.
             work_grace_ms: DEFAULT_WORK_GRACE_MS,
             seed: self.seed,
+            deletion_cost: !self.no_deletion_cost,
         };
-        Ok(Settings { app, keda, scalers, tick_ms: self.tick_ms })
+        Ok(Settings { app, drain: self.drain, keda, scalers, tick_ms: self.tick_ms })
     }
 
     /// The scenarios to run, validated.
@@ -407,8 +433,10 @@ pub fn run_one(
     settings: &Settings,
     progress: &mut dyn FnMut(u64),
 ) -> RunResult {
-    let mut app = App::new(settings.app, scenario.workload.clone(), settings.scalers.seed);
+    let app_cfg = AppConfig { drain: settings.drain.applies_to(kind), ..settings.app };
+    let mut app = App::new(app_cfg, scenario.workload.clone(), settings.scalers.seed);
     let mut scaler = scalers::build(kind, &settings.scalers, settings.app.partitions as usize);
+    let deletion_cost = settings.scalers.deletion_cost && matches!(kind, ScalerKind::DurableScaler(_));
     let mut keda = Autoscaler::new(settings.keda);
     let mut recorder = Recorder::new(settings.tick_ms, scenario.duration_ms);
     let mut now = 0;
@@ -418,6 +446,9 @@ pub fn run_one(
         app.tick(now);
         let pods_before = app.pods();
         let replicas = keda.tick(now, scaler.as_mut(), &app);
+        if let Some(costs) = scaler.take_deletion_costs() {
+            app.set_deletion_costs(&costs);
+        }
         app.set_replicas(replicas, now);
         recorder.record(now, &app, pods_before);
         now += settings.tick_ms;
@@ -426,7 +457,14 @@ pub fn run_one(
             progress(now);
         }
     }
-    recorder.finish(&scenario.name, &kind.to_string(), &app, scenario.duration_ms, keda.changes())
+    recorder.finish(
+        &scenario.name,
+        &kind.to_string(),
+        &app,
+        scenario.duration_ms,
+        keda.changes(),
+        deletion_cost,
+    )
 }
 
 /// The results of a suite and how fast it ran.

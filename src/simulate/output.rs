@@ -62,8 +62,9 @@ pub(crate) struct Report<'a> {
 
 /// The terminal table: one row per scenario and scaler; `*` marks the goal's winner (lowest
 /// pod-seconds within 10 % of the best p95), `~` the others within 10 %, `w` the fastest wake.
+/// `intr` and `lost s` are the work items scale-ins interrupted and the seconds of work lost.
 pub fn table(results: &[RunResult], verdicts: &[Verdict]) -> String {
-    const WIDTHS: [usize; 12] = [10, 22, 7, 7, 7, 7, 9, 5, 6, 11, 6, 11];
+    const WIDTHS: [usize; 14] = [15, 22, 7, 7, 7, 7, 9, 5, 6, 11, 6, 11, 5, 7];
     let header = [
         "scenario",
         "scaler",
@@ -77,6 +78,8 @@ pub fn table(results: &[RunResult], verdicts: &[Verdict]) -> String {
         "wake s m/max",
         "zero%",
         "done",
+        "intr",
+        "lost s",
     ];
     let line = |cells: &[String], mark: &str| {
         let mut l = String::new();
@@ -145,6 +148,8 @@ impl Standing {
             self.wake.clone(),
             format!("{:.0}", self.zero_percent),
             format!("{}/{}", r.completed, r.orchestrations),
+            r.interrupted_work_items.to_string(),
+            format!("{:.0}", r.lost_work_s),
         ]
     }
 }
@@ -152,7 +157,7 @@ impl Standing {
 /// The table as Markdown, for the README.
 pub(crate) fn markdown(results: &[RunResult], verdicts: &[Verdict]) -> String {
     let mut out = String::from(
-        "| scenario | scaler | p50 s | p95 s | p99 s | drain s | pod-s | peak | scale changes | wake s mean/max | at zero | done | goal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| scenario | scaler | p50 s | p95 s | p99 s | drain s | pod-s | peak | scale changes | wake s mean/max | at zero | done | interrupted | lost s | goal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in results {
         let standing = Standing::of(r, verdicts);

@@ -19,7 +19,11 @@
 //!   per-hub engine, `heuristic::engine`) takes a reading of every queue each time a sidecar
 //!   would report (every 5 s while pods run) or the aggregator would probe (every 2 s at
 //!   zero) and decides; IsActive, GetMetrics and the StreamIsActive push on the inactive ->
-//!   active transition are answered from it as the aggregator answers them.
+//!   active transition are answered from it as the aggregator answers them. At each report
+//!   it also ranks the pods by what their sidecars say they hold ([`deletion_cost`]), as the
+//!   aggregator keeps `controller.kubernetes.io/pod-deletion-cost` on them (architecture.md,
+//!   "Work in flight and scale-in"), so the ReplicaSet removes the pod holding least first.
+//!   Peers set no cost: the ReplicaSet picks among equals at random.
 //!
 //! Scalers see the app through [`QueueSource`], so a test can drive them with a sequence of
 //! readings of its own (tests/it/engine_equivalence.rs).
@@ -27,7 +31,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::model::App;
 use crate::clock::UnixMs;
 use crate::heuristic::{
     Algorithm, ScaleAction,
@@ -38,29 +41,7 @@ use crate::heuristic::{
 };
 use crate::reading::QueueReading;
 
-/// The simulated clock (ms since the run started) as the moment scalers and the engine take.
-pub fn sim_time(ms: u64) -> UnixMs {
-    UnixMs(i64::try_from(ms).unwrap_or(i64::MAX))
-}
-
-/// What a scaler can read of the app: its queues, as Get Queue Metadata and a Peek show
-/// them, and its ready pods.
-pub trait QueueSource {
-    /// The work-item queue, then each control queue, at `now`.
-    fn observe(&self, now: UnixMs) -> (QueueReading, Vec<QueueReading>);
-    /// Pods ready to take work at `now`.
-    fn ready_pods(&self, now: UnixMs) -> u32;
-}
-
-impl QueueSource for App {
-    fn observe(&self, now: UnixMs) -> (QueueReading, Vec<QueueReading>) {
-        App::observe(self, u64::try_from(now.as_millis()).unwrap_or(0))
-    }
-
-    fn ready_pods(&self, now: UnixMs) -> u32 {
-        App::ready_pods(self, u64::try_from(now.as_millis()).unwrap_or(0))
-    }
-}
+pub use super::source::{PodReport, QueueSource, sim_time};
 
 /// One external metric as the HPA reads it (metricType AverageValue).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,6 +64,12 @@ pub trait Scaler {
     fn metrics(&mut self, now: UnixMs, app: &dyn QueueSource, replicas: u32) -> Vec<Metric>;
     /// Ours only: the engine's latest decision, with its reason (peers have none to show).
     fn decision(&self) -> Option<&Decision> {
+        None
+    }
+    /// Ours only: `controller.kubernetes.io/pod-deletion-cost` per pod (pod id, cost), when
+    /// it changed since the last call (at each sidecar report); peers set none, so the
+    /// ReplicaSet picks among equals.
+    fn take_deletion_costs(&mut self) -> Option<Vec<(u64, i32)>> {
         None
     }
 }
@@ -169,6 +156,9 @@ pub struct ScalerConfig {
     pub work_grace_ms: u64,
     /// Seed for the latency vote's random scale-in.
     pub seed: u64,
+    /// Ours keeps `controller.kubernetes.io/pod-deletion-cost` on the pods from what their
+    /// sidecars report, so the ReplicaSet removes the pod holding least first.
+    pub deletion_cost: bool,
 }
 
 impl Default for ScalerConfig {
@@ -187,6 +177,7 @@ impl Default for ScalerConfig {
             },
             work_grace_ms: DEFAULT_WORK_GRACE_MS,
             seed: 0,
+            deletion_cost: true,
         }
     }
 }
@@ -388,6 +379,10 @@ struct DurableScaler {
     next_sample: UnixMs,
     /// IsActive as last published, for the StreamIsActive push on inactive -> active.
     active: bool,
+    /// Whether it ranks pods for the ReplicaSet.
+    deletion_cost: bool,
+    /// The deletion costs of the latest reports, until KEDA's loop takes them.
+    costs: Option<Vec<(u64, i32)>>,
 }
 
 impl DurableScaler {
@@ -408,8 +403,21 @@ impl DurableScaler {
             probe_interval_ms: i64::try_from(cfg.probe_interval_ms.max(1)).unwrap_or(i64::MAX),
             next_sample: UnixMs(i64::MIN),
             active: false,
+            deletion_cost: cfg.deletion_cost,
+            costs: None,
         }
     }
+}
+
+/// The deletion cost the aggregator keeps on a pod from its sidecar's report: the messages
+/// it holds first (removing a pod that runs work interrupts it), then its leases (removing
+/// one moves them, a takeover delay); lowest goes first. A held message outweighs every lease
+/// a pod can own (at most 16, `contract::MAX_PARTITIONS`).
+pub fn deletion_cost(report: &PodReport) -> i32 {
+    let held = i64::try_from(report.held_messages).unwrap_or(i64::MAX);
+    let per_message = i64::from(crate::contract::MAX_PARTITIONS) + 1;
+    let cost = held.saturating_mul(per_message).saturating_add(i64::from(report.owned_partitions));
+    i32::try_from(cost).unwrap_or(i32::MAX)
 }
 
 impl Scaler for DurableScaler {
@@ -426,6 +434,15 @@ impl Scaler for DurableScaler {
             self.engine.observe_control(partition, sample, now);
         }
         self.engine.evaluate(now, replicas);
+        if self.deletion_cost {
+            self.costs = Some(
+                app.pod_reports(now)
+                    .iter()
+                    .filter(|r| !r.terminating)
+                    .map(|r| (r.pod, deletion_cost(r)))
+                    .collect(),
+            );
+        }
         let was_active = std::mem::replace(&mut self.active, self.engine.is_active(now));
         !was_active && self.active
     }
@@ -441,5 +458,9 @@ impl Scaler for DurableScaler {
 
     fn decision(&self) -> Option<&Decision> {
         self.engine.decision()
+    }
+
+    fn take_deletion_costs(&mut self) -> Option<Vec<(u64, i32)>> {
+        self.costs.take()
     }
 }

@@ -1,4 +1,4 @@
-//! The workloads: six built-in scenarios, and user traces of arrivals from CSV or JSON.
+//! The workloads: the built-in scenarios, and user traces of arrivals from CSV or JSON.
 //!
 //! Arrival times come from a generator seeded with `--seed`; activity durations are drawn
 //! inside the model from a hash of the seed, so one seed gives one workload for every scaler.
@@ -12,7 +12,17 @@ use super::Error;
 use super::model::{Arrival, Duration, Script, Step, Workload};
 
 /// The built-in scenario names, in suite order.
-pub(crate) const BUILTIN: [&str; 6] = ["burst", "steady", "diurnal", "spiky", "timers", "trickle"];
+pub const BUILTIN: [&str; 9] = [
+    "burst",
+    "steady",
+    "diurnal",
+    "spiky",
+    "timers",
+    "trickle",
+    "long-activities",
+    "deep-backlog",
+    "scale-in",
+];
 
 const SECOND: u64 = 1_000;
 const MINUTE: u64 = 60 * SECOND;
@@ -122,6 +132,41 @@ pub fn builtin(name: &str, seed: u64) -> Option<Scenario> {
             vec![Script { steps: vec![fan_out(1, SECOND, SECOND)] }],
             (0..24).map(|i| Arrival { at_ms: 10 * SECOND + i * 5 * MINUTE, count: 1, script: 0 }).collect(),
         ),
+        "long-activities" => (
+            "every 15 min for 2 h, 3 orchestrations fanning out 10 activities of 10-40 min",
+            3 * HOUR + 30 * MINUTE,
+            vec![Script { steps: vec![fan_out(10, 10 * MINUTE, 40 * MINUTE)] }],
+            (0..8).map(|i| Arrival { at_ms: 10 * SECOND + i * 15 * MINUTE, count: 3, script: 0 }).collect(),
+        ),
+        "deep-backlog" => (
+            "10,000 orchestrations at once (about 2,500 start messages per partition), 2 activities of 1-3 s",
+            HOUR,
+            vec![Script { steps: vec![fan_out(2, SECOND, 3 * SECOND)] }],
+            vec![Arrival { at_ms: 10 * SECOND, count: 10_000, script: 0 }],
+        ),
+        "scale-in" => {
+            let mut arrivals = poisson(&mut rng, 0, 2 * HOUR, 0.2, |_| 0.2);
+            let mut at = 5 * MINUTE;
+            while at < 2 * HOUR - 10 * MINUTE {
+                arrivals.push(Arrival { at_ms: at, count: 300, script: 0 });
+                at += 15 * MINUTE;
+            }
+            arrivals.extend((0..12).map(|i| Arrival {
+                at_ms: 2 * MINUTE + i * 10 * MINUTE,
+                count: 1,
+                script: 1,
+            }));
+            arrivals.sort_by_key(|a| (a.at_ms, a.script));
+            (
+                "short work with spikes every 15 min, and every 10 min 5 activities of 15 min: which pods a scale-in removes",
+                2 * HOUR + 30 * MINUTE,
+                vec![
+                    Script { steps: vec![fan_out(4, 2 * SECOND, 6 * SECOND)] },
+                    Script { steps: vec![fan_out(5, 15 * MINUTE, 15 * MINUTE)] },
+                ],
+                arrivals,
+            )
+        }
         _ => return None,
     };
     Some(Scenario {
@@ -134,7 +179,8 @@ pub fn builtin(name: &str, seed: u64) -> Option<Scenario> {
 
 /// One row of a trace: `count` orchestrations at `at_s`, each fanning out `activities`
 /// activities of `activity_s` seconds, then, when `timer_s` > 0, sleeping that long and
-/// running one more activity.
+/// running one more activity; when `poison` is 1, they end with a poison activity of
+/// `activity_s` seconds that fails every time (DTFx retries it for ever).
 #[derive(Debug, Clone, Deserialize)]
 pub struct TraceRow {
     /// Arrival time, seconds from the start.
@@ -151,6 +197,9 @@ pub struct TraceRow {
     /// A durable timer after the fan-out, seconds (default 0: none).
     #[serde(default)]
     pub timer_s: f64,
+    /// 1: the orchestrations end with a poison activity (default 0: none).
+    #[serde(default)]
+    pub poison: u32,
 }
 
 fn one() -> u32 {
@@ -184,6 +233,11 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
             steps.push(Step::Timer { delay_ms: timer_ms });
             steps.push(Step::Activities { count: 1, duration: Duration::fixed(activity_ms) });
         }
+        match row.poison {
+            0 => {}
+            1 => steps.push(Step::Poison { duration: Duration::fixed(activity_ms) }),
+            other => return Err(format!("row {line}: poison must be 0 or 1, got {other}")),
+        }
         let script = Script { steps };
         let index = scripts.iter().position(|s| *s == script).unwrap_or_else(|| {
             scripts.push(script);
@@ -208,7 +262,8 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
 }
 
 /// Loads a trace: `.json` is an array of rows, anything else CSV with a header naming the
-/// row fields (`at_s` required; `count`, `activities`, `activity_s`, `timer_s` optional).
+/// row fields (`at_s` required; `count`, `activities`, `activity_s`, `timer_s`, `poison`
+/// optional).
 pub fn load_trace(path: &Path, duration_ms: Option<u64>) -> Result<Scenario, Error> {
     let text =
         std::fs::read_to_string(path).map_err(|source| Error::ReadTrace { path: path.into(), source })?;
@@ -228,7 +283,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
         text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
     let Some((_, header)) = lines.next() else { return Err("empty trace".to_string()) };
     let columns: Vec<String> = header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
-    let known = ["at_s", "count", "activities", "activity_s", "timer_s"];
+    let known = ["at_s", "count", "activities", "activity_s", "timer_s", "poison"];
     if let Some(unknown) = columns.iter().find(|c| !known.contains(&c.as_str())) {
         return Err(format!("unknown column {unknown:?}; expected some of {}", known.join(", ")));
     }
@@ -237,7 +292,8 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
     }
     let mut rows = Vec::new();
     for (index, line) in lines {
-        let mut row = TraceRow { at_s: 0.0, count: 1, activities: 1, activity_s: 1.0, timer_s: 0.0 };
+        let mut row =
+            TraceRow { at_s: 0.0, count: 1, activities: 1, activity_s: 1.0, timer_s: 0.0, poison: 0 };
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if cells.len() != columns.len() {
             return Err(format!(
@@ -263,6 +319,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<TraceRow>, String> {
                 "count" => row.count = whole(number)?,
                 "activities" => row.activities = whole(number)?,
                 "activity_s" => row.activity_s = number,
+                "poison" => row.poison = whole(number)?,
                 _ => row.timer_s = number,
             }
         }

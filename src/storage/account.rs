@@ -181,6 +181,37 @@ impl IdentityAccount {
     }
 }
 
+/// An identity-based connection as the Functions app itself configures it: the settings under
+/// its connection name (`AzureWebJobsStorage__accountName`, `__blobServiceUri`,
+/// `__queueServiceUri`, `__tableServiceUri`, `__credential`, `__clientId`, `__tenantId`,
+/// `__tokenFilePath`), read by the Durable extension into `AzureStorageAccountOptions`
+/// (azure-functions-durable-extension `AzureStorageAccountProvider.cs`: the connection string
+/// when the section has a value, else these) with the credential from Azure's
+/// `ClientFactory.CreateCredential` (azure-sdk-for-net
+/// `sdk/extensions/Microsoft.Extensions.Azure/src/Internal/ClientFactory.cs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppIdentity {
+    /// `accountName`: endpoints `https://{account}.{service}.core.windows.net` for the
+    /// services whose URI is not given (`AzureStorageAccountOptions.DefaultEndpointSuffix`).
+    pub account_name: Option<String>,
+    /// `blobServiceUri`.
+    pub blob_service_uri: Option<String>,
+    /// `queueServiceUri`.
+    pub queue_service_uri: Option<String>,
+    /// `tableServiceUri`.
+    pub table_service_uri: Option<String>,
+    /// `credential`: `managedidentity`, `workloadidentity`, or none (then as
+    /// `DefaultAzureCredential` does in a pod: workload identity when the pod has a federated
+    /// token, else managed identity).
+    pub credential: Option<String>,
+    /// `clientId`: the user-assigned managed identity, or the workload identity's client.
+    pub client_id: Option<String>,
+    /// `tenantId` (workload identity; else `AZURE_TENANT_ID`).
+    pub tenant_id: Option<String>,
+    /// `tokenFilePath` (workload identity; else `AZURE_FEDERATED_TOKEN_FILE`).
+    pub token_file_path: Option<String>,
+}
+
 /// Where a trigger's storage account comes from: a connection string, or a name and the
 /// aggregator's workload identity.
 #[derive(Clone, PartialEq, Eq)]
@@ -215,6 +246,66 @@ impl StorageAccount {
         crate::telemetry::install_crypto_provider();
         let credential = workload_identity_credential(identity)?;
         Self::build(Some(identity.account_name.clone()), identity.endpoints(), Credential::Token(credential))
+    }
+
+    /// The account an app's identity-based connection describes ([`AppIdentity`]); errors name
+    /// the setting, after the app's own key names.
+    pub fn from_app_identity(identity: &AppIdentity) -> Result<Self, StorageError> {
+        crate::telemetry::install_crypto_provider();
+        let set =
+            |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+        let account = set(&identity.account_name);
+        let endpoint = |key: &str, uri: &Option<String>, service: &str| match (set(uri), &account) {
+            (Some(uri), _) => Ok(uri),
+            (None, Some(account)) => Ok(format!("https://{account}.{service}.core.windows.net")),
+            (None, None) => Err(invalid(format!("neither {key} nor accountName is given"))),
+        };
+        let endpoints = [
+            endpoint("blobServiceUri", &identity.blob_service_uri, "blob")?,
+            endpoint("queueServiceUri", &identity.queue_service_uri, "queue")?,
+            endpoint("tableServiceUri", &identity.table_service_uri, "table")?,
+        ];
+        let client_id = set(&identity.client_id);
+        let workload = || {
+            let options = azure_identity::WorkloadIdentityCredentialOptions {
+                client_id: client_id.clone(),
+                tenant_id: set(&identity.tenant_id),
+                token_file_path: set(&identity.token_file_path).map(Into::into),
+                ..Default::default()
+            };
+            azure_identity::WorkloadIdentityCredential::new(Some(options))
+                .map(|c| c as Arc<dyn TokenCredential>)
+        };
+        let managed = || {
+            let options = azure_identity::ManagedIdentityCredentialOptions {
+                user_assigned_id: client_id.clone().map(azure_identity::UserAssignedId::ClientId),
+                ..Default::default()
+            };
+            azure_identity::ManagedIdentityCredential::new(Some(options))
+                .map(|c| c as Arc<dyn TokenCredential>)
+        };
+        let credential = match set(&identity.credential).map(|c| c.to_ascii_lowercase()).as_deref() {
+            Some("managedidentity") => managed(),
+            Some("workloadidentity") => workload(),
+            // DefaultAzureCredential in a pod: its WorkloadIdentityCredential when the
+            // federated token is there (client from AZURE_CLIENT_ID), else its
+            // ManagedIdentityCredential with `clientId` as ManagedIdentityClientId.
+            None if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() => {
+                let options = azure_identity::WorkloadIdentityCredentialOptions {
+                    tenant_id: set(&identity.tenant_id),
+                    ..Default::default()
+                };
+                azure_identity::WorkloadIdentityCredential::new(Some(options)).map(|c| c as Arc<dyn TokenCredential>)
+            }
+            None => managed(),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "credential {other:?} is not one the sidecar can use (managedidentity, workloadidentity, or none)"
+                )));
+            }
+        }
+        .map_err(|e| invalid(format!("no Entra ID credential is available: {e}")))?;
+        Self::build(account, endpoints, Credential::Token(credential))
     }
 
     /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`
@@ -507,6 +598,47 @@ mod tests {
 
     fn endpoints(a: &StorageAccount) -> [&str; 3] {
         [a.blob_endpoint.as_str(), a.queue_endpoint.as_str(), a.table_endpoint.as_str()]
+    }
+
+    #[test]
+    fn an_app_identity_takes_explicit_service_uris_over_the_account_name() {
+        let identity = AppIdentity {
+            account_name: Some("orders".into()),
+            queue_service_uri: Some("https://orders-queues.example.net".into()),
+            credential: Some("ManagedIdentity".into()),
+            client_id: Some("00000000-0000-0000-0000-000000000001".into()),
+            ..Default::default()
+        };
+        let account = StorageAccount::from_app_identity(&identity).unwrap();
+        assert_eq!(
+            endpoints(&account),
+            [
+                "https://orders.blob.core.windows.net/",
+                "https://orders-queues.example.net/",
+                "https://orders.table.core.windows.net/",
+            ]
+        );
+        assert_eq!(account.credential_kind(), CredentialKind::EntraId);
+    }
+
+    #[test]
+    fn an_app_identity_without_account_or_uri_or_with_a_foreign_credential_is_refused() {
+        let error = StorageAccount::from_app_identity(&AppIdentity {
+            queue_service_uri: Some("https://q.example.net".into()),
+            credential: Some("managedidentity".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("blobServiceUri") && error.contains("accountName"), "{error}");
+        let error = StorageAccount::from_app_identity(&AppIdentity {
+            account_name: Some("orders".into()),
+            credential: Some("clientsecret".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("\"clientsecret\""), "{error}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod reader;
 pub(crate) mod table;
 
 pub(crate) use account::Service;
-pub use account::{AzureCloud, Connection, IdentityAccount, StorageAccount};
+pub use account::{AppIdentity, AzureCloud, Connection, IdentityAccount, StorageAccount};
 pub(crate) use layout::lease_blob_name;
 pub use layout::{Layout, REDETECT_INTERVAL};
 pub use reader::{HubRead, Ownership, QueueChoice, TaskHubReader};

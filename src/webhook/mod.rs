@@ -16,7 +16,8 @@
 //! | `events.k8s.io` | `events` | `create` (app namespaces) | [`events`] |
 //! | `""` | `pods` | `get` (its own namespace) | its own pod's image, at start |
 //!
-//! `/version` needs no rule (the `system:public-info-viewer` role every client has).
+//! `/version` needs no rule (the `system:public-info-viewer` role every client has). [`RBAC`]
+//! is this table as data; the manifests test holds `manifests/` to it.
 
 pub mod cluster;
 pub mod events;
@@ -41,6 +42,8 @@ use futures::StreamExt;
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use tokio::net::TcpListener;
 
+use k8s_openapi::api::core::v1::Container;
+
 use crate::clock::UnixMs;
 use crate::contract::env;
 use crate::shutdown::{Shutdown, TaskFailure};
@@ -49,6 +52,18 @@ use cluster::{NativeSidecarDetector, NativeSidecarMode};
 use events::SkipRecorder;
 use inject::{InjectionSettings, NativeDefault};
 use metrics::Metrics;
+
+/// The webhook server's RBAC (the table in the module docs).
+pub const RBAC: [crate::contract::RbacRule; 3] = [
+    crate::contract::RbacRule { api_group: "", resource: "nodes", verb: "list", cluster_wide: true },
+    crate::contract::RbacRule {
+        api_group: "events.k8s.io",
+        resource: "events",
+        verb: "create",
+        cluster_wide: true,
+    },
+    crate::contract::RbacRule { api_group: "", resource: "pods", verb: "get", cluster_wide: false },
+];
 
 /// The one image that serves every role; the sidecar's default image.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/durable-scaler/durable-scaler:", env!("CARGO_PKG_VERSION"));
@@ -79,9 +94,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// `durable-scaler webhook` command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Address to serve HTTPS on.
-    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_ADDR", default_value = DEFAULT_ADDR)]
-    pub addr: SocketAddr,
+    /// Address to serve HTTPS on. Unset: all interfaces, on the port of this pod's container
+    /// port named `https` (read once from its Pod, so that the Deployment's containerPort is
+    /// the one place the install sets it), else 8443.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_ADDR")]
+    pub addr: Option<SocketAddr>,
     /// PEM certificate chain (serving certificate first); re-read when it changes.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_TLS_CERT", default_value = "/etc/durable-scaler/tls/tls.crt")]
     pub tls_cert: PathBuf,
@@ -124,10 +141,22 @@ pub struct Args {
     /// a restart of the webhook.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA")]
     pub sidecar_aggregator_ca: Option<PathBuf>,
+    /// A Secret, present in each app namespace, whose key `ca.crt` is the aggregator's CA
+    /// (the one KEDA's TriggerAuthentication reads there): mounted into the sidecar as a file
+    /// instead of the PEM inline, so the pod holds no multi-line value. Needs
+    /// --sidecar-aggregator-ca too (checked at start).
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA_SECRET")]
+    pub sidecar_aggregator_ca_secret: Option<String>,
+    /// Image pull Secrets (comma-separated names, present in each app namespace) added to the
+    /// `imagePullSecrets` of every injected pod that does not name them already, for a sidecar
+    /// image in a private registry.
+    #[arg(long, env = "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    pub sidecar_image_pull_secrets: Vec<String>,
     /// Inject a native sidecar (init container with restartPolicy Always): `auto` when the
-    /// API server and every node's kubelet are 1.29+ (read from the cluster every few
-    /// minutes; needs `list` on nodes), `true` always, `false` never (a plain container).
-    /// The annotation durable-scaler.io/native-sidecar overrides per pod.
+    /// API server and every node's kubelet are 1.33+, where the feature cannot be turned off
+    /// (read from the cluster every few minutes; needs `list` on nodes); `true` unless the
+    /// API server or a kubelet is before 1.29, where the pod would be refused; `false` never
+    /// (a plain container). The annotation durable-scaler.io/native-sidecar overrides per pod.
     #[arg(long, env = "DURABLE_SCALER_WEBHOOK_NATIVE_SIDECAR", value_enum, default_value = "auto")]
     pub native_sidecar: NativeSidecarMode,
 }
@@ -152,6 +181,11 @@ pub enum Error {
     /// `--sidecar-aggregator-ca` is missing for an https aggregator, or unusable.
     #[error("--sidecar-aggregator-ca (DURABLE_SCALER_WEBHOOK_AGGREGATOR_CA): {0}")]
     AggregatorCa(String),
+    /// A name in `--sidecar-image-pull-secrets` is not a Secret name.
+    #[error(
+        "--sidecar-image-pull-secrets (DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS): {0:?} is not a Secret name"
+    )]
+    PullSecret(String),
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +233,28 @@ impl Webhook {
     /// [`Self::bind`] with the Kubernetes client given (`None`: no API; tests pass a client
     /// for a fake API server).
     pub async fn bind_with(args: &Args, client: Option<kube::Client>) -> Result<Self, Error> {
+        let image_pull_secrets = args
+            .sidecar_image_pull_secrets
+            .iter()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect::<Vec<_>>();
+        if let Some(bad) = image_pull_secrets.iter().find(|name| {
+            crate::contract::check_name("an image pull Secret", name, crate::contract::NameRule::Subdomain)
+                .is_err()
+        }) {
+            return Err(Error::PullSecret(bad.clone()));
+        }
+        let aggregator_ca_secret =
+            args.sidecar_aggregator_ca_secret.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        if let Some(secret) = aggregator_ca_secret {
+            crate::contract::check_name(
+                "--sidecar-aggregator-ca-secret",
+                secret,
+                crate::contract::NameRule::Subdomain,
+            )
+            .map_err(Error::AggregatorCa)?;
+        }
         let aggregator_ca = match &args.sidecar_aggregator_ca {
             Some(path) => {
                 let pem = crate::tls::read_ca_pem(path).map_err(|e| Error::AggregatorCa(e.to_string()))?;
@@ -223,14 +279,15 @@ impl Webhook {
             ServerOptions { tls13_only: args.tls13_only, alpn: Alpn::Https },
             metrics.certificate_reload_counters(),
         )?;
-        let listener =
-            TcpListener::bind(args.addr).await.map_err(|source| Error::Bind { addr: args.addr, source })?;
-        let image = sidecar_image(args, client.as_ref()).await;
+        let own = own_container(args, client.as_ref()).await;
+        let addr = listen_addr(args.addr, own.as_ref());
+        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let image = sidecar_image(args, own.as_ref());
         let native = match (args.native_sidecar, &client) {
-            (NativeSidecarMode::True, _) => NativeSource::Fixed(NativeDefault::forced(true)),
+            (NativeSidecarMode::True, None) => NativeSource::Fixed(NativeDefault::forced(true)),
             (NativeSidecarMode::False, _) => NativeSource::Fixed(NativeDefault::forced(false)),
-            (NativeSidecarMode::Auto, Some(client)) => {
-                let detector = NativeSidecarDetector::new(client.clone(), cluster::REFRESH_INTERVAL);
+            (mode @ (NativeSidecarMode::Auto | NativeSidecarMode::True), Some(client)) => {
+                let detector = NativeSidecarDetector::new(client.clone(), mode, cluster::REFRESH_INTERVAL);
                 let decided = detector.refresh(UnixMs::now()).await;
                 tracing::info!(native = decided.native, reason = %decided.reason, "native sidecars");
                 NativeSource::Detected(detector)
@@ -239,6 +296,7 @@ impl Webhook {
                 native: false,
                 reason: "auto: no Kubernetes API to read versions from; a plain container works everywhere"
                     .to_owned(),
+                cannot_run: None,
             }),
         };
         let instance = args.pod_name.clone().unwrap_or_else(|| "durable-scaler-webhook".to_owned());
@@ -247,6 +305,8 @@ impl Webhook {
             image,
             aggregator: args.aggregator.clone(),
             aggregator_ca,
+            aggregator_ca_secret: aggregator_ca_secret.map(str::to_owned),
+            image_pull_secrets,
             native_sidecar: args.native_sidecar == NativeSidecarMode::True,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
@@ -466,18 +526,16 @@ async fn kube_client() -> Option<kube::Client> {
         .ok()
 }
 
-/// The sidecar's image: this webhook's own (its Pod's container `--webhook-container`, read
-/// once), so that whatever changed the webhook's image (`kubectl set image`, a kustomize
-/// `images:` entry, a Helm value) changes the sidecar's too; `--sidecar-image` when
-/// following is off or the Pod cannot be read. The downward API has no field for a
-/// container's image, hence the one `get` of this pod.
-async fn sidecar_image(args: &Args, client: Option<&kube::Client>) -> String {
-    let fallback = args.sidecar_image.clone();
-    if !args.sidecar_image_from_pod {
-        return fallback;
+/// This webhook's own container (`--webhook-container` of its Pod, read once at start), when
+/// something needs it (the sidecar image follows it, or the listen port comes from it) and
+/// the Pod can be read. The downward API has no field for a container's image or ports,
+/// hence the one `get` of this pod.
+async fn own_container(args: &Args, client: Option<&kube::Client>) -> Option<Container> {
+    if !args.sidecar_image_from_pod && args.addr.is_some() {
+        return None;
     }
     let (Some(client), Some(name), Some(namespace)) = (client, &args.pod_name, &args.pod_namespace) else {
-        return fallback;
+        return None;
     };
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), namespace);
     match pods.get(name).await {
@@ -487,23 +545,45 @@ async fn sidecar_image(args: &Args, client: Option<&kube::Client>) -> String {
                 .into_iter()
                 .flat_map(|spec| spec.containers)
                 .find(|c| c.name == args.webhook_container);
-            match own.and_then(|c| c.image).filter(|image| !image.trim().is_empty()) {
-                Some(image) => {
-                    if image != fallback {
-                        tracing::info!(%image, flag = %fallback, "sidecar image follows this webhook's own image");
-                    }
-                    image
-                }
-                None => {
-                    tracing::warn!(container = %args.webhook_container, "no such container in this pod; using --sidecar-image");
-                    fallback
-                }
+            if own.is_none() {
+                tracing::warn!(container = %args.webhook_container, "no such container in this pod");
             }
+            own
         }
         Err(error) => {
-            tracing::warn!(%error, "cannot read this pod's image; using --sidecar-image");
-            fallback
+            tracing::warn!(%error, "cannot read this pod: the sidecar image is --sidecar-image, the port 8443 unless --addr says otherwise");
+            None
         }
+    }
+}
+
+/// Where to listen: `--addr`, else all interfaces on the port of `own`'s container port named
+/// `https` (what the Service's `targetPort: https` and the probes reach), else [`DEFAULT_ADDR`].
+fn listen_addr(addr: Option<SocketAddr>, own: Option<&Container>) -> SocketAddr {
+    let from_pod = own
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some("https")))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .map(|port| SocketAddr::from(([0, 0, 0, 0], port)));
+    addr.or(from_pod).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], crate::contract::WEBHOOK_PORT)))
+}
+
+/// The sidecar's image: this webhook's own (`own`), so that whatever changed the webhook's
+/// image (`kubectl set image`, a kustomize `images:` entry, a Helm value) changes the
+/// sidecar's too; `--sidecar-image` when following is off or the Pod could not be read.
+fn sidecar_image(args: &Args, own: Option<&Container>) -> String {
+    let fallback = args.sidecar_image.clone();
+    if !args.sidecar_image_from_pod {
+        return fallback;
+    }
+    match own.and_then(|c| c.image.clone()).filter(|image| !image.trim().is_empty()) {
+        Some(image) => {
+            if image != fallback {
+                tracing::info!(%image, flag = %fallback, "sidecar image follows this webhook's own image");
+            }
+            image
+        }
+        None => fallback,
     }
 }
 
@@ -540,5 +620,20 @@ mod tests {
     fn the_default_address_is_the_contract_port() {
         let addr: SocketAddr = DEFAULT_ADDR.parse().unwrap();
         assert_eq!(addr.port(), crate::contract::WEBHOOK_PORT);
+        assert_eq!(listen_addr(None, None), addr);
+    }
+
+    #[test]
+    fn the_listen_port_is_the_pods_https_container_port_unless_addr_is_given() {
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "webhook",
+            "ports": [{"name": "metrics", "containerPort": 9000}, {"name": "https", "containerPort": 10250}],
+        }))
+        .unwrap();
+        assert_eq!(listen_addr(None, Some(&container)), "0.0.0.0:10250".parse().unwrap());
+        let given: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        assert_eq!(listen_addr(Some(given), Some(&container)), given);
+        let unnamed: Container = serde_json::from_value(serde_json::json!({"name": "webhook"})).unwrap();
+        assert_eq!(listen_addr(None, Some(&unnamed)), DEFAULT_ADDR.parse().unwrap());
     }
 }

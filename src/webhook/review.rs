@@ -177,6 +177,8 @@ mod tests {
             image: "img".to_owned(),
             aggregator: "http://agg:4371".parse().unwrap(),
             aggregator_ca: None,
+            aggregator_ca_secret: None,
+            image_pull_secrets: Vec::new(),
             native_sidecar: true,
             version: "0".to_owned(),
         }

@@ -94,6 +94,7 @@ fn sidecar_args(
     SidecarArgs {
         task_hub: Some(TaskHub::parse(hub).expect("valid hub name")),
         connection: Some(connection()),
+        identity: Default::default(),
         aggregator: Some(format!("http://{}", aggregator.report_addr).parse().expect("a URL")),
         aggregator_ca: None,
         aggregator_addresses: Vec::new(),

@@ -132,14 +132,17 @@ fn cainjector_writes_the_ca_of_the_certificate_the_webhook_serves_into_the_ca_bu
 
 /// The names `certs-gen wait` requires of a certificate for `service` in `namespace` plus
 /// `extra` (certs-gen `pki::dns_names`: `<service>.<namespace>.svc`, `.svc.cluster.local`
-/// and `<service>.<namespace>`).
+/// and `<service>.<namespace>`), with `$(CERTS_GEN_NAMESPACE)` in `extra` expanded as the
+/// kubelet expands a reference to an earlier env var of the container.
 fn waited_for(service: &str, namespace: &str, extra: Option<&str>) -> BTreeSet<String> {
     let mut names = BTreeSet::from([
         format!("{service}.{namespace}.svc"),
         format!("{service}.{namespace}.svc.cluster.local"),
         format!("{service}.{namespace}"),
     ]);
-    names.extend(extra.into_iter().flat_map(|e| e.split(',')).map(str::to_owned));
+    names.extend(
+        extra.into_iter().flat_map(|e| e.split(',')).map(|n| n.replace("$(CERTS_GEN_NAMESPACE)", namespace)),
+    );
     names
 }
 

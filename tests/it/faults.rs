@@ -9,8 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +24,7 @@ use tokio_stream::StreamExt;
 use crate::aggregator_support::http_get;
 use crate::common::{account, hub};
 use crate::forwarder::{ForwardedStorage, Forwarder};
+use crate::processes::{AggregatorPorts, Process};
 
 /// Partitions of every test hub; two sidecars own two each.
 const PARTITIONS: u32 = 4;
@@ -34,123 +33,6 @@ const PARTITIONS: u32 = 4;
 /// workers while every queue holds at least one and 31 in all.
 const BURST: u64 = 30;
 const DEADLINE: Duration = Duration::from_secs(40);
-
-/// A free loopback port (a tiny race remains until the child binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One child process of the real binary, its output in a log file shown on failure.
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(name: &str, args: &[String], envs: &[(&str, String)], dir: &tempfile::TempDir) -> Self {
-        let log = dir.path().join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_durable-scaler"));
-        command
-            .args(args)
-            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            // No Kubernetes configuration: --report-auth none, live pods as worker count.
-            .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
-            .env("HOME", dir.path())
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        durable_scaler::shutdown::kill_child_with_parent(&mut command);
-        Self { child: command.spawn().unwrap(), log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Resident memory, KiB, from /proc.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Fails when resident memory grew by `slack_kib` or more since `before_kib`.
-    fn assert_rss_grew_less_than(&self, before_kib: u64, slack_kib: u64) {
-        let after = self.rss_kib();
-        assert!(after < before_kib + slack_kib, "RSS grew from {before_kib} to {after} KiB");
-    }
-
-    /// Open file descriptors (sockets, connections) of the process.
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
-/// An aggregator process on fixed loopback ports (so a restart comes back on the same ones).
-struct AggregatorPorts {
-    grpc: SocketAddr,
-    report: SocketAddr,
-    http: SocketAddr,
-}
-
-impl AggregatorPorts {
-    fn new() -> Self {
-        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        Self { grpc: at(free_port()), report: at(free_port()), http: at(free_port()) }
-    }
-
-    async fn start(&self, name: &str, dir: &tempfile::TempDir) -> Process {
-        let args: Vec<String> = [
-            "aggregator",
-            "--grpc-addr",
-            &self.grpc.to_string(),
-            "--report-addr",
-            &self.report.to_string(),
-            "--http-addr",
-            &self.http.to_string(),
-            "--report-auth",
-            "none",
-            "--probe-interval",
-            "300ms",
-            "--sample-interval",
-            "300ms",
-            "--work-grace",
-            "60s",
-            "--ready-after",
-            "0s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let process = Process::spawn(name, &args, &[], dir);
-        let deadline = Instant::now() + DEADLINE;
-        while tokio::net::TcpStream::connect(self.grpc).await.is_err() {
-            assert!(Instant::now() < deadline, "{name} did not listen:\n{}", process.output());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        process
-    }
-}
 
 /// The hub, its burst, and worker stand-ins that drain one message per queue per tick.
 struct Burst {

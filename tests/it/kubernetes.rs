@@ -39,6 +39,8 @@ struct TokenFacts {
     /// The pod a projected token is bound to (`kubernetes.io.pod.name`), none for a legacy
     /// secret-based token.
     pod: Option<String>,
+    /// That pod's uid (`kubernetes.io.pod.uid`).
+    pod_uid: String,
     /// `exp`, seconds since the epoch.
     exp: u64,
 }
@@ -198,7 +200,8 @@ async fn handle(
         // spec.audiences and the token's audiences, and an empty intersection, an expired
         // token or an unknown one gives authenticated=false with an error (still 201: the
         // review succeeded, the token did not). The user of a projected token carries the
-        // bound pod's name in extra["authentication.kubernetes.io/pod-name"].
+        // bound pod's name and uid in extra["authentication.kubernetes.io/pod-name"] and
+        // ["authentication.kubernetes.io/pod-uid"] (pkg/serviceaccount/util.go, claims.go).
         (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
             let Ok(review) = serde_json::from_slice::<Value>(&body) else {
                 return status(StatusCode::BAD_REQUEST, "BadRequest", "malformed TokenReview");
@@ -226,7 +229,10 @@ async fn handle(
                         let mut extra = serde_json::Map::new();
                         if let Some(pod) = &facts.pod {
                             extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
-                            extra.insert("authentication.kubernetes.io/pod-uid".into(), json!(["pod-uid"]));
+                            extra.insert(
+                                "authentication.kubernetes.io/pod-uid".into(),
+                                json!([facts.pod_uid]),
+                            );
                         }
                         json!({"authenticated": true, "audiences": common, "user": {
                             "username": facts.username, "uid": "sa-uid",
@@ -292,6 +298,7 @@ fn pod_token(namespace: &str, pod: &str, audience: &str, exp: u64) -> TokenFacts
         audiences: vec![audience.into()],
         username: format!("system:serviceaccount:{namespace}:functions-app"),
         pod: Some(pod.into()),
+        pod_uid: format!("uid-of-{pod}"),
         exp,
     }
 }
@@ -583,6 +590,31 @@ async fn a_checked_token_is_answered_from_the_cache() {
     assert_eq!(authenticator.authenticate(Some(&token)).await.unwrap(), identity("apps", "p"));
     assert_eq!(api.requests().len(), 1, "the second check must make no request");
     assert_eq!(counter(&registry, "durable_scaler_aggregator_report_authentications_total", "cache_hit"), 1);
+}
+
+#[tokio::test]
+async fn a_token_of_an_older_pod_of_the_same_name_is_checked_again_once_a_newer_one_is_seen() {
+    let api = FakeApi::start().await;
+    let exp = unix_now() + 3600;
+    let old = api.issue_token(TokenFacts {
+        pod_uid: "first".into(),
+        ..pod_token("apps", "worker-0", "durable-scaler", exp)
+    });
+    let new = api.issue_token(TokenFacts {
+        pod_uid: "second".into(),
+        ..pod_token("apps", "worker-0", "durable-scaler", exp + 1)
+    });
+    let authenticator = TokenReviewAuthenticator::new(api.client());
+
+    authenticator.authenticate(Some(&old)).await.unwrap();
+    authenticator.authenticate(Some(&old)).await.unwrap();
+    assert_eq!(api.requests().len(), 1, "the old pod's token is answered from the cache");
+    // The re-created pod's token: its review names another uid for the same name, so the old
+    // pod's cached answer goes, and its token must be reviewed again (here the fake API server
+    // still accepts it; a real one refuses a deleted pod's token).
+    authenticator.authenticate(Some(&new)).await.unwrap();
+    authenticator.authenticate(Some(&old)).await.unwrap();
+    assert_eq!(api.requests().len(), 3, "{:?}", api.requests());
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ mod common;
 mod crd_schema;
 mod forwarder;
 mod https;
+mod processes;
 mod review_invariants;
 mod tools;
 
@@ -27,6 +28,7 @@ mod cert_manager;
 mod demo;
 mod engine_equivalence;
 mod faults;
+mod in_flight;
 mod kubernetes;
 mod latency_feed;
 mod limits;

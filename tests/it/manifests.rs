@@ -81,7 +81,7 @@ fn is_keda(object: &Value) -> bool {
 
 /// Python from the venv scripts/test puts on PATH, when it has `module`. Missing: a failure
 /// under CI, a loud skip elsewhere.
-pub fn python_with(module: &str) -> bool {
+pub(crate) fn python_with(module: &str) -> bool {
     let probe = Command::new("python3").args(["-c", &format!("import {module}")]).output();
     if probe.is_ok_and(|o| o.status.success()) {
         return true;
@@ -100,7 +100,7 @@ fn write_yaml(dir: &Path, name: &str, objects: &[&Value]) -> PathBuf {
 }
 
 /// kubernetes-validate (strict: unknown fields are errors) on the built-in objects.
-pub fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(), String> {
+pub(crate) fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let file = write_yaml(dir.path(), "rendered.yaml", objects);
     let output = Command::new("python3")
@@ -174,8 +174,9 @@ fn every_rendered_kubernetes_object_validates_against_the_kubernetes_schemas() {
         let objects = render(name);
         let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
         assert!(!builtin.is_empty(), "{name}");
-        // The oldest version with native sidecars, and the newest the package bundles.
-        for version in ["1.29.0", "1.37.0"] {
+        // The oldest version supported (the README's), the oldest with native sidecars on by
+        // default, and the newest the package bundles.
+        for version in ["1.28.0", "1.29.0", "1.37.0"] {
             if let Err(report) = kubernetes_validate(&builtin, version) {
                 panic!("{name} against Kubernetes {version}:\n{report}");
             }
@@ -241,6 +242,32 @@ fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
 
 fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
     container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+}
+
+/// `name`'s value as the kubelet gives it to the process: each `$(VAR)` replaced by VAR's
+/// value when VAR is defined earlier in the container's env (kubernetes
+/// `third_party/forked/golang/expansion`, used by `makeEnvironmentVariables`); a
+/// `metadata.namespace` field reference is `namespace`.
+fn expanded_env(container: &Value, name: &str, namespace: &str) -> String {
+    let mut known: Vec<(String, String)> = Vec::new();
+    for entry in container["env"].as_array().unwrap() {
+        let value = match (entry["value"].as_str(), entry["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+            (Some(value), _) => {
+                let mut value = value.to_owned();
+                for (var, resolved) in &known {
+                    value = value.replace(&format!("$({var})"), resolved);
+                }
+                value
+            }
+            (None, Some("metadata.namespace")) => namespace.to_owned(),
+            _ => continue,
+        };
+        if entry["name"] == name {
+            return value;
+        }
+        known.push((entry["name"].as_str().unwrap().to_owned(), value));
+    }
+    panic!("{name} not set in {}", container["name"])
 }
 
 fn env(container: &Value, name: &str) -> String {
@@ -357,7 +384,11 @@ fn the_default_install_gives_sidecars_an_https_aggregator_and_its_ca() {
     // report port of the aggregator's Service.
     let service = find(&objects, "Service", "durable-scaler-aggregator-reports");
     assert_eq!(
-        env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"),
+        expanded_env(
+            webhook,
+            "DURABLE_SCALER_WEBHOOK_AGGREGATOR",
+            deployment["metadata"]["namespace"].as_str().unwrap()
+        ),
         format!(
             "https://{}.{}.svc:{}",
             service["metadata"]["name"].as_str().unwrap(),
@@ -383,8 +414,16 @@ fn the_plaintext_install_has_no_tls_on_the_aggregator_and_the_default_report_url
     for variable in ["DURABLE_SCALER_TLS_CERT", "DURABLE_SCALER_REPORT_TLS"] {
         assert_eq!(env_value(aggregator, variable), None, "{variable}");
     }
-    let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
-    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_AGGREGATOR"), contract::DEFAULT_AGGREGATOR_URL);
+    let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+    let webhook = container(deployment, "webhook");
+    assert_eq!(
+        expanded_env(
+            webhook,
+            "DURABLE_SCALER_WEBHOOK_AGGREGATOR",
+            deployment["metadata"]["namespace"].as_str().unwrap()
+        ),
+        contract::DEFAULT_AGGREGATOR_URL
+    );
     let service = find(&objects, "Service", "durable-scaler-aggregator-reports");
     assert_eq!(
         contract::DEFAULT_AGGREGATOR_URL,
@@ -407,8 +446,14 @@ fn the_webhook_deployment_uses_the_code_defaults() {
         assert_eq!(webhook["args"], json!(["webhook"]));
         assert_eq!(webhook["image"], webhook::DEFAULT_IMAGE);
         assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE"), webhook::DEFAULT_IMAGE);
-        assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
+        // The port is set in one place, the `https` containerPort, which the server reads from
+        // its pod (it has `get` on its own pods): no address in its env.
+        assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None);
+        assert_eq!(webhook["ports"][0]["name"], "https");
         assert_eq!(webhook["ports"][0]["containerPort"].as_u64(), Some(u64::from(contract::WEBHOOK_PORT)));
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(webhook[probe]["httpGet"]["port"], "https", "{probe}");
+        }
         let service = find(&objects, "Service", "durable-scaler-webhook");
         assert_eq!(service["spec"]["ports"][0]["port"], 443);
         assert_eq!(service["spec"]["ports"][0]["targetPort"], webhook["ports"][0]["name"]);
@@ -458,35 +503,241 @@ fn the_webhook_server_starts_only_after_a_certificate_whose_ca_certs_gen_puts_in
     }
 }
 
-#[test]
-fn in_the_webhook_pods_only_the_webhook_server_gets_a_service_account_token() {
-    for install in INSTALLS {
-        let objects = render(install);
-        let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
-        assert_eq!(pod_spec(deployment)["automountServiceAccountToken"], false);
-        let account = find(&objects, "ServiceAccount", "durable-scaler-webhook");
-        assert_eq!(account["automountServiceAccountToken"], false);
-        let token_volumes: BTreeSet<&str> = pod_spec(deployment)["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| {
-                v["projected"]["sources"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|s| s.get("serviceAccountToken").is_some())
-            })
-            .map(|v| v["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(token_volumes.len(), 1, "{install}");
-        for c in all_containers(deployment) {
-            let has_token = c["volumeMounts"]
+/// True when `container` calls the Kubernetes API: the webhook server, the aggregator, and
+/// certs-gen's `run`, `create` and `patch` (`wait` reads mounted files only).
+fn calls_the_api(container: &Value) -> bool {
+    match certs_gen_subcommand(container) {
+        Some(subcommand) => subcommand != "wait",
+        None => matches!(container["args"][0].as_str(), Some("webhook" | "aggregator")),
+    }
+}
+
+/// The containers of `workload` that get a service-account token: every one when the pod
+/// mounts it automatically, else those mounting a projected volume with a token.
+fn containers_with_a_token<'a>(objects: &[Value], workload: &'a Value) -> Vec<&'a Value> {
+    let spec = pod_spec(workload);
+    let account = find(objects, "ServiceAccount", spec["serviceAccountName"].as_str().unwrap());
+    let automount = spec["automountServiceAccountToken"]
+        .as_bool()
+        .or(account["automountServiceAccountToken"].as_bool())
+        .unwrap_or(true);
+    if automount {
+        return all_containers(workload);
+    }
+    let token_volumes: BTreeSet<&str> = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| {
+            v["projected"]["sources"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|m| token_volumes.contains(m["name"].as_str().unwrap()));
-            assert_eq!(has_token, c["name"] == "webhook", "{install}: {}", c["name"]);
+                .any(|s| s.get("serviceAccountToken").is_some())
+        })
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    all_containers(workload)
+        .into_iter()
+        .filter(|c| {
+            c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| token_volumes.contains(m["name"].as_str().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn in_every_pod_only_the_containers_that_call_the_api_get_a_service_account_token() {
+    for install in INSTALLS {
+        let objects = render(install);
+        for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            let with_token: BTreeSet<&str> = containers_with_a_token(&objects, workload)
+                .iter()
+                .map(|c| c["name"].as_str().unwrap())
+                .collect();
+            let calling: BTreeSet<&str> = all_containers(workload)
+                .into_iter()
+                .filter(|c| calls_the_api(c))
+                .map(|c| c["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(with_token, calling, "{install}: {}", workload["metadata"]["name"]);
+        }
+        // The init containers that wait for certificates read files only.
+        let aggregator = find(&objects, "Deployment", "durable-scaler-aggregator");
+        assert!(containers_with_a_token(&objects, aggregator).iter().all(|c| c["name"] == "aggregator"));
+    }
+}
+
+/// The NetworkPolicy selecting `workload`'s pods (exactly one does).
+fn policy_of<'a>(objects: &'a [Value], workload: &Value) -> &'a Value {
+    let labels = &workload["spec"]["template"]["metadata"]["labels"];
+    let selecting: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .filter(|p| {
+            p["spec"]["podSelector"]["matchLabels"].as_object().unwrap().iter().all(|(k, v)| &labels[k] == v)
+        })
+        .collect();
+    assert_eq!(selecting.len(), 1, "{}", workload["metadata"]["name"]);
+    selecting[0]
+}
+
+/// The ingress rules of `policy` that open `port` (a container port's name).
+fn ingress_for<'a>(policy: &'a Value, port: &str) -> Vec<&'a Value> {
+    policy["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|rule| rule["ports"].as_array().unwrap().iter().any(|p| p["port"] == port))
+        .collect()
+}
+
+#[test]
+fn network_policies_keep_the_keda_port_to_keda_and_the_report_port_to_pods() {
+    for install in INSTALLS {
+        let objects = render(install);
+        for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            let policy = policy_of(&objects, workload);
+            assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "{install}");
+            // Every port a policy opens is a port the pod declares.
+            let declared: BTreeSet<&str> = all_containers(workload)
+                .iter()
+                .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                .map(|p| p["name"].as_str().unwrap())
+                .collect();
+            for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+                for port in rule["ports"].as_array().unwrap() {
+                    assert!(declared.contains(port["port"].as_str().unwrap()), "{install}: {port}");
+                }
+            }
+        }
+        let aggregator = policy_of(&objects, find(&objects, "Deployment", "durable-scaler-aggregator"));
+        let keda = ingress_for(aggregator, "keda");
+        assert_eq!(keda.len(), 1);
+        assert_eq!(
+            keda[0]["from"],
+            json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}])
+        );
+        let reports = ingress_for(aggregator, "reports");
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            reports[0]["from"],
+            json!([{"namespaceSelector": {}}]),
+            "pods of any namespace, no ipBlock"
+        );
+        assert_eq!(ingress_for(aggregator, "http").len(), 1);
+        // The webhook takes the API server's calls on its admission port and nothing else;
+        // certs-gen takes none.
+        let webhook = policy_of(&objects, find(&objects, "Deployment", "durable-scaler-webhook"));
+        assert_eq!(webhook["spec"]["ingress"], json!([{"ports": [{"port": "https", "protocol": "TCP"}]}]));
+        let certs_gen = policy_of(&objects, find(&objects, "Deployment", "durable-scaler-certs-gen"));
+        assert!(certs_gen["spec"].get("ingress").is_none());
+        // Egress: DNS and HTTPS (the API server, Azure Storage) only.
+        for policy in [aggregator, webhook, certs_gen] {
+            let ports: BTreeSet<u64> = policy["spec"]["egress"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|rule| rule["ports"].as_array().unwrap())
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ports, BTreeSet::from([53, 443, 6443]), "{install}");
+        }
+    }
+}
+
+/// Renders `install` under an overlay that moves it to namespace `namespace`.
+fn render_in_namespace(install: &str, namespace: &str) -> Vec<Value> {
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = relative(overlay.path(), &manifests_dir().join(install));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {namespace}\nresources:\n  - {}\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    render_path(overlay.path())
+}
+
+#[test]
+fn a_kustomize_namespace_override_reaches_every_name_that_embeds_the_namespace() {
+    const MOVED: &str = "ops-scaler";
+    for install in INSTALLS {
+        let objects = render_in_namespace(install, MOVED);
+        // No leftover of the original namespace where a namespace goes: metadata, binding
+        // subjects, the webhook's Service reference, selectors, or a Service's DNS name
+        // (`.durable-scaler` followed by `.svc`, `:`, `,` or the end; `inject.durable-scaler.io`
+        // is the webhook's own name, not a namespace).
+        fn leftovers(value: &Value, path: &str, out: &mut Vec<String>) {
+            match value {
+                Value::String(text) => {
+                    let key = path.rsplit('/').next().unwrap_or_default();
+                    let as_namespace = text == "durable-scaler"
+                        && (key == "namespace" || path.contains("namespaceSelector"));
+                    let in_a_name = text.match_indices(".durable-scaler").any(|(i, m)| {
+                        let rest = &text[i + m.len()..];
+                        rest.is_empty() || rest.starts_with([':', ',']) || rest.starts_with(".svc")
+                    });
+                    if as_namespace || in_a_name {
+                        out.push(format!("{path}: {text}"));
+                    }
+                }
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        leftovers(item, &format!("{path}/{i}"), out);
+                    }
+                }
+                Value::Object(map) => {
+                    for (k, v) in map {
+                        leftovers(v, &format!("{path}/{k}"), out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        for object in &objects {
+            leftovers(
+                object,
+                &format!(
+                    "{}/{}",
+                    object["kind"].as_str().unwrap(),
+                    object["metadata"]["name"].as_str().unwrap()
+                ),
+                &mut found,
+            );
+        }
+        assert!(found.is_empty(), "{install}: the original namespace is left in:\n{}", found.join("\n"));
+
+        let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
+        assert_eq!(namespace["metadata"]["name"], MOVED, "{install}");
+        let webhook_deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+        let url = expanded_env(
+            container(webhook_deployment, "webhook"),
+            "DURABLE_SCALER_WEBHOOK_AGGREGATOR",
+            MOVED,
+        );
+        assert!(url.contains(&format!("durable-scaler-aggregator-reports.{MOVED}")), "{install}: {url}");
+        let config = find(&objects, "MutatingWebhookConfiguration", "durable-scaler-webhook");
+        assert_eq!(config["webhooks"][0]["clientConfig"]["service"]["namespace"], MOVED, "{install}");
+        for binding in objects
+            .iter()
+            .filter(|o| matches!(o["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")))
+        {
+            for subject in binding["subjects"].as_array().unwrap() {
+                assert_eq!(subject["namespace"], MOVED, "{install}: {}", binding["metadata"]["name"]);
+            }
+        }
+        if install == "default" {
+            let keeper = find(&objects, "Deployment", "durable-scaler-certs-gen");
+            let names =
+                expanded_env(container(keeper, "aggregator-certificate"), "CERTS_GEN_EXTRA_NAMES", MOVED);
+            assert!(names.split(',').all(|name| name.contains(&format!(".{MOVED}"))), "{names}");
         }
     }
 }
@@ -564,16 +815,23 @@ fn certs_gen_needs(workload: &Value) -> BTreeSet<(String, String)> {
     needs
 }
 
-/// What the webhook server needs (src/webhook/mod.rs, RBAC table): the kubelets' versions
-/// (`list` nodes, cluster-wide), InjectionSkipped Events in any app namespace (`create`), and
-/// its own pod's image in its namespace (`get` pods; a pod's generated name cannot be listed in
-/// `resourceNames`).
+/// The rules a role's code declares (`RBAC` beside its calls), as [`rules_of`] lists them: a
+/// cluster-wide rule in a ClusterRole, an own-namespace rule in a Role, never by name.
+fn needs_of(rbac: &[contract::RbacRule]) -> BTreeSet<(String, String)> {
+    rbac.iter()
+        .map(|r| {
+            let kind = if r.cluster_wide { "ClusterRole" } else { "Role" };
+            (kind.to_owned(), format!("{} {}/{} *any*", r.verb, r.api_group, r.resource))
+        })
+        .collect()
+}
+
+/// What the webhook server needs: `durable_scaler::webhook::RBAC` (the kubelets' versions,
+/// InjectionSkipped Events in any app namespace, its own pod's image in its namespace).
 fn webhook_server_needs() -> BTreeSet<(String, String)> {
-    BTreeSet::from([
-        ("ClusterRole".to_owned(), "list /nodes *any*".to_owned()),
-        ("ClusterRole".to_owned(), "create events.k8s.io/events *any*".to_owned()),
-        ("Role".to_owned(), "get /pods *any*".to_owned()),
-    ])
+    let needs = needs_of(&webhook::RBAC);
+    assert_eq!(needs.len(), webhook::RBAC.len(), "no rule declared twice");
+    needs
 }
 
 #[test]
@@ -631,23 +889,15 @@ fn only_the_certs_gen_containers_get_rights_on_secrets_or_webhook_configurations
 }
 
 #[test]
-fn the_aggregator_has_exactly_the_least_privilege_rules_and_nothing_on_secrets() {
+fn the_aggregator_has_exactly_the_rules_its_code_declares_and_nothing_on_secrets() {
+    let needs = needs_of(&durable_scaler::kubernetes::RBAC);
+    assert_eq!(needs.len(), durable_scaler::kubernetes::RBAC.len(), "no rule declared twice");
+    // Events through events.k8s.io, created only: the recorder never patches or uses core/v1.
+    assert!(needs.contains(&("ClusterRole".to_owned(), "create events.k8s.io/events *any*".to_owned())));
     for install in INSTALLS {
         let objects = render(install);
-        let role = find(&objects, "ClusterRole", "durable-scaler-aggregator");
-        assert_eq!(
-            role["rules"],
-            json!([
-                {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": ["get"]},
-                {"apiGroups": ["apps"], "resources": ["deployments/scale", "statefulsets/scale"], "verbs": ["get"]},
-                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-            ])
-        );
         let all = rules_of(&objects, "durable-scaler-aggregator");
-        // 1 scaledobjects + 2 scale subresources + 1 tokenreviews + 2 verbs x 2 groups of events:
-        // the ClusterRole above and nothing bound besides it.
-        assert_eq!(all.len(), 8, "{all:?}");
+        assert_eq!(all, needs, "{install}");
         assert!(all.iter().all(|(_, rule)| !rule.contains("/secrets ")), "{all:?}");
     }
 }
@@ -716,13 +966,21 @@ fn the_mutating_webhook_configuration_routes_opted_in_pods_to_the_webhook_servic
     let config = find(&objects, "MutatingWebhookConfiguration", "durable-scaler-webhook");
     let hook = &config["webhooks"][0];
     assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
-    assert_eq!(hook["sideEffects"], "None");
+    // Its one side effect, the InjectionSkipped Event, is never recorded for a dry run.
+    assert_eq!(hook["sideEffects"], "NoneOnDryRun");
     assert!((1..=30).contains(&hook["timeoutSeconds"].as_u64().unwrap()));
     assert_eq!(hook["objectSelector"]["matchLabels"], json!({contract::INJECT_LABEL: "true"}));
-    let excluded = &hook["namespaceSelector"]["matchExpressions"][0];
-    assert_eq!(excluded["key"], "kubernetes.io/metadata.name");
-    assert_eq!(excluded["operator"], "NotIn");
-    assert_eq!(excluded["values"], json!(["kube-system", "kube-node-lease", "durable-scaler"]));
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"],
+        json!([
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", "kube-node-lease"]},
+            {"key": contract::INJECT_LABEL, "operator": "NotIn", "values": [contract::NAMESPACE_OPT_OUT]},
+        ])
+    );
+    // durable-scaler's own namespace opts out by the same label, so the webhook never
+    // depends on itself, whatever the namespace is called.
+    let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
+    assert_eq!(namespace["metadata"]["labels"][contract::INJECT_LABEL], contract::NAMESPACE_OPT_OUT);
     assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
     assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
     assert!(hook["clientConfig"].get("caBundle").is_none(), "certs-gen owns caBundle; apply must not set it");
@@ -866,5 +1124,73 @@ fn an_images_override_in_an_overlay_also_changes_the_injected_sidecar_image() {
             assert_eq!(c["image"], wanted, "{}", c["name"]);
         }
     }
-    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), webhook::DEFAULT_ADDR);
+    assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None);
+}
+
+/// The first ```yaml block of the README section headed `heading`, its base path pointed at
+/// `install` from `overlay`.
+fn readme_overlay(heading: &str, overlay: &Path, install: &str) -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section =
+        readme.split_once(&format!("### {heading}\n")).unwrap_or_else(|| panic!("README has no {heading}")).1;
+    let block = section.split_once("```yaml\n").unwrap().1.split_once("```").unwrap().0;
+    let base = relative(overlay, &manifests_dir().join(install));
+    block.replace("../durable-scaler/manifests/default", &base.display().to_string())
+}
+
+#[test]
+fn the_readmes_private_registry_overlay_gives_every_pod_and_the_sidecars_the_pull_secret() {
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        readme_overlay("Private registries", overlay.path(), "default"),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    for workload in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        assert_eq!(pod_spec(workload)["imagePullSecrets"], json!([{"name": "registry-credentials"}]));
+        for c in all_containers(workload) {
+            assert!(
+                c["image"].as_str().unwrap().starts_with("registry.example.com/team/durable-scaler"),
+                "{c}"
+            );
+        }
+    }
+    let webhook = container(find(&objects, "Deployment", "durable-scaler-webhook"), "webhook");
+    assert_eq!(env(webhook, "DURABLE_SCALER_WEBHOOK_SIDECAR_IMAGE_PULL_SECRETS"), "registry-credentials");
+    if python_with("kubernetes_validate") {
+        let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
+        kubernetes_validate(&builtin, "1.37.0").unwrap();
+    }
+}
+
+#[test]
+fn the_webhook_port_changes_in_one_place_for_a_private_cluster() {
+    // GKE private clusters let the control plane reach nodes on 443 and 10250 only: an overlay
+    // moves the webhook to 10250 by patching its containerPort, and nothing else.
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = relative(overlay.path(), &manifests_dir().join("default"));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\npatches:\n  \
+             - target: {{kind: Deployment, name: durable-scaler-webhook}}\n    patch: |-\n      \
+             - op: replace\n        path: /spec/template/spec/containers/0/ports/0/containerPort\n        value: 10250\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    let deployment = find(&objects, "Deployment", "durable-scaler-webhook");
+    let webhook = container(deployment, "webhook");
+    assert_eq!(webhook["ports"], json!([{"name": "https", "containerPort": 10250, "protocol": "TCP"}]));
+    assert_eq!(
+        env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"),
+        None,
+        "the server follows the containerPort"
+    );
+    let service = find(&objects, "Service", "durable-scaler-webhook");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
+    let policy = policy_of(&objects, deployment);
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "https");
 }

@@ -15,6 +15,8 @@ pub fn settings() -> InjectionSettings {
         image: "ghcr.io/durable-scaler/durable-scaler:fuzz".to_owned(),
         aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
         aggregator_ca: None,
+        aggregator_ca_secret: None,
+        image_pull_secrets: Vec::new(),
         native_sidecar: true,
         version: "fuzz".to_owned(),
     }
@@ -66,12 +68,32 @@ pub fn check(data: &[u8], settings: &InjectionSettings) -> bool {
         .filter(|c| c["name"] == durable_scaler::contract::SIDECAR_CONTAINER)
         .count();
     assert_eq!(sidecars, 1, "exactly one sidecar after injection");
+    // The one change to an existing container: the app container may gain the Functions
+    // host's drain switch as its last env entry (src/webhook/inject/drain.rs).
+    let drain = serde_json::json!({"name": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING", "value": "true"});
+    let mut drained = 0;
     for list in ["containers", "initContainers", "volumes"] {
         if let Some(before) = original["spec"][list].as_array() {
             let after = pod["spec"][list].as_array().expect("lists stay lists");
-            assert_eq!(&after[..before.len()], &before[..], "existing {list} are untouched");
+            assert!(after.len() >= before.len(), "existing {list} are kept");
+            for (was, is) in before.iter().zip(after) {
+                let mut is = is.clone();
+                let grew = is["env"].as_array().is_some_and(|env| {
+                    env.last() == Some(&drain) && env.len() == was["env"].as_array().map_or(0, Vec::len) + 1
+                });
+                if list == "containers" && grew {
+                    drained += 1;
+                    let env = is["env"].as_array_mut().expect("env is a list");
+                    env.pop();
+                    if env.is_empty() && was.get("env").is_none() {
+                        is.as_object_mut().expect("a container is an object").remove("env");
+                    }
+                }
+                assert_eq!(&is, was, "existing {list} are untouched");
+            }
         }
     }
+    assert!(drained <= 1, "only the app container gets the drain switch");
     if let Some(before) = original["metadata"]["annotations"].as_object() {
         let after = pod["metadata"]["annotations"].as_object().unwrap();
         for (key, value) in before {

@@ -119,6 +119,7 @@ fn args(
     Args {
         task_hub: Some(hub.clone()),
         connection: Some(connection),
+        identity: Default::default(),
         aggregator: Some(aggregator.parse().expect("an aggregator URL")),
         aggregator_ca: None,
         aggregator_addresses: Vec::new(),

@@ -51,7 +51,7 @@ impl Running {
         let dir = tempfile::tempdir().unwrap();
         let volume = SecretVolume::new(dir.path(), &pki);
         let mut args = Args {
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: Some("127.0.0.1:0".parse().unwrap()),
             tls_cert: volume.cert(),
             tls_key: volume.key(),
             tls13_only: false,
@@ -59,6 +59,8 @@ impl Running {
             sidecar_image: "ghcr.io/durable-scaler/durable-scaler:test".to_owned(),
             aggregator: "http://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap(),
             sidecar_aggregator_ca: None,
+            sidecar_aggregator_ca_secret: None,
+            sidecar_image_pull_secrets: Vec::new(),
             native_sidecar: NativeSidecarMode::True,
             sidecar_image_from_pod: true,
             webhook_container: "webhook".to_owned(),
@@ -115,16 +117,23 @@ fn patched(pod: &Value, answer: &Value) -> Value {
 }
 
 /// What the fixture's pod must look like after injection: the sidecar as a native sidecar
-/// with the connection's `secretKeyRef` copied as it stands, the token volume, the status
-/// annotation, and nothing else changed.
+/// with the connection's `secretKeyRef` copied as it stands, the token volume, the Functions
+/// host's drain switch in the app container (its grace period, the API server's default 30 s,
+/// already covers the drain), the status annotation saying so, and nothing else changed.
 fn expected_pod() -> Value {
     let mut pod = fixture()["request"]["object"].clone();
     pod["metadata"]["annotations"]["durable-scaler.io/status"] = json!(
         json!({"containers": ["durable-scaler-sidecar"], "mode": "native-sidecar",
                "modeReason": "--native-sidecar=true",
-               "version": env!("CARGO_PKG_VERSION"), "volumes": ["durable-scaler-token"]})
+               "version": env!("CARGO_PKG_VERSION"), "volumes": ["durable-scaler-token"],
+               "drain": {"env": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING=true added",
+                         "terminationGracePeriodSeconds": "30 kept"}})
         .to_string()
     );
+    pod["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING", "value": "true"}));
     pod["spec"]["initContainers"] = json!([{
         "name": "durable-scaler-sidecar",
         "image": "ghcr.io/durable-scaler/durable-scaler:test",
@@ -174,6 +183,7 @@ async fn a_replicaset_pod_gets_the_native_sidecar_over_https() {
     assert_eq!(answer["response"]["patchType"], "JSONPatch");
     assert!(answer["response"].get("warnings").is_none(), "{answer}");
     assert_eq!(patched(&fixture()["request"]["object"], &answer), expected_pod());
+    assert_valid_pod(&expected_pod());
 }
 
 #[tokio::test]
@@ -412,10 +422,10 @@ async fn shutdown_closes_idle_connections_and_stops_accepting() {
     assert!(https::connect(webhook.addr, &webhook.pki.ca_pem, Http::One).await.is_err());
 }
 
-#[tokio::test]
-async fn start_up_names_the_flag_when_the_certificate_is_missing() {
-    let args = Args {
-        addr: "127.0.0.1:0".parse().unwrap(),
+/// Arguments that cannot start (no certificate files): for start-up checks that come first.
+fn test_args() -> Args {
+    Args {
+        addr: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert: "/nonexistent/tls.crt".into(),
         tls_key: "/nonexistent/tls.key".into(),
         tls13_only: false,
@@ -423,6 +433,29 @@ async fn start_up_names_the_flag_when_the_certificate_is_missing() {
         sidecar_image: "img".to_owned(),
         aggregator: "http://agg:4371".parse().unwrap(),
         sidecar_aggregator_ca: None,
+        sidecar_aggregator_ca_secret: None,
+        sidecar_image_pull_secrets: Vec::new(),
+        native_sidecar: NativeSidecarMode::True,
+        sidecar_image_from_pod: true,
+        webhook_container: "webhook".to_owned(),
+        pod_name: None,
+        pod_namespace: None,
+    }
+}
+
+#[tokio::test]
+async fn start_up_names_the_flag_when_the_certificate_is_missing() {
+    let args = Args {
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+        tls_cert: "/nonexistent/tls.crt".into(),
+        tls_key: "/nonexistent/tls.key".into(),
+        tls13_only: false,
+        tls_reload_interval: Duration::from_secs(5),
+        sidecar_image: "img".to_owned(),
+        aggregator: "http://agg:4371".parse().unwrap(),
+        sidecar_aggregator_ca: None,
+        sidecar_aggregator_ca_secret: None,
+        sidecar_image_pull_secrets: Vec::new(),
         native_sidecar: NativeSidecarMode::True,
         sidecar_image_from_pod: true,
         webhook_container: "webhook".to_owned(),
@@ -512,6 +545,128 @@ async fn an_https_aggregator_reaches_the_sidecar_with_a_ca_it_accepts() {
     assert_eq!(sidecar.aggregator_ca.as_deref(), Some(aggregator.ca_pem.trim().as_bytes()));
 }
 
+#[tokio::test]
+async fn a_ca_from_a_secret_is_mounted_as_the_file_the_sidecar_reads_and_no_env_value_spans_lines() {
+    let aggregator = Pki::ecdsa("aggregator");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("aggregator-ca.crt");
+    std::fs::write(&ca_file, &aggregator.ca_pem).unwrap();
+    let webhook = Running::start(|args| {
+        args.aggregator = "https://durable-scaler-aggregator.durable-scaler:4371".parse().unwrap();
+        args.sidecar_aggregator_ca = Some(ca_file.clone());
+        args.sidecar_aggregator_ca_secret = Some("durable-scaler-aggregator-ca".to_owned());
+    })
+    .await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    let sidecar = &pod["spec"]["initContainers"][0];
+    let ca = sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DURABLE_SCALER_AGGREGATOR_CA")
+        .unwrap();
+    let path = ca["value"].as_str().unwrap();
+    // The file the kubelet writes: the mount of the volume that projects the Secret's ca.crt.
+    let mount = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())));
+    let volume_name = mount.expect("the CA path is inside a mount")["name"].clone();
+    let volume =
+        pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == volume_name).unwrap();
+    assert_eq!(volume["secret"]["secretName"], "durable-scaler-aggregator-ca");
+    assert_eq!(
+        format!(
+            "{}/{}",
+            mount.unwrap()["mountPath"].as_str().unwrap(),
+            volume["secret"]["items"][0]["path"].as_str().unwrap()
+        ),
+        path
+    );
+    for container in pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["spec"]["initContainers"].as_array().unwrap())
+    {
+        for entry in container["env"].as_array().into_iter().flatten() {
+            assert!(!entry["value"].as_str().unwrap_or_default().contains('\n'), "{entry}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_sidecars_pull_secrets_join_the_pods_own_once() {
+    let webhook = Running::start(|args| {
+        args.sidecar_image_pull_secrets = vec!["private-registry".to_owned(), "app-registry".to_owned()];
+    })
+    .await;
+    let mut review = fixture();
+    review["request"]["object"]["spec"]["imagePullSecrets"] = json!([{"name": "app-registry"}]);
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "app-registry"}, {"name": "private-registry"}])
+    );
+    assert_eq!(status_annotation(&review, &answer)["imagePullSecrets"], json!(["private-registry"]));
+
+    let error = Webhook::bind_with(
+        &Args { sidecar_image_pull_secrets: vec!["Not A Name".to_owned()], ..test_args() },
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--sidecar-image-pull-secrets") && error.contains("Not A Name"), "{error}");
+}
+
+#[tokio::test]
+async fn a_short_grace_is_raised_for_the_drain_and_the_annotation_turns_it_off() {
+    let webhook = Running::start(|_| {}).await;
+    let mut review = fixture();
+    review["request"]["object"]["spec"]["terminationGracePeriodSeconds"] = json!(5);
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 30);
+    let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(env.contains(&json!({"name": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING", "value": "true"})));
+    assert_eq!(status_annotation(&review, &answer)["drain"]["terminationGracePeriodSeconds"], "5 -> 30");
+
+    review["request"]["object"]["metadata"]["annotations"]["durable-scaler.io/drain"] = json!("false");
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 5);
+    assert_eq!(pod["spec"]["containers"][0], review["request"]["object"]["spec"]["containers"][0]);
+}
+
+#[tokio::test]
+async fn windows_pods_and_plain_sidecars_in_pods_that_must_complete_are_skipped_and_counted() {
+    let webhook = Running::start(|args| args.native_sidecar = NativeSidecarMode::False).await;
+    let mut windows = fixture();
+    windows["request"]["object"]["spec"]["os"] = json!({"name": "windows"});
+    let mut job = fixture();
+    job["request"]["object"]["spec"]["restartPolicy"] = json!("OnFailure");
+    for review in [&windows, &job] {
+        let (status, answer) = webhook.review(review).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(answer["response"].get("patch").is_none(), "{answer}");
+    }
+    let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&metrics).into_owned();
+    for reason in ["windows", "never_completes"] {
+        assert!(
+            text.contains(&format!("durable_scaler_webhook_skipped_total{{reason=\"{reason}\"}} 1")),
+            "{text}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures: envFrom, hostNetwork, Guaranteed QoS, invalid task hub
 // ---------------------------------------------------------------------------------------------
@@ -556,6 +711,141 @@ async fn an_env_from_config_map_with_a_prefix_gives_the_key_without_it_in_source
                 {"name": "orders-func-storage", "key": "Storage", "optional": true}}}),
         ]
     );
+}
+
+/// The oldest Kubernetes the install supports and the newest kubernetes-validate bundles.
+const SCHEMA_VERSIONS: [&str; 2] = ["1.28.0", "1.37.0"];
+
+/// Validates a patched pod against the Kubernetes JSON schemas (strict: an unknown field is
+/// an error) of [`SCHEMA_VERSIONS`].
+fn assert_valid_pod(pod: &Value) {
+    if !crate::manifests::python_with("kubernetes_validate") {
+        return;
+    }
+    for version in SCHEMA_VERSIONS {
+        if let Err(report) = crate::manifests::kubernetes_validate(&[pod], version) {
+            panic!("the patched pod against Kubernetes {version}:\n{report}\n{pod:#}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_apps_settings_reach_the_sidecar_from_env_and_env_from_as_dotnet_reads_them() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("envfrom-settings-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    assert_valid_pod(&patched(&review["request"]["object"], &answer));
+    // No hub named: the extension's default, WEBSITE_SITE_NAME sanitised, then what the
+    // envFrom sources may set, in the kubelet's order.
+    let hub = sidecar_env(&review, &answer, "DURABLE_SCALER_TASK_HUB");
+    assert_eq!(hub[0], json!({"name": "DURABLE_SCALER_TASK_HUB", "value": "ordersfunc"}));
+    assert_eq!(
+        hub[1..],
+        [
+            json!({"name": "DURABLE_SCALER_TASK_HUB", "valueFrom": {"secretKeyRef": {"name": "orders-func-settings",
+                "key": "AzureFunctionsJobHost__extensions__durableTask__hubName", "optional": true}}}),
+            json!({"name": "DURABLE_SCALER_TASK_HUB", "valueFrom": {"configMapKeyRef": {"name": "orders-durable-config",
+                "key": "hubName", "optional": true}}}),
+        ]
+    );
+    // A lowercase literal in env wins over both sources, as in the kubelet and in .NET.
+    assert_eq!(
+        sidecar_env(&review, &answer, "DURABLE_SCALER_APP_MAX_ACTIVITIES"),
+        [json!({"name": "DURABLE_SCALER_APP_MAX_ACTIVITIES", "value": "40"})]
+    );
+    for (ours, key) in [
+        ("DURABLE_SCALER_APP_MAX_ORCHESTRATIONS", "maxConcurrentOrchestratorFunctions"),
+        (
+            "DURABLE_SCALER_APP_CONTROL_QUEUE_VISIBILITY_TIMEOUT",
+            "storageProvider__controlQueueVisibilityTimeout",
+        ),
+        (
+            "DURABLE_SCALER_APP_WORK_ITEM_QUEUE_VISIBILITY_TIMEOUT",
+            "storageProvider__workItemQueueVisibilityTimeout",
+        ),
+        ("DURABLE_SCALER_APP_CONTROL_QUEUE_BUFFER_THRESHOLD", "storageProvider__controlQueueBufferThreshold"),
+        ("DURABLE_SCALER_APP_MAX_QUEUE_POLLING_INTERVAL", "storageProvider__maxQueuePollingInterval"),
+    ] {
+        assert_eq!(
+            sidecar_env(&review, &answer, ours),
+            [
+                json!({"name": ours, "valueFrom": {"secretKeyRef": {"name": "orders-func-settings",
+                    "key": format!("AzureFunctionsJobHost__extensions__durableTask__{key}"), "optional": true}}}),
+                json!({"name": ours, "valueFrom": {"configMapKeyRef": {"name": "orders-durable-config",
+                    "key": key, "optional": true}}}),
+            ],
+            "{ours}"
+        );
+    }
+    assert!(answer["response"].get("warnings").is_none(), "{answer}");
+}
+
+#[tokio::test]
+async fn a_site_name_from_a_reference_with_no_hub_named_is_skipped_with_a_reason() {
+    let webhook = Running::start(|_| {}).await;
+    let mut review = load("envfrom-settings-pod-create.json");
+    review["request"]["object"]["spec"]["containers"][0]["env"][1] = json!({"name": "WEBSITE_SITE_NAME", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "name"}}});
+    let (_, answer) = webhook.review(&review).await;
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    let (_, metrics) = webhook.connect(Http::One).await.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(text.contains("durable_scaler_webhook_skipped_total{reason=\"unknown_task_hub\"} 1"), "{text}");
+}
+
+#[tokio::test]
+async fn an_aks_workload_identity_app_gets_a_sidecar_that_reads_storage_with_the_same_identity() {
+    let webhook = Running::start(|_| {}).await;
+    let review = load("identity-workload-pod-create.json");
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    let sidecar = pod["spec"]["initContainers"][0].clone();
+    let entry = |name: &str| sidecar_env(&review, &answer, name);
+    assert!(entry("DURABLE_SCALER_CONNECTION").is_empty());
+    assert_eq!(
+        entry("DURABLE_SCALER_CONNECTION__accountName"),
+        [json!({"name": "DURABLE_SCALER_CONNECTION__accountName", "value": "ordersfuncstorage"})]
+    );
+    assert_eq!(
+        entry("DURABLE_SCALER_CONNECTION__clientId"),
+        [
+            json!({"name": "DURABLE_SCALER_CONNECTION__clientId", "valueFrom": {"configMapKeyRef": {"name": "orders-identity", "key": "client-id"}}})
+        ]
+    );
+    let app = &pod["spec"]["containers"][0];
+    for name in ["AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST"] {
+        let original = app["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap();
+        assert_eq!(entry(name), std::slice::from_ref(original), "{name}");
+    }
+    let token_mount = app["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/var/run/secrets/azure/wi")
+        .unwrap();
+    assert!(sidecar["volumeMounts"].as_array().unwrap().contains(token_mount), "{sidecar}");
+
+    // The sidecar's own command line takes what was injected (the clientId reference
+    // resolved by the kubelet; any id stands in for it here).
+    let parsed = durable_scaler::cli::Cli::try_parse_from([
+        "durable-scaler",
+        "sidecar",
+        "--task-hub",
+        "OrdersHub",
+        "--connection-account-name",
+        "ordersfuncstorage",
+        "--connection-client-id",
+        "5f6a7b8c-0000-4000-8000-1a2b3c4d5e6f",
+        "--aggregator",
+        "http://agg:4371",
+        "--pod-name",
+        "orders-7d9f-x2",
+        "--pod-namespace",
+        "orders",
+    ])
+    .expect("the sidecar parses the identity settings");
+    let durable_scaler::cli::Command::Sidecar(args) = parsed.command else { panic!("not the sidecar") };
+    durable_scaler::sidecar::Config::from_args(args).expect("the sidecar builds the identity-based account");
 }
 
 #[tokio::test]
@@ -723,25 +1013,39 @@ fn status_annotation(review: &Value, answer: &Value) -> Value {
 }
 
 #[tokio::test]
-async fn auto_chooses_a_native_sidecar_when_the_api_server_and_every_kubelet_are_1_29_or_newer() {
-    let api = FakeApi::start("v1.30.4", &["v1.29.10", "v1.30.4"]).await;
+async fn auto_chooses_a_native_sidecar_when_the_api_server_and_every_kubelet_are_1_33_or_newer() {
+    let api = FakeApi::start("v1.33.4", &["v1.33.1", "v1.34.0"]).await;
     let webhook =
         Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
     let (_, answer) = webhook.review(&fixture()).await;
     let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
     assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
     let status = status_annotation(&fixture(), &answer);
     assert_eq!(status["mode"], "native-sidecar");
-    assert!(status["modeReason"].as_str().unwrap().contains("1.29+"), "{status}");
+    assert!(status["modeReason"].as_str().unwrap().contains("1.33+"), "{status}");
+}
+
+#[tokio::test]
+async fn auto_chooses_a_plain_container_where_an_admin_may_have_turned_the_gate_off() {
+    let api = FakeApi::start("v1.32.4", &["v1.32.4", "v1.32.4"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert!(pod["spec"].get("initContainers").is_none(), "{pod}");
+    let status = status_annotation(&fixture(), &answer);
+    assert!(status["modeReason"].as_str().unwrap().contains("before 1.33"), "{status}");
 }
 
 #[tokio::test]
 async fn auto_chooses_a_plain_container_when_one_kubelet_is_older() {
-    let api = FakeApi::start("v1.30.4", &["v1.30.4", "v1.28.15"]).await;
+    let api = FakeApi::start("v1.33.4", &["v1.33.4", "v1.30.15"]).await;
     let webhook =
         Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::Auto).await;
     let (_, answer) = webhook.review(&fixture()).await;
     let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
     assert!(pod["spec"].get("initContainers").is_none());
     assert_eq!(pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"], "functions");
     let status = status_annotation(&fixture(), &answer);
@@ -758,6 +1062,37 @@ async fn auto_chooses_a_plain_container_when_the_api_server_is_older() {
     let status = status_annotation(&fixture(), &answer);
     assert_eq!(status["mode"], "container");
     assert!(status["modeReason"].as_str().unwrap().contains("API server is 1.28"), "{status}");
+}
+
+#[tokio::test]
+async fn a_forced_native_sidecar_is_kept_on_1_29_and_made_plain_where_1_28_would_refuse_the_pod() {
+    let api = FakeApi::start("v1.30.2", &["v1.29.8"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::True).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    assert_eq!(
+        patched(&fixture()["request"]["object"], &answer)["spec"]["initContainers"][0]["restartPolicy"],
+        "Always"
+    );
+
+    let api = FakeApi::start("v1.28.9", &["v1.28.9"]).await;
+    let webhook =
+        Running::start_with_api(api.client(), |args| args.native_sidecar = NativeSidecarMode::True).await;
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert!(pod["spec"].get("initContainers").is_none(), "{pod}");
+    let status = status_annotation(&fixture(), &answer);
+    assert!(status["modeReason"].as_str().unwrap().contains("refused"), "{status}");
+
+    // A pod's own annotation asking for native gets the same protection, with a warning.
+    let mut review = fixture();
+    review["request"]["object"]["metadata"]["annotations"]["durable-scaler.io/native-sidecar"] =
+        json!("true");
+    let (_, answer) = webhook.review(&review).await;
+    assert!(patched(&review["request"]["object"], &answer)["spec"].get("initContainers").is_none());
+    let warnings = answer["response"]["warnings"].to_string();
+    assert!(warnings.contains("refuse the pod"), "{warnings}");
 }
 
 #[tokio::test]
