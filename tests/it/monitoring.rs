@@ -446,20 +446,37 @@ async fn a_prometheus_scraping_a_demo_run_has_data_for_every_dashboard_query() {
         values.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
     };
     // The numbers behind the panels tell the demo's story: the burst asked for several
-    // workers, got at least one, was seen waiting, every partition was covered by sidecars at
-    // some point, and the hub turned active. (Only peaks: Prometheus takes up new file_sd
-    // targets within seconds, not at once, so the run's first moments may be unscraped.)
-    assert!(extremes("Workers: desired vs actual", "desired").1 >= 2.0);
-    assert!(extremes("Workers: desired vs actual", "workers").1 >= 1.0);
-    assert_eq!(extremes("Partition coverage", "covered").1, 4.0, "the demo hub's 4 partitions");
-    assert_eq!(extremes("Decisions", "active").1, 1.0);
+    // workers, got at least one, was seen waiting, and the hub turned active. (Only peaks:
+    // Prometheus takes up new file_sd targets within seconds, not at once, so the run's first
+    // moments may be unscraped.) Coverage splits the hub's 4 partitions at every moment once
+    // their count is known (both 0 before the first reading); how many sidecars cover depends
+    // on how fast they read their leases, which a loaded machine slows.
+    assert!(extremes("Workers: desired vs actual", "desired").1 >= 2.0, "{stdout}");
+    assert!(extremes("Workers: desired vs actual", "workers").1 >= 1.0, "{stdout}");
+    assert_eq!(extremes("Decisions", "active").1, 1.0, "{stdout}");
+    let coverage = |legend: &str| {
+        let (_, _, series) =
+            panels.iter().find(|(t, l, _)| t == "Partition coverage" && l == legend).unwrap();
+        series[0]
+            .1
+            .iter()
+            .map(|(t, v)| ((t * 1000.0) as i64, *v))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (covered, uncovered) = (coverage("covered"), coverage("uncovered"));
+    let both: Vec<f64> = covered
+        .iter()
+        .filter_map(|(t, c)| uncovered.get(t).map(|u| c + u))
+        .filter(|sum| *sum > 0.0)
+        .collect();
+    assert!(!both.is_empty() && both.iter().all(|sum| *sum == 4.0), "{both:?}");
     let (_, _, backlog) = panels.iter().find(|(t, _, _)| t == "Backlog").unwrap();
     let visible_peak = backlog
         .iter()
         .filter(|(labels, _)| labels.get("queue").is_some())
         .flat_map(|(_, v)| v.iter().map(|(_, x)| *x))
         .fold(0.0, f64::max);
-    assert!(visible_peak > 0.0, "work was seen waiting");
+    assert!(visible_peak > 0.0, "work was seen waiting:\n{stdout}");
 
     let chart_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("monitoring");
     std::fs::create_dir_all(&chart_dir).unwrap();
