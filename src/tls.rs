@@ -21,6 +21,7 @@ use std::{
 };
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
@@ -176,8 +177,9 @@ pub(crate) enum ReloadOutcome {
 
 crate::metrics::label_values!(ReloadOutcome { Reloaded => "reloaded", Refused => "refused" });
 
-/// Counters of one listener's reloads, shared with whoever serves them on `/metrics`
-/// (prometheus-client counters are handles to one shared value).
+/// One listener's certificate metrics: its reloads and when the served certificate expires,
+/// shared with whoever serves them on `/metrics` (prometheus-client metrics are handles to
+/// one shared value).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ReloadCounters {
     /// New files taken into use.
@@ -185,6 +187,27 @@ pub(crate) struct ReloadCounters {
     /// Changed files refused (unreadable, unparsable, a mismatched pair); the previous
     /// configuration stayed in use.
     pub refused: Counter,
+    /// The notAfter of the certificate served now (its first one), in seconds since the Unix
+    /// epoch; set at load and at every reload, so a renewal that never reached the process
+    /// shows as an expiry coming closer (the near-expiry alert of the monitoring component).
+    pub expires_at: Gauge,
+}
+
+/// The notAfter of the first certificate in `chain`, in seconds since the Unix epoch; `None`
+/// when it does not parse as X.509 (rustls checks the chain itself; this only feeds a gauge).
+fn not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    Some(certificate.validity().not_after.timestamp())
+}
+
+impl ReloadCounters {
+    /// Sets [`ReloadCounters::expires_at`] from the certificate PEM `pem` (read from `path`)
+    /// just taken into use.
+    fn record_expiry(&self, path: &Path, pem: &[u8]) {
+        if let Some(seconds) = certificates(path, pem).ok().as_deref().and_then(not_after) {
+            self.expires_at.set(seconds);
+        }
+    }
 }
 
 /// One listener's server configuration, rebuilt by a watcher when its files change.
@@ -216,6 +239,7 @@ impl ReloadingConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let material = Material::read(&files)?;
         let config = build(&files, options, &provider, &material)?;
+        counters.record_expiry(&files.cert, &material.cert);
         Ok(Arc::new(Self {
             files,
             options,
@@ -264,6 +288,7 @@ impl ReloadingConfig {
         // Remembered either way, so a refused change is not retried (and counted) at every look.
         *last_seen = material;
         self.current.send_replace(Arc::new(built?));
+        self.counters.record_expiry(&self.files.cert, &last_seen.cert);
         Ok(true)
     }
 
@@ -452,6 +477,36 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &config.current()));
         assert!(!config.reload().unwrap(), "the same refused files are not looked at again");
         assert_eq!((config.reloads(), config.reload_failures()), (0, 1));
+    }
+
+    /// A self-signed certificate for `localhost` valid until `not_after`, and its key, PEM.
+    fn pair_until(not_after: time::OffsetDateTime) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after = not_after;
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn the_expiry_gauge_follows_the_certificate_in_use_and_not_a_refused_one() {
+        let first = time::macros::datetime!(2031-05-01 12:00 UTC);
+        let (cert, key) = pair_until(first);
+        let mut volume = Volume::new(&cert, &key, &cert);
+        let counters = ReloadCounters::default();
+        let config = ReloadingConfig::load_counted(volume.files(false), HTTPS, counters.clone()).unwrap();
+        assert_eq!(counters.expires_at.get(), first.unix_timestamp());
+
+        let renewed = time::macros::datetime!(2032-05-01 12:00 UTC);
+        let (cert, key) = pair_until(renewed);
+        volume.update(&cert, &key, &cert);
+        assert!(config.reload().unwrap());
+        assert_eq!(counters.expires_at.get(), renewed.unix_timestamp());
+
+        // A renewal whose key does not match is refused: the gauge keeps the one served.
+        let (refused, _) = pair_until(time::macros::datetime!(2033-05-01 12:00 UTC));
+        volume.update(&refused, &key, &cert);
+        assert!(config.reload().is_err());
+        assert_eq!(counters.expires_at.get(), renewed.unix_timestamp());
     }
 
     #[test]

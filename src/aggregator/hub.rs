@@ -100,6 +100,8 @@ pub(crate) struct Gauges {
     pub decision: Option<(u32, u32)>,
     /// KEDA would be told UNAVAILABLE now.
     pub unavailable: bool,
+    /// The visible messages of the latest readings.
+    pub visible: crate::heuristic::engine::QueueMessages,
 }
 
 /// What one change to a hub did.
@@ -707,6 +709,7 @@ impl HubState {
             connection_known: self.settings.connection.is_some(),
             decision: self.engine.decision().map(|d| (d.recommendation.desired_workers, d.workers)),
             unavailable: !self.is_fully_read() || key_free_stale,
+            visible: self.engine.queue_messages(),
         }
     }
 

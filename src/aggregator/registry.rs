@@ -120,6 +120,8 @@ impl HubEntry {
         metrics.held_messages.get_or_create(&self.labels).set(gauge(g.held));
         metrics.timer_messages.get_or_create(&self.labels).set(gauge(g.timers));
         metrics.invisible_work_items.get_or_create(&self.labels).set(gauge(g.invisible_work_items));
+        metrics.set_visible_messages(&self.labels, &g.visible);
+        metrics.unavailable.get_or_create(&self.labels).set(i64::from(g.unavailable));
         metrics.connection_known.get_or_create(&self.labels).set(i64::from(g.connection_known));
         if let Some((desired, workers)) = g.decision {
             metrics.desired_workers.get_or_create(&self.labels).set(i64::from(desired));
@@ -497,6 +499,63 @@ mod tests {
         assert!(entry.stale_reason(now).is_some());
         entry.set_probe_missed(false);
         assert_eq!(entry.stale_reason(now), None, "the probe read it again");
+    }
+
+    /// The value of the series `name{labels}` in `text`, when present.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn the_unavailable_gauge_is_what_keda_is_told_unread_then_read_then_unreadable() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
+        let series = "durable_scaler_aggregator_unavailable{namespace=\"apps\",task_hub=\"darkhub\"}";
+        let now = UnixMs::now();
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nothing read yet");
+        let signals = QueueReading { sampled_at: now, ..QueueReading::default() };
+        let reading =
+            HubReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) };
+        registry.apply_probe(&entry, Some(&reading), now);
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(0.0), "read whole");
+        entry.set_probe_error(Some("connection refused".into()));
+        entry.set_probe_missed(true);
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nobody can read it");
+    }
+
+    #[test]
+    fn visible_message_gauges_sum_the_latest_readings_by_queue() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "BusyHub"), "BusyHub", None).unwrap();
+        let now = UnixMs::now();
+        let signals = |approximate_count, visible_count| QueueReading {
+            approximate_count,
+            visible_count,
+            sampled_at: now,
+            ..QueueReading::default()
+        };
+        let reading = HubReading {
+            partition_count: 2,
+            control: vec![(0, signals(5, 2)), (1, signals(40, 32))],
+            work_item: Some(signals(9, 7)),
+        };
+        registry.apply_probe(&entry, Some(&reading), now);
+        let text = registry.metrics.encode();
+        let value = |queue: &str| {
+            sample(
+                &text,
+                &format!(
+                    "durable_scaler_aggregator_visible_messages{{namespace=\"apps\",task_hub=\"busyhub\",queue=\"{queue}\"}}"
+                ),
+            )
+        };
+        assert_eq!(value("work_item"), Some(7.0), "{text}");
+        assert_eq!(value("control"), Some(34.0));
+        registry.evict_idle(now.plus_ms(60_001), 60_000);
+        assert!(!registry.metrics.encode().contains("busyhub"), "dropped with the hub");
     }
 
     #[test]
