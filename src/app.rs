@@ -31,9 +31,8 @@ pub(crate) async fn aggregator(mut args: AggregatorArgs) -> ExitCode {
         args.kube.pod_name = std::env::var(env::HOSTNAME).ok().filter(|name| !name.is_empty());
     }
     let kube = KubeContext::try_default(args.kube.clone()).await;
-    // The writer lives as long as the aggregator serves (its task ends when it is dropped).
-    let (aggregator, _pod_deletion_costs) = match with_kubernetes(args.aggregator, kube) {
-        Ok(composed) => composed,
+    let aggregator = match with_kubernetes(args.aggregator, kube) {
+        Ok(aggregator) => aggregator,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(2);
@@ -58,25 +57,18 @@ fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<Repo
     }
 }
 
-/// The pod-deletion-cost writer (`--pod-deletion-cost`, on by default) the aggregator's
-/// sampling loop gives each hub's pod ranking to.
-type DeletionCosts = Option<Arc<dyn PodDeletionCosts>>;
-
 /// The aggregator with the Kubernetes sources when `kube` is there: worker counts from the
 /// scale targets, TokenReview for reports (`--report-auth tokenreview`), Events on
 /// recommendation changes, and the pod-deletion-cost writer unless `--pod-deletion-cost=false`.
 /// Without it: the live reporting pods, no deletion costs, and `--report-auth none` is
 /// required.
-fn with_kubernetes(
-    args: aggregator::Args,
-    kube: Option<KubeContext>,
-) -> Result<(Aggregator, DeletionCosts), String> {
+fn with_kubernetes(args: aggregator::Args, kube: Option<KubeContext>) -> Result<Aggregator, String> {
     let mode = check_report_auth(args.report_auth, kube.is_some())?;
     let Some(kube) = kube else {
         if args.pod_deletion_cost {
             tracing::info!("no Kubernetes configuration: no pod-deletion-cost is kept on the pods");
         }
-        return Ok((Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)), None));
+        return Ok(Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)));
     };
     let deletion_costs = args.pod_deletion_cost.then(|| kube.pod_deletion_costs());
     let workers = Arc::new(kube.worker_count());
@@ -99,10 +91,12 @@ fn with_kubernetes(
     let recorder: Arc<dyn RecommendationRecorder> = events;
     let hook: ChangeHook =
         Arc::new(move |scaled_object, change| recorder.recommendation_changed(scaled_object, change));
-    // The aggregator's sampling loop ranks each hub's live pods and calls
-    // `PodDeletionCosts::update` with them (aggregator::sources); this is the writer it gets.
-    let deletion_costs = deletion_costs.map(|writer| Arc::new(writer) as Arc<dyn PodDeletionCosts>);
-    Ok((aggregator.on_recommendation_change(hook), deletion_costs))
+    let aggregator = aggregator.on_recommendation_change(hook);
+    // The sampling loop hands each hub's live pods and their costs to the writer.
+    Ok(match deletion_costs {
+        Some(writer) => aggregator.keep_deletion_costs(Arc::new(writer) as Arc<dyn PodDeletionCosts>),
+        None => aggregator,
+    })
 }
 
 #[cfg(test)]
@@ -138,12 +132,6 @@ mod tests {
         let off = Cli::try_parse_from(["aggregator", "--pod-deletion-cost=false"]).unwrap();
         assert!(!off.args.aggregator.pod_deletion_cost);
         assert!(aggregator::Args::loopback().pod_deletion_cost, "loopback() keeps every default");
-    }
-
-    #[test]
-    fn without_kubernetes_no_deletion_costs_are_written() {
-        let (_, costs) = with_kubernetes(aggregator::Args::loopback(), None).unwrap();
-        assert!(costs.is_none());
     }
 
     #[test]

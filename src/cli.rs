@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Autoscale Azure Durable Functions apps (Azure Storage backend) on Kubernetes through KEDA.
 ///
@@ -56,6 +56,18 @@ pub enum Command {
     Simulate(Box<crate::simulate::Args>),
     /// Serve the mutating admission webhook that injects the sidecar (HTTPS, `POST /mutate`).
     Webhook(crate::webhook::Args),
+    /// Show every task hub as each aggregator replica sees it (workers -> desired, active,
+    /// reason, partitions covered, limits, notes), read through the Kubernetes API server's
+    /// pod proxy with your kubeconfig. Also `kubectl durable-scaler status` when this binary
+    /// is on PATH as `kubectl-durable_scaler`.
+    Status(crate::status::Args),
+    /// Read a Functions app's Deployment or StatefulSet manifest (a file or stdin) and print
+    /// the KEDA ScaledObject (and TriggerAuthentication for the TLS install) that scales it
+    /// with durable-scaler, and the patch that opts its pod template in; the task hub and the
+    /// connection variable are found as the webhook finds them. Exit status 2 when the app
+    /// cannot be scaled this way (the message says why).
+    #[command(name = "scaledobject")]
+    ScaledObject(crate::scaledobject::Args),
 }
 
 /// The Tokio runtime a role runs on.
@@ -68,9 +80,32 @@ enum Runtime {
     MultiThread,
 }
 
+/// The file name under which kubectl runs this binary as a plugin: `kubectl durable-scaler
+/// status` looks for `kubectl-durable_scaler` on PATH, a dash in the command being an
+/// underscore in the file name, and passes it the rest of the command line (kubectl's plugin
+/// handler, staging/src/k8s.io/kubectl/pkg/cmd/cmd.go `HandlePluginCommand`). A symlink of that
+/// name to `durable-scaler` is the whole installation.
+pub const KUBECTL_PLUGIN: &str = "kubectl-durable_scaler";
+
+/// The command line, with usage and errors naming `kubectl durable-scaler` when run as the
+/// kubectl plugin.
+fn parse() -> Cli {
+    let invoked_as = std::env::args_os().next();
+    let plugin = invoked_as
+        .as_deref()
+        .and_then(|path| std::path::Path::new(path).file_name())
+        .is_some_and(|name| name == KUBECTL_PLUGIN);
+    if !plugin {
+        return Cli::parse();
+    }
+    let matches =
+        Cli::command().name("kubectl durable-scaler").bin_name("kubectl durable-scaler").get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Parses the command line and runs the chosen role.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     match cli.command {
         Command::Recommend => crate::recommend::run(),
         Command::Simulate(args) => crate::simulate::run(&args),
@@ -78,6 +113,8 @@ pub fn run() -> ExitCode {
         Command::Demo(args) => start("demo", Runtime::MultiThread, crate::demo::run_cli(args)),
         Command::Aggregator(args) => start("aggregator", Runtime::MultiThread, crate::app::aggregator(args)),
         Command::Webhook(args) => start("webhook", Runtime::MultiThread, crate::webhook::run(args)),
+        Command::Status(args) => crate::status::main(args),
+        Command::ScaledObject(args) => crate::scaledobject::run(&args),
     }
 }
 
@@ -86,6 +123,9 @@ pub fn run() -> ExitCode {
 fn start(role: &str, runtime: Runtime, role_main: impl Future<Output = ExitCode>) -> ExitCode {
     crate::telemetry::init();
     crate::telemetry::install_crypto_provider();
+    // Room for the listeners' connection limits, which are a share of it.
+    let descriptors = crate::listener::raise_descriptor_limit();
+    tracing::debug!(descriptors, "open file limit");
     let built = match runtime {
         Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread().enable_all().build(),

@@ -22,6 +22,8 @@
 //!   know every role;
 //! - tools, not roles: `demo` (the whole path on one machine), [`simulate`] (races the
 //!   scalers on simulated workloads), `recommend` (evaluates each algorithm on samples),
+//!   [`status`] (every aggregator replica's `/hubs` through the API server's pod proxy),
+//!   [`scaledobject`] (a workload manifest in, its ScaledObject and opt-in patch out),
 //!   [`emulator`] (the Durable Task side's storage writes, for tests and the demo);
 //! - [`proto`]: KEDA's external scaler contract and the sidecar report protocol;
 //! - [`reading`]: what one read of a hub's queues shows, the one type from storage to the
@@ -41,13 +43,16 @@ pub(crate) mod demo;
 pub mod emulator;
 pub mod heuristic;
 pub mod kubernetes;
+pub(crate) mod listener;
 pub(crate) mod metrics;
 pub mod proto;
 pub mod reading;
 pub(crate) mod recommend;
+pub mod scaledobject;
 pub mod shutdown;
 pub mod sidecar;
 pub mod simulate;
+pub mod status;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;

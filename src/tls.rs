@@ -1,14 +1,12 @@
-//! TLS serving for every listener of the project (the webhook's HTTPS port, the aggregator's
-//! KEDA and report ports): PEM files read with errors that name the file, one reloading
-//! server configuration, and one accept loop. Also the HTTP connection settings every hyper
-//! listener shares ([`http_builder`]: stream, header and time limits) and the plain-HTTP
-//! loop of the aggregator's HTTP port ([`serve_plain_http`]).
+//! TLS for every listener of the project that serves it (the webhook's HTTPS port, the
+//! aggregator's KEDA and report ports): PEM files read with errors that name the file, and
+//! one reloading server configuration. The accept loop and the bounds every listener shares
+//! are [`crate::listener`]'s.
 //!
 //! Reloading is off the accept path. [`ReloadingConfig::spawn_watcher`] re-reads the
 //! certificate, the key and the client CA on a timer, in a blocking task, and when their
 //! bytes changed builds a new [`rustls::ServerConfig`] and publishes it through a
-//! [`tokio::sync::watch`] channel; the accept loop ([`TlsIncoming`]) only clones the
-//! current `Arc`. Kubernetes updates a mounted Secret by writing a new timestamped directory
+//! [`tokio::sync::watch`] channel; the accept loop only clones the current `Arc`. Kubernetes updates a mounted Secret by writing a new timestamped directory
 //! and renaming the `..data` symlink over the old one, so the file names stay and their
 //! contents change at once: reading through the paths sees the swap (an inotify watch on
 //! the files would keep watching the old inodes), and comparing bytes catches it whatever
@@ -18,46 +16,21 @@
 
 use std::{
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
     time::Duration,
 };
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
-    task::JoinHandle,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio::{sync::watch, task::JoinHandle};
 
-use crate::contract::limits::{HEADER_READ_TIMEOUT, MAX_HEADER_LIST_BYTES};
 use crate::shutdown::Shutdown;
-
-/// HTTP/2 streams open at once on one connection of an HTTP listener (the webhook, the
-/// aggregator's HTTP port): the API server and Prometheus send a few at a time.
-const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
-
-/// How long open connections of the plain HTTP port may finish after the shutdown signal.
-const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long the accept loop pauses after a failed accept (out of file descriptors and the
-/// like), instead of spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a PEM file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -204,8 +177,9 @@ pub(crate) enum ReloadOutcome {
 
 crate::metrics::label_values!(ReloadOutcome { Reloaded => "reloaded", Refused => "refused" });
 
-/// Counters of one listener's reloads, shared with whoever serves them on `/metrics`
-/// (prometheus-client counters are handles to one shared value).
+/// One listener's certificate metrics: its reloads and when the served certificate expires,
+/// shared with whoever serves them on `/metrics` (prometheus-client metrics are handles to
+/// one shared value).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ReloadCounters {
     /// New files taken into use.
@@ -213,6 +187,27 @@ pub(crate) struct ReloadCounters {
     /// Changed files refused (unreadable, unparsable, a mismatched pair); the previous
     /// configuration stayed in use.
     pub refused: Counter,
+    /// The notAfter of the certificate served now (its first one), in seconds since the Unix
+    /// epoch; set at load and at every reload, so a renewal that never reached the process
+    /// shows as an expiry coming closer (the near-expiry alert of the monitoring component).
+    pub expires_at: Gauge,
+}
+
+/// The notAfter of the first certificate in `chain`, in seconds since the Unix epoch; `None`
+/// when it does not parse as X.509 (rustls checks the chain itself; this only feeds a gauge).
+fn not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    Some(certificate.validity().not_after.timestamp())
+}
+
+impl ReloadCounters {
+    /// Sets [`ReloadCounters::expires_at`] from the certificate PEM `pem` (read from `path`)
+    /// just taken into use.
+    fn record_expiry(&self, path: &Path, pem: &[u8]) {
+        if let Some(seconds) = certificates(path, pem).ok().as_deref().and_then(not_after) {
+            self.expires_at.set(seconds);
+        }
+    }
 }
 
 /// One listener's server configuration, rebuilt by a watcher when its files change.
@@ -244,6 +239,7 @@ impl ReloadingConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let material = Material::read(&files)?;
         let config = build(&files, options, &provider, &material)?;
+        counters.record_expiry(&files.cert, &material.cert);
         Ok(Arc::new(Self {
             files,
             options,
@@ -292,6 +288,7 @@ impl ReloadingConfig {
         // Remembered either way, so a refused change is not retried (and counted) at every look.
         *last_seen = material;
         self.current.send_replace(Arc::new(built?));
+        self.counters.record_expiry(&self.files.cert, &last_seen.cert);
         Ok(true)
     }
 
@@ -359,143 +356,6 @@ fn build(
         Alpn::Https => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     };
     Ok(config)
-}
-
-/// The one accept loop: accepts TCP connections, completes TLS handshakes with the current
-/// configuration of a [`ReloadingConfig`] (each in its own task, bounded by a timeout, so a
-/// slow or silent client holds up no one), and yields the streams: to tonic's
-/// `serve_with_incoming`, or to the webhook's hyper loop. It also runs the configuration's
-/// watcher. Both tasks end when `shutdown` fires or this value is dropped or closed, which
-/// closes the listening socket.
-#[derive(Debug)]
-pub(crate) struct TlsIncoming {
-    streams: mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>>,
-    accept: JoinHandle<()>,
-    watcher: JoinHandle<()>,
-}
-
-impl TlsIncoming {
-    /// Serves `listener` with `config`, looking at its files every `reload_interval`.
-    pub(crate) fn new(
-        listener: TcpListener,
-        config: Arc<ReloadingConfig>,
-        reload_interval: Duration,
-        shutdown: Shutdown,
-    ) -> Self {
-        let watcher = config.spawn_watcher(reload_interval, shutdown.clone());
-        let (tx, streams) = mpsc::channel(64);
-        let accept = tokio::spawn(accept_loop(listener, config, tx, shutdown));
-        Self { streams, accept, watcher }
-    }
-
-    /// Stops accepting and waits until the listening socket is closed.
-    pub(crate) async fn close(&mut self) {
-        self.accept.abort();
-        self.watcher.abort();
-        let _ = (&mut self.accept).await;
-        let _ = (&mut self.watcher).await;
-    }
-}
-
-impl Drop for TlsIncoming {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.watcher.abort();
-    }
-}
-
-impl futures::Stream for TlsIncoming {
-    type Item = std::io::Result<TlsStream<TcpStream>>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.streams.poll_recv(cx)
-    }
-}
-
-/// The next connection on `listener`, or `None` once `shutdown` fires. A failed accept (out
-/// of file descriptors, say) is logged and retried after [`ACCEPT_BACKOFF`], never fatal.
-async fn accept(listener: &TcpListener, shutdown: &Shutdown) -> Option<(TcpStream, std::net::SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => return None,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => return Some(pair),
-                Err(e) => {
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    config: Arc<ReloadingConfig>,
-    tx: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
-    shutdown: Shutdown,
-) {
-    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
-        // Answers are small single writes: without this, Nagle's algorithm holds the last
-        // segment of a handshake or response until the peer's delayed ACK (~40 ms).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(%peer, "cannot set TCP_NODELAY: {e}");
-        }
-        let acceptor = TlsAcceptor::from(config.current());
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    // The receiver is gone only when the server stopped: nothing to serve.
-                    let _ = tx.send(Ok(stream)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake refused: {e}"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
-    }
-}
-
-/// The connection settings of every hyper listener: HTTP/1 drops a client that has not sent
-/// a complete request head within [`HEADER_READ_TIMEOUT`] (hyper enforces it only with a
-/// timer); HTTP/2 announces MAX_CONCURRENT_STREAMS and a bounded header list, and limits
-/// streams reset before they were accepted. Without these, hyper's HTTP/2 takes as many
-/// streams as a client opens.
-pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(HTTP_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .max_pending_accept_reset_streams(64);
-    builder
-}
-
-/// Serves `app` over plain HTTP/1 and HTTP/2 on `listener` with [`http_builder`]'s limits
-/// until `shutdown` fires, then lets open connections finish for a moment.
-pub(crate) async fn serve_plain_http(
-    listener: TcpListener,
-    app: axum::Router,
-    shutdown: Shutdown,
-) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
-        let service = TowerToHyperService::new(app.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let connection = http_builder().serve_connection(TokioIo::new(tcp), service).into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(HTTP_DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::debug!("HTTP connections still open after the drain timeout; closing them");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -617,6 +477,36 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &config.current()));
         assert!(!config.reload().unwrap(), "the same refused files are not looked at again");
         assert_eq!((config.reloads(), config.reload_failures()), (0, 1));
+    }
+
+    /// A self-signed certificate for `localhost` valid until `not_after`, and its key, PEM.
+    fn pair_until(not_after: time::OffsetDateTime) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_after = not_after;
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn the_expiry_gauge_follows_the_certificate_in_use_and_not_a_refused_one() {
+        let first = time::macros::datetime!(2031-05-01 12:00 UTC);
+        let (cert, key) = pair_until(first);
+        let mut volume = Volume::new(&cert, &key, &cert);
+        let counters = ReloadCounters::default();
+        let config = ReloadingConfig::load_counted(volume.files(false), HTTPS, counters.clone()).unwrap();
+        assert_eq!(counters.expires_at.get(), first.unix_timestamp());
+
+        let renewed = time::macros::datetime!(2032-05-01 12:00 UTC);
+        let (cert, key) = pair_until(renewed);
+        volume.update(&cert, &key, &cert);
+        assert!(config.reload().unwrap());
+        assert_eq!(counters.expires_at.get(), renewed.unix_timestamp());
+
+        // A renewal whose key does not match is refused: the gauge keeps the one served.
+        let (refused, _) = pair_until(time::macros::datetime!(2033-05-01 12:00 UTC));
+        volume.update(&refused, &key, &cert);
+        assert!(config.reload().is_err());
+        assert_eq!(counters.expires_at.get(), renewed.unix_timestamp());
     }
 
     #[test]

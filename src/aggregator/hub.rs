@@ -1,34 +1,33 @@
-//! One task hub's merged view: which pods report what, what the cold probe must read, which
-//! worker count decisions are taken from, and which partitions lost their owner. The
-//! decisions themselves (telling sleeping timers from work, the algorithms, the metric value)
-//! are [`HubEngine`]'s, the same engine the simulator and `recommend` run; this file feeds it
-//! the readings of reports and probes (each sidecar reading once: a queue reading is known by
-//! its `sampled_at`), the worker count, and owner liveness. Pure: reports, probe results and
-//! the time come in as values, so all of it is unit-tested below.
+//! One task hub's whole state behind one lock (`registry::HubEntry`): its trigger settings,
+//! its coverage (pods and one record per partition, [`super::coverage`]), its cold probe's
+//! status, the ScaledObject that asks about it, the worker count decisions are taken from,
+//! and its [`HubEngine`], whose decisions (telling sleeping timers from work, the
+//! algorithms, the metric value) are the same engine the simulator and `recommend` run.
 //!
-//! A partition's owner is **lost** when the live pod that reported it stops covering it
-//! without saying it leaves: its sidecar went silent for [`STALE_AFTER_INTERVALS`], or it
-//! stopped reporting the partition (its lease lapsed) and no live pod took it over. It is
-//! lost as of its last report, the last moment it was seen. DTFx hides the messages such an
-//! owner had dequeued until their visibility timeout lapses, so for that long after its last
-//! report (the aggregator's `--work-grace`) the engine counts them as work, not timers
-//! (`heuristic::durable`, rule 3). A pod that leaves (its last report says so) lets its
-//! partitions go cleanly: DTFx drains and abandons its messages on shutdown.
-
-use std::collections::{BTreeSet, HashMap};
+//! Every change is one method that returns what changed ([`Outcome`]: the activity and
+//! answerability to publish, a recommendation change to log, the gauges), so the registry
+//! never reads a hub's state back after changing it, and every answer (KEDA's
+//! [`HubState::answer`], `/hubs`'s [`HubState::status`]) is taken from one consistent state.
+//! Pure: reports, probe results and the time come in as values, so all of it is unit-tested
+//! below.
 
 use crate::clock::UnixMs;
 use crate::heuristic::Recommendation;
 use crate::heuristic::engine::{EngineSettings, HubEngine};
 use crate::reading::HubReading;
+use crate::storage::{Connection, PartitionMode};
 
+pub(crate) use super::coverage::CoverageView;
+use super::coverage::{Coverage, ReportedPod};
+pub use super::coverage::{PodAdmission, PodsFull, SidecarNotes};
 use super::settings::{EffectiveLimits, HubSettings, ReportedLimits, ReportedQueueSettings};
+use super::sources::{PodCost, ScaledObjectKey};
 
 /// How long the worker-count source's last answer stands in when it cannot answer.
 pub(crate) const SOURCE_ANSWER_KEPT_MS: i64 = 60_000;
 
-/// A partition whose sidecar has not reported for this many of its intervals is uncovered.
-pub(crate) const STALE_AFTER_INTERVALS: i64 = 3;
+/// Pods silent this long are forgotten (their partitions were uncovered long before).
+const FORGET_SILENT_PODS_MS: i64 = 10 * 60 * 1000;
 
 /// Where a hub lives: KEDA's ScaledObject namespace (= the app pods' namespace) and the task
 /// hub name lowercased (queue names are lowercased, so case does not tell hubs apart).
@@ -65,26 +64,8 @@ pub struct ValidReport {
     pub limits: Option<ReportedLimits>,
     /// The app's queue settings, when the sidecar reports them.
     pub queue_settings: Option<ReportedQueueSettings>,
-}
-
-/// What the probe should read next: everything no live sidecar covers.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct Coverage {
-    /// The partition count, when known.
-    pub partition_count: Option<u32>,
-    /// Partitions some live sidecar reports.
-    pub covered: Vec<u32>,
-    /// Partitions no live sidecar reports.
-    pub uncovered: Vec<u32>,
-    /// No live sidecar reports the work-item queue.
-    pub work_item_uncovered: bool,
-}
-
-impl Coverage {
-    /// Nothing to probe.
-    pub(crate) fn is_complete(&self) -> bool {
-        self.partition_count.is_some() && self.uncovered.is_empty() && !self.work_item_uncovered
-    }
+    /// What the sidecar says of itself.
+    pub sidecar: SidecarNotes,
 }
 
 /// A change of the recommendation, for the one log line it deserves.
@@ -100,42 +81,158 @@ pub struct RecommendationChange {
     pub reason: String,
 }
 
-/// What a report did to the hub's pods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodAdmission {
-    /// The pod was tracked already (or the report was out of order).
-    Known,
-    /// A new pod was added.
-    Added,
-    /// A new pod took the place of the least recently reported one, no longer live.
-    Replaced,
+/// The per-hub gauges, as one state shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gauges {
+    /// Partitions live sidecars cover.
+    pub covered: usize,
+    /// Partitions nobody covers.
+    pub uncovered: usize,
+    /// Invisible control messages taken for held work.
+    pub held: u64,
+    /// Invisible control messages taken for sleeping timers.
+    pub timers: u64,
+    /// Invisible work items.
+    pub invisible_work_items: u64,
+    /// The trigger gives a storage connection.
+    pub connection_known: bool,
+    /// The latest decision: desired workers and the workers it was taken from.
+    pub decision: Option<(u32, u32)>,
+    /// KEDA would be told UNAVAILABLE now.
+    pub unavailable: bool,
+    /// The visible messages of the latest readings.
+    pub visible: crate::heuristic::engine::QueueMessages,
 }
 
-/// A report from a new pod of a hub that tracks as many live pods as it may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the task hub tracks {tracked} pods, all reporting, and takes no more")]
-pub struct PodsFull {
-    /// How many pods the hub tracks.
-    pub tracked: usize,
+/// What one change to a hub did.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Outcome {
+    /// IsActive's answer now.
+    pub active: bool,
+    /// Every queue was read (KEDA may be answered).
+    pub fully_read: bool,
+    /// The recommendation changed.
+    pub change: Option<RecommendationChange>,
+    /// The ScaledObject that asks about the hub (the change is recorded on it).
+    pub scaled_object: Option<ScaledObjectKey>,
+    /// The gauges, when this change refreshes them (they look at every pod: the sampling
+    /// loop's job, and a hub's first or a pod's last report).
+    pub gauges: Option<Gauges>,
+    /// What became of a reporting pod.
+    pub admission: PodAdmission,
+    /// Pods forgotten for being silent long.
+    pub forgotten_pods: usize,
+    /// The live pods' deletion costs, when the sampling loop evaluated the hub.
+    pub costs: Option<Vec<PodCost>>,
 }
 
+/// Why KEDA cannot be answered about a hub now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unanswerable {
+    /// Not every queue was read yet (the reason says what of it was and why not the rest).
+    NotRead(String),
+    /// Read before, but nobody can read it now: the last picture would decay.
+    Stale(String),
+}
+
+/// KEDA's answer about a hub.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Answer {
+    /// IsActive.
+    pub active: bool,
+    /// GetMetrics' value.
+    pub metric_value: f64,
+}
+
+/// The cold probe's bookkeeping of one hub.
 #[derive(Debug, Clone, Default)]
-struct PodState {
-    /// When the latest report arrived (aggregator clock: liveness survives clock skew).
-    last_report: UnixMs,
-    /// When the sidecar took it (sidecar clock: orders one pod's reports).
-    last_sampled_ms: i64,
-    interval_ms: u64,
-    leaving: bool,
-    partitions: BTreeSet<u32>,
-    work_item: bool,
+struct ProbeStatus {
+    task_started: bool,
+    last_error: Option<String>,
+    /// The latest round left queues it set out to read unread (storage failed).
+    missed: bool,
 }
 
-impl PodState {
-    fn is_live(&self, now: UnixMs) -> bool {
-        !self.leaving
-            && now.millis_since(self.last_report)
-                <= STALE_AFTER_INTERVALS.saturating_mul(i64::try_from(self.interval_ms).unwrap_or(i64::MAX))
+/// What the cold probe needs for one round.
+#[derive(Debug, Clone)]
+pub(crate) struct ProbePlan {
+    /// The trigger's connection (the probe reads nothing without one).
+    pub connection: Option<Connection>,
+    /// The layout override.
+    pub partition_mode: PartitionMode,
+    /// The task hub name as configured.
+    pub task_hub: String,
+}
+
+/// What `/hubs` shows of one tracked hub: what was decided, from what, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct HubStatus {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Task hub name as configured.
+    pub task_hub: String,
+    /// The ScaledObject that asks about it, once KEDA has called.
+    pub scaled_object: Option<String>,
+    /// `scaleAlgorithm` in force.
+    pub algorithm: String,
+    /// IsActive's answer now.
+    pub active: bool,
+    /// The latest decision's worker count, once one was made.
+    pub desired_workers: Option<u32>,
+    /// The worker count that decision was taken from.
+    pub workers: u32,
+    /// What GetMetrics reports.
+    pub metric_value: f64,
+    /// The latest decision's reason.
+    pub reason: Option<String>,
+    /// Partitions live sidecars cover, and those the cold probe reads.
+    pub covered_partitions: Vec<u32>,
+    /// Partitions no live sidecar covers.
+    pub uncovered_partitions: Vec<u32>,
+    /// Sidecars reporting now.
+    pub live_pods: u32,
+    /// What each live sidecar says of itself (version, ownership layout, storage error).
+    pub sidecars: std::collections::BTreeMap<String, SidecarNotes>,
+    /// Why KEDA calls would be refused now, if they would.
+    pub probe_error: Option<String>,
+    /// The per-worker limits decisions divide by, and where each comes from.
+    pub limits: EffectiveLimits,
+    /// How the cold probe reaches storage, when the trigger says (no secrets).
+    pub storage: Option<StorageView>,
+    /// What the user should know: metadata left to a default, limits that are a guess.
+    pub notes: Vec<String>,
+}
+
+/// How the cold probe reaches a hub's storage account, for `/hubs`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StorageView {
+    /// `connection string` or `workload identity`.
+    pub credential: &'static str,
+    /// The Blob, Queue and Table endpoints (workload identity; a connection string's are
+    /// not shown).
+    pub endpoints: Vec<String>,
+    /// The Entra ID authority tokens are asked from (workload identity).
+    pub authority_host: Option<String>,
+    /// The identity's client id, when the trigger names one.
+    pub client_id: Option<String>,
+}
+
+impl StorageView {
+    fn of(connection: &Connection) -> Self {
+        match connection {
+            Connection::String(_) => Self {
+                credential: "connection string",
+                endpoints: Vec::new(),
+                authority_host: None,
+                client_id: None,
+            },
+            Connection::Identity(identity) => Self {
+                credential: "workload identity",
+                endpoints: identity.endpoints().to_vec(),
+                authority_host: Some(identity.cloud.authority_host().to_owned()),
+                client_id: identity.client_id.clone(),
+            },
+        }
     }
 }
 
@@ -175,37 +272,17 @@ fn engine_settings(
     }
 }
 
-/// Who last held one partition, for telling a lost owner (module docs).
-#[derive(Debug, Clone, Default)]
-struct Holder {
-    /// The live pod that held it when last seen held.
-    pod: Option<String>,
-    /// When its owner was lost, until the visibility timeout has passed.
-    lost_at: Option<UnixMs>,
-}
-
-/// The `sampled_at` of the last sidecar reading of each queue the engine took.
-#[derive(Debug, Clone, Default)]
-struct LastRead {
-    work_item: Option<i64>,
-    control: HashMap<u32, i64>,
-}
-
 /// The merged view of one task hub and the decisions taken on it.
 #[derive(Debug, Clone)]
 pub struct HubState {
     settings: HubSettings,
     work_grace_ms: u64,
-    partition_count: Option<u32>,
-    pods: HashMap<String, PodState>,
     engine: HubEngine,
-    holders: Vec<Holder>,
-    last_read: LastRead,
-    observed: bool,
-    /// What was read at least once since the partition count was learnt: the control queues
-    /// and the work-item queue (KEDA gets no answer from a hub read only in part).
-    read_once: BTreeSet<u32>,
-    work_item_read_once: bool,
+    coverage: Coverage,
+    probe: ProbeStatus,
+    scaled_object: Option<ScaledObjectKey>,
+    /// Something was read about this hub (a report or a probe, even "not provisioned").
+    seen: bool,
     /// The probe found no task hub in storage.
     not_provisioned: bool,
     /// The worker-count source's last answer and when it came.
@@ -224,14 +301,11 @@ impl HubState {
         Self {
             settings,
             work_grace_ms,
-            partition_count: None,
-            pods: HashMap::new(),
             engine,
-            holders: Vec::new(),
-            last_read: LastRead::default(),
-            observed: false,
-            read_once: BTreeSet::new(),
-            work_item_read_once: false,
+            coverage: Coverage::default(),
+            probe: ProbeStatus::default(),
+            scaled_object: None,
+            seen: false,
             not_provisioned: false,
             source_workers: None,
             reported_limits: None,
@@ -239,21 +313,36 @@ impl HubState {
         }
     }
 
-    /// The settings from the latest KEDA call.
-    pub(crate) fn settings(&self) -> &HubSettings {
-        &self.settings
-    }
-
     /// Takes the settings of the latest KEDA call.
     pub fn update_settings(&mut self, settings: HubSettings) {
-        let limits = EffectiveLimits::resolve(settings.limits, self.reported_limits);
+        if self.settings == settings {
+            return;
+        }
+        self.settings = settings;
+        self.refresh_engine_settings();
+    }
+
+    fn refresh_engine_settings(&mut self) {
+        let limits = self.limits();
         self.engine.update_settings(engine_settings(
-            &settings,
+            &self.settings,
             &limits,
             self.reported_queues,
             self.work_grace_ms,
         ));
-        self.settings = settings;
+    }
+
+    /// A KEDA call from `scaled_object` with `settings`: both are taken; returns true when
+    /// the cold probe has yet to be started (once per hub).
+    pub(crate) fn keda_call(&mut self, settings: &HubSettings, scaled_object: ScaledObjectKey) -> bool {
+        self.update_settings(settings.clone());
+        self.scaled_object = Some(scaled_object);
+        !std::mem::replace(&mut self.probe.task_started, true)
+    }
+
+    /// The ScaledObject that last asked about this hub.
+    pub(crate) fn scaled_object(&self) -> Option<&ScaledObjectKey> {
+        self.scaled_object.as_ref()
     }
 
     /// The per-worker limits decisions divide by, and where they come from.
@@ -261,183 +350,145 @@ impl HubState {
         EffectiveLimits::resolve(self.settings.limits, self.reported_limits)
     }
 
-    /// Something was read about this hub (a report or a probe, even "not provisioned").
-    pub(crate) fn is_observed(&self) -> bool {
-        self.observed
-    }
-
     /// Every queue of the hub was read at least once (by reports or probes) since its
     /// partition count was learnt, or the probe found no hub in storage. Until then KEDA is
     /// answered UNAVAILABLE: an answer from a part of the hub could say idle while the unread
     /// partitions hold work (`keda` module docs).
     pub fn is_fully_read(&self) -> bool {
-        self.not_provisioned
-            || self
-                .partition_count
-                .is_some_and(|p| self.read_once.len() == p as usize && self.work_item_read_once)
-    }
-
-    /// Control queue `partition` was read at least once since the partition count was learnt.
-    pub fn was_read(&self, partition: u32) -> bool {
-        self.read_once.contains(&partition)
-    }
-
-    /// The work-item queue was read at least once.
-    pub fn work_item_was_read(&self) -> bool {
-        self.work_item_read_once
+        self.not_provisioned || self.coverage.is_fully_read()
     }
 
     /// The partition count, when known.
     pub(crate) fn partition_count(&self) -> Option<u32> {
-        self.partition_count
+        self.coverage.partition_count()
     }
 
     /// A new P (first seen, or the hub was recreated) drops what was known per partition.
     fn reshape(&mut self, partition_count: u32) {
-        if partition_count == 0 || self.partition_count == Some(partition_count) {
-            return;
+        if self.coverage.reshape(partition_count) {
+            self.engine.reshape(partition_count as usize);
+            self.not_provisioned = false;
         }
-        self.partition_count = Some(partition_count);
-        self.engine.reshape(partition_count as usize);
-        self.read_once.clear();
-        self.not_provisioned = false;
-        self.holders = vec![Holder::default(); partition_count as usize];
-        self.last_read = LastRead::default();
     }
 
-    /// Merges one sidecar report received at `now`. A report taken before the pod's latest
-    /// (by the sidecar's own clock) arrived out of order and is ignored.
+    /// Merges one sidecar report received at `now`; unbounded (tests).
     #[cfg(test)]
     pub(crate) fn apply_report(&mut self, report: &ValidReport, now: UnixMs) {
         // Unbounded, so this cannot fail.
         let _ = self.apply_report_bounded(report, now, usize::MAX, true);
     }
 
-    /// [`HubState::apply_report`] with a bound on the pods tracked. A pod not tracked yet is added only while the hub tracks fewer than `max_pods`
-    /// (and `may_add`: the registry's budget over all hubs); when full, the least recently
-    /// reported pod makes room if it is no longer live, else the report is refused. Returns
-    /// what became of the pod. The cost is constant but for that search, which only a new
-    /// pod of a full hub pays and which `max_pods` bounds.
+    /// Merges one sidecar report received at `now`. A pod not tracked yet is added only
+    /// while the hub tracks fewer than `max_pods` (and `may_add`: the registry's budget over
+    /// all hubs; `coverage::Coverage::admit`). A report taken before the pod's latest (by the
+    /// sidecar's own clock) arrived out of order and is ignored. The hub's first report
+    /// decides at once, and it and a pod's last refresh the gauges.
     pub(crate) fn apply_report_bounded(
         &mut self,
         report: &ValidReport,
         now: UnixMs,
         max_pods: usize,
         may_add: bool,
-    ) -> Result<PodAdmission, PodsFull> {
-        let mut admission = PodAdmission::Known;
-        match self.pods.get(&report.pod) {
-            Some(pod) if pod.last_sampled_ms > report.sampled_at_unix_ms => return Ok(admission),
-            Some(_) => {}
-            None if may_add && self.pods.len() < max_pods => admission = PodAdmission::Added,
-            None => {
-                let oldest = self.pods.iter().min_by_key(|(_, p)| p.last_report);
-                match oldest {
-                    Some((name, pod)) if !pod.is_live(now) => {
-                        let name = name.clone();
-                        self.pods.remove(&name);
-                        admission = PodAdmission::Replaced;
-                    }
-                    _ => return Err(PodsFull { tracked: self.pods.len() }),
-                }
-            }
-        }
-        self.reshape(report.reading.partition_count);
-        let shape_known = self.partition_count == Some(report.reading.partition_count);
-        let mut pod = PodState {
-            last_report: now,
-            last_sampled_ms: report.sampled_at_unix_ms,
+    ) -> Result<Outcome, PodsFull> {
+        let pod = ReportedPod {
+            pod: &report.pod,
+            sampled_at_unix_ms: report.sampled_at_unix_ms,
             interval_ms: report.interval_ms,
             leaving: report.leaving,
-            partitions: BTreeSet::new(),
-            work_item: false,
+            work_item: report.reading.work_item.is_some(),
+            sidecar: report.sidecar.clone(),
         };
-        if shape_known {
+        let admission = self.coverage.admit(&pod, now, max_pods, may_add)?;
+        if admission == PodAdmission::OutOfOrder {
+            return Ok(self.outcome(now, None, false, admission));
+        }
+        self.reshape(report.reading.partition_count);
+        if self.partition_count() == Some(report.reading.partition_count) {
             for (partition, reading) in &report.reading.control {
-                if (*partition as usize) < self.engine.partitions() {
-                    pod.partitions.insert(*partition);
-                    self.read_once.insert(*partition);
-                    // The same reading (a report sent again, or two reports of one read) is
-                    // taken once: the latency vote adds one sample per reading.
-                    let at = reading.sampled_at.as_millis();
-                    let taken = self.last_read.control.insert(*partition, at);
-                    if taken != Some(at) {
-                        self.engine.observe_control(*partition as usize, *reading, now);
-                    }
+                if self.coverage.reported(&report.pod, *partition, reading.sampled_at.as_millis()) {
+                    self.engine.observe_control(*partition as usize, *reading, now);
                 }
             }
         }
-        if let Some(reading) = report.reading.work_item {
-            let at = reading.sampled_at.as_millis();
-            let taken = self.last_read.work_item.replace(at);
-            if taken != Some(at) {
-                self.engine.observe_work_item(reading, now);
-            }
-            pod.work_item = true;
-            self.work_item_read_once = true;
+        if let Some(reading) = report.reading.work_item
+            && self.coverage.reported_work_item(reading.sampled_at.as_millis())
+        {
+            self.engine.observe_work_item(reading, now);
         }
-        self.pods.insert(report.pod.clone(), pod);
-        self.observed = true;
+        let first = !std::mem::replace(&mut self.seen, true);
         let new_limits = report.limits.is_some() && report.limits != self.reported_limits;
         let new_queues = report.queue_settings.is_some() && report.queue_settings != self.reported_queues;
         if new_limits || new_queues {
             self.reported_limits = report.limits.or(self.reported_limits);
             self.reported_queues = report.queue_settings.or(self.reported_queues);
-            let limits = self.limits();
-            self.engine.update_settings(engine_settings(
-                &self.settings,
-                &limits,
-                self.reported_queues,
-                self.work_grace_ms,
-            ));
+            self.refresh_engine_settings();
         }
-        Ok(admission)
+        let change = if first { self.decide(now, None) } else { None };
+        Ok(self.outcome(now, change, first || report.leaving, admission))
     }
 
-    /// How many pods the hub tracks (live or not).
-    pub fn tracked_pods(&self) -> usize {
-        self.pods.len()
-    }
-
-    /// Merges what a cold probe read at `now`.
-    pub(crate) fn apply_probe(&mut self, reading: &HubReading, now: UnixMs) {
-        self.reshape(reading.partition_count);
-        for (partition, queue) in &reading.control {
-            if self.engine.observe_control(*partition as usize, *queue, now) {
-                self.read_once.insert(*partition);
+    /// Merges what a cold probe read at `now` (`None`: it found no task hub in storage, so
+    /// the app never ran and there is no work). The hub's first reading decides at once.
+    pub(crate) fn apply_probe(&mut self, reading: Option<&HubReading>, now: UnixMs) -> Outcome {
+        match reading {
+            Some(reading) => {
+                self.reshape(reading.partition_count);
+                for (partition, queue) in &reading.control {
+                    if self.coverage.probed(*partition) {
+                        self.engine.observe_control(*partition as usize, *queue, now);
+                    }
+                }
+                if let Some(queue) = reading.work_item {
+                    self.engine.observe_work_item(queue, now);
+                    self.coverage.probed_work_item();
+                }
             }
+            None => self.not_provisioned = true,
         }
-        if let Some(queue) = reading.work_item {
-            self.engine.observe_work_item(queue, now);
-            self.work_item_read_once = true;
-        }
-        self.observed = true;
+        let first = !std::mem::replace(&mut self.seen, true);
+        let change = if first { self.decide(now, None) } else { None };
+        self.outcome(now, change, true, PodAdmission::Known)
     }
 
-    /// The probe found no task hub in storage: the app never ran, so there is no work.
-    pub(crate) fn apply_not_provisioned(&mut self) {
-        self.observed = true;
-        self.not_provisioned = true;
+    /// Records the latest probe round's failure (`None`: it read). Returns the failure
+    /// before, so a change is logged once.
+    pub(crate) fn record_probe(&mut self, error: Option<String>) -> Option<String> {
+        std::mem::replace(&mut self.probe.last_error, error)
+    }
+
+    /// Records whether the latest probe round left queues it set out to read unread.
+    pub(crate) fn record_probe_missed(&mut self, missed: bool) {
+        self.probe.missed = missed;
+    }
+
+    /// What the cold probe needs for a round.
+    pub(crate) fn probe_plan(&self) -> ProbePlan {
+        ProbePlan {
+            connection: self.settings.connection.clone(),
+            partition_mode: self.settings.partition_mode,
+            task_hub: self.settings.task_hub.clone(),
+        }
+    }
+
+    /// The trigger still gives the probe `connection` and `mode` (a round in flight with
+    /// others is stopped and the next started with the new ones).
+    pub(crate) fn probes_with(&self, connection: &Connection, mode: PartitionMode) -> bool {
+        self.settings.connection.as_ref() == Some(connection) && self.settings.partition_mode == mode
     }
 
     /// The pods whose latest report is fresh and who are not leaving.
     pub(crate) fn live_pods(&self, now: UnixMs) -> u32 {
-        self.pods.values().filter(|p| p.is_live(now)).count() as u32
+        self.coverage.live_pods(now)
+    }
+
+    /// How many pods the hub tracks (live or not).
+    pub fn tracked_pods(&self) -> usize {
+        self.coverage.tracked_pods()
     }
 
     /// What live sidecars cover at `now`, and what the probe must read.
-    pub(crate) fn coverage(&self, now: UnixMs) -> Coverage {
-        let live: Vec<&PodState> = self.pods.values().filter(|p| p.is_live(now)).collect();
-        let Some(p) = self.partition_count else {
-            return Coverage { partition_count: None, work_item_uncovered: true, ..Coverage::default() };
-        };
-        let (covered, uncovered) = (0..p).partition(|i| live.iter().any(|pod| pod.partitions.contains(i)));
-        Coverage {
-            partition_count: Some(p),
-            covered,
-            uncovered,
-            work_item_uncovered: !live.iter().any(|pod| pod.work_item),
-        }
+    pub(crate) fn coverage(&self, now: UnixMs) -> CoverageView {
+        self.coverage.view(now)
     }
 
     /// IsActive's answer at `now` ([`HubEngine::is_active`]).
@@ -445,35 +496,70 @@ impl HubState {
         self.engine.is_active(now)
     }
 
-    /// Follows each partition's owner and tells the engine which were lost (module docs).
-    fn refresh_owners(&mut self, now: UnixMs) {
-        let timeout = i64::try_from(self.work_grace_ms).unwrap_or(i64::MAX);
-        for (partition, holder) in self.holders.iter_mut().enumerate() {
-            let p = partition as u32;
-            let live_owner =
-                self.pods.iter().find(|(_, pod)| pod.is_live(now) && pod.partitions.contains(&p));
-            if let Some((name, _)) = live_owner {
-                *holder = Holder { pod: Some(name.clone()), lost_at: None };
-            } else if let Some(name) = holder.pod.take() {
-                // Lost as of the owner's last report: the last moment it was seen holding the
-                // messages (the baseline is frozen there, before a short window could absorb
-                // them), whether it went silent since or reported without the partition.
-                holder.lost_at = match self.pods.get(&name) {
-                    Some(pod) if pod.leaving => None,
-                    Some(pod) => Some(pod.last_report.min(now)),
-                    None => Some(now),
-                };
-            }
-            if holder.lost_at.is_some_and(|t| now.millis_since(t) >= timeout) {
-                holder.lost_at = None;
-            }
-            self.engine.set_owner_lost(partition, holder.lost_at);
-        }
+    /// Partitions whose owner is lost, for `/hubs`.
+    pub fn lost_partitions(&self) -> Vec<u32> {
+        self.coverage.lost_partitions()
     }
 
-    /// Partitions whose owner is lost at `now`, for `/hubs`.
-    pub fn lost_partitions(&self) -> Vec<u32> {
-        (0..).zip(&self.holders).filter(|(_, h)| h.lost_at.is_some()).map(|(p, _)| p).collect()
+    /// Why the picture of a seen hub cannot be answered from at `now`: some queue is covered
+    /// by no live sidecar (a sidecar that cannot read storage reports no queues) and the cold
+    /// probe failed to read it. The last readings would then be answered without end, and
+    /// they decay (work in progress seen before the outage would settle into sleeping timers
+    /// without a reading): KEDA is told UNAVAILABLE instead and keeps the replicas as they are
+    /// (`keda` module docs).
+    pub(crate) fn stale_reason(&self, key: &HubKey, now: UnixMs) -> Option<String> {
+        if !self.probe.missed {
+            return None;
+        }
+        let coverage = self.coverage.view(now);
+        if coverage.is_complete() {
+            return None;
+        }
+        Some(format!(
+            "task hub {}: partitions {:?}{} not read: no live sidecar reads them and the cold probe failed: {}",
+            key.task_hub,
+            coverage.uncovered,
+            if coverage.work_item_uncovered { " and the work-item queue" } else { "" },
+            self.probe.last_error.as_deref().unwrap_or("(no error recorded)")
+        ))
+    }
+
+    /// Why KEDA cannot be answered about a hub not wholly read yet: what of it was read, and
+    /// why the probe did not read the rest.
+    fn unread_reason(&self, key: &HubKey) -> String {
+        let part = self.partition_count().map(|p| {
+            let unread: Vec<u32> = (0..p).filter(|i| !self.coverage.was_read(*i)).collect();
+            format!(
+                "task hub {} read in part only (partitions not read yet: {unread:?} of {p}{}); ",
+                key.task_hub,
+                if self.coverage.work_item_was_read() { "" } else { ", nor the work-item queue" }
+            )
+        });
+        let why = match (&self.probe.last_error, self.settings.connection.is_some()) {
+            (Some(e), _) => {
+                format!("no signals for task hub {} yet: the cold probe failed: {e}", key.task_hub)
+            }
+            (None, true) => {
+                format!("no signals for task hub {} yet: the first cold probe is still running", key.task_hub)
+            }
+            (None, false) => format!(
+                "no signals for task hub {} yet: no sidecar has reported and the trigger has no connection to probe with",
+                key.task_hub
+            ),
+        };
+        format!("{}{why}", part.unwrap_or_default())
+    }
+
+    /// KEDA's answer at `now`, from this one state: refused while the hub is not wholly read
+    /// or nobody can read it any more.
+    pub(crate) fn answer(&self, key: &HubKey, now: UnixMs) -> Result<Answer, Unanswerable> {
+        if !self.is_fully_read() {
+            return Err(Unanswerable::NotRead(self.unread_reason(key)));
+        }
+        if let Some(reason) = self.stale_reason(key, now) {
+            return Err(Unanswerable::Stale(reason));
+        }
+        Ok(Answer { active: self.is_active(now), metric_value: self.metric_value() })
     }
 
     /// What `/hubs` should point out about this hub at `now`, in words a user can act on.
@@ -501,6 +587,11 @@ impl HubState {
                  work until the visibility timeout could have passed"
             ));
         }
+        for (pod, sidecar) in self.coverage.live(now) {
+            if let Some(error) = &sidecar.sidecar.error {
+                notes.push(format!("sidecar of pod {pod} cannot read all it owns: {error}"));
+            }
+        }
         notes
     }
 
@@ -512,27 +603,39 @@ impl HubState {
     /// Forgets pods that have been silent for long; their partitions are long uncovered.
     /// Returns how many were forgotten.
     pub fn forget_silent_pods(&mut self, now: UnixMs, silent_for_ms: i64) -> usize {
-        let before = self.pods.len();
-        self.pods.retain(|_, p| now.millis_since(p.last_report) <= silent_for_ms);
-        before - self.pods.len()
+        self.coverage.forget_silent_pods(now, silent_for_ms)
     }
 
     /// One sampling interval: decides the worker count through the engine from `workers`
     /// (the worker-count source's answer; when it has none this time, its answer of the last
     /// [`SOURCE_ANSWER_KEPT_MS`], so one slow API call does not flip the count; else the live
-    /// reporting pods). Returns the change when the desired count differs from the last
-    /// decision.
-    pub(crate) fn evaluate(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
+    /// reporting pods). A hub nobody can read now ([`HubState::stale_reason`]) is not
+    /// re-decided: its last readings would decay, so its decision, activity and latency
+    /// rings are held as they were until a sidecar or the probe reads it again.
+    pub(crate) fn evaluate(&mut self, key: &HubKey, now: UnixMs, workers: Option<u32>) -> Outcome {
+        let forgotten = self.forget_silent_pods(now, FORGET_SILENT_PODS_MS);
+        let change = if self.stale_reason(key, now).is_some() { None } else { self.decide(now, workers) };
+        let mut outcome = self.outcome(now, change, true, PodAdmission::Known);
+        outcome.forgotten_pods = forgotten;
+        outcome.costs = Some(self.deletion_costs(key, now));
+        outcome
+    }
+
+    /// Decides at `now`; returns the change when the desired count differs from the last.
+    fn decide(&mut self, now: UnixMs, workers: Option<u32>) -> Option<RecommendationChange> {
         if let Some(w) = workers {
             self.source_workers = Some((w, now));
         }
-        if !self.observed {
+        if !self.seen {
             return None;
         }
         let recent = self.source_workers.filter(|(_, at)| now.millis_since(*at) <= SOURCE_ANSWER_KEPT_MS);
         let workers = recent.map(|(w, _)| w).unwrap_or_else(|| self.live_pods(now));
         let previous = self.engine.decision().map(|d| d.recommendation.desired_workers);
-        self.refresh_owners(now);
+        let timeout = self.engine_visibility_timeout();
+        for (partition, lost_at) in self.coverage.refresh_owners(now, timeout).into_iter().enumerate() {
+            self.engine.set_owner_lost(partition, lost_at);
+        }
         let decision = self.engine.evaluate(now, workers);
         let r = &decision.recommendation;
         (previous != Some(r.desired_workers)).then(|| RecommendationChange {
@@ -541,6 +644,112 @@ impl HubState {
             workers,
             reason: r.reason.clone(),
         })
+    }
+
+    /// The visibility timeout dead owners' messages count for: the app's, else `--work-grace`.
+    fn engine_visibility_timeout(&self) -> u64 {
+        self.reported_queues.and_then(|q| q.control_queue_visibility_timeout_ms).unwrap_or(self.work_grace_ms)
+    }
+
+    /// Each live pod's deletion cost at `now` (issue 20): the control messages held on the
+    /// partitions it owns first (removing a pod that holds them strands them until their
+    /// visibility timeout), then the partitions themselves (removing one moves its leases).
+    /// Which pod runs which activity no reading tells: work items are one shared queue.
+    fn deletion_costs(&self, key: &HubKey, now: UnixMs) -> Vec<PodCost> {
+        let held = self.engine.held_by_partition(now);
+        let per_message = i64::from(crate::contract::MAX_PARTITIONS) + 1;
+        self.coverage
+            .live(now)
+            .map(|(pod, state)| {
+                let messages: u64 =
+                    state.partitions.iter().map(|p| held.get(*p as usize).copied().unwrap_or(0)).sum();
+                let cost = i64::try_from(messages)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(per_message)
+                    .saturating_add(i64::try_from(state.partitions.len()).unwrap_or(0));
+                PodCost {
+                    namespace: key.namespace.clone(),
+                    pod: pod.clone(),
+                    cost: i32::try_from(cost).unwrap_or(i32::MAX),
+                }
+            })
+            .collect()
+    }
+
+    /// What a change leaves to publish.
+    fn outcome(
+        &self,
+        now: UnixMs,
+        change: Option<RecommendationChange>,
+        gauges: bool,
+        admission: PodAdmission,
+    ) -> Outcome {
+        Outcome {
+            active: self.is_active(now),
+            fully_read: self.is_fully_read(),
+            change,
+            scaled_object: self.scaled_object.clone(),
+            gauges: gauges.then(|| self.gauges(now)),
+            admission,
+            forgotten_pods: 0,
+            costs: None,
+        }
+    }
+
+    fn gauges(&self, now: UnixMs) -> Gauges {
+        let coverage = self.coverage.view(now);
+        let split = self.engine.split(now);
+        let key_free_stale = self.probe.missed && !coverage.is_complete();
+        Gauges {
+            covered: coverage.covered.len(),
+            uncovered: coverage.uncovered.len(),
+            held: split.held,
+            timers: split.timers,
+            invisible_work_items: split.invisible_work_items,
+            connection_known: self.settings.connection.is_some(),
+            decision: self.engine.decision().map(|d| (d.recommendation.desired_workers, d.workers)),
+            unavailable: !self.is_fully_read() || key_free_stale,
+            visible: self.engine.queue_messages(),
+        }
+    }
+
+    /// This hub's status at `now`, for `/hubs`.
+    pub(crate) fn status(&self, key: &HubKey, now: UnixMs) -> HubStatus {
+        let coverage = self.coverage.view(now);
+        let stale = self.stale_reason(key, now).map(|reason| {
+            format!("decisions are held (not re-evaluated) and KEDA is told UNAVAILABLE until the hub is read again: {reason}")
+        });
+        HubStatus {
+            namespace: key.namespace.clone(),
+            task_hub: self.settings.task_hub.clone(),
+            scaled_object: self.scaled_object.as_ref().map(|so| format!("{}/{}", so.namespace, so.name)),
+            algorithm: self.settings.algorithm.to_string(),
+            active: self.is_active(now),
+            desired_workers: self.recommendation().map(|r| r.desired_workers),
+            workers: self.workers(),
+            metric_value: self.metric_value(),
+            reason: self.recommendation().map(|r| r.reason.clone()),
+            covered_partitions: coverage.covered,
+            uncovered_partitions: coverage.uncovered,
+            live_pods: self.live_pods(now),
+            sidecars: self
+                .coverage
+                .live(now)
+                .map(|(pod, state)| (pod.clone(), state.sidecar.clone()))
+                .collect(),
+            probe_error: self.probe.last_error.clone(),
+            limits: self.limits(),
+            storage: self.settings.connection.as_ref().map(StorageView::of),
+            notes: self
+                .settings
+                .warnings
+                .iter()
+                .cloned()
+                .chain(self.limits().note())
+                .chain(self.notes(now))
+                .chain(stale)
+                .collect(),
+        }
     }
 
     /// The latest recommendation, once one was made.
@@ -614,7 +823,12 @@ mod tests {
             sampled_at_unix_ms: 0,
             limits: None,
             queue_settings: None,
+            sidecar: SidecarNotes::default(),
         }
+    }
+
+    fn key() -> HubKey {
+        HubKey::new("apps", "MyHub")
     }
 
     fn probe(control: QueueReading, work_item: QueueReading) -> HubReading {
@@ -645,8 +859,8 @@ mod tests {
     #[test]
     fn nothing_is_decided_before_anything_was_read() {
         let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
-        assert!(!hub.is_observed());
-        assert_eq!(hub.evaluate(UnixMs(0), Some(1)), None);
+        assert!(!hub.seen);
+        assert_eq!(hub.evaluate(&key(), UnixMs(0), Some(1)).change, None);
         assert_eq!(hub.coverage(UnixMs(0)).partition_count, None);
         assert!(hub.coverage(UnixMs(0)).work_item_uncovered);
     }
@@ -702,20 +916,20 @@ mod tests {
                 control: control.into_iter().enumerate().map(|(i, s)| (i as u32, s)).collect(),
                 work_item: Some(q(0, 0, 0)),
             };
-            hub.apply_probe(&reading, UnixMs(t * 2000));
+            hub.apply_probe(Some(&reading), UnixMs(t * 2000));
             assert!(!hub.is_active(UnixMs(t * 2000)), "timers keep nothing awake (sample {t})");
         }
-        hub.evaluate(UnixMs(20_000), Some(0));
+        hub.evaluate(&key(), UnixMs(20_000), Some(0));
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(0));
     }
 
     #[test]
     fn timers_set_by_work_sleep_once_the_grace_period_is_over() {
         let mut hub = HubState::new(settings(Algorithm::TargetInflight), GRACE);
-        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), UnixMs(0)); // an orchestration message
-        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(2000)); // it ran and set a timer
+        hub.apply_probe(Some(&probe(q(1, 1, 10), q(0, 0, 0))), UnixMs(0)); // an orchestration message
+        hub.apply_probe(Some(&probe(q(1, 0, 0), q(0, 0, 0))), UnixMs(2000)); // it ran and set a timer
         assert!(hub.is_active(UnixMs(2000 + GRACE as i64)));
-        hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(2000 + GRACE as i64 + 1));
+        hub.apply_probe(Some(&probe(q(1, 0, 0), q(0, 0, 0))), UnixMs(2000 + GRACE as i64 + 1));
         assert!(!hub.is_active(UnixMs(2000 + GRACE as i64 + 1)));
     }
 
@@ -723,27 +937,29 @@ mod tests {
     fn a_dequeued_running_message_keeps_the_hub_active() {
         // An activity message was seen visible, then dequeued: now invisible, being processed.
         let mut hub = HubState::new(settings(Algorithm::TargetInflight), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(1, 1, 50)), UnixMs(0));
-        hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(2000));
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(1, 1, 50))), UnixMs(0));
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(1, 0, 0))), UnixMs(2000));
         assert!(hub.is_active(UnixMs(2000)));
         assert!(hub.is_active(UnixMs(30_000)));
-        hub.evaluate(UnixMs(30_000), Some(1));
+        hub.evaluate(&key(), UnixMs(30_000), Some(1));
         assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1));
     }
 
     #[test]
     fn work_whose_invisible_count_moves_is_active_though_never_seen_visible() {
         let mut hub = HubState::new(settings(Algorithm::TargetInflight), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(2, 0, 0)), UnixMs(0));
-        assert!(!hub.is_active(UnixMs(0)), "no history yet: counts as sleeping");
-        hub.apply_probe(&probe(q(0, 0, 0), q(5, 0, 0)), UnixMs(2000));
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(2, 0, 0))), UnixMs(0));
+        // Work items never carry timers: invisible ones are running, from the first reading
+        // (issue 18; before it, no history read as sleeping).
+        assert!(hub.is_active(UnixMs(0)), "invisible work items are work in flight");
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(5, 0, 0))), UnixMs(2000));
         assert!(hub.is_active(UnixMs(2000)));
     }
 
     #[test]
     fn a_visible_message_makes_the_hub_active_at_once() {
         let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), UnixMs(0));
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(0, 0, 0))), UnixMs(0));
         assert!(!hub.is_active(UnixMs(0)));
         hub.apply_report(&report("a", &[3], q(1, 1, 0), None), UnixMs(1000));
         assert!(hub.is_active(UnixMs(1000)));
@@ -752,11 +968,14 @@ mod tests {
     #[test]
     fn the_target_formula_counts_visible_and_working_messages() {
         let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(25, 25, 100)), UnixMs(0));
-        let change = hub.evaluate(UnixMs(0), Some(0)).expect("first decision");
+        // The first reading of a hub is decided on at once.
+        let change = hub
+            .apply_probe(Some(&probe(q(0, 0, 0), q(25, 25, 100))), UnixMs(0))
+            .change
+            .expect("first decision");
         assert_eq!(change.desired_workers, 3);
         assert!(change.reason.starts_with("Target 3 workers"), "{}", change.reason);
-        assert_eq!(hub.evaluate(UnixMs(1000), Some(0)), None, "same decision, no change");
+        assert_eq!(hub.evaluate(&key(), UnixMs(1000), Some(0)).change, None, "same decision, no change");
     }
 
     #[test]
@@ -764,7 +983,7 @@ mod tests {
         let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         hub.apply_report(&report("a", &[0, 1], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(0));
         hub.apply_report(&report("b", &[2, 3], q(0, 0, 0), None), UnixMs(0));
-        hub.evaluate(UnixMs(100), None);
+        hub.evaluate(&key(), UnixMs(100), None);
         assert_eq!(hub.workers(), 2);
     }
 
@@ -772,11 +991,11 @@ mod tests {
     fn a_missing_source_answer_keeps_the_last_one_for_a_minute() {
         let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(0));
-        hub.evaluate(UnixMs(0), Some(7));
-        hub.evaluate(UnixMs(1000), None);
+        hub.evaluate(&key(), UnixMs(0), Some(7));
+        hub.evaluate(&key(), UnixMs(1000), None);
         assert_eq!(hub.workers(), 7, "the source's answer stands in");
         hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0))), UnixMs(61_000));
-        hub.evaluate(UnixMs(61_001), None);
+        hub.evaluate(&key(), UnixMs(61_001), None);
         assert_eq!(hub.workers(), 1, "then the live pods count");
     }
 
@@ -784,12 +1003,12 @@ mod tests {
     fn the_latency_vote_runs_over_rings_filled_one_sample_per_reading() {
         let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
         for t in 0..4 {
-            hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), UnixMs(t * 1000));
-            let r = hub.evaluate(UnixMs(t * 1000), Some(1));
+            hub.apply_probe(Some(&probe(q(0, 0, 0), q(5, 5, 2000))), UnixMs(t * 1000));
+            let r = hub.evaluate(&key(), UnixMs(t * 1000), Some(1)).change;
             assert_eq!(hub.recommendation().map(|r| r.reason.as_str()), Some("Not enough samples"), "{r:?}");
         }
-        hub.apply_probe(&probe(q(0, 0, 0), q(5, 5, 2000)), UnixMs(4000));
-        assert_eq!(hub.evaluate(UnixMs(4000), Some(1)).map(|c| c.desired_workers), Some(2));
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(5, 5, 2000))), UnixMs(4000));
+        assert_eq!(hub.evaluate(&key(), UnixMs(4000), Some(1)).change.map(|c| c.desired_workers), Some(2));
         assert_eq!(hub.work_item_latencies().samples(), [2000; 5]);
         assert!(hub.recommendation().is_some_and(|r| r.reason.starts_with("Work-item queue latency")));
     }
@@ -797,9 +1016,11 @@ mod tests {
     #[test]
     fn the_latency_vote_asks_for_a_first_worker_at_zero() {
         let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
-        hub.apply_probe(&probe(q(1, 1, 10), q(0, 0, 0)), UnixMs(0));
+        // The first reading of a hub is decided on at once (the live pods: none).
         assert_eq!(
-            hub.evaluate(UnixMs(0), Some(0)).map(|c| (c.desired_workers, c.reason)),
+            hub.apply_probe(Some(&probe(q(1, 1, 10), q(0, 0, 0))), UnixMs(0))
+                .change
+                .map(|c| (c.desired_workers, c.reason)),
             Some((1, "First worker".into()))
         );
     }
@@ -807,10 +1028,13 @@ mod tests {
     #[test]
     fn a_new_partition_count_resets_the_rings() {
         let mut hub = HubState::new(settings(Algorithm::Latency), GRACE);
-        hub.apply_probe(&probe(q(0, 0, 0), q(0, 0, 0)), UnixMs(0));
-        hub.evaluate(UnixMs(0), Some(1));
+        hub.apply_probe(Some(&probe(q(0, 0, 0), q(0, 0, 0))), UnixMs(0));
+        hub.evaluate(&key(), UnixMs(0), Some(1));
         assert_eq!(hub.latencies().control.len(), 4);
-        hub.apply_probe(&HubReading { partition_count: 8, control: vec![], work_item: None }, UnixMs(1000));
+        hub.apply_probe(
+            Some(&HubReading { partition_count: 8, control: vec![], work_item: None }),
+            UnixMs(1000),
+        );
         assert_eq!(hub.latencies().control.len(), 8);
         assert_eq!(hub.partition_count(), Some(8));
     }
@@ -820,6 +1044,7 @@ mod tests {
         let mut hub = HubState::new(settings(Algorithm::Target), GRACE);
         let bounded = |hub: &mut HubState, pod: &str, at: i64| {
             hub.apply_report_bounded(&report(pod, &[], q(0, 0, 0), None), UnixMs(at), 2, true)
+                .map(|o| o.admission)
         };
         assert_eq!(bounded(&mut hub, "a", 0), Ok(PodAdmission::Added));
         assert_eq!(bounded(&mut hub, "b", 1000), Ok(PodAdmission::Added));
@@ -854,7 +1079,7 @@ mod tests {
             for tick in ticks {
                 // The report sent again (same reading) and evaluated every tick.
                 hub.apply_report(&reading, UnixMs(tick));
-                hub.evaluate(UnixMs(tick), Some(1));
+                hub.evaluate(&key(), UnixMs(tick), Some(1));
             }
         }
         assert_eq!(hub.work_item_latencies().samples(), [0, 0, 0, 700, 700], "two readings, two samples");
@@ -876,9 +1101,9 @@ mod tests {
                 hub.apply_report(&r, UnixMs(at));
             } else {
                 let reading = HubReading { control: r.reading.control, ..probe(q(0, 0, 0), q(0, 0, 0)) };
-                hub.apply_probe(&reading, UnixMs(at));
+                hub.apply_probe(Some(&reading), UnixMs(at));
             }
-            hub.evaluate(UnixMs(at), Some(1));
+            hub.evaluate(&key(), UnixMs(at), Some(1));
         }
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         // 50 sleeping timers; three messages come in, the owner dequeues them and dies.
@@ -907,17 +1132,17 @@ mod tests {
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         let mut last = report("a", &[0, 1, 2, 3], q(0, 0, 0), None);
         hub.apply_report(&last, UnixMs(0));
-        hub.evaluate(UnixMs(0), Some(1));
+        hub.evaluate(&key(), UnixMs(0), Some(1));
         last.leaving = true;
         last.sampled_at_unix_ms = 1_000;
         hub.apply_report(&last, UnixMs(1_000));
-        hub.evaluate(UnixMs(1_000), Some(1));
+        hub.evaluate(&key(), UnixMs(1_000), Some(1));
         assert_eq!(hub.lost_partitions(), Vec::<u32>::new());
         // A pod that goes silent instead loses them.
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         hub.apply_report(&report("a", &[0, 1, 2, 3], q(0, 0, 0), None), UnixMs(0));
-        hub.evaluate(UnixMs(0), Some(1));
-        hub.evaluate(UnixMs(3_001), Some(1));
+        hub.evaluate(&key(), UnixMs(0), Some(1));
+        hub.evaluate(&key(), UnixMs(3_001), Some(1));
         assert_eq!(hub.lost_partitions(), vec![0, 1, 2, 3]);
     }
 
@@ -926,13 +1151,13 @@ mod tests {
         // Timers set by work a moment ago: the control count moved, then sits still.
         let settle = crate::heuristic::durable::DurableSettings::default().settle_ms as i64;
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
-        hub.apply_probe(&probe(q(2, 2, 100), q(0, 0, 0)), UnixMs(0));
-        hub.evaluate(UnixMs(0), Some(1));
+        hub.apply_probe(Some(&probe(q(2, 2, 100), q(0, 0, 0))), UnixMs(0));
+        hub.evaluate(&key(), UnixMs(0), Some(1));
         assert!(hub.is_active(UnixMs(0)), "visible orchestration messages are work");
         let mut t = 2_000;
         while t <= 2_000 + settle + 10_000 {
-            hub.apply_probe(&probe(q(1, 0, 0), q(0, 0, 0)), UnixMs(t));
-            hub.evaluate(UnixMs(t), Some(1));
+            hub.apply_probe(Some(&probe(q(1, 0, 0), q(0, 0, 0))), UnixMs(t));
+            hub.evaluate(&key(), UnixMs(t), Some(1));
             assert_eq!(
                 hub.is_active(UnixMs(t)),
                 t < 2_000 + settle,
@@ -950,8 +1175,8 @@ mod tests {
             let mut t = 0;
             while t <= 30 * 60_000 {
                 // One work item dequeued and renewed: invisible, the count unmoved, for 30 min.
-                hub.apply_probe(&probe(q(0, 0, 0), q(1, 0, 0)), UnixMs(t));
-                hub.evaluate(UnixMs(t), Some(1));
+                hub.apply_probe(Some(&probe(q(0, 0, 0), q(1, 0, 0))), UnixMs(t));
+                hub.evaluate(&key(), UnixMs(t), Some(1));
                 assert!(hub.is_active(UnixMs(t)), "{algorithm} at {t} ms: {:?}", hub.recommendation());
                 assert_eq!(hub.recommendation().map(|r| r.desired_workers), Some(1), "{algorithm} at {t} ms");
                 t += 10_000;

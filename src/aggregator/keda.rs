@@ -21,7 +21,8 @@
 //! (`pkg/scaling/cache/scalers_cache.go`, `controllers/keda/hpa.go`).
 //!
 //! StreamIsActive opens at once, even before the hub was read, and sends its first message
-//! once it was; on shutdown every stream ends with status OK, because KEDA's push loop
+//! once it was; on shutdown, and when its connection is asked to go (`crate::listener`:
+//! idle, age, too many streams reset by the client), every stream ends with status OK, because KEDA's push loop
 //! (`pkg/scalers/external_scaler.go` `runStreamIsActive`) resets its reconnect back-off to 2 s
 //! only when a stream ends cleanly, and otherwise keeps doubling it up to a minute.
 
@@ -37,17 +38,18 @@ use tonic::{Request, Response, Status};
 use crate::clock::UnixMs;
 use crate::contract::limits::METRIC_NAME_MAX_LEN;
 use crate::contract::{NameRule, check_len, check_name};
+use crate::listener::Draining;
 use crate::proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
     ScaledObjectRef, external_scaler_server::ExternalScaler,
 };
 use crate::shutdown::Shutdown;
 
-use super::hub::HubKey;
+use super::hub::{Answer, HubKey, Unanswerable};
 use super::metrics::{KedaCall, KedaCallLabels};
 use super::probe::Prober;
 use super::registry::{HubEntry, Registry};
-use super::settings::HubSettings;
+use super::settings::{EndpointRule, HubSettings};
 use super::sources::ScaledObjectKey;
 
 /// How long the first call about a hub waits for its first signals.
@@ -63,84 +65,84 @@ pub(crate) fn metric_name(task_hub: &str) -> String {
 pub(crate) struct KedaScaler {
     registry: Arc<Registry>,
     prober: Prober,
+    /// Which storage endpoints trigger metadata may name.
+    endpoints: EndpointRule,
     shutdown: Shutdown,
 }
 
 impl KedaScaler {
-    /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs.
-    pub(crate) fn new(registry: Arc<Registry>, prober: Prober, shutdown: Shutdown) -> Self {
-        Self { registry, prober, shutdown }
+    /// Answers from `registry`; `prober` starts cold probes for newly tracked hubs; trigger
+    /// connections may name the storage endpoints `endpoints` allows.
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        prober: Prober,
+        endpoints: EndpointRule,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self { registry, prober, endpoints, shutdown }
     }
 
-    fn parse(scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
+    fn parse(&self, scaled_object: &ScaledObjectRef) -> Result<(HubKey, HubSettings), Status> {
         // The names as Kubernetes allows them, before they become a key, a label or a log
         // field; errors quote a short prefix only.
         check_name("scaledObjectRef.namespace", &scaled_object.namespace, NameRule::Label)
             .map_err(Status::invalid_argument)?;
         check_name("scaledObjectRef.name", &scaled_object.name, NameRule::Subdomain)
             .map_err(Status::invalid_argument)?;
-        let settings = HubSettings::from_metadata(&scaled_object.scaler_metadata)
+        let settings = HubSettings::from_metadata_with(&scaled_object.scaler_metadata, self.endpoints)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok((HubKey::new(&scaled_object.namespace, &settings.task_hub), settings))
     }
 
-    /// Tracks the hub of `scaled_object` (starting its probe) without waiting.
-    fn track(&self, scaled_object: &ScaledObjectRef) -> Result<Arc<HubEntry>, Status> {
-        let (key, settings) = Self::parse(scaled_object)?;
-        self.track_parsed(scaled_object, &key, &settings)
+    /// Tracks the hub of `scaled_object` and takes the call's settings and ScaledObject under
+    /// the hub's one lock, starting its cold probe the first time; returns the entry and the
+    /// answer as of now, from the same lock.
+    fn call(
+        &self,
+        scaled_object: &ScaledObjectRef,
+    ) -> Result<(Arc<HubEntry>, Result<Answer, Unanswerable>), Status> {
+        let (key, settings) = self.parse(scaled_object)?;
+        self.call_parsed(scaled_object, &key, &settings)
     }
 
-    /// [`Self::track`] with the metadata already parsed into `key` and `settings`.
-    fn track_parsed(
+    /// [`Self::call`] with the metadata already parsed into `key` and `settings`.
+    fn call_parsed(
         &self,
         scaled_object: &ScaledObjectRef,
         key: &HubKey,
         settings: &HubSettings,
-    ) -> Result<Arc<HubEntry>, Status> {
+    ) -> Result<(Arc<HubEntry>, Result<Answer, Unanswerable>), Status> {
         let entry = self
             .registry
             .track(key, &settings.task_hub, Some(settings))
             .map_err(|full| Status::resource_exhausted(full.to_string()))?;
-        entry.set_scaled_object(ScaledObjectKey {
-            namespace: scaled_object.namespace.clone(),
-            name: scaled_object.name.clone(),
-        });
-        if entry.claim_probe_task() {
+        let asker =
+            ScaledObjectKey { namespace: scaled_object.namespace.clone(), name: scaled_object.name.clone() };
+        let now = UnixMs::now();
+        let (start_probe, answer) =
+            entry.with_state(|s| (s.keda_call(settings, asker), s.answer(&entry.key, now)));
+        if start_probe {
             self.prober.spawn(entry.clone());
         }
-        Ok(entry)
+        Ok((entry, answer))
     }
 
-    /// The tracked `entry` once it can be answered from: waits for its first signals; refuses
-    /// a hub not wholly read yet, or one nobody can read any more.
-    async fn answerable(&self, entry: Arc<HubEntry>) -> Result<Arc<HubEntry>, Status> {
-        if entry.with_state(|s| s.is_fully_read()) {
-            return match entry.stale_reason(UnixMs::now()) {
-                Some(reason) => Err(Status::unavailable(reason)),
-                None => Ok(entry),
-            };
-        }
-        if entry.wait_observed(FIRST_PROBE_WAIT).await {
-            Ok(entry)
-        } else {
-            Err(Status::unavailable(unread_reason(&entry)))
+    /// The answer once it can be given: a hub not wholly read yet is waited for up to
+    /// [`FIRST_PROBE_WAIT`]; one still unread then, or one nobody can read any more, is
+    /// UNAVAILABLE with the reason (module docs).
+    async fn settled(&self, entry: &HubEntry, first: Result<Answer, Unanswerable>) -> Result<Answer, Status> {
+        let unavailable = |u: Unanswerable| match u {
+            Unanswerable::NotRead(reason) | Unanswerable::Stale(reason) => Status::unavailable(reason),
+        };
+        match first {
+            Ok(answer) => Ok(answer),
+            Err(Unanswerable::NotRead(_)) => {
+                entry.wait_answerable(FIRST_PROBE_WAIT).await;
+                entry.answer(UnixMs::now()).map_err(unavailable)
+            }
+            Err(stale) => Err(unavailable(stale)),
         }
     }
-}
-
-/// Why a hub cannot be answered yet: what of it was read, and why the probe did not read the
-/// rest.
-fn unread_reason(entry: &HubEntry) -> String {
-    let part = entry.with_state(|s| {
-        let p = s.partition_count()?;
-        let unread: Vec<u32> = (0..p).filter(|i| !s.was_read(*i)).collect();
-        Some(format!(
-            "task hub {} read in part only (partitions not read yet: {unread:?} of {p}{}); ",
-            entry.key.task_hub,
-            if s.work_item_was_read() { "" } else { ", nor the work-item queue" }
-        ))
-    });
-    format!("{}{}", part.unwrap_or_default(), entry.unavailable_reason())
 }
 
 type ActivityStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
@@ -153,9 +155,9 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<IsActiveResponse>, Status> {
         let started = Instant::now();
         let answer = async {
-            let entry = self.answerable(self.track(request.get_ref())?).await?;
-            let result = entry.with_state(|s| s.is_active(UnixMs::now()));
-            Ok(Response::new(IsActiveResponse { result }))
+            let (entry, first) = self.call(request.get_ref())?;
+            let answer = self.settled(&entry, first).await?;
+            Ok(Response::new(IsActiveResponse { result: answer.active }))
         }
         .await;
         self.timed(KedaCall::IsActive, started);
@@ -170,17 +172,28 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         // Only the metadata is checked before the stream opens: a hub not read yet gets its
         // first message once it is (module docs), not an error that grows KEDA's back-off.
-        let entry = self.track(request.get_ref())?;
+        let (entry, _) = self.call(request.get_ref())?;
         let mut activity = entry.subscribe_activity();
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
+        // The connection asked to go (idle, age, shutdown: `crate::listener`): end the stream
+        // cleanly before it is closed, so KEDA reconnects at once.
+        let draining = request.extensions().get::<Draining>().cloned();
+        let connection_closing = async move {
+            match draining {
+                Some(draining) => draining.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::spawn(async move {
+            tokio::pin!(connection_closing);
             // Returning drops `tx`: the stream ends with status OK.
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
+                    _ = &mut connection_closing => return,
                     _ = tx.closed() => return,
-                    read = entry.wait_observed(FIRST_PROBE_WAIT) => if read { break },
+                    read = entry.wait_answerable(FIRST_PROBE_WAIT) => if read { break },
                 }
             }
             let current = entry.with_state(|s| s.is_active(UnixMs::now()));
@@ -191,6 +204,7 @@ impl ExternalScaler for KedaScaler {
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
+                    _ = &mut connection_closing => return,
                     _ = tx.closed() => return,
                     changed = activity.changed() => {
                         if changed.is_err() {
@@ -215,7 +229,7 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let entry = self.track(request.get_ref())?;
+        let (entry, _) = self.call(request.get_ref())?;
         let name = metric_name(&entry.key.task_hub);
         // The deprecated integer field is still read by KEDA when the float one is 0.
         #[allow(deprecated)]
@@ -254,7 +268,7 @@ impl KedaScaler {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         // A wrong metric name is refused before any waiting.
-        let (key, settings) = Self::parse(scaled_object)?;
+        let (key, settings) = self.parse(scaled_object)?;
         check_len("metricName", &request.metric_name, METRIC_NAME_MAX_LEN)
             .map_err(Status::invalid_argument)?;
         let expected = metric_name(&key.task_hub);
@@ -264,8 +278,8 @@ impl KedaScaler {
                 crate::contract::quote(&request.metric_name)
             )));
         }
-        let entry = self.answerable(self.track_parsed(scaled_object, &key, &settings)?).await?;
-        let value = entry.with_state(|s| s.metric_value());
+        let (entry, first) = self.call_parsed(scaled_object, &key, &settings)?;
+        let value = self.settled(&entry, first).await?.metric_value;
         // The deprecated integer field is still read by KEDA when the float one is 0.
         #[allow(deprecated)]
         Ok(Response::new(GetMetricsResponse {

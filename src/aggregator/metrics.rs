@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::hub::HubKey;
+pub(crate) use crate::heuristic::engine::QueueMessages;
 use crate::metrics::label_values;
 use crate::storage::StorageError;
 use crate::tls::{ReloadCounters, ReloadOutcome};
@@ -192,6 +193,38 @@ pub(crate) struct ReloadLabels {
     pub outcome: ReloadOutcome,
 }
 
+/// Labels of the served certificates' expiry.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PortLabels {
+    /// Which port.
+    pub port: Port,
+}
+
+/// Which of a hub's queues a message count is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum QueueKind {
+    /// The work-item queue (activities).
+    WorkItem,
+    /// The control queues (orchestrations), summed.
+    Control,
+}
+
+label_values!(QueueKind { WorkItem => "work_item", Control => "control" });
+
+/// Labels of the visible message counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct QueueLabels {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Task hub name, lowercased.
+    pub task_hub: String,
+    /// Which queues.
+    pub queue: QueueKind,
+}
+
+/// Every [`QueueKind`], to drop a hub's queue series.
+const QUEUE_KINDS: [QueueKind; 2] = [QueueKind::WorkItem, QueueKind::Control];
+
 /// A KEDA call the aggregator times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum KedaCall {
@@ -249,6 +282,11 @@ pub struct Metrics {
     pub(crate) timer_messages: Family<HubLabels, Gauge>,
     /// Invisible work items: activities running (renewed) or backing off.
     pub(crate) invisible_work_items: Family<HubLabels, Gauge>,
+    /// 1 while KEDA's IsActive and GetMetrics for the hub are answered UNAVAILABLE (not wholly
+    /// read yet, or nobody can read it now).
+    pub(crate) unavailable: Family<HubLabels, Gauge>,
+    /// Visible messages of the hub's queues at their latest readings: work waiting.
+    pub(crate) visible_messages: Family<QueueLabels, Gauge>,
     /// Reports accepted.
     pub(crate) reports_received: Family<HubLabels, Counter>,
     /// Reports refused, by reason.
@@ -266,6 +304,8 @@ pub struct Metrics {
     forget_hooks: ForgetHooks,
     /// Changed TLS files taken into use or refused, by port.
     pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
+    /// The notAfter of the certificate each TLS port serves (Unix seconds).
+    pub(crate) certificate_expiry: Family<PortLabels, Gauge>,
     pub(crate) keda_call_durations: KedaCallDurations,
 }
 
@@ -303,6 +343,17 @@ impl Metrics {
             "Invisible work items (activities running, renewed, or backing off): work while a worker runs",
             m.invisible_work_items.clone(),
         );
+        r.register(
+            "unavailable",
+            "1 while KEDA's calls for the hub are answered UNAVAILABLE (not wholly read yet, or nobody can read it now)",
+            m.unavailable.clone(),
+        );
+        r.register(
+            "visible_messages",
+            "Visible messages (work waiting) at the latest readings: queue=work_item, or control summed \
+             over the control queues; a peek sees at most 32 per queue",
+            m.visible_messages.clone(),
+        );
         r.register("reports_received", "Sidecar reports accepted", m.reports_received.clone());
         r.register("reports_rejected", "Sidecar reports refused, by reason", m.reports_rejected.clone());
         r.register("probes", "Cold probes, by outcome", m.probes.clone());
@@ -327,6 +378,11 @@ impl Metrics {
             "certificate_reloads",
             "Changed TLS files taken into use (reloaded) or refused (the previous ones kept), by port",
             m.certificate_reloads.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS port serves now expires (notAfter, Unix seconds), by port",
+            m.certificate_expiry.clone(),
         );
         m
     }
@@ -356,8 +412,16 @@ impl Metrics {
             &self.held_messages,
             &self.timer_messages,
             &self.invisible_work_items,
+            &self.unavailable,
         ] {
             family.remove(labels);
+        }
+        for queue in QUEUE_KINDS {
+            self.visible_messages.remove(&QueueLabels {
+                namespace: labels.namespace.clone(),
+                task_hub: labels.task_hub.clone(),
+                queue,
+            });
         }
         self.reports_received.remove(labels);
         for outcome in PROBE_OUTCOMES {
@@ -394,12 +458,26 @@ impl Metrics {
         self.tracking_replaced.get_or_create(&TrackedLabels { kind }).inc();
     }
 
-    /// The counters of `port`'s certificate reloads.
+    /// The metrics of `port`'s certificate: its reloads and its expiry.
     pub(crate) fn certificate_reloads(&self, port: Port) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { port, outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),
             refused: counter(ReloadOutcome::Refused),
+            expires_at: self.certificate_expiry.get_or_create_owned(&PortLabels { port }),
+        }
+    }
+
+    /// Sets `labels`' hub's visible message counts.
+    pub(crate) fn set_visible_messages(&self, labels: &HubLabels, counts: &QueueMessages) {
+        for queue in QUEUE_KINDS {
+            let value = match queue {
+                QueueKind::WorkItem => counts.work_item_visible,
+                QueueKind::Control => counts.control_visible,
+            };
+            let series =
+                QueueLabels { namespace: labels.namespace.clone(), task_hub: labels.task_hub.clone(), queue };
+            self.visible_messages.get_or_create(&series).set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 

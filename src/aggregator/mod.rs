@@ -16,6 +16,7 @@
 //! implementations. The composition root (`crate::app`) plugs in the Kubernetes ones when it
 //! finds a Kubernetes configuration, and [`run`] serves until the shutdown signal.
 
+pub(crate) mod coverage;
 pub mod hub;
 pub(crate) mod keda;
 pub mod metrics;
@@ -37,13 +38,13 @@ use axum::response::IntoResponse;
 use futures::future::join_all;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 
 use crate::proto::externalscaler::external_scaler_server::ExternalScalerServer;
 use crate::proto::report::report_service_server::ReportServiceServer;
 use crate::shutdown::{Shutdown, Supervisor, TaskFailure};
 use crate::storage::StorageOptions;
-use crate::tls;
+use crate::{listener, tls};
 
 use crate::contract::{AGGREGATOR_HTTP_PORT, AGGREGATOR_KEDA_PORT, AGGREGATOR_REPORT_PORT, env, limits};
 pub(crate) use registry::ChangeHook;
@@ -103,6 +104,13 @@ pub struct Args {
     /// (a visible message, a moving count); after that they count as sleeping durable timers.
     #[arg(long, env = "DURABLE_SCALER_WORK_GRACE", default_value = "5m", value_parser = crate::config::parse_duration)]
     pub work_grace: Duration,
+    /// Let trigger metadata name plain-http storage endpoints (a development emulator such as
+    /// Azurite on another host). Off, only https endpoints are probed, and
+    /// `UseDevelopmentStorage=true` on its default loopback address: whoever reaches the
+    /// KEDA port chooses the connection, and the probe sends requests signed with its key to
+    /// the endpoints it names.
+    #[arg(long, env = "DURABLE_SCALER_ALLOW_HTTP_STORAGE")]
+    pub allow_http_storage: bool,
     /// How long after start `/readyz` says ready even if no sidecar reported and no tracked
     /// hub was read whole yet (two default sidecar intervals: any sidecar that exists has
     /// reported by then). Readiness comes earlier with the first sidecar report or once every
@@ -134,8 +142,9 @@ fn any_address(port: u16) -> SocketAddr {
 }
 
 impl Args {
-    /// The defaults of every flag, but loopback ports chosen by the OS and `--report-auth
-    /// none`: for tests, benchmarks and local runs.
+    /// The defaults of every flag, but loopback ports chosen by the OS, `--report-auth
+    /// none` and `--allow-http-storage` (Azurite serves plain http): for tests, benchmarks
+    /// and local runs.
     pub fn loopback() -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
@@ -151,6 +160,7 @@ impl Args {
             probe_interval: Duration::from_secs(2),
             sample_interval: Duration::from_secs(2),
             work_grace: Duration::from_secs(300),
+            allow_http_storage: true,
             ready_after: Duration::ZERO,
             pod_deletion_cost: true,
         }
@@ -211,6 +221,7 @@ pub struct Aggregator {
     metrics: metrics::Metrics,
     probe_metrics: probe::ProbeMetrics,
     on_change: Option<ChangeHook>,
+    deletion_costs: Option<Arc<dyn sources::PodDeletionCosts>>,
 }
 
 /// A listening aggregator: its bound addresses and the task that serves.
@@ -275,12 +286,20 @@ impl Aggregator {
             metrics,
             probe_metrics,
             on_change: None,
+            deletion_costs: None,
         }
     }
 
     /// Calls `hook` whenever a hub's recommendation changes (after the log line).
     pub fn on_recommendation_change(mut self, hook: ChangeHook) -> Self {
         self.on_change = Some(hook);
+        self
+    }
+
+    /// Hands every sampling round's deletion costs of each hub's live pods to `costs`
+    /// (`sources::PodDeletionCosts`; the Kubernetes side keeps them on the pods).
+    pub fn keep_deletion_costs(mut self, costs: Arc<dyn sources::PodDeletionCosts>) -> Self {
+        self.deletion_costs = Some(costs);
         self
     }
 
@@ -337,14 +356,20 @@ impl Aggregator {
         let metrics = Arc::new(self.metrics);
         let grace_ms = u64::try_from(args.work_grace.as_millis()).unwrap_or(u64::MAX);
         let registry = Arc::new(
-            registry::Registry::new(metrics.clone(), grace_ms).with_change_hook(self.on_change.clone()),
+            registry::Registry::new(metrics.clone(), grace_ms)
+                .with_change_hook(self.on_change.clone())
+                .with_deletion_costs(self.deletion_costs.clone()),
         );
         let mut supervisor = Supervisor::new(shutdown.clone());
         let prober =
             probe::Prober::new(registry.clone(), args.probe_interval, self.storage, shutdown.clone())
                 .with_metrics(self.probe_metrics.clone())
                 .with_failures(supervisor.reporter());
-        let keda = keda::KedaScaler::new(registry.clone(), prober, shutdown.clone());
+        let endpoints = match args.allow_http_storage {
+            true => settings::EndpointRule::AllowHttp,
+            false => settings::EndpointRule::HttpsOnly,
+        };
+        let keda = keda::KedaScaler::new(registry.clone(), prober, endpoints, shutdown.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExternalScalerServer<keda::KedaScaler>>().await;
         // Both reflection versions: grpcurl before 1.8.8 (and other older tools) only speak
@@ -361,27 +386,47 @@ impl Aggregator {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(reflection_error)?;
-        let keda_router = grpc_server(limits::KEDA_MAX_CONCURRENT_STREAMS)
-            .add_service(
-                ExternalScalerServer::new(keda).max_decoding_message_size(limits::KEDA_MESSAGE_MAX_BYTES),
-            )
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha);
-        let keda_task = serve_grpc(keda_router, grpc, acceptor, args.tls_reload_interval, shutdown.clone());
+        let keda_routes = Routes::new(
+            ExternalScalerServer::new(keda).max_decoding_message_size(limits::KEDA_MESSAGE_MAX_BYTES),
+        )
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha);
+        let keda_port = listener::Listener {
+            name: "KEDA gRPC",
+            protocol: listener::Protocol::Grpc,
+            max_concurrent_streams: limits::KEDA_MAX_CONCURRENT_STREAMS,
+            max_connections: listener::connection_limit(KEDA_MAX_CONNECTIONS, LISTENERS),
+            answer_budget_bytes: 0,
+            tls: acceptor.map(|config| (config, args.tls_reload_interval)),
+        };
+        let keda_task = serve(grpc, keda_port, keda_routes.prepare().into_axum_router(), shutdown.clone());
 
         let reports = reports::Reports::new(registry.clone(), self.check.clone());
-        let report_router = grpc_server(limits::REPORT_MAX_CONCURRENT_STREAMS).add_service(
+        let report_routes = Routes::new(
             ReportServiceServer::new(reports).max_decoding_message_size(limits::REPORT_MESSAGE_MAX_BYTES),
         );
+        let report_port = listener::Listener {
+            name: "report gRPC",
+            protocol: listener::Protocol::Grpc,
+            max_concurrent_streams: limits::REPORT_MAX_CONCURRENT_STREAMS,
+            max_connections: listener::connection_limit(REPORT_MAX_CONNECTIONS, LISTENERS),
+            answer_budget_bytes: 0,
+            tls: report_acceptor.map(|config| (config, args.tls_reload_interval)),
+        };
         let report_task =
-            serve_grpc(report_router, report, report_acceptor, args.tls_reload_interval, shutdown.clone());
+            serve(report, report_port, report_routes.prepare().into_axum_router(), shutdown.clone());
 
         let readiness = Arc::new(Readiness::new(args.ready_after));
-        let http_task = serve_http(http, metrics, registry.clone(), readiness.clone(), shutdown.clone());
+        let http_task = serve(
+            http,
+            http_listener(),
+            http_router(metrics, registry.clone(), readiness.clone()),
+            shutdown.clone(),
+        );
         supervisor.spawn("KEDA gRPC server", joined(keda_task));
         supervisor.spawn("report gRPC server", joined(report_task));
-        supervisor.spawn("HTTP server", async move { http_task.await.map_err(|e| e.to_string()) });
+        supervisor.spawn("HTTP server", joined(http_task));
         supervisor.spawn(
             "sample loop",
             sample_loop(registry.clone(), self.workers.clone(), args.sample_interval, shutdown.clone()),
@@ -424,7 +469,7 @@ async fn sample_loop(
         let counts = join_all(hubs.iter().map(|entry| {
             let workers = workers.clone();
             async move {
-                let scaled_object = entry.scaled_object()?;
+                let scaled_object = entry.with_state(|s| s.scaled_object().cloned())?;
                 tokio::time::timeout(WORKER_COUNT_TIMEOUT, workers.worker_count(&scaled_object))
                     .await
                     .ok()
@@ -497,51 +542,97 @@ struct HttpState {
     metrics: Arc<metrics::Metrics>,
     registry: Arc<registry::Registry>,
     readiness: Arc<Readiness>,
+    /// Turns to render `/metrics` or `/hubs` ([`RENDERS_AT_ONCE`]).
+    renders: Arc<tokio::sync::Semaphore>,
 }
 
-/// A gRPC server with the limits every port of the aggregator has: at most `streams`
-/// concurrent HTTP/2 streams per connection, a bounded header block, and a deadline for
-/// reading and answering each request (tonic's timeout runs from the request's headers, so
-/// it also cuts off a body that never completes). Message sizes are set per service.
-fn grpc_server(streams: u32) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .max_concurrent_streams(streams)
-        .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
-        .http2_max_pending_accept_reset_streams(Some(64))
-        .timeout(limits::REQUEST_TIMEOUT)
-        .accept_http1(false)
+/// `/metrics` and `/hubs` rendered at once: each walks every tracked hub (a few MiB of text
+/// and a few hundred milliseconds of CPU for 2,000 hubs in a debug build), so requests for
+/// them take turns, off the async workers, and `/healthz` and the gRPC ports keep answering
+/// however many arrive.
+const RENDERS_AT_ONCE: usize = 2;
+/// How long a request waits for its turn to render before it is answered 503.
+const RENDER_WAIT: Duration = Duration::from_secs(2);
+
+/// `render`'s answer, made on the blocking pool when a turn comes within [`RENDER_WAIT`].
+async fn render(
+    renders: &Arc<tokio::sync::Semaphore>,
+    render: impl FnOnce() -> axum::response::Response + Send + 'static,
+) -> axum::response::Response {
+    let Ok(Ok(turn)) = tokio::time::timeout(RENDER_WAIT, renders.clone().acquire_owned()).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "busy: other renderings of /metrics and /hubs are running; retry\n",
+        )
+            .into_response();
+    };
+    let rendered = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        render()
+    })
+    .await;
+    rendered.unwrap_or_else(|e| {
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("rendering failed: {e}\n")).into_response()
+    })
 }
 
-/// Serves `router` on `listener` until `shutdown`: over TLS with `config` when given (its
-/// files looked at every `reload_interval`), else over plain TCP with TCP_NODELAY.
-fn serve_grpc(
-    router: tonic::transport::server::Router,
-    listener: TcpListener,
-    config: Option<Arc<tls::ReloadingConfig>>,
-    reload_interval: Duration,
-    shutdown: Shutdown,
-) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let stop = shutdown.clone();
-    match config {
-        Some(config) => {
-            let incoming = tls::TlsIncoming::new(listener, config, reload_interval, shutdown);
-            tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop.wait()).await })
-        }
-        None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop.wait()).await })
-        }
+/// The aggregator's listeners: the KEDA, report and HTTP ports.
+const LISTENERS: usize = 3;
+/// Connections open at once on the KEDA port: KEDA keeps one per scaler address and
+/// operator replica (the metrics server another).
+const KEDA_MAX_CONNECTIONS: usize = 1024;
+/// Connections open at once on the report port: one per sidecar (each reports to every
+/// replica).
+const REPORT_MAX_CONNECTIONS: usize = 16_384;
+/// Connections open at once on the HTTP port: probes and Prometheus.
+const HTTP_MAX_CONNECTIONS: usize = 256;
+/// HTTP/2 streams open at once on one connection of the HTTP port.
+const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Bytes of HTTP-port answers not yet read by their clients: a few `/hubs` of 2,000 hubs
+/// (about 1.5 MiB each) and `/metrics` at once.
+const HTTP_ANSWER_BUDGET_BYTES: usize = 32 * 1024 * 1024;
+
+/// The HTTP port's listener settings (plain HTTP/1 and HTTP/2).
+fn http_listener() -> listener::Listener {
+    listener::Listener {
+        name: "HTTP",
+        protocol: listener::Protocol::Http,
+        max_concurrent_streams: HTTP_MAX_CONCURRENT_STREAMS,
+        max_connections: listener::connection_limit(HTTP_MAX_CONNECTIONS, LISTENERS),
+        answer_budget_bytes: HTTP_ANSWER_BUDGET_BYTES,
+        tls: None,
     }
 }
 
-async fn serve_http(
-    listener: TcpListener,
+/// Serves `router` on `socket` with `settings` (the bounds every listener has, the gRPC
+/// ports' message sizes set per service) until `shutdown`.
+fn serve(
+    socket: TcpListener,
+    settings: listener::Listener,
+    router: axum::Router,
+    shutdown: Shutdown,
+) -> JoinHandle<Result<(), std::io::Error>> {
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let served = listener::serve(socket, settings, router, shutdown).await;
+        match served {
+            // Ending before the signal is the supervisor's to report; ending after it is
+            // the stop asked for, whatever came first.
+            Ok(()) if !stop.is_triggered() => {
+                Err(std::io::Error::other("stopped accepting connections before the shutdown signal"))
+            }
+            other => other,
+        }
+    })
+}
+
+fn http_router(
     metrics: Arc<metrics::Metrics>,
     registry: Arc<registry::Registry>,
     readiness: Arc<Readiness>,
-    shutdown: Shutdown,
-) -> Result<(), std::io::Error> {
-    let app = axum::Router::new()
+) -> axum::Router {
+    axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -555,21 +646,33 @@ async fn serve_http(
         .route(
             "/metrics",
             axum::routing::get(|State(s): State<HttpState>| async move {
-                ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.metrics.encode()).into_response()
+                let metrics = s.metrics.clone();
+                render(&s.renders, move || {
+                    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], metrics.encode()).into_response()
+                })
+                .await
             }),
         )
         .route(
             "/hubs",
             axum::routing::get(|State(s): State<HttpState>| async move {
-                let now = crate::clock::UnixMs::now();
-                let mut hubs: Vec<registry::HubStatus> =
-                    s.registry.all().iter().map(|e| e.status(now)).collect();
-                hubs.sort_by(|a, b| (&a.namespace, &a.task_hub).cmp(&(&b.namespace, &b.task_hub)));
-                axum::Json(hubs)
+                let registry = s.registry.clone();
+                render(&s.renders, move || {
+                    let now = crate::clock::UnixMs::now();
+                    let mut hubs: Vec<registry::HubStatus> =
+                        registry.all().iter().map(|e| e.status(now)).collect();
+                    hubs.sort_by(|a, b| (&a.namespace, &a.task_hub).cmp(&(&b.namespace, &b.task_hub)));
+                    axum::Json(hubs).into_response()
+                })
+                .await
             }),
         )
-        .with_state(HttpState { metrics, registry, readiness });
-    tls::serve_plain_http(listener, app, shutdown).await
+        .with_state(HttpState {
+            metrics,
+            registry,
+            readiness,
+            renders: Arc::new(tokio::sync::Semaphore::new(RENDERS_AT_ONCE)),
+        })
 }
 
 /// Starts `aggregator` and serves until `shutdown`: exit status 2 when it cannot start (a

@@ -93,6 +93,21 @@ impl ProbeMetrics {
     }
 }
 
+/// How often a probe round in flight looks whether its hub's connection changed.
+const SETTINGS_LOOK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Completes once `entry`'s connection or partition mode is no longer `have`.
+async fn settings_changed(entry: &HubEntry, have: &(Connection, PartitionMode)) {
+    let mut ticker = tokio::time::interval(SETTINGS_LOOK_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let changed = entry.with_state(|s| !s.probes_with(&have.0, have.1));
+        if changed {
+            return;
+        }
+    }
+}
+
 impl Prober {
     /// Probes hubs of `registry` every `interval`.
     pub(crate) fn new(
@@ -142,10 +157,8 @@ impl Prober {
         // The reader is rebuilt only when the connection or partition mode changes.
         let mut reader: Option<((Connection, PartitionMode), TaskHubReader)> = None;
         while !entry.is_evicted() {
-            let (connection, mode, task_hub) = entry.with_state(|s| {
-                let settings = s.settings();
-                (settings.connection.clone(), settings.partition_mode, settings.task_hub.clone())
-            });
+            let plan = entry.with_state(|s| s.probe_plan());
+            let (connection, mode, task_hub) = (plan.connection, plan.partition_mode, plan.task_hub);
             if let Some(connection) = connection {
                 let wanted = (connection, mode);
                 if reader.as_ref().is_none_or(|(have, _)| *have != wanted) {
@@ -168,8 +181,14 @@ impl Prober {
                         }
                     };
                 }
-                if let Some((_, r)) = &reader {
-                    self.probe_once(&entry, r).await;
+                if let Some((have, r)) = &reader {
+                    // A connection corrected meanwhile is used at once: the round with the
+                    // old one (three attempts of 5 s against a host that does not answer)
+                    // is dropped, not waited for.
+                    tokio::select! {
+                        _ = self.probe_once(&entry, r) => {}
+                        _ = settings_changed(&entry, have) => continue,
+                    }
                 }
             }
             tokio::select! {
@@ -182,7 +201,7 @@ impl Prober {
     fn record(&self, entry: &HubEntry, outcome: ProbeOutcome, error: Option<String>) {
         self.registry.metrics.count_probe(&entry.key, outcome);
         // One line per new failure (and one when it clears), not one per interval.
-        let previous = entry.set_probe_error(error.clone());
+        let previous = entry.with_state(|s| s.record_probe(error.clone()));
         match (&error, previous) {
             (Some(e), previous) if previous.as_ref() != Some(e) => {
                 tracing::warn!(namespace = %entry.key.namespace, task_hub = %entry.key.task_hub, "cold probe failed: {e}");
@@ -201,6 +220,7 @@ impl Prober {
         if coverage.is_complete() {
             return;
         }
+        let missed = |missed: bool| entry.with_state(|s| s.record_probe_missed(missed));
         let now = UnixMs::now();
         let ownership = reader.ownership(now).await;
         let no_store = match &ownership.error {
@@ -216,13 +236,13 @@ impl Prober {
                 Some(e.clone())
             }
             Some(StorageError::NotProvisioned { .. }) => {
-                entry.set_probe_missed(false);
+                missed(false);
                 self.record(entry, ProbeOutcome::NotProvisioned, None);
                 self.registry.apply_probe(entry, None, UnixMs::now());
                 return;
             }
             Some(e) => {
-                entry.set_probe_missed(true);
+                missed(true);
                 return self.record(entry, ProbeOutcome::from(e), Some(e.to_string()));
             }
         };
@@ -240,7 +260,7 @@ impl Prober {
         let nothing_read = reading.control.is_empty() && reading.work_item.is_none();
         // A hub not provisioned after all is read: there is nothing to miss.
         let not_provisioned = matches!(failure, Some(StorageError::NotProvisioned { .. })) && nothing_read;
-        entry.set_probe_missed(failure.is_some() && !not_provisioned);
+        missed(failure.is_some() && !not_provisioned);
         if let Some(e) = no_store {
             self.record(entry, ProbeOutcome::from(&e), Some(e.to_string()));
             if !nothing_read {

@@ -1,6 +1,11 @@
 //! The task hubs the aggregator tracks, shared by the KEDA service, the report service, the
-//! cold probes and the sampling loop. Each hub's [`HubState`] sits behind a short-held mutex;
-//! its activity is also published on a watch channel so StreamIsActive can follow it.
+//! cold probes and the sampling loop. One lock per hub: its whole [`HubState`] sits behind
+//! one short-held mutex, and every change to it returns what changed (`hub::Outcome`), which
+//! is published from here without reading the state back: the activity on a watch channel
+//! (StreamIsActive follows it), the hub being answerable on another (the first KEDA call
+//! waits on it), and the gauges. Beside the lock only the registry's own bookkeeping lives:
+//! when a KEDA call or a report last named the hub, and whether it was dropped (atomics, so
+//! the registry can pick an idle hub to drop without locking every hub).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -14,12 +19,15 @@ use crate::contract::limits::{
     HUB_REPLACEABLE_AFTER_MS, MAX_PODS_PER_HUB, MAX_TRACKED_HUBS, MAX_TRACKED_PODS,
 };
 
-use super::hub::{HubKey, HubState, PodAdmission, PodsFull, RecommendationChange, ValidReport};
+pub(crate) use super::hub::HubStatus;
+use super::hub::{
+    Answer, HubKey, HubState, Outcome, PodAdmission, PodsFull, RecommendationChange, Unanswerable,
+    ValidReport,
+};
 use super::metrics::{HubLabels, Metrics, Tracked};
-use super::settings::{EffectiveLimits, HubSettings};
-use super::sources::ScaledObjectKey;
+use super::settings::HubSettings;
+use super::sources::{PodDeletionCosts, ScaledObjectKey};
 use crate::reading::HubReading;
-use crate::storage::Connection;
 
 /// A hub's activity as StreamIsActive follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,15 +39,6 @@ pub(crate) struct Activity {
     pub activations: u64,
 }
 
-/// Why the last probe of a hub did not read it, for UNAVAILABLE answers.
-#[derive(Debug, Clone, Default)]
-struct ProbeStatus {
-    task_started: bool,
-    last_error: Option<String>,
-    /// The latest round left queues it set out to read unread (storage failed).
-    missed: bool,
-}
-
 /// One tracked task hub.
 #[derive(Debug)]
 pub struct HubEntry {
@@ -48,9 +47,8 @@ pub struct HubEntry {
     labels: HubLabels,
     state: Mutex<HubState>,
     activity: watch::Sender<Activity>,
-    observed: watch::Sender<bool>,
-    scaled_object: Mutex<Option<ScaledObjectKey>>,
-    probe: Mutex<ProbeStatus>,
+    /// Every queue was read: KEDA may be answered.
+    answerable: watch::Sender<bool>,
     /// When a KEDA call or a report last named this hub (Unix ms; atomic, so a read-locked
     /// registry can touch it).
     touched_ms: AtomicI64,
@@ -64,113 +62,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What `/hubs` shows of one tracked hub: what was decided, from what, and why.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct HubStatus {
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Task hub name as configured.
-    pub task_hub: String,
-    /// The ScaledObject that asks about it, once KEDA has called.
-    pub scaled_object: Option<String>,
-    /// `scaleAlgorithm` in force.
-    pub algorithm: String,
-    /// IsActive's answer now.
-    pub active: bool,
-    /// The latest decision's worker count, once one was made.
-    pub desired_workers: Option<u32>,
-    /// The worker count that decision was taken from.
-    pub workers: u32,
-    /// What GetMetrics reports.
-    pub metric_value: f64,
-    /// The latest decision's reason.
-    pub reason: Option<String>,
-    /// Partitions live sidecars cover, and those the cold probe reads.
-    pub covered_partitions: Vec<u32>,
-    /// Partitions no live sidecar covers.
-    pub uncovered_partitions: Vec<u32>,
-    /// Sidecars reporting now.
-    pub live_pods: u32,
-    /// Why KEDA calls would be refused now, if they would.
-    pub probe_error: Option<String>,
-    /// The per-worker limits decisions divide by, and where each comes from.
-    pub limits: EffectiveLimits,
-    /// How the cold probe reaches storage, when the trigger says (no secrets).
-    pub storage: Option<StorageView>,
-    /// What the user should know: metadata left to a default, limits that are a guess.
-    pub notes: Vec<String>,
-}
-
-/// How the cold probe reaches a hub's storage account, for `/hubs`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct StorageView {
-    /// `connection string` or `workload identity`.
-    pub credential: &'static str,
-    /// The Blob, Queue and Table endpoints (workload identity; a connection string's are
-    /// not shown).
-    pub endpoints: Vec<String>,
-    /// The Entra ID authority tokens are asked from (workload identity).
-    pub authority_host: Option<String>,
-    /// The identity's client id, when the trigger names one.
-    pub client_id: Option<String>,
-}
-
-impl StorageView {
-    fn of(connection: &Connection) -> Self {
-        match connection {
-            Connection::String(_) => Self {
-                credential: "connection string",
-                endpoints: Vec::new(),
-                authority_host: None,
-                client_id: None,
-            },
-            Connection::Identity(identity) => Self {
-                credential: "workload identity",
-                endpoints: identity.endpoints().to_vec(),
-                authority_host: Some(identity.cloud.authority_host().to_owned()),
-                client_id: identity.client_id.clone(),
-            },
-        }
-    }
-}
-
 impl HubEntry {
-    /// This hub's status at `now`, for `/hubs`.
+    /// This hub's status at `now`, for `/hubs` (one lock).
     pub(crate) fn status(&self, now: UnixMs) -> HubStatus {
-        let scaled_object = self.scaled_object().map(|so| format!("{}/{}", so.namespace, so.name));
-        let probe_error = lock(&self.probe).last_error.clone();
-        let stale = self.stale_reason(now).map(|reason| {
-            format!("decisions are held (not re-evaluated) and KEDA is told UNAVAILABLE until the hub is read again: {reason}")
-        });
-        self.with_state(|s| {
-            let coverage = s.coverage(now);
-            HubStatus {
-                namespace: self.key.namespace.clone(),
-                task_hub: s.settings().task_hub.clone(),
-                scaled_object,
-                algorithm: s.settings().algorithm.to_string(),
-                active: s.is_active(now),
-                desired_workers: s.recommendation().map(|r| r.desired_workers),
-                workers: s.workers(),
-                metric_value: s.metric_value(),
-                reason: s.recommendation().map(|r| r.reason.clone()),
-                covered_partitions: coverage.covered,
-                uncovered_partitions: coverage.uncovered,
-                live_pods: s.live_pods(now),
-                probe_error,
-                limits: s.limits(),
-                storage: s.settings().connection.as_ref().map(StorageView::of),
-                notes: s
-                    .settings()
-                    .warnings
-                    .iter()
-                    .cloned()
-                    .chain(s.limits().note())
-                    .chain(s.notes(now))
-                    .chain(stale)
-                    .collect(),
-            }
-        })
+        self.with_state(|s| s.status(&self.key, now))
+    }
+
+    /// KEDA's answer at `now` (one lock).
+    pub(crate) fn answer(&self, now: UnixMs) -> Result<Answer, Unanswerable> {
+        self.with_state(|s| s.answer(&self.key, now))
     }
 
     /// True once the hub was dropped for being idle; its probe loop ends.
@@ -178,7 +78,7 @@ impl HubEntry {
         self.evicted.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on the hub's state.
+    /// Runs `f` on the hub's state, under its one lock.
     pub fn with_state<R>(&self, f: impl FnOnce(&mut HubState) -> R) -> R {
         f(&mut lock(&self.state))
     }
@@ -188,87 +88,16 @@ impl HubEntry {
         self.activity.subscribe()
     }
 
-    /// The ScaledObject that last asked about this hub.
-    pub(crate) fn scaled_object(&self) -> Option<ScaledObjectKey> {
-        lock(&self.scaled_object).clone()
+    /// Waits up to `limit` until every queue of the hub was read; true when it was.
+    pub(crate) async fn wait_answerable(&self, limit: Duration) -> bool {
+        let mut rx = self.answerable.subscribe();
+        matches!(tokio::time::timeout(limit, rx.wait_for(|read| *read)).await, Ok(Ok(_)))
     }
 
-    /// Records the ScaledObject that asks about this hub.
-    pub(crate) fn set_scaled_object(&self, key: ScaledObjectKey) {
-        let mut current = lock(&self.scaled_object);
-        if current.as_ref() != Some(&key) {
-            *current = Some(key);
-        }
-    }
-
-    /// Marks the probe loop as started; false when it already was.
-    pub(crate) fn claim_probe_task(&self) -> bool {
-        !std::mem::replace(&mut lock(&self.probe).task_started, true)
-    }
-
-    /// Records the latest probe's failure (`None`: it read); returns the one before.
-    pub(crate) fn set_probe_error(&self, error: Option<String>) -> Option<String> {
-        std::mem::replace(&mut lock(&self.probe).last_error, error)
-    }
-
-    /// Records whether the latest probe round left queues it meant to read unread.
-    pub(crate) fn set_probe_missed(&self, missed: bool) {
-        lock(&self.probe).missed = missed;
-    }
-
-    /// Why the picture of an observed hub cannot be answered from at `now`: some queue is
-    /// covered by no live sidecar (a sidecar that cannot read storage reports no queues) and
-    /// the cold probe failed to read it. The last readings would then be answered without
-    /// end, and they decay (work in progress seen before the outage looks like sleeping timers
-    /// once the grace period passes without a reading): KEDA is told UNAVAILABLE instead and
-    /// keeps the replicas as they are (`keda` module docs).
-    pub(crate) fn stale_reason(&self, now: UnixMs) -> Option<String> {
-        let probe = lock(&self.probe).clone();
-        if !probe.missed {
-            return None;
-        }
-        let coverage = self.with_state(|s| s.coverage(now));
-        if coverage.is_complete() {
-            return None;
-        }
-        Some(format!(
-            "task hub {}: partitions {:?}{} not read: no live sidecar reads them and the cold probe failed: {}",
-            self.key.task_hub,
-            coverage.uncovered,
-            if coverage.work_item_uncovered { " and the work-item queue" } else { "" },
-            probe.last_error.as_deref().unwrap_or("(no error recorded)")
-        ))
-    }
-
-    /// Why the hub is not observed yet, for UNAVAILABLE.
-    pub(crate) fn unavailable_reason(&self) -> String {
-        let probe = lock(&self.probe).last_error.clone();
-        let connection = self.with_state(|s| s.settings().connection.is_some());
-        match (probe, connection) {
-            (Some(e), _) => {
-                format!("no signals for task hub {} yet: the cold probe failed: {e}", self.key.task_hub)
-            }
-            (None, true) => format!(
-                "no signals for task hub {} yet: the first cold probe is still running",
-                self.key.task_hub
-            ),
-            (None, false) => format!(
-                "no signals for task hub {} yet: no sidecar has reported and the trigger has no connection to probe with",
-                self.key.task_hub
-            ),
-        }
-    }
-
-    /// Waits up to `limit` for the first report or probe; true when the hub is observed.
-    pub(crate) async fn wait_observed(&self, limit: Duration) -> bool {
-        let mut rx = self.observed.subscribe();
-        matches!(tokio::time::timeout(limit, rx.wait_for(|o| *o)).await, Ok(Ok(_)))
-    }
-
-    /// Publishes activity after the state changed, and with `gauges` the per-hub gauges too
-    /// (coverage looks at every pod of the hub: the sampling loop's job, not each report's).
-    fn publish(&self, state: &HubState, now: UnixMs, metrics: &Metrics, gauges: bool) {
-        let active = state.is_active(now);
+    /// Publishes what a change did: activity, answerability, and the gauges when it
+    /// refreshed them.
+    fn publish(&self, outcome: &Outcome, metrics: &Metrics) {
+        let active = outcome.active;
         self.activity.send_if_modified(|a| {
             if a.active == active {
                 return false;
@@ -280,29 +109,23 @@ impl HubEntry {
             true
         });
         // KEDA waits for the whole hub, not a first part of it.
-        if state.is_fully_read() {
-            self.observed.send_if_modified(|o| !std::mem::replace(o, true));
+        if outcome.fully_read {
+            self.answerable.send_if_modified(|o| !std::mem::replace(o, true));
         }
-        if !gauges {
-            metrics.active.get_or_create(&self.labels).set(i64::from(active));
-            return;
-        }
-        let coverage = state.coverage(now);
         metrics.active.get_or_create(&self.labels).set(i64::from(active));
-        metrics.covered_partitions.get_or_create(&self.labels).set(coverage.covered.len() as i64);
-        metrics.uncovered_partitions.get_or_create(&self.labels).set(coverage.uncovered.len() as i64);
-        let split = state.split(now);
+        let Some(g) = &outcome.gauges else { return };
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        metrics.held_messages.get_or_create(&self.labels).set(gauge(split.held));
-        metrics.timer_messages.get_or_create(&self.labels).set(gauge(split.timers));
-        metrics.invisible_work_items.get_or_create(&self.labels).set(gauge(split.invisible_work_items));
-        metrics
-            .connection_known
-            .get_or_create(&self.labels)
-            .set(i64::from(state.settings().connection.is_some()));
-        if let Some(r) = state.recommendation() {
-            metrics.desired_workers.get_or_create(&self.labels).set(i64::from(r.desired_workers));
-            metrics.workers.get_or_create(&self.labels).set(i64::from(state.workers()));
+        metrics.covered_partitions.get_or_create(&self.labels).set(g.covered as i64);
+        metrics.uncovered_partitions.get_or_create(&self.labels).set(g.uncovered as i64);
+        metrics.held_messages.get_or_create(&self.labels).set(gauge(g.held));
+        metrics.timer_messages.get_or_create(&self.labels).set(gauge(g.timers));
+        metrics.invisible_work_items.get_or_create(&self.labels).set(gauge(g.invisible_work_items));
+        metrics.set_visible_messages(&self.labels, &g.visible);
+        metrics.unavailable.get_or_create(&self.labels).set(i64::from(g.unavailable));
+        metrics.connection_known.get_or_create(&self.labels).set(i64::from(g.connection_known));
+        if let Some((desired, workers)) = g.decision {
+            metrics.desired_workers.get_or_create(&self.labels).set(i64::from(desired));
+            metrics.workers.get_or_create(&self.labels).set(i64::from(workers));
         }
     }
 }
@@ -332,6 +155,7 @@ pub struct Registry {
     pub metrics: Arc<Metrics>,
     work_grace_ms: u64,
     on_change: Option<ChangeHook>,
+    deletion_costs: Option<Arc<dyn PodDeletionCosts>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -349,12 +173,20 @@ impl Registry {
             metrics,
             work_grace_ms,
             on_change: None,
+            deletion_costs: None,
         }
     }
 
     /// Calls `hook` on every recommendation change of a hub a ScaledObject asks about.
     pub(crate) fn with_change_hook(mut self, hook: Option<ChangeHook>) -> Self {
         self.on_change = hook;
+        self
+    }
+
+    /// Keeps each live pod's deletion cost through `costs` (issue 20), from every sampling
+    /// round.
+    pub(crate) fn with_deletion_costs(mut self, costs: Option<Arc<dyn PodDeletionCosts>>) -> Self {
+        self.deletion_costs = costs;
         self
     }
 
@@ -368,20 +200,22 @@ impl Registry {
         self.hubs.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// The hub, tracked from now on if it was not; `settings` replace the hub's when given
-    /// (KEDA calls), else a new hub gets the defaults (reports). At [`MAX_TRACKED_HUBS`] a
-    /// new hub takes the place of the least recently named one if that one is idle (see
-    /// [`HUB_REPLACEABLE_AFTER_MS`]), else it is refused and counted.
+    /// The hub, tracked from now on if it was not; a new hub starts with `settings` when given
+    /// (a KEDA call, which then takes them with `HubState::keda_call`), else with the
+    /// defaults (a report). At [`MAX_TRACKED_HUBS`] a new hub takes the place of the least
+    /// recently named one if that one is idle (see [`HUB_REPLACEABLE_AFTER_MS`]), else it is
+    /// refused and counted. Takes no hub's lock.
     pub fn track(
         &self,
         key: &HubKey,
         task_hub: &str,
         settings: Option<&HubSettings>,
     ) -> Result<Arc<HubEntry>, HubsFull> {
-        if let Some(entry) = self.get(key) {
-            return Ok(self.with_settings(entry, settings));
-        }
         let now = UnixMs::now();
+        if let Some(entry) = self.get(key) {
+            entry.touched_ms.store(now.as_millis(), Ordering::Relaxed);
+            return Ok(entry);
+        }
         let mut hubs = self.hubs.write().unwrap_or_else(|p| p.into_inner());
         if !hubs.contains_key(key) && hubs.len() >= MAX_TRACKED_HUBS {
             // One pass over the hubs, paid only by a new hub at the limit.
@@ -413,17 +247,15 @@ impl Registry {
                     labels: HubLabels::from(key),
                     state: Mutex::new(HubState::new(settings, self.work_grace_ms)),
                     activity: watch::Sender::new(Activity::default()),
-                    observed: watch::Sender::new(false),
-                    scaled_object: Mutex::new(None),
-                    probe: Mutex::new(ProbeStatus::default()),
+                    answerable: watch::Sender::new(false),
                     touched_ms: AtomicI64::new(now.as_millis()),
                     evicted: AtomicBool::new(false),
                 })
             })
             .clone();
+        entry.touched_ms.store(now.as_millis(), Ordering::Relaxed);
         self.metrics.hubs_tracked.set(hubs.len() as i64);
-        drop(hubs);
-        Ok(self.with_settings(entry, settings))
+        Ok(entry)
     }
 
     /// Removes `key` from `hubs`: its probe stops, its series and its pods go.
@@ -444,18 +276,6 @@ impl Registry {
         }
     }
 
-    fn with_settings(&self, entry: Arc<HubEntry>, settings: Option<&HubSettings>) -> Arc<HubEntry> {
-        entry.touched_ms.store(UnixMs::now().as_millis(), Ordering::Relaxed);
-        if let Some(settings) = settings {
-            entry.with_state(|s| {
-                if s.settings() != settings {
-                    s.update_settings(settings.clone());
-                }
-            });
-        }
-        entry
-    }
-
     /// Drops the hubs no KEDA call and no report has named for `idle_ms` (a deleted
     /// ScaledObject, an app gone), so their probes stop costing storage transactions.
     pub(crate) fn evict_idle(&self, now: UnixMs, idle_ms: i64) -> Vec<HubKey> {
@@ -474,80 +294,62 @@ impl Registry {
         idle
     }
 
-    /// Merges a report into its hub and publishes the result. A new pod is refused when
-    /// its hub tracks [`MAX_PODS_PER_HUB`] live pods, or all hubs [`MAX_TRACKED_PODS`]
-    /// (then only a silent pod of the same hub can make room). Costs the same whatever the
-    /// number of pods of the hub: no step looks at every pod.
+    /// Merges a report into its hub (one lock) and publishes what changed. A new pod is
+    /// refused when its hub tracks [`MAX_PODS_PER_HUB`] live pods, or all hubs
+    /// [`MAX_TRACKED_PODS`] (then only a silent pod of the same hub can make room). Costs
+    /// the same whatever the number of pods of the hub: no step looks at every pod.
     pub fn apply_report(&self, entry: &HubEntry, report: &ValidReport, now: UnixMs) -> Result<(), PodsFull> {
         let may_add = self.pods.load(Ordering::Relaxed) < MAX_TRACKED_PODS;
-        let change = entry.with_state(|s| {
-            let first = !s.is_observed();
-            let admission = s.apply_report_bounded(report, now, MAX_PODS_PER_HUB, may_add)?;
-            let change = if first { s.evaluate(now, None) } else { None };
-            // The gauges look at every pod: refreshed by the sampling loop, and here only on a
-            // hub's first report and on a pod's last (once per pod, and its partitions are
-            // uncovered at once).
-            entry.publish(s, now, &self.metrics, first || report.leaving);
-            Ok((admission, change))
-        });
-        let change = match change {
-            Ok((PodAdmission::Added, change)) => {
-                let tracked = self.pods.fetch_add(1, Ordering::Relaxed) + 1;
-                self.metrics.pods_tracked.set(tracked as i64);
-                change
-            }
-            Ok((PodAdmission::Replaced, change)) => {
-                self.metrics.count_replaced(Tracked::Pod);
-                change
-            }
-            Ok((PodAdmission::Known, change)) => change,
+        let outcome = entry.with_state(|s| s.apply_report_bounded(report, now, MAX_PODS_PER_HUB, may_add));
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
             Err(full) => {
                 self.metrics.count_refused(Tracked::Pod);
                 return Err(full);
             }
         };
+        match outcome.admission {
+            PodAdmission::Added => {
+                let tracked = self.pods.fetch_add(1, Ordering::Relaxed) + 1;
+                self.metrics.pods_tracked.set(tracked as i64);
+            }
+            PodAdmission::Replaced => self.metrics.count_replaced(Tracked::Pod),
+            PodAdmission::Known | PodAdmission::OutOfOrder => {}
+        }
         self.metrics.reports_received.get_or_create(&entry.labels).inc();
-        self.changed(entry, change);
+        self.published(entry, outcome);
         Ok(())
     }
 
-    /// Merges a probe reading (`None`: the hub is not provisioned) and publishes the result.
+    /// Merges a probe reading (`None`: the hub is not provisioned) and publishes what changed.
     pub fn apply_probe(&self, entry: &HubEntry, reading: Option<&HubReading>, now: UnixMs) {
-        let change = entry.with_state(|s| {
-            let first = !s.is_observed();
-            match reading {
-                Some(reading) => s.apply_probe(reading, now),
-                None => s.apply_not_provisioned(),
-            }
-            let change = if first { s.evaluate(now, None) } else { None };
-            entry.publish(s, now, &self.metrics, true);
-            change
-        });
-        self.changed(entry, change);
+        let outcome = entry.with_state(|s| s.apply_probe(reading, now));
+        self.published(entry, outcome);
     }
 
-    /// One sampling interval for one hub: rings, decision, activity. A hub nobody can read
-    /// now ([`HubEntry::stale_reason`]) is not re-evaluated: its last readings would decay
-    /// (work in flight before the outage would read as sleeping timers once the grace period
-    /// passed without a reading), so its decision, activity and latency rings are held as
-    /// they were until a sidecar or the probe reads it again.
+    /// One sampling interval for one hub (one lock): rings, decision, activity, deletion
+    /// costs (`HubState::evaluate`; a hub nobody can read now is not re-decided).
     pub fn evaluate(&self, entry: &HubEntry, workers: Option<u32>, now: UnixMs) {
-        let stale = entry.stale_reason(now).is_some();
-        let (forgotten, change) = entry.with_state(|s| {
-            let forgotten = s.forget_silent_pods(now, 10 * 60 * 1000);
-            let change = if stale { None } else { s.evaluate(now, workers) };
-            entry.publish(s, now, &self.metrics, true);
-            (forgotten, change)
-        });
-        self.forget_pods(forgotten);
-        self.changed(entry, change);
+        let mut outcome = entry.with_state(|s| s.evaluate(&entry.key, now, workers));
+        self.forget_pods(outcome.forgotten_pods);
+        if let (Some(costs), Some(sink)) = (outcome.costs.take(), &self.deletion_costs) {
+            sink.update(costs);
+        }
+        self.published(entry, outcome);
+    }
+
+    /// Publishes `outcome`, logs a recommendation change once and hands it to the hook
+    /// (Kubernetes Event) when a ScaledObject asks about the hub.
+    fn published(&self, entry: &HubEntry, outcome: Outcome) {
+        entry.publish(&outcome, &self.metrics);
+        let Some(c) = &outcome.change else { return };
+        self.changed(entry, c, outcome.scaled_object.as_ref());
     }
 }
 
 impl Registry {
     /// One log line per change, and the hook (Kubernetes Event) when a ScaledObject asks.
-    fn changed(&self, entry: &HubEntry, change: Option<RecommendationChange>) {
-        let Some(c) = change else { return };
+    fn changed(&self, entry: &HubEntry, c: &RecommendationChange, scaled_object: Option<&ScaledObjectKey>) {
         tracing::info!(
             namespace = %entry.key.namespace,
             task_hub = %entry.key.task_hub,
@@ -557,14 +359,30 @@ impl Registry {
             reason = %c.reason,
             "recommendation changed"
         );
-        if let (Some(hook), Some(scaled_object)) = (&self.on_change, entry.scaled_object()) {
-            hook(&scaled_object, &c);
+        if let (Some(hook), Some(scaled_object)) = (&self.on_change, scaled_object) {
+            hook(scaled_object, c);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::hub::SidecarNotes;
+
+    /// The probe bookkeeping and the stale check, as the probe and KEDA see them.
+    impl HubEntry {
+        fn stale_reason(&self, now: UnixMs) -> Option<String> {
+            self.with_state(|s| s.stale_reason(&self.key, now))
+        }
+
+        fn set_probe_error(&self, error: Option<String>) {
+            self.with_state(|s| s.record_probe(error));
+        }
+
+        fn set_probe_missed(&self, missed: bool) {
+            self.with_state(|s| s.record_probe_missed(missed));
+        }
+    }
     use super::*;
     use crate::reading::QueueReading;
 
@@ -598,6 +416,7 @@ mod tests {
             sampled_at_unix_ms: now.as_millis(),
             limits: None,
             queue_settings: None,
+            sidecar: SidecarNotes::default(),
         };
         registry.apply_report(&entry, &report, now).unwrap();
         registry.metrics.count_probe(&key, super::super::metrics::ProbeOutcome::Ok);
@@ -668,6 +487,7 @@ mod tests {
             sampled_at_unix_ms: now.as_millis(),
             limits: None,
             queue_settings: None,
+            sidecar: SidecarNotes::default(),
         };
         registry.apply_report(&entry, &report, now).unwrap();
         assert_eq!(entry.stale_reason(now), None);
@@ -679,6 +499,63 @@ mod tests {
         assert!(entry.stale_reason(now).is_some());
         entry.set_probe_missed(false);
         assert_eq!(entry.stale_reason(now), None, "the probe read it again");
+    }
+
+    /// The value of the series `name{labels}` in `text`, when present.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn the_unavailable_gauge_is_what_keda_is_told_unread_then_read_then_unreadable() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "DarkHub"), "DarkHub", None).unwrap();
+        let series = "durable_scaler_aggregator_unavailable{namespace=\"apps\",task_hub=\"darkhub\"}";
+        let now = UnixMs::now();
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nothing read yet");
+        let signals = QueueReading { sampled_at: now, ..QueueReading::default() };
+        let reading =
+            HubReading { partition_count: 1, control: vec![(0, signals)], work_item: Some(signals) };
+        registry.apply_probe(&entry, Some(&reading), now);
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(0.0), "read whole");
+        entry.set_probe_error(Some("connection refused".into()));
+        entry.set_probe_missed(true);
+        registry.evaluate(&entry, None, now);
+        assert_eq!(sample(&registry.metrics.encode(), series), Some(1.0), "nobody can read it");
+    }
+
+    #[test]
+    fn visible_message_gauges_sum_the_latest_readings_by_queue() {
+        let registry = Registry::new(Arc::new(Metrics::new()), 60_000);
+        let entry = registry.track(&HubKey::new("apps", "BusyHub"), "BusyHub", None).unwrap();
+        let now = UnixMs::now();
+        let signals = |approximate_count, visible_count| QueueReading {
+            approximate_count,
+            visible_count,
+            sampled_at: now,
+            ..QueueReading::default()
+        };
+        let reading = HubReading {
+            partition_count: 2,
+            control: vec![(0, signals(5, 2)), (1, signals(40, 32))],
+            work_item: Some(signals(9, 7)),
+        };
+        registry.apply_probe(&entry, Some(&reading), now);
+        let text = registry.metrics.encode();
+        let value = |queue: &str| {
+            sample(
+                &text,
+                &format!(
+                    "durable_scaler_aggregator_visible_messages{{namespace=\"apps\",task_hub=\"busyhub\",queue=\"{queue}\"}}"
+                ),
+            )
+        };
+        assert_eq!(value("work_item"), Some(7.0), "{text}");
+        assert_eq!(value("control"), Some(34.0));
+        registry.evict_idle(now.plus_ms(60_001), 60_000);
+        assert!(!registry.metrics.encode().contains("busyhub"), "dropped with the hub");
     }
 
     #[test]

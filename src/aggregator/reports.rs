@@ -14,7 +14,7 @@ use crate::contract::{
 use crate::proto::report::{self, report_service_server::ReportService};
 use crate::reading::{HubReading, QueueReading};
 
-use super::hub::{HubKey, ValidReport};
+use super::hub::{HubKey, SidecarNotes, ValidReport};
 use super::metrics::RejectionReason as Reason;
 use super::registry::Registry;
 use super::settings::{ReportedLimits, ReportedQueueSettings, WorkerLimits};
@@ -167,6 +167,13 @@ pub(crate) fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, 
             sampled_at_unix_ms: report.sampled_at_unix_ms,
             limits,
             queue_settings,
+            // The report's free text, used now: `/hubs` shows each sidecar's version, where it
+            // read ownership, and its storage error, quoted short.
+            sidecar: SidecarNotes {
+                version: report.sidecar_version.clone(),
+                partition_mode: report.partition_mode.clone(),
+                error: report.error.as_ref().map(|e| crate::contract::quote(&e.message)),
+            },
         },
     ))
 }

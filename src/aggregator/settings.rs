@@ -10,7 +10,9 @@ use crate::contract::limits::{CONNECTION_MAX_LEN, METADATA_MAX_ENTRIES, METADATA
 use crate::contract::{DEFAULT_TASK_HUB, TaskHub, WORK_ITEMS_PER_CPU, quote};
 use crate::heuristic::Algorithm;
 use crate::heuristic::durable::DurableSettings;
-use crate::storage::{AzureCloud, Connection, IdentityAccount, PartitionMode};
+use crate::storage::{
+    AzureCloud, Connection, ConnectionString, IdentityAccount, PartitionMode, StorageError,
+};
 
 /// What one ScaledObject's trigger metadata says about its task hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +182,41 @@ pub struct MetadataError {
     pub got: String,
 }
 
+/// Which storage endpoints a trigger's connection string may name. Whoever reaches the KEDA
+/// port chooses the connection, and the cold probe sends requests signed with its key to
+/// the endpoints it names: over plain http those go to a host of the caller's choice in
+/// clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointRule {
+    /// https only, but for `UseDevelopmentStorage=true` on its default loopback address
+    /// (the aggregator's own emulator): the default.
+    #[default]
+    HttpsOnly,
+    /// http too (the aggregator's `--allow-http-storage`: a development emulator elsewhere).
+    AllowHttp,
+}
+
+/// Every key [`HubSettings::from_metadata`] reads; two of them differing only in case are
+/// refused rather than one picked at random.
+const KNOWN_KEYS: [&str; 16] = [
+    "taskHubName",
+    "connection",
+    "connectionFromEnv",
+    "maxActivitiesPerWorker",
+    "maxOrchestrationsPerWorker",
+    "useTablePartitionManagement",
+    "scaleAlgorithm",
+    "maxPollingIntervalMs",
+    "workerStartupMs",
+    "randomScaleIn",
+    "accountName",
+    "useManagedIdentity",
+    "clientId",
+    "cloud",
+    "endpointSuffix",
+    "entraEndpoint",
+];
+
 /// The keys of an account reached by name (wsugarman's "service URI only" properties).
 const ACCOUNT_NAME_ONLY: [&str; 4] = ["clientId", "cloud", "endpointSuffix", "entraEndpoint"];
 
@@ -241,9 +278,19 @@ impl HubSettings {
     }
 
     /// Parses the metadata map (keys in any case, as wsugarman's configuration binding
-    /// reads them). No I/O: it is called on every KEDA call.
+    /// reads them), with the default [`EndpointRule`]. No I/O: it is called on every KEDA
+    /// call.
     pub fn from_metadata(metadata: &HashMap<String, String>) -> Result<Self, MetadataError> {
+        Self::from_metadata_with(metadata, EndpointRule::default())
+    }
+
+    /// [`Self::from_metadata`] with the storage endpoints `rule` allows.
+    pub fn from_metadata_with(
+        metadata: &HashMap<String, String>,
+        rule: EndpointRule,
+    ) -> Result<Self, MetadataError> {
         check_sizes(metadata)?;
+        check_case_conflicts(metadata)?;
         let get = |key: &str| {
             metadata
                 .iter()
@@ -271,7 +318,7 @@ impl HubSettings {
                 });
             }
         };
-        let connection = connection(&get)?;
+        let connection = connection(&get, rule)?;
         let positive = |key: &'static str| -> Result<Option<u32>, MetadataError> {
             get(key)
                 .map(|v| {
@@ -362,7 +409,10 @@ fn boolean<'a>(
 /// account-name keys, or `accountName` with `useManagedIdentity: true` and no connection;
 /// `cloud` one of wsugarman's names, `endpointSuffix` and `entraEndpoint` both given for a
 /// `Private` cloud and neither for another.
-fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Connection>, MetadataError> {
+fn connection<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+    rule: EndpointRule,
+) -> Result<Option<Connection>, MetadataError> {
     let managed_identity = boolean(get, "useManagedIdentity")?;
     let strings = (get("connection"), get("connectionFromEnv"));
     let Some(account_name) = get("accountName") else {
@@ -386,7 +436,8 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
                 expected: "either connection or connectionFromEnv, not both",
                 got: "<both set>".into(),
             }),
-            (Some(text), None) | (None, Some(text)) => Ok(Some(Connection::String(text.to_string()))),
+            (Some(text), None) => connection_string("connection", text, rule).map(Some),
+            (None, Some(text)) => connection_string("connectionFromEnv", text, rule).map(Some),
             (None, None) => Ok(None),
         };
     };
@@ -459,6 +510,48 @@ fn connection<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<Option<Conne
     })))
 }
 
+/// The connection string `text` of metadata key `key`, parsed now (so a bad one is refused
+/// at once, naming the key, rather than failing the probe on every round) and held to
+/// `rule`. Errors name the connection string's offending key, never a value of it.
+fn connection_string(key: &'static str, text: &str, rule: EndpointRule) -> Result<Connection, MetadataError> {
+    let parsed = ConnectionString::parse(text).map_err(|e| MetadataError {
+        key,
+        expected: "a storage connection string",
+        got: match e {
+            StorageError::Unexpected { message, .. } => format!("one where {message}"),
+            other => other.to_string(),
+        },
+    })?;
+    if let (EndpointRule::HttpsOnly, Some(http_key)) = (rule, parsed.plain_http_key()) {
+        return Err(MetadataError {
+            key,
+            expected: "https storage endpoints (plain http only for UseDevelopmentStorage=true, or when the \
+                       aggregator runs with --allow-http-storage)",
+            got: format!("http in {http_key}"),
+        });
+    }
+    Ok(Connection::String(text.to_string()))
+}
+
+/// Refuses two keys [`HubSettings::from_metadata`] reads that differ only in case
+/// (`taskHubName` and `TaskHubName`): which one a lookup found would depend on the map's
+/// order, and so change from call to call.
+fn check_case_conflicts(metadata: &HashMap<String, String>) -> Result<(), MetadataError> {
+    for known in KNOWN_KEYS {
+        let mut spellings: Vec<&str> =
+            metadata.keys().filter(|k| k.eq_ignore_ascii_case(known)).map(String::as_str).collect();
+        if spellings.len() > 1 {
+            spellings.sort_unstable();
+            return Err(MetadataError {
+                key: known,
+                expected: "one entry whatever its case (keys are read in any case)",
+                got: spellings.iter().map(|k| quote(k)).collect::<Vec<_>>().join(" and "),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A host-name suffix: dot-separated labels of letters, digits and hyphens.
 fn valid_suffix(suffix: &str) -> bool {
     suffix
@@ -494,12 +587,80 @@ mod tests {
         assert!(parse(&[("taskHubName", "MyHub"), ("randomScaleIn", "true")]).unwrap().random_scale_in);
     }
 
+    const KEYED: &str = "DefaultEndpointsProtocol=https;AccountName=orders;AccountKey=a2V5";
+
     #[test]
     fn connection_or_the_resolved_connection_from_env_is_the_connection_string() {
-        let s = parse(&[("taskHubName", "MyHub"), ("connectionFromEnv", "A")]).unwrap();
-        assert_eq!(s.connection, Some(Connection::String("A".into())));
-        let s = parse(&[("taskHubName", "MyHub"), ("connection", "B")]).unwrap();
-        assert_eq!(s.connection, Some(Connection::String("B".into())));
+        let s = parse(&[("taskHubName", "MyHub"), ("connectionFromEnv", KEYED)]).unwrap();
+        assert_eq!(s.connection, Some(Connection::String(KEYED.into())));
+        let s = parse(&[("taskHubName", "MyHub"), ("connection", "UseDevelopmentStorage=true")]).unwrap();
+        assert_eq!(s.connection, Some(Connection::String("UseDevelopmentStorage=true".into())));
+    }
+
+    #[test]
+    fn a_bad_connection_string_is_refused_naming_its_key_and_never_echoed() {
+        for (key, value, problem) in [
+            ("connectionFromEnv", "AccountName=orders;justasecretvalue", "segment 2"),
+            ("connection", "AccountName=orders;AccountKey=not*base64*secret", "AccountKey"),
+            ("connectionFromEnv", "AccountKey=c2VjcmV0c2VjcmV0", "AccountName"),
+            ("connection", "AccountName=orders;AccountKey=a2V5;QueueEndpoint=not a url", "QueueEndpoint"),
+        ] {
+            let err = parse(&[("taskHubName", "MyHub"), (key, value)]).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+            let text = err.to_string();
+            assert!(text.contains(problem), "{text}");
+            assert!(!text.contains("secret") && !text.contains("c2VjcmV0"), "{text}");
+        }
+    }
+
+    #[test]
+    fn plain_http_endpoints_are_refused_naming_the_key_unless_allowed() {
+        for (connection, http_key) in [
+            ("DefaultEndpointsProtocol=http;AccountName=orders;AccountKey=a2V5", "DefaultEndpointsProtocol"),
+            ("AccountName=orders;AccountKey=a2V5;QueueEndpoint=http://10.0.0.5:8080/orders", "QueueEndpoint"),
+            (
+                "BlobEndpoint=https://x.blob.core.windows.net;QueueEndpoint=https://x.queue.core.windows.net;\
+                 TableEndpoint=HTTP://internal.example:80;SharedAccessSignature=sv=1&sig=abc",
+                "TableEndpoint",
+            ),
+            (
+                "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://10.0.0.5",
+                "DevelopmentStorageProxyUri",
+            ),
+        ] {
+            let metadata = [("taskHubName", "MyHub"), ("connectionFromEnv", connection)];
+            let err = parse(&metadata).unwrap_err();
+            assert_eq!(err.key, "connectionFromEnv");
+            assert!(err.to_string().contains(http_key) && err.to_string().contains("https"), "{err}");
+            let map: HashMap<String, String> =
+                metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let allowed = HubSettings::from_metadata_with(&map, EndpointRule::AllowHttp).unwrap();
+            assert_eq!(allowed.connection, Some(Connection::String(connection.into())));
+        }
+    }
+
+    #[test]
+    fn development_storage_on_its_loopback_default_and_https_endpoints_need_no_opt_in() {
+        for connection in [
+            "UseDevelopmentStorage=true",
+            KEYED,
+            "AccountName=orders;AccountKey=a2V5;QueueEndpoint=https://queue.example/orders",
+        ] {
+            assert!(parse(&[("taskHubName", "MyHub"), ("connection", connection)]).is_ok(), "{connection}");
+        }
+    }
+
+    #[test]
+    fn keys_differing_only_in_case_are_refused_as_a_conflict() {
+        let err = parse(&[("taskHubName", "HubOne"), ("TaskHubName", "HubTwo")]).unwrap_err();
+        assert_eq!(err.key, "taskHubName");
+        assert!(err.to_string().contains("\"TaskHubName\" and \"taskHubName\""), "{err}");
+        let err =
+            parse(&[("taskHubName", "MyHub"), ("connection", KEYED), ("CONNECTION", KEYED)]).unwrap_err();
+        assert_eq!(err.key, "connection");
+        assert!(!err.to_string().contains("a2V5"), "values are not quoted: {err}");
+        // Keys the trigger does not use are not ours to judge.
+        assert!(parse(&[("taskHubName", "MyHub"), ("foo", "1"), ("FOO", "2")]).is_ok());
     }
 
     #[test]
@@ -695,7 +856,9 @@ mod tests {
         let err = parse(&[("taskHubName", "MyHub"), ("connection", &"k".repeat(4097))]).unwrap_err();
         assert_eq!(err.key, "connection");
         assert!(!err.to_string().contains("kkk"), "a connection string is never quoted: {err}");
-        let connection = "k".repeat(4096);
+        let padding = "k".repeat(4096 - "UseDevelopmentStorage=true;Pad=".len());
+        let connection = format!("UseDevelopmentStorage=true;Pad={padding}");
+        assert_eq!(connection.len(), 4096);
         assert!(parse(&[("taskHubName", "MyHub"), ("connection", &connection)]).is_ok());
         let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
         let err = HubSettings::from_metadata(&many).unwrap_err();

@@ -11,6 +11,7 @@
 
 pub(crate) mod keda;
 pub(crate) mod processes;
+pub(crate) mod scrape;
 pub(crate) mod timeline;
 pub(crate) mod worker;
 
@@ -139,6 +140,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
         // (5 minutes by default, DTFx's visibility timeout); shortened like every other timing.
         "--work-grace",
         WORK_GRACE,
+        // Azurite serves plain http (the default install probes https endpoints only).
+        "--allow-http-storage",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -147,6 +150,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
         ChildProcess::spawn("aggregator", &aggregator_args, &[], &log_path(&logs, "aggregator")?)?;
     wait_for_port(grpc, &mut aggregator, &logs, Duration::from_secs(30)).await?;
     println!("aggregator up: KEDA gRPC 127.0.0.1:{grpc}, reports 127.0.0.1:{report}, http 127.0.0.1:{http}");
+    let scrape_targets = scrape::ScrapeTargets::new(&args.out_dir, http, NAMESPACE, hub.name())?;
 
     let mut metadata = HashMap::from([
         ("scalerAddress".to_string(), format!("127.0.0.1:{grpc}")),
@@ -195,6 +199,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
     let book = Arc::new(OrchestrationBook::default());
     let pods = PodFleet {
         pods: Vec::new(),
+        metrics_ports: Vec::new(),
+        scrape_targets,
         next_id: 1,
         emulator: emulator.clone(),
         reader: reader.clone(),
@@ -242,6 +248,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Summary> {
 /// The worker pods and how to start one.
 struct PodFleet {
     pods: Vec<WorkerPod>,
+    /// Each pod's sidecar's name and metrics port, in the order of `pods`.
+    metrics_ports: Vec<(String, u16)>,
+    /// Where a Prometheus finds the sidecars (rewritten on every change).
+    scrape_targets: scrape::ScrapeTargets,
     next_id: u32,
     emulator: crate::emulator::TaskHubEmulator,
     reader: TaskHubReader,
@@ -259,11 +269,12 @@ impl PodFleet {
         while self.pods.len() < replicas as usize {
             let name = format!("demo-worker-{}", self.next_id);
             self.next_id += 1;
+            let metrics_port = free_port()?;
             let sidecar_args: Vec<String> = ["sidecar", "--interval", SIDECAR_INTERVAL, "--http-addr"]
                 .iter()
                 .map(|s| s.to_string())
                 .chain([
-                    format!("127.0.0.1:{}", free_port()?),
+                    format!("127.0.0.1:{metrics_port}"),
                     "--token-file".into(),
                     "/nonexistent/token".into(),
                 ])
@@ -281,6 +292,7 @@ impl PodFleet {
                 &env,
                 &log_path(&self.logs, &name)?,
             )?;
+            self.metrics_ports.push((name.clone(), metrics_port));
             self.pods.push(WorkerPod::start(
                 name,
                 self.emulator.clone(),
@@ -296,6 +308,8 @@ impl PodFleet {
                 stopping.push(pod.stop());
             }
         }
+        self.metrics_ports.truncate(self.pods.len());
+        self.scrape_targets.sidecars(&self.metrics_ports)?;
         futures::future::join_all(stopping).await;
         Ok(())
     }

@@ -665,6 +665,12 @@ pub struct Split {
     pub invisible_work_items: u64,
 }
 
+/// The control messages taken for held work at `now`, per partition (a pod's share of the
+/// hub's held work is that of the partitions it owns).
+pub(crate) fn held_by_partition(hub: &HubHistory, now: UnixMs) -> Vec<u64> {
+    hub.control.iter().map(|h| h.at(now).map_or(0, |s| s.held)).collect()
+}
+
 /// How the `durable` rules split the hub's invisible messages at `now`.
 pub(crate) fn split(settings: &DurableSettings, hub: &HubHistory, workers: u32, now: UnixMs) -> Split {
     let need = need_at(hub, settings, now, workers == 0);

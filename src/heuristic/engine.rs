@@ -62,6 +62,16 @@ use crate::reading::QueueReading;
 /// stuck.
 pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = durable::DEFAULT_VISIBILITY_TIMEOUT_MS;
 
+/// A hub's visible messages at the latest readings (the `visible_messages` gauges of
+/// `/metrics`; what is invisible, the durable rules split into held work and timers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct QueueMessages {
+    /// Visible messages of the work-item queue (a peek sees at most 32).
+    pub work_item_visible: u64,
+    /// Visible messages over the control queues (at most 32 per queue seen).
+    pub control_visible: u64,
+}
+
 /// Everything the engine needs to know about a hub's trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct EngineSettings {
@@ -297,9 +307,15 @@ impl HubEngine {
         }
     }
 
-    /// The control queue count the engine keeps state for.
-    pub(crate) fn partitions(&self) -> usize {
-        self.control.len()
+    /// The visible messages of the latest reading of each queue (none read yet: 0), summed
+    /// over the control queues.
+    pub(crate) fn queue_messages(&self) -> QueueMessages {
+        let latest = |view: &QueueView| view.latest.unwrap_or_default();
+        let control = || self.control.iter().map(latest);
+        QueueMessages {
+            work_item_visible: latest(&self.work_item).visible(),
+            control_visible: control().map(|r| r.visible()).sum(),
+        }
     }
 
     /// Takes new settings; a new maximum polling interval or random scale-in setting restarts
@@ -363,6 +379,11 @@ impl HubEngine {
     pub(crate) fn split(&self, now: UnixMs) -> durable::Split {
         let workers = self.decision.as_ref().map_or(0, |d| d.workers);
         durable::split(&self.settings.durable_settings(), &self.history, workers, now)
+    }
+
+    /// The control messages taken for held work at `now`, per partition.
+    pub(crate) fn held_by_partition(&self, now: UnixMs) -> Vec<u64> {
+        durable::held_by_partition(&self.history, now)
     }
 
     /// One sampling interval at `now` with `workers` running: adds one sample of every queue's

@@ -51,6 +51,13 @@ use crate::{
 const LEAVING_TIMEOUT: Duration = Duration::from_millis(1200);
 /// How long the tasks may take to stop after the signal (the HTTP server's connections).
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(300);
+/// HTTP/2 streams open at once on one connection of the HTTP port (probes, Prometheus).
+const HTTP_MAX_CONCURRENT_STREAMS: u32 = 16;
+/// Connections open at once on the HTTP port.
+const HTTP_MAX_CONNECTIONS: usize = 64;
+/// Bytes of `/metrics` and `/healthz` answers not yet read by their clients (`/metrics` is
+/// a few KiB).
+const HTTP_ANSWER_BUDGET_BYTES: usize = 1024 * 1024;
 
 /// Why the sidecar could not run.
 #[derive(Debug, thiserror::Error)]
@@ -159,12 +166,17 @@ impl Sidecar {
         }
         let mut supervisor = Supervisor::new(stop.clone());
         let router = metrics::router(metrics.clone());
+        let http = crate::listener::Listener {
+            name: "sidecar HTTP",
+            protocol: crate::listener::Protocol::Http,
+            max_concurrent_streams: HTTP_MAX_CONCURRENT_STREAMS,
+            max_connections: crate::listener::connection_limit(HTTP_MAX_CONNECTIONS, 1),
+            answer_budget_bytes: HTTP_ANSWER_BUDGET_BYTES,
+            tls: None,
+        };
         let http_stop = stop.clone();
         supervisor.spawn("sidecar HTTP server", async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { http_stop.wait().await })
-                .await
-                .map_err(|e| e.to_string())
+            crate::listener::serve(listener, http, router, http_stop).await.map_err(|e| e.to_string())
         });
         let (latest, receiver) = watch::channel(None);
         let settings = report::DeliverySettings {

@@ -111,8 +111,9 @@ pub struct Args {
     /// back-off jitter and the latency vote's random scale-in; one seed, one result.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_SEED", default_value_t = 1)]
     pub seed: u64,
-    /// Override every scenario's simulated duration (seconds).
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_DURATION_S")]
+    /// Override every scenario's simulated duration (seconds, at most a week).
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_DURATION_S",
+          value_parser = clap::value_parser!(u64).range(1..=scenario::MAX_DURATION_MS / 1_000))]
     pub duration_s: Option<u64>,
     /// Simulation tick (ms): smaller is finer and slower.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_TICK_MS", default_value_t = 100,
@@ -128,13 +129,13 @@ pub struct Args {
     pub startup_s: Seconds,
     /// maxConcurrentActivityFunctions per pod, also the scalers' maxActivitiesPerWorker.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ACTIVITIES", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PER_POD)))]
     pub max_activities: u32,
     /// maxConcurrentOrchestratorFunctions per pod, also maxOrchestrationsPerWorker. The
     /// defaults, 10 and 10, are a 1-CPU pod's: the extension's 10 x ProcessorCount outside
     /// the Consumption plan (docs/simulator.md).
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_ORCHESTRATIONS", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PER_POD)))]
     pub max_orchestrations: u32,
     /// Seconds a partition lease that changes hands is unusable.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_LEASE_TAKEOVER_S", default_value = "10")]
@@ -164,7 +165,7 @@ pub struct Args {
     pub work_item_visibility_timeout_s: Seconds,
     /// Milliseconds one orchestration episode (replay and scheduling) takes.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_MS", default_value_t = 100,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_EPISODE_MS))]
     pub episode_ms: u64,
     /// terminationGracePeriodSeconds: how long a terminating pod may run on.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_GRACE_S", default_value = "30")]
@@ -190,7 +191,7 @@ pub struct Args {
     pub min_replicas: u32,
     /// maxReplicaCount.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_MAX_REPLICAS", default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REPLICAS)))]
     pub max_replicas: u32,
     /// HPA sync period (seconds).
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_HPA_SYNC_S", default_value = "15",
@@ -227,7 +228,8 @@ pub struct Args {
     /// Our algorithm: the longest an orchestration episode is assumed to take (ms); with the
     /// start-up delay it says how many rounds of episodes a worker runs before a new pod
     /// could help. 0 counts one round (earliest pods); 1000 is cheaper for small fan-outs.
-    #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_ESTIMATE_MS", default_value_t = 0)]
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_ESTIMATE_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_EPISODE_MS))]
     pub episode_estimate_ms: u64,
     /// Our algorithm: the lookahead counts only control messages that arrived within this
     /// many seconds (not timers that fired); 0 counts every waiting message.
@@ -251,8 +253,23 @@ pub struct Args {
     pub no_svg: bool,
 }
 
+/// The longest any timing knob may be (a start-up delay, a cooldown, an interval), seconds:
+/// a day.
+const MAX_KNOB_S: f64 = 86_400.0;
+/// Simulated ticks one run may take (duration / tick): a week and a half-day more at the
+/// default 100 ms tick (a trace runs 30 minutes past its last arrival).
+const MAX_TICKS: u64 = 7_000_000;
+/// The most pods a run may scale to (`--max-replicas`): every pod is simulated.
+const MAX_REPLICAS: u32 = 1_000;
+/// The most work items one pod may run at once (`--max-activities`,
+/// `--max-orchestrations`): 10 x CPUs of a very large node.
+const MAX_PER_POD: u32 = 10_000;
+/// The longest orchestration episode or episode estimate, ms: an hour.
+const MAX_EPISODE_MS: u64 = 3_600_000;
+
 /// A duration given in seconds on the command line (fractions allowed), kept in ms: finite,
-/// not negative, below 10^9 s.
+/// not negative, at most a day ([`MAX_KNOB_S`]): a run simulates every tick, so a knob of
+/// years would run for ever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seconds(u64);
 
@@ -268,10 +285,10 @@ impl std::str::FromStr for Seconds {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let value: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-        if (0.0..1e9).contains(&value) {
+        if (0.0..=MAX_KNOB_S).contains(&value) {
             Ok(Self((value * 1_000.0).round() as u64))
         } else {
-            Err(format!("{value} is not a number of seconds >= 0 and below 10^9"))
+            Err(format!("{value} is not a number of seconds from 0 to {MAX_KNOB_S}"))
         }
     }
 }
@@ -395,7 +412,7 @@ impl Args {
         Ok(Settings { app, drain: self.drain, keda, scalers, tick_ms: self.tick_ms })
     }
 
-    /// The scenarios to run, validated.
+    /// The scenarios to run, validated: at most [`MAX_TICKS`] ticks of `--tick-ms` each.
     pub fn scenarios(&self) -> Result<Vec<Scenario>, Error> {
         let duration_ms = self.duration_s.map(|s| s.saturating_mul(1_000));
         let mut names = self.scenarios.clone();
@@ -416,6 +433,19 @@ impl Args {
         }
         if let Some(path) = &self.trace {
             out.push(scenario::load_trace(path, duration_ms)?);
+        }
+        let tick_ms = self.tick_ms.max(1);
+        if let Some(long) = out.iter().find(|s| s.duration_ms / tick_ms > MAX_TICKS) {
+            return Err(Error::Invalid {
+                flag: "--tick-ms",
+                env: "DURABLE_SCALER_SIMULATE_TICK_MS",
+                reason: format!(
+                    "scenario {} would take {} ticks of {tick_ms} ms, more than {MAX_TICKS}: use a longer tick or \
+                     a shorter --duration-s",
+                    long.name,
+                    long.duration_ms / tick_ms
+                ),
+            });
         }
         Ok(out)
     }

@@ -24,6 +24,21 @@ pub const BUILTIN: [&str; 9] = [
     "scale-in",
 ];
 
+/// The longest a scenario may run, simulated: a week (the built-in ones run two days at most).
+pub const MAX_DURATION_MS: u64 = 7 * 24 * HOUR;
+/// The longest activity, timer or delay a trace may ask for: a day.
+pub const MAX_STEP_MS: u64 = 24 * HOUR;
+/// Rows a trace may have.
+pub const MAX_TRACE_ROWS: usize = 100_000;
+/// The largest trace file read.
+pub const MAX_TRACE_BYTES: u64 = 16 * 1024 * 1024;
+/// Orchestrations a trace may start in all: each is state the model keeps.
+pub const MAX_ORCHESTRATIONS: u64 = 1_000_000;
+/// Activities one orchestration of a trace may fan out to.
+pub const MAX_FAN_OUT: u32 = 10_000;
+/// Activities a trace may run in all.
+pub const MAX_ACTIVITIES: u64 = 10_000_000;
+
 const SECOND: u64 = 1_000;
 const MINUTE: u64 = 60 * SECOND;
 const HOUR: u64 = 60 * MINUTE;
@@ -210,23 +225,48 @@ fn one_f() -> f64 {
     1.0
 }
 
-fn ms(seconds: f64, what: &str, line: usize) -> Result<u64, String> {
-    if seconds.is_finite() && seconds >= 0.0 {
+fn ms(seconds: f64, what: &str, line: usize, max_ms: u64) -> Result<u64, String> {
+    if seconds.is_finite() && seconds >= 0.0 && seconds * 1_000.0 <= max_ms as f64 {
         Ok((seconds * 1_000.0).round() as u64)
     } else {
-        Err(format!("row {line}: {what} must be a non-negative number of seconds, got {seconds}"))
+        Err(format!(
+            "row {line}: {what} must be a number of seconds from 0 to {}, got {seconds}",
+            max_ms / 1_000
+        ))
     }
 }
 
 /// Builds a scenario from trace rows; it runs until 30 minutes after the last arrival (so
 /// cooldowns show), or `duration_ms` when given.
 pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Result<Scenario, String> {
+    if rows.len() > MAX_TRACE_ROWS {
+        return Err(format!("{} rows, more than the {MAX_TRACE_ROWS} a trace may have", rows.len()));
+    }
     let mut scripts: Vec<Script> = Vec::new();
     let mut arrivals = Vec::new();
+    let (mut orchestrations, mut activities) = (0u64, 0u64);
     for (i, row) in rows.iter().enumerate() {
         let line = i + 1;
-        let activity_ms = ms(row.activity_s, "activity_s", line)?;
-        let timer_ms = ms(row.timer_s, "timer_s", line)?;
+        let activity_ms = ms(row.activity_s, "activity_s", line, MAX_STEP_MS)?;
+        let timer_ms = ms(row.timer_s, "timer_s", line, MAX_STEP_MS)?;
+        if row.activities > MAX_FAN_OUT {
+            return Err(format!(
+                "row {line}: activities must be at most {MAX_FAN_OUT}, got {}",
+                row.activities
+            ));
+        }
+        orchestrations += u64::from(row.count);
+        activities += u64::from(row.count) * (u64::from(row.activities) + u64::from(timer_ms > 0));
+        if orchestrations > MAX_ORCHESTRATIONS {
+            return Err(format!(
+                "row {line}: the trace starts more than {MAX_ORCHESTRATIONS} orchestrations (count)"
+            ));
+        }
+        if activities > MAX_ACTIVITIES {
+            return Err(format!(
+                "row {line}: the trace runs more than {MAX_ACTIVITIES} activities (count x activities)"
+            ));
+        }
         let mut steps =
             vec![Step::Activities { count: row.activities, duration: Duration::fixed(activity_ms) }];
         if timer_ms > 0 {
@@ -243,7 +283,11 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
             scripts.push(script);
             scripts.len() - 1
         });
-        arrivals.push(Arrival { at_ms: ms(row.at_s, "at_s", line)?, count: row.count, script: index });
+        arrivals.push(Arrival {
+            at_ms: ms(row.at_s, "at_s", line, MAX_DURATION_MS)?,
+            count: row.count,
+            script: index,
+        });
     }
     if arrivals.is_empty() {
         return Err("the trace has no rows".to_string());
@@ -265,9 +309,14 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
 /// row fields (`at_s` required; `count`, `activities`, `activity_s`, `timer_s`, `poison`
 /// optional).
 pub fn load_trace(path: &Path, duration_ms: Option<u64>) -> Result<Scenario, Error> {
+    let bad = |reason: String| Error::BadTrace { path: path.into(), reason };
+    let size =
+        std::fs::metadata(path).map_err(|source| Error::ReadTrace { path: path.into(), source })?.len();
+    if size > MAX_TRACE_BYTES {
+        return Err(bad(format!("{size} bytes, more than the {MAX_TRACE_BYTES} a trace may have")));
+    }
     let text =
         std::fs::read_to_string(path).map_err(|source| Error::ReadTrace { path: path.into(), source })?;
-    let bad = |reason: String| Error::BadTrace { path: path.into(), reason };
     let rows: Vec<TraceRow> = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
     } else {

@@ -25,7 +25,9 @@ pub struct PodReport {
     pub pod: u64,
     /// Partitions it holds the lease of.
     pub owned_partitions: u32,
-    /// Work items it runs and control messages it holds.
+    /// Control messages it holds (prefetched, or in an episode) on the partitions it owns:
+    /// what its sidecar's readings tell. Not the activities it runs: the work-item queue is
+    /// shared, and no reading says which pod holds which work item.
     pub held_messages: u64,
     /// The pod is terminating (SIGTERM sent): the ReplicaSet no longer counts it.
     pub terminating: bool,

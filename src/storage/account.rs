@@ -22,7 +22,7 @@ use std::sync::{Arc, atomic::AtomicU64, atomic::Ordering};
 use azure_core::{
     credentials::TokenCredential,
     http::{
-        ClientOptions, ExponentialRetryOptions, HttpClient, RetryOptions, Transport, Url,
+        ClientOptions, ExponentialRetryOptions, RetryOptions, Url,
         policies::{Policy, auth::BearerTokenAuthorizationPolicy},
     },
 };
@@ -31,7 +31,7 @@ use azure_storage_queue::{QueueClient, QueueClientOptions, QueueServiceClient, Q
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 
 use super::{
-    StorageError, StorageOptions,
+    StorageError, StorageOptions, http,
     policy::{AttemptTimeoutPolicy, CountingPolicy, SasPolicy, SharedKeyPolicy, SharedKeyService},
 };
 
@@ -67,7 +67,8 @@ pub(crate) enum Service {
 }
 
 /// A storage account's endpoints and credential, parsed from a connection string. Cheap to
-/// clone: clones share one HTTP connection pool and one request counter.
+/// clone: clones share one request counter, and every account of the process shares one HTTP
+/// client and connection pool ([`http::shared_client`]).
 #[derive(Clone)]
 pub struct StorageAccount {
     name: Option<String>,
@@ -75,7 +76,7 @@ pub struct StorageAccount {
     queue_endpoint: Url,
     table_endpoint: Url,
     credential: Credential,
-    http: Arc<dyn HttpClient>,
+    client: reqwest::Client,
     requests: Arc<AtomicU64>,
 }
 
@@ -232,87 +233,42 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-impl StorageAccount {
-    /// The account `connection` describes.
-    pub fn from_connection(connection: &Connection) -> Result<Self, StorageError> {
-        match connection {
-            Connection::String(text) => Self::from_connection_string(text),
-            Connection::Identity(identity) => Self::from_identity(identity),
-        }
-    }
+/// How a parsed connection string authorises requests (no credential built yet).
+#[derive(Clone)]
+enum ParsedCredential {
+    SharedKey(Vec<u8>),
+    Sas(String),
+    EntraId,
+}
 
-    /// The account `identity` names, with a workload identity credential for its cloud.
-    pub fn from_identity(identity: &IdentityAccount) -> Result<Self, StorageError> {
-        crate::telemetry::install_crypto_provider();
-        let credential = workload_identity_credential(identity)?;
-        Self::build(Some(identity.account_name.clone()), identity.endpoints(), Credential::Token(credential))
-    }
+/// What a connection string says, checked but not acted on: no HTTP client, no credential
+/// built, nothing read from the environment. The aggregator parses every trigger's
+/// connection so on each KEDA call, so a bad one is refused at once, naming its key.
+#[derive(Clone)]
+pub struct ConnectionString {
+    name: Option<String>,
+    endpoints: [Url; 3],
+    credential: ParsedCredential,
+    /// The first key that makes an endpoint plain http, unless it is
+    /// `UseDevelopmentStorage=true` on its default loopback address.
+    plain_http: Option<&'static str>,
+}
 
-    /// The account an app's identity-based connection describes ([`AppIdentity`]); errors name
-    /// the setting, after the app's own key names.
-    pub fn from_app_identity(identity: &AppIdentity) -> Result<Self, StorageError> {
-        crate::telemetry::install_crypto_provider();
-        let set =
-            |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
-        let account = set(&identity.account_name);
-        let endpoint = |key: &str, uri: &Option<String>, service: &str| match (set(uri), &account) {
-            (Some(uri), _) => Ok(uri),
-            (None, Some(account)) => Ok(format!("https://{account}.{service}.core.windows.net")),
-            (None, None) => Err(invalid(format!("neither {key} nor accountName is given"))),
-        };
-        let endpoints = [
-            endpoint("blobServiceUri", &identity.blob_service_uri, "blob")?,
-            endpoint("queueServiceUri", &identity.queue_service_uri, "queue")?,
-            endpoint("tableServiceUri", &identity.table_service_uri, "table")?,
-        ];
-        let client_id = set(&identity.client_id);
-        let workload = || {
-            let options = azure_identity::WorkloadIdentityCredentialOptions {
-                client_id: client_id.clone(),
-                tenant_id: set(&identity.tenant_id),
-                token_file_path: set(&identity.token_file_path).map(Into::into),
-                ..Default::default()
-            };
-            azure_identity::WorkloadIdentityCredential::new(Some(options))
-                .map(|c| c as Arc<dyn TokenCredential>)
-        };
-        let managed = || {
-            let options = azure_identity::ManagedIdentityCredentialOptions {
-                user_assigned_id: client_id.clone().map(azure_identity::UserAssignedId::ClientId),
-                ..Default::default()
-            };
-            azure_identity::ManagedIdentityCredential::new(Some(options))
-                .map(|c| c as Arc<dyn TokenCredential>)
-        };
-        let credential = match set(&identity.credential).map(|c| c.to_ascii_lowercase()).as_deref() {
-            Some("managedidentity") => managed(),
-            Some("workloadidentity") => workload(),
-            // DefaultAzureCredential in a pod: its WorkloadIdentityCredential when the
-            // federated token is there (client from AZURE_CLIENT_ID), else its
-            // ManagedIdentityCredential with `clientId` as ManagedIdentityClientId.
-            None if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() => {
-                let options = azure_identity::WorkloadIdentityCredentialOptions {
-                    tenant_id: set(&identity.tenant_id),
-                    ..Default::default()
-                };
-                azure_identity::WorkloadIdentityCredential::new(Some(options)).map(|c| c as Arc<dyn TokenCredential>)
-            }
-            None => managed(),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "credential {other:?} is not one the sidecar can use (managedidentity, workloadidentity, or none)"
-                )));
-            }
-        }
-        .map_err(|e| invalid(format!("no Entra ID credential is available: {e}")))?;
-        Self::build(account, endpoints, Credential::Token(credential))
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The credential is deliberately left out.
+        f.debug_struct("ConnectionString")
+            .field("name", &self.name)
+            .field("endpoints", &self.endpoints.iter().map(Url::as_str).collect::<Vec<_>>())
+            .field("plain_http", &self.plain_http)
+            .finish_non_exhaustive()
     }
+}
 
-    /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`
-    /// (forms in the module docs). Errors name the offending key, never a secret's value.
-    pub fn from_connection_string(connection: &str) -> Result<Self, StorageError> {
-        // The SDK's HTTP client (and azure_identity's) uses rustls' process-wide provider.
-        crate::telemetry::install_crypto_provider();
+impl ConnectionString {
+    /// Parses `connection` (forms in the module docs). Errors name the offending key, never
+    /// a secret's value.
+    pub fn parse(connection: &str) -> Result<Self, StorageError> {
         let fields = parse_fields(connection)?;
         let get = |key: &str| {
             fields
@@ -321,19 +277,23 @@ impl StorageAccount {
                 .map(|(_, v)| v.as_str())
                 .filter(|v| !v.is_empty())
         };
-        let development = get("UseDevelopmentStorage");
-        if let Some(value) = development {
+        if let Some(value) = get("UseDevelopmentStorage") {
             if !value.eq_ignore_ascii_case("true") {
                 return Err(invalid("UseDevelopmentStorage must be `true` when present"));
             }
-            let proxy = get("DevelopmentStorageProxyUri").unwrap_or("http://127.0.0.1");
-            let proxy = proxy.trim_end_matches('/');
-            let endpoint = |port: u16| format!("{proxy}:{port}/{DEV_ACCOUNT}");
-            return Self::build(
-                Some(DEV_ACCOUNT.into()),
-                [endpoint(10000), endpoint(10001), endpoint(10002)],
-                Credential::SharedKey(decode_key(DEV_KEY)?),
-            );
+            let proxy = get("DevelopmentStorageProxyUri");
+            let base = proxy.unwrap_or("http://127.0.0.1").trim_end_matches('/');
+            let endpoint = |port: u16| format!("{base}:{port}/{DEV_ACCOUNT}");
+            let endpoints = endpoint_urls([endpoint(10000), endpoint(10001), endpoint(10002)], false)?;
+            // The emulator on this host's loopback is no host of a caller's choice; a proxy is.
+            let plain_http = (proxy.is_some() && endpoints.iter().any(|u| u.scheme() == "http"))
+                .then_some("DevelopmentStorageProxyUri");
+            return Ok(Self {
+                name: Some(DEV_ACCOUNT.into()),
+                endpoints,
+                credential: ParsedCredential::SharedKey(decode_key(DEV_KEY)?),
+                plain_http,
+            });
         }
 
         let name = get("AccountName").map(str::to_string);
@@ -342,14 +302,20 @@ impl StorageAccount {
             return Err(invalid("DefaultEndpointsProtocol must be `https` or `http`"));
         }
         let suffix = get("EndpointSuffix").unwrap_or("core.windows.net");
-        let endpoint = |key: &str, service: &str| -> Result<String, StorageError> {
-            match (get(key), &name) {
-                (Some(explicit), _) => Ok(explicit.to_string()),
-                (None, Some(account)) => {
-                    Ok(format!("{}://{account}.{service}.{suffix}", protocol.to_ascii_lowercase()))
-                }
-                (None, None) => Err(invalid(format!("neither {key} nor AccountName is given"))),
+        let mut plain_http = None;
+        let mut endpoint = |key: &'static str, service: &str| -> Result<String, StorageError> {
+            let (text, from) = match (get(key), &name) {
+                (Some(explicit), _) => (explicit.to_string(), key),
+                (None, Some(account)) => (
+                    format!("{}://{account}.{service}.{suffix}", protocol.to_ascii_lowercase()),
+                    "DefaultEndpointsProtocol",
+                ),
+                (None, None) => return Err(invalid(format!("neither {key} nor AccountName is given"))),
+            };
+            if plain_http.is_none() && text.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) {
+                plain_http = Some(from);
             }
+            Ok(text)
         };
         let endpoints = [
             endpoint("BlobEndpoint", "blob")?,
@@ -365,54 +331,173 @@ impl StorageAccount {
                 if name.is_none() {
                     return Err(invalid("AccountKey needs AccountName"));
                 }
-                Credential::SharedKey(decode_key(key)?)
+                ParsedCredential::SharedKey(decode_key(key)?)
             }
             (None, Some(sas)) => {
                 if !sas.contains("sig=") {
                     return Err(invalid("SharedAccessSignature has no `sig` parameter"));
                 }
-                Credential::Sas(sas.trim_start_matches('?').to_string())
+                ParsedCredential::Sas(sas.trim_start_matches('?').to_string())
             }
             (None, None) => {
                 if name.is_none() {
                     return Err(invalid("no AccountKey, SharedAccessSignature or AccountName"));
                 }
-                Credential::Token(entra_id_credential()?)
+                ParsedCredential::EntraId
             }
         };
-        Self::build(name, endpoints, credential)
+        let endpoints = endpoint_urls(endpoints, matches!(credential, ParsedCredential::EntraId))?;
+        Ok(Self { name, endpoints, credential, plain_http })
+    }
+
+    /// The key that makes an endpoint plain http (`BlobEndpoint`, `QueueEndpoint`,
+    /// `TableEndpoint`, `DefaultEndpointsProtocol` or `DevelopmentStorageProxyUri`), if one
+    /// does; `UseDevelopmentStorage=true` on its default loopback address is not counted.
+    pub fn plain_http_key(&self) -> Option<&'static str> {
+        self.plain_http
+    }
+}
+
+/// The three endpoints as URLs, named by their key when one is not an http(s) URL; https
+/// only when `token` (a bearer token must not cross the network in clear).
+fn endpoint_urls([blob, queue, table]: [String; 3], token: bool) -> Result<[Url; 3], StorageError> {
+    let url = |key: &str, value: String| {
+        let url = crate::config::http_url(value.trim_end_matches('/'))
+            .ok_or_else(|| invalid(format!("{key} is not an http(s) URL")))?;
+        if token && url.scheme() != "https" {
+            return Err(invalid(format!("{key} must use https with an Entra ID credential")));
+        }
+        Ok(url)
+    };
+    Ok([url("BlobEndpoint", blob)?, url("QueueEndpoint", queue)?, url("TableEndpoint", table)?])
+}
+
+impl StorageAccount {
+    /// The account `connection` describes.
+    pub fn from_connection(connection: &Connection) -> Result<Self, StorageError> {
+        match connection {
+            Connection::String(text) => Self::from_connection_string(text),
+            Connection::Identity(identity) => Self::from_identity(identity),
+        }
+    }
+
+    /// The account `identity` names, with a workload identity credential for its cloud.
+    pub fn from_identity(identity: &IdentityAccount) -> Result<Self, StorageError> {
+        crate::telemetry::install_crypto_provider();
+        let client = http::shared_client()?;
+        let credential = workload_identity_credential(identity, &client)?;
+        Self::build(
+            Some(identity.account_name.clone()),
+            identity.endpoints(),
+            Credential::Token(credential),
+            client,
+        )
+    }
+
+    /// The account an app's identity-based connection describes ([`AppIdentity`]); errors name
+    /// the setting, after the app's own key names.
+    pub fn from_app_identity(identity: &AppIdentity) -> Result<Self, StorageError> {
+        crate::telemetry::install_crypto_provider();
+        let http = http::shared_client()?;
+        let set =
+            |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+        let account = set(&identity.account_name);
+        let endpoint = |key: &str, uri: &Option<String>, service: &str| match (set(uri), &account) {
+            (Some(uri), _) => Ok(uri),
+            (None, Some(account)) => Ok(format!("https://{account}.{service}.core.windows.net")),
+            (None, None) => Err(invalid(format!("neither {key} nor accountName is given"))),
+        };
+        let endpoints = [
+            endpoint("blobServiceUri", &identity.blob_service_uri, "blob")?,
+            endpoint("queueServiceUri", &identity.queue_service_uri, "queue")?,
+            endpoint("tableServiceUri", &identity.table_service_uri, "table")?,
+        ];
+        let client_id = set(&identity.client_id);
+        let workload = || {
+            let mut options = azure_identity::WorkloadIdentityCredentialOptions {
+                client_id: client_id.clone(),
+                tenant_id: set(&identity.tenant_id),
+                token_file_path: set(&identity.token_file_path).map(Into::into),
+                ..Default::default()
+            };
+            options.credential_options.client_options = credential_client_options(&http);
+            azure_identity::WorkloadIdentityCredential::new(Some(options))
+                .map(|c| c as Arc<dyn TokenCredential>)
+        };
+        let managed = || {
+            let options = azure_identity::ManagedIdentityCredentialOptions {
+                user_assigned_id: client_id.clone().map(azure_identity::UserAssignedId::ClientId),
+                client_options: credential_client_options(&http),
+            };
+            azure_identity::ManagedIdentityCredential::new(Some(options))
+                .map(|c| c as Arc<dyn TokenCredential>)
+        };
+        let credential = match set(&identity.credential).map(|c| c.to_ascii_lowercase()).as_deref() {
+            Some("managedidentity") => managed(),
+            Some("workloadidentity") => workload(),
+            // DefaultAzureCredential in a pod: its WorkloadIdentityCredential when the
+            // federated token is there (client from AZURE_CLIENT_ID), else its
+            // ManagedIdentityCredential with `clientId` as ManagedIdentityClientId.
+            None if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() => {
+                let mut options = azure_identity::WorkloadIdentityCredentialOptions {
+                    tenant_id: set(&identity.tenant_id),
+                    ..Default::default()
+                };
+                options.credential_options.client_options = credential_client_options(&http);
+                azure_identity::WorkloadIdentityCredential::new(Some(options)).map(|c| c as Arc<dyn TokenCredential>)
+            }
+            None => managed(),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "credential {other:?} is not one the sidecar can use (managedidentity, workloadidentity, or none)"
+                )));
+            }
+        }
+        .map_err(|e| invalid(format!("no Entra ID credential is available: {e}")))?;
+        Self::build(account, endpoints, Credential::Token(credential), http)
+    }
+
+    /// Parses a connection string as Durable Functions apps have it in `AzureWebJobsStorage`
+    /// (forms in the module docs). Errors name the offending key, never a secret's value.
+    pub fn from_connection_string(connection: &str) -> Result<Self, StorageError> {
+        let parsed = ConnectionString::parse(connection)?;
+        // The SDK's HTTP client (and azure_identity's) uses rustls' process-wide provider.
+        crate::telemetry::install_crypto_provider();
+        let client = http::shared_client()?;
+        let credential = match parsed.credential {
+            ParsedCredential::SharedKey(key) => Credential::SharedKey(key),
+            ParsedCredential::Sas(sas) => Credential::Sas(sas),
+            ParsedCredential::EntraId => Credential::Token(entra_id_credential(&client)?),
+        };
+        let [blob_endpoint, queue_endpoint, table_endpoint] = parsed.endpoints;
+        Ok(Self {
+            name: parsed.name,
+            blob_endpoint,
+            queue_endpoint,
+            table_endpoint,
+            credential,
+            client,
+            requests: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     fn build(
         name: Option<String>,
-        [blob, queue, table]: [String; 3],
+        endpoints: [String; 3],
         credential: Credential,
+        client: reqwest::Client,
     ) -> Result<Self, StorageError> {
-        let url = |key: &str, value: String| {
-            crate::config::http_url(value.trim_end_matches('/'))
-                .ok_or_else(|| invalid(format!("{key} is not an http(s) URL")))
-        };
-        let account = Self {
-            blob_endpoint: url("BlobEndpoint", blob)?,
-            queue_endpoint: url("QueueEndpoint", queue)?,
-            table_endpoint: url("TableEndpoint", table)?,
+        let token = matches!(credential, Credential::Token(_));
+        let [blob_endpoint, queue_endpoint, table_endpoint] = endpoint_urls(endpoints, token)?;
+        Ok(Self {
             name,
+            blob_endpoint,
+            queue_endpoint,
+            table_endpoint,
             credential,
-            http: azure_core::http::new_http_client(None),
+            client,
             requests: Arc::new(AtomicU64::new(0)),
-        };
-        if let Credential::Token(_) = account.credential {
-            for (key, endpoint) in [
-                ("BlobEndpoint", &account.blob_endpoint),
-                ("QueueEndpoint", &account.queue_endpoint),
-                ("TableEndpoint", &account.table_endpoint),
-            ] {
-                if endpoint.scheme() != "https" {
-                    return Err(invalid(format!("{key} must use https with an Entra ID credential")));
-                }
-            }
-        }
-        Ok(account)
+        })
     }
 
     /// How requests are authorised.
@@ -504,7 +589,8 @@ impl StorageAccount {
     /// Client options for `service`: counting, per-attempt timeout and authorisation as
     /// per-try policies, exponential retries with jitter on transient failures only (the
     /// azure_core retry policy: 408, 429, 500, 502, 503, 504 and connection errors), and the
-    /// account's shared connection pool.
+    /// process's one HTTP client, reading at most what `service` can answer
+    /// ([`http::CappedTransport`]).
     pub(crate) fn client_options(&self, service: Service, options: &StorageOptions) -> ClientOptions {
         let mut per_try: Vec<Arc<dyn Policy>> = vec![
             Arc::new(CountingPolicy { count: self.requests.clone() }),
@@ -531,10 +617,15 @@ impl StorageAccount {
             max_total_elapsed: azure_core::time::Duration::seconds(30),
             max_delay: azure_core::time::Duration::seconds(2),
         });
+        let limit = match service {
+            Service::Queue => http::QUEUE_ANSWER_MAX_BYTES,
+            Service::Blob => http::BLOB_ANSWER_MAX_BYTES,
+            Service::Table => http::TABLE_ANSWER_MAX_BYTES,
+        };
         ClientOptions {
             per_try_policies: per_try,
             retry,
-            transport: Some(Transport::new(self.http.clone())),
+            transport: Some(http::transport(&self.client, limit)),
             ..Default::default()
         }
     }
@@ -563,13 +654,31 @@ fn decode_key(key: &str) -> Result<Vec<u8>, StorageError> {
     BASE64.decode(key).map_err(|_| invalid("AccountKey is not valid base64"))
 }
 
+/// Client options for a credential's token requests: the shared client (a credential left
+/// without a transport builds its own client, which panics when that fails: module docs of
+/// [`http`]), reading at most a token answer.
+fn credential_client_options(client: &reqwest::Client) -> ClientOptions {
+    ClientOptions {
+        transport: Some(http::transport(client, http::TABLE_ANSWER_MAX_BYTES)),
+        ..Default::default()
+    }
+}
+
 /// Workload identity when the pod has a federated token, else managed identity.
-fn entra_id_credential() -> Result<Arc<dyn TokenCredential>, StorageError> {
+fn entra_id_credential(client: &reqwest::Client) -> Result<Arc<dyn TokenCredential>, StorageError> {
     let result: azure_core::Result<Arc<dyn TokenCredential>> =
         if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
-            azure_identity::WorkloadIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
+            let mut options = azure_identity::WorkloadIdentityCredentialOptions::default();
+            options.credential_options.client_options = credential_client_options(client);
+            azure_identity::WorkloadIdentityCredential::new(Some(options))
+                .map(|c| c as Arc<dyn TokenCredential>)
         } else {
-            azure_identity::ManagedIdentityCredential::new(None).map(|c| c as Arc<dyn TokenCredential>)
+            let options = azure_identity::ManagedIdentityCredentialOptions {
+                client_options: credential_client_options(client),
+                ..Default::default()
+            };
+            azure_identity::ManagedIdentityCredential::new(Some(options))
+                .map(|c| c as Arc<dyn TokenCredential>)
         };
     result.map_err(|e| invalid(format!("no key or SAS given, and no Entra ID credential is available: {e}")))
 }
@@ -579,6 +688,7 @@ fn entra_id_credential() -> Result<Arc<dyn TokenCredential>, StorageError> {
 /// AKS workload identity injects).
 fn workload_identity_credential(
     identity: &IdentityAccount,
+    client: &reqwest::Client,
 ) -> Result<Arc<dyn TokenCredential>, StorageError> {
     let mut custom = azure_core::cloud::CustomConfiguration::default();
     custom.authority_host = identity.cloud.authority_host().trim_end_matches('/').to_owned();
@@ -586,6 +696,7 @@ fn workload_identity_credential(
         client_id: identity.client_id.clone(),
         ..Default::default()
     };
+    options.credential_options.client_options = credential_client_options(client);
     options.credential_options.client_options.cloud = Some(Arc::new(custom.into()));
     azure_identity::WorkloadIdentityCredential::new(Some(options))
         .map(|c| c as Arc<dyn TokenCredential>)
@@ -598,47 +709,6 @@ mod tests {
 
     fn endpoints(a: &StorageAccount) -> [&str; 3] {
         [a.blob_endpoint.as_str(), a.queue_endpoint.as_str(), a.table_endpoint.as_str()]
-    }
-
-    #[test]
-    fn an_app_identity_takes_explicit_service_uris_over_the_account_name() {
-        let identity = AppIdentity {
-            account_name: Some("orders".into()),
-            queue_service_uri: Some("https://orders-queues.example.net".into()),
-            credential: Some("ManagedIdentity".into()),
-            client_id: Some("00000000-0000-0000-0000-000000000001".into()),
-            ..Default::default()
-        };
-        let account = StorageAccount::from_app_identity(&identity).unwrap();
-        assert_eq!(
-            endpoints(&account),
-            [
-                "https://orders.blob.core.windows.net/",
-                "https://orders-queues.example.net/",
-                "https://orders.table.core.windows.net/",
-            ]
-        );
-        assert_eq!(account.credential_kind(), CredentialKind::EntraId);
-    }
-
-    #[test]
-    fn an_app_identity_without_account_or_uri_or_with_a_foreign_credential_is_refused() {
-        let error = StorageAccount::from_app_identity(&AppIdentity {
-            queue_service_uri: Some("https://q.example.net".into()),
-            credential: Some("managedidentity".into()),
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(error.contains("blobServiceUri") && error.contains("accountName"), "{error}");
-        let error = StorageAccount::from_app_identity(&AppIdentity {
-            account_name: Some("orders".into()),
-            credential: Some("clientsecret".into()),
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(error.contains("\"clientsecret\""), "{error}");
     }
 
     #[test]
@@ -741,10 +811,38 @@ mod tests {
     }
 
     #[test]
+    fn the_key_that_makes_an_endpoint_plain_http_is_named() {
+        let http = |cs: &str| ConnectionString::parse(cs).unwrap().plain_http_key();
+        assert_eq!(http("UseDevelopmentStorage=true"), None, "the emulator on this host's loopback");
+        assert_eq!(
+            http("UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://evil.example"),
+            Some("DevelopmentStorageProxyUri")
+        );
+        assert_eq!(http("AccountName=x;AccountKey=a2V5"), None, "https by default");
+        assert_eq!(
+            http("DefaultEndpointsProtocol=http;AccountName=x;AccountKey=a2V5"),
+            Some("DefaultEndpointsProtocol")
+        );
+        assert_eq!(
+            http(
+                "DefaultEndpointsProtocol=http;AccountName=x;AccountKey=a2V5;BlobEndpoint=https://b;QueueEndpoint=https://q;TableEndpoint=https://t"
+            ),
+            None,
+            "every endpoint given explicitly as https"
+        );
+        assert_eq!(
+            http("AccountName=x;AccountKey=a2V5;TableEndpoint=Http://10.0.0.1/t"),
+            Some("TableEndpoint")
+        );
+    }
+
+    #[test]
     fn debug_output_never_shows_the_key() {
         let a = StorageAccount::from_connection_string("AccountName=x;AccountKey=c2VjcmV0a2V5").unwrap();
         let shown = format!("{a:?}");
         assert!(!shown.contains("c2VjcmV0a2V5") && shown.contains("SharedKey"), "{shown}");
+        let parsed = ConnectionString::parse("AccountName=x;AccountKey=c2VjcmV0a2V5").unwrap();
+        assert!(!format!("{parsed:?}").contains("c2VjcmV0a2V5"), "{parsed:?}");
     }
 
     fn identity(cloud: AzureCloud) -> IdentityAccount {
@@ -803,5 +901,45 @@ mod tests {
     fn a_connection_never_shows_its_string_in_debug_output() {
         let shown = format!("{:?}", Connection::String("AccountName=x;AccountKey=c2VjcmV0".into()));
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
+    }
+    #[test]
+    fn an_app_identity_takes_explicit_service_uris_over_the_account_name() {
+        let identity = AppIdentity {
+            account_name: Some("orders".into()),
+            queue_service_uri: Some("https://orders-queues.example.net".into()),
+            credential: Some("ManagedIdentity".into()),
+            client_id: Some("00000000-0000-0000-0000-000000000001".into()),
+            ..Default::default()
+        };
+        let account = StorageAccount::from_app_identity(&identity).unwrap();
+        assert_eq!(
+            endpoints(&account),
+            [
+                "https://orders.blob.core.windows.net/",
+                "https://orders-queues.example.net/",
+                "https://orders.table.core.windows.net/",
+            ]
+        );
+        assert_eq!(account.credential_kind(), CredentialKind::EntraId);
+    }
+
+    #[test]
+    fn an_app_identity_without_account_or_uri_or_with_a_foreign_credential_is_refused() {
+        let error = StorageAccount::from_app_identity(&AppIdentity {
+            queue_service_uri: Some("https://q.example.net".into()),
+            credential: Some("managedidentity".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("blobServiceUri") && error.contains("accountName"), "{error}");
+        let error = StorageAccount::from_app_identity(&AppIdentity {
+            account_name: Some("orders".into()),
+            credential: Some("clientsecret".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("\"clientsecret\""), "{error}");
     }
 }

@@ -21,13 +21,14 @@
 use std::time::Duration;
 
 mod account;
+pub(crate) mod http;
 mod layout;
 mod policy;
 mod reader;
 pub(crate) mod table;
 
 pub(crate) use account::Service;
-pub use account::{AppIdentity, AzureCloud, Connection, IdentityAccount, StorageAccount};
+pub use account::{AppIdentity, AzureCloud, Connection, ConnectionString, IdentityAccount, StorageAccount};
 pub(crate) use layout::lease_blob_name;
 pub use layout::{Layout, REDETECT_INTERVAL};
 pub use reader::{HubRead, Ownership, QueueChoice, TaskHubReader};
@@ -208,6 +209,10 @@ impl PartitionMode {
 impl StorageError {
     /// Classifies an azure_core error from reading `resource`: 404 means the hub is not
     /// provisioned, 401/403 a refused credential, transport errors unreachable storage.
+    /// Nothing of an answer's body reaches the message but a short quoted error code: the
+    /// SDK copies a body it cannot parse into its errors (typespec `src/xml.rs` `from_xml`,
+    /// azure_core `src/error/error_response.rs` `check_success`), and the endpoint is the
+    /// connection string's to choose.
     pub(crate) fn from_azure(resource: &str, error: &azure_core::Error) -> Self {
         use azure_core::error::ErrorKind;
         let resource = resource.to_string();
@@ -219,17 +224,18 @@ impl StorageError {
                     401 | 403 => StorageError::Authentication { resource, status: code },
                     _ => StorageError::Unexpected {
                         resource,
-                        message: format!("HTTP {code} {}", error_code.as_deref().unwrap_or(""))
-                            .trim_end()
-                            .to_string(),
+                        message: match error_code.as_deref().filter(|c| !c.is_empty()) {
+                            Some(error_code) => format!("HTTP {code} {}", crate::contract::quote(error_code)),
+                            None => format!("HTTP {code}"),
+                        },
                     },
                 }
             }
             ErrorKind::Io | ErrorKind::Connection => {
-                StorageError::Unreachable { resource, message: error_chain(error) }
+                StorageError::Unreachable { resource, message: brief(error) }
             }
             ErrorKind::Credential => StorageError::Authentication { resource, status: 0 },
-            _ => StorageError::Unexpected { resource, message: error_chain(error) },
+            _ => StorageError::Unexpected { resource, message: brief(error) },
         }
     }
 
@@ -268,12 +274,26 @@ crate::metrics::label_values!(StorageErrorKind {
     Unexpected => "unexpected",
 });
 
-/// The error and its sources on one line; transport errors hide the useful part in a source.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
+/// The most characters of one error message (of an error or of one of its sources) that
+/// [`brief`] keeps.
+const BRIEF_PART_MAX_CHARS: usize = 160;
+
+/// The error and its sources on one line (transport errors hide the useful part in a
+/// source), each cut to its first line and [`BRIEF_PART_MAX_CHARS`]: an error may carry
+/// what a storage endpoint answered (the SDK puts an unparsable body after the first line).
+pub(crate) fn brief(error: &dyn std::error::Error) -> String {
+    let part = |e: &dyn std::error::Error| {
+        let text = e.to_string();
+        let line = text.lines().next().unwrap_or_default().trim_end();
+        match line.char_indices().nth(BRIEF_PART_MAX_CHARS) {
+            Some((cut, _)) => format!("{}...", &line[..cut]),
+            None => line.to_string(),
+        }
+    };
+    let mut message = part(error);
     let mut source = error.source();
     while let Some(s) = source {
-        let text = s.to_string();
+        let text = part(s);
         if !message.contains(&text) {
             message.push_str(": ");
             message.push_str(&text);
@@ -320,6 +340,44 @@ mod tests {
         assert!(
             [Layout::Table, Layout::Safe, Layout::Legacy].into_iter().all(|l| PartitionMode::Auto.allows(l))
         );
+    }
+
+    #[test]
+    fn an_answer_body_in_an_sdk_error_never_reaches_the_storage_error() {
+        use azure_core::error::ErrorKind;
+        let body = format!("<html>{}</html>", "internal secret page ".repeat(10_000));
+        // What typespec `from_xml` makes of a 200 it cannot parse: the body after one line.
+        let parse = azure_core::Error::with_message(
+            ErrorKind::DataConversion,
+            format!("failed to deserialize the following xml into a Model\n{body}"),
+        );
+        let e = StorageError::from_azure("hub-control-00", &parse);
+        assert_eq!(e.kind(), StorageErrorKind::Unexpected);
+        assert!(e.to_string().len() < 300 && !e.to_string().contains("secret"), "{e}");
+        // What azure_core `check_success` makes of an error status: the body in the message,
+        // a code taken from it.
+        let status = azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status: azure_core::http::StatusCode::from(500),
+                error_code: Some(body.clone()),
+                raw_response: None,
+            },
+            format!("500: {body}"),
+        );
+        let e = StorageError::from_azure("hub-control-00", &status);
+        assert!(e.to_string().starts_with("storage error reading hub-control-00: HTTP 500 \"<html>"), "{e}");
+        assert!(e.to_string().len() < 300, "{} bytes", e.to_string().len());
+    }
+
+    #[test]
+    fn brief_keeps_each_first_line_short_and_the_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer\nbody line")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("x".repeat(1_000)));
+        let text = brief(&e);
+        assert!(text.starts_with("outer: xxx") && text.ends_with("..."), "{text}");
+        assert!(!text.contains("body line") && text.len() < 200, "{text}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use azure_storage_queue::models::{
 };
 use futures::{StreamExt, TryStreamExt};
 
+use super::http::{LISTING_MAX_PAGES, LISTING_PAGE_SIZE};
 use super::layout::TASK_HUB_INFO_BLOB;
 use super::{
     Layout, PartitionLease, PartitionMode, QueueRef, REDETECT_INTERVAL, StorageAccount, StorageError,
@@ -315,15 +316,34 @@ impl TaskHubReader {
         let (metadata, peeked) =
             tokio::join!(client.get_properties(None), client.peek_messages(Some(peek_options)));
         let metadata = metadata.map_err(|e| StorageError::from_azure(&name, &e))?;
+        // Every Get Queue Metadata answer carries the count; a 200 without it is not the
+        // Queue service (a proxy's or a portal's HTML page, say), and must not read as an
+        // empty queue.
         let approximate_count = metadata
             .approximate_messages_count()
-            .map_err(|e| unexpected(&name, format!("bad x-ms-approximate-messages-count: {e}")))?
-            .unwrap_or(0)
+            .map_err(|e| {
+                unexpected(&name, format!("bad x-ms-approximate-messages-count: {}", super::brief(&e)))
+            })?
+            .ok_or_else(|| {
+                unexpected(
+                    &name,
+                    format!(
+                        "the answer has no x-ms-approximate-messages-count: not an Azure Storage queue \
+                         (Content-Type {})",
+                        crate::contract::quote(
+                            metadata
+                                .headers()
+                                .get_optional_str(&HeaderName::from_static("content-type"))
+                                .unwrap_or("none")
+                        )
+                    ),
+                )
+            })?
             .max(0) as u64;
         let peeked = peeked
             .map_err(|e| StorageError::from_azure(&name, &e))?
             .into_model()
-            .map_err(|e| unexpected(&name, format!("unreadable peek result: {e}")))?;
+            .map_err(|e| unexpected(&name, format!("unreadable peek result: {}", super::brief(&e))))?;
         let messages = peeked.items.unwrap_or_default();
         let first_visible_age_ms = messages
             .first()
@@ -391,8 +411,9 @@ impl TaskHubReader {
             #[serde(rename = "PartitionCount")]
             partition_count: u32,
         }
-        let info: TaskHubInfo = serde_json::from_slice(&body)
-            .map_err(|e| unexpected(&path, format!("unreadable {TASK_HUB_INFO_BLOB}: {e}")))?;
+        let info: TaskHubInfo = serde_json::from_slice(&body).map_err(|e| {
+            unexpected(&path, format!("unreadable {TASK_HUB_INFO_BLOB}: {}", super::brief(&e)))
+        })?;
         if !(1..=super::MAX_PARTITIONS).contains(&info.partition_count) {
             return Err(unexpected(
                 &path,
@@ -423,14 +444,20 @@ impl TaskHubReader {
         let prefix = format!("{directory}/");
         let resource = format!("{container}/{prefix}");
         let client = self.account.container_client(&container, &self.options)?;
-        let options =
-            BlobContainerClientListBlobsOptions { prefix: Some(prefix.clone()), ..Default::default() };
-        let items: Vec<_> = client
-            .list_blobs(Some(options))
-            .map_err(|e| StorageError::from_azure(&resource, &e))?
-            .try_collect()
-            .await
-            .map_err(|e| StorageError::from_azure(&resource, &e))?;
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: Some(prefix.clone()),
+            maxresults: Some(LISTING_PAGE_SIZE),
+            ..Default::default()
+        };
+        let pages = client.list_blobs(Some(options)).map_err(|e| StorageError::from_azure(&resource, &e))?;
+        let mut items = Vec::new();
+        let mut pages = pages.into_pages().take(LISTING_MAX_PAGES);
+        while let Some(page) = pages.next().await {
+            let page = page
+                .and_then(|page| page.into_model())
+                .map_err(|e| StorageError::from_azure(&resource, &e))?;
+            items.extend(page.blob_items);
+        }
         Ok(items
             .into_iter()
             .filter_map(|item| {
@@ -505,13 +532,20 @@ impl TaskHubReader {
         let prefix = format!("{}-", self.hub.name().to_ascii_lowercase());
         let resource = format!("queues {prefix}*");
         let client = self.account.queue_service_client(&self.options)?;
-        let options = QueueServiceClientListQueuesOptions { prefix: Some(prefix), ..Default::default() };
-        let items: Vec<_> = client
-            .list_queues(Some(options))
-            .map_err(|e| StorageError::from_azure(&resource, &e))?
-            .try_collect()
-            .await
-            .map_err(|e| StorageError::from_azure(&resource, &e))?;
+        let options = QueueServiceClientListQueuesOptions {
+            prefix: Some(prefix),
+            maxresults: Some(LISTING_PAGE_SIZE),
+            ..Default::default()
+        };
+        let pages = client.list_queues(Some(options)).map_err(|e| StorageError::from_azure(&resource, &e))?;
+        let mut items = Vec::new();
+        let mut pages = pages.into_pages().take(LISTING_MAX_PAGES);
+        while let Some(page) = pages.next().await {
+            let page = page
+                .and_then(|page| page.into_model())
+                .map_err(|e| StorageError::from_azure(&resource, &e))?;
+            items.extend(page.queue_items);
+        }
         let work_items = self.hub.work_item_queue();
         let mut any = false;
         let mut partition_count = 0;

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::inject::SkipReason;
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub refused: Counter,
     /// Changed certificate files taken into use or refused.
     pub(crate) certificate_reloads: Family<ReloadLabels, Counter>,
+    /// When the served certificate expires (notAfter, Unix seconds).
+    pub(crate) certificate_expiry: Gauge,
     /// Opted-in pods admitted without a sidecar, by reason (dry runs excluded).
     pub skipped: Family<SkipLabels, Counter>,
 }
@@ -63,21 +66,28 @@ impl Metrics {
             "Changed certificate files taken into use (reloaded) or refused (the previous ones kept)",
             certificate_reloads.clone(),
         );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate served now expires (notAfter, Unix seconds)",
+            certificate_expiry.clone(),
+        );
         let skipped = Family::<SkipLabels, Counter>::default();
         registry.register(
             "skipped",
             "Opted-in pods admitted without a sidecar, by reason (dry runs excluded)",
             skipped.clone(),
         );
-        Self { registry, reviews, injections, refused, certificate_reloads, skipped }
+        Self { registry, reviews, injections, refused, certificate_reloads, certificate_expiry, skipped }
     }
 
-    /// The counters the serving certificate's reloads go to.
+    /// The metrics the serving certificate's reloads and expiry go to.
     pub(crate) fn certificate_reload_counters(&self) -> ReloadCounters {
         let counter = |outcome| self.certificate_reloads.get_or_create_owned(&ReloadLabels { outcome });
         ReloadCounters {
             reloaded: counter(ReloadOutcome::Reloaded),
             refused: counter(ReloadOutcome::Refused),
+            expires_at: self.certificate_expiry.clone(),
         }
     }
 
@@ -101,6 +111,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.injections.inc();
         metrics.certificate_reload_counters().refused.inc();
+        metrics.certificate_reload_counters().expires_at.set(1_900_000_000);
         metrics.skip(SkipReason::HostNetwork);
         let text = metrics.encode();
         for line in [
@@ -109,6 +120,7 @@ mod tests {
             "durable_scaler_webhook_refused_total 0\n",
             "durable_scaler_webhook_certificate_reloads_total{outcome=\"refused\"} 1\n",
             "durable_scaler_webhook_certificate_reloads_total{outcome=\"reloaded\"} 0\n",
+            "durable_scaler_webhook_certificate_expiry_timestamp_seconds 1900000000\n",
             "durable_scaler_webhook_skipped_total{reason=\"host_network\"} 1\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");

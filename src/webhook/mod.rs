@@ -38,16 +38,15 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use futures::StreamExt;
-use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
 use tokio::net::TcpListener;
 
 use k8s_openapi::api::core::v1::Container;
 
 use crate::clock::UnixMs;
 use crate::contract::env;
+use crate::listener;
 use crate::shutdown::{Shutdown, TaskFailure};
-use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles, TlsIncoming};
+use crate::tls::{Alpn, ReloadingConfig, ServerOptions, TlsError, TlsFiles};
 use cluster::{NativeSidecarDetector, NativeSidecarMode};
 use events::SkipRecorder;
 use inject::{InjectionSettings, NativeDefault};
@@ -88,8 +87,66 @@ pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 const MAX_DISCARD_BYTES: u64 = 4 * MAX_BODY_BYTES as u64;
 /// How long one call to the Kubernetes API may take.
 const KUBE_API_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long open connections get to finish after shutdown fires.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams open at once on one connection: the API server sends a few at a time.
+const HTTP_MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Connections open at once (the API server keeps a few; lowered to what the descriptor
+/// limit allows).
+const MAX_CONNECTIONS: usize = 1024;
+/// Bytes of answers (JSON patches, a few KiB each) not yet read by their clients.
+const ANSWER_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+/// The first bytes of every admission body are charged to the budget of small bodies (a pod
+/// is a few KiB), the rest to the budget of large ones, so that clients sending large bodies
+/// slowly cannot take the room of ordinary reviews.
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+/// Bytes of small bodies (or first parts) being read at once: 128 of them.
+const SMALL_BODIES_BUDGET_BYTES: usize = 128 * SMALL_BODY_BYTES;
+/// Bytes beyond [`SMALL_BODY_BYTES`] being read at once: eight of the largest bodies. Each
+/// body read lives on in its parsed form a while, so the two budgets keep the webhook well
+/// inside its 128 MiB limit whatever clients send and however slowly.
+const LARGE_BODIES_BUDGET_BYTES: usize = 8 * MAX_BODY_BYTES;
+
+/// What the admission bodies being read may hold at once ([`SMALL_BODY_BYTES`]).
+#[derive(Debug)]
+struct BodyBudget {
+    small: Arc<tokio::sync::Semaphore>,
+    large: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        Self {
+            small: Arc::new(tokio::sync::Semaphore::new(SMALL_BODIES_BUDGET_BYTES)),
+            large: Arc::new(tokio::sync::Semaphore::new(LARGE_BODIES_BUDGET_BYTES)),
+        }
+    }
+}
+
+/// A body's share of the [`BodyBudget`]; given back when dropped.
+#[derive(Debug, Default)]
+struct BodyCharge {
+    bytes: usize,
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl BodyCharge {
+    /// Charges `more` bytes of the body, its first [`SMALL_BODY_BYTES`] to the small budget;
+    /// [`BodyError::Busy`] when either is spent.
+    fn charge(&mut self, budget: &BodyBudget, more: usize) -> Result<(), BodyError> {
+        let small = more.min(SMALL_BODY_BYTES.saturating_sub(self.bytes));
+        for (semaphore, n) in [(&budget.small, small), (&budget.large, more - small)] {
+            if n == 0 {
+                continue;
+            }
+            let permit = u32::try_from(n)
+                .ok()
+                .and_then(|n| semaphore.clone().try_acquire_many_owned(n).ok())
+                .ok_or(BodyError::Busy)?;
+            self.permits.push(permit);
+        }
+        self.bytes += more;
+        Ok(())
+    }
+}
 
 /// `durable-scaler webhook` command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -190,6 +247,8 @@ pub enum Error {
 
 #[derive(Debug, Clone)]
 struct AppState {
+    /// Bytes of admission bodies being read, over all requests.
+    bodies: Arc<BodyBudget>,
     settings: Arc<InjectionSettings>,
     metrics: Arc<Metrics>,
     native: NativeSource,
@@ -314,7 +373,13 @@ impl Webhook {
             listener,
             tls,
             reload_interval: args.tls_reload_interval,
-            state: AppState { settings: Arc::new(settings), metrics, native, skips },
+            state: AppState {
+                bodies: Arc::new(BodyBudget::default()),
+                settings: Arc::new(settings),
+                metrics,
+                native,
+                skips,
+            },
         })
     }
 
@@ -354,47 +419,25 @@ impl Webhook {
 
     /// As [`Webhook::serve`]; stopping to accept connections before the signal is a failure
     /// (`run` exits non-zero so that Kubernetes restarts the pod, rather than the API server
-    /// failing its calls against a pod that looks alive).
+    /// failing its calls against a pod that looks alive). Stopping because of the signal
+    /// is not, however the two race.
     pub async fn try_serve(self, shutdown: Shutdown) -> Result<(), TaskFailure> {
-        let mut incoming = TlsIncoming::new(self.listener, self.tls, self.reload_interval, shutdown.clone());
-        let app = router(self.state);
-        let graceful = GracefulShutdown::new();
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.wait() => break,
-                next = incoming.next() => match next {
-                    Some(Ok(stream)) => stream,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "connection not served");
-                        continue;
-                    }
-                    None => {
-                        incoming.close().await;
-                        return Err(TaskFailure {
-                            task: "webhook HTTPS server".into(),
-                            message: "stopped accepting connections before the shutdown signal".into(),
-                        });
-                    }
-                },
-            };
-            let peer = stream.get_ref().0.peer_addr().ok();
-            let service = TowerToHyperService::new(app.clone());
-            let connection_watcher = graceful.watcher();
-            tokio::spawn(async move {
-                // The limits every listener shares (header read timeout, HTTP/2 streams).
-                let builder = crate::tls::http_builder();
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = connection_watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(?peer, error = %e, "connection ended with an error");
-                }
-            });
+        let failure = |message: String| TaskFailure { task: "webhook HTTPS server".into(), message };
+        let settings = listener::Listener {
+            name: "webhook HTTPS",
+            protocol: listener::Protocol::Http,
+            max_concurrent_streams: HTTP_MAX_CONCURRENT_STREAMS,
+            max_connections: listener::connection_limit(MAX_CONNECTIONS, 1),
+            answer_budget_bytes: ANSWER_BUDGET_BYTES,
+            tls: Some((self.tls, self.reload_interval)),
+        };
+        let served = listener::serve(self.listener, settings, router(self.state), shutdown.clone()).await;
+        match served {
+            // The loop ends only once the signal fired, or when it could not go on.
+            Ok(()) if shutdown.is_triggered() => Ok(()),
+            Ok(()) => Err(failure("stopped accepting connections before the shutdown signal".into())),
+            Err(e) => Err(failure(format!("failed: {e}"))),
         }
-        // No new connections from here on; open ones get the drain timeout.
-        incoming.close().await;
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-            tracing::warn!("connections still open after the drain timeout; closing them");
-        }
-        Ok(())
     }
 }
 
@@ -424,8 +467,18 @@ async fn mutate(State(state): State<AppState>, version: Version, headers: Header
         close_after(&mut response, version, declared != Some(0));
         return response;
     }
-    let bytes = match read_body(body, declared).await {
-        Ok(bytes) => bytes,
+    // The budget's share stays held until the review is answered.
+    let (bytes, _budget) = match read_body(body, declared, &state.bodies).await {
+        Ok(read) => read,
+        Err(BodyError::Busy) => {
+            let mut response = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy: too many admission bodies being read at once; retry\n".into(),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            close_after(&mut response, version, true);
+            return response;
+        }
         Err(BodyError::TooLarge { drained }) => {
             let mut response =
                 refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {MAX_BODY_BYTES} bytes\n"));
@@ -466,17 +519,29 @@ enum BodyError {
     TooLarge { drained: bool },
     /// The client's stream failed.
     Read(axum::Error),
+    /// The bodies being read at once are over their [`BodyBudget`].
+    Busy,
 }
 
 /// Reads at most [`MAX_BODY_BYTES`]. An over-size body is read on and discarded up to
 /// [`MAX_DISCARD_BYTES`] so that the client, which may still be sending when we decide,
 /// gets to read our 413: answering while it sends and then closing makes its TCP stack
-/// see a reset, and the client reports that instead of the status.
-async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyError> {
+/// see a reset, and the client reports that instead of the status. What is kept is charged
+/// to `budget` as it arrives (the charge is returned with the bytes and given back when
+/// dropped); a body that does not fit is [`BodyError::Busy`]. How long reading may take is the
+/// listener's request deadline (`crate::listener`).
+async fn read_body(
+    mut body: Body,
+    declared: Option<u64>,
+    budget: &BodyBudget,
+) -> Result<(Bytes, BodyCharge), BodyError> {
     if declared.is_some_and(|n| n > MAX_DISCARD_BYTES) {
         return Err(BodyError::TooLarge { drained: false });
     }
-    let mut kept = Vec::with_capacity(declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize));
+    let mut charged = BodyCharge::default();
+    let initial = declared.map_or(0, |n| n.min(MAX_BODY_BYTES as u64) as usize);
+    charged.charge(budget, initial)?;
+    let mut kept = Vec::with_capacity(initial);
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Read)?;
@@ -486,6 +551,11 @@ async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyE
             return Err(BodyError::TooLarge { drained: false });
         }
         if seen <= MAX_BODY_BYTES as u64 {
+            let needed = kept.len() + data.len();
+            if needed > kept.capacity() {
+                charged.charge(budget, needed - kept.capacity())?;
+                kept.reserve_exact(data.len());
+            }
             kept.extend_from_slice(&data);
         } else if !kept.is_empty() {
             kept = Vec::new();
@@ -494,7 +564,7 @@ async fn read_body(mut body: Body, declared: Option<u64>) -> Result<Bytes, BodyE
     if seen > MAX_BODY_BYTES as u64 {
         return Err(BodyError::TooLarge { drained: true });
     }
-    Ok(Bytes::from(kept))
+    Ok((Bytes::from(kept), charged))
 }
 
 /// Asks hyper to close an HTTP/1 connection after `response` when `close` (the request body
@@ -594,6 +664,9 @@ async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// Runs `durable-scaler webhook` until SIGTERM or Ctrl-C; exit status 2 when it cannot
 /// start (the certificate, the CA, the address).
 pub(crate) async fn run(args: Args) -> ExitCode {
+    // Installed first: a SIGTERM that comes while the webhook starts (a rollout, say) stops
+    // it cleanly rather than killing it with the signal's default action.
+    let shutdown = Shutdown::on_signal();
     let webhook = match Webhook::bind(&args).await {
         Ok(w) => w,
         Err(e) => {
@@ -603,7 +676,7 @@ pub(crate) async fn run(args: Args) -> ExitCode {
     };
     let addr = webhook.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, native_sidecar = ?args.native_sidecar, image = %webhook.sidecar_image(), "webhook serving");
-    match webhook.try_serve(Shutdown::on_signal()).await {
+    match webhook.try_serve(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(task = %e.task, "{e}; stopping the process so that it is restarted");
@@ -615,6 +688,27 @@ pub(crate) async fn run(args: Args) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_bodies_cannot_take_the_room_of_small_ones() {
+        let budget = BodyBudget::default();
+        let mut large: Vec<BodyCharge> = Vec::new();
+        loop {
+            let mut charge = BodyCharge::default();
+            match charge.charge(&budget, MAX_BODY_BYTES) {
+                Ok(()) => large.push(charge),
+                Err(BodyError::Busy) => break,
+                Err(_) => unreachable!("charging only fails busy"),
+            }
+        }
+        assert_eq!(large.len(), LARGE_BODIES_BUDGET_BYTES / (MAX_BODY_BYTES - SMALL_BODY_BYTES));
+        let mut pod = BodyCharge::default();
+        assert!(pod.charge(&budget, 4096).is_ok(), "a pod of a few KiB still fits");
+        assert!(pod.charge(&budget, MAX_BODY_BYTES / 2).is_err(), "but not a large body");
+        drop(large);
+        let mut again = BodyCharge::default();
+        assert!(again.charge(&budget, MAX_BODY_BYTES).is_ok(), "the budget comes back with the bodies");
+    }
 
     #[test]
     fn the_default_address_is_the_contract_port() {

@@ -9,6 +9,7 @@ use durable_scaler::aggregator::sources::{
 };
 use durable_scaler::heuristic::hpa::{MetricTargetType, desired_replicas};
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+use durable_scaler::proto::report::Report;
 use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -170,8 +171,12 @@ async fn stream_is_active_sends_the_state_at_open_then_true_on_each_activation_o
     aggregator.submit(whole_hub_report("app-1", hub, 3)).await;
     assert!(next(&mut stream).await, "true on activation");
     // Still active: nothing is sent; going inactive: nothing is sent (KEDA ignores false).
-    aggregator.submit(whole_hub_report("app-1", hub, 4)).await;
-    aggregator.submit(whole_hub_report("app-1", hub, 0)).await;
+    // The second reading is a millisecond later whatever the clock: the aggregator takes
+    // one reading per timestamp, and two made at once would be one.
+    let busy = whole_hub_report("app-1", hub, 4);
+    let idle = later_than(&busy, whole_hub_report("app-1", hub, 0));
+    aggregator.submit(busy).await;
+    aggregator.submit(idle).await;
     eventually("inactive again", || async { !aggregator.is_active(hub).await.unwrap() }).await;
     aggregator.submit(whole_hub_report("app-1", hub, 1)).await;
     assert!(next(&mut stream).await, "true on the second activation");
@@ -443,13 +448,25 @@ async fn a_recommendation_change_reaches_the_hook_with_the_scaled_object_asking(
     running.wait().await.unwrap();
 }
 
+/// `report` with every reading at least a millisecond after those of `before`.
+fn later_than(before: &Report, mut report: Report) -> Report {
+    let at = before.sampled_at_unix_ms + 1;
+    report.sampled_at_unix_ms = report.sampled_at_unix_ms.max(at);
+    for signals in
+        report.control_queues.iter_mut().filter_map(|c| c.signals.as_mut()).chain(report.work_item.as_mut())
+    {
+        signals.sampled_at_unix_ms = signals.sampled_at_unix_ms.max(at);
+    }
+    report
+}
+
 #[tokio::test]
-async fn an_unusable_connection_is_unavailable_with_the_probe_error() {
+async fn an_unusable_connection_is_invalid_argument_naming_its_key() {
     let aggregator = start(args()).await;
     let so = scaled_object("BrokenHub", &[("connection", "this is not a connection string")]);
     let status = aggregator.keda.clone().is_active(so).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("connection"), "{}", status.message());
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("scalerMetadata.connection:"), "{}", status.message());
     assert!(!status.message().contains("this is not a connection string"), "secrets stay out of answers");
     aggregator.stop().await;
 }

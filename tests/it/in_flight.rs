@@ -37,7 +37,7 @@ const PARTITIONS: u32 = 4;
 /// How often KEDA asks, here (KEDA's own default is 30 s; more often only looks closer).
 const ASK_EVERY: Duration = Duration::from_secs(2);
 /// How long a hub may take to be seen at all (first reports, first probe).
-const SEEN_WITHIN: Duration = Duration::from_secs(60);
+const SEEN_WITHIN: Duration = Duration::from_secs(120);
 
 /// The app's code as the queues see it: a work item `run <ms>` runs that long, `fail` fails
 /// after 100 ms (and is abandoned with upstream's back-off, for ever); a control message

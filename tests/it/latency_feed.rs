@@ -40,6 +40,7 @@ fn report(sampled_at: i64, work_item_age_ms: u64) -> ValidReport {
         sampled_at_unix_ms: sampled_at,
         limits: None,
         queue_settings: None,
+        sidecar: Default::default(),
     }
 }
 

@@ -26,12 +26,12 @@ const KUSTOMIZATIONS: [&str; 5] = ["base", "default", "plaintext", "example", "e
 const INSTALLS: [&str; 2] = ["default", "plaintext"];
 const KEDA_SCHEMA: &str = "tests/fixtures/keda/keda-v2.20.2.schema.json";
 
-fn manifests_dir() -> PathBuf {
+pub fn manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests")
 }
 
 /// `kubectl kustomize DIR`: the objects kustomize renders, in its order.
-fn render_path(dir: &Path) -> Vec<Value> {
+pub fn render_path(dir: &Path) -> Vec<Value> {
     let output = Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap_or_else(|e| {
         panic!("cannot run `kubectl kustomize` (kubectl, which bundles kustomize, must be on PATH): {e}")
     });
@@ -49,7 +49,26 @@ fn render(name: &str) -> Vec<Value> {
     render_path(&manifests_dir().join(name))
 }
 
-fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+/// The install `install` (a directory under manifests/) with the kustomize components
+/// `components` (paths under manifests/), rendered from an overlay in a temporary directory
+/// (kustomize takes relative paths only), as a user's own kustomization would include them.
+pub fn render_with_components(install: &str, components: &[&str]) -> Vec<Value> {
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = |name: &str| relative(overlay.path(), &manifests_dir().join(name)).display().to_string();
+    let components: Vec<String> = components.iter().map(|c| format!("  - {}\n", path(c))).collect();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n{}",
+            path(install),
+            components.concat()
+        ),
+    )
+    .unwrap();
+    render_path(overlay.path())
+}
+
+pub fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objects
         .iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
@@ -105,7 +124,7 @@ fn is_admission_policy(object: &Value) -> bool {
 
 /// Validates KEDA objects against tests/fixtures/keda (JSON Schema 2020-12, the definition
 /// named by each object's kind).
-fn keda_validate(objects: &[&Value]) -> Result<(), String> {
+pub fn keda_validate(objects: &[&Value]) -> Result<(), String> {
     const SCRIPT: &str = r##"
 import json, sys
 import jsonschema
@@ -1127,7 +1146,7 @@ fn every_image_of_the_installs_is_the_one_project_image() {
 }
 
 /// `to` relative to the directory `from` (both absolute).
-fn relative(from: &Path, to: &Path) -> PathBuf {
+pub fn relative(from: &Path, to: &Path) -> PathBuf {
     let (from, to) = (from.canonicalize().unwrap(), to.canonicalize().unwrap());
     let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
     let mut out = PathBuf::new();

@@ -124,6 +124,8 @@ impl AggregatorPorts {
             "60s",
             "--ready-after",
             "0s",
+            // Azurite serves plain http (the default install probes https endpoints only).
+            "--allow-http-storage",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -867,7 +867,10 @@ impl App {
             .map(|pod| PodReport {
                 pod: pod.id,
                 owned_partitions: self.leases.iter().filter(|l| l.owner == Some(pod.id)).count() as u32,
-                held_messages: (pod.activities.len() + pod.buffered) as u64,
+                // What a sidecar can know: its partitions' held control messages (the
+                // aggregator's split of their invisible counts). Which pod runs which activity
+                // no sidecar can tell: work items are one shared queue.
+                held_messages: pod.buffered as u64,
                 terminating: pod.terminating_since.is_some(),
             })
             .collect()
