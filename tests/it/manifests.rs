@@ -117,7 +117,7 @@ pub(crate) fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(
 }
 
 /// The admission policy kinds, `admissionregistration.k8s.io/v1` from Kubernetes 1.30 on.
-fn is_admission_policy(object: &Value) -> bool {
+pub(crate) fn is_admission_policy(object: &Value) -> bool {
     object["apiVersion"] == "admissionregistration.k8s.io/v1"
         && object["kind"].as_str().is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))
 }
