@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::aggregator::sources::{LiveReportingPods, RecommendationRecorder};
+use crate::aggregator::sources::{LiveReportingPods, PodDeletionCosts, RecommendationRecorder};
 use crate::aggregator::{self, Aggregator, ChangeHook, ReportAuth, ReportCheck};
 use crate::contract::env;
 use crate::kubernetes::{KubeArgs, KubeContext};
@@ -59,13 +59,18 @@ fn check_report_auth(requested: ReportAuth, kube_available: bool) -> Result<Repo
 
 /// The aggregator with the Kubernetes sources when `kube` is there: worker counts from the
 /// scale targets, TokenReview for reports (`--report-auth tokenreview`), Events on
-/// recommendation changes. Without it: the live reporting pods, and `--report-auth none` is
+/// recommendation changes, and the pod-deletion-cost writer unless `--pod-deletion-cost=false`.
+/// Without it: the live reporting pods, no deletion costs, and `--report-auth none` is
 /// required.
 fn with_kubernetes(args: aggregator::Args, kube: Option<KubeContext>) -> Result<Aggregator, String> {
     let mode = check_report_auth(args.report_auth, kube.is_some())?;
     let Some(kube) = kube else {
+        if args.pod_deletion_cost {
+            tracing::info!("no Kubernetes configuration: no pod-deletion-cost is kept on the pods");
+        }
         return Ok(Aggregator::new(args, ReportCheck::AcceptAny, Arc::new(LiveReportingPods)));
     };
+    let deletion_costs = args.pod_deletion_cost.then(|| kube.pod_deletion_costs());
     let workers = Arc::new(kube.worker_count());
     let events = Arc::new(kube.event_recorder());
     let authenticator = (mode == ReportAuth::Tokenreview).then(|| Arc::new(kube.authenticator()));
@@ -80,10 +85,18 @@ fn with_kubernetes(args: aggregator::Args, kube: Option<KubeContext>) -> Result<
     if let Some(a) = &authenticator {
         a.register(registry);
     }
+    if let Some(writer) = &deletion_costs {
+        writer.register(registry);
+    }
     let recorder: Arc<dyn RecommendationRecorder> = events;
     let hook: ChangeHook =
         Arc::new(move |scaled_object, change| recorder.recommendation_changed(scaled_object, change));
-    Ok(aggregator.on_recommendation_change(hook))
+    let aggregator = aggregator.on_recommendation_change(hook);
+    // The sampling loop hands each hub's live pods and their costs to the writer.
+    Ok(match deletion_costs {
+        Some(writer) => aggregator.keep_deletion_costs(Arc::new(writer) as Arc<dyn PodDeletionCosts>),
+        None => aggregator,
+    })
 }
 
 #[cfg(test)]
@@ -105,6 +118,20 @@ mod tests {
     fn report_auth_none_needs_no_kubernetes_config() {
         assert_eq!(check_report_auth(ReportAuth::None, false), Ok(ReportAuth::None));
         assert_eq!(check_report_auth(ReportAuth::None, true), Ok(ReportAuth::None));
+    }
+
+    #[test]
+    fn pod_deletion_cost_is_on_by_default_and_false_turns_it_off() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AggregatorArgs,
+        }
+        assert!(Cli::try_parse_from(["aggregator"]).unwrap().args.aggregator.pod_deletion_cost);
+        let off = Cli::try_parse_from(["aggregator", "--pod-deletion-cost=false"]).unwrap();
+        assert!(!off.args.aggregator.pod_deletion_cost);
+        assert!(aggregator::Args::loopback().pod_deletion_cost, "loopback() keeps every default");
     }
 
     #[test]

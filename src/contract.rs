@@ -97,6 +97,12 @@ pub mod env {
     /// The app's `maxQueuePollingInterval` (TimeSpan), copied from
     /// [`super::MAX_QUEUE_POLLING_INTERVAL_ENV`].
     pub const APP_MAX_QUEUE_POLLING_INTERVAL: &str = "DURABLE_SCALER_APP_MAX_QUEUE_POLLING_INTERVAL";
+    /// Sidecar in plain-container mode: the app container's port, which it listens on until
+    /// it stops (the first TCP `containerPort` the app declares).
+    pub const APP_PORT: &str = "DURABLE_SCALER_APP_PORT";
+    /// Sidecar in plain-container mode: how long it may keep reporting after SIGTERM while
+    /// the app still runs (the pod's grace period less time to leave).
+    pub const APP_EXIT_WAIT: &str = "DURABLE_SCALER_APP_EXIT_WAIT";
 }
 
 /// The label a pod template carries to opt in (filtered by the webhook's objectSelector).

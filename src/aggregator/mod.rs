@@ -117,6 +117,11 @@ pub struct Args {
     /// tracked hub was read; it goes at once when a server stops.
     #[arg(long, env = "DURABLE_SCALER_READY_AFTER", default_value = "10s", value_parser = crate::config::parse_duration)]
     pub ready_after: Duration,
+    /// Keep `controller.kubernetes.io/pod-deletion-cost` on every reporting pod (needs the
+    /// Kubernetes API and `patch` on pods), so the ReplicaSet removes the pod holding least
+    /// work first; `--pod-deletion-cost=false` turns it off.
+    #[arg(long, env = "DURABLE_SCALER_POD_DELETION_COST", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_deletion_cost: bool,
 }
 
 /// How the aggregator authenticates sidecar reports (`--report-auth`).
@@ -157,6 +162,7 @@ impl Args {
             work_grace: Duration::from_secs(300),
             allow_http_storage: true,
             ready_after: Duration::ZERO,
+            pod_deletion_cost: true,
         }
     }
 }

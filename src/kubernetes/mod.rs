@@ -1,10 +1,12 @@
 //! The aggregator's Kubernetes side: the worker count read from a ScaledObject's scale
-//! target, the TokenReview check of the sidecars' report tokens, and Events on the
-//! ScaledObject when a hub's recommendation changes.
+//! target, the TokenReview check of the sidecars' report tokens, Events on the
+//! ScaledObject when a hub's recommendation changes, and each reporting pod's
+//! `controller.kubernetes.io/pod-deletion-cost`.
 //!
 //! Each part implements a trait the aggregator defines in `crate::aggregator::sources`
 //! ([`KubeWorkerCount`]: `WorkerCountSource`, [`TokenReviewAuthenticator`]:
-//! `ReportAuthenticator`, [`EventRecorder`]: `RecommendationRecorder`); this module depends
+//! `ReportAuthenticator`, [`EventRecorder`]: `RecommendationRecorder`,
+//! [`PodDeletionCostWriter`]: `PodDeletionCosts`); this module depends
 //! on that trait module and nothing else of the aggregator, and the aggregator does not know
 //! this module. The composition root (`crate::app`) plugs them in.
 //!
@@ -26,6 +28,7 @@
 //! | `apps` | `deployments/scale`, `statefulsets/scale` | `get` | [`KubeWorkerCount`] (`status.replicas`) |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | [`TokenReviewAuthenticator`] |
 //! | `events.k8s.io` | `events` | `create` | [`EventRecorder`] (creates only) |
+//! | `""` (core) | `pods` | `patch` | [`PodDeletionCostWriter`] (a merge patch of one annotation; the install's ValidatingAdmissionPolicy refuses any other change by this ServiceAccount) |
 //!
 //! [`RBAC`] is this table as data; the manifests test holds `manifests/` to it.
 //!
@@ -46,7 +49,11 @@
 //!   expires (or the cache's maximum age passes).
 //! - Events: at most one `GET` of the ScaledObject and one `POST` of an Event per
 //!   ScaledObject per minimum event interval.
+//! - Pod deletion costs: one `PATCH` per pod whose cost changed, at most
+//!   `--pod-deletion-cost-rate` per second over all hubs (`--pod-deletion-cost-burst` at once);
+//!   none for a pod whose cost did not change.
 
+mod deletion_cost;
 mod events;
 mod metrics;
 mod token_review;
@@ -58,7 +65,7 @@ use crate::contract::env;
 
 /// The aggregator's RBAC (the table above): every rule cluster-wide, since the apps live in
 /// any namespace.
-pub const RBAC: [crate::contract::RbacRule; 5] = {
+pub const RBAC: [crate::contract::RbacRule; 6] = {
     use crate::contract::RbacRule;
     const fn rule(api_group: &'static str, resource: &'static str, verb: &'static str) -> RbacRule {
         RbacRule { api_group, resource, verb, cluster_wide: true }
@@ -69,9 +76,14 @@ pub const RBAC: [crate::contract::RbacRule; 5] = {
         rule("apps", "statefulsets/scale", "get"),
         rule("authentication.k8s.io", "tokenreviews", "create"),
         rule("events.k8s.io", "events", "create"),
+        rule("", "pods", "patch"),
     ]
 };
 
+pub use deletion_cost::{
+    FAILURE_PAUSE, FIELD_MANAGER, POD_DELETION_COST_ANNOTATION, PodDeletionCostWriter, REFUSAL_PAUSE,
+    TokenBucket, WritePace, WriteRate,
+};
 pub use events::EventRecorder;
 pub use token_review::TokenReviewAuthenticator;
 pub use worker_count::KubeWorkerCount;
@@ -139,6 +151,14 @@ pub struct KubeArgs {
     /// How long one call to the Kubernetes API may take before it counts as failed.
     #[arg(long, env = "DURABLE_SCALER_KUBE_API_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
     pub kube_api_timeout: Duration,
+    /// The most `controller.kubernetes.io/pod-deletion-cost` writes per second, over all pods
+    /// (with `--pod-deletion-cost` on).
+    #[arg(long, env = "DURABLE_SCALER_POD_DELETION_COST_RATE", default_value_t = 5.0, value_parser = positive_rate)]
+    pub pod_deletion_cost_rate: f64,
+    /// The most pod-deletion-cost writes at once, before the rate applies.
+    #[arg(long, env = "DURABLE_SCALER_POD_DELETION_COST_BURST", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_deletion_cost_burst: u32,
     /// This pod's name (downward API), recorded as the `reportingInstance` of every Event;
     /// when unset the start-up code takes `HOSTNAME`, which Kubernetes sets to it too.
     #[arg(long, env = env::POD_NAME)]
@@ -150,6 +170,13 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
         .and_then(|d| if d.is_zero() { Err(format!("`{text}` must be above zero")) } else { Ok(d) })
 }
 
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("`{text}` must be a number of writes per second above zero")),
+    }
+}
+
 impl Default for KubeArgs {
     fn default() -> Self {
         Self {
@@ -158,6 +185,8 @@ impl Default for KubeArgs {
             token_cache_size: 10_000,
             event_min_interval: Duration::from_secs(30),
             kube_api_timeout: Duration::from_secs(5),
+            pod_deletion_cost_rate: 5.0,
+            pod_deletion_cost_burst: 10,
             pod_name: None,
         }
     }
@@ -221,6 +250,16 @@ impl KubeContext {
             .with_cache_size(usize::try_from(self.args.token_cache_size).unwrap_or(usize::MAX))
     }
 
+    /// The pod-deletion-cost writer at the configured rate (starts its task: call it inside
+    /// the Tokio runtime).
+    pub fn pod_deletion_costs(&self) -> PodDeletionCostWriter {
+        let rate = WriteRate {
+            per_second: self.args.pod_deletion_cost_rate,
+            burst: self.args.pod_deletion_cost_burst,
+        };
+        PodDeletionCostWriter::new(self.client.clone(), WritePace::new(rate))
+    }
+
     /// The Event recorder, reporting as `--pod-name` (read at start, see [`KubeArgs`]), else
     /// as `durable-scaler-aggregator`.
     pub(crate) fn event_recorder(&self) -> EventRecorder {
@@ -248,5 +287,7 @@ mod tests {
         assert_eq!(parsed.token_cache_size, default.token_cache_size);
         assert_eq!(parsed.event_min_interval, default.event_min_interval);
         assert_eq!(parsed.kube_api_timeout, default.kube_api_timeout);
+        assert_eq!(parsed.pod_deletion_cost_rate, default.pod_deletion_cost_rate);
+        assert_eq!(parsed.pod_deletion_cost_burst, default.pod_deletion_cost_burst);
     }
 }

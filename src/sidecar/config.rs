@@ -74,6 +74,19 @@ pub struct Args {
     /// What decides the app's per-pod limits (reported to the aggregator).
     #[command(flatten)]
     pub app_limits: AppLimitArgs,
+    /// The app container's port on this pod: once the app has listened there, its closing
+    /// (with the pod's partitions released) tells that the app stopped. Without it, after
+    /// SIGTERM the sidecar keeps reporting for all of `--app-exit-wait`.
+    #[arg(long, env = env::APP_PORT, value_parser = naming(env::APP_PORT, |text: &str| text.trim().parse::<u16>()
+        .ok().filter(|port| *port > 0).ok_or_else(|| format!("`{text}` is not a port (1 to 65535)"))))]
+    pub app_port: Option<u16>,
+    /// After SIGTERM, keep polling and reporting (marked draining) until the app stopped, for
+    /// at most this long, then send the `leaving` report. 0s (the default, and what a native
+    /// sidecar needs: Kubernetes stops it after the app) leaves at once. The webhook sets it
+    /// for a plain-container sidecar to the pod's grace period less 3 s.
+    #[arg(long, env = env::APP_EXIT_WAIT, default_value = "0s",
+          value_parser = naming(env::APP_EXIT_WAIT, crate::config::parse_duration))]
+    pub app_exit_wait: Duration,
 }
 
 /// An identity-based connection (the app's `{connection}__accountName` and the rest, copied by
@@ -327,6 +340,10 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// What decides the app's per-pod limits.
     pub app_limits: AppLimits,
+    /// The app container's port, whose closing tells that the app stopped.
+    pub app_port: Option<u16>,
+    /// How long to keep reporting after SIGTERM while the app runs (zero: leave at once).
+    pub app_exit_wait: Duration,
 }
 
 /// A missing or invalid setting, named by its environment variable and flag.
@@ -422,6 +439,8 @@ impl Config {
                     max_queue_polling_interval: args.app_limits.app_max_queue_polling_interval,
                 },
             },
+            app_port: args.app_port,
+            app_exit_wait: args.app_exit_wait,
         })
     }
 }
@@ -485,7 +504,19 @@ mod tests {
             token_file: TOKEN_FILE.into(),
             http_addr: SocketAddr::from(([0, 0, 0, 0], SIDECAR_HTTP_PORT)),
             app_limits: AppLimitArgs::default(),
+            app_port: None,
+            app_exit_wait: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn by_default_the_sidecar_leaves_at_once_and_knows_no_app_port() {
+        let parsed = Cli::try_parse_from(["sidecar"]).unwrap().args;
+        assert_eq!((parsed.app_port, parsed.app_exit_wait), (None, Duration::ZERO));
+        let set =
+            Cli::try_parse_from(["sidecar", "--app-port", "80", "--app-exit-wait", "27s"]).unwrap().args;
+        assert_eq!((set.app_port, set.app_exit_wait), (Some(80), Duration::from_secs(27)));
+        assert!(Cli::try_parse_from(["sidecar", "--app-port", "0"]).is_err());
     }
 
     #[test]

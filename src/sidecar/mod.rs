@@ -6,7 +6,8 @@
 //! [`report::deliver_to_every_replica`] -> one [`report::deliver_latest`] per aggregator
 //! replica (gRPC). Polling never waits on the aggregator, and a slow or absent replica only
 //! ever costs its own latest report. On shutdown a final `leaving` report tells every
-//! replica to probe this pod's partitions itself.
+//! replica to probe this pod's partitions itself; a plain-container sidecar sends it only
+//! after its app stopped, reporting `draining` until then ([`stop`]).
 //!
 //! The HTTP server, the poll loop and the delivery run under a
 //! [`crate::shutdown::Supervisor`]: if one of them stops before SIGTERM, the sidecar exits
@@ -15,12 +16,14 @@
 //! - [`config`]: flags and environment, validated once;
 //! - [`poll`]: one poll and its translation into the report protocol;
 //! - [`report`]: the gRPC client and the latest-only delivery loop;
+//! - [`stop`]: when a plain-container sidecar leaves (after its app);
 //! - [`metrics`]: Prometheus metrics and the `/healthz` + `/metrics` server.
 
 pub(crate) mod config;
 pub(crate) mod metrics;
 pub(crate) mod poll;
 pub(crate) mod report;
+pub(crate) mod stop;
 
 use std::{
     net::SocketAddr,
@@ -140,11 +143,29 @@ impl Sidecar {
     }
 
     /// As [`Sidecar::run`], returning the task that stopped before the signal, if one did
-    /// (it fires `shutdown` for the others; the leaving report still goes out).
+    /// (it fires `shutdown` for the others; the leaving report still goes out). With
+    /// `app_exit_wait` set, the tasks go on after `shutdown`, reporting `draining`, until the
+    /// app stopped or the wait ran out ([`stop`]).
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), TaskFailure> {
         let Self { config, listener, replicas, metrics } = self;
-        let mut supervisor = Supervisor::new(shutdown.clone());
-        let app = metrics::router(metrics.clone());
+        // What ends the tasks: the signal itself, or, for a sidecar that must outlive its app,
+        // the app's stop after the signal (`draining` is the signal then).
+        let outlive_app = !config.app_exit_wait.is_zero();
+        let (stop, draining) =
+            if outlive_app { (Shutdown::new(), Some(shutdown.clone())) } else { (shutdown.clone(), None) };
+        let app = stop::AppWatch::new(config.app_port.filter(|_| outlive_app));
+        let (progress, polls) = watch::channel(stop::PollProgress::default());
+        if let Some(sigterm) = &draining {
+            tokio::spawn(stop::stop_after_app(
+                sigterm.clone(),
+                stop.clone(),
+                app.clone(),
+                polls,
+                config.app_exit_wait,
+            ));
+        }
+        let mut supervisor = Supervisor::new(stop.clone());
+        let router = metrics::router(metrics.clone());
         let http = crate::listener::Listener {
             name: "sidecar HTTP",
             protocol: crate::listener::Protocol::Http,
@@ -153,9 +174,9 @@ impl Sidecar {
             answer_budget_bytes: HTTP_ANSWER_BUDGET_BYTES,
             tls: None,
         };
-        let stop = shutdown.clone();
+        let http_stop = stop.clone();
         supervisor.spawn("sidecar HTTP server", async move {
-            crate::listener::serve(listener, http, app, stop).await.map_err(|e| e.to_string())
+            crate::listener::serve(listener, http, router, http_stop).await.map_err(|e| e.to_string())
         });
         let (latest, receiver) = watch::channel(None);
         let settings = report::DeliverySettings {
@@ -171,15 +192,22 @@ impl Sidecar {
                 config.interval,
                 settings,
                 clients.clone(),
-                shutdown.clone(),
+                stop.clone(),
             ),
         );
         let partition_count = Arc::new(AtomicU32::new(0));
-        let (poll_config, poll_metrics, count, stop) =
-            (config.clone(), metrics.clone(), partition_count.clone(), shutdown.clone());
+        let poll = PollLoop {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            latest,
+            stop: stop.clone(),
+            draining,
+            app,
+            progress,
+        };
+        let count = partition_count.clone();
         supervisor.spawn("poll loop", async move {
-            let seen = poll_until_shutdown(&poll_config, &poll_metrics, &latest, &stop).await;
-            count.store(seen, Ordering::Relaxed);
+            count.store(poll.run().await, Ordering::Relaxed);
             Ok(())
         });
         let outcome = supervisor.supervise(DRAIN_TIMEOUT).await;
@@ -201,62 +229,98 @@ impl Sidecar {
     }
 }
 
-/// The poll loop; returns the last partition count seen. Polls every `config.interval`.
-async fn poll_until_shutdown(
-    config: &Config,
-    metrics: &Metrics,
-    latest: &watch::Sender<Option<proto::Report>>,
-    shutdown: &Shutdown,
-) -> u32 {
-    let reader = TaskHubReader::new(
-        &config.account,
-        config.task_hub.clone(),
-        config.partition_mode,
-        storage_options(config),
-    );
-    let interval = config.interval;
-    let mut ticker = new_ticker(interval, Duration::ZERO);
-    let mut partition_count = 0;
-    let mut last_error_kind: Option<StorageErrorKind> = None;
-    while shutdown.tick(&mut ticker).await {
-        let started = Instant::now();
-        let requests_before = reader.account().request_count();
-        let now = UnixMs::now();
-        let result = tokio::select! {
-            result = poll::poll(&reader, &config.pod_name, now) => result,
-            _ = shutdown.wait() => break,
-        };
-        let kinds: Vec<StorageErrorKind> = result.errors.iter().map(|e| e.kind()).collect();
-        let owned = poll::owned_partitions(&result.leases, &config.pod_name);
-        metrics.record_poll(
-            started.elapsed(),
-            owned.len(),
-            &kinds,
-            reader.account().request_count() - requests_before,
+/// The poll loop and what it shares.
+struct PollLoop {
+    config: Config,
+    metrics: Arc<Metrics>,
+    latest: watch::Sender<Option<proto::Report>>,
+    /// Ends the loop.
+    stop: Shutdown,
+    /// Once fired (SIGTERM, for a sidecar that outlives its app), reports say `draining`
+    /// and one poll is made at once.
+    draining: Option<Shutdown>,
+    app: Arc<stop::AppWatch>,
+    progress: watch::Sender<stop::PollProgress>,
+}
+
+impl PollLoop {
+    /// Polls every interval (and at once when draining starts or the stop logic asks) until
+    /// `stop`; returns the last partition count seen.
+    async fn run(self) -> u32 {
+        let Self { config, metrics, latest, stop, draining, app, progress } = self;
+        let reader = TaskHubReader::new(
+            &config.account,
+            config.task_hub.clone(),
+            config.partition_mode,
+            storage_options(&config),
         );
-        // Log a storage problem when it starts or changes, not on every poll.
-        let kind = kinds.first().copied();
-        if kind != last_error_kind {
-            match result.errors.first() {
-                Some(e) => tracing::warn!(error = %e, "storage read failed"),
-                None => {
-                    let layout = result.layout.map(|l| l.as_str());
-                    tracing::info!(
-                        ?owned,
-                        partitions = result.reading.partition_count,
-                        ?layout,
-                        "storage reads healthy"
-                    )
+        let interval = config.interval;
+        let mut ticker = new_ticker(interval, Duration::ZERO);
+        let mut partition_count = 0;
+        let mut last_error_kind: Option<StorageErrorKind> = None;
+        let mut draining_seen = false;
+        let mut polls = 0;
+        loop {
+            let draining_now = async {
+                match &draining {
+                    Some(signal) if !draining_seen => signal.wait().await,
+                    _ => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                () = stop.wait() => break,
+                _ = ticker.tick() => {}
+                () = draining_now => draining_seen = true,
+                () = app.poll_now.notified() => {}
             }
-            last_error_kind = kind;
+            if stop.is_triggered() {
+                break;
+            }
+            let started = Instant::now();
+            let requests_before = reader.account().request_count();
+            let now = UnixMs::now();
+            let result = tokio::select! {
+                result = poll::poll(&reader, &config.pod_name, now) => result,
+                () = stop.wait() => break,
+            };
+            app.look().await;
+            let kinds: Vec<StorageErrorKind> = result.errors.iter().map(|e| e.kind()).collect();
+            let owned = poll::owned_partitions(&result.leases, &config.pod_name);
+            metrics.record_poll(
+                started.elapsed(),
+                owned.len(),
+                &kinds,
+                reader.account().request_count() - requests_before,
+            );
+            // Log a storage problem when it starts or changes, not on every poll.
+            let kind = kinds.first().copied();
+            if kind != last_error_kind {
+                match result.errors.first() {
+                    Some(e) => tracing::warn!(error = %e, "storage read failed"),
+                    None => {
+                        let layout = result.layout.map(|l| l.as_str());
+                        tracing::info!(
+                            ?owned,
+                            partitions = result.reading.partition_count,
+                            ?layout,
+                            "storage reads healthy"
+                        )
+                    }
+                }
+                last_error_kind = kind;
+            }
+            if result.reading.partition_count > 0 {
+                partition_count = result.reading.partition_count;
+            }
+            let mut report = report_of(&config, interval, &result, now);
+            report.draining = draining.as_ref().is_some_and(Shutdown::is_triggered);
+            latest.send_replace(Some(report));
+            polls += 1;
+            // Only after the report is out, so the stop logic's "a poll after" has been sent.
+            progress.send_replace(stop::PollProgress { polls, owned: owned.len() });
         }
-        if result.reading.partition_count > 0 {
-            partition_count = result.reading.partition_count;
-        }
-        latest.send_replace(Some(report_of(config, interval, &result, now)));
+        partition_count
     }
-    partition_count
 }
 
 /// A ticker of `period` whose first tick comes after `first`; a late tick delays the next.

@@ -105,6 +105,8 @@ fn sidecar_args(
         token_file: token_dir.path().join("token"),
         http_addr: ([127, 0, 0, 1], 0).into(),
         app_limits: Default::default(),
+        app_port: None,
+        app_exit_wait: Duration::ZERO,
     }
 }
 

@@ -188,6 +188,7 @@ pub fn report(
         sampled_at_unix_ms: now_ms(),
         interval_ms: 1000,
         leaving: false,
+        draining: false,
         error: None,
         sidecar_version: "0.1.0".into(),
         partition_mode: "table".into(),

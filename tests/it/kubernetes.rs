@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use durable_scaler::aggregator::sources::{
@@ -59,6 +59,27 @@ struct ApiState {
     events: Vec<Value>,
     /// Answer every request with 500, as an API server whose etcd is gone does.
     failing: bool,
+    /// Pods by (namespace, name), as stored objects.
+    pods: HashMap<(String, String), Value>,
+    /// Every PATCH of a pod, as received.
+    pod_patches: Vec<PodPatch>,
+    /// Refuse every pod PATCH with 403, as RBAC does without `patch` on pods.
+    refuse_pod_patches: bool,
+}
+
+/// One PATCH of a pod, as the fake API server received it.
+#[derive(Clone, Debug)]
+struct PodPatch {
+    /// `/api/v1/namespaces/{ns}/pods/{name}`.
+    path: String,
+    /// The query string (`fieldManager=...`).
+    query: String,
+    /// The Content-Type header, which says how the API server reads the body.
+    content_type: String,
+    /// The body.
+    body: Value,
+    /// When it arrived.
+    at: std::time::Instant,
 }
 
 /// A fake kube-apiserver on loopback; stops when dropped.
@@ -123,6 +144,26 @@ impl FakeApi {
     fn events(&self) -> Vec<Value> {
         self.state().events.clone()
     }
+
+    fn add_pod(&self, namespace: &str, name: &str) {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                         "resourceVersion": "1", "labels": {"app": "orders-func"},
+                         "annotations": {"durable-scaler.io/status": "{}"}},
+            "spec": {"containers": [{"name": "functions", "image": "orders-func:1"}]},
+            "status": {"phase": "Running"},
+        });
+        self.state().pods.insert((namespace.into(), name.into()), pod);
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Value {
+        self.state().pods[&(namespace.to_owned(), name.to_owned())].clone()
+    }
+
+    fn pod_patches(&self) -> Vec<PodPatch> {
+        self.state().pod_patches.clone()
+    }
 }
 
 /// A kube client for `url` with the library's crypto provider, as the aggregator builds it.
@@ -151,6 +192,7 @@ async fn handle(
     State(state): State<Arc<Mutex<ApiState>>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
@@ -256,6 +298,52 @@ async fn handle(
             event["metadata"]["namespace"] = json!(ns);
             state.events.push(event.clone());
             (StatusCode::CREATED, axum::Json(event)).into_response()
+        }
+        // PATCH /api/v1/namespaces/{ns}/pods/{name}: the body is read as the Content-Type says
+        // (application/merge-patch+json: RFC 7386 merge into the stored pod; the other patch
+        // types are not what the aggregator sends and get 415), 200 with the patched pod and
+        // a new resourceVersion; 404 NotFound for a pod that does not exist; 403 Forbidden
+        // with RBAC's message when refusing.
+        (Method::PATCH, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let parsed = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+            state.pod_patches.push(PodPatch {
+                path: path.clone(),
+                query: uri.query().unwrap_or_default().to_owned(),
+                content_type: content_type.clone(),
+                body: parsed.clone(),
+                at: std::time::Instant::now(),
+            });
+            if state.refuse_pod_patches {
+                return status(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!(
+                        "pods \"{name}\" is forbidden: User \"system:serviceaccount:durable-scaler:durable-scaler-aggregator\" \
+                         cannot patch resource \"pods\" in API group \"\" in the namespace \"{ns}\""
+                    ),
+                );
+            }
+            if content_type != "application/merge-patch+json" {
+                return status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    &format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml; got {content_type}"
+                    ),
+                );
+            }
+            let Some(pod) = state.pods.get_mut(&(ns.to_string(), name.to_string())) else {
+                return status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{name}\" not found"));
+            };
+            json_patch::merge(pod, &parsed);
+            let version = pod["metadata"]["resourceVersion"].as_str().unwrap().parse::<u64>().unwrap() + 1;
+            pod["metadata"]["resourceVersion"] = json!(version.to_string());
+            axum::Json(pod.clone()).into_response()
         }
         // Anything else: 404 with a Status, as for an unknown path.
         _ => status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
@@ -912,4 +1000,247 @@ async fn a_kubeconfig_is_found_and_its_client_reads_the_worker_count() {
     }
     let context = KubeContext::try_default(KubeArgs::default()).await.expect("the kubeconfig is found");
     assert_eq!(context.worker_count().worker_count(&key("apps", "orders")).await, Some(3));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pod deletion cost
+// ---------------------------------------------------------------------------------------------
+
+use durable_scaler::aggregator::sources::{PodCost, PodDeletionCosts};
+use durable_scaler::kubernetes::{
+    FIELD_MANAGER, POD_DELETION_COST_ANNOTATION, PodDeletionCostWriter, WritePace, WriteRate,
+};
+
+/// Fast enough for a test, slow enough that the bucket, not the server, sets the pace.
+const TEST_RATE: WriteRate = WriteRate { per_second: 200.0, burst: 20 };
+
+fn writer(api: &FakeApi, pace: WritePace) -> (PodDeletionCostWriter, Registry) {
+    let writer = PodDeletionCostWriter::new(api.client(), pace);
+    let mut registry = Registry::default();
+    writer.register(&mut registry);
+    (writer, registry)
+}
+
+fn cost(pod: &str, cost: i32) -> PodCost {
+    PodCost { namespace: "orders".into(), pod: pod.into(), cost }
+}
+
+fn annotation(pod: &Value) -> Option<&str> {
+    pod["metadata"]["annotations"][POD_DELETION_COST_ANNOTATION].as_str()
+}
+
+/// The pod the ReplicaSet removes first among equally ready pods: the lowest cost, read as
+/// `GetDeletionCostFromPodAnnotations` reads it (missing or invalid: 0).
+fn first_to_go<'a>(api: &FakeApi, pods: &[&'a str]) -> &'a str {
+    let read =
+        |pod: &str| annotation(&api.pod("orders", pod)).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
+    pods.iter().copied().min_by_key(|pod| read(pod)).unwrap()
+}
+
+#[tokio::test]
+async fn a_cost_is_written_as_one_json_merge_patch_of_the_pod_annotation() {
+    let api = FakeApi::start().await;
+    api.add_pod("orders", "orders-func-1");
+    let (writer, registry) = writer(&api, WritePace::new(TEST_RATE));
+    writer.update(vec![cost("orders-func-1", 17)]);
+    eventually("the write", || {
+        counter(&registry, "durable_scaler_aggregator_pod_deletion_cost_writes_total", "written") == 1
+    })
+    .await;
+
+    let patches = api.pod_patches();
+    assert_eq!(patches.len(), 1);
+    let patch = &patches[0];
+    assert_eq!(patch.path, "/api/v1/namespaces/orders/pods/orders-func-1");
+    assert_eq!(
+        patch.content_type, "application/merge-patch+json",
+        "RFC 7386, which replaces only the keys it names"
+    );
+    let query: Vec<&str> = patch.query.split('&').filter(|pair| !pair.is_empty()).collect();
+    assert_eq!(query, [format!("fieldManager={FIELD_MANAGER}")]);
+    assert_eq!(patch.body, json!({"metadata": {"annotations": {POD_DELETION_COST_ANNOTATION: "17"}}}));
+    let pod = api.pod("orders", "orders-func-1");
+    assert_eq!(annotation(&pod), Some("17"));
+    assert_eq!(pod["metadata"]["annotations"]["durable-scaler.io/status"], "{}", "other annotations kept");
+    assert_eq!(pod["metadata"]["labels"], json!({"app": "orders-func"}));
+}
+
+#[tokio::test]
+async fn an_unchanged_cost_is_not_written_again_and_a_changed_one_is() {
+    let api = FakeApi::start().await;
+    api.add_pod("orders", "orders-func-1");
+    let (writer, registry) = writer(&api, WritePace::new(TEST_RATE));
+    let written =
+        || counter(&registry, "durable_scaler_aggregator_pod_deletion_cost_writes_total", "written");
+    writer.update(vec![cost("orders-func-1", 3)]);
+    eventually("the first write", || written() == 1).await;
+    for _ in 0..50 {
+        writer.update(vec![cost("orders-func-1", 3)]);
+        assert_eq!(writer.pending(), 0, "an unchanged cost is not queued");
+    }
+    writer.update(vec![cost("orders-func-1", -2)]);
+    eventually("the second write", || written() == 2).await;
+    assert_eq!(api.pod_patches().len(), 2);
+    assert_eq!(annotation(&api.pod("orders", "orders-func-1")), Some("-2"));
+}
+
+#[tokio::test]
+async fn the_pods_carry_the_latest_ranking_so_the_replicaset_removes_the_idlest_first() {
+    let api = FakeApi::start().await;
+    let pods = ["orders-func-a", "orders-func-b", "orders-func-c", "orders-func-d"];
+    for pod in pods {
+        api.add_pod("orders", pod);
+    }
+    let (writer, _registry) = writer(&api, WritePace::new(TEST_RATE));
+    // Three samples of the hub: the idlest pod changes as work moves.
+    let rankings = [[40, 0, 17, 35], [40, 51, 0, 35], [0, 51, 68, 2]];
+    for ranking in rankings {
+        writer.update(pods.iter().zip(ranking).map(|(pod, c)| cost(pod, c)).collect());
+    }
+    let last = rankings[2];
+    eventually("every pod carries its latest cost", || {
+        pods.iter()
+            .zip(last)
+            .all(|(pod, c)| annotation(&api.pod("orders", pod)) == Some(c.to_string().as_str()))
+    })
+    .await;
+    assert_eq!(first_to_go(&api, &pods), "orders-func-a");
+    // Each pod was written at most once per value it was given.
+    assert!(api.pod_patches().len() <= pods.len() * rankings.len());
+    writer.update(vec![cost("orders-func-a", 90), cost("orders-func-d", 1)]);
+    eventually("the new idlest pod", || first_to_go(&api, &pods) == "orders-func-d").await;
+}
+
+#[tokio::test]
+async fn a_thousand_pods_are_written_no_faster_than_the_bucket_allows_and_once_each() {
+    const PODS: usize = 1000;
+    let api = FakeApi::start().await;
+    let names: Vec<String> = (0..PODS).map(|i| format!("orders-func-{i:04}")).collect();
+    for name in &names {
+        api.add_pod("orders", name);
+    }
+    let (writer, registry) = writer(&api, WritePace::new(TEST_RATE));
+    let start = std::time::Instant::now();
+    let costs =
+        || names.iter().enumerate().map(|(i, n)| cost(n, i32::try_from(i).unwrap())).collect::<Vec<_>>();
+    writer.update(costs());
+    eventually("every pod written", || {
+        counter(&registry, "durable_scaler_aggregator_pod_deletion_cost_writes_total", "written")
+            == PODS as u64
+    })
+    .await;
+    let patches = api.pod_patches();
+    assert_eq!(patches.len(), PODS, "one write per pod");
+    // The bucket's bound at every arrival: never more than burst + rate x time since start.
+    for (i, patch) in patches.iter().enumerate() {
+        let elapsed = patch.at.duration_since(start).as_secs_f64();
+        let allowed = f64::from(TEST_RATE.burst) + TEST_RATE.per_second * elapsed;
+        assert!(
+            (i + 1) as f64 <= allowed + 1e-6,
+            "write {} arrived {elapsed:.3} s after the start: more than {allowed:.1} allowed",
+            i + 1
+        );
+    }
+    // The sampling loop names every pod again and again: nothing more is queued.
+    for _ in 0..5 {
+        writer.update(costs());
+        assert_eq!(writer.pending(), 0);
+    }
+    assert_eq!(api.pod_patches().len(), PODS);
+}
+
+/// Captures this thread's log lines (a current-thread runtime runs the writer's task here).
+fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let sink = Sink(buffer.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn a_refused_patch_is_logged_once_counted_and_never_retried_in_a_loop() {
+    let (logs, _guard) = capture_logs();
+    let api = FakeApi::start().await;
+    for pod in ["orders-func-1", "orders-func-2", "orders-func-3"] {
+        api.add_pod("orders", pod);
+    }
+    api.state().refuse_pod_patches = true;
+    let pause = Duration::from_millis(100);
+    let pace = WritePace { rate: TEST_RATE, after_refusal: pause, after_failure: pause };
+    let (writer, registry) = writer(&api, pace);
+    let refused =
+        || counter(&registry, "durable_scaler_aggregator_pod_deletion_cost_writes_total", "refused");
+    writer.update(vec![cost("orders-func-1", 1), cost("orders-func-2", 2), cost("orders-func-3", 3)]);
+    eventually("each pod tried once", || refused() == 3).await;
+    // The refused values are never sent again, however often the sampling loop names them.
+    for _ in 0..20 {
+        writer.update(vec![cost("orders-func-1", 1), cost("orders-func-2", 2), cost("orders-func-3", 3)]);
+        assert_eq!(writer.pending(), 0);
+    }
+    // A new value is tried, once, after the pause.
+    writer.update(vec![cost("orders-func-1", 5)]);
+    eventually("the new value tried", || refused() == 4).await;
+
+    let patches = api.pod_patches();
+    assert_eq!(patches.len(), 4);
+    for pair in patches.windows(2) {
+        assert!(pair[1].at.duration_since(pair[0].at) >= pause, "a refused write is followed by a pause");
+    }
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("patch") && warnings[0].contains("--pod-deletion-cost=false"),
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(text.lines().filter(|l| l.contains("refused again")).count(), 3, "{text}");
+}
+
+#[tokio::test]
+async fn a_pod_that_is_gone_is_forgotten_and_not_written_again() {
+    let api = FakeApi::start().await;
+    let (writer, registry) = writer(&api, WritePace::new(TEST_RATE));
+    writer.update(vec![cost("orders-func-gone", 4)]);
+    eventually("the 404", || {
+        counter(&registry, "durable_scaler_aggregator_pod_deletion_cost_writes_total", "gone") == 1
+    })
+    .await;
+    // The aggregator still lists it for a few intervals: no more calls for it.
+    for c in [4, 5, 6] {
+        writer.update(vec![cost("orders-func-gone", c)]);
+        assert_eq!(writer.pending(), 0);
+    }
+    assert_eq!(api.pod_patches().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_write_is_retried_after_a_pause() {
+    let api = FakeApi::start().await;
+    api.add_pod("orders", "orders-func-1");
+    api.state().failing = true;
+    let pause = Duration::from_millis(50);
+    let pace = WritePace { rate: TEST_RATE, after_refusal: pause, after_failure: pause };
+    let (writer, registry) = writer(&api, pace);
+    let outcome = |o| counter(&registry, "durable_scaler_aggregator_pod_deletion_cost_writes_total", o);
+    writer.update(vec![cost("orders-func-1", 8)]);
+    eventually("a failure", || outcome("failed") >= 1).await;
+    api.state().failing = false;
+    eventually("the retry", || outcome("written") == 1).await;
+    assert_eq!(annotation(&api.pod("orders", "orders-func-1")), Some("8"));
 }

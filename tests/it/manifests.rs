@@ -110,7 +110,16 @@ pub(crate) fn kubernetes_validate(objects: &[&Value], version: &str) -> Result<(
         .unwrap();
     let report =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    if output.status.success() && !report.contains("ERROR") { Ok(()) } else { Err(report) }
+    // An object whose kind the version lacks is only a warning to kubernetes-validate; to the
+    // API server of that version it is an error.
+    let unknown_kind = report.contains("Couldn't find schema");
+    if output.status.success() && !report.contains("ERROR") && !unknown_kind { Ok(()) } else { Err(report) }
+}
+
+/// The admission policy kinds, `admissionregistration.k8s.io/v1` from Kubernetes 1.30 on.
+pub(crate) fn is_admission_policy(object: &Value) -> bool {
+    object["apiVersion"] == "admissionregistration.k8s.io/v1"
+        && object["kind"].as_str().is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))
 }
 
 /// Validates KEDA objects against tests/fixtures/keda (JSON Schema 2020-12, the definition
@@ -175,13 +184,29 @@ fn every_rendered_kubernetes_object_validates_against_the_kubernetes_schemas() {
         let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
         assert!(!builtin.is_empty(), "{name}");
         // The oldest version supported (the README's), the oldest with native sidecars on by
-        // default, and the newest the package bundles.
-        for version in ["1.28.0", "1.29.0", "1.37.0"] {
-            if let Err(report) = kubernetes_validate(&builtin, version) {
+        // default, the first with admissionregistration.k8s.io/v1 admission policies, and the
+        // newest the package bundles. Before 1.30 the policy is left out (README: "Kubernetes
+        // 1.28 and 1.29"), so everything else is checked there.
+        for version in ["1.28.0", "1.29.0", "1.30.0", "1.37.0"] {
+            let before_policies = matches!(version, "1.28.0" | "1.29.0");
+            let objects: Vec<&Value> =
+                builtin.iter().copied().filter(|o| !(before_policies && is_admission_policy(o))).collect();
+            if let Err(report) = kubernetes_validate(&objects, version) {
                 panic!("{name} against Kubernetes {version}:\n{report}");
             }
         }
     }
+}
+
+#[test]
+fn a_kind_the_kubernetes_version_lacks_fails_the_validation() {
+    if !python_with("kubernetes_validate") {
+        return;
+    }
+    let objects = render("default");
+    let policy = find(&objects, "ValidatingAdmissionPolicy", "durable-scaler-aggregator-pod-deletion-cost");
+    let report = kubernetes_validate(&[policy], "1.29.0").unwrap_err();
+    assert!(report.contains("ValidatingAdmissionPolicy"), "{report}");
 }
 
 #[test]
@@ -213,6 +238,11 @@ fn the_keda_schema_refuses_a_field_keda_does_not_have() {
     let mut auth = find(&render("example"), "TriggerAuthentication", "durable-scaler-tls").clone();
     auth["spec"]["secretTargetRef"][0].as_object_mut().unwrap().remove("key");
     assert!(keda_validate(&[&auth]).unwrap_err().contains("'key' is a required property"));
+    // The HPA refuses a scaling period over 30 minutes (validateScalingRules).
+    let mut scaled = find(&render("example"), "ScaledObject", "orders-func").clone();
+    scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"][0]["periodSeconds"] =
+        json!(3600);
+    assert!(keda_validate(&[&scaled]).unwrap_err().contains("periodSeconds"));
 }
 
 fn pod_spec(workload: &Value) -> &Value {
@@ -1031,6 +1061,36 @@ fn the_example_app_opts_in_and_leaves_the_replica_count_to_keda() {
     }
 }
 
+/// DurableTask.AzureStorage's partition lease timings (AzureStorageOrchestrationServiceSettings.cs:
+/// `LeaseInterval` 30 s, `LeaseAcquireInterval` 10 s), which the Durable extension leaves at
+/// their defaults.
+const LEASE_INTERVAL_S: u64 = 30;
+const LEASE_ACQUIRE_INTERVAL_S: u64 = 10;
+
+#[test]
+fn the_example_scales_in_one_pod_at_a_time_no_faster_than_its_partitions_can_move() {
+    for example in ["example", "example-plaintext"] {
+        let objects = render(example);
+        let app = find(&objects, "Deployment", "orders-func");
+        let grace = pod_spec(app)["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        let scaled = find(&objects, "ScaledObject", "orders-func");
+        let down = &scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"];
+        let policies = down["policies"].as_array().unwrap();
+        assert_eq!(policies.len(), 1, "{example}: one policy, so selectPolicy cannot pick a faster one");
+        assert_eq!(policies[0]["type"], "Pods");
+        assert_eq!(policies[0]["value"], 1, "{example}: one pod per period");
+        let period = policies[0]["periodSeconds"].as_u64().unwrap();
+        assert!(
+            period >= grace + LEASE_INTERVAL_S + LEASE_ACQUIRE_INTERVAL_S,
+            "{example}: {period} s is shorter than the grace period ({grace} s) plus a lease's expiry and takeover"
+        );
+        assert_eq!(down["stabilizationWindowSeconds"], 300);
+        assert!(
+            scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"].get("scaleUp").is_none()
+        );
+    }
+}
+
 #[test]
 fn the_example_scaled_objects_point_at_the_aggregator_with_tls_matching_the_install() {
     let install = render("default");
@@ -1193,4 +1253,351 @@ fn the_webhook_port_changes_in_one_place_for_a_private_cluster() {
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
     let policy = policy_of(&objects, deployment);
     assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "https");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ValidatingAdmissionPolicy that bounds the aggregator's `patch pods`
+// ---------------------------------------------------------------------------------------------
+
+/// Evaluates a rendered ValidatingAdmissionPolicy and its binding on admission requests with
+/// cel-python (a CEL implementation), the way the API server does
+/// (kubernetes staging/src/k8s.io/apiserver/pkg/admission/plugin/policy/validating: the
+/// binding names the policy and its actions; `matchConstraints.resourceRules` select the
+/// request by group, version, operation and resource or `resource/subresource`; every
+/// `matchConditions` expression must be true, else the policy does not apply; then every
+/// validation must be true; an expression that errors counts as `failurePolicy` says, Fail:
+/// refused). The variables are the ones the API server binds: `object` and `oldObject` (the
+/// objects as JSON; null where the operation has none: no oldObject on CREATE, no object on
+/// DELETE) and `request` (admission/v1 AdmissionRequest as JSON, empty fields left out as its
+/// `omitempty` tags say, so `has(request.subResource)` is false on the pod itself).
+/// Prints one verdict per case: "allowed", "not matched" or "refused: <message>".
+const VAP_HARNESS: &str = r#"
+import json, sys
+import celpy
+
+policy, binding, cases = json.load(sys.stdin)
+assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+assert binding["spec"]["validationActions"] == ["Deny"]
+spec = policy["spec"]
+env = celpy.Environment()
+def program(expression):
+    return env.program(env.compile(expression))
+conditions = [program(c["expression"]) for c in spec.get("matchConditions", [])]
+validations = [(program(v["expression"]), v.get("message", v["expression"])) for v in spec["validations"]]
+
+def rule_matches(rule, request):
+    resource = request["resource"]["resource"]
+    sub = request.get("subResource")
+    wanted = resource + ("/" + sub if sub else "")
+    def has(key, value):
+        return "*" in rule[key] or value in rule[key]
+    resources = rule["resources"]
+    return (has("apiGroups", request["resource"]["group"]) and has("apiVersions", request["resource"]["version"])
+            and has("operations", request["operation"])
+            and (wanted in resources or "*" in resources or (sub and resource + "/*" in resources)))
+
+def truth(prog, activation):
+    try:
+        return prog.evaluate(activation) == celpy.celtypes.BoolType(True), None
+    except celpy.CELEvalError as e:
+        return False, f"expression resulted in error: {e}"
+
+for case in cases:
+    request = case["request"]
+    if not any(rule_matches(r, request) for r in spec["matchConstraints"]["resourceRules"]):
+        print("not matched"); continue
+    activation = {name: celpy.json_to_cel(case.get(name)) for name in ("object", "oldObject", "request")}
+    met = [truth(c, activation) for c in conditions]
+    if any(error for _, error in met):
+        print("refused: match condition error" if spec.get("failurePolicy", "Fail") == "Fail" else "allowed"); continue
+    if not all(ok for ok, _ in met):
+        print("not matched"); continue
+    refusals = []
+    for prog, message in validations:
+        ok, error = truth(prog, activation)
+        if not ok:
+            refusals.append(error if error and spec.get("failurePolicy", "Fail") == "Fail" else message)
+    print("refused: " + refusals[0] if refusals else "allowed")
+"#;
+
+const AGGREGATOR_USER: &str = "system:serviceaccount:durable-scaler:durable-scaler-aggregator";
+
+/// A pod as kube-apiserver stores and serves it, made by a ReplicaSet and injected.
+fn stored_pod() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": "orders-func-7d9c-x2v4q", "generateName": "orders-func-7d9c-", "namespace": "orders",
+            "uid": "5f6a6c2e-1d1b-4f5e-9d7e-0c1f3a2b4c5d", "resourceVersion": "48213",
+            "creationTimestamp": "2026-12-01T10:00:00Z",
+            "labels": {"app": "orders-func", "durable-scaler.io/inject": "true", "pod-template-hash": "7d9c"},
+            "annotations": {"durable-scaler.io/task-hub": "OrdersHub", "durable-scaler.io/status": "{\"version\":\"0.1.0\"}"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "orders-func-7d9c",
+                                 "uid": "0b1c2d3e-0000-4000-8000-000000000001", "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                               "time": "2026-12-01T10:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {}}}],
+        },
+        "spec": {
+            "containers": [{"name": "functions", "image": "example.azurecr.io/orders-func:1.0.0",
+                            "resources": {"limits": {"memory": "512Mi"}, "requests": {"cpu": "250m", "memory": "256Mi"}}}],
+            "initContainers": [{"name": "durable-scaler-sidecar", "image": "ghcr.io/durable-scaler/durable-scaler:0.1.0", "restartPolicy": "Always"}],
+            "nodeName": "aks-nodepool1-0", "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+        },
+        "status": {"phase": "Running", "podIP": "10.244.1.17", "qosClass": "Burstable"},
+    })
+}
+
+/// `pod` after the aggregator's merge patch of the annotation to `value` (None: removed), as
+/// the API server hands it to admission: the patch applied to the stored object, and the
+/// field manager's entry added to managedFields (resourceVersion unchanged until stored).
+fn patched_by_the_aggregator(pod: &Value, value: Option<&str>) -> Value {
+    let mut out = pod.clone();
+    let patch = json!({"metadata": {"annotations": {durable_scaler::kubernetes::POD_DELETION_COST_ANNOTATION: value}}});
+    json_patch::merge(&mut out, &patch);
+    out["metadata"]["managedFields"].as_array_mut().unwrap().push(json!({
+        "manager": durable_scaler::kubernetes::FIELD_MANAGER, "operation": "Update", "apiVersion": "v1",
+        "time": "2026-12-01T10:05:00Z", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:metadata": {"f:annotations": {"f:controller.kubernetes.io/pod-deletion-cost": {}}}},
+    }));
+    out
+}
+
+/// An admission/v1 AdmissionRequest as JSON, as the API server builds it
+/// (`CreateAdmissionRequest`): empty fields left out.
+fn admission_request(operation: &str, user: &str, sub_resource: Option<&str>) -> Value {
+    let mut request = json!({
+        "uid": "b9e7c6d2-3c4a-4b8e-9a1f-2d3e4f5a6b7c",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+        "name": "orders-func-7d9c-x2v4q", "namespace": "orders", "operation": operation,
+        "userInfo": {"username": user, "uid": "2c7b1f0e-aaaa-4bbb-8ccc-000000000002",
+                     "groups": ["system:serviceaccounts", "system:serviceaccounts:durable-scaler", "system:authenticated"]},
+        "dryRun": false,
+    });
+    if let Some(sub) = sub_resource {
+        request["subResource"] = json!(sub);
+        request["requestSubResource"] = json!(sub);
+    }
+    request
+}
+
+fn case(request: Value, object: Option<Value>, old: Option<Value>) -> Value {
+    json!({"request": request, "object": object, "oldObject": old})
+}
+
+#[test]
+fn the_pod_deletion_cost_policy_lets_the_aggregator_change_that_one_annotation_and_nothing_else() {
+    if !python_with("celpy") {
+        return;
+    }
+    let objects = render("default");
+    let policy = find(&objects, "ValidatingAdmissionPolicy", "durable-scaler-aggregator-pod-deletion-cost");
+    let binding =
+        find(&objects, "ValidatingAdmissionPolicyBinding", "durable-scaler-aggregator-pod-deletion-cost");
+    let key = durable_scaler::kubernetes::POD_DELETION_COST_ANNOTATION;
+    let update = |user: &str| admission_request("UPDATE", user, None);
+    let aggregator = || update(AGGREGATOR_USER);
+    let pod = stored_pod();
+    let mut with_cost = pod.clone();
+    with_cost["metadata"]["annotations"][key] = json!("17");
+    let mut bare = pod.clone();
+    bare["metadata"].as_object_mut().unwrap().remove("annotations");
+    let changed = |edit: &dyn Fn(&mut Value)| {
+        let mut object = patched_by_the_aggregator(&pod, Some("4"));
+        edit(&mut object);
+        object
+    };
+
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "the aggregator sets the cost",
+            case(aggregator(), Some(patched_by_the_aggregator(&pod, Some("4"))), Some(pod.clone())),
+            "allowed",
+        ),
+        (
+            "the aggregator changes the cost",
+            case(
+                aggregator(),
+                Some(patched_by_the_aggregator(&with_cost, Some("-3"))),
+                Some(with_cost.clone()),
+            ),
+            "allowed",
+        ),
+        (
+            "the aggregator removes the cost",
+            case(aggregator(), Some(patched_by_the_aggregator(&with_cost, None)), Some(with_cost.clone())),
+            "allowed",
+        ),
+        (
+            "the aggregator sets the cost on a pod without annotations",
+            case(aggregator(), Some(patched_by_the_aggregator(&bare, Some("0"))), Some(bare.clone())),
+            "allowed",
+        ),
+        (
+            "the same account in a namespace moved by kustomize",
+            case(
+                update("system:serviceaccount:ops-scaler:durable-scaler-aggregator"),
+                Some(patched_by_the_aggregator(&pod, Some("4"))),
+                Some(pod.clone()),
+            ),
+            "allowed",
+        ),
+        (
+            "another user changes labels",
+            case(
+                update("system:serviceaccount:kube-system:replicaset-controller"),
+                Some(changed(&|p| p["metadata"]["labels"]["extra"] = json!("x"))),
+                Some(pod.clone()),
+            ),
+            "not matched",
+        ),
+        (
+            "the aggregator changes another annotation",
+            case(
+                aggregator(),
+                Some(changed(&|p| {
+                    p["metadata"]["annotations"]["durable-scaler.io/task-hub"] = json!("Other")
+                })),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change the controller.kubernetes.io/pod-deletion-cost annotation",
+        ),
+        (
+            "the aggregator adds another annotation",
+            case(
+                aggregator(),
+                Some(changed(&|p| p["metadata"]["annotations"]["prometheus.io/scrape"] = json!("true"))),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change the controller.kubernetes.io/pod-deletion-cost annotation",
+        ),
+        (
+            "the aggregator removes another annotation",
+            case(
+                aggregator(),
+                Some(changed(&|p| {
+                    p["metadata"]["annotations"].as_object_mut().unwrap().remove("durable-scaler.io/status");
+                })),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change the controller.kubernetes.io/pod-deletion-cost annotation",
+        ),
+        (
+            "the aggregator adds a label",
+            case(
+                aggregator(),
+                Some(changed(&|p| p["metadata"]["labels"]["evil"] = json!("1"))),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change a pod's controller.kubernetes.io/pod-deletion-cost annotation, not its spec",
+        ),
+        (
+            "the aggregator changes the image",
+            case(
+                aggregator(),
+                Some(changed(&|p| p["spec"]["containers"][0]["image"] = json!("evil:1"))),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change a pod's controller.kubernetes.io/pod-deletion-cost annotation, not its spec",
+        ),
+        (
+            "the aggregator drops the owner reference",
+            case(
+                aggregator(),
+                Some(changed(&|p| {
+                    p["metadata"].as_object_mut().unwrap().remove("ownerReferences");
+                })),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change a pod's controller.kubernetes.io/pod-deletion-cost annotation, not its spec",
+        ),
+        (
+            "the aggregator adds a finalizer",
+            case(
+                aggregator(),
+                Some(changed(&|p| p["metadata"]["finalizers"] = json!(["example.com/hold"]))),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only change a pod's controller.kubernetes.io/pod-deletion-cost annotation, not its spec",
+        ),
+        (
+            "the aggregator updates pods/status",
+            case(
+                admission_request("UPDATE", AGGREGATOR_USER, Some("status")),
+                Some(changed(&|p| p["status"]["phase"] = json!("Failed"))),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only update a pod's controller.kubernetes.io/pod-deletion-cost annotation: no create, delete or subresource",
+        ),
+        (
+            "the aggregator adds an ephemeral container",
+            case(
+                admission_request("UPDATE", AGGREGATOR_USER, Some("ephemeralcontainers")),
+                Some(changed(&|p| {
+                    p["spec"]["ephemeralContainers"] = json!([{"name": "debug", "image": "busybox"}])
+                })),
+                Some(pod.clone()),
+            ),
+            "refused: durable-scaler-aggregator may only update a pod's controller.kubernetes.io/pod-deletion-cost annotation: no create, delete or subresource",
+        ),
+        (
+            "the aggregator deletes a pod",
+            case(admission_request("DELETE", AGGREGATOR_USER, None), None, Some(pod.clone())),
+            "refused: durable-scaler-aggregator may only update a pod's controller.kubernetes.io/pod-deletion-cost annotation: no create, delete or subresource",
+        ),
+        (
+            "the aggregator creates a pod",
+            case(admission_request("CREATE", AGGREGATOR_USER, None), Some(pod.clone()), None),
+            "refused: durable-scaler-aggregator may only update a pod's controller.kubernetes.io/pod-deletion-cost annotation: no create, delete or subresource",
+        ),
+    ];
+    let input = json!([policy, binding, cases.iter().map(|(_, c, _)| c).collect::<Vec<_>>()]);
+    let mut child = Command::new("python3")
+        .args(["-c", VAP_HARNESS])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.to_string().as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let verdicts: Vec<String> =
+        String::from_utf8(output.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(verdicts.len(), cases.len());
+    let mut wrong = Vec::new();
+    for ((name, _, expected), verdict) in cases.iter().zip(&verdicts) {
+        if !verdict.starts_with(expected) {
+            wrong.push(format!("{name}: expected {expected:?}, got {verdict:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_readmes_overlay_for_1_28_and_1_29_leaves_out_the_policy_the_right_and_the_feature() {
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        readme_overlay("Kubernetes 1.28 and 1.29", overlay.path(), "default"),
+    )
+    .unwrap();
+    let objects = render_path(overlay.path());
+    assert!(!objects.iter().any(is_admission_policy));
+    let rules = rules_of(&objects, "durable-scaler-aggregator");
+    let without_patch: BTreeSet<_> = needs_of(&durable_scaler::kubernetes::RBAC)
+        .into_iter()
+        .filter(|(_, r)| !r.contains("/pods "))
+        .collect();
+    assert_eq!(rules, without_patch);
+    let aggregator = container(find(&objects, "Deployment", "durable-scaler-aggregator"), "aggregator");
+    assert_eq!(env(aggregator, "DURABLE_SCALER_POD_DELETION_COST"), "false");
+    // The variable is the flag's (clap reads it), so the aggregator really stops writing.
+    assert!(cli_env("aggregator").contains("DURABLE_SCALER_POD_DELETION_COST"));
+    if python_with("kubernetes_validate") {
+        let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
+        kubernetes_validate(&builtin, "1.28.0").unwrap();
+    }
 }

@@ -130,6 +130,8 @@ fn args(
         token_file,
         http_addr: ([127, 0, 0, 1], 0).into(),
         app_limits: Default::default(),
+        app_port: None,
+        app_exit_wait: Duration::ZERO,
     }
 }
 
@@ -508,4 +510,113 @@ async fn sigterm_makes_the_binary_send_a_leaving_report_and_exit() {
     assert!(status.success(), "{status:?}");
     let last = aggregator.received.lock().unwrap().last().cloned().unwrap();
     assert!(last.report.leaving);
+}
+
+/// The binary as the webhook runs it in a plain container: told the app's port and how long
+/// it may wait for the app after SIGTERM.
+async fn spawn_plain_container_sidecar(
+    hub: &TaskHub,
+    pod: &str,
+    url: &str,
+    app_port: Option<u16>,
+    wait: &str,
+) -> tokio::process::Child {
+    let mut command = tokio::process::Command::from(binary());
+    command
+        .env("DURABLE_SCALER_TASK_HUB", hub.name())
+        .env("DURABLE_SCALER_CONNECTION", Azurite::shared().connection_string())
+        .env("DURABLE_SCALER_AGGREGATOR", url)
+        .env("POD_NAME", pod)
+        .env("POD_NAMESPACE", "apps")
+        .env("DURABLE_SCALER_INTERVAL", "200ms")
+        .env("DURABLE_SCALER_HTTP_ADDR", "127.0.0.1:0")
+        .env("DURABLE_SCALER_APP_EXIT_WAIT", wait)
+        .kill_on_drop(true);
+    if let Some(port) = app_port {
+        command.env("DURABLE_SCALER_APP_PORT", port.to_string());
+    }
+    command.spawn().unwrap()
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+fn still_running(child: &mut tokio::process::Child) -> bool {
+    child.try_wait().unwrap().is_none()
+}
+
+#[tokio::test]
+async fn a_plain_container_sidecar_reports_draining_until_its_app_stops_listening_and_lets_go() {
+    let (hub, emulator) = laid_out("SidecarDrain", Layout::Table, 2).await;
+    let claim = emulator.claim(0, "pod-drain", LEASE).await.unwrap();
+    // The app: something listening on the app container's port of the pod.
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = app.local_addr().unwrap().port();
+    let (aggregator, url) = RecordingAggregator::start().await;
+    let mut child = spawn_plain_container_sidecar(&hub, "pod-drain", &url, Some(port), "60s").await;
+    aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0] && !r.report.draining).await;
+
+    sigterm(&child);
+    // The app still runs and holds partition 0: the sidecar stays and says so.
+    let (first, got) = aggregator.wait_for(0, "draining", |r| r.report.draining).await;
+    assert_eq!(partitions(&got.report), [0], "a draining report carries what the pod holds");
+    aggregator.wait_for(first + 3, "more draining reports", |r| r.report.draining).await;
+    assert!(still_running(&mut child), "left while the app still listened");
+
+    // The host stops listening first (Kestrel), and still holds its partition a while.
+    drop(app);
+    let closed = aggregator.count();
+    aggregator.wait_for(closed + 3, "draining after the port closed", |r| r.report.draining).await;
+    assert!(still_running(&mut child), "left while the app still held a partition");
+
+    // Then it lets go of its partition: the sidecar leaves.
+    let released = aggregator.count();
+    emulator.release(claim).await.unwrap();
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits").unwrap();
+    assert!(status.success(), "{status:?}");
+    let received = aggregator.received.lock().unwrap().clone();
+    let (last, before) = received.split_last().unwrap();
+    assert!(last.report.leaving && !last.report.draining);
+    assert!(received.len() > released, "the leaving report came after the release");
+    assert!(before[first..].iter().all(|r| r.report.draining && !r.report.leaving));
+}
+
+#[tokio::test]
+async fn a_plain_container_sidecar_without_an_app_port_drains_for_its_bounded_wait_then_leaves() {
+    let (hub, emulator) = laid_out("SidecarLinger", Layout::Table, 1).await;
+    emulator.claim(0, "pod-linger", LEASE).await.unwrap();
+    let (aggregator, url) = RecordingAggregator::start().await;
+    let mut child = spawn_plain_container_sidecar(&hub, "pod-linger", &url, None, "2s").await;
+    aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
+    sigterm(&child);
+    let (first, _) = aggregator.wait_for(0, "draining", |r| r.report.draining).await;
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits").unwrap();
+    assert!(status.success(), "{status:?}");
+    let received = aggregator.received.lock().unwrap().clone();
+    assert!(received.last().unwrap().report.leaving);
+    assert!(
+        received[first..received.len() - 1].iter().all(|r| r.report.draining && partitions(&r.report) == [0])
+    );
+}
+
+#[tokio::test]
+async fn a_sidecar_told_no_wait_leaves_at_sigterm_without_draining() {
+    // A native sidecar: Kubernetes stops it only after the app, so it leaves at once.
+    let (hub, emulator) = laid_out("SidecarNative", Layout::Table, 1).await;
+    emulator.claim(0, "pod-native", LEASE).await.unwrap();
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = app.local_addr().unwrap().port();
+    let (aggregator, url) = RecordingAggregator::start().await;
+    let mut child = spawn_plain_container_sidecar(&hub, "pod-native", &url, Some(port), "0s").await;
+    aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
+    sigterm(&child);
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits").unwrap();
+    assert!(status.success(), "{status:?}");
+    let received = aggregator.received.lock().unwrap().clone();
+    assert!(received.last().unwrap().report.leaving);
+    assert!(received.iter().all(|r| !r.report.draining));
+    drop(app);
 }

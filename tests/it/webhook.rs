@@ -214,6 +214,59 @@ async fn plain_container_mode_appends_the_sidecar_and_sets_the_default_container
 }
 
 #[tokio::test]
+async fn a_plain_container_sidecar_is_told_the_apps_port_and_how_long_it_may_wait_for_the_app() {
+    let webhook = Running::start(|args| args.native_sidecar = NativeSidecarMode::False).await;
+    let sidecar = |pod: &Value| {
+        pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "durable-scaler-sidecar")
+            .cloned()
+            .unwrap()
+    };
+    let env = |container: &Value, name: &str| {
+        container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
+    };
+    // The fixture's app declares containerPort 80 and takes the API server's 30 s grace.
+    let (_, answer) = webhook.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    let plain = sidecar(&pod);
+    assert_eq!(env(&plain, "DURABLE_SCALER_APP_PORT"), Some(json!("80")));
+    assert_eq!(
+        env(&plain, "DURABLE_SCALER_APP_EXIT_WAIT"),
+        Some(json!("27s")),
+        "the grace less 3 s to leave"
+    );
+    assert_eq!(
+        status_annotation(&fixture(), &answer)["sidecarStop"],
+        "after the app (port 80), at most 27 s after SIGTERM"
+    );
+
+    // A longer grace asked for the drain, and an app that declares no port: a bounded wait.
+    let mut review = fixture();
+    review["request"]["object"]["metadata"]["annotations"]["durable-scaler.io/termination-grace-period-seconds"] =
+        json!("120");
+    review["request"]["object"]["spec"]["containers"][0].as_object_mut().unwrap().remove("ports");
+    let (_, answer) = webhook.review(&review).await;
+    let pod = patched(&review["request"]["object"], &answer);
+    assert_valid_pod(&pod);
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 120);
+    let plain = sidecar(&pod);
+    assert_eq!(env(&plain, "DURABLE_SCALER_APP_PORT"), None);
+    assert_eq!(env(&plain, "DURABLE_SCALER_APP_EXIT_WAIT"), Some(json!("117s")));
+
+    // A native sidecar is stopped after the app by Kubernetes: it gets neither.
+    let native = Running::start(|_| {}).await;
+    let (_, answer) = native.review(&fixture()).await;
+    let pod = patched(&fixture()["request"]["object"], &answer);
+    let sidecar = &pod["spec"]["initContainers"][0];
+    assert_eq!(env(sidecar, "DURABLE_SCALER_APP_EXIT_WAIT"), None);
+    assert_eq!(env(sidecar, "DURABLE_SCALER_APP_PORT"), None);
+}
+
+#[tokio::test]
 async fn an_unlabelled_pod_is_admitted_untouched() {
     let webhook = Running::start(|_| {}).await;
     let mut review = fixture();

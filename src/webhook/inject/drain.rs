@@ -94,6 +94,23 @@ pub(super) fn plan(
     Value::Object(status)
 }
 
+/// The grace period the pod will have once [`plan`] ran (with `drain` on) or as it stands
+/// (off): what a plain-container sidecar may spend waiting for the app after SIGTERM.
+pub(super) fn final_grace(
+    spec: &serde_json::Map<String, Value>,
+    drain: bool,
+    annotation: Option<u64>,
+) -> u64 {
+    let own = spec.get("terminationGracePeriodSeconds").map(Value::as_u64);
+    let current = match own {
+        None => API_DEFAULT_GRACE_SECONDS,
+        Some(Some(seconds)) => seconds,
+        // Not a number: plan leaves it alone, and the API server will refuse the pod anyway.
+        Some(None) => return API_DEFAULT_GRACE_SECONDS,
+    };
+    if drain { annotation.unwrap_or(DRAIN_GRACE_SECONDS).max(current) } else { current }
+}
+
 /// True when the app container sets [`DRAIN_ENV`] itself (an `env` entry, even an empty
 /// one) or an `envFrom` source may (its prefix fits the name; the webhook cannot see the
 /// source's keys). The host reads it with `Environment.GetEnvironmentVariable`, so by its

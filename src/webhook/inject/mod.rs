@@ -237,6 +237,11 @@ fn plan_spec(
         return Injection::skip(SkipReason::NoFreePort, warnings, warning.to_owned());
     };
     let resources = annotations.resources(guaranteed(spec), &mut warnings);
+    let drain = annotations.drain(&mut warnings);
+    let grace_annotation = if drain { annotations.grace_seconds(&mut warnings) } else { None };
+    // A plain container gets SIGTERM with the app: it waits for the app (src/sidecar/stop.rs).
+    let app_exit = (!native)
+        .then(|| template::AppExit::of(app.container, drain::final_grace(spec, drain, grace_annotation)));
     let sidecar = template::Sidecar {
         app: &app,
         task_hub,
@@ -247,6 +252,7 @@ fn plan_spec(
         log_level: annotations.log_level(&mut warnings),
         port,
         ca,
+        app_exit,
     };
     let Some(sidecar) = template::container(sidecar, &mut warnings) else {
         // Both lists hold at least one definition by construction; stay total anyway.
@@ -284,8 +290,15 @@ fn plan_spec(
     if !app.identity.is_empty() {
         changes.insert("connection".to_owned(), json!("identity-based"));
     }
-    let drain = if annotations.drain(&mut warnings) {
-        drain::plan(spec, &app, annotations.grace_seconds(&mut warnings), &mut patch, &mut warnings)
+    if let Some(exit) = app_exit {
+        let port = exit.port.map_or_else(|| "no port declared".to_owned(), |port| format!("port {port}"));
+        changes.insert(
+            "sidecarStop".to_owned(),
+            json!(format!("after the app ({port}), at most {} s after SIGTERM", exit.wait_seconds)),
+        );
+    }
+    let drain = if drain {
+        drain::plan(spec, &app, grace_annotation, &mut patch, &mut warnings)
     } else {
         json!(format!("off (annotation {DRAIN_ANNOTATION}=false)"))
     };

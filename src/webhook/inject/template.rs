@@ -69,6 +69,43 @@ pub(super) struct Sidecar<'a> {
     pub(super) port: u16,
     /// The aggregator's CA.
     pub(super) ca: CaSource<'a>,
+    /// For a plain-container sidecar: how it outlives the app ([`AppExit`]); `None` for a
+    /// native sidecar, which Kubernetes stops after the app.
+    pub(super) app_exit: Option<AppExit>,
+}
+
+/// What a plain-container sidecar needs to stay until its app stopped (src/sidecar/stop.rs):
+/// the app's port, and how long it may wait after SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct AppExit {
+    /// The app container's first TCP `containerPort`, if it declares one.
+    pub(super) port: Option<u16>,
+    /// The pod's grace period less [`LEAVING_MARGIN_SECONDS`] (at least 1 s).
+    pub(super) wait_seconds: u64,
+}
+
+/// What a sidecar keeps of the grace period to send its `leaving` report (at most about
+/// 1.5 s) before the kubelet's SIGKILL.
+pub(super) const LEAVING_MARGIN_SECONDS: u64 = 3;
+
+impl AppExit {
+    /// For `app` in a pod whose grace period will be `grace_seconds`.
+    pub(super) fn of(app: &Value, grace_seconds: u64) -> Self {
+        Self {
+            port: app_port(app),
+            wait_seconds: grace_seconds.saturating_sub(LEAVING_MARGIN_SECONDS).max(1),
+        }
+    }
+}
+
+/// The app container's first TCP `containerPort` (protocol TCP is the default): the Functions
+/// host listens there (Kestrel, `ASPNETCORE_URLS`; the official images' `http://+:80`).
+fn app_port(app: &Value) -> Option<u16> {
+    app.get("ports")?.as_array()?.iter().find_map(|port| {
+        let tcp = port.get("protocol").and_then(Value::as_str).is_none_or(|p| p == "TCP");
+        let number = port.get("containerPort").and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok());
+        number.filter(|n| tcp && *n > 0)
+    })
 }
 
 /// The sidecar container; `None` only if the task hub's definitions, never empty, are (the
@@ -112,6 +149,12 @@ pub(super) fn container(sidecar: Sidecar<'_>, warnings: &mut Vec<String>) -> Opt
     env.extend(limit_env(sidecar.app.container, sidecar.app.name, warnings));
     if sidecar.port != SIDECAR_HTTP_PORT {
         env.push(json!({"name": env::HTTP_ADDR, "value": format!("0.0.0.0:{}", sidecar.port)}));
+    }
+    if let Some(exit) = sidecar.app_exit {
+        if let Some(port) = exit.port {
+            env.push(json!({"name": env::APP_PORT, "value": port.to_string()}));
+        }
+        env.push(json!({"name": env::APP_EXIT_WAIT, "value": format!("{}s", exit.wait_seconds)}));
     }
     if let Some(level) = sidecar.log_level {
         env.push(json!({"name": "RUST_LOG", "value": level}));
