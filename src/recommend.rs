@@ -51,7 +51,7 @@ use crate::clock::UnixMs;
 use crate::heuristic::{
     Algorithm, Recommendation,
     durable::DurableSettings,
-    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine},
+    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine, TriggerInputs},
     latency::DEFAULT_MAX_POLLING_INTERVAL_MS,
     target::TargetSettings,
 };
@@ -278,22 +278,14 @@ impl Case {
 
     /// The settings the engine would run this case with.
     fn engine_settings(&self) -> EngineSettings {
-        let target = self.limits();
-        EngineSettings {
-            algorithm: self.algorithm,
-            target,
-            durable: DurableSettings {
-                max_activities_per_worker: target.max_activities_per_worker,
-                max_orchestrations_per_worker: target.max_orchestrations_per_worker,
-                startup_ms: self.worker_startup_ms,
-                ..DurableSettings::default()
-            },
-            max_polling_interval_ms: self.max_polling_interval_ms,
+        EngineSettings::for_trigger(&TriggerInputs {
+            worker_startup_ms: self.worker_startup_ms,
+            max_polling_interval_ms: Some(self.max_polling_interval_ms),
             work_grace_ms: self.work_grace_ms,
             // One case, one answer: the latency vote's dice stay out of it.
             random_scale_in: false,
-            latency_seed: 0,
-        }
+            ..TriggerInputs::new(self.algorithm, self.limits())
+        })
     }
 
     /// The fixed fields as timed samples, one second apart (module docs): as many as the

@@ -13,7 +13,7 @@
 
 use crate::clock::UnixMs;
 use crate::heuristic::Recommendation;
-use crate::heuristic::engine::{EngineSettings, HubEngine};
+use crate::heuristic::engine::{AppQueueSettings, EngineSettings, HubEngine, TriggerInputs};
 use crate::reading::HubReading;
 use crate::storage::{Connection, PartitionMode};
 
@@ -245,31 +245,26 @@ fn engine_settings(
     queues: Option<ReportedQueueSettings>,
     work_grace_ms: u64,
 ) -> EngineSettings {
-    let defaults = EngineSettings::default();
     let queues = queues.unwrap_or_default();
-    EngineSettings {
-        algorithm: settings.algorithm,
-        target: crate::heuristic::target::TargetSettings {
-            max_activities_per_worker: limits.max_activities,
-            max_orchestrations_per_worker: limits.max_orchestrations,
+    EngineSettings::for_trigger(&TriggerInputs {
+        worker_startup_ms: settings.worker_startup_ms,
+        max_polling_interval_ms: settings.max_polling_interval_ms,
+        app: AppQueueSettings {
+            control_queue_visibility_timeout_ms: queues.control_queue_visibility_timeout_ms,
+            control_queue_buffer_threshold: queues.control_queue_buffer_threshold,
+            max_queue_polling_interval_ms: queues.max_queue_polling_interval_ms,
         },
-        durable: crate::heuristic::durable::DurableSettings {
-            max_activities_per_worker: limits.max_activities,
-            max_orchestrations_per_worker: limits.max_orchestrations,
-            startup_ms: settings.worker_startup_ms,
-            buffer_threshold: queues
-                .control_queue_buffer_threshold
-                .unwrap_or(defaults.durable.buffer_threshold),
-            ..defaults.durable
-        },
-        max_polling_interval_ms: settings
-            .max_polling_interval_ms
-            .or(queues.max_queue_polling_interval_ms)
-            .unwrap_or(defaults.max_polling_interval_ms),
-        work_grace_ms: queues.control_queue_visibility_timeout_ms.unwrap_or(work_grace_ms),
+        work_grace_ms,
         random_scale_in: settings.random_scale_in,
         latency_seed: crate::heuristic::latency::seed_for(&settings.task_hub),
-    }
+        ..TriggerInputs::new(
+            settings.algorithm,
+            crate::heuristic::target::TargetSettings {
+                max_activities_per_worker: limits.max_activities,
+                max_orchestrations_per_worker: limits.max_orchestrations,
+            },
+        )
+    })
 }
 
 /// The merged view of one task hub and the decisions taken on it.

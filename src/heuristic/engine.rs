@@ -109,7 +109,92 @@ impl Default for EngineSettings {
     }
 }
 
+/// Everything a hub's engine settings are made of, wherever the engine runs: the aggregator
+/// (a trigger's metadata, the pods' reports), `recommend` (a case file) and the simulator (its
+/// flags). [`EngineSettings::for_trigger`] is the one place they become settings, so the three
+/// cannot drift apart (e.g. `durable`'s limits differing from the target formula's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TriggerInputs {
+    /// Which algorithm decides.
+    pub algorithm: Algorithm,
+    /// Activities and orchestrations one worker runs at once (the trigger's, else the pods'
+    /// reported, else per CPU).
+    pub limits: TargetSettings,
+    /// How long a new pod takes to start (the trigger's `workerStartupSeconds`).
+    pub worker_startup_ms: u64,
+    /// The trigger's `maxPollingIntervalMs`, if it set one.
+    pub max_polling_interval_ms: Option<u64>,
+    /// What the app's own settings say (its `host.json` via the sidecar), if known.
+    pub app: AppQueueSettings,
+    /// The visibility timeout assumed when the app has not said (`--work-grace`).
+    pub work_grace_ms: u64,
+    /// The latency vote's random scale-in.
+    pub random_scale_in: bool,
+    /// Its generator's seed.
+    pub latency_seed: u64,
+    /// The `durable` algorithm's knobs that no trigger sets (the simulator tries others);
+    /// its limits, buffer threshold and start-up delay are taken from the fields above.
+    pub durable_tuning: DurableSettings,
+}
+
+/// The app's DurableTask queue settings as its pods report them (`host.json`
+/// `extensions.durableTask.storageProvider`), each `None` when not said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct AppQueueSettings {
+    /// `controlQueueVisibilityTimeout`, ms.
+    pub control_queue_visibility_timeout_ms: Option<u64>,
+    /// `controlQueueBufferThreshold`.
+    pub control_queue_buffer_threshold: Option<u32>,
+    /// `maxQueuePollingInterval`, ms.
+    pub max_queue_polling_interval_ms: Option<u64>,
+}
+
+impl TriggerInputs {
+    /// The defaults of everything but the algorithm and the limits.
+    pub(crate) fn new(algorithm: Algorithm, limits: TargetSettings) -> Self {
+        Self {
+            algorithm,
+            limits,
+            worker_startup_ms: DurableSettings::default().startup_ms,
+            max_polling_interval_ms: None,
+            app: AppQueueSettings::default(),
+            work_grace_ms: DEFAULT_WORK_GRACE_MS,
+            random_scale_in: true,
+            latency_seed: 0,
+            durable_tuning: DurableSettings::default(),
+        }
+    }
+}
+
 impl EngineSettings {
+    /// The engine settings of `inputs`: the trigger's polling interval before the app's, the
+    /// app's visibility timeout before `--work-grace`, the app's buffer threshold before
+    /// DurableTask's default.
+    pub(crate) fn for_trigger(inputs: &TriggerInputs) -> Self {
+        let defaults = Self::default();
+        Self {
+            algorithm: inputs.algorithm,
+            target: inputs.limits,
+            durable: DurableSettings {
+                max_activities_per_worker: inputs.limits.max_activities_per_worker,
+                max_orchestrations_per_worker: inputs.limits.max_orchestrations_per_worker,
+                startup_ms: inputs.worker_startup_ms,
+                buffer_threshold: inputs
+                    .app
+                    .control_queue_buffer_threshold
+                    .unwrap_or(inputs.durable_tuning.buffer_threshold),
+                ..inputs.durable_tuning
+            },
+            max_polling_interval_ms: inputs
+                .max_polling_interval_ms
+                .or(inputs.app.max_queue_polling_interval_ms)
+                .unwrap_or(defaults.max_polling_interval_ms),
+            work_grace_ms: inputs.app.control_queue_visibility_timeout_ms.unwrap_or(inputs.work_grace_ms),
+            random_scale_in: inputs.random_scale_in,
+            latency_seed: inputs.latency_seed,
+        }
+    }
+
     /// The `durable` algorithm's settings, its visibility timeout being [`Self::work_grace_ms`].
     pub(crate) fn durable_settings(&self) -> DurableSettings {
         DurableSettings { visibility_timeout_ms: self.work_grace_ms, ..self.durable }

@@ -35,7 +35,7 @@ use crate::clock::UnixMs;
 use crate::heuristic::{
     Algorithm, ScaleAction,
     durable::DurableSettings,
-    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine},
+    engine::{DEFAULT_WORK_GRACE_MS, Decision, EngineSettings, HubEngine, TriggerInputs},
     latency::{DEFAULT_MAX_POLLING_INTERVAL_MS, LatencyVoter, TaskHubLatencies},
     target::{self, TargetSettings},
 };
@@ -387,16 +387,14 @@ struct DurableScaler {
 
 impl DurableScaler {
     fn new(algorithm: Algorithm, cfg: &ScalerConfig, partitions: usize) -> Self {
-        let settings = EngineSettings {
-            algorithm,
-            target: target_settings(cfg),
-            durable: cfg.durable,
-            max_polling_interval_ms: DEFAULT_MAX_POLLING_INTERVAL_MS,
+        let settings = EngineSettings::for_trigger(&TriggerInputs {
+            worker_startup_ms: cfg.durable.startup_ms,
             work_grace_ms: cfg.work_grace_ms,
             // On, as in the aggregator; the run's seed stands in for the hub's.
-            random_scale_in: true,
             latency_seed: cfg.seed,
-        };
+            durable_tuning: cfg.durable,
+            ..TriggerInputs::new(algorithm, target_settings(cfg))
+        });
         Self {
             engine: HubEngine::new(settings, partitions),
             report_interval_ms: i64::try_from(cfg.report_interval_ms.max(1)).unwrap_or(i64::MAX),
