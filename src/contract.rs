@@ -3,7 +3,7 @@
 //! checks, or that `manifests/` must spell the same way. One place, so the two sides of a
 //! name cannot drift apart; the roles import it and never each other.
 //!
-//! - [`env`]: the environment variables of the injected sidecar;
+//! - [`mod@env`]: the environment variables of the injected sidecar;
 //! - annotation and label keys (`durable-scaler.io/...`) a pod opts in and configures with;
 //! - the injected container, its token volume, token path and audience;
 //! - the ports each role serves on;
@@ -214,8 +214,15 @@ pub const DEFAULT_TASK_HUB: &str = "TestHubName";
 /// 16"). Reports, the probe, `recommend` and the simulator all stay within it.
 pub(crate) const MAX_PARTITIONS: u32 = 16;
 
-/// The poll intervals a sidecar accepts, from its own settings or suggested by the
-/// aggregator (which therefore suggests nothing outside it).
+/// A sidecar's poll and report interval unless `--interval` says otherwise; also what the
+/// aggregator assumes of a report that does not say (`interval_ms` 0), so the two ends agree
+/// on when a pod has gone silent.
+pub(crate) const SIDECAR_DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// [`SIDECAR_DEFAULT_INTERVAL`] as the sidecar's `--help` shows it.
+pub(crate) const SIDECAR_DEFAULT_INTERVAL_TEXT: &str = "5s";
+
+/// The poll intervals a sidecar accepts (`--interval`); the aggregator caps what a report
+/// claims at its end.
 pub(crate) const SIDECAR_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(600);
 

@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status};
 use crate::clock::UnixMs;
 use crate::contract::limits::REPORT_TEXT_MAX_LEN;
 use crate::contract::{
-    MAX_PARTITIONS, NameRule, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub, check_len, check_name,
+    MAX_PARTITIONS, NameRule, SIDECAR_DEFAULT_INTERVAL, SIDECAR_INTERVAL_RANGE as INTERVAL_RANGE, TaskHub,
+    check_len, check_name,
 };
 use crate::proto::report::{self, report_service_server::ReportService};
 use crate::reading::{HubReading, QueueReading};
@@ -22,9 +23,6 @@ use super::sources::{AuthError, ReportAuthenticator};
 
 /// How far in the future a report's timestamps may be (clock skew between nodes).
 pub(crate) const MAX_CLOCK_SKEW_MS: i64 = 5_000;
-
-/// The interval assumed when a sidecar does not say (`interval_ms` 0).
-pub(crate) const DEFAULT_SIDECAR_INTERVAL_MS: u64 = 2_000;
 
 /// How the report service checks who sent a report.
 #[derive(Clone)]
@@ -152,7 +150,7 @@ pub(crate) fn validate(report: &report::Report, now: UnixMs) -> Result<(HubKey, 
     // partitions for days.
     let longest = u64::try_from(INTERVAL_RANGE.end().as_millis()).unwrap_or(u64::MAX);
     let interval_ms = match report.interval_ms {
-        0 => DEFAULT_SIDECAR_INTERVAL_MS,
+        0 => u64::try_from(SIDECAR_DEFAULT_INTERVAL.as_millis()).unwrap_or(u64::MAX),
         ms => u64::from(ms).min(longest),
     };
     let limits = report.limits.as_ref().map(reported_limits).transpose()?;
@@ -382,7 +380,7 @@ mod tests {
         r.interval_ms = u32::MAX;
         assert_eq!(validate(&r, UnixMs(NOW)).unwrap().1.interval_ms, 600_000);
         r.interval_ms = 0;
-        assert_eq!(validate(&r, UnixMs(NOW)).unwrap().1.interval_ms, DEFAULT_SIDECAR_INTERVAL_MS);
+        assert_eq!(validate(&r, UnixMs(NOW)).unwrap().1.interval_ms, 5_000, "a sidecar's own default");
     }
 
     #[test]

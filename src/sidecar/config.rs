@@ -53,7 +53,7 @@ pub struct Args {
     pub pod_namespace: Option<String>,
     /// How often to read storage and report: `5s`, `500ms`, `1m`, or plain seconds
     /// (100ms to 10m).
-    #[arg(long, env = env::INTERVAL, default_value = "5s",
+    #[arg(long, env = env::INTERVAL, default_value = crate::contract::SIDECAR_DEFAULT_INTERVAL_TEXT,
           value_parser = naming(env::INTERVAL, |text: &str| crate::config::parse_duration_within(text, &SIDECAR_INTERVAL_RANGE)))]
     pub interval: Duration,
     /// Where the app records partition ownership: `auto` detects it per hub as DurableTask
@@ -522,7 +522,7 @@ mod tests {
     #[test]
     fn the_command_line_defaults_are_the_contract() {
         let parsed = Cli::try_parse_from(["sidecar"]).unwrap().args;
-        assert_eq!(parsed.interval, Duration::from_secs(5));
+        assert_eq!(parsed.interval, crate::contract::SIDECAR_DEFAULT_INTERVAL);
         assert_eq!(parsed.partition_mode, PartitionMode::Auto);
         assert_eq!(parsed.http_addr.port(), SIDECAR_HTTP_PORT);
         assert_eq!(parsed.token_file, Path::new(TOKEN_FILE));
