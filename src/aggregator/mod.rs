@@ -693,3 +693,73 @@ pub async fn run(aggregator: Aggregator, shutdown: Shutdown) -> std::process::Ex
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use futures::future::BoxFuture;
+
+    use super::hub::HubKey;
+    use super::settings::HubSettings;
+    use super::sources::ScaledObjectKey;
+    use super::*;
+
+    /// A worker-count source in memory: answers 3 for every ScaledObject but `stuck`, for
+    /// which it never answers (an API server that hangs); counts every question.
+    struct Counting {
+        stuck: String,
+        asked: Mutex<HashMap<String, u32>>,
+    }
+
+    impl WorkerCountSource for Counting {
+        fn worker_count<'a>(&'a self, scaled_object: &'a ScaledObjectKey) -> BoxFuture<'a, Option<u32>> {
+            *self.asked.lock().unwrap().entry(scaled_object.name.clone()).or_default() += 1;
+            let stuck = scaled_object.name == self.stuck;
+            Box::pin(async move {
+                if stuck {
+                    std::future::pending::<()>().await;
+                }
+                Some(3)
+            })
+        }
+    }
+
+    /// On paused time (tokio's clock only moves when every task waits): the loop asks about
+    /// every hub once per interval, a source that never answers costs one
+    /// [`WORKER_COUNT_TIMEOUT`] and holds no other hub back, and shutdown ends the loop at
+    /// once rather than at the next tick.
+    #[tokio::test(start_paused = true)]
+    async fn the_sample_loop_asks_once_an_interval_and_a_hung_source_costs_one_timeout() {
+        let registry = Arc::new(registry::Registry::new(Arc::new(metrics::Metrics::new()), 60_000));
+        for name in ["healthy", "stuck"] {
+            let entry = registry.track(&HubKey::new("apps", name), name, None).unwrap();
+            let settings =
+                HubSettings::from_metadata(&HashMap::from([("taskHubName".to_string(), name.to_string())]))
+                    .unwrap();
+            let scaled_object = ScaledObjectKey { namespace: "apps".into(), name: name.into() };
+            entry.with_state(|s| s.keda_call(&settings, scaled_object));
+        }
+        let source = Arc::new(Counting { stuck: "stuck".into(), asked: Mutex::new(HashMap::new()) });
+        let shutdown = Shutdown::new();
+        let interval = Duration::from_secs(5);
+        let looping = tokio::spawn(sample_loop(registry.clone(), source.clone(), interval, shutdown.clone()));
+
+        // Rounds start at 0, 5, ..., 60 s; each waits one timeout for the stuck hub, which
+        // the interval (Delay) absorbs.
+        tokio::time::sleep(Duration::from_secs(60) + WORKER_COUNT_TIMEOUT / 2).await;
+        let asked = source.asked.lock().unwrap().clone();
+        assert_eq!(asked.get("healthy"), Some(&13), "{asked:?}");
+        assert_eq!(asked.get("stuck"), Some(&13), "{asked:?}");
+
+        let stopped_at = tokio::time::Instant::now();
+        shutdown.trigger();
+        looping.await.unwrap().unwrap();
+        assert!(
+            stopped_at.elapsed() <= WORKER_COUNT_TIMEOUT,
+            "stopped {:?} after the signal",
+            stopped_at.elapsed()
+        );
+    }
+}

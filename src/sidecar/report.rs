@@ -322,11 +322,7 @@ pub(crate) async fn deliver_latest(
 /// `base` scaled by a factor in [0.5, 1.5), so that sidecars restarted together do not
 /// retry in step.
 fn jittered(base: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+    base.mul_f64(rand::random_range(0.5..1.5))
 }
 
 #[cfg(test)]
