@@ -230,7 +230,8 @@ impl ReloadingConfig {
         Self::load_counted(files, options, ReloadCounters::default())
     }
 
-    /// Like [`ReloadingConfig::load`], counting reloads in `counters`.
+    /// Reads the certificate and key once and builds the config, counting reloads in
+    /// `counters`.
     pub(crate) fn load_counted(
         files: TlsFiles,
         options: ServerOptions,

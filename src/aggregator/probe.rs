@@ -1,6 +1,6 @@
 //! The cold probe: reads from storage whatever no live sidecar covers (everything while the
 //! app runs no pods), with the connection KEDA sent in the trigger's metadata. One loop per
-//! tracked hub, at `--probe-interval-ms`; when sidecars cover the whole hub it reads nothing.
+//! tracked hub, at `--probe-interval`; when sidecars cover the whole hub it reads nothing.
 //! The aggregator keeps no storage secrets of its own: a hub without a connection is served
 //! from sidecar reports alone.
 //!

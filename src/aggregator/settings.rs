@@ -230,7 +230,7 @@ fn check_sizes(metadata: &HashMap<String, String>) -> Result<(), MetadataError> 
     if metadata.len() > METADATA_MAX_ENTRIES {
         return Err(MetadataError {
             key: "*",
-            expected: "at most 64 entries",
+            expected: "at most 32 entries",
             got: format!("{} entries", metadata.len()),
         });
     }
@@ -860,9 +860,10 @@ mod tests {
         let connection = format!("UseDevelopmentStorage=true;Pad={padding}");
         assert_eq!(connection.len(), 4096);
         assert!(parse(&[("taskHubName", "MyHub"), ("connection", &connection)]).is_ok());
-        let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: HashMap<String, String> =
+            (0..=METADATA_MAX_ENTRIES).map(|i| (format!("k{i}"), "v".into())).collect();
         let err = HubSettings::from_metadata(&many).unwrap_err();
-        assert!(err.to_string().contains("64 entries"), "{err}");
+        assert!(err.to_string().contains(&format!("at most {METADATA_MAX_ENTRIES} entries")), "{err}");
     }
 
     #[test]

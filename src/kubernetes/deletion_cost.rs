@@ -8,7 +8,7 @@
 //! running, not ready before ready, then the **lower** deletion cost first. The value is a
 //! string holding an int32 in decimal (`GetDeletionCostFromPodAnnotations`,
 //! `pkg/apis/core/helper/helpers.go`: no `+`, no leading zeros, `strconv.ParseInt(v, 10, 32)`;
-//! a missing or invalid value counts as 0). [`i32::to_string`] writes exactly that form.
+//! a missing or invalid value counts as 0). `i32::to_string` writes exactly that form.
 //!
 //! How it is written: one JSON merge patch (RFC 7386, `application/merge-patch+json`) of
 //! `metadata.annotations` per pod, `PATCH /api/v1/namespaces/{ns}/pods/{name}`, which touches
