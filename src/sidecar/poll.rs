@@ -8,6 +8,7 @@
 
 use crate::{
     clock::UnixMs,
+    contract::limits::REPORT_TEXT_MAX_LEN,
     proto::report::{self as proto, report_error::Kind},
     reading::QueueReading,
     storage::{HubRead, PartitionLease, QueueChoice, StorageError, TaskHubReader},
@@ -55,7 +56,24 @@ pub(crate) fn error_to_proto(e: &StorageError) -> proto::ReportError {
         // The protocol has no kind of its own for it; the message says what was looked for.
         StorageError::NoOwnershipStore { .. } | StorageError::Unexpected { .. } => Kind::Storage,
     };
-    proto::ReportError { kind: kind as i32, message: e.to_string() }
+    proto::ReportError { kind: kind as i32, message: within_report_limit(e.to_string()) }
+}
+
+/// `text` cut (on a character boundary, marked with "...") to what the aggregator accepts
+/// in a report (`contract::limits::REPORT_TEXT_MAX_LEN`): a longer error message (a storage
+/// answer quoted in full) would have the whole report refused.
+fn within_report_limit(mut text: String) -> String {
+    const MARK: &str = "...";
+    if text.len() <= REPORT_TEXT_MAX_LEN {
+        return text;
+    }
+    let mut end = REPORT_TEXT_MAX_LEN - MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MARK);
+    text
 }
 
 #[cfg(test)]
@@ -64,6 +82,19 @@ mod tests {
 
     fn lease(partition: u32, owner: Option<&str>) -> PartitionLease {
         PartitionLease { partition, owner: owner.map(Into::into), expires_at_unix_ms: None, draining: false }
+    }
+
+    #[test]
+    fn error_text_is_cut_to_what_a_report_may_carry() {
+        let short = "storage unreachable".to_string();
+        assert_eq!(within_report_limit(short.clone()), short);
+        // Multi-byte characters across the cut: still valid UTF-8, within the limit.
+        let long = "é".repeat(REPORT_TEXT_MAX_LEN);
+        let cut = within_report_limit(long);
+        assert!(cut.len() <= REPORT_TEXT_MAX_LEN && cut.len() > REPORT_TEXT_MAX_LEN - 8, "{}", cut.len());
+        assert!(cut.ends_with("...") && cut.starts_with("éé"));
+        let error = StorageError::Unexpected { resource: "q".into(), message: "x".repeat(5_000) };
+        assert!(error_to_proto(&error).message.len() <= REPORT_TEXT_MAX_LEN);
     }
 
     #[test]
