@@ -206,6 +206,16 @@ pub const MAX_QUEUE_POLLING_INTERVAL_ENV: &str =
 /// Kubernetes pod never is).
 pub const WORK_ITEMS_PER_CPU: u32 = 10;
 
+/// The Functions host's `functionTimeout` when `host.json` sets none, off the Consumption
+/// plan (azure-functions-host `src/WebJobs.Script/Config/ScriptJobHostOptionsSetup.cs`
+/// `DefaultFunctionTimeout`; Consumption gets 5 minutes, which a Kubernetes pod never is): the
+/// longest an activity runs, so what a drain may have to wait for.
+pub const DEFAULT_FUNCTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// What a pod that drains gets beyond the function timeout for its grace period: the drain
+/// request, the last status polls and the process's own stop after it.
+pub const DRAIN_GRACE_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The Durable Functions extension's default task hub when nothing names one.
 pub const DEFAULT_TASK_HUB: &str = "TestHubName";
 

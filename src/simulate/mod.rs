@@ -167,9 +167,16 @@ pub struct Args {
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_EPISODE_MS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=MAX_EPISODE_MS))]
     pub episode_ms: u64,
-    /// terminationGracePeriodSeconds: how long a terminating pod may run on.
+    /// terminationGracePeriodSeconds of the apps' pods: how long a terminating pod may run
+    /// on. A pod that drains (`--drain`) gets at least its function timeout and 30 s, as our
+    /// webhook sets it.
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_GRACE_S", default_value = "30")]
     pub grace_s: Seconds,
+    /// The apps' `functionTimeout` (host.json), in seconds: the longest a function runs, so
+    /// what a drain waits for at most. Default: the scenario's own (long-activities: 1 h),
+    /// else the host's default off Consumption, 30 min.
+    #[arg(long, env = "DURABLE_SCALER_SIMULATE_FUNCTION_TIMEOUT_S", value_parser = positive_seconds)]
+    pub function_timeout_s: Option<Seconds>,
     /// Whose apps drain on SIGTERM (wait for their running functions within the grace
     /// period): ours (our webhook turns the drain on), all, or none (the host stops at once).
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_DRAIN", value_enum, default_value_t = DrainPolicy::Ours)]
@@ -335,6 +342,8 @@ pub struct Settings {
     pub app: AppConfig,
     /// Whose apps drain on SIGTERM.
     pub drain: DrainPolicy,
+    /// The apps' `functionTimeout` for every scenario, when given (else each scenario's).
+    pub function_timeout_ms: Option<u64>,
     /// KEDA and the HPA.
     pub keda: KedaConfig,
     /// The scalers.
@@ -348,6 +357,7 @@ impl Default for Settings {
         Self {
             app: AppConfig::default(),
             drain: DrainPolicy::Ours,
+            function_timeout_ms: None,
             keda: KedaConfig::default(),
             scalers: ScalerConfig::default(),
             tick_ms: 100,
@@ -409,7 +419,14 @@ impl Args {
             seed: self.seed,
             deletion_cost: !self.no_deletion_cost,
         };
-        Ok(Settings { app, drain: self.drain, keda, scalers, tick_ms: self.tick_ms })
+        Ok(Settings {
+            app,
+            drain: self.drain,
+            function_timeout_ms: self.function_timeout_s.map(Seconds::ms),
+            keda,
+            scalers,
+            tick_ms: self.tick_ms,
+        })
     }
 
     /// The scenarios to run, validated: at most [`MAX_TICKS`] ticks of `--tick-ms` each.
@@ -456,6 +473,10 @@ impl Args {
     }
 }
 
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Runs one scenario against one scaler; `progress` is called with simulated ms as it goes.
 pub fn run_one(
     scenario: &Scenario,
@@ -463,7 +484,19 @@ pub fn run_one(
     settings: &Settings,
     progress: &mut dyn FnMut(u64),
 ) -> RunResult {
-    let app_cfg = AppConfig { drain: settings.drain.applies_to(kind), ..settings.app };
+    let drain = settings.drain.applies_to(kind);
+    // A pod that drains may run for as long as its longest function may: our webhook sets
+    // its grace period to the function timeout and a margin (never below the pod's own).
+    let function_timeout_ms = settings
+        .function_timeout_ms
+        .or(scenario.function_timeout_ms)
+        .unwrap_or(millis(crate::contract::DEFAULT_FUNCTION_TIMEOUT));
+    let grace_ms = if drain {
+        settings.app.grace_ms.max(function_timeout_ms + millis(crate::contract::DRAIN_GRACE_MARGIN))
+    } else {
+        settings.app.grace_ms
+    };
+    let app_cfg = AppConfig { drain, grace_ms, ..settings.app };
     let mut app = App::new(app_cfg, scenario.workload.clone(), settings.scalers.seed);
     let mut scaler = scalers::build(kind, &settings.scalers, settings.app.partitions as usize);
     let deletion_cost = settings.scalers.deletion_cost && matches!(kind, ScalerKind::DurableScaler(_));

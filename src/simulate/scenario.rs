@@ -54,6 +54,10 @@ pub struct Scenario {
     pub duration_ms: u64,
     /// The arrivals.
     pub workload: Workload,
+    /// The app's `functionTimeout` (`host.json`) when it sets one; `None`: the host's
+    /// default off Consumption, 30 minutes ([`crate::contract::DEFAULT_FUNCTION_TIMEOUT`]).
+    /// A drained pod may run this long (our webhook's grace period is derived from it).
+    pub function_timeout_ms: Option<u64>,
 }
 
 fn fan_out(count: u32, min_ms: u64, max_ms: u64) -> Step {
@@ -90,6 +94,8 @@ fn poisson(
 /// The built-in scenario `name` for `seed`, or None for an unknown name.
 pub fn builtin(name: &str, seed: u64) -> Option<Scenario> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5CE7_A210);
+    // Activities of up to 40 minutes need a function timeout above the default 30.
+    let function_timeout_ms = (name == "long-activities").then_some(HOUR);
     let (description, duration_ms, scripts, arrivals) = match name {
         "burst" => (
             "1,000 orchestrations at once, each fanning out 10 activities of 1-5 s",
@@ -189,6 +195,7 @@ pub fn builtin(name: &str, seed: u64) -> Option<Scenario> {
         description: description.to_string(),
         duration_ms,
         workload: Workload { scripts, arrivals },
+        function_timeout_ms,
     })
 }
 
@@ -302,6 +309,7 @@ pub fn from_rows(name: &str, rows: &[TraceRow], duration_ms: Option<u64>) -> Res
         ),
         duration_ms: duration_ms.unwrap_or(last + 30 * MINUTE),
         workload: Workload { scripts, arrivals },
+        function_timeout_ms: None,
     })
 }
 
