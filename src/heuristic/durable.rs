@@ -408,14 +408,32 @@ impl HubHistory {
     /// workers the decision takes every invisible control message for a timer
     /// ([`recommend`]), while the split is kept for when a worker count that lagged its pods
     /// catches up.
+    #[cfg(test)]
     pub(crate) fn record(
         &mut self,
         settings: &DurableSettings,
         work_item: QueueReading,
         control: &[QueueReading],
     ) {
+        let control: Vec<Option<QueueReading>> = control.iter().copied().map(Some).collect();
+        self.record_read(settings, Some(work_item), &control);
+    }
+
+    /// As [`HubHistory::record`], with `None` for a queue not read yet: nothing is recorded
+    /// for it. A queue's history starts at its first reading; a count of 0 made up before it
+    /// would read as that many messages arriving at once (the lookahead) and as invisible
+    /// messages appearing (rule 2), as when the sidecars of a hub's pods report one after
+    /// another and the first covers a partition or two.
+    pub(crate) fn record_read(
+        &mut self,
+        settings: &DurableSettings,
+        work_item: Option<QueueReading>,
+        control: &[Option<QueueReading>],
+    ) {
         let horizon = settings.horizon_ms();
-        self.work_item.record(Sample { reading: work_item, timers: 0, held: 0 }, horizon);
+        if let Some(work_item) = work_item {
+            self.work_item.record(Sample { reading: work_item, timers: 0, held: 0 }, horizon);
+        }
         if self.control.len() < control.len() {
             self.control.resize(control.len(), QueueHistory::new());
         }
@@ -423,6 +441,7 @@ impl HubHistory {
             self.ledgers.resize(self.control.len(), Ledger::default());
         }
         for (partition, reading) in control.iter().enumerate() {
+            let Some(reading) = reading else { continue };
             let lost = self.is_lost(settings, partition, reading.sampled_at);
             let ledger = &mut self.ledgers[partition];
             ledger.observe(reading, settings, lost);
@@ -1096,6 +1115,31 @@ mod tests {
         }
         // Sized: 240 messages held on one partition ask for that partition's worker.
         assert_eq!(run(&hub, 1, 440_000).desired_workers, 1);
+    }
+
+    #[test]
+    fn a_backlog_whose_partitions_are_first_read_one_after_another_is_not_an_arrival() {
+        // Four pods' sidecars report one after another: the first reading of a hub covers
+        // partition 0 only. The other partitions' histories start at their own first reading,
+        // so their 300 messages each are not 900 arrivals to look ahead for.
+        let settings = DurableSettings { max_orchestrations_per_worker: 100, ..settings() };
+        let mut hub = HubHistory::new(P);
+        let mut first = vec![None; P];
+        first[0] = Some(s(0, 300, 32));
+        hub.record_read(&settings, Some(s(0, 0, 0)), &first);
+        for t in (1_000..=10_000).step_by(1_000) {
+            hub.record_read(&settings, Some(s(t, 0, 0)), &[Some(s(t, 300, 32)); P]);
+            let r = recommend(&settings, &hub, 4, ms(t));
+            assert_eq!(r.desired_workers, 4, "at {t} ms: {}", r.reason);
+            assert!(r.reason.contains("lookahead 0"), "at {t} ms: {}", r.reason);
+        }
+        // Had the unread partitions been recorded as empty, the lookahead would see arrivals.
+        let mut made_up = HubHistory::new(P);
+        let mut zeros = [s(0, 0, 0); P];
+        zeros[0] = s(0, 300, 32);
+        made_up.record(&settings, s(0, 0, 0), &zeros);
+        made_up.record(&settings, s(1_000, 0, 0), &[s(1_000, 300, 32); P]);
+        assert!(recommend(&settings, &made_up, 4, ms(1_000)).desired_workers > 4);
     }
 
     #[test]

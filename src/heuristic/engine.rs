@@ -351,9 +351,10 @@ impl QueueView {
         std::mem::take(&mut self.fresh).then(|| self.latest.map_or(0, |s| s.first_visible_age_ms))
     }
 
-    /// The latest reading as a history sample taken `at` (no reading yet: empty).
-    fn sample(&self, at: UnixMs) -> QueueReading {
-        QueueReading { sampled_at: at, ..self.latest.unwrap_or_default() }
+    /// The latest reading as a history sample taken `at`, or `None` before the queue was
+    /// first read.
+    fn sample(&self, at: UnixMs) -> Option<QueueReading> {
+        self.latest.map(|latest| QueueReading { sampled_at: at, ..latest })
     }
 }
 
@@ -487,8 +488,8 @@ impl HubEngine {
                     ring.add(latency);
                 }
             }
-            let control: Vec<QueueReading> = self.control.iter().map(|v| v.sample(now)).collect();
-            self.history.record(&durable, self.work_item.sample(now), &control);
+            let control: Vec<Option<QueueReading>> = self.control.iter().map(|v| v.sample(now)).collect();
+            self.history.record_read(&durable, self.work_item.sample(now), &control);
         }
         let grace = self.settings.work_grace_ms;
         let recommendation = match self.settings.algorithm {
