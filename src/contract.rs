@@ -103,7 +103,25 @@ pub mod env {
     /// Sidecar in plain-container mode: how long it may keep reporting after SIGTERM while
     /// the app still runs (the pod's grace period less time to leave).
     pub const APP_EXIT_WAIT: &str = "DURABLE_SCALER_APP_EXIT_WAIT";
+    /// The preStop drain (src/sidecar/drain.rs): the Functions host's base URL on loopback
+    /// (`http://127.0.0.1:<the app's port>`).
+    pub const HOST_URL: &str = "DURABLE_SCALER_HOST_URL";
+    /// The preStop drain: the file holding the host's master key (`host.master`, mounted
+    /// from the Secret or ConfigMap the host keeps its keys in).
+    pub const HOST_KEY_FILE: &str = "DURABLE_SCALER_HOST_KEY_FILE";
+    /// The preStop drain: the per-pod token `/drain` requires in [`super::DRAIN_TOKEN_HEADER`].
+    pub const DRAIN_TOKEN: &str = "DURABLE_SCALER_DRAIN_TOKEN";
+    /// The preStop drain: how long `/drain` waits for the host's drain to complete.
+    pub const DRAIN_WAIT: &str = "DURABLE_SCALER_DRAIN_WAIT";
 }
+
+/// The header the app container's preStop hook sends to the sidecar's `/drain` with the
+/// pod's drain token (the kubelet sends a hook's `httpHeaders` since 1.26's
+/// `ConsistentHTTPGetHandlers`, GA in 1.28: kubernetes `pkg/kubelet/lifecycle/handlers.go`
+/// `runHTTPHandler` -> `httpprobe.NewRequestForHTTPGetAction`).
+pub const DRAIN_TOKEN_HEADER: &str = "x-durable-scaler-drain";
+/// The sidecar's path the preStop hook calls.
+pub const DRAIN_PATH: &str = "/drain";
 
 /// The label a pod template carries to opt in (filtered by the webhook's objectSelector).
 pub const INJECT_LABEL: &str = "durable-scaler.io/inject";

@@ -31,6 +31,12 @@
 //!   errors are bounded by h2's own limits ([`MAX_RESET_STREAMS`],
 //!   [`MAX_LOCAL_ERROR_RESET_STREAMS`]).
 //!
+//! One path of a listener may be a **long request** ([`Listener::long_request`]): the
+//! sidecar's `/drain`, which the kubelet's preStop hook calls and which answers only once the
+//! app's host has drained, minutes later. Its answer may take the time given instead of
+//! [`limits::REQUEST_TIMEOUT`], and its connection is not asked to go for its age while it
+//! is in flight (the kubelet would take the close for the hook's end and stop the app).
+//!
 //! Requests carry a [`Draining`] extension: it turns true when their connection is asked to
 //! go, so that long-lived streams (KEDA's StreamIsActive) can end cleanly before the close.
 
@@ -134,6 +140,8 @@ pub(crate) struct Listener {
     pub answer_budget_bytes: usize,
     /// TLS, with the interval its files are looked at; none: plain TCP.
     pub tls: Option<(Arc<ReloadingConfig>, Duration)>,
+    /// A path whose answer may take up to the given time (module docs); none for most.
+    pub long_request: Option<(&'static str, Duration)>,
 }
 
 /// Whether the connection a request came on has been asked to go (request extension).
@@ -206,6 +214,7 @@ struct Shared {
     answers: Arc<Semaphore>,
     shutdown: Shutdown,
     force_close: watch::Receiver<bool>,
+    long_request: Option<(&'static str, Duration)>,
 }
 
 /// Serves `app` on `listener` as `settings` say until `shutdown` fires, then lets open
@@ -229,6 +238,7 @@ pub(crate) async fn serve(
         answers: Arc::new(Semaphore::new(settings.answer_budget_bytes)),
         shutdown: shutdown.clone(),
         force_close,
+        long_request: settings.long_request,
     });
     loop {
         let permit = tokio::select! {
@@ -343,6 +353,7 @@ where
         state: state.clone(),
         shared_answers: shared.answers.clone(),
         protocol: shared.protocol,
+        long_request: shared.long_request,
     };
     let io = TokioIo::new(PeerResets::new(io, state.clone()));
     let connection = shared.builder.serve_connection(io, service);
@@ -377,7 +388,7 @@ where
             // An exchange with a deadline started: look at the deadlines again.
             _ = state.deadline_added.notified() => continue,
             _ = shared.shutdown.wait(), if closing_since.is_none() => Close::Shutdown,
-            _ = tokio::time::sleep_until(accepted + MAX_CONNECTION_AGE), if closing_since.is_none() => Close::Age,
+            _ = tokio::time::sleep_until(accepted + MAX_CONNECTION_AGE), if closing_since.is_none() && !state.long_in_flight() => Close::Age,
             _ = state.resets_too_many.notified(), if closing_since.is_none() => Close::Resets,
             _ = tokio::time::sleep_until(idle_check), if closing_since.is_none() => {
                 if !state.is_idle_at(Instant::now()) {
@@ -407,6 +418,8 @@ struct ConnectionState {
     /// Fired when an exchange with a deadline starts.
     deadline_added: Notify,
     draining: watch::Sender<bool>,
+    /// Long requests ([`Listener::long_request`]) in flight.
+    long: AtomicU64,
 }
 
 impl ConnectionState {
@@ -418,7 +431,12 @@ impl ConnectionState {
             last_activity: Mutex::new(now),
             deadline_added: Notify::new(),
             draining: watch::Sender::new(false),
+            long: AtomicU64::new(0),
         }
+    }
+
+    fn long_in_flight(&self) -> bool {
+        self.long.load(Ordering::Relaxed) > 0
     }
 
     fn seen_request(&self) -> bool {
@@ -637,6 +655,23 @@ struct ConnectionService {
     state: Arc<ConnectionState>,
     shared_answers: Arc<Semaphore>,
     protocol: Protocol,
+    long_request: Option<(&'static str, Duration)>,
+}
+
+/// A long request in flight on its connection, until dropped.
+struct LongRequest(Arc<ConnectionState>);
+
+impl LongRequest {
+    fn start(state: &Arc<ConnectionState>) -> Self {
+        state.long.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for LongRequest {
+    fn drop(&mut self) {
+        self.0.long.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 type ServiceFuture = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -647,7 +682,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Future = ServiceFuture;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
-        let deadline = Instant::now() + limits::REQUEST_TIMEOUT;
+        let long = self.long_request.filter(|(path, _)| request.uri().path() == *path);
+        let deadline = Instant::now() + long.map_or(limits::REQUEST_TIMEOUT, |(_, timeout)| timeout);
+        let long = long.map(|_| LongRequest::start(&self.state));
         let exchange = Exchange::start(&self.state, (self.protocol == Protocol::Http).then_some(deadline));
         request.extensions_mut().insert(Draining(self.state.draining.subscribe()));
         let version = request.version();
@@ -661,6 +698,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             Response::from_parts(parts, Body::new(TrackedBody { inner: body, _exchange: exchange }))
         };
         Box::pin(async move {
+            let _long = long;
             let response = match tokio::time::timeout_at(deadline, answer).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},

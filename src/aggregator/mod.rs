@@ -399,6 +399,7 @@ impl Aggregator {
             max_connections: listener::connection_limit(KEDA_MAX_CONNECTIONS, LISTENERS),
             answer_budget_bytes: 0,
             tls: acceptor.map(|config| (config, args.tls_reload_interval)),
+            long_request: None,
         };
         let keda_task = serve(grpc, keda_port, keda_routes.prepare().into_axum_router(), shutdown.clone());
 
@@ -413,6 +414,7 @@ impl Aggregator {
             max_connections: listener::connection_limit(REPORT_MAX_CONNECTIONS, LISTENERS),
             answer_budget_bytes: 0,
             tls: report_acceptor.map(|config| (config, args.tls_reload_interval)),
+            long_request: None,
         };
         let report_task =
             serve(report, report_port, report_routes.prepare().into_axum_router(), shutdown.clone());
@@ -602,6 +604,7 @@ fn http_listener() -> listener::Listener {
         max_connections: listener::connection_limit(HTTP_MAX_CONNECTIONS, LISTENERS),
         answer_budget_bytes: HTTP_ANSWER_BUDGET_BYTES,
         tls: None,
+        long_request: None,
     }
 }
 

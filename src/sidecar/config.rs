@@ -87,6 +87,33 @@ pub struct Args {
     #[arg(long, env = env::APP_EXIT_WAIT, default_value = "0s",
           value_parser = naming(env::APP_EXIT_WAIT, crate::config::parse_duration))]
     pub app_exit_wait: Duration,
+    /// The preStop drain ([`crate::sidecar::drain`]): the Functions host's base URL on this
+    /// pod (`http://127.0.0.1:<app port>`). With `--host-key-file` and `--drain-token` it
+    /// turns on `GET /drain`; the webhook sets all three where the app keeps its keys in a
+    /// Kubernetes Secret or ConfigMap.
+    #[arg(long, env = env::HOST_URL, value_parser = naming(env::HOST_URL, parse_host_url))]
+    pub host_url: Option<url::Url>,
+    /// The preStop drain: the file holding the host's master key (read at each drain, so a
+    /// key the host writes after the sidecar started is found).
+    #[arg(long, env = env::HOST_KEY_FILE)]
+    pub host_key_file: Option<PathBuf>,
+    /// The preStop drain: the token `/drain` requires in its `x-durable-scaler-drain` header
+    /// (the port is reachable from the pod network).
+    #[arg(long, env = env::DRAIN_TOKEN, hide_env_values = true)]
+    pub drain_token: Option<String>,
+    /// The preStop drain: how long `/drain` waits for the host's drain to complete before it
+    /// answers anyway (the webhook sets the pod's grace period less 10 s).
+    #[arg(long, env = env::DRAIN_WAIT, default_value = "30m",
+          value_parser = naming(env::DRAIN_WAIT, crate::config::parse_duration))]
+    pub drain_wait: Duration,
+}
+
+fn parse_host_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text.trim()).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" | "https" if url.host().is_some() => Ok(url),
+        _ => Err(format!("`{text}` is not an http(s) URL with a host")),
+    }
 }
 
 /// An identity-based connection (the app's `{connection}__accountName` and the rest, copied by
@@ -344,6 +371,60 @@ pub struct Config {
     pub app_port: Option<u16>,
     /// How long to keep reporting after SIGTERM while the app runs (zero: leave at once).
     pub app_exit_wait: Duration,
+    /// The preStop drain, when configured.
+    pub drain: Option<DrainConfig>,
+}
+
+/// What `GET /drain` needs ([`crate::sidecar::drain`]).
+#[derive(Clone)]
+pub struct DrainConfig {
+    /// The Functions host's base URL.
+    pub host: url::Url,
+    /// The file holding the host's master key.
+    pub key_file: PathBuf,
+    /// The token the request must carry.
+    pub token: String,
+    /// How long to wait for the drain to complete.
+    pub wait: Duration,
+}
+
+impl std::fmt::Debug for DrainConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainConfig")
+            .field("host", &self.host.as_str())
+            .field("key_file", &self.key_file)
+            .field("token", &"<redacted>")
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+/// The three drain settings together, or none of them.
+fn drain_config(
+    host: Option<url::Url>,
+    key_file: Option<PathBuf>,
+    token: Option<String>,
+    wait: Duration,
+) -> Result<Option<DrainConfig>, ConfigError> {
+    let token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+    match (host, key_file, token) {
+        (None, None, None) => Ok(None),
+        (Some(host), Some(key_file), Some(token)) => Ok(Some(DrainConfig { host, key_file, token, wait })),
+        (host, key_file, _) => {
+            let (variable, flag) = if host.is_none() {
+                (env::HOST_URL, "host-url")
+            } else if key_file.is_none() {
+                (env::HOST_KEY_FILE, "host-key-file")
+            } else {
+                (env::DRAIN_TOKEN, "drain-token")
+            };
+            Err(error(
+                variable,
+                flag,
+                "is not set, and the other preStop drain settings are: set all three or none",
+            ))
+        }
+    }
 }
 
 /// A missing or invalid setting, named by its environment variable and flag.
@@ -441,6 +522,7 @@ impl Config {
             },
             app_port: args.app_port,
             app_exit_wait: args.app_exit_wait,
+            drain: drain_config(args.host_url, args.host_key_file, args.drain_token, args.drain_wait)?,
         })
     }
 }
@@ -506,7 +588,29 @@ mod tests {
             app_limits: AppLimitArgs::default(),
             app_port: None,
             app_exit_wait: Duration::ZERO,
+            host_url: None,
+            host_key_file: None,
+            drain_token: None,
+            drain_wait: Duration::from_secs(1800),
         }
+    }
+
+    #[test]
+    fn the_prestop_drain_takes_all_three_settings_or_none() {
+        assert!(Config::from_args(args()).unwrap().drain.is_none());
+        let mut all = args();
+        all.host_url = Some("http://127.0.0.1:8080".parse().unwrap());
+        all.host_key_file = Some("/keys/host.master".into());
+        all.drain_token = Some("t0k3n".into());
+        let drain = Config::from_args(all).unwrap().drain.unwrap();
+        assert_eq!(drain.host.as_str(), "http://127.0.0.1:8080/");
+        assert!(!format!("{drain:?}").contains("t0k3n"), "the token stays out of logs");
+        let mut partial = args();
+        partial.host_url = Some("http://127.0.0.1:8080".parse().unwrap());
+        assert_eq!(Config::from_args(partial).unwrap_err().variable, env::HOST_KEY_FILE);
+        assert!(Cli::try_parse_from(["sidecar", "--host-url", "ftp://x"]).is_err());
+        let parsed = Cli::try_parse_from(["sidecar", "--drain-wait", "90s"]).unwrap().args;
+        assert_eq!(parsed.drain_wait, Duration::from_secs(90));
     }
 
     #[test]

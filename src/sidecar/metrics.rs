@@ -164,10 +164,11 @@ impl Metrics {
 }
 
 /// `/healthz` (the process is up and serving) and `/metrics`.
-pub(crate) fn router(metrics: Arc<Metrics>) -> Router {
+pub(crate) fn router(metrics: Arc<Metrics>, drainer: super::drain::Drainer) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(serve_metrics))
+        .route(crate::contract::DRAIN_PATH, get(super::drain::handle).with_state(drainer))
         .with_state(metrics)
 }
 

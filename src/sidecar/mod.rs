@@ -17,9 +17,11 @@
 //! - [`poll`]: one poll and its translation into the report protocol;
 //! - [`report`]: the gRPC client and the latest-only delivery loop;
 //! - [`stop`]: when a plain-container sidecar leaves (after its app);
+//! - [`drain`]: `GET /drain`, the app container's preStop hook: drains the Functions host;
 //! - [`metrics`]: Prometheus metrics and the `/healthz` + `/metrics` server.
 
 pub(crate) mod config;
+pub(crate) mod drain;
 pub(crate) mod metrics;
 pub(crate) mod poll;
 pub(crate) mod report;
@@ -165,7 +167,7 @@ impl Sidecar {
             ));
         }
         let mut supervisor = Supervisor::new(stop.clone());
-        let router = metrics::router(metrics.clone());
+        let router = metrics::router(metrics.clone(), drain::Drainer::new(config.drain.clone()));
         let http = crate::listener::Listener {
             name: "sidecar HTTP",
             protocol: crate::listener::Protocol::Http,
@@ -173,6 +175,11 @@ impl Sidecar {
             max_connections: crate::listener::connection_limit(HTTP_MAX_CONNECTIONS, 1),
             answer_budget_bytes: HTTP_ANSWER_BUDGET_BYTES,
             tls: None,
+            // The preStop hook's answer waits for the host's drain.
+            long_request: Some((
+                crate::contract::DRAIN_PATH,
+                config.drain.as_ref().map_or(Duration::ZERO, |d| d.wait) + drain::STATUS_EVERY * 5,
+            )),
         };
         let http_stop = stop.clone();
         supervisor.spawn("sidecar HTTP server", async move {

@@ -430,6 +430,7 @@ impl Webhook {
             max_connections: listener::connection_limit(MAX_CONNECTIONS, 1),
             answer_budget_bytes: ANSWER_BUDGET_BYTES,
             tls: Some((self.tls, self.reload_interval)),
+            long_request: None,
         };
         let served = listener::serve(self.listener, settings, router(self.state), shutdown.clone()).await;
         match served {

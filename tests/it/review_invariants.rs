@@ -69,7 +69,8 @@ pub fn check(data: &[u8], settings: &InjectionSettings) -> bool {
         .count();
     assert_eq!(sidecars, 1, "exactly one sidecar after injection");
     // The one change to an existing container: the app container may gain the Functions
-    // host's drain switch as its last env entry (src/webhook/inject/drain.rs).
+    // host's drain switch as its last env entry and, where it had none, a preStop hook on the
+    // sidecar's /drain (src/webhook/inject/drain.rs).
     let drain = serde_json::json!({"name": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING", "value": "true"});
     let mut drained = 0;
     for list in ["containers", "initContainers", "volumes"] {
@@ -87,6 +88,17 @@ pub fn check(data: &[u8], settings: &InjectionSettings) -> bool {
                     env.pop();
                     if env.is_empty() && was.get("env").is_none() {
                         is.as_object_mut().expect("a container is an object").remove("env");
+                    }
+                }
+                let hooked = list == "containers"
+                    && was.pointer("/lifecycle/preStop").is_none()
+                    && is.pointer("/lifecycle/preStop/httpGet/path").and_then(Value::as_str)
+                        == Some(durable_scaler::contract::DRAIN_PATH);
+                if hooked {
+                    let lifecycle = is["lifecycle"].as_object_mut().expect("lifecycle is an object");
+                    lifecycle.remove("preStop");
+                    if lifecycle.is_empty() && was.get("lifecycle").is_none() {
+                        is.as_object_mut().expect("a container is an object").remove("lifecycle");
                     }
                 }
                 assert_eq!(&is, was, "existing {list} are untouched");

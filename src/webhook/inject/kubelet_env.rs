@@ -57,7 +57,11 @@ pub(super) fn env_entry<'a>(container: &'a Value, name: &str) -> Option<&'a Valu
 
 /// The container's `env` entries that set `name` as `naming` reads it and define a value,
 /// in order.
-fn env_entries<'a>(container: &'a Value, name: &str, naming: Naming) -> impl Iterator<Item = &'a Value> {
+pub(super) fn env_entries<'a>(
+    container: &'a Value,
+    name: &str,
+    naming: Naming,
+) -> impl Iterator<Item = &'a Value> {
     container
         .get("env")
         .and_then(Value::as_array)

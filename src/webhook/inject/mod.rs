@@ -239,9 +239,19 @@ fn plan_spec(
     let resources = annotations.resources(guaranteed(spec), &mut warnings);
     let drain = annotations.drain(&mut warnings);
     let grace_annotation = if drain { annotations.grace_seconds(&mut warnings) } else { None };
+    let pre_stop = if drain {
+        drain::pre_stop(spec, &app, port, &mut warnings)
+    } else {
+        Err(format!("drain is off (annotation {DRAIN_ANNOTATION}=false)"))
+    };
+    let grace = drain::final_grace(spec, drain, grace_annotation, pre_stop.as_ref().ok());
     // A plain container gets SIGTERM with the app: it waits for the app (src/sidecar/stop.rs).
-    let app_exit = (!native)
-        .then(|| template::AppExit::of(app.container, drain::final_grace(spec, drain, grace_annotation)));
+    let app_exit = (!native).then(|| template::AppExit::of(app.container, grace));
+    let host_drain = pre_stop.as_ref().ok().map(|pre_stop| template::HostDrain {
+        app_port: pre_stop.app_port,
+        token: &pre_stop.token,
+        wait_seconds: drain::drain_wait(grace),
+    });
     let sidecar = template::Sidecar {
         app: &app,
         task_hub,
@@ -253,6 +263,7 @@ fn plan_spec(
         port,
         ca,
         app_exit,
+        host_drain,
     };
     let Some(sidecar) = template::container(sidecar, &mut warnings) else {
         // Both lists hold at least one definition by construction; stay total anyway.
@@ -269,6 +280,10 @@ fn plan_spec(
     if let template::CaSource::Secret(secret) = ca {
         volumes.push(template::CA_VOLUME);
         patch::append(&mut patch, spec, "/spec", "volumes", template::ca_volume(secret));
+    }
+    if let Ok(pre_stop) = &pre_stop {
+        volumes.push(drain::HOST_KEY_VOLUME);
+        patch::append(&mut patch, spec, "/spec", "volumes", drain::key_volume(&pre_stop.key));
     }
     let has_token_volume = spec.get("volumes").and_then(Value::as_array).is_some_and(|volumes| {
         volumes.iter().any(|v| v.get("name").and_then(Value::as_str) == Some(TOKEN_VOLUME))
@@ -298,7 +313,7 @@ fn plan_spec(
         );
     }
     let drain = if drain {
-        drain::plan(spec, &app, grace_annotation, &mut patch, &mut warnings)
+        drain::plan(spec, &app, grace_annotation, &pre_stop, &mut patch, &mut warnings)
     } else {
         json!(format!("off (annotation {DRAIN_ANNOTATION}=false)"))
     };
@@ -1144,6 +1159,168 @@ mod tests {
         assert!(app_env(&out, drain::DRAIN_ENV).is_empty());
         assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 5);
         assert!(status_of(&out)["drain"].as_str().unwrap().starts_with("off"));
+    }
+
+    /// An app that keeps its host keys in a Kubernetes Secret and declares its port.
+    fn keyed_pod(extra_env: Value) -> Value {
+        let mut env = storage_env();
+        env.as_array_mut()
+            .unwrap()
+            .push(json!({"name": "AzureWebJobsSecretStorageType", "value": "kubernetes"}));
+        env.as_array_mut().unwrap().extend(extra_env.as_array().unwrap().iter().cloned());
+        let mut pod = pod(json!({}), env);
+        pod["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}]);
+        pod
+    }
+
+    #[test]
+    fn an_app_with_its_keys_in_a_secret_drains_in_a_prestop_hook_for_its_function_timeout() {
+        let pod =
+            keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName", "value": "secrets/func-keys"}]));
+        let injection = plan(&pod, &settings());
+        let out = applied(&pod, &injection);
+        let hook = &out["spec"]["containers"][0]["lifecycle"]["preStop"]["httpGet"];
+        assert_eq!(hook["path"], "/drain");
+        assert_eq!(hook["port"], SIDECAR_HTTP_PORT);
+        assert_eq!(hook["httpHeaders"][0]["name"], crate::contract::DRAIN_TOKEN_HEADER);
+        let token = hook["httpHeaders"][0]["value"].as_str().unwrap();
+        assert_eq!(token.len(), 64);
+        assert_eq!(sidecar_env(&out, env::DRAIN_TOKEN)["value"], token);
+        assert_eq!(sidecar_env(&out, env::HOST_URL)["value"], "http://127.0.0.1:8080");
+        assert_eq!(
+            sidecar_env(&out, env::HOST_KEY_FILE)["value"],
+            "/var/run/durable-scaler/host-key/host.master"
+        );
+        // Upstream's 30 min and 30 s, and /drain answers 15 s before the grace runs out.
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 1830);
+        assert_eq!(sidecar_env(&out, env::DRAIN_WAIT)["value"], "1815s");
+        let volume =
+            out["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == drain::HOST_KEY_VOLUME);
+        assert_eq!(
+            volume.unwrap()["secret"],
+            json!({"secretName": "func-keys", "optional": true, "items": [{"key": "host.master", "path": "host.master"}]})
+        );
+        assert!(status_of(&out)["drain"]["preStop"].as_str().unwrap().contains("func-keys"));
+        // A second pod gets a token of its own.
+        let again = applied(&pod, &plan(&pod, &settings()));
+        assert_ne!(
+            again["spec"]["containers"][0]["lifecycle"]["preStop"]["httpGet"]["httpHeaders"][0]["value"],
+            token
+        );
+    }
+
+    #[test]
+    fn the_key_store_may_be_a_configmap_or_a_mounted_volume_and_the_timeout_comes_from_the_apps_settings() {
+        let pod = keyed_pod(json!([
+            {"name": "AzureWebJobsKubernetesSecretName", "value": "configmaps/keys"},
+            {"name": "azurefunctionsjobhost__FunctionTimeout", "value": "01:00:00"},
+        ]));
+        let out = applied(&pod, &plan(&pod, &settings()));
+        let volume = out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == drain::HOST_KEY_VOLUME)
+            .cloned();
+        assert_eq!(volume.unwrap()["configMap"]["name"], "keys");
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 3630);
+
+        let mut mounted = keyed_pod(json!([]));
+        mounted["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "keys", "mountPath": "/run/secrets/functions-keys/"}]);
+        mounted["spec"]["volumes"] = json!([{"name": "keys", "secret": {"secretName": "fk", "items": [{"key": "master", "path": "host.master"}]}}]);
+        let out = applied(&mounted, &plan(&mounted, &settings()));
+        let volume = out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == drain::HOST_KEY_VOLUME)
+            .cloned();
+        assert_eq!(volume.unwrap()["secret"]["items"], json!([{"key": "master", "path": "host.master"}]));
+        assert_eq!(volume_named(&out, "keys")["secret"]["secretName"], "fk");
+    }
+
+    fn volume_named(out: &Value, name: &str) -> Value {
+        out["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).cloned().unwrap()
+    }
+
+    #[test]
+    fn no_prestop_drain_without_a_readable_key_store_a_port_or_where_the_app_has_its_own_hook() {
+        let why = |pod: &Value| {
+            let out = applied(pod, &plan(pod, &settings()));
+            assert!(
+                out["spec"]["containers"][0]
+                    .pointer("/lifecycle/preStop/httpGet")
+                    .is_none_or(|h| h["path"] != "/drain")
+            );
+            assert_eq!(sidecar_env(&out, env::DRAIN_TOKEN), Value::Null);
+            assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 30);
+            status_of(&out)["drain"]["preStop"].as_str().unwrap().to_owned()
+        };
+        // The default key store: blob storage.
+        let mut blob = pod(json!({}), storage_env());
+        blob["spec"]["containers"][0]["ports"] = json!([{"containerPort": 80}]);
+        assert!(why(&blob).contains("not in a Kubernetes Secret"), "{}", why(&blob));
+        // Kubernetes store, but no object named and nothing mounted.
+        assert!(why(&keyed_pod(json!([]))).contains("names no object"));
+        // No port.
+        let mut portless = keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName", "value": "k"}]));
+        portless["spec"]["containers"][0].as_object_mut().unwrap().remove("ports");
+        assert!(why(&portless).contains("declares no port"));
+        // The app's own preStop hook is kept.
+        let mut hooked = keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName", "value": "k"}]));
+        hooked["spec"]["containers"][0]["lifecycle"] =
+            json!({"preStop": {"exec": {"command": ["sleep", "5"]}}});
+        assert!(why(&hooked).contains("of its own"));
+        // A secret reference the webhook cannot read.
+        let referenced = keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName",
+            "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]));
+        assert!(why(&referenced).contains("not a literal"));
+    }
+
+    #[test]
+    fn a_prestop_hook_joins_an_existing_lifecycle_and_drain_off_adds_none() {
+        let mut pod = keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName", "value": "k"}]));
+        pod["spec"]["containers"][0]["lifecycle"] = json!({"postStart": {"exec": {"command": ["true"]}}});
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(
+            out["spec"]["containers"][0]["lifecycle"]["postStart"],
+            json!({"exec": {"command": ["true"]}})
+        );
+        assert_eq!(out["spec"]["containers"][0]["lifecycle"]["preStop"]["httpGet"]["path"], "/drain");
+
+        pod["metadata"]["annotations"] = json!({"durable-scaler.io/drain": "false"});
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert!(out["spec"]["containers"][0]["lifecycle"].get("preStop").is_none());
+        assert!(
+            out["spec"]["volumes"].as_array().unwrap().iter().all(|v| v["name"] != drain::HOST_KEY_VOLUME)
+        );
+    }
+
+    #[test]
+    fn dotnet_time_spans_read_as_the_host_reads_them() {
+        for (text, seconds) in [
+            ("00:30:00", 1800),
+            ("1.02:03:04", 93784),
+            ("2", 172_800),
+            ("-1", -86_400),
+            ("00:10", 600),
+            ("00:00:05.5", 5),
+        ] {
+            assert_eq!(drain::parse_timespan(text), Some(seconds), "{text}");
+        }
+        for text in ["", "ab", "25:00:00", "00:60:00", "1:2:3:4"] {
+            assert_eq!(drain::parse_timespan(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_plain_container_sidecar_waits_as_long_as_the_prestop_drain_may() {
+        let mut pod = keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName", "value": "k"}]));
+        pod["metadata"]["annotations"] = json!({NATIVE_SIDECAR_ANNOTATION: "false"});
+        let out = applied(&pod, &plan(&pod, &settings()));
+        assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 1830);
+        assert_eq!(sidecar_env(&out, env::APP_EXIT_WAIT)["value"], "1827s");
     }
 
     fn identity_pod(env: Value) -> Value {

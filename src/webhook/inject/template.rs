@@ -72,6 +72,20 @@ pub(super) struct Sidecar<'a> {
     /// For a plain-container sidecar: how it outlives the app ([`AppExit`]); `None` for a
     /// native sidecar, which Kubernetes stops after the app.
     pub(super) app_exit: Option<AppExit>,
+    /// The preStop drain the sidecar serves ([`HostDrain`]), if the app gets one.
+    pub(super) host_drain: Option<HostDrain<'a>>,
+}
+
+/// What the sidecar's `/drain` needs (src/sidecar/drain.rs; the master key comes from the
+/// volume [`super::drain::key_volume`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct HostDrain<'a> {
+    /// The host's port on the pod.
+    pub(super) app_port: u16,
+    /// The pod's drain token.
+    pub(super) token: &'a str,
+    /// How long `/drain` waits for the host.
+    pub(super) wait_seconds: u64,
 }
 
 /// What a plain-container sidecar needs to stay until its app stopped (src/sidecar/stop.rs):
@@ -100,7 +114,7 @@ impl AppExit {
 
 /// The app container's first TCP `containerPort` (protocol TCP is the default): the Functions
 /// host listens there (Kestrel, `ASPNETCORE_URLS`; the official images' `http://+:80`).
-fn app_port(app: &Value) -> Option<u16> {
+pub(super) fn app_port(app: &Value) -> Option<u16> {
     app.get("ports")?.as_array()?.iter().find_map(|port| {
         let tcp = port.get("protocol").and_then(Value::as_str).is_none_or(|p| p == "TCP");
         let number = port.get("containerPort").and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok());
@@ -155,6 +169,16 @@ pub(super) fn container(sidecar: Sidecar<'_>, warnings: &mut Vec<String>) -> Opt
             env.push(json!({"name": env::APP_PORT, "value": port.to_string()}));
         }
         env.push(json!({"name": env::APP_EXIT_WAIT, "value": format!("{}s", exit.wait_seconds)}));
+    }
+    if let Some(drain) = sidecar.host_drain {
+        use super::drain::{HOST_KEY_DIR, HOST_KEY_VOLUME, MASTER_KEY};
+        env.extend([
+            json!({"name": env::HOST_URL, "value": format!("http://127.0.0.1:{}", drain.app_port)}),
+            json!({"name": env::HOST_KEY_FILE, "value": format!("{HOST_KEY_DIR}/{MASTER_KEY}")}),
+            json!({"name": env::DRAIN_TOKEN, "value": drain.token}),
+            json!({"name": env::DRAIN_WAIT, "value": format!("{}s", drain.wait_seconds)}),
+        ]);
+        mounts.push(json!({"name": HOST_KEY_VOLUME, "mountPath": HOST_KEY_DIR, "readOnly": true}));
     }
     if let Some(level) = sidecar.log_level {
         env.push(json!({"name": "RUST_LOG", "value": level}));
