@@ -107,6 +107,10 @@ fn sidecar_args(
         app_limits: Default::default(),
         app_port: None,
         app_exit_wait: Duration::ZERO,
+        host_url: None,
+        host_key_file: None,
+        drain_token: None,
+        drain_wait: Duration::from_secs(60),
     }
 }
 

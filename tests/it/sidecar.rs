@@ -132,6 +132,10 @@ fn args(
         app_limits: Default::default(),
         app_port: None,
         app_exit_wait: Duration::ZERO,
+        host_url: None,
+        host_key_file: None,
+        drain_token: None,
+        drain_wait: Duration::from_secs(60),
     }
 }
 
@@ -619,4 +623,243 @@ async fn a_sidecar_told_no_wait_leaves_at_sigterm_without_draining() {
     assert!(received.last().unwrap().report.leaving);
     assert!(received.iter().all(|r| !r.report.draining));
     drop(app);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The preStop drain (src/sidecar/drain.rs) against a fake Functions host
+// ---------------------------------------------------------------------------------------------
+
+/// The Functions host's admin API as far as the drain uses it, standing for azure-functions-host
+/// `src/WebJobs.Script.WebHost/Controllers/HostController.cs`: `POST /admin/host/drain`
+/// answers 202 at once and turns drain mode on (`DrainModeManager.EnableDrainModeAsync` stops
+/// the listeners and cancels nothing, so the invocations running go on); `GET
+/// /admin/host/drain/status` answers `Models/DrainModeStatus.cs` as Newtonsoft writes it:
+/// `Disabled` before, `InProgress` while invocations or retries are outstanding, then
+/// `Completed`. Both need the master key in `x-functions-key` (policy
+/// `AdminAuthLevelOrInternal`, `AuthenticationLevelHandler`): 401 without it.
+#[derive(Clone)]
+struct FakeHost {
+    key: &'static str,
+    state: Arc<Mutex<HostState>>,
+}
+
+#[derive(Debug, Default)]
+struct HostState {
+    draining: bool,
+    running: u32,
+    /// How long the running invocations still take once drain mode is on.
+    finish_after: Option<Duration>,
+    posts: Vec<Option<String>>,
+    status_calls: u32,
+}
+
+impl FakeHost {
+    async fn start(
+        key: &'static str,
+        running: u32,
+        finish_after: Option<Duration>,
+    ) -> (Self, u16, JoinHandle<()>) {
+        use axum::{
+            Json,
+            extract::State,
+            http::{HeaderMap, StatusCode},
+            routing::{get, post},
+        };
+        let host = Self {
+            key,
+            state: Arc::new(Mutex::new(HostState { running, finish_after, ..Default::default() })),
+        };
+        let authorized = |host: &FakeHost, headers: &HeaderMap| {
+            headers.get("x-functions-key").and_then(|v| v.to_str().ok()) == Some(host.key)
+        };
+        let app = axum::Router::new()
+            .route(
+                "/admin/host/drain",
+                post(move |State(host): State<FakeHost>, headers: HeaderMap| async move {
+                    let key = headers.get("x-functions-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let mut state = host.state.lock().unwrap();
+                    state.posts.push(key);
+                    if !authorized(&host, &headers) {
+                        return StatusCode::UNAUTHORIZED;
+                    }
+                    if !state.draining {
+                        state.draining = true;
+                        if let Some(after) = state.finish_after {
+                            let host = host.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(after).await;
+                                host.state.lock().unwrap().running = 0;
+                            });
+                        }
+                    }
+                    StatusCode::ACCEPTED
+                }),
+            )
+            .route(
+                "/admin/host/drain/status",
+                get(move |State(host): State<FakeHost>, headers: HeaderMap| async move {
+                    if !authorized(&host, &headers) {
+                        return Err(StatusCode::UNAUTHORIZED);
+                    }
+                    let mut state = host.state.lock().unwrap();
+                    state.status_calls += 1;
+                    let phase = match (state.draining, state.running) {
+                        (false, _) => "Disabled",
+                        (true, 0) => "Completed",
+                        (true, _) => "InProgress",
+                    };
+                    Ok(Json(serde_json::json!({
+                        "state": phase, "outstandingInvocations": state.running, "outstandingRetries": 0
+                    })))
+                }),
+            )
+            .with_state(host.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        (host, port, server)
+    }
+}
+
+/// A free loopback port for the sidecar's HTTP address (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The binary as the webhook runs it with a preStop drain: the host's URL, the master key's
+/// file, the pod's token and the wait, beside the plain-container settings.
+async fn spawn_draining_sidecar(
+    hub: &TaskHub,
+    pod: &str,
+    url: &str,
+    host_port: u16,
+    key_file: &std::path::Path,
+    http_port: u16,
+    (exit_wait, drain_wait): (&str, &str),
+) -> tokio::process::Child {
+    let mut command = tokio::process::Command::from(binary());
+    command
+        .env("DURABLE_SCALER_TASK_HUB", hub.name())
+        .env("DURABLE_SCALER_CONNECTION", Azurite::shared().connection_string())
+        .env("DURABLE_SCALER_AGGREGATOR", url)
+        .env("POD_NAME", pod)
+        .env("POD_NAMESPACE", "apps")
+        .env("DURABLE_SCALER_INTERVAL", "200ms")
+        .env("DURABLE_SCALER_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+        .env("DURABLE_SCALER_APP_PORT", host_port.to_string())
+        .env("DURABLE_SCALER_APP_EXIT_WAIT", exit_wait)
+        .env("DURABLE_SCALER_HOST_URL", format!("http://127.0.0.1:{host_port}"))
+        .env("DURABLE_SCALER_HOST_KEY_FILE", key_file)
+        .env("DURABLE_SCALER_DRAIN_TOKEN", "pod-token-1")
+        .env("DURABLE_SCALER_DRAIN_WAIT", drain_wait)
+        .kill_on_drop(true);
+    command.spawn().unwrap()
+}
+
+/// The kubelet's preStop `httpGet`: a GET of the hook's path with its `httpHeaders`.
+async fn pre_stop(http_port: u16, token: Option<&str>) -> (u16, serde_json::Value, Duration) {
+    let started = Instant::now();
+    let mut request = reqwest::Client::new().get(format!("http://127.0.0.1:{http_port}/drain"));
+    if let Some(token) = token {
+        request = request.header("X-Durable-Scaler-Drain", token);
+    }
+    let answer = request.send().await.expect("the sidecar answers the hook");
+    let status = answer.status().as_u16();
+    let body = answer.text().await.unwrap();
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+    (status, json, started.elapsed())
+}
+
+#[tokio::test]
+async fn the_prestop_drain_answers_once_the_host_runs_nothing_while_a_plain_sidecar_outlives_sigterm() {
+    let (hub, emulator) = laid_out("SidecarPreStop", Layout::Table, 1).await;
+    let claim = emulator.claim(0, "pod-prestop", LEASE).await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("host.master"), "master-key-1\n").unwrap();
+    // Two invocations that go on for 3 s after drain mode is on.
+    let (host, host_port, server) = FakeHost::start("master-key-1", 2, Some(Duration::from_secs(3))).await;
+    let (aggregator, url) = RecordingAggregator::start().await;
+    let http_port = free_port();
+    let key_file = keys.path().join("host.master");
+    let mut child =
+        spawn_draining_sidecar(&hub, "pod-prestop", &url, host_port, &key_file, http_port, ("60s", "60s"))
+            .await;
+    aggregator.wait_for(0, "owning 0", |r| partitions(&r.report) == [0]).await;
+
+    // Without the pod's token, or with another, nothing reaches the host.
+    assert_eq!(pre_stop(http_port, None).await.0, 403);
+    assert_eq!(pre_stop(http_port, Some("pod-token-2")).await.0, 403);
+    assert!(host.state.lock().unwrap().posts.is_empty());
+
+    // The kubelet: the app container's preStop hook, and at the same moment SIGTERM to the
+    // plain-container sidecar, which has no hook.
+    let hook = tokio::spawn(pre_stop(http_port, Some("pod-token-1")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&child);
+    let (status, body, took) = hook.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "completed", "{body}");
+    assert_eq!(body["host"]["state"], "Completed");
+    assert!(took >= Duration::from_secs(3), "answered after {took:?}, before the invocations ended");
+    {
+        let state = host.state.lock().unwrap();
+        assert_eq!(state.posts, [Some("master-key-1".to_owned())], "one drain, with the master key");
+        assert!(state.status_calls >= 2, "polled the status: {}", state.status_calls);
+    }
+    assert!(still_running(&mut child), "the sidecar left while its app was draining");
+    let draining = aggregator.wait_for(0, "draining", |r| r.report.draining).await.1;
+    assert_eq!(partitions(&draining.report), [0]);
+
+    // The kubelet's SIGTERM then stops the host; it lets go of its partition: the sidecar leaves.
+    server.abort();
+    let _ = server.await;
+    emulator.release(claim).await.unwrap();
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits").unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(aggregator.received.lock().unwrap().last().unwrap().report.leaving);
+}
+
+#[tokio::test]
+async fn a_prestop_drain_the_host_refuses_or_that_outlasts_its_wait_lets_the_pod_stop() {
+    let hub = hub("SidecarPreStopFail");
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("host.master");
+    std::fs::write(&key_file, "not-the-key").unwrap();
+    let (aggregator, url) = RecordingAggregator::start().await;
+
+    // A key the host refuses: 502 at once, naming the status.
+    let (host, host_port, server) = FakeHost::start("master-key-1", 1, None).await;
+    let http_port = free_port();
+    let mut child =
+        spawn_draining_sidecar(&hub, "pod-a", &url, host_port, &key_file, http_port, ("0s", "3s")).await;
+    aggregator.wait_for(0, "from pod-a", |_| true).await;
+    let (status, body, _) = pre_stop(http_port, Some("pod-token-1")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["result"].as_str().unwrap().contains("401"), "{body}");
+    assert!(!host.state.lock().unwrap().draining);
+
+    // The right key, an invocation that never ends: the hook answers when the wait runs out.
+    std::fs::write(&key_file, "master-key-1").unwrap();
+    let (status, body, took) = pre_stop(http_port, Some("pod-token-1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "wait ran out");
+    assert_eq!(body["host"]["outstandingInvocations"], 1);
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    server.abort();
+
+    // No host at all: 502.
+    sigterm(&child);
+    let _ = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits");
+    let nothing_there = free_port();
+    let http_port = free_port();
+    let mut child =
+        spawn_draining_sidecar(&hub, "pod-b", &url, nothing_there, &key_file, http_port, ("0s", "3s")).await;
+    aggregator.wait_for(0, "from pod-b", |r| r.report.pod.as_ref().is_some_and(|p| p.name == "pod-b")).await;
+    let (status, body, _) = pre_stop(http_port, Some("pod-token-1")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["result"].as_str().unwrap().contains("did not answer"), "{body}");
+    sigterm(&child);
+    let _ = tokio::time::timeout(DEADLINE, child.wait()).await.expect("the sidecar exits");
 }

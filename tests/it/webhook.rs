@@ -127,6 +127,9 @@ fn expected_pod() -> Value {
                "modeReason": "--native-sidecar=true",
                "version": env!("CARGO_PKG_VERSION"), "volumes": ["durable-scaler-token"],
                "drain": {"env": "FUNCTIONS_ENABLE_DRAIN_ON_APP_STOPPING=true added",
+                         "preStop": "none: the host's keys are not in a Kubernetes Secret \
+                                     (AzureWebJobsSecretStorageType is not `kubernetes`; the default store \
+                                     is blob storage, which the sidecar does not read keys from)",
                          "terminationGracePeriodSeconds": "30 kept"}})
         .to_string()
     );
@@ -696,6 +699,68 @@ async fn a_short_grace_is_raised_for_the_drain_and_the_annotation_turns_it_off()
     let pod = patched(&review["request"]["object"], &answer);
     assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 5);
     assert_eq!(pod["spec"]["containers"][0], review["request"]["object"]["spec"]["containers"][0]);
+}
+
+/// The fixture's app with its host keys in a Kubernetes Secret (`AzureWebJobsSecretStorageType`
+/// and `AzureWebJobsKubernetesSecretName`, as azure-functions-host's
+/// `DefaultSecretManagerProvider` and `SimpleKubernetesClient` read them) and its port.
+fn keyed_review() -> Value {
+    let mut review = fixture();
+    let app = &mut review["request"]["object"]["spec"]["containers"][0];
+    app["ports"] = json!([{"name": "http", "containerPort": 80, "protocol": "TCP"}]);
+    let env = app["env"].as_array_mut().unwrap();
+    env.push(json!({"name": "AzureWebJobsSecretStorageType", "value": "kubernetes"}));
+    env.push(json!({"name": "AzureWebJobsKubernetesSecretName", "value": "secrets/orders-func-keys"}));
+    review
+}
+
+#[tokio::test]
+async fn an_app_with_its_keys_in_a_secret_gets_a_prestop_drain_the_api_server_accepts() {
+    for native in [true, false] {
+        let webhook = Running::start(|args| {
+            args.native_sidecar = if native { NativeSidecarMode::True } else { NativeSidecarMode::False }
+        })
+        .await;
+        let review = keyed_review();
+        let (status, answer) = webhook.review(&review).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let pod = patched(&review["request"]["object"], &answer);
+        assert_valid_pod(&pod);
+        let hook = &pod["spec"]["containers"][0]["lifecycle"]["preStop"]["httpGet"];
+        assert_eq!(hook["path"], "/drain");
+        assert_eq!(hook["port"], 9095);
+        assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 1830);
+        let sidecar = pod["spec"][if native { "initContainers" } else { "containers" }]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "durable-scaler-sidecar")
+            .cloned()
+            .unwrap();
+        let env = |name: &str| sidecar["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
+        assert_eq!(env("DURABLE_SCALER_DRAIN_TOKEN").unwrap()["value"], hook["httpHeaders"][0]["value"]);
+        assert_eq!(env("DURABLE_SCALER_HOST_URL").unwrap()["value"], "http://127.0.0.1:80");
+        assert_eq!(env("DURABLE_SCALER_DRAIN_WAIT").unwrap()["value"], "1815s");
+        assert!(
+            sidecar["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "durable-scaler-host-key")
+        );
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "durable-scaler-host-key");
+        assert_eq!(volume.unwrap()["secret"]["secretName"], "orders-func-keys");
+        let said = status_annotation(&review, &answer)["drain"]["preStop"].as_str().unwrap().to_owned();
+        assert!(said.contains("orders-func-keys") && said.contains("port 80"), "{said}");
+        if !native {
+            // The plain sidecar stays as long as the hook may run.
+            assert_eq!(env("DURABLE_SCALER_APP_EXIT_WAIT").unwrap()["value"], "1827s");
+        }
+    }
 }
 
 #[tokio::test]

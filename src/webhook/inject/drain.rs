@@ -109,10 +109,10 @@ pub(super) fn pre_stop(
     if container.pointer("/lifecycle/preStop").is_some() {
         return Err("the app container has a preStop hook of its own".to_owned());
     }
+    let key = key_source(spec, container)?;
     let Some(app_port) = super::template::app_port(container) else {
         return Err("the app container declares no port, where the host's admin API would be".to_owned());
     };
-    let key = key_source(spec, container)?;
     let function_timeout = function_timeout(container, warnings);
     Ok(PreStop { key, app_port, function_timeout, token: new_token(), sidecar_port })
 }
@@ -131,7 +131,8 @@ fn key_source(spec: &serde_json::Map<String, Value>, container: &Value) -> Resul
         }
         _ => {
             return Err(format!(
-                "the host's keys are not in a Kubernetes Secret ({SECRET_STORAGE_TYPE_ENV} is not `kubernetes`;                  the default store is blob storage, which the sidecar does not read keys from)"
+                "the host's keys are not in a Kubernetes Secret ({SECRET_STORAGE_TYPE_ENV} is not `kubernetes`; \
+                 the default store is blob storage, which the sidecar does not read keys from)"
             ));
         }
     }
