@@ -178,7 +178,8 @@ pub struct Args {
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_FUNCTION_TIMEOUT_S", value_parser = positive_seconds)]
     pub function_timeout_s: Option<Seconds>,
     /// Whose apps drain on SIGTERM (wait for their running functions within the grace
-    /// period): ours (our webhook turns the drain on), all, or none (the host stops at once).
+    /// period): ours (our webhook's preStop drain, given to apps whose host keys are in a
+    /// Kubernetes Secret or ConfigMap), all, or none (the host stops at once).
     #[arg(long, env = "DURABLE_SCALER_SIMULATE_DRAIN", value_enum, default_value_t = DrainPolicy::Ours)]
     pub drain: DrainPolicy,
     /// Ours sets no pod-deletion-cost: the ReplicaSet picks the pods to remove among equals
