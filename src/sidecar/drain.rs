@@ -103,7 +103,7 @@ pub(crate) enum DrainError {
     #[error("the host answered {status} to {what}")]
     Refused {
         /// The call.
-        what: &'static str,
+        what: String,
         /// The status.
         status: u16,
     },
@@ -138,28 +138,23 @@ impl Drainer {
     pub(crate) async fn drain(&self, config: &DrainConfig) -> Result<(DrainStatus, bool), DrainError> {
         let key = read_key(&config.key_file)?;
         let deadline = Instant::now() + config.wait;
-        let drain_url = endpoint(&config.host, "admin/host/drain");
-        let status_url = endpoint(&config.host, "admin/host/drain/status");
-        let posted = self.client.post(drain_url.clone()).header(KEY_HEADER, &key).send().await;
-        let posted = posted.map_err(|e| unreachable(&drain_url, &e))?;
-        if !posted.status().is_success() {
-            return Err(DrainError::Refused {
-                what: "POST /admin/host/drain",
-                status: posted.status().as_u16(),
-            });
-        }
+        let admin = |method: reqwest::Method, path: &'static str| {
+            let url = endpoint(&config.host, path);
+            let request = self.client.request(method.clone(), url.clone()).header(KEY_HEADER, &key);
+            async move {
+                let answer = request.send().await.map_err(|e| unreachable(&url, &e))?;
+                if !answer.status().is_success() {
+                    let status = answer.status().as_u16();
+                    return Err(DrainError::Refused { what: format!("{method} /{path}"), status });
+                }
+                capped_body(answer).await.map_err(|e| unreachable(&url, &e))
+            }
+        };
+        admin(reqwest::Method::POST, "admin/host/drain").await?;
         tracing::info!(host = %config.host, "drain started on the host; waiting for its running invocations");
         let mut last_logged: Option<DrainStatus> = None;
         loop {
-            let answer = self.client.get(status_url.clone()).header(KEY_HEADER, &key).send().await;
-            let answer = answer.map_err(|e| unreachable(&status_url, &e))?;
-            if !answer.status().is_success() {
-                return Err(DrainError::Refused {
-                    what: "GET /admin/host/drain/status",
-                    status: answer.status().as_u16(),
-                });
-            }
-            let body = capped_body(answer).await.map_err(|e| unreachable(&status_url, &e))?;
+            let body = admin(reqwest::Method::GET, "admin/host/drain/status").await?;
             let status: DrainStatus =
                 serde_json::from_slice(&body).map_err(|e| DrainError::Status(e.to_string()))?;
             if status.state == "Completed" {

@@ -525,6 +525,16 @@ async fn spawn_plain_container_sidecar(
     app_port: Option<u16>,
     wait: &str,
 ) -> tokio::process::Child {
+    let mut command = sidecar_command(hub, pod, url, "127.0.0.1:0");
+    command.env("DURABLE_SCALER_APP_EXIT_WAIT", wait);
+    if let Some(port) = app_port {
+        command.env("DURABLE_SCALER_APP_PORT", port.to_string());
+    }
+    command.spawn().unwrap()
+}
+
+/// The binary reading `hub` as pod `pod`, reporting to `url`, serving HTTP on `http`.
+fn sidecar_command(hub: &TaskHub, pod: &str, url: &str, http: &str) -> tokio::process::Command {
     let mut command = tokio::process::Command::from(binary());
     command
         .env("DURABLE_SCALER_TASK_HUB", hub.name())
@@ -533,13 +543,9 @@ async fn spawn_plain_container_sidecar(
         .env("POD_NAME", pod)
         .env("POD_NAMESPACE", "apps")
         .env("DURABLE_SCALER_INTERVAL", "200ms")
-        .env("DURABLE_SCALER_HTTP_ADDR", "127.0.0.1:0")
-        .env("DURABLE_SCALER_APP_EXIT_WAIT", wait)
+        .env("DURABLE_SCALER_HTTP_ADDR", http)
         .kill_on_drop(true);
-    if let Some(port) = app_port {
-        command.env("DURABLE_SCALER_APP_PORT", port.to_string());
-    }
-    command.spawn().unwrap()
+    command
 }
 
 fn sigterm(child: &tokio::process::Child) {
@@ -739,22 +745,14 @@ async fn spawn_draining_sidecar(
     http_port: u16,
     (exit_wait, drain_wait): (&str, &str),
 ) -> tokio::process::Child {
-    let mut command = tokio::process::Command::from(binary());
+    let mut command = sidecar_command(hub, pod, url, &format!("127.0.0.1:{http_port}"));
     command
-        .env("DURABLE_SCALER_TASK_HUB", hub.name())
-        .env("DURABLE_SCALER_CONNECTION", Azurite::shared().connection_string())
-        .env("DURABLE_SCALER_AGGREGATOR", url)
-        .env("POD_NAME", pod)
-        .env("POD_NAMESPACE", "apps")
-        .env("DURABLE_SCALER_INTERVAL", "200ms")
-        .env("DURABLE_SCALER_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
         .env("DURABLE_SCALER_APP_PORT", host_port.to_string())
         .env("DURABLE_SCALER_APP_EXIT_WAIT", exit_wait)
         .env("DURABLE_SCALER_HOST_URL", format!("http://127.0.0.1:{host_port}"))
         .env("DURABLE_SCALER_HOST_KEY_FILE", key_file)
         .env("DURABLE_SCALER_DRAIN_TOKEN", "pod-token-1")
-        .env("DURABLE_SCALER_DRAIN_WAIT", drain_wait)
-        .kill_on_drop(true);
+        .env("DURABLE_SCALER_DRAIN_WAIT", drain_wait);
     command.spawn().unwrap()
 }
 

@@ -1216,13 +1216,7 @@ mod tests {
             {"name": "azurefunctionsjobhost__FunctionTimeout", "value": "01:00:00"},
         ]));
         let out = applied(&pod, &plan(&pod, &settings()));
-        let volume = out["spec"]["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == drain::HOST_KEY_VOLUME)
-            .cloned();
-        assert_eq!(volume.unwrap()["configMap"]["name"], "keys");
+        assert_eq!(volume_named(&out, drain::HOST_KEY_VOLUME)["configMap"]["name"], "keys");
         assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 3630);
 
         let mut mounted = keyed_pod(json!([]));
@@ -1230,13 +1224,10 @@ mod tests {
             json!([{"name": "keys", "mountPath": "/run/secrets/functions-keys/"}]);
         mounted["spec"]["volumes"] = json!([{"name": "keys", "secret": {"secretName": "fk", "items": [{"key": "master", "path": "host.master"}]}}]);
         let out = applied(&mounted, &plan(&mounted, &settings()));
-        let volume = out["spec"]["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == drain::HOST_KEY_VOLUME)
-            .cloned();
-        assert_eq!(volume.unwrap()["secret"]["items"], json!([{"key": "master", "path": "host.master"}]));
+        assert_eq!(
+            volume_named(&out, drain::HOST_KEY_VOLUME)["secret"]["items"],
+            json!([{"key": "master", "path": "host.master"}])
+        );
         assert_eq!(volume_named(&out, "keys")["secret"]["secretName"], "fk");
     }
 
