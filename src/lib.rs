@@ -2,7 +2,7 @@
 //! Azure Storage backend) on Kubernetes, driven by KEDA.
 //!
 //! The three roles live in their own modules over a shared pure engine, and no role imports
-//! another (the README's "How it fits together" lists where this differs from
+//! another (docs/architecture.md, "The code's layout", lists where this differs from
 //! `architecture.md`):
 //! - [`webhook`]: the admission webhook that injects the sidecar into opted-in pods;
 //! - [`sidecar`]: the sidecar role, reporting its pod's partitions to the aggregator;

@@ -3,7 +3,7 @@
 //!
 //! Naming: `durable_scaler_<role>_<thing>[_<unit>]`, counters ending in `_total` (which
 //! prometheus-client appends), the role being the process that serves the series
-//! (`aggregator`, `sidecar`, `webhook`); the README's "Metrics" section lists them all.
+//! (`aggregator`, `sidecar`, `webhook`); docs/metrics.md lists them all.
 
 use prometheus_client::registry::Registry;
 

@@ -8,7 +8,7 @@
 //! `pkg/scaling/executor/scale_scaledobjects.go` `RequestScale`: a trigger error with
 //! `isActive=false` and no fallback leaves the replicas as they are; HPA path:
 //! `pkg/metricsservice` returns the error and the HPA holds). Not safe with a ScaledObject
-//! `fallback.replicas: 0`, which turns errors into scale-to-zero (README).
+//! `fallback.replicas: 0`, which turns errors into scale-to-zero (docs/high-availability.md).
 //!
 //! The same answer for a hub read before whose queues nobody reads any more (its sidecars
 //! cannot reach storage, so they report no queues, and the cold probe failed too): its last

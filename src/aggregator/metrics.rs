@@ -244,7 +244,7 @@ pub(crate) struct KedaCallLabels {
 }
 
 /// Bucket bounds (seconds) of the KEDA call durations: fine below the 2 ms the aggregator aims
-/// at (README "Limits and performance"), coarse up to the first-probe wait of a new hub.
+/// at (docs/performance.md), coarse up to the first-probe wait of a new hub.
 const KEDA_CALL_BUCKETS: [f64; 11] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0];
 

@@ -69,7 +69,7 @@ fn the_component_adds_issuers_and_certificates_that_validate_and_keeps_the_rest_
     if python_with("kubernetes_validate") {
         let builtin: Vec<&Value> = objects.iter().filter(|o| !is_cert_manager(o)).collect();
         for version in ["1.29.0", "1.37.0"] {
-            // admissionregistration.k8s.io/v1 policies exist from 1.30 (README: 1.28 and 1.29).
+            // admissionregistration.k8s.io/v1 policies exist from 1.30 (docs/install.md: 1.28 and 1.29).
             let objects: Vec<&Value> = builtin
                 .iter()
                 .copied()

@@ -183,10 +183,10 @@ fn every_rendered_kubernetes_object_validates_against_the_kubernetes_schemas() {
         let objects = render(name);
         let builtin: Vec<&Value> = objects.iter().filter(|o| !is_keda(o)).collect();
         assert!(!builtin.is_empty(), "{name}");
-        // The oldest version supported (the README's), the oldest with native sidecars on by
-        // default, the first with admissionregistration.k8s.io/v1 admission policies, and the
-        // newest the package bundles. Before 1.30 the policy is left out (README: "Kubernetes
-        // 1.28 and 1.29"), so everything else is checked there.
+        // The oldest version supported (docs/install.md's), the oldest with native sidecars on
+        // by default, the first with admissionregistration.k8s.io/v1 admission policies, and the
+        // newest the package bundles. Before 1.30 the policy is left out (docs/install.md,
+        // "Kubernetes 1.28 and 1.29"), so everything else is checked there.
         for version in ["1.28.0", "1.29.0", "1.30.0", "1.37.0"] {
             let before_policies = matches!(version, "1.28.0" | "1.29.0");
             let objects: Vec<&Value> =
@@ -1187,23 +1187,27 @@ fn an_images_override_in_an_overlay_also_changes_the_injected_sidecar_image() {
     assert_eq!(env_value(webhook, "DURABLE_SCALER_WEBHOOK_ADDR"), None);
 }
 
-/// The first ```yaml block of the README section headed `heading`, its base path pointed at
-/// `install` from `overlay`.
-fn readme_overlay(heading: &str, overlay: &Path, install: &str) -> String {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let section =
-        readme.split_once(&format!("### {heading}\n")).unwrap_or_else(|| panic!("README has no {heading}")).1;
+/// The first ```yaml block of docs/install.md's section headed `## heading`, its base path
+/// pointed at `install` from `overlay`: the overlays the install guide shows are rendered by
+/// the real kustomize.
+fn documented_overlay(heading: &str, overlay: &Path, install: &str) -> String {
+    let guide =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/install.md")).unwrap();
+    let section = guide
+        .split_once(&format!("\n## {heading}\n"))
+        .unwrap_or_else(|| panic!("docs/install.md has no section {heading}"))
+        .1;
     let block = section.split_once("```yaml\n").unwrap().1.split_once("```").unwrap().0;
     let base = relative(overlay, &manifests_dir().join(install));
     block.replace("../durable-scaler/manifests/default", &base.display().to_string())
 }
 
 #[test]
-fn the_readmes_private_registry_overlay_gives_every_pod_and_the_sidecars_the_pull_secret() {
+fn the_documented_private_registry_overlay_gives_every_pod_and_the_sidecars_the_pull_secret() {
     let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     std::fs::write(
         overlay.path().join("kustomization.yaml"),
-        readme_overlay("Private registries", overlay.path(), "default"),
+        documented_overlay("Private registries", overlay.path(), "default"),
     )
     .unwrap();
     let objects = render_path(overlay.path());
@@ -1577,11 +1581,11 @@ fn the_pod_deletion_cost_policy_lets_the_aggregator_change_that_one_annotation_a
 }
 
 #[test]
-fn the_readmes_overlay_for_1_28_and_1_29_leaves_out_the_policy_the_right_and_the_feature() {
+fn the_documented_overlay_for_1_28_and_1_29_leaves_out_the_policy_the_right_and_the_feature() {
     let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     std::fs::write(
         overlay.path().join("kustomization.yaml"),
-        readme_overlay("Kubernetes 1.28 and 1.29", overlay.path(), "default"),
+        documented_overlay("Kubernetes 1.28 and 1.29", overlay.path(), "default"),
     )
     .unwrap();
     let objects = render_path(overlay.path());
