@@ -36,6 +36,7 @@ mod limits;
 mod logs;
 mod manifests;
 mod monitoring;
+mod readme;
 mod recommend_cli;
 mod release;
 mod review_fuzz;
