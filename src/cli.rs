@@ -27,12 +27,13 @@ pub enum Command {
     /// Read one JSON case on stdin, print what the heuristic would decide and why.
     ///
     /// Input: {"algorithm": "durable"|"target"|"latency", "workers": N, "partitions": P,
-    /// "max_polling_interval_ms": 30000, "max_activities_per_worker": 10,
-    /// "max_orchestrations_per_worker": 5, then either "work_item": {"latencies_ms": [...],
-    /// "length": N} and "control": [{"latencies_ms": [...], "length": N}, ...] (latency,
-    /// target), or "samples": [{"at_ms": T, "work_item": R, "control": [R, ...]}, ...] with
-    /// R = {"approximate_count", "visible_count", "first_visible_age_ms"} (every algorithm;
-    /// durable needs them), replayed through the aggregator's engine; "work_grace_ms": 300000,
+    /// "max_polling_interval_ms": 30000, "max_activities_per_worker" and
+    /// "max_orchestrations_per_worker" (10 x "processor_count", itself 1 when not given), then
+    /// either "work_item": {"latencies_ms": [...], "length": N} and "control":
+    /// [{"latencies_ms": [...], "length": N}, ...] (latency, target), or "samples": [{"at_ms":
+    /// T, "work_item": R, "control": [R, ...]}, ...] with R = {"approximate_count",
+    /// "visible_count", "first_visible_age_ms", "redelivered_count"} (every algorithm; durable
+    /// needs them), replayed through the aggregator's engine; "work_grace_ms": 300000,
     /// "worker_startup_ms": 20000}. Output: {"action", "keep_workers_alive",
     /// "desired_workers", "reason", "metric_value"}. Exit status 2 on malformed input.
     Recommend,
