@@ -14,9 +14,9 @@
 //! # What each algorithm is fed
 //!
 //! - `durable`: every evaluation records each queue's latest reading in the durable history;
-//!   the algorithm tells sleeping timers from work by count (a per-queue baseline of invisible
-//!   messages), counts a dead owner's in-flight messages as work and leaves stuck or poison
-//!   work items out (`heuristic::durable`'s module docs). IsActive: a visible message anywhere,
+//!   the algorithm counts every work item as work, tells held control messages from sleeping
+//!   timers by how the invisible count came to be, and counts a dead owner's held messages as
+//!   work until the visibility timeout (`heuristic::durable`'s module docs). IsActive: a visible message anywhere,
 //!   or the latest decision's `keep_workers_alive`. The owner liveness it needs comes from
 //!   the caller ([`HubEngine::set_owner_lost`]; the aggregator knows it from its sidecars).
 //! - `latency`: as upstream's `DisconnectedPerformanceMonitor` is fed
@@ -58,8 +58,8 @@ use crate::reading::QueueReading;
 
 /// DTFx's visibility timeout, by default (5 minutes; the aggregator's `--work-grace`): how long
 /// `target-inflight` counts a queue's invisible messages after its last movement, and how
-/// long `durable` counts a dead owner's messages and waits before calling a still work item
-/// stuck.
+/// long `durable` counts a dead owner's messages (the app's own timeout, when its pods report
+/// it, wins).
 pub(crate) const DEFAULT_WORK_GRACE_MS: u64 = durable::DEFAULT_VISIBILITY_TIMEOUT_MS;
 
 /// A hub's visible messages at the latest readings (the `visible_messages` gauges of
