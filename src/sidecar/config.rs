@@ -102,7 +102,7 @@ pub struct Args {
     #[arg(long, env = env::DRAIN_TOKEN, hide_env_values = true)]
     pub drain_token: Option<String>,
     /// The preStop drain: how long `/drain` waits for the host's drain to complete before it
-    /// answers anyway (the webhook sets the pod's grace period less 10 s).
+    /// answers anyway (the webhook sets the pod's grace period less 15 s).
     #[arg(long, env = env::DRAIN_WAIT, default_value = "30m",
           value_parser = naming(env::DRAIN_WAIT, crate::config::parse_duration))]
     pub drain_wait: Duration,

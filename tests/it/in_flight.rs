@@ -379,17 +379,23 @@ async fn sleeping_timers(ports: &AggregatorPorts, dir: &tempfile::TempDir) -> Re
     }
     // Inactive once the aggregator has read them and taken them for timers (until it has read
     // them, KEDA is still told what the empty hub was: idle; then, for the settle window,
-    // messages that appeared invisible may be work a worker took at once).
+    // messages that appeared invisible may be work a worker took at once). And only once the
+    // decision counts the hub's worker: with no Kubernetes the worker count is the live
+    // reporting pods, and until the sidecar's first report is in (Azurite may take a while
+    // under the backlogs) it is 0, when every invisible message is a timer (rule 2's last
+    // point); the pod's arrival then makes the fresh ones possible work for the settle window.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let timers = gauge(ports.http, "durable_scaler_aggregator_timer_messages", &hub).await;
+        let workers = gauge(ports.http, "durable_scaler_aggregator_workers{", &hub).await;
         let answer = keda.ask().await;
-        if timers == 200.0 && answer == Ok((false, 0.0)) {
+        if timers == 200.0 && workers >= 1.0 && answer == Ok((false, 0.0)) {
             break;
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "200 sleeping timers: not inactive within 120 s: {timers} taken for timers, last answer {answer:?}"
+                "200 sleeping timers: not inactive within 120 s: {timers} taken for timers with {workers} \
+                 worker(s), last answer {answer:?}"
             ));
         }
         tokio::time::sleep(ASK_EVERY).await;
