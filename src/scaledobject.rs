@@ -364,6 +364,7 @@ pub fn generate(text: &str, args: &Args) -> Result<Generated, GenerateError> {
             "cooldownPeriod": args.cooldown_period,
             "minReplicaCount": args.min_replicas,
             "maxReplicaCount": args.max_replicas,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": scale_in_pace(&template["spec"])}}},
             "triggers": [trigger],
         },
     });
@@ -489,6 +490,24 @@ pub(crate) fn run(args: &Args) -> ExitCode {
         eprintln!("note: {note}");
     }
     ExitCode::SUCCESS
+}
+
+/// The HPA's scale-in pace for a Durable Functions app (docs/scale-in.md, section 5): one pod
+/// at a time, each once the last one's partitions are served again: its grace period (the
+/// pod's own, at least the 30 s the webhook's drain switch gives it) until it is killed, plus
+/// DurableTask.AzureStorage's `LeaseInterval` (30 s) until its leases expire, plus one
+/// `LeaseAcquireInterval` (10 s) until a live pod takes them
+/// (`AzureStorageOrchestrationServiceSettings.cs`). The HPA allows periods up to 1800 s
+/// (kubernetes `pkg/apis/autoscaling/validation`); its default 300 s stabilization window is kept.
+fn scale_in_pace(pod_spec: &Value) -> Value {
+    const LEASE_EXPIRY_AND_TAKEOVER_S: u64 = 30 + 10;
+    const HPA_MAX_PERIOD_S: u64 = 1800;
+    let grace = pod_spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30).max(30);
+    let period = (grace + LEASE_EXPIRY_AND_TAKEOVER_S).min(HPA_MAX_PERIOD_S);
+    json!({
+        "stabilizationWindowSeconds": 300,
+        "policies": [{"type": "Pods", "value": 1, "periodSeconds": period}],
+    })
 }
 
 #[cfg(test)]
@@ -623,5 +642,14 @@ mod tests {
             generate(&text, &args(&["--name", "nope"])),
             Err(GenerateError::NoWorkload(Some("nope".into())))
         );
+    }
+
+    #[test]
+    fn the_scale_in_pace_follows_the_grace_period_within_the_hpas_bounds() {
+        let period = |spec: Value| scale_in_pace(&spec)["policies"][0]["periodSeconds"].as_u64().unwrap();
+        assert_eq!(period(json!({})), 70);
+        assert_eq!(period(json!({"terminationGracePeriodSeconds": 5})), 70);
+        assert_eq!(period(json!({"terminationGracePeriodSeconds": 60})), 100);
+        assert_eq!(period(json!({"terminationGracePeriodSeconds": 3600})), 1800);
     }
 }

@@ -81,6 +81,8 @@ fn the_example_apps_scaled_object_is_the_one_manifests_example_ships() {
     .unwrap();
     let (ours, theirs) = (&generated[0]["spec"], &shipped[0]["spec"]);
     assert_eq!(ours["scaleTargetRef"], theirs["scaleTargetRef"]);
+    // The scale-in pace from the app's grace period (60 s + 40 s).
+    assert_eq!(ours["advanced"], theirs["advanced"]);
     let trigger = &ours["triggers"][0];
     let shipped_trigger = &theirs["triggers"][0];
     assert_eq!(trigger["type"], shipped_trigger["type"]);
