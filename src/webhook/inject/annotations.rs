@@ -15,7 +15,7 @@ use crate::contract::{
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// The longest grace period the annotation may ask for: one day. Longer is surely a typo, and
 /// a pod that cannot be stopped for days blocks node drains.
-const MAX_GRACE_SECONDS: u64 = 86_400;
+pub(super) const MAX_GRACE_SECONDS: u64 = 86_400;
 
 /// kubectl's annotation naming the container `kubectl logs/exec` picks by default.
 pub(super) const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";

@@ -370,7 +370,9 @@ pub(super) fn plan(
 /// [`DRAIN_GRACE_MARGIN`] with a preStop drain, else [`DRAIN_GRACE_SECONDS`].
 fn wanted_grace(annotation: Option<u64>, pre_stop: Option<&PreStop>) -> u64 {
     annotation.unwrap_or_else(|| match pre_stop {
-        Some(pre_stop) => pre_stop.function_timeout + DRAIN_GRACE_MARGIN.as_secs(),
+        // A day at most, as the annotation: a pod that cannot be stopped for days blocks node drains.
+        Some(pre_stop) => (pre_stop.function_timeout + DRAIN_GRACE_MARGIN.as_secs())
+            .min(super::annotations::MAX_GRACE_SECONDS),
         None => DRAIN_GRACE_SECONDS,
     })
 }

@@ -1218,6 +1218,15 @@ mod tests {
         let out = applied(&pod, &plan(&pod, &settings()));
         assert_eq!(volume_named(&out, drain::HOST_KEY_VOLUME)["configMap"]["name"], "keys");
         assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 3630);
+        // Ten days of function timeout: a day of grace at most.
+        let long = keyed_pod(json!([
+            {"name": "AzureWebJobsKubernetesSecretName", "value": "k"},
+            {"name": "AzureFunctionsJobHost__functionTimeout", "value": "10.00:00:00"},
+        ]));
+        assert_eq!(
+            applied(&long, &plan(&long, &settings()))["spec"]["terminationGracePeriodSeconds"],
+            86_400
+        );
 
         let mut mounted = keyed_pod(json!([]));
         mounted["spec"]["containers"][0]["volumeMounts"] =
