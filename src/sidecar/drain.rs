@@ -117,20 +117,22 @@ pub(crate) enum DrainError {
 pub(crate) struct Drainer {
     config: Option<DrainConfig>,
     client: reqwest::Client,
+    metrics: std::sync::Arc<super::Metrics>,
 }
 
 impl Drainer {
     /// A drainer for `config` (none: `/drain` answers 404).
-    pub(crate) fn new(config: Option<DrainConfig>) -> Self {
+    pub(crate) fn new(config: Option<DrainConfig>, metrics: std::sync::Arc<super::Metrics>) -> Self {
         // No redirects (a host never sends one to its admin API) and short connects: the
-        // host is on loopback.
+        // host is on loopback. reqwest needs rustls' provider even for plain http.
+        crate::telemetry::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Self { config, client }
+        Self { config, client, metrics }
     }
 
     /// Drains the host: posts the drain and waits until the status says `Completed` or
@@ -185,6 +187,7 @@ pub(crate) async fn handle(State(drainer): State<Drainer>, headers: HeaderMap) -
     let given = headers.get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
     if !same(given, config.token.as_bytes()) {
         tracing::warn!("a /drain request without the pod's drain token: refused");
+        drainer.metrics.count_drain("forbidden");
         return (StatusCode::FORBIDDEN, "the drain token is missing or wrong\n").into_response();
     }
     let started = Instant::now();
@@ -194,6 +197,7 @@ pub(crate) async fn handle(State(drainer): State<Drainer>, headers: HeaderMap) -
                 waited_ms = started.elapsed().as_millis() as u64,
                 "the host drained: nothing runs"
             );
+            drainer.metrics.count_drain("completed");
             (StatusCode::OK, Outcome { result: "completed".into(), host: Some(host), waited_ms: 0 })
         }
         Ok((host, false)) => {
@@ -202,10 +206,12 @@ pub(crate) async fn handle(State(drainer): State<Drainer>, headers: HeaderMap) -
                 wait = ?config.wait,
                 "the host still runs invocations and the drain wait ran out: letting the pod stop"
             );
+            drainer.metrics.count_drain("wait_ran_out");
             (StatusCode::OK, Outcome { result: "wait ran out".into(), host: Some(host), waited_ms: 0 })
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot drain the host: the pod stops without it");
+            drainer.metrics.count_drain("failed");
             (StatusCode::BAD_GATEWAY, Outcome { result: e.to_string(), host: None, waited_ms: 0 })
         }
     };

@@ -25,6 +25,14 @@ pub struct ReplicaLabel {
     pub address: String,
 }
 
+/// Labels of the preStop drain counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DrainResultLabel {
+    /// `completed`, `wait_ran_out`, `failed` (the host refused or did not answer) or
+    /// `forbidden` (no or a wrong drain token).
+    pub result: &'static str,
+}
+
 /// Everything the sidecar counts.
 #[derive(Debug)]
 pub struct Metrics {
@@ -51,6 +59,8 @@ pub struct Metrics {
     pub replica_reachable: Family<ReplicaLabel, Gauge>,
     /// Aggregator replicas reported to (addresses the aggregator host resolved to).
     pub replicas: Gauge,
+    /// `/drain` calls (the app's preStop hook), by how they ended.
+    pub(crate) drains: Family<DrainResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,6 +84,12 @@ impl Metrics {
         let replica_report_failures = Family::<ReplicaLabel, Counter>::default();
         let replica_reachable = Family::<ReplicaLabel, Gauge>::default();
         let replicas = Gauge::default();
+        let drains = Family::<DrainResultLabel, Counter>::default();
+        registry.register(
+            "drains",
+            "Calls of /drain, the app's preStop hook, by result: completed, wait_ran_out, failed, forbidden",
+            drains.clone(),
+        );
         registry.register(
             "replica_reports_sent",
             "Reports each aggregator replica accepted, by its address",
@@ -130,7 +146,13 @@ impl Metrics {
             replica_report_failures,
             replica_reachable,
             replicas,
+            drains,
         }
+    }
+
+    /// Counts one `/drain` call that ended with `result`.
+    pub(crate) fn count_drain(&self, result: &'static str) {
+        self.drains.get_or_create(&DrainResultLabel { result }).inc();
     }
 
     /// Drops the series of a replica no longer reported to.

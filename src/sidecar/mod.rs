@@ -167,7 +167,8 @@ impl Sidecar {
             ));
         }
         let mut supervisor = Supervisor::new(stop.clone());
-        let router = metrics::router(metrics.clone(), drain::Drainer::new(config.drain.clone()));
+        let router =
+            metrics::router(metrics.clone(), drain::Drainer::new(config.drain.clone(), metrics.clone()));
         let http = crate::listener::Listener {
             name: "sidecar HTTP",
             protocol: crate::listener::Protocol::Http,

@@ -758,6 +758,7 @@ async fn spawn_draining_sidecar(
 
 /// The kubelet's preStop `httpGet`: a GET of the hook's path with its `httpHeaders`.
 async fn pre_stop(http_port: u16, token: Option<&str>) -> (u16, serde_json::Value, Duration) {
+    durable_scaler::telemetry::install_crypto_provider();
     let started = Instant::now();
     let mut request = reqwest::Client::new().get(format!("http://127.0.0.1:{http_port}/drain"));
     if let Some(token) = token {
@@ -807,6 +808,13 @@ async fn the_prestop_drain_answers_once_the_host_runs_nothing_while_a_plain_side
         assert!(state.status_calls >= 2, "polled the status: {}", state.status_calls);
     }
     assert!(still_running(&mut child), "the sidecar left while its app was draining");
+    let (_, metrics) = http_get(([127, 0, 0, 1], http_port).into(), "/metrics").await;
+    for line in [
+        "durable_scaler_sidecar_drains_total{result=\"completed\"} 1",
+        "durable_scaler_sidecar_drains_total{result=\"forbidden\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
     let draining = aggregator.wait_for(0, "draining", |r| r.report.draining).await.1;
     assert_eq!(partitions(&draining.report), [0]);
 
@@ -846,6 +854,13 @@ async fn a_prestop_drain_the_host_refuses_or_that_outlasts_its_wait_lets_the_pod
     assert_eq!(body["host"]["outstandingInvocations"], 1);
     assert!(took >= Duration::from_secs(2), "{took:?}");
     server.abort();
+    let (_, metrics) = http_get(([127, 0, 0, 1], http_port).into(), "/metrics").await;
+    for line in [
+        "durable_scaler_sidecar_drains_total{result=\"failed\"} 1",
+        "durable_scaler_sidecar_drains_total{result=\"wait_ran_out\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 
     // No host at all: 502.
     sigterm(&child);
