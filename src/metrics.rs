@@ -150,6 +150,7 @@ mod tests {
         let sidecar = crate::sidecar::metrics::Metrics::new();
         let kinds = [crate::storage::StorageErrorKind::Authentication];
         sidecar.record_poll(std::time::Duration::from_millis(5), 1, &kinds, 3);
+        sidecar.count_drain("failed");
         exported.extend(declared_series(&sidecar.encode()));
         let webhook = crate::webhook::metrics::Metrics::new();
         webhook.certificate_reload_counters();
