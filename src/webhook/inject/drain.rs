@@ -153,7 +153,8 @@ fn key_source(spec: &serde_json::Map<String, Value>, container: &Value) -> Resul
     }
     mounted_keys(spec, container).ok_or_else(|| {
         format!(
-            "the Kubernetes key store names no object ({KUBERNETES_SECRET_NAME_ENV}) and no Secret or              ConfigMap is mounted at {MOUNTED_KEYS_DIR} with a {MASTER_KEY} key"
+            "the Kubernetes key store names no object ({KUBERNETES_SECRET_NAME_ENV}) and no Secret or \
+             ConfigMap is mounted at {MOUNTED_KEYS_DIR} with a {MASTER_KEY} key"
         )
     })
 }
@@ -227,14 +228,16 @@ fn function_timeout(container: &Value, warnings: &mut Vec<String>) -> u64 {
         Some((_, seconds)) if seconds > 0 => seconds as u64,
         Some((text, _)) => {
             warnings.push(format!(
-                "durable-scaler: {FUNCTION_TIMEOUT_ENV}={text:?} is unbounded; the drain waits for the                  default {} s (set durable-scaler.io/termination-grace-period-seconds for longer)",
+                "durable-scaler: {FUNCTION_TIMEOUT_ENV}={text:?} is unbounded; the drain waits for the \
+                 default {} s (set durable-scaler.io/termination-grace-period-seconds for longer)",
                 default
             ));
             default
         }
         None => {
             warnings.push(format!(
-                "durable-scaler: {FUNCTION_TIMEOUT_ENV} is not a time span the webhook can read; the drain                  waits for the default {default} s"
+                "durable-scaler: {FUNCTION_TIMEOUT_ENV} is not a time span the webhook can read; the drain \
+                 waits for the default {default} s"
             ));
             default
         }

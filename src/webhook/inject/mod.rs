@@ -1218,6 +1218,15 @@ mod tests {
         let out = applied(&pod, &plan(&pod, &settings()));
         assert_eq!(volume_named(&out, drain::HOST_KEY_VOLUME)["configMap"]["name"], "keys");
         assert_eq!(out["spec"]["terminationGracePeriodSeconds"], 3630);
+        // A function timeout the webhook cannot read: the default, and a warning that says so.
+        let unreadable = keyed_pod(json!([
+            {"name": "AzureWebJobsKubernetesSecretName", "value": "k"},
+            {"name": "AzureFunctionsJobHost__functionTimeout", "value": "soon"},
+        ]));
+        let injection = plan(&unreadable, &settings());
+        assert_eq!(applied(&unreadable, &injection)["spec"]["terminationGracePeriodSeconds"], 1830);
+        let warning = injection.warnings.iter().find(|w| w.contains("functionTimeout")).unwrap();
+        assert!(warning.contains("waits for the default 1800 s") && !warning.contains("  "), "{warning}");
         // Ten days of function timeout: a day of grace at most.
         let long = keyed_pod(json!([
             {"name": "AzureWebJobsKubernetesSecretName", "value": "k"},
@@ -1262,7 +1271,8 @@ mod tests {
         blob["spec"]["containers"][0]["ports"] = json!([{"containerPort": 80}]);
         assert!(why(&blob).contains("not in a Kubernetes Secret"), "{}", why(&blob));
         // Kubernetes store, but no object named and nothing mounted.
-        assert!(why(&keyed_pod(json!([]))).contains("names no object"));
+        let unnamed = why(&keyed_pod(json!([])));
+        assert!(unnamed.contains("names no object") && !unnamed.contains("  "), "{unnamed}");
         // No port.
         let mut portless = keyed_pod(json!([{"name": "AzureWebJobsKubernetesSecretName", "value": "k"}]));
         portless["spec"]["containers"][0].as_object_mut().unwrap().remove("ports");
