@@ -91,7 +91,7 @@ pub struct Args {
     /// pod (`http://127.0.0.1:<app port>`). With `--host-key-file` and `--drain-token` it
     /// turns on `GET /drain`; the webhook sets all three where the app keeps its keys in a
     /// Kubernetes Secret or ConfigMap.
-    #[arg(long, env = env::HOST_URL, value_parser = naming(env::HOST_URL, parse_host_url))]
+    #[arg(long, env = env::HOST_URL, value_parser = naming(env::HOST_URL, crate::config::parse_http_url))]
     pub host_url: Option<url::Url>,
     /// The preStop drain: the file holding the host's master key (read at each drain, so a
     /// key the host writes after the sidecar started is found).
@@ -106,14 +106,6 @@ pub struct Args {
     #[arg(long, env = env::DRAIN_WAIT, default_value = "30m",
           value_parser = naming(env::DRAIN_WAIT, crate::config::parse_duration))]
     pub drain_wait: Duration,
-}
-
-fn parse_host_url(text: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(text.trim()).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-    match url.scheme() {
-        "http" | "https" if url.host().is_some() => Ok(url),
-        _ => Err(format!("`{text}` is not an http(s) URL with a host")),
-    }
 }
 
 /// An identity-based connection (the app's `{connection}__accountName` and the rest, copied by

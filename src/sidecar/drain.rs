@@ -116,23 +116,13 @@ pub(crate) enum DrainError {
 #[derive(Debug, Clone)]
 pub(crate) struct Drainer {
     config: Option<DrainConfig>,
-    client: reqwest::Client,
     metrics: std::sync::Arc<super::Metrics>,
 }
 
 impl Drainer {
     /// A drainer for `config` (none: `/drain` answers 404).
     pub(crate) fn new(config: Option<DrainConfig>, metrics: std::sync::Arc<super::Metrics>) -> Self {
-        // No redirects (a host never sends one to its admin API) and short connects: the
-        // host is on loopback. reqwest needs rustls' provider even for plain http.
-        crate::telemetry::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Self { config, client, metrics }
+        Self { config, metrics }
     }
 
     /// Drains the host: posts the drain and waits until the status says `Completed` or
@@ -140,9 +130,16 @@ impl Drainer {
     pub(crate) async fn drain(&self, config: &DrainConfig) -> Result<(DrainStatus, bool), DrainError> {
         let key = read_key(&config.key_file)?;
         let deadline = Instant::now() + config.wait;
+        // The process's one HTTP client, built on first use (so not at all where no pod is
+        // ever drained): no redirects, which the host's admin API never sends. reqwest needs
+        // rustls' provider even for plain http.
+        crate::telemetry::install_crypto_provider();
+        let client = crate::storage::http::shared_client()
+            .map_err(|e| DrainError::Unreachable { url: config.host.to_string(), problem: e.to_string() })?;
         let admin = |method: reqwest::Method, path: &'static str| {
             let url = endpoint(&config.host, path);
-            let request = self.client.request(method.clone(), url.clone()).header(KEY_HEADER, &key);
+            let request =
+                client.request(method.clone(), url.clone()).header(KEY_HEADER, &key).timeout(CALL_TIMEOUT);
             async move {
                 let answer = request.send().await.map_err(|e| unreachable(&url, &e))?;
                 if !answer.status().is_success() {
@@ -191,14 +188,14 @@ pub(crate) async fn handle(State(drainer): State<Drainer>, headers: HeaderMap) -
         return (StatusCode::FORBIDDEN, "the drain token is missing or wrong\n").into_response();
     }
     let started = Instant::now();
-    let (status, outcome) = match drainer.drain(config).await {
+    let (status, result, host) = match drainer.drain(config).await {
         Ok((host, true)) => {
             tracing::info!(
                 waited_ms = started.elapsed().as_millis() as u64,
                 "the host drained: nothing runs"
             );
             drainer.metrics.count_drain("completed");
-            (StatusCode::OK, Outcome { result: "completed".into(), host: Some(host), waited_ms: 0 })
+            (StatusCode::OK, "completed".to_owned(), Some(host))
         }
         Ok((host, false)) => {
             tracing::warn!(
@@ -207,15 +204,15 @@ pub(crate) async fn handle(State(drainer): State<Drainer>, headers: HeaderMap) -
                 "the host still runs invocations and the drain wait ran out: letting the pod stop"
             );
             drainer.metrics.count_drain("wait_ran_out");
-            (StatusCode::OK, Outcome { result: "wait ran out".into(), host: Some(host), waited_ms: 0 })
+            (StatusCode::OK, "wait ran out".to_owned(), Some(host))
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot drain the host: the pod stops without it");
             drainer.metrics.count_drain("failed");
-            (StatusCode::BAD_GATEWAY, Outcome { result: e.to_string(), host: None, waited_ms: 0 })
+            (StatusCode::BAD_GATEWAY, e.to_string(), None)
         }
     };
-    let outcome = Outcome { waited_ms: started.elapsed().as_millis() as u64, ..outcome };
+    let outcome = Outcome { result, host, waited_ms: started.elapsed().as_millis() as u64 };
     (status, axum::Json(outcome)).into_response()
 }
 

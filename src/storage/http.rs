@@ -59,8 +59,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept per storage host: a probe round reads up to 17 queues at once.
 const POOL_IDLE_PER_HOST: usize = 32;
 
-/// The process's storage HTTP client, built on first use. A failed build is returned (and
-/// tried again on the next call), never a panic.
+/// The process's storage HTTP client, built on first use; the sidecar's preStop drain calls
+/// the Functions host's admin API with it too (src/sidecar/drain.rs). A failed build is
+/// returned (and tried again on the next call), never a panic.
 pub(crate) fn shared_client() -> Result<reqwest::Client, StorageError> {
     static CLIENT: Mutex<Option<reqwest::Client>> = Mutex::new(None);
     let mut client = CLIENT.lock().unwrap_or_else(PoisonError::into_inner);
