@@ -290,14 +290,16 @@ pub(super) const DRAIN_GRACE_SECONDS: u64 = 30;
 /// What the API server fills in when a pod names no grace period (`DefaultTerminationGracePeriodSeconds`).
 const API_DEFAULT_GRACE_SECONDS: u64 = 30;
 
-/// Adds to `patch` the drain variable (unless the app sets it, or an `envFrom` source may) and
-/// the grace period (`annotation`, else [`DRAIN_GRACE_SECONDS`], never below the pod's own);
-/// returns what was done, for the status annotation.
+/// Adds to `patch` the drain variable (unless the app sets it, or an `envFrom` source may),
+/// the preStop hook (with `pre_stop`) and the grace period `grace` ([`final_grace`], decided
+/// once for the pod; a warning when `annotation` asked for less than the pod's own); returns
+/// what was done, for the status annotation.
 pub(super) fn plan(
     spec: &serde_json::Map<String, Value>,
     app: &App<'_>,
     annotation: Option<u64>,
     pre_stop: &Result<PreStop, String>,
+    grace: u64,
     patch: &mut Vec<Value>,
     warnings: &mut Vec<String>,
 ) -> Value {
@@ -351,7 +353,6 @@ pub(super) fn plan(
             }
         },
     };
-    let wanted = wanted_grace(annotation, pre_stop.as_ref().ok());
     let current = own.unwrap_or(API_DEFAULT_GRACE_SECONDS);
     if let Some(asked) = annotation.filter(|asked| *asked < current) {
         warnings.push(format!(
@@ -359,8 +360,7 @@ pub(super) fn plan(
              keeping {current} s"
         ));
     }
-    if wanted > current || own.is_none() {
-        let grace = wanted.max(current);
+    if grace > current || own.is_none() {
         patch.push(patch::add("/spec/terminationGracePeriodSeconds", json!(grace)));
         status.insert("terminationGracePeriodSeconds".to_owned(), json!(format!("{current} -> {grace}")));
     } else {

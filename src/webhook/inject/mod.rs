@@ -313,7 +313,7 @@ fn plan_spec(
         );
     }
     let drain = if drain {
-        drain::plan(spec, &app, grace_annotation, &pre_stop, &mut patch, &mut warnings)
+        drain::plan(spec, &app, grace_annotation, &pre_stop, grace, &mut patch, &mut warnings)
     } else {
         json!(format!("off (annotation {DRAIN_ANNOTATION}=false)"))
     };
