@@ -22,6 +22,14 @@
 //!   every 5 s, when LockedUntil - 30 s (at most 30 s ahead) has come; deleted when done; a
 //!   failed one abandoned with min(2^DequeueCount, 600) s back-off
 //!   (`TaskHubQueue.AbandonMessageAsync`), and retried for ever.
+//! - **Lost locks** (`TaskHubQueue.RenewMessageAsync`, `DeleteMessageAsync`): a renewal that
+//!   fails (a timed-out UpdateMessage that storage did apply leaves the worker with a stale
+//!   pop receipt, and every later call on the message fails with PopReceiptMismatch) ends the
+//!   activity's renewals (`TaskActivityDispatcher.RenewUntil` breaks out of its loop), while
+//!   a session keeps trying every interval (`TaskOrchestrationDispatcher.RenewUntil` only
+//!   logs); a delete that finds the message gone or its receipt stale is tried once more,
+//!   then given up. Such a message reappears when its visibility timeout lapses and runs
+//!   again: real work still in the queue ([`Held::locks_lost`] counts them).
 //! - **Stop** (`TaskHubWorker.StopAsync`, azure-functions-durable-extension#2651): a graceful
 //!   stop lets running episodes and activities finish; buffered control messages are left
 //!   invisible until their visibility timeout. [`Stop::Kill`] is a pod killed at once: what
@@ -43,7 +51,7 @@ use tokio::task::JoinSet;
 
 use super::{DequeuedMessage, TaskHubEmulator};
 use crate::shutdown::Shutdown;
-use crate::storage::QueueRef;
+use crate::storage::{QueueRef, StorageError};
 
 /// The app's settings that shape what a worker does to the queues (upstream defaults in
 /// [`DispatchSettings::default`]).
@@ -128,6 +136,9 @@ pub struct Held {
     pub in_sessions: usize,
     /// Work items of running activities.
     pub activities: usize,
+    /// Messages whose renewal or deletion failed so far (module docs, "Lost locks"): each is
+    /// still in its queue and comes back when its visibility timeout lapses.
+    pub locks_lost: usize,
 }
 
 /// One queue's polling back-off (`BackoffPollingHelper`), wakeable by the worker's own sends.
@@ -164,6 +175,7 @@ struct Shared {
     pending: AtomicUsize,
     in_sessions: AtomicUsize,
     activities: AtomicUsize,
+    locks_lost: AtomicUsize,
     backoffs: Mutex<HashMap<QueueRef, Arc<Backoff>>>,
     /// Stops taking new work (graceful stop).
     draining: Shutdown,
@@ -194,12 +206,16 @@ impl Shared {
         }
     }
 
-    /// Runs `work` holding `message`, renewing it as the dispatchers do, then deletes (or
-    /// abandons) it. Returns false when killed first (the message stays invisible).
+    /// Runs `work` holding `message`, renewing it as the dispatchers do (an activity's
+    /// renewals end at the first failure, a session's go on: module docs, "Lost locks"), then
+    /// deletes (or abandons) it. Returns false when killed first (the message stays
+    /// invisible).
     async fn hold(&self, message: &mut DequeuedMessage, work: Work, visibility: Duration) -> bool {
         let done = tokio::time::sleep(work.runs_for);
         tokio::pin!(done);
         let mut locked_until = tokio::time::Instant::now() + visibility;
+        let mut renewing = true;
+        let mut lost = false;
         loop {
             let renew_at = (locked_until.checked_sub(RENEW_AHEAD).unwrap_or(locked_until))
                 .min(tokio::time::Instant::now() + RENEW_AHEAD)
@@ -207,25 +223,49 @@ impl Shared {
             tokio::select! {
                 _ = &mut done => break,
                 _ = self.killed.wait() => return false,
-                _ = tokio::time::sleep_until(renew_at) => {
+                _ = tokio::time::sleep_until(renew_at), if renewing => {
                     match self.emulator.update_visibility(message, visibility).await {
                         Ok(()) => locked_until = tokio::time::Instant::now() + visibility,
-                        Err(e) => tracing::debug!(queue = ?message.queue, "renewal failed: {e}"),
+                        Err(e) => {
+                            tracing::debug!(queue = ?message.queue, "renewal failed: {e}");
+                            lost = true;
+                            // TaskActivityDispatcher.RenewUntil: `break` on failure.
+                            renewing = message.queue != QueueRef::WorkItem;
+                        }
                     }
                 }
             }
         }
-        if work.fails {
-            if let Err(e) = self.emulator.abandon(message).await {
-                tracing::debug!(queue = ?message.queue, "abandon failed: {e}");
+        let outcome = if work.fails {
+            self.emulator.abandon(message).await.map(|_| ())
+        } else {
+            self.send(work.sends).await;
+            // TaskHubQueue.DeleteMessageAsync: one more try when the message is gone or its
+            // receipt stale (a delete racing an update), then given up.
+            match self.emulator.delete(message).await {
+                Err(e) if gone_or_stale(&e) => self.emulator.delete(message).await,
+                outcome => outcome,
             }
-            return true;
+        };
+        if let Err(e) = outcome {
+            tracing::debug!(queue = ?message.queue, "delete or abandon failed: {e}");
+            lost = true;
         }
-        self.send(work.sends).await;
-        if let Err(e) = self.emulator.delete(message).await {
-            tracing::debug!(queue = ?message.queue, "delete failed: {e}");
+        if lost {
+            self.locks_lost.fetch_add(1, Ordering::SeqCst);
         }
         true
+    }
+}
+
+/// A delete or update that found the message gone (404, `MessageNotFound`) or its pop
+/// receipt stale (400, `PopReceiptMismatch`): `TaskHubQueue`'s `IsMessageGoneException` and
+/// `IsPopReceiptMismatch`.
+fn gone_or_stale(e: &StorageError) -> bool {
+    match e {
+        StorageError::NotProvisioned { .. } => true,
+        StorageError::Unexpected { message, .. } => message.contains("PopReceiptMismatch"),
+        _ => false,
     }
 }
 
@@ -256,6 +296,7 @@ impl Dispatcher {
             pending: AtomicUsize::new(0),
             in_sessions: AtomicUsize::new(0),
             activities: AtomicUsize::new(0),
+            locks_lost: AtomicUsize::new(0),
             backoffs: Mutex::new(HashMap::new()),
             draining: Shutdown::new(),
             killed: Shutdown::new(),
@@ -294,6 +335,7 @@ impl Dispatcher {
             buffered: lock(&self.shared.buffer).len(),
             in_sessions: self.shared.in_sessions.load(Ordering::SeqCst),
             activities: self.shared.activities.load(Ordering::SeqCst),
+            locks_lost: self.shared.locks_lost.load(Ordering::SeqCst),
         }
     }
 

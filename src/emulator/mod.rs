@@ -376,6 +376,16 @@ impl TaskHubEmulator {
         Ok(())
     }
 
+    /// Deletes every message of `queue`, invisible ones included (Clear Messages): what an
+    /// operator clearing a poisoned queue does, and, to a worker holding one of them, the same
+    /// as another worker having finished it: its next renewal or delete finds it gone (404).
+    pub async fn clear(&self, queue: QueueRef) -> Result<(), StorageError> {
+        let name = self.hub.queue_name(queue);
+        let client = self.account.queue_client(&name, &self.options)?;
+        client.clear(None).await.map_err(|e| StorageError::from_azure(&name, &e))?;
+        Ok(())
+    }
+
     async fn create_queue(&self, name: &str) -> Result<(), StorageError> {
         let client = self.account.queue_client(name, &self.options)?;
         client.create(None).await.map_err(|e| StorageError::from_azure(name, &e))?;

@@ -26,6 +26,7 @@ mod aggregator_tls;
 mod bounds;
 mod cert_manager;
 mod demo;
+mod dispatch;
 mod engine_equivalence;
 mod faults;
 mod hostile;
