@@ -3,6 +3,13 @@
 //! work-item queue's, and from them what the cold probe must read. Part of one hub's state
 //! ([`super::hub::HubState`]), changed under its lock only.
 //!
+//! A pod is **live** while its sidecar reports: a report at least every
+//! [`STALE_AFTER_INTERVALS`] of its intervals. A sidecar whose storage reads run long (a slow
+//! or throttling account) sends its latest report again meanwhile (`sidecar::report`), so its
+//! pod stays live, a worker and the holder of its partitions, while its readings age; once
+//! they are as old as that, its partitions count as **uncovered** and the cold probe reads
+//! them, as it reads those of a pod gone silent.
+//!
 //! A partition's owner is **lost** when the live pod that reported it stops covering it
 //! without saying it leaves: its sidecar went silent for [`STALE_AFTER_INTERVALS`], or it
 //! stopped reporting the partition (its lease lapsed) and no live pod took it over. It is
@@ -64,6 +71,8 @@ impl CoverageView {
 pub(crate) struct Pod {
     /// When its latest report arrived (aggregator clock: liveness survives clock skew).
     last_report: UnixMs,
+    /// When its latest new reading arrived (a report sent again carries the one before).
+    last_reading: UnixMs,
     /// When its sidecar took it (sidecar clock: orders one pod's reports).
     last_sampled_ms: i64,
     interval_ms: u64,
@@ -88,10 +97,17 @@ pub struct SidecarNotes {
 }
 
 impl Pod {
+    fn horizon_ms(&self) -> i64 {
+        STALE_AFTER_INTERVALS.saturating_mul(i64::try_from(self.interval_ms).unwrap_or(i64::MAX))
+    }
+
     fn is_live(&self, now: UnixMs) -> bool {
-        !self.leaving
-            && now.millis_since(self.last_report)
-                <= STALE_AFTER_INTERVALS.saturating_mul(i64::try_from(self.interval_ms).unwrap_or(i64::MAX))
+        !self.leaving && now.millis_since(self.last_report) <= self.horizon_ms()
+    }
+
+    /// Live, with readings recent enough to answer from (module docs).
+    fn reads(&self, now: UnixMs) -> bool {
+        self.is_live(now) && now.millis_since(self.last_reading) <= self.horizon_ms()
     }
 }
 
@@ -166,10 +182,13 @@ impl Coverage {
         may_add: bool,
     ) -> Result<PodAdmission, PodsFull> {
         let mut admission = PodAdmission::Known;
+        let mut last_reading = now;
         match self.pods.get(report.pod) {
             Some(pod) if pod.last_sampled_ms > report.sampled_at_unix_ms => {
                 return Ok(PodAdmission::OutOfOrder);
             }
+            // The same report again: the pod lives, its reading is as old as it was.
+            Some(pod) if pod.last_sampled_ms == report.sampled_at_unix_ms => last_reading = pod.last_reading,
             Some(_) => {}
             None if may_add && self.pods.len() < max_pods => admission = PodAdmission::Added,
             None => {
@@ -188,6 +207,7 @@ impl Coverage {
             report.pod.to_string(),
             Pod {
                 last_report: now,
+                last_reading,
                 last_sampled_ms: report.sampled_at_unix_ms,
                 interval_ms: report.interval_ms,
                 leaving: report.leaving,
@@ -264,7 +284,7 @@ impl Coverage {
         self.pods.len()
     }
 
-    /// What live sidecars cover at `now`, and what the probe must read.
+    /// What live sidecars cover with recent readings at `now`, and what the probe must read.
     pub(crate) fn view(&self, now: UnixMs) -> CoverageView {
         let Some(p) = self.partition_count else {
             return CoverageView {
@@ -273,13 +293,13 @@ impl Coverage {
                 ..CoverageView::default()
             };
         };
-        let live: Vec<&Pod> = self.pods.values().filter(|pod| pod.is_live(now)).collect();
-        let (covered, uncovered) = (0..p).partition(|i| live.iter().any(|pod| pod.partitions.contains(i)));
+        let reading: Vec<&Pod> = self.pods.values().filter(|pod| pod.reads(now)).collect();
+        let (covered, uncovered) = (0..p).partition(|i| reading.iter().any(|pod| pod.partitions.contains(i)));
         CoverageView {
             partition_count: Some(p),
             covered,
             uncovered,
-            work_item_uncovered: !live.iter().any(|pod| pod.work_item),
+            work_item_uncovered: !reading.iter().any(|pod| pod.work_item),
         }
     }
 

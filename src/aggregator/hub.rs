@@ -1123,6 +1123,52 @@ mod tests {
     }
 
     #[test]
+    fn a_sidecar_whose_reads_run_long_stays_a_worker_while_the_probe_reads_for_it() {
+        // CI's in-flight failure: a pod prefetched 241 messages of partition 0, its sidecar
+        // read partitions 1-3 but not 0 (a read timed out) and the probe read 0; then its next
+        // poll ran long. With no worker source the live pods are the workers.
+        fn run(resend: bool) -> Vec<(i64, bool, u32)> {
+            let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
+            let mut r = report("a", &[1, 2, 3], q(0, 0, 0), Some(q(0, 0, 0)));
+            r.interval_ms = 5_000;
+            let backlog = |at: i64, approximate: u64, visible: u32| HubReading {
+                control: vec![(0, QueueReading { sampled_at: UnixMs(at), ..q(approximate, visible, 100) })],
+                ..probe(q(0, 0, 0), q(0, 0, 0))
+            };
+            hub.apply_probe(Some(&backlog(0, 240, 32)), UnixMs(0));
+            hub.apply_report(&r, UnixMs(0));
+            hub.evaluate(&key(), UnixMs(0), None);
+            let mut answers = Vec::new();
+            let mut at = 2_500;
+            // Up to the visibility timeout (GRACE here): counts that stand still that long
+            // settle into timers whoever reads them (durable, "Known blind spots").
+            while at < GRACE as i64 {
+                // One finished, one arrived and prefetched: the counts stand still.
+                hub.apply_probe(Some(&backlog(at, 241, 0)), UnixMs(at));
+                if resend && at % 7_500 == 0 {
+                    hub.apply_report(&r, UnixMs(at));
+                }
+                hub.evaluate(&key(), UnixMs(at), None);
+                answers.push((at, hub.is_active(UnixMs(at)), hub.live_pods(UnixMs(at))));
+                if resend && at > 15_000 {
+                    let c = hub.coverage(UnixMs(at));
+                    assert_eq!(c.uncovered, vec![0, 1, 2, 3], "readings 15 s old are read by the probe");
+                    assert!(hub.lost_partitions().is_empty(), "a live pod loses nothing");
+                }
+                at += 2_500;
+            }
+            answers
+        }
+        for (at, active, live) in run(true) {
+            assert!(active && live == 1, "at {} s: active {active}, {live} live pod(s)", at / 1000);
+        }
+        // Without the report sent again the pod is no worker after three intervals, and with no
+        // worker nothing holds the backlog: it reads as sleeping timers (durable, rule 2).
+        let silent = run(false);
+        assert!(silent.iter().any(|&(_, active, live)| !active && live == 0), "{silent:?}");
+    }
+
+    #[test]
     fn a_pod_that_leaves_lets_its_partitions_go_cleanly() {
         let mut hub = HubState::new(settings(Algorithm::Durable), GRACE);
         let mut last = report("a", &[0, 1, 2, 3], q(0, 0, 0), None);

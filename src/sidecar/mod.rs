@@ -189,6 +189,9 @@ impl Sidecar {
         let (latest, receiver) = watch::channel(None);
         let settings = report::DeliverySettings {
             timeout: config.interval.clamp(Duration::from_secs(2), Duration::from_secs(10)),
+            // Half an interval late: a poll that ends a little late is not sent twice, and the
+            // aggregator hears twice within its staleness horizon of three intervals.
+            resend_after: config.interval + config.interval / 2,
             metrics: metrics.clone(),
         };
         let clients = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -191,6 +191,8 @@ struct Delivery {
 pub(crate) struct DeliverySettings {
     /// Per-call timeout.
     pub timeout: Duration,
+    /// With no newer report for this long (a poll running long), the latest one goes again.
+    pub resend_after: Duration,
     /// The sidecar's metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -275,7 +277,10 @@ pub(crate) async fn deliver_to_every_replica(
 
 /// Delivers whatever report is latest in `latest` to one replica until `stop`. Reports that
 /// arrive while a call is in flight or during backoff replace each other: at most one is
-/// kept.
+/// kept. When no newer report comes for [`DeliverySettings::resend_after`] (a storage read
+/// running long), the latest goes again: the aggregator then keeps the pod live, a worker and
+/// the holder of its partitions, and reads what its readings no longer tell through its probe
+/// (`aggregator::coverage` module docs), instead of taking a slow sidecar for a dead pod.
 pub(crate) async fn deliver_latest(
     client: ReportClient,
     mut latest: watch::Receiver<Option<Report>>,
@@ -290,6 +295,7 @@ pub(crate) async fn deliver_latest(
     loop {
         tokio::select! {
             changed = latest.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(settings.resend_after) => {}
             _ = stop.wait() => return,
         }
         let Some(report) = latest.borrow_and_update().clone() else { continue };

@@ -1,6 +1,8 @@
 //! A TCP forwarder the tests put between a process and something it talks to (Azurite, the
 //! aggregator's report port) and take down and bring back on the same port: while down, new
-//! connections are refused and the open ones are cut, as when a network path goes away.
+//! connections are refused and the open ones are cut, as when a network path goes away; while
+//! stalled, every connection, open or new, is held and never answered, as a storage account
+//! too busy to answer within a request's timeout.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -20,6 +22,8 @@ pub struct Forwarder {
     upstream: SocketAddr,
     /// The accept loop; it owns every forwarded connection, so aborting it cuts them all.
     task: Mutex<Option<JoinHandle<()>>>,
+    /// True while stalled.
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 impl Forwarder {
@@ -27,7 +31,9 @@ impl Forwarder {
     pub async fn to(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        Self { addr, upstream, task: Mutex::new(Some(tokio::spawn(Self::forward(listener, upstream)))) }
+        let stalled = tokio::sync::watch::Sender::new(false);
+        let task = tokio::spawn(Self::forward(listener, upstream, stalled.subscribe()));
+        Self { addr, upstream, task: Mutex::new(Some(task)), stalled }
     }
 
     /// Forwards a new loopback port to the host and port of `url`.
@@ -35,15 +41,34 @@ impl Forwarder {
         Self::to(url::Url::parse(url).unwrap().socket_addrs(|| None).unwrap()[0]).await
     }
 
-    async fn forward(listener: TcpListener, upstream: SocketAddr) {
+    async fn forward(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        stalled: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut connections = tokio::task::JoinSet::new();
         while let Ok((mut client, _)) = listener.accept().await {
+            let mut stalled = stalled.clone();
             connections.spawn(async move {
-                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                let forwarding = async {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                };
+                tokio::select! {
+                    () = forwarding => return,
+                    _ = stalled.wait_for(|s| *s) => {}
                 }
+                // Stalled: the client's connection stays open, unanswered, until the
+                // forwarder goes down.
+                std::future::pending::<()>().await;
             });
         }
+    }
+
+    /// Stalls the path (module docs); [`Forwarder::up`] ends it.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
     }
 
     /// Takes the path down: the port refuses connections and the open ones are cut.
@@ -66,7 +91,9 @@ impl Forwarder {
                 Err(e) => panic!("cannot rebind {}: {e}", self.addr),
             }
         };
-        *self.task.lock().unwrap() = Some(tokio::spawn(Self::forward(listener, self.upstream)));
+        self.stalled.send_replace(false);
+        *self.task.lock().unwrap() =
+            Some(tokio::spawn(Self::forward(listener, self.upstream, self.stalled.subscribe())));
     }
 
     /// This forwarder as an Azurite service endpoint (path-style: the account in the path).
@@ -107,7 +134,12 @@ impl ForwardedStorage {
         self.services.iter().for_each(Forwarder::down);
     }
 
-    /// Storage back on the same ports.
+    /// Storage too busy to answer: every connection to it, open or new, is never answered.
+    pub fn stall(&self) {
+        self.services.iter().for_each(Forwarder::stall);
+    }
+
+    /// Storage back on the same ports (also after a stall: its connections are cut).
     pub async fn up(&self) {
         for service in &self.services {
             service.up().await;

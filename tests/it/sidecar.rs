@@ -375,6 +375,39 @@ async fn storage_going_down_is_reported_and_the_sidecar_recovers_when_it_comes_b
 }
 
 #[tokio::test]
+async fn while_storage_does_not_answer_the_latest_report_goes_again_so_the_pod_stays_live() {
+    let (hub, emulator) = laid_out("SidecarSlowStorage", Layout::Table, 1).await;
+    emulator.claim(0, "pod-a", LEASE).await.unwrap();
+    let storage = ForwardedStorage::new().await;
+    let running = run_sidecar(&hub, storage.connection.clone(), "pod-a", PartitionMode::Auto).await;
+    let healthy = |r: &Received| r.report.error.is_none() && partitions(&r.report) == [0];
+    let (seen, _) = running.aggregator.wait_for(0, "healthy", healthy).await;
+
+    // A poll now takes three attempts of 2 s each per request (interval 200 ms): meanwhile
+    // the latest report goes every 300 ms, unchanged, readings and all.
+    storage.stall();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (from, _) = running.aggregator.wait_for(seen + 1, "after the stall began", |_| true).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let received = running.aggregator.received.lock().unwrap()[from..].to_vec();
+    let last = received.last().expect("reports while storage stalls").report.clone();
+    assert!(received.len() >= 5, "{} reports in 3 s of stalled storage", received.len());
+    let again = received.iter().filter(|r| r.report == last).count();
+    assert!(again >= 5, "the same report again: {again} of {}", received.len());
+    assert!(healthy(received.last().unwrap()), "the last reading, still the pod's partitions");
+
+    storage.down();
+    storage.up().await;
+    running
+        .aggregator
+        .wait_for(from + received.len(), "a new reading", |r| {
+            r.report.sampled_at_unix_ms > last.sampled_at_unix_ms
+        })
+        .await;
+    running.shutdown.trigger();
+}
+
+#[tokio::test]
 async fn the_token_file_is_read_again_for_every_report() {
     let (hub, _emulator) = laid_out("SidecarToken", Layout::Table, 1).await;
     let running =
