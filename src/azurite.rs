@@ -105,7 +105,7 @@ impl Azurite {
 
     /// Starts a new in-memory Azurite on loopback, on ports the OS picks. The process is
     /// killed when this value is dropped and, on Linux, when this process dies.
-    pub(crate) fn start() -> Result<Self, AzuriteError> {
+    pub fn start() -> Result<Self, AzuriteError> {
         Self::start_with(&[])
     }
 

@@ -15,10 +15,17 @@
 //! - 200 sleeping timers and nothing else go inactive;
 //! - a poison work item (abandoned with back-off for ever) keeps the hub awake, even once its
 //!   pod is gone.
+//!
+//! The cases run on an Azurite of their own, not the suite's shared one: Azurite is one
+//! Node.js process, and shared with the rest of the suite on a busy machine it has been seen
+//! to answer an UpdateMessage after 30 s. A worker whose renewal times out that way keeps a
+//! stale pop receipt and loses its message's lock as DTFx would (the message stays in the
+//! queue and runs again: real work, `Held::locks_lost`), which is not what these cases are
+//! about; Azure Storage answers within its timeouts. A failure names what the workers lost.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use durable_scaler::azurite::Azurite;
@@ -29,11 +36,19 @@ use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScale
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use durable_scaler::storage::{Layout, QueueRef, TaskHub};
 
+use durable_scaler::storage::StorageAccount;
+
 use crate::aggregator_support::http_get;
-use crate::common::{account, hub};
+use crate::common::hub;
 use crate::processes::{AggregatorPorts, Process};
 
 const PARTITIONS: u32 = 4;
+
+/// These cases' own Azurite (module docs), started on first use; it dies with the process.
+fn storage() -> &'static Azurite {
+    static STORAGE: OnceLock<Azurite> = OnceLock::new();
+    STORAGE.get_or_init(|| Azurite::start().unwrap_or_else(|e| panic!("{e}")))
+}
 /// How often KEDA asks, here (KEDA's own default is 30 s; more often only looks closer).
 const ASK_EVERY: Duration = Duration::from_secs(2);
 /// How long a hub may take to be seen at all (first reports, first probe).
@@ -77,13 +92,15 @@ impl Hub {
     /// A hub of 4 partitions in the Partitions table, `owners[p]` owning partition p.
     async fn laid_out(name: &str, owners: [&str; PARTITIONS as usize], metadata: &[(&str, &str)]) -> Self {
         let hub = hub(name);
-        let emulator = TaskHubEmulator::new(&account(), hub.clone(), Layout::Table);
+        let connection = storage().connection_string();
+        let account =
+            StorageAccount::from_connection_string(&connection).expect("Azurite's connection string");
+        let emulator = TaskHubEmulator::new(&account, hub.clone(), Layout::Table);
         emulator.create(PARTITIONS).await.unwrap();
         for (p, owner) in owners.iter().enumerate() {
             // Long claims: lease renewal is not what these cases are about.
             emulator.claim(p as u32, owner, Duration::from_secs(3_600)).await.unwrap();
         }
-        let connection = Azurite::shared().connection_string();
         let mut scaler_metadata = HashMap::from([
             ("taskHubName".to_string(), hub.name().to_string()),
             ("connectionFromEnv".to_string(), connection.clone()),
@@ -271,9 +288,11 @@ async fn long_activity(
     if answers < 100 {
         return Err(format!("{algorithm}: only {answers} answers over the activity's 7 minutes"));
     }
-    keda.until(&format!("{algorithm}: asleep once it is done"), Duration::from_secs(90), |active, value| {
-        !active && value == 0.0
-    })
+    keda.until(
+        &format!("{algorithm}: asleep once it is done (worker {:?})", worker.held()),
+        Duration::from_secs(90),
+        |active, value| !active && value == 0.0,
+    )
     .await?;
     worker.stop(Stop::Graceful).await;
     Ok(format!("{algorithm}: {answers} answers active and >= 1 over 7 min"))
@@ -322,7 +341,7 @@ async fn prefetched_backlog(ports: &AggregatorPorts, dir: &tempfile::TempDir) ->
     let buffered = worker.held();
     arrivals.abort();
     worker.stop(Stop::Kill).await;
-    let answers = answers?;
+    let answers = answers.map_err(|e| format!("{e} (worker {buffered:?})"))?;
     if held < 200.0 {
         return Err(format!("prefetched: the aggregator takes only {held} messages for held ({buffered:?})"));
     }
