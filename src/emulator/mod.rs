@@ -111,11 +111,15 @@ impl TaskHubEmulator {
     /// An emulator of `hub` in `account`, laying ownership out as `layout`'s partition
     /// manager does.
     pub fn new(account: &StorageAccount, hub: TaskHub, layout: Layout) -> Self {
-        // Test infrastructure writing to one shared emulator under load: a slow answer is
-        // waited for rather than failed.
+        // A worker's storage calls wait as DTFx's do: DurableTask.AzureStorage keeps
+        // Azure.Core's default per-attempt NetworkTimeout of 100 s for queue calls (only
+        // `Http/LeaseTimeoutHttpPipelinePolicy.cs` shortens lease renewals). A call given up
+        // sooner on a slow storage can be one storage applied: a renewal's new pop receipt is
+        // then lost, and with it the message's lock.
         let options = StorageOptions {
-            attempt_timeout: std::time::Duration::from_secs(30),
-            ..StorageOptions::default()
+            attempt_timeout: std::time::Duration::from_secs(100),
+            // Azure.Core's default MaxRetries.
+            max_retries: 3,
         };
         Self { table: TableService::new(account, &options), hub, layout, account: account.clone(), options }
     }
