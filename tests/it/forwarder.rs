@@ -66,7 +66,7 @@ impl Forwarder {
         }
     }
 
-    /// Stalls the path (module docs); [`Forwarder::up`] ends it.
+    /// Stalls the path (module docs); [`Forwarder::down`], then [`Forwarder::up`], end it.
     pub fn stall(&self) {
         self.stalled.send_replace(true);
     }
@@ -139,7 +139,8 @@ impl ForwardedStorage {
         self.services.iter().for_each(Forwarder::stall);
     }
 
-    /// Storage back on the same ports (also after a stall: its connections are cut).
+    /// Storage back on the same ports, after [`ForwardedStorage::down`] (which also ends a
+    /// stall, cutting the connections it held).
     pub async fn up(&self) {
         for service in &self.services {
             service.up().await;

@@ -38,32 +38,32 @@ use durable_scaler::emulator::dispatch::{AppCode, DispatchSettings, Dispatcher, 
 use durable_scaler::emulator::{DequeuedMessage, TaskHubEmulator};
 use durable_scaler::proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use durable_scaler::proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
-use durable_scaler::storage::{Layout, QueueRef, TaskHub};
-
-use durable_scaler::storage::StorageAccount;
+use durable_scaler::storage::{Layout, QueueRef, StorageAccount, TaskHub};
 
 use crate::aggregator_support::http_get;
 use crate::common::hub;
 use crate::processes::{AggregatorPorts, Process};
 
 const PARTITIONS: u32 = 4;
-
-/// The Azurite of every case but the backlogs (module docs), started on first use; it dies
-/// with the process.
-fn storage() -> &'static Azurite {
-    static STORAGE: OnceLock<Azurite> = OnceLock::new();
-    STORAGE.get_or_init(|| Azurite::start().unwrap_or_else(|e| panic!("{e}")))
-}
-
-/// The backlogs' Azurite (module docs).
-fn backlog_storage() -> &'static Azurite {
-    static STORAGE: OnceLock<Azurite> = OnceLock::new();
-    STORAGE.get_or_init(|| Azurite::start().unwrap_or_else(|e| panic!("{e}")))
-}
 /// How often KEDA asks, here (KEDA's own default is 30 s; more often only looks closer).
 const ASK_EVERY: Duration = Duration::from_secs(2);
 /// How long a hub may take to be seen at all (first reports, first probe).
 const SEEN_WITHIN: Duration = Duration::from_secs(120);
+
+/// Which of these cases' two Azurites (module docs).
+#[derive(Clone, Copy)]
+enum Storage {
+    /// Every case's but the backlogs'.
+    Cases = 0,
+    /// The backlogs'.
+    Backlogs = 1,
+}
+
+/// `which` Azurite, started on first use; it dies with the process.
+fn azurite(which: Storage) -> &'static Azurite {
+    static STARTED: [OnceLock<Azurite>; 2] = [OnceLock::new(), OnceLock::new()];
+    STARTED[which as usize].get_or_init(|| Azurite::start().unwrap_or_else(|e| panic!("{e}")))
+}
 
 /// The app's code as the queues see it: a work item `run <ms>` runs that long, `fail` fails
 /// after 100 ms (and is abandoned with upstream's back-off, for ever); a control message
@@ -102,18 +102,18 @@ struct Hub {
 impl Hub {
     /// A hub of 4 partitions in the Partitions table, `owners[p]` owning partition p.
     async fn laid_out(name: &str, owners: [&str; PARTITIONS as usize], metadata: &[(&str, &str)]) -> Self {
-        Self::laid_out_in(storage(), name, owners, metadata).await
+        Self::laid_out_in(Storage::Cases, name, owners, metadata).await
     }
 
-    /// [`Hub::laid_out`] in `azurite`.
+    /// [`Hub::laid_out`] in `storage`'s Azurite.
     async fn laid_out_in(
-        azurite: &Azurite,
+        storage: Storage,
         name: &str,
         owners: [&str; PARTITIONS as usize],
         metadata: &[(&str, &str)],
     ) -> Self {
         let hub = hub(name);
-        let connection = azurite.connection_string();
+        let connection = azurite(storage).connection_string();
         let account =
             StorageAccount::from_connection_string(&connection).expect("Azurite's connection string");
         let emulator = TaskHubEmulator::new(&account, hub.clone(), Layout::Table);
@@ -372,7 +372,7 @@ async fn prefetched_backlog(ports: &AggregatorPorts, dir: &tempfile::TempDir) ->
 /// A hub with `per_partition` visible messages on each partition, nobody taking them.
 async fn backlog(per_partition: usize, owners: [&str; 4]) -> (Hub, usize, [&str; 4]) {
     let hub = Hub::laid_out_in(
-        backlog_storage(),
+        Storage::Backlogs,
         &format!("Deep{per_partition}"),
         owners,
         &[("maxOrchestrationsPerWorker", "100")],
